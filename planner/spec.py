@@ -257,6 +257,9 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str | Path = ".") ->
         raise SpecError(f"{source}: not valid YAML: {e}") from None
     except RecursionError:
         raise SpecError(f"{source}: YAML nested too deeply") from None
+    if data is None:
+        raise SpecError(f"{source}: the file is empty; a spec must be a YAML mapping with keys name, model, "
+                        "hardware, workload, ...")
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping with keys name, model, hardware, workload, ...; "
                         f"got {type(data).__name__}")
@@ -268,6 +271,8 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str | Path = ".") ->
         spec = Spec.model_validate(data)
     except ValidationError as e:
         errs = e.errors()
+        # ``gpu: str | GPU`` given a mapping: the str branch's complaint is noise
+        errs = [x for x in errs if not (x["type"] == "string_type" and isinstance(x.get("input"), dict))] or errs
         lines = [_describe(err, root, source) for err in errs[:5]]
         more = f"\n  ... and {len(errs) - 5} more" if len(errs) > 5 else ""
         raise SpecError("invalid spec:\n  " + "\n  ".join(lines) + more) from None
