@@ -1,0 +1,69 @@
+"""Multilinear interpolation on rectilinear grids in log2 space, clamped at the edges.
+
+Pure Python (no numpy): the cost model evaluates a handful of points per op, and the
+simulator calls it very often, so a 2^d-corner loop beats array set-up costs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Any, Sequence
+
+
+def _bracket(axis: Sequence[float], x: float) -> tuple[int, int, float]:
+    """Indices (i, j) around x on a sorted axis and the weight of j, clamped to the ends."""
+    n = len(axis)
+    if n == 1 or x <= axis[0]:
+        return 0, 0, 0.0
+    if x >= axis[-1]:
+        return n - 1, n - 1, 0.0
+    j = bisect.bisect_right(axis, x)
+    i = j - 1
+    span = axis[j] - axis[i]
+    return i, j, (x - axis[i]) / span if span > 0 else 0.0
+
+
+def _get(values: Any, idx: tuple[int, ...]) -> float:
+    v = values
+    for i in idx:
+        v = v[i]
+    return float(v)
+
+
+class LogGrid:
+    """A fitted table: ``axes`` (sorted positive coordinates) and nested ``values``.
+
+    Precomputes log2 of the axes so a lookup costs d bisections plus 2^d products."""
+
+    __slots__ = ("axes", "values", "_log_axes")
+
+    def __init__(self, axes: Sequence[Sequence[float]], values: Any):
+        self.axes = [list(map(float, a)) for a in axes]
+        self.values = values
+        self._log_axes = [[math.log2(a) for a in axis] for axis in self.axes]
+
+    def __call__(self, *point: float) -> float:
+        brackets = [_bracket(la, math.log2(max(x, 1e-30))) for la, x in zip(self._log_axes, point)]
+        total = 0.0
+        d = len(brackets)
+        for corner in range(1 << d):
+            w = 1.0
+            idx = []
+            for k, (i, j, f) in enumerate(brackets):
+                if corner >> k & 1:
+                    w *= f
+                    idx.append(j)
+                else:
+                    w *= 1.0 - f
+                    idx.append(i)
+            if w:
+                total += w * _get(self.values, tuple(idx))
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        return {"axes": self.axes, "values": self.values}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LogGrid":
+        return cls(d["axes"], d["values"])

@@ -1,0 +1,312 @@
+"""The cost model: time of blocks, pipeline stages and whole forward steps under a mesh,
+the memory per GPU, and the SP x TP vs shifted-TP crossover.
+
+Modes of a (tp, sp) group of P = tp*sp GPUs:
+
+* ``sp_tp``: tokens split over sp, weights over tp. Per decoder layer: TP all-reduces of the
+  row-parallel outputs (T/sp tokens x hidden) within the tp group, and two Ulysses
+  all-to-alls in the sp group (QKV before attention: T/sp x (h + 2g)/tp x d per GPU; the
+  attention output after: T/sp x h/tp x d).
+* ``tp``: plain TP of degree P over the same GPUs (shift parallelism's small-step mode).
+
+Op times come from ``costmodels.opcost``; a block's time is the sum over its ops plus its
+collectives (no overlap of communication and compute is assumed). Decoder layers with
+the same op signature are timed once and multiplied; results are memoised per
+(block signature, StepShape, t, s) so the simulator's repeated calls are dictionary hits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from costmodels import collectives as C
+from costmodels.gpu import GPU
+from costmodels.hardware import dtype_bytes, get_gpu, matmul_tflops
+from costmodels.memory import MemoryBreakdown, memory_per_gpu
+from costmodels.opcost import OpRec, Rates, op_rec, op_time
+from costmodels.profile import Profile
+from graph.opgraph import Block, OpGraph, StepShape
+from plans.errors import UserError
+
+MODES = ("sp_tp", "tp")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    compute_ms: float = 0.0
+    memory_ms: float = 0.0
+    comm_ms: float = 0.0
+    overhead_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def __add__(self, o: "Breakdown") -> "Breakdown":
+        return Breakdown(self.compute_ms + o.compute_ms, self.memory_ms + o.memory_ms, self.comm_ms + o.comm_ms,
+                         self.overhead_ms + o.overhead_ms, self.total_ms + o.total_ms)
+
+    def scale(self, f: float) -> "Breakdown":
+        return Breakdown(self.compute_ms * f, self.memory_ms * f, self.comm_ms * f, self.overhead_ms * f,
+                         self.total_ms * f)
+
+    @staticmethod
+    def of(compute: float = 0.0, memory: float = 0.0, comm: float = 0.0, overhead: float = 0.0) -> "Breakdown":
+        return Breakdown(compute, memory, comm, overhead, compute + memory + comm + overhead)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One forward step through all pipeline stages.
+
+    ``total_ms``: latency of the step (all stages in sequence plus the sends between them);
+    ``bottleneck_ms``: the slowest stage including its outgoing send, which bounds the
+    step rate of a full pipeline."""
+
+    stages: list[Breakdown]
+    p2p_ms: list[float]
+    total_ms: float
+    bottleneck_ms: float
+
+    @property
+    def breakdown(self) -> Breakdown:
+        out = Breakdown()
+        for b in self.stages:
+            out = out + b
+        return out + Breakdown.of(comm=sum(self.p2p_ms))
+
+
+def even_stages(layers: int, pp: int) -> list[tuple[int, int]]:
+    """Contiguous inclusive layer ranges, sizes differing by at most one (earlier stages larger)."""
+    if pp < 1 or pp > layers:
+        raise UserError(f"pp={pp} needs 1 <= pp <= {layers} decoder layers")
+    base, extra = divmod(layers, pp)
+    out, first = [], 0
+    for i in range(pp):
+        n = base + (1 if i < extra else 0)
+        out.append((first, first + n - 1))
+        first += n
+    return out
+
+
+class CostModel:
+    """Costs of one model (an OpGraph) on one GPU type, with or without a calibration profile."""
+
+    def __init__(self, graph: OpGraph, gpu: GPU | str, *, weights_dtype: str = "bf16", kv_dtype: str = "bf16",
+                 act_dtype: str = "bf16", gpus_per_node: int = 8, profile: Profile | None = None):
+        self.graph = graph
+        self.gpu = get_gpu(gpu)
+        self.weights_dtype, self.kv_dtype, self.act_dtype = weights_dtype, kv_dtype, act_dtype
+        self.gpus_per_node = gpus_per_node
+        self.profile = profile
+        self.roofline = profile is None
+        self.profile_id = profile.id if profile else f"roofline:{self.gpu.name}"
+        attn_peak = (self.gpu.bf16_tflops if act_dtype != "fp32" else (self.gpu.fp32_tflops or self.gpu.bf16_tflops))
+        self.rates = Rates(peak_flops=matmul_tflops(self.gpu, weights_dtype) * 1e12, attn_flops=attn_peak * 1e12,
+                           bw=self.gpu.hbm_tbps * 1e12, w_bytes=dtype_bytes(weights_dtype),
+                           a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype))
+        self.links = C.default_links(self.gpu, gpus_per_node, profile.collectives if profile else None)
+        self.info = graph.info
+        self.decoders = graph.blocks_of("decoder")
+        self._recs: dict[str, tuple[OpRec, ...]] = {}
+        self._sig: dict[str, int] = {}
+        sigs: dict[tuple, int] = {}
+        for b in graph.blocks:
+            recs = tuple(op_rec(graph.op(n), b.tower) for n in b.ops)
+            self._recs[b.name] = recs
+            self._sig[b.name] = sigs.setdefault((b.kind, recs), len(sigs))
+        self._cache: dict[tuple, Breakdown] = {}
+
+    # ------------------------------------------------------------------ blocks
+
+    def _check(self, tp: int, sp: int, mode: str) -> tuple[int, int]:
+        if mode not in MODES:
+            raise UserError(f"unknown step mode '{mode}'; modes: {', '.join(MODES)}")
+        if tp < 1 or sp < 1:
+            raise UserError(f"tp and sp must be >= 1 (got tp={tp}, sp={sp})")
+        return (tp * sp, 1) if mode == "tp" else (tp, sp)
+
+    def block_time(self, block: Block, shape: StepShape, *, tp: int = 1, sp: int = 1, mode: str = "sp_tp") -> Breakdown:
+        """Time of one block on one GPU of its (tp, sp) group, collectives included."""
+        t, s = self._check(tp, sp, mode)
+        key = (self._sig[block.name], shape, t, s)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        comp = mem = ovh = comm = 0.0
+        link_tp = self.links.for_group(t, s)
+        link_sp = self.links.for_group(s, 1)
+        ab = self.rates.a_bytes
+        for r in self._recs[block.name]:
+            c, m, o = op_time(r, shape, t, s, self.rates, self.profile)
+            if c >= m:
+                comp += c
+            else:
+                mem += m
+            ovh += o
+            if t > 1 and (r.shard == "row" or (r.kind == "embedding" and r.shard == "vocab")):
+                comm += C.all_reduce_ms(r.act_written(shape) / s * ab, t, link_tp)
+            elif t > 1 and r.kind == "lm_head" and r.shard == "vocab":
+                comm += C.all_gather_ms(r.act_written(shape) / s * ab, t, link_tp)
+            if s > 1 and r.kind == "attention":
+                # Ulysses: QKV in (this GPU's T/s tokens of its h/t heads), attention output back
+                comm += C.all_to_all_ms(r.act_read(shape) / (s * t) * ab, s, link_sp)
+                comm += C.all_to_all_ms(r.act_written(shape) / (s * t) * ab, s, link_sp)
+        out = Breakdown.of(comp, mem, comm, ovh)
+        if len(self._cache) > 200_000:
+            self._cache.clear()
+        self._cache[key] = out
+        return out
+
+    def blocks_time(self, blocks: list[Block], shape: StepShape, *, tp: int = 1, sp: int = 1,
+                    mode: str = "sp_tp") -> Breakdown:
+        out = Breakdown()
+        for b in blocks:
+            out = out + self.block_time(b, shape, tp=tp, sp=sp, mode=mode)
+        return out
+
+    def layers_time(self, first: int, last: int, shape: StepShape, *, tp: int = 1, sp: int = 1,
+                    mode: str = "sp_tp") -> Breakdown:
+        """Decoder layers ``first..last`` (inclusive, 0-based); identical layers are timed once."""
+        if not (0 <= first <= last < len(self.decoders)):
+            raise UserError(f"layer range {first}..{last} outside 0..{len(self.decoders) - 1}")
+        out = Breakdown()
+        i = first
+        while i <= last:
+            j = i
+            sig = self._sig[self.decoders[i].name]
+            while j + 1 <= last and self._sig[self.decoders[j + 1].name] == sig:
+                j += 1
+            out = out + self.block_time(self.decoders[i], shape, tp=tp, sp=sp, mode=mode).scale(j - i + 1)
+            i = j + 1
+        return out
+
+    def stage_time(self, stage_blocks: list[Block], shape: StepShape, *, tp: int = 1, sp: int = 1,
+                   mode: str = "sp_tp") -> Breakdown:
+        return self.blocks_time(stage_blocks, shape, tp=tp, sp=sp, mode=mode)
+
+    def _text_blocks(self, kind: str) -> list[Block]:
+        return [b for b in self.graph.blocks if b.kind == kind and b.tower == "text"]
+
+    # ------------------------------------------------------------------ steps
+
+    def step_time(self, shape: StepShape, *, pp: int = 1, tp: int = 1, sp: int = 1, mode: str = "sp_tp",
+                  stages: list[tuple[int, int]] | None = None) -> StepCost:
+        """One forward step of the text model through ``pp`` stages (embedding on the first,
+        final norm and lm_head on the last), with the activations sent between stages."""
+        stages = stages or even_stages(len(self.decoders), pp)
+        t, s = self._check(tp, sp, mode)
+        head = self._text_blocks("embedding")
+        tail = self._text_blocks("final_norm") + self._text_blocks("lm_head")
+        per_stage, sends = [], []
+        act = shape.tokens / s * self.info.hidden * self.rates.a_bytes
+        group = tp * sp
+        for i, (a, b) in enumerate(stages):
+            bd = self.layers_time(a, b, shape, tp=tp, sp=sp, mode=mode)
+            if i == 0:
+                bd = self.blocks_time(head, shape, tp=tp, sp=sp, mode=mode) + bd
+            if i == len(stages) - 1:
+                bd = bd + self.blocks_time(tail, shape, tp=tp, sp=sp, mode=mode)
+            per_stage.append(bd)
+            if i < len(stages) - 1:
+                inter = group * len(stages) > self.gpus_per_node and ((i + 1) * group) % self.gpus_per_node == 0
+                sends.append(self.p2p_ms(act, inter_node=inter))
+        total = sum(b.total_ms for b in per_stage) + sum(sends)
+        bottleneck = max(b.total_ms + (sends[i] if i < len(sends) else 0.0) for i, b in enumerate(per_stage))
+        return StepCost(stages=per_stage, p2p_ms=sends, total_ms=total, bottleneck_ms=bottleneck)
+
+    def p2p_ms(self, nbytes: float, *, inter_node: bool) -> float:
+        return C.p2p_ms(nbytes, self.links.inter if inter_node else self.links.intra)
+
+    # ------------------------------------------------------------------ vision
+
+    def vision_time(self, patches_per_image: list[int], *, tp: int = 1, dp: int = 1) -> Breakdown:
+        """Whole vision tower (patch embed, blocks, merger) for a batch of images.
+
+        With dp > 1 the images are spread over dp encoder replicas by patch count (longest
+        first, onto the least-loaded replica, load ~ p + p^2/4096); the slowest replica's
+        time is returned. Each replica runs TP of degree tp."""
+        vis = [b for b in self.graph.blocks if b.tower == "vision"]
+        if not vis:
+            raise UserError(f"{self.info.architecture} has no vision tower")
+        if not patches_per_image:
+            return Breakdown()
+        groups: list[list[int]] = [[] for _ in range(max(dp, 1))]
+        loads = [0.0] * len(groups)
+        for p in sorted(patches_per_image, reverse=True):
+            g = loads.index(min(loads))
+            groups[g].append(p)
+            loads[g] += p + p * p / 4096
+        worst = Breakdown()
+        for imgs in groups:
+            if not imgs:
+                continue
+            shape = StepShape.vision(imgs)
+            bd = self.blocks_time(vis, shape, tp=tp, sp=1, mode="sp_tp")
+            if bd.total_ms > worst.total_ms:
+                worst = bd
+        return worst
+
+    # ------------------------------------------------------------------ memory
+
+    def memory(self, *, pp: int, tp: int, sp: int, dp: int = 1, stage_layers: tuple[int, int] | None = None,
+               with_embedding: bool = True, with_lm_head: bool = True, with_vision: bool = False,
+               max_batch_tokens: int = 8192) -> MemoryBreakdown:
+        """Memory per GPU of one pipeline stage. ``stage_layers=None`` evaluates the even
+        split of ``pp`` stages (embedding on the first, lm_head on the last) and returns the
+        stage with the least KV capacity."""
+        if stage_layers is not None:
+            return memory_per_gpu(self, layers=stage_layers, tp=tp, sp=sp, embedding=with_embedding,
+                                  lm_head=with_lm_head, vision=with_vision, max_batch_tokens=max_batch_tokens)
+        stages = even_stages(len(self.decoders), pp)
+        worst: MemoryBreakdown | None = None
+        for i, rng in enumerate(stages):
+            m = memory_per_gpu(self, layers=rng, tp=tp, sp=sp, embedding=with_embedding and i == 0,
+                               lm_head=with_lm_head and i == len(stages) - 1, vision=with_vision and i == 0,
+                               max_batch_tokens=max_batch_tokens)
+            if worst is None or m.kv_tokens < worst.kv_tokens:
+                worst = m
+        assert worst is not None
+        return worst
+
+    # ------------------------------------------------------------------ shift crossover
+
+    def shift_crossover(self, *, tp: int, sp: int, pp: int = 1, context: int = 1024,
+                        tokens: list[int] | None = None) -> tuple[int | None, list[tuple[int, float, float]]]:
+        """Smallest step token count T at which SP x TP beats plain TP of degree tp*sp.
+
+        A step of T tokens is modelled as prefill chunks of up to ``context`` tokens each
+        (the last partial). Curve points (T, sp_tp_ms, tp_ms) are returned on a log grid
+        from 8 to 65536; the crossover is refined to the integer between the last grid point
+        where TP wins and the first where SP x TP wins for good. None if SP x TP never wins."""
+        if sp <= 1:
+            return None, []
+        grid = tokens or sorted({int(round(2 ** (e / 4))) for e in range(12, 65)})
+
+        def costs(n: int) -> tuple[float, float]:
+            sh = _chunks(n, context)
+            a = self.step_time(sh, pp=pp, tp=tp, sp=sp, mode="sp_tp").total_ms
+            b = self.step_time(sh, pp=pp, tp=tp, sp=sp, mode="tp").total_ms
+            return a, b
+
+        curve = [(n, *costs(n)) for n in grid]
+        first_win = None
+        for i in range(len(curve) - 1, -1, -1):
+            if curve[i][1] < curve[i][2]:
+                first_win = i
+            else:
+                break
+        if first_win is None:
+            return None, curve
+        if first_win == 0:
+            return curve[0][0], curve
+        lo, hi = curve[first_win - 1][0], curve[first_win][0]  # TP wins at lo, SP x TP at hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            a, b = costs(mid)
+            lo, hi = (lo, mid) if a < b else (mid, hi)
+        return hi, curve
+
+
+def _chunks(n: int, context: int) -> StepShape:
+    """A step of n prefill tokens: chunks of ``context`` tokens (fresh sequences), the last partial."""
+    full, rest = divmod(n, context)
+    lengths = [context] * full + ([rest] if rest else [])
+    return StepShape.prefill(lengths)

@@ -1,0 +1,163 @@
+"""Time of one op on one GPU under (tp, sp): max(compute, memory) + launch overhead.
+
+Per-GPU work of an op whose whole-step work is F FLOPs, under TP degree t and Ulysses SP
+degree s (shifted TP mode is t' = t*s, s' = 1):
+
+* matmul-like (``column``/``row``/``vocab``): M = F / (2 k n) rows (tokens, or sequences for an
+  lm_head that only scores last tokens), split over s; N = n/t (column, vocab) or K = k/t
+  (row). F_gpu = 2 (M/s) N K, weight bytes W/t.
+* attention (``heads``): each GPU holds all tokens of heads/(t s) query heads after the
+  Ulysses all-to-all; F_gpu = F / (t s); KV read for max(1, g/(t s)) of the g KV heads.
+* everything else (``replicated`` norms, adds): its tokens split over s only; ``column``-sharded
+  elementwise ops (the MLP activation) over t too.
+
+compute = F_gpu / (peak * e_compute), memory = bytes / (bw * e_mem); e from the profile:
+GEMM e(M, N, K); prefill attention e(L, B) with L = T/B new tokens per sequence; decode
+attention (T = B) bandwidth efficiency e(B, C) with C = K/B context; memory-bound ops measured
+time vs elements. Without a profile: e_compute = 0.7, e_mem = 0.8, 4 us per launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costmodels.profile import Profile
+from graph.opgraph import Affine, OpNode, StepShape
+
+ROOFLINE_COMPUTE_EFF = 0.7
+ROOFLINE_MEM_EFF = 0.8
+ROOFLINE_OVERHEAD_US = 4.0
+MATMUL_KINDS = frozenset({"matmul", "lm_head", "patch_embed", "merger"})
+
+
+@dataclass(frozen=True)
+class OpRec:
+    """The parts of an OpNode the hot path needs, with the memory-op table name resolved."""
+
+    kind: str
+    shard: str
+    flops: Affine
+    weight_elems: int
+    act_read: Affine
+    act_written: Affine
+    kv_read: Affine
+    kv_written: Affine
+    k: float = 0.0
+    n: float = 0.0
+    heads: float = 1.0
+    kv_heads: float = 1.0
+    causal: bool = True
+    memop: str = "add"  # profile table of a memory-bound op
+
+    @property
+    def is_matmul(self) -> bool:
+        return self.kind in MATMUL_KINDS and self.k > 0 and self.n > 0
+
+
+def memop_name(op: OpNode, tower: str) -> str:
+    """Which measured memory-op table stands for this op (HF implementations differ by tower)."""
+    if op.kind == "norm":
+        return "layernorm" if tower == "vision" else "rmsnorm"
+    if op.kind == "activation":
+        return "quick_gelu" if tower == "vision" else "silu_mul"
+    if op.kind == "rope":
+        return "rope_vision" if tower == "vision" else "rope"
+    if op.kind == "embedding":
+        return "copy"
+    return "add"
+
+
+def op_rec(op: OpNode, tower: str) -> OpRec:
+    sh = op.shape or {}
+    return OpRec(kind=op.kind, shard=op.shard, flops=op.flops, weight_elems=int(op.weight_elems),
+                 act_read=op.act_read, act_written=op.act_written, kv_read=op.kv_read, kv_written=op.kv_written,
+                 k=float(sh.get("k", 0) or 0), n=float(sh.get("n", 0) or 0),
+                 heads=float(sh.get("heads", 1) or 1), kv_heads=float(sh.get("kv_heads", sh.get("heads", 1)) or 1),
+                 causal=bool(sh.get("causal", True)), memop=memop_name(op, tower))
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-GPU peak rates and dtype sizes the op costs use."""
+
+    peak_flops: float  # matmul path, FLOP/s
+    attn_flops: float  # attention path (bf16 tensor cores), FLOP/s
+    bw: float  # HBM bytes/s
+    w_bytes: float
+    a_bytes: float
+    kv_bytes: float
+
+
+def op_time(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> tuple[float, float, float]:
+    """(compute_ms, memory_ms, overhead_ms) of op ``r`` on one GPU for step ``s``."""
+    ovh_us = prof.overhead_us if prof else ROOFLINE_OVERHEAD_US
+    if s.tokens <= 0:
+        return 0.0, 0.0, 0.0
+    if r.is_matmul:
+        return _matmul(r, s, t, sp, rates, prof, ovh_us)
+    if r.kind == "attention":
+        return _attention(r, s, t, sp, rates, prof, ovh_us)
+    return _memop(r, s, t, sp, rates, prof, ovh_us)
+
+
+def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,
+            ovh_us: float) -> tuple[float, float, float]:
+    f_total = r.flops(s)
+    m = f_total / (2.0 * r.k * r.n) / sp
+    if m <= 0:
+        return 0.0, 0.0, 0.0
+    n, k = r.n, r.k
+    wt = 1
+    ar, aw = r.act_read(s) / sp, r.act_written(s) / sp
+    if r.shard in ("column", "vocab"):
+        n, wt, aw = n / t, t, aw / t
+    elif r.shard == "row":
+        k, wt, ar = k / t, t, ar / t
+    flops = 2.0 * m * n * k
+    eff = prof.gemm(m, n, k) if prof else ROOFLINE_COMPUTE_EFF
+    c = flops / (rates.peak_flops * max(eff, 1e-4)) * 1e3
+    nbytes = r.weight_elems / wt * rates.w_bytes + (ar + aw) * rates.a_bytes
+    mem = nbytes / (rates.bw * (0.92 if prof else ROOFLINE_MEM_EFF)) * 1e3
+    return c, mem, ovh_us * 1e-3
+
+
+def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,
+               ovh_us: float) -> tuple[float, float, float]:
+    ts = t * sp
+    frac = 1.0 / ts
+    kv_frac = max(1.0, r.kv_heads / ts) / r.kv_heads
+    flops = r.flops(s) * frac
+    kv_bytes = (r.kv_read(s) + r.kv_written(s)) * kv_frac * rates.kv_bytes
+    act_bytes = (r.act_read(s) + r.act_written(s)) * frac * rates.a_bytes
+    seqs = max(s.seqs, 1.0)
+    q_per_seq = s.tokens / seqs
+    if prof is None:
+        c = flops / (rates.attn_flops * ROOFLINE_COMPUTE_EFF) * 1e3
+        mem = (kv_bytes + act_bytes) / (rates.bw * ROOFLINE_MEM_EFF) * 1e3
+        return c, mem, ovh_us * 1e-3
+    if q_per_seq < 1.5:  # decode: bandwidth-bound read of each sequence's KV
+        ctx = max(s.kv / seqs, 1.0)
+        eff_m = prof.attn_decode(seqs, ctx)
+        mem = (kv_bytes + act_bytes) / (rates.bw * max(eff_m, 1e-3)) * 1e3
+        return 0.0, mem, ovh_us * 1e-3
+    table = prof.attn_causal if r.causal else prof.attn_full
+    eff = table(q_per_seq, seqs)
+    c = flops / (rates.attn_flops * max(eff, 1e-4)) * 1e3
+    mem = (kv_bytes + act_bytes) / (rates.bw * 0.9) * 1e3
+    return c, mem, ovh_us * 1e-3
+
+
+def _memop(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,
+           ovh_us: float) -> tuple[float, float, float]:
+    div = sp * (t if r.shard in ("column", "heads", "row") else 1)
+    aw = r.act_written(s) / div
+    ar = r.act_read(s) / div
+    if r.kind == "embedding":  # reads the T looked-up rows, not the table
+        nbytes = 2 * aw * rates.a_bytes
+    else:
+        nbytes = r.weight_elems * rates.a_bytes + (ar + aw) * rates.a_bytes
+    us = prof.memop_us(r.memop, aw) if prof else None
+    if us is None:
+        mem = nbytes / (rates.bw * ROOFLINE_MEM_EFF) * 1e3
+        return 0.0, mem, ovh_us * 1e-3
+    return 0.0, max(us - ovh_us, 0.0) * 1e-3, ovh_us * 1e-3

@@ -1,0 +1,93 @@
+"""Calibration profiles: efficiencies measured on a real GPU, committed as
+``costmodels/profiles/<gpu>.json``.
+
+A profile holds fitted tables (what the cost model reads) and the raw points they were
+fitted from (so a fit can be redone without the GPU). Tables, all in log2-space grids:
+
+* ``gemm``: efficiency e(M, N, K) = 2MNK / (t * peak), t the measured kernel time less the
+  launch overhead, peak the catalog bf16 rate. Covers the memory-bound small-M regime too.
+* ``attn_causal`` / ``attn_full``: efficiency of prefill attention e(L, B) = F / (t * peak) for
+  B sequences of L new tokens, F = 4 * heads * head_dim * pairs (QK^T and PV).
+* ``attn_decode``: bandwidth efficiency of decode attention e(B, C) = bytes / (t * hbm_bw),
+  bytes = KV read (2 * B * C * kv_heads * head_dim * 2 bytes).
+* ``memops[name]``: time in microseconds of a memory-bound op (HF implementation: RMSNorm,
+  LayerNorm, SiLU*mul, QuickGELU, RoPE, add, copy) vs the elements it produces.
+* ``overhead_us``: per-kernel launch gap inside a CUDA graph.
+* ``collectives``: alpha-beta fits (``alpha_us``, ``bus_gbps``) when more than one GPU was seen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from costmodels.interp import LogGrid
+from plans.errors import UserError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass
+class Profile:
+    gpu: str  # catalog name the profile is for, e.g. "h100"
+    id: str  # e.g. "h100-2026-11-23"
+    device_name: str
+    meta: dict[str, Any]  # driver, torch version, date, command
+    overhead_us: float
+    gemm: LogGrid  # e(M, N, K)
+    attn_causal: LogGrid  # e(L, B)
+    attn_full: LogGrid  # e(L, B)
+    attn_decode: LogGrid  # bandwidth efficiency e(B, C)
+    memops: dict[str, LogGrid]  # name -> us(elements)
+    collectives: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def memop_us(self, name: str, elements: float) -> float | None:
+        g = self.memops.get(name)
+        return None if g is None else g(max(elements, 1.0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu, "id": self.id, "device_name": self.device_name, "meta": self.meta,
+            "overhead_us": self.overhead_us,
+            "tables": {
+                "gemm": self.gemm.to_json(), "attn_causal": self.attn_causal.to_json(),
+                "attn_full": self.attn_full.to_json(), "attn_decode": self.attn_decode.to_json(),
+                "memops": {k: v.to_json() for k, v in sorted(self.memops.items())},
+            },
+            "collectives": self.collectives,
+            "raw": self.raw,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Profile":
+        t = d["tables"]
+        return cls(gpu=d["gpu"], id=d["id"], device_name=d.get("device_name", ""), meta=d.get("meta", {}),
+                   overhead_us=float(d["overhead_us"]), gemm=LogGrid.from_json(t["gemm"]),
+                   attn_causal=LogGrid.from_json(t["attn_causal"]), attn_full=LogGrid.from_json(t["attn_full"]),
+                   attn_decode=LogGrid.from_json(t["attn_decode"]),
+                   memops={k: LogGrid.from_json(v) for k, v in t["memops"].items()},
+                   collectives=d.get("collectives", {}), raw=d.get("raw", {}))
+
+
+def read_profile(path: str | Path) -> Profile:
+    """A profile from a JSON file; UserError if missing or malformed."""
+    p = Path(path)
+    try:
+        return Profile.from_json(json.loads(p.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"calibration profile not found: {p}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{p}: not a valid calibration profile ({type(e).__name__}: {e})") from None
+
+
+def write_profile(profile: Profile, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile.to_json(), indent=1, sort_keys=False) + "\n")
+
+
+def load_profile(gpu_name: str) -> Profile | None:
+    """The committed profile for a catalog GPU (``profiles/<gpu>.json``), or None."""
+    p = PROFILE_DIR / f"{gpu_name.lower()}.json"
+    return read_profile(p) if p.is_file() else None
