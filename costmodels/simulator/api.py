@@ -1,0 +1,66 @@
+"""The simulator's entry points.
+
+    simulate(plan, cost, workload, *, slo=None, seed=0) -> SimResult
+    coster_for(plan, cost) -> ModelCoster            (reuse it across rates: its cache is the speed)
+    cost_model_for_plan(plan, base_dir=".") -> CostModel
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from costmodels.simulator.config import SimConfig
+from costmodels.simulator.coster import Coster, LogGrid, ModelCoster
+from costmodels.simulator.engine import run
+from costmodels.simulator.metrics import SimResult, summarize
+from costmodels.workload import Workload
+
+
+def coster_for(plan: Any, cost: Any, *, grid: LogGrid | None = None, exact: bool = False) -> ModelCoster:
+    """A memoising ``ModelCoster`` of ``plan``'s replica (mesh, stage ranges) on ``cost``."""
+    cfg = SimConfig.from_plan(plan)
+    return ModelCoster(cost, stages=[(s.first_layer, s.last_layer) for s in plan.stages], tp=cfg.tp, sp=cfg.sp,
+                       hidden=int(cost.info.hidden), act_bytes=float(cost.rates.a_bytes),
+                       inter_node=[cfg.inter_node(b) for b in range(cfg.pp - 1)], grid=grid, exact=exact)
+
+
+def cost_model_for_plan(plan: Any, base_dir: str | Path = ".") -> Any:
+    """The ``CostModel`` a plan was made with: its model config (preset or path relative to
+    ``base_dir``), GPU, dtypes and calibration profile (none for a ``roofline:`` provenance)."""
+    from costmodels.build import graph_for_config
+    from costmodels.hardware import get_gpu
+    from costmodels.model import CostModel
+    from costmodels.profile import load_profile
+    from graph.hf_config import load_config
+
+    m = plan.model
+    cfg = load_config(m.preset, None if m.preset else Path(base_dir) / (m.config or ""))
+    gpu = get_gpu(plan.hardware.gpu)
+    prof = None if plan.provenance.cost_profile.startswith("roofline") else load_profile(gpu.name)
+    return CostModel(graph_for_config(cfg), gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
+                     gpus_per_node=plan.hardware.gpus_per_node, profile=prof)
+
+
+def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: Any = None, seed: int = 0,
+                    gpu_memory_gb: float | None = None) -> SimResult:
+    """Simulate ``workload`` (sampled with ``seed``) on the deployment ``cfg``."""
+    log = run(cfg, coster, workload.sample(seed))
+    res = summarize(log, slo=slo, gpu_memory_gb=gpu_memory_gb,
+                    encoder_gpus=cfg.dedicated_gpus if cfg.placement == "dedicated" else 0, replicas=cfg.dp)
+    res.notes.extend(workload.notes)
+    return res
+
+
+def simulate(plan: Any, cost: Any, workload: Workload, *, slo: Any = None, seed: int = 0,
+             coster: Coster | None = None) -> SimResult:
+    """What ``plan`` delivers on ``workload``: TTFT/TPOT/e2e percentiles, throughput, goodput.
+
+    ``cost``: the ``CostModel`` (ignored when a ``coster`` is given, e.g. one from ``coster_for``
+    reused across calls); ``slo``: the spec's ``slo`` section (or a dict with ttft_p90_ms /
+    tpot_p90_ms) for goodput and ``meets_slo``. ``SimResult.to_predicted()`` fills the plan's
+    ``predicted`` block.
+    """
+    cfg = SimConfig.from_plan(plan)
+    coster = coster if coster is not None else coster_for(plan, cost)
+    return simulate_config(cfg, coster, workload, slo=slo, seed=seed, gpu_memory_gb=plan.memory_gb.total)

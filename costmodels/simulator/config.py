@@ -1,0 +1,85 @@
+"""What the simulator needs from a plan, as plain numbers (``SimConfig.from_plan``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from plans.errors import UserError
+
+PLACEMENTS = ("none", "stage0_tp", "stage0_dp", "all_dp", "dedicated")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One serving deployment: ``dp`` replicas, each a ``pp``-stage pipeline of P = tp*sp GPUs.
+
+    ``lanes``: micro-batches in flight per replica (each lane is a scheduler with its own running
+    set, the "virtual engine" of a PP server); ``max(pp, plan.scheduler.microbatches)`` by default,
+    so a pipeline can keep every stage busy.
+    ``kv_tokens``: KV-cache capacity of one replica, tokens (``plan.memory_gb.kv_tokens``).
+    ``threshold``: with ``shift``, a step of at most this many tokens runs in mode "tp" (plain TP of
+    degree P), a larger one in "sp_tp".
+    """
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    sp: int = 1
+    lanes: int = 1
+    max_batch_tokens: int = 8192
+    max_seqs: int = 256
+    block_size: int = 16
+    kv_tokens: int = 1_000_000
+    shift: bool = False
+    threshold: int = 0
+    placement: str = "none"
+    dedicated_gpus: int = 0
+    watermark: float = 0.01  # share of KV kept free when admitting new requests (vLLM's default)
+    gpus_per_node: int = 8
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp", "sp", "lanes", "max_batch_tokens", "max_seqs", "block_size", "kv_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"simulator: {name} must be >= 1, got {getattr(self, name)}")
+        if self.placement not in PLACEMENTS:
+            raise UserError(f"simulator: vision placement '{self.placement}' is not one of {', '.join(PLACEMENTS)}")
+        if self.placement == "dedicated" and self.dedicated_gpus < 1:
+            raise UserError("simulator: vision placement 'dedicated' needs dedicated_gpus >= 1, got "
+                            f"{self.dedicated_gpus}")
+
+    @property
+    def stage_gpus(self) -> int:
+        """P: GPUs of one pipeline stage (tp * sp)."""
+        return self.tp * self.sp
+
+    def mode(self, tokens: int) -> str:
+        """The step's mode under shift parallelism: "tp" at or below the threshold, else "sp_tp"."""
+        return "tp" if self.shift and tokens <= self.threshold else "sp_tp"
+
+    def inter_node(self, boundary: int) -> bool:
+        """Whether the p2p hop from stage ``boundary`` to ``boundary + 1`` crosses nodes (replica 0)."""
+        p = self.stage_gpus
+        last_of_s = (boundary + 1) * p - 1
+        first_of_next = (boundary + 1) * p
+        return last_of_s // self.gpus_per_node != first_of_next // self.gpus_per_node
+
+    @staticmethod
+    def from_plan(plan) -> "SimConfig":
+        """Read a ``plans.schema.Plan``."""
+        m, s = plan.mesh, plan.scheduler
+        seqs = min(s.max_seqs, s.max_batch_tokens)
+        notes = []
+        if seqs < s.max_seqs:
+            notes.append(f"max_seqs {s.max_seqs} capped at max_batch_tokens {s.max_batch_tokens}")
+        threshold = plan.shift.threshold_tokens
+        if plan.shift.enabled and threshold is None:
+            raise UserError(f"plan {plan.name}: shift is enabled but shift.threshold_tokens is not set")
+        return SimConfig(
+            dp=m.dp, pp=m.pp, tp=m.tp, sp=m.sp, lanes=max(m.pp, s.microbatches),
+            max_batch_tokens=s.max_batch_tokens, max_seqs=seqs, block_size=s.block_size,
+            kv_tokens=max(1, int(plan.memory_gb.kv_tokens)), shift=bool(plan.shift.enabled),
+            threshold=int(threshold or 0), placement=plan.vision.placement,
+            dedicated_gpus=plan.vision.dedicated_gpus, gpus_per_node=plan.hardware.gpus_per_node,
+            notes=tuple(notes),
+        )

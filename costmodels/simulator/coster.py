@@ -1,0 +1,165 @@
+"""Step times for the simulator: the ``Coster`` protocol and its two implementations.
+
+* ``ModelCoster`` asks the cost model (``costmodels.model.CostModel``) and memoises on a log grid:
+  each of a step's four numbers (tokens T, attention pairs S, KV tokens K, sequences B; see
+  ``graph.opgraph.StepShape``) is rounded to the nearest point of ``x_k = r^k`` with
+  ``r = 2^(1/per_octave)`` (exact below ``exact_below``), the cost model is evaluated at the grid
+  point, and the result is cached. The relative rounding of each number is at most
+  ``r^(1/2) - 1`` (2.2% at 16 per octave); a step time is sub-linear in each of them, so its error
+  is smaller still (``bench/sim_speed.py`` measures it on simulated steps).
+* ``SyntheticCoster`` is affine in (T, S, K, B) per stage with separate coefficients per mode,
+  for tests and quick what-ifs without a traced model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from graph.opgraph import StepShape
+
+
+class Coster(Protocol):
+    """Per-stage step times of one replica (ms)."""
+
+    pp: int
+
+    def stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
+        """Time of each pipeline stage for one forward step of ``shape`` in ``mode``."""
+
+    def p2p_ms(self, tokens: float, boundary: int) -> float:
+        """Activation transfer of a ``tokens``-token micro-batch from stage ``boundary`` to the next."""
+
+    def vision_ms(self, patches: tuple[int, ...], *, tp: int, dp: int) -> float:
+        """Vision tower + merger over images of ``patches`` ViT patches, on tp x dp GPUs."""
+
+    def embed_ms(self, image_tokens: int) -> float:
+        """Sending ``image_tokens`` image embeddings from dedicated encoder GPUs to the LLM."""
+
+
+# ------------------------------------------------------------------ log-grid quantisation
+
+
+@dataclass(frozen=True)
+class LogGrid:
+    """x -> nearest grid value: exact integers below ``exact_below``, else r^round(log_r x)."""
+
+    per_octave: int = 16
+    exact_below: int = 64
+
+    def index(self, x: float) -> int:
+        if x < self.exact_below:
+            return -int(round(x)) - 1  # negative keys: exact small integers
+        return int(round(math.log2(x) * self.per_octave))
+
+    def value(self, k: int) -> float:
+        return float(-k - 1) if k < 0 else 2.0 ** (k / self.per_octave)
+
+    def quantise(self, x: float) -> float:
+        return self.value(self.index(x))
+
+
+# ------------------------------------------------------------------ cost-model backed
+
+
+class ModelCoster:
+    """Memoised step times of a plan's replica from a ``CostModel`` (see the module doc).
+
+    ``stages``: inclusive decoder-layer ranges, one per pipeline stage. ``hidden`` and ``act_bytes``
+    size the p2p activations (T x hidden x act_bytes) and the image embeddings sent by dedicated
+    encoders. ``inter_node``: per stage boundary, whether the hop crosses nodes.
+    """
+
+    def __init__(self, cost: Any, *, stages: list[tuple[int, int]], tp: int, sp: int, hidden: int,
+                 act_bytes: float = 2.0, inter_node: list[bool] | None = None, grid: LogGrid | None = None,
+                 exact: bool = False):
+        self.cost = cost
+        self.stages = list(stages)
+        self.pp = len(self.stages)
+        self.tp, self.sp = tp, sp
+        self.hidden, self.act_bytes = hidden, act_bytes
+        self.inter_node = list(inter_node or [False] * max(0, self.pp - 1))
+        self.grid = grid or LogGrid()
+        self.exact = exact
+        self._steps: dict[tuple, tuple[float, ...]] = {}
+        self._vision: dict[tuple, float] = {}
+        self._p2p: dict[tuple, float] = {}
+        self.misses = 0
+        self.calls = 0
+
+    def exact_stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
+        """The cost model's own answer, no grid."""
+        sc = self.cost.step_time(shape, pp=self.pp, tp=self.tp, sp=self.sp, mode=mode, stages=self.stages)
+        return tuple(float(b.total_ms) for b in sc.stages)
+
+    def stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
+        self.calls += 1
+        if self.exact:
+            return self.exact_stage_ms(shape, mode)
+        g = self.grid
+        key = (g.index(shape.tokens), g.index(shape.pairs), g.index(shape.kv), g.index(shape.seqs), mode)
+        hit = self._steps.get(key)
+        if hit is None:
+            self.misses += 1
+            q = StepShape(g.value(key[0]), g.value(key[1]), g.value(key[2]), g.value(key[3]))
+            hit = self._steps[key] = self.exact_stage_ms(q, mode)
+        return hit
+
+    def p2p_ms(self, tokens: float, boundary: int) -> float:
+        inter = self.inter_node[boundary] if boundary < len(self.inter_node) else False
+        key = (self.grid.index(tokens), inter)
+        hit = self._p2p.get(key)
+        if hit is None:
+            nbytes = self.grid.value(key[0]) * self.hidden * self.act_bytes
+            hit = self._p2p[key] = float(self.cost.p2p_ms(nbytes, inter_node=inter))
+        return hit
+
+    def vision_ms(self, patches: tuple[int, ...], *, tp: int, dp: int) -> float:
+        key = (tuple(sorted(patches)), tp, dp)
+        hit = self._vision.get(key)
+        if hit is None:
+            hit = self._vision[key] = float(self.cost.vision_time(list(key[0]), tp=tp, dp=dp).total_ms)
+        return hit
+
+    def embed_ms(self, image_tokens: int) -> float:
+        key = (self.grid.index(image_tokens), "embed")
+        hit = self._p2p.get(key)
+        if hit is None:
+            nbytes = self.grid.value(key[0]) * self.hidden * self.act_bytes
+            hit = self._p2p[key] = float(self.cost.p2p_ms(nbytes, inter_node=False))
+        return hit
+
+
+# ------------------------------------------------------------------ synthetic
+
+
+@dataclass
+class SyntheticCoster:
+    """Affine step times for tests: per stage, ``c + t*T + s*S + k*K`` (ms), coefficients per mode.
+
+    ``sp_tp`` and ``tp`` give (c, t, s, k); the defaults make "tp" cheaper for small steps and
+    "sp_tp" cheaper for large ones (crossover at T = (c_sp - c_tp) / (t_tp - t_sp) = 250 tokens).
+    Vision: ``v_ms_per_kpatch`` per 1000 patches, divided by tp*dp. p2p: ``p2p_ms_per_ktok``.
+    """
+
+    pp: int = 1
+    sp_tp: tuple[float, float, float, float] = (10.0, 0.010, 0.0, 0.0001)
+    tp: tuple[float, float, float, float] = (7.5, 0.020, 0.0, 0.0001)
+    v_ms_per_kpatch: float = 20.0
+    p2p_ms_per_ktok: float = 0.05
+    embed_ms_per_ktok: float = 0.1
+
+    def stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
+        c, t, s, k = self.tp if mode == "tp" else self.sp_tp
+        ms = (c + t * shape.tokens + s * shape.pairs + k * shape.kv) / self.pp
+        return (ms,) * self.pp
+
+    def p2p_ms(self, tokens: float, boundary: int) -> float:
+        return self.p2p_ms_per_ktok * tokens / 1000.0
+
+    def vision_ms(self, patches: tuple[int, ...], *, tp: int, dp: int) -> float:
+        return self.v_ms_per_kpatch * sum(patches) / 1000.0 / (tp * dp)
+
+    def embed_ms(self, image_tokens: int) -> float:
+        return self.embed_ms_per_ktok * image_tokens / 1000.0

@@ -1,0 +1,172 @@
+"""The discrete-event loop: requests in, per-request timestamps and step statistics out.
+
+Events (a heap of (time s, sequence number, kind, payload); ties run in push order):
+
+* ARRIVAL   a request arrives; it is routed to the least-loaded replica (fewest unfinished
+            requests; ties to the lowest index) and goes to the dedicated encoder queue, or
+            straight to the replica's waiting queue; the replica's idle lanes are kicked.
+* ENC_DONE  a dedicated-encoder batch finished; each request becomes READY after its
+            embedding transfer; the encoder takes its next batch.
+* READY     a request's image embeddings arrived at its replica: it joins the waiting queue.
+* SCHEDULE  a scheduling step on an idle lane: form a micro-batch (``scheduler.form_batch``),
+            pick the mode (shift: step tokens <= threshold -> "tp"), cost it per stage, and send
+            it down the pipeline.
+* STEP_DONE the micro-batch left the last stage: tokens are emitted, finished requests leave
+            (``scheduler.complete_batch``) and the replica's idle lanes are kicked.
+
+Pipeline: stage s of a replica is a FIFO server; a micro-batch scheduled at t runs on stage s
+from max(ready_s, free_s) for its stage time, then hops to s+1 after the p2p time. Stages keep
+FIFO order, so the whole path is computed when the batch is scheduled (a tandem queue): latency
+= sum of stage times + p2p (+ queueing), throughput bounded by the slowest stage, with up to
+``lanes`` micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from costmodels.simulator.coster import Coster
+from costmodels.simulator.config import SimConfig
+from costmodels.simulator.scheduler import complete_batch, form_batch
+from costmodels.simulator.state import REJECTED, Lane, Replica, Req
+from costmodels.simulator.vision import DedicatedEncoder, in_step_ms
+from costmodels.workload import Request
+
+ARRIVAL, ENC_DONE, READY, SCHEDULE, STEP_DONE = range(5)
+
+
+@dataclass
+class RunLog:
+    """Raw outcome of one run (``metrics.summarize`` turns it into a ``SimResult``)."""
+
+    reqs: list[Req]
+    t_end: float = 0.0
+    steps: int = 0
+    steps_tp: int = 0
+    step_tokens: int = 0
+    preemptions: int = 0
+    rejected: int = 0
+    area: float = 0.0  # integral over time of the number of requests in the system (s)
+    kv_area: float = 0.0  # integral over time of the KV share in use, averaged over replicas (s)
+    kv_peak: float = 0.0  # highest KV share in use of any replica
+    stage_busy_s: list[float] = field(default_factory=list)  # summed over replicas
+    encoder_busy_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
+    """Simulate ``requests`` (sorted by arrival) on the deployment ``cfg`` with step times from ``coster``."""
+    if coster.pp != cfg.pp:
+        raise ValueError(f"coster has {coster.pp} stages, the config {cfg.pp}")
+    reps = [Replica(i, cfg.kv_tokens, cfg.pp) for i in range(cfg.dp)]
+    for rep in reps:
+        rep.lanes = [Lane(j, rep) for j in range(cfg.lanes)]
+    encoder = DedicatedEncoder(cfg.dedicated_gpus, cfg.max_batch_tokens) if cfg.placement == "dedicated" else None
+    reqs = [Req(q.id, q.arrival_s, q.prompt_tokens, q.output_tokens, tuple(q.image_patches), sum(q.image_tokens))
+            for q in requests]
+    log = RunLog(reqs, notes=list(cfg.notes))
+    if cfg.placement == "none" and any(r.patches for r in reqs):
+        log.notes.append("the plan places no vision encoder; images encoded on stage 0 (stage0_tp)")
+    events: list = []
+    seq = 0
+
+    def push(t: float, kind: int, payload: object) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, payload))
+
+    def kick(rep: Replica, t: float, first: Lane | None = None) -> None:
+        order = rep.lanes if first is None else [first] + [x for x in rep.lanes if x is not first]
+        for lane in order:
+            if not lane.busy and not lane.kicked:
+                lane.kicked = True
+                push(t, SCHEDULE, lane)
+
+    def start_encoder(t: float) -> None:
+        batch = encoder.take()
+        if batch:
+            dt = encoder.batch_ms(coster, batch) / 1e3
+            encoder.busy, encoder.busy_s = True, encoder.busy_s + dt
+            push(t + dt, ENC_DONE, batch)
+
+    def launch(lane: Lane, t: float) -> None:
+        batch, pre = form_batch(lane, cfg)
+        log.preemptions += pre
+        if batch is None:
+            return
+        mode = cfg.mode(batch.tokens)
+        log.steps += 1
+        log.steps_tp += mode == "tp"
+        log.step_tokens += batch.tokens
+        ms = coster.stage_ms(batch.shape, mode)
+        if batch.patches:
+            ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, batch.patches))]
+        rep = lane.replica
+        ready = t
+        for s in range(cfg.pp):
+            dt = ms[s] / 1e3
+            start = ready if ready > rep.stage_free[s] else rep.stage_free[s]
+            rep.stage_free[s] = start + dt
+            rep.stage_busy[s] += dt
+            ready = start + dt
+            if s < cfg.pp - 1:
+                ready += coster.p2p_ms(batch.tokens, s) / 1e3
+        lane.busy = True
+        push(ready, STEP_DONE, (lane, batch))
+
+    in_system = 0
+    last_t = 0.0
+    i, n = 0, len(reqs)
+    while i < n or events:
+        if i < n and (not events or reqs[i].arrival <= events[0][0]):
+            t, kind, payload = reqs[i].arrival, ARRIVAL, reqs[i]
+            i += 1
+        else:
+            t, _, kind, payload = heapq.heappop(events)
+        dt = t - last_t
+        if dt > 0:
+            log.area += in_system * dt
+            log.kv_area += sum(r.kv_used for r in reps) / (cfg.kv_tokens * cfg.dp) * dt
+            last_t = t
+        if kind == STEP_DONE:
+            lane, batch = payload
+            lane.busy = False
+            in_system -= len(complete_batch(lane, batch, t))
+            kick(lane.replica, t, first=lane)
+        elif kind == SCHEDULE:
+            payload.kicked = False
+            if not payload.busy:
+                launch(payload, t)
+        elif kind == ARRIVAL:
+            r = payload
+            if r.prompt0 + r.out > cfg.kv_tokens:  # can never fit this replica's KV cache
+                r.state = REJECTED
+                log.rejected += 1
+                continue
+            rep = min(reps, key=lambda x: x.outstanding)
+            rep.outstanding += 1
+            r.replica = rep.index
+            in_system += 1
+            if encoder is not None and r.patches:
+                encoder.queue.append(r)
+                if not encoder.busy:
+                    start_encoder(t)
+            else:
+                rep.waiting.append(r)
+                kick(rep, t)
+        elif kind == ENC_DONE:
+            encoder.busy = False
+            for r in payload:
+                r.encoded = True
+                push(t + coster.embed_ms(r.img_tokens) / 1e3, READY, r)
+            start_encoder(t)
+        elif kind == READY:
+            rep = reps[payload.replica]
+            rep.waiting.append(payload)
+            kick(rep, t)
+    log.t_end = last_t
+    log.kv_peak = max(r.kv_peak for r in reps) / cfg.kv_tokens
+    log.stage_busy_s = [sum(r.stage_busy[s] for r in reps) for s in range(cfg.pp)]
+    log.encoder_busy_s = encoder.busy_s if encoder else 0.0
+    return log

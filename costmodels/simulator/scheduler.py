@@ -1,0 +1,157 @@
+"""Continuous batching for one lane: pick a step's work, and apply a finished step.
+
+A step (vLLM-style, decode first):
+
+1. every decoding request of the lane gets one token; each needs one more KV slot. If the
+   replica's KV pool cannot hold them, the newest running request of the lane is preempted
+   (recompute: its KV is freed; it re-enters the front of the waiting queue and later re-prefills
+   prompt + generated tokens) until they fit;
+2. partially prefilled requests continue with chunks (chunked prefill) within the token budget
+   ``max_batch_tokens - decodes``;
+3. waiting requests are admitted FIFO while budget, ``max_seqs`` and KV allow. Admission reserves
+   KV for the whole prompt (so a chunked prefill never stalls for memory) and keeps ``watermark``
+   of the pool free (a request that fits only in an empty pool is admitted when the pool is empty).
+   Images not yet encoded are encoded in this step (in-step placements), at most
+   ``max_batch_tokens`` image tokens per step beyond the first request.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from costmodels.simulator.config import SimConfig
+from costmodels.simulator.state import DECODE, DONE, PREFILL, WAITING, Lane, Replica, Req
+from graph.opgraph import StepShape
+
+
+@dataclass
+class Batch:
+    """One micro-batch: ``n_dec`` decodes plus prefill ``chunks`` [(req, new tokens)]."""
+
+    n_dec: int
+    chunks: list[tuple[Req, int]]
+    shape: StepShape
+    patches: tuple[int, ...]  # ViT patches of the images encoded in this step (in-step placements)
+    image_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.shape.tokens)
+
+
+def preempt(rep: Replica, lane: Lane, req: Req) -> None:
+    """Free ``req``'s KV and send it back to the front of the waiting queue (recompute later)."""
+    kv = req.kv(lane.steps)
+    rep.kv_used -= kv
+    if req.state == DECODE:
+        del lane.decoding[req.id]
+        lane.ctx -= kv
+        req.prompt = req.prompt0 + req.produced  # recompute prompt + generated tokens
+    else:
+        lane.prefilling.remove(req)
+    req.done = 0
+    req.state = WAITING
+    req.lane = None
+    req.preempts += 1
+    rep.waiting.appendleft(req)
+
+
+def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
+    """The lane's next micro-batch (None when it has nothing to do) and the number of preemptions."""
+    rep = lane.replica
+    cap = rep.kv_cap
+    preempted = 0
+    while lane.decoding and rep.kv_used + len(lane.decoding) > cap:
+        victim = lane.prefilling[-1] if lane.prefilling else next(reversed(lane.decoding.values()))
+        preempt(rep, lane, victim)
+        preempted += 1
+    n_dec = len(lane.decoding)
+    rep.kv_used += n_dec
+    budget = cfg.max_batch_tokens - n_dec
+    tokens, pairs, kv, seqs = n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec
+    chunks: list[tuple[Req, int]] = []
+    for r in lane.prefilling:
+        if budget <= 0:
+            break
+        n = min(r.prompt - r.done, budget)
+        chunks.append((r, n))
+        budget -= n
+    running = n_dec + len(lane.prefilling)
+    limit = cap - int(cfg.watermark * cap)
+    patches: list[int] = []
+    img_tokens = 0
+    in_step = cfg.placement != "dedicated"
+    while budget > 0 and running < cfg.max_seqs and rep.waiting and not preempted:
+        r = rep.waiting[0]
+        if rep.kv_used + r.prompt > limit and not (rep.kv_used == 0 and r.prompt <= cap):
+            break
+        if in_step and not r.encoded:
+            if img_tokens and img_tokens + r.img_tokens > cfg.max_batch_tokens:
+                break
+            patches.extend(r.patches)
+            img_tokens += r.img_tokens
+            r.encoded = True
+        rep.waiting.popleft()
+        r.state, r.lane, r.done = PREFILL, lane, 0
+        rep.kv_used += r.prompt
+        lane.prefilling.append(r)
+        n = min(r.prompt, budget)
+        chunks.append((r, n))
+        budget -= n
+        running += 1
+    if rep.kv_used > rep.kv_peak:
+        rep.kv_peak = rep.kv_used
+    if not chunks and not n_dec:
+        return None, preempted
+    for r, n in chunks:
+        c = r.done
+        tokens += n
+        pairs += n * c + n * (n + 1) / 2
+        kv += n + c
+        seqs += 1
+    return Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs), tuple(patches), img_tokens), preempted
+
+
+def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
+    """Apply a finished step at time ``t``; returns the requests that finished."""
+    rep = lane.replica
+    lane.steps += 1
+    lane.ctx += batch.n_dec
+    done: list[Req] = []
+    heap = lane.heap
+    while heap and heap[0][0] <= lane.steps:
+        _, _, d0, r = heapq.heappop(heap)
+        if r.state != DECODE or r.lane is not lane or r.d0 != d0:
+            continue  # stale entry of a preempted request
+        kv = r.kv(lane.steps)
+        rep.kv_used -= kv
+        lane.ctx -= kv
+        del lane.decoding[r.id]
+        r.produced = r.out
+        _finish(r, t, done)
+    for r, n in batch.chunks:
+        r.done += n
+        if r.done < r.prompt:
+            continue
+        lane.prefilling.remove(r)
+        r.produced += 1
+        if r.first is None:
+            r.first = t
+        if r.produced >= r.out:
+            rep.kv_used -= r.prompt
+            _finish(r, t, done)
+            continue
+        r.state, r.d0 = DECODE, lane.steps
+        lane.decoding[r.id] = r
+        lane.ctx += r.prompt
+        heapq.heappush(heap, (lane.steps + r.out - r.produced, r.id, r.d0, r))
+    rep.outstanding -= len(done)
+    return done
+
+
+def _finish(r: Req, t: float, done: list[Req]) -> None:
+    r.state = DONE
+    r.finish = t
+    r.lane = None
+    done.append(r)
