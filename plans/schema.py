@@ -107,6 +107,7 @@ class Stage(_Model):
     lm_head: bool = False  # holds final norm + lm_head
     vision: bool = False  # the vision encoder runs on this stage's GPUs
     step_ms: float | None = None  # predicted time of the reference step on this stage
+    shift_threshold_tokens: int | None = None  # this stage's own SP x TP vs TP crossover - 1 (sp > 1)
 
     @property
     def num_layers(self) -> int:
