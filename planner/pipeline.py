@@ -1,0 +1,674 @@
+"""The compile pipeline: spec -> graph -> cost model -> candidates -> ILP -> scoring -> Plan.
+
+Each stage is a function with typed input and output, so any of them can be run, cached
+and tested alone::
+
+    spec = load(path)                         # planner.spec.Spec
+    model = build_model(spec)                 # Model: HF config, OpGraph (cached trace), CostModel
+    mix = token_mix(spec, model)              # TokenMix: the workload's reference steps
+    cands = candidate_set(spec, model, mix)   # CandidateSet (rules + memory bound)
+    costed = [cost_candidate(c, model, mix, spec) for c in cands.candidates]   # StageProblems
+    solved = [solve_candidate(x) for x in costed]                               # ILP per candidate
+    ranked = rank(solved, spec, model, mix)   # static estimate, then the simulator on the shortlist
+    plan = to_plan(ranked, spec, model, mix)  # plans.schema.Plan
+
+``compile_spec`` runs them all. Costs per request (the ILP's throughput term) come from the
+workload's mix: a request of mean prompt length P and mean output O costs
+``P / T_pf`` prefill steps of ``T_pf = max_batch_tokens`` tokens and ``O / b`` decode steps of
+a batch of ``b`` sequences (``b`` limited by ``max_seqs`` and by the KV capacity), each step
+in the mode the shift threshold picks for its token count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from graph.opgraph import OpGraph, StepShape
+from planner.candidates import (Candidate, CandidateSet, ModelFacts, SearchSpace, enumerate_candidates,
+                                kv_heads_per_gpu)
+from planner.ilp import (ItemCost, StageProblem, StageSolution, VisionOption, evaluate, latency,
+                         objective_weights, solve, uniform_split)
+from planner.spec import Spec, load_spec
+from planner.threshold import Crossover, crossover
+from plans.errors import UserError
+
+Progress = Callable[[str], None]
+SHORTLIST = 3  # candidates the simulator scores
+SIM_REQUESTS = 400  # requests per simulated candidate (the spec's own count caps it)
+VISION_BATCH = 8  # images per encoder batch when amortising encoder time per request
+
+
+# ------------------------------------------------------------------ stage 1-2: spec, model
+
+
+@dataclass
+class Model:
+    """The spec's model on the spec's hardware: config, traced graph and cost model."""
+
+    cfg: dict[str, Any]
+    config_sha256: str
+    graph: OpGraph
+    cost: Any  # costmodels.model.CostModel
+    name: str
+
+    @property
+    def has_vision(self) -> bool:
+        return any(b.tower == "vision" for b in self.graph.blocks)
+
+
+def load(path: str | Path) -> Spec:
+    return load_spec(path)
+
+
+def build_model(spec: Spec) -> Model:
+    """HF config -> cached op graph -> cost model (calibration profile when one is committed)."""
+    from costmodels.hardware import get_gpu
+    from costmodels.model import CostModel
+    from costmodels.profile import load_profile
+    from graph.cache import get_graph
+    from graph.hf_config import config_sha256, load_config
+
+    m = spec.model
+    cfg = load_config(m.preset, spec.resolve(m.config) if m.config else None)
+    graph = get_graph(cfg)
+    gpu = get_gpu(spec.hardware.gpu)
+    profile = load_profile(gpu.name)
+    cost = CostModel(graph, gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
+                     gpus_per_node=spec.hardware.gpus_per_node, profile=profile)
+    name = m.preset or Path(m.config or "model").stem
+    return Model(cfg, config_sha256(cfg), graph, cost, name)
+
+
+# ------------------------------------------------------------------ stage 3: the workload's mix
+
+
+@dataclass(frozen=True)
+class TokenMix:
+    """Means of the spec's workload and the scheduler's limits (tokens per request)."""
+
+    rate: float  # requests/s
+    prompt_mean: float  # text + image tokens
+    output_mean: float
+    prompt_max: int
+    output_max: int
+    images_mean: float  # images per request
+    patches_mean: float  # ViT patches per image
+    image_tokens_mean: float  # LLM tokens per image
+    max_batch_tokens: int
+    max_seqs: int
+
+    @property
+    def context_mean(self) -> float:
+        """Mean context of a decoding sequence: prompt plus half the output."""
+        return self.prompt_mean + self.output_mean / 2
+
+    def prefill_step(self) -> StepShape:
+        """A full step of prefill chunks: prompts of mean length packed into max_batch_tokens."""
+        p = max(1, int(round(self.prompt_mean)))
+        if p >= self.max_batch_tokens:
+            return StepShape.prefill([self.max_batch_tokens], [p // 2])
+        n, rest = divmod(self.max_batch_tokens, p)
+        return StepShape.prefill([p] * n + ([rest] if rest else []))
+
+    def ttft_step(self) -> StepShape:
+        """An unloaded request's prefill (chunked as the scheduler would), as one shape."""
+        return StepShape.prefill([max(1, int(round(self.prompt_mean)))])
+
+    def decode_step(self, batch: int) -> StepShape:
+        return StepShape.decode([max(1, int(round(self.context_mean)))] * max(1, batch))
+
+    def step_of(self, tokens: int, batch: int) -> StepShape:
+        """A step of ``tokens`` tokens: up to ``batch`` decodes, the rest one prefill chunk."""
+        d = min(tokens, batch)
+        shape = self.decode_step(d)
+        if tokens > d:
+            shape = shape + StepShape.prefill([tokens - d])
+        return shape
+
+
+def token_mix(spec: Spec, model: Model) -> TokenMix:
+    """The workload's means, from a seeded sample of its requests (synthetic or trace)."""
+    from costmodels.workload import from_spec
+
+    reqs = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, 2000)).sample(spec.workload.seed)
+    n = max(1, len(reqs))
+    imgs = [p for r in reqs for p in r.image_patches]
+    toks = [t for r in reqs for t in r.image_tokens]
+    return TokenMix(
+        rate=_rate(spec, reqs),
+        prompt_mean=sum(r.prompt_tokens for r in reqs) / n,
+        output_mean=sum(r.output_tokens for r in reqs) / n,
+        prompt_max=max((r.prompt_tokens for r in reqs), default=1),
+        output_max=max((r.output_tokens for r in reqs), default=1),
+        images_mean=len(imgs) / n,
+        patches_mean=sum(imgs) / len(imgs) if imgs else 0.0,
+        image_tokens_mean=sum(toks) / len(toks) if toks else 0.0,
+        max_batch_tokens=spec.search.max_batch_tokens,
+        max_seqs=spec.search.max_seqs,
+    )
+
+
+def _rate(spec: Spec, reqs: list) -> float:
+    if spec.workload.arrival_rate:
+        return float(spec.workload.arrival_rate)
+    span = reqs[-1].arrival_s - reqs[0].arrival_s if len(reqs) > 1 else 0.0
+    return (len(reqs) - 1) / span if span > 0 else 1.0
+
+
+# ------------------------------------------------------------------ stage 4: candidates
+
+
+def model_facts(spec: Spec, model: Model) -> ModelFacts:
+    """Sizes (GB, spec dtypes) read from the cost model's memory arithmetic."""
+    cm, info = model.cost, model.graph.info
+    one = cm.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=False, with_lm_head=False)
+    emb = cm.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=True, with_lm_head=False)
+    both = cm.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=True, with_lm_head=True)
+    vis_params = sum(b.params for b in model.graph.blocks if b.tower == "vision")
+    return ModelFacts(
+        layers=info.layers, heads=info.heads, kv_heads=info.kv_heads,
+        layer_weights_gb=one.weights_gb, embed_gb=emb.weights_gb - one.weights_gb,
+        head_gb=both.weights_gb - emb.weights_gb,
+        kv_gb_per_token_head=one.kv_bytes_per_token / max(1, info.kv_heads) / 1e9,
+        vision_gb=vis_params * cm.rates.w_bytes / 1e9,
+        vision_heads=_vision_heads(model),
+        weights_dtype=spec.model.weights_dtype,
+    )
+
+
+def _vision_heads(model: Model) -> int:
+    """Attention heads of the vision encoder (0 without one), from the graph or the config."""
+    if not model.has_vision:
+        return 0
+    vis = model.graph.info.vision or {}
+    vc = model.cfg.get("vision_config") or {}
+    return int(vis.get("heads") or vis.get("num_heads") or vc.get("num_heads") or vc.get("num_attention_heads") or 1)
+
+
+def min_kv_tokens(mix: TokenMix) -> int:
+    """The KV each replica must hold at least: one longest request, or one full step."""
+    return max(mix.prompt_max + mix.output_max, mix.max_batch_tokens)
+
+
+def search_space(spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
+    from costmodels.memory import USABLE_FRACTION
+
+    s = spec.search
+    act = model.cost.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=False, with_lm_head=False,
+                            max_batch_tokens=mix.max_batch_tokens).activations_gb
+    tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
+    return SearchSpace(
+        gpus=spec.hardware.world_size, gpus_per_node=spec.hardware.gpus_per_node,
+        capacity_gb=model.cost.gpu.hbm_gb * USABLE_FRACTION, activations_gb=act, min_kv_tokens=min_kv_tokens(mix),
+        allow_cross_node_tp=s.allow_cross_node_tp, allow_fewer_gpus=spec.objective == "min_gpus",
+        dp=tup(s.dp), pp=tup(s.pp) if s.stages is None else (len(s.stages),), tp=tup(s.tp), sp=tup(s.sp),
+        placements=tuple(s.vision_placement) if s.vision_placement else
+        ("stage0_tp", "stage0_dp", "all_dp", "dedicated"),
+        dedicated_gpus=tup(s.dedicated_vision_gpus),
+    )
+
+
+def candidate_set(spec: Spec, model: Model, mix: TokenMix) -> tuple[CandidateSet, ModelFacts, SearchSpace]:
+    facts = model_facts(spec, model)
+    space = search_space(spec, model, mix)
+    return enumerate_candidates(facts, space), facts, space
+
+
+# ------------------------------------------------------------------ stage 5: costs per candidate
+
+
+@dataclass(frozen=True)
+class Costed:
+    cand: Candidate
+    problem: StageProblem
+    threshold: Crossover | None  # decoder-layer crossover (sp > 1)
+    threshold_tokens: int | None  # what the plan uses (pinned or derived)
+    decode_batch: int  # throughput reference batch
+    operating_batch: int  # decode batch at the spec's arrival rate (TPOT reference)
+    steps_per_request: tuple[float, float]  # (prefill steps, decode steps)
+    tp_mode_steps: float  # share of a request's steps that run in shifted TP mode
+    prefill_share: float  # share of a request's bottleneck work that is prefill
+
+
+def _layer_ms(model: Model, c: Candidate, shape: StepShape, mode: str, layer: int = 0) -> float:
+    return model.cost.layers_time(layer, layer, shape, tp=c.tp, sp=c.sp, mode=mode).total_ms
+
+
+def _blocks_ms(model: Model, c: Candidate, kinds: tuple[str, ...], shape: StepShape, mode: str) -> float:
+    blocks = [b for b in model.graph.blocks if b.tower == "text" and b.kind in kinds]
+    return model.cost.blocks_time(blocks, shape, tp=c.tp, sp=c.sp, mode=mode).total_ms
+
+
+def layer_crossover(model: Model, c: Candidate, mix: TokenMix, batch: int) -> Crossover | None:
+    """Crossover of one decoder layer's step time, SP x TP vs TP(tp*sp), on the mix's steps."""
+    if c.sp < 2:
+        return None
+    return crossover(lambda t: _layer_ms(model, c, mix.step_of(t, batch), "sp_tp"),
+                     lambda t: _layer_ms(model, c, mix.step_of(t, batch), "tp"), mix.max_batch_tokens)
+
+
+def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts: ModelFacts,
+                   space: SearchSpace) -> Costed:
+    """Cost vectors of every block of a candidate (see the module doc) as a StageProblem."""
+    cm, info = model.cost, model.graph.info
+    L = info.layers
+    uni = uniform_split(L, c.pp)
+    kv_tok = min(cm.memory(pp=c.pp, tp=c.tp, sp=c.sp, stage_layers=st, with_embedding=i == 0,
+                           with_lm_head=i == c.pp - 1, max_batch_tokens=mix.max_batch_tokens).kv_tokens
+                 for i, st in enumerate(uni))
+    b_max = max(1, min(mix.max_seqs, int(kv_tok // max(1.0, mix.context_mean))))
+    cross = layer_crossover(model, c, mix, b_max)
+    pinned = spec.search.shift_threshold
+    thr = None if c.sp < 2 else (pinned if pinned is not None else cross.threshold_tokens)
+    mode = lambda tokens: "tp" if thr is not None and tokens <= thr else "sp_tp"  # noqa: E731
+
+    pf, ttft_shape = mix.prefill_step(), mix.ttft_step()
+    n_pf = mix.prompt_mean / pf.tokens
+    dec = mix.decode_step(b_max)
+    n_dec = mix.output_mean / b_max
+    b_op = _operating_batch(model, c, mix, b_max, mode)
+    dec_op = mix.decode_step(b_op)
+    m_pf, m_dec, m_tt, m_op = mode(int(pf.tokens)), mode(b_max), mode(int(ttft_shape.tokens)), mode(b_op)
+
+    def item(kinds: tuple[str, ...] | None, layer: int = 0) -> ItemCost:
+        f = (lambda s, m: _layer_ms(model, c, s, m, layer)) if kinds is None else \
+            (lambda s, m: _blocks_ms(model, c, kinds, s, m))
+        return ItemCost(thr=n_pf * f(pf, m_pf) + n_dec * f(dec, m_dec), ttft=f(ttft_shape, m_tt), tpot=f(dec_op, m_op))
+
+    # memory: per-layer weights (+ shift copy) and minimum KV; fixed activations per stage
+    m1 = cm.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=False, with_lm_head=False,
+                   max_batch_tokens=mix.max_batch_tokens)
+    me = cm.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=True, with_lm_head=False,
+                   max_batch_tokens=mix.max_batch_tokens)
+    mh = cm.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=False, with_lm_head=True,
+                   max_batch_tokens=mix.max_batch_tokens)
+    fixed = lambda m: m.weights_gb + m.shift_copy_gb + m.activations_gb  # noqa: E731
+    kv_layer = space.min_kv_tokens * m1.kv_bytes_per_token / 1e9
+    layer_mem = m1.weights_gb + m1.shift_copy_gb + kv_layer
+    layers = []
+    cache: dict[int, ItemCost] = {}
+    for l in range(L):
+        sig = cm._sig[cm.decoders[l].name] if hasattr(cm, "_sig") else l
+        if sig not in cache:
+            base = item(None, l)
+            cache[sig] = replace(base, mem=layer_mem)
+        layers.append(cache[sig])
+    first = replace(item(("embedding",)), mem=fixed(me) - fixed(m1))
+    last = replace(item(("final_norm", "lm_head")), mem=fixed(mh) - fixed(m1))
+    if c.pp == 1 and info.tie_embeddings:
+        last = replace(last, mem=0.0)
+    hops = c.pp - 1
+    p2p_tt = _p2p_total(model, c, ttft_shape.tokens) / hops if hops else 0.0
+    p2p_tp = _p2p_total(model, c, b_op) / hops if hops else 0.0
+    vision = tuple(_vision_option(p, model, c, mix, facts) for p in c.placements) if mix.images_mean > 0 or \
+        model.has_vision else ()
+    vision = tuple(v for v in vision if v is not None)
+    prob = StageProblem(
+        layers=tuple(layers), stages=c.pp, first=first, last=last, stage_mem=m1.activations_gb,
+        capacity_gb=space.capacity_gb, p2p_ttft_ms=p2p_tt, p2p_tpot_ms=p2p_tp, vision=vision,
+        output_tokens=mix.output_mean, max_ttft_ms=spec.slo.ttft_p90_ms, max_tpot_ms=spec.slo.tpot_p90_ms,
+        max_thr_ms=(c.dp * 1000.0 / mix.rate) if spec.objective == "min_gpus" else None,
+        pinned=tuple(tuple(x) for x in spec.search.stages) if spec.search.stages else None,
+    )
+    # balanced: normalise by the uniform split's own values
+    ref = evaluate(prob, uni if prob.pinned is None else prob.pinned, vision[0].placement if vision else None)
+    w = objective_weights(spec.objective, ref.bottleneck_ms, ref.ttft_ms + mix.output_mean * ref.tpot_ms)
+    prob = replace(prob, weights=w)
+    steps = n_pf + n_dec
+    tp_steps = (n_pf if m_pf == "tp" else 0.0) + (n_dec if m_dec == "tp" else 0.0)
+    pf_ms = n_pf * _layer_ms(model, c, pf, m_pf)
+    dec_ms = n_dec * _layer_ms(model, c, dec, m_dec)
+    share = pf_ms / (pf_ms + dec_ms) if pf_ms + dec_ms > 0 else 0.0
+    return Costed(c, prob, cross, thr, b_max, b_op, (n_pf, n_dec), tp_steps / steps if steps else 0.0, share)
+
+
+def _operating_batch(model: Model, c: Candidate, mix: TokenMix, b_max: int, mode: Callable[[int], str]) -> int:
+    """Decode batch at the spec's rate: Little's law, concurrency = rate/dp * O * TPOT (fixed point)."""
+    b = 1
+    for _ in range(4):
+        tpot = model.cost.layers_time(0, model.graph.info.layers - 1, mix.decode_step(b), tp=c.tp, sp=c.sp,
+                                      mode=mode(b)).total_ms
+        b = max(1, min(b_max, int(math.ceil(mix.rate / c.dp * mix.output_mean * tpot / 1000.0))))
+    return b
+
+
+def _p2p_total(model: Model, c: Candidate, tokens: float) -> float:
+    """Activation sends between consecutive stages of replica 0 (T/sp x hidden x act bytes)."""
+    cm = model.cost
+    nbytes = tokens / c.sp * model.graph.info.hidden * cm.rates.a_bytes
+    P, g = c.shift_degree, cm.gpus_per_node
+    total = 0.0
+    for i in range(c.pp - 1):
+        inter = ((i + 1) * P - 1) // g != ((i + 1) * P) // g
+        total += cm.p2p_ms(nbytes, inter_node=inter)
+    return total
+
+
+def _vision_option(placement: str, model: Model, c: Candidate, mix: TokenMix, facts: ModelFacts) -> VisionOption | None:
+    """What one encoder placement adds per request (images_mean images of patches_mean patches)."""
+    cm = model.cost
+    P = c.shift_degree
+    p = max(1, int(round(mix.patches_mean))) if mix.patches_mean else 0
+    m = mix.images_mean
+    own = [p] * max(1, int(round(m))) if p else []
+
+    def per_image(tp: int, dp: int) -> float:
+        return cm.vision_time([p] * VISION_BATCH, tp=tp, dp=dp).total_ms / VISION_BATCH if p else 0.0
+
+    def request(tp: int, dp: int) -> float:
+        return cm.vision_time(own, tp=tp, dp=dp).total_ms if own else 0.0
+
+    if placement == "stage0_tp":
+        return VisionOption(placement, stage0_thr=m * per_image(P, 1), stage0_mem=facts.vision_gb / P,
+                            ttft=request(P, 1))
+    if placement == "stage0_dp":
+        return VisionOption(placement, stage0_thr=m * per_image(1, P), stage0_mem=facts.vision_gb, ttft=request(1, P))
+    if placement == "all_dp":
+        D = P * c.pp
+        return VisionOption(placement, every_thr=m * per_image(1, D), every_mem=facts.vision_gb, ttft=request(1, D))
+    if placement == "dedicated":
+        k = c.dedicated_gpus
+        send = cm.p2p_ms(m * mix.image_tokens_mean * model.graph.info.hidden * cm.rates.a_bytes, inter_node=False)
+        return VisionOption(placement, separate_thr=m * per_image(1, k), ttft=request(1, k) + send)
+    return None
+
+
+# ------------------------------------------------------------------ stage 6: the ILP per candidate
+
+
+@dataclass(frozen=True)
+class Solved:
+    costed: Costed
+    solution: StageSolution
+
+    @property
+    def cand(self) -> Candidate:
+        return self.costed.cand
+
+    @property
+    def ok(self) -> bool:
+        return self.solution.status == "optimal"
+
+
+def solve_candidate(x: Costed) -> Solved:
+    return Solved(x, solve(x.problem))
+
+
+# ------------------------------------------------------------------ stage 7: scoring and ranking
+
+
+@dataclass(frozen=True)
+class Scored:
+    solved: Solved
+    capacity_rps: float  # static: requests/s the mesh sustains (dp * 1000 / bottleneck)
+    ttft_ms: float  # static: unloaded
+    tpot_ms: float  # static: at the operating batch
+    predicted: Any  # plans.schema.Predicted
+    key: tuple  # sort key, smaller is better
+    gpus: int
+
+    @property
+    def label(self) -> str:
+        return self.solved.cand.label
+
+
+def static_score(s: Solved, spec: Spec, mix: TokenMix) -> Scored:
+    """Score from the ILP's own numbers with a simple queueing correction:
+
+        rho = rate / capacity                       (bottleneck utilisation)
+        TTFT ~ TTFT_0 * (1 + rho / (2 (1 - rho)))   (M/D/1 wait on top of the unloaded prefill)
+        TPOT ~ TPOT_0 / (1 - rho_pf)                (decode steps share the GPUs with prefill,
+                                                      rho_pf = the prefill share of rho)
+    """
+    from plans.schema import Percentiles, Predicted
+
+    e = s.solution.best
+    assert e is not None
+    c = s.cand
+    cap = c.dp * 1000.0 / e.bottleneck_ms
+    served = min(mix.rate, cap)
+    rho = min(mix.rate / cap, 0.99)
+    n_pf, n_dec = s.costed.steps_per_request
+    rho_pf = rho * s.costed.prefill_share
+    ttft = e.ttft_ms * (1 + rho / (2 * (1 - rho)))
+    tpot = e.tpot_ms / max(1 - rho_pf, 0.01)
+    meets = _meets(spec, ttft, tpot) and cap >= mix.rate
+    pred = Predicted(source="estimate", ttft_ms=Percentiles(p50=ttft, p90=ttft, p99=ttft),
+                     tpot_ms=Percentiles(p50=tpot, p90=tpot, p99=tpot),
+                     output_tok_s=served * mix.output_mean, combined_tok_s=served * (mix.prompt_mean + mix.output_mean),
+                     goodput_rps=served if meets else 0.0,
+                     shift_tp_fraction=s.costed.tp_mode_steps if c.sp > 1 else None, meets_slo=meets)
+    key = _key(spec, meets, cap, ttft, tpot, mix, c.gpus, served if meets else 0.0)
+    return Scored(s, cap, ttft, tpot, pred, key, c.gpus)
+
+
+def shortlist(scored: list[Scored], mix: TokenMix, k: int = SHORTLIST) -> list[Scored]:
+    """The k best by the objective's key, plus the lowest-latency and the best shift (sp > 1)
+    candidates when they are not among them, so the simulator sees each kind of trade-off."""
+    out = list(scored[:k])
+    lat = min(scored, key=lambda x: (x.ttft_ms + mix.output_mean * x.tpot_ms, x.label))
+    extra = [lat] + [x for x in scored if x.solved.cand.sp > 1][:1]
+    for x in extra:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _meets(spec: Spec, ttft: float, tpot: float) -> bool:
+    return (spec.slo.ttft_p90_ms is None or ttft <= spec.slo.ttft_p90_ms) and \
+        (spec.slo.tpot_p90_ms is None or tpot <= spec.slo.tpot_p90_ms)
+
+
+def _key(spec: Spec, meets: bool, cap: float, ttft: float, tpot: float, mix: TokenMix, gpus: int,
+         goodput: float) -> tuple:
+    lat = ttft + mix.output_mean * tpot
+    good = round(goodput, 2)
+    if spec.objective == "min_latency":
+        return (not meets, -good, round(lat, 3), -round(cap, 3))
+    if spec.objective == "balanced":
+        return (not meets, -good, round(lat / 1000.0 + mix.rate / max(cap, 1e-9), 4), round(lat, 3))
+    if spec.objective == "min_gpus":
+        return (not meets, gpus, -round(cap, 3), round(lat, 3))
+    return (not meets, -good, -round(cap, 3), round(lat, 3))
+
+
+def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMix) -> Scored:
+    """Re-score a shortlisted candidate with the serving simulator on the spec's workload."""
+    from costmodels.simulator import simulate
+    from costmodels.workload import from_spec
+    from plans.schema import Percentiles, Predicted
+
+    wl = from_spec(spec, model.graph.info)
+    wl = wl.with_requests(min(spec.workload.requests, SIM_REQUESTS))
+    r = simulate(plan, model.cost, wl, seed=spec.workload.seed)
+    slo_t, slo_p = spec.slo.ttft_p90_ms, spec.slo.tpot_p90_ms
+    meets = (slo_t is None or r.ttft_ms["p90"] <= slo_t) and (slo_p is None or r.tpot_ms["p90"] <= slo_p)
+    pred = Predicted(source="simulator", ttft_ms=Percentiles(**{k: r.ttft_ms[k] for k in ("p50", "p90", "p99")}),
+                     tpot_ms=Percentiles(**{k: r.tpot_ms[k] for k in ("p50", "p90", "p99")}),
+                     output_tok_s=r.output_tok_s, combined_tok_s=r.combined_tok_s, goodput_rps=r.goodput_rps,
+                     shift_tp_fraction=r.shift_tp_fraction if plan.mesh.sp > 1 else None, meets_slo=meets)
+    key = _key(spec, meets, sc.capacity_rps, r.ttft_ms["p90"], r.tpot_ms["p90"], mix, sc.gpus, r.goodput_rps)
+    return replace(sc, predicted=pred, key=key)
+
+
+def simulator_available() -> bool:
+    try:
+        from costmodels.simulator import simulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ stage 8: the plan
+
+
+def stage_thresholds(model: Model, s: Solved, mix: TokenMix) -> list[Crossover | None]:
+    """Per-stage crossover over the stage's own blocks (embedding / lm_head included)."""
+    c, e = s.cand, s.solution.best
+    if c.sp < 2 or e is None:
+        return [None] * c.pp
+    out = []
+    for i, (a, b) in enumerate(e.stages):
+        def t(tokens: int, mode: str, a: int = a, b: int = b, i: int = i) -> float:
+            sh = mix.step_of(tokens, s.costed.decode_batch)
+            ms = model.cost.layers_time(a, b, sh, tp=c.tp, sp=c.sp, mode=mode).total_ms
+            if i == 0:
+                ms += _blocks_ms(model, c, ("embedding",), sh, mode)
+            if i == c.pp - 1:
+                ms += _blocks_ms(model, c, ("final_norm", "lm_head"), sh, mode)
+            return ms
+        out.append(crossover(lambda n: t(n, "sp_tp"), lambda n: t(n, "tp"), mix.max_batch_tokens))
+    return out
+
+
+def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: list[Scored] | None = None,
+               notes: list[str] | None = None) -> Any:
+    from planner import __version__
+    from plans.schema import (CurvePoint, Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, RunnerUp,
+                              Scheduler, Shift, Stage, Vision)
+
+    s = sc.solved
+    c, e = s.cand, s.solution.best
+    assert e is not None
+    cm, info = model.cost, model.graph.info
+    has_vision = model.has_vision
+    crosses = stage_thresholds(model, s, mix)
+    pf = mix.prefill_step()
+    stages = []
+    for i, (a, b) in enumerate(e.stages):
+        ms = cm.layers_time(a, b, pf, tp=c.tp, sp=c.sp, mode="sp_tp").total_ms
+        st = Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == c.pp - 1,
+                   vision=has_vision and (e.vision in ("stage0_tp", "stage0_dp") and i == 0 or e.vision == "all_dp"),
+                   step_ms=ms, shift_threshold_tokens=crosses[i].threshold_tokens if crosses[i] else None)
+        stages.append(st)
+    mems = [cm.memory(pp=c.pp, tp=c.tp, sp=c.sp, stage_layers=(a, b), with_embedding=i == 0,
+                      with_lm_head=i == c.pp - 1, with_vision=False, max_batch_tokens=mix.max_batch_tokens)
+            for i, (a, b) in enumerate(e.stages)]
+    vis_gb = [_vision_gb(e.vision, i, c, s.costed) for i in range(c.pp)]
+    tokens = []
+    for m, vg in zip(mems, vis_gb):
+        free = m.kv_gb - vg
+        tokens.append(int(max(free, 0.0) * 1e9 // m.kv_bytes_per_token) if m.kv_bytes_per_token else 0)
+    worst = min(range(c.pp), key=lambda i: tokens[i])
+    mw = mems[worst]
+    kv_gb = tokens[worst] * mw.kv_bytes_per_token / 1e9
+    memory = MemoryPerGPU(weights=mw.weights_gb + vis_gb[worst], shift_copy=mw.shift_copy_gb, kv=kv_gb,
+                          activations=mw.activations_gb,
+                          total=mw.weights_gb + vis_gb[worst] + mw.shift_copy_gb + mw.activations_gb + kv_gb,
+                          capacity=mw.capacity_gb, kv_tokens=tokens[worst])
+    thr = s.costed.threshold_tokens
+    curve = s.costed.threshold.curve if s.costed.threshold else ()
+    shift = Shift(enabled=c.sp > 1, threshold_tokens=thr,
+                  curves=[CurvePoint(tokens=t, sp_tp_ms=a * info.layers, tp_ms=b * info.layers) for t, a, b in curve])
+    m = spec.model
+    plan = Plan(
+        name=spec.name,
+        provenance=Provenance(spec_sha256=spec.sha256, model_config_sha256=model.config_sha256,
+                              cost_profile=cm.profile_id, shiftplan_version=__version__),
+        model=ModelRef(name=model.name, preset=m.preset, config=m.config, architecture=info.architecture,
+                       weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype, num_layers=info.layers,
+                       vision_blocks=len([b for b in model.graph.blocks if b.kind == "vision_block"])),
+        hardware=Hardware(gpu=cm.gpu.name, gpus_per_node=spec.hardware.gpus_per_node, nodes=spec.hardware.nodes),
+        objective=spec.objective,
+        mesh=Mesh(dp=c.dp, pp=c.pp, tp=c.tp, sp=c.sp),
+        stages=stages,
+        vision=Vision(placement=e.vision or "none", dedicated_gpus=c.dedicated_gpus if e.vision == "dedicated" else 0),
+        shift=shift,
+        memory_gb=memory,
+        scheduler=Scheduler(max_batch_tokens=mix.max_batch_tokens, max_seqs=mix.max_seqs, microbatches=c.pp),
+        backend=spec.runtime.backend,
+        predicted=sc.predicted,
+        runners_up=[RunnerUp(mesh=r.solved.cand.label, vision=r.solved.solution.best.vision or "none",
+                             score=r.capacity_rps, reason=why_lost(r, sc, spec)) for r in (runners or [])],
+        notes=list(notes or []),
+    )
+    return plan.check()
+
+
+def _vision_gb(placement: str | None, stage: int, c: Candidate, x: Costed) -> float:
+    opt = next((v for v in x.problem.vision if v.placement == placement), None)
+    if opt is None:
+        return 0.0
+    return opt.every_mem + (opt.stage0_mem if stage == 0 else 0.0)
+
+
+def why_lost(r: Scored, best: Scored, spec: Spec) -> str:
+    """One line with figures: the first metric, in the objective's order, where r is worse."""
+    pr, pb = r.predicted, best.predicted
+    parts = []
+    if pr.meets_slo is False and pb.meets_slo:
+        if spec.slo.ttft_p90_ms is not None and pr.ttft_ms and pr.ttft_ms.p90 > spec.slo.ttft_p90_ms:
+            parts.append(f"TTFT p90 {pr.ttft_ms.p90:.0f} ms > SLO {spec.slo.ttft_p90_ms:.0f} ms")
+        if spec.slo.tpot_p90_ms is not None and pr.tpot_ms and pr.tpot_ms.p90 > spec.slo.tpot_p90_ms:
+            parts.append(f"TPOT p90 {pr.tpot_ms.p90:.1f} ms > SLO {spec.slo.tpot_p90_ms:.0f} ms")
+        if not parts:
+            parts.append(f"capacity {r.capacity_rps:.2f} req/s < arrival rate")
+    if spec.objective == "min_gpus" and r.gpus > best.gpus:
+        parts.append(f"uses {r.gpus} GPUs vs {best.gpus}")
+    if pr.goodput_rps is not None and pb.goodput_rps is not None and pr.goodput_rps < pb.goodput_rps - 1e-9:
+        parts.append(f"goodput {pr.goodput_rps:.2f} vs {pb.goodput_rps:.2f} req/s")
+    if pr.ttft_ms and pb.ttft_ms and spec.objective in ("min_latency", "balanced"):
+        parts.append(f"TTFT p90 {pr.ttft_ms.p90:.0f} vs {pb.ttft_ms.p90:.0f} ms")
+    if pr.tpot_ms and pb.tpot_ms and spec.objective in ("min_latency", "balanced"):
+        parts.append(f"TPOT p90 {pr.tpot_ms.p90:.1f} vs {pb.tpot_ms.p90:.1f} ms")
+    parts.append(f"capacity {r.capacity_rps:.2f} vs {best.capacity_rps:.2f} req/s "
+                 f"({100 * (r.capacity_rps / best.capacity_rps - 1):+.0f}%)")
+    return "; ".join(parts) + f" [{pr.source}]"
+
+
+# ------------------------------------------------------------------ the whole pipeline
+
+
+@dataclass
+class CompileResult:
+    plan: Any  # plans.schema.Plan
+    candidates: int
+    rejected: int
+    solved: int
+    infeasible: int
+    simulated: int
+    notes: list[str] = field(default_factory=list)
+
+
+def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
+    """Every stage above in order; raises UserError (with the binding arithmetic) when no
+    candidate is feasible."""
+    from planner.infeasible import explain
+
+    say = progress or (lambda _msg: None)
+    say("tracing the model (cached)")
+    model = build_model(spec)
+    say("reading the workload")
+    mix = token_mix(spec, model)
+    say("enumerating candidate meshes")
+    cset, facts, space = candidate_set(spec, model, mix)
+    if not cset.candidates:
+        raise explain(spec, facts, space, cset, [])
+    say(f"costing {len(cset.candidates)} candidates")
+    costed = [cost_candidate(c, model, mix, spec, facts, space) for c in cset.candidates]
+    say(f"solving {len(costed)} ILPs")
+    solved = [solve_candidate(x) for x in costed]
+    ok = [s for s in solved if s.ok]
+    if not ok:
+        raise explain(spec, facts, space, cset, solved)
+    scored = sorted((static_score(s, spec, mix) for s in ok), key=lambda x: (x.key, x.label))
+    notes = []
+    if model.cost.roofline:
+        notes.append(f"no calibration profile for {model.cost.gpu.name}: costs are datasheet rooflines")
+    simulated = 0
+    if simulator_available():
+        short = shortlist(scored, mix)
+        say(f"simulating the shortlist ({len(short)} plans)")
+        resim = [simulate_score(x, build_plan(x, spec, model, mix), model, spec, mix) for x in short]
+        simulated = len(resim)
+        scored = sorted(resim, key=lambda x: (x.key, x.label)) + [x for x in scored if x not in short]
+    else:
+        notes.append("predicted metrics are static estimates (unloaded TTFT, TPOT at the operating batch)")
+    best, runners = scored[0], scored[1:1 + 4]
+    say("writing the plan")
+    plan = build_plan(best, spec, model, mix, runners, notes)
+    return CompileResult(plan, len(cset.candidates), len(cset.rejected), len(ok), len(solved) - len(ok), simulated,
+                         notes)
