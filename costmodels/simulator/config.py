@@ -32,6 +32,7 @@ class SimConfig:
     kv_tokens: int = 1_000_000
     shift: bool = False
     threshold: int = 0
+    stage_thresholds: tuple[int, ...] = ()  # per stage, when the plan sets them (else ``threshold``)
     placement: str = "none"
     dedicated_gpus: int = 0
     watermark: float = 0.01  # share of KV kept free when admitting new requests (vLLM's default)
@@ -57,6 +58,13 @@ class SimConfig:
         """The step's mode under shift parallelism: "tp" at or below the threshold, else "sp_tp"."""
         return "tp" if self.shift and tokens <= self.threshold else "sp_tp"
 
+    def stage_modes(self, tokens: int) -> tuple[str, ...] | None:
+        """Per-stage modes when the stages have their own thresholds and they disagree, else None."""
+        if not (self.shift and self.stage_thresholds):
+            return None
+        modes = tuple("tp" if tokens <= th else "sp_tp" for th in self.stage_thresholds)
+        return None if len(set(modes)) == 1 else modes
+
     def inter_node(self, boundary: int) -> bool:
         """Whether the p2p hop from stage ``boundary`` to ``boundary + 1`` crosses nodes (replica 0)."""
         p = self.stage_gpus
@@ -73,13 +81,19 @@ class SimConfig:
         if seqs < s.max_seqs:
             notes.append(f"max_seqs {s.max_seqs} capped at max_batch_tokens {s.max_batch_tokens}")
         threshold = plan.shift.threshold_tokens
+        if threshold is None and plan.stages and getattr(plan.stages[0], "shift_threshold_tokens", None) is not None:
+            threshold = plan.stages[0].shift_threshold_tokens
         if plan.shift.enabled and threshold is None:
             raise UserError(f"plan {plan.name}: shift is enabled but shift.threshold_tokens is not set")
         return SimConfig(
             dp=m.dp, pp=m.pp, tp=m.tp, sp=m.sp, lanes=max(m.pp, s.microbatches),
             max_batch_tokens=s.max_batch_tokens, max_seqs=seqs, block_size=s.block_size,
             kv_tokens=max(1, int(plan.memory_gb.kv_tokens)), shift=bool(plan.shift.enabled),
-            threshold=int(threshold or 0), placement=plan.vision.placement,
+            threshold=int(threshold or 0),
+            stage_thresholds=tuple(int(st.shift_threshold_tokens if getattr(st, "shift_threshold_tokens", None)
+                                       is not None else (threshold or 0)) for st in plan.stages)
+            if plan.shift.enabled else (),
+            placement=plan.vision.placement,
             dedicated_gpus=plan.vision.dedicated_gpus, gpus_per_node=plan.hardware.gpus_per_node,
             notes=tuple(notes),
         )

@@ -9,8 +9,8 @@ Events (a heap of (time s, sequence number, kind, payload); ties run in push ord
             embedding transfer; the encoder takes its next batch.
 * READY     a request's image embeddings arrived at its replica: it joins the waiting queue.
 * SCHEDULE  a scheduling step on an idle lane: form a micro-batch (``scheduler.form_batch``),
-            pick the mode (shift: step tokens <= threshold -> "tp"), cost it per stage, and send
-            it down the pipeline.
+            pick the mode (shift: step tokens <= threshold -> "tp"; per stage when the plan gives
+            stages their own thresholds), cost it per stage, and send it down the pipeline.
 * STEP_DONE the micro-batch left the last stage: tokens are emitted, finished requests leave
             (``scheduler.complete_batch``) and the replica's idle lanes are kicked.
 
@@ -43,7 +43,7 @@ class RunLog:
     reqs: list[Req]
     t_end: float = 0.0
     steps: int = 0
-    steps_tp: int = 0
+    steps_tp: float = 0.0  # steps in shifted (TP) mode; a step counts 1/pp per stage when stages differ
     step_tokens: int = 0
     preemptions: int = 0
     rejected: int = 0
@@ -95,11 +95,17 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         log.preemptions += pre
         if batch is None:
             return
-        mode = cfg.mode(batch.tokens)
         log.steps += 1
-        log.steps_tp += mode == "tp"
         log.step_tokens += batch.tokens
-        ms = coster.stage_ms(batch.shape, mode)
+        modes = cfg.stage_modes(batch.tokens)
+        if modes is None:
+            mode = cfg.mode(batch.tokens)
+            log.steps_tp += mode == "tp"
+            ms = coster.stage_ms(batch.shape, mode)
+        else:  # stages with their own thresholds disagree: each stage runs its own mode
+            both = {m: coster.stage_ms(batch.shape, m) for m in set(modes)}
+            ms = [both[m][s] for s, m in enumerate(modes)]
+            log.steps_tp += modes.count("tp") / cfg.pp
         if batch.patches:
             ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, batch.patches))]
         rep = lane.replica

@@ -1,0 +1,93 @@
+"""Plans pinned by hand (a mesh, even stages, a vision placement), costed with the cost model's
+memory model: the comparison points of ``bench/research_report.py`` and the simulator tests.
+
+The planner builds its own plans (``planner.pipeline``); this is the "pin a plan by hand and skip
+the optimiser" path: no ILP, no search, just the arithmetic a plan file needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from costmodels.model import even_stages
+from plans.errors import UserError
+from plans.schema import (CurvePoint, Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Shift,
+                          Stage, Vision)
+
+IN_STEP_ON_ALL = ("all_dp",)
+ON_STAGE0 = ("stage0_tp", "stage0_dp")
+
+
+def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shift: bool = False,
+                threshold: int | None = None, placement: str | None = None, dedicated_gpus: int = 0,
+                name: str | None = None) -> Plan:
+    """A ``Plan`` for ``spec`` with the given mesh, even PP stages and vision placement.
+
+    KV capacity per replica = min over stages of the cost model's ``memory(stage_layers=...)``.
+    Without shift the second (TP-P) weight copy is not held, so its bytes go to the KV cache:
+    kv_tokens += shift_copy_gb * 1e9 / kv_bytes_per_token. ``threshold``: default the cost
+    model's SP x TP vs TP crossover - 1 (steps of at most that many tokens run shifted).
+    Placement default: ``stage0_tp`` for a vision model, ``none`` otherwise.
+    """
+    info = cost.info
+    hw = spec.hardware
+    used = dp * pp * tp * sp + (dedicated_gpus if placement == "dedicated" else 0)
+    if used > hw.world_size:
+        raise UserError(f"mesh dp{dp} x pp{pp} x tp{tp} x sp{sp} (+{dedicated_gpus} encoder GPUs) = {used} GPUs; "
+                        f"the spec has {hw.gpus_per_node} x {hw.nodes} = {hw.world_size}")
+    if shift and sp < 2:
+        raise UserError(f"shift needs sp >= 2, got sp={sp}")
+    has_vision = bool(info.vision)
+    placement = placement or ("stage0_tp" if has_vision else "none")
+    ranges = even_stages(info.layers, pp)
+    mbt = spec.search.max_batch_tokens
+    mems = []
+    for i, rng in enumerate(ranges):
+        vis = has_vision and (placement in IN_STEP_ON_ALL or (placement in ON_STAGE0 and i == 0))
+        mems.append(cost.memory(pp=pp, tp=tp, sp=sp, dp=dp, stage_layers=rng, with_embedding=i == 0,
+                                with_lm_head=i == len(ranges) - 1, with_vision=vis, max_batch_tokens=mbt))
+
+    def kv_tokens(m: Any) -> int:
+        extra = 0 if shift else m.shift_copy_gb * 1e9 / m.kv_bytes_per_token
+        return int(m.kv_tokens + extra)
+
+    worst = min(mems, key=kv_tokens)
+    kvt = kv_tokens(worst)
+    if kvt <= 0:
+        raise UserError(f"mesh {Mesh(dp=dp, pp=pp, tp=tp, sp=sp).label()}: weights + activations "
+                        f"{worst.weights_gb + worst.activations_gb:.1f} GB exceed "
+                        f"{worst.capacity_gb:.0f} GB x 0.9 per GPU")
+    shift_copy = worst.shift_copy_gb if shift else 0.0
+    kv_gb = kvt * worst.kv_bytes_per_token / 1e9
+    curves: list[CurvePoint] = []
+    if shift:
+        cross, curve = cost.shift_crossover(tp=tp, sp=sp, pp=pp)
+        if threshold is None:
+            threshold = (cross - 1) if cross else 1 << 30
+        curves = [CurvePoint(tokens=n, sp_tp_ms=a, tp_ms=b) for n, a, b in curve[::4]]
+    stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == len(ranges) - 1,
+                    vision=has_vision and (placement in IN_STEP_ON_ALL or (placement in ON_STAGE0 and i == 0)))
+              for i, (a, b) in enumerate(ranges)]
+    mesh = Mesh(dp=dp, pp=pp, tp=tp, sp=sp)
+    label = mesh.label() + ("-shift" if shift else "")
+    return Plan(
+        name=name or f"{spec.name}-{label}",
+        provenance=Provenance(spec_sha256=spec.sha256 or "", model_config_sha256=cost.graph.config_sha256,
+                              cost_profile=cost.profile_id, shiftplan_version="pinned"),
+        model=ModelRef(name=spec.model.preset or str(spec.model.config), preset=spec.model.preset,
+                       config=spec.model.config, architecture=info.architecture,
+                       weights_dtype=spec.model.weights_dtype, kv_dtype=spec.model.kv_dtype,
+                       num_layers=info.layers, vision_blocks=int((info.vision or {}).get("depth", 0))),
+        hardware=Hardware(gpu=hw.gpu if isinstance(hw.gpu, str) else hw.gpu.name, gpus_per_node=hw.gpus_per_node,
+                          nodes=hw.nodes),
+        objective=spec.objective, mesh=mesh, stages=stages,
+        vision=Vision(placement=placement if has_vision else "none",
+                      dedicated_gpus=dedicated_gpus if placement == "dedicated" else 0),
+        shift=Shift(enabled=shift, threshold_tokens=threshold if shift else None, curves=curves),
+        memory_gb=MemoryPerGPU(weights=worst.weights_gb, shift_copy=shift_copy, kv=kv_gb,
+                               activations=worst.activations_gb,
+                               total=worst.weights_gb + shift_copy + worst.activations_gb + kv_gb,
+                               capacity=worst.capacity_gb, kv_tokens=kvt),
+        scheduler=Scheduler(max_batch_tokens=mbt, max_seqs=spec.search.max_seqs, microbatches=pp),
+        notes=["pinned by hand: even stages, no optimiser"],
+    ).check()
