@@ -1,0 +1,224 @@
+"""Serving simulator sanity: Little's law, low-load TTFT = prefill step time, saturation, shift
+fraction vs load, determinism, token conservation, KV preemption, PP/DP/vision placements.
+
+Step times come from ``SyntheticCoster`` (affine in the step shape), so these tests check the
+simulator, not the cost model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from costmodels.simulator import SimConfig, SyntheticCoster, simulate_config
+from costmodels.simulator.engine import run
+from costmodels.simulator.state import DONE
+from costmodels.workload import ImageRule, Lengths, Request, Workload
+from graph.opgraph import StepShape
+from plans.errors import UserError
+
+RULE = ImageRule("qwen2_vl")
+
+
+def text_wl(rate: float, n: int = 1500, inp: float = 600, out: float = 200) -> Workload:
+    return Workload(name="text", rate=rate, requests=n, input_tokens=Lengths(inp, 0.5, 1, 8192),
+                    output_tokens=Lengths(out, 0.5, 2, 1024))
+
+
+def mm_wl(rate: float, n: int = 1500) -> Workload:
+    return Workload(name="mm", rate=rate, requests=n, input_tokens=Lengths(400, 0.5, 1, 4096),
+                    output_tokens=Lengths(150, 0.5, 2, 1024), image_counts=(0, 1, 2, 4),
+                    image_weights=(0.3, 0.4, 0.2, 0.1), resolutions=((448, 448), (1280, 720), (640, 480)), rule=RULE)
+
+
+def cfg(**kw) -> SimConfig:
+    base = dict(kv_tokens=400_000, max_batch_tokens=4096, max_seqs=128)
+    base.update(kw)
+    if "pp" in base and "lanes" not in kw:
+        base["lanes"] = base["pp"]
+    return SimConfig(**base)
+
+
+def spaced(prompts: list[int], out: int = 3, gap: float = 100.0, images: list[tuple[int, ...]] | None = None) -> list[Request]:
+    """Requests far apart (one in the system at a time)."""
+    images = images or [()] * len(prompts)
+    return [Request(i, i * gap, p, out, tuple(t for t in im), tuple(4 * t for t in im))
+            for i, (p, im) in enumerate(zip(prompts, images))]
+
+
+# ------------------------------------------------------------------ point 5: sanity
+
+
+def test_littles_law_holds():
+    """L (time-average requests in the system, integrated by the event loop) = lambda * W."""
+    for c, wl in ((cfg(), text_wl(6.0, 3000)), (cfg(pp=2), mm_wl(5.0, 3000)), (cfg(dp=2), text_wl(12.0, 3000))):
+        coster = SyntheticCoster(pp=c.pp)
+        res = simulate_config(c, coster, wl)
+        assert res.completed == res.requests
+        assert res.mean_in_system > 1.0  # a real queue, not an empty system
+        lw = res.arrival_rate * res.mean_e2e_s
+        assert abs(res.mean_in_system - lw) / lw < 0.05, (res.mean_in_system, lw)
+        # and against the offered rate, not only the measured one
+        assert abs(res.mean_in_system - wl.rate * res.mean_e2e_s) / lw < 0.10
+
+
+@pytest.mark.parametrize("pp", [1, 2, 4])
+def test_low_load_ttft_is_the_prefill_step_time(pp):
+    c = cfg(pp=pp, shift=True, threshold=256, sp=2)
+    coster = SyntheticCoster(pp=pp)
+    prompts = [100, 700, 3000]
+    log = run(c, coster, spaced(prompts))
+    for r, p in zip(log.reqs, prompts):
+        shape = StepShape.prefill([p])
+        mode = "tp" if p <= 256 else "sp_tp"
+        want = sum(coster.stage_ms(shape, mode)) + sum(coster.p2p_ms(p, s) for s in range(pp - 1))
+        assert math.isclose((r.first - r.arrival) * 1e3, want, rel_tol=1e-9)
+
+
+def test_low_load_ttft_with_chunked_prefill():
+    """A prompt over the token budget is prefilled in chunks, each seeing the earlier ones as context."""
+    c = cfg(max_batch_tokens=1000)
+    coster = SyntheticCoster(sp_tp=(10.0, 0.01, 1e-5, 1e-4))
+    log = run(c, coster, spaced([2500]))
+    want = sum(coster.stage_ms(StepShape.prefill([n], [k]), "sp_tp")[0] for n, k in ((1000, 0), (1000, 1000), (500, 2000)))
+    assert math.isclose((log.reqs[0].first - log.reqs[0].arrival) * 1e3, want, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("placement", ["stage0_tp", "stage0_dp", "all_dp", "dedicated"])
+def test_low_load_ttft_includes_the_vision_encoder(placement):
+    c = cfg(pp=2, tp=2, sp=2, placement=placement, dedicated_gpus=2 if placement == "dedicated" else 0)
+    coster = SyntheticCoster(pp=2)
+    img = (1196, 256)
+    log = run(c, coster, spaced([500], images=[img]))  # prompt = 500 text + image tokens
+    patches = tuple(4 * t for t in img)
+    prefill = coster.stage_ms(StepShape.prefill([500 + sum(img)]), "sp_tp")
+    llm = sum(prefill) + coster.p2p_ms(500 + sum(img), 0)
+    vis = {"stage0_tp": coster.vision_ms(patches, tp=4, dp=1), "stage0_dp": coster.vision_ms(patches, tp=1, dp=4),
+           "all_dp": 2 * coster.vision_ms(patches, tp=1, dp=8),
+           "dedicated": coster.vision_ms(patches, tp=1, dp=2) + coster.embed_ms(sum(img))}[placement]
+    assert math.isclose((log.reqs[0].first - log.reqs[0].arrival) * 1e3, llm + vis, rel_tol=1e-9)
+
+
+def test_throughput_saturates_as_the_rate_rises():
+    c = cfg()
+    coster = SyntheticCoster()
+    rates = [2, 8, 32, 128, 256]
+    tput = [simulate_config(c, coster, text_wl(r, 1500)).output_tok_s for r in rates]
+    offered = [r * 200 for r in rates]  # mean output tokens per request
+    assert abs(tput[0] - offered[0]) / offered[0] < 0.1  # below capacity: throughput = offered load
+    assert tput[1] > 2.5 * tput[0]
+    assert tput[-1] < 0.5 * offered[-1]  # far beyond capacity
+    assert abs(tput[-1] - tput[-2]) / tput[-1] < 0.05  # flat: saturated
+
+
+def test_shift_fraction_falls_with_load():
+    c = cfg(shift=True, threshold=256, sp=2)
+    coster = SyntheticCoster()
+    fr = [simulate_config(c, coster, text_wl(r, 300 if r < 1 else 1200)).shift_tp_fraction for r in (0.5, 5, 20, 80)]
+    assert fr[0] > 0.9  # a lone request decodes in small steps
+    assert all(a > b for a, b in zip(fr, fr[1:])), fr
+    assert simulate_config(cfg(), coster, text_wl(5, 500)).shift_tp_fraction == 0.0  # shift off: never TP mode
+
+
+def test_same_seed_same_result_different_seed_differs():
+    c = cfg(pp=2, shift=True, threshold=256, sp=2, placement="stage0_dp")
+    coster = SyntheticCoster(pp=2)
+    a = simulate_config(c, coster, mm_wl(6.0, 800), seed=11).to_json()
+    b = simulate_config(c, coster, mm_wl(6.0, 800), seed=11).to_json()
+    d = simulate_config(c, coster, mm_wl(6.0, 800), seed=12).to_json()
+    assert a == b
+    assert a != d
+
+
+# ------------------------------------------------------------------ mechanics
+
+
+def test_every_token_is_computed_once_without_preemption():
+    c = cfg(pp=2, shift=True, threshold=128, sp=2)
+    wl = mm_wl(8.0, 600)
+    reqs = wl.sample()
+    log = run(c, SyntheticCoster(pp=2), reqs)
+    assert log.preemptions == 0
+    assert all(r.state == DONE for r in log.reqs)
+    # every prompt token once in a prefill, every output token after the first once in a decode
+    assert log.step_tokens == sum(q.prompt_tokens + q.output_tokens - 1 for q in reqs)
+    for r in log.reqs:
+        assert r.arrival <= r.first <= r.finish
+
+
+def test_kv_pressure_preempts_and_recomputes():
+    c = cfg(kv_tokens=6000, max_seqs=64)
+    reqs = text_wl(50.0, 300, inp=800, out=300).sample()
+    log = run(c, SyntheticCoster(), reqs)
+    assert log.preemptions > 0
+    assert all(r.state == DONE for r in log.reqs)
+    assert 0.9 < log.kv_peak <= 1.0
+    # recompute costs extra prefill tokens beyond the no-preemption total
+    assert log.step_tokens > sum(q.prompt_tokens + q.output_tokens - 1 for q in reqs)
+
+
+def test_requests_larger_than_the_kv_cache_are_rejected_not_hung():
+    c = cfg(kv_tokens=1000)
+    reqs = spaced([500, 2000, 300], out=10)
+    res = simulate_config(c, SyntheticCoster(), Workload("x", 1.0, 3, trace=tuple(reqs), trace_rate=1.0))
+    assert res.rejected == 1 and res.completed == 2
+    assert any("rejected" in n for n in res.notes)
+
+
+def test_pipeline_throughput_is_bounded_by_the_slowest_stage():
+    class Unbalanced(SyntheticCoster):
+        def stage_ms(self, shape, mode):
+            base = super().stage_ms(shape, mode)[0]
+            return (1.5 * base, 0.5 * base)
+
+    c = cfg(pp=2)
+    res = simulate_config(c, Unbalanced(pp=2), text_wl(200.0, 1500))
+    assert res.stage_utilisation[0] > 0.97  # the slow stage is the bottleneck at overload
+    assert res.stage_utilisation[1] < 0.5
+
+
+def test_dp_doubles_saturated_throughput_and_balances():
+    coster = SyntheticCoster()
+    one = simulate_config(cfg(), coster, text_wl(200.0, 2000)).output_tok_s
+    two_log = run(cfg(dp=2), coster, text_wl(200.0, 2000).sample())
+    two = simulate_config(cfg(dp=2), coster, text_wl(200.0, 2000)).output_tok_s
+    assert 1.8 < two / one < 2.2
+    share = sum(r.replica == 0 for r in two_log.reqs) / len(two_log.reqs)
+    assert 0.45 < share < 0.55
+
+
+def test_dedicated_encoder_keeps_images_off_the_llm_gpus():
+    """Same traffic: a dedicated encoder leaves stage 0's busy time to the LLM alone."""
+    coster = SyntheticCoster(pp=2, v_ms_per_kpatch=200.0)
+    wl = mm_wl(3.0, 600)
+    on0 = simulate_config(cfg(pp=2, placement="stage0_tp"), coster, wl)
+    ded = simulate_config(cfg(pp=2, placement="dedicated", dedicated_gpus=2), coster, wl)
+    assert on0.stage_utilisation[0] > on0.stage_utilisation[1] + 0.02  # encoder time lands on stage 0
+    assert abs(ded.stage_utilisation[0] - ded.stage_utilisation[1]) < 0.01
+    assert ded.encoder_utilisation is not None and ded.encoder_utilisation > 0
+
+
+def test_goodput_counts_requests_within_slo():
+    coster = SyntheticCoster()
+    res = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"ttft_p90_ms": 1e9, "tpot_p90_ms": 1e9})
+    assert math.isclose(res.goodput_rps, res.throughput_rps)
+    assert res.meets_slo is True
+    tight = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"ttft_p90_ms": 1e-3})
+    assert tight.goodput_rps == 0.0 and tight.meets_slo is False
+    mid = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"tpot_p90_ms": res.tpot_ms["p50"]})
+    assert 0.3 * res.throughput_rps < mid.goodput_rps < 0.7 * res.throughput_rps
+
+
+def test_percentiles_are_ordered():
+    res = simulate_config(cfg(pp=2), SyntheticCoster(pp=2), mm_wl(6.0, 800))
+    for d in (res.ttft_ms, res.tpot_ms, res.e2e_ms):
+        assert 0 < d["p50"] <= d["p90"] <= d["p99"]
+
+
+def test_bad_configs_are_user_errors():
+    with pytest.raises(UserError, match="dedicated_gpus"):
+        SimConfig(placement="dedicated")
+    with pytest.raises(UserError, match="placement"):
+        SimConfig(placement="gpu7")
+    with pytest.raises(UserError, match="kv_tokens"):
+        SimConfig(kv_tokens=0)
