@@ -1,0 +1,340 @@
+"""Micro-benchmarks that calibrate the cost model on the GPU this process finds.
+
+    raw = run_calibration(grids, device)        # timings (torch; GPU, or CPU for a dry run)
+    profile = fit_profile(raw, ...)             # costmodels.fit, no torch
+
+What is timed (bf16, CUDA-graph replays, median of rounds; see ``gpu_bench.Timer``):
+
+* GEMMs ``x[M, K] @ W[N, K]^T`` (``F.linear``, the call of an HF Linear) on an (M, N, K) grid;
+  weights rotate over enough copies to defeat the L2 cache, as in a real step;
+* prefill attention over packed sequences (B sequences of L tokens, causal; and full
+  attention for vision) through ``gpu_bench.PackedAttention``;
+* decode attention, B queries against caches of C tokens (``gpu_bench.decode_attention``);
+* memory-bound ops as HF implements them (RMSNorm, LayerNorm, SiLU*mul, QuickGELU, RoPE,
+  vision RoPE, residual add, embedding lookup) over a range of sizes;
+* the launch gap (a tiny kernel replayed many times in a graph), a large device copy and a
+  large GEMM (the two ceilings); NCCL collectives when more than one GPU is visible.
+
+Grid shapes are deliberately not the shapes of the models the accuracy benchmark validates on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from plans.errors import UserError
+
+
+@dataclass
+class Grids:
+    gemm_m: list[int]
+    gemm_nk: list[int]
+    attn_heads: tuple[int, int, int] = (40, 8, 128)  # heads, kv heads, head dim (text)
+    attn_L: list[int] = field(default_factory=list)
+    attn_B: list[int] = field(default_factory=list)
+    attn_max_tokens: int = 65536
+    full_heads: tuple[int, int] = (20, 80)  # vision-like: heads, head dim
+    full_L: list[int] = field(default_factory=list)
+    full_B: list[int] = field(default_factory=list)
+    dec_B: list[int] = field(default_factory=list)
+    dec_C: list[int] = field(default_factory=list)
+    dec_max_tokens: int = 3_000_000
+    mem_T: list[int] = field(default_factory=list)
+    widths: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def full() -> "Grids":
+        m = sorted({2 ** i for i in range(16)} | {3 * 2 ** i for i in range(14)})
+        return Grids(gemm_m=m, gemm_nk=[768, 1536, 3072, 6144, 12288, 24576],
+                     attn_L=[16, 48, 96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
+                     attn_B=[1, 2, 4, 8, 16, 32],
+                     full_L=[64, 192, 576, 1728, 5184, 15552], full_B=[1, 2, 4, 8, 16],
+                     dec_B=[1, 3, 6, 12, 24, 48, 96, 192, 384], dec_C=[96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
+                     mem_T=[2 ** i for i in range(17)], widths=_WIDTHS)
+
+    @staticmethod
+    def quick() -> "Grids":
+        return Grids(gemm_m=[1, 4, 16, 64, 256, 1024, 4096, 16384], gemm_nk=[1536, 6144, 24576],
+                     attn_L=[48, 384, 3072, 24576], attn_B=[1, 4, 16],
+                     full_L=[192, 1728, 15552], full_B=[1, 4],
+                     dec_B=[1, 12, 96, 384], dec_C=[192, 1536, 12288],
+                     mem_T=[1, 16, 256, 4096, 65536], widths=_WIDTHS)
+
+    @staticmethod
+    def cpu_dry_run() -> "Grids":
+        """Tiny shapes so the whole path runs on a CPU in seconds (the numbers mean nothing)."""
+        return Grids(gemm_m=[1, 8, 64], gemm_nk=[64, 256], attn_heads=(4, 2, 16), attn_L=[16, 64], attn_B=[1, 2],
+                     full_heads=(4, 16), full_L=[16, 64], full_B=[1, 2], dec_B=[1, 4], dec_C=[32, 128],
+                     mem_T=[1, 32, 256], widths={k: max(32, v // 64) for k, v in _WIDTHS.items()})
+
+
+# widths of the memory-op benchmarks (elements per token), off the validated models' sizes
+_WIDTHS = {"rmsnorm": 5120, "layernorm": 1536, "silu_mul": 12288, "quick_gelu": 6144, "add": 5120,
+           "embedding": 5120, "rope": 48, "rope_vision": 20}  # rope: heads (+kv) of head_dim 128 / 80
+
+
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return None
+
+
+def find_gpu_name(device_name: str) -> str | None:
+    """Catalog name of a torch device name ('NVIDIA H100 80GB HBM3' -> 'h100')."""
+    d = device_name.lower()
+    for key, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100-80g"), ("b200", "b200"),
+                      ("mi300x", "mi300x"), ("mi325", "mi325x"), ("mi355", "mi355x"), ("l40s", "l40s")):
+        if key in d:
+            return name
+    return None
+
+
+def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float = 1e9,
+                    log: Callable[[str], None] = print, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Time every micro-benchmark of ``grids``; returns the raw points (see ``costmodels.fit``).
+
+    Raises UserError when no GPU is visible (unless ``cpu_dry_run``)."""
+    import torch
+
+    from costmodels.gpu_bench import Timer, make_packed_attention
+
+    dev = _device()
+    if dev is None:
+        if not cpu_dry_run:
+            raise UserError("plan calibrate needs a CUDA GPU and torch.cuda sees none "
+                            "(torch.cuda.is_available() is False); run it on the GPU machine")
+        dev = torch.device("cpu")
+    t_start = time.time()
+    timer = Timer(dev)
+    dt = torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    raw: dict[str, Any] = {"gemm": [], "attn_causal": [], "attn_full": [], "attn_decode": [], "memops": {},
+                           "skipped": []}
+    attn = make_packed_attention(dev)
+    raw["attention_kernel"] = attn.kernel
+    raw["attention_fallback"] = attn.fallback_reason
+
+    def out_of_time() -> bool:
+        return time.time() - t_start > budget_s
+
+    def rnd(*shape: int) -> "torch.Tensor":
+        return torch.randn(*shape, device=dev, dtype=dt, generator=gen)
+
+    # launch gap and ceilings
+    x1 = torch.zeros(1, device=dev)
+    raw["overhead_us"] = timer(lambda: x1.add_(1.0)) * 1e3
+    big = rnd(1 << (28 if dev.type == "cuda" else 16))
+    dst = torch.empty_like(big)
+    ms = timer(lambda: dst.copy_(big))
+    raw["copy_tbps"] = 2 * big.numel() * 2 / (ms * 1e-3) / 1e12
+    s = 8192 if dev.type == "cuda" else 256
+    a, b = rnd(s, s), rnd(s, s)
+    ms = timer(lambda: a @ b)
+    raw["matmul_tflops"] = 2 * s ** 3 / (ms * 1e-3) / 1e12
+    del big, dst, a, b
+    log(f"overhead {raw['overhead_us']:.2f} us, copy {raw['copy_tbps']:.2f} TB/s, matmul {raw['matmul_tflops']:.0f} TFLOP/s")
+
+    # GEMMs
+    F = torch.nn.functional
+    for n in grids.gemm_nk:
+        for k in grids.gemm_nk:
+            wbytes = n * k * 2
+            copies = max(1, min(64, math.ceil(256e6 / wbytes))) if dev.type == "cuda" else 1
+            ws = [rnd(n, k) for _ in range(copies)]
+            for m in grids.gemm_m:
+                if out_of_time():
+                    raw["skipped"].append(f"gemm {m}x{n}x{k} (time budget)")
+                    continue
+                x = rnd(m, k)
+                state = {"i": 0}
+
+                def f(x=x, ws=ws, state=state) -> object:
+                    state["i"] = (state["i"] + 1) % len(ws)
+                    return F.linear(x, ws[state["i"]])
+                raw["gemm"].append({"m": m, "n": n, "k": k, "ms": timer(f)})
+            del ws
+        if checkpoint:
+            checkpoint(raw)
+    log(f"gemm: {len(raw['gemm'])} points, {time.time() - t_start:.0f} s")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # prefill attention, causal (text) and full (vision)
+    H, G, D = grids.attn_heads
+    for L in grids.attn_L:
+        for B in grids.attn_B:
+            if L * B > grids.attn_max_tokens or out_of_time():
+                continue
+            T = L * B
+            q, k_, v = rnd(T, H, D), rnd(T, G, D), rnd(T, G, D)
+            lens = [L] * B
+            ms = timer(lambda: attn(q, k_, v, lens, True))
+            raw["attn_causal"].append({"L": L, "B": B, "heads": H, "kv_heads": G, "head_dim": D, "ms": ms})
+    FH, FD = grids.full_heads
+    for L in grids.full_L:
+        for B in grids.full_B:
+            if L * B > grids.attn_max_tokens or out_of_time():
+                continue
+            T = L * B
+            q, k_, v = rnd(T, FH, FD), rnd(T, FH, FD), rnd(T, FH, FD)
+            lens = [L] * B
+            ms = timer(lambda: attn(q, k_, v, lens, False))
+            raw["attn_full"].append({"L": L, "B": B, "heads": FH, "kv_heads": FH, "head_dim": FD, "ms": ms})
+    log(f"prefill attention: {len(raw['attn_causal'])} + {len(raw['attn_full'])} points, {time.time() - t_start:.0f} s")
+    if checkpoint:
+        checkpoint(raw)
+
+    # decode attention
+    from costmodels.gpu_bench import decode_attention
+
+    for B in grids.dec_B:
+        for C in grids.dec_C:
+            if B * C > grids.dec_max_tokens or out_of_time():
+                continue
+            q, kc, vc = rnd(B, H, 1, D), rnd(B, G, C, D), rnd(B, G, C, D)
+            ms = timer(lambda: decode_attention(q, kc, vc))
+            raw["attn_decode"].append({"B": B, "C": C, "heads": H, "kv_heads": G, "head_dim": D, "ms": ms})
+            del kc, vc
+    log(f"decode attention: {len(raw['attn_decode'])} points, {time.time() - t_start:.0f} s")
+    if checkpoint:
+        checkpoint(raw)
+
+    # memory-bound ops, HF implementations
+    for name, fn_of in _memops(grids, dev, dt, gen).items():
+        pts = []
+        for T in grids.mem_T:
+            if out_of_time():
+                break
+            fn, elements = fn_of(T)
+            pts.append({"T": T, "elements": elements, "ms": timer(fn)})
+        raw["memops"][name] = pts
+    log(f"memory ops: {sum(len(v) for v in raw['memops'].values())} points, {time.time() - t_start:.0f} s")
+    raw["seconds"] = time.time() - t_start
+    raw["graph_capture_failures"] = timer.graph_failures
+    if dev.type == "cuda" and torch.cuda.device_count() > 1:
+        raw["collectives"] = "not measured: multi-GPU NCCL calibration runs under torchrun (one process per GPU)"
+    return raw
+
+
+def _memops(grids: Grids, dev, dt, gen) -> dict[str, Callable[[int], tuple[Callable[[], object], int]]]:
+    """name -> (T -> (fn, elements written)) for each memory-bound op, as HF implements it."""
+    import torch
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    W = grids.widths
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, dtype=dt, generator=gen)
+
+    def rmsnorm(T: int):
+        mod = LlamaRMSNorm(W["rmsnorm"]).to(dev, dt)
+        x = rnd(1, T, W["rmsnorm"])
+        return (lambda: mod(x)), T * W["rmsnorm"]
+
+    def layernorm(T: int):
+        mod = torch.nn.LayerNorm(W["layernorm"], eps=1e-6).to(dev, dt)
+        x = rnd(T, W["layernorm"])
+        return (lambda: mod(x)), T * W["layernorm"]
+
+    def silu_mul(T: int):
+        act = ACT2FN["silu"]
+        g, u = rnd(1, T, W["silu_mul"]), rnd(1, T, W["silu_mul"])
+        return (lambda: act(g) * u), T * W["silu_mul"]
+
+    def quick_gelu(T: int):
+        act = ACT2FN["quick_gelu"]
+        x = rnd(T, W["quick_gelu"])
+        return (lambda: act(x)), T * W["quick_gelu"]
+
+    def add(T: int):
+        a, b = rnd(1, T, W["add"]), rnd(1, T, W["add"])
+        return (lambda: a + b), T * W["add"]
+
+    def embedding(T: int):
+        table = rnd(32000, W["embedding"])
+        ids = torch.randint(0, 32000, (1, T), device=dev, generator=gen)
+        return (lambda: torch.nn.functional.embedding(ids, table)), T * W["embedding"]
+
+    def rope(T: int):
+        H, G = W["rope"] * 5 // 6, W["rope"] // 6  # 40 + 8 heads of 128 at the default width 48
+        d = 128 if dev.type == "cuda" else 16
+        qkv_q = rnd(1, T, H * d).view(1, T, H, d).transpose(1, 2)
+        qkv_k = rnd(1, T, G * d).view(1, T, G, d).transpose(1, 2)
+        cos, sin = rnd(1, T, d), rnd(1, T, d)
+        return (lambda: apply_rotary_pos_emb(qkv_q, qkv_k, cos, sin)), T * (H + G) * d
+
+    def rope_vision(T: int):
+        H = W["rope_vision"]
+        d = 80 if dev.type == "cuda" else 16
+        qkv = rnd(T, 3 * H * d).reshape(T, 3, H, d).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = rnd(T, d), rnd(T, d)
+        return (lambda: apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)), 2 * T * H * d
+
+    return {"rmsnorm": rmsnorm, "layernorm": layernorm, "silu_mul": silu_mul, "quick_gelu": quick_gelu,
+            "add": add, "embedding": embedding, "rope": rope, "rope_vision": rope_vision}
+
+
+def device_meta() -> dict[str, Any]:
+    """Device name, driver, torch/CUDA/transformers versions and the date."""
+    import platform
+    import subprocess
+
+    import torch
+    import transformers
+
+    meta: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "python": platform.python_version(),
+                            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        meta["device_name"] = torch.cuda.get_device_name(0)
+        meta["cuda"] = torch.version.cuda
+        meta["gpus"] = torch.cuda.device_count()
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            meta["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+        except (OSError, subprocess.SubprocessError):
+            meta["driver"] = "unknown"
+    else:
+        meta["device_name"] = "cpu"
+        meta["driver"] = "none"
+    return meta
+
+
+def calibrate(out: str | Path, *, quick: bool = False, gpu: str | None = None, cpu_dry_run: bool = False,
+              budget_s: float = 1e9, log: Callable[[str], None] = print):
+    """Run the micro-benchmarks, fit, and write the profile JSON to ``out``. Returns the Profile."""
+    from costmodels.fit import fit_profile
+    from costmodels.profile import write_profile
+
+    meta = device_meta()
+    name = gpu or find_gpu_name(meta["device_name"])
+    if name is None:
+        if cpu_dry_run:
+            name = "cpu"
+        else:
+            raise UserError(f"no catalog entry for device '{meta['device_name']}'; pass --gpu NAME")
+    grids = Grids.cpu_dry_run() if cpu_dry_run else (Grids.quick() if quick else Grids.full())
+    out = Path(out)
+    partial = out.with_suffix(".partial.json")
+
+    def checkpoint(raw: dict) -> None:
+        partial.write_text(json.dumps({"meta": meta, "raw": raw}))
+
+    raw = run_calibration(grids, cpu_dry_run=cpu_dry_run, budget_s=budget_s, log=log, checkpoint=checkpoint)
+    meta["grid"] = "cpu-dry-run" if cpu_dry_run else ("quick" if quick else "full")
+    prof = fit_profile(raw, gpu=name, profile_id=f"{name}-{meta['date']}", device_name=meta["device_name"], meta=meta)
+    write_profile(prof, out)
+    if partial.exists():
+        partial.unlink()
+    return prof

@@ -1,0 +1,85 @@
+"""Fit a calibration profile's tables from raw micro-benchmark points (no torch).
+
+Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
+
+* ``gemm``: {m, n, k, ms}  ->  e = 2mnk / ((ms - overhead) * peak)
+* ``attn_causal`` / ``attn_full``: {L, B, heads, kv_heads, head_dim, ms}
+  ->  e = 4 * heads * head_dim * pairs / ((ms - overhead) * peak), pairs = B L(L+1)/2 or B L^2
+* ``attn_decode``: {B, C, heads, kv_heads, head_dim, ms}
+  ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
+* ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included)
+
+``peak`` and ``bw`` are the catalog datasheet figures of the GPU the profile is for, so a
+profile says how far from the datasheet the real part runs. Grid cells that were not
+measured (size caps) take the nearest measured cell along the first axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from costmodels.hardware import get_gpu
+from costmodels.interp import LogGrid
+from costmodels.profile import Profile
+
+
+def decode_attention_bytes(B: float, C: float, heads: float, kv_heads: float, d: float, kv_b: float = 2,
+                           a_b: float = 2) -> float:
+    """Bytes a decode-attention step moves: KV read (B*C tokens) and written (B tokens),
+    q/k/v in and output out -- the same count ``costmodels.opcost`` divides by bandwidth."""
+    kv = (2 * kv_heads * d * B * C + 2 * kv_heads * d * B) * kv_b
+    act = ((heads + 2 * kv_heads) * d * B + heads * d * B) * a_b
+    return kv + act
+
+
+def _grid(points: list[dict], keys: tuple[str, ...], value) -> LogGrid:
+    """A LogGrid over the distinct coordinates of ``points``; unmeasured cells take the
+    nearest measured cell, moving along the first axis before any other."""
+    axes = [sorted({float(p[k]) for p in points}) for k in keys]
+    pos = [{x: i for i, x in enumerate(a)} for a in axes]
+    cells = {tuple(pos[d][float(p[k])] for d, k in enumerate(keys)): value(p) for p in points}
+    known = list(cells)
+
+    def at(idx: tuple[int, ...]) -> float:
+        if idx in cells:
+            return cells[idx]
+        near = min(known, key=lambda c: abs(c[0] - idx[0]) + 1000 * sum(abs(a - b) for a, b in zip(c[1:], idx[1:])))
+        return cells[near]
+
+    def build(prefix: tuple[int, ...]) -> Any:
+        d = len(prefix)
+        if d == len(axes) - 1:
+            return [at(prefix + (i,)) for i in range(len(axes[d]))]
+        return [build(prefix + (i,)) for i in range(len(axes[d]))]
+
+    return LogGrid(axes, build(()))
+
+
+def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: str, meta: dict[str, Any]) -> Profile:
+    """A Profile for catalog GPU ``gpu`` from raw calibration points."""
+    g = get_gpu(gpu)
+    peak = g.bf16_tflops * 1e12
+    bw = g.hbm_tbps * 1e12
+    ovh = float(raw.get("overhead_us", 2.0))
+
+    def net_s(ms: float) -> float:
+        return max(ms * 1e-3 - ovh * 1e-6, ms * 1e-3 * 0.05)
+
+    gemm = _grid(raw["gemm"], ("m", "n", "k"), lambda p: 2 * p["m"] * p["n"] * p["k"] / (net_s(p["ms"]) * peak))
+
+    def attn_eff(causal: bool):
+        def f(p: dict) -> float:
+            L, B = p["L"], p["B"]
+            pairs = B * (L * (L + 1) / 2 if causal else L * L)
+            return 4 * p["heads"] * p["head_dim"] * pairs / (net_s(p["ms"]) * peak)
+        return f
+
+    causal = _grid(raw["attn_causal"], ("L", "B"), attn_eff(True))
+    full = _grid(raw["attn_full"], ("L", "B"), attn_eff(False))
+    dec = _grid(raw["attn_decode"], ("B", "C"),
+                lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
+                / (net_s(p["ms"]) * bw))
+    memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3) for name, pts in raw["memops"].items() if pts}
+    return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
+                   attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
+                   collectives=raw.get("collectives_fit", {}), raw=raw)
