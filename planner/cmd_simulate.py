@@ -1,9 +1,194 @@
-"""`plan simulate` subcommands (registered by planner.cli)."""
+"""`plan simulate` (registered by planner.cli): what a plan delivers on a workload.
+
+Heavy parts (the cost model, the simulator, matplotlib) import inside the command.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+
+from plans.errors import UserError
+
+HELP = (
+    "Simulate serving PLAN(s) on a workload: TTFT / TPOT / e2e p50-p90-p99, tokens/s, goodput.\n\n"
+    "The workload is --workload: a model.yaml spec (its workload section and its SLOs) or a trace CSV (columns "
+    "arrival/TIMESTAMP, input_tokens/ContextTokens, output_tokens/GeneratedTokens, optionally images/NumImages).\n\n"
+    "Without --workload the spec named after the plan is used: examples/<plan name>.yaml under the current "
+    "folder, else <plan folder>/../examples/<plan name>.yaml; if neither exists the command stops and says so.\n\n"
+    "--rate / --rates re-target the arrival rate (a trace is time-scaled). --json prints one object per "
+    "(plan, rate), a list when there are several. --plot draws TTFT p90 and TPOT p90 against combined tokens/s "
+    "over the rates, one line per plan."
+)
+
+
+def _rates(rate: Optional[float], rates: Optional[str]) -> list[float | None]:
+    if rate is not None and rates is not None:
+        raise UserError("give --rate or --rates, not both")
+    if rates is not None:
+        try:
+            out = [float(x) for x in rates.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--rates must be comma-separated numbers, got '{rates}'") from None
+        if not out:
+            raise UserError("--rates is empty")
+    else:
+        out = [rate] if rate is not None else [None]
+    bad = [r for r in out if r is not None and not (r > 0 and math.isfinite(r))]
+    if bad:
+        raise UserError(f"arrival rates must be > 0 requests/s, got {bad[0]}")
+    return out
+
+
+def default_workload(plan_path: Path, plan_name: str) -> Path:
+    """examples/<name>.yaml in the current folder or beside the plan's folder; UserError if neither."""
+    tried = [Path("examples") / f"{plan_name}.yaml", plan_path.parent.parent / "examples" / f"{plan_name}.yaml"]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise UserError(f"{plan_path}: no workload given and none found for plan '{plan_name}' "
+                    f"(looked for {', '.join(str(p) for p in dict.fromkeys(tried))}); "
+                    "pass --workload SPEC.yaml or --workload TRACE.csv")
+
+
+def load_workload(source: Path, info: Any, seed: int) -> tuple[Any, Any]:
+    """(Workload, slo or None) from a spec or a trace file."""
+    from costmodels.workload import from_spec, from_trace
+    from planner.spec import load_spec
+
+    if not source.is_file():
+        raise UserError(f"workload file not found: {source}")
+    if source.suffix.lower() in (".yaml", ".yml"):
+        spec = load_spec(source)
+        return from_spec(spec, info), spec.slo
+    return from_trace(source, info=info, seed=seed), None
+
+
+def _row(name: str, rate: float, r: Any) -> dict[str, Any]:
+    pick = lambda d: {k: d[k] for k in ("p50", "p90", "p99")}  # noqa: E731
+    return {"plan": name, "rate_rps": rate, "ttft_ms": pick(r.ttft_ms), "tpot_ms": pick(r.tpot_ms),
+            "e2e_ms": pick(r.e2e_ms), "output_tok_s": r.output_tok_s, "combined_tok_s": r.combined_tok_s,
+            "goodput_rps": r.goodput_rps, "shift_tp_fraction": r.shift_tp_fraction, "meets_slo": r.meets_slo,
+            "requests": r.requests, "completed": r.completed, "rejected": r.rejected, "preemptions": r.preemptions,
+            "kv_peak_fraction": r.kv_peak_fraction, "gpu_memory_gb": r.gpu_memory_gb,
+            "stage_utilisation": r.stage_utilisation, "notes": r.notes}
+
+
+def _clean(x: Any) -> Any:
+    """JSON without NaN (null instead)."""
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else round(x, 4)
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    """Latency-throughput curves: TTFT p90 and TPOT p90 vs combined tok/s, one line per plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["plan"] for r in rows):
+        pts = sorted((r for r in rows if r["plan"] == name), key=lambda r: r["rate_rps"])
+        x = [r["combined_tok_s"] for r in pts]
+        for ax, key in zip(axes, ("ttft_ms", "tpot_ms")):
+            ax.plot(x, [r[key]["p90"] for r in pts], marker="o", label=name)
+    for ax, title in zip(axes, ("TTFT p90 (ms)", "TPOT p90 (ms)")):
+        ax.set_xlabel("combined throughput (tokens/s)")
+        ax.set_ylabel(title)
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def simulate_cmd(
+    plans: list[Path] = typer.Argument(..., help="compiled plan file(s)"),
+    workload: Optional[Path] = typer.Option(None, "--workload", "-w", help="spec (.yaml) or trace (.csv)"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="arrival rate, requests/s"),
+    rates: Optional[str] = typer.Option(None, "--rates", help="comma-separated arrival rates, requests/s"),
+    requests: Optional[int] = typer.Option(None, "--requests", "-n", help="requests to simulate (default: the "
+                                                                          "spec's workload.requests / the whole trace)"),
+    seed: int = typer.Option(0, "--seed", help="workload seed"),
+    ttft_slo: Optional[float] = typer.Option(None, "--ttft-slo", help="TTFT SLO, ms (overrides the spec's)"),
+    tpot_slo: Optional[float] = typer.Option(None, "--tpot-slo", help="TPOT SLO, ms (overrides the spec's)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    plot_to: Optional[Path] = typer.Option(None, "--plot", help="write a latency-throughput plot (PNG)"),
+) -> None:
+    from costmodels.simulator import cost_model_for_plan, coster_for, simulate
+    from plans.schema import load_plan
+
+    rate_list = _rates(rate, rates)
+    if requests is not None and requests < 1:
+        raise UserError(f"--requests must be >= 1, got {requests}")
+    rows: list[dict[str, Any]] = []
+    results: list[tuple[str, float, Any]] = []
+    for path in plans:
+        plan = load_plan(path)
+        cost = cost_model_for_plan(plan, base_dir=path.parent)
+        source = workload or default_workload(path, plan.name)
+        wl, slo = load_workload(source, cost.info, seed)
+        slo = _merge_slo(slo, ttft_slo, tpot_slo)
+        if requests is not None:
+            wl = wl.with_requests(requests)
+        coster = coster_for(plan, cost)
+        for r in rate_list:
+            w = wl.with_rate(r) if r is not None else wl
+            res = simulate(plan, cost, w, slo=slo, seed=seed, coster=coster)
+            rows.append(_row(plan.name, w.rate, res))
+            results.append((plan.name, w.rate, res))
+    if plot_to is not None:
+        plot(rows, plot_to)
+    if as_json:
+        out = _clean(rows[0] if len(rows) == 1 else rows)
+        typer.echo(json.dumps(out, indent=1))
+    else:
+        _table(results)
+    if plot_to is not None and not as_json:
+        typer.echo(f"wrote {plot_to}")
+
+
+def _merge_slo(slo: Any, ttft: Optional[float], tpot: Optional[float]) -> dict[str, float] | None:
+    out: dict[str, float] = {}
+    for key, override in (("ttft_p90_ms", ttft), ("tpot_p90_ms", tpot)):
+        v = override if override is not None else (getattr(slo, key, None) if slo is not None else None)
+        if v is not None:
+            if not v > 0:
+                raise UserError(f"SLO {key} must be > 0 ms, got {v}")
+            out[key] = float(v)
+    return out or None
+
+
+def _table(results: list[tuple[str, float, Any]]) -> None:
+    """Plain fixed-width lines (readable in a terminal, a log or a review comment)."""
+    head = (f"{'plan':<28} {'rate':>6} {'TTFT p50/p90/p99 ms':>21} {'TPOT p50/p90/p99 ms':>20} {'out tok/s':>9} "
+            f"{'tok/s':>8} {'goodput':>12} {'TP-mode':>7} {'preempt':>7} {'KV peak':>7}")
+    lines = [head, "-" * len(head)]
+    notes: list[str] = []
+    for name, rate, r in results:
+        f = lambda d: "/".join("-" if d[k] != d[k] else (f"{d[k]:.0f}" if d[k] >= 100 else f"{d[k]:.1f}")  # noqa: E731
+                               for k in ("p50", "p90", "p99"))
+        good = f"{r.goodput_rps:.2f}" + ("" if r.meets_slo is None else (" ok" if r.meets_slo else " miss"))
+        lines.append(f"{name[:28]:<28} {rate:>6.3g} {f(r.ttft_ms):>21} {f(r.tpot_ms):>20} {r.output_tok_s:>9.0f} "
+                     f"{r.combined_tok_s:>8.0f} {good:>12} {r.shift_tp_fraction:>7.0%} {r.preemptions:>7d} "
+                     f"{r.kv_peak_fraction:>7.0%}")
+        notes.extend(f"{name}: {n}" for n in r.notes)
+    lines.extend(f"note: {n}" for n in dict.fromkeys(notes))
+    typer.echo("\n".join(lines))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the `plan` app."""
+    """Add `plan simulate` to the `plan` app."""
+    app.command("simulate", help=HELP)(simulate_cmd)
