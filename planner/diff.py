@@ -107,7 +107,10 @@ def diff_plans(a: Plan, b: Plan) -> list[Change]:
         sa = da["stages"][i] if i < len(a.stages) else None
         sb = db["stages"][i] if i < len(b.stages) else None
         if _layers(sa) != _layers(sb):
-            out.append(Change(f"stage {i}", _layers(sa), _layers(sb)))
+            new = _layers(sb)
+            if sa and sb:  # "layers 40-79 -> 38-79"
+                new = new.removeprefix("layers ")
+            out.append(Change(f"stage {i}", _layers(sa), new))
         if sa and sb:
             for k in sorted(set(sa) - {"index", "first_layer", "last_layer", "embedding", "lm_head", "vision"}):
                 if sa.get(k) != sb.get(k):

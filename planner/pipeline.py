@@ -36,8 +36,9 @@ from planner.threshold import Crossover, crossover
 from plans.errors import UserError
 
 Progress = Callable[[str], None]
-SHORTLIST = 3  # candidates the simulator scores
-SIM_REQUESTS = 400  # requests per simulated candidate (the spec's own count caps it)
+SHORTLIST = 2  # best candidates by the static key that the simulator scores (plus diversity picks)
+SIM_REQUESTS = 200  # requests per simulated candidate (the spec's own count caps it)
+MIX_REQUESTS = 500  # requests sampled to measure the workload's means
 VISION_BATCH = 8  # images per encoder batch when amortising encoder time per request
 
 
@@ -133,7 +134,7 @@ def token_mix(spec: Spec, model: Model) -> TokenMix:
     """The workload's means, from a seeded sample of its requests (synthetic or trace)."""
     from costmodels.workload import from_spec
 
-    reqs = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, 2000)).sample(spec.workload.seed)
+    reqs = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, MIX_REQUESTS)).sample(spec.workload.seed)
     n = max(1, len(reqs))
     imgs = [p for r in reqs for p in r.image_patches]
     toks = [t for r in reqs for t in r.image_tokens]
@@ -376,6 +377,60 @@ def _vision_option(placement: str, model: Model, c: Candidate, mix: TokenMix, fa
     return None
 
 
+# ------------------------------------------------------------------ stage 5b: dominance pruning
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a candidate can reach at best (any split, any placement) and what its uniform split
+    surely reaches (when feasible); used to drop dominated candidates before the ILP."""
+
+    gpus: int
+    best: tuple[float, float, float, float]  # (z/dp lower bound, TTFT, TPOT, -decode batch)
+    sure: tuple[float, float, float, float] | None  # the same of a feasible uniform split
+
+
+def bounds(x: Costed) -> Bounds:
+    p, c = x.problem, x.cand
+    S = p.stages
+    opts = list(p.vision) or [None]
+    lbs, lats = [], []
+    for o in opts:
+        total = sum(l.thr for l in p.layers) + p.first.thr + p.last.thr
+        if o is not None:
+            total += o.stage0_thr + S * o.every_thr
+        lb = max(total / S, o.separate_thr if o is not None else 0.0)
+        lbs.append(lb)
+        lats.append(latency(p, S, o))
+    best = (min(lbs) / c.dp, min(t for t, _ in lats), min(t for _, t in lats), -x.decode_batch)
+    sure = None
+    split = p.pinned or uniform_split(len(p.layers), S)
+    for o in opts:
+        ev = evaluate(p, split, o.placement if o else None)
+        if ev.feasible:
+            v = (ev.bottleneck_ms / c.dp, ev.ttft_ms, ev.tpot_ms, -x.decode_batch)
+            sure = v if sure is None or v < sure else sure
+    return Bounds(c.gpus, best, sure)
+
+
+def prune_dominated(costed: list[Costed]) -> tuple[list[Costed], int]:
+    """Drop X when some Y with no more GPUs surely does at least as well on every metric as X
+    can at best (strictly better on one): X cannot win any objective."""
+    bs = [bounds(x) for x in costed]
+    keep = []
+    for i, (x, bx) in enumerate(zip(costed, bs)):
+        dominated = False
+        for j, by in enumerate(bs):
+            if i == j or by.sure is None or by.gpus > bx.gpus:
+                continue
+            if all(a <= b for a, b in zip(by.sure, bx.best)) and (by.sure != bx.best or j < i):
+                dominated = True
+                break
+        if not dominated:
+            keep.append(x)
+    return keep, len(costed) - len(keep)
+
+
 # ------------------------------------------------------------------ stage 6: the ILP per candidate
 
 
@@ -476,21 +531,20 @@ def _key(spec: Spec, meets: bool, cap: float, ttft: float, tpot: float, mix: Tok
 
 
 def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMix) -> Scored:
-    """Re-score a shortlisted candidate with the serving simulator on the spec's workload."""
+    """Re-score a shortlisted candidate with the serving simulator on the spec's workload
+    (its first ``SIM_REQUESTS`` requests, same seed): TTFT/TPOT percentiles, goodput, SLOs."""
     from costmodels.simulator import simulate
     from costmodels.workload import from_spec
-    from plans.schema import Percentiles, Predicted
 
-    wl = from_spec(spec, model.graph.info)
-    wl = wl.with_requests(min(spec.workload.requests, SIM_REQUESTS))
-    r = simulate(plan, model.cost, wl, seed=spec.workload.seed)
-    slo_t, slo_p = spec.slo.ttft_p90_ms, spec.slo.tpot_p90_ms
-    meets = (slo_t is None or r.ttft_ms["p90"] <= slo_t) and (slo_p is None or r.tpot_ms["p90"] <= slo_p)
-    pred = Predicted(source="simulator", ttft_ms=Percentiles(**{k: r.ttft_ms[k] for k in ("p50", "p90", "p99")}),
-                     tpot_ms=Percentiles(**{k: r.tpot_ms[k] for k in ("p50", "p90", "p99")}),
-                     output_tok_s=r.output_tok_s, combined_tok_s=r.combined_tok_s, goodput_rps=r.goodput_rps,
-                     shift_tp_fraction=r.shift_tp_fraction if plan.mesh.sp > 1 else None, meets_slo=meets)
-    key = _key(spec, meets, sc.capacity_rps, r.ttft_ms["p90"], r.tpot_ms["p90"], mix, sc.gpus, r.goodput_rps)
+    wl = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
+    r = simulate(plan, model.cost, wl, slo=spec.slo, seed=spec.workload.seed)
+    pred = r.to_predicted()
+    if plan.mesh.sp < 2:
+        pred = pred.model_copy(update={"shift_tp_fraction": None})
+    meets = bool(r.meets_slo) if r.meets_slo is not None else True
+    ttft = pred.ttft_ms.p90 if pred.ttft_ms else float("inf")
+    tpot = pred.tpot_ms.p90 if pred.tpot_ms else 0.0
+    key = _key(spec, meets, sc.capacity_rps, ttft, tpot, mix, sc.gpus, r.goodput_rps)
     return replace(sc, predicted=pred, key=key)
 
 
@@ -631,6 +685,7 @@ class CompileResult:
     infeasible: int
     simulated: int
     notes: list[str] = field(default_factory=list)
+    pruned: int = 0  # dominated candidates dropped before the ILP
 
 
 def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
@@ -649,7 +704,8 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
         raise explain(spec, facts, space, cset, [])
     say(f"costing {len(cset.candidates)} candidates")
     costed = [cost_candidate(c, model, mix, spec, facts, space) for c in cset.candidates]
-    say(f"solving {len(costed)} ILPs")
+    costed, pruned = prune_dominated(costed)
+    say(f"solving {len(costed)} ILPs ({pruned} dominated candidates dropped)")
     solved = [solve_candidate(x) for x in costed]
     ok = [s for s in solved if s.ok]
     if not ok:
@@ -671,4 +727,4 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     say("writing the plan")
     plan = build_plan(best, spec, model, mix, runners, notes)
     return CompileResult(plan, len(cset.candidates), len(cset.rejected), len(ok), len(solved) - len(ok), simulated,
-                         notes)
+                         notes, pruned)
