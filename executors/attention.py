@@ -1,0 +1,48 @@
+"""Paged KV cache and packed variable-length attention over it.
+
+Cache of one layer on one rank: ``k, v [num_blocks * block_size, kv_local, D]`` (a slot is
+``block * block_size + offset``). A step writes its new keys at ``slots`` (negative = padding,
+skipped), then gathers every key it may read at ``key_slots`` and runs one masked SDPA over the
+packed batch (block-diagonal causal mask, see ``executors.batch``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from executors.batch import MicroBatch
+
+
+class LayerCache:
+    def __init__(self, slots: int, kv_local: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(slots, kv_local, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+
+def packed_mask(mb: MicroBatch, t_pad: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``[t_pad, K]``: query t may read key k. Padding queries read key 0 (discarded)."""
+    T = mb.num_tokens
+    seq = torch.full((t_pad,), -1, dtype=torch.long)
+    seq[:T] = mb.seq
+    idx = torch.zeros(t_pad, dtype=torch.long)
+    idx[:T] = mb.tok_idx
+    m = (mb.key_seq[None, :] == seq[:, None]) & (mb.key_pos[None, :] <= idx[:, None])
+    m[T:, 0] = True
+    return m.to(device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, slots: torch.Tensor,
+           key_slots: torch.Tensor, mask: torch.Tensor, kv_of_q: torch.Tensor) -> torch.Tensor:
+    """``q [T, hq, D]``, new ``k, v [T, hkv, D]`` -> ``[T, hq * D]``.
+
+    ``kv_of_q [hq]`` maps each local query head to its local KV head (GQA / replicated KV).
+    """
+    keep = slots >= 0
+    cache.k[slots[keep]] = k[keep].to(cache.k.dtype)
+    cache.v[slots[keep]] = v[keep].to(cache.v.dtype)
+    K = cache.k[key_slots].index_select(1, kv_of_q).to(q.dtype)  # [K, hq, D]
+    V = cache.v[key_slots].index_select(1, kv_of_q).to(q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K.transpose(0, 1)[None], V.transpose(0, 1)[None],
+                                         attn_mask=mask[None, None])
+    return out[0].transpose(0, 1).reshape(q.shape[0], -1)

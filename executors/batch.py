@@ -1,0 +1,67 @@
+"""What one forward pass (a micro-batch of a scheduler step) tells every rank.
+
+Tokens of all scheduled sequences are packed on one axis, ``T`` tokens in all. Attention keys
+are gathered from the paged KV cache: ``key_slots [K]`` lists, sequence after sequence, the
+cache slot of every key position ``0 .. ctx-1`` a query may read; the mask is block-diagonal
+causal: query t sees key k iff ``key_seq[k] == seq[t]`` and ``key_pos[k] <= tok_idx[t]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageJob:
+    """Encode one request's images (all of them, concatenated) and keep the embeddings."""
+
+    req: int
+    pixels: torch.Tensor  # [N_patches, patch_dim]
+    grid: list[tuple[int, int, int]]  # (t, h, w) patches per image
+
+
+@dataclass
+class MicroBatch:
+    mode: str  # "sp_tp" (Ulysses SP x TP) or "tp" (plain TP over tp*sp GPUs)
+    tokens: torch.Tensor  # [T] int64
+    pos: torch.Tensor  # [T] or [3, T] rotary positions
+    seq: torch.Tensor  # [T] index of the token's sequence within this micro-batch
+    tok_idx: torch.Tensor  # [T] index of the token within its sequence
+    slots: torch.Tensor  # [T] KV-cache slot written by the token
+    key_slots: torch.Tensor  # [K]
+    key_seq: torch.Tensor  # [K]
+    key_pos: torch.Tensor  # [K]
+    sample_idx: torch.Tensor  # [S] tokens whose logits are wanted (a sequence's last)
+    sample_req: list[int] = field(default_factory=list)  # request id of each sampled row
+    img_tok: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [N] token idx
+    img_src: list[tuple[int, int, int]] = field(default_factory=list)  # (req, first row, rows), in order
+    images: list[ImageJob] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+
+@dataclass
+class Step:
+    """One scheduler step of one DP replica: its micro-batches, and requests to forget."""
+
+    step_id: int
+    micro: list[MicroBatch]
+    free: list[int] = field(default_factory=list)
+    want_logits: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+
+
+@dataclass
+class StepOut:
+    step_id: int
+    replica: int
+    req: list[int]
+    tokens: list[int]
+    logits: torch.Tensor | None = None  # [S, V] fp32 when asked for
+    mode: list[str] = field(default_factory=list)

@@ -1,0 +1,143 @@
+"""Resolve a plan's model to the numbers the executors need (pure HF-config arithmetic).
+
+``ModelArgs`` is read from the HF config dict (``graph.hf_config.load_config``), through the
+transformers config class so rope parameters are normalised the same way the HF model sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plans.errors import UserError
+from plans.schema import Plan
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DENSE_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+VL_ARCHS = ("Qwen2VLForConditionalGeneration",)
+
+
+@dataclass(frozen=True)
+class VisionArgs:
+    """Qwen2-VL vision tower: patches of ``in_ch * t_patch * patch**2`` values -> ``embed_dim``;
+    ``depth`` blocks; the merger folds ``merge**2`` patches into one LLM token of ``out_dim``."""
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    mlp_dim: int
+    out_dim: int
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    merge: int
+    act: str
+    rope_theta: float = 10000.0
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """A Llama-style decoder (Llama 3.x, Qwen2/2.5, Mistral, the Qwen2-VL language model)."""
+
+    arch: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    layers: int
+    vocab: int
+    rms_eps: float
+    max_positions: int
+    qkv_bias: bool
+    tie_embeddings: bool
+    hf_text_config: Any = field(repr=False, compare=False, default=None)  # transformers config (rope)
+    mrope_section: tuple[int, ...] | None = None
+    vision: VisionArgs | None = None
+    image_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def is_vl(self) -> bool:
+        return self.vision is not None
+
+
+def hf_config_object(cfg: dict[str, Any]) -> Any:
+    """The transformers config object of an HF config dict (no hub access)."""
+    from transformers import AutoConfig
+
+    mt = cfg.get("model_type")
+    if not mt:
+        raise UserError("model config has no 'model_type'; cannot build the model")
+    kw = {k: v for k, v in cfg.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(mt, **kw)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"model config of type '{mt}' is not understood by transformers: {e}") from None
+
+
+def _eos(c: Any) -> tuple[int, ...]:
+    e = getattr(c, "eos_token_id", None)
+    if e is None:
+        return ()
+    return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
+
+
+def model_args(cfg: dict[str, Any]) -> ModelArgs:
+    """Read ModelArgs from an HF config dict; UserError for architectures we cannot run."""
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                   "mistral": "MistralForCausalLM", "qwen2_vl": "Qwen2VLForConditionalGeneration"}.get(
+        cfg.get("model_type", ""), str(cfg.get("model_type")))
+    if arch not in DENSE_ARCHS + VL_ARCHS:
+        raise UserError(f"the executor cannot run architecture '{arch}'; supported: {', '.join(DENSE_ARCHS + VL_ARCHS)}")
+    full = hf_config_object(cfg)
+    tc = getattr(full, "text_config", None) or full
+    if not hasattr(tc, "hidden_size"):
+        tc = full
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    rp = getattr(tc, "rope_parameters", None) or {}
+    mrope = rp.get("mrope_section") if isinstance(rp, dict) else None
+    if mrope is None and arch in VL_ARCHS:
+        rs = getattr(tc, "rope_scaling", None) or {}
+        mrope = rs.get("mrope_section")
+    vision = None
+    if arch in VL_ARCHS:
+        vc = full.vision_config
+        vision = VisionArgs(
+            depth=vc.depth, embed_dim=vc.embed_dim, num_heads=vc.num_heads,
+            mlp_dim=int(vc.embed_dim * vc.mlp_ratio), out_dim=vc.hidden_size, patch_size=vc.patch_size,
+            temporal_patch_size=vc.temporal_patch_size, in_channels=vc.in_channels,
+            merge=vc.spatial_merge_size, act=vc.hidden_act,
+        )
+    tie = bool(getattr(full, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+    return ModelArgs(
+        arch=arch, hidden=tc.hidden_size, heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+        head_dim=head_dim, intermediate=tc.intermediate_size, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
+        rms_eps=tc.rms_norm_eps, max_positions=tc.max_position_embeddings,
+        qkv_bias=arch in ("Qwen2ForCausalLM", "Qwen2VLForConditionalGeneration") or bool(getattr(tc, "attention_bias", False)),
+        tie_embeddings=tie, hf_text_config=tc, mrope_section=tuple(mrope) if mrope else None, vision=vision,
+        image_token_id=getattr(full, "image_token_id", None), eos_token_ids=_eos(tc) or _eos(full),
+    )
+
+
+def plan_config(plan: Plan, base_dir: str | Path | None = None) -> dict[str, Any]:
+    """The HF config dict a plan names (preset, or a config path relative to ``base_dir``)."""
+    from graph.hf_config import load_config
+
+    if plan.model.preset:
+        return load_config(preset=plan.model.preset)
+    if plan.model.config:
+        p = Path(plan.model.config)
+        if not p.is_absolute() and base_dir is not None:
+            p = Path(base_dir) / p
+        return load_config(config=p)
+    raise UserError(f"plan {plan.name}: model has neither preset nor config")

@@ -1,0 +1,135 @@
+"""Llama-style decoder layers with both weight layouts of shift parallelism.
+
+Per layer and rank the weights are held in up to two layouts (see ``executors.shard``):
+
+* ``tp``: W/P shards for plain TP over the P = tp*sp GPUs of a stage (all T tokens per GPU);
+* ``sp_tp``: W/tp shards for Ulysses SP x TP (T/sp tokens per GPU).
+
+With sp == 1 the two are the same and held once; a plan with sp > 1 and shift off holds only
+``sp_tp``. Forward of one layer in SP x TP mode, local tokens ``x [T/sp, hidden]``::
+
+    qkv = x W_qkv^T                       [T/sp, sp, hq + 2 hkv, D]  (rope on local positions)
+    all-to-all over sp (chunk j -> sp rank j)  -> [T, hq + 2 hkv, D] = heads of shift rank r
+    attention over all T tokens + KV cache      [T, hq * D]
+    all-to-all back                              [T/sp, sp * hq * D]
+    o = . W_o^T, all-reduce over tp; MLP (gate/up column, down row), all-reduce over tp
+
+In TP mode the same with T tokens, no all-to-all, and all-reduces over the shift group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from executors.attention import LayerCache, attend
+from executors.config import ModelArgs
+from executors.parallel import Par, all_reduce, all_to_all
+from executors.rope import apply as apply_rope
+from executors.shard import HeadSplit, even_range, head_rows
+from executors.weights import WeightSource
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: normalise in fp32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+@dataclass
+class Shard:
+    """One layout's weights of one layer on one rank."""
+
+    qkv_w: torch.Tensor  # [(nq + 2 nkv) * D, hidden]
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor  # [hidden, nq * D]
+    gate_up_w: torch.Tensor  # [2 * I_local, hidden]
+    down_w: torch.Tensor  # [hidden, I_local]
+    nq: int  # query heads computed by this rank in this layout
+    nkv: int
+
+
+def load_shard(src: WeightSource, prefix: str, a: ModelArgs, q_heads: list[int], kv_heads: list[int],
+               ff: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Shard:
+    """Read one layout's slices of ``prefix`` (``model.layers.{i}.``): only the rows it needs."""
+    D = a.head_dim
+    qr, kr = head_rows(q_heads, D), head_rows(kv_heads, D)
+    at = prefix + "self_attn."
+    parts = [src.rows(at + "q_proj.weight", qr), src.rows(at + "k_proj.weight", kr), src.rows(at + "v_proj.weight", kr)]
+    bias = None
+    if a.qkv_bias:
+        bias = torch.cat([src.rows(at + "q_proj.bias", qr), src.rows(at + "k_proj.bias", kr),
+                          src.rows(at + "v_proj.bias", kr)]).to(device, dtype)
+    mp = prefix + "mlp."
+    gu = torch.cat([src.rows(mp + "gate_proj.weight", [ff]), src.rows(mp + "up_proj.weight", [ff])])
+    return Shard(
+        qkv_w=torch.cat(parts).to(device, dtype), qkv_b=bias,
+        o_w=src.rows(at + "o_proj.weight", qr, dim=1).to(device, dtype),
+        gate_up_w=gu.to(device, dtype), down_w=src.rows(mp + "down_proj.weight", [ff], dim=1).to(device, dtype),
+        nq=len(q_heads), nkv=len(kv_heads),
+    )
+
+
+class DecoderLayer:
+    def __init__(self, i: int, a: ModelArgs, par: Par, src: WeightSource, dtype: torch.dtype, shift: bool):
+        self.a, self.par = a, par
+        p = f"model.layers.{i}."
+        self.ln1 = src.rows(p + "input_layernorm.weight").to(par.device, dtype)
+        self.ln2 = src.rows(p + "post_attention_layernorm.weight").to(par.device, dtype)
+        hs = HeadSplit(a.heads, a.kv_heads, par.P)
+        self.layouts: dict[str, Shard] = {}
+        if par.sp > 1:  # SP x TP layout: W/tp
+            self.layouts["sp_tp"] = load_shard(
+                src, p, a, hs.q_heads_sptp(par.tp_i, par.sp), hs.kv_heads_sptp(par.tp_i, par.sp),
+                even_range(a.intermediate, par.tp, par.tp_i, "intermediate_size / tp"), dtype, par.device)
+        if par.sp == 1 or shift:  # plain TP layout: W/P
+            self.layouts["tp"] = load_shard(
+                src, p, a, hs.q_heads(par.r), hs.kv_heads_of(par.r),
+                even_range(a.intermediate, par.P, par.r, "intermediate_size / (tp*sp)"), dtype, par.device)
+        kv = hs.kv_heads_of(par.r)
+        g = a.heads // a.kv_heads
+        self.kv_of_q = torch.tensor([kv.index(q // g) for q in hs.q_heads(par.r)], device=par.device)
+        self.nkv = len(kv)
+
+    def forward(self, x: torch.Tensor, mode: str, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
+                meta: "AttnMeta") -> torch.Tensor:
+        """``x``: ``[T, hidden]`` (tp mode) or the local ``[T/sp, hidden]`` slice (sp_tp mode)."""
+        a, par = self.a, self.par
+        w = self.layouts[mode]
+        D, n = a.head_dim, x.shape[0]
+        h = rms_norm(x, self.ln1, a.rms_eps)
+        qkv = F.linear(h, w.qkv_w, w.qkv_b)
+        q, k, v = qkv.split([w.nq * D, w.nkv * D, w.nkv * D], dim=-1)
+        q = apply_rope(q.reshape(n, w.nq, D), cos, sin)
+        k = apply_rope(k.reshape(n, w.nkv, D), cos, sin)
+        v = v.reshape(n, w.nkv, D)
+        if mode == "sp_tp" and par.sp > 1:
+            sp = par.sp
+            hq, hkv = w.nq // sp, w.nkv // sp
+            packed = torch.cat([q.reshape(n, sp, hq, D), k.reshape(n, sp, hkv, D), v.reshape(n, sp, hkv, D)], dim=2)
+            packed = all_to_all(packed.transpose(0, 1), par.sp_group)  # [sp (src), n, hq+2hkv, D]
+            packed = packed.reshape(sp * n, hq + 2 * hkv, D)
+            q, k, v = packed.split([hq, hkv, hkv], dim=1)
+            o = attend(q, k, v, cache, meta.slots, meta.key_slots, meta.mask, self.kv_of_q)  # [T, hq*D]
+            o = all_to_all(o.reshape(sp, n, hq * D), par.sp_group)  # [sp (head group), n, hq*D]
+            o = o.transpose(0, 1).reshape(n, sp * hq * D)
+            group = par.tp_group
+        else:
+            o = attend(q, k, v, cache, meta.slots, meta.key_slots, meta.mask, self.kv_of_q)
+            group = par.shift_group if par.sp > 1 else par.tp_group
+        x = x + all_reduce(F.linear(o, w.o_w), group)
+        h = rms_norm(x, self.ln2, a.rms_eps)
+        gate, up = F.linear(h, w.gate_up_w).chunk(2, dim=-1)
+        return x + all_reduce(F.linear(F.silu(gate) * up, w.down_w), group)
+
+
+@dataclass
+class AttnMeta:
+    """Per micro-batch, shared by all layers (on the rank's device)."""
+
+    slots: torch.Tensor  # [T_pad]
+    key_slots: torch.Tensor  # [K]
+    mask: torch.Tensor  # [T_pad, K] bool

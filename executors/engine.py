@@ -1,0 +1,314 @@
+"""The driver: spawn one worker per rank, schedule requests, collect tokens.
+
+``load(plan)`` returns an ``Engine`` (a context manager). The driver runs one ``Scheduler`` per
+DP replica; each step it packs the scheduled chunks into micro-batches (one per pipeline
+micro-batch), picks the mode of each (shift: ``tp`` when its tokens <= the plan's threshold, else
+``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens. A single-rank
+plan runs in this process. A worker that fails or dies stops the whole engine: every rank is
+terminated and ``WorkerError`` names the rank and its error.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from executors.batch import Step, StepOut
+from executors.config import ModelArgs, model_args, plan_config
+from executors.parallel import Par
+from executors.requests import Request, Result, Sampling, make_seq
+from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
+from executors.weights import WeightSource
+from executors.worker import RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes
+from plans.errors import UserError
+from plans.schema import Plan
+
+DEAD_RANK_GRACE_S = 2.0
+
+
+class WorkerError(UserError):
+    """A rank failed or died; the engine has stopped every rank."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_blocks(plan: Plan, a: ModelArgs) -> int:
+    """KV blocks per replica: the plan's KV capacity, capped at max_seqs full-context sequences."""
+    sch = plan.scheduler
+    cap = -(-sch.max_seqs * a.max_positions // sch.block_size)
+    want = -(-plan.memory_gb.kv_tokens // sch.block_size) if plan.memory_gb.kv_tokens > 0 else cap
+    return max(1, min(want, cap, 1 << 16))
+
+
+class Engine:
+    def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
+                 device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
+                 keep_logits: bool = False, seed: int = 0, tokenizer: Any = None):
+        self.plan = plan.check()
+        self.args = model_args(config)
+        if self.args.layers != plan.model.num_layers:
+            raise UserError(f"plan {plan.name} has {plan.model.num_layers} layers but the model config has {self.args.layers}")
+        self.keep_logits, self.tokenizer = keep_logits, tokenizer
+        self.num_blocks = kv_blocks or default_blocks(plan, self.args)
+        self.block = plan.scheduler.block_size
+        self.backend = backend or plan.backend
+        if plan.vision.placement == "dedicated":
+            raise UserError("vision placement 'dedicated' (encoder on its own GPUs) is not run by this executor yet")
+        src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
+        self.spec = WorkerSpec(plan.model_dump_json(), config, str(weights) if isinstance(weights, (str, Path)) else None,
+                               seed, device, self.num_blocks, self.backend)
+        self.world = plan.mesh.size
+        self.procs: list[Any] = []
+        self.local: RankRunner | None = None
+        self.step_id = 0
+        self.closed = False
+        self.mode_counts: dict[str, int] = {"tp": 0, "sp_tp": 0}  # micro-batches run in each mode
+        if self.world == 1:
+            dev = torch.device(device)
+            self.local = RankRunner(self.spec, Par(device=dev), src)
+        else:
+            if src is not None:
+                raise UserError("an in-memory weight source works with single-rank plans only; give a safetensors directory")
+            self._spawn()
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self) -> None:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.res_q = ctx.Queue()
+        self.cmd_q = [ctx.Queue() for _ in range(self.world)]
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        for r in range(self.world):
+            p = ctx.Process(target=run_rank, args=(r, self.world, init, self.spec, self.cmd_q[r], self.res_q), daemon=True)
+            p.start()
+            self.procs.append(p)
+        ready = 0
+        while ready < self.world:
+            kind, rank, payload = self._get()
+            if kind == "ready":
+                ready += 1
+
+    def _get(self) -> tuple[str, int, Any]:
+        """Next worker message; on an error or a dead rank, stop everything and raise."""
+        while True:
+            try:
+                msg = self.res_q.get(timeout=0.2)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+                if dead:
+                    self._fail(None, dead)
+                continue
+            if msg[0] == "error":
+                self._fail(msg, [])
+            return msg
+
+    def _fail(self, first_error: tuple | None, dead: list[tuple[int, int]]) -> None:
+        """Gather what the ranks say for a moment, stop them all, raise naming the culprit."""
+        errors = [first_error] if first_error else []
+        end = time.monotonic() + DEAD_RANK_GRACE_S
+        while time.monotonic() < end:
+            try:
+                m = self.res_q.get(timeout=0.1)
+                if m[0] == "error":
+                    errors.append(m)
+            except queue.Empty:
+                pass
+        reported = {e[1] for e in errors}
+        dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0, 1) or
+                (not p.is_alive() and r not in reported)]
+        self.shutdown()
+        if dead and dead[0][0] not in reported:
+            r, code = dead[0]
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise WorkerError(f"worker rank {r} died ({how}); all {self.world} ranks were stopped")
+        r, text = errors[0][1], errors[0][2]
+        raise WorkerError(f"worker rank {r} failed: {text.strip().splitlines()[0]}; all {self.world} ranks were "
+                          f"stopped\n{text}")
+
+    def shutdown(self) -> None:
+        """Stop every worker: ask politely, then terminate, then kill. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for q in getattr(self, "cmd_q", []):
+            try:
+                q.put(None)
+            except Exception:
+                pass
+        end = time.monotonic() + 5.0
+        for p in self.procs:
+            p.join(timeout=max(0.0, end - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=3.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=3.0)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    # ------------------------------------------------------------------ stepping
+    def _mode(self, tokens: int) -> str:
+        m, sh = self.plan.mesh, self.plan.shift
+        if m.sp == 1:
+            return "tp"
+        if sh.enabled and sh.threshold_tokens is not None and tokens <= sh.threshold_tokens:
+            return "tp"
+        return "sp_tp"
+
+    def _micro(self, chunks: list[Chunk]) -> list:
+        m = max(1, min(self.plan.scheduler.microbatches, len(chunks)))
+        groups = [chunks[i::m] for i in range(m)] if m > 1 else [chunks]
+        return [build_microbatch(g, self._mode(sum(c.n for c in g)), self.block, self.args.image_token_id)
+                for g in groups if g]
+
+    def _send(self, replica: int, step: Step) -> StepOut | None:
+        if self.local is not None:
+            return self.local.run(step)
+        blob = to_bytes(step)
+        per = self.world // self.plan.mesh.dp
+        for r in range(replica * per, (replica + 1) * per):
+            self.cmd_q[r].put(blob)
+        return None
+
+    def stream(self, requests: list[Request], max_new_tokens: int = 16,
+               sampling: Sampling | None = None) -> Iterator[tuple[int, int | None, Result]]:
+        """Yield ``(request index, token, result so far)`` as tokens arrive; a request that fails
+        validation yields once with ``token=None`` and ``result.error`` set."""
+        if self.closed:
+            raise UserError("engine is shut down")
+        sampling = sampling or Sampling()
+        a = self.args
+        results = [Result() for _ in requests]
+        dp = self.plan.mesh.dp
+        sch = self.plan.scheduler
+        scheds = [Scheduler(self.num_blocks, self.block, sch.max_batch_tokens, sch.max_seqs) for _ in range(dp)]
+        self.schedulers = scheds
+        seqs: dict[int, Seq] = {}
+        free: list[list[int]] = [[] for _ in range(dp)]
+        k = 0
+        for i, req in enumerate(requests):
+            try:
+                s = make_seq(i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block)
+            except UserError as e:
+                results[i].error = str(e)
+                yield i, None, results[i]
+                continue
+            results[i].prompt_tokens = list(s.tokens)
+            seqs[i] = s
+            scheds[k % dp].add(s)
+            k += 1
+        logits: dict[int, list[torch.Tensor]] = {i: [] for i in seqs}
+        while any(sc.has_work() for sc in scheds):
+            sent: list[tuple[int, list[Chunk]]] = []
+            for rep, sc in enumerate(scheds):
+                chunks, dropped = sc.schedule()
+                if not chunks:
+                    continue
+                self.step_id += 1
+                step = Step(self.step_id, self._micro(chunks), free[rep] + dropped, self.keep_logits,
+                            sampling.temperature, sampling.top_k, sampling.seed)
+                free[rep] = []
+                out = self._send(rep, step)
+                sent.append((rep, chunks, out))
+            if not sent:
+                raise UserError("scheduler stalled: no request fits the KV cache")
+            outs = {}
+            if self.local is None:
+                while len(outs) < len(sent):
+                    kind, rank, payload = self._get()
+                    if kind == "out":
+                        o = from_bytes(payload)
+                        outs[o.replica] = o
+            for rep, chunks, out in sent:
+                o = out if out is not None else outs[rep]
+                for md in o.mode:
+                    self.mode_counts[md] += 1
+                for c in chunks:
+                    c.seq.computed += c.n
+                for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
+                    s = seqs[rid]
+                    s.tokens.append(tok)
+                    results[rid].tokens.append(tok)
+                    if o.logits is not None:
+                        logits[rid].append(o.logits[j])
+                    done = s.generated >= s.max_new or (sampling.stop_on_eos and tok in a.eos_token_ids)
+                    if done:
+                        scheds[rep].finish(s)
+                        free[rep].append(rid)
+                        if self.keep_logits:
+                            results[rid].logits = torch.stack(logits[rid])
+                        if self.tokenizer is not None:
+                            results[rid].text = self.tokenizer.decode(results[rid].tokens)
+                    yield rid, tok, results[rid]
+        if any(free) and self.local is not None:
+            for f in free:
+                self.local.model.forget(f)
+
+    def generate(self, requests: list[Request], max_new_tokens: int = 16, sampling: Sampling | None = None) -> list[Result]:
+        """Run requests to completion; per-request errors are in ``Result.error``."""
+        results: dict[int, Result] = {}
+        for i, _tok, res in self.stream(requests, max_new_tokens, sampling):
+            results[i] = res
+        return [results.get(i, Result(error="not run")) for i in range(len(requests))]
+
+
+def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
+         backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
+         tokenizer: str | Path | Any = None, config: dict | None = None) -> Engine:
+    """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
+    slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
+    a local tokenizer directory (defaults to ``weights`` when it holds one)."""
+    from plans.schema import load_plan
+
+    base = None
+    if not isinstance(plan, Plan):
+        base = Path(plan).parent
+        plan = load_plan(plan)
+    cfg = config if config is not None else plan_config(plan, base)
+    tok = _tokenizer(tokenizer if tokenizer is not None else weights)
+    if os.environ.get("SHIFTPLAN_BACKEND"):
+        backend = backend or os.environ["SHIFTPLAN_BACKEND"]
+    return Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok)
+
+
+def _tokenizer(where: Any) -> Any:
+    if where is None or (not isinstance(where, (str, Path))):
+        return where if hasattr(where, "encode") else None
+    p = Path(where)
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer in {p}: {e}") from None

@@ -1,0 +1,142 @@
+"""The process groups of one rank, built from the plan's mesh (passed explicitly, never global).
+
+The mesh is ``init_device_mesh(device, (dp, pp, tp, sp), mesh_dim_names=("dp", "pp", "tp", "sp"))``
+(row-major, ``sp`` innermost; see ``plans.schema``). Per rank we keep: the ``tp`` group, the
+``sp`` group, the ``shift`` group (the tp*sp GPUs of one stage, flattened in ``tp_i*sp + sp_i``
+order) and the global ranks of the previous/next pipeline stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from plans.schema import Mesh
+
+AXES = ("dp", "pp", "tp", "sp")
+
+
+@dataclass
+class Par:
+    """Where this rank sits and how it talks. Groups are None when their size is 1."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    sp: int = 1
+    dp_i: int = 0
+    pp_i: int = 0
+    tp_i: int = 0
+    sp_i: int = 0
+    tp_group: Any = None
+    sp_group: Any = None
+    shift_group: Any = None
+    prev_rank: int | None = None  # global rank of the same local GPU on stage pp_i - 1
+    next_rank: int | None = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def P(self) -> int:
+        return self.tp * self.sp
+
+    @property
+    def r(self) -> int:
+        """Shift (TP-P) rank of this GPU: ``tp_i * sp + sp_i``."""
+        return self.tp_i * self.sp + self.sp_i
+
+
+def rank_coords(rank: int, mesh: Mesh) -> dict[str, int]:
+    """Mesh coordinates of a global rank, for the schema's axis order."""
+    order = list(mesh.axis_order)
+    out: dict[str, int] = {}
+    for a in reversed(order):
+        n = getattr(mesh, a)
+        out[a] = rank % n
+        rank //= n
+    return out
+
+
+def build_par(mesh: Mesh, rank: int, device: torch.device) -> Par:
+    """Create the DeviceMesh and this rank's groups. Every rank must call it (collective)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    c = rank_coords(rank, mesh)
+    par = Par(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, sp=mesh.sp, dp_i=c["dp"], pp_i=c["pp"], tp_i=c["tp"],
+              sp_i=c["sp"], device=device)
+    if mesh.size == 1:
+        return par
+    order = tuple(mesh.axis_order)
+    dm = init_device_mesh(device.type, tuple(getattr(mesh, a) for a in order), mesh_dim_names=order)
+    if mesh.tp > 1:
+        par.tp_group = dm["tp"].get_group()
+    if mesh.sp > 1:
+        par.sp_group = dm["sp"].get_group()
+    if par.P > 1:
+        par.shift_group = _shift_group(dm, mesh, par)
+    coords = dm.mesh  # tensor of global ranks indexed by the axis order
+    if mesh.pp > 1:
+        idx = [c[a] for a in order]
+        k = order.index("pp")
+        if par.pp_i > 0:
+            idx[k] = par.pp_i - 1
+            par.prev_rank = int(coords[tuple(idx)])
+        if par.pp_i < mesh.pp - 1:
+            idx[k] = par.pp_i + 1
+            par.next_rank = int(coords[tuple(idx)])
+    return par
+
+
+def _shift_group(dm: Any, mesh: Mesh, par: Par) -> Any:
+    """The tp*sp ranks of this stage as one group, ordered ``tp_i*sp + sp_i``."""
+    if mesh.sp == 1:
+        return par.tp_group
+    if mesh.tp == 1:
+        return par.sp_group
+    sub = dm["tp", "sp"]
+    try:
+        return sub._flatten("shift").get_group()
+    except Exception:  # older/newer DeviceMesh without _flatten: make the groups ourselves
+        mine = None
+        full = dm.mesh
+        order = list(mesh.axis_order)
+        ranks_of: dict[tuple[int, int], list[int]] = {}
+        for g in range(full.numel()):
+            cc = rank_coords(g, mesh)
+            ranks_of.setdefault((cc["dp"], cc["pp"]), []).append(g)
+        for key in sorted(ranks_of):
+            grp = dist.new_group(sorted(ranks_of[key], key=lambda g: (rank_coords(g, mesh)["tp"], rank_coords(g, mesh)["sp"])))
+            if key == (par.dp_i, par.pp_i):
+                mine = grp
+        del order
+        return mine
+
+
+# ---------------------------------------------------------------- collectives (no-ops on size 1)
+
+
+def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """``x`` is ``[n, ...]`` with chunk j going to group rank j; returns chunk i from each rank."""
+    if group is None:
+        return x
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def all_gather_cat(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """Concatenate ``x`` from every group rank along dim 0 (rank order)."""
+    if group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,180 @@
+"""Continuous batching for one DP replica: token budget, chunked prefill, max seqs, a paged KV
+cache's block allocator, and preemption by recompute.
+
+Each step: running sequences first (a decode is 1 token, an unfinished prefill its next chunk),
+then waiting ones, until ``max_batch_tokens`` tokens or ``max_seqs`` sequences. A sequence needs
+``ceil(computed_tokens / block_size)`` blocks. When blocks run out for a running sequence, the
+most recently admitted other sequence is preempted: its blocks are freed and it goes back to the
+front of the queue, to be recomputed from its prompt plus what it had generated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from executors.batch import ImageJob, MicroBatch
+
+
+@dataclass
+class Seq:
+    req: int
+    tokens: list[int]  # prompt + generated so far
+    prompt_len: int
+    max_new: int
+    mrope: torch.Tensor | None = None  # [3, prompt_len] positions (VL) ; later tokens: i + delta
+    mrope_delta: int = 0
+    image_pixels: torch.Tensor | None = None
+    image_grid: list[tuple[int, int, int]] = field(default_factory=list)
+    image_tok_idx: list[int] = field(default_factory=list)  # prompt indices of image tokens
+    computed: int = 0  # tokens whose K/V is in the cache
+    blocks: list[int] = field(default_factory=list)
+    encoded: bool = False  # images sent for encoding since (re)admission
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    def positions(self, lo: int, hi: int) -> torch.Tensor:
+        if self.mrope is None:
+            return torch.arange(lo, hi)
+        idx = torch.arange(lo, hi)
+        out = idx[None].repeat(3, 1) + self.mrope_delta
+        inside = idx < self.prompt_len
+        out[:, inside] = self.mrope[:, idx[inside]]
+        return out
+
+
+@dataclass
+class Chunk:
+    seq: Seq
+    n: int
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        self.free = deque(range(num_blocks))
+        self.total = num_blocks
+
+    def need(self, s: Seq, upto: int, block: int) -> int:
+        return max(0, -(-upto // block) - len(s.blocks))
+
+    def grow(self, s: Seq, upto: int, block: int) -> bool:
+        k = self.need(s, upto, block)
+        if k > len(self.free):
+            return False
+        s.blocks.extend(self.free.popleft() for _ in range(k))
+        return True
+
+    def release(self, s: Seq) -> None:
+        self.free.extend(s.blocks)
+        s.blocks = []
+
+
+class Scheduler:
+    def __init__(self, num_blocks: int, block_size: int, max_batch_tokens: int, max_seqs: int):
+        self.pool = BlockPool(num_blocks)
+        self.block, self.budget, self.max_seqs = block_size, max_batch_tokens, max_seqs
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.preemptions = 0
+
+    def add(self, s: Seq) -> None:
+        self.waiting.append(s)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, keep: Seq) -> bool:
+        for victim in reversed(self.running):
+            if victim is not keep:
+                self.running.remove(victim)
+                self.pool.release(victim)
+                victim.computed, victim.encoded = 0, False
+                self.waiting.appendleft(victim)
+                self.preemptions += 1
+                return True
+        return False
+
+    def schedule(self) -> tuple[list[Chunk], list[int]]:
+        """Chunks of this step and the requests preempted now (their worker state is dropped)."""
+        chunks: list[Chunk] = []
+        budget = self.budget
+        before = self.preemptions
+        dropped: list[int] = []
+        for s in list(self.running):
+            if budget == 0:
+                break
+            if s not in self.running:
+                continue
+            n = min(len(s.tokens) - s.computed, budget)
+            while not self.pool.grow(s, s.computed + n, self.block):
+                victim_list = [v for v in reversed(self.running) if v is not s]
+                if not victim_list:
+                    break
+                dropped.append(victim_list[0].req)
+                self._preempt(s)
+                chunks = [c for c in chunks if c.seq in self.running]
+            else:
+                chunks.append(Chunk(s, n))
+                budget -= n
+        budget = self.budget - sum(c.n for c in chunks)
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            s = self.waiting[0]
+            n = min(len(s.tokens) - s.computed, budget)
+            if not self.pool.grow(s, s.computed + n, self.block):
+                break
+            self.waiting.popleft()
+            self.running.append(s)
+            chunks.append(Chunk(s, n))
+            budget -= n
+        del before
+        return chunks, dropped
+
+    def finish(self, s: Seq) -> None:
+        self.running.remove(s)
+        self.pool.release(s)
+
+
+def build_microbatch(chunks: list[Chunk], mode: str, block: int, image_token: int | None) -> MicroBatch:
+    """Pack chunks into one MicroBatch (tensors on CPU)."""
+    toks, pos, seq, idx, slots, ks, kq, kp, samp, sreq = [], [], [], [], [], [], [], [], [], []
+    img_tok: list[int] = []
+    img_src: list[tuple[int, int, int]] = []
+    images: list[ImageJob] = []
+    t = 0
+    for j, c in enumerate(chunks):
+        s = c.seq
+        lo, hi = s.computed, s.computed + c.n
+        toks += s.tokens[lo:hi]
+        pos.append(s.positions(lo, hi))
+        seq += [j] * c.n
+        idx += list(range(lo, hi))
+        b = torch.tensor(s.blocks, dtype=torch.long)
+        all_pos = torch.arange(hi)
+        all_slots = b[all_pos // block] * block + all_pos % block
+        slots.append(all_slots[lo:hi])
+        ks.append(all_slots)
+        kq += [j] * hi
+        kp.append(all_pos)
+        if hi == len(s.tokens):
+            samp.append(t + c.n - 1)
+            sreq.append(s.req)
+        if s.image_tok_idx:
+            inside = [k for k, p in enumerate(s.image_tok_idx) if lo <= p < hi]
+            if inside:
+                img_tok += [t + s.image_tok_idx[k] - lo for k in inside]
+                img_src.append((s.req, inside[0], len(inside)))
+                if not s.encoded:
+                    images.append(ImageJob(s.req, s.image_pixels, s.image_grid))
+                    s.encoded = True
+        t += c.n
+    return MicroBatch(
+        mode=mode, tokens=torch.tensor(toks, dtype=torch.long), pos=torch.cat(pos, dim=-1),
+        seq=torch.tensor(seq, dtype=torch.long), tok_idx=torch.tensor(idx, dtype=torch.long),
+        slots=torch.cat(slots), key_slots=torch.cat(ks), key_seq=torch.tensor(kq, dtype=torch.long),
+        key_pos=torch.cat(kp), sample_idx=torch.tensor(samp, dtype=torch.long), sample_req=sreq,
+        img_tok=torch.tensor(img_tok, dtype=torch.long), img_src=img_src, images=images,
+    )

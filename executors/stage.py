@@ -1,0 +1,164 @@
+"""One rank's share of one pipeline stage: embedding, vision tower, decoder layers, lm_head.
+
+``forward(mb, h_in)`` runs a micro-batch through this stage. Shapes: ``T`` packed tokens;
+in SP x TP mode ``T`` is padded to ``T_pad = ceil(T / sp) * sp`` and this rank keeps tokens
+``[sp_i * T_pad/sp, (sp_i+1) * T_pad/sp)`` (rotary positions, 1-D or M-RoPE's ``[3, T]``, are sliced
+on the token axis); the stage ends with an all-gather over sp so stage outputs are always
+``[T, hidden]``. The embedding and lm_head are vocab-parallel over the stage's P GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from executors.attention import LayerCache, packed_mask
+from executors.batch import ImageJob, MicroBatch
+from executors.config import ModelArgs
+from executors.dense import AttnMeta, DecoderLayer, rms_norm
+from executors.parallel import Par, all_gather_cat, all_reduce
+from executors.rope import cos_sin, inv_freq
+from executors.shard import HeadSplit
+from executors.vision import VisionTower, vision_shapes
+from executors.weights import WeightSource
+from plans.schema import Plan, Stage
+
+
+def checkpoint_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes of the whole model (what seeded random weights generate)."""
+    H, D, I = a.hidden, a.head_dim, a.intermediate
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab, H), "model.norm.weight": (H,)}
+    if not a.tie_embeddings:
+        s["lm_head.weight"] = (a.vocab, H)
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        s.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                  p + "self_attn.q_proj.weight": (a.heads * D, H), p + "self_attn.k_proj.weight": (a.kv_heads * D, H),
+                  p + "self_attn.v_proj.weight": (a.kv_heads * D, H), p + "self_attn.o_proj.weight": (H, a.heads * D),
+                  p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I)})
+        if a.qkv_bias:
+            s.update({p + "self_attn.q_proj.bias": (a.heads * D,), p + "self_attn.k_proj.bias": (a.kv_heads * D,),
+                      p + "self_attn.v_proj.bias": (a.kv_heads * D,)})
+    if a.vision is not None:
+        s.update(vision_shapes(a.vision))
+    return s
+
+
+def _vocab_rows(src: WeightSource, name: str, vocab: int, group: Any) -> tuple[torch.Tensor, int]:
+    """This rank's vocab shard ``[V/P, hidden]`` and its first row (the whole table if V % P != 0)."""
+    n = dist.get_world_size(group) if group is not None else 1
+    if n == 1 or vocab % n:
+        return src.rows(name), 0
+    i = dist.get_rank(group)
+    k = vocab // n
+    return src.rows(name, [(i * k, (i + 1) * k)]), i * k
+
+
+class StageModel:
+    def __init__(self, plan: Plan, stage: Stage, a: ModelArgs, par: Par, src: WeightSource,
+                 dtype: torch.dtype, kv_dtype: torch.dtype, num_slots: int):
+        self.plan, self.stage, self.a, self.par, self.dtype = plan, stage, a, par, dtype
+        dev = par.device
+        shift = plan.shift.enabled and par.sp > 1
+        self.vocab_group = par.shift_group if par.P > 1 else None
+        self.embed = self.lm_head = self.norm = self.vision = None
+        if stage.embedding:
+            w, self.embed_lo = _vocab_rows(src, "model.embed_tokens.weight", a.vocab, self.vocab_group)
+            self.embed = w.to(dev, dtype)
+            if a.vision is not None:
+                self.vision = VisionTower(a.vision, src, dtype, dev)
+        if stage.lm_head:
+            name = "lm_head.weight" if (not a.tie_embeddings and src.has("lm_head.weight")) else "model.embed_tokens.weight"
+            w, _ = _vocab_rows(src, name, a.vocab, self.vocab_group)
+            self.lm_head = w.to(dev, dtype)
+            self.norm = src.rows("model.norm.weight").to(dev, dtype)
+        self.layers = [DecoderLayer(i, a, par, src, dtype, shift) for i in range(stage.first_layer, stage.last_layer + 1)]
+        kv_local = HeadSplit(a.heads, a.kv_heads, par.P).kv_per_rank
+        self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
+        self.freq, self.rope_scale = inv_freq(a)
+        self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
+
+    # ------------------------------------------------------------------ embedding + vision
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: rows outside this shard give zeros; all-reduce sums the shards."""
+        n = self.embed.shape[0]
+        if n == self.a.vocab:
+            return F.embedding(tokens, self.embed)
+        local = tokens - self.embed_lo
+        ok = (local >= 0) & (local < n)
+        x = F.embedding(local.clamp(0, n - 1), self.embed) * ok[:, None].to(self.dtype)
+        return all_reduce(x, self.vocab_group)
+
+    def encode_images(self, jobs: list[ImageJob]) -> None:
+        """Run the vision tower for new requests. With placement ``stage0_dp``/``all_dp`` the
+        images are dealt to the stage's P GPUs (largest first, to the least-loaded GPU) and each
+        result is broadcast; otherwise every GPU of the stage encodes every image."""
+        if not jobs or self.vision is None:
+            return
+        split = self.plan.vision.placement in ("stage0_dp", "all_dp") and self.vocab_group is not None
+        if not split:
+            for j in jobs:
+                self.image_embeds[j.req] = self.vision(j.pixels, j.grid)
+            return
+        P = dist.get_world_size(self.vocab_group)
+        me = dist.get_rank(self.vocab_group)
+        load = [0] * P
+        owner = {}
+        for j in sorted(jobs, key=lambda j: -j.pixels.shape[0]):
+            k = min(range(P), key=lambda i: load[i])
+            owner[j.req] = k
+            load[k] += j.pixels.shape[0]
+        m2 = self.a.vision.merge ** 2
+        for j in jobs:
+            if owner[j.req] == me:
+                e = self.vision(j.pixels, j.grid).contiguous()
+            else:
+                e = torch.empty(j.pixels.shape[0] // m2, self.a.hidden, dtype=self.dtype, device=self.par.device)
+            dist.broadcast(e, src=dist.get_global_rank(self.vocab_group, owner[j.req]), group=self.vocab_group)
+            self.image_embeds[j.req] = e
+
+    def forget(self, reqs: list[int]) -> None:
+        for r in reqs:
+            self.image_embeds.pop(r, None)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+        """``[T, hidden]`` hidden states (non-last stage) or ``[S, V]`` logits (last stage)."""
+        par, dev = self.par, self.par.device
+        T = mb.num_tokens
+        if self.embed is not None:
+            self.encode_images(mb.images)
+            x = self._embed(mb.tokens.to(dev))
+            if mb.img_tok.numel():
+                rows = torch.cat([self.image_embeds[r][s:s + n] for r, s, n in mb.img_src])
+                x[mb.img_tok.to(dev)] = rows.to(x.dtype)
+        else:
+            x = h_in
+        sp = par.sp if (mb.mode == "sp_tp" and par.sp > 1) else 1
+        t_pad = -(-T // sp) * sp
+        slots = torch.full((t_pad,), -1, dtype=torch.long)
+        slots[:T] = mb.slots
+        meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))
+        pos = mb.pos
+        if sp > 1:
+            n = t_pad // sp
+            lo = par.sp_i * n
+            x = F.pad(x, (0, 0, 0, t_pad - T))[lo:lo + n]
+            pos = F.pad(pos, (0, t_pad - T))[..., lo:lo + n]
+        cos, sin = cos_sin(pos.to(dev), self.freq, self.rope_scale, self.a.mrope_section)
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        for layer, cache in zip(self.layers, self.caches):
+            x = layer.forward(x, mb.mode if par.sp > 1 else "tp", cos, sin, cache, meta)
+        if sp > 1:
+            x = all_gather_cat(x, par.sp_group, sp)[:T]
+        if self.lm_head is None:
+            return x
+        h = rms_norm(x[mb.sample_idx.to(dev)], self.norm, self.a.rms_eps)
+        logits = F.linear(h, self.lm_head).float()  # [S, V/P]
+        if self.lm_head.shape[0] != self.a.vocab:
+            n = dist.get_world_size(self.vocab_group)
+            logits = all_gather_cat(logits.t().contiguous(), self.vocab_group, n).t()
+        return logits

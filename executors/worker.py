@@ -1,0 +1,163 @@
+"""One worker per rank: join the process group, build this rank's stage, run steps.
+
+The driver sends each rank of a DP replica the same serialized ``Step``; the ranks of a stage run
+it together (collectives on their groups), hand hidden states to the next stage point-to-point,
+and the last stage's shift-rank-0 GPU samples and reports. Errors are reported to the driver with
+the rank and traceback, then the worker exits. The same ``run_rank`` serves local spawning and
+torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` from the environment).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from executors.batch import Step, StepOut
+from executors.config import DTYPES, model_args
+from executors.parallel import Par, build_par
+from executors.stage import StageModel, checkpoint_shapes
+from executors.weights import RandomSource, WeightSource, open_weights
+from plans.schema import Plan
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a rank needs, picklable."""
+
+    plan_json: str
+    config: dict
+    weights: str | None
+    seed: int
+    device: str
+    num_blocks: int
+    backend: str
+
+
+def to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def from_bytes(b: bytes) -> Any:
+    return torch.load(io.BytesIO(b), weights_only=False)
+
+
+def make_source(spec: WorkerSpec, args: Any) -> WeightSource:
+    if spec.weights:
+        return open_weights(spec.weights)
+    return RandomSource(checkpoint_shapes(args), seed=spec.seed)
+
+
+def rank_device(spec: WorkerSpec, rank: int) -> torch.device:
+    if spec.device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local % max(1, n))
+    return torch.device("cpu")
+
+
+class RankRunner:
+    """Builds the stage model for one rank and runs steps on it."""
+
+    def __init__(self, spec: WorkerSpec, par: Par, src: WeightSource | None = None):
+        plan = Plan.model_validate_json(spec.plan_json)
+        args = model_args(spec.config)
+        dtype = DTYPES.get(plan.model.weights_dtype)
+        kv_dtype = DTYPES.get(plan.model.kv_dtype)
+        if dtype is None or kv_dtype is None:
+            from plans.errors import UserError
+
+            raise UserError(f"the executor runs weights/KV in fp32, bf16 or fp16; the plan asks for "
+                            f"{plan.model.weights_dtype}/{plan.model.kv_dtype}")
+        self.par, self.plan = par, plan
+        self.model = StageModel(plan, plan.stages[par.pp_i], args, par, src or make_source(spec, args), dtype,
+                                kv_dtype, spec.num_blocks * plan.scheduler.block_size)
+        self.hidden, self.dtype = args.hidden, dtype
+        from executors.backends import apply_backend
+
+        apply_backend(self.model, spec.backend)
+
+    @property
+    def reports(self) -> bool:
+        return self.par.pp_i == self.par.pp - 1 and self.par.r == 0
+
+    @torch.inference_mode()
+    def run(self, step: Step) -> StepOut | None:
+        par = self.par
+        self.model.forget(step.free)
+        outs, pending = [], []
+        for mb in step.micro:
+            h_in = None
+            if par.prev_rank is not None:
+                h_in = torch.empty(mb.num_tokens, self.hidden, dtype=self.dtype, device=par.device)
+                dist.recv(h_in, src=par.prev_rank)
+            y = self.model.forward(mb, h_in)
+            if par.next_rank is not None:
+                y = y.contiguous()
+                pending.append((dist.isend(y, dst=par.next_rank), y))
+            else:
+                outs.append(y)
+        for work, _ in pending:
+            work.wait()
+        if not self.reports:
+            return None
+        logits = torch.cat(outs) if outs else torch.zeros(0, self.model.a.vocab)
+        reqs = [r for mb in step.micro for r in mb.sample_req]
+        return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step).tolist(),
+                       logits.cpu() if step.want_logits else None, [mb.mode for mb in step.micro])
+
+
+def sample(logits: torch.Tensor, step: Step) -> torch.Tensor:
+    """Greedy when temperature == 0; else softmax(logits / T) over the top-k, seeded per step."""
+    if logits.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if step.temperature <= 0:
+        return logits.argmax(-1)
+    x = logits.float() / step.temperature
+    if step.top_k > 0:
+        kth = x.topk(min(step.top_k, x.shape[-1]), dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    g = torch.Generator(device=x.device).manual_seed(step.seed * 1_000_003 + step.step_id)
+    return torch.multinomial(x.softmax(-1), 1, generator=g)[:, 0]
+
+
+def run_rank(rank: int, world: int, init_method: str | None, spec: WorkerSpec, cmd_q: Any, res_q: Any) -> None:
+    """Process entry point (spawned, or under torchrun with ``init_method=None``)."""
+    torch.set_num_threads(1)
+    try:
+        dev = rank_device(spec, rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if init_method is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        plan = Plan.model_validate_json(spec.plan_json)
+        par = build_par(plan.mesh, rank, dev)
+        runner = RankRunner(spec, par)
+        res_q.put(("ready", rank, None))
+        while True:
+            msg = cmd_q.get()
+            if msg is None:
+                break
+            out = runner.run(from_bytes(msg))
+            if out is not None:
+                res_q.put(("out", rank, to_bytes(out)))
+    except BaseException as e:  # report, then exit non-zero: the driver stops every rank
+        name = type(e).__name__
+        res_q.put(("error", rank, f"{name}: {e}\n{traceback.format_exc()}"))
+        res_q.close()
+        res_q.join_thread()
+        os._exit(1)
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass

@@ -1,0 +1,122 @@
+"""Build test plans directly from the schema, save tiny HF checkpoints, run the HF oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plans.schema import Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Shift, Stage, Vision
+
+HERE = Path(__file__).parent
+CONFIGS = {"llama": HERE / "llama.json", "qwen2": HERE / "qwen2.json", "qwen2_vl": HERE / "qwen2_vl.json"}
+IMAGE_TOKEN = 120
+
+
+def config(name: str) -> dict[str, Any]:
+    return json.loads(CONFIGS[name].read_text())
+
+
+def make_plan(name: str, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shift: bool = False,
+              threshold: int | None = None, microbatches: int = 1, block_size: int = 4,
+              max_batch_tokens: int = 64, max_seqs: int = 8, placement: str | None = None,
+              dtype: str = "fp32", backend: str = "eager") -> Plan:
+    """A plan for a tiny config and a pinned mesh (layers split evenly over pp stages)."""
+    cfg = config(name)
+    layers = cfg["num_hidden_layers"]
+    per = layers // pp
+    stages = [Stage(index=i, first_layer=i * per, last_layer=(i + 1) * per - 1 if i < pp - 1 else layers - 1,
+                    embedding=i == 0, lm_head=i == pp - 1, vision=i == 0 and "vision_config" in cfg)
+              for i in range(pp)]
+    if placement is None:
+        placement = "stage0_dp" if "vision_config" in cfg else "none"
+    mesh = Mesh(dp=dp, pp=pp, tp=tp, sp=sp)
+    return Plan(
+        name=f"tiny-{name}-{mesh.label()}{'-shift' if shift else ''}",
+        provenance=Provenance(spec_sha256="0" * 64, model_config_sha256="0" * 64, cost_profile="none",
+                              shiftplan_version="test"),
+        model=ModelRef(name=name, config=str(CONFIGS[name]), architecture=cfg["architectures"][0],
+                       weights_dtype=dtype, kv_dtype=dtype, num_layers=layers),
+        hardware=Hardware(gpu="cpu", gpus_per_node=mesh.size, nodes=1), objective="max_throughput", mesh=mesh,
+        stages=stages, vision=Vision(placement=placement),
+        shift=Shift(enabled=shift, threshold_tokens=threshold if shift else None),
+        memory_gb=MemoryPerGPU(weights=0.0, kv=0.0, activations=0.0, total=0.0, capacity=1.0, kv_tokens=4096),
+        scheduler=Scheduler(max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, block_size=block_size,
+                            microbatches=microbatches),
+        backend=backend,
+    ).check()
+
+
+def hf_model(name: str, seed: int = 0) -> Any:
+    """The HF transformers model of a tiny config with seeded weights (fp32, eval mode)."""
+    import transformers
+
+    from executors.config import hf_config_object
+
+    cfg = hf_config_object(config(name))
+    cls = getattr(transformers, config(name)["architectures"][0])
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # larger than HF's 0.02 init so greedy tokens have clear winners
+        for n, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.normal_(0.0, 1.0 / fan_in**0.5 if "embed" not in n else 1.0)
+            elif n.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def save_checkpoint(name: str, out: Path, seed: int = 0) -> Any:
+    """Write the tiny model as an HF safetensors checkpoint; return the model (the oracle)."""
+    model = hf_model(name, seed)
+    model.save_pretrained(str(out))
+    return model
+
+
+def oracle_logits(model: Any, tokens: list[int], images: list[Any] | None = None) -> torch.Tensor:
+    """HF logits ``[L, V]`` of one full sequence (prompt + generated) in one forward pass."""
+    ids = torch.tensor([tokens])
+    if not images:
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0].float()
+    # image features scattered at the prompt's image tokens only (a generated token may equal the
+    # image-pad id); M-RoPE positions from HF's own get_rope_index
+    n_img = sum(im.grid[0] * im.grid[1] * im.grid[2] // 4 for im in images)
+    mm = torch.zeros_like(ids)
+    pos_img = [i for i, t in enumerate(tokens) if t == IMAGE_TOKEN][:n_img]
+    mm[0, pos_img] = 1
+    grid = torch.tensor([list(im.grid) for im in images])
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(ids)
+        feats = model.model.get_image_features(torch.cat([im.pixels for im in images]), grid).pooler_output
+        emb[0, pos_img] = torch.cat(list(feats)).to(emb.dtype)
+        pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid)
+        return model(inputs_embeds=emb, position_ids=pos).logits[0].float()
+
+
+def random_image(grid_hw: tuple[int, int], seed: int) -> Any:
+    """A random preprocessed image with a (1, h, w) patch grid (h, w even)."""
+    from executors.images import ImageInput
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid_hw
+    return ImageInput(torch.randn(h * w, 3 * 2 * 14 * 14, generator=g), (1, h, w))
+
+
+def check_against_oracle(model: Any, prompt: list[int], result: Any, images: list[Any] | None = None) -> float:
+    """Max relative logit error of an engine result vs HF (teacher forced on the engine's tokens);
+    asserts that every generated token is HF's greedy choice. Returns the relative error."""
+    full = list(result.prompt_tokens) + list(result.tokens)
+    ref = oracle_logits(model, full[:-1], images)
+    L = len(result.prompt_tokens)
+    want = ref[L - 1:]
+    got = result.logits
+    assert got.shape == want.shape, (got.shape, want.shape)
+    greedy = want.argmax(-1).tolist()
+    assert greedy == list(result.tokens), f"tokens differ from HF greedy: {result.tokens} vs {greedy}"
+    return float((got - want).abs().max() / want.abs().max())
