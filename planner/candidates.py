@@ -52,6 +52,7 @@ class SearchSpace:
     gpus: int
     gpus_per_node: int
     capacity_gb: float  # usable memory per GPU
+    hbm_gb: float = 0.0  # raw device memory per GPU (0: same as capacity_gb), for the world-level message
     activations_gb: float = 0.0  # per GPU, reserved for the step's activations
     min_kv_tokens: int = 0  # KV budget each replica must hold at least
     allow_cross_node_tp: bool = False
@@ -231,12 +232,13 @@ def pareto(items: Sequence[object], metrics: Callable[[object], tuple[float, ...
 def weights_fit_message(facts: ModelFacts, space: SearchSpace) -> str | None:
     """The world-level memory bound: one copy of the weights must fit in all GPUs together."""
     total = facts.text_weights_gb + facts.vision_gb
-    room = space.gpus * space.capacity_gb
+    hbm = space.hbm_gb or space.capacity_gb
+    room = space.gpus * hbm
     if total <= room:
         return None
-    return (f"weights need {total:.0f} GB in {facts.weights_dtype}; {space.gpus} x {space.capacity_gb:.0f} GB = "
+    return (f"weights need {total:.0f} GB in {facts.weights_dtype}; {space.gpus} x {hbm:.0f} GB = "
             f"{room:.0f} GB; try {_smaller_dtype(facts.weights_dtype)}more GPUs (at least "
-            f"{math.ceil(total / space.capacity_gb)})")
+            f"{math.ceil(total / space.capacity_gb)} at {space.capacity_gb:.0f} GB usable each)")
 
 
 def _smaller_dtype(dtype: str) -> str:

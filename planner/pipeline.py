@@ -203,7 +203,7 @@ def search_space(spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
     tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
     return SearchSpace(
         gpus=spec.hardware.world_size, gpus_per_node=spec.hardware.gpus_per_node,
-        capacity_gb=model.cost.gpu.hbm_gb * USABLE_FRACTION, activations_gb=act, min_kv_tokens=min_kv_tokens(mix),
+        capacity_gb=model.cost.gpu.hbm_gb * USABLE_FRACTION, hbm_gb=model.cost.gpu.hbm_gb, activations_gb=act, min_kv_tokens=min_kv_tokens(mix),
         allow_cross_node_tp=s.allow_cross_node_tp, allow_fewer_gpus=spec.objective == "min_gpus",
         dp=tup(s.dp), pp=tup(s.pp) if s.stages is None else (len(s.stages),), tp=tup(s.tp), sp=tup(s.sp),
         placements=tuple(s.vision_placement) if s.vision_placement else
