@@ -33,7 +33,7 @@ def explain(spec: Any, facts: ModelFacts, space: SearchSpace, cset: CandidateSet
     if world:
         return InfeasibleSpec(f"{name}: no feasible plan: {world}")
     if not cset.candidates:
-        return InfeasibleSpec(f"{name}: no feasible plan: {_rejections(cset)}")
+        return InfeasibleSpec(f"{name}: no feasible plan: {_search_limits(space, facts) or _rejections(cset)}")
     best = _closest(solved)
     if best is None:
         return InfeasibleSpec(f"{name}: no feasible plan among {len(solved)} candidate meshes")
@@ -54,6 +54,18 @@ def _rejections(cset: CandidateSet) -> str:
     counts = Counter(r.reason for r in cset.rejected)
     top = "; ".join(f"{r} ({n} meshes)" if n > 1 else r for r, n in counts.most_common(3))
     return f"all {len(cset.rejected)} meshes are ruled out: {top}"
+
+
+def _search_limits(space: SearchSpace, facts: ModelFacts) -> str | None:
+    """A search limit no mesh can meet: none of its values divides the GPUs."""
+    if facts.has_vision and "dedicated" in space.placements:
+        return None  # dedicated encoder GPUs change the count
+    for axis in ("dp", "pp", "tp", "sp"):
+        allowed = getattr(space, axis)
+        if allowed and not space.allow_fewer_gpus and all(space.gpus % v for v in allowed):
+            return (f"search.{axis} = {list(allowed)}, but {axis} must divide the {space.gpus} GPUs "
+                    f"(dp*pp*tp*sp = {space.gpus})")
+    return None
 
 
 def _need(reason: str) -> float:

@@ -1,0 +1,63 @@
+"""Infeasible specs: a clean error naming the binding constraint with its arithmetic, exit 2,
+never a traceback or a solver dump."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from planner.api import compile_spec
+from planner.cli import main as plan_main
+from planner.infeasible import InfeasibleSpec
+from planner.spec import parse_spec
+
+CASES = {
+    "world": ("model: {preset: llama-3.1-405b, weights_dtype: bf16}\n"
+              "hardware: {gpu: h100, gpus_per_node: 8, nodes: 1}\n",
+              r"weights need 8\d\d GB in bf16; 8 x 80 GB = 640 GB; try fp8 or more GPUs"),
+    "per_gpu": ("model: {preset: llama-3.1-70b}\nhardware: {gpu: h100, gpus_per_node: 2, nodes: 1}\n",
+                r"every mesh runs out of memory; the closest, tp2: weights 70\.\d .* = 7\d\.\d GB per GPU > 72\.0 GB"),
+    "slo": ("model: {preset: llama-3.1-8b}\nhardware: {gpu: h100, gpus_per_node: 1, nodes: 1}\n"
+            "slo: {ttft_p90_ms: 1}\n",
+            r"misses slo_ttft: unloaded TTFT \d+ ms > SLO 1 ms; relax slo\.ttft_p90_ms"),
+    "search": ("model: {preset: llama-3.1-70b}\nhardware: {gpu: h200, gpus_per_node: 8, nodes: 1}\n"
+               "search: {tp: [3]}\n",
+               r"search\.tp = \[3\], but tp must divide the 8 GPUs"),
+    "control": ("model: {preset: llama-3.1-8b}\nhardware: {gpu: h100, gpus_per_node: 8, nodes: 1}\n"
+              "search: {dp: [1], pp: [1], sp: [1]}\n",
+              None),  # tp8 is feasible here: a control case
+}
+
+
+def _spec_text(name: str, body: str) -> str:
+    return f"name: {name}\n{body}workload: {{arrival_rate: 1.0}}\n"
+
+
+@pytest.mark.parametrize("case", [k for k, v in CASES.items() if v[1] is not None])
+def test_message_names_the_binding_constraint(case: str):
+    body, pattern = CASES[case]
+    spec = parse_spec(_spec_text(case, body), source=f"{case}.yaml")
+    with pytest.raises(InfeasibleSpec) as e:
+        compile_spec(spec)
+    msg = str(e.value)
+    assert re.search(pattern, msg), msg
+    assert msg.startswith(f"{case}: no feasible plan: ")
+    assert "Traceback" not in msg and "Infeasible" not in msg and "CBC" not in msg
+
+
+def test_control_case_compiles():
+    spec = parse_spec(_spec_text("ok", CASES["control"][0]), source="ok.yaml")
+    plan = compile_spec(spec)
+    assert plan.mesh.tp == 8 and plan.mesh.size == 8
+
+
+def test_cli_exit_code_2_and_one_clean_line(tmp_path: Path, capsys):
+    f = tmp_path / "world.yaml"
+    f.write_text(_spec_text("world", CASES["world"][0]))
+    assert plan_main(["compile", str(f), "-q", "-o", str(tmp_path / "x.plan.yaml")]) == 2
+    cap = capsys.readouterr()
+    assert "weights need" in cap.err and "640 GB" in cap.err
+    assert "Traceback" not in cap.err + cap.out
+    assert not (tmp_path / "x.plan.yaml").exists()
