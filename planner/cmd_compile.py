@@ -72,8 +72,9 @@ def summary(res, seconds: float) -> str:
     if pr.ttft_ms and pr.tpot_ms:
         lines.append(f"  predicted ({pr.source}): TTFT p90 {pr.ttft_ms.p90:.0f} ms, TPOT p90 {pr.tpot_ms.p90:.1f} ms, "
                      f"{pr.combined_tok_s or 0:.0f} tok/s, goodput {pr.goodput_rps or 0:.2f} req/s, "
-                     + ("meets SLO" if pr.meets_slo else "misses SLO"))
-    lines.append(f"  searched {res.candidates} meshes ({res.rejected} ruled out), {res.solved} ILPs feasible, "
+                     + {True: "meets SLO", False: "misses SLO", None: "no SLO set"}[pr.meets_slo])
+    lines.append(f"  searched {res.candidates} meshes ({res.rejected} ruled out, {res.pruned} dominated), "
+                 f"{res.solved} ILPs feasible, "
                  f"{res.simulated} simulated; {seconds:.2f} s; cost profile {p.provenance.cost_profile}")
     return "\n".join(lines)
 

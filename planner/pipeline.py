@@ -596,7 +596,9 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
         ms = cm.layers_time(a, b, pf, tp=c.tp, sp=c.sp, mode="sp_tp").total_ms
         st = Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == c.pp - 1,
                    vision=has_vision and (e.vision in ("stage0_tp", "stage0_dp") and i == 0 or e.vision == "all_dp"),
-                   step_ms=ms, shift_threshold_tokens=crosses[i].threshold_tokens if crosses[i] else None)
+                   step_ms=ms, shift_threshold_tokens=(spec.search.shift_threshold if spec.search.shift_threshold
+                                                       is not None else crosses[i].threshold_tokens)
+                   if crosses[i] else None)
         stages.append(st)
     mems = [cm.memory(pp=c.pp, tp=c.tp, sp=c.sp, stage_layers=(a, b), with_embedding=i == 0,
                       with_lm_head=i == c.pp - 1, with_vision=False, max_batch_tokens=mix.max_batch_tokens)
@@ -613,10 +615,12 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
                           activations=mw.activations_gb,
                           total=mw.weights_gb + vis_gb[worst] + mw.shift_copy_gb + mw.activations_gb + kv_gb,
                           capacity=mw.capacity_gb, kv_tokens=tokens[worst])
-    thr = s.costed.threshold_tokens
-    curve = s.costed.threshold.curve if s.costed.threshold else ()
+    # the plan's threshold: stage 0's own crossover (each stage records its own), unless pinned
+    pinned = spec.search.shift_threshold
+    thr = None if c.sp < 2 else (pinned if pinned is not None else crosses[0].threshold_tokens)
+    curve = crosses[0].curve if crosses[0] else ()
     shift = Shift(enabled=c.sp > 1, threshold_tokens=thr,
-                  curves=[CurvePoint(tokens=t, sp_tp_ms=a * info.layers, tp_ms=b * info.layers) for t, a, b in curve])
+                  curves=[CurvePoint(tokens=t, sp_tp_ms=a, tp_ms=b) for t, a, b in curve])
     m = spec.model
     plan = Plan(
         name=spec.name,

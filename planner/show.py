@@ -30,11 +30,13 @@ def render_plan(plan: Plan) -> str:
                    + (f"; shift threshold {thr} tokens" if thr is not None else ""))
     if plan.model.vision_blocks:
         out.append(f"vision     {plan.vision.placement}"
-                   + (f" on {plan.vision.dedicated_gpus} dedicated GPUs" if plan.vision.dedicated_gpus else ""))
+                   + (f" ({plan.vision.dedicated_gpus} GPUs for the encoder alone)" if plan.vision.dedicated_gpus
+                      else ""))
     if plan.shift.enabled:
         out.append(f"shift      steps of <= {plan.shift.threshold_tokens} tokens run TP{m.shift_degree}; larger ones "
                    f"run SP{m.sp} x TP{m.tp}")
         if plan.shift.curves:
+            out.append("           stage 0 step time, on the workload's mix of decodes and prefill chunks:")
             out.append("           tokens   sp x tp ms    tp ms")
             for c in plan.shift.curves:
                 win = "sp x tp" if c.sp_tp_ms < c.tp_ms else "tp"

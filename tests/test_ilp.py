@@ -112,3 +112,25 @@ def test_min_latency_objective_prefers_the_faster_placement():
 def test_bad_stage_count_is_a_value_error():
     with pytest.raises(ValueError):
         solve(_p(stages=9))
+
+
+# ------------------------------------------------------------------ shift threshold (planner.threshold)
+
+from planner.threshold import crossover, ladder  # noqa: E402
+
+
+def test_crossover_is_exact_on_linear_curves():
+    # TP: 10 + 0.02 T ms; SP x TP: 14 + 0.01 T ms -> equal at T = 400; SP x TP wins from 401
+    c = crossover(lambda t: 14 + 0.01 * t, lambda t: 10 + 0.02 * t, 8192)
+    assert c.crossover_tokens == 401 and c.threshold_tokens == 400
+    for tokens, sp_ms, tp_ms in c.curve:
+        assert (tokens <= c.threshold_tokens) == (tp_ms <= sp_ms)
+    assert [t for t, _, _ in c.curve] == [16, 64, 256, 1024, 4096, 8192]
+
+
+def test_crossover_edges():
+    never = crossover(lambda t: 2.0 * t, lambda t: 1.0 * t, 4096)
+    assert never.crossover_tokens is None and never.threshold_tokens == 4096  # always TP
+    always = crossover(lambda t: 0.5 * t, lambda t: 1.0 * t, 4096)
+    assert always.crossover_tokens == 1 and always.threshold_tokens == 0  # always SP x TP
+    assert ladder(100) == [1, 2, 4, 8, 16, 32, 64, 100]
