@@ -35,6 +35,7 @@ from plans.errors import UserError
 class Grids:
     gemm_m: list[int]
     gemm_nk: list[int]
+    bias_nk: list[int] = field(default_factory=list)  # (N, K) of the linear-with-bias benchmarks
     attn_heads: tuple[int, int, int] = (40, 8, 128)  # heads, kv heads, head dim (text)
     attn_L: list[int] = field(default_factory=list)
     attn_B: list[int] = field(default_factory=list)
@@ -51,7 +52,8 @@ class Grids:
     @staticmethod
     def full() -> "Grids":
         m = sorted({2 ** i for i in range(16)} | {3 * 2 ** i for i in range(14)})
-        return Grids(gemm_m=m, gemm_nk=[768, 1536, 3072, 6144, 12288, 24576],
+        return Grids(gemm_m=m, gemm_nk=[768, 1152, 1536, 2304, 3072, 4608, 6144, 9216, 12288, 18432, 24576],
+                     bias_nk=[1152, 4608, 18432],
                      attn_L=[16, 48, 96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
                      attn_B=[1, 2, 4, 8, 16, 32],
                      full_L=[64, 192, 576, 1728, 5184, 15552], full_B=[1, 2, 4, 8, 16],
@@ -60,7 +62,7 @@ class Grids:
 
     @staticmethod
     def quick() -> "Grids":
-        return Grids(gemm_m=[1, 4, 16, 64, 256, 1024, 4096, 16384], gemm_nk=[1536, 6144, 24576],
+        return Grids(gemm_m=[1, 4, 16, 64, 256, 1024, 4096, 16384], gemm_nk=[1536, 6144, 24576], bias_nk=[6144],
                      attn_L=[48, 384, 3072, 24576], attn_B=[1, 4, 16],
                      full_L=[192, 1728, 15552], full_B=[1, 4],
                      dec_B=[1, 12, 96, 384], dec_C=[192, 1536, 12288],
@@ -69,7 +71,7 @@ class Grids:
     @staticmethod
     def cpu_dry_run() -> "Grids":
         """Tiny shapes so the whole path runs on a CPU in seconds (the numbers mean nothing)."""
-        return Grids(gemm_m=[1, 8, 64], gemm_nk=[64, 256], attn_heads=(4, 2, 16), attn_L=[16, 64], attn_B=[1, 2],
+        return Grids(gemm_m=[1, 8, 64], gemm_nk=[64, 256], bias_nk=[64, 256], attn_heads=(4, 2, 16), attn_L=[16, 64], attn_B=[1, 2],
                      full_heads=(4, 16), full_L=[16, 64], full_B=[1, 2], dec_B=[1, 4], dec_C=[32, 128],
                      mem_T=[1, 32, 256], widths={k: max(32, v // 64) for k, v in _WIDTHS.items()})
 
@@ -131,17 +133,6 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
     # launch gap and ceilings
     x1 = torch.zeros(1, device=dev)
     raw["overhead_us"] = timer(lambda: x1.add_(1.0)) * 1e3
-    big = rnd(1 << (28 if dev.type == "cuda" else 16))
-    dst = torch.empty_like(big)
-    ms = timer(lambda: dst.copy_(big))
-    raw["copy_tbps"] = 2 * big.numel() * 2 / (ms * 1e-3) / 1e12
-    s = 8192 if dev.type == "cuda" else 256
-    a, b = rnd(s, s), rnd(s, s)
-    ms = timer(lambda: a @ b)
-    raw["matmul_tflops"] = 2 * s ** 3 / (ms * 1e-3) / 1e12
-    del big, dst, a, b
-    log(f"overhead {raw['overhead_us']:.2f} us, copy {raw['copy_tbps']:.2f} TB/s, matmul {raw['matmul_tflops']:.0f} TFLOP/s")
-
     # GEMMs
     F = torch.nn.functional
     for n in grids.gemm_nk:
@@ -163,7 +154,17 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
             del ws
         if checkpoint:
             checkpoint(raw)
-    log(f"gemm: {len(raw['gemm'])} points, {time.time() - t_start:.0f} s")
+    raw["gemm_bias"] = []
+    for n in grids.bias_nk:
+        for k in grids.bias_nk:
+            w, bias = rnd(n, k), rnd(n)
+            for m in grids.gemm_m:
+                if out_of_time():
+                    break
+                x = rnd(m, k)
+                raw["gemm_bias"].append({"m": m, "n": n, "k": k, "ms": timer(lambda: F.linear(x, w, bias)),
+                                         "ms_nobias": timer(lambda: F.linear(x, w))})
+    log(f"gemm: {len(raw['gemm'])} points, {len(raw['gemm_bias'])} with bias, {time.time() - t_start:.0f} s")
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -217,11 +218,25 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
             pts.append({"T": T, "elements": elements, "ms": timer(fn)})
         raw["memops"][name] = pts
     log(f"memory ops: {sum(len(v) for v in raw['memops'].values())} points, {time.time() - t_start:.0f} s")
+    _ceilings(raw, timer, rnd, dev)
+    log(f"overhead {raw['overhead_us']:.2f} us, copy {raw['copy_tbps']:.2f} TB/s, matmul {raw['matmul_tflops']:.0f} TFLOP/s")
     raw["seconds"] = time.time() - t_start
     raw["graph_capture_failures"] = timer.graph_failures
     if dev.type == "cuda" and torch.cuda.device_count() > 1:
         raw["collectives"] = "not measured: multi-GPU NCCL calibration runs under torchrun (one process per GPU)"
     return raw
+
+
+def _ceilings(raw: dict, timer, rnd, dev) -> None:
+    """The two ceilings, measured after the grid (clocks warm): device copy and a large GEMM."""
+    big = rnd(1 << (28 if dev.type == "cuda" else 16))
+    dst = big.clone()
+    ms = timer(lambda: dst.copy_(big))
+    raw["copy_tbps"] = 2 * big.numel() * 2 / (ms * 1e-3) / 1e12
+    s = 8192 if dev.type == "cuda" else 256
+    a, b = rnd(s, s), rnd(s, s)
+    ms = timer(lambda: a @ b)
+    raw["matmul_tflops"] = 2 * s ** 3 / (ms * 1e-3) / 1e12
 
 
 def _memops(grids: Grids, dev, dt, gen) -> dict[str, Callable[[int], tuple[Callable[[], object], int]]]:

@@ -8,6 +8,7 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
 * ``attn_decode``: {B, C, heads, kv_heads, head_dim, ms}
   ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
 * ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included)
+* ``gemm_bias``: {m, n, k, ms, ms_nobias}  ->  extra us(M, N) = ms - ms_nobias, mean over K
 
 ``peak`` and ``bw`` are the catalog datasheet figures of the GPU the profile is for, so a
 profile says how far from the datasheet the real part runs. Grid cells that were not
@@ -80,6 +81,13 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
                 lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
                 / (net_s(p["ms"]) * bw))
     memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3) for name, pts in raw["memops"].items() if pts}
+    bias = None
+    if raw.get("gemm_bias"):
+        acc: dict[tuple, list[float]] = {}
+        for p in raw["gemm_bias"]:
+            acc.setdefault((p["m"], p["n"]), []).append(max(p["ms"] - p["ms_nobias"], 0.0) * 1e3)
+        bias = _grid([{"m": m, "n": n, "us": sum(v) / len(v)} for (m, n), v in acc.items()], ("m", "n"),
+                     lambda p: p["us"])
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
-                   collectives=raw.get("collectives_fit", {}), raw=raw)
+                   collectives=raw.get("collectives_fit", {}), raw=raw, gemm_bias=bias)

@@ -77,7 +77,7 @@ class PackedAttention:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa)
             outs.append(o.squeeze(0).transpose(0, 1))
             start += n
-        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0].contiguous()
 
     def check(self) -> float:
         """Max abs difference of the varlen path against the SDPA loop on a small random case."""

@@ -23,7 +23,7 @@ from costmodels import collectives as C
 from costmodels.gpu import GPU
 from costmodels.hardware import dtype_bytes, get_gpu, matmul_tflops
 from costmodels.memory import MemoryBreakdown, memory_per_gpu
-from costmodels.opcost import OpRec, Rates, op_rec, op_time
+from costmodels.opcost import OpRec, Rates, op_rec, op_time, split_gating
 from costmodels.profile import Profile
 from graph.opgraph import Block, OpGraph, StepShape
 from plans.errors import UserError
@@ -109,7 +109,7 @@ class CostModel:
         self._sig: dict[str, int] = {}
         sigs: dict[tuple, int] = {}
         for b in graph.blocks:
-            recs = tuple(op_rec(graph.op(n), b.tower) for n in b.ops)
+            recs = split_gating(tuple(op_rec(graph.op(n), b.tower) for n in b.ops))
             self._recs[b.name] = recs
             self._sig[b.name] = sigs.setdefault((b.kind, recs), len(sigs))
         self._cache: dict[tuple, Breakdown] = {}

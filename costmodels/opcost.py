@@ -19,7 +19,7 @@ time vs elements. Without a profile: e_compute = 0.7, e_mem = 0.8, 4 us per laun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from costmodels.profile import Profile
 from graph.opgraph import Affine, OpNode, StepShape
@@ -47,6 +47,7 @@ class OpRec:
     heads: float = 1.0
     kv_heads: float = 1.0
     causal: bool = True
+    bias: bool = False  # a linear with a bias vector (weight_elems > k*n)
     memop: str = "add"  # profile table of a memory-bound op
 
     @property
@@ -73,7 +74,16 @@ def op_rec(op: OpNode, tower: str) -> OpRec:
                  act_read=op.act_read, act_written=op.act_written, kv_read=op.kv_read, kv_written=op.kv_written,
                  k=float(sh.get("k", 0) or 0), n=float(sh.get("n", 0) or 0),
                  heads=float(sh.get("heads", 1) or 1), kv_heads=float(sh.get("kv_heads", sh.get("heads", 1)) or 1),
-                 causal=bool(sh.get("causal", True)), memop=memop_name(op, tower))
+                 causal=bool(sh.get("causal", True)), memop=memop_name(op, tower),
+                 bias=op.kind in MATMUL_KINDS and op.weight_elems > float(sh.get("k", 0) or 0) * float(sh.get("n", 0) or 0) > 0)
+
+
+def split_gating(recs: tuple[OpRec, ...]) -> tuple[OpRec, ...]:
+    """A block whose graph lists the gating multiply as its own (column-sharded elementwise)
+    op times its text activation as SiLU alone, not SiLU*mul, so the multiply counts once."""
+    if not any(r.kind == "elementwise" and r.shard == "column" for r in recs):
+        return recs
+    return tuple(replace(r, memop="silu") if r.memop == "silu_mul" else r for r in recs)
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,9 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
     c = flops / (rates.peak_flops * max(eff, 1e-4)) * 1e3
     nbytes = r.weight_elems / wt * rates.w_bytes + (ar + aw) * rates.a_bytes
     mem = nbytes / (rates.bw * (0.92 if prof else ROOFLINE_MEM_EFF)) * 1e3
+    if r.bias and prof is not None and prof.gemm_bias is not None:
+        extra = prof.gemm_bias(m, n) * 1e-3
+        c, mem = (c + extra, mem) if c >= mem else (c, mem + extra)
     return c, mem, ovh_us * 1e-3
 
 

@@ -12,6 +12,7 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
   bytes = KV read (2 * B * C * kv_heads * head_dim * 2 bytes).
 * ``memops[name]``: time in microseconds of a memory-bound op (HF implementation: RMSNorm,
   LayerNorm, SiLU*mul, QuickGELU, RoPE, add, copy) vs the elements it produces.
+* ``gemm_bias``: extra microseconds a bias adds to a linear, e(M, N) (averaged over K).
 * ``overhead_us``: per-kernel launch gap inside a CUDA graph.
 * ``collectives``: alpha-beta fits (``alpha_us``, ``bus_gbps``) when more than one GPU was seen.
 """
@@ -43,10 +44,20 @@ class Profile:
     memops: dict[str, LogGrid]  # name -> us(elements)
     collectives: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    gemm_bias: LogGrid | None = None  # extra us of a bias epilogue, e(M, N)
 
     def memop_us(self, name: str, elements: float) -> float | None:
+        """Measured time (us) of memory-bound op ``name`` writing ``elements`` elements.
+
+        ``silu`` alone (graphs that list SiLU and the gating multiply as two ops) is derived:
+        silu_mul(e) - add(e) + one launch, at least one launch."""
+        e = max(elements, 1.0)
         g = self.memops.get(name)
-        return None if g is None else g(max(elements, 1.0))
+        if g is not None:
+            return g(e)
+        if name == "silu" and "silu_mul" in self.memops and "add" in self.memops:
+            return max(self.memops["silu_mul"](e) - self.memops["add"](e) + self.overhead_us, self.overhead_us)
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +67,7 @@ class Profile:
                 "gemm": self.gemm.to_json(), "attn_causal": self.attn_causal.to_json(),
                 "attn_full": self.attn_full.to_json(), "attn_decode": self.attn_decode.to_json(),
                 "memops": {k: v.to_json() for k, v in sorted(self.memops.items())},
+                **({"gemm_bias": self.gemm_bias.to_json()} if self.gemm_bias else {}),
             },
             "collectives": self.collectives,
             "raw": self.raw,
@@ -69,7 +81,8 @@ class Profile:
                    attn_causal=LogGrid.from_json(t["attn_causal"]), attn_full=LogGrid.from_json(t["attn_full"]),
                    attn_decode=LogGrid.from_json(t["attn_decode"]),
                    memops={k: LogGrid.from_json(v) for k, v in t["memops"].items()},
-                   collectives=d.get("collectives", {}), raw=d.get("raw", {}))
+                   collectives=d.get("collectives", {}), raw=d.get("raw", {}),
+                   gemm_bias=LogGrid.from_json(t["gemm_bias"]) if "gemm_bias" in t else None)
 
 
 def read_profile(path: str | Path) -> Profile:
