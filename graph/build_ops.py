@@ -18,9 +18,12 @@ through them. Memory is counted as if each logical op were one fused kernel: it 
 distinct tensor it takes from outside the op (activations and its weights) once, and writes
 each tensor it produces that something outside the op reads.
 
-``extract`` measures one export (plain numbers at one size N); ``fit`` takes two exports at
-sizes N1 < N2 and returns, per op, ``value(N) = const + per_token * N`` (exact for ops linear in
-the token count, which every op here is except attention).
+``extract`` measures one export (plain numbers at one size N). ``proportional`` turns one
+measurement into ``value(N) = per_token * N`` (per_token = value / N): every activation tensor of
+a block has the step's tokens as a factor of its size (weights and constant buffers are counted
+apart), so one export suffices. ``fit`` takes two exports at sizes N1 < N2 and returns
+``value(N) = const + per_token * N``; the tests use it to check that every const is 0, i.e.
+that the one-export shortcut is exact.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def _classify(node: Any) -> tuple[str, str] | None:
     if op in MATMUL:
         return "matmul", ""
     if op in ATTENTION:
-        return "attention", "sdpa"
+        return "attention", "attn"
     if op in CONV:
         return "patch_embed", ""
     if op == "embedding":
@@ -135,6 +138,8 @@ def _classify(node: Any) -> tuple[str, str] | None:
         return "activation", ""
     if "Attention" in cls:
         return "rope", "rope"
+    if op == "add" and ("DecoderLayer" in cls or "Block" in cls):
+        return "elementwise", "residual"
     return "elementwise", op
 
 
@@ -188,7 +193,7 @@ def extract(ep: Any) -> list[MeasuredOp]:
         base = g["path"] if not g["label"] else (f"{g['path']}.{g['label']}" if g["path"] else g["label"])
         k = names.get(base, 0)
         names[base] = k + 1
-        name = base if k == 0 else f"{base}_{k}"
+        name = f"{base}{k + 1}" if g["label"] == "residual" else (base if k == 0 else f"{base}_{k}")
         op = MeasuredOp(name=name, kind=g["kind"], module=g["path"])
         seen_src: set[Any] = set()
         for n in g["nodes"]:
@@ -264,6 +269,13 @@ def fit(a: list[MeasuredOp], b: list[MeasuredOp], n1: int, n2: int) -> list[Fitt
                             lin(x.act_read, y.act_read), lin(x.act_written, y.act_written), dict(x.shape),
                             list(x.preds)))
     return out
+
+
+def proportional(a: list[MeasuredOp], n: int) -> list[FittedOp]:
+    """Per-op ``(0, value / n)`` from one measurement at size ``n`` (see the module docstring)."""
+    return [FittedOp(x.name, x.kind, x.module, x.params, (0.0, _clean(x.flops / n)),
+                     (0.0, _clean(x.act_read / n)), (0.0, _clean(x.act_written / n)), dict(x.shape), list(x.preds))
+            for x in a]
 
 
 def _clean(v: float) -> float:

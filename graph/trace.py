@@ -4,9 +4,11 @@ Steps (all on the meta device, no weights, no memory):
 
 1. ``graph.families`` builds a text wrapper (embed -> one decoder layer -> norm -> lm_head) and,
    for Qwen2-VL / Qwen2.5-VL, a vision wrapper (patch embed -> one vision block -> merger).
-2. Each wrapper is exported with ``torch.export`` at two sizes (T = 16 and 32 tokens; N = 16 and
-   64 patches) and ``graph.build_ops`` fits every logical op's FLOPs / activation elements as
-   ``const + per_token * T`` from the exported shapes.
+2. Each wrapper is exported once with ``torch.export`` (T = 32 tokens; N = 64 patches of one
+   image) and ``graph.build_ops`` reads every logical op's FLOPs / activation elements per token
+   off the exported shapes (value / T: all activations scale with the tokens). With
+   ``check_linear=True`` each wrapper is exported at a second size too and the two are fitted as
+   ``const + per_token * T``; a nonzero const (an op not proportional to the tokens) raises.
 3. Attention is the op a shape cannot price: FLOPs = 4 * heads * head_dim * S (QK^T and PV, S
    attention pairs); reads q (heads*head_dim per token) and new k, v (2*kv_heads*head_dim per
    token), writes its output, writes the new tokens' K/V to the cache (2*kv_heads*head_dim*T)
@@ -25,37 +27,42 @@ from typing import Any, Callable
 
 import networkx as nx
 
-from graph.build_ops import FittedOp, extract, fit
+from graph.build_ops import FittedOp, extract, fit, proportional
 from graph.families import VISION_PREFIX, Family, family_of, head_dim, hf_config, text_part
 from graph.hf_config import config_sha256
 from graph.opgraph import Affine, Block, ModelInfo, OpGraph, OpNode
 
-TRACER_VERSION = 1
-TEXT_SIZES = (16, 32)
-VISION_SIZES = (16, 64)
+TRACER_VERSION = 2
+TEXT_SIZES = (32, 16)  # the first is used; the second only with check_linear
+VISION_SIZES = (64, 16)  # multiples of spatial_merge_size**2
 
 # wrapper segment -> (block kind, tower)
 TEXT_SEGMENTS = {"embed_tokens": "embedding", "layer": "decoder", "norm": "final_norm", "lm_head": "lm_head"}
 VISION_SEGMENTS = {"patch_embed": "vision_patch_embed", "block": "vision_block", "merger": "merger"}
 
 
-def trace_config(cfg: dict[str, Any]) -> OpGraph:
-    """The op graph of an HF config dict (a supported architecture, else ``UserError``)."""
+def trace_config(cfg: dict[str, Any], *, check_linear: bool = False) -> OpGraph:
+    """The op graph of an HF config dict (a supported architecture, else ``UserError``).
+
+    ``check_linear``: export every wrapper at two sizes and verify that all costs are
+    proportional to the token count (slower; used by the tests).
+    """
     fam = family_of(cfg)
     t0 = time.perf_counter()
     conf = hf_config(cfg)
     tc = text_part(conf)
     from graph.families import text_wrapper, vision_wrapper
 
-    text_ops = _measure(text_wrapper(fam, conf), TEXT_SIZES)
-    vision_ops = _measure(vision_wrapper(fam, conf), VISION_SIZES) if fam.vision else None
+    text_ops = _measure(text_wrapper(fam, conf), TEXT_SIZES, check_linear)
+    vision_ops = _measure(vision_wrapper(fam, conf), VISION_SIZES, check_linear) if fam.vision else None
     info = _model_info(fam, conf, tc)
     g, blocks = _assemble(fam, info, text_ops, vision_ops)
     return OpGraph(info=info, graph=g, blocks=blocks, config_sha256=config_sha256(cfg),
                    trace_seconds=round(time.perf_counter() - t0, 4))
 
 
-def _measure(make: Callable[[int], tuple[Any, tuple[Any, ...]]], sizes: tuple[int, int]) -> list[FittedOp]:
+def _measure(make: Callable[[int], tuple[Any, tuple[Any, ...]]], sizes: tuple[int, int],
+             check_linear: bool) -> list[FittedOp]:
     import logging
     import warnings
 
@@ -63,13 +70,21 @@ def _measure(make: Callable[[int], tuple[Any, tuple[Any, ...]]], sizes: tuple[in
 
     measured = []
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    for n in sizes:
+    for n in sizes if check_linear else sizes[:1]:
         mod, args = make(n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(mod, args, strict=False)
         measured.append(extract(ep))
-    return fit(measured[0], measured[1], sizes[0], sizes[1])
+    if not check_linear:
+        return proportional(measured[0], sizes[0])
+    fitted = fit(measured[1], measured[0], sizes[1], sizes[0])
+    for op in fitted:
+        for field in ("flops", "act_read", "act_written"):
+            const, per = getattr(op, field)
+            if abs(const) > 1e-6 * max(1.0, abs(per)):
+                raise RuntimeError(f"{op.name}.{field} is not proportional to the tokens: {const} + {per}*T")
+    return fitted
 
 
 def _model_info(fam: Family, conf: Any, tc: Any) -> ModelInfo:
@@ -88,6 +103,7 @@ def _model_info(fam: Family, conf: Any, tc: Any) -> ModelInfo:
             "spatial_merge_size": vc.spatial_merge_size,
             "temporal_patch_size": vc.temporal_patch_size,
             "in_channels": vc.in_channels,
+            "in_chans": vc.in_channels,  # the key costmodels.synthetic uses
             "window_size": None if v2 else vc.window_size,
             "fullatt_block_indexes": None if v2 else list(vc.fullatt_block_indexes),
             "out_hidden": vc.hidden_size if v2 else vc.out_hidden_size,

@@ -86,7 +86,7 @@ def test_shards_match_hf_tp_plan(graphs):
             assert op.shard == {"colwise": "column", "rowwise": "row"}[style], (name, pattern, op.shard)
             checked += 1
         assert checked == 7
-        assert g.op("layers.0.self_attn.sdpa").shard == "heads"
+        assert g.op("layers.0.self_attn.attn").shard == "heads"
         assert g.op("layers.0.input_layernorm").shard == "replicated"
         assert g.op("layers.0.mlp.act_fn").shard == "column"
         assert g.op("embed_tokens").shard == "vocab" and g.op("lm_head").shard == "vocab"
@@ -98,7 +98,7 @@ def test_costs_are_affine_in_the_step(graphs):
     q = g.op("layers.0.self_attn.q_proj")
     assert q.flops.tokens == 2 * h * h and q.flops.const == 0 and q.shape == {"k": h, "n": h}
     assert q.weight_elems == h * h and q.act_read.tokens == h and q.act_written.tokens == h
-    att = g.op("layers.0.self_attn.sdpa")
+    att = g.op("layers.0.self_attn.attn")
     assert att.flops.pairs == 4 * heads * hd and att.flops.tokens == 0
     assert att.kv_read.kv == 2 * kvh * hd and att.kv_written.tokens == 2 * kvh * hd
     assert att.shape["heads"] == heads and att.shape["kv_heads"] == kvh and att.shape["causal"] is True
@@ -117,12 +117,25 @@ def test_qwen25_vl_window_flags(graphs):
     v = g.info.vision
     assert v is not None and v["depth"] == 32 and v["window_size"] == 112 and v["out_hidden"] == 8192
     for i in range(32):
-        shape = g.op(f"visual.blocks.{i}.attn.sdpa").shape
+        shape = g.op(f"visual.blocks.{i}.attn.attn").shape
         assert shape["window"] is (i not in (7, 15, 23, 31)), i
         assert shape["causal"] is False
-    assert all(g.op(f"visual.blocks.{i}.attn.sdpa").shape["window"] is False for i in range(32)
+    assert all(g.op(f"visual.blocks.{i}.attn.attn").shape["window"] is False for i in range(32)
                for g in [graphs["qwen2-vl-7b"]])
     assert g.op("visual.merger.mlp.2").shape == {"k": 5120, "n": 8192}
+
+
+@pytest.mark.parametrize("which", ["tiny-qwen2.5-vl", "qwen2-vl-7b"])
+def test_one_export_equals_two_size_fit(which, graphs):
+    """Costs read off one export (value / T) equal a fit over two export sizes with zero const."""
+    cfg = TINY_VL25 if which.startswith("tiny") else load_config(preset=which)
+    one = graphs[which] if which in graphs else trace_config(cfg)
+    two = trace_config(cfg, check_linear=True)  # raises if any op has a constant term
+    assert list(one.graph.nodes) == list(two.graph.nodes)
+    for n in one.graph.nodes:
+        a, b = one.op(n), two.op(n)
+        for f in ("flops", "act_read", "act_written", "kv_read", "kv_written"):
+            assert getattr(a, f) == pytest.approx(getattr(b, f)), (n, f)
 
 
 def test_unsupported_architecture_is_refused():
