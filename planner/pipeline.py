@@ -36,7 +36,7 @@ from planner.threshold import Crossover, crossover
 from plans.errors import UserError
 
 Progress = Callable[[str], None]
-SHORTLIST = 2  # best candidates by the static key that the simulator scores (plus diversity picks)
+SHORTLIST = 3  # best candidates by the static key that the simulator scores (plus diversity picks)
 SIM_REQUESTS = 200  # requests per simulated candidate (the spec's own count caps it)
 MIX_REQUESTS = 500  # requests sampled to measure the workload's means
 VISION_BATCH = 8  # images per encoder batch when amortising encoder time per request
@@ -656,6 +656,15 @@ def _vision_gb(placement: str | None, stage: int, c: Candidate, x: Costed) -> fl
 def why_lost(r: Scored, best: Scored, spec: Spec) -> str:
     """One line with figures: the first metric, in the objective's order, where r is worse."""
     pr, pb = r.predicted, best.predicted
+    if pr.source != pb.source:  # not simulated: it ranked below the shortlist on the static estimate
+        slo = []
+        if spec.slo.ttft_p90_ms is not None and r.ttft_ms > spec.slo.ttft_p90_ms:
+            slo.append(f"TTFT {r.ttft_ms:.0f} ms > SLO {spec.slo.ttft_p90_ms:.0f} ms")
+        if spec.slo.tpot_p90_ms is not None and r.tpot_ms > spec.slo.tpot_p90_ms:
+            slo.append(f"TPOT {r.tpot_ms:.1f} ms > SLO {spec.slo.tpot_p90_ms:.0f} ms")
+        return ("below the simulated shortlist on the static estimate: " + "; ".join(
+            slo + [f"TTFT {r.ttft_ms:.0f} ms, TPOT {r.tpot_ms:.1f} ms, capacity {r.capacity_rps:.2f} req/s "
+                   f"(winner's estimate: capacity {best.capacity_rps:.2f} req/s)"]) + " [estimate]")
     parts = []
     if pr.meets_slo is False and pb.meets_slo:
         if spec.slo.ttft_p90_ms is not None and pr.ttft_ms and pr.ttft_ms.p90 > spec.slo.ttft_p90_ms:
