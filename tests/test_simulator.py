@@ -153,6 +153,7 @@ def test_kv_pressure_preempts_and_recomputes():
     assert log.preemptions > 0
     assert all(r.state == DONE for r in log.reqs)
     assert 0.9 < log.kv_peak <= 1.0
+    assert 0.3 < log.kv_area / log.t_end <= log.kv_peak  # time-average KV share in use
     # recompute costs extra prefill tokens beyond the no-preemption total
     assert log.step_tokens > sum(q.prompt_tokens + q.output_tokens - 1 for q in reqs)
 

@@ -50,8 +50,8 @@ class LogGrid:
 
     def index(self, x: float) -> int:
         if x < self.exact_below:
-            return -int(round(x)) - 1  # negative keys: exact small integers
-        return int(round(math.log2(x) * self.per_octave))
+            return -int(x + 0.5) - 1  # negative keys: exact small integers
+        return int(math.log2(x) * self.per_octave + 0.5)
 
     def value(self, k: int) -> float:
         return float(-k - 1) if k < 0 else 2.0 ** (k / self.per_octave)
@@ -81,6 +81,7 @@ class ModelCoster:
         self.hidden, self.act_bytes = hidden, act_bytes
         self.inter_node = list(inter_node or [False] * max(0, self.pp - 1))
         self.grid = grid or LogGrid()
+        self._eb, self._po = self.grid.exact_below, self.grid.per_octave
         self.exact = exact
         self._steps: dict[tuple, tuple[float, ...]] = {}
         self._vision: dict[tuple, float] = {}
@@ -97,11 +98,17 @@ class ModelCoster:
         self.calls += 1
         if self.exact:
             return self.exact_stage_ms(shape, mode)
-        g = self.grid
-        key = (g.index(shape.tokens), g.index(shape.pairs), g.index(shape.kv), g.index(shape.seqs), mode)
+        eb, po, log2 = self._eb, self._po, math.log2  # LogGrid.index, inlined (the simulator's hot path)
+        t, p, k, b = shape.tokens, shape.pairs, shape.kv, shape.seqs
+        kt = -int(t + 0.5) - 1 if t < eb else int(log2(t) * po + 0.5)
+        kb = kt if b == t else (-int(b + 0.5) - 1 if b < eb else int(log2(b) * po + 0.5))
+        kp = -int(p + 0.5) - 1 if p < eb else int(log2(p) * po + 0.5)
+        kk = kp if k == p else (-int(k + 0.5) - 1 if k < eb else int(log2(k) * po + 0.5))
+        key = (kt, kp, kk, kb, mode)
         hit = self._steps.get(key)
         if hit is None:
             self.misses += 1
+            g = self.grid
             q = StepShape(g.value(key[0]), g.value(key[1]), g.value(key[2]), g.value(key[3]))
             hit = self._steps[key] = self.exact_stage_ms(q, mode)
         return hit

@@ -70,6 +70,7 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         log.notes.append("the plan places no vision encoder; images encoded on stage 0 (stage0_tp)")
     events: list = []
     seq = 0
+    per_stage = cfg.shift and len(set(cfg.stage_thresholds)) > 1
 
     def push(t: float, kind: int, payload: object) -> None:
         nonlocal seq
@@ -77,11 +78,14 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         heapq.heappush(events, (t, seq, kind, payload))
 
     def kick(rep: Replica, t: float, first: Lane | None = None) -> None:
-        order = rep.lanes if first is None else [first] + [x for x in rep.lanes if x is not first]
-        for lane in order:
-            if not lane.busy and not lane.kicked:
-                lane.kicked = True
-                push(t, SCHEDULE, lane)
+        if first is not None and not first.busy and not first.kicked:
+            first.kicked = True
+            push(t, SCHEDULE, first)
+        if first is None or cfg.lanes > 1:
+            for lane in rep.lanes:
+                if not lane.busy and not lane.kicked:
+                    lane.kicked = True
+                    push(t, SCHEDULE, lane)
 
     def start_encoder(t: float) -> None:
         batch = encoder.take()
@@ -91,13 +95,14 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
             push(t + dt, ENC_DONE, batch)
 
     def launch(lane: Lane, t: float) -> None:
+        lane.replica.kv_clock(t)
         batch, pre = form_batch(lane, cfg)
         log.preemptions += pre
         if batch is None:
             return
         log.steps += 1
         log.step_tokens += batch.tokens
-        modes = cfg.stage_modes(batch.tokens)
+        modes = cfg.stage_modes(batch.tokens) if per_stage else None
         if modes is None:
             mode = cfg.mode(batch.tokens)
             log.steps_tp += mode == "tp"
@@ -109,6 +114,15 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         if batch.patches:
             ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, batch.patches))]
         rep = lane.replica
+        if pp == 1:  # one stage: no pipeline to walk
+            dt = ms[0] / 1e3
+            free = rep.stage_free
+            start = t if t > free[0] else free[0]
+            free[0] = start + dt
+            rep.stage_busy[0] += dt
+            lane.busy = True
+            push(start + dt, STEP_DONE, (lane, batch))
+            return
         ready = t
         for s in range(cfg.pp):
             dt = ms[s] / 1e3
@@ -123,6 +137,7 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
 
     in_system = 0
     last_t = 0.0
+    pp = cfg.pp
     i, n = 0, len(reqs)
     while i < n or events:
         if i < n and (not events or reqs[i].arrival <= events[0][0]):
@@ -133,13 +148,14 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         dt = t - last_t
         if dt > 0:
             log.area += in_system * dt
-            log.kv_area += sum(r.kv_used for r in reps) / (cfg.kv_tokens * cfg.dp) * dt
             last_t = t
         if kind == STEP_DONE:
             lane, batch = payload
             lane.busy = False
+            lane.replica.kv_clock(t)
             in_system -= len(complete_batch(lane, batch, t))
-            kick(lane.replica, t, first=lane)
+            if cfg.lanes > 1 or lane.replica.waiting or lane.prefilling or lane.decoding:
+                kick(lane.replica, t, first=lane)
         elif kind == SCHEDULE:
             payload.kicked = False
             if not payload.busy:
@@ -172,6 +188,9 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
             rep.waiting.append(payload)
             kick(rep, t)
     log.t_end = last_t
+    for rep in reps:
+        rep.kv_clock(last_t)
+    log.kv_area = sum(r.kv_area for r in reps) / (cfg.kv_tokens * cfg.dp)
     log.kv_peak = max(r.kv_peak for r in reps) / cfg.kv_tokens
     log.stage_busy_s = [sum(r.stage_busy[s] for r in reps) for s in range(cfg.pp)]
     log.encoder_busy_s = encoder.busy_s if encoder else 0.0

@@ -34,10 +34,7 @@ class Batch:
     shape: StepShape
     patches: tuple[int, ...]  # ViT patches of the images encoded in this step (in-step placements)
     image_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return int(self.shape.tokens)
+    tokens: int  # scheduled tokens: decodes + prefill chunk tokens
 
 
 def preempt(rep: Replica, lane: Lane, req: Req) -> None:
@@ -61,6 +58,13 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
     """The lane's next micro-batch (None when it has nothing to do) and the number of preemptions."""
     rep = lane.replica
     cap = rep.kv_cap
+    n_dec = len(lane.decoding)
+    if n_dec and not lane.prefilling and not rep.waiting and rep.kv_used + n_dec <= cap:
+        rep.kv_used += n_dec  # fast path: decodes only, nothing to admit
+        if rep.kv_used > rep.kv_peak:
+            rep.kv_peak = rep.kv_used
+        c = float(lane.ctx + n_dec)
+        return Batch(n_dec, [], StepShape(n_dec, c, c, n_dec), (), 0, n_dec), 0
     preempted = 0
     while lane.decoding and rep.kv_used + len(lane.decoding) > cap:
         victim = lane.prefilling[-1] if lane.prefilling else next(reversed(lane.decoding.values()))
@@ -110,7 +114,7 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         pairs += n * c + n * (n + 1) / 2
         kv += n + c
         seqs += 1
-    return Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs), tuple(patches), img_tokens), preempted
+    return Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs), tuple(patches), img_tokens, tokens), preempted
 
 
 def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:

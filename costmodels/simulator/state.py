@@ -70,6 +70,8 @@ class Replica:
     waiting: deque = field(default_factory=deque)
     kv_used: int = 0
     kv_peak: int = 0
+    kv_area: float = 0.0  # integral of kv_used over time (token-seconds), up to kv_t
+    kv_t: float = 0.0
     outstanding: int = 0  # requests routed here and not finished (the router's load)
     stage_free: list[float] = field(default_factory=list)
     stage_busy: list[float] = field(default_factory=list)
@@ -77,3 +79,8 @@ class Replica:
     def __post_init__(self) -> None:
         self.stage_free = [0.0] * self.pp
         self.stage_busy = [0.0] * self.pp
+
+    def kv_clock(self, t: float) -> None:
+        """Integrate KV use up to ``t``; call before kv_used changes."""
+        self.kv_area += self.kv_used * (t - self.kv_t)
+        self.kv_t = t
