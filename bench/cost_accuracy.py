@@ -338,7 +338,8 @@ def _describe(p: dict) -> str:
     return f"{P[0]}" if len(P) == 1 else (f"{len(P)}x{P[0]}" if len(set(P)) == 1 else "+".join(map(str, P)))
 
 
-def report(raw_path: Path, profile_path: Path | None, out_dir: Path, command: str) -> dict:
+def report(raw_path: Path, profile_path: Path | None, out_dir: Path, command: str, name: str = "cost_accuracy",
+           extra: dict | None = None) -> dict:
     raw = json.loads(Path(raw_path).read_text())
     pts, pid, source = predict(raw["points"], profile_path, dry=raw.get("dry_run", False))
     res: dict[str, Any] = {}
@@ -353,8 +354,10 @@ def report(raw_path: Path, profile_path: Path | None, out_dir: Path, command: st
                    "attention_kernel": raw.get("attention_kernel"), "command": command,
                    "timing": "CUDA-graph replays, median of 5; per layer = chain of distinct layers / count"}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cost_accuracy.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out_dir / "cost_accuracy.md").write_text(_markdown(res))
+    if extra:
+        res["meta"].update(extra)
+    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(_markdown(res))
     return res
 
 
@@ -390,13 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--raw", type=Path, required=True)
     r.add_argument("--profile", type=Path, default=None)
     r.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    r.add_argument("--name", default="cost_accuracy", help="output file stem (cost_accuracy -> .json/.md)")
     a = ap.parse_args(argv)
     if a.cmd == "device":
         device_run(a.out, a.quick, a.cpu_dry_run, a.budget_s, a.skip_calibration)
         return 0
     cmd = "python bench/cost_accuracy.py report --raw " + str(a.raw.name if a.raw.is_absolute() else a.raw)
     cmd += f" --profile {a.profile if a.profile and not a.profile.is_absolute() else (a.profile.name if a.profile else '')}"
-    res = report(a.raw, a.profile, a.out_dir, command=cmd)
+    cmd += f" --name {a.name}" if a.name != "cost_accuracy" else ""
+    res = report(a.raw, a.profile, a.out_dir, command=cmd, name=a.name)
     for k in ("prefill", "decode", "vision"):
         print(f"{k:8s} median {res[k]['median_abs_pct']:6.2f}%  p90 {res[k]['p90_abs_pct']:6.2f}%  n={len(res[k]['points'])}")
     return 0

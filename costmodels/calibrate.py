@@ -56,7 +56,7 @@ class Grids:
                      bias_nk=[1152, 4608, 18432],
                      attn_L=[16, 48, 96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
                      attn_B=[1, 2, 4, 8, 16, 32],
-                     full_L=[64, 192, 576, 1728, 5184, 15552], full_B=[1, 2, 4, 8, 16],
+                     full_L=[64, 110, 192, 332, 576, 1000, 1728, 3000, 5184, 9000, 15552], full_B=[1, 2, 4, 8, 16],
                      dec_B=[1, 3, 6, 12, 24, 48, 96, 192, 384], dec_C=[96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
                      mem_T=[2 ** i for i in range(17)], widths=_WIDTHS)
 
@@ -292,7 +292,7 @@ def _memops(grids: Grids, dev, dt, gen) -> dict[str, Callable[[int], tuple[Calla
         H = W["rope_vision"]
         d = 80 if dev.type == "cuda" else 16
         qkv = rnd(T, 3 * H * d).reshape(T, 3, H, d).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = rnd(T, d), rnd(T, d)
+        cos, sin = rnd(T, d).float(), rnd(T, d).float()  # the model computes its vision RoPE tables in fp32
         return (lambda: apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)), 2 * T * H * d
 
     return {"rmsnorm": rmsnorm, "layernorm": layernorm, "silu_mul": silu_mul, "quick_gelu": quick_gelu,

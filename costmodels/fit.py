@@ -7,7 +7,8 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
   ->  e = 4 * heads * head_dim * pairs / ((ms - overhead) * peak), pairs = B L(L+1)/2 or B L^2
 * ``attn_decode``: {B, C, heads, kv_heads, head_dim, ms}
   ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
-* ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included)
+* ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included;
+  interpolated log-log, exact where time grows as a power of size)
 * ``gemm_bias``: {m, n, k, ms, ms_nobias}  ->  extra us(M, N) = ms - ms_nobias, mean over K
 
 ``peak`` and ``bw`` are the catalog datasheet figures of the GPU the profile is for, so a
@@ -33,7 +34,7 @@ def decode_attention_bytes(B: float, C: float, heads: float, kv_heads: float, d:
     return kv + act
 
 
-def _grid(points: list[dict], keys: tuple[str, ...], value) -> LogGrid:
+def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = False) -> LogGrid:
     """A LogGrid over the distinct coordinates of ``points``; unmeasured cells take the
     nearest measured cell, moving along the first axis before any other."""
     axes = [sorted({float(p[k]) for p in points}) for k in keys]
@@ -53,7 +54,7 @@ def _grid(points: list[dict], keys: tuple[str, ...], value) -> LogGrid:
             return [at(prefix + (i,)) for i in range(len(axes[d]))]
         return [build(prefix + (i,)) for i in range(len(axes[d]))]
 
-    return LogGrid(axes, build(()))
+    return LogGrid(axes, build(()), log_values)
 
 
 def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: str, meta: dict[str, Any]) -> Profile:
@@ -80,7 +81,8 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     dec = _grid(raw["attn_decode"], ("B", "C"),
                 lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
                 / (net_s(p["ms"]) * bw))
-    memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3) for name, pts in raw["memops"].items() if pts}
+    memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3, log_values=True)
+              for name, pts in raw["memops"].items() if pts}
     bias = None
     if raw.get("gemm_bias"):
         acc: dict[tuple, list[float]] = {}

@@ -34,14 +34,19 @@ def _get(values: Any, idx: tuple[int, ...]) -> float:
 class LogGrid:
     """A fitted table: ``axes`` (sorted positive coordinates) and nested ``values``.
 
+    With ``log_values`` the values are interpolated in log2 too (log-log), which is exact
+    for power laws such as a memory-bound op's time vs its size.
+
     Precomputes log2 of the axes so a lookup costs d bisections plus 2^d products."""
 
-    __slots__ = ("axes", "values", "_log_axes")
+    __slots__ = ("axes", "values", "log_values", "_log_axes", "_vals")
 
-    def __init__(self, axes: Sequence[Sequence[float]], values: Any):
+    def __init__(self, axes: Sequence[Sequence[float]], values: Any, log_values: bool = False):
         self.axes = [list(map(float, a)) for a in axes]
         self.values = values
+        self.log_values = log_values
         self._log_axes = [[math.log2(a) for a in axis] for axis in self.axes]
+        self._vals = _map(values, lambda v: math.log2(max(v, 1e-12))) if log_values else values
 
     def __call__(self, *point: float) -> float:
         brackets = [_bracket(la, math.log2(max(x, 1e-30))) for la, x in zip(self._log_axes, point)]
@@ -58,12 +63,16 @@ class LogGrid:
                     w *= 1.0 - f
                     idx.append(i)
             if w:
-                total += w * _get(self.values, tuple(idx))
-        return total
+                total += w * _get(self._vals, tuple(idx))
+        return 2.0 ** total if self.log_values else total
 
     def to_json(self) -> dict[str, Any]:
-        return {"axes": self.axes, "values": self.values}
+        return {"axes": self.axes, "values": self.values, **({"log_values": True} if self.log_values else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "LogGrid":
-        return cls(d["axes"], d["values"])
+        return cls(d["axes"], d["values"], bool(d.get("log_values", False)))
+
+
+def _map(values: Any, f) -> Any:
+    return [_map(v, f) for v in values] if isinstance(values, list) else f(float(values))
