@@ -63,6 +63,14 @@ class ModelArgs:
     vision: VisionArgs | None = None
     image_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_inv_freq: tuple[float, ...] = ()  # [D/2], from the config's rope type (llama3 scaling etc.)
+    rope_scale: float = 1.0
+
+    def portable(self) -> "ModelArgs":
+        """A copy without the transformers config object (what workers receive)."""
+        from dataclasses import replace
+
+        return replace(self, hf_text_config=None)
 
     @property
     def is_vl(self) -> bool:
@@ -119,7 +127,7 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
             merge=vc.spatial_merge_size, act=vc.hidden_act,
         )
     tie = bool(getattr(full, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
-    return ModelArgs(
+    args = ModelArgs(
         arch=arch, hidden=tc.hidden_size, heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
         head_dim=head_dim, intermediate=tc.intermediate_size, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
         rms_eps=tc.rms_norm_eps, max_positions=tc.max_position_embeddings,
@@ -127,6 +135,12 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
         tie_embeddings=tie, hf_text_config=tc, mrope_section=tuple(mrope) if mrope else None, vision=vision,
         image_token_id=getattr(full, "image_token_id", None), eos_token_ids=_eos(tc) or _eos(full),
     )
+    from executors.rope import rope_frequencies
+
+    freq, scale = rope_frequencies(tc, head_dim)
+    from dataclasses import replace
+
+    return replace(args, rope_inv_freq=tuple(freq.tolist()), rope_scale=scale)
 
 
 def plan_config(plan: Plan, base_dir: str | Path | None = None) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class Engine:
         if plan.vision.placement == "dedicated":
             raise UserError("vision placement 'dedicated' (encoder on its own GPUs) is not run by this executor yet")
         src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
-        self.spec = WorkerSpec(plan.model_dump_json(), config, str(weights) if isinstance(weights, (str, Path)) else None,
+        self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
                                seed, device, self.num_blocks, self.backend)
         self.world = plan.mesh.size
         self.procs: list[Any] = []
@@ -86,7 +86,11 @@ class Engine:
     def _spawn(self) -> None:
         import torch.multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
+        try:  # a fork server imports torch once per driver process; workers fork from it
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["executors.worker"])
+        except ValueError:
+            ctx = mp.get_context("spawn")
         self.res_q = ctx.Queue()
         self.cmd_q = [ctx.Queue() for _ in range(self.world)]
         init = f"tcp://127.0.0.1:{_free_port()}"

@@ -7,24 +7,30 @@ same value in all three rows, so M-RoPE reduces to 1-D RoPE for them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
-from executors.config import ModelArgs
+if TYPE_CHECKING:
+    from executors.config import ModelArgs
 
 
-def inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
-    """``inv_freq [D/2]`` and the attention scaling of the config's rope type."""
-    tc = args.hf_text_config
+def rope_frequencies(tc: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    """``inv_freq [D/2]`` and the attention scaling of an HF text config's rope type."""
     rp = getattr(tc, "rope_parameters", None) or {}
     rope_type = rp.get("rope_type", "default") if isinstance(rp, dict) else "default"
-    if rope_type == "default" or rope_type == "mrope":
+    if rope_type in ("default", "mrope"):
         base = rp.get("rope_theta", getattr(tc, "rope_theta", 10000.0))
-        d = args.head_dim
-        return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)), 1.0
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     f, scale = ROPE_INIT_FUNCTIONS[rope_type](tc, torch.device("cpu"))
     return f.float(), float(scale)
+
+
+def inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """The model's rotary frequencies (computed once from the HF config, see ``model_args``)."""
+    return torch.tensor(args.rope_inv_freq, dtype=torch.float32), args.rope_scale
 
 
 def cos_sin(pos: torch.Tensor, freq: torch.Tensor, scale: float,

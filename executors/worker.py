@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from executors.batch import Step, StepOut
-from executors.config import DTYPES, model_args
+from executors.config import DTYPES, ModelArgs
 from executors.parallel import Par, build_par
 from executors.stage import StageModel, checkpoint_shapes
 from executors.weights import RandomSource, WeightSource, open_weights
@@ -31,7 +31,7 @@ class WorkerSpec:
     """Everything a rank needs, picklable."""
 
     plan_json: str
-    config: dict
+    args: ModelArgs  # portable: no transformers objects, so workers never import transformers
     weights: str | None
     seed: int
     device: str
@@ -68,7 +68,7 @@ class RankRunner:
 
     def __init__(self, spec: WorkerSpec, par: Par, src: WeightSource | None = None):
         plan = Plan.model_validate_json(spec.plan_json)
-        args = model_args(spec.config)
+        args = spec.args
         dtype = DTYPES.get(plan.model.weights_dtype)
         kv_dtype = DTYPES.get(plan.model.kv_dtype)
         if dtype is None or kv_dtype is None:

@@ -1,0 +1,69 @@
+"""Point 6: every mesh gives HF transformers' logits (fp32, 1e-4 relative) and greedy tokens.
+
+One engine launch per (model, mesh) runs a batch mixing prompt lengths (one long enough for a
+chunked prefill under the 16-token budget), text-only and image+text requests, for 32 new tokens;
+shift meshes see prefill steps above the 8-token threshold (SP x TP) and decode steps below (TP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import executors
+from executors import Request, Sampling
+from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, make_plan, random_image, save_checkpoint
+
+MESHES = {
+    "tp2": dict(tp=2),
+    "sp2": dict(sp=2),
+    "shift-sp2": dict(sp=2, shift=True, threshold=8),
+    "shift-sp2xtp2": dict(sp=2, tp=2, shift=True, threshold=8),
+    "pp2": dict(pp=2, microbatches=2),
+    "pp2xtp2": dict(pp=2, tp=2),
+    "dp2": dict(dp=2),
+}
+MODELS = ["llama", "qwen2", "qwen2_vl"]
+NEW_TOKENS = 32
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    out = {}
+    for name in MODELS:
+        d = tmp_path_factory.mktemp(name)
+        out[name] = (d, save_checkpoint(name, d, seed=7))
+    return out
+
+
+def batch(name: str) -> tuple[list[Request], list[list | None]]:
+    reqs = [Request(tokens=[5, 9, 17]), Request(tokens=list(range(30, 59))), Request(tokens=[3, 4, 11, 12, 40, 41, 42])]
+    imgs: list[list | None] = [None, None, None]
+    if name == "qwen2_vl":
+        a, b = random_image((4, 4), 1), random_image((4, 6), 2)
+        reqs += [Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8, 9], images=[a]),
+                 Request(tokens=[118, IMAGE_TOKEN, 119, 60, 61, 118, IMAGE_TOKEN, 119, 62], images=[b, a])]
+        imgs += [[a], [b, a]]
+    return reqs, imgs
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("name", MODELS)
+def test_mesh_matches_hf(name: str, mesh: str, checkpoints: dict) -> None:
+    ckpt, oracle = checkpoints[name]
+    plan = make_plan(name, max_batch_tokens=16, **MESHES[mesh])
+    reqs, imgs = batch(name)
+    with executors.load(plan, weights=ckpt, keep_logits=True, kv_blocks=64) as eng:
+        results = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
+        modes = dict(eng.mode_counts)
+    for req, res, im in zip(reqs, results, imgs):
+        assert res.error is None, res.error
+        assert len(res.tokens) == NEW_TOKENS
+        rel = check_against_oracle(oracle, req.tokens, res, im)
+        assert rel < TOL, f"{name} {mesh}: relative logit error {rel:.2e}"
+    if MESHES[mesh].get("shift"):
+        assert modes["sp_tp"] > 0 and modes["tp"] > 0, modes  # both sides of the threshold ran
+    elif MESHES[mesh].get("sp", 1) > 1:
+        assert modes["tp"] == 0 and modes["sp_tp"] > 0, modes
