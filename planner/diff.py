@@ -133,9 +133,17 @@ def diff_plans(a: Plan, b: Plan) -> list[Change]:
     take("runners_up")
     ra = [f"{r['mesh']}/{r['vision']}" for r in da["runners_up"]]
     rb = [f"{r['mesh']}/{r['vision']}" for r in db["runners_up"]]
-    if da["runners_up"] != db["runners_up"]:
-        out.append(Change("runners-up", ", ".join(ra) or "(none)",
-                          ", ".join(rb) + ("" if ra != rb else " (scores or reasons changed)") or "(none)"))
+    if ra != rb:
+        out.append(Change("runners-up", ", ".join(ra) or "(none)", ", ".join(rb) or "(none)"))
+    old_by = {f"{r['mesh']}/{r['vision']}": r for r in da["runners_up"]}
+    for r in db["runners_up"]:
+        k = f"{r['mesh']}/{r['vision']}"
+        o = old_by.get(k)
+        if o is not None and o != r:
+            if o.get("score") != r.get("score"):
+                out.append(Change(f"runner-up {k} score", _fmt(o.get("score")), _fmt(r.get("score"))))
+            if o.get("reason") != r.get("reason"):
+                out.append(Change(f"runner-up {k} reason", repr(o.get("reason")), repr(r.get("reason"))))
     field("provenance.spec_sha256", "spec sha256")
     field("provenance.model_config_sha256", "model config sha256")
     field("provenance.cost_profile", "cost profile")

@@ -21,6 +21,7 @@ in the mode the shift threshold picks for its token count.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,8 @@ Progress = Callable[[str], None]
 SHORTLIST = 3  # best candidates by the static key that the simulator scores (plus diversity picks)
 SIM_REQUESTS = 200  # requests per simulated candidate (the spec's own count caps it)
 MIX_REQUESTS = 500  # requests sampled to measure the workload's means
-VISION_BATCH = 8  # images per encoder batch when amortising encoder time per request
+VISION_BATCH = 8
+UTIL_TARGET = 0.8  # min_gpus: the bottleneck may be busy at most this share of the time at the arrival rate  # images per encoder batch when amortising encoder time per request
 
 
 # ------------------------------------------------------------------ stage 1-2: spec, model
@@ -54,10 +56,28 @@ class Model:
     graph: OpGraph
     cost: Any  # costmodels.model.CostModel
     name: str
+    _memory: dict = field(default_factory=dict, repr=False)
 
     @property
     def has_vision(self) -> bool:
         return any(b.tower == "vision" for b in self.graph.blocks)
+
+    def memory(self, **kw: Any) -> Any:
+        """``CostModel.memory`` memoised on its arguments (the planner asks the same ones often)."""
+        key = tuple(sorted(kw.items()))
+        hit = self._memory.get(key)
+        if hit is None:
+            hit = self._memory[key] = self.cost.memory(**kw)
+        return hit
+
+    @functools.cached_property
+    def layer_keys(self) -> list[tuple]:
+        """Per decoder layer, a signature of its ops (kind, shard, shape, params): equal keys cost the same."""
+        keys = []
+        for b in self.graph.blocks_of("decoder"):
+            keys.append(tuple((op.kind, op.shard, tuple(sorted((k, str(v)) for k, v in op.shape.items())), op.params)
+                              for op in self.graph.block_ops(b)))
+        return keys
 
 
 def load(path: str | Path) -> Spec:
@@ -165,9 +185,9 @@ def _rate(spec: Spec, reqs: list) -> float:
 def model_facts(spec: Spec, model: Model) -> ModelFacts:
     """Sizes (GB, spec dtypes) read from the cost model's memory arithmetic."""
     cm, info = model.cost, model.graph.info
-    one = cm.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=False, with_lm_head=False)
-    emb = cm.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=True, with_lm_head=False)
-    both = cm.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=True, with_lm_head=True)
+    one = model.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=False, with_lm_head=False)
+    emb = model.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=True, with_lm_head=False)
+    both = model.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=True, with_lm_head=True)
     vis_params = sum(b.params for b in model.graph.blocks if b.tower == "vision")
     return ModelFacts(
         layers=info.layers, heads=info.heads, kv_heads=info.kv_heads,
@@ -198,7 +218,7 @@ def search_space(spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
     from costmodels.memory import USABLE_FRACTION
 
     s = spec.search
-    act = model.cost.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=False, with_lm_head=False,
+    act = model.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=False, with_lm_head=False,
                             max_batch_tokens=mix.max_batch_tokens).activations_gb
     tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
     return SearchSpace(
@@ -257,7 +277,7 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
     cm, info = model.cost, model.graph.info
     L = info.layers
     uni = uniform_split(L, c.pp)
-    kv_tok = min(cm.memory(pp=c.pp, tp=c.tp, sp=c.sp, stage_layers=st, with_embedding=i == 0,
+    kv_tok = min(model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=st, with_embedding=i == 0,
                            with_lm_head=i == c.pp - 1, max_batch_tokens=mix.max_batch_tokens).kv_tokens
                  for i, st in enumerate(uni))
     b_max = max(1, min(mix.max_seqs, int(kv_tok // max(1.0, mix.context_mean))))
@@ -280,23 +300,21 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
         return ItemCost(thr=n_pf * f(pf, m_pf) + n_dec * f(dec, m_dec), ttft=f(ttft_shape, m_tt), tpot=f(dec_op, m_op))
 
     # memory: per-layer weights (+ shift copy) and minimum KV; fixed activations per stage
-    m1 = cm.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=False, with_lm_head=False,
+    m1 = model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=False, with_lm_head=False,
                    max_batch_tokens=mix.max_batch_tokens)
-    me = cm.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=True, with_lm_head=False,
+    me = model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=True, with_lm_head=False,
                    max_batch_tokens=mix.max_batch_tokens)
-    mh = cm.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=False, with_lm_head=True,
+    mh = model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(0, 0), with_embedding=False, with_lm_head=True,
                    max_batch_tokens=mix.max_batch_tokens)
     fixed = lambda m: m.weights_gb + m.shift_copy_gb + m.activations_gb  # noqa: E731
     kv_layer = space.min_kv_tokens * m1.kv_bytes_per_token / 1e9
     layer_mem = m1.weights_gb + m1.shift_copy_gb + kv_layer
     layers = []
-    cache: dict[int, ItemCost] = {}
-    for l in range(L):
-        sig = cm._sig[cm.decoders[l].name] if hasattr(cm, "_sig") else l
-        if sig not in cache:
-            base = item(None, l)
-            cache[sig] = replace(base, mem=layer_mem)
-        layers.append(cache[sig])
+    costs_of: dict[tuple, ItemCost] = {}
+    for l, key in enumerate(model.layer_keys):  # identical layers are costed once
+        if key not in costs_of:
+            costs_of[key] = replace(item(None, l), mem=layer_mem)
+        layers.append(costs_of[key])
     first = replace(item(("embedding",)), mem=fixed(me) - fixed(m1))
     last = replace(item(("final_norm", "lm_head")), mem=fixed(mh) - fixed(m1))
     if c.pp == 1 and info.tie_embeddings:
@@ -311,8 +329,8 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
         layers=tuple(layers), stages=c.pp, first=first, last=last, stage_mem=m1.activations_gb,
         capacity_gb=space.capacity_gb, p2p_ttft_ms=p2p_tt, p2p_tpot_ms=p2p_tp, vision=vision,
         output_tokens=mix.output_mean, max_ttft_ms=spec.slo.ttft_p90_ms, max_tpot_ms=spec.slo.tpot_p90_ms,
-        max_thr_ms=(c.dp * 1000.0 / mix.rate) if spec.objective == "min_gpus" else None,
-        pinned=tuple(tuple(x) for x in spec.search.stages) if spec.search.stages else None,
+        max_thr_ms=(c.dp * 1000.0 * UTIL_TARGET / mix.rate) if spec.objective == "min_gpus" else None,
+        pinned=pinned_stages(spec, L),
     )
     # balanced: normalise by the uniform split's own values
     ref = evaluate(prob, uni if prob.pinned is None else prob.pinned, vision[0].placement if vision else None)
@@ -324,6 +342,23 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
     dec_ms = n_dec * _layer_ms(model, c, dec, m_dec)
     share = pf_ms / (pf_ms + dec_ms) if pf_ms + dec_ms > 0 else 0.0
     return Costed(c, prob, cross, thr, b_max, b_op, (n_pf, n_dec), tp_steps / steps if steps else 0.0, share)
+
+
+def pinned_stages(spec: Spec, layers: int) -> tuple[tuple[int, int], ...] | None:
+    """``search.stages`` checked: contiguous inclusive ranges covering layers 0..layers-1."""
+    if not spec.search.stages:
+        return None
+    st = tuple((int(a), int(b)) for a, b in spec.search.stages)
+    expect = 0
+    for i, (a, b) in enumerate(st):
+        if a != expect or b < a:
+            raise UserError(f"search.stages[{i}] = [{a}, {b}]: stages must be contiguous, non-empty ranges "
+                            f"starting at layer {expect}")
+        expect = b + 1
+    if expect != layers:
+        raise UserError(f"search.stages cover layers 0-{expect - 1}, but the model has {layers} decoder layers "
+                        f"(0-{layers - 1})")
+    return st
 
 
 def _operating_batch(model: Model, c: Candidate, mix: TokenMix, b_max: int, mode: Callable[[int], str]) -> int:
@@ -600,7 +635,7 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
                                                        is not None else crosses[i].threshold_tokens)
                    if crosses[i] else None)
         stages.append(st)
-    mems = [cm.memory(pp=c.pp, tp=c.tp, sp=c.sp, stage_layers=(a, b), with_embedding=i == 0,
+    mems = [model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(a, b), with_embedding=i == 0,
                       with_lm_head=i == c.pp - 1, with_vision=False, max_batch_tokens=mix.max_batch_tokens)
             for i, (a, b) in enumerate(e.stages)]
     vis_gb = [_vision_gb(e.vision, i, c, s.costed) for i in range(c.pp)]
