@@ -102,7 +102,7 @@ def test_low_load_ttft_includes_the_vision_encoder(placement):
 def test_throughput_saturates_as_the_rate_rises():
     c = cfg()
     coster = SyntheticCoster()
-    rates = [2, 8, 32, 128, 256]
+    rates = [2, 8, 32, 64, 128]
     tput = [simulate_config(c, coster, text_wl(r, 1500)).output_tok_s for r in rates]
     offered = [r * 200 for r in rates]  # mean output tokens per request
     assert abs(tput[0] - offered[0]) / offered[0] < 0.1  # below capacity: throughput = offered load
@@ -202,12 +202,12 @@ def test_dedicated_encoder_keeps_images_off_the_llm_gpus():
 def test_goodput_counts_requests_within_slo():
     coster = SyntheticCoster()
     res = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"ttft_p90_ms": 1e9, "tpot_p90_ms": 1e9})
-    assert math.isclose(res.goodput_rps, res.throughput_rps)
+    assert math.isclose(res.goodput_rps, res.arrival_rate)  # everyone meets a loose SLO
     assert res.meets_slo is True
     tight = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"ttft_p90_ms": 1e-3})
     assert tight.goodput_rps == 0.0 and tight.meets_slo is False
     mid = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"tpot_p90_ms": res.tpot_ms["p50"]})
-    assert 0.3 * res.throughput_rps < mid.goodput_rps < 0.7 * res.throughput_rps
+    assert 0.45 * res.arrival_rate < mid.goodput_rps < 0.55 * res.arrival_rate  # half the TPOTs are <= p50
 
 
 def test_percentiles_are_ordered():

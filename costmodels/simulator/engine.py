@@ -2,12 +2,13 @@
 
 Events (a heap of (time s, sequence number, kind, payload); ties run in push order):
 
-* ARRIVAL   a request arrives; it is routed to the least-loaded replica (fewest unfinished
-            requests; ties to the lowest index) and goes to the dedicated encoder queue, or
-            straight to the replica's waiting queue; the replica's idle lanes are kicked.
+* ARRIVAL   a request arrives; it is routed to the least-loaded replica, and within it to the
+            least-loaded lane (fewest unfinished requests; ties to the lowest index, as vLLM
+            assigns requests to its PP virtual engines), and goes to the dedicated encoder queue
+            or straight to the lane's waiting queue; an idle lane is kicked.
 * ENC_DONE  a dedicated-encoder batch finished; each request becomes READY after its
             embedding transfer; the encoder takes its next batch.
-* READY     a request's image embeddings arrived at its replica: it joins the waiting queue.
+* READY     a request's image embeddings arrived at its replica: it joins its lane's waiting queue.
 * SCHEDULE  a scheduling step on an idle lane: form a micro-batch (``scheduler.form_batch``),
             pick the mode (shift: step tokens <= threshold -> "tp"; per stage when the plan gives
             stages their own thresholds), cost it per stage, and send it down the pipeline.
@@ -77,13 +78,14 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         seq += 1
         heapq.heappush(events, (t, seq, kind, payload))
 
-    def kick(rep: Replica, t: float, first: Lane | None = None) -> None:
-        if first is not None and not first.busy and not first.kicked:
+    def kick(rep: Replica, t: float, first: Lane, others: bool = False) -> None:
+        """Queue a scheduling step for ``first`` (and, with ``others``, every idle lane with work)."""
+        if not first.busy and not first.kicked:
             first.kicked = True
             push(t, SCHEDULE, first)
-        if first is None or cfg.lanes > 1:
+        if others:
             for lane in rep.lanes:
-                if not lane.busy and not lane.kicked:
+                if not lane.busy and not lane.kicked and lane.waiting:
                     lane.kicked = True
                     push(t, SCHEDULE, lane)
 
@@ -137,6 +139,7 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
 
     in_system = 0
     last_t = 0.0
+    one = cfg.dp == 1
     pp = cfg.pp
     i, n = 0, len(reqs)
     while i < n or events:
@@ -154,8 +157,8 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
             lane.busy = False
             lane.replica.kv_clock(t)
             in_system -= len(complete_batch(lane, batch, t))
-            if cfg.lanes > 1 or lane.replica.waiting or lane.prefilling or lane.decoding:
-                kick(lane.replica, t, first=lane)
+            if cfg.lanes > 1 or lane.waiting or lane.prefilling or lane.decoding:
+                kick(lane.replica, t, lane, others=cfg.lanes > 1)
         elif kind == SCHEDULE:
             payload.kicked = False
             if not payload.busy:
@@ -166,17 +169,19 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
                 r.state = REJECTED
                 log.rejected += 1
                 continue
-            rep = min(reps, key=lambda x: x.outstanding)
+            rep = reps[0] if one else min(reps, key=lambda x: x.outstanding)
+            lane = rep.lanes[0] if cfg.lanes == 1 else min(rep.lanes, key=lambda x: x.outstanding)
             rep.outstanding += 1
-            r.replica = rep.index
+            lane.outstanding += 1
+            r.replica, r.lane = rep.index, lane
             in_system += 1
             if encoder is not None and r.patches:
                 encoder.queue.append(r)
                 if not encoder.busy:
                     start_encoder(t)
             else:
-                rep.waiting.append(r)
-                kick(rep, t)
+                lane.waiting.append(r)
+                kick(rep, t, first=lane)
         elif kind == ENC_DONE:
             encoder.busy = False
             for r in payload:
@@ -184,9 +189,8 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
                 push(t + coster.embed_ms(r.img_tokens) / 1e3, READY, r)
             start_encoder(t)
         elif kind == READY:
-            rep = reps[payload.replica]
-            rep.waiting.append(payload)
-            kick(rep, t)
+            payload.lane.waiting.append(payload)
+            kick(reps[payload.replica], t, first=payload.lane)
     log.t_end = last_t
     for rep in reps:
         rep.kv_clock(last_t)

@@ -1,11 +1,16 @@
 """From a run's raw log to the numbers a user reads (``SimResult``).
 
 Per request: TTFT = first token - arrival; TPOT = (finish - first token) / (output tokens - 1)
-(requests with one output token have no TPOT); e2e = finish - arrival. Throughput is over the
-run's span, first arrival to last completion: output tok/s = sum(output) / span; combined tok/s =
-sum(prompt + output) / span (prompt counts image tokens). Goodput = requests meeting both SLO
-thresholds per request (TTFT <= ttft_p90_ms and TPOT <= tpot_p90_ms) / span; ``meets_slo`` asks
-whether the p90s meet them.
+(requests with one output token have no TPOT); e2e = finish - arrival.
+
+Throughput is measured in the arrival window W = [first arrival, last arrival], where the system
+sees the offered load (the drain after the last arrival would otherwise make slow plans look
+less loaded than they are): output tok/s = output tokens emitted in W / |W|, a request's first
+token at its TTFT and the others spread evenly until it finishes; combined tok/s adds the prompt
+tokens (image tokens included) of requests whose first token falls in W. Below capacity this is
+the offered load; above it, the plan's capacity. Goodput = measured arrival rate x the share of
+requests meeting both SLO thresholds (TTFT <= ttft_p90_ms and TPOT <= tpot_p90_ms, per request);
+``meets_slo`` asks whether the p90s meet them and every request was served.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class SimResult:
     output_tok_s: float
     combined_tok_s: float
     goodput_rps: float
-    throughput_rps: float
+    throughput_rps: float  # completed requests / span (first arrival to last completion)
     shift_tp_fraction: float
     requests: int
     completed: int
@@ -53,7 +58,7 @@ class SimResult:
     steps: int
     mean_step_tokens: float
     span_s: float
-    arrival_rate: float  # measured: requests / (last arrival - first arrival)
+    arrival_rate: float  # measured: (requests - 1) / (last arrival - first arrival)
     mean_in_system: float  # time average of requests in the system (Little's L)
     mean_e2e_s: float  # Little's W
     kv_peak_fraction: float
@@ -81,6 +86,27 @@ class SimResult:
                          meets_slo=self.meets_slo)
 
 
+def _window_tokens(done: list, w0: float, w1: float) -> tuple[float, float, float]:
+    """(output tokens, prompt tokens) emitted in [w0, w1], and its width."""
+    width = w1 - w0
+    if width <= 0:
+        return 0.0, 0.0, 0.0
+    out = prompt = 0.0
+    for r in done:
+        f, e = r.first, r.finish
+        if w0 <= f <= w1:
+            out += 1
+            prompt += r.prompt0
+        if r.out > 1:
+            if e > f:
+                lo, hi = (f if f > w0 else w0), (e if e < w1 else w1)
+                if hi > lo:
+                    out += (r.out - 1) * (hi - lo) / (e - f)
+            elif w0 <= e <= w1:
+                out += r.out - 1
+    return out, prompt, width
+
+
 def _slo_value(slo: Any, key: str) -> float | None:
     if slo is None:
         return None
@@ -98,8 +124,10 @@ def summarize(log: RunLog, *, slo: Any = None, gpu_memory_gb: float | None = Non
     t0 = min((r.arrival for r in log.reqs), default=0.0)
     t_last_arrival = max((r.arrival for r in log.reqs), default=0.0)
     span = max(log.t_end - t0, 1e-9)
-    out_tok = sum(r.out for r in done)
-    in_tok = sum(r.prompt0 for r in done)
+    out_tok, in_tok, width = _window_tokens(done, t0, t_last_arrival)
+    if width <= 0:  # one request, or all at once: fall back to the whole span
+        out_tok, in_tok, width = sum(r.out for r in done), sum(r.prompt0 for r in done), span
+    rate = (len(log.reqs) - 1) / (t_last_arrival - t0) if t_last_arrival > t0 else len(done) / span
     ttft_slo, tpot_slo = _slo_value(slo, "ttft_p90_ms"), _slo_value(slo, "tpot_p90_ms")
     good = 0
     for r in done:
@@ -109,13 +137,13 @@ def summarize(log: RunLog, *, slo: Any = None, gpu_memory_gb: float | None = Non
         good += ok
     res = SimResult(
         ttft_ms=pcts(ttft), tpot_ms=pcts(tpot), e2e_ms=pcts(e2e),
-        output_tok_s=out_tok / span, combined_tok_s=(in_tok + out_tok) / span,
-        goodput_rps=good / span, throughput_rps=len(done) / span,
+        output_tok_s=out_tok / width, combined_tok_s=(in_tok + out_tok) / width,
+        goodput_rps=rate * good / len(log.reqs) if log.reqs else 0.0, throughput_rps=len(done) / span,
         shift_tp_fraction=log.steps_tp / log.steps if log.steps else 0.0,
         requests=len(log.reqs), completed=len(done), rejected=log.rejected, preemptions=log.preemptions,
         steps=log.steps, mean_step_tokens=log.step_tokens / log.steps if log.steps else 0.0,
         span_s=span,
-        arrival_rate=(len(log.reqs) - 1) / (t_last_arrival - t0) if t_last_arrival > t0 else math.nan,
+        arrival_rate=rate,
         mean_in_system=log.area / span, mean_e2e_s=sum(e2e) / len(e2e) / 1e3 if e2e else math.nan,
         kv_peak_fraction=log.kv_peak, kv_mean_fraction=log.kv_area / span,
         stage_utilisation=[b / (span * replicas) for b in log.stage_busy_s],

@@ -4,11 +4,11 @@ A step (vLLM-style, decode first):
 
 1. every decoding request of the lane gets one token; each needs one more KV slot. If the
    replica's KV pool cannot hold them, the newest running request of the lane is preempted
-   (recompute: its KV is freed; it re-enters the front of the waiting queue and later re-prefills
+   (recompute: its KV is freed; it re-enters the front of its lane's waiting queue and later re-prefills
    prompt + generated tokens) until they fit;
 2. partially prefilled requests continue with chunks (chunked prefill) within the token budget
    ``max_batch_tokens - decodes``;
-3. waiting requests are admitted FIFO while budget, ``max_seqs`` and KV allow. Admission reserves
+3. the lane's waiting requests are admitted FIFO while budget, ``max_seqs`` and KV allow. Admission reserves
    KV for the whole prompt (so a chunked prefill never stalls for memory) and keeps ``watermark``
    of the pool free (a request that fits only in an empty pool is admitted when the pool is empty).
    Images not yet encoded are encoded in this step (in-step placements), at most
@@ -49,9 +49,8 @@ def preempt(rep: Replica, lane: Lane, req: Req) -> None:
         lane.prefilling.remove(req)
     req.done = 0
     req.state = WAITING
-    req.lane = None
     req.preempts += 1
-    rep.waiting.appendleft(req)
+    lane.waiting.appendleft(req)
 
 
 def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
@@ -59,7 +58,7 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
     rep = lane.replica
     cap = rep.kv_cap
     n_dec = len(lane.decoding)
-    if n_dec and not lane.prefilling and not rep.waiting and rep.kv_used + n_dec <= cap:
+    if n_dec and not lane.prefilling and not lane.waiting and rep.kv_used + n_dec <= cap:
         rep.kv_used += n_dec  # fast path: decodes only, nothing to admit
         if rep.kv_used > rep.kv_peak:
             rep.kv_peak = rep.kv_used
@@ -86,8 +85,9 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
     patches: list[int] = []
     img_tokens = 0
     in_step = cfg.placement != "dedicated"
-    while budget > 0 and running < cfg.max_seqs and rep.waiting and not preempted:
-        r = rep.waiting[0]
+    waiting = lane.waiting
+    while budget > 0 and running < cfg.max_seqs and waiting and not preempted:
+        r = waiting[0]
         if rep.kv_used + r.prompt > limit and not (rep.kv_used == 0 and r.prompt <= cap):
             break
         if in_step and not r.encoded:
@@ -96,8 +96,8 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
             patches.extend(r.patches)
             img_tokens += r.img_tokens
             r.encoded = True
-        rep.waiting.popleft()
-        r.state, r.lane, r.done = PREFILL, lane, 0
+        waiting.popleft()
+        r.state, r.done = PREFILL, 0
         rep.kv_used += r.prompt
         lane.prefilling.append(r)
         n = min(r.prompt, budget)
@@ -151,11 +151,11 @@ def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
         lane.ctx += r.prompt
         heapq.heappush(heap, (lane.steps + r.out - r.produced, r.id, r.d0, r))
     rep.outstanding -= len(done)
+    lane.outstanding -= len(done)
     return done
 
 
 def _finish(r: Req, t: float, done: list[Req]) -> None:
     r.state = DONE
     r.finish = t
-    r.lane = None
     done.append(r)

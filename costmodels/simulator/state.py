@@ -25,7 +25,7 @@ class Req:
         self.id, self.arrival, self.prompt0, self.prompt, self.out = id, arrival, prompt, prompt, out
         self.done = self.produced = self.d0 = self.preempts = 0
         self.state = WAITING
-        self.lane: Lane | None = None
+        self.lane: Lane | None = None  # the lane it was routed to
         self.first: float | None = None
         self.finish: float | None = None
         self.patches, self.img_tokens = patches, img_tokens
@@ -41,7 +41,8 @@ class Req:
 
 @dataclass
 class Lane:
-    """One scheduler of a replica with at most one micro-batch in flight.
+    """One scheduler of a replica with at most one micro-batch in flight (a PP "virtual engine":
+    requests are routed to a lane on arrival and stay there).
 
     Decoding requests join at lane step ``d0`` and take part in every later step of the lane, so
     one that needs r more tokens finishes at step d0 + r: ``heap`` holds (d0 + r, id, req), and the
@@ -50,6 +51,8 @@ class Lane:
 
     index: int
     replica: "Replica"
+    waiting: deque = field(default_factory=deque)  # requests routed to this lane, not yet admitted
+    outstanding: int = 0  # requests routed here and not finished (the router's load)
     decoding: dict[int, Req] = field(default_factory=dict)  # admission order (newest last)
     heap: list = field(default_factory=list)
     prefilling: list[Req] = field(default_factory=list)
@@ -61,13 +64,12 @@ class Lane:
 
 @dataclass
 class Replica:
-    """A data-parallel replica: its lanes, its waiting queue, its KV pool and its stage clocks."""
+    """A data-parallel replica: its lanes, its KV pool (shared by the lanes) and its stage clocks."""
 
     index: int
     kv_cap: int
     pp: int
     lanes: list[Lane] = field(default_factory=list)
-    waiting: deque = field(default_factory=deque)
     kv_used: int = 0
     kv_peak: int = 0
     kv_area: float = 0.0  # integral of kv_used over time (token-seconds), up to kv_t
