@@ -110,12 +110,15 @@ class RankRunner:
             return None
         logits = torch.cat(outs) if outs else torch.zeros(0, self.model.a.vocab)
         reqs = [r for mb in step.micro for r in mb.sample_req]
-        return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step).tolist(),
+        pos = [int(p) + 1 for mb in step.micro for p in mb.tok_idx[mb.sample_idx]]
+        return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step, list(zip(reqs, pos))).tolist(),
                        logits.cpu() if step.want_logits else None, [mb.mode for mb in step.micro])
 
 
-def sample(logits: torch.Tensor, step: Step) -> torch.Tensor:
-    """Greedy when temperature == 0; else softmax(logits / T) over the top-k, seeded per step."""
+def sample(logits: torch.Tensor, step: Step, keys: list[tuple[int, int]]) -> torch.Tensor:
+    """Greedy when temperature == 0; else softmax(logits / T) over the top-k. Each row draws from
+    a generator seeded by (seed, request, position), so a request's tokens do not depend on what
+    it was batched with."""
     if logits.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long)
     if step.temperature <= 0:
@@ -124,8 +127,12 @@ def sample(logits: torch.Tensor, step: Step) -> torch.Tensor:
     if step.top_k > 0:
         kth = x.topk(min(step.top_k, x.shape[-1]), dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
-    g = torch.Generator(device=x.device).manual_seed(step.seed * 1_000_003 + step.step_id)
-    return torch.multinomial(x.softmax(-1), 1, generator=g)[:, 0]
+    probs = x.softmax(-1).cpu()
+    out = []
+    for row, (req, pos) in zip(probs, keys):
+        g = torch.Generator().manual_seed((step.seed * 1_000_003 + req) * 1_000_003 + pos)
+        out.append(torch.multinomial(row, 1, generator=g))
+    return torch.cat(out)
 
 
 def run_rank(rank: int, world: int, init_method: str | None, spec: WorkerSpec, cmd_q: Any, res_q: Any) -> None:

@@ -1,0 +1,144 @@
+"""Point 5 and 8: paged KV cache, continuous batching (token budget, chunked prefill, max seqs),
+preemption by recompute, per-request errors, seeded random weights, sampling and streaming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import executors
+from executors import Request, Sampling
+from executors.scheduler import Scheduler, Seq, build_microbatch
+from executors.weights import SafetensorsSource, random_tensor
+from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, hf_model, make_plan, random_image, save_checkpoint
+
+GREEDY = Sampling(stop_on_eos=False)
+
+
+# ---------------------------------------------------------------- scheduler (pure Python)
+
+
+def _seq(rid: int, n: int, new: int = 4) -> Seq:
+    return Seq(req=rid, tokens=list(range(1, n + 1)), prompt_len=n, max_new=new)
+
+
+def test_token_budget_chunked_prefill_and_max_seqs() -> None:
+    s = Scheduler(num_blocks=100, block_size=4, max_batch_tokens=10, max_seqs=2)
+    for i, n in enumerate([23, 3, 5]):
+        s.add(_seq(i, n))
+    chunks, _ = s.schedule()
+    assert [(c.seq.req, c.n) for c in chunks] == [(0, 10)]  # budget caps the first prefill chunk
+    for c in chunks:
+        c.seq.computed += c.n
+    chunks, _ = s.schedule()
+    assert [(c.seq.req, c.n) for c in chunks] == [(0, 10)]
+    for c in chunks:
+        c.seq.computed += c.n
+    chunks, _ = s.schedule()  # 3 left of seq 0, then seq 1 (3 tokens); max_seqs=2 keeps seq 2 waiting
+    assert [(c.seq.req, c.n) for c in chunks] == [(0, 3), (1, 3)]
+    assert len(s.running) == 2 and len(s.waiting) == 1
+    assert sum(len(q.blocks) for q in s.running) == 6 + 1  # ceil(23/4) + ceil(3/4)
+
+
+def test_preemption_frees_blocks_and_requeues_first() -> None:
+    s = Scheduler(num_blocks=4, block_size=4, max_batch_tokens=64, max_seqs=4)
+    a, b = _seq(0, 8), _seq(1, 7)
+    s.add(a)
+    s.add(b)
+    chunks, _ = s.schedule()
+    assert [c.n for c in chunks] == [8, 7] and not s.pool.free
+    for c in chunks:
+        c.seq.computed += c.n
+        c.seq.tokens.append(99)  # a sampled token: seq a now needs a third block
+    chunks, dropped = s.schedule()
+    assert dropped == [1] and s.preemptions == 1
+    assert s.waiting[0] is b and b.computed == 0 and b.blocks == []
+    assert [(c.seq.req, c.n) for c in chunks] == [(0, 1)]
+
+
+def test_microbatch_slots_follow_block_table() -> None:
+    q = _seq(0, 6)
+    q.blocks = [5, 2]
+    q.computed = 4
+    s = Scheduler(10, 4, 64, 4)
+    from executors.scheduler import Chunk
+
+    mb = build_microbatch([Chunk(q, 2)], "tp", 4, None)
+    assert mb.slots.tolist() == [2 * 4 + 0, 2 * 4 + 1]  # positions 4, 5 live in block 2
+    assert mb.key_slots.tolist() == [20, 21, 22, 23, 8, 9]
+    assert mb.sample_idx.tolist() == [1] and mb.tok_idx.tolist() == [4, 5]
+    del s
+
+
+def test_safetensors_source_reads_only_slices(tmp_path: Path) -> None:
+    save_checkpoint("llama", tmp_path, seed=3)
+    src = SafetensorsSource(tmp_path)
+    full = src.rows("model.layers.1.self_attn.q_proj.weight")
+    part = src.rows("model.layers.1.self_attn.q_proj.weight", [(16, 32), (48, 64)])
+    assert torch.equal(part, torch.cat([full[16:32], full[48:64]]))
+    cols = src.rows("model.layers.1.self_attn.o_proj.weight", [(0, 16)], dim=1)
+    assert cols.shape == (64, 16)
+
+
+# ---------------------------------------------------------------- engine, single rank (in process)
+
+
+def test_seeded_random_weights_match_hf() -> None:
+    """weights=None: every rank generates the same seeded tensors the oracle is given."""
+    plan = make_plan("qwen2")
+    oracle = hf_model("qwen2")
+    with torch.no_grad():
+        for n, p in oracle.named_parameters():
+            p.copy_(random_tensor(n, tuple(p.shape), 11))  # tied lm_head is not listed separately
+    with executors.load(plan, seed=11, keep_logits=True) as eng:
+        res = eng.generate([Request(tokens=[4, 5, 6, 7])], max_new_tokens=12, sampling=GREEDY)[0]
+    assert check_against_oracle(oracle, [4, 5, 6, 7], res) < 1e-4
+
+
+def test_sampling_is_seeded_and_stream_yields_in_order(tmp_path: Path) -> None:
+    save_checkpoint("llama", tmp_path)
+    plan = make_plan("llama")
+    reqs = [Request(tokens=[3, 4, 5]), Request(tokens=[9, 10])]
+    hot = Sampling(temperature=1.0, top_k=20, seed=5, stop_on_eos=False)
+    with executors.load(plan, weights=tmp_path) as eng:
+        a = eng.generate(reqs, max_new_tokens=10, sampling=hot)
+        b = eng.generate(reqs, max_new_tokens=10, sampling=hot)
+        greedy = eng.generate(reqs, max_new_tokens=10, sampling=GREEDY)
+        seen: dict[int, list[int]] = {0: [], 1: []}
+        for i, tok, _res in eng.stream(reqs, max_new_tokens=10, sampling=GREEDY):
+            seen[i].append(tok)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert a[0].tokens != greedy[0].tokens or a[1].tokens != greedy[1].tokens
+    assert seen == {0: greedy[0].tokens, 1: greedy[1].tokens}
+
+
+# ---------------------------------------------------------------- one multi-rank launch: faults + KV pressure
+
+
+def test_bad_requests_and_kv_exhaustion_shift_sp2(tmp_path: Path) -> None:
+    """shift(sp2) on Qwen2-VL with a 12-block cache (48 token slots) and 5 good requests needing
+    ~110 slots: requests wait or are preempted and recomputed; every accepted one matches HF. Bad
+    requests (past the context, empty, unreadable image) get their own error."""
+    oracle = save_checkpoint("qwen2_vl", tmp_path / "w", seed=5)
+    bad_image = tmp_path / "broken.png"
+    bad_image.write_bytes(b"not a png")
+    plan = make_plan("qwen2_vl", sp=2, shift=True, threshold=8, max_batch_tokens=32)
+    img = random_image((4, 4), 9)
+    good = [Request(tokens=[5, 6, 7, 8, 9, 10]), Request(tokens=list(range(20, 31))),
+            Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8], images=[img]), Request(tokens=[40, 41, 42]),
+            Request(tokens=list(range(50, 60)))]
+    bad = [Request(tokens=[1] * 250), Request(tokens=[]), Request(tokens=[3, IMAGE_TOKEN], images=[bad_image])]
+    reqs = [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], good[4]]
+    with executors.load(plan, weights=tmp_path / "w", keep_logits=True, kv_blocks=12) as eng:
+        results = eng.generate(reqs, max_new_tokens=16, sampling=GREEDY)
+        preempted = eng.schedulers[0].preemptions
+    assert "exceeds the model's context of 256" in results[1].error
+    assert "empty request" in results[3].error
+    assert "cannot read image" in results[5].error and "broken.png" in results[5].error
+    assert preempted > 0
+    for req, res in zip(reqs, results):
+        if req in good:
+            assert res.error is None and len(res.tokens) == 16
+            assert check_against_oracle(oracle, req.tokens, res, [img] if req.images else None) < 1e-4
