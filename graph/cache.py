@@ -21,7 +21,7 @@ from graph.hf_config import config_sha256
 from graph.opgraph import OpGraph
 from graph.serialize import from_dict, to_dict
 
-TRACER_VERSION = 2  # keep equal to graph.trace.TRACER_VERSION (checked by the tests)
+TRACER_VERSION = 3  # keep equal to graph.trace.TRACER_VERSION (checked by the tests)
 
 
 @dataclass

@@ -15,8 +15,8 @@ Steps (all on the meta device, no weights, no memory):
    and reads the cached K/V (2*kv_heads*head_dim*K). Vision attention has no cache.
 4. The lm_head runs once per sequence (serving engines keep only each sequence's last hidden
    state), so its per-token costs become per-sequence costs.
-5. The decoder layer is replicated ``num_hidden_layers`` times (``layers.{i}.*``) and the vision
-   block ``depth`` times (``visual.blocks.{i}.*``, Qwen2.5-VL blocks marked windowed except
+5. The decoder layer is replicated ``num_hidden_layers`` times (``layers.{i}.*``; attention
+   ``shape["sliding_window"]`` is the layer's window or None) and the vision block ``depth`` times (``visual.blocks.{i}.*``, Qwen2.5-VL blocks marked windowed except
    ``fullatt_block_indexes``); blocks are chained into one networkx DiGraph in dataflow order.
 """
 
@@ -32,7 +32,7 @@ from graph.families import VISION_PREFIX, Family, family_of, head_dim, hf_config
 from graph.hf_config import config_sha256
 from graph.opgraph import Affine, Block, ModelInfo, OpGraph, OpNode
 
-TRACER_VERSION = 2
+TRACER_VERSION = 3
 TEXT_SIZES = (32, 16)  # the first is used; the second only with check_linear
 VISION_SIZES = (64, 16)  # multiples of spatial_merge_size**2
 
@@ -56,7 +56,7 @@ def trace_config(cfg: dict[str, Any], *, check_linear: bool = False) -> OpGraph:
     text_ops = _measure(text_wrapper(fam, conf), TEXT_SIZES, check_linear)
     vision_ops = _measure(vision_wrapper(fam, conf), VISION_SIZES, check_linear) if fam.vision else None
     info = _model_info(fam, conf, tc)
-    g, blocks = _assemble(fam, info, text_ops, vision_ops)
+    g, blocks = _assemble(fam, info, text_ops, vision_ops, _sliding_windows(tc))
     return OpGraph(info=info, graph=g, blocks=blocks, config_sha256=config_sha256(cfg),
                    trace_seconds=round(time.perf_counter() - t0, 4))
 
@@ -114,6 +114,23 @@ def _model_info(fam: Family, conf: Any, tc: Any) -> ModelInfo:
         heads=tc.num_attention_heads, kv_heads=tc.num_key_value_heads or tc.num_attention_heads,
         head_dim=head_dim(tc), intermediate=tc.intermediate_size, vocab=tc.vocab_size,
         max_context=int(getattr(tc, "max_position_embeddings", 0) or 0), tie_embeddings=tie, vision=vision)
+
+
+def _sliding_windows(tc: Any) -> list[int | None]:
+    """Per decoder layer: its sliding-window length, or None for full causal attention.
+
+    transformers >= 5 records ``layer_types`` ("sliding_attention" / "full_attention") and clears
+    ``sliding_window`` when the config disables it (Qwen2's ``use_sliding_window: false``).
+    """
+    sw = getattr(tc, "sliding_window", None)
+    if getattr(tc, "use_sliding_window", True) is False:
+        sw = None
+    types = getattr(tc, "layer_types", None) or []
+    out: list[int | None] = []
+    for i in range(tc.num_hidden_layers):
+        kind = types[i] if i < len(types) else ("sliding_attention" if sw else "full_attention")
+        out.append(int(sw) if sw and kind == "sliding_attention" else None)
+    return out
 
 
 def _segment(name: str, segments: dict[str, str]) -> str:
@@ -200,8 +217,8 @@ def _templates(ops: list[FittedOp], segments: dict[str, str]) -> list[_Template]
     return temps
 
 
-def _assemble(fam: Family, info: ModelInfo, text_ops: list[FittedOp],
-              vision_ops: list[FittedOp] | None) -> tuple[nx.DiGraph, list[Block]]:
+def _assemble(fam: Family, info: ModelInfo, text_ops: list[FittedOp], vision_ops: list[FittedOp] | None,
+              sliding: list[int | None]) -> tuple[nx.DiGraph, list[Block]]:
     g = nx.DiGraph()
     blocks: list[Block] = []
     text_prefix = fam.text_prefix
@@ -284,7 +301,8 @@ def _assemble(fam: Family, info: ModelInfo, text_ops: list[FittedOp],
             else:
                 bname, hf = ("embed" if t.seg == "embed_tokens" else t.seg), f"{text_prefix}.{t.seg}"
             op_prefix = "embed_tokens" if t.seg == "embed_tokens" else bname
-            ent, ext = emit(t, bname, op_prefix, hf, "text", idx)
+            extra = {"sliding_window": sliding[i]} if t.seg == "layer" else None
+            ent, ext = emit(t, bname, op_prefix, hf, "text", idx, extra)
             link(prev, ent)
             if t.seg == "layer" and i == 0 and vision_exits:
                 link(vision_exits, ent)

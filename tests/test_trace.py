@@ -106,6 +106,13 @@ def test_costs_are_affine_in_the_step(graphs):
     assert lm.kind == "lm_head" and lm.flops.seqs == 2 * h * 128256 and lm.flops.tokens == 0
     emb = g.op("embed_tokens")
     assert emb.flops(StepShape(100)) == 0 and emb.act_read.tokens == h and emb.weight_elems == 0
+    # element-wise ops, priced as one fused kernel each (elements per token)
+    norm, res = g.op("layers.0.input_layernorm"), g.op("layers.0.residual1")
+    assert (norm.act_read.tokens, norm.act_written.tokens, norm.params) == (h, h, h)
+    assert (res.act_read.tokens, res.act_written.tokens) == (2 * h, h)
+    rope = g.op("layers.0.self_attn.rope")  # reads q, k and the cos/sin rows; writes q, k
+    assert rope.act_read.tokens == (heads + kvh) * hd + 2 * hd and rope.act_written.tokens == (heads + kvh) * hd
+    assert att.shape["sliding_window"] is None
     # qwen2: q/k/v carry a bias (model_type qwen2), o_proj does not
     qw = graphs["qwen2.5-7b"]
     assert qw.op("layers.0.self_attn.k_proj").params == 3584 * 512 + 512
@@ -123,6 +130,15 @@ def test_qwen25_vl_window_flags(graphs):
     assert all(g.op(f"visual.blocks.{i}.attn.attn").shape["window"] is False for i in range(32)
                for g in [graphs["qwen2-vl-7b"]])
     assert g.op("visual.merger.mlp.2").shape == {"k": 5120, "n": 8192}
+    shards = {n: g.op(f"visual.blocks.0.{n}").shard for n in
+              ("norm1", "attn.qkv", "attn.rope", "attn.attn", "attn.proj", "residual1", "mlp.gate_proj",
+               "mlp.act_fn", "mlp.mul", "mlp.down_proj", "residual2")}
+    assert shards == {"norm1": "replicated", "attn.qkv": "column", "attn.rope": "heads", "attn.attn": "heads",
+                      "attn.proj": "row", "residual1": "replicated", "mlp.gate_proj": "column",
+                      "mlp.act_fn": "column", "mlp.mul": "column", "mlp.down_proj": "row",
+                      "residual2": "replicated"}
+    v2 = graphs["qwen2-vl-7b"]
+    assert [v2.op(f"visual.blocks.0.mlp.{n}").shard for n in ("fc1", "act", "fc2")] == ["column", "column", "row"]
 
 
 @pytest.mark.parametrize("which", ["tiny-qwen2.5-vl", "qwen2-vl-7b"])
@@ -183,17 +199,22 @@ def _eager_model(cfg: dict, cls_name: str):
     return getattr(transformers, cls_name)(conf).float().eval()
 
 
-@pytest.mark.parametrize("arch,model_type", [("LlamaForCausalLM", "llama"), ("Qwen2ForCausalLM", "qwen2"),
-                                             ("MistralForCausalLM", "mistral")])
-def test_text_flops_match_flop_counter(arch, model_type):
+@pytest.mark.parametrize("arch,model_type,extra", [
+    ("LlamaForCausalLM", "llama", {}),
+    ("Qwen2ForCausalLM", "qwen2", {"tie_word_embeddings": True}),
+    ("MistralForCausalLM", "mistral", {"sliding_window": 16}),
+])
+def test_text_flops_match_flop_counter(arch, model_type, extra):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = dict(TINY_TEXT, architectures=[arch], model_type=model_type)
+    cfg = dict(TINY_TEXT, architectures=[arch], model_type=model_type, **extra)
     g = trace_config(cfg)
     m = _eager_model(cfg, arch)
-    assert g.total_params == sum(p.numel() for p in m.parameters())
-    B, L = 2, 24
+    assert g.total_params == sum(p.numel() for p in m.parameters())  # tied lm_head counted once
+    assert g.op("lm_head").shape.get("tied", False) is bool(extra.get("tie_word_embeddings"))
+    assert g.op("layers.1.self_attn.attn").shape["sliding_window"] == extra.get("sliding_window")
+    B, L = 2, 12  # within the sliding window: the reference attends over every pair too
     with torch.no_grad():
         fc = FlopCounterMode(display=False)
         with fc:
