@@ -20,8 +20,8 @@ from typing import Any
 from graph.hf_config import config_sha256
 from graph.opgraph import OpGraph
 from graph.serialize import from_dict, to_dict
+from graph.trace import TRACER_VERSION, trace_config  # imports neither torch nor transformers
 
-TRACER_VERSION = 3  # keep equal to graph.trace.TRACER_VERSION (checked by the tests)
 
 
 @dataclass
@@ -53,12 +53,7 @@ def load_or_trace(cfg: dict[str, Any], *, use_cache: bool = True) -> CachedGraph
             return CachedGraph(g, True, time.perf_counter() - t0, path)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or stale: trace again
-    from graph.families import family_of
-
-    family_of(cfg)  # refuse unsupported architectures before importing torch
-    from graph.trace import trace_config
-
-    g = trace_config(cfg)
+    g = trace_config(cfg)  # refuses unsupported architectures before importing torch
     if use_cache:
         _store(path, to_dict(g, TRACER_VERSION))
     return CachedGraph(g, False, time.perf_counter() - t0, path)
