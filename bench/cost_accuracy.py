@@ -367,6 +367,11 @@ def _markdown(res: dict) -> str:
              f"Device: {m['device']} (driver {m['driver']}), torch {m['torch']}, transformers {m['transformers']}, "
              f"{m['date']}. Profile `{m['profile']}`, op graph: {m['graph']}, attention kernel: {m['attention_kernel']}.",
              f"Timing: {m['timing']}.", "", f"Command: `{m['command']}`", "",
+             *([f"Raw timings made on the GPU machine by `{m['device_command']}` "
+                "(calibration first, then the validation steps, in one call).", ""] if m.get("device_command") else []),
+             "Calibration shapes (single GEMMs on an (M, N, K) grid of N, K in 768..24576 off these models' sizes; "
+             "attention kernels with 40/8 and 20 heads; memory ops at other widths) are not the validated steps "
+             "(whole decoder layers and vision blocks).", "",
              "| set | points | median abs error | p90 abs error | goal |", "| --- | --- | --- | --- | --- |"]
     for k in ("prefill", "decode", "vision"):
         r = res[k]
@@ -394,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", type=Path, default=None)
     r.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     r.add_argument("--name", default="cost_accuracy", help="output file stem (cost_accuracy -> .json/.md)")
+    r.add_argument("--device-command", default="python3 bench/cost_accuracy.py device --out OUT --budget-s 380",
+                   help="the command that made the raw timings (recorded in the report)")
     a = ap.parse_args(argv)
     if a.cmd == "device":
         device_run(a.out, a.quick, a.cpu_dry_run, a.budget_s, a.skip_calibration)
@@ -401,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python bench/cost_accuracy.py report --raw " + str(a.raw.name if a.raw.is_absolute() else a.raw)
     cmd += f" --profile {a.profile if a.profile and not a.profile.is_absolute() else (a.profile.name if a.profile else '')}"
     cmd += f" --name {a.name}" if a.name != "cost_accuracy" else ""
-    res = report(a.raw, a.profile, a.out_dir, command=cmd, name=a.name)
+    res = report(a.raw, a.profile, a.out_dir, command=cmd, name=a.name, extra={"device_command": a.device_command})
     for k in ("prefill", "decode", "vision"):
         print(f"{k:8s} median {res[k]['median_abs_pct']:6.2f}%  p90 {res[k]['p90_abs_pct']:6.2f}%  n={len(res[k]['points'])}")
     return 0
