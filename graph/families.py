@@ -65,7 +65,9 @@ VISION_PREFIX = "model.visual"
 def family_of(cfg: dict[str, Any]) -> Family:
     """The Family of an HF config dict, or a UserError naming the architecture and the supported ones."""
     archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else None
+    if isinstance(archs, str):
+        archs = [archs]
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch in FAMILIES:
         return FAMILIES[arch]
     what = f"architecture '{arch}'" if arch else f"model_type '{cfg.get('model_type')}' (no 'architectures' key)"
@@ -84,8 +86,9 @@ def hf_config(cfg: dict[str, Any]) -> Any:
         raise UserError("model config has no 'model_type'; cannot build it with transformers")
     try:
         conf = AutoConfig.for_model(model_type, **d)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"transformers cannot build a '{model_type}' config from it: {e}") from None
+    except Exception as e:  # transformers' strict config validation raises its own error types
+        msg = " ".join(str(e).split())
+        raise UserError(f"transformers cannot build a '{model_type}' config from it: {msg}") from None
     for c in (conf, getattr(conf, "text_config", None), getattr(conf, "vision_config", None)):
         if c is not None:
             c._attn_implementation = "sdpa"

@@ -31,6 +31,8 @@ from graph.build_ops import FittedOp, extract, fit, proportional
 from graph.families import VISION_PREFIX, Family, family_of, head_dim, hf_config, text_part
 from graph.hf_config import config_sha256
 from graph.opgraph import Affine, Block, ModelInfo, OpGraph, OpNode
+from graph.validate import check_config
+from plans.errors import UserError
 
 TRACER_VERSION = 3
 TEXT_SIZES = (32, 16)  # the first is used; the second only with check_linear
@@ -48,13 +50,20 @@ def trace_config(cfg: dict[str, Any], *, check_linear: bool = False) -> OpGraph:
     proportional to the token count (slower; used by the tests).
     """
     fam = family_of(cfg)
+    check_config(cfg, fam.architecture)
     t0 = time.perf_counter()
     conf = hf_config(cfg)
     tc = text_part(conf)
     from graph.families import text_wrapper, vision_wrapper
 
-    text_ops = _measure(text_wrapper(fam, conf), TEXT_SIZES, check_linear)
-    vision_ops = _measure(vision_wrapper(fam, conf), VISION_SIZES, check_linear) if fam.vision else None
+    try:
+        text_ops = _measure(text_wrapper(fam, conf), TEXT_SIZES, check_linear)
+        vision_ops = _measure(vision_wrapper(fam, conf), VISION_SIZES, check_linear) if fam.vision else None
+    except UserError:
+        raise
+    except Exception as e:  # a config transformers accepts but cannot run: name it, no traceback
+        msg = " ".join(str(e).split())[:500]
+        raise UserError(f"cannot trace {fam.architecture} from this config: {type(e).__name__}: {msg}") from None
     info = _model_info(fam, conf, tc)
     g, blocks = _assemble(fam, info, text_ops, vision_ops, _sliding_windows(tc))
     return OpGraph(info=info, graph=g, blocks=blocks, config_sha256=config_sha256(cfg),

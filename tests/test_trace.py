@@ -163,6 +163,31 @@ def test_unsupported_architecture_is_refused():
         trace_config({"model_type": "bert"})
 
 
+_BAD_TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+             "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+             "vocab_size": 1000}
+_BAD_VL = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 64,
+           "vocab_size": 100, "vision_config": {"depth": 1, "embed_dim": 30, "num_heads": 4, "hidden_size": 128}}
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    (dict(_BAD_TINY, num_attention_heads=3), "256 / 3 = 85.3"),
+    (dict(_BAD_TINY, num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(_BAD_TINY, hidden_size="big"), "'hidden_size' must be a positive integer, got 'big'"),
+    (dict(_BAD_TINY, num_hidden_layers=0), "'num_hidden_layers' must be a positive integer, got 0"),
+    (dict(_BAD_TINY, model_type="qwen2"), "needs model_type 'llama'"),
+    ({k: v for k, v in _BAD_TINY.items() if k != "vocab_size"}, "'vocab_size' is missing"),
+    (_BAD_VL, "vision_config.embed_dim 30 is not a multiple of vision_config.num_heads 4"),
+    ({k: v for k, v in _BAD_VL.items() if k != "vision_config"}, "needs a 'vision_config'"),
+    (dict(_BAD_TINY, hidden_act="no-such-activation"), "cannot trace LlamaForCausalLM from this config"),
+], ids=["heads", "kv-heads", "type", "layers", "model-type", "missing", "vision-heads", "no-vision", "act"])
+def test_bad_configs_give_named_errors(cfg, needle):
+    with pytest.raises(UserError) as e:
+        trace_config(cfg)
+    assert needle in str(e.value)
+
+
 def test_window_pairs_arithmetic():
     # 12 x 20 patches -> 6 x 10 merged tokens; 4x4-merged windows: rows [4, 2], cols [4, 4, 2]
     sizes = [r * c * 4 for r in (4, 2) for c in (4, 4, 2)]
