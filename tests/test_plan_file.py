@@ -113,3 +113,29 @@ def test_unknown_schema_version_is_a_user_error(plan):
     with pytest.raises(Exception) as e:
         parse_plan(text, "x.plan.yaml")
     assert "schema_version 99 is not supported" in str(e.value)
+
+
+def _inline(text: str):
+    from planner.spec import parse_spec
+
+    return parse_spec(text, source="inline.yaml", base_dir=ROOT / "examples")
+
+
+def test_search_pins_every_part_of_the_plan():
+    plan = compile_spec(_inline(
+        "name: pinned\nmodel: {preset: llama-3.1-70b}\nhardware: {gpu: h200, gpus_per_node: 8, nodes: 1}\n"
+        "workload: {arrival_rate: 4.0}\n"
+        "search: {pp: [2], tp: [2], sp: [2], shift_threshold: 300, stages: [[0, 37], [38, 79]]}\n"))
+    assert (plan.mesh.dp, plan.mesh.pp, plan.mesh.tp, plan.mesh.sp) == (1, 2, 2, 2)
+    assert [(s.first_layer, s.last_layer) for s in plan.stages] == [(0, 37), (38, 79)]
+    assert plan.shift.threshold_tokens == 300 and all(s.shift_threshold_tokens == 300 for s in plan.stages)
+
+
+def test_min_gpus_uses_the_fewest_gpus_that_carry_the_load():
+    plan = compile_spec(_inline(
+        "name: few\nmodel: {preset: llama-3.1-8b}\nhardware: {gpu: h100, gpus_per_node: 8, nodes: 1}\n"
+        "workload: {arrival_rate: 2.0, input_tokens: {mean: 512, max: 2048}, output_tokens: {mean: 128}}\n"
+        "objective: min_gpus\nslo: {ttft_p90_ms: 1000, tpot_p90_ms: 50}\n"))
+    assert plan.mesh.size < 8  # 8B at 2 req/s does not need the node
+    assert plan.predicted.meets_slo
+    assert any("uses" in r.reason and "GPUs vs" in r.reason for r in plan.runners_up)
