@@ -258,6 +258,8 @@ def _assemble(fam: Family, info: ModelInfo, text_ops: list[FittedOp], vision_ops
             if kind == "attention":
                 fields.update(_attention_costs(o, info.kv_heads, cached=(tower == "text")))
                 shape["causal"] = tower == "text"
+                if tower == "text":  # KV heads as cached (an export may show them repeated to all heads)
+                    shape["kv_heads"] = info.kv_heads
                 if extra_shape:
                     shape.update(extra_shape)
             node = OpNode(name=name, kind=kind, module=module, block=block_name, params=op_params,
