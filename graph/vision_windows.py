@@ -38,3 +38,22 @@ def window_pairs(grids: Iterable[tuple[int, int, int]], window_size: int, patch_
 def tokens(grids: Iterable[tuple[int, int, int]]) -> float:
     """Vision tokens (patches) of the images: sum of t*h*w."""
     return float(sum(t * h * w for t, h, w in grids))
+
+
+def approx_window_pairs(patches_per_image: Iterable[int], window_patches: int) -> float:
+    """Windowed pairs when only patch counts are known: sum of p * min(p, window_patches).
+
+    Exact when every window is full (image sides multiples of the window side); otherwise the
+    cut-short edge windows make the true count (``window_pairs``) a little smaller.
+    """
+    return float(sum(p * min(p, window_patches) for p in patches_per_image))
+
+
+def attention_pairs(shape: dict, grids: list[tuple[int, int, int]], vision: dict) -> float:
+    """Pairs for one vision attention op (``OpNode.shape``) over images of ``(t, h, w)`` patches.
+
+    ``vision`` is ``ModelInfo.vision``; windowed ops (``shape["window"]``) use its window_size.
+    """
+    if shape.get("window"):
+        return window_pairs(grids, vision["window_size"], vision["patch_size"], vision["spatial_merge_size"])
+    return full_pairs(grids)

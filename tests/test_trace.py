@@ -9,7 +9,7 @@ import pytest
 from graph.hf_config import load_config
 from graph.opgraph import OpGraph, StepShape
 from graph.trace import trace_config
-from graph.vision_windows import full_pairs, tokens, window_pairs
+from graph.vision_windows import approx_window_pairs, attention_pairs, full_pairs, tokens, window_pairs
 from plans.errors import UserError
 
 PUBLISHED = {
@@ -194,6 +194,12 @@ def test_window_pairs_arithmetic():
     assert window_pairs([(1, 12, 20)], 112, 14, 2) == sum(s * s for s in sizes)
     assert full_pairs([(1, 12, 20), (2, 4, 4)]) == 240 ** 2 + 2 * 16 ** 2
     assert tokens([(1, 12, 20), (2, 4, 4)]) == 272
+    # 16 x 16 patches = 4 full windows of 64 patches: the patch-count estimate is exact there
+    assert window_pairs([(1, 16, 16)], 112, 14, 2) == approx_window_pairs([256], 64) == 4 * 64 ** 2
+    assert approx_window_pairs([240], 64) >= window_pairs([(1, 12, 20)], 112, 14, 2)
+    info = {"window_size": 112, "patch_size": 14, "spatial_merge_size": 2}
+    assert attention_pairs({"window": True}, [(1, 16, 16)], info) == 4 * 64 ** 2
+    assert attention_pairs({"window": False}, [(1, 16, 16)], info) == 256 ** 2
 
 
 # ---- FLOPs against FlopCounterMode on real forwards -----------------------------------------
@@ -297,8 +303,6 @@ def test_vision_flops_match_flop_counter(cfg):
             op = g.op(name)
             if op.kind not in COSTED:
                 continue
-            windowed = op.shape.get("window", False)
-            pairs = window_pairs(grids, v["window_size"], v["patch_size"], v["spatial_merge_size"]) \
-                if windowed else full_pairs(grids)
+            pairs = attention_pairs(op.shape, grids, v) if op.kind == "attention" else 0.0
             ours += op.flops(StepShape(tokens=n, pairs=pairs, kv=n, seqs=len(grids)))
     assert abs(ours / counted - 1) < 0.01, (ours, counted)
