@@ -10,7 +10,8 @@ them into *logical ops*, the units a cost model prices:
 * ``embedding``  one ``aten.embedding`` (a gather: no FLOPs);
 * ``norm`` / ``activation`` / ``rope`` / ``elementwise``: a run of consecutive element-wise or
   reduction calls in the same module (an RMSNorm, an activation module, the rotary code inside an
-  attention module, a residual add). FLOPs = one per output element of each arithmetic call
+  attention module, a residual add). A gated MLP's ``act(gate) * up`` product joins the
+  activation op, as serving engines run it as one kernel (SiLU-and-mul). FLOPs = one per output element of each arithmetic call
   (input elements for reductions), an estimate: these ops are memory-bound.
 
 Views, reshapes, dtype casts and integer index arithmetic are free and *transparent*: data flows
@@ -151,21 +152,6 @@ def extract(ep: Any) -> list[MeasuredOp]:
     group_of: dict[Any, int] = {}  # costed FX node -> group index
     groups: list[dict[str, Any]] = []
     last_key: tuple[str, str, str] | None = None
-    for n in nodes:
-        if n.op != "call_function":
-            continue
-        c = _classify(n)
-        if c is None:
-            continue
-        kind, label = c
-        path, _ = _module(n)
-        key = (path, kind, label)
-        single = kind in ("matmul", "attention", "patch_embed", "embedding")
-        if single or key != last_key:
-            groups.append({"path": path, "kind": kind, "label": label, "nodes": []})
-        groups[-1]["nodes"].append(n)
-        group_of[n] = len(groups) - 1
-        last_key = None if single else key
 
     def source(x: Any) -> Any:
         """The producing costed node or placeholder behind a chain of transparent calls."""
@@ -175,6 +161,39 @@ def extract(ep: Any) -> list[MeasuredOp]:
                 return x
             x = args[0]
         return x
+
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        c = _classify(n)
+        if c is None:
+            continue
+        kind, label = c
+        path, _ = _module(n)
+        if kind == "elementwise" and label == "mul":
+            # act(gate) * up: serving engines fuse it into the activation kernel (SiLU-and-mul)
+            act = [group_of[s] for s in map(source, _tensor_args(n)) if s in group_of
+                   and groups[group_of[s]]["kind"] == "activation"
+                   and groups[group_of[s]]["path"].rsplit(".", 1)[0] == path]
+            if act:
+                groups[act[0]]["nodes"].append(n)
+                group_of[n] = act[0]
+                last_key = None
+                continue
+        key = (path, kind, label)
+        single = kind in ("matmul", "attention", "patch_embed", "embedding")
+        if single or key != last_key:
+            groups.append({"path": path, "kind": kind, "label": label, "nodes": []})
+        groups[-1]["nodes"].append(n)
+        group_of[n] = len(groups) - 1
+        last_key = None if single else key
+
+    # execution order = where each op finishes (a fused activation finishes at its mul)
+    pos = {n: i for i, n in enumerate(nodes)}
+    order = sorted(range(len(groups)), key=lambda i: pos[groups[i]["nodes"][-1]])
+    remap = {old: new for new, old in enumerate(order)}
+    groups = [groups[i] for i in order]
+    group_of = {n: remap[gi] for n, gi in group_of.items()}
 
     def consumers(x: Any) -> list[Any]:
         out: list[Any] = []

@@ -110,6 +110,9 @@ def test_costs_are_affine_in_the_step(graphs):
     norm, res = g.op("layers.0.input_layernorm"), g.op("layers.0.residual1")
     assert (norm.act_read.tokens, norm.act_written.tokens, norm.params) == (h, h, h)
     assert (res.act_read.tokens, res.act_written.tokens) == (2 * h, h)
+    act = g.op("layers.0.mlp.act_fn")  # silu(gate) * up as one kernel: reads gate and up, writes one
+    assert (act.act_read.tokens, act.act_written.tokens, act.shard) == (2 * 14336, 14336, "column")
+    assert "layers.0.mlp.mul" not in g.graph and list(g.graph.successors(act.name)) == ["layers.0.mlp.down_proj"]
     rope = g.op("layers.0.self_attn.rope")  # reads q, k and the cos/sin rows; writes q, k
     assert rope.act_read.tokens == (heads + kvh) * hd + 2 * hd and rope.act_written.tokens == (heads + kvh) * hd
     assert att.shape["sliding_window"] is None
@@ -132,10 +135,10 @@ def test_qwen25_vl_window_flags(graphs):
     assert g.op("visual.merger.mlp.2").shape == {"k": 5120, "n": 8192}
     shards = {n: g.op(f"visual.blocks.0.{n}").shard for n in
               ("norm1", "attn.qkv", "attn.rope", "attn.attn", "attn.proj", "residual1", "mlp.gate_proj",
-               "mlp.act_fn", "mlp.mul", "mlp.down_proj", "residual2")}
+               "mlp.act_fn", "mlp.down_proj", "residual2")}
     assert shards == {"norm1": "replicated", "attn.qkv": "column", "attn.rope": "heads", "attn.attn": "heads",
                       "attn.proj": "row", "residual1": "replicated", "mlp.gate_proj": "column",
-                      "mlp.act_fn": "column", "mlp.mul": "column", "mlp.down_proj": "row",
+                      "mlp.act_fn": "column", "mlp.down_proj": "row",
                       "residual2": "replicated"}
     v2 = graphs["qwen2-vl-7b"]
     assert [v2.op(f"visual.blocks.0.mlp.{n}").shard for n in ("fc1", "act", "fc2")] == ["column", "column", "row"]
