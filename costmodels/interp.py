@@ -49,10 +49,35 @@ class LogGrid:
         self._vals = _map(values, lambda v: math.log2(max(v, 1e-12))) if log_values else values
 
     def __call__(self, *point: float) -> float:
+        v = self._vals
+        la = self._log_axes
+        if len(la) == 1:
+            i, j, f = _bracket(la[0], math.log2(max(point[0], 1e-30)))
+            r = v[i] + (v[j] - v[i]) * f
+        elif len(la) == 2:
+            i, j, f = _bracket(la[0], math.log2(max(point[0], 1e-30)))
+            k, l, g = _bracket(la[1], math.log2(max(point[1], 1e-30)))
+            a, b = v[i], v[j]
+            lo = a[k] + (a[l] - a[k]) * g
+            hi = b[k] + (b[l] - b[k]) * g
+            r = lo + (hi - lo) * f
+        elif len(la) == 3:
+            i, j, f = _bracket(la[0], math.log2(max(point[0], 1e-30)))
+            k, l, g = _bracket(la[1], math.log2(max(point[1], 1e-30)))
+            m, n, h = _bracket(la[2], math.log2(max(point[2], 1e-30)))
+            a, b = v[i], v[j]
+            a0, a1, b0, b1 = a[k], a[l], b[k], b[l]
+            lo = (a0[m] + (a0[n] - a0[m]) * h) * (1 - g) + (a1[m] + (a1[n] - a1[m]) * h) * g
+            hi = (b0[m] + (b0[n] - b0[m]) * h) * (1 - g) + (b1[m] + (b1[n] - b1[m]) * h) * g
+            r = lo + (hi - lo) * f
+        else:
+            r = self._general(point)
+        return 2.0 ** r if self.log_values else r
+
+    def _general(self, point: tuple[float, ...]) -> float:
         brackets = [_bracket(la, math.log2(max(x, 1e-30))) for la, x in zip(self._log_axes, point)]
         total = 0.0
-        d = len(brackets)
-        for corner in range(1 << d):
+        for corner in range(1 << len(brackets)):
             w = 1.0
             idx = []
             for k, (i, j, f) in enumerate(brackets):
@@ -64,7 +89,7 @@ class LogGrid:
                     idx.append(i)
             if w:
                 total += w * _get(self._vals, tuple(idx))
-        return 2.0 ** total if self.log_values else total
+        return total
 
     def to_json(self) -> dict[str, Any]:
         return {"axes": self.axes, "values": self.values, **({"log_values": True} if self.log_values else {})}

@@ -18,6 +18,7 @@ the same op signature are timed once and multiplied; results are memoised per
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from costmodels import collectives as C
 from costmodels.gpu import GPU
@@ -112,7 +113,7 @@ class CostModel:
             recs = split_gating(tuple(op_rec(graph.op(n), b.tower) for n in b.ops))
             self._recs[b.name] = recs
             self._sig[b.name] = sigs.setdefault((b.kind, recs), len(sigs))
-        self._cache: dict[tuple, Breakdown] = {}
+        self._cache: dict[tuple, Any] = {}  # memo of block and step costs (bounded)
 
     # ------------------------------------------------------------------ blocks
 
@@ -191,6 +192,10 @@ class CostModel:
                   stages: list[tuple[int, int]] | None = None) -> StepCost:
         """One forward step of the text model through ``pp`` stages (embedding on the first,
         final norm and lm_head on the last), with the activations sent between stages."""
+        key = ("step", shape, pp, tp, sp, mode, tuple(stages) if stages else None)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         stages = stages or even_stages(len(self.decoders), pp)
         t, s = self._check(tp, sp, mode)
         head = self._text_blocks("embedding")
@@ -210,7 +215,9 @@ class CostModel:
                 sends.append(self.p2p_ms(act, inter_node=inter))
         total = sum(b.total_ms for b in per_stage) + sum(sends)
         bottleneck = max(b.total_ms + (sends[i] if i < len(sends) else 0.0) for i, b in enumerate(per_stage))
-        return StepCost(stages=per_stage, p2p_ms=sends, total_ms=total, bottleneck_ms=bottleneck)
+        out = StepCost(stages=per_stage, p2p_ms=sends, total_ms=total, bottleneck_ms=bottleneck)
+        self._cache[key] = out
+        return out
 
     def p2p_ms(self, nbytes: float, *, inter_node: bool) -> float:
         return C.p2p_ms(nbytes, self.links.inter if inter_node else self.links.intra)
