@@ -86,12 +86,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in examples:
+            load = round(os.getloadavg()[0], 2)
             cache = Path(tmp) / f"cache-{spec.stem}"
             out = Path(tmp) / f"{spec.stem}.plan.yaml"
             cold, rc, cold_torch, _ = run_once(spec, cache, out)
             warm = [run_once(spec, cache, out) for _ in range(args.repeat)]
             w = [x[0] for x in warm]
-            row = {"example": spec.stem, "exit_code": rc, "cold_s": round(cold, 2),
+            row = {"example": spec.stem, "load_avg_1m": load, "exit_code": rc, "cold_s": round(cold, 2),
                    "cold_imported_torch": cold_torch, "warm_median_s": round(statistics.median(w), 2),
                    "warm_min_s": round(min(w), 2), "warm_imported_torch": any(x[2] for x in warm),
                    "warm_imported_transformers": any(x[3] for x in warm)}
@@ -118,10 +119,10 @@ def markdown(doc: dict) -> str:
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
              f"Each run is a fresh process; cold = empty graph cache (the model is traced), warm = cache hit. "
              f"Targets: warm <= {doc['targets']['warm_s']} s, cold <= {doc['targets']['cold_s']} s.", "",
-             "| example | cold s | warm median s | warm min s | torch imported warm | meets targets |",
-             "|---|---:|---:|---:|---|---|"]
+             "| example | load avg (1 min) | cold s | warm median s | warm min s | torch imported warm | meets targets |",
+             "|---|---:|---:|---:|---:|---|---|"]
     for r in doc["results"]:
-        lines.append(f"| {r['example']} | {r['cold_s']} | {r['warm_median_s']} | {r['warm_min_s']} | "
+        lines.append(f"| {r['example']} | {r.get('load_avg_1m', '-')} | {r['cold_s']} | {r['warm_median_s']} | {r['warm_min_s']} | "
                      f"{'yes' if r['warm_imported_torch'] or r['warm_imported_transformers'] else 'no'} | "
                      f"{'yes' if r['meets_targets'] else 'NO'} |")
     return "\n".join(lines) + "\n"
