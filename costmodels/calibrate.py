@@ -222,8 +222,11 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
     log(f"overhead {raw['overhead_us']:.2f} us, copy {raw['copy_tbps']:.2f} TB/s, matmul {raw['matmul_tflops']:.0f} TFLOP/s")
     raw["seconds"] = time.time() - t_start
     raw["graph_capture_failures"] = timer.graph_failures
-    if dev.type == "cuda" and torch.cuda.device_count() > 1:
-        raw["collectives"] = "not measured: multi-GPU NCCL calibration runs under torchrun (one process per GPU)"
+    if dev.type == "cuda" and torch.cuda.device_count() > 1 and not out_of_time():
+        from costmodels.calib_collectives import bench_collectives, default_sizes
+
+        raw["collectives"] = bench_collectives(torch.cuda.device_count(), default_sizes(), backend="nccl")
+        log(f"collectives: {len(raw['collectives'])} points over {torch.cuda.device_count()} GPUs")
     return raw
 
 

@@ -9,6 +9,7 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
   ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
 * ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included;
   interpolated log-log, exact where time grows as a power of size)
+* ``collectives``: {op, bytes, n, ms} (NCCL, several GPUs)  ->  ``fit_collectives``
 * ``gemm_bias``: {m, n, k, ms, ms_nobias}  ->  extra us(M, N) = ms - ms_nobias, mean over K
 
 ``peak`` and ``bw`` are the catalog datasheet figures of the GPU the profile is for, so a
@@ -57,6 +58,27 @@ def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = F
     return LogGrid(axes, build(()), log_values)
 
 
+def fit_collectives(points: list[dict]) -> dict[str, float]:
+    """Alpha-beta link parameters from all-reduce timings {op, bytes, n, ms}.
+
+    Ring all-reduce: t = alpha0 + 2(n-1) alpha + 2(n-1)/n * S / B. The latency floor c is the
+    fastest small (<= 64 KiB) all-reduce; B comes from the largest size:
+    B = 2(n-1)/n * S_max / (t_max - c). alpha0 takes up to half of c (8 us at most), the rest
+    is split over the 2(n-1) ring steps."""
+    ar = sorted((p for p in points if p["op"] == "all_reduce"), key=lambda p: p["bytes"])
+    if not ar:
+        return {}
+    n = int(ar[0]["n"])
+    small = [p["ms"] for p in ar if p["bytes"] <= 65536] or [ar[0]["ms"]]
+    c_us = min(small) * 1e3
+    big = ar[-1]
+    dt_s = max(big["ms"] * 1e-3 - c_us * 1e-6, 1e-9)
+    bus = 2 * (n - 1) / n * big["bytes"] / dt_s / 1e9
+    alpha0 = min(8.0, c_us / 2)
+    alpha = max(0.1, (c_us - alpha0) / (2 * (n - 1)))
+    return {"bus_gbps": round(bus, 2), "alpha_us": round(alpha, 3), "alpha0_us": round(alpha0, 3), "n": n}
+
+
 def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: str, meta: dict[str, Any]) -> Profile:
     """A Profile for catalog GPU ``gpu`` from raw calibration points."""
     g = get_gpu(gpu)
@@ -92,4 +114,5 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
                      lambda p: p["us"])
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
-                   collectives=raw.get("collectives_fit", {}), raw=raw, gemm_bias=bias)
+                   collectives=fit_collectives(raw["collectives"]) if isinstance(raw.get("collectives"), list) else {},
+                   raw=raw, gemm_bias=bias)

@@ -296,3 +296,31 @@ def test_cost_model_does_not_import_torch():
 def test_breakdown_arithmetic():
     a = Breakdown.of(1, 2, 3, 4)
     assert a.total_ms == 10 and (a + a).total_ms == 20 and a.scale(0.5).comm_ms == 1.5
+
+
+def test_collective_benchmark_and_fit_on_gloo():
+    from costmodels.calib_collectives import OPS, bench_collectives
+    from costmodels.fit import fit_collectives
+
+    pts = bench_collectives(2, [4096, 1 << 20, 1 << 22], backend="gloo", reps=2)
+    assert {p["op"] for p in pts} == set(OPS) and len(pts) == 12
+    assert all(p["ms"] > 0 and p["n"] == 2 for p in pts)
+    ar = sorted((p for p in pts if p["op"] == "all_reduce"), key=lambda p: p["bytes"])
+    assert ar[-1]["ms"] > ar[0]["ms"]  # more bytes take longer
+    fit = fit_collectives(pts)
+    assert fit["bus_gbps"] > 0 and fit["alpha_us"] > 0 and fit["n"] == 2
+    from costmodels.hardware import get_gpu
+
+    links = C.default_links(get_gpu("cpu"), 8, fit)
+    assert links.intra.gbps == fit["bus_gbps"] and links.intra.alpha_us == fit["alpha_us"]
+
+
+def test_fit_collectives_recovers_alpha_beta():
+    from costmodels.fit import fit_collectives
+
+    n, bus, c_us = 8, 300.0, 20.0
+    pts = [{"op": "all_reduce", "bytes": s, "n": n, "ms": (c_us * 1e-6 + 2 * (n - 1) / n * s / (bus * 1e9)) * 1e3}
+           for s in (4096, 65536, 1 << 24, 1 << 28)]
+    fit = fit_collectives(pts)
+    assert fit["bus_gbps"] == pytest.approx(bus, rel=0.01)
+    assert fit["alpha0_us"] + 2 * (n - 1) * fit["alpha_us"] == pytest.approx(c_us + 2 * (n - 1) / n * 4096 / 300e3, rel=0.01)
