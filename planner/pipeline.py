@@ -264,7 +264,9 @@ def _blocks_ms(model: Model, c: Candidate, kinds: tuple[str, ...], shape: StepSh
 
 
 def layer_crossover(model: Model, c: Candidate, mix: TokenMix, batch: int) -> Crossover | None:
-    """Crossover of one decoder layer's step time, SP x TP vs TP(tp*sp), on the mix's steps."""
+    """Crossover of one decoder layer's step time, SP x TP vs TP(tp*sp), on the mix's steps: a step
+    of T tokens holds min(T, batch) decodes at the mean context and the rest as one prefill chunk
+    (batch = the scheduler's max_seqs, so candidates of equal tp, sp share the cost model's memo)."""
     if c.sp < 2:
         return None
     return crossover(lambda t: _layer_ms(model, c, mix.step_of(t, batch), "sp_tp"),
@@ -281,7 +283,7 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
                            with_lm_head=i == c.pp - 1, max_batch_tokens=mix.max_batch_tokens).kv_tokens
                  for i, st in enumerate(uni))
     b_max = max(1, min(mix.max_seqs, int(kv_tok // max(1.0, mix.context_mean))))
-    cross = layer_crossover(model, c, mix, b_max)
+    cross = layer_crossover(model, c, mix, mix.max_seqs)
     pinned = spec.search.shift_threshold
     thr = None if c.sp < 2 else (pinned if pinned is not None else cross.threshold_tokens)
     mode = lambda tokens: "tp" if thr is not None and tokens <= thr else "sp_tp"  # noqa: E731
@@ -602,7 +604,7 @@ def stage_thresholds(model: Model, s: Solved, mix: TokenMix) -> list[Crossover |
     out = []
     for i, (a, b) in enumerate(e.stages):
         def t(tokens: int, mode: str, a: int = a, b: int = b, i: int = i) -> float:
-            sh = mix.step_of(tokens, s.costed.decode_batch)
+            sh = mix.step_of(tokens, mix.max_seqs)
             ms = model.cost.layers_time(a, b, sh, tp=c.tp, sp=c.sp, mode=mode).total_ms
             if i == 0:
                 ms += _blocks_ms(model, c, ("embedding",), sh, mode)
