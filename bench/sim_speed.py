@@ -100,17 +100,17 @@ def grid_error(spec, graph) -> dict:
         seen = []
         orig = bucketed.stage_ms
 
-        def spy(shape, mode, orig=orig, seen=seen):
-            seen.append((shape, mode))
-            return orig(shape, mode)
+        def spy(shape, mode, decode=None, orig=orig, seen=seen):
+            seen.append((shape, mode, decode))
+            return orig(shape, mode, decode)
 
         bucketed.stage_ms = spy
         a = simulate(plan, cost, wl, slo=spec.slo, coster=bucketed)
-        errs = []
-        for shape, mode in seen[::5]:
-            q, e = sum(orig(shape, mode)), sum(bucketed.exact_stage_ms(shape, mode))
-            errs.append(abs(q - e) / e)
         exact = coster_for(plan, cost, exact=True)
+        errs = []
+        for shape, mode, decode in seen[::5]:
+            q, e = sum(orig(shape, mode, decode)), sum(exact.stage_ms(shape, mode, decode))
+            errs.append(abs(q - e) / e)
         b = simulate(plan, cost, wl, slo=spec.slo, coster=exact)
         rel = lambda x, y: round(abs(x - y) / y, 5)  # noqa: E731
         out[label] = {

@@ -168,7 +168,7 @@ def test_requests_larger_than_the_kv_cache_are_rejected_not_hung():
 
 def test_pipeline_throughput_is_bounded_by_the_slowest_stage():
     class Unbalanced(SyntheticCoster):
-        def stage_ms(self, shape, mode):
+        def stage_ms(self, shape, mode, decode=None):
             base = super().stage_ms(shape, mode)[0]
             return (1.5 * base, 0.5 * base)
 

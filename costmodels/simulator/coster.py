@@ -1,6 +1,8 @@
 """Step times for the simulator: the ``Coster`` protocol and its two implementations.
 
-* ``ModelCoster`` asks the cost model (``costmodels.model.CostModel``) and memoises on a log grid:
+* ``ModelCoster`` asks the cost model (``costmodels.model.CostModel``) and memoises on a log grid
+  (a step mixing prefill chunks and decodes is costed as dense work on all its tokens plus each
+  part's attention, see ``ModelCoster.stage_ms``):
   each of a step's four numbers (tokens T, attention pairs S, KV tokens K, sequences B; see
   ``graph.opgraph.StepShape``) is rounded to the nearest point of ``x_k = r^k`` with
   ``r = 2^(1/per_octave)`` (exact below ``exact_below``), the cost model is evaluated at the grid
@@ -25,8 +27,9 @@ class Coster(Protocol):
 
     pp: int
 
-    def stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
-        """Time of each pipeline stage for one forward step of ``shape`` in ``mode``."""
+    def stage_ms(self, shape: StepShape, mode: str, decode: StepShape | None = None) -> tuple[float, ...]:
+        """Time of each pipeline stage for one forward step of ``shape`` in ``mode``; ``decode`` is
+        the step's decode part when the step also holds prefill chunks."""
 
     def p2p_ms(self, tokens: float, boundary: int) -> float:
         """Activation transfer of a ``tokens``-token micro-batch from stage ``boundary`` to the next."""
@@ -90,28 +93,72 @@ class ModelCoster:
         self.calls = 0
 
     def exact_stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
-        """The cost model's own answer, no grid."""
+        """The cost model's own answer for one shape, no grid."""
         sc = self.cost.step_time(shape, pp=self.pp, tp=self.tp, sp=self.sp, mode=mode, stages=self.stages)
         return tuple(float(b.total_ms) for b in sc.stages)
 
-    def stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
-        self.calls += 1
-        if self.exact:
-            return self.exact_stage_ms(shape, mode)
-        eb, po, log2 = self._eb, self._po, math.log2  # LogGrid.index, inlined (the simulator's hot path)
-        t, p, k, b = shape.tokens, shape.pairs, shape.kv, shape.seqs
-        kt = -int(t + 0.5) - 1 if t < eb else int(log2(t) * po + 0.5)
-        kb = kt if b == t else (-int(b + 0.5) - 1 if b < eb else int(log2(b) * po + 0.5))
-        kp = -int(p + 0.5) - 1 if p < eb else int(log2(p) * po + 0.5)
-        kk = kp if k == p else (-int(k + 0.5) - 1 if k < eb else int(log2(k) * po + 0.5))
-        key = (kt, kp, kk, kb, mode)
-        hit = self._steps.get(key)
+    def _q(self, x: float) -> int:
+        eb, po = self._eb, self._po  # LogGrid.index, inlined (the simulator's hot path)
+        return -int(x + 0.5) - 1 if x < eb else int(math.log2(x) * po + 0.5)
+
+    def _at(self, key: tuple, mode: str) -> tuple[float, ...]:
+        """Cost-model time of the grid shape ``key`` = (kT, kS, kK, kB), cached."""
+        full = key + (mode,)
+        hit = self._steps.get(full)
         if hit is None:
             self.misses += 1
-            g = self.grid
-            q = StepShape(g.value(key[0]), g.value(key[1]), g.value(key[2]), g.value(key[3]))
-            hit = self._steps[key] = self.exact_stage_ms(q, mode)
+            v = self.grid.value
+            shape = StepShape(v(key[0]), v(key[1]) if key[1] is not None else 0.0,
+                              v(key[2]) if key[2] is not None else 0.0, v(key[3]))
+            hit = self._steps[full] = self.exact_stage_ms(shape, mode)
         return hit
+
+    def _one(self, t: float, p: float, k: float, b: float, mode: str) -> tuple[float, ...]:
+        q = self._q
+        kt = q(t)
+        kp = q(p)
+        return self._at((kt, kp, kp if k == p else q(k), kt if b == t else q(b)), mode)
+
+    def _attention(self, t: float, p: float, k: float, b: float, mode: str) -> tuple[float, ...]:
+        """Attention share of a (pure prefill or pure decode) part: its time less the same tokens'
+        time with no attention pairs and no KV."""
+        q = self._q
+        kt, kb = q(t), q(b)
+        kp = q(p)
+        with_attn = self._at((kt, kp, kp if k == p else q(k), kb), mode)
+        without = self._at((kt, None, None, kb), mode)
+        return tuple(a - w for a, w in zip(with_attn, without))
+
+    def stage_ms(self, shape: StepShape, mode: str, decode: StepShape | None = None) -> tuple[float, ...]:
+        """Per-stage ms of a step. ``decode``: the step's decode part when it also holds prefill
+        chunks (a mixed step); such a step costs its dense work on all tokens plus the attention of
+        each part on its own (prefill and decode attention are separate kernels):
+        t(mixed) = t(T, B; no attention) + attn(prefill part) + attn(decode part),
+        attn(x) = t(x) - t(x without pairs and KV)."""
+        self.calls += 1
+        if self.exact:
+            return self._exact(shape, mode, decode)
+        t, p, k, b = shape.tokens, shape.pairs, shape.kv, shape.seqs
+        if decode is None or decode.tokens == t or decode.tokens == 0:
+            return self._one(t, p, k, b, mode)
+        dense = self._at((self._q(t), None, None, self._q(b)), mode)
+        pre = self._attention(t - decode.tokens, p - decode.pairs, k - decode.kv, b - decode.seqs, mode)
+        dec = self._attention(decode.tokens, decode.pairs, decode.kv, decode.seqs, mode)
+        return tuple(x + y + z for x, y, z in zip(dense, pre, dec))
+
+    def _exact(self, shape: StepShape, mode: str, decode: StepShape | None) -> tuple[float, ...]:
+        """``stage_ms`` with no grid (the reference the grid's error is measured against)."""
+        f = self.exact_stage_ms
+        if decode is None or decode.tokens == shape.tokens or decode.tokens == 0:
+            return f(shape, mode)
+        pre = StepShape(shape.tokens - decode.tokens, shape.pairs - decode.pairs, shape.kv - decode.kv,
+                        shape.seqs - decode.seqs)
+
+        def attn(x: StepShape) -> tuple[float, ...]:
+            return tuple(a - w for a, w in zip(f(x, mode), f(StepShape(x.tokens, 0.0, 0.0, x.seqs), mode)))
+
+        dense = f(StepShape(shape.tokens, 0.0, 0.0, shape.seqs), mode)
+        return tuple(x + y + z for x, y, z in zip(dense, attn(pre), attn(decode)))
 
     def p2p_ms(self, tokens: float, boundary: int) -> float:
         inter = self.inter_node[boundary] if boundary < len(self.inter_node) else False
@@ -157,7 +204,7 @@ class SyntheticCoster:
     p2p_ms_per_ktok: float = 0.05
     embed_ms_per_ktok: float = 0.1
 
-    def stage_ms(self, shape: StepShape, mode: str) -> tuple[float, ...]:
+    def stage_ms(self, shape: StepShape, mode: str, decode: StepShape | None = None) -> tuple[float, ...]:
         c, t, s, k = self.tp if mode == "tp" else self.sp_tp
         ms = (c + t * shape.tokens + s * shape.pairs + k * shape.kv) / self.pp
         return (ms,) * self.pp

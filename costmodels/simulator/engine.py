@@ -108,9 +108,9 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         if modes is None:
             mode = cfg.mode(batch.tokens)
             log.steps_tp += mode == "tp"
-            ms = coster.stage_ms(batch.shape, mode)
+            ms = coster.stage_ms(batch.shape, mode, batch.decode)
         else:  # stages with their own thresholds disagree: each stage runs its own mode
-            both = {m: coster.stage_ms(batch.shape, m) for m in set(modes)}
+            both = {m: coster.stage_ms(batch.shape, m, batch.decode) for m in set(modes)}
             ms = [both[m][s] for s, m in enumerate(modes)]
             log.steps_tp += modes.count("tp") / cfg.pp
         if batch.patches:

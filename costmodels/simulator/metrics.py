@@ -3,9 +3,9 @@
 Per request: TTFT = first token - arrival; TPOT = (finish - first token) / (output tokens - 1)
 (requests with one output token have no TPOT); e2e = finish - arrival.
 
-Throughput is measured in the arrival window W = [first arrival, last arrival], where the system
-sees the offered load (the drain after the last arrival would otherwise make slow plans look
-less loaded than they are): output tok/s = output tokens emitted in W / |W|, a request's first
+Throughput is measured in the arrival window W = [arrival of request N/5, last arrival] (the first
+fifth is warm-up from an empty system; the drain after the last arrival would make slow plans
+look less loaded than they are): output tok/s = output tokens emitted in W / |W|, a request's first
 token at its TTFT and the others spread evenly until it finishes; combined tok/s adds the prompt
 tokens (image tokens included) of requests whose first token falls in W. Below capacity this is
 the offered load; above it, the plan's capacity. Goodput = measured arrival rate x the share of
@@ -124,7 +124,9 @@ def summarize(log: RunLog, *, slo: Any = None, gpu_memory_gb: float | None = Non
     t0 = min((r.arrival for r in log.reqs), default=0.0)
     t_last_arrival = max((r.arrival for r in log.reqs), default=0.0)
     span = max(log.t_end - t0, 1e-9)
-    out_tok, in_tok, width = _window_tokens(done, t0, t_last_arrival)
+    arrivals = sorted(r.arrival for r in log.reqs)
+    w0 = arrivals[len(arrivals) // 5] if arrivals else 0.0
+    out_tok, in_tok, width = _window_tokens(done, w0, t_last_arrival)
     if width <= 0:  # one request, or all at once: fall back to the whole span
         out_tok, in_tok, width = sum(r.out for r in done), sum(r.prompt0 for r in done), span
     rate = (len(log.reqs) - 1) / (t_last_arrival - t0) if t_last_arrival > t0 else len(done) / span

@@ -20,14 +20,15 @@ ON_STAGE0 = ("stage0_tp", "stage0_dp")
 
 def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shift: bool = False,
                 threshold: int | None = None, placement: str | None = None, dedicated_gpus: int = 0,
-                name: str | None = None) -> Plan:
+                max_seqs: int | None = None, name: str | None = None) -> Plan:
     """A ``Plan`` for ``spec`` with the given mesh, even PP stages and vision placement.
 
     KV capacity per replica = min over stages of the cost model's ``memory(stage_layers=...)``.
     Without shift the second (TP-P) weight copy is not held, so its bytes go to the KV cache:
     kv_tokens += shift_copy_gb * 1e9 / kv_bytes_per_token. ``threshold``: default the cost
     model's SP x TP vs TP crossover - 1 (steps of at most that many tokens run shifted).
-    Placement default: ``stage0_tp`` for a vision model, ``none`` otherwise.
+    Placement default: ``stage0_tp`` for a vision model, ``none`` otherwise. ``max_seqs``: running
+    requests per replica (default the spec's ``search.max_seqs``).
     """
     info = cost.info
     hw = spec.hardware
@@ -88,6 +89,6 @@ def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, 
                                activations=worst.activations_gb,
                                total=worst.weights_gb + shift_copy + worst.activations_gb + kv_gb,
                                capacity=worst.capacity_gb, kv_tokens=kvt),
-        scheduler=Scheduler(max_batch_tokens=mbt, max_seqs=spec.search.max_seqs, microbatches=pp),
+        scheduler=Scheduler(max_batch_tokens=mbt, max_seqs=max_seqs or spec.search.max_seqs, microbatches=pp),
         notes=["pinned by hand: even stages, no optimiser"],
     ).check()

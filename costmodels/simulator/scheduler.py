@@ -8,7 +8,9 @@ A step (vLLM-style, decode first):
    prompt + generated tokens) until they fit;
 2. partially prefilled requests continue with chunks (chunked prefill) within the token budget
    ``max_batch_tokens - decodes``;
-3. the lane's waiting requests are admitted FIFO while budget, ``max_seqs`` and KV allow. Admission reserves
+3. the lane's waiting requests are admitted FIFO while the budget, KV and ``max_seqs`` allow
+   (``max_seqs`` running requests per replica, over all its lanes, as in vLLM's V1 scheduler; the
+   token budget is per micro-batch). Admission reserves
    KV for the whole prompt (so a chunked prefill never stalls for memory) and keeps ``watermark``
    of the pool free (a request that fits only in an empty pool is admitted when the pool is empty).
    Images not yet encoded are encoded in this step (in-step placements), at most
@@ -35,6 +37,7 @@ class Batch:
     patches: tuple[int, ...]  # ViT patches of the images encoded in this step (in-step placements)
     image_tokens: int
     tokens: int  # scheduled tokens: decodes + prefill chunk tokens
+    decode: StepShape | None = None  # the decode part of a step that also holds prefill chunks
 
 
 def preempt(rep: Replica, lane: Lane, req: Req) -> None:
@@ -50,6 +53,7 @@ def preempt(rep: Replica, lane: Lane, req: Req) -> None:
     req.done = 0
     req.state = WAITING
     req.preempts += 1
+    rep.running -= 1
     lane.waiting.appendleft(req)
 
 
@@ -80,13 +84,12 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         n = min(r.prompt - r.done, budget)
         chunks.append((r, n))
         budget -= n
-    running = n_dec + len(lane.prefilling)
     limit = cap - int(cfg.watermark * cap)
     patches: list[int] = []
     img_tokens = 0
     in_step = cfg.placement != "dedicated"
     waiting = lane.waiting
-    while budget > 0 and running < cfg.max_seqs and waiting and not preempted:
+    while budget > 0 and rep.running < cfg.max_seqs and waiting and not preempted:
         r = waiting[0]
         if rep.kv_used + r.prompt > limit and not (rep.kv_used == 0 and r.prompt <= cap):
             break
@@ -103,7 +106,7 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         n = min(r.prompt, budget)
         chunks.append((r, n))
         budget -= n
-        running += 1
+        rep.running += 1
     if rep.kv_used > rep.kv_peak:
         rep.kv_peak = rep.kv_used
     if not chunks and not n_dec:
@@ -114,7 +117,8 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         pairs += n * c + n * (n + 1) / 2
         kv += n + c
         seqs += 1
-    return Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs), tuple(patches), img_tokens, tokens), preempted
+    dec = StepShape(n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec) if n_dec and chunks else None
+    return Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs), tuple(patches), img_tokens, tokens, dec), preempted
 
 
 def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
@@ -151,6 +155,7 @@ def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
         lane.ctx += r.prompt
         heapq.heappush(heap, (lane.steps + r.out - r.produced, r.id, r.d0, r))
     rep.outstanding -= len(done)
+    rep.running -= len(done)
     lane.outstanding -= len(done)
     return done
 

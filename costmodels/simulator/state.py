@@ -75,6 +75,7 @@ class Replica:
     kv_area: float = 0.0  # integral of kv_used over time (token-seconds), up to kv_t
     kv_t: float = 0.0
     outstanding: int = 0  # requests routed here and not finished (the router's load)
+    running: int = 0  # requests admitted (prefilling or decoding) in any lane
     stage_free: list[float] = field(default_factory=list)
     stage_busy: list[float] = field(default_factory=list)
 
