@@ -15,6 +15,7 @@ compute = F_gpu / (peak * e_compute), memory = bytes / (bw * e_mem); e from the 
 GEMM e(M, N, K); prefill attention e(L, B) with L = T/B new tokens per sequence; decode
 attention (T = B) bandwidth efficiency e(B, C) with C = K/B context; memory-bound ops measured
 time vs elements. Without a profile: e_compute = 0.7, e_mem = 0.8, 4 us per launch.
+Attention that writes K/V into the cache pays two more launches (the cache writes).
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
     act_bytes = (r.act_read(s) + r.act_written(s)) * frac * rates.a_bytes
     seqs = max(s.seqs, 1.0)
     q_per_seq = s.tokens / seqs
+    # the kernel, plus writing the step's K and V into the cache (two copies) when it does
+    ovh_us = ovh_us * (3 if r.kv_written(s) > 0 else 1)
     if prof is None:
         c = flops / (rates.attn_flops * ROOFLINE_COMPUTE_EFF) * 1e3
         mem = (kv_bytes + act_bytes) / (rates.bw * ROOFLINE_MEM_EFF) * 1e3
