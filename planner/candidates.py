@@ -176,7 +176,7 @@ def enumerate_candidates(facts: ModelFacts, space: SearchSpace) -> CandidateSet:
                 if n % (dp * pp * tp):
                     continue
                 sp = n // (dp * pp * tp)
-                c = Candidate(dp, pp, tp, sp, _usable(facts, placements, tp * sp), k)
+                c = Candidate(dp, pp, tp, sp, _usable(facts, placements, tp * sp, pp), k)
                 why = _check(facts, space, c) if (c.placements or not placements) else (
                     f"the encoder's {facts.vision_heads} heads are not divisible by tp*sp = {tp * sp}")
                 if why:
@@ -187,9 +187,13 @@ def enumerate_candidates(facts: ModelFacts, space: SearchSpace) -> CandidateSet:
     return CandidateSet(tuple(out), tuple(rejected))
 
 
-def _usable(facts: ModelFacts, placements: tuple[str, ...], P: int) -> tuple[str, ...]:
-    """Drop stage0_tp when the encoder's heads do not split over P GPUs."""
-    return tuple(p for p in placements if not (p == "stage0_tp" and facts.vision_heads % P))
+def _usable(facts: ModelFacts, placements: tuple[str, ...], P: int, pp: int = 1) -> tuple[str, ...]:
+    """Drop stage0_tp when the encoder's heads do not split over P GPUs, and all_dp when it is the
+    same as stage0_dp (one stage: "all GPUs" are stage 0's)."""
+    out = tuple(p for p in placements if not (p == "stage0_tp" and facts.vision_heads % P))
+    if pp == 1 and "stage0_dp" in out:
+        out = tuple(p for p in out if p != "all_dp")
+    return out
 
 
 def _check(facts: ModelFacts, space: SearchSpace, c: Candidate) -> str | None:

@@ -225,15 +225,16 @@ def _best_of(p: StageProblem, splits, formulation: str) -> StageSolution:
 def solve(p: StageProblem, *, solver: str | None = None) -> StageSolution:
     """Optimal contiguous split and vision placement, or status "infeasible".
 
-    One stage (or pinned stages) leaves only the placement to choose: enumerated exactly.
-    Otherwise a PuLP model (CBC by default, HiGHS when ``highspy`` is installed)."""
+    Pinned stages leave only the placement to choose (enumerated exactly), and one stage with at
+    most one placement leaves nothing. Otherwise a PuLP model (CBC by default, HiGHS when
+    ``highspy`` is installed) chooses the split and the placement."""
     L, S = len(p.layers), p.stages
     if S < 1 or S > L:
         raise ValueError(f"{S} stages for {L} layers")
     if p.pinned is not None:
         return _best_of(p, [p.pinned], "pinned")
-    if S == 1:
-        return _best_of(p, [((0, L - 1),)], "single-stage")
+    if S == 1 and len(p.vision) <= 1:
+        return _best_of(p, [((0, L - 1),)], "single-stage")  # nothing to decide
     return _solve_pulp(p, solver)
 
 
@@ -266,7 +267,12 @@ def _build_and_solve(p: StageProblem, solver_name: str | None) -> StageSolution:
     uniform = all(x == p.layers[0] for x in p.layers)
     prob = pulp.LpProblem("stages", pulp.LpMinimize)
     # per-stage layer sums of each cost field, as linear expressions
-    if uniform:
+    if S == 1:  # only the encoder placement to choose
+        formulation = "single-stage"
+        lay_thr = [sum(x.thr for x in p.layers)]
+        lay_mem = [sum(x.mem for x in p.layers)]
+        decode = lambda: ((0, L - 1),)  # noqa: E731
+    elif uniform:
         formulation = "boundaries"
         b = [pulp.LpVariable(f"boundary_{s}", 1, L - 1, cat="Integer") for s in range(1, S)]
         bounds = [0, *b, L]

@@ -75,7 +75,9 @@ def test_vision_placements_and_dedicated_gpus():
     assert "stage0_tp" in tp8.placements
     odd = ModelFacts(**{**VL.__dict__, "vision_heads": 12})
     tp8_odd = next(c for c in enumerate_candidates(odd, _space()).candidates if c.label == "tp8")
-    assert "stage0_tp" not in tp8_odd.placements and "all_dp" in tp8_odd.placements
+    assert tp8_odd.placements == ("stage0_dp",)  # no stage0_tp (12 heads over 8); all_dp = stage0_dp at pp1
+    pp2 = next(c for c in shared if c.label == "pp2xtp4")
+    assert pp2.placements == ("stage0_tp", "stage0_dp", "all_dp")
 
 
 def test_min_gpus_allows_smaller_meshes():

@@ -1,6 +1,7 @@
 """The ILP is optimal: on random small cases (layers, per-layer costs, memory limits, SLOs,
 vision placements) it reaches the same objective value as enumerating every contiguous split
-and every placement with the same cost arithmetic (``ilp.evaluate``)."""
+and every placement with the same cost arithmetic (``ilp.evaluate``). 110 seeded cases: about 60
+have an optimum (compared by objective value), the rest are infeasible for both."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from planner.ilp import ItemCost, StageProblem, VisionOption, Weights, all_splits, evaluate, solve
 
-CASES = 60
+CASES = 110
 
 
 def _brute(p: StageProblem):
@@ -27,7 +28,7 @@ def _brute(p: StageProblem):
 def _case(seed: int) -> StageProblem:
     rng = random.Random(seed)
     L = rng.randint(2, 9)
-    S = rng.randint(2, min(4, L))
+    S = rng.randint(1, min(4, L))
     uniform = rng.random() < 0.4
     if uniform:
         one = ItemCost(thr=rng.uniform(0.5, 3), ttft=rng.uniform(1, 5), tpot=rng.uniform(0.1, 1), mem=rng.uniform(1, 5))
@@ -45,7 +46,7 @@ def _case(seed: int) -> StageProblem:
                                     ttft=rng.uniform(1, 10))
                        for name in rng.sample(["stage0_tp", "stage0_dp", "all_dp", "dedicated"], rng.randint(1, 4)))
     total_mem = sum(x.mem for x in layers)
-    cap = rng.uniform(0.85, 1.8) * (total_mem / S + 2)
+    cap = rng.uniform(0.9, 2.0) * (total_mem / S + 2)
     lat_ttft = sum(x.ttft for x in layers)
     return StageProblem(
         layers=layers, stages=S,
@@ -79,5 +80,5 @@ def test_cases_cover_both_formulations_and_infeasible_ones():
         sol = solve(p)
         formulations.add(sol.formulation)
         infeasible += sol.status == "infeasible"
-    assert {"boundaries", "cumulative"} <= formulations
+    assert {"boundaries", "cumulative", "single-stage"} <= formulations
     assert 0 < infeasible < CASES // 2
