@@ -98,3 +98,17 @@ def test_calibrate_without_gpu_is_a_clean_error(capsys, monkeypatch):
     code, _, err = run(capsys, "calibrate", "--quick")
     assert code == 2
     assert "needs a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_estimate_with_a_warm_graph_cache_imports_no_torch(capsys):
+    import subprocess
+    import sys
+
+    assert main(["estimate", L8, "--json"]) == 0  # warms the graph cache in this process if needed
+    capsys.readouterr()
+    code = ("import sys; from planner.cli import main; rc = main(['estimate', %r, '--tp', '1', '--json']); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'" % L8)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"ttft_ms"' in r.stdout
