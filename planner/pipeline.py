@@ -17,6 +17,13 @@ workload's mix: a request of mean prompt length P and mean output O costs
 ``P / T_pf`` prefill steps of ``T_pf = max_batch_tokens`` tokens and ``O / b`` decode steps of
 a batch of ``b`` sequences (``b`` limited by ``max_seqs`` and by the KV capacity), each step
 in the mode the shift threshold picks for its token count.
+
+SLOs are used twice. In the ILP they are hard bounds on what no load can improve: the
+unloaded TTFT (a request's prefill through every stage, plus its images' encoder time) and the
+TPOT of a decode step at the operating batch (Little's law at the spec's rate); a spec that
+misses them on every mesh is infeasible and ``planner.infeasible`` says which bound binds. Under
+load, the p90s come from the serving simulator on the shortlist, and ranking puts plans that
+meet the SLOs first (``Predicted.meets_slo``).
 """
 
 from __future__ import annotations
