@@ -132,7 +132,7 @@ class Engine:
         reported = {e[1] for e in errors}
         dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0, 1) or
                 (not p.is_alive() and r not in reported)]
-        self.shutdown()
+        self.shutdown(force=True)
         if dead and dead[0][0] not in reported:
             r, code = dead[0]
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
@@ -141,8 +141,8 @@ class Engine:
         raise WorkerError(f"worker rank {r} failed: {text.strip().splitlines()[0]}; all {self.world} ranks were "
                           f"stopped\n{text}")
 
-    def shutdown(self) -> None:
-        """Stop every worker: ask politely, then terminate, then kill. Idempotent."""
+    def shutdown(self, force: bool = False) -> None:
+        """Stop every worker: ask politely (unless ``force``), then terminate, then kill. Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -151,7 +151,7 @@ class Engine:
                 q.put(None)
             except Exception:
                 pass
-        end = time.monotonic() + 5.0
+        end = time.monotonic() + (0.0 if force else 5.0)
         for p in self.procs:
             p.join(timeout=max(0.0, end - time.monotonic()))
         for p in self.procs:

@@ -1,0 +1,67 @@
+"""Point 8: a worker that dies or fails stops every rank quickly with that rank's error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import executors
+from executors import Request, Sampling
+from executors.engine import WorkerError
+from tests.tiny.helpers import make_plan, save_checkpoint
+
+
+def _gone(pids: list[int], within: float = 10.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killed_rank_stops_all_ranks(tmp_path: Path) -> None:
+    save_checkpoint("llama", tmp_path)
+    plan = make_plan("llama", pp=2, tp=2)
+    eng = executors.load(plan, weights=tmp_path, kv_blocks=64)
+    pids = eng.pids
+    assert len(pids) == 4 and not _gone(pids, within=0.2)  # all four ranks up
+    killer = threading.Timer(1.0, os.kill, args=(pids[2], signal.SIGKILL))
+    t0 = time.monotonic()
+    killer.start()
+    with pytest.raises(WorkerError) as err:
+        eng.generate([Request(tokens=[3, 4, 5])] * 2, max_new_tokens=200, sampling=Sampling(stop_on_eos=False))
+    elapsed = time.monotonic() - t0
+    killer.join()
+    assert "rank 2 died (signal 9)" in str(err.value)
+    assert elapsed < 30.0
+    assert _gone(pids), "worker processes left behind"
+
+
+def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
+    """Stage 1's checkpoint slice is missing: rank 1 fails at load, rank 0 is stopped too."""
+    save_checkpoint("llama", tmp_path)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(str(f))
+    del sd["model.layers.3.mlp.down_proj.weight"]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    plan = make_plan("llama", pp=2)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as err:
+        executors.load(plan, weights=tmp_path)
+    msg = str(err.value)
+    assert "worker rank 1 failed" in msg and "model.layers.3.mlp.down_proj.weight" in msg
+    assert time.monotonic() - t0 < 30.0
