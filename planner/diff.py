@@ -123,8 +123,13 @@ def diff_plans(a: Plan, b: Plan) -> list[Change]:
     field("shift.enabled", "shift")
     field("shift.threshold_tokens", "shift threshold", "tokens")
     take("shift.curves")
-    if da["shift"]["curves"] != db["shift"]["curves"]:
-        out.append(Change("shift cost curves", f"{len(a.shift.curves)} points", f"{len(b.shift.curves)} points (changed)"))
+    ca = {c["tokens"]: c for c in da["shift"]["curves"]}
+    cb = {c["tokens"]: c for c in db["shift"]["curves"]}
+    for t in sorted(set(ca) | set(cb)):
+        x, y = ca.get(t), cb.get(t)
+        if x != y:
+            fmt = lambda c: "-" if c is None else f"{c['sp_tp_ms']:g}/{c['tp_ms']:g}"  # noqa: E731
+            out.append(Change(f"shift curve at {t} tokens (sp x tp / tp)", fmt(x), fmt(y), "ms"))
     for k, what in _MEMORY:
         field(f"memory_gb.{k}", f"memory per GPU, {what}", "GB")
     field("memory_gb.kv_tokens", "KV capacity", "tokens")

@@ -148,13 +148,30 @@ class TokenMix:
     def decode_step(self, batch: int) -> StepShape:
         return StepShape.decode([max(1, int(round(self.context_mean)))] * max(1, batch))
 
-    def step_of(self, tokens: int, batch: int) -> StepShape:
-        """A step of ``tokens`` tokens: up to ``batch`` decodes, the rest one prefill chunk."""
+    def step_of(self, tokens: int, batch: int) -> tuple[StepShape, StepShape | None]:
+        """A step of ``tokens`` tokens: up to ``batch`` decodes, the rest one prefill chunk
+        (the two parts, so attention can be costed per part: see ``mixed_ms``)."""
         d = min(tokens, batch)
-        shape = self.decode_step(d)
-        if tokens > d:
-            shape = shape + StepShape.prefill([tokens - d])
-        return shape
+        return self.decode_step(d), (StepShape.prefill([tokens - d]) if tokens > d else None)
+
+
+def mixed_ms(fn: Callable[[StepShape], float], decode: StepShape, prefill: StepShape | None) -> float:
+    """Time of a step holding decodes and a prefill chunk.
+
+    A summed StepShape would blur the two attention regimes (a decode batch reads KV, a prefill
+    chunk is compute-bound), so, as the simulator's coster does, everything but attention is
+    costed on the whole step and attention per part::
+
+        t = f(d + p) - attn(d + p) + attn(d) + attn(p),   attn(x) = f(x) - f(x without pairs/KV)
+    """
+    if prefill is None:
+        return fn(decode)
+    total = decode + prefill
+
+    def attn(x: StepShape) -> float:
+        return fn(x) - fn(StepShape(x.tokens, 0.0, 0.0, x.seqs))
+
+    return fn(total) - attn(total) + attn(decode) + attn(prefill)
 
 
 def token_mix(spec: Spec, model: Model) -> TokenMix:
@@ -276,8 +293,10 @@ def layer_crossover(model: Model, c: Candidate, mix: TokenMix, batch: int) -> Cr
     (batch = the scheduler's max_seqs, so candidates of equal tp, sp share the cost model's memo)."""
     if c.sp < 2:
         return None
-    return crossover(lambda t: _layer_ms(model, c, mix.step_of(t, batch), "sp_tp"),
-                     lambda t: _layer_ms(model, c, mix.step_of(t, batch), "tp"), mix.max_batch_tokens)
+    def ms(tokens: int, mode: str) -> float:
+        return mixed_ms(lambda sh: _layer_ms(model, c, sh, mode), *mix.step_of(tokens, batch))
+
+    return crossover(lambda t: ms(t, "sp_tp"), lambda t: ms(t, "tp"), mix.max_batch_tokens)
 
 
 def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts: ModelFacts,
@@ -611,13 +630,14 @@ def stage_thresholds(model: Model, s: Solved, mix: TokenMix) -> list[Crossover |
     out = []
     for i, (a, b) in enumerate(e.stages):
         def t(tokens: int, mode: str, a: int = a, b: int = b, i: int = i) -> float:
-            sh = mix.step_of(tokens, mix.max_seqs)
-            ms = model.cost.layers_time(a, b, sh, tp=c.tp, sp=c.sp, mode=mode).total_ms
-            if i == 0:
-                ms += _blocks_ms(model, c, ("embedding",), sh, mode)
-            if i == c.pp - 1:
-                ms += _blocks_ms(model, c, ("final_norm", "lm_head"), sh, mode)
-            return ms
+            def f(sh: StepShape) -> float:
+                ms = model.cost.layers_time(a, b, sh, tp=c.tp, sp=c.sp, mode=mode).total_ms
+                if i == 0:
+                    ms += _blocks_ms(model, c, ("embedding",), sh, mode)
+                if i == c.pp - 1:
+                    ms += _blocks_ms(model, c, ("final_norm", "lm_head"), sh, mode)
+                return ms
+            return mixed_ms(f, *mix.step_of(tokens, mix.max_seqs))
         out.append(crossover(lambda n: t(n, "sp_tp"), lambda n: t(n, "tp"), mix.max_batch_tokens))
     return out
 
