@@ -76,7 +76,10 @@ def bench_collectives(world: int, sizes: list[int], backend: str = "nccl", reps:
 
     with tempfile.TemporaryDirectory() as tmp:
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        mp.spawn(_worker, args=(world, backend, sizes, init, out, reps), nprocs=world, join=True)
+        # fork is quick for CPU (gloo) ranks; CUDA ranks need fresh processes (spawn)
+        method = "fork" if backend == "gloo" else "spawn"
+        mp.start_processes(_worker, args=(world, backend, sizes, init, out, reps), nprocs=world, join=True,
+                           start_method=method)
         return json.loads(Path(out).read_text())
 
 
