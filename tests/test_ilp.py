@@ -134,3 +134,24 @@ def test_crossover_edges():
     always = crossover(lambda t: 0.5 * t, lambda t: 1.0 * t, 4096)
     assert always.crossover_tokens == 1 and always.threshold_tokens == 0  # always SP x TP
     assert ladder(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_mixed_step_costs_attention_per_part():
+    from graph.opgraph import StepShape
+    from planner.pipeline import mixed_ms
+
+    d, p = StepShape.decode([1000] * 4), StepShape.prefill([64])
+
+    def affine(x: StepShape) -> float:  # linear in every number: parts or whole give the same
+        return 1.0 + 2.0 * x.tokens + 0.001 * x.pairs + 0.01 * x.kv
+
+    assert mixed_ms(affine, d, p) == pytest.approx(affine(d + p))
+    assert mixed_ms(affine, d, None) == affine(d)
+
+    def regime(x: StepShape) -> float:  # attention priced by tokens per sequence, like a kernel table
+        q = x.tokens / x.seqs
+        return x.tokens + (x.kv * 0.01 if q < 1.5 else x.pairs * 0.1)
+
+    expect = regime(d + p) - (regime(d + p) - (d + p).tokens) + (regime(d) - d.tokens) + (regime(p) - p.tokens)
+    assert mixed_ms(regime, d, p) == pytest.approx(expect)
+    assert mixed_ms(regime, d, p) == pytest.approx((d + p).tokens + d.kv * 0.01 + p.pairs * 0.1)
