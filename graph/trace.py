@@ -16,8 +16,14 @@ Steps (all on the meta device, no weights, no memory):
 4. The lm_head runs once per sequence (serving engines keep only each sequence's last hidden
    state), so its per-token costs become per-sequence costs.
 5. The decoder layer is replicated ``num_hidden_layers`` times (``layers.{i}.*``; attention
-   ``shape["sliding_window"]`` is the layer's window or None) and the vision block ``depth`` times (``visual.blocks.{i}.*``, Qwen2.5-VL blocks marked windowed except
-   ``fullatt_block_indexes``); blocks are chained into one networkx DiGraph in dataflow order.
+   ``shape["sliding_window"]`` is the layer's window or None) and the vision block ``depth``
+   times (``visual.blocks.{i}.*``; Qwen2.5-VL attention has ``shape["window"]`` True except in
+   ``fullatt_block_indexes``: ``graph.vision_windows.attention_pairs`` gives its pairs for given
+   image grids); blocks are chained into one networkx DiGraph in dataflow order.
+
+Memory fields are elements (``graph.opgraph``); the embedding's ``weight_elems`` is 0 because a
+lookup reads only the gathered rows (``act_read`` = hidden per token), not the whole table. With
+tied embeddings the lm_head has ``params`` 0 (counted once, in the embedding), ``shape["tied"]``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ TRACER_VERSION = 4
 TEXT_SIZES = (32, 16)  # the first is used; the second only with check_linear
 VISION_SIZES = (64, 16)  # multiples of spatial_merge_size**2
 
-# wrapper segment -> (block kind, tower)
+# wrapper segment -> block kind
 TEXT_SEGMENTS = {"embed_tokens": "embedding", "layer": "decoder", "norm": "final_norm", "lm_head": "lm_head"}
 VISION_SEGMENTS = {"patch_embed": "vision_patch_embed", "block": "vision_block", "merger": "merger"}
 
