@@ -15,6 +15,13 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
 ``peak`` and ``bw`` are the catalog datasheet figures of the GPU the profile is for, so a
 profile says how far from the datasheet the real part runs. Grid cells that were not
 measured (size caps) take the nearest measured cell along the first axis.
+
+Every table is interpolated log-log (log of the value against log of the coordinates).
+Chosen by leave-every-other-grid-point-out on the calibration points themselves (no
+validation data): against linear-in-value interpolation it cut the median error of GEMM
+efficiency along M from 4.7% to 1.6%, of causal attention efficiency along L from 12% to
+3-6%, of full attention from 13% to 9%, of decode efficiency along B from 6% to 2%, and was
+neutral along N, K and the decode context.
 """
 
 from __future__ import annotations
@@ -89,7 +96,8 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     def net_s(ms: float) -> float:
         return max(ms * 1e-3 - ovh * 1e-6, ms * 1e-3 * 0.05)
 
-    gemm = _grid(raw["gemm"], ("m", "n", "k"), lambda p: 2 * p["m"] * p["n"] * p["k"] / (net_s(p["ms"]) * peak))
+    gemm = _grid(raw["gemm"], ("m", "n", "k"), lambda p: 2 * p["m"] * p["n"] * p["k"] / (net_s(p["ms"]) * peak),
+                 log_values=True)
 
     def attn_eff(causal: bool):
         def f(p: dict) -> float:
@@ -98,11 +106,11 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
             return 4 * p["heads"] * p["head_dim"] * pairs / (net_s(p["ms"]) * peak)
         return f
 
-    causal = _grid(raw["attn_causal"], ("L", "B"), attn_eff(True))
-    full = _grid(raw["attn_full"], ("L", "B"), attn_eff(False))
+    causal = _grid(raw["attn_causal"], ("L", "B"), attn_eff(True), log_values=True)
+    full = _grid(raw["attn_full"], ("L", "B"), attn_eff(False), log_values=True)
     dec = _grid(raw["attn_decode"], ("B", "C"),
                 lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
-                / (net_s(p["ms"]) * bw))
+                / (net_s(p["ms"]) * bw), log_values=True)
     memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3, log_values=True)
               for name, pts in raw["memops"].items() if pts}
     bias = None
