@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -324,3 +325,37 @@ def test_fit_collectives_recovers_alpha_beta():
     fit = fit_collectives(pts)
     assert fit["bus_gbps"] == pytest.approx(bus, rel=0.01)
     assert fit["alpha0_us"] + 2 * (n - 1) * fit["alpha_us"] == pytest.approx(c_us + 2 * (n - 1) / n * 4096 / 300e3, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- measured accuracy
+
+RESULTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def test_committed_accuracy_results_have_the_contract():
+    d = json.loads((RESULTS / "cost_accuracy.json").read_text())
+    for kind in ("prefill", "decode", "vision"):
+        r = d[kind]
+        assert set(r) >= {"median_abs_pct", "p90_abs_pct", "points"} and len(r["points"]) >= 9
+        errs = [abs(p["err_pct"]) for p in r["points"]]
+        assert r["median_abs_pct"] == pytest.approx(statistics.median(errs), abs=0.02)
+        assert r["p90_abs_pct"] >= r["median_abs_pct"]
+    assert "H100" in d["meta"]["device"] and d["meta"]["command"].startswith("python bench/cost_accuracy.py report")
+    md = (RESULTS / "cost_accuracy.md").read_text()
+    assert "| prefill |" in md and "Command:" in md and "H100" in md
+
+
+def test_model_still_predicts_the_measured_h100_steps():
+    """Recompute predictions for the committed H100 timings with today's cost model: a
+    change to the model or the tracer that breaks accuracy fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cost_accuracy", RESULTS.parent / "cost_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    raw = json.loads((RESULTS / "cost_accuracy.raw.json").read_text())
+    pts, pid, _ = mod.predict(raw["points"], RESULTS.parent.parent / "costmodels" / "profiles" / "h100.json")
+    assert pid.startswith("h100-") and len(pts) == len(raw["points"])
+    for kind, (med, p90) in {"prefill": (6, 12), "decode": (6, 12), "vision": (8, 14)}.items():
+        errs = [abs(p["err_pct"]) for p in pts if p["kind"] == kind]
+        assert mod._pct(errs, 0.5) <= med and mod._pct(errs, 0.9) <= p90, (kind, mod._pct(errs, 0.5), mod._pct(errs, 0.9))
