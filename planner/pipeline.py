@@ -48,6 +48,7 @@ SHORTLIST = 3  # best candidates by the static key that the simulator scores (pl
 SIM_REQUESTS = 200  # requests per simulated candidate (the spec's own count caps it)
 MIX_REQUESTS = 500  # requests sampled to measure the workload's means
 VISION_BATCH = 8
+GOODPUT_BINS = 20  # ranking compares goodput / arrival rate in steps of 1/20
 UTIL_TARGET = 0.8  # min_gpus: the bottleneck may be busy at most this share of the time at the arrival rate  # images per encoder batch when amortising encoder time per request
 
 
@@ -537,9 +538,11 @@ def static_score(s: Solved, spec: Spec, mix: TokenMix) -> Scored:
     """Score from the ILP's own numbers with a simple queueing correction:
 
         rho = rate / capacity                       (bottleneck utilisation)
-        TTFT ~ TTFT_0 * (1 + rho / (2 (1 - rho)))   (M/D/1 wait on top of the unloaded prefill)
-        TPOT ~ TPOT_0 / (1 - rho_pf)                (decode steps share the GPUs with prefill,
+        TTFT ~ TTFT_0 * (1 + rho / (2 (1 - rho))) * f_pp   (M/D/1 wait on the unloaded prefill)
+        TPOT ~ TPOT_0 / (1 - rho_pf) * f_pp         (decode steps share the GPUs with prefill,
                                                       rho_pf = the prefill share of rho)
+        f_pp = 1 + rho (pp - 1)                     (a micro-batch's step also waits behind the
+                                                      other pp - 1 in flight, busy a share rho)
     """
     from plans.schema import Percentiles, Predicted
 
@@ -551,8 +554,9 @@ def static_score(s: Solved, spec: Spec, mix: TokenMix) -> Scored:
     rho = min(mix.rate / cap, 0.99)
     n_pf, n_dec = s.costed.steps_per_request
     rho_pf = rho * s.costed.prefill_share
-    ttft = e.ttft_ms * (1 + rho / (2 * (1 - rho)))
-    tpot = e.tpot_ms / max(1 - rho_pf, 0.01)
+    f_pp = 1 + rho * (c.pp - 1)
+    ttft = e.ttft_ms * (1 + rho / (2 * (1 - rho))) * f_pp
+    tpot = e.tpot_ms / max(1 - rho_pf, 0.01) * f_pp
     meets = _meets(spec, ttft, tpot) and cap >= mix.rate
     pred = Predicted(source="estimate", ttft_ms=Percentiles(p50=ttft, p90=ttft, p99=ttft),
                      tpot_ms=Percentiles(p50=tpot, p90=tpot, p99=tpot),
@@ -583,7 +587,8 @@ def _meets(spec: Spec, ttft: float, tpot: float) -> bool:
 def _key(spec: Spec, meets: bool, cap: float, ttft: float, tpot: float, mix: TokenMix, gpus: int,
          goodput: float) -> tuple:
     lat = ttft + mix.output_mean * tpot
-    good = round(goodput, 2)
+    # goodput in 5% bins of the arrival rate: differences below that are simulation noise
+    good = math.floor(goodput / mix.rate * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
     if spec.objective == "min_latency":
         return (not meets, -good, round(lat, 3), -round(cap, 3))
     if spec.objective == "balanced":
