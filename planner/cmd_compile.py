@@ -41,7 +41,7 @@ def compile_cmd(
     seconds = time.perf_counter() - t0
     plan = res.plan
     if not quiet:
-        err.print(summary(res, seconds), highlight=False)
+        err.print(summary(res, seconds), highlight=False, soft_wrap=True)
     if committed is not None:
         changes = diff_plans(committed, plan)
         if changes:
