@@ -96,9 +96,46 @@ def _print_table(s: dict[str, Any]) -> None:
     con.print(f"graph from {src} in {s['trace_seconds']:.2f} s", highlight=False)
 
 
+def _block_ops(g: Any, block: str) -> list[dict[str, Any]]:
+    """Per-op rows of one block: kind, shard, params, shape and per-token costs (elements)."""
+    from graph.hf_config import nearest
+    from plans.errors import UserError
+
+    names = [b.name for b in g.blocks]
+    if block not in names:
+        raise UserError(f"no block '{block}' in this model{nearest(block, names)}; blocks: "
+                        f"{names[0]} ... {names[-1]}")
+    rows = []
+    for o in g.block_ops(next(b for b in g.blocks if b.name == block)):
+        rows.append({"name": o.name, "kind": o.kind, "module": o.module, "shard": o.shard, "params": o.params,
+                     "shape": o.shape, "flops_per_token": o.flops.tokens + o.flops.seqs,
+                     "flops_per_pair": o.flops.pairs, "read_per_token": o.act_read.tokens + o.act_read.seqs,
+                     "written_per_token": o.act_written.tokens + o.act_written.seqs,
+                     "kv_read_per_kv_token": o.kv_read.kv, "kv_written_per_token": o.kv_written.tokens,
+                     "preds": list(g.graph.predecessors(o.name))})
+    return rows
+
+
+def _print_ops(block: str, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ops of {block} (elements per token; attention also per pair / per cached token)")
+    for col in ("op", "kind", "shard", "params", "FLOP/token", "FLOP/pair", "read/token", "written/token"):
+        t.add_column(col, justify="left" if col in ("op", "kind", "shard") else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(r["name"], r["kind"], r["shard"], f"{r['params']:,}", _fmt(r["flops_per_token"]),
+                  _fmt(r["flops_per_pair"]), _fmt(r["read_per_token"]), _fmt(r["written_per_token"]))
+    con = Console()
+    if con.width < 150:
+        con = Console(width=150)
+    con.print(t)
+
+
 def graph_cmd(
     spec: str = typer.Argument(..., help="model.yaml, preset name, or HF config.json / checkpoint directory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    block: str = typer.Option("", "--block", help="list the ops of one block (e.g. layers.0, visual.blocks.7)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="trace again even if the graph is cached"),
 ) -> None:
     """Trace the model into its op graph and print its blocks (params, FLOPs/token)."""
@@ -107,8 +144,13 @@ def graph_cmd(
     name, cfg = _resolve_config(spec)
     r = load_or_trace(cfg, use_cache=not no_cache)
     s = _summary(name, r.graph, r.cached, r.seconds)
+    if block:
+        s["block"] = block
+        s["block_ops"] = _block_ops(r.graph, block)
     if as_json:
         typer.echo(json.dumps(s))
+    elif block:
+        _print_ops(block, s["block_ops"])
     else:
         _print_table(s)
 

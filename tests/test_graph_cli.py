@@ -78,6 +78,21 @@ def test_table_output(workdir, capsys):
     assert "decoder" in out and "lm_head" in out and f"{TINY_PARAMS:,}" in out
 
 
+def test_block_ops_listing(workdir, capsys):
+    d = _run_json(capsys, str(workdir / "spec.yaml"), "--block", "layers.1")
+    ops = {o["name"]: o for o in d["block_ops"]}
+    q = ops["layers.1.self_attn.q_proj"]
+    assert (q["kind"], q["shard"], q["params"], q["flops_per_token"]) == ("matmul", "column", 65_536, 2 * 256 * 256)
+    attn = ops["layers.1.self_attn.attn"]
+    assert attn["flops_per_pair"] == 4 * 4 * 64 and attn["kv_read_per_kv_token"] == 2 * 2 * 64
+    assert ops["layers.1.input_layernorm"]["preds"] == ["layers.0.residual2"]
+    assert sum(o["params"] for o in ops.values()) == next(b["params"] for b in d["blocks"] if b["name"] == "layers.1")
+    assert main(["graph", str(workdir / "spec.yaml"), "--block", "layers.1"]) == 0
+    assert "layers.1.mlp.down_proj" in capsys.readouterr().out
+    assert main(["graph", str(workdir / "spec.yaml"), "--block", "layers.7"]) == 2
+    assert "no block 'layers.7'" in capsys.readouterr().err
+
+
 def test_config_directory_and_file_work(workdir, capsys):
     by_dir = _run_json(capsys, str(workdir / "models" / "tiny"))
     by_file = _run_json(capsys, str(workdir / "models" / "tiny" / "config.json"))
