@@ -114,6 +114,10 @@ class CostModel:
             self._recs[b.name] = recs
             self._sig[b.name] = sigs.setdefault((b.kind, recs), len(sigs))
         self._cache: dict[tuple, Any] = {}  # memo of block and step costs (bounded)
+        # vision blocks with windowed attention (Qwen2.5-VL): block name -> patches per window
+        self._window = {b.name: int(graph.op(n).shape.get("window_patches") or 64)
+                        for b in graph.blocks if b.tower == "vision" for n in b.ops
+                        if graph.op(n).kind == "attention" and (graph.op(n).shape or {}).get("window")}
 
     # ------------------------------------------------------------------ blocks
 
@@ -229,7 +233,8 @@ class CostModel:
 
         With dp > 1 the images are spread over dp encoder replicas by patch count (longest
         first, onto the least-loaded replica, load ~ p + p^2/4096); the slowest replica's
-        time is returned. Each replica runs TP of degree tp."""
+        time is returned. Each replica runs TP of degree tp. Blocks with windowed attention
+        (Qwen2.5-VL) attend within windows of ``window_patches`` patches, not whole images."""
         vis = [b for b in self.graph.blocks if b.tower == "vision"]
         if not vis:
             raise UserError(f"{self.info.architecture} has no vision tower")
@@ -245,8 +250,11 @@ class CostModel:
         for imgs in groups:
             if not imgs:
                 continue
-            shape = StepShape.vision(imgs)
-            bd = self.blocks_time(vis, shape, tp=tp, sp=1, mode="sp_tp")
+            full = StepShape.vision(imgs)
+            bd = Breakdown()
+            for b in vis:
+                wp = self._window.get(b.name)
+                bd = bd + self.block_time(b, full if wp is None else _windowed(imgs, wp), tp=tp, sp=1, mode="sp_tp")
             if bd.total_ms > worst.total_ms:
                 worst = bd
         return worst
@@ -310,6 +318,17 @@ class CostModel:
             a, b = costs(mid)
             lo, hi = (lo, mid) if a < b else (mid, hi)
         return hi, curve
+
+
+def _windowed(patches_per_image: list[int], window: int) -> StepShape:
+    """A vision step whose attention stays within windows of ``window`` patches: pairs =
+    sum of p * min(p, window) (``graph.vision_windows.approx_window_pairs``), one attention
+    sequence per window."""
+    from graph.vision_windows import approx_window_pairs
+
+    return StepShape(tokens=float(sum(patches_per_image)), pairs=approx_window_pairs(patches_per_image, window),
+                     kv=float(sum(patches_per_image)),
+                     seqs=float(sum(max(1, -(-p // window)) for p in patches_per_image)))
 
 
 def _chunks(n: int, context: int) -> StepShape:

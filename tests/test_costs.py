@@ -359,3 +359,21 @@ def test_model_still_predicts_the_measured_h100_steps():
     for kind, (med, p90) in {"prefill": (6, 12), "decode": (6, 12), "vision": (8, 14)}.items():
         errs = [abs(p["err_pct"]) for p in pts if p["kind"] == kind]
         assert mod._pct(errs, 0.5) <= med and mod._pct(errs, 0.9) <= p90, (kind, mod._pct(errs, 0.5), mod._pct(errs, 0.9))
+
+
+def test_windowed_vision_blocks_attend_within_windows():
+    from costmodels.build import graph_for_config
+
+    g = graph_for_config(load_config("qwen2.5-vl-7b"))
+    cm = CostModel(g, "h100")
+    blocks = g.blocks_of("vision_block")
+    windowed = [b for b in blocks if b.name in cm._window]
+    assert len(windowed) == 28 and cm._window[windowed[0].name] == 64  # 4 of 32 blocks attend fully
+    big = [16384]
+    as_full = cm.blocks_time([b for b in g.blocks if b.tower == "vision"], StepShape.vision(big)).total_ms
+    tower = cm.vision_time(big).total_ms
+    assert tower < 0.8 * as_full
+    # a windowed block's attention work: 16384 patches x 64 per window, not 16384^2
+    full_b = next(b for b in blocks if b.name not in cm._window)
+    assert cm.block_time(windowed[0], StepShape(16384, 16384 * 64, 16384, 256)).total_ms < \
+        cm.block_time(full_b, StepShape.vision(big)).total_ms
