@@ -92,12 +92,23 @@ def _best(cm: CostModel, shape: StepShape, *, pp: int, tp: int, sp: int, stages)
 
 
 def estimate(cm: CostModel, *, tp: int, pp: int, sp: int = 1, dp: int = 1, batch: int, isl: int, osl: int,
-             max_batch_tokens: int = 8192, world: int | None = None, gpus_per_node: int | None = None) -> Estimate:
-    """TTFT, TPOT, throughput, memory and the largest batch of a fixed mesh and static batch."""
+             max_batch_tokens: int = 8192, world: int | None = None, gpus_per_node: int | None = None,
+             images: int = 0, image_tokens: int = 0) -> Estimate:
+    """TTFT, TPOT, throughput, memory and the largest batch of a fixed mesh and static batch.
+
+    ``images`` per request of ``image_tokens`` LLM tokens each (part of ``isl``) run through
+    the vision tower on the first stage's GPUs (TP over its tp*sp GPUs) before the prefill:
+    their encoder time (patches = merge^2 * image_tokens) adds to TTFT."""
     if batch < 1 or isl < 1 or osl < 1:
         raise UserError(f"--batch, --isl and --osl must be >= 1 (got {batch}, {isl}, {osl})")
+    if images < 0 or image_tokens < 0 or images * image_tokens > isl:
+        raise UserError(f"--images x --image-tokens = {images} x {image_tokens} = {images * image_tokens} "
+                        f"must be >= 0 and at most --isl {isl} (image tokens are part of the prompt)")
+    vision = images > 0 and image_tokens > 0
+    if vision and not cm.info.vision:
+        raise UserError(f"{cm.info.architecture} has no vision tower; drop --images")
     notes = check_mesh(cm, tp=tp, pp=pp, sp=sp, dp=dp, world=world, gpus_per_node=gpus_per_node)
-    mem = cm.memory(pp=pp, tp=tp, sp=sp, dp=dp, max_batch_tokens=max_batch_tokens)
+    mem = cm.memory(pp=pp, tp=tp, sp=sp, dp=dp, max_batch_tokens=max_batch_tokens, with_vision=vision)
     usable = mem.capacity_gb * USABLE_FRACTION
     fixed = mem.weights_gb + mem.shift_copy_gb
     if fixed + mem.activations_gb > usable:
@@ -115,6 +126,9 @@ def estimate(cm: CostModel, *, tp: int, pp: int, sp: int = 1, dp: int = 1, batch
     ctx = isl + osl // 2
     dec, dec_mode = _best(cm, StepShape.decode([ctx] * bm), pp=pp, tp=tp, sp=sp, stages=stages)
     ttft = pre.total_ms + (m - 1) * pre.bottleneck_ms
+    if vision:
+        merge = int(cm.info.vision.get("spatial_merge_size", 2)) ** 2
+        ttft += cm.vision_time([image_tokens * merge] * (images * bm), tp=tp * sp).total_ms
     tpot = max(dec.total_ms, m * dec.bottleneck_ms)
     total_ms = ttft + (osl - 1) * tpot
     out_tok_s = dp * b * osl / total_ms * 1e3

@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         osl: int = typer.Option(256, "--osl", help="output tokens per request"),
         as_json: bool = typer.Option(False, "--json", help="print JSON"),
         roofline: bool = typer.Option(False, "--roofline", help="ignore the calibration profile"),
+        images: int = typer.Option(0, "--images", help="images per request (multimodal models)"),
+        image_tokens: int = typer.Option(0, "--image-tokens", help="LLM tokens per image (part of --isl)"),
     ) -> None:
         """TTFT, TPOT, throughput, memory per GPU and the largest batch of one fixed mesh."""
         from costmodels.build import cost_model_for
@@ -64,7 +66,7 @@ def register(app: typer.Typer) -> None:
         cm, _ = cost_model_for(s, use_profile=not roofline)
         e = estimate(cm, tp=tp, pp=pp, sp=sp, dp=dp, batch=batch, isl=isl, osl=osl,
                      max_batch_tokens=s.search.max_batch_tokens, world=s.hardware.world_size,
-                     gpus_per_node=s.hardware.gpus_per_node)
+                     gpus_per_node=s.hardware.gpus_per_node, images=images, image_tokens=image_tokens)
         typer.echo(json.dumps(e.to_json(), indent=1) if as_json else _fmt_estimate(e))
 
     @app.command("calibrate")

@@ -112,3 +112,20 @@ def test_estimate_with_a_warm_graph_cache_imports_no_torch(capsys):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"ttft_ms"' in r.stdout
+
+
+def test_images_add_encoder_time_to_ttft(capsys):
+    vl = str(EX / "qwen2-vl-7b-1xh100.yaml")
+    _, out, _ = run(capsys, "estimate", vl, "--batch", "4", "--isl", "1500", "--json")
+    text = json.loads(out)
+    code, out, err = run(capsys, "estimate", vl, "--batch", "4", "--isl", "1500", "--images", "1",
+                         "--image-tokens", "1024", "--json")
+    assert code == 0, err
+    img = json.loads(out)
+    assert img["ttft_ms"] > text["ttft_ms"] * 1.1
+    assert img["tpot_ms"] == pytest.approx(text["tpot_ms"])
+    assert img["memory_gb"]["weights"] == pytest.approx(text["memory_gb"]["weights"] + 0.676 * 2, rel=0.01)
+    code, _, err = run(capsys, "estimate", L8, "--images", "1", "--image-tokens", "64")
+    assert code == 2 and "no vision tower" in err
+    code, _, err = run(capsys, "estimate", vl, "--images", "2", "--image-tokens", "1000", "--isl", "1000")
+    assert code == 2 and "2 x 1000 = 2000" in err
