@@ -29,6 +29,11 @@ Two exact formulations share those constraints:
 
 ``evaluate`` computes the same objective for a given split and placement; the brute-force
 test enumerates every split with it and checks the ILP reaches the same optimum.
+
+Objectives set the weights (``objective_weights``): max_throughput minimises z with a small
+latency term, min_latency the reverse, balanced normalises both by the uniform split's values;
+min_gpus adds the rate floor ``z <= max_thr_ms`` (the candidate must carry the arrival rate) and
+the planner then prefers the feasible candidate with the fewest GPUs.
 """
 
 from __future__ import annotations

@@ -93,20 +93,15 @@ def load(path: str | Path) -> Spec:
 
 
 def build_model(spec: Spec) -> Model:
-    """HF config -> cached op graph -> cost model (calibration profile when one is committed)."""
-    from costmodels.hardware import get_gpu
-    from costmodels.model import CostModel
-    from costmodels.profile import load_profile
-    from graph.cache import get_graph
+    """HF config -> cached op graph -> cost model (``costmodels.build``: the committed calibration
+    profile of the spec's GPU, the datasheet roofline for an inline GPU or one without a profile)."""
+    from costmodels.build import cost_model_for, graph_for_config
     from graph.hf_config import config_sha256, load_config
 
     m = spec.model
     cfg = load_config(m.preset, spec.resolve(m.config) if m.config else None)
-    graph = get_graph(cfg)
-    gpu = get_gpu(spec.hardware.gpu)
-    profile = load_profile(gpu.name)
-    cost = CostModel(graph, gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
-                     gpus_per_node=spec.hardware.gpus_per_node, profile=profile)
+    graph = graph_for_config(cfg)
+    cost, _ = cost_model_for(spec, graph=graph)
     name = m.preset or Path(m.config or "model").stem
     return Model(cfg, config_sha256(cfg), graph, cost, name)
 
