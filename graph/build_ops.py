@@ -16,8 +16,9 @@ them into *logical ops*, the units a cost model prices:
 
 Views, reshapes, dtype casts and integer index arithmetic are free and *transparent*: data flows
 through them. Memory is counted as if each logical op were one fused kernel: it reads each
-distinct tensor it takes from outside the op (activations and its weights) once, and writes
-each tensor it produces that something outside the op reads.
+distinct tensor it takes from outside the op (activations and its weights) once -- only the
+slices it reads when it takes slices of a tensor (q and k out of a fused qkv output) -- and
+writes each tensor it produces that something outside the op reads.
 
 ``extract`` measures one export (plain numbers at one size N). ``proportional`` turns one
 measurement into ``value(N) = per_token * N`` (per_token = value / N): every activation tensor of
@@ -195,6 +196,24 @@ def extract(ep: Any) -> list[MeasuredOp]:
     groups = [groups[i] for i in order]
     group_of = {n: remap[gi] for n, gi in group_of.items()}
 
+    def partial_view(a: Any, s: Any) -> Any:
+        """The view nearest the producer ``s`` on the chain ``s -> ... -> a`` that holds fewer
+        elements than ``s`` (a slice / split piece of it), or None when ``a`` sees all of ``s``."""
+        whole = _numel(_val(s))
+        chain = []
+        x = a
+        while x is not s and x.op == "call_function" and x not in group_of:
+            chain.append(x)
+            args = _tensor_args(x)
+            if not args:
+                break
+            x = args[0]
+        for x in reversed(chain):
+            v = _val(x)
+            if _is_float_tensor(v) and _numel(v) < whole:
+                return x
+        return None
+
     def consumers(x: Any) -> list[Any]:
         out: list[Any] = []
         stack = list(x.users)
@@ -215,6 +234,7 @@ def extract(ep: Any) -> list[MeasuredOp]:
         name = f"{base}{k + 1}" if g["label"] == "residual" else (base if k == 0 else f"{base}_{k}")
         op = MeasuredOp(name=name, kind=g["kind"], module=g["path"])
         seen_src: set[Any] = set()
+        reads: dict[Any, dict[str, Any]] = {}  # producer -> read whole, or which slices of it
         for n in g["nodes"]:
             v = _val(n)
             opn = _opname(n.target)
@@ -229,11 +249,13 @@ def extract(ep: Any) -> list[MeasuredOp]:
                 op.flops += max([_numel(i) for i in ins] + [0]) if opn in REDUCTIONS else _numel(v)
             for a in _tensor_args(n):
                 s = source(a)
-                if s in seen_src or group_of.get(s) == gi:
+                if group_of.get(s) == gi:
                     continue
-                seen_src.add(s)
                 sv = _val(s)
                 if s.op == "placeholder" and s.name in params:
+                    if s in seen_src:
+                        continue
+                    seen_src.add(s)
                     op.params += _numel(sv)
                     if g["kind"] in ("matmul", "lm_head"):
                         if len(sv.shape) == 2:
@@ -251,7 +273,12 @@ def extract(ep: Any) -> list[MeasuredOp]:
                         op.preds.append(pred)
                 elif s.op == "placeholder" and s.name not in sig.user_inputs:
                     continue  # buffers / lifted constants
-                op.act_read += _numel(sv)
+                r = reads.setdefault(s, {"full": False, "parts": {}})
+                part = partial_view(a, s)
+                if part is None:
+                    r["full"] = True
+                else:  # a slice of the producer's output (q out of a fused qkv, say)
+                    r["parts"][part] = _numel(_val(part))
             if any(u.op == "output" or group_of.get(u, gi) != gi for u in consumers(n)):
                 op.act_written += _numel(v)
             if g["kind"] == "embedding":
@@ -262,6 +289,9 @@ def extract(ep: Any) -> list[MeasuredOp]:
                 q = _val(_tensor_args(n)[0])
                 kk = _val(_tensor_args(n)[1])
                 op.shape = {"heads": int(q.shape[-3]), "kv_heads": int(kk.shape[-3]), "head_dim": int(q.shape[-1])}
+        for src, r in reads.items():
+            whole = _numel(_val(src))
+            op.act_read += whole if r["full"] else min(whole, sum(r["parts"].values()))
         ops.append(op)
     for op in ops:
         op.preds = [ops[i].name for i in op.preds]  # type: ignore[index]

@@ -40,7 +40,7 @@ from graph.opgraph import Affine, Block, ModelInfo, OpGraph, OpNode
 from graph.validate import check_config
 from plans.errors import UserError
 
-TRACER_VERSION = 4
+TRACER_VERSION = 5
 TEXT_SIZES = (32, 16)  # the first is used; the second only with check_linear
 VISION_SIZES = (64, 16)  # multiples of spatial_merge_size**2
 

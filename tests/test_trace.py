@@ -142,6 +142,9 @@ def test_qwen25_vl_window_flags(graphs):
                       "residual2": "replicated"}
     v2 = graphs["qwen2-vl-7b"]
     assert [v2.op(f"visual.blocks.0.mlp.{n}").shard for n in ("fc1", "act", "fc2")] == ["column", "column", "row"]
+    # vision rope takes q and k out of the fused qkv output: it reads those two thirds (+ cos, sin)
+    rope = v2.op("visual.blocks.0.attn.rope")
+    assert (rope.act_read.tokens, rope.act_written.tokens) == (2 * 1280 + 2 * 80, 2 * 1280)
 
 
 @pytest.mark.parametrize("which", ["tiny-qwen2.5-vl", "qwen2-vl-7b"])
