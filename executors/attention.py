@@ -15,8 +15,10 @@ from executors.batch import MicroBatch
 
 
 class LayerCache:
+    """``slots`` usable slots plus one scratch slot at the end that padding tokens write to."""
+
     def __init__(self, slots: int, kv_local: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.k = torch.zeros(slots, kv_local, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(slots + 1, kv_local, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
 
@@ -38,9 +40,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
 
     ``kv_of_q [hq]`` maps each local query head to its local KV head (GQA / replicated KV).
     """
-    keep = slots >= 0
-    cache.k[slots[keep]] = k[keep].to(cache.k.dtype)
-    cache.v[slots[keep]] = v[keep].to(cache.v.dtype)
+    dst = torch.where(slots >= 0, slots, cache.k.shape[0] - 1)  # padding -> scratch slot
+    cache.k.index_copy_(0, dst, k.to(cache.k.dtype))
+    cache.v.index_copy_(0, dst, v.to(cache.v.dtype))
     K = cache.k[key_slots].index_select(1, kv_of_q).to(q.dtype)  # [K, hq, D]
     V = cache.v[key_slots].index_select(1, kv_of_q).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K.transpose(0, 1)[None], V.transpose(0, 1)[None],

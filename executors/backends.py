@@ -27,8 +27,14 @@ def apply_backend(model: Any, backend: str) -> None:
         kw: dict[str, Any] = {"backend": "tensorrt", "dynamic": True}
     else:
         kw = {"dynamic": True}
+    import functools
+
+    if not model.layers:
+        return
+    cls = type(model.layers[0])
+    fn = torch.compile(cls.forward, **kw)  # one compiled function shared by every layer
     for layer in model.layers:
-        layer.forward = torch.compile(layer.forward, **kw)
+        layer.forward = functools.partial(fn, layer)
 
 
 def require_tensorrt() -> None:

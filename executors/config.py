@@ -151,7 +151,7 @@ def plan_config(plan: Plan, base_dir: str | Path | None = None) -> dict[str, Any
         return load_config(preset=plan.model.preset)
     if plan.model.config:
         p = Path(plan.model.config)
-        if not p.is_absolute() and base_dir is not None:
-            p = Path(base_dir) / p
+        if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
+            p = Path(base_dir) / p  # relative to the plan file, else to the working directory
         return load_config(config=p)
     raise UserError(f"plan {plan.name}: model has neither preset nor config")

@@ -1,0 +1,46 @@
+"""Measured TTFT / TPOT / throughput of a plan on synthetic requests (for `plan bench`)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens: int, weights: Any = None,
+          device: str = "cpu", backend: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """All requests arrive at t=0. TTFT: time to a request's first token; TPOT: mean gap between
+    its later tokens; throughput: generated tokens / wall time of the whole run."""
+    import executors
+    from executors import Request, Sampling
+
+    g = torch.Generator().manual_seed(seed)
+    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed) as eng:
+        V = eng.args.vocab
+        reqs = [Request(tokens=torch.randint(0, V, (input_tokens,), generator=g).tolist()) for _ in range(requests)]
+        eng.generate(reqs[:1], max_new_tokens=2)  # warm-up
+        t0 = time.perf_counter()
+        times: dict[int, list[float]] = {i: [] for i in range(requests)}
+        for i, tok, _res in eng.stream(reqs, max_new_tokens=output_tokens, sampling=Sampling(stop_on_eos=False)):
+            if tok is not None:
+                times[i].append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        label = eng.plan.mesh.label()
+    ttft = sorted(t[0] for t in times.values() if t)
+    tpot = sorted((t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1)
+    n = sum(len(t) for t in times.values())
+
+    def pct(xs: list[float], q: float) -> float:
+        return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else float("nan")
+
+    return {
+        "plan": str(plan_path), "mesh": label, "device": device, "requests": requests,
+        "input_tokens": input_tokens, "output_tokens": output_tokens,
+        "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p90": pct(ttft, 0.9),
+        "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p90": pct(tpot, 0.9),
+        "output_tok_s": round(n / wall, 2), "wall_s": round(wall, 3),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    }
