@@ -1,0 +1,214 @@
+"""Engine vs HF transformers on one GPU, full-size shapes with random weights (issue 6, point 7).
+
+For a Llama-3.1-8B-shaped and a Qwen2-VL-7B-shaped model (the presets' configs, random weights
+drawn once into the HF model; the engine reads the very same tensors through a StateDictSource):
+
+* bf16: the engine's logits for 16 generated tokens of several requests (text; text+image for
+  the VL model) vs HF's logits, teacher-forced on the engine's tokens, as
+  ``max |engine - hf| / max |hf|`` per request; pass when <= BF16_TOL.
+* fp32: the first 16 greedy tokens of every request are HF's greedy tokens.
+
+    python bench/engine_gpu_check.py --out DIR            # on a CUDA machine
+    python bench/engine_gpu_check.py --out DIR --tiny     # dry run on CPU with the tiny test configs
+
+Writes DIR/engine_gpu_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BF16_TOL = 5e-2  # bf16 has an 8-bit mantissa (eps 7.8e-3); errors add up over 28-32 layers
+NEW_TOKENS = 16
+
+
+def build_plan(name: str, cfg: dict, dtype: str, block: int = 16) -> Any:
+    from plans.schema import Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Stage, Vision
+
+    from executors.config import model_args
+
+    a = model_args(cfg)
+    return Plan(
+        name=f"gpu-check-{name}-{dtype}",
+        provenance=Provenance(spec_sha256="-", model_config_sha256="-", cost_profile="-", shiftplan_version="-"),
+        model=ModelRef(name=name, preset=name, architecture=a.arch, weights_dtype=dtype, kv_dtype=dtype,
+                       num_layers=a.layers),
+        hardware=Hardware(gpu="h100", gpus_per_node=1, nodes=1), objective="min_latency", mesh=Mesh(),
+        stages=[Stage(index=0, first_layer=0, last_layer=a.layers - 1, embedding=True, lm_head=True,
+                      vision=a.is_vl)],
+        vision=Vision(placement="stage0_dp" if a.is_vl else "none"),
+        memory_gb=MemoryPerGPU(weights=0, kv=0, activations=0, total=0, capacity=80, kv_tokens=4096),
+        scheduler=Scheduler(max_batch_tokens=2048, max_seqs=16, block_size=block),
+    ).check()
+
+
+def hf_random(cfg: dict, dtype: torch.dtype, device: str, seed: int) -> Any:
+    """The HF model with random weights: matrices N(0,1)/sqrt(fan_in), embeddings N(0,1), norm
+    weights 1 + 0.1 N(0,1), biases 0.1 N(0,1) (O(1) activations, clear greedy winners)."""
+    import transformers
+
+    from executors.config import hf_config_object
+
+    c = hf_config_object(cfg)
+    cls = getattr(transformers, cfg["architectures"][0])
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(c)
+    finally:
+        torch.set_default_dtype(old)
+    model = model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            x = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
+            if p.dim() >= 2:
+                x = x if "embed_tokens" in n else x / p[0].numel() ** 0.5
+            elif n.endswith("bias"):
+                x = 0.1 * x
+            else:
+                x = 1.0 + 0.1 * x
+            p.copy_(x.to(p.dtype))
+    return model
+
+
+def requests_for(a: Any, seed: int) -> tuple[list[Any], list[Any]]:
+    from executors import Request
+    from executors.images import ImageInput
+
+    g = torch.Generator().manual_seed(seed)
+    hi = min(a.vocab, 100_000)  # ordinary token ids (no special tokens)
+    lens = [23, 64, 150] if a.vocab > 1000 else [3, 9, 20]
+    reqs = [Request(tokens=torch.randint(10, hi, (n,), generator=g).tolist()) for n in lens]
+    imgs: list[Any] = [None] * len(reqs)
+    if a.is_vl:
+        h, w = (16, 20) if a.vocab > 1000 else (4, 6)
+        v = a.vision
+        im = ImageInput(torch.randn(h * w, v.patch_dim, generator=g), (1, h, w))
+        toks = torch.randint(10, hi, (12,), generator=g).tolist()
+        reqs.append(Request(tokens=toks[:5] + [a.image_token_id] + toks[5:], images=[im]))
+        imgs.append(im)
+    return reqs, imgs
+
+
+def hf_logits(model: Any, tokens: list[int], image: Any, image_token: int | None, device: str) -> torch.Tensor:
+    """HF logits [L, V] of one full sequence; images through HF's own processor path."""
+    import inspect
+
+    ids = torch.tensor([tokens], device=device)
+    kw: dict[str, Any] = {}
+    if image is not None:
+        kw["pixel_values"] = image.pixels.to(device, model.dtype)
+        kw["image_grid_thw"] = torch.tensor([list(image.grid)], device=device)
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            kw["mm_token_type_ids"] = (ids == image_token).int()
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits[0].float()
+
+
+def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int) -> dict[str, Any]:
+    from executors import Sampling
+    from executors.config import DTYPES, model_args
+    from executors.engine import Engine
+    from executors.weights import StateDictSource
+
+    dtype = DTYPES[dtype_name]
+    a = model_args(cfg)
+    t0 = time.perf_counter()
+    hf = hf_random(cfg, dtype, device, seed)
+    t_build = time.perf_counter() - t0
+    eng = Engine(build_plan(name, cfg, dtype_name), cfg, StateDictSource(dict(hf.state_dict())), device=device,
+                 kv_blocks=256, keep_logits=True)
+    reqs, imgs = requests_for(a, seed)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    res = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_gen = time.perf_counter() - t1
+    rows = []
+    for req, r, im in zip(reqs, res, imgs):
+        assert r.error is None, r.error
+        full = list(r.prompt_tokens) + r.tokens
+        ref = hf_logits(hf, full[:-1], im, a.image_token_id, device)[len(r.prompt_tokens) - 1:].cpu()
+        got = r.logits
+        greedy = ref.argmax(-1).tolist()
+        agree = sum(x == y for x, y in zip(greedy, r.tokens))
+        first_bad = next((i for i, (x, y) in enumerate(zip(greedy, r.tokens)) if x != y), None)
+        rows.append({
+            "prompt_tokens": len(r.prompt_tokens), "image": im is not None,
+            "rel_err_max": float((got - ref).abs().max() / ref.abs().max()),
+            "rel_err_prefill": float((got[0] - ref[0]).abs().max() / ref[0].abs().max()),
+            "greedy_agree": f"{agree}/{len(r.tokens)}", "first_mismatch": first_bad,
+        })
+    eng.shutdown()
+    del eng, hf
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    out: dict[str, Any] = {"model": name, "dtype": dtype_name, "requests": rows,
+                           "hf_build_s": round(t_build, 2), "engine_generate_s": round(t_gen, 3)}
+    if dtype_name == "bf16":
+        worst = max(x["rel_err_max"] for x in rows)
+        out.update(tolerance=BF16_TOL, worst_rel_err=worst, passed=worst <= BF16_TOL)
+    else:
+        out["passed"] = all(x["first_mismatch"] is None for x in rows)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny test configs")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    from graph.hf_config import load_config
+
+    device = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny.helpers import config as tiny_config
+
+        models = {"llama-3.1-8b": tiny_config("llama"), "qwen2-vl-7b": tiny_config("qwen2_vl")}
+    else:
+        models = {p: load_config(preset=p) for p in ("llama-3.1-8b", "qwen2-vl-7b")}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    import transformers
+
+    report: dict[str, Any] = {
+        "command": "python bench/engine_gpu_check.py --out DIR" + (" --tiny" if args.tiny else ""),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "tiny": args.tiny, "new_tokens": NEW_TOKENS, "checks": [],
+    }
+    for name, cfg in models.items():
+        for dt in ("bf16", "fp32"):
+            t = time.perf_counter()
+            try:
+                r = check(name, cfg, dt, device, args.seed)
+            except Exception as e:  # record and go on to the next model
+                r = {"model": name, "dtype": dt, "passed": False, "error": f"{type(e).__name__}: {e}"}
+            r["wall_s"] = round(time.perf_counter() - t, 1)
+            print(json.dumps(r), flush=True)
+            report["checks"].append(r)
+    report["all_passed"] = all(c["passed"] for c in report["checks"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine_gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("all passed:", report["all_passed"])
+
+
+if __name__ == "__main__":
+    main()
