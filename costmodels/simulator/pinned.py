@@ -20,7 +20,7 @@ ON_STAGE0 = ("stage0_tp", "stage0_dp")
 
 def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shift: bool = False,
                 threshold: int | None = None, placement: str | None = None, dedicated_gpus: int = 0,
-                max_seqs: int | None = None, name: str | None = None) -> Plan:
+                max_seqs: int | None = None, max_batch_tokens: int | None = None, name: str | None = None) -> Plan:
     """A ``Plan`` for ``spec`` with the given mesh, even PP stages and vision placement.
 
     KV capacity per replica = min over stages of the cost model's ``memory(stage_layers=...)``.
@@ -28,7 +28,8 @@ def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, 
     kv_tokens += shift_copy_gb * 1e9 / kv_bytes_per_token. ``threshold``: default the cost
     model's SP x TP vs TP crossover - 1 (steps of at most that many tokens run shifted).
     Placement default: ``stage0_tp`` for a vision model, ``none`` otherwise. ``max_seqs``: running
-    requests per replica (default the spec's ``search.max_seqs``).
+    requests per replica (default the spec's ``search.max_seqs``); ``max_batch_tokens``: token budget of one
+    micro-batch (default the spec's).
     """
     info = cost.info
     hw = spec.hardware
@@ -41,7 +42,7 @@ def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, 
     has_vision = bool(info.vision)
     placement = placement or ("stage0_tp" if has_vision else "none")
     ranges = even_stages(info.layers, pp)
-    mbt = spec.search.max_batch_tokens
+    mbt = max_batch_tokens or spec.search.max_batch_tokens
     mems = []
     for i, rng in enumerate(ranges):
         vis = has_vision and (placement in IN_STEP_ON_ALL or (placement in ON_STAGE0 and i == 0))
