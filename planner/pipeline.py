@@ -579,6 +579,14 @@ def _meets(spec: Spec, ttft: float, tpot: float) -> bool:
         (spec.slo.tpot_p90_ms is None or tpot <= spec.slo.tpot_p90_ms)
 
 
+RANKING = {
+    "max_throughput": "meets the SLOs, then goodput (in 5% steps of the arrival rate), then capacity",
+    "min_latency": "meets the SLOs, then goodput, then TTFT + output tokens x TPOT",
+    "balanced": "meets the SLOs, then goodput, then end-to-end latency (s) + utilisation (rate / capacity)",
+    "min_gpus": "meets the SLOs, then fewest GPUs, then capacity",
+}
+
+
 def _key(spec: Spec, meets: bool, cap: float, ttft: float, tpot: float, mix: TokenMix, gpus: int,
          goodput: float) -> tuple:
     lat = ttft + mix.output_mean * tpot
@@ -801,6 +809,8 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     else:
         notes.append("predicted metrics are static estimates (unloaded TTFT, TPOT at the operating batch)")
     best, runners = scored[0], scored[1:1 + 4]
+    notes.append(f"chosen for {spec.objective} among {len(ok)} feasible meshes ({simulated} simulated on "
+                 f"{min(spec.workload.requests, SIM_REQUESTS)} requests of the workload): {RANKING[spec.objective]}")
     say("writing the plan")
     plan = build_plan(best, spec, model, mix, runners, notes)
     return CompileResult(plan, len(cset.candidates), len(cset.rejected), len(ok), len(solved) - len(ok), simulated,
