@@ -194,14 +194,22 @@ class Engine:
         return [build_microbatch(g, self._mode(sum(c.n for c in g)), self.block, self.args.image_token_id)
                 for g in groups if g]
 
-    def _send(self, replica: int, step: Step) -> StepOut | None:
+    def _dispatch(self, steps: dict[int, Step]) -> dict[int, StepOut]:
+        """Run one step on each DP replica named in ``steps``; return each replica's output."""
         if self.local is not None:
-            return self.local.run(step)
-        blob = to_bytes(step)
+            return {rep: self.local.run(st) for rep, st in steps.items()}
         per = self.world // self.plan.mesh.dp
-        for r in range(replica * per, (replica + 1) * per):
-            self.cmd_q[r].put(blob)
-        return None
+        for rep, st in steps.items():
+            blob = to_bytes(st)
+            for r in range(rep * per, (rep + 1) * per):
+                self.cmd_q[r].put(blob)
+        outs: dict[int, StepOut] = {}
+        while len(outs) < len(steps):
+            kind, _rank, payload = self._get()
+            if kind == "out":
+                o = from_bytes(payload)
+                outs[o.replica] = o
+        return outs
 
     def stream(self, requests: list[Request], max_new_tokens: int = 16,
                sampling: Sampling | None = None) -> Iterator[tuple[int, int | None, Result]]:
@@ -232,28 +240,22 @@ class Engine:
             k += 1
         logits: dict[int, list[torch.Tensor]] = {i: [] for i in seqs}
         while any(sc.has_work() for sc in scheds):
-            sent: list[tuple[int, list[Chunk]]] = []
+            sent: dict[int, list[Chunk]] = {}
+            steps: dict[int, Step] = {}
             for rep, sc in enumerate(scheds):
                 chunks, dropped = sc.schedule()
                 if not chunks:
                     continue
                 self.step_id += 1
-                step = Step(self.step_id, self._micro(chunks), free[rep] + dropped, self.keep_logits,
-                            sampling.temperature, sampling.top_k, sampling.seed)
+                steps[rep] = Step(self.step_id, self._micro(chunks), free[rep] + dropped, self.keep_logits,
+                                  sampling.temperature, sampling.top_k, sampling.seed)
                 free[rep] = []
-                out = self._send(rep, step)
-                sent.append((rep, chunks, out))
+                sent[rep] = chunks
             if not sent:
                 raise UserError("scheduler stalled: no request fits the KV cache")
-            outs = {}
-            if self.local is None:
-                while len(outs) < len(sent):
-                    kind, rank, payload = self._get()
-                    if kind == "out":
-                        o = from_bytes(payload)
-                        outs[o.replica] = o
-            for rep, chunks, out in sent:
-                o = out if out is not None else outs[rep]
+            outs = self._dispatch(steps)
+            for rep, chunks in sent.items():
+                o = outs[rep]
                 for md in o.mode:
                     self.mode_counts[md] += 1
                 for c in chunks:
@@ -299,9 +301,23 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
         plan = load_plan(plan)
     cfg = config if config is not None else plan_config(plan, base)
     tok = _tokenizer(tokenizer if tokenizer is not None else weights)
-    if os.environ.get("SHIFTPLAN_BACKEND"):
-        backend = backend or os.environ["SHIFTPLAN_BACKEND"]
+    from executors import torchrun
+
+    if torchrun.under_torchrun():
+        if int(os.environ["RANK"]) == 0:
+            return torchrun.TorchrunEngine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok)
+        torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed))
+        raise SystemExit(0)
     return Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok)
+
+
+def _spec_only(plan: Plan, cfg: dict, weights: Any, device: str, backend: str | None,
+               kv_blocks: int | None, seed: int) -> WorkerSpec:
+    """What a torchrun rank other than 0 needs (rank 0's Engine builds the same)."""
+    a = model_args(cfg)
+    blocks = kv_blocks or default_blocks(plan, a)
+    return WorkerSpec(plan.model_dump_json(), a.portable(), str(weights) if weights else None, seed, device, blocks,
+                      backend or plan.backend)
 
 
 def _tokenizer(where: Any) -> Any:

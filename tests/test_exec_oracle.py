@@ -67,3 +67,14 @@ def test_mesh_matches_hf(name: str, mesh: str, checkpoints: dict) -> None:
         assert modes["sp_tp"] > 0 and modes["tp"] > 0, modes  # both sides of the threshold ran
     elif MESHES[mesh].get("sp", 1) > 1:
         assert modes["tp"] == 0 and modes["sp_tp"] > 0, modes
+
+
+def test_mistral_one_kv_head_replicated_shift(checkpoints: dict, tmp_path: Path) -> None:
+    """Mistral with a single KV head on shift(sp2 x tp2): the KV head is replicated on all 4 GPUs."""
+    oracle = save_checkpoint("mistral", tmp_path, seed=4)
+    plan = make_plan("mistral", sp=2, tp=2, shift=True, threshold=8, max_batch_tokens=16)
+    reqs = [Request(tokens=[5, 9, 17]), Request(tokens=list(range(30, 52)))]
+    with executors.load(plan, weights=tmp_path, keep_logits=True, kv_blocks=64) as eng:
+        results = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
+    for req, res in zip(reqs, results):
+        assert check_against_oracle(oracle, req.tokens, res) < TOL

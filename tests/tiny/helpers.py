@@ -11,7 +11,7 @@ import torch
 from plans.schema import Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Shift, Stage, Vision
 
 HERE = Path(__file__).parent
-CONFIGS = {"llama": HERE / "llama.json", "qwen2": HERE / "qwen2.json", "qwen2_vl": HERE / "qwen2_vl.json"}
+CONFIGS = {n: HERE / f"{n}.json" for n in ("llama", "qwen2", "qwen2_vl", "mistral")}
 IMAGE_TOKEN = 120
 
 

@@ -1,0 +1,106 @@
+"""The engine under torchrun (one process per GPU, several nodes): rank 0 drives, all ranks work.
+
+    torchrun --nnodes 2 --nproc-per-node 8 ... $(which plan) run PLAN --tokens 1,2,3
+
+``executors.load`` sees torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) and
+comes here: every rank joins the process group and builds its stage (the same ``RankRunner`` as
+local workers). Rank 0 schedules; each step it broadcasts ``{replica: Step}`` to all ranks, every
+rank runs its replica's step, and each replica's reporting rank (last stage, shift rank 0) sends
+the sampled tokens back to rank 0 point-to-point. Ranks other than 0 never return from ``load``:
+they serve steps until rank 0 shuts down, then exit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+from executors.batch import Step, StepOut
+from executors.engine import Engine
+from executors.parallel import build_par
+from executors.worker import RankRunner, WorkerSpec, from_bytes, rank_device, to_bytes
+from plans.schema import Mesh, Plan
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def reporting_rank(mesh: Mesh, replica: int) -> int:
+    """Global rank of (dp=replica, pp=last, tp=0, sp=0) in the schema's axis order."""
+    coords = {"dp": replica, "pp": mesh.pp - 1, "tp": 0, "sp": 0}
+    r = 0
+    for a in mesh.axis_order:
+        r = r * getattr(mesh, a) + coords[a]
+    return r
+
+
+def join(spec: WorkerSpec) -> RankRunner:
+    """Join torchrun's process group and build this rank's stage."""
+    rank = int(os.environ["RANK"])
+    dev = rank_device(spec, rank)
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    plan = Plan.model_validate_json(spec.plan_json)
+    return RankRunner(spec, build_par(plan.mesh, rank, dev))
+
+
+class TorchrunEngine(Engine):
+    """Rank 0's engine: same scheduler, steps go out by broadcast instead of queues."""
+
+    def _spawn(self) -> None:
+        world = int(os.environ["WORLD_SIZE"])
+        if world != self.world:
+            from plans.errors import UserError
+
+            raise UserError(f"plan {self.plan.name} needs {self.world} ranks; torchrun started {world}")
+        self.runner = join(self.spec)
+
+    def _dispatch(self, steps: dict[int, Step]) -> dict[int, StepOut]:
+        dist.broadcast_object_list([to_bytes(steps)], src=0)
+        outs: dict[int, StepOut] = {}
+        mine = steps.get(self.runner.par.dp_i)
+        if mine is not None:
+            o = self.runner.run(mine)
+            if o is not None:
+                outs[o.replica] = o
+        for rep in steps:
+            if rep not in outs:
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=reporting_rank(self.plan.mesh, rep))
+                outs[rep] = from_bytes(box[0])
+        return outs
+
+    def shutdown(self, force: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            dist.broadcast_object_list([None], src=0)
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def follow(spec: WorkerSpec) -> None:
+    """Ranks other than 0: serve steps until rank 0 broadcasts None."""
+    runner = join(spec)
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            break
+        steps: dict[int, Step] = from_bytes(box[0])
+        mine = steps.get(runner.par.dp_i)
+        if mine is None:
+            continue
+        out = runner.run(mine)
+        if out is not None:
+            dist.send_object_list([to_bytes(out)], dst=0)
+    dist.destroy_process_group()
