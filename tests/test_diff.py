@@ -111,3 +111,12 @@ def test_cli_errors_are_clean(two_files, tmp_path, capsys):
     assert plan_main(["diff", str(a), str(bad)]) == 2
     err = capsys.readouterr().err
     assert "stages cover 71 layers, the model has 80" in err and "Traceback" not in err
+
+
+def test_python_api_diff(tmp_path):
+    from planner.api import diff_plans as api_diff, load_plan, render_diff, save_plan as api_save
+
+    api_save(_plan(threshold=384), tmp_path / "n.plan.yaml")
+    new = load_plan(tmp_path / "n.plan.yaml")
+    assert [c.text() for c in api_diff(_plan(), new)] == ["shift threshold 256 -> 384 tokens"]
+    assert render_diff(_plan(), new, "markdown").count("| shift threshold |") == 1
