@@ -39,7 +39,7 @@ the planner then prefers the feasible candidate with the fewest GPUs.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 ObjectiveKind = Literal["max_throughput", "min_latency", "balanced", "min_gpus"]
@@ -139,7 +139,6 @@ class StageSolution:
     binding: tuple[str, ...] = ()  # labels of constraints tight at the optimum
     variables: int = 0
     constraints: int = 0
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 # ------------------------------------------------------------------ evaluation (the oracle's ruler)

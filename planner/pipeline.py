@@ -547,7 +547,6 @@ def static_score(s: Solved, spec: Spec, mix: TokenMix) -> Scored:
     cap = c.dp * 1000.0 / e.bottleneck_ms
     served = min(mix.rate, cap)
     rho = min(mix.rate / cap, 0.99)
-    n_pf, n_dec = s.costed.steps_per_request
     rho_pf = rho * s.costed.prefill_share
     f_pp = 1 + rho * (c.pp - 1)
     ttft = e.ttft_ms * (1 + rho / (2 * (1 - rho))) * f_pp
@@ -675,7 +674,7 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
     mems = [model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(a, b), with_embedding=i == 0,
                       with_lm_head=i == c.pp - 1, with_vision=False, max_batch_tokens=mix.max_batch_tokens)
             for i, (a, b) in enumerate(e.stages)]
-    vis_gb = [_vision_gb(e.vision, i, c, s.costed) for i in range(c.pp)]
+    vis_gb = [_vision_gb(e.vision, i, s.costed) for i in range(c.pp)]
     tokens = []
     for m, vg in zip(mems, vis_gb):
         free = m.kv_gb - vg
@@ -718,7 +717,8 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
     return plan.check()
 
 
-def _vision_gb(placement: str | None, stage: int, c: Candidate, x: Costed) -> float:
+def _vision_gb(placement: str | None, stage: int, x: Costed) -> float:
+    """Encoder weights per GPU on ``stage`` under ``placement`` (0 for dedicated GPUs)."""
     opt = next((v for v in x.problem.vision if v.placement == placement), None)
     if opt is None:
         return 0.0
