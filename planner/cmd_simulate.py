@@ -121,7 +121,8 @@ def simulate_cmd(
     rates: Optional[str] = typer.Option(None, "--rates", help="comma-separated arrival rates, requests/s"),
     requests: Optional[int] = typer.Option(None, "--requests", "-n", help="requests to simulate (default: the "
                                                                           "spec's workload.requests / the whole trace)"),
-    seed: int = typer.Option(0, "--seed", help="workload seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="workload seed (default: the spec's workload.seed, "
+                                                           "0 for a trace)"),
     ttft_slo: Optional[float] = typer.Option(None, "--ttft-slo", help="TTFT SLO, ms (overrides the spec's)"),
     tpot_slo: Optional[float] = typer.Option(None, "--tpot-slo", help="TPOT SLO, ms (overrides the spec's)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -139,14 +140,15 @@ def simulate_cmd(
         plan = load_plan(path)
         cost = cost_model_for_plan(plan, base_dir=path.parent)
         source = workload or default_workload(path, plan.name)
-        wl, slo = load_workload(source, cost.info, seed)
+        wl, slo = load_workload(source, cost.info, seed or 0)
+        run_seed = wl.seed if seed is None else seed
         slo = _merge_slo(slo, ttft_slo, tpot_slo)
         if requests is not None:
             wl = wl.with_requests(requests)
         coster = coster_for(plan, cost)
         for r in rate_list:
             w = wl.with_rate(r) if r is not None else wl
-            res = simulate(plan, cost, w, slo=slo, seed=seed, coster=coster)
+            res = simulate(plan, cost, w, slo=slo, seed=run_seed, coster=coster)
             rows.append(_row(plan.name, w.rate, res))
             results.append((plan.name, w.rate, res))
     if plot_to is not None:

@@ -72,6 +72,7 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
     events: list = []
     seq = 0
     per_stage = cfg.shift and len(set(cfg.stage_thresholds)) > 1
+    one, pp = cfg.dp == 1, cfg.pp
 
     def push(t: float, kind: int, payload: object) -> None:
         nonlocal seq
@@ -139,8 +140,6 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
 
     in_system = 0
     last_t = 0.0
-    one = cfg.dp == 1
-    pp = cfg.pp
     i, n = 0, len(reqs)
     while i < n or events:
         if i < n and (not events or reqs[i].arrival <= events[0][0]):
