@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--examples", nargs="*", type=Path, default=None)
     args = ap.parse_args()
     examples = args.examples or sorted((ROOT / "examples").glob("*.yaml"))
+    box = machine()  # before the runs: the load average is the other users' load
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in examples:
@@ -108,13 +109,15 @@ def main() -> None:
                    "warm_imported_transformers": any(x[3] for x in warm)}
             row["meets_targets"] = (row["warm_median_s"] <= WARM_TARGET_S and row["cold_s"] <= COLD_TARGET_S
                                     and not row["warm_imported_torch"] and not row["warm_imported_transformers"])
+            row["meets_targets_cpu"] = (row["warm_cpu_median_s"] <= WARM_TARGET_S and row["cold_cpu_s"] <= COLD_TARGET_S
+                                        and not row["warm_imported_torch"])
             rows.append(row)
             print(json.dumps(row), flush=True)
     doc = {"benchmark": "plan compile, cold (empty graph cache) and warm (cache hit), fresh process each",
            "command": "python bench/compile_speed.py" + (f" --repeat {args.repeat}" if args.repeat != 3 else "")
            + (" --examples " + " ".join(str(p) for p in args.examples) if args.examples else ""),
            "targets": {"warm_s": WARM_TARGET_S, "cold_s": COLD_TARGET_S},
-           "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(), "versions": versions(),
+           "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": box, "versions": versions(),
            "results": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compile_speed.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -131,13 +134,13 @@ def markdown(doc: dict) -> str:
              f"Each run is a fresh process; cold = empty graph cache (the model is traced), warm = cache hit. "
              f"Targets: warm <= {doc['targets']['warm_s']} s, cold <= {doc['targets']['cold_s']} s.", "",
              "| example | load avg (1 min) | cold s | cold CPU s | warm median s | warm min s | warm CPU median s "
-             "| torch imported warm | meets targets (wall) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| torch imported warm | meets targets (wall) | meets targets (CPU) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in doc["results"]:
         lines.append(f"| {r['example']} | {r.get('load_avg_1m', '-')} | {r['cold_s']} | {r['cold_cpu_s']} | "
                      f"{r['warm_median_s']} | {r['warm_min_s']} | {r['warm_cpu_median_s']} | "
                      f"{'yes' if r['warm_imported_torch'] or r['warm_imported_transformers'] else 'no'} | "
-                     f"{'yes' if r['meets_targets'] else 'NO'} |")
+                     f"{'yes' if r['meets_targets'] else 'NO'} | {'yes' if r.get('meets_targets_cpu') else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
