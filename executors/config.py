@@ -17,7 +17,7 @@ from plans.schema import Plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DENSE_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-VL_ARCHS = ("Qwen2VLForConditionalGeneration",)
+VL_ARCHS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class VisionArgs:
     merge: int
     act: str
     rope_theta: float = 10000.0
+    qwen25: bool = False  # Qwen2.5-VL: RMSNorm, SwiGLU MLP, window attention except in fullatt blocks
+    window_size: int = 0  # px
+    fullatt_blocks: tuple[int, ...] = ()
 
     @property
     def patch_dim(self) -> int:
@@ -102,7 +105,8 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
     """Read ModelArgs from an HF config dict; UserError for architectures we cannot run."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                   "mistral": "MistralForCausalLM", "qwen2_vl": "Qwen2VLForConditionalGeneration"}.get(
+                                   "mistral": "MistralForCausalLM", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                   "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}.get(
         cfg.get("model_type", ""), str(cfg.get("model_type")))
     if arch not in DENSE_ARCHS + VL_ARCHS:
         raise UserError(f"the executor cannot run architecture '{arch}'; supported: {', '.join(DENSE_ARCHS + VL_ARCHS)}")
@@ -120,18 +124,22 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
     vision = None
     if arch in VL_ARCHS:
         vc = full.vision_config
-        vision = VisionArgs(
-            depth=vc.depth, embed_dim=vc.embed_dim, num_heads=vc.num_heads,
-            mlp_dim=int(vc.embed_dim * vc.mlp_ratio), out_dim=vc.hidden_size, patch_size=vc.patch_size,
-            temporal_patch_size=vc.temporal_patch_size, in_channels=vc.in_channels,
-            merge=vc.spatial_merge_size, act=vc.hidden_act,
-        )
+        common = dict(depth=vc.depth, num_heads=vc.num_heads, patch_size=vc.patch_size,
+                      temporal_patch_size=vc.temporal_patch_size, in_channels=vc.in_channels,
+                      merge=vc.spatial_merge_size, act=vc.hidden_act)
+        if arch == "Qwen2_5_VLForConditionalGeneration":
+            vision = VisionArgs(embed_dim=vc.hidden_size, mlp_dim=vc.intermediate_size, out_dim=vc.out_hidden_size,
+                                qwen25=True, window_size=vc.window_size,
+                                fullatt_blocks=tuple(vc.fullatt_block_indexes), **common)
+        else:
+            vision = VisionArgs(embed_dim=vc.embed_dim, mlp_dim=int(vc.embed_dim * vc.mlp_ratio),
+                                out_dim=vc.hidden_size, **common)
     tie = bool(getattr(full, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
     args = ModelArgs(
         arch=arch, hidden=tc.hidden_size, heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
         head_dim=head_dim, intermediate=tc.intermediate_size, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
         rms_eps=tc.rms_norm_eps, max_positions=tc.max_position_embeddings,
-        qkv_bias=arch in ("Qwen2ForCausalLM", "Qwen2VLForConditionalGeneration") or bool(getattr(tc, "attention_bias", False)),
+        qkv_bias=arch in ("Qwen2ForCausalLM",) + VL_ARCHS or bool(getattr(tc, "attention_bias", False)),
         tie_embeddings=tie, hf_text_config=tc, mrope_section=tuple(mrope) if mrope else None, vision=vision,
         image_token_id=getattr(full, "image_token_id", None), eos_token_ids=_eos(tc) or _eos(full),
     )

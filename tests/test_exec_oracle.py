@@ -78,3 +78,20 @@ def test_mistral_one_kv_head_replicated_shift(checkpoints: dict, tmp_path: Path)
         results = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
     for req, res in zip(reqs, results):
         assert check_against_oracle(oracle, req.tokens, res) < TOL
+
+
+@pytest.mark.parametrize("mesh", ["shift-sp2xtp2", "pp2xtp2"])
+def test_qwen2_5_vl_window_attention(mesh: str, tmp_path: Path) -> None:
+    """Qwen2.5-VL (RMSNorm + SwiGLU vision blocks, window attention with one full-attention block):
+    an 8x12-patch image spans several 2x2-token windows."""
+    oracle = save_checkpoint("qwen2_5_vl", tmp_path, seed=6)
+    plan = make_plan("qwen2_5_vl", max_batch_tokens=16, **MESHES[mesh])
+    big, small = random_image((8, 12), 3), random_image((4, 4), 4)
+    reqs = [Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8, 9], images=[big]), Request(tokens=[3, 4, 5, 6]),
+            Request(tokens=[118, IMAGE_TOKEN, 119, 50], images=[small])]
+    imgs = [[big], None, [small]]
+    with executors.load(plan, weights=tmp_path, keep_logits=True, kv_blocks=64) as eng:
+        results = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
+    for req, res, im in zip(reqs, results, imgs):
+        assert res.error is None, res.error
+        assert check_against_oracle(oracle, req.tokens, res, im) < TOL

@@ -11,7 +11,7 @@ import torch
 from plans.schema import Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Shift, Stage, Vision
 
 HERE = Path(__file__).parent
-CONFIGS = {n: HERE / f"{n}.json" for n in ("llama", "qwen2", "qwen2_vl", "mistral")}
+CONFIGS = {n: HERE / f"{n}.json" for n in ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl", "mistral")}
 IMAGE_TOKEN = 120
 
 
