@@ -97,3 +97,23 @@ def test_pareto_drops_dominated():
     items = ["a", "b", "c", "d"]
     m = {"a": (1, 5), "b": (2, 2), "c": (2, 3), "d": (1, 5)}
     assert pareto(items, lambda x: m[x]) == ["a", "b", "d"]
+
+
+def test_dominance_pruning_never_changes_the_plan(monkeypatch):
+    """Pruning only drops meshes that cannot win: compiling without it gives the same plan (the
+    runners-up may differ: a dominated mesh can still be fifth best)."""
+    from pathlib import Path
+
+    import planner.pipeline as pipeline
+    from planner.api import compile_result, dump_plan
+
+    spec = Path(__file__).parents[1] / "examples" / "qwen2.5-vl-72b-8xh200.yaml"
+    pruned = compile_result(spec)
+    assert pruned.pruned > 0
+    monkeypatch.setattr(pipeline, "prune_dominated", lambda costed: (list(costed), 0))
+    full = compile_result(spec)
+    assert full.pruned == 0 and full.solved + full.infeasible > pruned.solved + pruned.infeasible
+    a = pruned.plan.model_copy(update={"runners_up": [], "notes": []})
+    b = full.plan.model_copy(update={"runners_up": [], "notes": []})
+    assert dump_plan(a) == dump_plan(b)
+    assert pruned.plan.runners_up[0] == full.plan.runners_up[0]
