@@ -336,7 +336,13 @@ def _build_and_solve(p: StageProblem, solver_name: str | None) -> StageSolution:
         prob += z <= p.max_thr_ms, "rate"
     prob += p.weights.throughput * z + p.weights.latency * (ttft + p.output_tokens * tpot)
     solver, name = _solver(solver_name)
-    prob.solve(solver)
+    try:
+        prob.solve(solver)
+    except pulp.PulpSolverError as e:  # a broken or missing solver binary: the environment, not a bug
+        from plans.errors import UserError
+
+        raise UserError(f"the {name} MILP solver could not run ({e}); reinstall pulp==3.3.2 (it ships CBC) "
+                        "or install highspy") from None
     status = pulp.LpStatus[prob.status]
     nvars, ncons = len(prob.variables()), len(prob.constraints)
     if status != "Optimal":
