@@ -61,3 +61,16 @@ def test_cli_exit_code_2_and_one_clean_line(tmp_path: Path, capsys):
     assert "weights need" in cap.err and "640 GB" in cap.err
     assert "Traceback" not in cap.err + cap.out
     assert not (tmp_path / "x.plan.yaml").exists()
+
+
+def test_broken_solver_is_a_user_error(monkeypatch):
+    import pulp
+
+    import planner.ilp as ilp
+    from plans.errors import UserError
+
+    monkeypatch.setattr(ilp, "_solver", lambda name: (pulp.COIN_CMD(path="no-such-cbc-binary", msg=False), "cbc"))
+    p = ilp.StageProblem(layers=(ilp.ItemCost(thr=1.0),) * 4, stages=2)
+    with pytest.raises(UserError) as e:
+        ilp.solve(p)
+    assert "cbc MILP solver could not run" in str(e.value)
