@@ -349,9 +349,16 @@ def report(raw_path: Path, profile_path: Path | None, out_dir: Path, command: st
         res[kind] = {"median_abs_pct": round(_pct(errs, 0.5), 2), "p90_abs_pct": round(_pct(errs, 0.9), 2),
                      "points": ps}
     meta = raw.get("meta", {})
+    calib_heads = ""
+    if profile_path:
+        praw = json.loads(Path(profile_path).read_text()).get("raw", {})
+        causal = sorted({f"{p['heads']}/{p['kv_heads']}" for p in praw.get("attn_causal", [])})
+        full = sorted({int(p["heads"]) for p in praw.get("attn_full", [])})
+        calib_heads = f"causal {', '.join(causal)} heads; full {', '.join(map(str, full))} heads"
     res["meta"] = {"profile": pid, "graph": source, "device": meta.get("device_name"), "driver": meta.get("driver"),
                    "torch": meta.get("torch"), "transformers": meta.get("transformers"), "date": meta.get("date"),
                    "attention_kernel": raw.get("attention_kernel"), "command": command,
+                   "calibration_attention_heads": calib_heads,
                    "timing": "CUDA-graph replays, median of 5; per layer = chain of distinct layers / count"}
     out_dir.mkdir(parents=True, exist_ok=True)
     if extra:
@@ -369,9 +376,10 @@ def _markdown(res: dict) -> str:
              f"Timing: {m['timing']}.", "", f"Command: `{m['command']}`", "",
              *([f"Raw timings made on the GPU machine by `{m['device_command']}` "
                 "(calibration first, then the validation steps, in one call).", ""] if m.get("device_command") else []),
+             *([m["note"], ""] if m.get("note") else []),
              "Calibration shapes (single GEMMs on an (M, N, K) grid of N, K in 768..24576 off these models' sizes; "
-             "attention kernels with 40/8 and 20 heads; memory ops at other widths) are not the validated steps "
-             "(whole decoder layers and vision blocks).", "",
+             f"attention kernels ({m.get('calibration_attention_heads') or 'causal 40/8, full 20 heads'}); "
+             "memory ops at other widths) are not the validated steps (whole decoder layers and vision blocks).", "",
              "| set | points | median abs error | p90 abs error | goal |", "| --- | --- | --- | --- | --- |"]
     for k in ("prefill", "decode", "vision"):
         r = res[k]
@@ -401,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--name", default="cost_accuracy", help="output file stem (cost_accuracy -> .json/.md)")
     r.add_argument("--device-command", default="python3 bench/cost_accuracy.py device --out OUT --budget-s 380",
                    help="the command that made the raw timings (recorded in the report)")
+    r.add_argument("--note", default="", help="a paragraph for the report (e.g. which calibration call the profile is from)")
     a = ap.parse_args(argv)
     if a.cmd == "device":
         device_run(a.out, a.quick, a.cpu_dry_run, a.budget_s, a.skip_calibration)
@@ -408,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python bench/cost_accuracy.py report --raw " + str(a.raw.name if a.raw.is_absolute() else a.raw)
     cmd += f" --profile {a.profile if a.profile and not a.profile.is_absolute() else (a.profile.name if a.profile else '')}"
     cmd += f" --name {a.name}" if a.name != "cost_accuracy" else ""
-    res = report(a.raw, a.profile, a.out_dir, command=cmd, name=a.name, extra={"device_command": a.device_command})
+    extra = {"device_command": a.device_command, **({"note": a.note} if a.note else {})}
+    res = report(a.raw, a.profile, a.out_dir, command=cmd, name=a.name, extra=extra)
     for k in ("prefill", "decode", "vision"):
         print(f"{k:8s} median {res[k]['median_abs_pct']:6.2f}%  p90 {res[k]['p90_abs_pct']:6.2f}%  n={len(res[k]['points'])}")
     return 0

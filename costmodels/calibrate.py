@@ -8,7 +8,7 @@ What is timed (bf16, CUDA-graph replays, median of rounds; see ``gpu_bench.Timer
 * GEMMs ``x[M, K] @ W[N, K]^T`` (``F.linear``, the call of an HF Linear) on an (M, N, K) grid;
   weights rotate over enough copies to defeat the L2 cache, as in a real step;
 * prefill attention over packed sequences (B sequences of L tokens, causal; and full
-  attention for vision) through ``gpu_bench.PackedAttention``;
+  attention for vision, at several head counts) through ``gpu_bench.PackedAttention``;
 * decode attention, B queries against caches of C tokens (``gpu_bench.decode_attention``);
 * memory-bound ops as HF implements them (RMSNorm, LayerNorm, SiLU*mul, QuickGELU, RoPE,
   vision RoPE, residual add, embedding lookup) over a range of sizes;
@@ -41,6 +41,10 @@ class Grids:
     attn_B: list[int] = field(default_factory=list)
     attn_max_tokens: int = 65536
     full_heads: tuple[int, int] = (20, 80)  # vision-like: heads, head dim
+    # further head counts of full attention at that head dim (a heads axis of the table): a
+    # flash kernel runs ceil(L/block) x heads tiles per sequence, so its efficiency at one
+    # L depends on the head count (few heads leave SMs idle; wave quantisation)
+    full_more_heads: list[int] = field(default_factory=list)
     full_L: list[int] = field(default_factory=list)
     full_B: list[int] = field(default_factory=list)
     dec_B: list[int] = field(default_factory=list)
@@ -56,7 +60,8 @@ class Grids:
                      bias_nk=[1152, 4608, 18432],
                      attn_L=[16, 48, 96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
                      attn_B=[1, 2, 4, 8, 16, 32],
-                     full_L=[64, 110, 192, 332, 576, 1000, 1728, 3000, 5184, 9000, 15552], full_B=[1, 2, 4, 8, 16],
+                     full_L=[64, 110, 192, 332, 576, 1000, 1728, 3000, 5184, 9000, 15552, 27000], full_B=[1, 2, 4, 8, 16],
+                     full_more_heads=[6, 12],
                      dec_B=[1, 3, 6, 12, 24, 48, 96, 192, 384], dec_C=[96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
                      mem_T=[2 ** i for i in range(17)], widths=_WIDTHS)
 
@@ -72,7 +77,7 @@ class Grids:
     def cpu_dry_run() -> "Grids":
         """Tiny shapes so the whole path runs on a CPU in seconds (the numbers mean nothing)."""
         return Grids(gemm_m=[1, 8, 64], gemm_nk=[64, 256], bias_nk=[64, 256], attn_heads=(4, 2, 16), attn_L=[16, 64], attn_B=[1, 2],
-                     full_heads=(4, 16), full_L=[16, 64], full_B=[1, 2], dec_B=[1, 4], dec_C=[32, 128],
+                     full_heads=(4, 16), full_more_heads=[2], full_L=[16, 64], full_B=[1, 2], dec_B=[1, 4], dec_C=[32, 128],
                      mem_T=[1, 32, 256], widths={k: max(32, v // 64) for k, v in _WIDTHS.items()})
 
 
@@ -179,16 +184,17 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
             lens = [L] * B
             ms = timer(lambda: attn(q, k_, v, lens, True))
             raw["attn_causal"].append({"L": L, "B": B, "heads": H, "kv_heads": G, "head_dim": D, "ms": ms})
-    FH, FD = grids.full_heads
-    for L in grids.full_L:
-        for B in grids.full_B:
-            if L * B > grids.attn_max_tokens or out_of_time():
-                continue
-            T = L * B
-            q, k_, v = rnd(T, FH, FD), rnd(T, FH, FD), rnd(T, FH, FD)
-            lens = [L] * B
-            ms = timer(lambda: attn(q, k_, v, lens, False))
-            raw["attn_full"].append({"L": L, "B": B, "heads": FH, "kv_heads": FH, "head_dim": FD, "ms": ms})
+    FH0, FD = grids.full_heads
+    for FH in [FH0] + [h for h in grids.full_more_heads if h != FH0]:
+        for L in grids.full_L:
+            for B in grids.full_B:
+                if L * B > grids.attn_max_tokens or out_of_time():
+                    continue
+                T = L * B
+                q, k_, v = rnd(T, FH, FD), rnd(T, FH, FD), rnd(T, FH, FD)
+                lens = [L] * B
+                ms = timer(lambda: attn(q, k_, v, lens, False))
+                raw["attn_full"].append({"L": L, "B": B, "heads": FH, "kv_heads": FH, "head_dim": FD, "ms": ms})
     log(f"prefill attention: {len(raw['attn_causal'])} + {len(raw['attn_full'])} points, {time.time() - t_start:.0f} s")
     if checkpoint:
         checkpoint(raw)

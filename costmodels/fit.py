@@ -4,13 +4,15 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
 
 * ``gemm``: {m, n, k, ms}  ->  e = 2mnk / ((ms - overhead) * peak)
 * ``attn_causal`` / ``attn_full``: {L, B, heads, kv_heads, head_dim, ms}
-  ->  e = 4 * heads * head_dim * pairs / ((ms - overhead) * peak), pairs = B L(L+1)/2 or B L^2
+  ->  e = 4 * heads * head_dim * pairs / ((ms - overhead) * peak), pairs = B L(L+1)/2 or B L^2;
+  e(L, B), or e(L, B, heads) where the points hold more than one head count (full attention)
 * ``attn_decode``: {B, C, heads, kv_heads, head_dim, ms}
   ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
 * ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included;
   interpolated log-log, exact where time grows as a power of size)
 * ``collectives``: {op, bytes, n, ms} (NCCL, several GPUs)  ->  ``fit_collectives``
-* ``gemm_bias``: {m, n, k, ms, ms_nobias}  ->  extra us(M, N) = ms - ms_nobias, mean over K
+* ``gemm_bias``: {m, n, k, ms, ms_nobias}  ->  extra us(M, N) = ms - ms_nobias, averaged over K
+  with weights 1 / ms_nobias^2 (``fit_gemm_bias``)
 
 ``peak`` and ``bw`` are the catalog datasheet figures of the GPU the profile is for, so a
 profile says how far from the datasheet the real part runs. Grid cells that were not
@@ -86,6 +88,26 @@ def fit_collectives(points: list[dict]) -> dict[str, float]:
     return {"bus_gbps": round(bus, 2), "alpha_us": round(alpha, 3), "alpha0_us": round(alpha0, 3), "n": n}
 
 
+def fit_gemm_bias(points: list[dict]) -> LogGrid:
+    """Extra us of a linear's bias epilogue, e(M, N), from {m, n, k, ms, ms_nobias}.
+
+    The epilogue adds a vector to the M x N output, so its cost does not depend on K; the
+    points at the several K of one (M, N) are estimates of one number. Their noise is not
+    alike: the difference of two timings of a GEMM scatters in proportion to the GEMM's time
+    (clock and power jitter of a multi-millisecond kernel is tens to hundreds of us, more than
+    the epilogue itself). So the K estimates are averaged with inverse-variance weights
+    1 / ms_nobias^2, negative differences kept (clamping them first biases the mean upward),
+    and the mean clamped at 0. A plain mean over K let one K=18432 outlier make the bias of a
+    16384 x 4608 linear 125 us instead of about 10."""
+    acc: dict[tuple, list[tuple[float, float]]] = {}
+    for p in points:
+        w = 1.0 / max(p["ms_nobias"], 1e-6) ** 2
+        acc.setdefault((p["m"], p["n"]), []).append((w, (p["ms"] - p["ms_nobias"]) * 1e3))
+    rows = [{"m": m, "n": n, "us": max(sum(w * d for w, d in v) / sum(w for w, _ in v), 0.0)}
+            for (m, n), v in acc.items()]
+    return _grid(rows, ("m", "n"), lambda p: p["us"])
+
+
 def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: str, meta: dict[str, Any]) -> Profile:
     """A Profile for catalog GPU ``gpu`` from raw calibration points."""
     g = get_gpu(gpu)
@@ -107,19 +129,15 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
         return f
 
     causal = _grid(raw["attn_causal"], ("L", "B"), attn_eff(True), log_values=True)
-    full = _grid(raw["attn_full"], ("L", "B"), attn_eff(False), log_values=True)
+    # full attention measured at several head counts: a heads axis, e(L, B, heads)
+    full_keys = ("L", "B", "heads") if len({p["heads"] for p in raw["attn_full"]}) > 1 else ("L", "B")
+    full = _grid(raw["attn_full"], full_keys, attn_eff(False), log_values=True)
     dec = _grid(raw["attn_decode"], ("B", "C"),
                 lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
                 / (net_s(p["ms"]) * bw), log_values=True)
     memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3, log_values=True)
               for name, pts in raw["memops"].items() if pts}
-    bias = None
-    if raw.get("gemm_bias"):
-        acc: dict[tuple, list[float]] = {}
-        for p in raw["gemm_bias"]:
-            acc.setdefault((p["m"], p["n"]), []).append(max(p["ms"] - p["ms_nobias"], 0.0) * 1e3)
-        bias = _grid([{"m": m, "n": n, "us": sum(v) / len(v)} for (m, n), v in acc.items()], ("m", "n"),
-                     lambda p: p["us"])
+    bias = fit_gemm_bias(raw["gemm_bias"]) if raw.get("gemm_bias") else None
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
                    collectives=fit_collectives(raw["collectives"]) if isinstance(raw.get("collectives"), list) else {},

@@ -12,7 +12,8 @@ degree s (shifted TP mode is t' = t*s, s' = 1):
   elementwise ops (the MLP activation) over t too.
 
 compute = F_gpu / (peak * e_compute), memory = bytes / (bw * e_mem); e from the profile:
-GEMM e(M, N, K); prefill attention e(L, B) with L = T/B new tokens per sequence; decode
+GEMM e(M, N, K); prefill attention e(L, B) with L = T/B new tokens per sequence, or e(L, B, H)
+with H this GPU's query heads where the profile measured several head counts; decode
 attention (T = B) bandwidth efficiency e(B, C) with C = K/B context; memory-bound ops measured
 time vs elements. Without a profile: e_compute = 0.7, e_mem = 0.8, 4 us per launch.
 Attention that writes K/V into the cache pays two more launches (the cache writes).
@@ -157,7 +158,8 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
         mem = (kv_bytes + act_bytes) / (rates.bw * max(eff_m, 1e-3)) * 1e3
         return 0.0, mem, ovh_us * 1e-3
     table = prof.attn_causal if r.causal else prof.attn_full
-    eff = table(q_per_seq, seqs)
+    # a table with a heads axis is read at this GPU's share of the query heads
+    eff = table(q_per_seq, seqs, r.heads * frac) if len(table.axes) == 3 else table(q_per_seq, seqs)
     c = flops / (rates.attn_flops * max(eff, 1e-4)) * 1e3
     mem = (kv_bytes + act_bytes) / (rates.bw * 0.9) * 1e3
     return c, mem, ovh_us * 1e-3

@@ -7,7 +7,8 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
 * ``gemm``: efficiency e(M, N, K) = 2MNK / (t * peak), t the measured kernel time less the
   launch overhead, peak the catalog bf16 rate. Covers the memory-bound small-M regime too.
 * ``attn_causal`` / ``attn_full``: efficiency of prefill attention e(L, B) = F / (t * peak) for
-  B sequences of L new tokens, F = 4 * heads * head_dim * pairs (QK^T and PV).
+  B sequences of L new tokens, F = 4 * heads * head_dim * pairs (QK^T and PV); e(L, B, heads)
+  where several head counts were measured (full attention in newer profiles).
 * ``attn_decode``: bandwidth efficiency of decode attention e(B, C) = bytes / (t * hbm_bw),
   bytes = KV read (2 * B * C * kv_heads * head_dim * 2 bytes).
 * ``memops[name]``: time in microseconds of a memory-bound op (HF implementation: RMSNorm,
@@ -39,7 +40,7 @@ class Profile:
     overhead_us: float
     gemm: LogGrid  # e(M, N, K)
     attn_causal: LogGrid  # e(L, B)
-    attn_full: LogGrid  # e(L, B)
+    attn_full: LogGrid  # e(L, B) or e(L, B, heads)
     attn_decode: LogGrid  # bandwidth efficiency e(B, C)
     memops: dict[str, LogGrid]  # name -> us(elements)
     collectives: dict[str, Any] = field(default_factory=dict)

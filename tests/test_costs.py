@@ -227,6 +227,50 @@ def test_profile_tables_refit_from_raw_points(h100):
     assert again.attn_decode(64, 4096) == pytest.approx(h100.attn_decode(64, 4096))
 
 
+def test_bias_fit_weights_out_long_gemm_noise():
+    from costmodels.fit import fit_gemm_bias
+
+    # one (M, N) at three K: the long GEMM's timing difference is noise far above the epilogue
+    pts = [{"m": 16384, "n": 4608, "k": 1152, "ms": 0.2620, "ms_nobias": 0.2531},
+           {"m": 16384, "n": 4608, "k": 4608, "ms": 0.9584, "ms_nobias": 0.9412},
+           {"m": 16384, "n": 4608, "k": 18432, "ms": 3.9494, "ms_nobias": 3.6002},
+           {"m": 1024, "n": 4608, "k": 1152, "ms": 0.0200, "ms_nobias": 0.0210},
+           {"m": 1024, "n": 4608, "k": 4608, "ms": 0.0600, "ms_nobias": 0.0610}]
+    g = fit_gemm_bias(pts)
+    assert 8.9 < g(16384, 4608) < 12.0  # near the short GEMMs' 8.9 and 17 us, not the mean 125 us
+    assert g(1024, 4608) == 0.0  # faster with the bias: clamped after averaging, not before
+
+
+def _full_attn_raw(h100, heads: list[int]) -> dict:
+    """The H100 raw points with full attention at ``heads`` (times scaled as if per head,
+    plus one fixed tile-time for the smaller counts, so efficiency depends on heads)."""
+    raw = dict(h100.raw)
+    pts = []
+    for h in heads:
+        for p in h100.raw["attn_full"]:
+            if p["heads"] == 20:
+                pts.append({**p, "heads": h, "kv_heads": h, "ms": p["ms"] * h / 20 + (0.01 if h < 20 else 0.0)})
+    raw["attn_full"] = pts
+    return raw
+
+
+def test_full_attention_heads_axis(h100, gvl):
+    prof = fit_profile(_full_attn_raw(h100, [6, 12, 20]), gpu="h100", profile_id="t", device_name="x", meta={})
+    assert len(prof.attn_full.axes) == 3 and prof.attn_full.axes[2] == [6.0, 12.0, 20.0]
+    assert prof.attn_full(1728, 1, 6) < prof.attn_full(1728, 1, 12) < prof.attn_full(1728, 1, 20)
+    assert prof.attn_full(1728, 1, 20) == pytest.approx(h100.attn_full(1728, 1))
+    blk = gvl.blocks_of("vision_block")[0]
+    rec = next(op_rec(gvl.op(n), "vision") for n in blk.ops if gvl.op(n).kind == "attention")
+    cm = CostModel(gvl, "h100", profile=prof)
+    s = StepShape.vision([1728])
+    eff = rec.flops(s) / (cm.rates.attn_flops * op_time(rec, s, 1, 1, cm.rates, prof)[0] * 1e-3)
+    assert eff == pytest.approx(prof.attn_full(1728, 1, 16))  # the model's 16 heads
+    eff2 = rec.flops(s) / 2 / (cm.rates.attn_flops * op_time(rec, s, 2, 1, cm.rates, prof)[0] * 1e-3)
+    assert eff2 == pytest.approx(prof.attn_full(1728, 1, 8))  # tp=2: 8 heads per GPU
+    one = fit_profile(_full_attn_raw(h100, [20]), gpu="h100", profile_id="t", device_name="x", meta={})
+    assert len(one.attn_full.axes) == 2  # one head count: the old e(L, B) table
+
+
 def test_profile_gemm_table_reproduces_measured_points(h100):
     peak = 989.4e12
     for p in h100.raw["gemm"][::97]:
