@@ -349,12 +349,11 @@ def verdict(results: dict[str, Any]) -> list[str]:
     enc = mm["plans"].get("Shift SP4xTP2, encoder TP8")
     if enc:
         d = enc["capacity_tok_s"] / s_mm["capacity_tok_s"] - 1
+        why = ("(data-parallel encoding waits for the GPU with the largest images of a step, while TP8 splits "
+               "every image)." if d > 0 else "(data-parallel encoding avoids the tower's all-reduces).")
         lines += ["", (f"Where shift's encoder runs moves its capacity by {d:+.0%}: with the vision tower TP8-sharded "
                        f"instead of data-parallel over the 8 GPUs, shift reaches {enc['capacity_tok_s']:,.0f} tokens/s "
-                       f"and {enc['slo_tok_s']:,.0f} within the SLO " +
-                       ("(data-parallel encoding waits for the GPU with the largest images of a step, while TP8 "
-                        "splits every image)." if d > 0 else
-                        "(data-parallel encoding avoids the tower's all-reduces).")]
+                       f"and {enc['slo_tok_s']:,.0f} within the SLO {why}")]
     if dp_mm:
         lines += ["", (f"Pipeline parallelism is not the strongest throughput rival here: DP2xTP4 reaches "
                        f"{dp_mm['capacity_tok_s']:,.0f} tokens/s on image-text ({dp_mm['capacity_tok_s'] / s_mm['capacity_tok_s']:.2f}x "
