@@ -69,7 +69,7 @@ class StageModel:
             w, self.embed_lo = _vocab_rows(src, "model.embed_tokens.weight", a.vocab, self.vocab_group)
             self.embed = w.to(dev, dtype)
             if a.vision is not None:
-                self.vision = VisionTower(a.vision, src, dtype, dev)
+                self.vision = VisionTower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
         if stage.lm_head:
             name = "lm_head.weight" if (not a.tie_embeddings and src.has("lm_head.weight")) else "model.embed_tokens.weight"
             w, _ = _vocab_rows(src, name, a.vocab, self.vocab_group)
@@ -80,6 +80,17 @@ class StageModel:
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
         self.freq, self.rope_scale = inv_freq(a)
         self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
+
+    def _vision_tp(self, plan: Plan, a: ModelArgs) -> tuple[Any, int, int]:
+        """``stage0_tp``: the tower TP-sharded over the stage's P GPUs when its heads and MLP width
+        divide by P; every other placement (and indivisible shapes) keeps it whole per GPU."""
+        g = self.vocab_group
+        if plan.vision.placement != "stage0_tp" or g is None:
+            return None, 0, 1
+        n = dist.get_world_size(g)
+        if a.vision.num_heads % n or a.vision.mlp_dim % n:
+            return None, 0, 1
+        return g, dist.get_rank(g), n
 
     # ------------------------------------------------------------------ embedding + vision
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -95,7 +106,8 @@ class StageModel:
     def encode_images(self, jobs: list[ImageJob]) -> None:
         """Run the vision tower for new requests. With placement ``stage0_dp``/``all_dp`` the
         images are dealt to the stage's P GPUs (largest first, to the least-loaded GPU) and each
-        result is broadcast; otherwise every GPU of the stage encodes every image."""
+        result is broadcast; with ``stage0_tp`` all GPUs encode every image together (TP); with
+        ``none`` every GPU encodes every image alone. ``all_dp`` uses stage 0's GPUs only."""
         if not jobs or self.vision is None:
             return
         split = self.plan.vision.placement in ("stage0_dp", "all_dp") and self.vocab_group is not None

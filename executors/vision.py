@@ -15,11 +15,13 @@ images are split among them, see ``executors.stage``).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from executors.config import VisionArgs
+from executors.parallel import all_reduce
 from executors.rope import rotate_half
 from executors.weights import WeightSource
 
@@ -48,19 +50,33 @@ def vision_pos(grid: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
 
 
 class VisionTower:
-    def __init__(self, v: VisionArgs, src: WeightSource, dtype: torch.dtype, device: torch.device):
+    def __init__(self, v: VisionArgs, src: WeightSource, dtype: torch.dtype, device: torch.device,
+                 tp_group: Any = None, tp_rank: int = 0, tp_size: int = 1):
+        """With ``tp_size > 1`` the blocks are TP-sharded (heads and MLP columns split, proj and
+        MLP-out rows split, all-reduce over ``tp_group``); patch embed and merger stay whole."""
         self.v, self.dtype, self.device = v, dtype, device
+        self.group, self.tp = tp_group, tp_size
+        hd = v.embed_dim // v.num_heads
+        E = v.embed_dim
 
-        def get(n: str) -> torch.Tensor:
-            return src.rows("visual." + n).to(device, dtype)
+        def get(n: str, runs: list[tuple[int, int]] | None = None, dim: int = 0) -> torch.Tensor:
+            return src.rows("visual." + n, runs, dim).to(device, dtype)
 
         self.patch_w = get("patch_embed.proj.weight").reshape(v.embed_dim, -1)
+        nh, nf = v.num_heads // tp_size, v.mlp_dim // tp_size
+        h0, f0 = tp_rank * nh * hd, tp_rank * nf
+        heads = [(part * E + h0, part * E + h0 + nh * hd) for part in range(3)]  # q, k, v rows of my heads
+        cols = {"attn.qkv.weight": (heads, 0), "attn.qkv.bias": (heads, 0), "attn.proj.weight": ([(h0, h0 + nh * hd)], 1),
+                "mlp.fc1.weight": ([(f0, f0 + nf)], 0), "mlp.fc1.bias": ([(f0, f0 + nf)], 0),
+                "mlp.fc2.weight": ([(f0, f0 + nf)], 1), "mlp.down_proj.weight": ([(f0, f0 + nf)], 1)}
+        for n in ("gate", "up"):
+            cols[f"mlp.{n}_proj.weight"] = cols[f"mlp.{n}_proj.bias"] = ([(f0, f0 + nf)], 0)
         self.blocks = []
         for i in range(v.depth):
             b = f"blocks.{i}."
-            self.blocks.append({k: get(b + k) for k in block_keys(v)})
+            self.blocks.append({k: get(b + k, *cols[k]) if (tp_size > 1 and k in cols) else get(b + k)
+                                for k in block_keys(v)})
         self.merger = {k: get("merger." + k) for k in merger_keys(v)}
-        hd = v.embed_dim // v.num_heads
         half = hd // 2
         self.inv_freq = 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
 
@@ -70,13 +86,17 @@ class VisionTower:
             return w[name + ".weight"] * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
         return F.layer_norm(x, (self.v.embed_dim,), w[name + ".weight"], w[name + ".bias"], 1e-6)
 
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(x, self.group) if self.tp > 1 else x
+
     def _mlp(self, h: torch.Tensor, b: dict) -> torch.Tensor:
+        """Column-parallel in, row-parallel out; the out bias is added once, after the all-reduce."""
         if self.v.qwen25:
             g = _act(self.v.act, F.linear(h, b["mlp.gate_proj.weight"], b["mlp.gate_proj.bias"]))
-            return F.linear(g * F.linear(h, b["mlp.up_proj.weight"], b["mlp.up_proj.bias"]),
-                            b["mlp.down_proj.weight"], b["mlp.down_proj.bias"])
-        return F.linear(_act(self.v.act, F.linear(h, b["mlp.fc1.weight"], b["mlp.fc1.bias"])),
-                        b["mlp.fc2.weight"], b["mlp.fc2.bias"])
+            y = F.linear(g * F.linear(h, b["mlp.up_proj.weight"], b["mlp.up_proj.bias"]), b["mlp.down_proj.weight"])
+            return self._reduce(y) + b["mlp.down_proj.bias"]
+        y = F.linear(_act(self.v.act, F.linear(h, b["mlp.fc1.weight"], b["mlp.fc1.bias"])), b["mlp.fc2.weight"])
+        return self._reduce(y) + b["mlp.fc2.bias"]
 
     def __call__(self, pixels: torch.Tensor, grid: list[tuple[int, int, int]]) -> torch.Tensor:
         v = self.v
@@ -93,7 +113,7 @@ class VisionTower:
             x = x.reshape(-1, unit, v.embed_dim)[order].reshape(-1, v.embed_dim)
             ang = ang.reshape(-1, unit, ang.shape[-1])[order].reshape(-1, ang.shape[-1])
         cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # [N, 1, hd]
-        heads, hd = v.num_heads, v.embed_dim // v.num_heads
+        heads, hd = v.num_heads // self.tp, v.embed_dim // v.num_heads
         for i, b in enumerate(self.blocks):
             spans = frames if (not v.qwen25 or i in v.fullatt_blocks) else windows
             h = self._norm(x, b, "norm1")
@@ -105,7 +125,7 @@ class VisionTower:
                 o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                                                    vs.transpose(0, 1)[None], scale=1.0 / math.sqrt(hd))
                 outs.append(o[0].transpose(0, 1).reshape(qs.shape[0], -1))
-            x = x + F.linear(torch.cat(outs), b["attn.proj.weight"], b["attn.proj.bias"])
+            x = x + self._reduce(F.linear(torch.cat(outs), b["attn.proj.weight"])) + b["attn.proj.bias"]
             x = x + self._mlp(self._norm(x, b, "norm2"), b)
         m = self.merger
         x = self._norm(x, m, "ln_q").reshape(-1, v.embed_dim * unit)

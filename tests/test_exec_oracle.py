@@ -95,3 +95,18 @@ def test_qwen2_5_vl_window_attention(mesh: str, tmp_path: Path) -> None:
     for req, res, im in zip(reqs, results, imgs):
         assert res.error is None, res.error
         assert check_against_oracle(oracle, req.tokens, res, im) < TOL
+
+
+@pytest.mark.parametrize("name,mesh", [("qwen2_vl", "tp2"), ("qwen2_5_vl", "shift-sp2")])
+def test_vision_tower_tp_sharded(name: str, mesh: str, tmp_path: Path) -> None:
+    """Placement stage0_tp: the vision blocks are split over the stage's 2 GPUs (heads, MLP columns)."""
+    oracle = save_checkpoint(name, tmp_path, seed=8)
+    plan = make_plan(name, max_batch_tokens=16, placement="stage0_tp", **MESHES[mesh])
+    img = random_image((8, 12), 5)
+    reqs = [Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8, 9], images=[img]), Request(tokens=[3, 4, 5])]
+    with executors.load(plan, weights=tmp_path, keep_logits=True, kv_blocks=64) as eng:
+        results = eng.generate(reqs, max_new_tokens=8, sampling=Sampling(stop_on_eos=False))
+        assert eng.local is None and len(eng.pids) == 2
+    for req, res, im in zip(reqs, results, [[img], None]):
+        assert res.error is None, res.error
+        assert check_against_oracle(oracle, req.tokens, res, im) < TOL
