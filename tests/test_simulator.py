@@ -223,3 +223,19 @@ def test_bad_configs_are_user_errors():
         SimConfig(placement="gpu7")
     with pytest.raises(UserError, match="kv_tokens"):
         SimConfig(kv_tokens=0)
+
+
+def test_stages_with_their_own_thresholds_shift_separately():
+    """pp=2, stage thresholds 100 and 1000: a 500-token prefill runs SP x TP on stage 0, TP on stage 1."""
+    class PerMode(SyntheticCoster):
+        def stage_ms(self, shape, mode, decode=None):
+            base = super().stage_ms(shape, mode)[0]
+            return (base, 2 * base)  # stage 1 twice as slow, to tell the stages apart
+
+    c = cfg(pp=2, sp=2, shift=True, threshold=100, stage_thresholds=(100, 1000))
+    coster = PerMode(pp=2)
+    log = run(c, coster, spaced([500], out=1))
+    shape = StepShape.prefill([500])
+    want = coster.stage_ms(shape, "sp_tp")[0] + coster.stage_ms(shape, "tp")[1] + coster.p2p_ms(500, 0)
+    assert math.isclose((log.reqs[0].first - log.reqs[0].arrival) * 1e3, want, rel_tol=1e-9)
+    assert log.steps == 1 and log.steps_tp == 0.5  # half of the step's stages ran shifted

@@ -191,3 +191,19 @@ def test_pinned_plan_arithmetic(env):
     assert pp.stages[0].vision and not pp.stages[1].vision
     with pytest.raises(UserError, match="16 GPUs"):
         pinned_plan(spec, cost, dp=2, tp=8)
+
+
+def test_config_from_a_plan(env):
+    from costmodels.simulator import SimConfig
+
+    spec = parse_spec((ROOT / "examples" / "qwen2.5-vl-72b-8xh200.yaml").read_text())
+    cost = CostModel(build_graph(load_config(preset="qwen2.5-vl-72b")), get_gpu("h200"))
+    plan = pinned_plan(spec, cost, pp=2, sp=2, tp=2, shift=True, placement="all_dp")
+    stages = [s.model_copy(update={"shift_threshold_tokens": th}) for s, th in zip(plan.stages, (300, 700))]
+    c = SimConfig.from_plan(plan.model_copy(update={"stages": stages}))
+    assert (c.dp, c.pp, c.tp, c.sp, c.lanes) == (1, 2, 2, 2, 2)
+    assert c.kv_tokens == plan.memory_gb.kv_tokens and c.placement == "all_dp"
+    assert c.threshold == plan.shift.threshold_tokens and c.stage_thresholds == (300, 700)
+    assert c.stage_modes(500) == ("sp_tp", "tp") and c.stage_modes(100) is None and c.mode(100) == "tp"
+    off = SimConfig.from_plan(pinned_plan(spec, cost, pp=2, tp=4))
+    assert not off.shift and off.mode(10) == "sp_tp" and off.stage_thresholds == ()
