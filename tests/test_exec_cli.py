@@ -12,7 +12,7 @@ from executors import Request, Sampling
 from planner.cli import main
 from plans.errors import UserError
 from plans.schema import save_plan
-from tests.tiny.helpers import check_against_oracle, config, make_plan, save_checkpoint
+from tests.tiny.helpers import check_against_oracle, config, make_plan, save_checkpoint, save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,23 @@ def test_plan_run_tokens_tp2_matches_hf(llama_ckpt: tuple, tmp_path: Path, capsy
     toks = [int(t) for t in line.removeprefix("tokens: ").split()]
     full = oracle(input_ids=__import__("torch").tensor([[5, 6, 7, 8] + toks[:-1]])).logits[0]
     assert toks == full[3:].argmax(-1).tolist()
+
+
+def test_plan_run_prompt_with_local_tokenizer(llama_ckpt: tuple, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """--prompt goes through the tokenizer found next to the weights; text comes back."""
+    ckpt, _ = llama_ckpt
+    tok_dir = tmp_path / "tok"
+    save_tokenizer(tok_dir)
+    plan = tmp_path / "p.plan.yaml"
+    save_plan(make_plan("llama"), plan)
+    assert main(["run", str(plan), "--prompt", "w5 w6 w7 w8", "--weights", str(ckpt), "--tokenizer", str(tok_dir),
+                 "-n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert main(["run", str(plan), "--tokens", "5,6,7,8", "--weights", str(ckpt), "-n", "4"]) == 0
+    ids = capsys.readouterr().out.split("tokens:")[1].split()
+    assert out.split("tokens:")[1].splitlines()[0].split() == ids
+    assert "text: " + " ".join(f"w{i}" for i in ids) in out
 
 
 def test_plan_run_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

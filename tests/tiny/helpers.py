@@ -120,3 +120,13 @@ def check_against_oracle(model: Any, prompt: list[int], result: Any, images: lis
     greedy = want.argmax(-1).tolist()
     assert greedy == list(result.tokens), f"tokens differ from HF greedy: {result.tokens} vs {greedy}"
     return float((got - want).abs().max() / want.abs().max())
+
+
+def save_tokenizer(out: Path) -> None:
+    """A word-level tokenizer for the tiny vocab: 'w0' .. 'w127' are token ids 0 .. 127."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(str(out))
