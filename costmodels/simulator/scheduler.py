@@ -15,6 +15,9 @@ A step (vLLM-style, decode first):
    of the pool free (a request that fits only in an empty pool is admitted when the pool is empty).
    Images not yet encoded are encoded in this step (in-step placements), at most
    ``max_batch_tokens`` image tokens per step beyond the first request.
+
+KV is counted in tokens against the replica's ``kv_tokens``; the rounding of paged blocks (under
+``block_size`` tokens per sequence, < 1% at 16-token blocks and 1k-token contexts) is ignored.
 """
 
 from __future__ import annotations
