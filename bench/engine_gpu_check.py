@@ -118,6 +118,34 @@ def hf_logits(model: Any, tokens: list[int], image: Any, image_token: int | None
         return model(input_ids=ids, **kw).logits[0].float()
 
 
+def side_by_side(eng: Any, hf: Any, req: Any, device: str) -> dict[str, Any]:
+    """One text request, 16 greedy tokens, engine (eager, paged KV) vs HF ``generate``; best of 3."""
+    from executors import Sampling
+
+    ids = torch.tensor([req.tokens], device=device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def best(fn: Any) -> float:
+        fn()  # warm-up
+        ts = []
+        for _ in range(3):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    t_eng = best(lambda: eng.generate([req], max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False)))
+    with torch.no_grad():
+        t_hf = best(lambda: hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False))
+    return {"prompt_tokens": len(req.tokens), "engine_ms": round(1000 * t_eng, 2), "hf_generate_ms": round(1000 * t_hf, 2),
+            "engine_over_hf": round(t_eng / t_hf, 3)}
+
+
 def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int) -> dict[str, Any]:
     from executors import Sampling
     from executors.config import DTYPES, model_args
@@ -154,12 +182,15 @@ def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int) -> dict
             "rel_err_prefill": float((got[0] - ref[0]).abs().max() / ref[0].abs().max()),
             "greedy_agree": f"{agree}/{len(r.tokens)}", "first_mismatch": first_bad,
         })
+    timing = side_by_side(eng, hf, reqs[2], device) if dtype_name == "bf16" else None
     eng.shutdown()
     del eng, hf
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     out: dict[str, Any] = {"model": name, "dtype": dtype_name, "requests": rows,
                            "hf_build_s": round(t_build, 2), "engine_generate_s": round(t_gen, 3)}
+    if timing:
+        out["single_request_16_tokens"] = timing
     if dtype_name == "bf16":
         worst = max(x["rel_err_max"] for x in rows)
         out.update(tolerance=BF16_TOL, worst_rel_err=worst, passed=worst <= BF16_TOL)
