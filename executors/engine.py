@@ -34,7 +34,11 @@ DEAD_RANK_GRACE_S = 2.0
 
 
 class WorkerError(UserError):
-    """A rank failed or died; the engine has stopped every rank."""
+    """A rank failed or died; the engine has stopped every rank. ``details``: the rank's traceback."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
 
 def _free_port() -> int:
@@ -63,6 +67,14 @@ class Engine:
         self.num_blocks = kv_blocks or default_blocks(plan, self.args)
         self.block = plan.scheduler.block_size
         self.backend = backend or plan.backend
+        if device.startswith("cuda"):
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            need = max(1, min(plan.mesh.size, plan.hardware.gpus_per_node))  # ranks on this node
+            if n < need:
+                raise UserError(f"plan {plan.name} needs {need} GPU(s) on this node; {n} visible "
+                                "(use --device cpu for a CPU run)")
+        elif device != "cpu":
+            raise UserError(f"device '{device}': use cpu or cuda")
         if plan.vision.placement == "dedicated":
             raise UserError("vision placement 'dedicated' (encoder on its own GPUs) is not run by this executor yet")
         src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
@@ -139,7 +151,7 @@ class Engine:
             raise WorkerError(f"worker rank {r} died ({how}); all {self.world} ranks were stopped")
         r, text = errors[0][1], errors[0][2]
         raise WorkerError(f"worker rank {r} failed: {text.strip().splitlines()[0]}; all {self.world} ranks were "
-                          f"stopped\n{text}")
+                          "stopped", details=text)
 
     def shutdown(self, force: bool = False) -> None:
         """Stop every worker: ask politely (unless ``force``), then terminate, then kill. Idempotent."""

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import executors
 from executors import Request, Sampling
 from executors.engine import WorkerError
+from plans.errors import UserError
 from tests.tiny.helpers import make_plan, save_checkpoint
 
 
@@ -51,6 +52,15 @@ def test_killed_rank_stops_all_ranks(tmp_path: Path) -> None:
     assert _gone(pids), "worker processes left behind"
 
 
+def test_cuda_without_gpus_is_a_user_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(UserError, match=r"needs 2 GPU\(s\) on this node; 0 visible"):
+        executors.load(make_plan("llama", tp=2), device="cuda")
+
+
 def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
     """Stage 1's checkpoint slice is missing: rank 1 fails at load, rank 0 is stopped too."""
     save_checkpoint("llama", tmp_path)
@@ -64,4 +74,5 @@ def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
         executors.load(plan, weights=tmp_path)
     msg = str(err.value)
     assert "worker rank 1 failed" in msg and "model.layers.3.mlp.down_proj.weight" in msg
+    assert "Traceback" not in msg and "Traceback" in err.value.details  # clean message, details kept
     assert time.monotonic() - t0 < 30.0
