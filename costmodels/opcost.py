@@ -138,6 +138,11 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
 
 def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,
                ovh_us: float) -> tuple[float, float, float]:
+    if s.mixed:  # prefill chunks + decodes: one varlen kernel, each part at its own efficiency
+        p, d = s.split()
+        cp, mp, op = _attention(r, p, t, sp, rates, prof, ovh_us)
+        cd, md, _ = _attention(r, d, t, sp, rates, prof, ovh_us)
+        return cp + cd, mp + md, op
     ts = t * sp
     frac = 1.0 / ts
     kv_frac = max(1.0, r.kv_heads / ts) / r.kv_heads

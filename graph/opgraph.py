@@ -40,10 +40,17 @@ Tower = Literal["text", "vision"]
 
 @dataclass(frozen=True)
 class StepShape:
+    """The work of one step. ``decode_seqs`` / ``decode_kv`` say how much of ``seqs`` / ``kv`` (and
+    of ``tokens`` / ``pairs``: one token and ``kv`` pairs per decode) are single-token decodes, so a
+    mixed step (prefill chunks + decodes, as continuous batching makes them) can be costed as its two
+    attention regimes instead of one averaged one."""
+
     tokens: float
     pairs: float = 0.0
     kv: float = 0.0
     seqs: float = 1.0
+    decode_seqs: float = 0.0
+    decode_kv: float = 0.0
 
     @staticmethod
     def prefill(lengths: list[int], cached: list[int] | None = None) -> "StepShape":
@@ -55,7 +62,8 @@ class StepShape:
     @staticmethod
     def decode(contexts: list[int]) -> "StepShape":
         """One new token for each sequence; ``contexts[i]`` includes the new token."""
-        return StepShape(tokens=len(contexts), pairs=sum(contexts), kv=sum(contexts), seqs=len(contexts))
+        n, c = len(contexts), sum(contexts)
+        return StepShape(tokens=n, pairs=c, kv=c, seqs=n, decode_seqs=n, decode_kv=c)
 
     @staticmethod
     def vision(patches_per_image: list[int]) -> "StepShape":
@@ -64,7 +72,22 @@ class StepShape:
                          kv=sum(patches_per_image), seqs=len(patches_per_image))
 
     def __add__(self, other: "StepShape") -> "StepShape":
-        return StepShape(self.tokens + other.tokens, self.pairs + other.pairs, self.kv + other.kv, self.seqs + other.seqs)
+        return StepShape(self.tokens + other.tokens, self.pairs + other.pairs, self.kv + other.kv,
+                         self.seqs + other.seqs, self.decode_seqs + other.decode_seqs,
+                         self.decode_kv + other.decode_kv)
+
+    @property
+    def mixed(self) -> bool:
+        """Both prefill chunks and decodes in one step."""
+        return 0 < self.decode_seqs < self.seqs
+
+    def split(self) -> tuple["StepShape", "StepShape"]:
+        """(prefill part, decode part) of a mixed step."""
+        d = StepShape(tokens=self.decode_seqs, pairs=self.decode_kv, kv=self.decode_kv, seqs=self.decode_seqs,
+                      decode_seqs=self.decode_seqs, decode_kv=self.decode_kv)
+        p = StepShape(tokens=self.tokens - d.tokens, pairs=self.pairs - d.pairs, kv=self.kv - d.kv,
+                      seqs=self.seqs - d.seqs)
+        return p, d
 
 
 @dataclass(frozen=True)

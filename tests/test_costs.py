@@ -421,3 +421,19 @@ def test_windowed_vision_blocks_attend_within_windows():
     full_b = next(b for b in blocks if b.name not in cm._window)
     assert cm.block_time(windowed[0], StepShape(16384, 16384 * 64, 16384, 256)).total_ms < \
         cm.block_time(full_b, StepShape.vision(big)).total_ms
+
+
+@pytest.mark.parametrize("gpu,profiled", [("h100", True), ("h200", False)])
+def test_mixed_step_costs_each_attention_regime_on_its_own(g70, gpu, profiled):
+    """A continuous-batching step (a prefill chunk + many decodes) costs at least its larger part
+    and at most the sum of its parts: its attention is costed per regime, not at the averaged
+    tokens-per-sequence of the mix (which once made a 2238 + 256-decode step 20x too slow)."""
+    from costmodels.hardware import get_gpu
+
+    cm = CostModel(g70, get_gpu(gpu), profile=load_profile(gpu) if profiled else None)
+    prefill, decode = StepShape.prefill([2238]), StepShape.decode([1500] * 256)
+    mixed = prefill + decode
+    assert mixed.mixed and mixed.split() == (prefill, decode)
+    t_p, t_d = (cm.step_time(x, tp=8).total_ms for x in (prefill, decode))
+    t_m = cm.step_time(mixed, tp=8).total_ms
+    assert max(t_p, t_d) <= t_m <= t_p + t_d
