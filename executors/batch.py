@@ -38,6 +38,10 @@ class MicroBatch:
     img_tok: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [N] token idx
     img_src: list[tuple[int, int, int]] = field(default_factory=list)  # (req, first row, rows), in order
     images: list[ImageJob] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)  # per pipeline stage (stages may have own thresholds)
+
+    def mode_of(self, stage: int) -> str:
+        return self.modes[stage] if self.modes else self.mode
 
     @property
     def num_tokens(self) -> int:

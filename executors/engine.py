@@ -192,19 +192,28 @@ class Engine:
         return [p.pid for p in self.procs]
 
     # ------------------------------------------------------------------ stepping
-    def _mode(self, tokens: int) -> str:
+    def _mode(self, tokens: int, stage: int = 0) -> str:
+        """SP x TP or TP for a micro-batch of ``tokens`` on a stage: TP when shift is on and the
+        tokens are at most the stage's threshold (the plan-wide one when the stage has none)."""
         m, sh = self.plan.mesh, self.plan.shift
         if m.sp == 1:
             return "tp"
-        if sh.enabled and sh.threshold_tokens is not None and tokens <= sh.threshold_tokens:
+        own = self.plan.stages[stage].shift_threshold_tokens
+        threshold = own if own is not None else sh.threshold_tokens
+        if sh.enabled and threshold is not None and tokens <= threshold:
             return "tp"
         return "sp_tp"
 
     def _micro(self, chunks: list[Chunk]) -> list:
         m = max(1, min(self.plan.scheduler.microbatches, len(chunks)))
         groups = [chunks[i::m] for i in range(m)] if m > 1 else [chunks]
-        return [build_microbatch(g, self._mode(sum(c.n for c in g)), self.block, self.args.image_token_id)
-                for g in groups if g]
+        out = []
+        for g in groups:
+            n = sum(c.n for c in g)
+            mb = build_microbatch(g, self._mode(n), self.block, self.args.image_token_id)
+            mb.modes = [self._mode(n, s) for s in range(len(self.plan.stages))]
+            out.append(mb)
+        return out
 
     def _dispatch(self, steps: dict[int, Step]) -> dict[int, StepOut]:
         """Run one step on each DP replica named in ``steps``; return each replica's output."""

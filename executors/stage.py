@@ -149,7 +149,8 @@ class StageModel:
                 x[mb.img_tok.to(dev)] = rows.to(x.dtype)
         else:
             x = h_in
-        sp = par.sp if (mb.mode == "sp_tp" and par.sp > 1) else 1
+        mode = mb.mode_of(self.stage.index)
+        sp = par.sp if (mode == "sp_tp" and par.sp > 1) else 1
         t_pad = -(-T // sp) * sp
         slots = torch.full((t_pad,), -1, dtype=torch.long)
         slots[:T] = mb.slots
@@ -163,7 +164,7 @@ class StageModel:
         cos, sin = cos_sin(pos.to(dev), self.freq, self.rope_scale, self.a.mrope_section)
         cos, sin = cos.to(self.dtype), sin.to(self.dtype)
         for layer, cache in zip(self.layers, self.caches):
-            x = layer.forward(x, mb.mode if par.sp > 1 else "tp", cos, sin, cache, meta)
+            x = layer.forward(x, mode if par.sp > 1 else "tp", cos, sin, cache, meta)
         if sp > 1:
             x = all_gather_cat(x, par.sp_group, sp)[:T]
         if self.lm_head is None:

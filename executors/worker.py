@@ -112,7 +112,8 @@ class RankRunner:
         reqs = [r for mb in step.micro for r in mb.sample_req]
         pos = [int(p) + 1 for mb in step.micro for p in mb.tok_idx[mb.sample_idx]]
         return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step, list(zip(reqs, pos))).tolist(),
-                       logits.cpu() if step.want_logits else None, [mb.mode for mb in step.micro])
+                       logits.cpu() if step.want_logits else None,
+                       [m for mb in step.micro for m in (mb.modes or [mb.mode])])
 
 
 def sample(logits: torch.Tensor, step: Step, keys: list[tuple[int, int]]) -> torch.Tensor:

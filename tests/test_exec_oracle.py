@@ -110,3 +110,18 @@ def test_vision_tower_tp_sharded(name: str, mesh: str, tmp_path: Path) -> None:
     for req, res, im in zip(reqs, results, [[img], None]):
         assert res.error is None, res.error
         assert check_against_oracle(oracle, req.tokens, res, im) < TOL
+
+
+def test_per_stage_shift_thresholds(checkpoints: dict) -> None:
+    """pp2 x sp2 with shift: stage 0 always shifts to TP (threshold 1000), stage 1 never (0)."""
+    ckpt, oracle = checkpoints["qwen2"]
+    plan = make_plan("qwen2", pp=2, sp=2, shift=True, threshold=8, max_batch_tokens=16)
+    plan.stages[0].shift_threshold_tokens = 1000
+    plan.stages[1].shift_threshold_tokens = 0
+    reqs, _ = batch("qwen2")
+    with executors.load(plan, weights=ckpt, keep_logits=True, kv_blocks=64) as eng:
+        results = eng.generate(reqs, max_new_tokens=8, sampling=Sampling(stop_on_eos=False))
+        modes = dict(eng.mode_counts)
+    assert modes["tp"] == modes["sp_tp"] > 0  # one of each per micro-batch
+    for req, res in zip(reqs, results):
+        assert check_against_oracle(oracle, req.tokens, res) < TOL
