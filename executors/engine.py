@@ -47,6 +47,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_mesh(plan: Plan, a: ModelArgs) -> None:
+    """Fail before any process starts when the mesh cannot split this model (UserError with figures)."""
+    from executors.shard import HeadSplit, even_range
+
+    m = plan.mesh
+    HeadSplit(a.heads, a.kv_heads, m.shift_degree)
+    even_range(a.intermediate, m.shift_degree if (m.sp == 1 or plan.shift.enabled) else m.tp, 0,
+               f"intermediate_size / {'tp*sp' if (m.sp == 1 or plan.shift.enabled) else 'tp'}")
+
+
 def default_blocks(plan: Plan, a: ModelArgs) -> int:
     """KV blocks per replica: the plan's KV capacity, capped at max_seqs full-context sequences."""
     sch = plan.scheduler
@@ -63,6 +73,7 @@ class Engine:
         self.args = model_args(config)
         if self.args.layers != plan.model.num_layers:
             raise UserError(f"plan {plan.name} has {plan.model.num_layers} layers but the model config has {self.args.layers}")
+        check_mesh(plan, self.args)
         self.keep_logits, self.tokenizer = keep_logits, tokenizer
         self.num_blocks = kv_blocks or default_blocks(plan, self.args)
         self.block = plan.scheduler.block_size

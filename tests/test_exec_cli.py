@@ -91,6 +91,21 @@ def test_export_onnx_stage_matches_pytorch(llama_ckpt: tuple, tmp_path: Path) ->
     assert main(["export-onnx", str(plan), "--stage", "5", "-o", str(out)]) == 2
 
 
+def test_plan_bench_reports_latency_and_throughput(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    plan = tmp_path / "p.plan.yaml"
+    save_plan(make_plan("qwen2"), plan)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(plan), "--requests", "3", "--input-tokens", "9", "--output-tokens", "5",
+                 "--json", str(out)]) == 0
+    figs = json.loads(out.read_text())
+    assert figs["requests"] == 3 and figs["mesh"] == "single"
+    assert 0 < figs["ttft_ms_p50"] <= figs["ttft_ms_p90"]
+    assert figs["output_tok_s"] > 0 and figs["tpot_ms_p50"] > 0
+    assert "ttft_ms_p90:" in capsys.readouterr().out
+
+
 def test_tensorrt_backend_names_the_extra() -> None:
     try:
         import torch_tensorrt  # noqa: F401

@@ -61,6 +61,11 @@ def test_cuda_without_gpus_is_a_user_error() -> None:
         executors.load(make_plan("llama", tp=2), device="cuda")
 
 
+def test_mesh_that_cannot_split_heads_fails_before_starting() -> None:
+    with pytest.raises(UserError, match=r"4 query heads are not divisible by tp\*sp = 8"):
+        executors.load(make_plan("llama", tp=4, sp=2))
+
+
 def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
     """Stage 1's checkpoint slice is missing: rank 1 fails at load, rank 0 is stopped too."""
     save_checkpoint("llama", tmp_path)
