@@ -59,6 +59,7 @@ class Step:
     temperature: float = 0.0
     top_k: int = 0
     seed: int = 0
+    req_base: int = 0  # request ids of this generate call start here (sampling keys use id - base)
 
 
 @dataclass

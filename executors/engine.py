@@ -97,6 +97,8 @@ class Engine:
         self.step_id = 0
         self.closed = False
         self.mode_counts: dict[str, int] = {"tp": 0, "sp_tp": 0}  # micro-batches run in each mode
+        self.next_req = 0
+        self.pending_free: list[list[int]] = [[] for _ in range(plan.mesh.dp)]
         if self.world == 1:
             dev = torch.device(device)
             self.local = RankRunner(self.spec, Par(device=dev), src)
@@ -256,21 +258,23 @@ class Engine:
         sch = self.plan.scheduler
         scheds = [Scheduler(self.num_blocks, self.block, sch.max_batch_tokens, sch.max_seqs) for _ in range(dp)]
         self.schedulers = scheds
-        seqs: dict[int, Seq] = {}
-        free: list[list[int]] = [[] for _ in range(dp)]
+        seqs: dict[int, Seq] = {}  # by engine-wide request id (base + index): worker state never mixes calls
+        base = self.next_req
+        self.next_req += len(requests)
+        free = self.pending_free  # finished ids not yet told to the workers (sent with the next step)
         k = 0
         for i, req in enumerate(requests):
             try:
-                s = make_seq(i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block)
+                s = make_seq(base + i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block)
             except UserError as e:
                 results[i].error = str(e)
                 yield i, None, results[i]
                 continue
             results[i].prompt_tokens = list(s.tokens)
-            seqs[i] = s
+            seqs[base + i] = s
             scheds[k % dp].add(s)
             k += 1
-        logits: dict[int, list[torch.Tensor]] = {i: [] for i in seqs}
+        logits: dict[int, list[torch.Tensor]] = {rid: [] for rid in seqs}
         while any(sc.has_work() for sc in scheds):
             sent: dict[int, list[Chunk]] = {}
             steps: dict[int, Step] = {}
@@ -280,7 +284,7 @@ class Engine:
                     continue
                 self.step_id += 1
                 steps[rep] = Step(self.step_id, self._micro(chunks), free[rep] + dropped, self.keep_logits,
-                                  sampling.temperature, sampling.top_k, sampling.seed)
+                                  sampling.temperature, sampling.top_k, sampling.seed, base)
                 free[rep] = []
                 sent[rep] = chunks
             if not sent:
@@ -293,9 +297,9 @@ class Engine:
                 for c in chunks:
                     c.seq.computed += c.n
                 for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
-                    s = seqs[rid]
+                    s, res = seqs[rid], results[rid - base]
                     s.tokens.append(tok)
-                    results[rid].tokens.append(tok)
+                    res.tokens.append(tok)
                     if o.logits is not None:
                         logits[rid].append(o.logits[j])
                     done = s.generated >= s.max_new or (sampling.stop_on_eos and tok in a.eos_token_ids)
@@ -303,13 +307,14 @@ class Engine:
                         scheds[rep].finish(s)
                         free[rep].append(rid)
                         if self.keep_logits:
-                            results[rid].logits = torch.stack(logits[rid])
+                            res.logits = torch.stack(logits[rid])
                         if self.tokenizer is not None:
-                            results[rid].text = self.tokenizer.decode(results[rid].tokens)
-                    yield rid, tok, results[rid]
-        if any(free) and self.local is not None:
+                            res.text = self.tokenizer.decode(res.tokens)
+                    yield rid - base, tok, res
+        if self.local is not None:
             for f in free:
                 self.local.model.forget(f)
+                f.clear()
 
     def generate(self, requests: list[Request], max_new_tokens: int = 16, sampling: Sampling | None = None) -> list[Result]:
         """Run requests to completion; per-request errors are in ``Result.error``."""

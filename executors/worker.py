@@ -131,7 +131,7 @@ def sample(logits: torch.Tensor, step: Step, keys: list[tuple[int, int]]) -> tor
     probs = x.softmax(-1).cpu()
     out = []
     for row, (req, pos) in zip(probs, keys):
-        g = torch.Generator().manual_seed((step.seed * 1_000_003 + req) * 1_000_003 + pos)
+        g = torch.Generator().manual_seed((step.seed * 1_000_003 + req - step.req_base) * 1_000_003 + pos)
         out.append(torch.multinomial(row, 1, generator=g))
     return torch.cat(out)
 

@@ -134,6 +134,10 @@ def test_bad_requests_and_kv_exhaustion_shift_sp2(tmp_path: Path) -> None:
     with executors.load(plan, weights=tmp_path / "w", keep_logits=True, kv_blocks=12) as eng:
         results = eng.generate(reqs, max_new_tokens=16, sampling=GREEDY)
         preempted = eng.schedulers[0].preemptions
+        other = random_image((4, 6), 10)  # a second call: new images, no state left from the first
+        again = Request(tokens=[118, IMAGE_TOKEN, 119, 9], images=[other])
+        second = eng.generate([again], max_new_tokens=8, sampling=GREEDY)[0]
+    assert check_against_oracle(oracle, again.tokens, second, [other]) < 1e-4
     assert "exceeds the model's context of 256" in results[1].error
     assert "empty request" in results[3].error
     assert "cannot read image" in results[5].error and "broken.png" in results[5].error
