@@ -18,6 +18,8 @@ def compile_cmd(
     check: Optional[Path] = typer.Option(None, "--check", help="compare with this committed plan; exit 1 and print "
                                                               "the diff when it is stale"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="no progress or summary"),
+    lp: Optional[Path] = typer.Option(None, "--lp", help="also write the chosen mesh's ILP (LP format, labelled "
+                                                         "constraints) to this file"),
 ) -> None:
     """Compile a spec into a parallel plan (mesh, stages, encoder placement, shift threshold)."""
     import time
@@ -42,6 +44,10 @@ def compile_cmd(
     plan = res.plan
     if not quiet:
         err.print(summary(res, seconds), highlight=False, soft_wrap=True)
+    if lp is not None and res.problem is not None:
+        from planner.ilp import lp_text
+
+        lp.write_text(lp_text(res.problem))
     if committed is not None:
         changes = diff_plans(committed, plan)
         if changes:

@@ -264,7 +264,28 @@ def _solve_pulp(p: StageProblem, solver_name: str | None) -> StageSolution:
         return _build_and_solve(p, solver_name)
 
 
-def _build_and_solve(p: StageProblem, solver_name: str | None) -> StageSolution:
+def lp_text(p: StageProblem) -> str:
+    """The PuLP model of a problem in LP format: every constraint under its label
+    (``bottleneck_stage0``, ``mem_stage1``, ``slo_ttft``, ``vision_one_placement``, ...)."""
+    import os
+    import tempfile
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prob = _build(p)[0]
+        fd, path = tempfile.mkstemp(suffix=".lp")
+        os.close(fd)
+        try:
+            prob.writeLP(path)
+            with open(path) as f:
+                return f.read()
+        finally:
+            os.unlink(path)
+
+
+def _build(p: StageProblem):
+    """(LpProblem, formulation, decode(), placement options, placement binaries, presolve-infeasible)."""
     import pulp
 
     L, S = len(p.layers), p.stages
@@ -330,11 +351,19 @@ def _build_and_solve(p: StageProblem, solver_name: str | None) -> StageSolution:
     ttft = base_ttft + pulp.lpSum(o.ttft * vi for o, vi in zip(opts, v))
     if p.max_ttft_ms is not None:
         prob += ttft <= p.max_ttft_ms, "slo_ttft"
-    if p.max_tpot_ms is not None and tpot > p.max_tpot_ms + 1e-9:
-        return StageSolution("infeasible", None, formulation, "presolve", ("slo_tpot",))
+    tpot_fails = p.max_tpot_ms is not None and tpot > p.max_tpot_ms + 1e-9  # no split changes TPOT
     if p.max_thr_ms is not None:
         prob += z <= p.max_thr_ms, "rate"
     prob += p.weights.throughput * z + p.weights.latency * (ttft + p.output_tokens * tpot)
+    return prob, formulation, decode, opts, v, tpot_fails
+
+
+def _build_and_solve(p: StageProblem, solver_name: str | None) -> StageSolution:
+    import pulp
+
+    prob, formulation, decode, opts, v, tpot_fails = _build(p)
+    if tpot_fails:
+        return StageSolution("infeasible", None, formulation, "presolve", ("slo_tpot",))
     solver, name = _solver(solver_name)
     try:
         prob.solve(solver)

@@ -771,6 +771,7 @@ class CompileResult:
     simulated: int
     notes: list[str] = field(default_factory=list)
     pruned: int = 0  # dominated candidates dropped before the ILP
+    problem: StageProblem | None = None  # the chosen mesh's ILP input (``planner.ilp.lp_text`` shows it)
 
 
 def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
@@ -814,4 +815,4 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     say("writing the plan")
     plan = build_plan(best, spec, model, mix, runners, notes)
     return CompileResult(plan, len(cset.candidates), len(cset.rejected), len(ok), len(solved) - len(ok), simulated,
-                         notes, pruned)
+                         notes, pruned, best.solved.costed.problem)

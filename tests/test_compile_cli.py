@@ -79,3 +79,11 @@ def test_warm_compile_imports_no_torch(compiled):
             "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.stdout.split() == ["0", "False", "False"], out.stderr[-2000:]
+
+
+def test_lp_file_has_labelled_constraints(tmp_path):
+    lp = tmp_path / "chosen.lp"
+    assert plan_main(["compile", str(SPEC), "-q", "-o", str(tmp_path / "p.plan.yaml"), "--lp", str(lp)]) == 0
+    text = lp.read_text()
+    assert "Minimize" in text and "bottleneck_stage0:" in text and "mem_stage0:" in text
+    assert "slo_ttft:" in text  # the example sets a TTFT SLO
