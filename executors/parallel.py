@@ -98,19 +98,16 @@ def _shift_group(dm: Any, mesh: Mesh, par: Par) -> Any:
     sub = dm["tp", "sp"]
     try:
         return sub._flatten("shift").get_group()
-    except Exception:  # older/newer DeviceMesh without _flatten: make the groups ourselves
-        mine = None
-        full = dm.mesh
-        order = list(mesh.axis_order)
-        ranks_of: dict[tuple[int, int], list[int]] = {}
-        for g in range(full.numel()):
+    except Exception:  # a DeviceMesh without _flatten: one new_group per stage, every rank in the same order
+        stages: dict[tuple[int, int], list[int]] = {}
+        for g in range(mesh.size):
             cc = rank_coords(g, mesh)
-            ranks_of.setdefault((cc["dp"], cc["pp"]), []).append(g)
-        for key in sorted(ranks_of):
-            grp = dist.new_group(sorted(ranks_of[key], key=lambda g: (rank_coords(g, mesh)["tp"], rank_coords(g, mesh)["sp"])))
+            stages.setdefault((cc["dp"], cc["pp"]), []).append(g)
+        mine = None
+        for key in sorted(stages):
+            grp = dist.new_group(stages[key])
             if key == (par.dp_i, par.pp_i):
                 mine = grp
-        del order
         return mine
 
 

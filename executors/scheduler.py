@@ -87,7 +87,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, keep: Seq) -> bool:
+    def _preempt(self, keep: Seq) -> Seq | None:
+        """Preempt the most recently admitted running sequence other than ``keep``: free its blocks
+        and put it first in the queue, to be recomputed from scratch. None if there is none."""
         for victim in reversed(self.running):
             if victim is not keep:
                 self.running.remove(victim)
@@ -95,32 +97,33 @@ class Scheduler:
                 victim.computed, victim.encoded = 0, False
                 self.waiting.appendleft(victim)
                 self.preemptions += 1
-                return True
-        return False
+                return victim
+        return None
 
     def schedule(self) -> tuple[list[Chunk], list[int]]:
         """Chunks of this step and the requests preempted now (their worker state is dropped)."""
         chunks: list[Chunk] = []
-        budget = self.budget
-        before = self.preemptions
         dropped: list[int] = []
+        budget = self.budget
         for s in list(self.running):
             if budget == 0:
                 break
-            if s not in self.running:
+            if s not in self.running:  # preempted earlier in this loop
                 continue
             n = min(len(s.tokens) - s.computed, budget)
-            while not self.pool.grow(s, s.computed + n, self.block):
-                victim_list = [v for v in reversed(self.running) if v is not s]
-                if not victim_list:
+            fits = self.pool.grow(s, s.computed + n, self.block)
+            while not fits:
+                victim = self._preempt(s)
+                if victim is None:  # cannot happen for accepted requests (each fits the cache alone)
                     break
-                dropped.append(victim_list[0].req)
-                self._preempt(s)
-                chunks = [c for c in chunks if c.seq in self.running]
-            else:
+                dropped.append(victim.req)
+                if any(c.seq is victim for c in chunks):
+                    budget += next(c.n for c in chunks if c.seq is victim)
+                    chunks = [c for c in chunks if c.seq is not victim]
+                fits = self.pool.grow(s, s.computed + n, self.block)
+            if fits:
                 chunks.append(Chunk(s, n))
                 budget -= n
-        budget = self.budget - sum(c.n for c in chunks)
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             s = self.waiting[0]
             n = min(len(s.tokens) - s.computed, budget)
@@ -130,7 +133,6 @@ class Scheduler:
             self.running.append(s)
             chunks.append(Chunk(s, n))
             budget -= n
-        del before
         return chunks, dropped
 
     def finish(self, s: Seq) -> None:

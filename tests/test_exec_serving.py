@@ -10,7 +10,7 @@ import torch
 
 import executors
 from executors import Request, Sampling
-from executors.scheduler import Scheduler, Seq, build_microbatch
+from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.weights import SafetensorsSource, random_tensor
 from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, hf_model, make_plan, random_image, save_checkpoint
 
@@ -62,14 +62,10 @@ def test_microbatch_slots_follow_block_table() -> None:
     q = _seq(0, 6)
     q.blocks = [5, 2]
     q.computed = 4
-    s = Scheduler(10, 4, 64, 4)
-    from executors.scheduler import Chunk
-
     mb = build_microbatch([Chunk(q, 2)], "tp", 4, None)
     assert mb.slots.tolist() == [2 * 4 + 0, 2 * 4 + 1]  # positions 4, 5 live in block 2
     assert mb.key_slots.tolist() == [20, 21, 22, 23, 8, 9]
     assert mb.sample_idx.tolist() == [1] and mb.tok_idx.tolist() == [4, 5]
-    del s
 
 
 def test_safetensors_source_reads_only_slices(tmp_path: Path) -> None:
