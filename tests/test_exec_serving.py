@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import executors
 from executors import Request, Sampling
@@ -142,3 +144,36 @@ def test_bad_requests_and_kv_exhaustion_shift_sp2(tmp_path: Path) -> None:
         if req in good:
             assert res.error is None and len(res.tokens) == 16
             assert check_against_oracle(oracle, req.tokens, res, [img] if req.images else None) < 1e-4
+
+
+# ---------------------------------------------------------------- scheduler invariants (property test)
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=10),
+       blocks=st.integers(13, 40), budget=st.integers(1, 48), max_seqs=st.integers(1, 6))
+def test_scheduler_completes_everything_within_limits(lens: list, blocks: int, budget: int, max_seqs: int) -> None:
+    """Any mix of requests that each fit the cache completes; every step respects the token budget,
+    max_seqs and the block pool; a sequence's computed tokens never pass its length."""
+    bs = 4
+    s = Scheduler(num_blocks=blocks, block_size=bs, max_batch_tokens=budget, max_seqs=max_seqs)
+    seqs = [_seq(i, p, n) for i, (p, n) in enumerate(lens) if -(-(p + n) // bs) <= blocks]
+    for q in seqs:
+        s.add(q)
+    steps = 0
+    while s.has_work():
+        steps += 1
+        assert steps < 10_000, "scheduler stalled"
+        chunks, _ = s.schedule()
+        assert chunks, "no progress"
+        assert sum(c.n for c in chunks) <= budget and len(s.running) <= max_seqs
+        assert sum(len(q.blocks) for q in s.running) + len(s.pool.free) == blocks
+        for c in chunks:
+            c.seq.computed += c.n
+            assert c.seq.computed <= len(c.seq.tokens)
+            assert len(c.seq.blocks) * bs >= c.seq.computed
+            if c.seq.computed == len(c.seq.tokens):
+                c.seq.tokens.append(7)
+                if c.seq.generated >= c.seq.max_new:
+                    s.finish(c.seq)
+    assert all(q.generated == q.max_new for q in seqs)
+    assert len(s.pool.free) == blocks
