@@ -235,9 +235,9 @@ def main() -> None:
             r["wall_s"] = round(time.perf_counter() - t, 1)
             print(json.dumps(r), flush=True)
             report["checks"].append(r)
-    report["all_passed"] = all(c["passed"] for c in report["checks"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine_gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+            report["all_passed"] = all(c["passed"] for c in report["checks"])
+            args.out.mkdir(parents=True, exist_ok=True)  # written after every check: a cut run keeps what it did
+            (args.out / "engine_gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     print("all passed:", report["all_passed"])
 
 
