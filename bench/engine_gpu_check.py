@@ -180,6 +180,7 @@ def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int) -> dict
             "prompt_tokens": len(r.prompt_tokens), "image": im is not None,
             "rel_err_max": float((got - ref).abs().max() / ref.abs().max()),
             "rel_err_prefill": float((got[0] - ref[0]).abs().max() / ref[0].abs().max()),
+            "rel_err_mean": float((got - ref).abs().mean() / ref.abs().mean()),
             "greedy_agree": f"{agree}/{len(r.tokens)}", "first_mismatch": first_bad,
         })
     timing = side_by_side(eng, hf, reqs[2], device) if dtype_name == "bf16" else None
