@@ -69,7 +69,9 @@ def hf_random(cfg: dict, dtype: torch.dtype, device: str, seed: int) -> Any:
             model = cls(c)
     finally:
         torch.set_default_dtype(old)
-    model = model.eval()
+    # sub-models built from a config carrying "torch_dtype" (Qwen2-VL's vision tower) keep that
+    # dtype whatever the default is: cast the whole model
+    model = model.to(dtype).eval()
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
