@@ -46,6 +46,10 @@ from plans.errors import UserError
 Progress = Callable[[str], None]
 SHORTLIST = 3  # best candidates by the static key that the simulator scores (plus diversity picks)
 SIM_REQUESTS = 200  # requests per simulated candidate (the spec's own count caps it)
+# max_throughput also simulates the shortlist at this multiple of the spec's rate: at the spec's own
+# rate every plan with spare capacity meets the SLOs, and the static capacity (bottleneck time, no
+# queueing) favours PP/DP meshes whose TPOT breaks the SLO long before that capacity is reached.
+HEADROOM = 2.0
 MIX_REQUESTS = 500  # requests sampled to measure the workload's means
 VISION_BATCH = 8
 GOODPUT_BINS = 20  # ranking compares goodput / arrival rate in steps of 1/20
@@ -523,6 +527,7 @@ class Scored:
     predicted: Any  # plans.schema.Predicted
     key: tuple  # sort key, smaller is better
     gpus: int
+    headroom_goodput_rps: float | None = None  # simulated goodput at HEADROOM x the spec's rate
 
     @property
     def label(self) -> str:
@@ -579,7 +584,8 @@ def _meets(spec: Spec, ttft: float, tpot: float) -> bool:
 
 
 RANKING = {
-    "max_throughput": "meets the SLOs, then goodput (in 5% steps of the arrival rate), then capacity",
+    "max_throughput": "meets the SLOs, then goodput (in 5% steps of the arrival rate), then goodput at 2x "
+                      "the arrival rate, then capacity",
     "min_latency": "meets the SLOs, then goodput, then TTFT + output tokens x TPOT",
     "balanced": "meets the SLOs, then goodput, then end-to-end latency (s) + utilisation (rate / capacity)",
     "min_gpus": "meets the SLOs, then fewest GPUs, then capacity",
@@ -615,7 +621,13 @@ def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMi
     ttft = pred.ttft_ms.p90 if pred.ttft_ms else float("inf")
     tpot = pred.tpot_ms.p90 if pred.tpot_ms else 0.0
     key = _key(spec, meets, sc.capacity_rps, ttft, tpot, mix, sc.gpus, r.goodput_rps)
-    return replace(sc, predicted=pred, key=key)
+    headroom = None
+    if spec.objective == "max_throughput":
+        hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo, seed=spec.workload.seed)
+        headroom = hi.goodput_rps
+        good_hi = math.floor(headroom / (wl.rate * HEADROOM) * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
+        key = key[:2] + (-good_hi,) + key[2:]  # after SLOs and goodput at the spec's rate, before capacity
+    return replace(sc, predicted=pred, key=key, headroom_goodput_rps=headroom)
 
 
 def simulator_available() -> bool:
@@ -745,6 +757,10 @@ def why_lost(r: Scored, best: Scored, spec: Spec) -> str:
             parts.append(f"TPOT p90 {pr.tpot_ms.p90:.1f} ms > SLO {spec.slo.tpot_p90_ms:.0f} ms")
         if not parts:
             parts.append(f"capacity {r.capacity_rps:.2f} req/s < arrival rate")
+    if r.headroom_goodput_rps is not None and best.headroom_goodput_rps is not None \
+            and r.headroom_goodput_rps < best.headroom_goodput_rps - 1e-9:
+        parts.append(f"goodput at {HEADROOM:g}x the arrival rate {r.headroom_goodput_rps:.2f} vs "
+                     f"{best.headroom_goodput_rps:.2f} req/s")
     if spec.objective == "min_gpus" and r.gpus > best.gpus:
         parts.append(f"uses {r.gpus} GPUs vs {best.gpus}")
     if pr.goodput_rps is not None and pb.goodput_rps is not None and pr.goodput_rps < pb.goodput_rps - 1e-9:
