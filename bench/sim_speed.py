@@ -35,6 +35,8 @@ from costmodels.workload import from_spec  # noqa: E402
 from graph.hf_config import load_config  # noqa: E402
 from planner.spec import load_spec  # noqa: E402
 
+from machine import cpu_name  # bench/machine.py (bench/ is on sys.path when run as a script)
+
 SPEC = ROOT / "examples" / "qwen2.5-vl-72b-8xh200.yaml"
 MESHES = {"tp8": dict(tp=8), "tp2xsp4-shift": dict(tp=2, sp=4, shift=True),
           "pp2xtp4": dict(pp=2, tp=4), "dp2xtp4": dict(dp=2, tp=4)}
@@ -43,14 +45,7 @@ REPEAT = 3
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import torch  # noqa: PLC0415 (versions only)
     import transformers  # noqa: PLC0415
 

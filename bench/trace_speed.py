@@ -44,6 +44,8 @@ CACHED = """
 import json, sys, time, io, contextlib
 t0 = time.perf_counter()
 from planner.cli import main
+
+from machine import cpu_name  # bench/machine.py (bench/ is on sys.path when run as a script)
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = main(["graph", sys.argv[1], "--json"])
@@ -70,14 +72,7 @@ def _machine() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
