@@ -20,7 +20,9 @@ def test_plan_run_under_torchrun_matches_single_rank(tmp_path: Path) -> None:
     plan = make_plan("qwen2", pp=2)
     path = tmp_path / "p.plan.yaml"
     save_plan(plan, path)
-    plan_exe = shutil.which("plan")
+    # the console script beside this interpreter (the venv need not be on PATH), else PATH's
+    beside = Path(sys.executable).parent / "plan"
+    plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
     assert plan_exe, "the `plan` console script is not installed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
