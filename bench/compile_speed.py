@@ -38,8 +38,6 @@ WARM_TARGET_S, COLD_TARGET_S = 2.0, 15.0
 CHILD = """
 import sys
 from planner.cli import main
-
-from machine import cpu_name  # bench/machine.py (bench/ is on sys.path when run as a script)
 rc = main(["compile", {spec!r}, "-q", "-o", {out!r}])
 print("RESULT", rc, int("torch" in sys.modules), int("transformers" in sys.modules))
 """
@@ -75,6 +73,8 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, object]:
+    from machine import cpu_name  # bench/machine.py (bench/ is on sys.path when run as a script)
+
     cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}

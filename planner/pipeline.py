@@ -610,10 +610,12 @@ def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMi
     """Re-score a shortlisted candidate with the serving simulator on the spec's workload
     (its first ``SIM_REQUESTS`` requests, same seed): TTFT/TPOT percentiles, goodput, SLOs."""
     from costmodels.simulator import simulate
+    from costmodels.simulator.api import coster_for
     from costmodels.workload import from_spec
 
     wl = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
-    r = simulate(plan, model.cost, wl, slo=spec.slo, seed=spec.workload.seed)
+    coster = coster_for(plan, model.cost)  # one memo of step times for both runs of this plan
+    r = simulate(plan, model.cost, wl, slo=spec.slo, seed=spec.workload.seed, coster=coster)
     pred = r.to_predicted()
     if plan.mesh.sp < 2:
         pred = pred.model_copy(update={"shift_tp_fraction": None})
@@ -623,7 +625,8 @@ def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMi
     key = _key(spec, meets, sc.capacity_rps, ttft, tpot, mix, sc.gpus, r.goodput_rps)
     headroom = None
     if spec.objective == "max_throughput":
-        hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo, seed=spec.workload.seed)
+        hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo, seed=spec.workload.seed,
+                      coster=coster)
         headroom = hi.goodput_rps
         good_hi = math.floor(headroom / (wl.rate * HEADROOM) * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
         key = key[:2] + (-good_hi,) + key[2:]  # after SLOs and goodput at the spec's rate, before capacity
