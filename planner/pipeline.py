@@ -610,12 +610,10 @@ def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMi
     """Re-score a shortlisted candidate with the serving simulator on the spec's workload
     (its first ``SIM_REQUESTS`` requests, same seed): TTFT/TPOT percentiles, goodput, SLOs."""
     from costmodels.simulator import simulate
-    from costmodels.simulator.api import coster_for
     from costmodels.workload import from_spec
 
     wl = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
-    coster = coster_for(plan, model.cost)  # one memo of step times for both runs of this plan
-    r = simulate(plan, model.cost, wl, slo=spec.slo, seed=spec.workload.seed, coster=coster)
+    r = simulate(plan, model.cost, wl, slo=spec.slo, seed=spec.workload.seed)
     pred = r.to_predicted()
     if plan.mesh.sp < 2:
         pred = pred.model_copy(update={"shift_tp_fraction": None})
@@ -623,14 +621,34 @@ def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMi
     ttft = pred.ttft_ms.p90 if pred.ttft_ms else float("inf")
     tpot = pred.tpot_ms.p90 if pred.tpot_ms else 0.0
     key = _key(spec, meets, sc.capacity_rps, ttft, tpot, mix, sc.gpus, r.goodput_rps)
-    headroom = None
-    if spec.objective == "max_throughput":
-        hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo, seed=spec.workload.seed,
-                      coster=coster)
-        headroom = hi.goodput_rps
-        good_hi = math.floor(headroom / (wl.rate * HEADROOM) * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
-        key = key[:2] + (-good_hi,) + key[2:]  # after SLOs and goodput at the spec's rate, before capacity
-    return replace(sc, predicted=pred, key=key, headroom_goodput_rps=headroom)
+    return replace(sc, predicted=pred, key=key)
+
+
+def headroom_score(sc: Scored, plan: Any, model: Model, spec: Spec) -> Scored:
+    """max_throughput: goodput at HEADROOM x the spec's rate, inserted into the key after the SLOs
+    and the goodput at the spec's rate, before the static capacity."""
+    from costmodels.simulator import simulate
+    from costmodels.workload import from_spec
+
+    wl = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
+    hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo, seed=spec.workload.seed)
+    good_hi = math.floor(hi.goodput_rps / (wl.rate * HEADROOM) * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
+    return replace(sc, key=sc.key[:2] + (-good_hi,) + sc.key[2:], headroom_goodput_rps=hi.goodput_rps)
+
+
+def with_headroom(resim: list[Scored], plans: list[Any], model: Model, spec: Spec) -> list[Scored]:
+    """The headroom run only where it can change the ranking: among the plans tied with the best on
+    (SLOs, goodput at the spec's rate). Every other plan's key gets a neutral 0 in that place (it is
+    compared only within its own tie group, which the headroom run would not reorder by much)."""
+    top = min(r.key[:2] for r in resim)
+    tied = [i for i, r in enumerate(resim) if r.key[:2] == top]
+    out = []
+    for i, r in enumerate(resim):
+        if len(tied) > 1 and i in tied:
+            out.append(headroom_score(r, plans[i], model, spec))
+        else:
+            out.append(replace(r, key=r.key[:2] + (0.0,) + r.key[2:]))
+    return out
 
 
 def simulator_available() -> bool:
@@ -823,7 +841,10 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     if simulator_available():
         short = shortlist(scored, mix)
         say(f"simulating the shortlist ({len(short)} plans)")
-        resim = [simulate_score(x, build_plan(x, spec, model, mix), model, spec, mix) for x in short]
+        short_plans = [build_plan(x, spec, model, mix) for x in short]
+        resim = [simulate_score(x, p, model, spec, mix) for x, p in zip(short, short_plans)]
+        if spec.objective == "max_throughput":
+            resim = with_headroom(resim, short_plans, model, spec)
         simulated = len(resim)
         scored = sorted(resim, key=lambda x: (x.key, x.label)) + [x for x in scored if x not in short]
     else:
