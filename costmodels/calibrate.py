@@ -173,28 +173,22 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    # prefill attention, causal (text) and full (vision)
-    H, G, D = grids.attn_heads
-    for L in grids.attn_L:
-        for B in grids.attn_B:
-            if L * B > grids.attn_max_tokens or out_of_time():
-                continue
-            T = L * B
-            q, k_, v = rnd(T, H, D), rnd(T, G, D), rnd(T, G, D)
-            lens = [L] * B
-            ms = timer(lambda: attn(q, k_, v, lens, True))
-            raw["attn_causal"].append({"L": L, "B": B, "heads": H, "kv_heads": G, "head_dim": D, "ms": ms})
-    FH0, FD = grids.full_heads
-    for FH in [FH0] + [h for h in grids.full_more_heads if h != FH0]:
-        for L in grids.full_L:
-            for B in grids.full_B:
+    # prefill attention, causal (text) and full (vision): B packed sequences of L tokens
+    def prefill_attention(key: str, heads: int, kv_heads: int, head_dim: int, Ls, Bs, causal: bool) -> None:
+        for L in Ls:
+            for B in Bs:
                 if L * B > grids.attn_max_tokens or out_of_time():
                     continue
                 T = L * B
-                q, k_, v = rnd(T, FH, FD), rnd(T, FH, FD), rnd(T, FH, FD)
-                lens = [L] * B
-                ms = timer(lambda: attn(q, k_, v, lens, False))
-                raw["attn_full"].append({"L": L, "B": B, "heads": FH, "kv_heads": FH, "head_dim": FD, "ms": ms})
+                q, k_, v = rnd(T, heads, head_dim), rnd(T, kv_heads, head_dim), rnd(T, kv_heads, head_dim)
+                ms = timer(lambda: attn(q, k_, v, [L] * B, causal))
+                raw[key].append({"L": L, "B": B, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "ms": ms})
+
+    H, G, D = grids.attn_heads
+    prefill_attention("attn_causal", H, G, D, grids.attn_L, grids.attn_B, True)
+    FH0, FD = grids.full_heads
+    for FH in [FH0] + [h for h in grids.full_more_heads if h != FH0]:
+        prefill_attention("attn_full", FH, FH, FD, grids.full_L, grids.full_B, False)
     log(f"prefill attention: {len(raw['attn_causal'])} + {len(raw['attn_full'])} points, {time.time() - t_start:.0f} s")
     if checkpoint:
         checkpoint(raw)

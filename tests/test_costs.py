@@ -437,3 +437,16 @@ def test_mixed_step_costs_each_attention_regime_on_its_own(g70, gpu, profiled):
     t_p, t_d = (cm.step_time(x, tp=8).total_ms for x in (prefill, decode))
     t_m = cm.step_time(mixed, tp=8).total_ms
     assert max(t_p, t_d) <= t_m <= t_p + t_d
+
+
+def test_calibration_dry_run_times_every_kernel_class_and_fits():
+    """The calibration micro-benchmarks run end to end on CPU (tiny grid) and their raw points fit
+    into a profile the cost model reads: every kernel class timed, every time positive."""
+    from costmodels.calibrate import Grids, run_calibration
+
+    raw = run_calibration(Grids.cpu_dry_run(), cpu_dry_run=True, log=lambda _m: None)
+    for key in ("gemm", "gemm_bias", "attn_causal", "attn_full", "attn_decode"):
+        assert raw[key] and all(p["ms"] > 0 for p in raw[key]), key
+    assert all(p["heads"] == p["kv_heads"] for p in raw["attn_full"])  # full attention: no GQA
+    prof = fit_profile(raw, gpu="cpu", profile_id="cpu-dry-run", device_name="cpu", meta={})
+    assert prof.gemm(256, 256, 256) > 0
