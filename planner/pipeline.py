@@ -615,13 +615,18 @@ def plan_coster(plan: Any, model: Model) -> Any:
     return coster_for(plan, model.cost, grid=LogGrid(per_octave=8, exact_below=32))
 
 
-def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMix, coster: Any = None) -> Scored:
-    """Re-score a shortlisted candidate with the serving simulator on the spec's workload
-    (its first ``SIM_REQUESTS`` requests, same seed): TTFT/TPOT percentiles, goodput, SLOs."""
-    from costmodels.simulator import simulate
+def shortlist_workload(spec: Spec, model: Model) -> Any:
+    """The spec's workload cut to its first ``SIM_REQUESTS`` requests (read once per compile)."""
     from costmodels.workload import from_spec
 
-    wl = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
+    return from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
+
+
+def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMix, wl: Any, coster: Any) -> Scored:
+    """Re-score a shortlisted candidate with the serving simulator on the spec's workload ``wl``
+    (same seed): TTFT/TPOT percentiles, goodput, SLOs."""
+    from costmodels.simulator import simulate
+
     r = simulate(plan, model.cost, wl, slo=spec.slo, seed=spec.workload.seed, coster=coster)
     pred = r.to_predicted()
     if plan.mesh.sp < 2:
@@ -633,21 +638,19 @@ def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMi
     return replace(sc, predicted=pred, key=key)
 
 
-def headroom_score(sc: Scored, plan: Any, model: Model, spec: Spec, coster: Any = None) -> Scored:
+def headroom_score(sc: Scored, plan: Any, model: Model, spec: Spec, wl: Any, coster: Any) -> Scored:
     """max_throughput: goodput at HEADROOM x the spec's rate, inserted into the key after the SLOs
     and the goodput at the spec's rate, before the static capacity."""
     from costmodels.simulator import simulate
-    from costmodels.workload import from_spec
 
-    wl = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
     hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo, seed=spec.workload.seed,
                   coster=coster)
     good_hi = math.floor(hi.goodput_rps / (wl.rate * HEADROOM) * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
     return replace(sc, key=sc.key[:2] + (-good_hi,) + sc.key[2:], headroom_goodput_rps=hi.goodput_rps)
 
 
-def with_headroom(resim: list[Scored], plans: list[Any], model: Model, spec: Spec,
-                  costers: list[Any] | None = None) -> list[Scored]:
+def with_headroom(resim: list[Scored], plans: list[Any], model: Model, spec: Spec, wl: Any,
+                  costers: list[Any]) -> list[Scored]:
     """The headroom run only where it can change the ranking: among the plans tied with the best on
     (SLOs, goodput at the spec's rate). Every other plan's key gets a neutral 0 in that place (it is
     compared only within its own tie group, which the headroom run would not reorder by much)."""
@@ -656,7 +659,7 @@ def with_headroom(resim: list[Scored], plans: list[Any], model: Model, spec: Spe
     out = []
     for i, r in enumerate(resim):
         if len(tied) > 1 and i in tied:
-            out.append(headroom_score(r, plans[i], model, spec, costers[i] if costers else None))
+            out.append(headroom_score(r, plans[i], model, spec, wl, costers[i]))
         else:
             out.append(replace(r, key=r.key[:2] + (0.0,) + r.key[2:]))
     return out
@@ -853,10 +856,11 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
         short = shortlist(scored, mix)
         say(f"simulating the shortlist ({len(short)} plans)")
         short_plans = [build_plan(x, spec, model, mix) for x in short]
+        wl = shortlist_workload(spec, model)
         costers = [plan_coster(p, model) for p in short_plans]
-        resim = [simulate_score(x, p, model, spec, mix, c) for x, p, c in zip(short, short_plans, costers)]
+        resim = [simulate_score(x, p, model, spec, mix, wl, c) for x, p, c in zip(short, short_plans, costers)]
         if spec.objective == "max_throughput":
-            resim = with_headroom(resim, short_plans, model, spec, costers)
+            resim = with_headroom(resim, short_plans, model, spec, wl, costers)
         simulated = len(resim)
         scored = sorted(resim, key=lambda x: (x.key, x.label)) + [x for x in scored if x not in short]
     else:
