@@ -15,11 +15,17 @@ import torch
 
 @dataclass
 class ImageJob:
-    """Encode one request's images (all of them, concatenated) and keep the embeddings."""
+    """Encode one request's images (all of them, concatenated) and keep the embeddings; with
+    ``encoder`` set, a dedicated encoder rank has them (stage 0 receives, no pixels sent)."""
 
     req: int
-    pixels: torch.Tensor  # [N_patches, patch_dim]
+    pixels: torch.Tensor | None  # [N_patches, patch_dim]
     grid: list[tuple[int, int, int]]  # (t, h, w) patches per image
+    encoder: int | None = None  # global rank of the dedicated encoder that encodes this request
+
+    @property
+    def patches(self) -> int:
+        return sum(t * h * w for t, h, w in self.grid)
 
 
 @dataclass
@@ -50,16 +56,24 @@ class MicroBatch:
 
 @dataclass
 class Step:
-    """One scheduler step of one DP replica: its micro-batches, and requests to forget."""
+    """One scheduler step of one DP replica: its micro-batches, and requests to forget. The
+    step's image jobs are ``images`` plus each micro-batch's; all are encoded before the first
+    micro-batch runs."""
 
     step_id: int
     micro: list[MicroBatch]
-    free: list[int] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)  # finished requests: drop all their worker state
+    preempted: list[int] = field(default_factory=list)  # to be recomputed: drop their KV-side state
+    images: list[ImageJob] = field(default_factory=list)  # jobs outside any micro-batch (draining)
     want_logits: bool = False
     temperature: float = 0.0
     top_k: int = 0
     seed: int = 0
     req_base: int = 0  # request ids of this generate call start here (sampling keys use id - base)
+
+    @property
+    def image_jobs(self) -> list[ImageJob]:
+        return self.images + [j for mb in self.micro for j in mb.images]
 
 
 @dataclass

@@ -16,6 +16,16 @@ from plans.errors import UserError
 from plans.schema import Plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_dtypes(plan: Plan) -> tuple[torch.dtype, torch.dtype]:
+    """The torch dtypes of the plan's weights and KV cache; UserError for those the executor
+    cannot run (fp8, int4)."""
+    w, kv = DTYPES.get(plan.model.weights_dtype), DTYPES.get(plan.model.kv_dtype)
+    if w is None or kv is None:
+        raise UserError(f"the executor runs weights/KV in fp32, bf16 or fp16; plan {plan.name} asks for "
+                        f"{plan.model.weights_dtype}/{plan.model.kv_dtype}")
+    return w, kv
 DENSE_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 VL_ARCHS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 

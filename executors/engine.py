@@ -6,6 +6,11 @@ micro-batch), picks the mode of each (shift: ``tp`` when its tokens <= the plan'
 ``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens. A single-rank
 plan runs in this process. A worker that fails or dies stops the whole engine: every rank is
 terminated and ``WorkerError`` names the rank and its error.
+
+With ``vision.placement: dedicated`` the world has ``dedicated_gpus`` encoder ranks after the
+mesh: the driver hands each image request to the least-loaded one when it arrives, and admits
+the request to its replica's scheduler once that encoder reports it encoded (the embeddings
+travel encoder -> stage 0 point-to-point; ``executors.encoders``).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Any
 import torch
 
 from executors.batch import Step, StepOut
-from executors.config import ModelArgs, model_args, plan_config
-from executors.parallel import Par
+from executors.config import ModelArgs, model_args, plan_config, run_dtypes
+from executors.batch import ImageJob
+from executors.parallel import Par, replica_ranks
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.weights import WeightSource
@@ -57,6 +63,16 @@ def check_mesh(plan: Plan, a: ModelArgs) -> None:
                f"intermediate_size / {'tp*sp' if (m.sp == 1 or plan.shift.enabled) else 'tp'}")
 
 
+def dedicated_encoders(plan: Plan, a: ModelArgs) -> int:
+    """Encoder ranks beside the LLM mesh: the plan's ``dedicated_gpus`` when it places a VL
+    model's encoder on GPUs of its own, else 0."""
+    if plan.vision.placement != "dedicated" or a.vision is None:
+        return 0
+    if plan.vision.dedicated_gpus < 1:
+        raise UserError(f"plan {plan.name}: vision placement 'dedicated' needs vision.dedicated_gpus >= 1")
+    return plan.vision.dedicated_gpus
+
+
 def default_blocks(plan: Plan, a: ModelArgs) -> int:
     """KV blocks per replica: the plan's KV capacity, capped at max_seqs full-context sequences."""
     sch = plan.scheduler
@@ -74,24 +90,24 @@ class Engine:
         if self.args.layers != plan.model.num_layers:
             raise UserError(f"plan {plan.name} has {plan.model.num_layers} layers but the model config has {self.args.layers}")
         check_mesh(plan, self.args)
+        run_dtypes(plan)
         self.keep_logits, self.tokenizer = keep_logits, tokenizer
         self.num_blocks = kv_blocks or default_blocks(plan, self.args)
         self.block = plan.scheduler.block_size
         self.backend = backend or plan.backend
+        self.encoders = dedicated_encoders(plan, self.args)
+        self.world = plan.mesh.size + self.encoders  # encoder ranks come after the LLM mesh
         if device.startswith("cuda"):
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            need = max(1, min(plan.mesh.size, plan.hardware.gpus_per_node))  # ranks on this node
+            need = max(1, min(self.world, plan.hardware.gpus_per_node))  # ranks on this node
             if n < need:
                 raise UserError(f"plan {plan.name} needs {need} GPU(s) on this node; {n} visible "
                                 "(use --device cpu for a CPU run)")
         elif device != "cpu":
             raise UserError(f"device '{device}': use cpu or cuda")
-        if plan.vision.placement == "dedicated":
-            raise UserError("vision placement 'dedicated' (encoder on its own GPUs) is not run by this executor yet")
         src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
         self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
                                seed, device, self.num_blocks, self.backend)
-        self.world = plan.mesh.size
         self.procs: list[Any] = []
         self.local: RankRunner | None = None
         self.step_id = 0
@@ -99,6 +115,10 @@ class Engine:
         self.mode_counts: dict[str, int] = {"tp": 0, "sp_tp": 0}  # micro-batches run in each mode
         self.next_req = 0
         self.pending_free: list[list[int]] = [[] for _ in range(plan.mesh.dp)]
+        self.encoded: list[int] = []  # requests a dedicated encoder has finished, not yet admitted
+        self.encoder_load = [0] * self.encoders  # patches submitted to each encoder, not yet done
+        self.encoder_jobs = [0] * self.encoders  # requests each encoder has encoded
+        self.encoding: dict[int, tuple[int, int]] = {}  # request -> (encoder index, patches)
         if self.world == 1:
             dev = torch.device(device)
             self.local = RankRunner(self.spec, Par(device=dev), src)
@@ -161,10 +181,13 @@ class Engine:
         if dead and dead[0][0] not in reported:
             r, code = dead[0]
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            raise WorkerError(f"worker rank {r} died ({how}); all {self.world} ranks were stopped")
+            raise WorkerError(f"{self._role(r)} rank {r} died ({how}); all {self.world} ranks were stopped")
         r, text = errors[0][1], errors[0][2]
-        raise WorkerError(f"worker rank {r} failed: {text.strip().splitlines()[0]}; all {self.world} ranks were "
+        raise WorkerError(f"{self._role(r)} rank {r} failed: {text.strip().splitlines()[0]}; all {self.world} ranks were "
                           "stopped", details=text)
+
+    def _role(self, rank: int) -> str:
+        return "encoder" if rank >= self.plan.mesh.size else "worker"
 
     def shutdown(self, force: bool = False) -> None:
         """Stop every worker: ask politely (unless ``force``), then terminate, then kill. Idempotent."""
@@ -174,6 +197,7 @@ class Engine:
         for q in getattr(self, "cmd_q", []):
             try:
                 q.put(None)
+                q.cancel_join_thread()  # a dead rank's full pipe must not block this process's exit
             except Exception:
                 pass
         end = time.monotonic() + (0.0 if force else 5.0)
@@ -232,10 +256,9 @@ class Engine:
         """Run one step on each DP replica named in ``steps``; return each replica's output."""
         if self.local is not None:
             return {rep: self.local.run(st) for rep, st in steps.items()}
-        per = self.world // self.plan.mesh.dp
         for rep, st in steps.items():
             blob = to_bytes(st)
-            for r in range(rep * per, (rep + 1) * per):
+            for r in replica_ranks(self.plan.mesh, rep):
                 self.cmd_q[r].put(blob)
         outs: dict[int, StepOut] = {}
         while len(outs) < len(steps):
@@ -243,7 +266,48 @@ class Engine:
             if kind == "out":
                 o = from_bytes(payload)
                 outs[o.replica] = o
+            elif kind == "encoded":
+                self._encoded(payload)
         return outs
+
+    # ------------------------------------------------------------------ dedicated encoders
+    def _submit_encode(self, replica: int, s: Seq) -> None:
+        """Hand a request's images to the least-loaded dedicated encoder, which sends the
+        embeddings to the replica's stage-0 ranks (they receive when the request is scheduled)."""
+        e = min(range(self.encoders), key=lambda i: self.encoder_load[i])
+        patches = sum(t * h * w for t, h, w in s.image_grid)
+        self.encoder_load[e] += patches
+        self.encoding[s.req] = (e, patches)
+        s.encoder = self.plan.mesh.size + e
+        dst = list(replica_ranks(self.plan.mesh, replica, range(1)))
+        self._send_encode(s.encoder, (s.req, s.image_pixels, s.image_grid, dst))
+
+    def _send_encode(self, rank: int, job: tuple) -> None:
+        self.cmd_q[rank].put(to_bytes(job))  # the rank reports "encoded" when done
+
+    def _encoded(self, req: int) -> None:
+        e, patches = self.encoding.pop(req, (None, 0))
+        if e is not None:
+            self.encoder_load[e] -= patches
+            self.encoder_jobs[e] += 1
+        self.encoded.append(req)
+
+    def _take_encoded(self, wait: bool) -> list[int]:
+        """Requests whose images are encoded (``wait``: block for at least one)."""
+        while wait and not self.encoded:
+            kind, _rank, payload = self._get()
+            if kind == "encoded":
+                self._encoded(payload)
+        out, self.encoded = self.encoded, []
+        return out
+
+    def _drain(self, replica: int, seqs: list[Seq]) -> None:
+        """Receive and drop embeddings sent for requests that will not run (a stream abandoned
+        early), so each encoder -> stage-0 link stays in step."""
+        if seqs and not self.closed:
+            self.step_id += 1
+            jobs = [ImageJob(s.req, None, s.image_grid, s.encoder) for s in seqs]
+            self._dispatch({replica: Step(self.step_id, [], free=[s.req for s in seqs], images=jobs)})
 
     def stream(self, requests: list[Request], max_new_tokens: int = 16,
                sampling: Sampling | None = None) -> Iterator[tuple[int, int | None, Result]]:
@@ -262,6 +326,7 @@ class Engine:
         base = self.next_req
         self.next_req += len(requests)
         free = self.pending_free  # finished ids not yet told to the workers (sent with the next step)
+        held: dict[int, tuple[int, Seq]] = {}  # dedicated encoding under way: request -> (replica, seq)
         k = 0
         for i, req in enumerate(requests):
             try:
@@ -272,45 +337,65 @@ class Engine:
                 continue
             results[i].prompt_tokens = list(s.tokens)
             seqs[base + i] = s
-            scheds[k % dp].add(s)
+            if self.encoders and s.image_grid:
+                self._submit_encode(k % dp, s)
+                held[s.req] = (k % dp, s)
+            else:
+                scheds[k % dp].add(s)
             k += 1
         logits: dict[int, list[torch.Tensor]] = {rid: [] for rid in seqs}
-        while any(sc.has_work() for sc in scheds):
-            sent: dict[int, list[Chunk]] = {}
-            steps: dict[int, Step] = {}
-            for rep, sc in enumerate(scheds):
-                chunks, dropped = sc.schedule()
-                if not chunks:
-                    continue
-                self.step_id += 1
-                steps[rep] = Step(self.step_id, self._micro(chunks), free[rep] + dropped, self.keep_logits,
-                                  sampling.temperature, sampling.top_k, sampling.seed, base)
-                free[rep] = []
-                sent[rep] = chunks
-            if not sent:
-                raise UserError("scheduler stalled: no request fits the KV cache")
-            outs = self._dispatch(steps)
-            for rep, chunks in sent.items():
-                o = outs[rep]
-                for md in o.mode:
-                    self.mode_counts[md] += 1
-                for c in chunks:
-                    c.seq.computed += c.n
-                for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
-                    s, res = seqs[rid], results[rid - base]
-                    s.tokens.append(tok)
-                    res.tokens.append(tok)
-                    if o.logits is not None:
-                        logits[rid].append(o.logits[j])
-                    done = s.generated >= s.max_new or (sampling.stop_on_eos and tok in a.eos_token_ids)
-                    if done:
-                        scheds[rep].finish(s)
-                        free[rep].append(rid)
-                        if self.keep_logits:
-                            res.logits = torch.stack(logits[rid])
-                        if self.tokenizer is not None:
-                            res.text = self.tokenizer.decode(res.tokens)
-                    yield rid - base, tok, res
+        idle = False  # the last round scheduled nothing: wait for an encoder
+        try:
+            while held or any(sc.has_work() for sc in scheds):
+                if held:  # admit requests whose images are encoded, in the order they finished
+                    for rid in self._take_encoded(wait=idle or not any(sc.has_work() for sc in scheds)):
+                        if rid in held:
+                            rep, s = held.pop(rid)
+                            scheds[rep].add(s)
+                sent: dict[int, list[Chunk]] = {}
+                steps: dict[int, Step] = {}
+                for rep, sc in enumerate(scheds):
+                    chunks, dropped = sc.schedule()
+                    if not chunks:
+                        continue
+                    self.step_id += 1
+                    steps[rep] = Step(self.step_id, self._micro(chunks), free=free[rep], preempted=dropped,
+                                      want_logits=self.keep_logits, temperature=sampling.temperature,
+                                      top_k=sampling.top_k, seed=sampling.seed, req_base=base)
+                    free[rep] = []
+                    sent[rep] = chunks
+                idle = not sent
+                if not sent:
+                    if held:
+                        continue
+                    raise UserError("scheduler stalled: no request fits the KV cache")
+                outs = self._dispatch(steps)
+                for rep, chunks in sent.items():
+                    o = outs[rep]
+                    for md in o.mode:
+                        self.mode_counts[md] += 1
+                    for c in chunks:
+                        c.seq.computed += c.n
+                    for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
+                        s, res = seqs[rid], results[rid - base]
+                        s.tokens.append(tok)
+                        res.tokens.append(tok)
+                        if o.logits is not None:
+                            logits[rid].append(o.logits[j])
+                        done = s.generated >= s.max_new or (sampling.stop_on_eos and tok in a.eos_token_ids)
+                        if done:
+                            scheds[rep].finish(s)
+                            free[rep].append(rid)
+                            if self.keep_logits:
+                                res.logits = torch.stack(logits[rid])
+                            if self.tokenizer is not None:
+                                res.text = self.tokenizer.decode(res.tokens)
+                        yield rid - base, tok, res
+        finally:
+            if self.encoders:
+                for rep, sc in enumerate(scheds):
+                    self._drain(rep, [s for r, s in held.values() if r == rep] +
+                                [s for s in list(sc.waiting) + sc.running if s.encoder is not None and not s.encoded])
         if self.local is not None:
             for f in free:
                 self.local.model.forget(f)

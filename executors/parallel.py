@@ -4,6 +4,10 @@ The mesh is ``init_device_mesh(device, (dp, pp, tp, sp), mesh_dim_names=("dp", "
 (row-major, ``sp`` innermost; see ``plans.schema``). Per rank we keep: the ``tp`` group, the
 ``sp`` group, the ``shift`` group (the tp*sp GPUs of one stage, flattened in ``tp_i*sp + sp_i``
 order) and the global ranks of the previous/next pipeline stage.
+
+Plans with ``vision.placement: dedicated`` add encoder ranks after the mesh: global ranks
+``mesh.size .. mesh.size + dedicated_gpus - 1`` run only the vision tower. They take part in
+building the DeviceMesh (group creation is collective over the world) but belong to no group.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class Par:
     prev_rank: int | None = None  # global rank of the same local GPU on stage pp_i - 1
     next_rank: int | None = None
     device: torch.device = torch.device("cpu")
+    rank: int = 0  # global rank
+    replica_ranks: tuple[int, ...] = (0,)  # every rank of this DP replica, stage by stage, shift-rank order
+    stage0_ranks: tuple[int, ...] = (0,)  # this replica's stage-0 ranks, shift-rank order
 
     @property
     def P(self) -> int:
@@ -59,13 +66,38 @@ def rank_coords(rank: int, mesh: Mesh) -> dict[str, int]:
     return out
 
 
-def build_par(mesh: Mesh, rank: int, device: torch.device) -> Par:
-    """Create the DeviceMesh and this rank's groups. Every rank must call it (collective)."""
+def global_rank(mesh: Mesh, coords: dict[str, int]) -> int:
+    """The global rank at mesh coordinates (axes not given are 0); inverse of ``rank_coords``."""
+    r = 0
+    for a in mesh.axis_order:
+        r = r * getattr(mesh, a) + coords.get(a, 0)
+    return r
+
+
+def replica_ranks(mesh: Mesh, replica: int, stages: range | None = None) -> tuple[int, ...]:
+    """Global ranks of one DP replica (of ``stages``, default all), stage by stage, each stage in
+    shift-rank order ``tp_i * sp + sp_i``."""
+    return tuple(global_rank(mesh, {"dp": replica, "pp": p, "tp": t, "sp": s})
+                 for p in (stages if stages is not None else range(mesh.pp))
+                 for t in range(mesh.tp) for s in range(mesh.sp))
+
+
+def build_par(mesh: Mesh, rank: int, device: torch.device) -> Par | None:
+    """Create the DeviceMesh and this rank's groups. Every rank of the world must call it
+    (collective); encoder ranks (``rank >= mesh.size``) get None."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    if rank >= mesh.size:
+        if mesh.size > 1:
+            order = tuple(mesh.axis_order)
+            dm = init_device_mesh(device.type, tuple(getattr(mesh, a) for a in order), mesh_dim_names=order)
+            if mesh.sp > 1 and mesh.tp > 1:
+                _shift_group(dm, mesh, None)
+        return None
     c = rank_coords(rank, mesh)
     par = Par(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, sp=mesh.sp, dp_i=c["dp"], pp_i=c["pp"], tp_i=c["tp"],
-              sp_i=c["sp"], device=device)
+              sp_i=c["sp"], device=device, rank=rank, replica_ranks=replica_ranks(mesh, c["dp"]),
+              stage0_ranks=replica_ranks(mesh, c["dp"], range(1)))
     if mesh.size == 1:
         return par
     order = tuple(mesh.axis_order)
@@ -89,15 +121,17 @@ def build_par(mesh: Mesh, rank: int, device: torch.device) -> Par:
     return par
 
 
-def _shift_group(dm: Any, mesh: Mesh, par: Par) -> Any:
-    """The tp*sp ranks of this stage as one group, ordered ``tp_i*sp + sp_i``."""
+def _shift_group(dm: Any, mesh: Mesh, par: Par | None) -> Any:
+    """The tp*sp ranks of this stage as one group, ordered ``tp_i*sp + sp_i`` (``par`` None: an
+    encoder rank joining the collective group creation)."""
     if mesh.sp == 1:
         return par.tp_group
     if mesh.tp == 1:
         return par.sp_group
     sub = dm["tp", "sp"]
     try:
-        return sub._flatten("shift").get_group()
+        flat = sub._flatten("shift")
+        return flat.get_group() if par is not None else None
     except Exception:  # a DeviceMesh without _flatten: one new_group per stage, every rank in the same order
         stages: dict[tuple[int, int], list[int]] = {}
         for g in range(mesh.size):
@@ -106,7 +140,7 @@ def _shift_group(dm: Any, mesh: Mesh, par: Par) -> Any:
         mine = None
         for key in sorted(stages):
             grp = dist.new_group(stages[key])
-            if key == (par.dp_i, par.pp_i):
+            if par is not None and key == (par.dp_i, par.pp_i):
                 mine = grp
         return mine
 

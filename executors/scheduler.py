@@ -4,8 +4,9 @@ cache's block allocator, and preemption by recompute.
 Each step: running sequences first (a decode is 1 token, an unfinished prefill its next chunk),
 then waiting ones, until ``max_batch_tokens`` tokens or ``max_seqs`` sequences. A sequence needs
 ``ceil(computed_tokens / block_size)`` blocks. When blocks run out for a running sequence, the
-most recently admitted other sequence is preempted: its blocks are freed and it goes back to the
-front of the queue, to be recomputed from its prompt plus what it had generated.
+most recently admitted sequence (perhaps the one growing) is preempted: its blocks are freed and it goes back to the
+front of the queue, to be recomputed from its prompt plus what it had generated (its images are
+encoded again, unless a dedicated encoder made them: stage 0 keeps those).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Seq:
     image_tok_idx: list[int] = field(default_factory=list)  # prompt indices of image tokens
     computed: int = 0  # tokens whose K/V is in the cache
     blocks: list[int] = field(default_factory=list)
-    encoded: bool = False  # images sent for encoding since (re)admission
+    encoded: bool = False  # images sent for encoding since (re)admission (dedicated: ever)
+    encoder: int | None = None  # the dedicated encoder rank that encodes this request's images
 
     @property
     def generated(self) -> int:
@@ -87,21 +89,24 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, keep: Seq) -> Seq | None:
-        """Preempt the most recently admitted running sequence other than ``keep``: free its blocks
-        and put it first in the queue, to be recomputed from scratch. None if there is none."""
-        for victim in reversed(self.running):
-            if victim is not keep:
-                self.running.remove(victim)
-                self.pool.release(victim)
-                victim.computed, victim.encoded = 0, False
-                self.waiting.appendleft(victim)
-                self.preemptions += 1
-                return victim
-        return None
+    def _preempt(self) -> Seq:
+        """Preempt the most recently admitted running sequence: free its blocks and put it first
+        in the queue, to be recomputed from scratch."""
+        victim = self.running.pop()
+        self.pool.release(victim)
+        victim.computed = 0
+        if victim.encoder is None:  # a dedicated encoder's embeddings stay on stage 0
+            victim.encoded = False
+        self.waiting.appendleft(victim)
+        self.preemptions += 1
+        return victim
 
     def schedule(self) -> tuple[list[Chunk], list[int]]:
-        """Chunks of this step and the requests preempted now (their worker state is dropped)."""
+        """Chunks of this step and the requests preempted now (their worker state is dropped).
+
+        Running sequences are served oldest first; one that cannot grow preempts the newest
+        running sequence, itself if it is the newest, so the oldest always progresses (each
+        accepted request fits the cache alone) and no two sequences preempt each other forever."""
         chunks: list[Chunk] = []
         dropped: list[int] = []
         budget = self.budget
@@ -111,19 +116,19 @@ class Scheduler:
             if s not in self.running:  # preempted earlier in this loop
                 continue
             n = min(len(s.tokens) - s.computed, budget)
-            fits = self.pool.grow(s, s.computed + n, self.block)
-            while not fits:
-                victim = self._preempt(s)
-                if victim is None:  # cannot happen for accepted requests (each fits the cache alone)
-                    break
+            while not self.pool.grow(s, s.computed + n, self.block):
+                victim = self._preempt()
                 dropped.append(victim.req)
+                if victim is s:
+                    break
                 if any(c.seq is victim for c in chunks):
                     budget += next(c.n for c in chunks if c.seq is victim)
                     chunks = [c for c in chunks if c.seq is not victim]
-                fits = self.pool.grow(s, s.computed + n, self.block)
-            if fits:
+            else:
                 chunks.append(Chunk(s, n))
                 budget -= n
+        if dropped:  # blocks are short: admit nothing new this step
+            return chunks, dropped
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             s = self.waiting[0]
             n = min(len(s.tokens) - s.computed, budget)
@@ -170,7 +175,8 @@ def build_microbatch(chunks: list[Chunk], mode: str, block: int, image_token: in
                 img_tok += [t + s.image_tok_idx[k] - lo for k in inside]
                 img_src.append((s.req, inside[0], len(inside)))
                 if not s.encoded:
-                    images.append(ImageJob(s.req, s.image_pixels, s.image_grid))
+                    pixels = s.image_pixels if s.encoder is None else None
+                    images.append(ImageJob(s.req, pixels, s.image_grid, s.encoder))
                     s.encoded = True
         t += c.n
     return MicroBatch(

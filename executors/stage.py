@@ -19,6 +19,7 @@ from executors.attention import LayerCache, packed_mask
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.dense import AttnMeta, DecoderLayer, rms_norm
+from executors.encoders import exchange
 from executors.parallel import Par, all_gather_cat, all_reduce
 from executors.rope import cos_sin, inv_freq
 from executors.shard import HeadSplit
@@ -68,8 +69,12 @@ class StageModel:
         if stage.embedding:
             w, self.embed_lo = _vocab_rows(src, "model.embed_tokens.weight", a.vocab, self.vocab_group)
             self.embed = w.to(dev, dtype)
-            if a.vision is not None:
-                self.vision = VisionTower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
+        where = plan.vision.placement
+        if a.vision is not None and where != "dedicated" and (stage.embedding or where == "all_dp"):
+            self.vision = VisionTower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
+        self.encode_ranks = {"stage0_dp": par.stage0_ranks, "all_dp": par.replica_ranks}.get(where, ())
+        self.encode_load = [0] * len(self.encode_ranks)  # patches dealt to each of them so far
+        self.images_encoded = 0  # requests whose images this rank encoded
         if stage.lm_head:
             name = "lm_head.weight" if (not a.tie_embeddings and src.has("lm_head.weight")) else "model.embed_tokens.weight"
             w, _ = _vocab_rows(src, name, a.vocab, self.vocab_group)
@@ -103,37 +108,32 @@ class StageModel:
         x = F.embedding(local.clamp(0, n - 1), self.embed) * ok[:, None].to(self.dtype)
         return all_reduce(x, self.vocab_group)
 
-    def encode_images(self, jobs: list[ImageJob]) -> None:
-        """Run the vision tower for new requests. With placement ``stage0_dp``/``all_dp`` the
-        images are dealt to the stage's P GPUs (largest first, to the least-loaded GPU) and each
-        result is broadcast; with ``stage0_tp`` all GPUs encode every image together (TP); with
-        ``none`` every GPU encodes every image alone. ``all_dp`` uses stage 0's GPUs only."""
-        if not jobs or self.vision is None:
+    def receive_images(self, jobs: list[ImageJob]) -> None:
+        """Encode (or receive) the step's images where the plan places the encoder, so that every
+        stage-0 GPU holds each job's ``[rows, hidden]`` embeddings (see ``executors.encoders``).
+        Every rank of the replica calls it at the start of each step."""
+        if not jobs or self.a.vision is None:
             return
-        split = self.plan.vision.placement in ("stage0_dp", "all_dp") and self.vocab_group is not None
-        if not split:
-            for j in jobs:
-                self.image_embeds[j.req] = self.vision(j.pixels, j.grid)
+        par, where = self.par, self.plan.vision.placement
+        if where in ("none", "stage0_tp"):  # stage 0's GPUs encode every image together
+            if self.embed is not None:
+                for j in jobs:
+                    self.image_embeds[j.req] = self._encode(j)
             return
-        P = dist.get_world_size(self.vocab_group)
-        me = dist.get_rank(self.vocab_group)
-        load = [0] * P
-        owner = {}
-        for j in sorted(jobs, key=lambda j: -j.pixels.shape[0]):
-            k = min(range(P), key=lambda i: load[i])
-            owner[j.req] = k
-            load[k] += j.pixels.shape[0]
         m2 = self.a.vision.merge ** 2
-        for j in jobs:
-            if owner[j.req] == me:
-                e = self.vision(j.pixels, j.grid).contiguous()
-            else:
-                e = torch.empty(j.pixels.shape[0] // m2, self.a.hidden, dtype=self.dtype, device=self.par.device)
-            dist.broadcast(e, src=dist.get_global_rank(self.vocab_group, owner[j.req]), group=self.vocab_group)
-            self.image_embeds[j.req] = e
+        got = exchange(jobs, self.encode_ranks, self.encode_load, par.stage0_ranks, par.rank, self._encode,
+                       lambda j: (j.patches // m2, self.a.hidden), self.dtype, par.device)
+        self.image_embeds.update(got)
 
-    def forget(self, reqs: list[int]) -> None:
-        for r in reqs:
+    def _encode(self, j: ImageJob) -> torch.Tensor:
+        self.images_encoded += 1
+        return self.vision(j.pixels, j.grid)
+
+    def forget(self, finished: list[int], preempted: list[int] = ()) -> None:
+        """Drop finished requests' embeddings; preempted ones' too unless a dedicated encoder made
+        them (it sends once, so stage 0 keeps them for the recompute)."""
+        keep = self.plan.vision.placement == "dedicated"
+        for r in list(finished) + ([] if keep else list(preempted)):
             self.image_embeds.pop(r, None)
 
     # ------------------------------------------------------------------ forward
@@ -142,7 +142,6 @@ class StageModel:
         par, dev = self.par, self.par.device
         T = mb.num_tokens
         if self.embed is not None:
-            self.encode_images(mb.images)
             x = self._embed(mb.tokens.to(dev))
             if mb.img_tok.numel():
                 rows = torch.cat([self.image_embeds[r][s:s + n] for r, s, n in mb.img_src])

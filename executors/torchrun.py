@@ -6,7 +6,9 @@
 comes here: every rank joins the process group and builds its stage (the same ``RankRunner`` as
 local workers). Rank 0 schedules; each step it broadcasts ``{replica: Step}`` to all ranks, every
 rank runs its replica's step, and each replica's reporting rank (last stage, shift rank 0) sends
-the sampled tokens back to rank 0 point-to-point. Ranks other than 0 never return from ``load``:
+the sampled tokens back to rank 0 point-to-point. Dedicated encoder ranks (after the mesh) get
+their encode jobs with the same broadcast; rank 0 admits those requests at once (stage 0's
+receive waits for the encoder, and each encoder serves its jobs in order). Ranks other than 0 never return from ``load``:
 they serve steps until rank 0 shuts down, then exit.
 """
 
@@ -19,8 +21,9 @@ import torch.distributed as dist
 
 from executors.batch import Step, StepOut
 from executors.engine import Engine
-from executors.parallel import build_par
-from executors.worker import RankRunner, WorkerSpec, from_bytes, rank_device, to_bytes
+from executors.encoders import EncoderServer
+from executors.parallel import build_par, global_rank
+from executors.worker import RankRunner, WorkerSpec, encoder_server, from_bytes, rank_device, to_bytes
 from plans.schema import Mesh, Plan
 
 
@@ -30,15 +33,11 @@ def under_torchrun() -> bool:
 
 def reporting_rank(mesh: Mesh, replica: int) -> int:
     """Global rank of (dp=replica, pp=last, tp=0, sp=0) in the schema's axis order."""
-    coords = {"dp": replica, "pp": mesh.pp - 1, "tp": 0, "sp": 0}
-    r = 0
-    for a in mesh.axis_order:
-        r = r * getattr(mesh, a) + coords[a]
-    return r
+    return global_rank(mesh, {"dp": replica, "pp": mesh.pp - 1})
 
 
-def join(spec: WorkerSpec) -> RankRunner:
-    """Join torchrun's process group and build this rank's stage."""
+def join(spec: WorkerSpec) -> RankRunner | EncoderServer:
+    """Join torchrun's process group and build this rank's stage (or its encoder)."""
     rank = int(os.environ["RANK"])
     dev = rank_device(spec, rank)
     if dev.type == "cuda":
@@ -48,7 +47,8 @@ def join(spec: WorkerSpec) -> RankRunner:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     plan = Plan.model_validate_json(spec.plan_json)
-    return RankRunner(spec, build_par(plan.mesh, rank, dev))
+    par = build_par(plan.mesh, rank, dev)
+    return RankRunner(spec, par) if par is not None else encoder_server(spec, dev)
 
 
 class TorchrunEngine(Engine):
@@ -61,9 +61,15 @@ class TorchrunEngine(Engine):
 
             raise UserError(f"plan {self.plan.name} needs {self.world} ranks; torchrun started {world}")
         self.runner = join(self.spec)
+        self.to_encode: list[tuple[int, tuple]] = []
+
+    def _send_encode(self, rank: int, job: tuple) -> None:
+        self.to_encode.append((rank, job))  # goes out with the next step
+        self._encoded(job[0])
 
     def _dispatch(self, steps: dict[int, Step]) -> dict[int, StepOut]:
-        dist.broadcast_object_list([to_bytes(steps)], src=0)
+        jobs, self.to_encode = self.to_encode, []
+        dist.broadcast_object_list([to_bytes((steps, jobs))], src=0)
         outs: dict[int, StepOut] = {}
         mine = steps.get(self.runner.par.dp_i)
         if mine is not None:
@@ -96,7 +102,12 @@ def follow(spec: WorkerSpec) -> None:
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             break
-        steps: dict[int, Step] = from_bytes(box[0])
+        steps, jobs = from_bytes(box[0])
+        if isinstance(runner, EncoderServer):
+            for rank, job in jobs:
+                if rank == dist.get_rank():
+                    runner.serve(*job)
+            continue
         mine = steps.get(runner.par.dp_i)
         if mine is None:
             continue

@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 
 from executors.batch import Step, StepOut
-from executors.config import DTYPES, ModelArgs
+from executors.config import ModelArgs, run_dtypes
+from executors.encoders import EncoderServer
 from executors.parallel import Par, build_par
 from executors.stage import StageModel, checkpoint_shapes
+from executors.vision import VisionTower
 from executors.weights import RandomSource, WeightSource, open_weights
 from plans.schema import Plan
 
@@ -69,13 +71,7 @@ class RankRunner:
     def __init__(self, spec: WorkerSpec, par: Par, src: WeightSource | None = None):
         plan = Plan.model_validate_json(spec.plan_json)
         args = spec.args
-        dtype = DTYPES.get(plan.model.weights_dtype)
-        kv_dtype = DTYPES.get(plan.model.kv_dtype)
-        if dtype is None or kv_dtype is None:
-            from plans.errors import UserError
-
-            raise UserError(f"the executor runs weights/KV in fp32, bf16 or fp16; the plan asks for "
-                            f"{plan.model.weights_dtype}/{plan.model.kv_dtype}")
+        dtype, kv_dtype = run_dtypes(plan)
         self.par, self.plan = par, plan
         self.model = StageModel(plan, plan.stages[par.pp_i], args, par, src or make_source(spec, args), dtype,
                                 kv_dtype, spec.num_blocks * plan.scheduler.block_size)
@@ -91,7 +87,8 @@ class RankRunner:
     @torch.inference_mode()
     def run(self, step: Step) -> StepOut | None:
         par = self.par
-        self.model.forget(step.free)
+        self.model.forget(step.free, step.preempted)
+        self.model.receive_images(step.image_jobs)
         outs, pending = [], []
         for mb in step.micro:
             h_in = None
@@ -114,6 +111,13 @@ class RankRunner:
         return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step, list(zip(reqs, pos))).tolist(),
                        logits.cpu() if step.want_logits else None,
                        [m for mb in step.micro for m in (mb.modes or [mb.mode])])
+
+
+def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
+    """A dedicated encoder rank's tower: whole on its GPU, in the plan's weight dtype."""
+    plan = Plan.model_validate_json(spec.plan_json)
+    tower = VisionTower(spec.args.vision, make_source(spec, spec.args), run_dtypes(plan)[0], device)
+    return EncoderServer(torch.inference_mode()(tower.__call__))
 
 
 def sample(logits: torch.Tensor, step: Step, keys: list[tuple[int, int]]) -> torch.Tensor:
@@ -150,15 +154,20 @@ def run_rank(rank: int, world: int, init_method: str | None, spec: WorkerSpec, c
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
         plan = Plan.model_validate_json(spec.plan_json)
         par = build_par(plan.mesh, rank, dev)
-        runner = RankRunner(spec, par)
-        res_q.put(("ready", rank, None))
-        while True:
-            msg = cmd_q.get()
-            if msg is None:
-                break
-            out = runner.run(from_bytes(msg))
-            if out is not None:
-                res_q.put(("out", rank, to_bytes(out)))
+        if par is None:  # a dedicated encoder rank
+            server = encoder_server(spec, dev)
+            res_q.put(("ready", rank, None))
+            while (msg := cmd_q.get()) is not None:
+                req, pixels, grid, dst = from_bytes(msg)
+                server.serve(req, pixels, grid, dst)
+                res_q.put(("encoded", rank, req))
+        else:
+            runner = RankRunner(spec, par)
+            res_q.put(("ready", rank, None))
+            while (msg := cmd_q.get()) is not None:
+                out = runner.run(from_bytes(msg))
+                if out is not None:
+                    res_q.put(("out", rank, to_bytes(out)))
     except BaseException as e:  # report, then exit non-zero: the driver stops every rank
         name = type(e).__name__
         res_q.put(("error", rank, f"{name}: {e}\n{traceback.format_exc()}"))

@@ -6,7 +6,8 @@ without a graph or a cost model. Rules, for G GPUs of which k go to a dedicated 
 * ``dp * pp * tp * sp = G - k``  (``<=`` when the objective is ``min_gpus``);
 * query heads divisible by ``P = tp * sp``; KV heads divisible by P, or (fewer KV heads than
   P) P divisible by the KV heads, each KV head then replicated ``P / kv_heads`` times;
-* the P GPUs of a stage inside one node (``gpus_per_node % P == 0``) unless cross-node TP is
+* the P GPUs of a stage inside one node (``gpus_per_node % P == 0``; on a single node
+  ``P <= gpus_per_node`` is enough, the LLM ranks coming first) unless cross-node TP is
   allowed; ``pp <= layers``;
 * memory, a necessary condition (the ILP decides the exact split): with the best split, a
   stage GPU holds on average ``W/(pp*tp)`` of the text weights, plus the shift copy
@@ -206,7 +207,8 @@ def _check(facts: ModelFacts, space: SearchSpace, c: Candidate) -> str | None:
     if why:
         return why
     P = c.shift_degree
-    if not space.allow_cross_node_tp and (P > space.gpus_per_node or space.gpus_per_node % P):
+    one_node = space.gpus <= space.gpus_per_node
+    if not space.allow_cross_node_tp and (P > space.gpus_per_node or (space.gpus_per_node % P and not one_node)):
         return (f"tp*sp = {P} does not fit inside a node of {space.gpus_per_node} GPUs "
                 "(set search.allow_cross_node_tp to allow it)")
     if c.dedicated_gpus and facts.vision_gb + space.activations_gb > space.capacity_gb:

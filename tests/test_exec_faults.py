@@ -52,6 +52,23 @@ def test_killed_rank_stops_all_ranks(tmp_path: Path) -> None:
     assert _gone(pids), "worker processes left behind"
 
 
+def test_killed_encoder_rank_stops_all_ranks(tmp_path: Path) -> None:
+    """A dedicated encoder rank dies while image requests wait for it: the engine names it."""
+    from tests.tiny.helpers import IMAGE_TOKEN, random_image
+
+    plan = make_plan("qwen2_vl", tp=2, placement="dedicated", dedicated=1)
+    eng = executors.load(plan, kv_blocks=64)
+    pids = eng.pids
+    assert len(pids) == 3
+    os.kill(pids[2], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as err:
+        eng.generate([Request(tokens=[IMAGE_TOKEN, 5], images=[random_image((4, 4), 1)])], max_new_tokens=4)
+    assert "encoder rank 2 died (signal 9)" in str(err.value)
+    assert time.monotonic() - t0 < 30.0
+    assert _gone(pids), "worker processes left behind"
+
+
 def test_cuda_without_gpus_is_a_user_error() -> None:
     import torch
 

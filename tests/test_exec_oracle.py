@@ -69,6 +69,34 @@ def test_mesh_matches_hf(name: str, mesh: str, checkpoints: dict) -> None:
         assert modes["tp"] == 0 and modes["sp_tp"] > 0, modes
 
 
+PLACEMENTS = {  # the vision encoder beyond stage 0's GPUs
+    "pp2-all_dp": dict(pp=2, placement="all_dp"),
+    "pp2xtp2-all_dp": dict(pp=2, tp=2, placement="all_dp"),
+    "tp2-dedicated1": dict(tp=2, placement="dedicated", dedicated=1),
+    "pp2-dedicated2": dict(pp=2, placement="dedicated", dedicated=2),
+    "dp2-dedicated1": dict(dp=2, placement="dedicated", dedicated=1),
+    "shift-sp2xtp2-dedicated1": dict(sp=2, tp=2, shift=True, threshold=8, placement="dedicated", dedicated=1),
+}
+
+
+@pytest.mark.parametrize("mesh", list(PLACEMENTS))
+def test_encoder_placement_matches_hf(mesh: str, checkpoints: dict) -> None:
+    """all_dp: every GPU of the replica (both stages) holds the tower and encodes a share;
+    dedicated: encoder ranks beside the mesh encode and send the embeddings to stage 0."""
+    ckpt, oracle = checkpoints["qwen2_vl"]
+    kw = PLACEMENTS[mesh]
+    plan = make_plan("qwen2_vl", max_batch_tokens=16, **kw)
+    reqs, imgs = batch("qwen2_vl")
+    with executors.load(plan, weights=ckpt, keep_logits=True, kv_blocks=64) as eng:
+        results = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
+        assert len(eng.pids) == plan.mesh.size + kw.get("dedicated", 0)
+        encoded = sum(eng.encoder_jobs)
+    assert encoded == (2 if kw.get("dedicated") else 0)  # the two image requests, once each
+    for req, res, im in zip(reqs, results, imgs):
+        assert res.error is None, res.error
+        assert check_against_oracle(oracle, req.tokens, res, im) < TOL
+
+
 def test_mistral_one_kv_head_replicated_shift(checkpoints: dict, tmp_path: Path) -> None:
     """Mistral with a single KV head on shift(sp2 x tp2): the KV head is replicated on all 4 GPUs."""
     oracle = save_checkpoint("mistral", tmp_path, seed=4)

@@ -54,3 +54,34 @@ def test_compiled_cpu_plan_runs_and_matches_hf(tmp_path: Path) -> None:
     for req, res, im in zip(reqs, results, [[img], None]):
         assert res.error is None, res.error
         assert check_against_oracle(oracle, req.tokens, res, im) < 1e-4
+
+
+def _spec(name: str, gpus: int, search: str) -> str:
+    head = SPEC.split("search:")[0].replace("tiny-qwen2-vl-cpu-shift", name).replace("gpus_per_node: 4",
+                                                                                   f"gpus_per_node: {gpus}")
+    return head + "search:\n" + search
+
+
+def test_compiled_encoder_placements_run_and_match_hf(tmp_path: Path) -> None:
+    """The planner's own plans for the encoder beyond stage 0: pp2 with ``all_dp`` (both stages
+    encode) and tp2 + one dedicated encoder GPU (3 ranks)."""
+    shutil.copy(CONFIGS["qwen2_vl"], tmp_path / "qwen2_vl.json")
+    oracle = save_checkpoint("qwen2_vl", tmp_path / "w", seed=13)
+    specs = {
+        "all-dp": (2, "  pp: [2]\n  tp: [1]\n  sp: [1]\n  dp: [1]\n  vision_placement: [all_dp]\n  max_batch_tokens: 16\n"),
+        "dedicated": (3, "  pp: [1]\n  tp: [2]\n  sp: [1]\n  dp: [1]\n  vision_placement: [dedicated]\n"
+                         "  dedicated_vision_gpus: [1]\n  max_batch_tokens: 16\n"),
+    }
+    img = random_image((4, 4), 5)
+    reqs = [Request(tokens=[118, IMAGE_TOKEN, 119, 20, 21], images=[img]), Request(tokens=list(range(40, 52)))]
+    for name, (gpus, search) in specs.items():
+        (tmp_path / f"{name}.yaml").write_text(_spec(name, gpus, search))
+        plan = compile_spec(tmp_path / f"{name}.yaml")
+        assert plan.vision.placement == name.replace("-", "_")
+        save_plan(plan, tmp_path / f"{name}.plan.yaml")
+        with executors.load(tmp_path / f"{name}.plan.yaml", weights=tmp_path / "w", keep_logits=True) as eng:
+            results = eng.generate(reqs, max_new_tokens=8, sampling=Sampling(stop_on_eos=False))
+            assert len(eng.pids) == gpus
+        for req, res, im in zip(reqs, results, [[img], None]):
+            assert res.error is None, res.error
+            assert check_against_oracle(oracle, req.tokens, res, im) < 1e-4

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import executors
@@ -151,6 +151,7 @@ def test_bad_requests_and_kv_exhaustion_shift_sp2(tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None)
 @given(lens=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=10),
        blocks=st.integers(13, 40), budget=st.integers(1, 48), max_seqs=st.integers(1, 6))
+@example(lens=[(38, 4), (23, 12)], blocks=13, budget=21, max_seqs=2)  # two sequences once preempted each other forever
 def test_scheduler_completes_everything_within_limits(lens: list, blocks: int, budget: int, max_seqs: int) -> None:
     """Any mix of requests that each fit the cache completes; every step respects the token budget,
     max_seqs and the block pool; a sequence's computed tokens never pass its length."""

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import executors
 from executors import Request, Sampling
-from plans.schema import save_plan
-from tests.tiny.helpers import make_plan
+from plans.schema import Plan, save_plan
+from tests.tiny.helpers import IMAGE_TOKEN, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_plan_run_under_torchrun_matches_single_rank(tmp_path: Path) -> None:
-    plan = make_plan("qwen2", pp=2)
+def _torchrun_plan_run(plan: Plan, tmp_path: Path, ranks: int, *args: str) -> list[int]:
+    """``torchrun --nproc-per-node RANKS plan run PLAN ARGS``: the tokens rank 0 prints."""
     path = tmp_path / "p.plan.yaml"
     save_plan(plan, path)
     # the console script beside this interpreter (the venv need not be on PATH), else PATH's
@@ -26,13 +26,30 @@ def test_plan_run_under_torchrun_matches_single_rank(tmp_path: Path) -> None:
     assert plan_exe, "the `plan` console script is not installed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", plan_exe, "run",
-         str(path), "--tokens", "5,6,7,8", "-n", "8", "--seed", "3"],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), plan_exe,
+         "run", str(path), *args], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("tokens:")]
     assert len(lines) == 1  # only rank 0 prints
-    got = [int(t) for t in lines[0].split()[1:]]
+    return [int(t) for t in lines[0].split()[1:]]
+
+
+def test_plan_run_under_torchrun_matches_single_rank(tmp_path: Path) -> None:
+    got = _torchrun_plan_run(make_plan("qwen2", pp=2), tmp_path, 2, "--tokens", "5,6,7,8", "-n", "8", "--seed", "3")
     with executors.load(make_plan("qwen2"), seed=3) as eng:
         want = eng.generate([Request(tokens=[5, 6, 7, 8])], max_new_tokens=8, sampling=Sampling())[0].tokens
+    assert got == want
+
+
+def test_dedicated_encoder_rank_under_torchrun(tmp_path: Path) -> None:
+    """One LLM rank + one dedicated encoder rank: the image goes out with rank 0's step broadcast
+    (the CLI prepends the image token)."""
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (60, 90), (200, 30, 40)).save(img)
+    plan = make_plan("qwen2_vl", placement="dedicated", dedicated=1)
+    got = _torchrun_plan_run(plan, tmp_path, 2, "--tokens", "7,8", "--image", str(img), "-n", "6", "--seed", "3")
+    with executors.load(make_plan("qwen2_vl"), seed=3) as eng:
+        want = eng.generate([Request(tokens=[IMAGE_TOKEN, 7, 8], images=[img])], max_new_tokens=6, sampling=Sampling())[0].tokens
     assert got == want

@@ -22,8 +22,9 @@ def config(name: str) -> dict[str, Any]:
 def make_plan(name: str, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shift: bool = False,
               threshold: int | None = None, microbatches: int = 1, block_size: int = 4,
               max_batch_tokens: int = 64, max_seqs: int = 8, placement: str | None = None,
-              dtype: str = "fp32", backend: str = "eager") -> Plan:
-    """A plan for a tiny config and a pinned mesh (layers split evenly over pp stages)."""
+              dtype: str = "fp32", backend: str = "eager", dedicated: int = 0) -> Plan:
+    """A plan for a tiny config and a pinned mesh (layers split evenly over pp stages);
+    ``dedicated`` encoder GPUs with ``placement="dedicated"``."""
     cfg = config(name)
     layers = cfg["num_hidden_layers"]
     per = layers // pp
@@ -39,8 +40,8 @@ def make_plan(name: str, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shi
                               shiftplan_version="test"),
         model=ModelRef(name=name, config=str(CONFIGS[name]), architecture=cfg["architectures"][0],
                        weights_dtype=dtype, kv_dtype=dtype, num_layers=layers),
-        hardware=Hardware(gpu="cpu", gpus_per_node=mesh.size, nodes=1), objective="max_throughput", mesh=mesh,
-        stages=stages, vision=Vision(placement=placement),
+        hardware=Hardware(gpu="cpu", gpus_per_node=mesh.size + dedicated, nodes=1), objective="max_throughput", mesh=mesh,
+        stages=stages, vision=Vision(placement=placement, dedicated_gpus=dedicated),
         shift=Shift(enabled=shift, threshold_tokens=threshold if shift else None),
         memory_gb=MemoryPerGPU(weights=0.0, kv=0.0, activations=0.0, total=0.0, capacity=1.0, kv_tokens=4096),
         scheduler=Scheduler(max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, block_size=block_size,
