@@ -1,7 +1,8 @@
 """Paged KV cache and packed variable-length attention over it.
 
 Cache of one layer on one rank: ``k, v [num_blocks * block_size, kv_local, D]`` (a slot is
-``block * block_size + offset``). A step writes its new keys at ``slots`` (negative = padding,
+``block * block_size + offset``), in the plan's KV dtype (FP8 e4m3 with scale 1: values are cast
+on write and widened on read). A step writes its new keys at ``slots`` (negative = padding,
 skipped), then gathers every key it may read at ``key_slots`` and runs one masked SDPA over the
 packed batch (block-diagonal causal mask, see ``executors.batch``).
 """
@@ -41,10 +42,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
     ``kv_of_q [hq]`` maps each local query head to its local KV head (GQA / replicated KV).
     """
     dst = torch.where(slots >= 0, slots, cache.k.shape[0] - 1)  # padding -> scratch slot
-    cache.k.index_copy_(0, dst, k.to(cache.k.dtype))
-    cache.v.index_copy_(0, dst, v.to(cache.v.dtype))
-    K = cache.k[key_slots].index_select(1, kv_of_q).to(q.dtype)  # [K, hq, D]
-    V = cache.v[key_slots].index_select(1, kv_of_q).to(q.dtype)
+    _store(cache.k, dst, k)
+    _store(cache.v, dst, v)
+    K = _gather(cache.k, key_slots, kv_of_q).to(q.dtype)  # [K, hq, D]
+    V = _gather(cache.v, key_slots, kv_of_q).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K.transpose(0, 1)[None], V.transpose(0, 1)[None],
                                          attn_mask=mask[None, None])
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 cache seen as bytes (CPU kernels do not index FP8 tensors); others as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _store(cache: torch.Tensor, dst: torch.Tensor, x: torch.Tensor) -> None:
+    _bytes(cache).index_copy_(0, dst, _bytes(x.to(cache.dtype)))
+
+
+def _gather(cache: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    if cache.dtype != torch.float8_e4m3fn:
+        return cache[rows].index_select(1, heads)
+    return _bytes(cache)[rows].index_select(1, heads).view(cache.dtype)

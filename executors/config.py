@@ -18,14 +18,16 @@ from plans.schema import Plan
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_dtypes(plan: Plan) -> tuple[torch.dtype, torch.dtype]:
-    """The torch dtypes of the plan's weights and KV cache; UserError for those the executor
-    cannot run (fp8, int4)."""
-    w, kv = DTYPES.get(plan.model.weights_dtype), DTYPES.get(plan.model.kv_dtype)
-    if w is None or kv is None:
-        raise UserError(f"the executor runs weights/KV in fp32, bf16 or fp16; plan {plan.name} asks for "
-                        f"{plan.model.weights_dtype}/{plan.model.kv_dtype}")
-    return w, kv
+def run_dtypes(plan: Plan) -> tuple[torch.dtype, torch.dtype, bool]:
+    """``(compute dtype, KV-cache dtype, FP8 weights?)`` of a plan. FP8 weights compute in the KV
+    dtype when that is fp32/bf16/fp16, else bf16; an FP8 KV cache stores e4m3 (scale 1). INT4
+    weights are not run (UserError)."""
+    w, kv = plan.model.weights_dtype, plan.model.kv_dtype
+    if w not in DTYPES and w != "fp8":
+        raise UserError(f"the executor runs weights in fp32, bf16, fp16 or fp8; plan {plan.name} asks for {w}")
+    kv_t = torch.float8_e4m3fn if kv == "fp8" else DTYPES[kv]
+    compute = DTYPES[w] if w in DTYPES else DTYPES.get(kv, torch.bfloat16)
+    return compute, kv_t, w == "fp8"
 DENSE_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 VL_ARCHS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from executors.attention import LayerCache, attend
 from executors.config import ModelArgs
 from executors.parallel import Par, all_reduce, all_to_all
+from executors.quant import Weight, cat, linear, read_linear
 from executors.rope import apply as apply_rope
 from executors.shard import HeadSplit, even_range, head_rows
 from executors.weights import WeightSource
@@ -41,40 +42,42 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 @dataclass
 class Shard:
-    """One layout's weights of one layer on one rank."""
+    """One layout's weights of one layer on one rank (plain tensors, or FP8 ``executors.quant``)."""
 
-    qkv_w: torch.Tensor  # [(nq + 2 nkv) * D, hidden]
+    qkv_w: Weight  # [(nq + 2 nkv) * D, hidden]
     qkv_b: torch.Tensor | None
-    o_w: torch.Tensor  # [hidden, nq * D]
-    gate_up_w: torch.Tensor  # [2 * I_local, hidden]
-    down_w: torch.Tensor  # [hidden, I_local]
+    o_w: Weight  # [hidden, nq * D]
+    gate_up_w: Weight  # [2 * I_local, hidden]
+    down_w: Weight  # [hidden, I_local]
     nq: int  # query heads computed by this rank in this layout
     nkv: int
 
 
 def load_shard(src: WeightSource, prefix: str, a: ModelArgs, q_heads: list[int], kv_heads: list[int],
-               ff: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Shard:
+               ff: tuple[int, int], dtype: torch.dtype, device: torch.device, fp8: bool = False) -> Shard:
     """Read one layout's slices of ``prefix`` (``model.layers.{i}.``): only the rows it needs."""
     D = a.head_dim
     qr, kr = head_rows(q_heads, D), head_rows(kv_heads, D)
-    at = prefix + "self_attn."
-    parts = [src.rows(at + "q_proj.weight", qr), src.rows(at + "k_proj.weight", kr), src.rows(at + "v_proj.weight", kr)]
+    at, mp = prefix + "self_attn.", prefix + "mlp."
+
+    def lin(name: str, runs: list[tuple[int, int]], dim: int = 0) -> Weight:
+        return read_linear(src, name, runs, dim, fp8, dtype, device)
+
     bias = None
     if a.qkv_bias:
         bias = torch.cat([src.rows(at + "q_proj.bias", qr), src.rows(at + "k_proj.bias", kr),
                           src.rows(at + "v_proj.bias", kr)]).to(device, dtype)
-    mp = prefix + "mlp."
-    gu = torch.cat([src.rows(mp + "gate_proj.weight", [ff]), src.rows(mp + "up_proj.weight", [ff])])
     return Shard(
-        qkv_w=torch.cat(parts).to(device, dtype), qkv_b=bias,
-        o_w=src.rows(at + "o_proj.weight", qr, dim=1).to(device, dtype),
-        gate_up_w=gu.to(device, dtype), down_w=src.rows(mp + "down_proj.weight", [ff], dim=1).to(device, dtype),
-        nq=len(q_heads), nkv=len(kv_heads),
+        qkv_w=cat([lin(at + "q_proj.weight", qr), lin(at + "k_proj.weight", kr), lin(at + "v_proj.weight", kr)]),
+        qkv_b=bias, o_w=lin(at + "o_proj.weight", qr, dim=1),
+        gate_up_w=cat([lin(mp + "gate_proj.weight", [ff]), lin(mp + "up_proj.weight", [ff])]),
+        down_w=lin(mp + "down_proj.weight", [ff], dim=1), nq=len(q_heads), nkv=len(kv_heads),
     )
 
 
 class DecoderLayer:
-    def __init__(self, i: int, a: ModelArgs, par: Par, src: WeightSource, dtype: torch.dtype, shift: bool):
+    def __init__(self, i: int, a: ModelArgs, par: Par, src: WeightSource, dtype: torch.dtype, shift: bool,
+                 fp8: bool = False):
         self.a, self.par = a, par
         p = f"model.layers.{i}."
         self.ln1 = src.rows(p + "input_layernorm.weight").to(par.device, dtype)
@@ -84,11 +87,11 @@ class DecoderLayer:
         if par.sp > 1:  # SP x TP layout: W/tp
             self.layouts["sp_tp"] = load_shard(
                 src, p, a, hs.q_heads_sptp(par.tp_i, par.sp), hs.kv_heads_sptp(par.tp_i, par.sp),
-                even_range(a.intermediate, par.tp, par.tp_i, "intermediate_size / tp"), dtype, par.device)
+                even_range(a.intermediate, par.tp, par.tp_i, "intermediate_size / tp"), dtype, par.device, fp8)
         if par.sp == 1 or shift:  # plain TP layout: W/P
             self.layouts["tp"] = load_shard(
                 src, p, a, hs.q_heads(par.r), hs.kv_heads_of(par.r),
-                even_range(a.intermediate, par.P, par.r, "intermediate_size / (tp*sp)"), dtype, par.device)
+                even_range(a.intermediate, par.P, par.r, "intermediate_size / (tp*sp)"), dtype, par.device, fp8)
         kv = hs.kv_heads_of(par.r)
         g = a.heads // a.kv_heads
         self.kv_of_q = torch.tensor([kv.index(q // g) for q in hs.q_heads(par.r)], device=par.device)
@@ -101,7 +104,7 @@ class DecoderLayer:
         w = self.layouts[mode]
         D, n = a.head_dim, x.shape[0]
         h = rms_norm(x, self.ln1, a.rms_eps)
-        qkv = F.linear(h, w.qkv_w, w.qkv_b)
+        qkv = linear(h, w.qkv_w, w.qkv_b)
         q, k, v = qkv.split([w.nq * D, w.nkv * D, w.nkv * D], dim=-1)
         q = apply_rope(q.reshape(n, w.nq, D), cos, sin)
         k = apply_rope(k.reshape(n, w.nkv, D), cos, sin)
@@ -120,10 +123,10 @@ class DecoderLayer:
         else:
             o = attend(q, k, v, cache, meta.slots, meta.key_slots, meta.mask, self.kv_of_q)
             group = par.shift_group if par.sp > 1 else par.tp_group
-        x = x + all_reduce(F.linear(o, w.o_w), group)
+        x = x + all_reduce(linear(o, w.o_w), group)
         h = rms_norm(x, self.ln2, a.rms_eps)
-        gate, up = F.linear(h, w.gate_up_w).chunk(2, dim=-1)
-        return x + all_reduce(F.linear(F.silu(gate) * up, w.down_w), group)
+        gate, up = linear(h, w.gate_up_w).chunk(2, dim=-1)
+        return x + all_reduce(linear(F.silu(gate) * up, w.down_w), group)
 
 
 @dataclass

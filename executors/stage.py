@@ -60,7 +60,9 @@ def _vocab_rows(src: WeightSource, name: str, vocab: int, group: Any) -> tuple[t
 
 class StageModel:
     def __init__(self, plan: Plan, stage: Stage, a: ModelArgs, par: Par, src: WeightSource,
-                 dtype: torch.dtype, kv_dtype: torch.dtype, num_slots: int):
+                 dtype: torch.dtype, kv_dtype: torch.dtype, num_slots: int, fp8: bool = False):
+        """``dtype``: compute dtype (embedding, norms, lm_head, vision tower); ``fp8``: decoder
+        linear layers in FP8 (``executors.quant``)."""
         self.plan, self.stage, self.a, self.par, self.dtype = plan, stage, a, par, dtype
         dev = par.device
         shift = plan.shift.enabled and par.sp > 1
@@ -80,7 +82,7 @@ class StageModel:
             w, _ = _vocab_rows(src, name, a.vocab, self.vocab_group)
             self.lm_head = w.to(dev, dtype)
             self.norm = src.rows("model.norm.weight").to(dev, dtype)
-        self.layers = [DecoderLayer(i, a, par, src, dtype, shift) for i in range(stage.first_layer, stage.last_layer + 1)]
+        self.layers = [DecoderLayer(i, a, par, src, dtype, shift, fp8) for i in range(stage.first_layer, stage.last_layer + 1)]
         kv_local = HeadSplit(a.heads, a.kv_heads, par.P).kv_per_rank
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
         self.freq, self.rope_scale = inv_freq(a)

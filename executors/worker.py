@@ -71,10 +71,10 @@ class RankRunner:
     def __init__(self, spec: WorkerSpec, par: Par, src: WeightSource | None = None):
         plan = Plan.model_validate_json(spec.plan_json)
         args = spec.args
-        dtype, kv_dtype = run_dtypes(plan)
+        dtype, kv_dtype, fp8 = run_dtypes(plan)
         self.par, self.plan = par, plan
         self.model = StageModel(plan, plan.stages[par.pp_i], args, par, src or make_source(spec, args), dtype,
-                                kv_dtype, spec.num_blocks * plan.scheduler.block_size)
+                                kv_dtype, spec.num_blocks * plan.scheduler.block_size, fp8)
         self.hidden, self.dtype = args.hidden, dtype
         from executors.backends import apply_backend
 
