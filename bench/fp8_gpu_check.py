@@ -9,9 +9,10 @@ weights, so HF bf16 is the oracle of the FP8 weights. Three engine runs, side by
 * ``fp8+kv8``: FP8 weights and an FP8 KV cache.
 
 Reported per run: logits vs HF (``max |engine - hf| / max |hf|``, teacher forced on the engine's
-tokens, 16 new tokens of 3 requests), greedy agreement, the weight memory on the GPU, and the
-wall time of a batch of 32 requests x 64 new tokens (best of 3; the same engine code, so the
-ratio is the FP8 matmuls' effect on the whole step).
+tokens, 16 new tokens of 3 requests), greedy agreement, the bytes of weights the engine holds,
+and the wall time of a batch of 32 requests x 128-token prompts x 64 new tokens (best of 3), for
+the eager and torch.compile backends (the same engine code: the ratio is the FP8 matmuls' and
+activation quantization's effect on whole steps).
 
     python bench/fp8_gpu_check.py --out DIR            # on a CUDA machine with FP8 (sm_89+)
     python bench/fp8_gpu_check.py --out DIR --tiny     # dry run on CPU with the tiny Llama config
@@ -54,8 +55,25 @@ def quantized_state(hf: Any) -> dict[str, torch.Tensor]:
     return sd
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of the weights a single-rank engine holds (decoder layouts, norms, embedding, head)."""
+    from executors.quant import Fp8Weight
+
+    def nbytes(t: Any) -> int:
+        if isinstance(t, Fp8Weight):
+            return t.q.nbytes + t.scale.nbytes
+        return t.nbytes if isinstance(t, torch.Tensor) else 0
+
+    n = sum(nbytes(t) for t in (model.embed, model.lm_head, model.norm))
+    for layer in model.layers:
+        n += nbytes(layer.ln1) + nbytes(layer.ln2)
+        for w in layer.layouts.values():
+            n += sum(nbytes(getattr(w, f)) for f in ("qkv_w", "qkv_b", "o_w", "gate_up_w", "down_w"))
+    return n
+
+
 def run(name: str, cfg: dict, hf: Any, sd: dict, weights: str, kv: str, device: str, batch: int,
-        new_batch: int) -> dict[str, Any]:
+        new_batch: int, backend: str) -> dict[str, Any]:
     from engine_gpu_check import build_plan, hf_logits, requests_for
 
     from executors import Request, Sampling
@@ -67,10 +85,8 @@ def run(name: str, cfg: dict, hf: Any, sd: dict, weights: str, kv: str, device: 
     plan = build_plan(name, cfg, "bf16")
     plan.model.weights_dtype, plan.model.kv_dtype = weights, kv
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
-    eng = Engine(plan, cfg, StateDictSource(sd), device=device, kv_blocks=1024, keep_logits=True)
-    held = (torch.cuda.memory_allocated() - base) / 1e9 if device.startswith("cuda") else None
+    eng = Engine(plan, cfg, StateDictSource(sd), device=device, kv_blocks=1024, keep_logits=True, backend=backend)
+    held = weight_bytes(eng.local.model) / 1e9
     reqs, _ = requests_for(a, 0)
     res = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
     rows = []
@@ -96,7 +112,7 @@ def run(name: str, cfg: dict, hf: Any, sd: dict, weights: str, kv: str, device: 
     del eng
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"weights": weights, "kv": kv, "requests": rows, "engine_gpu_gb": None if held is None else round(held, 2),
+    return {"weights": weights, "kv": kv, "backend": backend, "requests": rows, "weight_gb": round(held, 6),
             "batch": batch, "new_tokens": new_batch, "batch_wall_s": round(min(times[1:]), 3),
             "worst_rel_err": max(x["rel_err_max"] for x in rows)}
 
@@ -105,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny Llama config")
+    ap.add_argument("--backends", default="eager,compile")
     args = ap.parse_args()
     from engine_gpu_check import hf_random
 
@@ -128,18 +145,23 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "model": name, "runs": [],
     }
     bf16_sd = {k: v for k, v in hf.state_dict().items()}
-    for weights, kv, source in (("bf16", "bf16", bf16_sd), ("fp8", "bf16", sd), ("fp8", "fp8", sd)):
-        r = run(name, cfg, hf, source, weights, kv, device, batch, new)
-        print(json.dumps(r), flush=True)
-        report["runs"].append(r)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fp8_gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    b = report["runs"][0]
-    for r in report["runs"][1:]:
-        r["batch_speedup_vs_bf16"] = round(b["batch_wall_s"] / r["batch_wall_s"], 3)
-        if b["engine_gpu_gb"]:
-            r["gpu_memory_vs_bf16"] = round(r["engine_gpu_gb"] / b["engine_gpu_gb"], 3)
-    (args.out / "fp8_gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["command"] += f" --backends {args.backends}"
+    for backend in args.backends.split(","):
+        runs = []
+        for weights, kv, source in (("bf16", "bf16", bf16_sd), ("fp8", "bf16", sd), ("fp8", "fp8", sd)):
+            if backend != "eager" and kv == "fp8":
+                continue
+            t = time.perf_counter()
+            r = run(name, cfg, hf, source, weights, kv, device, batch, new, backend)
+            r["wall_s"] = round(time.perf_counter() - t, 1)
+            if runs:
+                r["batch_speedup_vs_bf16"] = round(runs[0]["batch_wall_s"] / r["batch_wall_s"], 3)
+                r["weight_bytes_vs_bf16"] = round(r["weight_gb"] / runs[0]["weight_gb"], 3)
+            runs.append(r)
+            print(json.dumps(r), flush=True)
+            report["runs"].append(r)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "fp8_gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 For a stage with layers a..b under (tp, sp), P = tp*sp:
 
 * weights: sharded parameters (column/row/heads/vocab ops) / tp + replicated ones (norms);
-  vocab-parallel embedding and lm_head (tied weights counted once when both are here);
+  vocab-parallel embedding and lm_head (tied weights counted once when both are here). The
+  decoder layers' linears take ``weights_dtype`` bytes; embedding, lm_head, norms and the vision
+  tower stay in the activation dtype (as the executor holds them under FP8/INT4);
 * shift copy (sp > 1): the shifted-TP copy of the sharded parameters, W_sharded / P;
 * KV bytes per token = 2 * layers * g_gpu * head_dim * kv_bytes, g_gpu = max(1, g / P)
   (a GQA model with fewer KV heads than P replicates them, one per GPU);
@@ -74,11 +76,13 @@ def memory_per_gpu(cm: "CostModel", *, layers: tuple[int, int], tp: int, sp: int
         blocks += heads
     if vision:
         blocks += [x for x in cm.graph.blocks if x.tower == "vision"]
-    sharded, replicated = _param_split(cm, blocks)
+    n_dec = b - a + 1
+    sharded, replicated = _param_split(cm, blocks[:n_dec])  # decoder layers: weights_dtype
+    other, other_rep = _param_split(cm, blocks[n_dec:])  # embedding, head, vision: activation dtype
     wb, ab, kvb = cm.rates.w_bytes, cm.rates.a_bytes, cm.rates.kv_bytes
     p = tp * sp
-    weights = (sharded / tp * wb + replicated * ab) / 1e9
-    shift = sharded / p * wb / 1e9 if sp > 1 else 0.0
+    weights = (sharded / tp * wb + other / tp * ab + (replicated + other_rep) * ab) / 1e9
+    shift = (sharded * wb + other * ab) / p / 1e9 if sp > 1 else 0.0
     n_layers = b - a + 1
     g_gpu = max(1.0, info.kv_heads / p)
     kv_per_token = 2 * n_layers * g_gpu * info.head_dim * kvb

@@ -90,9 +90,9 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.T
         return F.linear(x, w, b)
     if _scaled_mm_ok(x, w):
         x2 = x.reshape(-1, x.shape[-1])
-        xs = (x2.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # [M, 1]
-        xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        y = torch._scaled_mm(xq, w.q.t(), scale_a=xs, scale_b=w.scale[None, :], out_dtype=x.dtype)
+        xs = (x2.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1], activation dtype
+        xq = (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        y = torch._scaled_mm(xq, w.q.t(), scale_a=xs.float(), scale_b=w.scale[None, :], out_dtype=x.dtype)
         y = y.reshape(*x.shape[:-1], -1)
     else:
         y = F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
