@@ -36,18 +36,20 @@ def packed_mask(mb: MicroBatch, t_pad: int, device: torch.device) -> torch.Tenso
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, slots: torch.Tensor,
-           key_slots: torch.Tensor, mask: torch.Tensor, kv_of_q: torch.Tensor) -> torch.Tensor:
+           key_slots: torch.Tensor, mask: torch.Tensor, kv_of_q: torch.Tensor | None) -> torch.Tensor:
     """``q [T, hq, D]``, new ``k, v [T, hkv, D]`` -> ``[T, hq * D]``.
 
-    ``kv_of_q [hq]`` maps each local query head to its local KV head (GQA / replicated KV).
+    ``kv_of_q [hq]`` maps each local query head to its local KV head (replicated KV); None when
+    query head j reads KV head ``j // (hq / hkv)`` (plain GQA), which SDPA does without copying
+    the keys per query head (``enable_gqa``).
     """
     dst = torch.where(slots >= 0, slots, cache.k.shape[0] - 1)  # padding -> scratch slot
     _store(cache.k, dst, k)
     _store(cache.v, dst, v)
-    K = _gather(cache.k, key_slots, kv_of_q).to(q.dtype)  # [K, hq, D]
+    K = _gather(cache.k, key_slots, kv_of_q).to(q.dtype)  # [K, hq or hkv, D]
     V = _gather(cache.v, key_slots, kv_of_q).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K.transpose(0, 1)[None], V.transpose(0, 1)[None],
-                                         attn_mask=mask[None, None])
+                                         attn_mask=mask[None, None], enable_gqa=K.shape[1] != q.shape[1])
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
@@ -60,7 +62,8 @@ def _store(cache: torch.Tensor, dst: torch.Tensor, x: torch.Tensor) -> None:
     _bytes(cache).index_copy_(0, dst, _bytes(x.to(cache.dtype)))
 
 
-def _gather(cache: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    if cache.dtype != torch.float8_e4m3fn:
-        return cache[rows].index_select(1, heads)
-    return _bytes(cache)[rows].index_select(1, heads).view(cache.dtype)
+def _gather(cache: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+    x = _bytes(cache)[rows]
+    if heads is not None:
+        x = x.index_select(1, heads)
+    return x.view(cache.dtype) if cache.dtype == torch.float8_e4m3fn else x

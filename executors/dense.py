@@ -94,7 +94,10 @@ class DecoderLayer:
                 even_range(a.intermediate, par.P, par.r, "intermediate_size / (tp*sp)"), dtype, par.device, fp8)
         kv = hs.kv_heads_of(par.r)
         g = a.heads // a.kv_heads
-        self.kv_of_q = torch.tensor([kv.index(q // g) for q in hs.q_heads(par.r)], device=par.device)
+        kv_of_q = [kv.index(q // g) for q in hs.q_heads(par.r)]
+        nq, nkv = len(kv_of_q), len(kv)
+        grouped = nq % nkv == 0 and kv_of_q == [j // (nq // nkv) for j in range(nq)]
+        self.kv_of_q = None if grouped else torch.tensor(kv_of_q, device=par.device)  # None: plain GQA
         self.nkv = len(kv)
 
     def forward(self, x: torch.Tensor, mode: str, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
