@@ -138,7 +138,7 @@ def test_crossover_edges():
 
 def test_mixed_step_costs_attention_per_part():
     from graph.opgraph import StepShape
-    from planner.pipeline import mixed_ms
+    from planner.inputs import mixed_ms
 
     d, p = StepShape.decode([1000] * 4), StepShape.prefill([64])
 
