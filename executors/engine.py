@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from executors.batch import Step, StepOut
+from executors.batch import ImageJob, Step, StepOut
 from executors.config import ModelArgs, model_args, plan_config, run_dtypes
-from executors.batch import ImageJob
 from executors.parallel import Par, replica_ranks
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
