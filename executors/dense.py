@@ -119,12 +119,12 @@ class DecoderLayer:
             packed = all_to_all(packed.transpose(0, 1), par.sp_group)  # [sp (src), n, hq+2hkv, D]
             packed = packed.reshape(sp * n, hq + 2 * hkv, D)
             q, k, v = packed.split([hq, hkv, hkv], dim=1)
-            o = attend(q, k, v, cache, meta.slots, meta.key_slots, meta.mask, self.kv_of_q)  # [T, hq*D]
+            o = attend(q, k, v, cache, meta, self.kv_of_q)  # [T, hq*D]
             o = all_to_all(o.reshape(sp, n, hq * D), par.sp_group)  # [sp (head group), n, hq*D]
             o = o.transpose(0, 1).reshape(n, sp * hq * D)
             group = par.tp_group
         else:
-            o = attend(q, k, v, cache, meta.slots, meta.key_slots, meta.mask, self.kv_of_q)
+            o = attend(q, k, v, cache, meta, self.kv_of_q)
             group = par.shift_group if par.sp > 1 else par.tp_group
         x = x + all_reduce(linear(o, w.o_w), group)
         h = rms_norm(x, self.ln2, a.rms_eps)
@@ -134,8 +134,11 @@ class DecoderLayer:
 
 @dataclass
 class AttnMeta:
-    """Per micro-batch, shared by all layers (on the rank's device)."""
+    """Per micro-batch, shared by all layers (on the rank's device). A micro-batch in which
+    every sequence has one query token (decodes) uses ``seq_keys`` instead of the packed mask."""
 
     slots: torch.Tensor  # [T_pad]
     key_slots: torch.Tensor  # [K]
-    mask: torch.Tensor  # [T_pad, K] bool
+    mask: torch.Tensor | None  # [T_pad, K] bool
+    seq_keys: torch.Tensor | None = None  # [S, L_max] each sequence's key slots, padded with the scratch slot
+    seq_mask: torch.Tensor | None = None  # [S, L_max] bool: real keys

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from executors.attention import LayerCache, packed_mask
+from executors.attention import LayerCache, decode_keys, packed_mask
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.dense import AttnMeta, DecoderLayer, rms_norm
@@ -155,7 +155,11 @@ class StageModel:
         t_pad = -(-T // sp) * sp
         slots = torch.full((t_pad,), -1, dtype=torch.long)
         slots[:T] = mb.slots
-        meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))
+        dec = decode_keys(mb, self.caches[0].k.shape[0] - 1) if (t_pad == T and self.caches) else None
+        if dec is not None:  # one query per sequence: attend over each sequence's own keys
+            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
+        else:
+            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))
         pos = mb.pos
         if sp > 1:
             n = t_pad // sp

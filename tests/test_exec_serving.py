@@ -70,6 +70,21 @@ def test_microbatch_slots_follow_block_table() -> None:
     assert mb.sample_idx.tolist() == [1] and mb.tok_idx.tolist() == [4, 5]
 
 
+def test_decode_microbatch_attends_over_each_sequence_own_keys() -> None:
+    """Decodes (one query per sequence) get ``[S, L_max]`` key slots padded with the scratch slot;
+    a micro-batch with a prefill chunk keeps the packed mask."""
+    from executors.attention import decode_keys
+
+    a, b = _seq(0, 6), _seq(1, 3)
+    a.blocks, b.blocks = [5, 2], [7]
+    a.computed, b.computed = 5, 2  # each has one token left: its last position
+    keys, valid = decode_keys(build_microbatch([Chunk(a, 1), Chunk(b, 1)], "tp", 4, None), scratch=99)
+    assert keys.tolist() == [[20, 21, 22, 23, 8, 9], [28, 29, 30, 99, 99, 99]]
+    assert valid.sum(1).tolist() == [6, 3]
+    a.computed = 3
+    assert decode_keys(build_microbatch([Chunk(a, 3), Chunk(b, 1)], "tp", 4, None), scratch=99) is None
+
+
 def test_safetensors_source_reads_only_slices(tmp_path: Path) -> None:
     save_checkpoint("llama", tmp_path, seed=3)
     src = SafetensorsSource(tmp_path)
