@@ -62,8 +62,7 @@ class Step:
 
     step_id: int
     micro: list[MicroBatch]
-    free: list[int] = field(default_factory=list)  # finished requests: drop all their worker state
-    preempted: list[int] = field(default_factory=list)  # to be recomputed: drop their KV-side state
+    free: list[int] = field(default_factory=list)  # finished requests: drop their worker state
     images: list[ImageJob] = field(default_factory=list)  # jobs outside any micro-batch (draining)
     want_logits: bool = False
     temperature: float = 0.0

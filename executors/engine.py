@@ -354,11 +354,11 @@ class Engine:
                 sent: dict[int, list[Chunk]] = {}
                 steps: dict[int, Step] = {}
                 for rep, sc in enumerate(scheds):
-                    chunks, dropped = sc.schedule()
+                    chunks, _preempted = sc.schedule()  # their KV is freed; embeddings stay on stage 0
                     if not chunks:
                         continue
                     self.step_id += 1
-                    steps[rep] = Step(self.step_id, self._micro(chunks), free=free[rep], preempted=dropped,
+                    steps[rep] = Step(self.step_id, self._micro(chunks), free=free[rep],
                                       want_logits=self.keep_logits, temperature=sampling.temperature,
                                       top_k=sampling.top_k, seed=sampling.seed, req_base=base)
                     free[rep] = []

@@ -5,8 +5,8 @@ Each step: running sequences first (a decode is 1 token, an unfinished prefill i
 then waiting ones, until ``max_batch_tokens`` tokens or ``max_seqs`` sequences. A sequence needs
 ``ceil(computed_tokens / block_size)`` blocks. When blocks run out for a running sequence, the
 most recently admitted sequence (perhaps the one growing) is preempted: its blocks are freed and it goes back to the
-front of the queue, to be recomputed from its prompt plus what it had generated (its images are
-encoded again, unless a dedicated encoder made them: stage 0 keeps those).
+front of the queue, to be recomputed from its prompt plus what it had generated (its image
+embeddings stay on stage 0: images are encoded once per request).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Seq:
     image_tok_idx: list[int] = field(default_factory=list)  # prompt indices of image tokens
     computed: int = 0  # tokens whose K/V is in the cache
     blocks: list[int] = field(default_factory=list)
-    encoded: bool = False  # images sent for encoding since (re)admission (dedicated: ever)
+    encoded: bool = False  # images sent for encoding (once per request)
     encoder: int | None = None  # the dedicated encoder rank that encodes this request's images
 
     @property
@@ -94,9 +94,7 @@ class Scheduler:
         in the queue, to be recomputed from scratch."""
         victim = self.running.pop()
         self.pool.release(victim)
-        victim.computed = 0
-        if victim.encoder is None:  # a dedicated encoder's embeddings stay on stage 0
-            victim.encoded = False
+        victim.computed = 0  # its image embeddings stay on stage 0 (``encoded`` holds)
         self.waiting.appendleft(victim)
         self.preemptions += 1
         return victim

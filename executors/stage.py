@@ -131,11 +131,9 @@ class StageModel:
         self.images_encoded += 1
         return self.vision(j.pixels, j.grid)
 
-    def forget(self, finished: list[int], preempted: list[int] = ()) -> None:
-        """Drop finished requests' embeddings; preempted ones' too unless a dedicated encoder made
-        them (it sends once, so stage 0 keeps them for the recompute)."""
-        keep = self.plan.vision.placement == "dedicated"
-        for r in list(finished) + ([] if keep else list(preempted)):
+    def forget(self, finished: list[int]) -> None:
+        """Drop finished requests' image embeddings (preempted ones keep theirs for the recompute)."""
+        for r in finished:
             self.image_embeds.pop(r, None)
 
     # ------------------------------------------------------------------ forward

@@ -87,7 +87,7 @@ class RankRunner:
     @torch.inference_mode()
     def run(self, step: Step) -> StepOut | None:
         par = self.par
-        self.model.forget(step.free, step.preempted)
+        self.model.forget(step.free)
         self.model.receive_images(step.image_jobs)
         outs, pending = [], []
         for mb in step.micro:

@@ -112,3 +112,20 @@ def test_dedicated_encoder_under_kv_exhaustion_and_an_abandoned_stream(tmp_path:
         assert res.error is None and len(res.tokens) == 16
         assert check_against_oracle(oracle, req.tokens, res, req.images or None) < 1e-4
     assert check_against_oracle(oracle, again.tokens, second, [imgs[1]]) < 1e-4
+
+
+def test_preempted_requests_keep_their_image_embeddings(tmp_path: Path) -> None:
+    """In-step placement on one rank, a 12-block cache: requests are preempted and recomputed, but
+    each request's images are encoded once (stage 0 keeps the embeddings), and outputs match HF."""
+    oracle = save_checkpoint("qwen2_vl", tmp_path, seed=5)
+    plan = make_plan("qwen2_vl", max_batch_tokens=32)
+    imgs = [random_image((4, 4), 1), random_image((4, 6), 2), random_image((4, 4), 3)]
+    reqs = [Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8, 9], images=[imgs[0]]), Request(tokens=list(range(20, 31))),
+            Request(tokens=[118, IMAGE_TOKEN, 119, 60, 61], images=[imgs[1]]),
+            Request(tokens=[5, 118, IMAGE_TOKEN, 119], images=[imgs[2]])]
+    with executors.load(plan, weights=tmp_path, keep_logits=True, kv_blocks=12) as eng:
+        results = eng.generate(reqs, max_new_tokens=16, sampling=GREEDY)
+        assert eng.schedulers[0].preemptions > 0
+        assert eng.local.model.images_encoded == 3
+    for req, res in zip(reqs, results):
+        assert check_against_oracle(oracle, req.tokens, res, req.images or None) < 1e-4
