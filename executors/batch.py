@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+def grid_patches(grid: list[tuple[int, int, int]]) -> int:
+    """Vision patches of images with patch grids ``(t, h, w)``."""
+    return sum(t * h * w for t, h, w in grid)
+
+
 @dataclass
 class ImageJob:
     """Encode one request's images (all of them, concatenated) and keep the embeddings; with
@@ -25,7 +30,7 @@ class ImageJob:
 
     @property
     def patches(self) -> int:
-        return sum(t * h * w for t, h, w in self.grid)
+        return grid_patches(self.grid)
 
 
 @dataclass

@@ -80,10 +80,8 @@ class EncoderServer:
     def __init__(self, encode: Callable[[torch.Tensor, list[tuple[int, int, int]]], torch.Tensor]):
         self.encode = encode
         self.in_flight: list[tuple[object, torch.Tensor]] = []
-        self.encoded = 0
 
     def serve(self, req: int, pixels: torch.Tensor, grid: list[tuple[int, int, int]], dst: list[int]) -> None:
         e = self.encode(pixels, grid).contiguous()
         self.in_flight = [(w, t) for w, t in self.in_flight if not w.is_completed()]
         self.in_flight += [(dist.isend(e, d), e) for d in dst]
-        self.encoded += 1

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from executors.batch import ImageJob, Step, StepOut
+from executors.batch import ImageJob, Step, StepOut, grid_patches
 from executors.config import ModelArgs, model_args, plan_config, run_dtypes
 from executors.parallel import Par, replica_ranks
 from executors.requests import Request, Result, Sampling, make_seq
@@ -115,9 +115,8 @@ class Engine:
         self.next_req = 0
         self.pending_free: list[list[int]] = [[] for _ in range(plan.mesh.dp)]
         self.encoded: list[int] = []  # requests a dedicated encoder has finished, not yet admitted
-        self.encoder_load = [0] * self.encoders  # patches submitted to each encoder, not yet done
         self.encoder_jobs = [0] * self.encoders  # requests each encoder has encoded
-        self.encoding: dict[int, tuple[int, int]] = {}  # request -> (encoder index, patches)
+        self.encoding: dict[int, tuple[int, int]] = {}  # request -> (encoder index, patches), under way
         if self.world == 1:
             dev = torch.device(device)
             self.local = RankRunner(self.spec, Par(device=dev), src)
@@ -273,10 +272,11 @@ class Engine:
     def _submit_encode(self, replica: int, s: Seq) -> None:
         """Hand a request's images to the least-loaded dedicated encoder, which sends the
         embeddings to the replica's stage-0 ranks (they receive when the request is scheduled)."""
-        e = min(range(self.encoders), key=lambda i: self.encoder_load[i])
-        patches = sum(t * h * w for t, h, w in s.image_grid)
-        self.encoder_load[e] += patches
-        self.encoding[s.req] = (e, patches)
+        load = [0] * self.encoders
+        for i, patches in self.encoding.values():
+            load[i] += patches
+        e = min(range(self.encoders), key=lambda i: load[i])
+        self.encoding[s.req] = (e, grid_patches(s.image_grid))
         s.encoder = self.plan.mesh.size + e
         dst = list(replica_ranks(self.plan.mesh, replica, range(1)))
         self._send_encode(s.encoder, (s.req, s.image_pixels, s.image_grid, dst))
@@ -285,9 +285,8 @@ class Engine:
         self.cmd_q[rank].put(to_bytes(job))  # the rank reports "encoded" when done
 
     def _encoded(self, req: int) -> None:
-        e, patches = self.encoding.pop(req, (None, 0))
+        e, _patches = self.encoding.pop(req, (None, 0))
         if e is not None:
-            self.encoder_load[e] -= patches
             self.encoder_jobs[e] += 1
         self.encoded.append(req)
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from plans.errors import UserError
+
 if TYPE_CHECKING:
     from executors.weights import WeightSource
 
@@ -53,13 +55,14 @@ def quantize(w: torch.Tensor) -> Fp8Weight:
     return Fp8Weight((wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
 
 
-def from_checkpoint(q: torch.Tensor, scale: torch.Tensor) -> Fp8Weight:
+def from_checkpoint(q: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> Fp8Weight:
     """An FP8 checkpoint tensor and its scale (``[out]``, ``[out, 1]`` or a single value)."""
     s = scale.float().reshape(-1)
     if s.numel() == 1:
         s = s.expand(q.shape[0]).clone()
     if s.numel() != q.shape[0]:
-        raise ValueError(f"FP8 weight of shape {tuple(q.shape)} has {s.numel()} scales; expected {q.shape[0]} or 1")
+        raise UserError(f"FP8 checkpoint: '{name}' has {q.shape[0]} rows here but {s.numel()} scales in "
+                        f"'{name}_scale'; expected one per row or one per tensor")
     return Fp8Weight(q.to(FP8), s)
 
 
@@ -109,6 +112,6 @@ def read_linear(src: "WeightSource", name: str, runs: list[tuple[int, int]] | No
         scale = src.rows(name + "_scale").float().reshape(-1)
         if scale.numel() > 1 and dim == 0 and runs is not None:
             scale = torch.cat([scale[a:b] for a, b in runs])
-        q = from_checkpoint(w, scale)
+        q = from_checkpoint(w, scale, name)
         return to(q, device, dtype) if fp8 else q.dequantize(dtype).to(device)
     return to(quantize(w), device, dtype) if fp8 else w.to(device, dtype)

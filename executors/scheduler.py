@@ -4,9 +4,9 @@ cache's block allocator, and preemption by recompute.
 Each step: running sequences first (a decode is 1 token, an unfinished prefill its next chunk),
 then waiting ones, until ``max_batch_tokens`` tokens or ``max_seqs`` sequences. A sequence needs
 ``ceil(computed_tokens / block_size)`` blocks. When blocks run out for a running sequence, the
-most recently admitted sequence (perhaps the one growing) is preempted: its blocks are freed and it goes back to the
-front of the queue, to be recomputed from its prompt plus what it had generated (its image
-embeddings stay on stage 0: images are encoded once per request).
+most recently admitted sequence (perhaps the one growing) is preempted: its blocks are freed
+and it goes back to the front of the queue, to be recomputed from its prompt plus what it had
+generated (its image embeddings stay on stage 0: images are encoded once per request).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Scheduler:
         return victim
 
     def schedule(self) -> tuple[list[Chunk], list[int]]:
-        """Chunks of this step and the requests preempted now (their worker state is dropped).
+        """Chunks of this step and the requests preempted now (their KV blocks are freed).
 
         Running sequences are served oldest first; one that cannot grow preempts the newest
         running sequence, itself if it is the newest, so the oldest always progresses (each

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Container
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +38,11 @@ class WeightSource(Protocol):
     def rows(self, name: str, runs: Runs | None = None, dim: int = 0) -> torch.Tensor: ...
 
     def has(self, name: str) -> bool: ...
+
+
+def find_alias(name: str, keys: Container[str]) -> str | None:
+    """The first of ``name``'s checkpoint aliases present in ``keys`` (None when none is)."""
+    return next((a for a in aliases(name) if a in keys), None)
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -66,13 +72,13 @@ class SafetensorsSource:
                 self._where[k] = f
 
     def _key(self, name: str) -> str:
-        for a in aliases(name):
-            if a in self._where:
-                return a
-        raise UserError(f"weights in {self.dir}: tensor '{name}' not found")
+        k = find_alias(name, self._where)
+        if k is None:
+            raise UserError(f"weights in {self.dir}: tensor '{name}' not found")
+        return k
 
     def has(self, name: str) -> bool:
-        return any(a in self._where for a in aliases(name))
+        return find_alias(name, self._where) is not None
 
     def shape(self, name: str) -> tuple[int, ...]:
         k = self._key(name)
@@ -95,13 +101,13 @@ class StateDictSource:
         self.sd = sd
 
     def _key(self, name: str) -> str:
-        for a in aliases(name):
-            if a in self.sd:
-                return a
-        raise UserError(f"weights: tensor '{name}' not found in the state dict")
+        k = find_alias(name, self.sd)
+        if k is None:
+            raise UserError(f"weights: tensor '{name}' not found in the state dict")
+        return k
 
     def has(self, name: str) -> bool:
-        return any(a in self.sd for a in aliases(name))
+        return find_alias(name, self.sd) is not None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.sd[self._key(name)].shape)

@@ -121,3 +121,24 @@ def test_fp8_kv_cache_stores_e4m3_and_stays_close(tmp_path: Path) -> None:
     want = oracle_logits(oracle, full[:-1])[len(res.prompt_tokens) - 1:]
     rel = float((res.logits.float() - want).abs().max() / want.abs().max())
     assert rel < 0.06, rel
+
+
+def test_fp8_checkpoint_with_wrong_scale_count_names_the_tensor(fp8_ckpt: tuple, tmp_path: Path) -> None:
+    from executors.engine import WorkerError
+    from plans.errors import UserError
+
+    ckpt, _ = fp8_ckpt
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ckpt.iterdir():
+        if f.suffix == ".safetensors":
+            sd = load_file(f)
+            sd["model.layers.0.mlp.down_proj.weight_scale"] = torch.ones(3, 1)
+            save_file(sd, bad / f.name, metadata={"format": "pt"})
+        else:
+            (bad / f.name).write_bytes(f.read_bytes())
+    plan = make_plan("llama")
+    plan.model.weights_dtype = "fp8"
+    with pytest.raises((UserError, WorkerError)) as err:
+        executors.load(plan, weights=bad, kv_blocks=64)
+    assert "model.layers.0.mlp.down_proj.weight" in str(err.value) and "3 scales" in str(err.value)
