@@ -148,7 +148,7 @@ def side_by_side(eng: Any, hf: Any, req: Any, device: str) -> dict[str, Any]:
             "engine_over_hf": round(t_eng / t_hf, 3)}
 
 
-def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int) -> dict[str, Any]:
+def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int, backend: str = "eager") -> dict[str, Any]:
     from executors import Sampling
     from executors.config import DTYPES, model_args
     from executors.engine import Engine
@@ -160,7 +160,7 @@ def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int) -> dict
     hf = hf_random(cfg, dtype, device, seed)
     t_build = time.perf_counter() - t0
     eng = Engine(build_plan(name, cfg, dtype_name), cfg, StateDictSource(dict(hf.state_dict())), device=device,
-                 kv_blocks=256, keep_logits=True)
+                 kv_blocks=256, keep_logits=True, backend=backend)
     reqs, imgs = requests_for(a, seed)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny test configs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="eager", help="eager or compile (decode steps replay CUDA graphs on GPUs)")
     args = ap.parse_args()
     from graph.hf_config import load_config
 
@@ -223,7 +224,8 @@ def main() -> None:
     import transformers
 
     report: dict[str, Any] = {
-        "command": "python bench/engine_gpu_check.py --out DIR" + (" --tiny" if args.tiny else ""),
+        "command": "python bench/engine_gpu_check.py --out DIR" + (" --tiny" if args.tiny else "")
+                   + (f" --backend {args.backend}" if args.backend != "eager" else ""), "backend": args.backend,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "tiny": args.tiny, "new_tokens": NEW_TOKENS, "checks": [],
@@ -232,7 +234,7 @@ def main() -> None:
         for dt in ("bf16", "fp32"):
             t = time.perf_counter()
             try:
-                r = check(name, cfg, dt, device, args.seed)
+                r = check(name, cfg, dt, device, args.seed, args.backend)
             except Exception as e:  # record and go on to the next model
                 r = {"model": name, "dtype": dt, "passed": False, "error": f"{type(e).__name__}: {e}"}
             r["wall_s"] = round(time.perf_counter() - t, 1)
@@ -240,7 +242,7 @@ def main() -> None:
             report["checks"].append(r)
             report["all_passed"] = all(c["passed"] for c in report["checks"])
             args.out.mkdir(parents=True, exist_ok=True)  # written after every check: a cut run keeps what it did
-            (args.out / "engine_gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+            (args.out / f"engine_gpu_check{'' if args.backend == 'eager' else '.' + args.backend}.json").write_text(json.dumps(report, indent=2) + "\n")
     print("all passed:", report["all_passed"])
 
 

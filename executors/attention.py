@@ -7,6 +7,11 @@ skipped), then gathers every key it may read at ``key_slots`` and runs one maske
 packed batch (block-diagonal causal mask, see ``executors.batch``). A micro-batch of decodes (one
 query per sequence) instead gathers each sequence's keys into ``[S, L_max]`` and runs S
 single-query attentions, so its work grows with the longest context, not with all contexts.
+
+On CUDA the packed mask is never built: each sequence of a prefill or mixed micro-batch runs its
+own fused SDPA (flash / memory-efficient kernels; causal, aligned bottom-right when the chunk
+follows cached keys), and decodes run as a grouped matmul over ``[S, L_max]`` keys (GQA groups
+read their KV head once). Both need no host synchronisation, so decode steps replay as CUDA graphs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from executors.batch import MicroBatch
+from torch.nn.attention.bias import causal_lower_right
 
 if TYPE_CHECKING:
     from executors.dense import AttnMeta
@@ -42,6 +48,7 @@ def packed_mask(mb: MicroBatch, t_pad: int, device: torch.device) -> torch.Tenso
     return m.to(device)
 
 
+@torch.compiler.disable  # data-dependent per-sequence loop: compiled layers call it eagerly
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
            kv_of_q: torch.Tensor | None) -> torch.Tensor:
     """``q [T, hq, D]``, new ``k, v [T, hkv, D]`` -> ``[T, hq * D]``.
@@ -56,6 +63,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
     dst = torch.where(meta.slots >= 0, meta.slots, cache.k.shape[0] - 1)  # padding -> scratch slot
     _store(cache.k, dst, k)
     _store(cache.v, dst, v)
+    if meta.seqs is not None:
+        return _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
+    if meta.seq_keys is not None and q.is_cuda:
+        return _attend_decode_grouped(q, cache, meta, kv_of_q)
     if meta.seq_keys is not None:
         S, L = meta.seq_keys.shape
         K = _gather(cache.k, meta.seq_keys.flatten(), kv_of_q).to(q.dtype)  # [S * L, h, D]
@@ -71,18 +82,85 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
-def decode_keys(mb: MicroBatch, scratch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(seq_keys [S, L_max], seq_mask [S, L_max])`` when every sequence of ``mb`` has exactly
-    one query token (its last position, so it reads all its keys); else None."""
+def _attend_decode_grouped(q: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
+                           kv_of_q: torch.Tensor | None) -> torch.Tensor:
+    """Decodes: ``q [S, hq, D]``, keys ``meta.seq_keys [S, L]`` -> ``[S, hq * D]``.
+
+    Query heads are grouped by their KV head (``G = hq / hkv``): ``scores [S, hkv, G, L] =
+    q [S, hkv, G, D] @ K^T [S, hkv, D, L]``, masked, softmax in fp32, ``@ V [S, hkv, L, D]``; each KV
+    head is read once per sequence."""
+    S, L = meta.seq_keys.shape
+    hq, D = q.shape[1], q.shape[2]
+    K = _gather(cache.k, meta.seq_keys.flatten(), kv_of_q).to(q.dtype)  # [S * L, hkv, D]
+    V = _gather(cache.v, meta.seq_keys.flatten(), kv_of_q).to(q.dtype)
+    hkv = K.shape[1]
+    K = K.view(S, L, hkv, D).transpose(1, 2)  # [S, hkv, L, D]
+    V = V.view(S, L, hkv, D).transpose(1, 2)
+    qg = q.view(S, hkv, hq // hkv, D)
+    scores = torch.matmul(qg, K.transpose(-1, -2)).float() * D ** -0.5  # [S, hkv, G, L]
+    scores = scores.masked_fill(~meta.seq_mask[:, None, None, :], float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(q.dtype), V)  # [S, hkv, G, D]
+    return out.reshape(S, hq * D)
+
+
+def _attend_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                         meta: "AttnMeta", kv_of_q: torch.Tensor | None) -> torch.Tensor:
+    """One fused SDPA per sequence of the micro-batch (``meta.seqs``). A chunk of ``n`` queries at
+    positions ``lo .. lo+n-1`` reads keys ``0 .. lo+n-1``: with ``lo == 0`` its own new keys
+    (causal), else the cached ones (causal aligned bottom-right; one query needs no mask)."""
+    hq, D = q.shape[1], q.shape[2]
+    out = torch.zeros(q.shape[0], hq * D, dtype=q.dtype, device=q.device)  # padding rows stay 0
+    for t0, n, k0, ctx in meta.seqs:
+        qs = q[t0:t0 + n].transpose(0, 1)[None]  # [1, hq, n, D]
+        if ctx == n and cache.k.dtype == q.dtype:  # a first chunk: its keys are the ones just computed
+            K, V = k[t0:t0 + n], v[t0:t0 + n]
+            if kv_of_q is not None:
+                K, V = K.index_select(1, kv_of_q), V.index_select(1, kv_of_q)
+        else:
+            rows = meta.key_slots[k0:k0 + ctx]
+            K = _gather(cache.k, rows, kv_of_q).to(q.dtype)
+            V = _gather(cache.v, rows, kv_of_q).to(q.dtype)
+        K, V = K.transpose(0, 1)[None], V.transpose(0, 1)[None]  # [1, hkv, ctx, D]
+        if n == ctx:
+            o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=K.shape[1] != hq)
+        elif n == 1:
+            o = F.scaled_dot_product_attention(qs, K, V, enable_gqa=K.shape[1] != hq)
+        else:
+            if K.shape[1] != hq:  # the bottom-right causal kernels take equal head counts
+                K, V = K.repeat_interleave(hq // K.shape[1], 1), V.repeat_interleave(hq // V.shape[1], 1)
+            o = F.scaled_dot_product_attention(qs, K, V, attn_mask=causal_lower_right(n, ctx))
+        out[t0:t0 + n] = o[0].transpose(0, 1).reshape(n, hq * D)
+    return out
+
+
+def sequence_spans(mb: MicroBatch) -> list[tuple[int, int, int, int]]:
+    """Per sequence of ``mb``: ``(first token, tokens, first key in key_slots, keys)``."""
+    S = int(mb.seq.max()) + 1 if mb.num_tokens else 0
+    n = torch.bincount(mb.seq, minlength=S).tolist()
+    ctx = torch.bincount(mb.key_seq, minlength=S).tolist()
+    spans, t, k = [], 0, 0
+    for j in range(S):
+        spans.append((t, n[j], k, ctx[j]))
+        t += n[j]
+        k += ctx[j]
+    return spans
+
+
+def decode_keys(mb: MicroBatch, scratch: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(seq_keys [S, L], seq_mask [S, L])`` when every sequence of ``mb`` has exactly one query
+    token (its last position, so it reads all its keys); else None. ``L`` is the longest context,
+    or ``width`` when given (at least that long): padding keys point at the scratch slot."""
     S = int(mb.sample_idx.numel())
     if mb.num_tokens != S or S == 0 or not torch.equal(mb.seq, torch.arange(S)):
         return None
     lens = torch.bincount(mb.key_seq, minlength=S)
     start = torch.cumsum(lens, 0) - lens
-    i = torch.arange(int(lens.max()))
+    i = torch.arange(max(width, int(lens.max())))
     valid = i[None, :] < lens[:, None]
     idx = (start[:, None] + i[None, :]).clamp(max=mb.key_slots.numel() - 1)
     return torch.where(valid, mb.key_slots[idx], scratch), valid
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """An FP8 cache seen as bytes (CPU kernels do not index FP8 tensors); others as they are."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

@@ -142,3 +142,4 @@ class AttnMeta:
     mask: torch.Tensor | None  # [T_pad, K] bool
     seq_keys: torch.Tensor | None = None  # [S, L_max] each sequence's key slots, padded with the scratch slot
     seq_mask: torch.Tensor | None = None  # [S, L_max] bool: real keys
+    seqs: list[tuple[int, int, int, int]] | None = None  # CUDA prefill: per-sequence spans (attention.sequence_spans)

@@ -83,7 +83,7 @@ def default_blocks(plan: Plan, a: ModelArgs) -> int:
 class Engine:
     def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
-                 keep_logits: bool = False, seed: int = 0, tokenizer: Any = None):
+                 keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True):
         self.plan = plan.check()
         self.args = model_args(config)
         if self.args.layers != plan.model.num_layers:
@@ -106,7 +106,7 @@ class Engine:
             raise UserError(f"device '{device}': use cpu or cuda")
         src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
         self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
-                               seed, device, self.num_blocks, self.backend)
+                               seed, device, self.num_blocks, self.backend, cuda_graphs)
         self.procs: list[Any] = []
         self.local: RankRunner | None = None
         self.step_id = 0
@@ -409,10 +409,11 @@ class Engine:
 
 def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
          backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
-         tokenizer: str | Path | Any = None, config: dict | None = None) -> Engine:
+         tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True) -> Engine:
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
-    a local tokenizer directory (defaults to ``weights`` when it holds one)."""
+    a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
+    replay decode steps as CUDA graphs on CUDA ranks (``executors.graphs``)."""
     from plans.schema import load_plan
 
     base = None
@@ -425,19 +426,20 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
 
     if torchrun.under_torchrun():
         if int(os.environ["RANK"]) == 0:
-            return torchrun.TorchrunEngine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok)
-        torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed))
+            return torchrun.TorchrunEngine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok,
+                                           cuda_graphs)
+        torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs))
         raise SystemExit(0)
-    return Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok)
+    return Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs)
 
 
 def _spec_only(plan: Plan, cfg: dict, weights: Any, device: str, backend: str | None,
-               kv_blocks: int | None, seed: int) -> WorkerSpec:
+               kv_blocks: int | None, seed: int, cuda_graphs: bool = True) -> WorkerSpec:
     """What a torchrun rank other than 0 needs (rank 0's Engine builds the same)."""
     a = model_args(cfg)
     blocks = kv_blocks or default_blocks(plan, a)
     return WorkerSpec(plan.model_dump_json(), a.portable(), str(weights) if weights else None, seed, device, blocks,
-                      backend or plan.backend)
+                      backend or plan.backend, cuda_graphs)
 
 
 def _tokenizer(where: Any) -> Any:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from executors.attention import LayerCache, decode_keys, packed_mask
+from executors.attention import LayerCache, decode_keys, packed_mask, sequence_spans
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.dense import AttnMeta, DecoderLayer, rms_norm
@@ -153,9 +153,11 @@ class StageModel:
         t_pad = -(-T // sp) * sp
         slots = torch.full((t_pad,), -1, dtype=torch.long)
         slots[:T] = mb.slots
-        dec = decode_keys(mb, self.caches[0].k.shape[0] - 1) if (t_pad == T and self.caches) else None
+        dec = decode_keys(mb, self.scratch_slot) if (t_pad == T and self.caches) else None
         if dec is not None:  # one query per sequence: attend over each sequence's own keys
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
+        elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
+            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=sequence_spans(mb))
         else:
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))
         pos = mb.pos
@@ -164,17 +166,44 @@ class StageModel:
             lo = par.sp_i * n
             x = F.pad(x, (0, 0, 0, t_pad - T))[lo:lo + n]
             pos = F.pad(pos, (0, t_pad - T))[..., lo:lo + n]
-        cos, sin = cos_sin(pos.to(dev), self.freq, self.rope_scale, self.a.mrope_section)
-        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-        for layer, cache in zip(self.layers, self.caches):
-            x = layer.forward(x, mode if par.sp > 1 else "tp", cos, sin, cache, meta)
+        x = self.layers_forward(x, pos.to(dev), meta, mode if par.sp > 1 else "tp")
         if sp > 1:
             x = all_gather_cat(x, par.sp_group, sp)[:T]
         if self.lm_head is None:
             return x
-        h = rms_norm(x[mb.sample_idx.to(dev)], self.norm, self.a.rms_eps)
+        return self.logits(x[mb.sample_idx.to(dev)])
+
+    @property
+    def scratch_slot(self) -> int:
+        """The cache slot that padding tokens write and padding keys point at (never read as real)."""
+        return self.caches[0].k.shape[0] - 1 if self.caches else 0
+
+    def layers_forward(self, x: torch.Tensor, pos: torch.Tensor, meta: AttnMeta, mode: str) -> torch.Tensor:
+        """The stage's decoder layers on ``x [n, hidden]`` at rotary positions ``pos [n]`` (or
+        ``[3, n]``), all on the device: no host synchronisation, so a CUDA graph can capture it."""
+        cos, sin = cos_sin(pos, self.freq, self.rope_scale, self.a.mrope_section)
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        for layer, cache in zip(self.layers, self.caches):
+            x = layer.forward(x, mode, cos, sin, cache, meta)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and vocab-parallel lm_head: ``x [S, hidden]`` -> ``[S, V]`` fp32."""
+        h = rms_norm(x, self.norm, self.a.rms_eps)
         logits = F.linear(h, self.lm_head).float()  # [S, V/P]
         if self.lm_head.shape[0] != self.a.vocab:
             n = dist.get_world_size(self.vocab_group)
             logits = all_gather_cat(logits.t().contiguous(), self.vocab_group, n).t()
         return logits
+
+    def decode_forward(self, tokens: torch.Tensor, h_in: torch.Tensor | None, pos: torch.Tensor,
+                       slots: torch.Tensor, keys: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """A decode micro-batch in plain TP mode from device tensors alone (what a decode CUDA graph
+        captures): ``tokens [B]`` (or ``h_in [B, hidden]`` on later stages), ``pos [B]`` or
+        ``[3, B]``, ``slots [B]`` (the slot each new key is written to), ``keys [B, L]`` every key
+        slot of each sequence padded with the scratch slot, ``lens [B]`` its number of keys.
+        Returns ``[B, V]`` logits (last stage) or ``[B, hidden]``."""
+        x = self._embed(tokens) if self.embed is not None else h_in
+        mask = torch.arange(keys.shape[1], device=keys.device)[None, :] < lens[:, None]
+        x = self.layers_forward(x, pos, AttnMeta(slots, keys, None, keys, mask), "tp")
+        return x if self.lm_head is None else self.logits(x)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from executors.batch import Step, StepOut
+from executors.batch import MicroBatch, Step, StepOut
 from executors.config import ModelArgs, run_dtypes
 from executors.encoders import EncoderServer
 from executors.parallel import Par, build_par
@@ -39,6 +39,7 @@ class WorkerSpec:
     device: str
     num_blocks: int
     backend: str
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA ranks only)
 
 
 def to_bytes(obj: Any) -> bytes:
@@ -79,6 +80,11 @@ class RankRunner:
         from executors.backends import apply_backend
 
         apply_backend(self.model, spec.backend)
+        self.graphs = None
+        if spec.cuda_graphs and par.device.type == "cuda" and self.model.caches:
+            from executors.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, plan.scheduler.max_seqs)
 
     @property
     def reports(self) -> bool:
@@ -95,7 +101,7 @@ class RankRunner:
             if par.prev_rank is not None:
                 h_in = torch.empty(mb.num_tokens, self.hidden, dtype=self.dtype, device=par.device)
                 dist.recv(h_in, src=par.prev_rank)
-            y = self.model.forward(mb, h_in)
+            y = self._forward(mb, h_in)
             if par.next_rank is not None:
                 y = y.contiguous()
                 pending.append((dist.isend(y, dst=par.next_rank), y))
@@ -111,6 +117,14 @@ class RankRunner:
         return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step, list(zip(reqs, pos))).tolist(),
                        logits.cpu() if step.want_logits else None,
                        [m for mb in step.micro for m in (mb.modes or [mb.mode])])
+
+
+    def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+        """A decode micro-batch replays its CUDA graph; any other runs eagerly."""
+        mode = mb.mode_of(self.model.stage.index) if self.par.sp > 1 else "tp"
+        if self.graphs is not None and self.graphs.accepts(mb, mode):
+            return self.graphs.run(mb, h_in)
+        return self.model.forward(mb, h_in)
 
 
 def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:

@@ -1,0 +1,144 @@
+"""Decode steps replayed as CUDA graphs, one graph per (batch, keys) bucket.
+
+A decode micro-batch (``S`` sequences, one new token each, plain TP mode) costs one read of the
+stage's weights and KV; run eagerly, its hundreds of small kernels are launched one by one from
+Python and the step is bound by the launches, not by HBM. Here the whole stage forward
+(``StageModel.decode_forward``: embedding or received hidden states, every layer with its
+collectives, the lm_head) is captured once per bucket and replayed:
+
+* batch bucket ``B >= S`` from ``BATCH_BUCKETS``; key bucket ``L >= `` the longest context, a power
+  of two from ``MIN_KEYS``;
+* the graph reads one static int64 buffer ``[tokens B | pos R*B | slots B | lens B | keys B*L]``
+  (``R`` = 1, or 3 rows for M-RoPE), filled by one host-to-device copy per step; padding rows
+  write and read only the scratch slot, and their outputs are dropped;
+* later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer.
+
+Graphs share one memory pool and are captured lazily, the first time a bucket is met (NCCL
+collectives are captured too; every rank of a stage meets the same buckets in the same order,
+since they run the same steps). CPU ranks never use this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from executors.attention import decode_keys
+from executors.batch import MicroBatch
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+MIN_KEYS = 256
+
+
+def bucket(n: int, sizes: tuple[int, ...]) -> int | None:
+    """The smallest size ``>= n``, or None past the largest."""
+    return next((b for b in sizes if b >= n), None)
+
+
+def keys_bucket(n: int) -> int:
+    """Key width for a longest context of ``n``: the next power of two, at least ``MIN_KEYS``."""
+    return max(MIN_KEYS, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inp: torch.Tensor  # [B * (3 + R) + B * L] int64, static
+    host: torch.Tensor  # the same, pinned host memory, refilled each step
+    copied: torch.cuda.Event  # the last copy out of ``host`` is done
+    h: torch.Tensor | None  # [B, hidden] static (later pipeline stages)
+    out: torch.Tensor  # [B, V] logits or [B, hidden]
+
+
+class DecodeGraphs:
+    """Captures and replays ``model.decode_forward`` per bucket (``model``: a ``StageModel``)."""
+
+    def __init__(self, model, max_batch: int):
+        self.model = model
+        self.sizes = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
+        self.rows = 3 if model.a.mrope_section else 1
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = None  # one memory pool for every graph, made at the first capture
+        self.replays = 0
+
+    def accepts(self, mb: MicroBatch, mode: str) -> bool:
+        """A decode micro-batch in plain TP mode that fits a bucket, with no image rows."""
+        S = mb.num_tokens
+        return (mode == "tp" and S > 0 and S <= self.sizes[-1] and not mb.img_tok.numel()
+                and int(mb.sample_idx.numel()) == S and torch.equal(mb.seq, torch.arange(S)))
+
+    def shape(self, mb: MicroBatch) -> tuple[int, int]:
+        """The bucket ``(B, L)`` of a decode micro-batch."""
+        lens = torch.bincount(mb.key_seq, minlength=mb.num_tokens)
+        return bucket(mb.num_tokens, self.sizes), keys_bucket(int(lens.max()))
+
+    def padded(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+        """What a replay computes, run eagerly on padded inputs (no graph): ``[S, ...]``."""
+        B, L = self.shape(mb)
+        buf = torch.empty(B * (3 + self.rows) + B * L, dtype=torch.long)
+        self._pack(buf, mb, B, L)
+        h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(B - h_in.shape[0], h_in.shape[1])])
+        return self._forward(buf.to(self.model.par.device), h, B, L)[:mb.num_tokens]
+
+    def run(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+        """``[S, V]`` logits (last stage) or ``[S, hidden]`` for the micro-batch."""
+        S = mb.num_tokens
+        B, L = self.shape(mb)
+        g = self.graphs.get((B, L))
+        if g is not None:
+            g.copied.synchronize()  # the previous step's copy has left the host buffer
+            host = g.host
+        else:
+            host = torch.empty(B * (3 + self.rows) + B * L, dtype=torch.long).pin_memory()
+        self._pack(host, mb, B, L)
+        if g is None:
+            g = self.graphs[(B, L)] = self._capture(B, L, host, h_in)
+        g.inp.copy_(host, non_blocking=True)
+        g.copied.record()
+        if g.h is not None:
+            g.h[:S].copy_(h_in)
+        g.graph.replay()
+        self.replays += 1
+        return g.out[:S].clone()  # the next replay overwrites the static output
+
+    def _pack(self, buf: torch.Tensor, mb: MicroBatch, B: int, L: int) -> None:
+        S, scratch = mb.num_tokens, self.model.scratch_slot
+        keys, valid = decode_keys(mb, scratch, L)
+        tok, pos, slots, ln, k = self._views(buf, B, L)
+        tok.zero_()
+        tok[:S] = mb.tokens
+        pos.zero_()
+        pos[:, :S] = mb.pos.view(-1, S)
+        slots.fill_(scratch)
+        slots[:S] = mb.slots
+        ln.fill_(1)  # a padding row reads the scratch slot alone
+        ln[:S] = valid.sum(1)
+        k.fill_(scratch)
+        k[:S] = keys
+
+    def _views(self, buf: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, ...]:
+        R = self.rows
+        tok, pos, slots, lens, keys = buf.split([B, R * B, B, B, B * L])
+        return tok, pos.view(R, B), slots, lens, keys.view(B, L)
+
+    def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, B: int, L: int) -> torch.Tensor:
+        tok, pos, slots, lens, keys = self._views(inp, B, L)
+        return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, keys, lens)
+
+    def _capture(self, B: int, L: int, host: torch.Tensor, h_in: torch.Tensor | None) -> _Graph:
+        dev = self.model.par.device
+        inp = host.to(dev)
+        h = None if h_in is None else torch.zeros(B, h_in.shape[-1], dtype=h_in.dtype, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm up outside the graph (lazy inits, compiled kernels)
+            for _ in range(2):
+                self._forward(inp, h, B, L)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(inp, h, B, L)
+        return _Graph(graph, inp, host, torch.cuda.Event(), h, out)

@@ -1,0 +1,109 @@
+"""The GPU-only attention paths and the decode-graph inputs, checked on CPU against the packed path.
+
+On CUDA, prefill and mixed micro-batches run one fused SDPA per sequence, decodes a grouped
+matmul, and decode steps replay CUDA graphs over padded static inputs. The arithmetic of each is
+device-independent, so here each is compared with the CPU path (packed block-diagonal mask) on
+the same cache and micro-batch; the GPU itself is covered by bench/engine_gpu_check.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from executors.attention import (LayerCache, _attend_decode_grouped, _attend_per_sequence, attend, decode_keys,
+                                 packed_mask, sequence_spans)
+from executors.dense import AttnMeta
+from executors.scheduler import Chunk, Seq, build_microbatch
+
+BLOCK = 4
+
+
+def _microbatch(chunks: list[tuple[int, int, int]]) -> object:
+    """``(prompt, computed, n)`` per sequence -> a MicroBatch over scattered blocks."""
+    out, nxt = [], 0
+    for j, (total, computed, n) in enumerate(chunks):
+        s = Seq(req=j, tokens=list(range(total)), prompt_len=total, max_new=4, computed=computed)
+        nb = -(-(computed + n) // BLOCK)
+        s.blocks = [nxt + 2 * i for i in range(nb)]  # every other block: slots are not contiguous
+        nxt += 2 * nb + 1
+        out.append(Chunk(s, n))
+    return build_microbatch(out, "tp", BLOCK, None)
+
+
+def _cache(slots: int, hkv: int, D: int, g: torch.Generator) -> LayerCache:
+    c = LayerCache(slots, hkv, D, torch.float32, torch.device("cpu"))
+    c.k.copy_(torch.randn(c.k.shape, generator=g))
+    c.v.copy_(torch.randn(c.v.shape, generator=g))
+    return c
+
+
+@pytest.mark.parametrize("kv_map", [None, "replicated"])
+def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
+    """First chunks, later chunks after cached keys, and single decodes in one micro-batch."""
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, D = 8, 2, 16
+    mb = _microbatch([(12, 0, 12), (20, 8, 5), (30, 29, 1), (9, 0, 9), (17, 16, 1)])
+    T = mb.num_tokens
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (hq, hkv, hkv))
+    kv_of_q = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1]) if kv_map else None
+    ref_cache = _cache(200, hkv, D, g)
+    cache = LayerCache(200, hkv, D, torch.float32, torch.device("cpu"))
+    cache.k.copy_(ref_cache.k)
+    cache.v.copy_(ref_cache.v)
+    want = attend(q, k, v, ref_cache, AttnMeta(mb.slots, mb.key_slots, packed_mask(mb, T, q.device)), kv_of_q)
+    meta = AttnMeta(mb.slots, mb.key_slots, None, seqs=sequence_spans(mb))
+    dst = mb.slots
+    cache.k[dst], cache.v[dst] = k, v
+    got = _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [0, 64])
+def test_grouped_decode_equals_sdpa(width: int) -> None:
+    """Decodes of several contexts, keys padded with the scratch slot to ``width``."""
+    g = torch.Generator().manual_seed(1)
+    hq, hkv, D = 8, 2, 16
+    mb = _microbatch([(30, 29, 1), (7, 6, 1), (18, 17, 1)])
+    S = mb.num_tokens
+    cache = _cache(200, hkv, D, g)
+    keys, valid = decode_keys(mb, 200, width)
+    assert keys.shape[1] == max(width, 30)
+    meta = AttnMeta(mb.slots, mb.key_slots, None, keys, valid)
+    q, k, v = (torch.randn(S, h, D, generator=g) for h in (hq, hkv, hkv))
+    want = attend(q, k, v, cache, meta, None)  # CPU: batched masked SDPA
+    got = _attend_decode_grouped(q, cache, meta, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_graph_inputs_give_the_eager_logits(tmp_path) -> None:
+    """A decode step through the graph's padded static inputs (batch and key buckets, scratch-slot
+    padding) gives the eager step's logits; prefill first so the cache holds real keys."""
+    import executors
+    from executors.graphs import DecodeGraphs, bucket, keys_bucket
+    from executors.scheduler import Scheduler
+    from tests.tiny.helpers import make_plan
+
+    plan = make_plan("llama", max_batch_tokens=64, max_seqs=8)
+    with executors.load(plan, kv_blocks=64) as eng:
+        model = eng.local.model
+        sched = Scheduler(64, plan.scheduler.block_size, 64, 8)
+        seqs = [Seq(req=i, tokens=list(range(3 + 5 * i, 3 + 5 * i + n)), prompt_len=n, max_new=4)
+                for i, n in enumerate([5, 11, 3])]
+        for s in seqs:
+            sched.add(s)
+        chunks, _ = sched.schedule()
+        with torch.inference_mode():
+            model.forward(build_microbatch(chunks, "tp", plan.scheduler.block_size, None), None)
+        for c in chunks:
+            c.seq.computed += c.n
+            c.seq.tokens.append(7)
+        chunks, _ = sched.schedule()
+        mb = build_microbatch(chunks, "tp", plan.scheduler.block_size, None)
+        graphs = DecodeGraphs(model, plan.scheduler.max_seqs)
+        assert graphs.accepts(mb, "tp") and not graphs.accepts(mb, "sp_tp")
+        assert graphs.shape(mb) == (4, 256) == (bucket(3, graphs.sizes), keys_bucket(12))
+        with torch.inference_mode():
+            want = model.forward(mb, None)
+            got = graphs.padded(mb, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
