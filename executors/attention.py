@@ -48,7 +48,6 @@ def packed_mask(mb: MicroBatch, t_pad: int, device: torch.device) -> torch.Tenso
     return m.to(device)
 
 
-@torch.compiler.disable  # data-dependent per-sequence loop: compiled layers call it eagerly
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
            kv_of_q: torch.Tensor | None) -> torch.Tensor:
     """``q [T, hq, D]``, new ``k, v [T, hkv, D]`` -> ``[T, hq * D]``.
@@ -103,6 +102,7 @@ def _attend_decode_grouped(q: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
     return out.reshape(S, hq * D)
 
 
+@torch.compiler.disable  # a data-dependent loop over sequences: compiled layers call it eagerly
 def _attend_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                          meta: "AttnMeta", kv_of_q: torch.Tensor | None) -> torch.Tensor:
     """One fused SDPA per sequence of the micro-batch (``meta.seqs``). A chunk of ``n`` queries at

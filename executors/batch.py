@@ -50,6 +50,9 @@ class MicroBatch:
     img_src: list[tuple[int, int, int]] = field(default_factory=list)  # (req, first row, rows), in order
     images: list[ImageJob] = field(default_factory=list)
     modes: list[str] = field(default_factory=list)  # per pipeline stage (stages may have own thresholds)
+    blocks: list[list[int]] = field(default_factory=list)  # per sequence: its KV blocks (block table row)
+    ctx: list[int] = field(default_factory=list)  # per sequence: keys it reads (cached + new)
+    decode: bool = False  # every sequence contributes one token, its last: a decode micro-batch
 
     def mode_of(self, stage: int) -> str:
         return self.modes[stage] if self.modes else self.mode

@@ -6,11 +6,12 @@ Python and the step is bound by the launches, not by HBM. Here the whole stage f
 (``StageModel.decode_forward``: embedding or received hidden states, every layer with its
 collectives, the lm_head) is captured once per bucket and replayed:
 
-* batch bucket ``B >= S`` from ``BATCH_BUCKETS``; key bucket ``L >= `` the longest context, a power
-  of two from ``MIN_KEYS``;
-* the graph reads one static int64 buffer ``[tokens B | pos R*B | slots B | lens B | keys B*L]``
-  (``R`` = 1, or 3 rows for M-RoPE), filled by one host-to-device copy per step; padding rows
-  write and read only the scratch slot, and their outputs are dropped;
+* batch bucket ``B >= S`` from ``BATCH_BUCKETS``; key bucket ``L >=`` the longest context
+  (``keys_bucket``);
+* the graph reads one static int64 buffer ``[tokens B | pos R*B | slots B | lens B | table B*L/bs]``
+  (``R`` = 1, or 3 rows for M-RoPE; ``table``: each sequence's KV blocks, the block table), filled by
+  one host-to-device copy per step; the key slots ``table[b, p // bs] * bs + p % bs`` are expanded on
+  the GPU. Padding rows write the scratch slot, read one key, and their outputs are dropped;
 * later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer.
 
 Graphs share one memory pool and are captured lazily, the first time a bucket is met (NCCL
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from executors.attention import decode_keys
 from executors.batch import MicroBatch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
@@ -37,14 +37,17 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int | None:
 
 
 def keys_bucket(n: int) -> int:
-    """Key width for a longest context of ``n``: the next power of two, at least ``MIN_KEYS``."""
-    return max(MIN_KEYS, 1 << max(0, n - 1).bit_length())
+    """Key width for a longest context of ``n``: the next multiple of ``MIN_KEYS`` up to 8 of them,
+    then the next power of two (a few graphs per batch size; at most 1/8 of the keys padding)."""
+    if n <= 8 * MIN_KEYS:
+        return max(1, -(-n // MIN_KEYS)) * MIN_KEYS
+    return 1 << (n - 1).bit_length()
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inp: torch.Tensor  # [B * (3 + R) + B * L] int64, static
+    inp: torch.Tensor  # [B * (3 + R) + B * L / bs] int64, static
     host: torch.Tensor  # the same, pinned host memory, refilled each step
     copied: torch.cuda.Event  # the last copy out of ``host`` is done
     h: torch.Tensor | None  # [B, hidden] static (later pipeline stages)
@@ -58,25 +61,26 @@ class DecodeGraphs:
         self.model = model
         self.sizes = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
         self.rows = 3 if model.a.mrope_section else 1
+        self.block = model.block_size
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None  # one memory pool for every graph, made at the first capture
         self.replays = 0
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
         """A decode micro-batch in plain TP mode that fits a bucket, with no image rows."""
-        S = mb.num_tokens
-        return (mode == "tp" and S > 0 and S <= self.sizes[-1] and not mb.img_tok.numel()
-                and int(mb.sample_idx.numel()) == S and torch.equal(mb.seq, torch.arange(S)))
+        return mb.decode and mode == "tp" and mb.num_tokens <= self.sizes[-1] and not mb.img_tok.numel()
 
     def shape(self, mb: MicroBatch) -> tuple[int, int]:
-        """The bucket ``(B, L)`` of a decode micro-batch."""
-        lens = torch.bincount(mb.key_seq, minlength=mb.num_tokens)
-        return bucket(mb.num_tokens, self.sizes), keys_bucket(int(lens.max()))
+        """The bucket ``(B, L)`` of a decode micro-batch (``L`` a multiple of the block size)."""
+        return bucket(mb.num_tokens, self.sizes), -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
+
+    def _size(self, B: int, L: int) -> int:
+        return B * (3 + self.rows) + B * (L // self.block)
 
     def padded(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph): ``[S, ...]``."""
         B, L = self.shape(mb)
-        buf = torch.empty(B * (3 + self.rows) + B * L, dtype=torch.long)
+        buf = torch.empty(self._size(B, L), dtype=torch.long)
         self._pack(buf, mb, B, L)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(B - h_in.shape[0], h_in.shape[1])])
         return self._forward(buf.to(self.model.par.device), h, B, L)[:mb.num_tokens]
@@ -90,7 +94,7 @@ class DecodeGraphs:
             g.copied.synchronize()  # the previous step's copy has left the host buffer
             host = g.host
         else:
-            host = torch.empty(B * (3 + self.rows) + B * L, dtype=torch.long).pin_memory()
+            host = torch.empty(self._size(B, L), dtype=torch.long).pin_memory()
         self._pack(host, mb, B, L)
         if g is None:
             g = self.graphs[(B, L)] = self._capture(B, L, host, h_in)
@@ -103,27 +107,28 @@ class DecodeGraphs:
         return g.out[:S].clone()  # the next replay overwrites the static output
 
     def _pack(self, buf: torch.Tensor, mb: MicroBatch, B: int, L: int) -> None:
-        S, scratch = mb.num_tokens, self.model.scratch_slot
-        keys, valid = decode_keys(mb, scratch, L)
-        tok, pos, slots, ln, k = self._views(buf, B, L)
+        S = mb.num_tokens
+        tok, pos, slots, lens, table = self._views(buf, B, L)
         tok.zero_()
         tok[:S] = mb.tokens
         pos.zero_()
         pos[:, :S] = mb.pos.view(-1, S)
-        slots.fill_(scratch)
+        slots.fill_(self.model.scratch_slot)
         slots[:S] = mb.slots
-        ln.fill_(1)  # a padding row reads the scratch slot alone
-        ln[:S] = valid.sum(1)
-        k.fill_(scratch)
-        k[:S] = keys
+        lens.fill_(1)  # a padding row reads one key (block 0's first slot) and is dropped
+        lens[:S] = torch.tensor(mb.ctx)
+        table.zero_()
+        nb = table.shape[1]
+        table[:S] = torch.tensor([row + [0] * (nb - len(row)) for row in mb.blocks])
 
     def _views(self, buf: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, ...]:
-        R = self.rows
-        tok, pos, slots, lens, keys = buf.split([B, R * B, B, B, B * L])
-        return tok, pos.view(R, B), slots, lens, keys.view(B, L)
+        R, nb = self.rows, L // self.block
+        tok, pos, slots, lens, table = buf.split([B, R * B, B, B, B * nb])
+        return tok, pos.view(R, B), slots, lens, table.view(B, nb)
 
     def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, B: int, L: int) -> torch.Tensor:
-        tok, pos, slots, lens, keys = self._views(inp, B, L)
+        tok, pos, slots, lens, table = self._views(inp, B, L)
+        keys = (table * self.block)[:, :, None].add(torch.arange(self.block, device=inp.device)).view(B, L)
         return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, keys, lens)
 
     def _capture(self, B: int, L: int, host: torch.Tensor, h_in: torch.Tensor | None) -> _Graph:

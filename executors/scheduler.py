@@ -144,11 +144,15 @@ class Scheduler:
 
 
 def build_microbatch(chunks: list[Chunk], mode: str, block: int, image_token: int | None) -> MicroBatch:
-    """Pack chunks into one MicroBatch (tensors on CPU)."""
+    """Pack chunks into one MicroBatch (tensors on CPU). A sequence's key slots are its blocks
+    expanded: ``slot(p) = blocks[p // block] * block + p % block`` for positions ``0 .. hi-1``."""
     toks, pos, seq, idx, slots, ks, kq, kp, samp, sreq = [], [], [], [], [], [], [], [], [], []
     img_tok: list[int] = []
     img_src: list[tuple[int, int, int]] = []
     images: list[ImageJob] = []
+    offsets = torch.arange(block)
+    longest = max((c.seq.computed + c.n for c in chunks), default=0)
+    ar = torch.arange(longest)
     t = 0
     for j, c in enumerate(chunks):
         s = c.seq
@@ -156,14 +160,12 @@ def build_microbatch(chunks: list[Chunk], mode: str, block: int, image_token: in
         toks += s.tokens[lo:hi]
         pos.append(s.positions(lo, hi))
         seq += [j] * c.n
-        idx += list(range(lo, hi))
-        b = torch.tensor(s.blocks, dtype=torch.long)
-        all_pos = torch.arange(hi)
-        all_slots = b[all_pos // block] * block + all_pos % block
+        idx += range(lo, hi)
+        all_slots = (torch.tensor(s.blocks) * block)[:, None].add(offsets).flatten()[:hi]
         slots.append(all_slots[lo:hi])
         ks.append(all_slots)
-        kq += [j] * hi
-        kp.append(all_pos)
+        kq.append(torch.full((hi,), j))
+        kp.append(ar[:hi])
         if hi == len(s.tokens):
             samp.append(t + c.n - 1)
             sreq.append(s.req)
@@ -180,7 +182,10 @@ def build_microbatch(chunks: list[Chunk], mode: str, block: int, image_token: in
     return MicroBatch(
         mode=mode, tokens=torch.tensor(toks, dtype=torch.long), pos=torch.cat(pos, dim=-1),
         seq=torch.tensor(seq, dtype=torch.long), tok_idx=torch.tensor(idx, dtype=torch.long),
-        slots=torch.cat(slots), key_slots=torch.cat(ks), key_seq=torch.tensor(kq, dtype=torch.long),
+        slots=torch.cat(slots), key_slots=torch.cat(ks), key_seq=torch.cat(kq),
         key_pos=torch.cat(kp), sample_idx=torch.tensor(samp, dtype=torch.long), sample_req=sreq,
         img_tok=torch.tensor(img_tok, dtype=torch.long), img_src=img_src, images=images,
+        blocks=[c.seq.blocks[:-(-(c.seq.computed + c.n) // block)] for c in chunks],
+        ctx=[c.seq.computed + c.n for c in chunks],
+        decode=bool(chunks) and len(samp) == len(chunks) == t,
     )

@@ -86,6 +86,7 @@ class StageModel:
         kv_local = HeadSplit(a.heads, a.kv_heads, par.P).kv_per_rank
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
         self.freq, self.rope_scale = inv_freq(a)
+        self.freq = self.freq.to(dev)  # on the device: a captured decode graph reads it
         self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
 
     def _vision_tp(self, plan: Plan, a: ModelArgs) -> tuple[Any, int, int]:
@@ -172,6 +173,10 @@ class StageModel:
         if self.lm_head is None:
             return x
         return self.logits(x[mb.sample_idx.to(dev)])
+
+    @property
+    def block_size(self) -> int:
+        return self.plan.scheduler.block_size
 
     @property
     def scratch_slot(self) -> int:
