@@ -64,7 +64,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
     _store(cache.v, dst, v)
     if meta.seqs is not None:
         return _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
-    if meta.seq_keys is not None and q.is_cuda:
+    if meta.table is not None or (meta.seq_keys is not None and q.is_cuda):
         return _attend_decode_grouped(q, cache, meta, kv_of_q)
     if meta.seq_keys is not None:
         S, L = meta.seq_keys.shape
@@ -83,23 +83,41 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
 
 def _attend_decode_grouped(q: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
                            kv_of_q: torch.Tensor | None) -> torch.Tensor:
-    """Decodes: ``q [S, hq, D]``, keys ``meta.seq_keys [S, L]`` -> ``[S, hq * D]``.
+    """Decodes: ``q [S, hq, D]``, each sequence's keys ``[S, L]`` -> ``[S, hq * D]``.
 
-    Query heads are grouped by their KV head (``G = hq / hkv``): ``scores [S, hkv, G, L] =
-    q [S, hkv, G, D] @ K^T [S, hkv, D, L]``, masked, softmax in fp32, ``@ V [S, hkv, L, D]``; each KV
-    head is read once per sequence."""
-    S, L = meta.seq_keys.shape
+    The keys are gathered whole blocks at a time when ``meta.table [S, L / bs]`` (block table) is
+    given (a copy of contiguous ``bs * hkv * D`` runs, at copy bandwidth), else slot by slot from
+    ``meta.seq_keys``. Query heads are grouped by their KV head (``G = hq / hkv``):
+    ``scores [S, hkv, G, L] = q [S, hkv, G, D] @ K^T [S, hkv, D, L]``, masked, softmax in fp32,
+    ``@ V [S, hkv, L, D]``; each KV head is read once per sequence."""
     hq, D = q.shape[1], q.shape[2]
-    K = _gather(cache.k, meta.seq_keys.flatten(), kv_of_q).to(q.dtype)  # [S * L, hkv, D]
-    V = _gather(cache.v, meta.seq_keys.flatten(), kv_of_q).to(q.dtype)
-    hkv = K.shape[1]
-    K = K.view(S, L, hkv, D).transpose(1, 2)  # [S, hkv, L, D]
-    V = V.view(S, L, hkv, D).transpose(1, 2)
+    if meta.table is not None:
+        bs = meta.block_size
+        K, V = _gather_blocks(cache.k, meta.table, bs, kv_of_q), _gather_blocks(cache.v, meta.table, bs, kv_of_q)
+    else:
+        S, L = meta.seq_keys.shape
+        K = _gather(cache.k, meta.seq_keys.flatten(), kv_of_q).view(S, L, -1, D)
+        V = _gather(cache.v, meta.seq_keys.flatten(), kv_of_q).view(S, L, -1, D)
+    S, L, hkv = K.shape[0], K.shape[1], K.shape[2]
+    K = K.to(q.dtype).transpose(1, 2)  # [S, hkv, L, D]
+    V = V.to(q.dtype).transpose(1, 2)
     qg = q.view(S, hkv, hq // hkv, D)
     scores = torch.matmul(qg, K.transpose(-1, -2)).float() * D ** -0.5  # [S, hkv, G, L]
     scores = scores.masked_fill(~meta.seq_mask[:, None, None, :], float("-inf"))
     out = torch.matmul(scores.softmax(-1).to(q.dtype), V)  # [S, hkv, G, D]
     return out.reshape(S, hq * D)
+
+
+def _gather_blocks(cache: torch.Tensor, table: torch.Tensor, bs: int, heads: torch.Tensor | None) -> torch.Tensor:
+    """``[S, nb * bs, h, D]``: the cache blocks of each block-table row ``table [S, nb]``, in order
+    (the cache's last row is the scratch slot, outside every block)."""
+    S, nb = table.shape
+    h, D = cache.shape[1], cache.shape[2]
+    blocks = _bytes(cache)[:-1].view(-1, bs, h, D)
+    x = blocks.index_select(0, table.flatten()).view(S, nb * bs, h, D)
+    if heads is not None:
+        x = x.index_select(2, heads)
+    return x.view(cache.dtype) if cache.dtype == torch.float8_e4m3fn else x
 
 
 @torch.compiler.disable  # a data-dependent loop over sequences: compiled layers call it eagerly

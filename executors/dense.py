@@ -143,3 +143,5 @@ class AttnMeta:
     seq_keys: torch.Tensor | None = None  # [S, L_max] each sequence's key slots, padded with the scratch slot
     seq_mask: torch.Tensor | None = None  # [S, L_max] bool: real keys
     seqs: list[tuple[int, int, int, int]] | None = None  # CUDA prefill: per-sequence spans (attention.sequence_spans)
+    table: torch.Tensor | None = None  # [S, nb] CUDA decodes: each sequence's KV blocks (keys read block-wise)
+    block_size: int = 0

@@ -10,8 +10,8 @@ collectives, the lm_head) is captured once per bucket and replayed:
   (``keys_bucket``);
 * the graph reads one static int64 buffer ``[tokens B | pos R*B | slots B | lens B | table B*L/bs]``
   (``R`` = 1, or 3 rows for M-RoPE; ``table``: each sequence's KV blocks, the block table), filled by
-  one host-to-device copy per step; the key slots ``table[b, p // bs] * bs + p % bs`` are expanded on
-  the GPU. Padding rows write the scratch slot, read one key, and their outputs are dropped;
+  one host-to-device copy per step; attention reads whole blocks through the table. Padding rows
+  write the scratch slot, read one key, and their outputs are dropped;
 * later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer.
 
 Graphs share one memory pool and are captured lazily, the first time a bucket is met (NCCL
@@ -128,8 +128,7 @@ class DecodeGraphs:
 
     def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, B: int, L: int) -> torch.Tensor:
         tok, pos, slots, lens, table = self._views(inp, B, L)
-        keys = (table * self.block)[:, :, None].add(torch.arange(self.block, device=inp.device)).view(B, L)
-        return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, keys, lens)
+        return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, table, lens)
 
     def _capture(self, B: int, L: int, host: torch.Tensor, h_in: torch.Tensor | None) -> _Graph:
         dev = self.model.par.device

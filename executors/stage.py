@@ -154,8 +154,14 @@ class StageModel:
         t_pad = -(-T // sp) * sp
         slots = torch.full((t_pad,), -1, dtype=torch.long)
         slots[:T] = mb.slots
-        dec = decode_keys(mb, self.scratch_slot) if (t_pad == T and self.caches) else None
-        if dec is not None:  # one query per sequence: attend over each sequence's own keys
+        dec = decode_keys(mb, self.scratch_slot) if (t_pad == T and self.caches and dev.type != "cuda") else None
+        if mb.decode and t_pad == T and dev.type == "cuda":  # decodes read their KV blocks whole
+            nb = max(len(b) for b in mb.blocks)
+            table = torch.tensor([b + [0] * (nb - len(b)) for b in mb.blocks]).to(dev)
+            mask = torch.arange(nb * self.block_size)[None, :] < torch.tensor(mb.ctx)[:, None]
+            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seq_mask=mask.to(dev), table=table,
+                            block_size=self.block_size)
+        elif dec is not None:  # one query per sequence: attend over each sequence's own keys
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=sequence_spans(mb))
@@ -202,13 +208,14 @@ class StageModel:
         return logits
 
     def decode_forward(self, tokens: torch.Tensor, h_in: torch.Tensor | None, pos: torch.Tensor,
-                       slots: torch.Tensor, keys: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+                       slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """A decode micro-batch in plain TP mode from device tensors alone (what a decode CUDA graph
         captures): ``tokens [B]`` (or ``h_in [B, hidden]`` on later stages), ``pos [B]`` or
-        ``[3, B]``, ``slots [B]`` (the slot each new key is written to), ``keys [B, L]`` every key
-        slot of each sequence padded with the scratch slot, ``lens [B]`` its number of keys.
+        ``[3, B]``, ``slots [B]`` (the slot each new key is written to), ``table [B, nb]`` each
+        sequence's KV blocks (padded with block 0), ``lens [B]`` its number of keys.
         Returns ``[B, V]`` logits (last stage) or ``[B, hidden]``."""
         x = self._embed(tokens) if self.embed is not None else h_in
-        mask = torch.arange(keys.shape[1], device=keys.device)[None, :] < lens[:, None]
-        x = self.layers_forward(x, pos, AttnMeta(slots, keys, None, keys, mask), "tp")
+        mask = torch.arange(table.shape[1] * self.block_size, device=table.device)[None, :] < lens[:, None]
+        meta = AttnMeta(slots, table, None, seq_mask=mask, table=table, block_size=self.block_size)
+        x = self.layers_forward(x, pos, meta, "tp")
         return x if self.lm_head is None else self.logits(x)

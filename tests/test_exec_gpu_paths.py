@@ -74,6 +74,11 @@ def test_grouped_decode_equals_sdpa(width: int) -> None:
     want = attend(q, k, v, cache, meta, None)  # CPU: batched masked SDPA
     got = _attend_decode_grouped(q, cache, meta, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    nb = max(len(b) for b in mb.blocks) + 1  # one padding block per row (block 0, masked)
+    table = torch.tensor([b + [0] * (nb - len(b)) for b in mb.blocks])
+    mask = torch.arange(nb * BLOCK)[None, :] < torch.tensor(mb.ctx)[:, None]
+    by_block = AttnMeta(mb.slots, mb.key_slots, None, seq_mask=mask, table=table, block_size=BLOCK)
+    torch.testing.assert_close(_attend_decode_grouped(q, cache, by_block, None), want, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_graph_inputs_give_the_eager_logits(tmp_path) -> None:
