@@ -48,6 +48,9 @@ def packed_mask(mb: MicroBatch, t_pad: int, device: torch.device) -> torch.Tenso
     return m.to(device)
 
 
+# Compiled layers call attention eagerly: on an H200, compiling the decode path's block gather and
+# grouped matmul with dynamic shapes made a batch-32 decode step 2.5x slower (bench/engine_speed.py).
+@torch.compiler.disable
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
            kv_of_q: torch.Tensor | None) -> torch.Tensor:
     """``q [T, hq, D]``, new ``k, v [T, hkv, D]`` -> ``[T, hq * D]``.
@@ -120,7 +123,6 @@ def _gather_blocks(cache: torch.Tensor, table: torch.Tensor, bs: int, heads: tor
     return x.view(cache.dtype) if cache.dtype == torch.float8_e4m3fn else x
 
 
-@torch.compiler.disable  # a data-dependent loop over sequences: compiled layers call it eagerly
 def _attend_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                          meta: "AttnMeta", kv_of_q: torch.Tensor | None) -> torch.Tensor:
     """One fused SDPA per sequence of the micro-batch (``meta.seqs``). A chunk of ``n`` queries at
