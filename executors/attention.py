@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-from executors.batch import MicroBatch
 from torch.nn.attention.bias import causal_lower_right
+
+from executors import paged_decode
+from executors.batch import MicroBatch
 
 if TYPE_CHECKING:
     from executors.dense import AttnMeta
@@ -88,12 +89,16 @@ def _attend_decode_grouped(q: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
                            kv_of_q: torch.Tensor | None) -> torch.Tensor:
     """Decodes: ``q [S, hq, D]``, each sequence's keys ``[S, L]`` -> ``[S, hq * D]``.
 
-    The keys are gathered whole blocks at a time when ``meta.table [S, L / bs]`` (block table) is
+    On CUDA in bf16/fp16 with plain GQA, the Triton kernel of ``executors.paged_decode`` reads each
+    sequence's keys in place through the block table. Otherwise the keys are gathered whole blocks
+    at a time when ``meta.table [S, L / bs]`` (block table) is
     given (a copy of contiguous ``bs * hkv * D`` runs, at copy bandwidth), else slot by slot from
     ``meta.seq_keys``. Query heads are grouped by their KV head (``G = hq / hkv``):
     ``scores [S, hkv, G, L] = q [S, hkv, G, D] @ K^T [S, hkv, D, L]``, masked, softmax in fp32,
     ``@ V [S, hkv, L, D]``; each KV head is read once per sequence."""
     hq, D = q.shape[1], q.shape[2]
+    if meta.table is not None and paged_decode.available(q, cache.k, kv_of_q):
+        return paged_decode.paged_decode(q, cache.k, cache.v, meta.table, meta.seq_lens, meta.block_size)
     if meta.table is not None:
         bs = meta.block_size
         K, V = _gather_blocks(cache.k, meta.table, bs, kv_of_q), _gather_blocks(cache.v, meta.table, bs, kv_of_q)

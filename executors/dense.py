@@ -145,3 +145,4 @@ class AttnMeta:
     seqs: list[tuple[int, int, int, int]] | None = None  # CUDA prefill: per-sequence spans (attention.sequence_spans)
     table: torch.Tensor | None = None  # [S, nb] CUDA decodes: each sequence's KV blocks (keys read block-wise)
     block_size: int = 0
+    seq_lens: torch.Tensor | None = None  # [S] keys of each sequence (with ``table``)

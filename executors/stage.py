@@ -158,9 +158,10 @@ class StageModel:
         if mb.decode and t_pad == T and dev.type == "cuda":  # decodes read their KV blocks whole
             nb = max(len(b) for b in mb.blocks)
             table = torch.tensor([b + [0] * (nb - len(b)) for b in mb.blocks]).to(dev)
-            mask = torch.arange(nb * self.block_size)[None, :] < torch.tensor(mb.ctx)[:, None]
+            lens = torch.tensor(mb.ctx)
+            mask = torch.arange(nb * self.block_size)[None, :] < lens[:, None]
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seq_mask=mask.to(dev), table=table,
-                            block_size=self.block_size)
+                            block_size=self.block_size, seq_lens=lens.to(dev))
         elif dec is not None:  # one query per sequence: attend over each sequence's own keys
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
@@ -216,6 +217,6 @@ class StageModel:
         Returns ``[B, V]`` logits (last stage) or ``[B, hidden]``."""
         x = self._embed(tokens) if self.embed is not None else h_in
         mask = torch.arange(table.shape[1] * self.block_size, device=table.device)[None, :] < lens[:, None]
-        meta = AttnMeta(slots, table, None, seq_mask=mask, table=table, block_size=self.block_size)
+        meta = AttnMeta(slots, table, None, seq_mask=mask, table=table, block_size=self.block_size, seq_lens=lens)
         x = self.layers_forward(x, pos, meta, "tp")
         return x if self.lm_head is None else self.logits(x)

@@ -1,0 +1,109 @@
+"""Paged decode attention on the GPU (a Triton kernel): each sequence's query heads read their
+keys and values straight from the paged KV cache through the block table, once.
+
+Shapes: ``q [S, hq, D]``; cache ``k, v [slots + 1, hkv, D]`` (slot = block * bs + offset);
+``table [S, nb]`` each sequence's blocks; ``lens [S]`` its number of keys. Query heads are grouped
+by KV head, ``G = hq / hkv`` (plain GQA), so one program reads a KV head's keys once for its G
+query heads.
+
+Flash decoding: the keys of a sequence are cut into ``nsplit`` ranges of ``keys_per_split`` keys,
+one program per ``(sequence, kv head, range)``, so a small batch still fills the GPU. A program
+keeps the running max ``m``, sum ``l`` and accumulator of the online softmax over its range and
+writes ``out_r = acc / l`` and ``lse_r = m + log l``; the ranges are combined as
+``out = sum_r softmax_r(lse_r) out_r`` (an empty range has ``lse = -inf`` and weight 0).
+
+Bytes read per step: each sequence's K and V once, ``2 x ctx x hkv x D x 2`` bytes, plus ``q``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: attention.py falls back to the torch path
+    triton = None
+
+BLOCK_N = 64  # keys per inner iteration
+BLOCK_G = 16  # query heads per program, padded (tl.dot needs 16 rows)
+TARGET_PROGRAMS = 264  # about two per SM on an H100/H200 (132 SMs)
+
+
+def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None) -> bool:
+    """The kernel serves bf16/fp16 decodes on CUDA with plain GQA (at most BLOCK_G query heads per
+    KV head) and a cache of the same dtype; anything else takes the torch path."""
+    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and cache.dtype == q.dtype and kv_of_q is None and q.shape[1] // cache.shape[1] <= BLOCK_G)
+
+
+def splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
+    """``(nsplit, keys_per_split)``: enough programs to fill the GPU, ranges of whole BLOCK_N."""
+    chunks = max(1, -(-max_keys // BLOCK_N))
+    nsplit = max(1, min(chunks, -(-TARGET_PROGRAMS // (S * hkv))))
+    return nsplit, -(-chunks // nsplit) * BLOCK_N
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                 lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys."""
+    S, hq, D = q.shape
+    hkv = k_cache.shape[1]
+    G = hq // hkv
+    nsplit, per = splits(S, hkv, table.shape[1] * block_size)
+    BLOCK_D = triton.next_power_of_2(D)
+    out = torch.empty(S, hkv, nsplit, BLOCK_G, BLOCK_D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(S, hkv, nsplit, BLOCK_G, dtype=torch.float32, device=q.device)
+    _partial[(S, hkv, nsplit)](
+        q, k_cache, v_cache, table, lens, out, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N,
+    )
+    w = torch.softmax(lse, dim=2)  # [S, hkv, nsplit, BLOCK_G]
+    o = (w[..., None] * out).sum(2)  # [S, hkv, BLOCK_G, BLOCK_D]
+    return o[:, :, :G, :D].reshape(S, hq * D).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial(Q, K, V, TABLE, LENS, OUT, LSE, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
+                 keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        r = tl.program_id(2)
+        H = tl.num_programs(1)
+        R = tl.num_programs(2)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(Q + s * stride_qs + (h * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=(g < G)[:, None] & dmask[None, :], other=0.0)
+        n_keys = tl.load(LENS + s)
+        lo = r * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, n_keys)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            valid = n < hi
+            blk = tl.load(TABLE + s * stride_ts + n // BS, mask=valid, other=0)
+            row = (blk * BS + n % BS).to(tl.int64) * stride_kslot + h * stride_kh
+            kv_mask = valid[:, None] & dmask[None, :]
+            k = tl.load(K + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(qk - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        base = (s * H + h) * R + r
+        safe = tl.where(l > 0, l, 1.0)
+        tl.store(OUT + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc / safe[:, None],
+                 mask=dmask[None, :] & (g < BLOCK_G)[:, None])
+        tl.store(LSE + base * BLOCK_G + g, tl.where(l > 0, m + tl.log(safe), float("-inf")))
