@@ -31,7 +31,8 @@ def _flags(plan: Plan, t: Target, out: list[Decision]) -> list[str]:
                                    f"{partition(t)}"))
     act = DTYPE[t.weights_dtype]
     flags += ["--dtype", act]
-    out.append(Decision("map", f"weights {t.weights_dtype} -> --dtype {act}"))
+    out.append(Decision("map", f"weights {t.weights_dtype} -> --dtype {act}" if t.weights_dtype in ("bf16", "fp16", "fp32")
+                           else f"weights {t.weights_dtype}, activations in {act} -> --dtype {act}"))
     if t.weights_dtype == "fp8":
         flags += ["--quantization", "fp8"]
         out.append(Decision("map", "weights fp8 -> --quantization fp8"))
