@@ -13,7 +13,11 @@ How the names were checked:
   vLLM sources from before and after v0.18.0 (arg_utils.py at 99d7eb5d6a51, config/parallel.py
   at 00193b82b0e2, config/multimodal.py at 01230b40128e, config/ec_transfer.py at 04b022935cd5);
   ``--nnodes / --node-rank / --master-addr`` (multi-node ``mp`` executor) are also used by
-  Arctic v0.2.0's own executor patch against v0.18.0 (``parallel_config.nnodes_within_dp``).
+  Arctic v0.2.0's own executor patch against v0.18.0 (``parallel_config.nnodes_within_dp``), and
+  ``--mm-encoder-only`` by its model runner (``multimodal_config.mm_encoder_only``). The encoder
+  cache connector named in ``--ec-transfer-config`` is ``ECExampleConnector``
+  (vllm/distributed/ec_transfer/ec_connector/factory.py; earlier vLLM called it
+  ``ECSharedStorageConnector``).
 * SGLang: python/sglang/srt/server_args.py at 001067fffe33 (``ServerArgs`` fields, flag =
   ``--`` + field name with ``-``; ``--encoder-only``, ``--language-only``, ``--encoder-urls`` are
   added by hand in ``add_cli_args``).
