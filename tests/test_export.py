@@ -189,6 +189,16 @@ def test_yaml_and_json_formats_carry_the_launches():
     assert any(d["kind"] == "map" and "--pipeline-parallel-size 2" in d["text"] for d in explained)
 
 
+def test_python_api_exports():
+    from planner.api import export_launch
+
+    text = export_launch(_plan("qwen2.5-32b-8xh200"), "arctic", "json", model="/models/q32")
+    data = json.loads(text)
+    assert data["launches"][0]["command"][:3] == ["vllm", "serve", "/models/q32"]
+    with pytest.raises(Exception, match="cannot run plan"):
+        export_launch(_plan("qwen2.5-32b-8xh200"), "sglang", downgrade=False)
+
+
 # ------------------------------------------------------------------ refusals and downgrades
 
 
