@@ -209,7 +209,7 @@ def test_arctic_limits_name_their_reason():
     odd = _with(_plan("qwen2.5-32b-8xh200"), scheduler=Scheduler(max_seqs=255))
     x = export_plan(odd, "arctic")
     assert x.target.sp == 8 and x.target.max_seqs == 248
-    assert "--max-num-seqs divisible by the SP degree: 255 % 8 = 7" in x.downgrades[0]
+    assert "keep --max-num-seqs divisible by the SP degree: 255 % 8 = 7" in x.downgrades[0]
     _, _, all_dp = _synthetic_plans()
     assert "first pipeline stage only" in export_plan(all_dp, "sglang").downgrades[0]
     assert export_plan(all_dp, "vllm").target.placement == "stage0_dp"

@@ -80,8 +80,9 @@ def mesh_limit(engine: str, pp: int, tp: int, sp: int, architecture: str = "", m
                 "(model_runner.py monkeypatch_forward); Qwen-VL's M-RoPE positions are [3, tokens], so SP would "
                 "split the three rope rows instead of the tokens")
     if max_seqs is not None and max_seqs % sp:
-        return (f"Arctic Inference needs --max-num-seqs divisible by the SP degree: {max_seqs} % {sp} = "
-                f"{max_seqs % sp}")
+        return ("Arctic Inference v0.2.0 pads each step's tokens to a multiple of the SP degree and scales its "
+                "CUDA-graph batch sizes by it (ulysses.py), and has failed on a batch size that is not a multiple: "
+                f"keep --max-num-seqs divisible by the SP degree: {max_seqs} % {sp} = {max_seqs % sp}")
     return None
 
 
