@@ -45,4 +45,5 @@ def export_launch(plan: Plan, engine: str, fmt: str = "cmd", explain: bool = Fal
     """``plan export``: the launch of ``plan`` on vllm | arctic | sglang (shell script, YAML or JSON)."""
     from planner.export import export_plan, render as render_export
 
-    return render_export(export_plan(plan, engine, model=model, downgrade=downgrade), fmt, explain)  # type: ignore[arg-type]
+    x = export_plan(plan, engine, model=model, downgrade=downgrade)
+    return render_export(x, fmt, explain)  # type: ignore[arg-type]

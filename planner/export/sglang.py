@@ -31,8 +31,9 @@ def _flags(plan: Plan, t: Target, out: list[Decision]) -> list[str]:
                                    f"{partition(t)}"))
     act = DTYPE[t.weights_dtype]
     flags += ["--dtype", act]
-    out.append(Decision("map", f"weights {t.weights_dtype} -> --dtype {act}" if t.weights_dtype in ("bf16", "fp16", "fp32")
-                           else f"weights {t.weights_dtype}, activations in {act} -> --dtype {act}"))
+    quantized = t.weights_dtype in ("fp8", "int4")
+    out.append(Decision("map", f"weights {t.weights_dtype}" + (f", activations in {act}" if quantized else "")
+                               + f" -> --dtype {act}"))
     if t.weights_dtype == "fp8":
         flags += ["--quantization", "fp8"]
         out.append(Decision("map", "weights fp8 -> --quantization fp8"))
@@ -56,8 +57,8 @@ def _flags(plan: Plan, t: Target, out: list[Decision]) -> list[str]:
     if plan.model.vision_blocks and t.placement in ("stage0_tp", "stage0_dp"):
         if t.placement == "stage0_dp":
             flags += ["--mm-enable-dp-encoder"]
-            out.append(Decision("map", "vision stage0_dp -> --mm-enable-dp-encoder (encoder replicated on the TP ranks, "
-                                       "images split across them)"))
+            out.append(Decision("map", "vision stage0_dp -> --mm-enable-dp-encoder (encoder replicated on the TP "
+                                       "ranks, images split across them)"))
         else:
             out.append(Decision("map", "vision stage0_tp -> SGLang's default TP-sharded encoder (no flag)"))
     return flags

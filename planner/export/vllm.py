@@ -30,8 +30,9 @@ def common_flags(plan: Plan, t: Target, out: list[Decision]) -> list[str]:
     """Model dtype, quantization, KV dtype and scheduler flags (every LLM server)."""
     act = DTYPE[t.weights_dtype]
     flags = ["--dtype", act]
-    out.append(Decision("map", f"weights {t.weights_dtype} -> --dtype {act}" if t.weights_dtype in ("bf16", "fp16", "fp32")
-                           else f"weights {t.weights_dtype}, activations in {act} -> --dtype {act}"))
+    quantized = t.weights_dtype in ("fp8", "int4")
+    out.append(Decision("map", f"weights {t.weights_dtype}" + (f", activations in {act}" if quantized else "")
+                               + f" -> --dtype {act}"))
     if t.weights_dtype == "fp8":
         flags += ["--quantization", "fp8"]
         out.append(Decision("map", "weights fp8 -> --quantization fp8 (an FP8 checkpoint is read as is; a bf16 one "
