@@ -19,8 +19,9 @@ How the names were checked:
   (vllm/distributed/ec_transfer/ec_connector/factory.py; earlier vLLM called it
   ``ECSharedStorageConnector``).
 * SGLang: python/sglang/srt/server_args.py at 001067fffe33 (``ServerArgs`` fields, flag =
-  ``--`` + field name with ``-``; ``--encoder-only``, ``--language-only``, ``--encoder-urls`` are
-  added by hand in ``add_cli_args``).
+  ``--`` + field name with ``-``; the encoder-disaggregation flags ``--encoder-only``,
+  ``--language-only``, ``--encoder-urls`` are ``ServerArgs`` fields too, and were added by hand in
+  ``add_cli_args`` in earlier releases, under the same names).
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ _SGLANG = {
     "--quantization": "ServerArgs.quantization",
     "--dtype": "ServerArgs.dtype",
     "--mm-enable-dp-encoder": "ServerArgs.mm_enable_dp_encoder (encoder data parallel over the TP ranks)",
-    "--encoder-only": "add_cli_args: an encoder-only server (encoder disaggregation)",
-    "--language-only": "add_cli_args: load the language model only",
-    "--encoder-urls": "add_cli_args: the encoder-only servers a --language-only server uses",
+    "--encoder-only": "ServerArgs.encoder_only: an encoder-only server (encoder disaggregation)",
+    "--language-only": "ServerArgs.language_only: the language model only, images encoded by --encoder-urls",
+    "--encoder-urls": "ServerArgs.encoder_urls: the encoder-only servers a --language-only server uses",
     "--port": "ServerArgs.port",
 }
 _SGLANG_ENV = {
