@@ -14,7 +14,7 @@ from planner.candidates import ModelFacts, SearchSpace, enumerate_candidates
 from planner.cli import main as plan_main
 from planner.export import ENGINES, INFO, export_plan, render
 from planner.export.engines import mesh_limit
-from planner.export.flags import ENV, FLAGS
+from planner.export.flags import CHOICES, ENV, FLAGS
 from plans.schema import Mesh, Plan, Scheduler, Shift, Stage, Vision, dump_plan, load_plan
 
 ROOT = Path(__file__).parents[1]
@@ -96,6 +96,9 @@ def test_every_emitted_flag_is_in_the_pinned_table():
                 flags = {w for w in la.argv if w.startswith("--")}
                 assert flags <= set(FLAGS[engine]), (engine, plan.name, flags - set(FLAGS[engine]))
                 assert set(la.env) <= set(ENV[engine]), (engine, plan.name, set(la.env) - set(ENV[engine]))
+                for flag, allowed in CHOICES[engine].items():
+                    if flag in la.argv:
+                        assert _flag(la.argv, flag) in allowed, (engine, plan.name, flag, _flag(la.argv, flag))
                 seen[engine] |= flags
     # the table is not padded: every engine's exports use most of its flags
     for engine in ENGINES:
@@ -272,6 +275,8 @@ def test_spec_engine_compiles_a_plan_that_engine_runs(tmp_path, capsys):
     assert "engine: vllm\n" in out.read_text()
     assert plan_main(["show", str(out)]) == 0
     assert "engine     vllm: vLLM v0.18.0" in capsys.readouterr().out
+    assert plan_main(["show", str(ROOT / "plans" / "llama-3.1-70b-8xh200.plan.yaml")]) == 0
+    assert "engine     shiftplan (its own executors" in capsys.readouterr().out
     # no --engine: the plan's own
     assert plan_main(["export", str(out), "--no-downgrade", "-o", str(tmp_path / "l70.sh")]) == 0
     assert "vllm serve meta-llama/Llama-3.1-70B-Instruct" in (tmp_path / "l70.sh").read_text()

@@ -92,3 +92,14 @@ _SGLANG_ENV = {
 
 FLAGS: dict[str, dict[str, str]] = {"vllm": _VLLM, "arctic": _ARCTIC, "sglang": _SGLANG}
 ENV: dict[str, dict[str, str]] = {"vllm": _VLLM_ENV, "arctic": _ARCTIC_ENV, "sglang": _SGLANG_ENV}
+
+# Values the exports pass to flags that take a fixed set (a subset of each engine's choices, as read).
+_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "vllm": {"--dtype": _DTYPES, "--kv-cache-dtype": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+             "--mm-encoder-tp-mode": ("weights", "data"), "--quantization": ("fp8",),
+             "--block-size": ("1", "8", "16", "32", "64", "128")},
+    "sglang": {"--dtype": _DTYPES, "--kv-cache-dtype": ("auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16"),
+               "--quantization": ("fp8",)},
+}
+CHOICES["arctic"] = CHOICES["vllm"]
