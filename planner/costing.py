@@ -81,7 +81,7 @@ def search_space(spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
     act = model.memory(pp=1, tp=1, sp=1, stage_layers=(0, 0), with_embedding=False, with_lm_head=False,
                             max_batch_tokens=mix.max_batch_tokens).activations_gb
     tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
-    space = SearchSpace(
+    return SearchSpace(
         gpus=spec.hardware.world_size, gpus_per_node=spec.hardware.gpus_per_node,
         capacity_gb=model.cost.gpu.hbm_gb * USABLE_FRACTION, hbm_gb=model.cost.gpu.hbm_gb, activations_gb=act, min_kv_tokens=min_kv_tokens(mix),
         allow_cross_node_tp=s.allow_cross_node_tp, allow_fewer_gpus=spec.objective == "min_gpus",
@@ -90,24 +90,23 @@ def search_space(spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
         ("stage0_tp", "stage0_dp", "all_dp", "dedicated"),
         dedicated_gpus=tup(s.dedicated_vision_gpus),
     )
-    return replace(space, **engine_limits(spec, model, mix, space.placements))
 
 
-def engine_limits(spec: Spec, model: Model, mix: TokenMix, placements: tuple[str, ...]) -> dict:
-    """SearchSpace fields that keep only what ``spec.engine`` runs (nothing for shiftplan)."""
+def engine_limits(space: SearchSpace, spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
+    """``space`` keeping only the meshes and encoder placements ``spec.engine`` runs (all for shiftplan);
+    the rules are ``planner.export.engines``', the ones ``plan export`` applies."""
     if spec.engine == "shiftplan":
-        return {}
+        return space
     from planner.export.engines import PLACEMENTS, mesh_limit
 
-    placements = tuple(p for p in placements if p in PLACEMENTS[spec.engine])
     arch = model.graph.info.architecture
-    return {"placements": placements,
-            "engine_check": lambda dp, pp, tp, sp: mesh_limit(spec.engine, pp, tp, sp, arch, mix.max_seqs)}
+    return replace(space, placements=tuple(p for p in space.placements if p in PLACEMENTS[spec.engine]),
+                   engine_check=lambda dp, pp, tp, sp: mesh_limit(spec.engine, pp, tp, sp, arch, mix.max_seqs))
 
 
 def candidate_set(spec: Spec, model: Model, mix: TokenMix) -> tuple[CandidateSet, ModelFacts, SearchSpace]:
     facts = model_facts(spec, model)
-    space = search_space(spec, model, mix)
+    space = engine_limits(search_space(spec, model, mix), spec, model, mix)
     return enumerate_candidates(facts, space), facts, space
 
 
