@@ -14,7 +14,9 @@ How the names were checked:
   at 00193b82b0e2, config/multimodal.py at 01230b40128e, config/ec_transfer.py at 04b022935cd5);
   ``--nnodes / --node-rank / --master-addr`` (multi-node ``mp`` executor) are also used by
   Arctic v0.2.0's own executor patch against v0.18.0 (``parallel_config.nnodes_within_dp``), and
-  ``--mm-encoder-only`` by its model runner (``multimodal_config.mm_encoder_only``). The encoder
+  ``--mm-encoder-only`` by its model runner (``multimodal_config.mm_encoder_only``); its
+  benchmark/reproducibility scripts pass ``--tensor-parallel-size``, ``--data-parallel-size``,
+  ``--max-num-batched-tokens`` and ``--kv-cache-dtype fp8`` to vLLM v0.18.0 as well. The encoder
   cache connector named in ``--ec-transfer-config`` is ``ECExampleConnector``
   (vllm/distributed/ec_transfer/ec_connector/factory.py; earlier vLLM called it
   ``ECSharedStorageConnector``).
