@@ -209,18 +209,6 @@ def model_path(plan: Plan, override: str | None) -> tuple[str, Decision]:
                                   "pass --model with the checkpoint directory the engine should load")
 
 
-def split_even(layers: int, pp: int) -> tuple[tuple[int, int], ...]:
-    """The even split an engine makes without a partition override (remainder to the last stages)."""
-    sizes = [layers // pp] * pp
-    for i in range(layers % pp):
-        sizes[-1 - i] += 1
-    out, a = [], 0
-    for n in sizes:
-        out.append((a, a + n - 1))
-        a += n
-    return tuple(out)
-
-
 def partition(t: Target) -> str:
     return ",".join(str(b - a + 1) for a, b in t.stages)
 
