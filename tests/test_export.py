@@ -289,3 +289,15 @@ def test_spec_rejects_an_unknown_engine(tmp_path, capsys):
     spec.write_text((ROOT / "examples" / "llama-3.1-8b-1xh100.yaml").read_text() + "engine: tensorrt-llm\n")
     assert plan_main(["compile", str(spec), "-q"]) == 2
     assert "engine" in capsys.readouterr().err
+
+
+def test_export_reads_only_the_plan_schema():
+    import subprocess
+    import sys
+
+    code = ("import sys; from planner.cli import main; "
+            f"rc = main(['export', {str(PLANS[0])!r}, '--engine', 'arctic']); "
+            "heavy = [m for m in ('torch', 'pulp', 'networkx', 'planner.pipeline', 'planner.spec', 'costmodels', "
+            "'graph') if m in sys.modules]; print(rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout[-2000:] + out.stderr[-2000:]
