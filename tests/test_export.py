@@ -301,3 +301,11 @@ def test_export_reads_only_the_plan_schema():
             "'graph') if m in sys.modules]; print(rc, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_a_replica_on_part_of_two_nodes_is_refused():
+    from plans.errors import UserError
+
+    odd = _with(_plan("llama-3.1-70b-2x8xh100"), mesh=Mesh(pp=3, tp=4), shift=Shift(), stages=_stages(80, 3))
+    with pytest.raises(UserError, match="spans nodes \\[0, 1\\] without filling them"):
+        export_plan(odd, "vllm")
