@@ -14,7 +14,7 @@ from typing import Literal
 
 import yaml
 
-from planner.export.engines import INFO, mesh_limit, placement_limit
+from planner.export.engines import INFO, limit_of, placement_limit
 from plans.errors import UserError
 from plans.schema import Plan
 
@@ -113,10 +113,11 @@ def fit(plan: Plan, engine: str) -> tuple[Target, list[Decision]]:
     t = target_of(plan)
     out: list[Decision] = []
     for _ in range(4):  # each round removes one limit
-        why = mesh_limit(engine, t.pp, t.tp, t.sp, plan.model.architecture, t.max_seqs)
-        if why is None:
+        hit = limit_of(engine, t.pp, t.tp, t.sp, plan.model.architecture, t.max_seqs)
+        if hit is None:
             break
-        if "--max-num-seqs" in why:
+        what, why = hit
+        if what == "max_seqs":
             seqs = t.max_seqs - t.max_seqs % t.sp
             out.append(Decision("downgrade", f"{why}: max sequences {t.max_seqs} -> {seqs}"))
             t = replace(t, max_seqs=seqs)

@@ -66,21 +66,28 @@ def no_sp(engine: str) -> str:
 def mesh_limit(engine: str, pp: int, tp: int, sp: int, architecture: str = "", max_seqs: int | None = None
                ) -> str | None:
     """None when ``engine`` runs a (pp, tp, sp) replica of this model, else the limit it hits."""
+    hit = limit_of(engine, pp, tp, sp, architecture, max_seqs)
+    return hit[1] if hit else None
+
+
+def limit_of(engine: str, pp: int, tp: int, sp: int, architecture: str = "", max_seqs: int | None = None
+             ) -> tuple[str, str] | None:
+    """The first limit hit as (what it limits: "sp" or "max_seqs", the message), or None."""
     if engine == "shiftplan" or sp == 1:
         return None
     if engine in ("vllm", "sglang"):
-        return no_sp(engine)
+        return "sp", no_sp(engine)
     # Arctic Inference v0.2.0
     if pp > 1:
-        return ("Arctic Inference v0.2.0 runs Ulysses SP without pipeline stages: its forward patch "
+        return "sp", ("Arctic Inference v0.2.0 runs Ulysses SP without pipeline stages: its forward patch "
                 "(model_runner.py monkeypatch_forward) slices input_ids / inputs_embeds and positions over the SP "
                 "ranks, and a later stage's intermediate tensors are not sliced")
     if architecture in MROPE_ARCHITECTURES:
-        return ("Arctic Inference v0.2.0 slices `positions` along its first axis over the SP ranks "
+        return "sp", ("Arctic Inference v0.2.0 slices `positions` along its first axis over the SP ranks "
                 "(model_runner.py monkeypatch_forward); Qwen-VL's M-RoPE positions are [3, tokens], so SP would "
                 "split the three rope rows instead of the tokens")
     if max_seqs is not None and max_seqs % sp:
-        return ("Arctic Inference v0.2.0 pads each step's tokens to a multiple of the SP degree and scales its "
+        return "max_seqs", ("Arctic Inference v0.2.0 pads each step's tokens to a multiple of the SP degree and scales its "
                 "CUDA-graph batch sizes by it (ulysses.py), and has failed on a batch size that is not a multiple: "
                 f"keep --max-num-seqs divisible by the SP degree: {max_seqs} % {sp} = {max_seqs % sp}")
     return None
