@@ -11,17 +11,18 @@ import pytest
 import yaml
 
 from planner.candidates import ModelFacts, SearchSpace, enumerate_candidates
+from planner.api import compile_spec
 from planner.cli import main as plan_main
 from planner.export import ENGINES, INFO, export_plan, render
 from planner.export.engines import mesh_limit
 from planner.export.flags import CHOICES, ENV, FLAGS
+from planner.spec import load_spec
 from plans.schema import Mesh, Plan, Scheduler, Shift, Stage, Vision, dump_plan, load_plan
 
 ROOT = Path(__file__).parents[1]
 PLANS = sorted((ROOT / "plans").glob("*.plan.yaml"))
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 EXPORTS = ROOT / "plans" / "exports"
-REFRESH_ALL = ("for p in plans/*.plan.yaml; do s=$(basename $p .plan.yaml); for e in vllm arctic sglang; do "
-               "plan export $p --engine $e --explain -o plans/exports/$s.$e.sh; done; done")
 
 
 def _stem(p: Path) -> str:
@@ -53,20 +54,33 @@ def _flag(argv: list[str], name: str) -> str | None:
 # ------------------------------------------------------------------ golden exports
 
 
+def _refresh(stem: str, engine: str) -> str:
+    return (f"plan compile examples/{stem}.yaml --engine {engine} -q -o {stem}.{engine}.plan.yaml && plan export "
+            f"{stem}.{engine}.plan.yaml --explain -o plans/exports/{stem}.{engine}.sh && rm {stem}.{engine}.plan.yaml")
+
+
+REFRESH_ALL = ("for x in examples/*.yaml; do s=$(basename $x .yaml); for e in vllm arctic sglang; do "
+               + _refresh("$s", "$e").replace("examples/$s.yaml", "$x") + "; done; done")
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("plan", PLANS, ids=[_stem(p) for p in PLANS])
-def test_committed_export_is_fresh(plan: Path, engine: str):
-    golden = EXPORTS / f"{_stem(plan)}.{engine}.sh"
-    fresh = render(export_plan(load_plan(plan), engine), "cmd", explain=True)
-    assert golden.is_file(), f"missing {golden.name}; run `plan export plans/{plan.name} --engine {engine} --explain " \
-                             f"-o plans/exports/{golden.name}`"
-    assert golden.read_text() == fresh, (f"plans/exports/{golden.name} is stale; run `plan export plans/{plan.name} "
-                                         f"--engine {engine} --explain -o plans/exports/{golden.name}` (every export: "
-                                         f"{REFRESH_ALL})")
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
+def test_committed_export_is_fresh(example: Path, engine: str):
+    """plans/exports/X.E.sh is the launch of example X compiled for engine E: the search kept only what E runs,
+    so it exports with no downgrade, every flag in the pinned table."""
+    plan = compile_spec(load_spec(example).model_copy(update={"engine": engine}))
+    assert plan.engine == engine
+    x = export_plan(plan, engine, downgrade=False)
+    for la in x.launches:
+        assert {w for w in la.argv if w.startswith("--")} <= set(FLAGS[engine])
+    golden = EXPORTS / f"{example.stem}.{engine}.sh"
+    how = f"`{_refresh(example.stem, engine)}` (every export: `{REFRESH_ALL}`)"
+    assert golden.is_file(), f"missing plans/exports/{golden.name}; run {how}"
+    assert golden.read_text() == render(x, "cmd", explain=True), f"plans/exports/{golden.name} is stale; run {how}"
 
 
-def test_no_export_without_its_plan():
-    expected = {f"{_stem(p)}.{e}.sh" for p in PLANS for e in ENGINES}
+def test_no_export_without_its_example():
+    expected = {f"{e.stem}.{engine}.sh" for e in EXAMPLES for engine in ENGINES}
     assert {f.name for f in EXPORTS.iterdir()} == expected
 
 
@@ -282,6 +296,17 @@ def test_spec_engine_compiles_a_plan_that_engine_runs(tmp_path, capsys):
     assert "vllm serve meta-llama/Llama-3.1-70B-Instruct" in (tmp_path / "l70.sh").read_text()
     # the default engine stays out of the file, so plans written before the field are unchanged
     assert "\nengine:" not in dump_plan(plan.model_copy(update={"engine": "shiftplan"}))
+
+
+def test_compile_engine_option_overrides_the_spec(tmp_path, capsys):
+    out = tmp_path / "q32.plan.yaml"
+    example = str(ROOT / "examples" / "qwen2.5-32b-8xh200.yaml")
+    assert plan_main(["compile", example, "--engine", "sglang", "-q", "-o", str(out)]) == 0
+    plan = load_plan(out)
+    assert plan.engine == "sglang" and plan.mesh.sp == 1
+    assert load_plan(ROOT / "plans" / "qwen2.5-32b-8xh200.plan.yaml").mesh.sp > 1  # the free search picks SP
+    assert plan_main(["compile", example, "--engine", "tgi", "-q"]) == 2
+    assert "--engine must be one of shiftplan, vllm, arctic, sglang" in capsys.readouterr().err
 
 
 def test_spec_rejects_an_unknown_engine(tmp_path, capsys):

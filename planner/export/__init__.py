@@ -37,7 +37,7 @@ def export_plan(plan: Plan, engine: str, model: str | None = None, downgrade: bo
     path, d = model_path(plan, model)
     decisions.append(d)
     launches = _BUILDERS[engine](plan, t, layout_of(plan, t), path, decisions)
-    x = Export(engine, plan.name, t, launches, decisions)
+    x = Export(engine, plan.name, t, launches, decisions, planned_for_engine=plan.engine == engine)
     if not downgrade and x.downgrades:  # limits found while building (e.g. a KV dtype)
         raise refuse(plan, engine, x.downgrades)
     return x

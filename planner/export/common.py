@@ -88,6 +88,7 @@ class Export:
     target: Target
     launches: list[Launch]
     decisions: list[Decision] = field(default_factory=list)
+    planned_for_engine: bool = False  # the plan was compiled with `engine:` this engine
 
     @property
     def downgrades(self) -> list[str]:
@@ -225,6 +226,9 @@ def header(x: Export, explain: bool) -> list[str]:
              + (f", shift threshold {x.target.shift_threshold} tokens" if x.target.shift_threshold else "")
              + (f", vision {x.target.placement}" if x.target.placement != "none" else ""),
              f"flags checked against {info.source}"]
+    if x.planned_for_engine:
+        lines.append(f"the plan was searched for {info.title} (engine: {x.engine}): only meshes and encoder placements "
+                     "it runs were considered")
     nodes = sorted({la.node for la in x.launches})
     if len(nodes) > 1:
         lines.append(f"{len(nodes)} nodes: run each node's command on that node; set HEAD_ADDR to node 0's address")
