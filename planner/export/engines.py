@@ -80,16 +80,17 @@ def limit_of(engine: str, pp: int, tp: int, sp: int, architecture: str = "", max
     # Arctic Inference v0.2.0
     if pp > 1:
         return "sp", ("Arctic Inference v0.2.0 runs Ulysses SP without pipeline stages: its forward patch "
-                "(model_runner.py monkeypatch_forward) slices input_ids / inputs_embeds and positions over the SP "
-                "ranks, and a later stage's intermediate tensors are not sliced")
+                      "(model_runner.py monkeypatch_forward) slices input_ids / inputs_embeds and positions over the "
+                      "SP ranks, and a later stage's intermediate tensors are not sliced")
     if architecture in MROPE_ARCHITECTURES:
         return "sp", ("Arctic Inference v0.2.0 slices `positions` along its first axis over the SP ranks "
-                "(model_runner.py monkeypatch_forward); Qwen-VL's M-RoPE positions are [3, tokens], so SP would "
-                "split the three rope rows instead of the tokens")
+                      "(model_runner.py monkeypatch_forward); Qwen-VL's M-RoPE positions are [3, tokens], so SP "
+                      "would split the three rope rows instead of the tokens")
     if max_seqs is not None and max_seqs % sp:
-        return "max_seqs", ("Arctic Inference v0.2.0 pads each step's tokens to a multiple of the SP degree and scales its "
-                "CUDA-graph batch sizes by it (ulysses.py), and has failed on a batch size that is not a multiple: "
-                f"keep --max-num-seqs divisible by the SP degree: {max_seqs} % {sp} = {max_seqs % sp}")
+        return "max_seqs", ("Arctic Inference v0.2.0 pads each step's tokens to a multiple of the SP degree and "
+                            "scales its CUDA-graph batch sizes by it (ulysses.py), and has failed on a batch size "
+                            "that is not a multiple: keep --max-num-seqs divisible by the SP degree: "
+                            f"{max_seqs} % {sp} = {max_seqs % sp}")
     return None
 
 
