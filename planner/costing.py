@@ -97,10 +97,18 @@ def engine_limits(space: SearchSpace, spec: Spec, model: Model, mix: TokenMix) -
     the rules are ``planner.export.engines``', the ones ``plan export`` applies."""
     if spec.engine == "shiftplan":
         return space
-    from planner.export.engines import PLACEMENTS, mesh_limit
+    from planner.export.engines import PLACEMENTS, mesh_limit, placement_limit
 
     arch = model.graph.info.architecture
-    return replace(space, placements=tuple(p for p in space.placements if p in PLACEMENTS[spec.engine]),
+    if space.sp is not None and 1 not in space.sp:  # a pinned SP degree the engine cannot run: say so up front
+        why = [w for sp in space.sp if (w := mesh_limit(spec.engine, 1, 1, sp, arch, mix.max_seqs))]
+        if len(why) == len(space.sp):
+            raise UserError(f"{spec.name}: search.sp = {list(space.sp)} but engine: {spec.engine}: {why[0]}")
+    placements = tuple(p for p in space.placements if p in PLACEMENTS[spec.engine])
+    if model.has_vision and not placements:
+        raise UserError(f"{spec.name}: search.vision_placement = {list(space.placements)} but engine: {spec.engine}: "
+                        f"{placement_limit(spec.engine, space.placements[0])}")
+    return replace(space, placements=placements,
                    engine_check=lambda dp, pp, tp, sp: mesh_limit(spec.engine, pp, tp, sp, arch, mix.max_seqs))
 
 

@@ -334,3 +334,19 @@ def test_a_replica_on_part_of_two_nodes_is_refused():
     odd = _with(_plan("llama-3.1-70b-2x8xh100"), mesh=Mesh(pp=3, tp=4), shift=Shift(), stages=_stages(80, 3))
     with pytest.raises(UserError, match="spans nodes \\[0, 1\\] without filling them"):
         export_plan(odd, "vllm")
+
+
+def test_search_pins_the_engine_cannot_run_are_named(tmp_path, capsys):
+    base = (ROOT / "examples" / "qwen2.5-32b-8xh200.yaml").read_text()
+    spec = tmp_path / "pinned.yaml"
+    spec.write_text(base + "engine: sglang\nsearch: {sp: [8]}\n")
+    assert plan_main(["compile", str(spec), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "search.sp = [8] but engine: sglang" in err and "no Ulysses sequence parallelism" in err
+    vl = tmp_path / "vl.yaml"
+    vl.write_text((ROOT / "examples" / "qwen2.5-vl-72b-8xh200.yaml").read_text().replace(
+        "vision_placement: [stage0_tp, stage0_dp, all_dp, dedicated]", "vision_placement: [all_dp]")
+        + "engine: vllm\n")
+    assert plan_main(["compile", str(vl), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "search.vision_placement = ['all_dp'] but engine: vllm" in err and "first pipeline stage only" in err
