@@ -64,6 +64,7 @@ class SearchSpace:
     sp: tuple[int, ...] | None = None
     placements: tuple[str, ...] = PLACEMENTS
     dedicated_gpus: tuple[int, ...] | None = None  # None: 1, 2 and 4 where they leave GPUs for the LLM
+    engine_check: Callable[[int, int, int, int], str | None] | None = None  # (dp, pp, tp, sp) -> the engine's limit
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ def _check(facts: ModelFacts, space: SearchSpace, c: Candidate) -> str | None:
             return f"{axis} = {getattr(c, axis)} is outside search.{axis} = {list(getattr(space, axis))}"
     if c.pp > facts.layers:
         return f"pp = {c.pp} exceeds the {facts.layers} decoder layers"
+    if space.engine_check is not None and (why := space.engine_check(c.dp, c.pp, c.tp, c.sp)):
+        return why
     why = heads_ok(facts, c.tp, c.sp)
     if why:
         return why

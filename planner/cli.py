@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "planner.cmd_compile",    # plan compile, plan show, plan diff
     "planner.cmd_simulate",   # plan simulate
     "planner.cmd_run",        # plan run, plan bench, plan export-onnx
+    "planner.cmd_export",     # plan export (vLLM, Arctic Inference, SGLang launches)
 ]
 
 app = typer.Typer(

@@ -20,6 +20,8 @@ def compile_cmd(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="no progress or summary"),
     lp: Optional[Path] = typer.Option(None, "--lp", help="also write the chosen mesh's ILP (LP format, labelled "
                                                          "constraints) to this file"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="plan for this engine (shiftplan | vllm | arctic | "
+                                                                "sglang), overriding the spec's `engine`"),
 ) -> None:
     """Compile a spec into a parallel plan (mesh, stages, encoder placement, shift threshold)."""
     import time
@@ -33,6 +35,8 @@ def compile_cmd(
 
     err = Console(stderr=True)
     s = load_spec(spec)
+    if engine is not None:
+        s = with_engine(s, engine)
     committed = load_plan(check) if check else None
     t0 = time.perf_counter()
     if quiet:
@@ -64,6 +68,18 @@ def compile_cmd(
         output.write_text(text)
         if not quiet:
             err.print(f"wrote {output}", highlight=False)
+
+
+def with_engine(spec, engine: str):
+    """The spec planning for ``engine`` (``plan compile --engine``)."""
+    from typing import get_args
+
+    from plans.errors import UserError
+    from plans.schema import Engine
+
+    if engine not in get_args(Engine):
+        raise UserError(f"--engine must be one of {', '.join(get_args(Engine))}, got '{engine}'")
+    return spec.model_copy(update={"engine": engine})
 
 
 def summary(res, seconds: float) -> str:

@@ -92,9 +92,29 @@ def search_space(spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
     )
 
 
+def engine_limits(space: SearchSpace, spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
+    """``space`` keeping only the meshes and encoder placements ``spec.engine`` runs (all for shiftplan);
+    the rules are ``planner.export.engines``', the ones ``plan export`` applies."""
+    if spec.engine == "shiftplan":
+        return space
+    from planner.export.engines import PLACEMENTS, mesh_limit, placement_limit
+
+    arch = model.graph.info.architecture
+    if space.sp is not None and 1 not in space.sp:  # a pinned SP degree the engine cannot run: say so up front
+        why = [w for sp in space.sp if (w := mesh_limit(spec.engine, 1, 1, sp, arch, mix.max_seqs))]
+        if len(why) == len(space.sp):
+            raise UserError(f"{spec.name}: search.sp = {list(space.sp)} but engine: {spec.engine}: {why[0]}")
+    placements = tuple(p for p in space.placements if p in PLACEMENTS[spec.engine])
+    if model.has_vision and not placements:
+        raise UserError(f"{spec.name}: search.vision_placement = {list(space.placements)} but engine: {spec.engine}: "
+                        f"{placement_limit(spec.engine, space.placements[0])}")
+    return replace(space, placements=placements,
+                   engine_check=lambda dp, pp, tp, sp: mesh_limit(spec.engine, pp, tp, sp, arch, mix.max_seqs))
+
+
 def candidate_set(spec: Spec, model: Model, mix: TokenMix) -> tuple[CandidateSet, ModelFacts, SearchSpace]:
     facts = model_facts(spec, model)
-    space = search_space(spec, model, mix)
+    space = engine_limits(search_space(spec, model, mix), spec, model, mix)
     return enumerate_candidates(facts, space), facts, space
 
 

@@ -101,6 +101,14 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     notes.append(f"chosen for {spec.objective} among {len(ok)} feasible meshes ({simulated} simulated on "
                  f"{min(spec.workload.requests, SIM_REQUESTS)} requests of the workload): {RANKING[spec.objective]}")
     say("writing the plan")
+    if spec.engine != "shiftplan":
+        from planner.export.engines import INFO
+
+        info = INFO[spec.engine]
+        notes.append(f"searched only meshes and encoder placements {info.title} {info.version} runs (spec engine: "
+                     f"{spec.engine}); `plan export` writes its launch")
     plan = build_plan(best, spec, model, mix, runners, notes)
+    if spec.engine != "shiftplan":
+        plan = plan.model_copy(update={"engine": spec.engine})
     return CompileResult(plan, len(cset.candidates), len(cset.rejected), len(ok), len(solved) - len(ok), simulated,
                          notes, pruned, best.solved.costed.problem)

@@ -10,6 +10,17 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g} ms"
 
 
+def _engine(plan: Plan) -> str:
+    """The engine the plan was searched for, with the version its export targets."""
+    if plan.engine == "shiftplan":
+        return "shiftplan (its own executors: `plan run`; `plan export --engine vllm|arctic|sglang` for another)"
+    from planner.export.engines import INFO
+
+    info = INFO[plan.engine]
+    return (f"{plan.engine}: {info.title} {info.version} (the search kept only what it runs; launch with "
+            f"`plan export PLAN`)")
+
+
 def render_plan(plan: Plan) -> str:
     """Plain text, one section per aspect of the plan."""
     m = plan.mesh
@@ -17,6 +28,7 @@ def render_plan(plan: Plan) -> str:
     out = [f"plan {plan.name}  ({plan.model.name}, {plan.model.weights_dtype} weights, {plan.model.kv_dtype} KV; "
            f"{plan.hardware.nodes} x {plan.hardware.gpus_per_node} {plan.hardware.gpu})",
            f"objective  {plan.objective}",
+           f"engine     {_engine(plan)}",
            f"mesh       {m.label()}  (dp={m.dp} pp={m.pp} tp={m.tp} sp={m.sp}; {gpus} GPUs"
            + (f", {plan.vision.dedicated_gpus} of them for the vision encoder" if plan.vision.dedicated_gpus else "")
            + f"; rank order {','.join(m.axis_order)}, sp innermost)",

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from costmodels.gpu import GPU
 from graph.hf_config import nearest, preset_names
 from plans.errors import UserError
+from plans.schema import Engine
 
 Dtype = Literal["bf16", "fp16", "fp32", "fp8", "int4"]
 KvDtype = Literal["bf16", "fp16", "fp32", "fp8"]
@@ -158,6 +159,7 @@ class Spec(_Strict):
     hardware: HardwareSection
     workload: WorkloadSection
     objective: Objective = "max_throughput"
+    engine: Engine = "shiftplan"  # restrict the search to what this engine runs (vllm | arctic | sglang)
     slo: SloSection = SloSection()
     search: SearchSection = SearchSection()
     runtime: RuntimeSection = RuntimeSection()
