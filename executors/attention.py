@@ -98,7 +98,9 @@ def _attend_decode_grouped(q: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
     ``@ V [S, hkv, L, D]``; each KV head is read once per sequence."""
     hq, D = q.shape[1], q.shape[2]
     if meta.table is not None and paged_decode.available(q, cache.k, kv_of_q):
-        return paged_decode.paged_decode(q, cache.k, cache.v, meta.table, meta.seq_lens, meta.block_size)
+        out = paged_decode.paged_decode_or_none(q, cache.k, cache.v, meta.table, meta.seq_lens, meta.block_size)
+        if out is not None:
+            return out
     if meta.table is not None:
         bs = meta.block_size
         K, V = _gather_blocks(cache.k, meta.table, bs, kv_of_q), _gather_blocks(cache.v, meta.table, bs, kv_of_q)

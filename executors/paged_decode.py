@@ -28,12 +28,13 @@ except ImportError:  # CPU-only installs: attention.py falls back to the torch p
 BLOCK_N = 64  # keys per inner iteration
 BLOCK_G = 16  # query heads per program, padded (tl.dot needs 16 rows)
 TARGET_PROGRAMS = 264  # about two per SM on an H100/H200 (132 SMs)
+_failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
 
 
 def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None) -> bool:
     """The kernel serves bf16/fp16 decodes on CUDA with plain GQA (at most BLOCK_G query heads per
     KV head) and a cache of the same dtype; anything else takes the torch path."""
-    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    return (triton is not None and not _failed and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and cache.dtype == q.dtype and kv_of_q is None and q.shape[1] // cache.shape[1] <= BLOCK_G)
 
 
@@ -42,6 +43,20 @@ def splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
     chunks = max(1, -(-max_keys // BLOCK_N))
     nsplit = max(1, min(chunks, -(-TARGET_PROGRAMS // (S * hkv))))
     return nsplit, -(-chunks // nsplit) * BLOCK_N
+
+
+def paged_decode_or_none(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                         lens: torch.Tensor, block_size: int) -> torch.Tensor | None:
+    """``paged_decode``, or None (with one warning) if the kernel fails to build or launch here: a
+    Triton too old or too new for this GPU leaves the engine on the torch path, not down."""
+    try:
+        return paged_decode(q, k_cache, v_cache, table, lens, block_size)
+    except Exception as e:  # compile or launch errors surface at the first (eager) call, before any capture
+        import warnings
+
+        _failed.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"paged decode kernel unavailable ({_failed[0][:200]}); using the torch path")
+        return None
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,

@@ -1,0 +1,159 @@
+"""Each parallel mode on several GPUs against one GPU, measured in one run (issue 12, point 2).
+
+Llama-3.1-8B shapes, bf16, random weights saved once as a safetensors checkpoint that every rank
+reads its slices of. For each mesh (single, tp2, sp2, shift(sp2), pp2, dp2 on two GPUs):
+
+* decode step time at batch 1 (512-token prompt, 128 new tokens; pure decode steps, see
+  ``engine_speed.run_batch``);
+* TTFT of one 8,192-token prompt;
+* output throughput of 64 concurrent requests (1,024-token prompts, 64 new tokens).
+
+Each figure is reported as a ratio to the single-GPU run of the same script. Decode steps replay
+CUDA graphs (collectives captured in them); the layers run eagerly (``--backend compile`` to
+compile them, at a longer start per engine).
+
+    python bench/mesh_speed.py --out DIR              # on a machine with 2 GPUs
+    python bench/mesh_speed.py --out DIR --tiny       # CPU dry run (gloo ranks, tiny config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MESHES: dict[str, dict[str, Any]] = {
+    "single": {}, "tp2": {"tp": 2}, "sp2": {"sp": 2}, "shift-sp2": {"sp": 2, "shift": 256},
+    "pp2": {"pp": 2, "microbatches": 2}, "dp2": {"dp": 2},
+}
+
+
+def mesh_plan(cfg: dict, name: str, gpus: int, max_seqs: int, max_tokens: int) -> Any:
+    from bench.engine_gpu_check import build_plan
+    from plans.schema import Hardware, Mesh, Shift, Stage
+
+    m = MESHES[name]
+    base = build_plan("llama-3.1-8b", cfg, "bf16")
+    L, pp = base.model.num_layers, m.get("pp", 1)
+    per = L // pp
+    stages = [Stage(index=i, first_layer=i * per, last_layer=(i + 1) * per - 1 if i < pp - 1 else L - 1,
+                    embedding=i == 0, lm_head=i == pp - 1) for i in range(pp)]
+    shift = Shift(enabled="shift" in m, threshold_tokens=m.get("shift"))
+    sched = base.scheduler.model_copy(update={"max_seqs": max_seqs, "max_batch_tokens": max_tokens,
+                                              "microbatches": m.get("microbatches", 1)})
+    return base.model_copy(update={
+        "name": f"mesh-speed-{name}", "mesh": Mesh(dp=m.get("dp", 1), pp=pp, tp=m.get("tp", 1), sp=m.get("sp", 1)),
+        "stages": stages, "shift": shift, "scheduler": sched,
+        "hardware": Hardware(gpu=base.hardware.gpu, gpus_per_node=gpus, nodes=1)}).check()
+
+
+def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs: bool, tiny: bool) -> dict[str, Any]:
+    import executors
+    from bench.engine_speed import run_batch
+    from executors.config import model_args
+
+    a = model_args(cfg)
+    p, n, long, conc, cp, cn = (512, 128, 8192, 64, 1024, 64) if not tiny else (16, 8, 64, 4, 16, 4)
+    blocks = -(-(conc * (cp + cn) + long) // plan.scheduler.block_size) + 64
+    t = time.perf_counter()
+    with executors.load(plan, weights=ckpt, device=device, backend=backend, kv_blocks=blocks, cuda_graphs=graphs,
+                        config=cfg) as eng:
+        out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 1)}
+        out["decode_b1"] = run_batch(eng, 1, p, n, a.vocab, 0, device)
+        out["prefill"] = run_batch(eng, 1, long, 1, a.vocab, 1, device)
+        out["concurrent"] = run_batch(eng, conc, cp, cn, a.vocab, 2, device)
+        out["modes"] = dict(eng.mode_counts)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--meshes", default=",".join(MESHES))
+    ap.add_argument("--backend", default="eager")
+    args = ap.parse_args()
+    from bench.engine_gpu_check import hf_random
+    from graph.hf_config import load_config
+
+    device = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny.helpers import config as tiny_config
+
+        cfg = tiny_config("llama")
+    else:
+        cfg = load_config(preset="llama-3.1-8b")
+    gpus = 2 if args.tiny else torch.cuda.device_count()
+    import transformers
+
+    report: dict[str, Any] = {
+        "command": "python bench/mesh_speed.py --out DIR" + (" --tiny" if args.tiny else "")
+                   + (f" --backend {args.backend}" if args.backend != "eager" else ""),
+        "device": f"{gpus} x " + (torch.cuda.get_device_name() if device == "cuda" else "cpu"),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "model": "llama-3.1-8b shapes, bf16, random weights", "backend": args.backend, "meshes": {},
+    }
+    ckpt = Path(tempfile.mkdtemp(prefix="mesh-speed-"))
+    hf = hf_random(cfg, torch.bfloat16, device, 0)
+    hf.save_pretrained(str(ckpt))
+    del hf
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    for name in args.meshes.split(","):
+        plan = mesh_plan(cfg, name, gpus, 128, 8192 if not args.tiny else 64)
+        for graphs in (True, False):  # graphs first; without them if a graph fails on this mesh
+            try:
+                r = measure(plan, cfg, ckpt, device, args.backend, graphs, args.tiny)
+                r["cuda_graphs"] = graphs
+                break
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {str(e)[:300]}", "cuda_graphs": graphs}
+                print(name, "graphs" if graphs else "eager", r["error"], flush=True)
+        report["meshes"][name] = r
+        print(name, json.dumps(r), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "mesh_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "mesh_speed.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(r: dict[str, Any]) -> str:
+    one = r["meshes"].get("single", {})
+    lines = [f"# Parallel modes vs one GPU: {r['model']}", "",
+             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r['backend']}, decode steps "
+             f"as CUDA graphs where they ran. Command: `{r['command']}`.", "",
+             "| mesh | decode step, batch 1 | vs one GPU | TTFT 8192 tokens | vs one GPU | 64 concurrent: output tok/s | "
+             "vs one GPU | modes run |", "|---|---|---|---|---|---|---|---|"]
+    for name, x in r["meshes"].items():
+        if "error" in x:
+            lines.append(f"| {name} | error: {x['error'][:100]} | | | | | | |")
+            continue
+
+        def ratio(k: str, f: str, inverse: bool = False) -> str:
+            if "error" in one or k not in one:
+                return "-"
+            v, w = x[k][f], one[k][f]
+            return f"{(w / v if inverse else v / w):.2f}x"
+
+        lines.append(f"| {name}{'' if x['cuda_graphs'] else ' (no graphs)'} | {x['decode_b1']['decode_step_ms']} ms | "
+                     f"{ratio('decode_b1', 'decode_step_ms')} | {x['prefill']['ttft_ms_p50']} ms | "
+                     f"{ratio('prefill', 'ttft_ms_p50')} | {x['concurrent']['output_tok_s']} | "
+                     f"{ratio('concurrent', 'output_tok_s')} | {x['modes']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
