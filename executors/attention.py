@@ -173,19 +173,19 @@ def sequence_spans(mb: MicroBatch) -> list[tuple[int, int, int, int]]:
     return spans
 
 
-def decode_keys(mb: MicroBatch, scratch: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(seq_keys [S, L], seq_mask [S, L])`` when every sequence of ``mb`` has exactly one query
-    token (its last position, so it reads all its keys); else None. ``L`` is the longest context,
-    or ``width`` when given (at least that long): padding keys point at the scratch slot."""
-    S = int(mb.sample_idx.numel())
-    if mb.num_tokens != S or S == 0 or not torch.equal(mb.seq, torch.arange(S)):
+def decode_keys(mb: MicroBatch, scratch: int, block: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(seq_keys [S, L], seq_mask [S, L])`` for a decode micro-batch (every sequence has one query,
+    its last position, so it reads all its keys), else None. Sequence i's keys are its blocks
+    expanded, ``blocks[i][p // block] * block + p % block`` for ``p < ctx[i]``; ``L`` is the longest
+    context, or ``width`` when given (at least that long); padding points at the scratch slot."""
+    if not mb.decode:
         return None
-    lens = torch.bincount(mb.key_seq, minlength=S)
-    start = torch.cumsum(lens, 0) - lens
-    i = torch.arange(max(width, int(lens.max())))
-    valid = i[None, :] < lens[:, None]
-    idx = (start[:, None] + i[None, :]).clamp(max=mb.key_slots.numel() - 1)
-    return torch.where(valid, mb.key_slots[idx], scratch), valid
+    L = max(width, max(mb.ctx))
+    nb = -(-L // block)
+    table = torch.tensor([b[:nb] + [0] * (nb - len(b[:nb])) for b in mb.blocks])
+    keys = (table * block)[:, :, None].add(torch.arange(block)).flatten(1)[:, :L]
+    valid = torch.arange(L)[None, :] < torch.tensor(mb.ctx)[:, None]
+    return torch.where(valid, keys, scratch), valid
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

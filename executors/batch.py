@@ -61,6 +61,21 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
 
+    def with_keys(self, block: int) -> "MicroBatch":
+        """Fill ``key_slots / key_seq / key_pos`` from ``blocks`` and ``ctx`` when a decode
+        micro-batch was built without them (the packed attention paths need them)."""
+        if self.key_slots.numel() or not self.ctx:
+            return self
+        L = max(self.ctx)
+        nb = -(-L // block)
+        table = torch.tensor([b[:nb] + [0] * (nb - len(b[:nb])) for b in self.blocks])
+        keys = (table * block)[:, :, None].add(torch.arange(block)).flatten(1)[:, :L]
+        valid = torch.arange(L)[None, :] < torch.tensor(self.ctx)[:, None]
+        self.key_slots = keys[valid]
+        self.key_seq = torch.arange(len(self.ctx))[:, None].expand(-1, L)[valid]
+        self.key_pos = torch.arange(L)[None, :].expand(len(self.ctx), -1)[valid]
+        return self
+
 
 @dataclass
 class Step:

@@ -19,7 +19,7 @@ import torch
 from executors.batch import ImageJob, MicroBatch
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: lists of them are searched by identity, not by value
 class Seq:
     req: int
     tokens: list[int]  # prompt + generated so far
@@ -146,6 +146,13 @@ class Scheduler:
 def build_microbatch(chunks: list[Chunk], mode: str, block: int, image_token: int | None) -> MicroBatch:
     """Pack chunks into one MicroBatch (tensors on CPU). A sequence's key slots are its blocks
     expanded: ``slot(p) = blocks[p // block] * block + p % block`` for positions ``0 .. hi-1``."""
+    if chunks and all(c.n == 1 and c.seq.prompt_len <= c.seq.computed == len(c.seq.tokens) - 1 for c in chunks):
+        return _decode_microbatch(chunks, mode, block)
+    return _packed_microbatch(chunks, mode, block)
+
+
+def _packed_microbatch(chunks: list[Chunk], mode: str, block: int) -> MicroBatch:
+    """Any chunks: every token, and every key each may read, on packed axes."""
     toks, pos, seq, idx, slots, ks, kq, kp, samp, sreq = [], [], [], [], [], [], [], [], [], []
     img_tok: list[int] = []
     img_src: list[tuple[int, int, int]] = []
@@ -188,4 +195,24 @@ def build_microbatch(chunks: list[Chunk], mode: str, block: int, image_token: in
         blocks=[c.seq.blocks[:-(-(c.seq.computed + c.n) // block)] for c in chunks],
         ctx=[c.seq.computed + c.n for c in chunks],
         decode=bool(chunks) and len(samp) == len(chunks) == t,
+    )
+
+
+def _decode_microbatch(chunks: list[Chunk], mode: str, block: int) -> MicroBatch:
+    """A micro-batch of decodes (one generated token per sequence, its last) from plain lists: no per-sequence
+    tensors, and no packed key lists (decode attention reads each sequence's blocks and context)."""
+    S = len(chunks)
+    at = [c.seq.computed for c in chunks]  # position of each new token
+    if chunks[0].seq.mrope is None:
+        pos = torch.tensor(at)
+    else:  # past the prompt, every M-RoPE row is the index plus the sequence's delta
+        pos = torch.tensor([p + c.seq.mrope_delta for p, c in zip(at, chunks)]).expand(3, S).clone()
+    none = torch.zeros(0, dtype=torch.long)
+    return MicroBatch(
+        mode=mode, tokens=torch.tensor([c.seq.tokens[p] for p, c in zip(at, chunks)]), pos=pos,
+        seq=torch.arange(S), tok_idx=torch.tensor(at),
+        slots=torch.tensor([c.seq.blocks[p // block] * block + p % block for p, c in zip(at, chunks)]),
+        key_slots=none, key_seq=none, key_pos=none, sample_idx=torch.arange(S),
+        sample_req=[c.seq.req for c in chunks], img_tok=none,
+        blocks=[c.seq.blocks[:p // block + 1] for p, c in zip(at, chunks)], ctx=[p + 1 for p in at], decode=True,
     )

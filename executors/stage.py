@@ -154,7 +154,7 @@ class StageModel:
         t_pad = -(-T // sp) * sp
         slots = torch.full((t_pad,), -1, dtype=torch.long)
         slots[:T] = mb.slots
-        dec = decode_keys(mb, self.scratch_slot) if (t_pad == T and self.caches and dev.type != "cuda") else None
+        dec = decode_keys(mb, self.scratch_slot, self.block_size) if (t_pad == T and self.caches and dev.type != "cuda") else None
         if mb.decode and t_pad == T and dev.type == "cuda":  # decodes read their KV blocks whole
             nb = max(len(b) for b in mb.blocks)
             table = torch.tensor([b + [0] * (nb - len(b)) for b in mb.blocks]).to(dev)
@@ -165,8 +165,10 @@ class StageModel:
         elif dec is not None:  # one query per sequence: attend over each sequence's own keys
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
+            mb = mb.with_keys(self.block_size)
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=sequence_spans(mb))
         else:
+            mb = mb.with_keys(self.block_size)
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))
         pos = mb.pos
         if sp > 1:

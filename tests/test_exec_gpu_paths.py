@@ -67,7 +67,7 @@ def test_grouped_decode_equals_sdpa(width: int) -> None:
     mb = _microbatch([(30, 29, 1), (7, 6, 1), (18, 17, 1)])
     S = mb.num_tokens
     cache = _cache(200, hkv, D, g)
-    keys, valid = decode_keys(mb, 200, width)
+    keys, valid = decode_keys(mb, 200, BLOCK, width)
     assert keys.shape[1] == max(width, 30)
     meta = AttnMeta(mb.slots, mb.key_slots, None, keys, valid)
     q, k, v = (torch.randn(S, h, D, generator=g) for h in (hq, hkv, hkv))

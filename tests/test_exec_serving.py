@@ -78,11 +78,11 @@ def test_decode_microbatch_attends_over_each_sequence_own_keys() -> None:
     a, b = _seq(0, 6), _seq(1, 3)
     a.blocks, b.blocks = [5, 2], [7]
     a.computed, b.computed = 5, 2  # each has one token left: its last position
-    keys, valid = decode_keys(build_microbatch([Chunk(a, 1), Chunk(b, 1)], "tp", 4, None), scratch=99)
+    keys, valid = decode_keys(build_microbatch([Chunk(a, 1), Chunk(b, 1)], "tp", 4, None), scratch=99, block=4)
     assert keys.tolist() == [[20, 21, 22, 23, 8, 9], [28, 29, 30, 99, 99, 99]]
     assert valid.sum(1).tolist() == [6, 3]
     a.computed = 3
-    assert decode_keys(build_microbatch([Chunk(a, 3), Chunk(b, 1)], "tp", 4, None), scratch=99) is None
+    assert decode_keys(build_microbatch([Chunk(a, 3), Chunk(b, 1)], "tp", 4, None), scratch=99, block=4) is None
 
 
 def test_safetensors_source_reads_only_slices(tmp_path: Path) -> None:
@@ -193,3 +193,28 @@ def test_scheduler_completes_everything_within_limits(lens: list, blocks: int, b
                     s.finish(c.seq)
     assert all(q.generated == q.max_new for q in seqs)
     assert len(s.pool.free) == blocks
+
+
+def test_decode_microbatch_fast_path_equals_packed() -> None:
+    """Decodes of generated tokens are packed from plain lists (no per-sequence tensors); every field
+    equals the general packing's, key lists included once filled, for 1-D and M-RoPE positions."""
+    from executors.scheduler import _decode_microbatch, _packed_microbatch
+
+    seqs = []
+    for i, (prompt, total) in enumerate([(5, 9), (3, 4), (7, 20)]):
+        s = Seq(req=i, tokens=list(range(10, 10 + total)), prompt_len=prompt, max_new=30, computed=total - 1)
+        s.blocks = [3 * i + 40 - j for j in range(6)]
+        if i == 2:
+            s.mrope, s.mrope_delta = torch.arange(7).repeat(3, 1), -2
+        seqs.append(s)
+    for group in (seqs[:2], seqs):
+        if group is seqs:  # M-RoPE for all: a model's sequences are all 1-D or all M-RoPE
+            for s in group:
+                s.mrope = s.mrope if s.mrope is not None else torch.arange(s.prompt_len).repeat(3, 1)
+        chunks = [Chunk(s, 1) for s in group]
+        fast, ref = _decode_microbatch(chunks, "tp", 4), _packed_microbatch(chunks, "tp", 4)
+        assert build_microbatch(chunks, "tp", 4, None).key_slots.numel() == 0  # the fast path was taken
+        fast.with_keys(4)
+        for f in ("tokens", "pos", "seq", "tok_idx", "slots", "key_slots", "key_seq", "key_pos", "sample_idx"):
+            assert torch.equal(getattr(fast, f), getattr(ref, f)), f
+        assert (fast.sample_req, fast.blocks, fast.ctx, fast.decode) == (ref.sample_req, ref.blocks, ref.ctx, ref.decode)
