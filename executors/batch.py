@@ -8,7 +8,7 @@ causal: query t sees key k iff ``key_seq[k] == seq[t]`` and ``key_pos[k] <= tok_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -61,6 +61,13 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
 
+    def __reduce__(self) -> tuple:
+        """Pickle compactly: index tensors travel as numpy arrays (a decode step's pickle round trip
+        takes ~0.1 ms instead of ~1 ms through torch's tensor pickling)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _microbatch_from, ({k: v.numpy() if isinstance(v, torch.Tensor) and not v.is_floating_point() else v
+                                   for k, v in state.items()},)
+
     def with_keys(self, block: int) -> "MicroBatch":
         """Fill ``key_slots / key_seq / key_pos`` from ``blocks`` and ``ctx`` when a decode
         micro-batch was built without them (the packed attention paths need them)."""
@@ -75,6 +82,12 @@ class MicroBatch:
         self.key_seq = torch.arange(len(self.ctx))[:, None].expand(-1, L)[valid]
         self.key_pos = torch.arange(L)[None, :].expand(len(self.ctx), -1)[valid]
         return self
+
+
+def _microbatch_from(state: dict) -> MicroBatch:
+    import numpy as np
+
+    return MicroBatch(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
 
 
 @dataclass
