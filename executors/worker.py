@@ -22,6 +22,7 @@ from executors.batch import MicroBatch, Step, StepOut
 from executors.config import ModelArgs, run_dtypes
 from executors.encoders import EncoderServer
 from executors.parallel import Par, build_par
+from executors.sampling import row_key, sample
 from executors.stage import StageModel, checkpoint_shapes
 from executors.vision import VisionTower
 from executors.weights import RandomSource, WeightSource, open_weights
@@ -112,11 +113,11 @@ class RankRunner:
             return None
         logits = torch.cat(outs) if outs else torch.zeros(0, self.model.a.vocab)
         reqs = [r for mb in step.micro for r in mb.sample_req]
-        pos = [int(p) + 1 for mb in step.micro for p in mb.tok_idx[mb.sample_idx]]
-        return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step, list(zip(reqs, pos))).tolist(),
+        pos = [p + 1 for mb in step.micro for p in mb.tok_idx[mb.sample_idx].tolist()]
+        keys = [row_key(step.seed, r - step.req_base, p) for r, p in zip(reqs, pos)] if step.temperature > 0 else []
+        return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step.temperature, step.top_k, keys).tolist(),
                        logits.cpu() if step.want_logits else None,
                        [m for mb in step.micro for m in (mb.modes or [mb.mode])])
-
 
     def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """A decode micro-batch replays its CUDA graph; any other runs eagerly."""
@@ -131,26 +132,6 @@ def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
     plan = Plan.model_validate_json(spec.plan_json)
     tower = VisionTower(spec.args.vision, make_source(spec, spec.args), run_dtypes(plan)[0], device)
     return EncoderServer(torch.inference_mode()(tower.__call__))
-
-
-def sample(logits: torch.Tensor, step: Step, keys: list[tuple[int, int]]) -> torch.Tensor:
-    """Greedy when temperature == 0; else softmax(logits / T) over the top-k. Each row draws from
-    a generator seeded by (seed, request, position), so a request's tokens do not depend on what
-    it was batched with."""
-    if logits.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long)
-    if step.temperature <= 0:
-        return logits.argmax(-1)
-    x = logits.float() / step.temperature
-    if step.top_k > 0:
-        kth = x.topk(min(step.top_k, x.shape[-1]), dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = x.softmax(-1).cpu()
-    out = []
-    for row, (req, pos) in zip(probs, keys):
-        g = torch.Generator().manual_seed((step.seed * 1_000_003 + req - step.req_base) * 1_000_003 + pos)
-        out.append(torch.multinomial(row, 1, generator=g))
-    return torch.cat(out)
 
 
 def run_rank(rank: int, world: int, init_method: str | None, spec: WorkerSpec, cmd_q: Any, res_q: Any) -> None:

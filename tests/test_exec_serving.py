@@ -218,3 +218,22 @@ def test_decode_microbatch_fast_path_equals_packed() -> None:
         for f in ("tokens", "pos", "seq", "tok_idx", "slots", "key_slots", "key_seq", "key_pos", "sample_idx"):
             assert torch.equal(getattr(fast, f), getattr(ref, f)), f
         assert (fast.sample_req, fast.blocks, fast.ctx, fast.decode) == (ref.sample_req, ref.blocks, ref.ctx, ref.decode)
+
+
+def test_gpu_sampling_draws_from_softmax_and_ignores_the_batch() -> None:
+    """Gumbel-max over hashed uniforms: token frequencies over many (request, position) rows match
+    softmax(logits / T) restricted to the top k, and a row's token is the same alone or in a batch."""
+    from executors.sampling import row_key, sample, uniforms
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    T, k, n = 0.8, 4, 20000
+    keys = [row_key(7, r, p) for r in range(200) for p in range(100)]
+    toks = sample(logits.expand(n, -1), T, k, keys)
+    freq = torch.bincount(toks, minlength=6).double() / n
+    want = torch.cat([(logits[:k] / T).softmax(-1), torch.zeros(2)]).double()
+    assert (freq - want).abs().max() < 0.015, (freq, want)
+    alone = [int(sample(logits[None], T, k, [key])[0]) for key in keys[:50]]
+    assert alone == toks[:50].tolist()
+    u = uniforms(torch.tensor(keys[:100]), 1000)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert len(set(keys)) == len(keys) and row_key(7, 0, 0) != row_key(8, 0, 0)
