@@ -2,18 +2,13 @@
 
 A plan is data. The planner writes it (``planner.compile``), a person reviews it
 (``plan show`` / ``plan diff``), and an executor applies it (``executors.load``).
-This module imports only pydantic and PyYAML so every side can read it.
+This module imports only pydantic, PyYAML and ``plans.mesh`` so every side can read it.
 
 Rank layout
 -----------
-The global rank of a GPU is row-major over the mesh axes in ``Mesh.axis_order``
-(default ``dp, pp, tp, sp``: ``sp`` is innermost)::
-
-    rank = ((dp_i * pp + pp_i) * tp + tp_i) * sp + sp_i
-
-With ``sp`` innermost, the GPUs of one (dp, pp) group form a P = tp*sp block whose
-local index is ``tp_i * sp + sp_i`` -- exactly the TP rank that GPU takes in shifted
-(plain TP of degree P) mode, so the KV-cache head block it holds is the same in both modes.
+The global rank of a GPU is row-major over ``Mesh.axis_order`` (default ``dp, pp, tp, sp``);
+``plans.mesh`` holds that arithmetic and the rest that follows from a mesh (head splits, shift
+modes, encoder stages), and ``Plan.check`` validates a plan with it.
 
 Canonical form
 --------------
@@ -31,13 +26,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from plans.errors import UserError
+from plans.mesh import AXES, AxisName, ParallelDims, VisionPlacement, mesh_label
 
 SCHEMA_VERSION = 1
 
-AxisName = Literal["dp", "pp", "tp", "sp"]
-VisionPlacement = Literal["none", "stage0_tp", "stage0_dp", "all_dp", "dedicated"]
 Backend = Literal["eager", "compile", "tensorrt"]
-StepMode = Literal["sp_tp", "tp"]
 Engine = Literal["shiftplan", "vllm", "arctic", "sglang"]  # what runs the plan (spec field `engine`)
 
 
@@ -82,7 +75,7 @@ class Mesh(_Model):
     pp: int = 1
     tp: int = 1
     sp: int = 1
-    axis_order: list[AxisName] = Field(default_factory=lambda: ["dp", "pp", "tp", "sp"])
+    axis_order: list[AxisName] = Field(default_factory=lambda: list(AXES))
 
     @property
     def size(self) -> int:
@@ -94,8 +87,7 @@ class Mesh(_Model):
         return self.tp * self.sp
 
     def label(self) -> str:
-        parts = [f"{a}{getattr(self, a)}" for a in ("dp", "pp", "tp", "sp") if getattr(self, a) > 1]
-        return "x".join(parts) or "single"
+        return mesh_label(self.dp, self.pp, self.tp, self.sp)
 
 
 class Stage(_Model):
@@ -106,7 +98,7 @@ class Stage(_Model):
     last_layer: int
     embedding: bool = False  # holds the token embedding
     lm_head: bool = False  # holds final norm + lm_head
-    vision: bool = False  # the vision encoder runs on this stage's GPUs
+    vision: bool = False  # the vision encoder runs on this stage's GPUs (``ParallelDims.encoder_stages``)
     step_ms: float | None = None  # predicted time of the reference step on this stage
     shift_threshold_tokens: int | None = None  # this stage's own SP x TP vs TP crossover - 1 (sp > 1)
 
@@ -211,9 +203,18 @@ class Plan(_Model):
             expect = st.last_layer + 1
         if expect != self.model.num_layers:
             raise UserError(f"plan {self.name}: stages cover {expect} layers, the model has {self.model.num_layers}")
-        if self.shift.enabled and self.mesh.sp < 2:
-            raise UserError(f"plan {self.name}: shift is enabled but mesh.sp = {self.mesh.sp} (needs sp >= 2)")
+        dims = self.dims()
+        want = dims.encoder_stages()
+        have = tuple(i for i, st in enumerate(self.stages) if st.vision)
+        if have != want:
+            raise UserError(f"plan {self.name}: stages {list(have)} have vision: true; vision.placement "
+                            f"{self.vision.placement} with model.vision_blocks = {self.model.vision_blocks} runs the "
+                            f"encoder on stages {list(want)}")
         return self
+
+    def dims(self) -> ParallelDims:
+        """The parallel arithmetic of this plan (``plans.mesh``); UserError when it does not add up."""
+        return ParallelDims.from_plan(self)
 
 
 # ---------------------------------------------------------------- canonical YAML
