@@ -43,7 +43,7 @@ def build_plan(name: str, cfg: dict, dtype: str, block: int = 16) -> Any:
         name=f"gpu-check-{name}-{dtype}",
         provenance=Provenance(spec_sha256="-", model_config_sha256="-", cost_profile="-", shiftplan_version="-"),
         model=ModelRef(name=name, preset=name, architecture=a.arch, weights_dtype=dtype, kv_dtype=dtype,
-                       num_layers=a.layers),
+                       num_layers=a.layers, vision_blocks=a.vision.depth if a.is_vl else 0),
         hardware=Hardware(gpu="h100", gpus_per_node=1, nodes=1), objective="min_latency", mesh=Mesh(),
         stages=[Stage(index=0, first_layer=0, last_layer=a.layers - 1, embedding=True, lm_head=True,
                       vision=a.is_vl)],

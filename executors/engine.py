@@ -27,7 +27,7 @@ import torch
 
 from executors.batch import ImageJob, Step, StepOut, grid_patches
 from executors.config import ModelArgs, model_args, plan_config, run_dtypes
-from executors.parallel import Par, replica_ranks
+from executors.parallel import Par
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.weights import WeightSource
@@ -53,23 +53,19 @@ def _free_port() -> int:
 
 
 def check_mesh(plan: Plan, a: ModelArgs) -> None:
-    """Fail before any process starts when the mesh cannot split this model (UserError with figures)."""
-    from executors.shard import HeadSplit, even_range
-
-    m = plan.mesh
-    HeadSplit(a.heads, a.kv_heads, m.shift_degree)
-    even_range(a.intermediate, m.shift_degree if (m.sp == 1 or plan.shift.enabled) else m.tp, 0,
-               f"intermediate_size / {'tp*sp' if (m.sp == 1 or plan.shift.enabled) else 'tp'}")
+    """Fail before any process starts when the mesh cannot split this model, or the plan and the
+    config disagree on the vision tower (UserError with figures)."""
+    plan.dims().check_model(a.heads, a.kv_heads, a.intermediate)
+    depth = a.vision.depth if a.vision is not None else 0
+    if (depth > 0) != (plan.model.vision_blocks > 0):  # Stage.vision follows from vision_blocks
+        raise UserError(f"plan {plan.name}: model.vision_blocks = {plan.model.vision_blocks} but the model config's "
+                        f"vision tower has {depth} blocks")
 
 
 def dedicated_encoders(plan: Plan, a: ModelArgs) -> int:
     """Encoder ranks beside the LLM mesh: the plan's ``dedicated_gpus`` when it places a VL
-    model's encoder on GPUs of its own, else 0."""
-    if plan.vision.placement != "dedicated" or a.vision is None:
-        return 0
-    if plan.vision.dedicated_gpus < 1:
-        raise UserError(f"plan {plan.name}: vision placement 'dedicated' needs vision.dedicated_gpus >= 1")
-    return plan.vision.dedicated_gpus
+    model's encoder on GPUs of its own, else 0 (``Plan.check`` requires >= 1 for dedicated)."""
+    return plan.vision.dedicated_gpus if plan.vision.placement == "dedicated" and a.vision is not None else 0
 
 
 def default_blocks(plan: Plan, a: ModelArgs) -> int:
@@ -85,6 +81,7 @@ class Engine:
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
                  keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True):
         self.plan = plan.check()
+        self.dims = plan.dims()
         self.args = model_args(config)
         if self.args.layers != plan.model.num_layers:
             raise UserError(f"plan {plan.name} has {plan.model.num_layers} layers but the model config has {self.args.layers}")
@@ -228,16 +225,8 @@ class Engine:
 
     # ------------------------------------------------------------------ stepping
     def _mode(self, tokens: int, stage: int = 0) -> str:
-        """SP x TP or TP for a micro-batch of ``tokens`` on a stage: TP when shift is on and the
-        tokens are at most the stage's threshold (the plan-wide one when the stage has none)."""
-        m, sh = self.plan.mesh, self.plan.shift
-        if m.sp == 1:
-            return "tp"
-        own = self.plan.stages[stage].shift_threshold_tokens
-        threshold = own if own is not None else sh.threshold_tokens
-        if sh.enabled and threshold is not None and tokens <= threshold:
-            return "tp"
-        return "sp_tp"
+        """SP x TP or TP for a micro-batch of ``tokens`` on a stage (``ParallelDims.mode_for``)."""
+        return self.dims.mode_for(tokens, stage)
 
     def _micro(self, chunks: list[Chunk]) -> list:
         m = max(1, min(self.plan.scheduler.microbatches, len(chunks)))
@@ -256,7 +245,7 @@ class Engine:
             return {rep: self.local.run(st) for rep, st in steps.items()}
         for rep, st in steps.items():
             blob = to_bytes(st)
-            for r in replica_ranks(self.plan.mesh, rep):
+            for r in self.dims.replica_ranks(rep):
                 self.cmd_q[r].put(blob)
         outs: dict[int, StepOut] = {}
         while len(outs) < len(steps):
@@ -278,7 +267,7 @@ class Engine:
         e = min(range(self.encoders), key=lambda i: load[i])
         self.encoding[s.req] = (e, grid_patches(s.image_grid))
         s.encoder = self.plan.mesh.size + e
-        dst = list(replica_ranks(self.plan.mesh, replica, range(1)))
+        dst = list(self.dims.stage_ranks(replica, 0))
         self._send_encode(s.encoder, (s.req, s.image_pixels, s.image_grid, dst))
 
     def _send_encode(self, rank: int, job: tuple) -> None:

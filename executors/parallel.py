@@ -1,7 +1,7 @@
 """The process groups of one rank, built from the plan's mesh (passed explicitly, never global).
 
 The mesh is ``init_device_mesh(device, (dp, pp, tp, sp), mesh_dim_names=("dp", "pp", "tp", "sp"))``
-(row-major, ``sp`` innermost; see ``plans.schema``). Per rank we keep: the ``tp`` group, the
+(row-major, ``sp`` innermost; the rank arithmetic is ``plans.mesh.ParallelDims``'s). Per rank we keep: the ``tp`` group, the
 ``sp`` group, the ``shift`` group (the tp*sp GPUs of one stage, flattened in ``tp_i*sp + sp_i``
 order) and the global ranks of the previous/next pipeline stage.
 
@@ -18,9 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from plans.mesh import ParallelDims, shift_rank
 from plans.schema import Mesh
-
-AXES = ("dp", "pp", "tp", "sp")
 
 
 @dataclass
@@ -51,35 +50,28 @@ class Par:
 
     @property
     def r(self) -> int:
-        """Shift (TP-P) rank of this GPU: ``tp_i * sp + sp_i``."""
-        return self.tp_i * self.sp + self.sp_i
+        """Shift (TP-P) rank of this GPU (``plans.mesh.shift_rank``)."""
+        return shift_rank(self.tp_i, self.sp_i, self.sp)
+
+
+def _dims(mesh: Mesh) -> ParallelDims:
+    return ParallelDims(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, sp=mesh.sp, axis_order=tuple(mesh.axis_order))
 
 
 def rank_coords(rank: int, mesh: Mesh) -> dict[str, int]:
-    """Mesh coordinates of a global rank, for the schema's axis order."""
-    order = list(mesh.axis_order)
-    out: dict[str, int] = {}
-    for a in reversed(order):
-        n = getattr(mesh, a)
-        out[a] = rank % n
-        rank //= n
-    return out
+    """Mesh coordinates of a global rank (``ParallelDims.coords``)."""
+    return _dims(mesh).coords(rank)._asdict()
 
 
 def global_rank(mesh: Mesh, coords: dict[str, int]) -> int:
-    """The global rank at mesh coordinates (axes not given are 0); inverse of ``rank_coords``."""
-    r = 0
-    for a in mesh.axis_order:
-        r = r * getattr(mesh, a) + coords.get(a, 0)
-    return r
+    """The global rank at mesh coordinates, axes not given 0 (``ParallelDims.rank``)."""
+    return _dims(mesh).rank(**coords)
 
 
 def replica_ranks(mesh: Mesh, replica: int, stages: range | None = None) -> tuple[int, ...]:
     """Global ranks of one DP replica (of ``stages``, default all), stage by stage, each stage in
-    shift-rank order ``tp_i * sp + sp_i``."""
-    return tuple(global_rank(mesh, {"dp": replica, "pp": p, "tp": t, "sp": s})
-                 for p in (stages if stages is not None else range(mesh.pp))
-                 for t in range(mesh.tp) for s in range(mesh.sp))
+    shift-rank order (``ParallelDims.replica_ranks``)."""
+    return _dims(mesh).replica_ranks(replica, stages)
 
 
 def build_par(mesh: Mesh, rank: int, device: torch.device) -> Par | None:
@@ -94,10 +86,11 @@ def build_par(mesh: Mesh, rank: int, device: torch.device) -> Par | None:
             if mesh.sp > 1 and mesh.tp > 1:
                 _shift_group(dm, mesh, None)
         return None
-    c = rank_coords(rank, mesh)
-    par = Par(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, sp=mesh.sp, dp_i=c["dp"], pp_i=c["pp"], tp_i=c["tp"],
-              sp_i=c["sp"], device=device, rank=rank, replica_ranks=replica_ranks(mesh, c["dp"]),
-              stage0_ranks=replica_ranks(mesh, c["dp"], range(1)))
+    dims = _dims(mesh)
+    c = dims.coords(rank)
+    par = Par(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, sp=mesh.sp, dp_i=c.dp, pp_i=c.pp, tp_i=c.tp,
+              sp_i=c.sp, device=device, rank=rank, replica_ranks=dims.replica_ranks(c.dp),
+              stage0_ranks=dims.stage_ranks(c.dp, 0))
     if mesh.size == 1:
         return par
     order = tuple(mesh.axis_order)
@@ -108,16 +101,10 @@ def build_par(mesh: Mesh, rank: int, device: torch.device) -> Par | None:
         par.sp_group = dm["sp"].get_group()
     if par.P > 1:
         par.shift_group = _shift_group(dm, mesh, par)
-    coords = dm.mesh  # tensor of global ranks indexed by the axis order
-    if mesh.pp > 1:
-        idx = [c[a] for a in order]
-        k = order.index("pp")
-        if par.pp_i > 0:
-            idx[k] = par.pp_i - 1
-            par.prev_rank = int(coords[tuple(idx)])
-        if par.pp_i < mesh.pp - 1:
-            idx[k] = par.pp_i + 1
-            par.next_rank = int(coords[tuple(idx)])
+    if par.pp_i > 0:
+        par.prev_rank = dims.rank(c.dp, c.pp - 1, c.tp, c.sp)
+    if par.pp_i < mesh.pp - 1:
+        par.next_rank = dims.rank(c.dp, c.pp + 1, c.tp, c.sp)
     return par
 
 
@@ -133,15 +120,12 @@ def _shift_group(dm: Any, mesh: Mesh, par: Par | None) -> Any:
         flat = sub._flatten("shift")
         return flat.get_group() if par is not None else None
     except Exception:  # a DeviceMesh without _flatten: one new_group per stage, every rank in the same order
-        stages: dict[tuple[int, int], list[int]] = {}
-        for g in range(mesh.size):
-            cc = rank_coords(g, mesh)
-            stages.setdefault((cc["dp"], cc["pp"]), []).append(g)
-        mine = None
-        for key in sorted(stages):
-            grp = dist.new_group(stages[key])
-            if par is not None and key == (par.dp_i, par.pp_i):
-                mine = grp
+        dims, mine = _dims(mesh), None
+        for rep in range(mesh.dp):
+            for st in range(mesh.pp):
+                grp = dist.new_group(list(dims.stage_ranks(rep, st)))
+                if par is not None and (rep, st) == (par.dp_i, par.pp_i):
+                    mine = grp
         return mine
 
 

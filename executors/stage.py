@@ -22,9 +22,9 @@ from executors.dense import AttnMeta, DecoderLayer, rms_norm
 from executors.encoders import exchange
 from executors.parallel import Par, all_gather_cat, all_reduce
 from executors.rope import cos_sin, inv_freq
-from executors.shard import HeadSplit
 from executors.vision import VisionTower, vision_shapes
 from executors.weights import WeightSource
+from plans.mesh import kv_heads_per_gpu
 from plans.schema import Plan, Stage
 
 
@@ -71,10 +71,11 @@ class StageModel:
         if stage.embedding:
             w, self.embed_lo = _vocab_rows(src, "model.embed_tokens.weight", a.vocab, self.vocab_group)
             self.embed = w.to(dev, dtype)
-        where = plan.vision.placement
-        if a.vision is not None and where != "dedicated" and (stage.embedding or where == "all_dp"):
+        if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
             self.vision = VisionTower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
-        self.encode_ranks = {"stage0_dp": par.stage0_ranks, "all_dp": par.replica_ranks}.get(where, ())
+        spread = plan.vision.placement in ("stage0_dp", "all_dp")  # images spread over the encoding stages' GPUs
+        self.encode_ranks = tuple(r for s in plan.stages if s.vision and spread
+                                  for r in par.replica_ranks[s.index * par.P:(s.index + 1) * par.P])
         self.encode_load = [0] * len(self.encode_ranks)  # patches dealt to each of them so far
         self.images_encoded = 0  # requests whose images this rank encoded
         if stage.lm_head:
@@ -83,7 +84,7 @@ class StageModel:
             self.lm_head = w.to(dev, dtype)
             self.norm = src.rows("model.norm.weight").to(dev, dtype)
         self.layers = [DecoderLayer(i, a, par, src, dtype, shift, fp8) for i in range(stage.first_layer, stage.last_layer + 1)]
-        kv_local = HeadSplit(a.heads, a.kv_heads, par.P).kv_per_rank
+        kv_local = kv_heads_per_gpu(a.kv_heads, par.P)
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
         self.freq, self.rope_scale = inv_freq(a)
         self.freq = self.freq.to(dev)  # on the device: a captured decode graph reads it
@@ -93,12 +94,9 @@ class StageModel:
         """``stage0_tp``: the tower TP-sharded over the stage's P GPUs when its heads and MLP width
         divide by P; every other placement (and indivisible shapes) keeps it whole per GPU."""
         g = self.vocab_group
-        if plan.vision.placement != "stage0_tp" or g is None:
+        if g is None or plan.vision.placement != "stage0_tp" or plan.dims().encoder(a.vision.num_heads, a.vision.mlp_dim).tp == 1:
             return None, 0, 1
-        n = dist.get_world_size(g)
-        if a.vision.num_heads % n or a.vision.mlp_dim % n:
-            return None, 0, 1
-        return g, dist.get_rank(g), n
+        return g, dist.get_rank(g), dist.get_world_size(g)
 
     # ------------------------------------------------------------------ embedding + vision
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:

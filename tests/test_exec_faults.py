@@ -79,7 +79,7 @@ def test_cuda_without_gpus_is_a_user_error() -> None:
 
 
 def test_mesh_that_cannot_split_heads_fails_before_starting() -> None:
-    with pytest.raises(UserError, match=r"4 query heads are not divisible by tp\*sp = 8"):
+    with pytest.raises(UserError, match=r"4 query heads are not divisible by tp\*sp = 4\*2 = 8"):
         executors.load(make_plan("llama", tp=4, sp=2))
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from plans.mesh import ParallelDims, even_layers
 from plans.schema import Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Shift, Stage, Vision
 
 HERE = Path(__file__).parent
@@ -27,19 +28,19 @@ def make_plan(name: str, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shi
     ``dedicated`` encoder GPUs with ``placement="dedicated"``."""
     cfg = config(name)
     layers = cfg["num_hidden_layers"]
-    per = layers // pp
-    stages = [Stage(index=i, first_layer=i * per, last_layer=(i + 1) * per - 1 if i < pp - 1 else layers - 1,
-                    embedding=i == 0, lm_head=i == pp - 1, vision=i == 0 and "vision_config" in cfg)
-              for i in range(pp)]
+    depth = cfg.get("vision_config", {}).get("depth", 0)
     if placement is None:
-        placement = "stage0_dp" if "vision_config" in cfg else "none"
+        placement = "stage0_dp" if depth else "none"
     mesh = Mesh(dp=dp, pp=pp, tp=tp, sp=sp)
+    dims = ParallelDims(dp=dp, pp=pp, tp=tp, sp=sp, placement=placement, dedicated_gpus=dedicated, vision=depth > 0)
+    stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == pp - 1,
+                    vision=i in dims.encoder_stages()) for i, (a, b) in enumerate(even_layers(layers, pp))]
     return Plan(
         name=f"tiny-{name}-{mesh.label()}{'-shift' if shift else ''}",
         provenance=Provenance(spec_sha256="0" * 64, model_config_sha256="0" * 64, cost_profile="none",
                               shiftplan_version="test"),
         model=ModelRef(name=name, config=str(CONFIGS[name]), architecture=cfg["architectures"][0],
-                       weights_dtype=dtype, kv_dtype=dtype, num_layers=layers),
+                       weights_dtype=dtype, kv_dtype=dtype, num_layers=layers, vision_blocks=depth),
         hardware=Hardware(gpu="cpu", gpus_per_node=mesh.size + dedicated, nodes=1), objective="max_throughput", mesh=mesh,
         stages=stages, vision=Vision(placement=placement, dedicated_gpus=dedicated),
         shift=Shift(enabled=shift, threshold_tokens=threshold if shift else None),
