@@ -28,6 +28,7 @@ from costmodels.memory import USABLE_FRACTION
 from costmodels.model import CostModel, StepCost
 from graph.opgraph import StepShape
 from plans.errors import UserError
+from plans.mesh import heads_problem
 
 
 @dataclass
@@ -64,12 +65,9 @@ def check_mesh(cm: CostModel, *, tp: int, pp: int, sp: int, dp: int, world: int 
         if v < 1:
             raise UserError(f"--{name} must be >= 1 (got {v})")
     P = tp * sp
-    if info.heads % P:
-        raise UserError(f"{info.heads} query heads not divisible by sp*tp={sp}*{tp}={P}" if sp > 1
-                        else f"{info.heads} query heads not divisible by tp={tp}")
-    if info.kv_heads % P and P % info.kv_heads:
-        raise UserError(f"{info.kv_heads} KV heads: sp*tp={P} neither divides them nor is a multiple of them "
-                        f"(KV heads are split when {info.kv_heads} % {P} == 0, replicated when {P} % {info.kv_heads} == 0)")
+    why = heads_problem(info.heads, info.kv_heads, tp, sp)
+    if why:
+        raise UserError(why)
     if pp > info.layers:
         raise UserError(f"pp={pp} stages but the model has {info.layers} decoder layers")
     notes = []

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from plans.mesh import kv_heads_per_gpu
+
 if TYPE_CHECKING:
     from costmodels.model import CostModel
 
@@ -84,7 +86,7 @@ def memory_per_gpu(cm: "CostModel", *, layers: tuple[int, int], tp: int, sp: int
     weights = (sharded / tp * wb + other / tp * ab + (replicated + other_rep) * ab) / 1e9
     shift = (sharded * wb + other * ab) / p / 1e9 if sp > 1 else 0.0
     n_layers = b - a + 1
-    g_gpu = max(1.0, info.kv_heads / p)
+    g_gpu = kv_heads_per_gpu(info.kv_heads, p)
     kv_per_token = 2 * n_layers * g_gpu * info.head_dim * kvb
     t_gpu = max_batch_tokens / sp
     act = t_gpu * ab * (4 * info.hidden + (info.heads + 2 * info.kv_heads) * info.head_dim / tp

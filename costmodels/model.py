@@ -28,6 +28,7 @@ from costmodels.opcost import OpRec, Rates, op_rec, op_time, split_gating
 from costmodels.profile import Profile
 from graph.opgraph import Block, OpGraph, StepShape
 from plans.errors import UserError
+from plans.mesh import ParallelDims, even_layers
 
 MODES = ("sp_tp", "tp")
 
@@ -66,25 +67,6 @@ class StepCost:
     total_ms: float
     bottleneck_ms: float
 
-    @property
-    def breakdown(self) -> Breakdown:
-        out = Breakdown()
-        for b in self.stages:
-            out = out + b
-        return out + Breakdown.of(comm=sum(self.p2p_ms))
-
-
-def even_stages(layers: int, pp: int) -> list[tuple[int, int]]:
-    """Contiguous inclusive layer ranges, sizes differing by at most one (earlier stages larger)."""
-    if pp < 1 or pp > layers:
-        raise UserError(f"pp={pp} needs 1 <= pp <= {layers} decoder layers")
-    base, extra = divmod(layers, pp)
-    out, first = [], 0
-    for i in range(pp):
-        n = base + (1 if i < extra else 0)
-        out.append((first, first + n - 1))
-        first += n
-    return out
 
 
 class CostModel:
@@ -183,10 +165,6 @@ class CostModel:
             i = j + 1
         return out
 
-    def stage_time(self, stage_blocks: list[Block], shape: StepShape, *, tp: int = 1, sp: int = 1,
-                   mode: str = "sp_tp") -> Breakdown:
-        return self.blocks_time(stage_blocks, shape, tp=tp, sp=sp, mode=mode)
-
     def _text_blocks(self, kind: str) -> list[Block]:
         return [b for b in self.graph.blocks if b.kind == kind and b.tower == "text"]
 
@@ -200,13 +178,13 @@ class CostModel:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        stages = stages or even_stages(len(self.decoders), pp)
+        stages = stages or even_layers(len(self.decoders), pp)
         t, s = self._check(tp, sp, mode)
         head = self._text_blocks("embedding")
         tail = self._text_blocks("final_norm") + self._text_blocks("lm_head")
         per_stage, sends = [], []
         act = shape.tokens / s * self.info.hidden * self.rates.a_bytes
-        group = tp * sp
+        dims = ParallelDims(pp=len(stages), tp=tp, sp=sp, gpus_per_node=self.gpus_per_node)
         for i, (a, b) in enumerate(stages):
             bd = self.layers_time(a, b, shape, tp=tp, sp=sp, mode=mode)
             if i == 0:
@@ -215,8 +193,7 @@ class CostModel:
                 bd = bd + self.blocks_time(tail, shape, tp=tp, sp=sp, mode=mode)
             per_stage.append(bd)
             if i < len(stages) - 1:
-                inter = group * len(stages) > self.gpus_per_node and ((i + 1) * group) % self.gpus_per_node == 0
-                sends.append(self.p2p_ms(act, inter_node=inter))
+                sends.append(self.p2p_ms(act, inter_node=dims.crosses_nodes(i)))
         total = sum(b.total_ms for b in per_stage) + sum(sends)
         bottleneck = max(b.total_ms + (sends[i] if i < len(sends) else 0.0) for i, b in enumerate(per_stage))
         out = StepCost(stages=per_stage, p2p_ms=sends, total_ms=total, bottleneck_ms=bottleneck)
@@ -270,7 +247,7 @@ class CostModel:
         if stage_layers is not None:
             return memory_per_gpu(self, layers=stage_layers, tp=tp, sp=sp, embedding=with_embedding,
                                   lm_head=with_lm_head, vision=with_vision, max_batch_tokens=max_batch_tokens)
-        stages = even_stages(len(self.decoders), pp)
+        stages = even_layers(len(self.decoders), pp)
         worst: MemoryBreakdown | None = None
         for i, rng in enumerate(stages):
             m = memory_per_gpu(self, layers=rng, tp=tp, sp=sp, embedding=with_embedding and i == 0,

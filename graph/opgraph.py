@@ -135,9 +135,6 @@ class OpNode:
     def bytes_read(self, s: StepShape, w_bytes: float = 2, a_bytes: float = 2, kv_bytes: float = 2) -> float:
         return self.weight_elems * w_bytes + self.act_read(s) * a_bytes + self.kv_read(s) * kv_bytes
 
-    def bytes_written(self, s: StepShape, a_bytes: float = 2, kv_bytes: float = 2) -> float:
-        return self.act_written(s) * a_bytes + self.kv_written(s) * kv_bytes
-
 
 @dataclass
 class Block:

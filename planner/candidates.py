@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-PLACEMENTS = ("stage0_tp", "stage0_dp", "all_dp", "dedicated")
+from plans.mesh import ENCODER_PLACEMENTS, heads_problem, kv_heads_per_gpu, mesh_label
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class SearchSpace:
     pp: tuple[int, ...] | None = None
     tp: tuple[int, ...] | None = None
     sp: tuple[int, ...] | None = None
-    placements: tuple[str, ...] = PLACEMENTS
+    placements: tuple[str, ...] = ENCODER_PLACEMENTS
     dedicated_gpus: tuple[int, ...] | None = None  # None: 1, 2 and 4 where they leave GPUs for the LLM
     engine_check: Callable[[int, int, int, int], str | None] | None = None  # (dp, pp, tp, sp) -> the engine's limit
 
@@ -90,8 +90,7 @@ class Candidate:
 
     @property
     def mesh_label(self) -> str:
-        parts = [f"{a}{v}" for a, v in (("dp", self.dp), ("pp", self.pp), ("tp", self.tp), ("sp", self.sp)) if v > 1]
-        return "x".join(parts) or "single"
+        return mesh_label(self.dp, self.pp, self.tp, self.sp)
 
     @property
     def label(self) -> str:
@@ -110,22 +109,9 @@ class CandidateSet:
     rejected: tuple[Rejected, ...] = field(default_factory=tuple)
 
 
-def kv_heads_per_gpu(kv_heads: int, P: int) -> int:
-    """KV heads a GPU holds under P-way head sharding (replicated when fewer than P)."""
-    return max(1, kv_heads // P)
-
-
 def heads_ok(facts: ModelFacts, tp: int, sp: int) -> str | None:
-    """None when the heads split evenly over P = tp*sp, else the reason."""
-    P = tp * sp
-    if facts.heads % P:
-        return f"{facts.heads} query heads are not divisible by tp*sp = {P}"
-    g = facts.kv_heads
-    if g >= P and g % P:
-        return f"{g} KV heads are not divisible by tp*sp = {P}"
-    if g < P and P % g:
-        return f"tp*sp = {P} is not a multiple of the {g} KV heads (replication needs it)"
-    return None
+    """None when the heads split evenly over P = tp*sp, else the reason (``plans.mesh.heads_problem``)."""
+    return heads_problem(facts.heads, facts.kv_heads, tp, sp)
 
 
 def min_memory_per_gpu(facts: ModelFacts, space: SearchSpace, c: Candidate) -> tuple[float, str]:

@@ -28,12 +28,12 @@ from typing import Callable
 
 from graph.opgraph import StepShape
 from planner.candidates import Candidate, CandidateSet, ModelFacts, SearchSpace, enumerate_candidates
-from planner.ilp import (ItemCost, StageProblem, VisionOption, evaluate, latency, objective_weights,
-                         uniform_split)
+from planner.ilp import ItemCost, StageProblem, VisionOption, evaluate, latency, objective_weights
 from planner.inputs import Model, TokenMix, mixed_ms
 from planner.spec import Spec
 from planner.threshold import Crossover, crossover
 from plans.errors import UserError
+from plans.mesh import ENCODER_PLACEMENTS, ParallelDims, even_layers
 
 VISION_BATCH = 8  # images per encoder batch when amortising encoder time per request
 UTIL_TARGET = 0.8  # min_gpus: the bottleneck may be busy at most this share of the time at the arrival rate
@@ -86,8 +86,7 @@ def search_space(spec: Spec, model: Model, mix: TokenMix) -> SearchSpace:
         capacity_gb=model.cost.gpu.hbm_gb * USABLE_FRACTION, hbm_gb=model.cost.gpu.hbm_gb, activations_gb=act, min_kv_tokens=min_kv_tokens(mix),
         allow_cross_node_tp=s.allow_cross_node_tp, allow_fewer_gpus=spec.objective == "min_gpus",
         dp=tup(s.dp), pp=tup(s.pp) if s.stages is None else (len(s.stages),), tp=tup(s.tp), sp=tup(s.sp),
-        placements=tuple(s.vision_placement) if s.vision_placement else
-        ("stage0_tp", "stage0_dp", "all_dp", "dedicated"),
+        placements=tuple(s.vision_placement) if s.vision_placement else ENCODER_PLACEMENTS,
         dedicated_gpus=tup(s.dedicated_vision_gpus),
     )
 
@@ -160,7 +159,7 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
     """Cost vectors of every block of a candidate (see the module doc) as a StageProblem."""
     cm, info = model.cost, model.graph.info
     L = info.layers
-    uni = uniform_split(L, c.pp)
+    uni = even_layers(L, c.pp)
     kv_tok = min(model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=st, with_embedding=i == 0,
                            with_lm_head=i == c.pp - 1, max_batch_tokens=mix.max_batch_tokens).kv_tokens
                  for i, st in enumerate(uni))
@@ -168,7 +167,7 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
     cross = layer_crossover(model, c, mix, mix.max_seqs)
     pinned = spec.search.shift_threshold
     thr = None if c.sp < 2 else (pinned if pinned is not None else cross.threshold_tokens)
-    mode = lambda tokens: "tp" if thr is not None and tokens <= thr else "sp_tp"  # noqa: E731
+    mode = ParallelDims(tp=c.tp, sp=c.sp, shift=thr is not None, threshold=thr).mode_for
 
     pf, ttft_shape = mix.prefill_step(), mix.ttft_step()
     n_pf = mix.prompt_mean / pf.tokens
@@ -259,12 +258,8 @@ def _p2p_total(model: Model, c: Candidate, tokens: float) -> float:
     """Activation sends between consecutive stages of replica 0 (T/sp x hidden x act bytes)."""
     cm = model.cost
     nbytes = tokens / c.sp * model.graph.info.hidden * cm.rates.a_bytes
-    P, g = c.shift_degree, cm.gpus_per_node
-    total = 0.0
-    for i in range(c.pp - 1):
-        inter = ((i + 1) * P - 1) // g != ((i + 1) * P) // g
-        total += cm.p2p_ms(nbytes, inter_node=inter)
-    return total
+    dims = ParallelDims(pp=c.pp, tp=c.tp, sp=c.sp, gpus_per_node=cm.gpus_per_node)
+    return sum(cm.p2p_ms(nbytes, inter_node=dims.crosses_nodes(i)) for i in range(c.pp - 1))
 
 
 def _vision_option(placement: str, model: Model, c: Candidate, mix: TokenMix, facts: ModelFacts) -> VisionOption | None:
@@ -323,7 +318,7 @@ def bounds(x: Costed) -> Bounds:
         lats.append(latency(p, S, o))
     best = (min(lbs) / c.dp, min(t for t, _ in lats), min(t for _, t in lats), -x.decode_batch)
     sure = None
-    split = p.pinned or uniform_split(len(p.layers), S)
+    split = p.pinned or even_layers(len(p.layers), S)
     for o in opts:
         ev = evaluate(p, split, o.placement if o else None)
         if ev.feasible:

@@ -192,17 +192,6 @@ def latency(p: StageProblem, S: int, opt: VisionOption | None) -> tuple[float, f
     return ttft, tpot
 
 
-def uniform_split(layers: int, stages: int) -> tuple[tuple[int, int], ...]:
-    """Near-equal contiguous split, the larger stages first."""
-    base, extra = divmod(layers, stages)
-    out, a = [], 0
-    for s in range(stages):
-        n = base + (1 if s < extra else 0)
-        out.append((a, a + n - 1))
-        a += n
-    return tuple(out)
-
-
 def all_splits(layers: int, stages: int):
     """Every contiguous split of ``layers`` into ``stages`` non-empty ranges."""
     for cuts in itertools.combinations(range(1, layers), stages - 1):

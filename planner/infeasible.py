@@ -18,8 +18,9 @@ from collections import Counter
 from typing import Any, Sequence
 
 from planner.candidates import CandidateSet, ModelFacts, SearchSpace, weights_fit_message
-from planner.ilp import Evaluation, StageProblem, all_splits, evaluate, uniform_split
+from planner.ilp import Evaluation, StageProblem, all_splits, evaluate
 from plans.errors import UserError
+from plans.mesh import even_layers
 
 
 class InfeasibleSpec(UserError):
@@ -104,7 +105,7 @@ def min_memory_split(p: StageProblem) -> tuple[tuple[int, int], ...]:
         return ((0, L - 1),)
     if L <= 24:
         return min(all_splits(L, S), key=lambda st: max(evaluate(p, st, None).stage_mem_gb))
-    return uniform_split(L, S)
+    return even_layers(L, S)
 
 
 def _hint(label: str) -> str:

@@ -18,6 +18,7 @@ from planner.inputs import Model, TokenMix, mixed_ms
 from planner.scoring import Scored, Solved, why_lost
 from planner.spec import Spec
 from planner.threshold import Crossover, crossover
+from plans.mesh import ParallelDims
 
 
 # ------------------------------------------------------------------ stage 8: the plan
@@ -56,12 +57,14 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
     has_vision = model.has_vision
     crosses = stage_thresholds(model, s, mix)
     pf = mix.prefill_step()
+    placement = e.vision or "none"
+    encoding = ParallelDims(dp=c.dp, pp=c.pp, tp=c.tp, sp=c.sp, placement=placement, vision=has_vision,
+                            dedicated_gpus=c.dedicated_gpus).encoder_stages()
     stages = []
     for i, (a, b) in enumerate(e.stages):
         ms = cm.layers_time(a, b, pf, tp=c.tp, sp=c.sp, mode="sp_tp").total_ms
         st = Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == c.pp - 1,
-                   vision=has_vision and (e.vision in ("stage0_tp", "stage0_dp") and i == 0 or e.vision == "all_dp"),
-                   step_ms=ms, shift_threshold_tokens=(spec.search.shift_threshold if spec.search.shift_threshold
+                   vision=i in encoding, step_ms=ms, shift_threshold_tokens=(spec.search.shift_threshold if spec.search.shift_threshold
                                                        is not None else crosses[i].threshold_tokens)
                    if crosses[i] else None)
         stages.append(st)
@@ -98,7 +101,7 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
         objective=spec.objective,
         mesh=Mesh(dp=c.dp, pp=c.pp, tp=c.tp, sp=c.sp),
         stages=stages,
-        vision=Vision(placement=e.vision or "none", dedicated_gpus=c.dedicated_gpus if e.vision == "dedicated" else 0),
+        vision=Vision(placement=placement, dedicated_gpus=c.dedicated_gpus if placement == "dedicated" else 0),
         shift=shift,
         memory_gb=memory,
         scheduler=Scheduler(max_batch_tokens=mix.max_batch_tokens, max_seqs=mix.max_seqs, microbatches=c.pp),

@@ -11,7 +11,7 @@ import pytest
 from costmodels import collectives as C
 from costmodels.fit import decode_attention_bytes, fit_profile
 from costmodels.interp import LogGrid
-from costmodels.model import Breakdown, CostModel, even_stages
+from costmodels.model import Breakdown, CostModel
 from costmodels.opcost import ROOFLINE_COMPUTE_EFF, ROOFLINE_MEM_EFF, Rates, op_rec, op_time
 from costmodels.profile import load_profile
 from costmodels.synthetic import build_graph
@@ -176,7 +176,6 @@ def test_step_time_pipeline(g70):
     assert two.bottleneck_ms < 0.6 * one.total_ms
     custom = cm.step_time(s, pp=2, tp=4, stages=[(0, 29), (30, 79)])
     assert custom.stages[1].total_ms > custom.stages[0].total_ms
-    assert even_stages(80, 3) == [(0, 26), (27, 53), (54, 79)]
 
 
 def test_costs_grow_with_work(g8):

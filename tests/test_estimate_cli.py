@@ -53,8 +53,8 @@ def test_sp_reports_shift_crossover(capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--tp", "3"], "64 query heads not divisible by tp=3"),
-    (["--tp", "1", "--sp", "3"], "64 query heads not divisible by sp*tp=3*1=3"),
+    (["--tp", "3"], "64 query heads are not divisible by tp*sp = 3 (64 % 3 = 1)"),
+    (["--tp", "2", "--sp", "3"], "64 query heads are not divisible by tp*sp = 2*3 = 6 (64 % 6 = 4)"),
     (["--tp", "8", "--pp", "4"], "mesh needs dp*pp*tp*sp = 1*4*8*1 = 32 GPUs; the hardware has 8"),
     (["--tp", "1"], "weights need 141.1 GB per GPU at tp=1"),
     (["--tp", "8", "--batch", "0"], "must be >= 1"),

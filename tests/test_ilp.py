@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.ilp import (ItemCost, StageProblem, VisionOption, Weights, evaluate, objective_weights, solve,
-                         uniform_split)
+from planner.ilp import ItemCost, StageProblem, VisionOption, Weights, evaluate, objective_weights, solve
+from plans.mesh import even_layers
 
 LAYER = ItemCost(thr=1.0, ttft=2.0, tpot=0.1, mem=1.0)
 
@@ -46,7 +46,7 @@ def test_memory_binds_the_split():
 def test_memory_infeasible_reports_status_not_exception():
     sol = solve(_p(capacity_gb=3.0))  # 8 GB of layers over 2 stages cannot fit 3 GB each
     assert sol.status == "infeasible" and sol.best is None
-    ev = evaluate(_p(capacity_gb=3.0), uniform_split(8, 2), None)
+    ev = evaluate(_p(capacity_gb=3.0), even_layers(8, 2), None)
     assert not ev.feasible and ev.violations[0].label == "mem_stage0"
     assert "needs 4.0 GB per GPU; capacity 3.0 GB" in ev.violations[0].text
 

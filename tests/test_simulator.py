@@ -78,9 +78,9 @@ def test_low_load_ttft_is_the_prefill_step_time(pp):
 def test_low_load_ttft_with_chunked_prefill():
     """A prompt over the token budget is prefilled in chunks, each seeing the earlier ones as context."""
     c = cfg(max_batch_tokens=1000)
-    coster = SyntheticCoster(sp_tp=(10.0, 0.01, 1e-5, 1e-4))
+    coster = SyntheticCoster(tp=(10.0, 0.01, 1e-5, 1e-4))  # sp = 1: every step runs plain TP
     log = run(c, coster, spaced([2500]))
-    want = sum(coster.stage_ms(StepShape.prefill([n], [k]), "sp_tp")[0] for n, k in ((1000, 0), (1000, 1000), (500, 2000)))
+    want = sum(coster.stage_ms(StepShape.prefill([n], [k]), "tp")[0] for n, k in ((1000, 0), (1000, 1000), (500, 2000)))
     assert math.isclose((log.reqs[0].first - log.reqs[0].arrival) * 1e3, want, rel_tol=1e-9)
 
 

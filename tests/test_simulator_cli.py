@@ -206,4 +206,4 @@ def test_config_from_a_plan(env):
     assert c.threshold == plan.shift.threshold_tokens and c.stage_thresholds == (300, 700)
     assert c.stage_modes(500) == ("sp_tp", "tp") and c.stage_modes(100) is None and c.mode(100) == "tp"
     off = SimConfig.from_plan(pinned_plan(spec, cost, pp=2, tp=4))
-    assert not off.shift and off.mode(10) == "sp_tp" and off.stage_thresholds == ()
+    assert not off.shift and off.mode(10) == "tp" and off.stage_thresholds == ()  # sp = 1: plain TP

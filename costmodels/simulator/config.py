@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plans.errors import UserError
-
-PLACEMENTS = ("none", "stage0_tp", "stage0_dp", "all_dp", "dedicated")
+from plans.mesh import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -18,7 +17,8 @@ class SimConfig:
     so a pipeline can keep every stage busy.
     ``kv_tokens``: KV-cache capacity of one replica, tokens (``plan.memory_gb.kv_tokens``).
     ``threshold``: with ``shift``, a step of at most this many tokens runs in mode "tp" (plain TP of
-    degree P), a larger one in "sp_tp".
+    degree P), a larger one in "sp_tp"; ``stage_thresholds`` are the stages' own. ``dims`` (the
+    plan's ``ParallelDims``) owns these rules, the placement checks and the node crossings.
     """
 
     dp: int = 1
@@ -38,39 +38,36 @@ class SimConfig:
     watermark: float = 0.01  # share of KV kept free when admitting new requests (vLLM's default)
     gpus_per_node: int = 8
     notes: tuple[str, ...] = field(default=())
+    dims: ParallelDims = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp", "sp", "lanes", "max_batch_tokens", "max_seqs", "block_size", "kv_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"simulator: {name} must be >= 1, got {getattr(self, name)}")
-        if self.placement not in PLACEMENTS:
-            raise UserError(f"simulator: vision placement '{self.placement}' is not one of {', '.join(PLACEMENTS)}")
-        if self.placement == "dedicated" and self.dedicated_gpus < 1:
-            raise UserError("simulator: vision placement 'dedicated' needs dedicated_gpus >= 1, got "
-                            f"{self.dedicated_gpus}")
+        object.__setattr__(self, "dims", ParallelDims(
+            dp=self.dp, pp=self.pp, tp=self.tp, sp=self.sp, gpus_per_node=self.gpus_per_node,
+            placement=self.placement, dedicated_gpus=self.dedicated_gpus, vision=True, shift=self.shift,
+            threshold=self.threshold if self.shift else None, stage_thresholds=self.stage_thresholds, name="simulator"))
 
     @property
     def stage_gpus(self) -> int:
         """P: GPUs of one pipeline stage (tp * sp)."""
-        return self.tp * self.sp
+        return self.dims.P
 
     def mode(self, tokens: int) -> str:
-        """The step's mode under shift parallelism: "tp" at or below the threshold, else "sp_tp"."""
-        return "tp" if self.shift and tokens <= self.threshold else "sp_tp"
+        """The step's mode (``ParallelDims.mode_for``, the plan's threshold)."""
+        return self.dims.mode_for(tokens)
 
     def stage_modes(self, tokens: int) -> tuple[str, ...] | None:
         """Per-stage modes when the stages have their own thresholds and they disagree, else None."""
         if not (self.shift and self.stage_thresholds):
             return None
-        modes = tuple("tp" if tokens <= th else "sp_tp" for th in self.stage_thresholds)
+        modes = self.dims.stage_modes(tokens)
         return None if len(set(modes)) == 1 else modes
 
     def inter_node(self, boundary: int) -> bool:
         """Whether the p2p hop from stage ``boundary`` to ``boundary + 1`` crosses nodes (replica 0)."""
-        p = self.stage_gpus
-        last_of_s = (boundary + 1) * p - 1
-        first_of_next = (boundary + 1) * p
-        return last_of_s // self.gpus_per_node != first_of_next // self.gpus_per_node
+        return self.dims.crosses_nodes(boundary)
 
     @staticmethod
     def from_plan(plan) -> "SimConfig":
@@ -80,19 +77,14 @@ class SimConfig:
         notes = []
         if seqs < s.max_seqs:
             notes.append(f"max_seqs {s.max_seqs} capped at max_batch_tokens {s.max_batch_tokens}")
-        threshold = plan.shift.threshold_tokens
-        if threshold is None and plan.stages and getattr(plan.stages[0], "shift_threshold_tokens", None) is not None:
-            threshold = plan.stages[0].shift_threshold_tokens
-        if plan.shift.enabled and threshold is None:
-            raise UserError(f"plan {plan.name}: shift is enabled but shift.threshold_tokens is not set")
+        dims = plan.dims()  # validates; owns the threshold fallback
+        threshold = dims.threshold_of()
         return SimConfig(
             dp=m.dp, pp=m.pp, tp=m.tp, sp=m.sp, lanes=max(m.pp, s.microbatches),
             max_batch_tokens=s.max_batch_tokens, max_seqs=seqs, block_size=s.block_size,
             kv_tokens=max(1, int(plan.memory_gb.kv_tokens)), shift=bool(plan.shift.enabled),
             threshold=int(threshold or 0),
-            stage_thresholds=tuple(int(st.shift_threshold_tokens if getattr(st, "shift_threshold_tokens", None)
-                                       is not None else (threshold or 0)) for st in plan.stages)
-            if plan.shift.enabled else (),
+            stage_thresholds=tuple(dims.threshold_of(s) for s in range(m.pp)) if plan.shift.enabled else (),
             placement=plan.vision.placement,
             dedicated_gpus=plan.vision.dedicated_gpus, gpus_per_node=plan.hardware.gpus_per_node,
             notes=tuple(notes),

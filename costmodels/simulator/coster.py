@@ -59,9 +59,6 @@ class LogGrid:
     def value(self, k: int) -> float:
         return float(-k - 1) if k < 0 else 2.0 ** (k / self.per_octave)
 
-    def quantise(self, x: float) -> float:
-        return self.value(self.index(x))
-
 
 # ------------------------------------------------------------------ cost-model backed
 

@@ -108,7 +108,7 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         modes = cfg.stage_modes(batch.tokens) if per_stage else None
         if modes is None:
             mode = cfg.mode(batch.tokens)
-            log.steps_tp += mode == "tp"
+            log.steps_tp += cfg.shift and mode == "tp"  # sp = 1 runs "tp" too, unshifted
             ms = coster.stage_ms(batch.shape, mode, batch.decode)
         else:  # stages with their own thresholds disagree: each stage runs its own mode
             both = {m: coster.stage_ms(batch.shape, m, batch.decode) for m in set(modes)}

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from costmodels.model import even_stages
 from plans.errors import UserError
+from plans.mesh import ParallelDims, even_layers
 from plans.schema import (CurvePoint, Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Shift,
                           Stage, Vision)
-
-IN_STEP_ON_ALL = ("all_dp",)
-ON_STAGE0 = ("stage0_tp", "stage0_dp")
 
 
 def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shift: bool = False,
@@ -33,21 +30,19 @@ def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, 
     """
     info = cost.info
     hw = spec.hardware
-    used = dp * pp * tp * sp + (dedicated_gpus if placement == "dedicated" else 0)
-    if used > hw.world_size:
-        raise UserError(f"mesh dp{dp} x pp{pp} x tp{tp} x sp{sp} (+{dedicated_gpus} encoder GPUs) = {used} GPUs; "
-                        f"the spec has {hw.gpus_per_node} x {hw.nodes} = {hw.world_size}")
-    if shift and sp < 2:
-        raise UserError(f"shift needs sp >= 2, got sp={sp}")
     has_vision = bool(info.vision)
     placement = placement or ("stage0_tp" if has_vision else "none")
-    ranges = even_stages(info.layers, pp)
+    if shift and sp < 2:  # before the crossover search; ParallelDims checks it again with the threshold
+        raise UserError(f"shift needs sp >= 2, got sp = {sp}")
+    ranges = even_layers(info.layers, pp)
+    encoding = ParallelDims(dp=dp, pp=pp, tp=tp, sp=sp, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes,
+                            placement=placement, dedicated_gpus=dedicated_gpus, vision=has_vision,
+                            name=f"mesh {Mesh(dp=dp, pp=pp, tp=tp, sp=sp).label()}").encoder_stages()
     mbt = max_batch_tokens or spec.search.max_batch_tokens
     mems = []
     for i, rng in enumerate(ranges):
-        vis = has_vision and (placement in IN_STEP_ON_ALL or (placement in ON_STAGE0 and i == 0))
         mems.append(cost.memory(pp=pp, tp=tp, sp=sp, dp=dp, stage_layers=rng, with_embedding=i == 0,
-                                with_lm_head=i == len(ranges) - 1, with_vision=vis, max_batch_tokens=mbt))
+                                with_lm_head=i == len(ranges) - 1, with_vision=i in encoding, max_batch_tokens=mbt))
 
     def kv_tokens(m: Any) -> int:
         extra = 0 if shift else m.shift_copy_gb * 1e9 / m.kv_bytes_per_token
@@ -68,8 +63,7 @@ def pinned_plan(spec: Any, cost: Any, *, dp: int = 1, pp: int = 1, tp: int = 1, 
             threshold = (cross - 1) if cross else 1 << 30
         curves = [CurvePoint(tokens=n, sp_tp_ms=a, tp_ms=b) for n, a, b in curve[::4]]
     stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == len(ranges) - 1,
-                    vision=has_vision and (placement in IN_STEP_ON_ALL or (placement in ON_STAGE0 and i == 0)))
-              for i, (a, b) in enumerate(ranges)]
+                    vision=i in encoding) for i, (a, b) in enumerate(ranges)]
     mesh = Mesh(dp=dp, pp=pp, tp=tp, sp=sp)
     label = mesh.label() + ("-shift" if shift else "")
     return Plan(

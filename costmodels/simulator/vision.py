@@ -29,14 +29,10 @@ def in_step_ms(cfg: SimConfig, coster: Coster, patches: tuple[int, ...]) -> list
     extra = [0.0] * cfg.pp
     if not patches:
         return extra
-    p = cfg.stage_gpus
-    if cfg.placement == "all_dp":
-        ms = coster.vision_ms(patches, tp=1, dp=cfg.pp * p)
-        return [ms] * cfg.pp
-    if cfg.placement == "stage0_dp":
-        extra[0] = coster.vision_ms(patches, tp=1, dp=p)
-    else:  # stage0_tp (and "none")
-        extra[0] = coster.vision_ms(patches, tp=p, dp=1)
+    enc = cfg.dims.encoder()  # the stages that encode, as dp tower replicas of tp GPUs
+    ms = coster.vision_ms(patches, tp=enc.tp, dp=enc.dp)
+    for s in enc.stages:
+        extra[s] = ms
     return extra
 
 
