@@ -34,23 +34,23 @@ NEW_TOKENS = 16
 
 
 def build_plan(name: str, cfg: dict, dtype: str, block: int = 16) -> Any:
-    from plans.schema import Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Stage, Vision
+    from plans.build import assemble_plan
+    from plans.mesh import ParallelDims
+    from plans.schema import Hardware, MemoryPerGPU, ModelRef, Provenance, Scheduler
 
     from executors.config import model_args
 
     a = model_args(cfg)
-    return Plan(
+    return assemble_plan(
         name=f"gpu-check-{name}-{dtype}",
         provenance=Provenance(spec_sha256="-", model_config_sha256="-", cost_profile="-", shiftplan_version="-"),
         model=ModelRef(name=name, preset=name, architecture=a.arch, weights_dtype=dtype, kv_dtype=dtype,
                        num_layers=a.layers, vision_blocks=a.vision.depth if a.is_vl else 0),
-        hardware=Hardware(gpu="h100", gpus_per_node=1, nodes=1), objective="min_latency", mesh=Mesh(),
-        stages=[Stage(index=0, first_layer=0, last_layer=a.layers - 1, embedding=True, lm_head=True,
-                      vision=a.is_vl)],
-        vision=Vision(placement="stage0_dp" if a.is_vl else "none"),
-        memory_gb=MemoryPerGPU(weights=0, kv=0, activations=0, total=0, capacity=80, kv_tokens=4096),
+        hardware=Hardware(gpu="h100", gpus_per_node=1, nodes=1), objective="min_latency",
+        dims=ParallelDims(placement="stage0_dp" if a.is_vl else "none", vision=a.is_vl), layers=[(0, a.layers - 1)],
+        memory=MemoryPerGPU(weights=0, kv=0, activations=0, total=0, capacity=80, kv_tokens=4096),
         scheduler=Scheduler(max_batch_tokens=2048, max_seqs=16, block_size=block),
-    ).check()
+    )
 
 
 def hf_random(cfg: dict, dtype: torch.dtype, device: str, seed: int) -> Any:

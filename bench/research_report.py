@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from costmodels.build import cost_model_for  # noqa: E402
 from costmodels.simulator import coster_for, simulate  # noqa: E402
-from costmodels.simulator.pinned import pinned_plan  # noqa: E402
+from planner.pinned import pinned_plan  # noqa: E402
 from costmodels.workload import from_spec  # noqa: E402
 from planner.spec import load_spec  # noqa: E402
 from plans.errors import UserError  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from costmodels.build import cost_model_for, graph_for_config  # noqa: E402
 from costmodels.model import CostModel  # noqa: E402
 from costmodels.simulator import LogGrid, coster_for, simulate  # noqa: E402
-from costmodels.simulator.pinned import pinned_plan  # noqa: E402
+from planner.pinned import pinned_plan  # noqa: E402
 from costmodels.workload import from_spec  # noqa: E402
 from graph.hf_config import load_config  # noqa: E402
 from planner.spec import load_spec  # noqa: E402

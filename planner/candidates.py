@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from plans.mesh import ENCODER_PLACEMENTS, heads_problem, kv_heads_per_gpu, mesh_label
+from plans.mesh import ENCODER_PLACEMENTS, ParallelDims, heads_problem, kv_heads_per_gpu, mesh_label
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,11 @@ def min_memory_per_gpu(facts: ModelFacts, space: SearchSpace, c: Candidate) -> t
 
 
 def vision_gb_per_gpu(facts: ModelFacts, c: Candidate, placement: str) -> float:
-    """Encoder weights on one GPU of the stage(s) that run it (dedicated: none on LLM GPUs)."""
-    if placement == "stage0_tp":
-        return facts.vision_gb / c.shift_degree
-    if placement in ("stage0_dp", "all_dp"):
-        return facts.vision_gb
-    return 0.0
+    """Encoder weights on one GPU of the stage(s) that run it: the tower / its TP degree (dedicated:
+    none on LLM GPUs)."""
+    enc = ParallelDims(pp=c.pp, tp=c.tp, sp=c.sp, placement=placement, dedicated_gpus=c.dedicated_gpus,
+                       vision=True).encoder()
+    return facts.vision_gb / enc.tp if enc.stages else 0.0
 
 
 def _divisors(n: int) -> list[int]:

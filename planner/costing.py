@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from graph.opgraph import StepShape
-from planner.candidates import Candidate, CandidateSet, ModelFacts, SearchSpace, enumerate_candidates
+from planner.candidates import (Candidate, CandidateSet, ModelFacts, SearchSpace, enumerate_candidates,
+                                vision_gb_per_gpu)
 from planner.ilp import ItemCost, StageProblem, VisionOption, evaluate, latency, objective_weights
 from planner.inputs import Model, TokenMix, mixed_ms
 from planner.spec import Spec
@@ -265,7 +266,6 @@ def _p2p_total(model: Model, c: Candidate, tokens: float) -> float:
 def _vision_option(placement: str, model: Model, c: Candidate, mix: TokenMix, facts: ModelFacts) -> VisionOption | None:
     """What one encoder placement adds per request (images_mean images of patches_mean patches)."""
     cm = model.cost
-    P = c.shift_degree
     p = max(1, int(round(mix.patches_mean))) if mix.patches_mean else 0
     m = mix.images_mean
     own = [p] * max(1, int(round(m))) if p else []
@@ -276,19 +276,15 @@ def _vision_option(placement: str, model: Model, c: Candidate, mix: TokenMix, fa
     def request(tp: int, dp: int) -> float:
         return cm.vision_time(own, tp=tp, dp=dp).total_ms if own else 0.0
 
-    if placement == "stage0_tp":
-        return VisionOption(placement, stage0_thr=m * per_image(P, 1), stage0_mem=facts.vision_gb / P,
-                            ttft=request(P, 1))
-    if placement == "stage0_dp":
-        return VisionOption(placement, stage0_thr=m * per_image(1, P), stage0_mem=facts.vision_gb, ttft=request(1, P))
-    if placement == "all_dp":
-        D = P * c.pp
-        return VisionOption(placement, every_thr=m * per_image(1, D), every_mem=facts.vision_gb, ttft=request(1, D))
+    enc = ParallelDims(pp=c.pp, tp=c.tp, sp=c.sp, placement=placement, dedicated_gpus=c.dedicated_gpus,
+                       vision=True).encoder()  # where the tower runs, as dp replicas of tp GPUs
+    thr, mem = m * per_image(enc.tp, enc.dp), vision_gb_per_gpu(facts, c, placement)
     if placement == "dedicated":
-        k = c.dedicated_gpus
         send = cm.p2p_ms(m * mix.image_tokens_mean * model.graph.info.hidden * cm.rates.a_bytes, inter_node=False)
-        return VisionOption(placement, separate_thr=m * per_image(1, k), ttft=request(1, k) + send)
-    return None
+        return VisionOption(placement, separate_thr=thr, ttft=request(enc.tp, enc.dp) + send)
+    if placement == "all_dp":  # every stage encodes its share
+        return VisionOption(placement, every_thr=thr, every_mem=mem, ttft=request(enc.tp, enc.dp))
+    return VisionOption(placement, stage0_thr=thr, stage0_mem=mem, ttft=request(enc.tp, enc.dp))
 
 
 # ------------------------------------------------------------------ stage 5b: dominance pruning

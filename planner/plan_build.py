@@ -10,15 +10,15 @@ unless ``search.shift_threshold`` pins it.
 
 from __future__ import annotations
 
-from typing import Any
-
 from graph.opgraph import StepShape
 from planner.costing import Costed, blocks_ms
 from planner.inputs import Model, TokenMix, mixed_ms
 from planner.scoring import Scored, Solved, why_lost
 from planner.spec import Spec
 from planner.threshold import Crossover, crossover
+from plans.build import assemble_plan
 from plans.mesh import ParallelDims
+from plans.schema import Hardware, MemoryPerGPU, ModelRef, Plan, Provenance, RunnerUp, Scheduler
 
 
 # ------------------------------------------------------------------ stage 8: the plan
@@ -45,29 +45,21 @@ def stage_thresholds(model: Model, s: Solved, mix: TokenMix) -> list[Crossover |
 
 
 def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: list[Scored] | None = None,
-               notes: list[str] | None = None) -> Any:
+               notes: list[str] | None = None) -> Plan:
     from planner import __version__
-    from plans.schema import (CurvePoint, Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, RunnerUp,
-                              Scheduler, Shift, Stage, Vision)
 
     s = sc.solved
     c, e = s.cand, s.solution.best
     assert e is not None
     cm, info = model.cost, model.graph.info
-    has_vision = model.has_vision
     crosses = stage_thresholds(model, s, mix)
+    pinned = spec.search.shift_threshold  # pins every stage's threshold and the plan's
+    own = tuple((pinned if pinned is not None else x.threshold_tokens) if x else None for x in crosses)
+    dims = ParallelDims(dp=c.dp, pp=c.pp, tp=c.tp, sp=c.sp, gpus_per_node=spec.hardware.gpus_per_node,
+                        nodes=spec.hardware.nodes, placement=e.vision or "none", dedicated_gpus=c.dedicated_gpus,
+                        vision=model.has_vision, shift=c.sp > 1, threshold=own[0], stage_thresholds=own)
     pf = mix.prefill_step()
-    placement = e.vision or "none"
-    encoding = ParallelDims(dp=c.dp, pp=c.pp, tp=c.tp, sp=c.sp, placement=placement, vision=has_vision,
-                            dedicated_gpus=c.dedicated_gpus).encoder_stages()
-    stages = []
-    for i, (a, b) in enumerate(e.stages):
-        ms = cm.layers_time(a, b, pf, tp=c.tp, sp=c.sp, mode="sp_tp").total_ms
-        st = Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == c.pp - 1,
-                   vision=i in encoding, step_ms=ms, shift_threshold_tokens=(spec.search.shift_threshold if spec.search.shift_threshold
-                                                       is not None else crosses[i].threshold_tokens)
-                   if crosses[i] else None)
-        stages.append(st)
+    step_ms = [cm.layers_time(a, b, pf, tp=c.tp, sp=c.sp, mode="sp_tp").total_ms for a, b in e.stages]
     mems = [model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(a, b), with_embedding=i == 0,
                       with_lm_head=i == c.pp - 1, with_vision=False, max_batch_tokens=mix.max_batch_tokens)
             for i, (a, b) in enumerate(e.stages)]
@@ -83,14 +75,8 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
                           activations=mw.activations_gb,
                           total=mw.weights_gb + vis_gb[worst] + mw.shift_copy_gb + mw.activations_gb + kv_gb,
                           capacity=mw.capacity_gb, kv_tokens=tokens[worst])
-    # the plan's threshold: stage 0's own crossover (each stage records its own), unless pinned
-    pinned = spec.search.shift_threshold
-    thr = None if c.sp < 2 else (pinned if pinned is not None else crosses[0].threshold_tokens)
-    curve = crosses[0].curve if crosses[0] else ()
-    shift = Shift(enabled=c.sp > 1, threshold_tokens=thr,
-                  curves=[CurvePoint(tokens=t, sp_tp_ms=a, tp_ms=b) for t, a, b in curve])
     m = spec.model
-    plan = Plan(
+    return assemble_plan(
         name=spec.name,
         provenance=Provenance(spec_sha256=spec.sha256, model_config_sha256=model.config_sha256,
                               cost_profile=cm.profile_id, shiftplan_version=__version__),
@@ -98,20 +84,14 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
                        weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype, num_layers=info.layers,
                        vision_blocks=len([b for b in model.graph.blocks if b.kind == "vision_block"])),
         hardware=Hardware(gpu=cm.gpu.name, gpus_per_node=spec.hardware.gpus_per_node, nodes=spec.hardware.nodes),
-        objective=spec.objective,
-        mesh=Mesh(dp=c.dp, pp=c.pp, tp=c.tp, sp=c.sp),
-        stages=stages,
-        vision=Vision(placement=placement, dedicated_gpus=c.dedicated_gpus if placement == "dedicated" else 0),
-        shift=shift,
-        memory_gb=memory,
+        objective=spec.objective, dims=dims, layers=e.stages, memory=memory,
         scheduler=Scheduler(max_batch_tokens=mix.max_batch_tokens, max_seqs=mix.max_seqs, microbatches=c.pp),
-        backend=spec.runtime.backend,
+        backend=spec.runtime.backend, curves=crosses[0].curve if crosses[0] else (), step_ms=step_ms,
         predicted=sc.predicted,
         runners_up=[RunnerUp(mesh=r.solved.cand.label, vision=r.solved.solution.best.vision or "none",
                              score=r.capacity_rps, reason=why_lost(r, sc, spec)) for r in (runners or [])],
         notes=list(notes or []),
     )
-    return plan.check()
 
 
 def _vision_gb(placement: str | None, stage: int, x: Costed) -> float:

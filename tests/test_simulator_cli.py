@@ -13,7 +13,7 @@ import pytest
 from costmodels.hardware import get_gpu
 from costmodels.model import CostModel
 from costmodels.simulator import LogGrid, coster_for, simulate
-from costmodels.simulator.pinned import pinned_plan
+from planner.pinned import pinned_plan
 from costmodels.synthetic import build_graph
 from costmodels.workload import from_spec
 from graph.hf_config import load_config

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from plans.build import assemble_plan
 from plans.mesh import ParallelDims, even_layers
-from plans.schema import Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Provenance, Scheduler, Shift, Stage, Vision
+from plans.schema import Hardware, MemoryPerGPU, ModelRef, Plan, Provenance, Scheduler
 
 HERE = Path(__file__).parent
 CONFIGS = {n: HERE / f"{n}.json" for n in ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl", "mistral")}
@@ -31,24 +32,22 @@ def make_plan(name: str, dp: int = 1, pp: int = 1, tp: int = 1, sp: int = 1, shi
     depth = cfg.get("vision_config", {}).get("depth", 0)
     if placement is None:
         placement = "stage0_dp" if depth else "none"
-    mesh = Mesh(dp=dp, pp=pp, tp=tp, sp=sp)
-    dims = ParallelDims(dp=dp, pp=pp, tp=tp, sp=sp, placement=placement, dedicated_gpus=dedicated, vision=depth > 0)
-    stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == pp - 1,
-                    vision=i in dims.encoder_stages()) for i, (a, b) in enumerate(even_layers(layers, pp))]
-    return Plan(
-        name=f"tiny-{name}-{mesh.label()}{'-shift' if shift else ''}",
+    size = dp * pp * tp * sp + dedicated
+    dims = ParallelDims(dp=dp, pp=pp, tp=tp, sp=sp, gpus_per_node=size, nodes=1, placement=placement,
+                        dedicated_gpus=dedicated, vision=depth > 0, shift=shift, threshold=threshold if shift else None)
+    return assemble_plan(
+        name=f"tiny-{name}-{dims.label()}{'-shift' if shift else ''}",
         provenance=Provenance(spec_sha256="0" * 64, model_config_sha256="0" * 64, cost_profile="none",
                               shiftplan_version="test"),
         model=ModelRef(name=name, config=str(CONFIGS[name]), architecture=cfg["architectures"][0],
                        weights_dtype=dtype, kv_dtype=dtype, num_layers=layers, vision_blocks=depth),
-        hardware=Hardware(gpu="cpu", gpus_per_node=mesh.size + dedicated, nodes=1), objective="max_throughput", mesh=mesh,
-        stages=stages, vision=Vision(placement=placement, dedicated_gpus=dedicated),
-        shift=Shift(enabled=shift, threshold_tokens=threshold if shift else None),
-        memory_gb=MemoryPerGPU(weights=0.0, kv=0.0, activations=0.0, total=0.0, capacity=1.0, kv_tokens=4096),
+        hardware=Hardware(gpu="cpu", gpus_per_node=size, nodes=1), objective="max_throughput", dims=dims,
+        layers=even_layers(layers, pp),
+        memory=MemoryPerGPU(weights=0.0, kv=0.0, activations=0.0, total=0.0, capacity=1.0, kv_tokens=4096),
         scheduler=Scheduler(max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, block_size=block_size,
                             microbatches=microbatches),
         backend=backend,
-    ).check()
+    )
 
 
 def hf_model(name: str, seed: int = 0) -> Any:
