@@ -108,7 +108,7 @@ def heads_problem(heads: int, kv_heads: int, tp: int, sp: int = 1) -> str | None
     """None when H query and KV key/value heads split over P = tp*sp GPUs, else why not (with the
     arithmetic)."""
     P = tp * sp
-    degree = f"tp*sp = {tp}*{sp} = {P}"
+    degree = f"tp*sp = {tp}*{sp} = {P}" if tp > 1 and sp > 1 else f"tp*sp = {P}"
     if heads % P:
         return f"{heads} query heads are not divisible by {degree} ({heads} % {P} = {heads % P})"
     if kv_heads >= P and kv_heads % P:
@@ -132,7 +132,7 @@ class HeadSplit:
     def __post_init__(self) -> None:
         why = heads_problem(self.heads, self.kv_heads, self.degree)
         if why:
-            raise UserError(why.replace(f"tp*sp = {self.degree}*1 = ", "tp*sp = "))
+            raise UserError(why)
 
     @property
     def q_per_rank(self) -> int:
@@ -199,9 +199,9 @@ class ParallelDims:
         if self.placement == "dedicated" and self.dedicated_gpus < 1:
             raise UserError(f"{self.name}: vision placement 'dedicated' needs dedicated_gpus >= 1, got {self.dedicated_gpus}")
         if self.world is not None and self.gpus > self.world:
-            enc = f" + {self.dedicated_gpus} encoder GPUs" if self.placement == "dedicated" else ""
+            enc = f" + {self.dedicated_gpus} encoder GPUs = {self.gpus}" if self.gpus > self.size else ""
             raise UserError(f"{self.name}: dp*pp*tp*sp = {self.dp}*{self.pp}*{self.tp}*{self.sp} = {self.size}{enc} "
-                            f"= {self.gpus} GPUs > {self.gpus_per_node} per node x {self.nodes} nodes = {self.world}")
+                            f"GPUs > {self.gpus_per_node} per node x {self.nodes} nodes = {self.world}")
         if self.shift and self.sp < 2:
             raise UserError(f"{self.name}: shift is enabled but sp = {self.sp} (needs sp >= 2)")
         if self.stage_thresholds and len(self.stage_thresholds) != self.pp:
