@@ -24,10 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from costmodels.build import cost_model_for  # noqa: E402
 from costmodels.simulator import coster_for, simulate  # noqa: E402
 from planner.pinned import pinned_plan  # noqa: E402
-from costmodels.workload import from_spec  # noqa: E402
+from planner.inputs import cost_model_of, workload_of  # noqa: E402
 from planner.spec import load_spec  # noqa: E402
 from plans.errors import UserError  # noqa: E402
 from plans.schema import load_plan  # noqa: E402
@@ -135,8 +134,8 @@ def plans_for(sc: Scenario, spec: Any, cost: Any) -> tuple[dict[str, Any], list[
 def run_scenario(sc: Scenario) -> dict[str, Any]:
     spec = load_spec(ROOT / "examples" / f"{sc.example}.yaml")
     wspec = load_spec(ROOT / "examples" / f"{sc.workload_from}.yaml")
-    cost, graph = cost_model_for(spec)
-    wl = from_spec(wspec, graph.info).with_requests(REQUESTS)
+    cost, graph = cost_model_of(spec)
+    wl = workload_of(wspec, graph.info).with_requests(REQUESTS)
     if sc.text_only:
         wl = replace(wl, rule=None)
     plans, notes = plans_for(sc, spec, cost)
@@ -145,7 +144,7 @@ def run_scenario(sc: Scenario) -> dict[str, Any]:
                                         "text_only": sc.text_only}, "cost_profile": cost.profile_id}
     for label, plan in plans.items():
         coster = coster_for(plan, cost)
-        rows = [row(simulate(plan, cost, at(wl, r), slo=spec.slo, coster=coster), r) for r in sc.rates]
+        rows = [row(simulate(plan, cost, at(wl, r), slo=spec.slo.targets(), coster=coster), r) for r in sc.rates]
         out["plans"][label] = {"mesh": plan.mesh.label(), "kv_tokens": plan.memory_gb.kv_tokens,
                                "shift_threshold": plan.shift.threshold_tokens if plan.shift.enabled else None,
                                "vision": plan.vision.placement, "rows": rows, **summary(rows)}
@@ -174,7 +173,7 @@ def seed_spread(sc: Scenario, spec: Any, cost: Any, wl: Any, plans: dict[str, An
             continue
         coster = coster_for(plans[label], cost)
         for rate in (sc.rates[-1], wspec_rate(sc)):
-            vals = [simulate(plans[label], cost, at(wl, rate), slo=spec.slo, seed=s, coster=coster)
+            vals = [simulate(plans[label], cost, at(wl, rate), slo=spec.slo.targets(), seed=s, coster=coster)
                     for s in SEEDS]
             out[f"{label} @ {rate:g}"] = {
                 "combined_tok_s": [v.combined_tok_s for v in vals], "ttft_p90": [v.ttft_ms["p90"] for v in vals],
@@ -190,7 +189,7 @@ def perturbed(sc: Scenario, spec: Any, cost: Any, wl: Any, plans: dict[str, Any]
     """Shift with every SP x TP step 25% slower than modelled (all-to-alls or attention underestimated)."""
     plan = plans[SHIFT]
     coster = Scaled(coster_for(plan, cost), 1.25)
-    rows = [row(simulate(plan, cost, at(wl, r), slo=spec.slo, coster=coster), r) for r in sc.rates]
+    rows = [row(simulate(plan, cost, at(wl, r), slo=spec.slo.targets(), coster=coster), r) for r in sc.rates]
     return {"factor": 1.25, "rows": rows, **summary(rows)}
 
 

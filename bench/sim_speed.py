@@ -27,11 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from costmodels.build import cost_model_for, graph_for_config  # noqa: E402
+from costmodels.build import graph_for_config  # noqa: E402
 from costmodels.model import CostModel  # noqa: E402
 from costmodels.simulator import LogGrid, coster_for, simulate  # noqa: E402
 from planner.pinned import pinned_plan  # noqa: E402
-from costmodels.workload import from_spec  # noqa: E402
+from planner.inputs import cost_model_of, workload_of  # noqa: E402
 from graph.hf_config import load_config  # noqa: E402
 from planner.spec import load_spec  # noqa: E402
 
@@ -54,14 +54,14 @@ def machine() -> dict:
 
 
 def fresh_cost(spec, graph) -> CostModel:
-    cm, _ = cost_model_for(spec, graph=graph)
+    cm, _ = cost_model_of(spec, graph=graph)
     return cm
 
 
 def speed(spec, graph) -> dict:
     out = {}
     info = graph.info
-    wl = from_spec(spec, info).with_requests(N)
+    wl = workload_of(spec, info).with_requests(N)
     reqs = wl.sample()
     images = sum(len(r.image_tokens) for r in reqs)
     for label, kw in MESHES.items():
@@ -71,11 +71,11 @@ def speed(spec, graph) -> dict:
             plan = pinned_plan(spec, cost, **kw)
             coster = coster_for(plan, cost)
             t, c = time.perf_counter(), time.process_time()
-            res = simulate(plan, cost, wl, slo=spec.slo, coster=coster)
+            res = simulate(plan, cost, wl, slo=spec.slo.targets(), coster=coster)
             cold.append(time.perf_counter() - t)
             cold_cpu.append(time.process_time() - c)
             t, c = time.perf_counter(), time.process_time()
-            simulate(plan, cost, wl, slo=spec.slo, coster=coster)
+            simulate(plan, cost, wl, slo=spec.slo.targets(), coster=coster)
             warm.append(time.perf_counter() - t)
             warm_cpu.append(time.process_time() - c)
         med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
@@ -91,7 +91,7 @@ def speed(spec, graph) -> dict:
 
 def grid_error(spec, graph) -> dict:
     out = {}
-    wl = from_spec(spec, graph.info).with_requests(2000).with_rate(8.0)
+    wl = workload_of(spec, graph.info).with_requests(2000).with_rate(8.0)
     for label, kw in MESHES.items():
         cost = fresh_cost(spec, graph)
         plan = pinned_plan(spec, cost, **kw)
@@ -104,14 +104,14 @@ def grid_error(spec, graph) -> dict:
             return orig(shape, mode, decode)
 
         bucketed.stage_ms = spy
-        a = simulate(plan, cost, wl, slo=spec.slo, coster=bucketed)
+        a = simulate(plan, cost, wl, slo=spec.slo.targets(), coster=bucketed)
         exact = coster_for(plan, cost, exact=True)
         errs = []
         for shape, mode, decode in seen[::5]:
             q, e = sum(orig(shape, mode, decode)), sum(exact.stage_ms(shape, mode, decode))
             errs.append(abs(q - e) / e)
-        b = simulate(plan, cost, wl, slo=spec.slo, coster=exact)
-        b1 = simulate(plan, cost, wl, slo=spec.slo, coster=exact, seed=1)  # the workload's own noise, for scale
+        b = simulate(plan, cost, wl, slo=spec.slo.targets(), coster=exact)
+        b1 = simulate(plan, cost, wl, slo=spec.slo.targets(), coster=exact, seed=1)  # the workload's own noise, for scale
         rel = lambda x, y: round(abs(x - y) / y, 5)  # noqa: E731
         out[label] = {
             "steps_checked": len(errs), "step_time_rel_err_mean": round(statistics.mean(errs), 5),

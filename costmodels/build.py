@@ -1,10 +1,10 @@
-"""Build the cost model of a spec: resolve the config, get its op graph, pick the profile.
+"""Build the cost model of a model config on a GPU: get its op graph, pick the profile.
 
-    cost_model_for(spec) -> (CostModel, OpGraph)
+    cost_model_for(cfg, gpu, weights_dtype=..., kv_dtype=..., gpus_per_node=...) -> (CostModel, OpGraph)
 
 The graph comes from the tracer's cache (``graph.cache.get_graph``) when the tracer is
 installed, else from the analytic builder (``costmodels.synthetic``). The profile is the
-committed calibration of the spec's GPU (``costmodels/profiles/<gpu>.json``); an inline GPU
+committed calibration of the GPU (``costmodels/profiles/<gpu>.json``); an inline GPU
 or a GPU without one runs on the datasheet roofline (``profile_id = "roofline:<gpu>"``).
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from costmodels.gpu import GPU
 from costmodels.hardware import get_gpu
 from costmodels.model import CostModel
 from costmodels.profile import load_profile
-from graph.hf_config import load_config
 from graph.opgraph import OpGraph
 
 
@@ -32,14 +32,12 @@ def graph_for_config(cfg: dict[str, Any]) -> OpGraph:
     return build_graph(cfg)
 
 
-def cost_model_for(spec: Any, *, use_profile: bool = True, graph: OpGraph | None = None) -> tuple[CostModel, OpGraph]:
-    """(CostModel, OpGraph) for a ``planner.spec.Spec``."""
-    m = spec.model
-    cfg = load_config(m.preset, spec.resolve(m.config) if m.config else None)
+def cost_model_for(cfg: dict[str, Any], gpu: GPU | str, *, weights_dtype: str, kv_dtype: str, gpus_per_node: int,
+                   use_profile: bool = True, graph: OpGraph | None = None) -> tuple[CostModel, OpGraph]:
+    """(CostModel, OpGraph) of an HF config on a catalog GPU (its calibration profile unless
+    ``use_profile`` is off) or an inline ``GPU`` (datasheet roofline)."""
     g = graph if graph is not None else graph_for_config(cfg)
-    gpu = get_gpu(spec.hardware.gpu)
-    inline = not isinstance(spec.hardware.gpu, str)
-    prof = load_profile(gpu.name) if use_profile and not inline else None
-    cm = CostModel(g, gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
-                   gpus_per_node=spec.hardware.gpus_per_node, profile=prof)
+    prof = load_profile(get_gpu(gpu).name) if use_profile and isinstance(gpu, str) else None
+    cm = CostModel(g, get_gpu(gpu), weights_dtype=weights_dtype, kv_dtype=kv_dtype, gpus_per_node=gpus_per_node,
+                   profile=prof)
     return cm, g

@@ -5,7 +5,7 @@ reproducibly (same seed, same requests). ``Workload.with_rate(r)`` re-targets th
 (a synthetic workload redraws its inter-arrival gaps at rate r; a trace is time-scaled so its
 mean rate is r), which is how `plan simulate --rates` sweeps load.
 
-Synthetic (``from_spec``)::
+Synthetic (a ``Workload`` of lengths and image mixes; ``planner.inputs.workload_of`` makes one from a spec)::
 
     inter-arrival gaps ~ Gamma(k = 1/b^2, scale = 1/(rate*k))   (b = burstiness = CV; b = 1: Poisson)
     text tokens, output tokens ~ LogNormal with the LengthDist's mean and cv, rounded, clipped [min, max]
@@ -227,35 +227,6 @@ class Workload:
 
 
 # ------------------------------------------------------------------ builders
-
-
-def from_spec(spec: Any, info: Any) -> Workload:
-    """The workload of a ``planner.spec.Spec``; ``info`` is the model's ``ModelInfo``.
-
-    A spec with ``workload.trace`` loads that trace (relative to the spec's folder), taking image
-    resolutions from ``workload.images.resolution`` when given.
-    """
-    w = spec.workload
-    rule = image_rule(info)
-    if w.trace is not None:
-        res = tuple(tuple(r) for r in w.images.resolution) if w.images else None
-        wl = from_trace(spec.resolve(w.trace), info=info, resolutions=res, seed=w.seed)
-        return replace(wl, name=spec.name, requests=min(len(wl.trace), w.requests))
-    counts, weights, resolutions = (0,), (1.0,), ()
-    if w.images is not None and any(c > 0 for c in w.images.per_request):
-        if rule is None:
-            raise UserError(f"spec {spec.name}: workload.images asks for images but model "
-                            f"{getattr(info, 'architecture', '?')} has no vision tower")
-        counts = tuple(w.images.per_request)
-        weights = tuple(w.images.weights) if w.images.weights else tuple(1.0 for _ in counts)
-        resolutions = tuple(tuple(r) for r in w.images.resolution)
-    return Workload(
-        name=spec.name, rate=float(w.arrival_rate), requests=w.requests, burstiness=w.burstiness,
-        input_tokens=Lengths(w.input_tokens.mean, w.input_tokens.cv, w.input_tokens.min, w.input_tokens.max),
-        output_tokens=Lengths(w.output_tokens.mean, w.output_tokens.cv, w.output_tokens.min, w.output_tokens.max),
-        image_counts=counts, image_weights=weights, resolutions=resolutions,
-        rule=rule if resolutions else None, seed=w.seed,
-    )
 
 
 _ALIASES = {

@@ -58,12 +58,12 @@ def register(app: typer.Typer) -> None:
         image_tokens: int = typer.Option(0, "--image-tokens", help="LLM tokens per image (part of --isl)"),
     ) -> None:
         """TTFT, TPOT, throughput, memory per GPU and the largest batch of one fixed mesh."""
-        from costmodels.build import cost_model_for
         from costmodels.estimate import estimate
+        from planner.inputs import cost_model_of
         from planner.spec import load_spec
 
         s = load_spec(spec)
-        cm, _ = cost_model_for(s, use_profile=not roofline)
+        cm, _ = cost_model_of(s, use_profile=not roofline)
         e = estimate(cm, tp=tp, pp=pp, sp=sp, dp=dp, batch=batch, isl=isl, osl=osl,
                      max_batch_tokens=s.search.max_batch_tokens, world=s.hardware.world_size,
                      gpus_per_node=s.hardware.gpus_per_node, images=images, image_tokens=image_tokens)

@@ -57,14 +57,15 @@ def default_workload(plan_path: Path, plan_name: str) -> Path:
 
 def load_workload(source: Path, info: Any, seed: int) -> tuple[Any, Any]:
     """(Workload, slo or None) from a spec or a trace file."""
-    from costmodels.workload import from_spec, from_trace
+    from costmodels.workload import from_trace
+    from planner.inputs import workload_of
     from planner.spec import load_spec
 
     if not source.is_file():
         raise UserError(f"workload file not found: {source}")
     if source.suffix.lower() in (".yaml", ".yml"):
         spec = load_spec(source)
-        return from_spec(spec, info), spec.slo
+        return workload_of(spec, info), spec.slo.targets()
     return from_trace(source, info=info, seed=seed), None
 
 
@@ -162,7 +163,10 @@ def simulate_cmd(
         typer.echo(f"wrote {plot_to}")
 
 
-def _merge_slo(slo: Any, ttft: Optional[float], tpot: Optional[float]) -> dict[str, float] | None:
+def _merge_slo(slo: Any, ttft: Optional[float], tpot: Optional[float]) -> Any:
+    """The spec's SLO targets (``SloTargets`` or None) with the command line's overrides."""
+    from costmodels.simulator import SloTargets
+
     out: dict[str, float] = {}
     for key, override in (("ttft_p90_ms", ttft), ("tpot_p90_ms", tpot)):
         v = override if override is not None else (getattr(slo, key, None) if slo is not None else None)
@@ -170,7 +174,7 @@ def _merge_slo(slo: Any, ttft: Optional[float], tpot: Optional[float]) -> dict[s
             if not v > 0:
                 raise UserError(f"SLO {key} must be > 0 ms, got {v}")
             out[key] = float(v)
-    return out or None
+    return SloTargets(**out) if out else None
 
 
 def _table(results: list[tuple[str, float, Any]]) -> None:

@@ -17,12 +17,17 @@ attention on the whole step, attention per part::
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from graph.opgraph import OpGraph, StepShape
+from graph.opgraph import ModelInfo, OpGraph, StepShape
 from planner.spec import Spec, load_spec
+from plans.errors import UserError
+
+if TYPE_CHECKING:
+    from costmodels.model import CostModel
+    from costmodels.workload import Workload
 
 MIX_REQUESTS = 500  # requests sampled to measure the workload's means
 
@@ -67,16 +72,58 @@ def load(path: str | Path) -> Spec:
     return load_spec(path)
 
 
+def workload_of(spec: Spec, info: ModelInfo) -> Workload:
+    """The workload of a spec (``costmodels.workload`` types); ``info`` is the model's ``ModelInfo``.
+
+    A spec with ``workload.trace`` loads that trace (relative to the spec's folder), taking image
+    resolutions from ``workload.images.resolution`` when given.
+    """
+    from costmodels.workload import Lengths, Workload, from_trace, image_rule
+
+    w = spec.workload
+    rule = image_rule(info)
+    if w.trace is not None:
+        res = tuple(tuple(r) for r in w.images.resolution) if w.images else None
+        wl = from_trace(spec.resolve(w.trace), info=info, resolutions=res, seed=w.seed)
+        return replace(wl, name=spec.name, requests=min(len(wl.trace), w.requests))
+    counts, weights, resolutions = (0,), (1.0,), ()
+    if w.images is not None and any(c > 0 for c in w.images.per_request):
+        if rule is None:
+            raise UserError(f"spec {spec.name}: workload.images asks for images but model "
+                            f"{getattr(info, 'architecture', '?')} has no vision tower")
+        counts = tuple(w.images.per_request)
+        weights = tuple(w.images.weights) if w.images.weights else tuple(1.0 for _ in counts)
+        resolutions = tuple(tuple(r) for r in w.images.resolution)
+    return Workload(
+        name=spec.name, rate=float(w.arrival_rate), requests=w.requests, burstiness=w.burstiness,
+        input_tokens=Lengths(w.input_tokens.mean, w.input_tokens.cv, w.input_tokens.min, w.input_tokens.max),
+        output_tokens=Lengths(w.output_tokens.mean, w.output_tokens.cv, w.output_tokens.min, w.output_tokens.max),
+        image_counts=counts, image_weights=weights, resolutions=resolutions,
+        rule=rule if resolutions else None, seed=w.seed,
+    )
+
+
+def cost_model_of(spec: Spec, *, use_profile: bool = True, graph: OpGraph | None = None) -> tuple[CostModel, OpGraph]:
+    """(CostModel, OpGraph) of the spec's model on its hardware (``costmodels.build.cost_model_for``)."""
+    from costmodels.build import cost_model_for
+    from graph.hf_config import load_config
+
+    m, hw = spec.model, spec.hardware
+    cfg = load_config(m.preset, spec.resolve(m.config) if m.config else None)
+    return cost_model_for(cfg, hw.gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
+                          gpus_per_node=hw.gpus_per_node, use_profile=use_profile, graph=graph)
+
+
 def build_model(spec: Spec) -> Model:
     """HF config -> cached op graph -> cost model (``costmodels.build``: the committed calibration
     profile of the spec's GPU, the datasheet roofline for an inline GPU or one without a profile)."""
-    from costmodels.build import cost_model_for, graph_for_config
+    from costmodels.build import graph_for_config
     from graph.hf_config import config_sha256, load_config
 
     m = spec.model
     cfg = load_config(m.preset, spec.resolve(m.config) if m.config else None)
     graph = graph_for_config(cfg)
-    cost, _ = cost_model_for(spec, graph=graph)
+    cost, _ = cost_model_of(spec, graph=graph)
     name = m.preset or Path(m.config or "model").stem
     return Model(cfg, config_sha256(cfg), graph, cost, name)
 
@@ -147,9 +194,7 @@ def mixed_ms(fn: Callable[[StepShape], float], decode: StepShape, prefill: StepS
 
 def token_mix(spec: Spec, model: Model) -> TokenMix:
     """The workload's means, from a seeded sample of its requests (synthetic or trace)."""
-    from costmodels.workload import from_spec
-
-    reqs = from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, MIX_REQUESTS)).sample(spec.workload.seed)
+    reqs = workload_of(spec, model.graph.info).with_requests(min(spec.workload.requests, MIX_REQUESTS)).sample(spec.workload.seed)
     n = max(1, len(reqs))
     imgs = [p for r in reqs for p in r.image_patches]
     toks = [t for r in reqs for t in r.image_tokens]

@@ -157,9 +157,9 @@ def plan_coster(plan: Any, model: Model) -> Any:
 
 def shortlist_workload(spec: Spec, model: Model) -> Any:
     """The spec's workload cut to its first ``SIM_REQUESTS`` requests (read once per compile)."""
-    from costmodels.workload import from_spec
+    from planner.inputs import workload_of
 
-    return from_spec(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
+    return workload_of(spec, model.graph.info).with_requests(min(spec.workload.requests, SIM_REQUESTS))
 
 
 def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMix, wl: Any, coster: Any) -> Scored:
@@ -167,7 +167,7 @@ def simulate_score(sc: Scored, plan: Any, model: Model, spec: Spec, mix: TokenMi
     (same seed): TTFT/TPOT percentiles, goodput, SLOs."""
     from costmodels.simulator import simulate
 
-    r = simulate(plan, model.cost, wl, slo=spec.slo, seed=spec.workload.seed, coster=coster)
+    r = simulate(plan, model.cost, wl, slo=spec.slo.targets(), seed=spec.workload.seed, coster=coster)
     pred = r.to_predicted()
     if plan.mesh.sp < 2:
         pred = pred.model_copy(update={"shift_tp_fraction": None})
@@ -183,7 +183,7 @@ def headroom_score(sc: Scored, plan: Any, model: Model, spec: Spec, wl: Any, cos
     and the goodput at the spec's rate, before the static capacity."""
     from costmodels.simulator import simulate
 
-    hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo, seed=spec.workload.seed,
+    hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo.targets(), seed=spec.workload.seed,
                   coster=coster)
     good_hi = math.floor(hi.goodput_rps / (wl.rate * HEADROOM) * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
     return replace(sc, key=sc.key[:2] + (-good_hi,) + sc.key[2:], headroom_goodput_rps=hi.goodput_rps)

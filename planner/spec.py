@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,12 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from costmodels.gpu import GPU
 from graph.hf_config import nearest, preset_names
 from plans.errors import UserError
+from plans.mesh import EncoderPlacement
 from plans.schema import Engine
+
+if TYPE_CHECKING:
+    from costmodels.simulator.metrics import SloTargets
 
 Dtype = Literal["bf16", "fp16", "fp32", "fp8", "int4"]
 KvDtype = Literal["bf16", "fp16", "fp32", "fp8"]
 Objective = Literal["max_throughput", "min_latency", "balanced", "min_gpus"]
-Placement = Literal["stage0_tp", "stage0_dp", "all_dp", "dedicated"]
+Placement = EncoderPlacement
 
 
 class SpecError(UserError):
@@ -124,6 +128,12 @@ class WorkloadSection(_Strict):
 class SloSection(_Strict):
     ttft_p90_ms: float | None = Field(None, gt=0)
     tpot_p90_ms: float | None = Field(None, gt=0)
+
+    def targets(self) -> "SloTargets":
+        """The simulator's view of these targets."""
+        from costmodels.simulator.metrics import SloTargets
+
+        return SloTargets(self.ttft_p90_ms, self.tpot_p90_ms)
 
 
 class SearchSection(_Strict):

@@ -41,9 +41,10 @@ from plans.errors import UserError
 AxisName = Literal["dp", "pp", "tp", "sp"]
 AXES: tuple[str, ...] = get_args(AxisName)
 Mode = Literal["sp_tp", "tp"]
-VisionPlacement = Literal["none", "stage0_tp", "stage0_dp", "all_dp", "dedicated"]
+EncoderPlacement = Literal["stage0_tp", "stage0_dp", "all_dp", "dedicated"]  # what a spec may search
+VisionPlacement = Literal["none", EncoderPlacement]
 PLACEMENTS: tuple[str, ...] = get_args(VisionPlacement)
-ENCODER_PLACEMENTS: tuple[str, ...] = tuple(p for p in PLACEMENTS if p != "none")  # what a spec may search
+ENCODER_PLACEMENTS: tuple[str, ...] = get_args(EncoderPlacement)
 
 
 class Coords(NamedTuple):

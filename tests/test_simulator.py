@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from costmodels.simulator import SimConfig, SyntheticCoster, simulate_config
+from costmodels.simulator import SimConfig, SloTargets, SyntheticCoster, simulate_config
 from costmodels.simulator.engine import run
 from costmodels.simulator.state import DONE
 from costmodels.workload import ImageRule, Lengths, Request, Workload
@@ -201,12 +201,12 @@ def test_dedicated_encoder_keeps_images_off_the_llm_gpus():
 
 def test_goodput_counts_requests_within_slo():
     coster = SyntheticCoster()
-    res = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"ttft_p90_ms": 1e9, "tpot_p90_ms": 1e9})
+    res = simulate_config(cfg(), coster, text_wl(4.0, 800), slo=SloTargets(ttft_p90_ms=1e9, tpot_p90_ms=1e9))
     assert math.isclose(res.goodput_rps, res.arrival_rate)  # everyone meets a loose SLO
     assert res.meets_slo is True
-    tight = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"ttft_p90_ms": 1e-3})
+    tight = simulate_config(cfg(), coster, text_wl(4.0, 800), slo=SloTargets(ttft_p90_ms=1e-3))
     assert tight.goodput_rps == 0.0 and tight.meets_slo is False
-    mid = simulate_config(cfg(), coster, text_wl(4.0, 800), slo={"tpot_p90_ms": res.tpot_ms["p50"]})
+    mid = simulate_config(cfg(), coster, text_wl(4.0, 800), slo=SloTargets(tpot_p90_ms=res.tpot_ms["p50"]))
     assert 0.45 * res.arrival_rate < mid.goodput_rps < 0.55 * res.arrival_rate  # half the TPOTs are <= p50
 
 

@@ -15,7 +15,7 @@ from costmodels.model import CostModel
 from costmodels.simulator import LogGrid, coster_for, simulate
 from planner.pinned import pinned_plan
 from costmodels.synthetic import build_graph
-from costmodels.workload import from_spec
+from planner.inputs import workload_of
 from graph.hf_config import load_config
 from graph.opgraph import StepShape
 from planner.cli import main
@@ -127,8 +127,8 @@ def test_missing_plan_file(capsys, tmp_path):
 
 def test_simulate_api_fills_the_plans_predicted_block(env):
     plan, cost, spec = env["vl_plan"], env["vl_cost"], env["vl_spec"]
-    wl = from_spec(spec, cost.info).with_requests(150)
-    res = simulate(plan, cost, wl, slo=spec.slo, seed=0)
+    wl = workload_of(spec, cost.info).with_requests(150)
+    res = simulate(plan, cost, wl, slo=spec.slo.targets(), seed=0)
     pred = res.to_predicted()
     assert pred.source == "simulator"
     assert pred.ttft_ms.p90 == res.ttft_ms["p90"] and pred.goodput_rps == res.goodput_rps
@@ -158,7 +158,7 @@ def test_log_grid_error_is_small(env):
         return orig(shape, mode, decode)
 
     bucketed.stage_ms = spy
-    wl = from_spec(env["vl_spec"], cost.info).with_requests(200).with_rate(8.0)
+    wl = workload_of(env["vl_spec"], cost.info).with_requests(200).with_rate(8.0)
     simulate(plan, cost, wl, coster=bucketed)
     exact = coster_for(plan, cost, exact=True)
     errs = [abs(orig(s, m, d)[0] - exact.stage_ms(s, m, d)[0]) / exact.stage_ms(s, m, d)[0] for s, m, d in shapes[::7]]

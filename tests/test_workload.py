@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from costmodels.synthetic import model_info
-from costmodels.workload import ImageRule, from_spec, from_trace, image_rule
+from costmodels.workload import ImageRule, from_trace, image_rule
+from planner.inputs import workload_of
 from graph.hf_config import load_config
 from planner.spec import load_spec, parse_spec
 from plans.errors import UserError
@@ -88,7 +89,7 @@ def test_max_pixels_from_config_overrides_default():
 
 def test_synthetic_matches_spec_distributions(vl_info):
     spec = parse_spec(_spec())
-    reqs = from_spec(spec, vl_info).sample()
+    reqs = workload_of(spec, vl_info).sample()
     assert len(reqs) == 4000
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(reqs, reqs[1:])]
     rate = 1 / statistics.mean(gaps)
@@ -111,21 +112,21 @@ def test_synthetic_matches_spec_distributions(vl_info):
 
 def test_bursty_arrivals_have_the_requested_cv(vl_info):
     spec = parse_spec(_spec(images=False, burstiness=2.5, requests=6000))
-    reqs = from_spec(spec, vl_info).sample()
+    reqs = workload_of(spec, vl_info).sample()
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(reqs, reqs[1:])]
     assert abs(statistics.pstdev(gaps) / statistics.mean(gaps) - 2.5) < 0.25
     assert abs(1 / statistics.mean(gaps) - 5.0) / 5.0 < 0.1
 
 
 def test_seeded_and_reproducible(vl_info):
-    wl = from_spec(parse_spec(_spec(requests=300)), vl_info)
+    wl = workload_of(parse_spec(_spec(requests=300)), vl_info)
     assert wl.sample() == wl.sample()
     assert wl.sample(seed=7) == wl.sample(seed=7)
     assert wl.sample(seed=7) != wl.sample(seed=8)
 
 
 def test_with_rate_redraws_at_the_new_rate(vl_info):
-    wl = from_spec(parse_spec(_spec(requests=3000)), vl_info).with_rate(50.0)
+    wl = workload_of(parse_spec(_spec(requests=3000)), vl_info).with_rate(50.0)
     reqs = wl.sample()
     assert abs((len(reqs) - 1) / reqs[-1].arrival_s - 50.0) / 50.0 < 0.06
     with pytest.raises(UserError, match="rate"):
@@ -134,7 +135,7 @@ def test_with_rate_redraws_at_the_new_rate(vl_info):
 
 def test_images_on_a_text_model_is_a_user_error(text_info):
     with pytest.raises(UserError, match="no vision tower"):
-        from_spec(parse_spec(_spec()), text_info)
+        workload_of(parse_spec(_spec()), text_info)
 
 
 # ------------------------------------------------------------------ traces
@@ -164,7 +165,7 @@ def test_azure_trace_loads_as_is(vl_info):
 
 def test_trace_from_spec_uses_its_resolutions(vl_info):
     spec = load_spec(ROOT / "examples" / "qwen2-vl-7b-1xh100.yaml")
-    wl = from_spec(spec, vl_info)
+    wl = workload_of(spec, vl_info)
     toks = {t for r in wl.sample() for t in r.image_tokens}
     assert toks == {256, 999}  # 448x448 -> 16x16; 1024x768 -> 37x27 on the 28-px grid
 

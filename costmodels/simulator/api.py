@@ -8,16 +8,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from costmodels.model import CostModel
 from costmodels.simulator.config import SimConfig
 from costmodels.simulator.coster import Coster, LogGrid, ModelCoster
 from costmodels.simulator.engine import run
-from costmodels.simulator.metrics import SimResult, summarize
+from costmodels.simulator.metrics import SimResult, SloTargets, summarize
 from costmodels.workload import Workload
+from plans.schema import Plan
 
 
-def coster_for(plan: Any, cost: Any, *, grid: LogGrid | None = None, exact: bool = False) -> ModelCoster:
+def coster_for(plan: Plan, cost: CostModel, *, grid: LogGrid | None = None, exact: bool = False) -> ModelCoster:
     """A memoising ``ModelCoster`` of ``plan``'s replica (mesh, stage ranges) on ``cost``."""
     cfg = SimConfig.from_plan(plan)
     return ModelCoster(cost, stages=[(s.first_layer, s.last_layer) for s in plan.stages], tp=cfg.tp, sp=cfg.sp,
@@ -25,12 +26,11 @@ def coster_for(plan: Any, cost: Any, *, grid: LogGrid | None = None, exact: bool
                        inter_node=[cfg.inter_node(b) for b in range(cfg.pp - 1)], grid=grid, exact=exact)
 
 
-def cost_model_for_plan(plan: Any, base_dir: str | Path = ".") -> Any:
+def cost_model_for_plan(plan: Plan, base_dir: str | Path = ".") -> CostModel:
     """The ``CostModel`` a plan was made with: its model config (preset or path relative to
     ``base_dir``), GPU, dtypes and calibration profile (none for a ``roofline:`` provenance)."""
     from costmodels.build import graph_for_config
     from costmodels.hardware import get_gpu
-    from costmodels.model import CostModel
     from costmodels.profile import load_profile
     from graph.hf_config import load_config
 
@@ -42,7 +42,7 @@ def cost_model_for_plan(plan: Any, base_dir: str | Path = ".") -> Any:
                      gpus_per_node=plan.hardware.gpus_per_node, profile=prof)
 
 
-def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: Any = None, seed: int = 0,
+def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: SloTargets | None = None, seed: int = 0,
                     gpu_memory_gb: float | None = None) -> SimResult:
     """Simulate ``workload`` (sampled with ``seed``) on the deployment ``cfg``."""
     log = run(cfg, coster, workload.sample(seed))
@@ -52,13 +52,12 @@ def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: 
     return res
 
 
-def simulate(plan: Any, cost: Any, workload: Workload, *, slo: Any = None, seed: int = 0,
+def simulate(plan: Plan, cost: CostModel | None, workload: Workload, *, slo: SloTargets | None = None, seed: int = 0,
              coster: Coster | None = None) -> SimResult:
     """What ``plan`` delivers on ``workload``: TTFT/TPOT/e2e percentiles, throughput, goodput.
 
     ``cost``: the ``CostModel`` (ignored when a ``coster`` is given, e.g. one from ``coster_for``
-    reused across calls); ``slo``: the spec's ``slo`` section (or a dict with ttft_p90_ms /
-    tpot_p90_ms) for goodput and ``meets_slo``. ``SimResult.to_predicted()`` fills the plan's
+    reused across calls); ``slo``: the p90 targets for goodput and ``meets_slo``. ``SimResult.to_predicted()`` fills the plan's
     ``predicted`` block.
     """
     cfg = SimConfig.from_plan(plan)

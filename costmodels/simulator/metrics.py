@@ -107,16 +107,17 @@ def _window_tokens(done: list, w0: float, w1: float) -> tuple[float, float, floa
     return out, prompt, width
 
 
-def _slo_value(slo: Any, key: str) -> float | None:
-    if slo is None:
-        return None
-    v = slo.get(key) if isinstance(slo, dict) else getattr(slo, key, None)
-    return float(v) if v is not None else None
+@dataclass(frozen=True)
+class SloTargets:
+    """p90 latency targets a run is judged against (None: no target on that metric)."""
+
+    ttft_p90_ms: float | None = None
+    tpot_p90_ms: float | None = None
 
 
-def summarize(log: RunLog, *, slo: Any = None, gpu_memory_gb: float | None = None,
+def summarize(log: RunLog, *, slo: SloTargets | None = None, gpu_memory_gb: float | None = None,
               encoder_gpus: int = 0, replicas: int = 1) -> SimResult:
-    """A ``SimResult`` from a run log. ``slo``: a spec's SloSection, a dict, or None."""
+    """A ``SimResult`` from a run log, judged against ``slo`` (goodput, ``meets_slo``)."""
     done = [r for r in log.reqs if r.state == DONE]
     ttft = [(r.first - r.arrival) * 1e3 for r in done]
     tpot = [(r.finish - r.first) * 1e3 / (r.out - 1) for r in done if r.out > 1]
@@ -130,7 +131,7 @@ def summarize(log: RunLog, *, slo: Any = None, gpu_memory_gb: float | None = Non
     if width <= 0:  # one request, or all at once: fall back to the whole span
         out_tok, in_tok, width = sum(r.out for r in done), sum(r.prompt0 for r in done), span
     rate = (len(log.reqs) - 1) / (t_last_arrival - t0) if t_last_arrival > t0 else len(done) / span
-    ttft_slo, tpot_slo = _slo_value(slo, "ttft_p90_ms"), _slo_value(slo, "tpot_p90_ms")
+    ttft_slo, tpot_slo = (slo.ttft_p90_ms, slo.tpot_p90_ms) if slo is not None else (None, None)
     good = 0
     for r in done:
         ok = ttft_slo is None or (r.first - r.arrival) * 1e3 <= ttft_slo
