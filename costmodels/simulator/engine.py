@@ -1,6 +1,7 @@
 """The discrete-event loop: requests in, per-request timestamps and step statistics out.
 
-Events (a heap of (time s, sequence number, kind, payload); ties run in push order):
+Events (a heap of (time s, sequence number, kind, payload); ties run in push order), each with
+its own handler ``Simulation.on_<kind>``; ``Simulation.run`` only pops the next one and dispatches:
 
 * ARRIVAL   a request arrives; it is routed to the least-loaded replica, and within it to the
             least-loaded lane (fewest unfinished requests; ties to the lowest index, as vLLM
@@ -60,44 +61,119 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
     """Simulate ``requests`` (sorted by arrival) on the deployment ``cfg`` with step times from ``coster``."""
     if coster.pp != cfg.pp:
         raise ValueError(f"coster has {coster.pp} stages, the config {cfg.pp}")
-    reps = [Replica(i, cfg.kv_tokens, cfg.pp) for i in range(cfg.dp)]
-    for rep in reps:
-        rep.lanes = [Lane(j, rep) for j in range(cfg.lanes)]
-    encoder = DedicatedEncoder(cfg.dedicated_gpus, cfg.max_batch_tokens) if cfg.placement == "dedicated" else None
-    reqs = [Req(q.id, q.arrival_s, q.prompt_tokens, q.output_tokens, tuple(q.image_patches), sum(q.image_tokens))
-            for q in requests]
-    log = RunLog(reqs, notes=list(cfg.notes))
-    if cfg.placement == "none" and any(r.patches for r in reqs):
-        log.notes.append("the plan places no vision encoder; images encoded on stage 0 (stage0_tp)")
-    events: list = []
-    seq = 0
-    per_stage = cfg.shift and len(set(cfg.stage_thresholds)) > 1
-    one, pp = cfg.dp == 1, cfg.pp
+    return Simulation(cfg, coster, requests).run()
 
-    def push(t: float, kind: int, payload: object) -> None:
-        nonlocal seq
-        seq += 1
-        heapq.heappush(events, (t, seq, kind, payload))
 
-    def kick(rep: Replica, t: float, first: Lane, others: bool = False) -> None:
+class Simulation:
+    """One run: the event heap, the replicas, and one handler per event kind."""
+
+    def __init__(self, cfg: SimConfig, coster: Coster, requests: list[Request]):
+        self.cfg, self.coster = cfg, coster
+        self.reps = [Replica(i, cfg.kv_tokens, cfg.pp) for i in range(cfg.dp)]
+        for rep in self.reps:
+            rep.lanes = [Lane(j, rep) for j in range(cfg.lanes)]
+        self.encoder = DedicatedEncoder(cfg.dedicated_gpus, cfg.max_batch_tokens) if cfg.placement == "dedicated" else None
+        self.reqs = [Req(q.id, q.arrival_s, q.prompt_tokens, q.output_tokens, tuple(q.image_patches), sum(q.image_tokens))
+                     for q in requests]
+        self.log = RunLog(self.reqs, notes=list(cfg.notes))
+        if cfg.placement == "none" and any(r.patches for r in self.reqs):
+            self.log.notes.append("the plan places no vision encoder; images encoded on stage 0 (stage0_tp)")
+        self.events: list = []
+        self.seq = 0
+        self.per_stage = cfg.shift and len(set(cfg.stage_thresholds)) > 1
+        self.in_system = 0
+        self.last_t = 0.0
+        self.handlers = {ARRIVAL: self.on_arrival, ENC_DONE: self.on_enc_done, READY: self.on_ready,
+                         SCHEDULE: self.on_schedule, STEP_DONE: self.on_step_done}
+
+    def run(self) -> RunLog:
+        """Arrivals come straight from the sorted request list, everything else from the heap."""
+        reqs, events, handlers = self.reqs, self.events, self.handlers
+        i, n = 0, len(reqs)
+        while i < n or events:
+            if i < n and (not events or reqs[i].arrival <= events[0][0]):
+                t, kind, payload = reqs[i].arrival, ARRIVAL, reqs[i]
+                i += 1
+            else:
+                t, _, kind, payload = heapq.heappop(events)
+            if t > self.last_t:
+                self.log.area += self.in_system * (t - self.last_t)
+                self.last_t = t
+            handlers[kind](t, payload)
+        return self.finish()
+
+    # ------------------------------------------------------------------ events
+    def on_arrival(self, t: float, r: Req) -> None:
+        cfg = self.cfg
+        if r.prompt0 + r.out > cfg.kv_tokens:  # can never fit this replica's KV cache
+            r.state = REJECTED
+            self.log.rejected += 1
+            return
+        rep = self.reps[0] if cfg.dp == 1 else min(self.reps, key=lambda x: x.outstanding)
+        lane = rep.lanes[0] if cfg.lanes == 1 else min(rep.lanes, key=lambda x: x.outstanding)
+        rep.outstanding += 1
+        lane.outstanding += 1
+        r.replica, r.lane = rep.index, lane
+        self.in_system += 1
+        if self.encoder is not None and r.patches:
+            self.encoder.queue.append(r)
+            if not self.encoder.busy:
+                self.start_encoder(t)
+        else:
+            lane.waiting.append(r)
+            self.kick(rep, t, first=lane)
+
+    def on_enc_done(self, t: float, batch: list[Req]) -> None:
+        self.encoder.busy = False
+        for r in batch:
+            r.encoded = True
+            self.push(t + self.coster.embed_ms(r.img_tokens) / 1e3, READY, r)
+        self.start_encoder(t)
+
+    def on_ready(self, t: float, r: Req) -> None:
+        r.lane.waiting.append(r)
+        self.kick(self.reps[r.replica], t, first=r.lane)
+
+    def on_schedule(self, t: float, lane: Lane) -> None:
+        lane.kicked = False
+        if not lane.busy:
+            self.launch(lane, t)
+
+    def on_step_done(self, t: float, done: tuple[Lane, object]) -> None:
+        lane, batch = done
+        lane.busy = False
+        lane.replica.kv_clock(t)
+        self.in_system -= len(complete_batch(lane, batch, t))
+        if self.cfg.lanes > 1 or lane.waiting or lane.prefilling or lane.decoding:
+            self.kick(lane.replica, t, lane, others=self.cfg.lanes > 1)
+
+    # ------------------------------------------------------------------ helpers
+    def push(self, t: float, kind: int, payload: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, payload))
+
+    def kick(self, rep: Replica, t: float, first: Lane, others: bool = False) -> None:
         """Queue a scheduling step for ``first`` (and, with ``others``, every idle lane with work)."""
         if not first.busy and not first.kicked:
             first.kicked = True
-            push(t, SCHEDULE, first)
+            self.push(t, SCHEDULE, first)
         if others:
             for lane in rep.lanes:
                 if not lane.busy and not lane.kicked and lane.waiting:
                     lane.kicked = True
-                    push(t, SCHEDULE, lane)
+                    self.push(t, SCHEDULE, lane)
 
-    def start_encoder(t: float) -> None:
-        batch = encoder.take()
+    def start_encoder(self, t: float) -> None:
+        enc = self.encoder
+        batch = enc.take()
         if batch:
-            dt = encoder.batch_ms(coster, batch) / 1e3
-            encoder.busy, encoder.busy_s = True, encoder.busy_s + dt
-            push(t + dt, ENC_DONE, batch)
+            dt = enc.batch_ms(self.coster, batch) / 1e3
+            enc.busy, enc.busy_s = True, enc.busy_s + dt
+            self.push(t + dt, ENC_DONE, batch)
 
-    def launch(lane: Lane, t: float) -> None:
+    def launch(self, lane: Lane, t: float) -> None:
+        """Form a micro-batch on ``lane``, cost it per stage in its mode(s), walk it down the pipeline."""
+        cfg, coster, log = self.cfg, self.coster, self.log
         lane.replica.kv_clock(t)
         batch, pre = form_batch(lane, cfg)
         log.preemptions += pre
@@ -105,7 +181,7 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
             return
         log.steps += 1
         log.step_tokens += batch.tokens
-        modes = cfg.stage_modes(batch.tokens) if per_stage else None
+        modes = cfg.stage_modes(batch.tokens) if self.per_stage else None
         if modes is None:
             mode = cfg.mode(batch.tokens)
             log.steps_tp += cfg.shift and mode == "tp"  # sp = 1 runs "tp" too, unshifted
@@ -117,17 +193,8 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
         if batch.patches:
             ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, batch.patches))]
         rep = lane.replica
-        if pp == 1:  # one stage: no pipeline to walk
-            dt = ms[0] / 1e3
-            free = rep.stage_free
-            start = t if t > free[0] else free[0]
-            free[0] = start + dt
-            rep.stage_busy[0] += dt
-            lane.busy = True
-            push(start + dt, STEP_DONE, (lane, batch))
-            return
         ready = t
-        for s in range(cfg.pp):
+        for s in range(cfg.pp):  # stage s is a FIFO server; the batch hops on after its p2p send
             dt = ms[s] / 1e3
             start = ready if ready > rep.stage_free[s] else rep.stage_free[s]
             rep.stage_free[s] = start + dt
@@ -136,65 +203,15 @@ def run(cfg: SimConfig, coster: Coster, requests: list[Request]) -> RunLog:
             if s < cfg.pp - 1:
                 ready += coster.p2p_ms(batch.tokens, s) / 1e3
         lane.busy = True
-        push(ready, STEP_DONE, (lane, batch))
+        self.push(ready, STEP_DONE, (lane, batch))
 
-    in_system = 0
-    last_t = 0.0
-    i, n = 0, len(reqs)
-    while i < n or events:
-        if i < n and (not events or reqs[i].arrival <= events[0][0]):
-            t, kind, payload = reqs[i].arrival, ARRIVAL, reqs[i]
-            i += 1
-        else:
-            t, _, kind, payload = heapq.heappop(events)
-        dt = t - last_t
-        if dt > 0:
-            log.area += in_system * dt
-            last_t = t
-        if kind == STEP_DONE:
-            lane, batch = payload
-            lane.busy = False
-            lane.replica.kv_clock(t)
-            in_system -= len(complete_batch(lane, batch, t))
-            if cfg.lanes > 1 or lane.waiting or lane.prefilling or lane.decoding:
-                kick(lane.replica, t, lane, others=cfg.lanes > 1)
-        elif kind == SCHEDULE:
-            payload.kicked = False
-            if not payload.busy:
-                launch(payload, t)
-        elif kind == ARRIVAL:
-            r = payload
-            if r.prompt0 + r.out > cfg.kv_tokens:  # can never fit this replica's KV cache
-                r.state = REJECTED
-                log.rejected += 1
-                continue
-            rep = reps[0] if one else min(reps, key=lambda x: x.outstanding)
-            lane = rep.lanes[0] if cfg.lanes == 1 else min(rep.lanes, key=lambda x: x.outstanding)
-            rep.outstanding += 1
-            lane.outstanding += 1
-            r.replica, r.lane = rep.index, lane
-            in_system += 1
-            if encoder is not None and r.patches:
-                encoder.queue.append(r)
-                if not encoder.busy:
-                    start_encoder(t)
-            else:
-                lane.waiting.append(r)
-                kick(rep, t, first=lane)
-        elif kind == ENC_DONE:
-            encoder.busy = False
-            for r in payload:
-                r.encoded = True
-                push(t + coster.embed_ms(r.img_tokens) / 1e3, READY, r)
-            start_encoder(t)
-        elif kind == READY:
-            payload.lane.waiting.append(payload)
-            kick(reps[payload.replica], t, first=payload.lane)
-    log.t_end = last_t
-    for rep in reps:
-        rep.kv_clock(last_t)
-    log.kv_area = sum(r.kv_area for r in reps) / (cfg.kv_tokens * cfg.dp)
-    log.kv_peak = max(r.kv_peak for r in reps) / cfg.kv_tokens
-    log.stage_busy_s = [sum(r.stage_busy[s] for r in reps) for s in range(cfg.pp)]
-    log.encoder_busy_s = encoder.busy_s if encoder else 0.0
-    return log
+    def finish(self) -> RunLog:
+        cfg, log, reps = self.cfg, self.log, self.reps
+        log.t_end = self.last_t
+        for rep in reps:
+            rep.kv_clock(self.last_t)
+        log.kv_area = sum(r.kv_area for r in reps) / (cfg.kv_tokens * cfg.dp)
+        log.kv_peak = max(r.kv_peak for r in reps) / cfg.kv_tokens
+        log.stage_busy_s = [sum(r.stage_busy[s] for r in reps) for s in range(cfg.pp)]
+        log.encoder_busy_s = self.encoder.busy_s if self.encoder else 0.0
+        return log
