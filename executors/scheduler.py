@@ -7,6 +7,10 @@ then waiting ones, until ``max_batch_tokens`` tokens or ``max_seqs`` sequences. 
 most recently admitted sequence (perhaps the one growing) is preempted: its blocks are freed
 and it goes back to the front of the queue, to be recomputed from its prompt plus what it had
 generated (its image embeddings stay on stage 0: images are encoded once per request).
+
+The simulator's scheduler (``costmodels.simulator.scheduler``) makes the same choices while KV
+suffices (``tests/test_scheduler_agreement.py``); it reserves a whole prompt's KV at admission
+instead of growing blocks, so the two preempt differently when KV runs short.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ A step (vLLM-style, decode first):
 
 KV is counted in tokens against the replica's ``kv_tokens``; the rounding of paged blocks (under
 ``block_size`` tokens per sequence, < 1% at 16-token blocks and 1k-token contexts) is ignored.
+
+Against the executor's scheduler (``executors.scheduler``): with KV to spare both admit, chunk and
+finish the same requests at the same steps (``tests/test_scheduler_agreement.py``). On purpose they
+differ under KV pressure -- the executor grows paged blocks chunk by chunk (exact memory, so it may
+preempt mid-prefill), this one reserves the whole prompt at admission and keeps ``watermark`` free
+(vLLM's admission rule, cheap to simulate) -- and in lanes (PP virtual engines here, one scheduler
+per replica split into micro-batches there).
 """
 
 from __future__ import annotations
