@@ -31,6 +31,7 @@ from executors.quant import Weight, cat, linear, read_linear
 from executors.rope import apply as apply_rope
 from executors.shard import HeadSplit, even_range, head_rows
 from executors.weights import WeightSource
+from plans.mesh import weight_layouts
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,11 +85,12 @@ class DecoderLayer:
         self.ln2 = src.rows(p + "post_attention_layernorm.weight").to(par.device, dtype)
         hs = HeadSplit(a.heads, a.kv_heads, par.P)
         self.layouts: dict[str, Shard] = {}
-        if par.sp > 1:  # SP x TP layout: W/tp
+        layouts = weight_layouts(par.sp, shift)
+        if "sp_tp" in layouts:  # SP x TP layout: W/tp
             self.layouts["sp_tp"] = load_shard(
                 src, p, a, hs.q_heads_sptp(par.tp_i, par.sp), hs.kv_heads_sptp(par.tp_i, par.sp),
                 even_range(a.intermediate, par.tp, par.tp_i, "intermediate_size / tp"), dtype, par.device, fp8)
-        if par.sp == 1 or shift:  # plain TP layout: W/P
+        if "tp" in layouts:  # plain TP layout: W/P
             self.layouts["tp"] = load_shard(
                 src, p, a, hs.q_heads(par.r), hs.kv_heads_of(par.r),
                 even_range(a.intermediate, par.P, par.r, "intermediate_size / (tp*sp)"), dtype, par.device, fp8)

@@ -120,6 +120,12 @@ def heads_problem(heads: int, kv_heads: int, tp: int, sp: int = 1) -> str | None
     return None
 
 
+def weight_layouts(sp: int, shift: bool) -> tuple[Mode, ...]:
+    """Weight layouts a GPU holds: ``sp_tp`` (W/tp) when sp > 1, ``tp`` (W/P) when sp == 1 or shift
+    is on (shift holds both: the price of switching per step)."""
+    return (("sp_tp",) if sp > 1 else ()) + (("tp",) if sp == 1 or shift else ())
+
+
 @dataclass(frozen=True)
 class HeadSplit:
     """Which heads shift rank ``r`` holds. TP layout (degree P): query heads ``[r*H/P, (r+1)*H/P)``
@@ -296,9 +302,7 @@ class ParallelDims:
         return HeadSplit(heads, kv_heads, self.P)
 
     def layouts(self) -> tuple[Mode, ...]:
-        """Weight layouts a GPU holds: ``sp_tp`` (W/tp) when sp > 1, ``tp`` (W/P) when sp == 1
-        or shift is on (shift holds both: the price of switching per step)."""
-        return (("sp_tp",) if self.sp > 1 else ()) + (("tp",) if self.sp == 1 or self.shift else ())
+        return weight_layouts(self.sp, self.shift)
 
     def check_model(self, heads: int, kv_heads: int, intermediate: int) -> HeadSplit:
         """Heads split over P and the MLP width splits over each layout's degree."""
