@@ -58,11 +58,6 @@ def _dims(mesh: Mesh) -> ParallelDims:
     return ParallelDims(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, sp=mesh.sp, axis_order=tuple(mesh.axis_order))
 
 
-def rank_coords(rank: int, mesh: Mesh) -> dict[str, int]:
-    """Mesh coordinates of a global rank (``ParallelDims.coords``)."""
-    return _dims(mesh).coords(rank)._asdict()
-
-
 def global_rank(mesh: Mesh, coords: dict[str, int]) -> int:
     """The global rank at mesh coordinates, axes not given 0 (``ParallelDims.rank``)."""
     return _dims(mesh).rank(**coords)
