@@ -91,10 +91,10 @@ class StageModel:
         self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
 
     def _vision_tp(self, plan: Plan, a: ModelArgs) -> tuple[Any, int, int]:
-        """``stage0_tp``: the tower TP-sharded over the stage's P GPUs when its heads and MLP width
-        divide by P; every other placement (and indivisible shapes) keeps it whole per GPU."""
+        """The tower TP-sharded over the stage's P GPUs where ``ParallelDims.encoder`` says so
+        (``stage0_tp``, or ``none``, when its heads and MLP width divide by P), else whole per GPU."""
         g = self.vocab_group
-        if g is None or plan.vision.placement != "stage0_tp" or plan.dims().encoder(a.vision.num_heads, a.vision.mlp_dim).tp == 1:
+        if g is None or plan.dims().encoder(a.vision.num_heads, a.vision.mlp_dim).tp == 1:
             return None, 0, 1
         return g, dist.get_rank(g), dist.get_world_size(g)
 

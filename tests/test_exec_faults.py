@@ -83,6 +83,14 @@ def test_mesh_that_cannot_split_heads_fails_before_starting() -> None:
         executors.load(make_plan("llama", tp=4, sp=2))
 
 
+def test_plan_without_the_configs_vision_tower_fails_before_starting() -> None:
+    plan = make_plan("qwen2_vl", placement="none")
+    text_only = plan.model_copy(update={"model": plan.model.model_copy(update={"vision_blocks": 0}),
+                                        "stages": [s.model_copy(update={"vision": False}) for s in plan.stages]})
+    with pytest.raises(UserError, match="model.vision_blocks = 0 but the model config's vision tower has 2 blocks"):
+        executors.load(text_only)
+
+
 def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
     """Stage 1's checkpoint slice is missing: rank 1 fails at load, rank 0 is stopped too."""
     save_checkpoint("llama", tmp_path)
