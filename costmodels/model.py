@@ -17,7 +17,7 @@ the same op signature are timed once and multiplied; results are memoised per
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from costmodels import collectives as C
