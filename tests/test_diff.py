@@ -8,28 +8,28 @@ import pytest
 
 from planner.cli import main as plan_main
 from planner.diff import diff_plans, render
-from plans.schema import (CurvePoint, Hardware, MemoryPerGPU, Mesh, ModelRef, Percentiles, Plan, Predicted,
-                          Provenance, RunnerUp, Shift, Stage, save_plan)
+from plans.build import assemble_plan
+from plans.mesh import ParallelDims
+from plans.schema import (Hardware, MemoryPerGPU, Mesh, ModelRef, Percentiles, Plan, Predicted, Provenance, RunnerUp,
+                          Scheduler, Shift, save_plan)
 
 
 def _plan(split: int = 40, threshold: int = 256, ttft_p90: float = 412.0) -> Plan:
-    return Plan(
+    return assemble_plan(
         name="t", objective="max_throughput",
         provenance=Provenance(spec_sha256="a" * 64, model_config_sha256="b" * 64, cost_profile="roofline:h200",
                               shiftplan_version="0.1.0"),
         model=ModelRef(name="llama-3.1-70b", preset="llama-3.1-70b", architecture="LlamaForCausalLM", num_layers=80),
         hardware=Hardware(gpu="h200", gpus_per_node=8, nodes=1),
-        mesh=Mesh(pp=2, tp=2, sp=2),
-        stages=[Stage(index=0, first_layer=0, last_layer=split - 1, embedding=True, step_ms=100.0),
-                Stage(index=1, first_layer=split, last_layer=79, lm_head=True, step_ms=100.0)],
-        shift=Shift(enabled=True, threshold_tokens=threshold,
-                    curves=[CurvePoint(tokens=256, sp_tp_ms=10.0, tp_ms=9.0)]),
-        memory_gb=MemoryPerGPU(weights=35.3, kv=80.0, activations=2.0, total=117.3, capacity=141.0,
-                               kv_tokens=500000),
+        dims=ParallelDims(pp=2, tp=2, sp=2, shift=True, threshold=threshold),
+        layers=[(0, split - 1), (split, 79)], step_ms=[100.0, 100.0], curves=[(256, 10.0, 9.0)],
+        memory=MemoryPerGPU(weights=35.3, kv=80.0, activations=2.0, total=117.3, capacity=141.0,
+                            kv_tokens=500000),
+        scheduler=Scheduler(),
         predicted=Predicted(source="simulator", ttft_ms=Percentiles(p50=200.0, p90=ttft_p90, p99=600.0),
                             tpot_ms=Percentiles(p50=20.0, p90=25.0, p99=30.0), goodput_rps=7.5, meets_slo=True),
         runners_up=[RunnerUp(mesh="tp8", reason="goodput 7.0 vs 7.5 req/s")],
-    ).check()
+    )
 
 
 def test_equal_plans_have_no_changes():
