@@ -1,9 +1,9 @@
 """The process groups of one rank, built from the plan's mesh (passed explicitly, never global).
 
 The mesh is ``init_device_mesh(device, (dp, pp, tp, sp), mesh_dim_names=("dp", "pp", "tp", "sp"))``
-(row-major, ``sp`` innermost; the rank arithmetic is ``plans.mesh.ParallelDims``'s). Per rank we keep: the ``tp`` group, the
-``sp`` group, the ``shift`` group (the tp*sp GPUs of one stage, flattened in ``tp_i*sp + sp_i``
-order) and the global ranks of the previous/next pipeline stage.
+(row-major, ``sp`` innermost; the rank arithmetic is ``plans.mesh.ParallelDims``'s). Per rank we
+keep: the ``tp`` group, the ``sp`` group, the ``shift`` group (the tp*sp GPUs of one stage,
+flattened in ``tp_i*sp + sp_i`` order) and the global ranks of the previous/next pipeline stage.
 
 Plans with ``vision.placement: dedicated`` add encoder ranks after the mesh: global ranks
 ``mesh.size .. mesh.size + dedicated_gpus - 1`` run only the vision tower. They take part in

@@ -194,7 +194,8 @@ def mixed_ms(fn: Callable[[StepShape], float], decode: StepShape, prefill: StepS
 
 def token_mix(spec: Spec, model: Model) -> TokenMix:
     """The workload's means, from a seeded sample of its requests (synthetic or trace)."""
-    reqs = workload_of(spec, model.graph.info).with_requests(min(spec.workload.requests, MIX_REQUESTS)).sample(spec.workload.seed)
+    wl = workload_of(spec, model.graph.info).with_requests(min(spec.workload.requests, MIX_REQUESTS))
+    reqs = wl.sample(spec.workload.seed)
     n = max(1, len(reqs))
     imgs = [p for r in reqs for p in r.image_patches]
     toks = [t for r in reqs for t in r.image_tokens]

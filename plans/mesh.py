@@ -200,11 +200,13 @@ class ParallelDims:
         if bad:
             raise UserError(f"{self.name}: {', '.join(bad)}; every parallel degree must be >= 1")
         if sorted(self.axis_order) != sorted(AXES):
-            raise UserError(f"{self.name}: axis_order {list(self.axis_order)} must order each of {', '.join(AXES)} once")
+            raise UserError(f"{self.name}: axis_order {list(self.axis_order)} must order each of "
+                            f"{', '.join(AXES)} once")
         if self.placement not in PLACEMENTS:
             raise UserError(f"{self.name}: vision placement '{self.placement}' is not one of {', '.join(PLACEMENTS)}")
         if self.placement == "dedicated" and self.dedicated_gpus < 1:
-            raise UserError(f"{self.name}: vision placement 'dedicated' needs dedicated_gpus >= 1, got {self.dedicated_gpus}")
+            raise UserError(f"{self.name}: vision placement 'dedicated' needs dedicated_gpus >= 1, "
+                            f"got {self.dedicated_gpus}")
         if self.world is not None and self.gpus > self.world:
             enc = f" + {self.dedicated_gpus} encoder GPUs = {self.gpus}" if self.gpus > self.size else ""
             raise UserError(f"{self.name}: dp*pp*tp*sp = {self.dp}*{self.pp}*{self.tp}*{self.sp} = {self.size}{enc} "

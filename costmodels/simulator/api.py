@@ -57,8 +57,8 @@ def simulate(plan: Plan, cost: CostModel | None, workload: Workload, *, slo: Slo
     """What ``plan`` delivers on ``workload``: TTFT/TPOT/e2e percentiles, throughput, goodput.
 
     ``cost``: the ``CostModel`` (ignored when a ``coster`` is given, e.g. one from ``coster_for``
-    reused across calls); ``slo``: the p90 targets for goodput and ``meets_slo``. ``SimResult.to_predicted()`` fills the plan's
-    ``predicted`` block.
+    reused across calls); ``slo``: the p90 targets for goodput and ``meets_slo``.
+    ``SimResult.to_predicted()`` fills the plan's ``predicted`` block.
     """
     cfg = SimConfig.from_plan(plan)
     coster = coster if coster is not None else coster_for(plan, cost)

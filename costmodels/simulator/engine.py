@@ -72,9 +72,10 @@ class Simulation:
         self.reps = [Replica(i, cfg.kv_tokens, cfg.pp) for i in range(cfg.dp)]
         for rep in self.reps:
             rep.lanes = [Lane(j, rep) for j in range(cfg.lanes)]
-        self.encoder = DedicatedEncoder(cfg.dedicated_gpus, cfg.max_batch_tokens) if cfg.placement == "dedicated" else None
-        self.reqs = [Req(q.id, q.arrival_s, q.prompt_tokens, q.output_tokens, tuple(q.image_patches), sum(q.image_tokens))
-                     for q in requests]
+        dedicated = cfg.placement == "dedicated"
+        self.encoder = DedicatedEncoder(cfg.dedicated_gpus, cfg.max_batch_tokens) if dedicated else None
+        self.reqs = [Req(q.id, q.arrival_s, q.prompt_tokens, q.output_tokens, tuple(q.image_patches),
+                         sum(q.image_tokens)) for q in requests]
         self.log = RunLog(self.reqs, notes=list(cfg.notes))
         if cfg.placement == "none" and any(r.patches for r in self.reqs):
             self.log.notes.append("the plan places no vision encoder; images encoded on stage 0 (stage0_tp)")
