@@ -64,8 +64,8 @@ def check_mesh(plan: Plan, a: ModelArgs) -> None:
 
 def dedicated_encoders(plan: Plan, a: ModelArgs) -> int:
     """Encoder ranks beside the LLM mesh: the plan's ``dedicated_gpus`` when it places a VL
-    model's encoder on GPUs of its own, else 0 (``Plan.check`` requires >= 1 for dedicated)."""
-    return plan.vision.dedicated_gpus if plan.vision.placement == "dedicated" and a.vision is not None else 0
+    model's encoder on GPUs of its own, else 0 (``ParallelDims.encoder_gpus``)."""
+    return plan.dims().encoder_gpus if a.vision is not None else 0
 
 
 def default_blocks(plan: Plan, a: ModelArgs) -> int:

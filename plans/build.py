@@ -32,12 +32,11 @@ def assemble_plan(*, name: str, provenance: Provenance, model: ModelRef, hardwar
     stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == dims.pp - 1,
                     vision=i in encoding, step_ms=step_ms[i] if step_ms is not None else None,
                     shift_threshold_tokens=own[i]) for i, (a, b) in enumerate(layers)]
-    dedicated = dims.placement == "dedicated"
     return Plan(
         name=name, provenance=provenance, model=model, hardware=hardware, objective=objective,
         mesh=Mesh(dp=dims.dp, pp=dims.pp, tp=dims.tp, sp=dims.sp, axis_order=list(dims.axis_order)),
         stages=stages,
-        vision=Vision(placement=dims.placement, dedicated_gpus=dims.dedicated_gpus if dedicated else 0),
+        vision=Vision(placement=dims.placement, dedicated_gpus=dims.encoder_gpus),
         shift=Shift(enabled=dims.shift, threshold_tokens=dims.threshold if dims.shift else None,
                     curves=[CurvePoint(tokens=t, sp_tp_ms=a, tp_ms=b) for t, a, b in curves]),
         memory_gb=memory, scheduler=scheduler, backend=backend, predicted=predicted or Predicted(),

@@ -244,9 +244,14 @@ class ParallelDims:
         return self.dp * self.pp * self.P
 
     @property
+    def encoder_gpus(self) -> int:
+        """GPUs that run only the vision encoder: ``dedicated_gpus`` with the dedicated placement, else 0."""
+        return self.dedicated_gpus if self.placement == "dedicated" else 0
+
+    @property
     def gpus(self) -> int:
-        """GPUs used: the mesh plus dedicated encoder GPUs (ranks ``size ..`` after the mesh)."""
-        return self.size + (self.dedicated_gpus if self.placement == "dedicated" else 0)
+        """GPUs used: the mesh plus the encoder GPUs (global ranks ``size ..`` after the mesh)."""
+        return self.size + self.encoder_gpus
 
     @property
     def world(self) -> int | None:

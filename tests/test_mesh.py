@@ -139,6 +139,8 @@ def test_encoder_stages_per_placement():
     assert ParallelDims(**vl, placement="all_dp").encoder() == ((0, 1, 2), 1, 12)
     assert ParallelDims(**vl, placement="dedicated", dedicated_gpus=2).encoder() == ((), 1, 2)
     assert ParallelDims(pp=2, placement="all_dp").encoder_stages() == ()  # text model: nothing to encode
+    assert ParallelDims(tp=4, placement="dedicated", dedicated_gpus=2).gpus == 6
+    assert ParallelDims(tp=4, placement="stage0_dp", dedicated_gpus=2).encoder_gpus == 0  # only "dedicated" has them
 
 
 def test_labels():

@@ -47,7 +47,7 @@ def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: 
     """Simulate ``workload`` (sampled with ``seed``) on the deployment ``cfg``."""
     log = run(cfg, coster, workload.sample(seed))
     res = summarize(log, slo=slo, gpu_memory_gb=gpu_memory_gb,
-                    encoder_gpus=cfg.dedicated_gpus if cfg.placement == "dedicated" else 0, replicas=cfg.dp)
+                    encoder_gpus=cfg.dims.encoder_gpus, replicas=cfg.dp)
     res.notes.extend(workload.notes)
     return res
 
