@@ -41,8 +41,9 @@ import random
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from graph.opgraph import ModelInfo
 from plans.errors import UserError
 
 DEFAULT_TRACE_RESOLUTION: tuple[int, int] = (1280, 720)
@@ -109,7 +110,7 @@ class ImageRule:
         return patches // (self.merge * self.merge), patches
 
 
-def image_rule(info: Any) -> ImageRule | None:
+def image_rule(info: ModelInfo | None) -> ImageRule | None:
     """The image rule of a model (``graph.opgraph.ModelInfo``), or None for a text-only model.
 
     Reads ``info.vision`` (patch_size, spatial_merge_size, optional min_pixels / max_pixels,
@@ -275,7 +276,7 @@ def _int(text: str, path: Path, line: int, col: str) -> int:
     return int(round(v))
 
 
-def from_trace(path: str | Path, *, info: Any = None, resolutions: Sequence[tuple[int, int]] | None = None,
+def from_trace(path: str | Path, *, info: ModelInfo | None = None, resolutions: Sequence[tuple[int, int]] | None = None,
                input_includes_images: bool = True, seed: int = 0, rate: float | None = None) -> Workload:
     """A workload replaying a CSV trace (see the module doc for columns and image handling).
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from graph.opgraph import StepShape
+
+if TYPE_CHECKING:
+    from costmodels.model import CostModel
 
 
 class Coster(Protocol):
@@ -71,7 +74,7 @@ class ModelCoster:
     encoders. ``inter_node``: per stage boundary, whether the hop crosses nodes.
     """
 
-    def __init__(self, cost: Any, *, stages: list[tuple[int, int]], tp: int, sp: int, hidden: int,
+    def __init__(self, cost: CostModel, *, stages: list[tuple[int, int]], tp: int, sp: int, hidden: int,
                  act_bytes: float = 2.0, inter_node: list[bool] | None = None, grid: LogGrid | None = None,
                  exact: bool = False):
         self.cost = cost
