@@ -9,8 +9,9 @@ and it goes back to the front of the queue, to be recomputed from its prompt plu
 generated (its image embeddings stay on stage 0: images are encoded once per request).
 
 The simulator's scheduler (``costmodels.simulator.scheduler``) makes the same choices while KV
-suffices (``tests/test_scheduler_agreement.py``); it reserves a whole prompt's KV at admission
-instead of growing blocks, so the two preempt differently when KV runs short.
+suffices and counts KV in the same blocks (``tests/test_scheduler_agreement.py``); it reserves
+the blocks of a whole prompt at admission instead of growing them chunk by chunk, so the two
+preempt differently when KV runs short.
 """
 
 from __future__ import annotations

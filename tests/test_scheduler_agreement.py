@@ -4,12 +4,14 @@ same token budget and max_seqs, they admit the same requests at the same step, g
 chunk (decodes 1 token, prefill chunks what the budget leaves, oldest first) and finish the same
 requests at the same step.
 
-Where they differ, on purpose (stated in both modules):
+Both count KV in paged blocks (a sequence of T tokens holds ceil(T / block_size)): a decoding
+sequence holds the same blocks in both at every step. Where they differ, on purpose (stated in
+both modules):
 
-* KV under pressure: the executor allocates paged blocks as a sequence grows (exact memory, so a
-  request can be preempted mid-prefill); the simulator reserves a request's whole prompt at
-  admission, in tokens, and keeps a 1% watermark free (vLLM's admission rule; block rounding
-  under one block per sequence is ignored), so preemptions differ when KV is short.
+* KV under pressure: the executor allocates blocks chunk by chunk as a prefill grows (exact
+  memory, so a request can be preempted mid-prefill); the simulator reserves the blocks of a
+  request's whole prompt at admission and keeps a 1% watermark free (vLLM's admission rule), so
+  preemptions differ when KV is short.
 * Lanes: the simulator models PP "virtual engines" (one scheduler per micro-batch in flight); the
   executor runs one scheduler per replica and splits its step into micro-batches.
 """
@@ -48,12 +50,13 @@ def _exec_step(sched: Scheduler) -> dict:
             if s.generated >= s.max_new:
                 sched.finish(s)
                 step["finished"].append(s.req)
+    step["decode_blocks"] = {s.req: len(s.blocks) for s in sched.running if s.computed >= s.prompt_len}
     return step
 
 
 def simulator_steps(stream, budget: int, max_seqs: int) -> list[dict]:
-    cfg = SimConfig(max_batch_tokens=budget, max_seqs=max_seqs, kv_tokens=1 << 24)
-    rep = Replica(0, cfg.kv_tokens, 1)
+    cfg = SimConfig(max_batch_tokens=budget, max_seqs=max_seqs, kv_tokens=1 << 24, block_size=16)
+    rep = Replica(0, cfg.kv_tokens // 16, 1, 16)
     lane = Lane(0, rep)
     rep.lanes = [lane]
     reqs = [Req(i, 0.0, p, o, (), 0) for i, (_, p, o) in enumerate(stream)]
@@ -68,7 +71,8 @@ def simulator_steps(stream, budget: int, max_seqs: int) -> list[dict]:
         assert batch is not None and not preempted
         done = complete_batch(lane, batch, 0.0)
         return {"chunks": {**{r: 1 for r in decoding}, **{r.id: n for r, n in batch.chunks}},
-                "finished": [r.id for r in done]}
+                "finished": [r.id for r in done],
+                "decode_blocks": {r.id: rep.blocks(r.kv(lane.steps)) for r in lane.decoding.values()}}
 
     return _drive(stream, add, step, lambda: bool(lane.waiting or lane.decoding or lane.prefilling))
 
@@ -81,7 +85,7 @@ def _drive(stream, add, step, busy) -> list[dict]:
             if t == len(out):
                 add(i)
         k = sum(1 for t, _, _ in stream if t <= len(out))
-        out.append(step() if busy() else {"chunks": {}, "finished": []})
+        out.append(step() if busy() else {"chunks": {}, "finished": [], "decode_blocks": {}})
         assert len(out) < 10_000
     return out
 
@@ -94,6 +98,35 @@ def test_same_admissions_chunks_and_finishes_step_by_step(name, budget, max_seqs
     for i, (a, b) in enumerate(zip(ex, sim)):
         assert a["chunks"] == b["chunks"], f"step {i}: executor {a['chunks']} vs simulator {b['chunks']}"
         assert sorted(a["finished"]) == sorted(b["finished"]), f"step {i}"
+        assert a["decode_blocks"] == b["decode_blocks"], f"step {i}: KV blocks of the decoding sequences"
     assert len(ex) == len(sim)
     assert sum(len(s["finished"]) for s in ex) == len(stream)
     assert max(sum(s["chunks"].values()) for s in ex) <= budget
+
+
+@pytest.mark.parametrize("block", [1, 16])
+def test_simulator_kv_blocks_add_up_under_pressure(block):
+    """With a KV cache too small for the stream, the simulator preempts; at every step the blocks
+    it counts are the blocks its running requests hold (ceil(tokens / block)), never above the
+    cache, and none are left when the stream is done."""
+    stream = [(0, p, o) for p, o in ((300, 40), (200, 60), (250, 30), (90, 80), (400, 20), (35, 50))]
+    cfg = SimConfig(max_batch_tokens=256, max_seqs=8, kv_tokens=800, block_size=block)
+    rep = Replica(0, -(-cfg.kv_tokens // block), 1, block)
+    lane = Lane(0, rep)
+    rep.lanes = [lane]
+    reqs = [Req(i, 0.0, p, o, (), 0) for i, (_, p, o) in enumerate(stream)]
+    for r in reqs:
+        r.lane, r.replica = lane, 0
+        lane.waiting.append(r)
+    preemptions = finished = 0
+    for _ in range(5000):
+        if not (lane.waiting or lane.decoding or lane.prefilling):
+            break
+        batch, pre = form_batch(lane, cfg)
+        preemptions += pre
+        assert rep.kv_used <= rep.kv_cap
+        finished += len(complete_batch(lane, batch, 0.0))
+        held = [*lane.decoding.values(), *lane.prefilling]
+        assert rep.kv_used == sum(rep.blocks(r.kv(lane.steps)) for r in held)
+    assert finished == len(stream) and preemptions > 0
+    assert rep.kv_used == 0 and not any(lane.edges.values())

@@ -15,7 +15,8 @@ class SimConfig:
     ``lanes``: micro-batches in flight per replica (each lane is a scheduler with its own running
     set, the "virtual engine" of a PP server); ``max(pp, plan.scheduler.microbatches)`` by default,
     so a pipeline can keep every stage busy.
-    ``kv_tokens``: KV-cache capacity of one replica, tokens (``plan.memory_gb.kv_tokens``).
+    ``kv_tokens``: KV-cache capacity of one replica, tokens (``plan.memory_gb.kv_tokens``), held as
+    ``ceil(kv_tokens / block_size)`` blocks of ``block_size`` tokens (as the executor sizes its cache).
     ``threshold``: with ``shift``, a step of at most this many tokens runs in mode "tp" (plain TP of
     degree P), a larger one in "sp_tp"; ``stage_thresholds`` are the stages' own. ``dims`` (the
     plan's ``ParallelDims``) owns these rules, the placement checks and the node crossings.

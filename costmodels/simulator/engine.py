@@ -69,7 +69,8 @@ class Simulation:
 
     def __init__(self, cfg: SimConfig, coster: Coster, requests: list[Request]):
         self.cfg, self.coster = cfg, coster
-        self.reps = [Replica(i, cfg.kv_tokens, cfg.pp) for i in range(cfg.dp)]
+        self.kv_blocks = -(-cfg.kv_tokens // cfg.block_size)  # per replica, as the executor sizes its cache
+        self.reps = [Replica(i, self.kv_blocks, cfg.pp, cfg.block_size) for i in range(cfg.dp)]
         for rep in self.reps:
             rep.lanes = [Lane(j, rep) for j in range(cfg.lanes)]
         dedicated = cfg.placement == "dedicated"
@@ -106,7 +107,7 @@ class Simulation:
     # ------------------------------------------------------------------ events
     def on_arrival(self, t: float, r: Req) -> None:
         cfg = self.cfg
-        if r.prompt0 + r.out > cfg.kv_tokens:  # can never fit this replica's KV cache
+        if -(-(r.prompt0 + r.out) // cfg.block_size) > self.kv_blocks:  # can never fit a replica's KV cache
             r.state = REJECTED
             self.log.rejected += 1
             return
@@ -211,8 +212,8 @@ class Simulation:
         log.t_end = self.last_t
         for rep in reps:
             rep.kv_clock(self.last_t)
-        log.kv_area = sum(r.kv_area for r in reps) / (cfg.kv_tokens * cfg.dp)
-        log.kv_peak = max(r.kv_peak for r in reps) / cfg.kv_tokens
+        log.kv_area = sum(r.kv_area for r in reps) / (self.kv_blocks * cfg.dp)
+        log.kv_peak = max(r.kv_peak for r in reps) / self.kv_blocks
         log.stage_busy_s = [sum(r.stage_busy[s] for r in reps) for s in range(cfg.pp)]
         log.encoder_busy_s = self.encoder.busy_s if self.encoder else 0.0
         return log

@@ -16,15 +16,18 @@ A step (vLLM-style, decode first):
    Images not yet encoded are encoded in this step (in-step placements), at most
    ``max_batch_tokens`` image tokens per step beyond the first request.
 
-KV is counted in tokens against the replica's ``kv_tokens``; the rounding of paged blocks (under
-``block_size`` tokens per sequence, < 1% at 16-token blocks and 1k-token contexts) is ignored.
+KV is counted in blocks of ``block_size`` tokens, as the executor's paged cache counts it: a
+sequence of T tokens holds ``ceil(T / block_size)`` blocks of the replica's
+``ceil(kv_tokens / block_size)``; a decode step opens a block for each sequence whose last block is
+full (``Lane.edges``).
 
 Against the executor's scheduler (``executors.scheduler``): with KV to spare both admit, chunk and
-finish the same requests at the same steps (``tests/test_scheduler_agreement.py``). On purpose they
-differ under KV pressure -- the executor grows paged blocks chunk by chunk (exact memory, so it may
-preempt mid-prefill), this one reserves the whole prompt at admission and keeps ``watermark`` free
-(vLLM's admission rule, cheap to simulate) -- and in lanes (PP virtual engines here, one scheduler
-per replica split into micro-batches there).
+finish the same requests at the same steps, and a decoding sequence holds the same blocks in both
+(``tests/test_scheduler_agreement.py``). On purpose they differ under KV pressure -- the executor
+grows blocks chunk by chunk (exact memory, so it may preempt mid-prefill), this one reserves the
+blocks of the whole prompt at admission and keeps ``watermark`` free (vLLM's admission rule, cheap
+to simulate) -- and in lanes (PP virtual engines here, one scheduler per replica split into
+micro-batches there).
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ class Batch:
 def preempt(rep: Replica, lane: Lane, req: Req) -> None:
     """Free ``req``'s KV and send it back to the front of the waiting queue (recompute later)."""
     kv = req.kv(lane.steps)
-    rep.kv_used -= kv
+    rep.kv_used -= rep.blocks(kv)
     if req.state == DECODE:
         del lane.decoding[req.id]
+        _leave_edges(lane, req, rep.block)
         lane.ctx -= kv
         req.prompt = req.prompt0 + req.produced  # recompute prompt + generated tokens
     else:
@@ -70,21 +74,21 @@ def preempt(rep: Replica, lane: Lane, req: Req) -> None:
 def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
     """The lane's next micro-batch (None when it has nothing to do) and the number of preemptions."""
     rep = lane.replica
-    cap = rep.kv_cap
+    cap, edge = rep.kv_cap, lane.steps % rep.block
     n_dec = len(lane.decoding)
-    if n_dec and not lane.prefilling and not lane.waiting and rep.kv_used + n_dec <= cap:
-        rep.kv_used += n_dec  # fast path: decodes only, nothing to admit
+    if n_dec and not lane.prefilling and not lane.waiting and rep.kv_used + lane.edges.get(edge, 0) <= cap:
+        rep.kv_used += lane.edges.get(edge, 0)  # fast path: decodes only, nothing to admit
         if rep.kv_used > rep.kv_peak:
             rep.kv_peak = rep.kv_used
         c = float(lane.ctx + n_dec)
         return Batch(n_dec, [], StepShape(n_dec, c, c, n_dec), (), 0, n_dec), 0
     preempted = 0
-    while lane.decoding and rep.kv_used + len(lane.decoding) > cap:
+    while lane.decoding and rep.kv_used + lane.edges.get(edge, 0) > cap:
         victim = lane.prefilling[-1] if lane.prefilling else next(reversed(lane.decoding.values()))
         preempt(rep, lane, victim)
         preempted += 1
     n_dec = len(lane.decoding)
-    rep.kv_used += n_dec
+    rep.kv_used += lane.edges.get(edge, 0)
     budget = cfg.max_batch_tokens - n_dec
     tokens, pairs, kv, seqs = n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec
     chunks: list[tuple[Req, int]] = []
@@ -101,7 +105,8 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
     waiting = lane.waiting
     while budget > 0 and rep.running < cfg.max_seqs and waiting and not preempted:
         r = waiting[0]
-        if rep.kv_used + r.prompt > limit and not (rep.kv_used == 0 and r.prompt <= cap):
+        need = rep.blocks(r.prompt)
+        if rep.kv_used + need > limit and not (rep.kv_used == 0 and need <= cap):
             break
         if in_step and not r.encoded:
             if img_tokens and img_tokens + r.img_tokens > cfg.max_batch_tokens:
@@ -111,7 +116,7 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
             r.encoded = True
         waiting.popleft()
         r.state, r.done = PREFILL, 0
-        rep.kv_used += r.prompt
+        rep.kv_used += need
         lane.prefilling.append(r)
         n = min(r.prompt, budget)
         chunks.append((r, n))
@@ -143,9 +148,10 @@ def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
         if r.state != DECODE or r.lane is not lane or r.d0 != d0:
             continue  # stale entry of a preempted request
         kv = r.kv(lane.steps)
-        rep.kv_used -= kv
+        rep.kv_used -= rep.blocks(kv)
         lane.ctx -= kv
         del lane.decoding[r.id]
+        _leave_edges(lane, r, rep.block)
         r.produced = r.out
         _finish(r, t, done)
     for r, n in batch.chunks:
@@ -157,17 +163,24 @@ def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
         if r.first is None:
             r.first = t
         if r.produced >= r.out:
-            rep.kv_used -= r.prompt
+            rep.kv_used -= rep.blocks(r.prompt)
             _finish(r, t, done)
             continue
         r.state, r.d0 = DECODE, lane.steps
         lane.decoding[r.id] = r
+        k = r.edge(rep.block)
+        lane.edges[k] = lane.edges.get(k, 0) + 1
         lane.ctx += r.prompt
         heapq.heappush(heap, (lane.steps + r.out - r.produced, r.id, r.d0, r))
     rep.outstanding -= len(done)
     rep.running -= len(done)
     lane.outstanding -= len(done)
     return done
+
+
+def _leave_edges(lane: Lane, r: Req, block: int) -> None:
+    k = r.edge(block)
+    lane.edges[k] -= 1
 
 
 def _finish(r: Req, t: float, done: list[Req]) -> None:

@@ -14,7 +14,7 @@ class Req:
     ``prompt``: tokens its (next) prefill must process: the prompt, or after a preemption the
     prompt plus the tokens generated so far (recompute). ``done``: prompt tokens prefilled so far.
     ``produced``: output tokens generated. KV held: the whole prompt from admission (reserved),
-    then ``prompt + (lane.steps - d0)`` in decode.
+    then ``prompt + (lane.steps - d0)`` tokens in decode, in ``ceil(tokens / block_size)`` blocks.
     """
 
     __slots__ = ("id", "arrival", "prompt0", "prompt", "out", "done", "produced", "state", "lane",
@@ -38,6 +38,11 @@ class Req:
             return self.prompt + (lane_steps - self.d0)
         return self.prompt if self.state == PREFILL else 0
 
+    def edge(self, block: int) -> int:
+        """The lane steps (mod ``block``) at which this decoding request fills a block, so that its
+        next token opens a new one: ``prompt + (s - d0) = 0 (mod block)``."""
+        return (self.d0 - self.prompt) % block
+
 
 @dataclass
 class Lane:
@@ -47,6 +52,8 @@ class Lane:
     Decoding requests join at lane step ``d0`` and take part in every later step of the lane, so
     one that needs r more tokens finishes at step d0 + r: ``heap`` holds (d0 + r, id, req), and the
     per-step work is independent of the batch size. ``ctx`` is the sum of their KV tokens.
+    ``edges[k]``: how many of them open a new KV block at lane steps ``s = k (mod block)``
+    (``Req.edge``), so a step's new blocks are counted without visiting every request.
     """
 
     index: int
@@ -55,6 +62,7 @@ class Lane:
     outstanding: int = 0  # requests routed here and not finished (the router's load)
     decoding: dict[int, Req] = field(default_factory=dict)  # admission order (newest last)
     heap: list = field(default_factory=list)
+    edges: dict[int, int] = field(default_factory=dict)
     prefilling: list[Req] = field(default_factory=list)
     steps: int = 0
     ctx: int = 0
@@ -64,15 +72,17 @@ class Lane:
 
 @dataclass
 class Replica:
-    """A data-parallel replica: its lanes, its KV pool (shared by the lanes) and its stage clocks."""
+    """A data-parallel replica: its lanes, its KV pool (shared by the lanes, counted in blocks of
+    ``block`` tokens, as the executor's paged cache) and its stage clocks."""
 
     index: int
-    kv_cap: int
+    kv_cap: int  # blocks
     pp: int
+    block: int = 1  # tokens per KV block
     lanes: list[Lane] = field(default_factory=list)
-    kv_used: int = 0
+    kv_used: int = 0  # blocks
     kv_peak: int = 0
-    kv_area: float = 0.0  # integral of kv_used over time (token-seconds), up to kv_t
+    kv_area: float = 0.0  # integral of kv_used over time (block-seconds), up to kv_t
     kv_t: float = 0.0
     outstanding: int = 0  # requests routed here and not finished (the router's load)
     running: int = 0  # requests admitted (prefilling or decoding) in any lane
@@ -82,6 +92,10 @@ class Replica:
     def __post_init__(self) -> None:
         self.stage_free = [0.0] * self.pp
         self.stage_busy = [0.0] * self.pp
+
+    def blocks(self, tokens: int) -> int:
+        """KV blocks that hold ``tokens`` tokens of one sequence."""
+        return -(-tokens // self.block)
 
     def kv_clock(self, t: float) -> None:
         """Integrate KV use up to ``t``; call before kv_used changes."""
