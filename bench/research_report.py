@@ -5,7 +5,7 @@
 Scenarios: Llama-3.1-70B on its text workload, Qwen2.5-VL-72B on the same text workload, and
 Qwen2.5-VL-72B on its multimodal workload (0-4 images per request at four resolutions); the
 workloads are the example specs' (examples/llama-3.1-70b-8xh200.yaml, qwen2.5-vl-72b-8xh200.yaml).
-Plans: meshes pinned by hand (``costmodels.simulator.pinned``: even stages, KV capacity from the
+Plans: meshes pinned by hand (``planner.pinned``: even stages, KV capacity from the
 cost model's memory model, the encoder data-parallel on stage 0's GPUs) plus the planner's own
 plan (plans/<example>.plan.yaml) when it exists. Each (plan, rate) is simulated with the same
 seeded requests; a seed sweep and a cost-perturbation run bound how much the answer can move.
