@@ -17,6 +17,7 @@ from planner.export import ENGINES, INFO, export_plan, render
 from planner.export.engines import mesh_limit
 from planner.export.flags import CHOICES, ENV, FLAGS
 from planner.spec import load_spec
+from plans.mesh import ParallelDims
 from plans.schema import Mesh, Plan, Scheduler, Shift, Stage, Vision, dump_plan, load_plan
 
 ROOT = Path(__file__).parents[1]
@@ -34,7 +35,12 @@ def _plan(name: str) -> Plan:
 
 
 def _with(plan: Plan, **update) -> Plan:
-    return plan.model_copy(update=update).check()
+    """``plan`` updated; its stages' vision flags follow the placement, as ``Plan.check`` requires."""
+    p = plan.model_copy(update=update)
+    encoding = ParallelDims(pp=p.mesh.pp, placement=p.vision.placement, dedicated_gpus=p.vision.dedicated_gpus,
+                            vision=p.model.vision_blocks > 0).encoder_stages()
+    return p.model_copy(update={"stages": [st.model_copy(update={"vision": i in encoding})
+                                           for i, st in enumerate(p.stages)]}).check()
 
 
 def _stages(layers: int, pp: int) -> list[Stage]:

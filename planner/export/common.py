@@ -16,6 +16,7 @@ import yaml
 
 from planner.export.engines import INFO, limit_of, placement_limit
 from plans.errors import UserError
+from plans.mesh import ParallelDims, mesh_label
 from plans.schema import Plan
 
 # Hugging Face checkpoints of the built-in presets (graph/presets/README.md).
@@ -64,8 +65,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        parts = [f"{a}{getattr(self, a)}" for a in ("dp", "pp", "tp", "sp") if getattr(self, a) > 1]
-        return "x".join(parts) or "single"
+        return mesh_label(self.dp, self.pp, self.tp, self.sp)
 
 
 @dataclass
@@ -172,9 +172,9 @@ def layout_of(plan: Plan, t: Target) -> Layout:
     """LLM ranks first (replica-major, as the plan orders them), then the encoder GPUs."""
     gpn = plan.hardware.gpus_per_node
     size = t.replica_gpus
-    replicas = tuple(tuple(range(r * size, (r + 1) * size)) for r in range(t.dp))
-    first = t.dp * size
-    encoders = tuple(range(first, first + (t.dedicated_gpus if t.placement == "dedicated" else 0)))
+    dims = ParallelDims(dp=t.dp, pp=t.pp, tp=t.tp, sp=t.sp, placement=t.placement, dedicated_gpus=t.dedicated_gpus)
+    replicas = tuple(tuple(sorted(dims.replica_ranks(r))) for r in range(t.dp))
+    encoders = tuple(range(dims.size, dims.gpus))
     lay = Layout(gpn, replicas, encoders)
     if lay.replicas_span_nodes:
         for r in range(t.dp):

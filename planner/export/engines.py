@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from plans.mesh import ENCODER_PLACEMENTS
+
 ENGINES = ("vllm", "arctic", "sglang")
 
 
@@ -47,7 +49,7 @@ MROPE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditio
 # Encoder placements each engine runs (vision models). vLLM and SGLang run the encoder on the
 # first pipeline stage only, so no engine runs ``all_dp`` (the encoder on every stage's GPUs).
 PLACEMENTS = {
-    "shiftplan": ("stage0_tp", "stage0_dp", "all_dp", "dedicated"),
+    "shiftplan": ENCODER_PLACEMENTS,
     "vllm": ("stage0_tp", "stage0_dp", "dedicated"),  # --mm-encoder-tp-mode weights | data; EPD
     "arctic": ("stage0_tp", "stage0_dp", "dedicated"),  # vLLM's, unchanged by the plugin
     "sglang": ("stage0_tp", "stage0_dp", "dedicated"),  # TP encoder; --mm-enable-dp-encoder; EPD
