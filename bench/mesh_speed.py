@@ -41,14 +41,14 @@ MESHES: dict[str, dict[str, Any]] = {
 
 def mesh_plan(cfg: dict, name: str, gpus: int, max_seqs: int, max_tokens: int) -> Any:
     from bench.engine_gpu_check import build_plan
+    from plans.mesh import even_layers
     from plans.schema import Hardware, Mesh, Shift, Stage
 
     m = MESHES[name]
     base = build_plan("llama-3.1-8b", cfg, "bf16")
     L, pp = base.model.num_layers, m.get("pp", 1)
-    per = L // pp
-    stages = [Stage(index=i, first_layer=i * per, last_layer=(i + 1) * per - 1 if i < pp - 1 else L - 1,
-                    embedding=i == 0, lm_head=i == pp - 1) for i in range(pp)]
+    stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == pp - 1)
+              for i, (a, b) in enumerate(even_layers(L, pp))]
     shift = Shift(enabled="shift" in m, threshold_tokens=m.get("shift"))
     sched = base.scheduler.model_copy(update={"max_seqs": max_seqs, "max_batch_tokens": max_tokens,
                                               "microbatches": m.get("microbatches", 1)})
