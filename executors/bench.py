@@ -44,3 +44,39 @@ def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens
         "output_tok_s": round(n / wall, 2), "wall_s": round(wall, 3),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
     }
+
+
+def replay(engine: Any, requests: list[Any], arrivals: list[float], max_new_tokens: list[int]) -> dict[str, Any]:
+    """Replay ``requests`` arriving at ``arrivals`` (seconds) in real time on a loaded engine, each
+    generating exactly ``max_new_tokens[i]`` tokens. Returns what a simulator's run log holds, as
+    measured: per request ``(arrival, first token, finish, output tokens, prompt tokens)`` in seconds
+    from the start (None for a request that failed), and the engine's step, shifted-step and
+    preemption counts over the run."""
+    from dataclasses import replace
+
+    from executors import Sampling
+
+    reqs = [replace(r, max_new_tokens=n) for r, n in zip(requests, max_new_tokens)]
+    modes0, step0 = dict(engine.mode_counts), engine.step_id
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    count: dict[int, int] = {}
+    prompt: dict[int, int] = {}
+    failed: set[int] = set()
+    t0 = time.perf_counter()
+    for i, tok, res in engine.stream(reqs, sampling=Sampling(stop_on_eos=False), arrivals=arrivals):
+        now = time.perf_counter() - t0
+        if tok is None:
+            failed.add(i)
+            continue
+        first.setdefault(i, now)
+        last[i] = now
+        count[i] = count.get(i, 0) + 1
+        prompt[i] = len(res.prompt_tokens)
+    rows = [None if i in failed or i not in first else (arrivals[i], first[i], last[i], count[i], prompt[i])
+            for i in range(len(reqs))]
+    tp = engine.mode_counts["tp"] - modes0.get("tp", 0)
+    sp = engine.mode_counts["sp_tp"] - modes0.get("sp_tp", 0)
+    return {"requests": rows, "t_end": time.perf_counter() - t0, "steps": engine.step_id - step0,
+            "micro_batches_tp": tp, "micro_batches_sp_tp": sp,
+            "preemptions": sum(s.preemptions for s in getattr(engine, "schedulers", []))}

@@ -296,10 +296,12 @@ class Engine:
             jobs = [ImageJob(s.req, None, s.image_grid, s.encoder) for s in seqs]
             self._dispatch({replica: Step(self.step_id, [], free=[s.req for s in seqs], images=jobs)})
 
-    def stream(self, requests: list[Request], max_new_tokens: int = 16,
-               sampling: Sampling | None = None) -> Iterator[tuple[int, int | None, Result]]:
+    def stream(self, requests: list[Request], max_new_tokens: int = 16, sampling: Sampling | None = None,
+               arrivals: list[float] | None = None) -> Iterator[tuple[int, int | None, Result]]:
         """Yield ``(request index, token, result so far)`` as tokens arrive; a request that fails
-        validation yields once with ``token=None`` and ``result.error`` set."""
+        validation yields once with ``token=None`` and ``result.error`` set. ``arrivals``: seconds
+        after the call at which each request arrives (default: all at once); a request is admitted
+        to its replica's scheduler only then, and an idle engine sleeps until the next arrival."""
         if self.closed:
             raise UserError("engine is shut down")
         sampling = sampling or Sampling()
@@ -314,7 +316,8 @@ class Engine:
         self.next_req += len(requests)
         free = self.pending_free  # finished ids not yet told to the workers (sent with the next step)
         held: dict[int, tuple[int, Seq]] = {}  # dedicated encoding under way: request -> (replica, seq)
-        k = 0
+        pending: list[tuple[float, int, Seq]] = []  # (arrival, replica, sequence), by arrival
+        t0 = time.perf_counter()
         for i, req in enumerate(requests):
             try:
                 s = make_seq(base + i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block)
@@ -324,16 +327,28 @@ class Engine:
                 continue
             results[i].prompt_tokens = list(s.tokens)
             seqs[base + i] = s
-            if self.encoders and s.image_grid:
-                self._submit_encode(k % dp, s)
-                held[s.req] = (k % dp, s)
-            else:
-                scheds[k % dp].add(s)
-            k += 1
+            pending.append((arrivals[i] if arrivals else 0.0, len(pending) % dp, s))
+        pending.sort(key=lambda x: x[0])
+        pending.reverse()  # the next arrival last: pop() takes it
+
+        def admit() -> None:
+            now = time.perf_counter() - t0
+            while pending and pending[-1][0] <= now:
+                _t, rep, s = pending.pop()
+                if self.encoders and s.image_grid:
+                    self._submit_encode(rep, s)
+                    held[s.req] = (rep, s)
+                else:
+                    scheds[rep].add(s)
+
         logits: dict[int, list[torch.Tensor]] = {rid: [] for rid in seqs}
         idle = False  # the last round scheduled nothing: wait for an encoder
         try:
-            while held or any(sc.has_work() for sc in scheds):
+            while pending or held or any(sc.has_work() for sc in scheds):
+                admit()
+                if pending and not held and not any(sc.has_work() for sc in scheds):  # idle until the next arrival
+                    time.sleep(max(0.0, pending[-1][0] - (time.perf_counter() - t0)))
+                    continue
                 if held:  # admit requests whose images are encoded, in the order they finished
                     for rid in self._take_encoded(wait=idle or not any(sc.has_work() for sc in scheds)):
                         if rid in held:

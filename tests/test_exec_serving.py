@@ -237,3 +237,26 @@ def test_gpu_sampling_draws_from_softmax_and_ignores_the_batch() -> None:
     u = uniforms(torch.tensor(keys[:100]), 1000)
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
     assert len(set(keys)) == len(keys) and row_key(7, 0, 0) != row_key(8, 0, 0)
+
+
+def test_requests_arrive_over_time(tmp_path: Path) -> None:
+    """With ``arrivals`` a request is admitted only at its time: its first token comes after it, an
+    idle engine waits for the next one, and the tokens are those of all-at-once greedy decoding."""
+    from executors.bench import replay
+
+    save_checkpoint("llama", tmp_path)
+    reqs = [Request(tokens=[3, 4, 5]), Request(tokens=[9, 10]), Request(tokens=list(range(20, 40)))]
+    arrivals, n = [0.0, 0.25, 0.6], [6, 3, 5]
+    with executors.load(make_plan("llama"), weights=tmp_path) as eng:
+        want = [r.tokens for r in eng.generate([Request(tokens=r.tokens, max_new_tokens=k) for r, k in zip(reqs, n)],
+                                               sampling=GREEDY)]
+        got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        for i, tok, _res in eng.stream([Request(tokens=r.tokens, max_new_tokens=k) for r, k in zip(reqs, n)],
+                                       sampling=GREEDY, arrivals=arrivals):
+            got[i].append(tok)
+        log = replay(eng, reqs, arrivals, n)
+    assert [got[i] for i in range(3)] == want
+    for (arrival, first, finish, out, prompt), k, r in zip(log["requests"], n, reqs):
+        assert arrival <= first <= finish and out == k and prompt == len(r.tokens)
+    assert log["requests"][2][1] >= 0.6 and log["t_end"] >= 0.6 and log["steps"] >= max(n)
+    assert log["micro_batches_tp"] >= log["steps"] and log["preemptions"] == 0
