@@ -62,12 +62,12 @@ def replay(engine: Any, requests: list[Any], arrivals: list[float], max_new_toke
     last: dict[int, float] = {}
     count: dict[int, int] = {}
     prompt: dict[int, int] = {}
-    failed: set[int] = set()
+    failed: dict[int, str] = {}
     t0 = time.perf_counter()
     for i, tok, res in engine.stream(reqs, sampling=Sampling(stop_on_eos=False), arrivals=arrivals):
         now = time.perf_counter() - t0
         if tok is None:
-            failed.add(i)
+            failed[i] = res.error or "failed"
             continue
         first.setdefault(i, now)
         last[i] = now
@@ -79,4 +79,5 @@ def replay(engine: Any, requests: list[Any], arrivals: list[float], max_new_toke
     sp = engine.mode_counts["sp_tp"] - modes0.get("sp_tp", 0)
     return {"requests": rows, "t_end": time.perf_counter() - t0, "steps": engine.step_id - step0,
             "micro_batches_tp": tp, "micro_batches_sp_tp": sp,
-            "preemptions": sum(s.preemptions for s in getattr(engine, "schedulers", []))}
+            "preemptions": sum(s.preemptions for s in getattr(engine, "schedulers", [])),
+            "errors": {i: failed[i] for i in sorted(failed)}}
