@@ -142,7 +142,10 @@ def run_scenario(sc: Scenario) -> dict[str, Any]:
     out: dict[str, Any] = {"title": sc.title, "slo": spec.slo.model_dump(), "notes": notes, "plans": {},
                            "workload": {"from": f"examples/{sc.workload_from}.yaml", "requests": REQUESTS,
                                         "text_only": sc.text_only}, "cost_profile": cost.profile_id}
-    for label, plan in plans.items():
+    from rich.progress import track
+
+    for label, plan in track(list(plans.items()), description=f"simulating {len(plans)} plans x {len(sc.rates)} rates",
+                             transient=True):
         coster = coster_for(plan, cost)
         rows = [row(simulate(plan, cost, at(wl, r), slo=spec.slo.targets(), coster=coster), r) for r in sc.rates]
         out["plans"][label] = {"mesh": plan.mesh.label(), "kv_tokens": plan.memory_gb.kv_tokens,

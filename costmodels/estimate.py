@@ -102,6 +102,15 @@ def estimate(cm: CostModel, *, tp: int, pp: int, sp: int = 1, dp: int = 1, batch
     if images < 0 or image_tokens < 0 or images * image_tokens > isl:
         raise UserError(f"--images x --image-tokens = {images} x {image_tokens} = {images * image_tokens} "
                         f"must be >= 0 and at most --isl {isl} (image tokens are part of the prompt)")
+    ctx = int(cm.info.max_context or 0)
+    if ctx and isl + osl > ctx:
+        raise UserError(f"--isl {isl} + --osl {osl} = {isl + osl} tokens per request is beyond the model's context "
+                        f"of {ctx} tokens")
+    if batch > 1_000_000:
+        raise UserError(f"--batch {batch:,}: at most 1,000,000 requests in flight")
+    if (images > 0) != (image_tokens > 0):
+        raise UserError(f"--images {images} and --image-tokens {image_tokens}: give both (images per request and LLM "
+                        "tokens per image) or neither")
     vision = images > 0 and image_tokens > 0
     if vision and not cm.info.vision:
         raise UserError(f"{cm.info.architecture} has no vision tower; drop --images")

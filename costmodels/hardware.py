@@ -32,6 +32,7 @@ from __future__ import annotations
 import difflib
 
 from costmodels.gpu import GPU
+from plans.gpu import ALIASES
 from plans.errors import UserError
 
 _NV_H100 = "NVIDIA H100 Tensor Core GPU datasheet (SXM5 80GB)"
@@ -72,11 +73,8 @@ CATALOG: dict[str, GPU] = {
                fp32_tflops=0.2, hbm_gb=16, hbm_tbps=0.02, link_gbps=5, inter_node_gbps=1,
                source="nominal 2-core x86 CPU rank (not a datasheet)"),
 }
+# plans.gpu.CATALOG_NAMES lists these names, in this order (tests/test_hardware.py checks it)
 
-ALIASES: dict[str, str] = {
-    "h100-sxm": "h100", "h100-80g": "h100", "h100-sxm5": "h100", "h200-sxm": "h200",
-    "a100": "a100-80g", "a100-sxm": "a100-80g", "mi300": "mi300x", "mi325": "mi325x", "mi355": "mi355x",
-}
 
 # bytes per element of each storage dtype (int4 packs two per byte)
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}

@@ -23,11 +23,19 @@ Defaults are the image processor's class defaults, min 56*56 = 3,136 and max 28*
 1,003,520 pixels (4 to 1,280 tokens per image); a config may override them with ``min_pixels`` /
 ``max_pixels`` in its ``vision_config``.
 
-Trace CSV (``from_trace``): columns for arrival, input tokens, output tokens and (optional) image
-count. The public Azure LLM/LMM trace columns ``TIMESTAMP, ContextTokens, GeneratedTokens,
-NumImages`` load as they are; so do ``arrival`` (or ``arrival_s`` / ``timestamp``), ``input_tokens``,
-``output_tokens``, ``images``. Timestamps are seconds or datetimes (ISO, any fraction length);
-arrivals are made relative to the first. A trace gives image counts but no resolutions: each image
+Traces (``from_trace``): the format is detected from the CSV header or the JSONL keys
+(``TRACE_FORMATS``), so the public traces load as they are:
+
+    Azure LLM 2023/2024          TIMESTAMP, ContextTokens, GeneratedTokens
+    Azure LMM 2025 (multimodal)  TIMESTAMP, NumImages, ContextTokens, GeneratedTokens
+    BurstGPT                     Timestamp, Model, Request tokens, Response tokens, Total tokens, Log Type
+    Mooncake / vLLM bench JSONL  {"timestamp": ms, "input_length": n, "output_length": n, ...} per line
+
+Any other CSV needs an arrival (``arrival`` / ``arrival_s`` / ``timestamp`` / ...), input tokens
+(``input_tokens`` / ...) and output tokens (``output_tokens`` / ...) column, optionally ``images``;
+anything else is a UserError listing the formats and their columns. Timestamps are seconds (JSONL:
+milliseconds) or datetimes (ISO, any fraction length); arrivals are made relative to the first. A
+request beyond the model's context (input + output) is refused with its line. A trace gives image counts but no resolutions: each image
 takes a resolution drawn (seeded) from ``resolutions`` (default 1280x720). ``ContextTokens`` is
 taken to include the image tokens (the Azure LMM trace counts the whole context), so a request's
 text tokens are ``max(1, input - image tokens)``; pass ``input_includes_images=False`` otherwise.
@@ -36,17 +44,21 @@ text tokens are ``max(1, input - image tokens)``; pass ``input_includes_images=F
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import random
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from graph.opgraph import ModelInfo
-from plans.errors import UserError
+
+from plans.errors import UserError, read_user_text
 
 DEFAULT_TRACE_RESOLUTION: tuple[int, int] = (1280, 720)
+MAX_TRACE_TOKENS = 10_000_000  # a trace's token counts above this are refused (no model has such a context)
 
 
 # ------------------------------------------------------------------ requests
@@ -182,6 +194,7 @@ class Workload:
     trace_rate: float | None = None  # the trace's own mean rate (requests/s)
     seed: int = 0
     notes: tuple[str, ...] = field(default=())
+    trace_format: str | None = None  # the detected format of a trace (``TRACE_FORMATS``)
 
     @property
     def multimodal(self) -> bool:
@@ -230,6 +243,78 @@ class Workload:
 # ------------------------------------------------------------------ builders
 
 
+def image_caps(rule: ImageRule | None, resolutions: Sequence[tuple[int, int]]) -> list[str]:
+    """A note per resolution the image processor resizes past its pixel bounds (clipped to
+    ``max_pixels`` or raised to ``min_pixels``): the workload asks for more (or less) than the model sees."""
+    if rule is None or rule.kind != "qwen2_vl":
+        return []
+    out = []
+    for w, h in dict.fromkeys(tuple(r) for r in resolutions):
+        rh, rw = rule.resize(w, h)
+        tokens, _ = rule.tokens(w, h)
+        if w * h > rule.max_pixels:
+            out.append(f"images of {w}x{h} are resized to {rw}x{rh} ({tokens} tokens): above the model's "
+                       f"max_pixels {rule.max_pixels:,}")
+        elif w * h < rule.min_pixels:
+            out.append(f"images of {w}x{h} are resized to {rw}x{rh} ({tokens} tokens): below the model's "
+                       f"min_pixels {rule.min_pixels:,}")
+    return out
+
+
+def check_context(name: str, info: Any, text: Any, output: Any, counts: Sequence[int], weights: Sequence[float],
+                  image_tokens: Sequence[int]) -> None:
+    """Refuse a synthetic workload whose largest request is beyond the model's context, with the
+    arithmetic: text tokens (the LengthDist's max, else its mean) + images x tokens per image +
+    output tokens (max, else mean) > ``info.max_context``."""
+    ctx = int(getattr(info, "max_context", 0) or 0)
+    if not ctx:
+        return
+    t_in = text.max if text.max is not None else math.ceil(text.mean)
+    t_out = output.max if output.max is not None else math.ceil(output.mean)
+    n_img = max((c for c, w in zip(counts, weights) if w > 0), default=0)
+    per_img = max(image_tokens, default=0)
+    total = t_in + n_img * per_img + t_out
+    if total > ctx:
+        img = f" + {n_img} images x {per_img} tokens" if n_img and per_img else ""
+        which = lambda d, what: f"{what} {'max' if d.max is not None else 'mean'}"  # noqa: E731
+        raise UserError(f"spec {name}: the largest request, {t_in} {which(text, 'input_tokens')}{img} + {t_out} "
+                        f"{which(output, 'output_tokens')} = {total} tokens, is beyond the model's context of {ctx} "
+                        "tokens; lower the token lengths or the images per request")
+
+
+@dataclass(frozen=True)
+class TraceFormat:
+    """A trace format people already have: its columns (CSV header or JSONL keys, in the format's
+    own order), which of them are read, and the unit of numeric timestamps."""
+
+    name: str
+    columns: tuple[str, ...]
+    arrival: str
+    input: str
+    output: str
+    images: str | None = None
+    seconds_per_unit: float = 1.0  # numeric timestamps: seconds per unit (ms: 1e-3)
+    jsonl: bool = False
+
+    def matches(self, keys: Sequence[str]) -> bool:
+        """Whether a header (or a JSON object's keys) has every column this format reads."""
+        have = {k.strip().lower() for k in keys}
+        return all(c.lower() in have for c in (self.arrival, self.input, self.output, self.images) if c)
+
+
+# Most specific first: a header is read as the first format whose columns it has.
+TRACE_FORMATS: tuple[TraceFormat, ...] = (
+    TraceFormat("Azure LMM 2025 (multimodal)", ("TIMESTAMP", "NumImages", "ContextTokens", "GeneratedTokens"),
+                "TIMESTAMP", "ContextTokens", "GeneratedTokens", images="NumImages"),
+    TraceFormat("Azure LLM 2023/2024", ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
+                "TIMESTAMP", "ContextTokens", "GeneratedTokens"),
+    TraceFormat("BurstGPT", ("Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type"),
+                "Timestamp", "Request tokens", "Response tokens"),
+    TraceFormat("Mooncake / vLLM bench JSONL", ("timestamp", "input_length", "output_length"),
+                "timestamp", "input_length", "output_length", seconds_per_unit=1e-3, jsonl=True),
+)
+
+# Plain CSV columns (any of the names per role), for traces written by hand or by other tools.
 _ALIASES = {
     "arrival": ("TIMESTAMP", "timestamp", "arrival", "arrival_s", "arrival_time", "time"),
     "input": ("ContextTokens", "input_tokens", "input", "prompt_tokens", "context_tokens"),
@@ -238,23 +323,34 @@ _ALIASES = {
 }
 
 
+def _expected() -> str:
+    known = "; ".join(f"{f.name}: {', '.join(f.columns)}" + (" (timestamp in ms)" if f.jsonl else "")
+                      for f in TRACE_FORMATS)
+    plain = ", ".join(f"{role} ({' / '.join(names[1:3])})" for role, names in _ALIASES.items())
+    return f"expected one of these formats: {known}; or a plain CSV with columns {plain}"
+
+
 def _column(header: list[str], role: str, path: Path, required: bool) -> int | None:
     low = {h.strip().lower(): i for i, h in enumerate(header)}
     for name in _ALIASES[role]:
         if name.lower() in low:
             return low[name.lower()]
     if required:
-        raise UserError(f"{path}: no {role} column; expected one of {', '.join(_ALIASES[role])} "
-                        f"(header: {', '.join(header)})")
+        raise UserError(f"{path}: no {role} column (header: {', '.join(header)}); expected one of "
+                        f"{', '.join(_ALIASES[role])}. {_expected()}")
     return None
 
 
-def _seconds(text: str, path: Path, line: int) -> float:
+def _seconds(text: str, path: Path, line: int, unit: float = 1.0) -> float:
     s = text.strip()
     try:
-        return float(s)
+        v = float(s)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(v) or abs(v * unit) > 1e11:  # ~3,000 years: a clock, not a number of seconds
+            raise UserError(f"{path}:{line}: arrival '{text}' is not a usable time")
+        return v * unit
     s2 = s.replace("T", " ").rstrip("Z")
     if "." in s2:  # Python parses at most 6 fraction digits; the Azure trace has 7
         head, frac = s2.split(".", 1)
@@ -262,7 +358,7 @@ def _seconds(text: str, path: Path, line: int) -> float:
         s2 = f"{head}.{(digits + '000000')[:6]}"
     try:
         return datetime.fromisoformat(s2).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         raise UserError(f"{path}:{line}: arrival '{text}' is neither seconds nor a date-time") from None
 
 
@@ -273,41 +369,101 @@ def _int(text: str, path: Path, line: int, col: str) -> int:
         raise UserError(f"{path}:{line}: {col} '{text}' is not a number") from None
     if v < 0 or not math.isfinite(v):
         raise UserError(f"{path}:{line}: {col} must be >= 0, got {text}")
+    if v > MAX_TRACE_TOKENS:
+        raise UserError(f"{path}:{line}: {col} {text} is beyond any model's context ({MAX_TRACE_TOKENS:,} tokens)")
     return int(round(v))
+
+
+def _read_text(p: Path) -> str:
+    return read_user_text(p, "trace", encoding="utf-8-sig")  # Excel writes a byte-order mark
+
+
+Row = tuple[int, str, str, str, str]  # line, arrival, input tokens, output tokens, images ("" = none)
+
+
+def read_trace(path: str | Path) -> tuple[str, float, list[Row], tuple[str, str, str]]:
+    """(format name, seconds per numeric time unit, rows, column names of input/output/images) of a
+    trace file, its format detected from the CSV header or the JSONL keys (``TRACE_FORMATS``)."""
+    p = Path(path)
+    text = _read_text(p)
+    if text.lstrip().startswith("{"):
+        return _read_jsonl(p, text)
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise UserError(f"{p}: cannot read as CSV: {e}") from None
+    rows = [(n, r) for n, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise UserError(f"{p}: a trace needs a header line and at least one request")
+    header = [h.strip() for h in rows[0][1]]
+    fmt = next((f for f in TRACE_FORMATS if not f.jsonl and f.matches(header)), None)
+    if fmt is not None:
+        low = {h.lower(): i for i, h in enumerate(header)}
+        ia, ii, io_ = (low[c.lower()] for c in (fmt.arrival, fmt.input, fmt.output))
+        im = low[fmt.images.lower()] if fmt.images else None
+        name, unit = fmt.name, fmt.seconds_per_unit
+    else:
+        ia, ii, io_ = (_column(header, k, p, True) for k in ("arrival", "input", "output"))
+        im = _column(header, "images", p, False)
+        name, unit = "CSV", 1.0
+    out: list[Row] = []
+    for n, row in rows[1:]:
+        if len(row) < len(header):
+            raise UserError(f"{p}:{n}: {len(row)} fields, the header has {len(header)}")
+        out.append((n, row[ia], row[ii], row[io_], row[im] if im is not None else ""))
+    cols = (header[ii], header[io_], header[im] if im is not None else "images")
+    return name, unit, out, cols
+
+
+def _read_jsonl(p: Path, text: str) -> tuple[str, float, list[Row], tuple[str, str, str]]:
+    fmt = next(f for f in TRACE_FORMATS if f.jsonl)
+    out: list[Row] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{p}:{n}: not a JSON object: {e}") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{p}:{n}: each line must be a JSON object, got {type(obj).__name__}")
+        missing = [k for k in (fmt.arrival, fmt.input, fmt.output) if k not in obj]
+        if missing:
+            raise UserError(f"{p}:{n}: no {', '.join(missing)} key (keys: {', '.join(map(str, obj)) or 'none'}). "
+                            f"{_expected()}")
+        vals = [obj[k] for k in (fmt.arrival, fmt.input, fmt.output)]
+        if any(isinstance(v, (bool, dict, list)) or v is None for v in vals):
+            raise UserError(f"{p}:{n}: {fmt.arrival}, {fmt.input} and {fmt.output} must be numbers")
+        out.append((n, *(str(v) for v in vals), ""))
+    if not out:
+        raise UserError(f"{p}: a trace needs at least one request")
+    return fmt.name, fmt.seconds_per_unit, out, (fmt.input, fmt.output, "images")
 
 
 def from_trace(path: str | Path, *, info: ModelInfo | None = None, resolutions: Sequence[tuple[int, int]] | None = None,
                input_includes_images: bool = True, seed: int = 0, rate: float | None = None) -> Workload:
-    """A workload replaying a CSV trace (see the module doc for columns and image handling).
+    """A workload replaying a trace (see the module doc for formats and image handling).
 
     ``rate`` re-targets the mean arrival rate (time-scaling); default: the trace's own rate.
     """
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"trace file not found: {p}")
-    try:
-        with p.open(newline="") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{p}: cannot read as CSV: {e}") from None
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if len(rows) < 2:
-        raise UserError(f"{p}: a trace needs a header line and at least one request")
-    header = rows[0]
-    ia, ii, io = (_column(header, k, p, True) for k in ("arrival", "input", "output"))
-    im = _column(header, "images", p, False)
+    fmt, unit, rows, (c_in, c_out, c_img) = read_trace(p)
+    raw: list[tuple[float, int, int, int]] = []
+    for n, t, inp, out, img in rows:
+        n_img = _int(img, p, n, c_img) if img.strip() else 0
+        raw.append((_seconds(t, p, n, unit), _int(inp, p, n, c_in), _int(out, p, n, c_out), n_img))
+    max_ctx = int(getattr(info, "max_context", 0) or 0)
+    if max_ctx:
+        for (n, *_), (_t, inp, out, _i) in zip(rows, raw):
+            if inp + out > max_ctx:
+                raise UserError(f"{p}:{n}: a request of {inp} input + {out} output = {inp + out} tokens is beyond "
+                                f"the model's context of {max_ctx} tokens")
+    raw.sort(key=lambda r: r[0])
+    t0 = raw[0][0]
+    notes: list[str] = []
     rule = image_rule(info) if info is not None else None
     res = tuple(resolutions) if resolutions else (DEFAULT_TRACE_RESOLUTION,)
     rng = random.Random(seed)
-    notes: list[str] = []
-    raw: list[tuple[float, int, int, int]] = []
-    for n, row in enumerate(rows[1:], start=2):
-        if len(row) < len(header):
-            raise UserError(f"{p}:{n}: {len(row)} fields, the header has {len(header)}")
-        n_img = _int(row[im], p, n, header[im]) if im is not None and row[im].strip() else 0
-        raw.append((_seconds(row[ia], p, n), _int(row[ii], p, n, header[ii]), _int(row[io], p, n, header[io]), n_img))
-    raw.sort(key=lambda r: r[0])
-    t0 = raw[0][0]
     if rule is None and any(r[3] for r in raw):
         notes.append(f"{p.name}: image counts ignored (the model has no vision tower)")
     reqs: list[Request] = []
@@ -323,4 +479,4 @@ def from_trace(path: str | Path, *, info: ModelInfo | None = None, resolutions: 
     span = reqs[-1].arrival_s
     native = (len(reqs) - 1) / span if span > 0 else 1.0
     return Workload(name=p.stem, rate=float(rate or native), requests=len(reqs), trace=tuple(reqs), trace_rate=native,
-                    rule=rule, seed=seed, notes=tuple(notes), resolutions=res)
+                    rule=rule, seed=seed, notes=tuple(notes), resolutions=res, trace_format=fmt)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 
 def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens: int, weights: Any = None,
-          device: str = "cpu", backend: str | None = None, seed: int = 0) -> dict[str, Any]:
+          device: str = "cpu", backend: str | None = None, seed: int = 0,
+          progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """All requests arrive at t=0. TTFT: time to a request's first token; TPOT: mean gap between
-    its later tokens; throughput: generated tokens / wall time of the whole run."""
+    its later tokens; throughput: generated tokens / wall time of the whole run. ``progress`` is
+    called with the tokens generated so far."""
     import executors
     from executors import Request, Sampling
 
@@ -24,9 +26,13 @@ def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens
         eng.generate(reqs[:1], max_new_tokens=2)  # warm-up
         t0 = time.perf_counter()
         times: dict[int, list[float]] = {i: [] for i in range(requests)}
+        done = 0
         for i, tok, _res in eng.stream(reqs, max_new_tokens=output_tokens, sampling=Sampling(stop_on_eos=False)):
             if tok is not None:
                 times[i].append(time.perf_counter() - t0)
+                done += 1
+                if progress is not None:
+                    progress(done)
         wall = time.perf_counter() - t0
         label = eng.plan.mesh.label()
     ttft = sorted(t[0] for t in times.values() if t)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from plans.errors import UserError
+from plans.errors import UserError, read_user_text
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -47,9 +47,11 @@ def config_file(path: str | Path) -> Path:
 def read_config(path: str | Path) -> dict[str, Any]:
     p = config_file(path)
     try:
-        cfg = json.loads(p.read_text())
+        cfg = json.loads(read_user_text(p, "model config"))
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{p}: JSON nested too deeply") from None
     if not isinstance(cfg, dict) or not (cfg.get("architectures") or cfg.get("model_type")):
         raise UserError(f"{p}: not an HF model config (no 'architectures' or 'model_type' key)")
     return cfg

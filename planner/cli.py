@@ -3,7 +3,8 @@ module exposing ``register(app)``; modules import heavy libraries (torch, transf
 inside their commands, so `plan show` / `plan diff` / a cached `plan graph` start fast.
 
 User errors (``plans.errors.UserError``) print one clean message and exit with its code
-(2 by convention); they never end in a traceback.
+(2 by convention); they never end in a traceback. User text in messages (names, paths) is
+printed as text, never as rich markup.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from plans.errors import UserError
 
@@ -27,7 +29,9 @@ COMMAND_MODULES = [
 
 app = typer.Typer(
     name="plan",
-    help="Plan and run parallel LLM inference: compile a model.yaml into a reviewable parallel plan.",
+    help="Plan and run parallel LLM inference: compile a model.yaml into a reviewable parallel plan.\n\n"
+         "Exit codes: 0 success; 1 only when `plan diff` or `plan compile --check` finds a change; 2 for every user "
+         "error (a bad spec, plan, trace, option or path).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,9 +39,20 @@ app = typer.Typer(
 
 
 
+def _version(value: bool) -> None:
+    if value:
+        from planner import __version__
+
+        typer.echo(f"shiftplan {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Plan and run parallel LLM inference."""
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the shiftplan version and exit"),
+) -> None:
+    """Plan and run parallel LLM inference (the app's help text, with the exit codes, is above)."""
 
 
 @app.command("version")
@@ -54,19 +69,35 @@ for _name in COMMAND_MODULES:
 err_console = Console(stderr=True)
 
 
+def error(message: str) -> None:
+    """Print a user error; the message is text, never markup (a name like ``[x]`` prints as is)."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `plan` console script; with ``argv`` given, returns the exit code."""
+    """Entry point of the `plan` console script; with ``argv`` given, returns the exit code.
+
+    Exit codes: 0 success, 1 a change found by `diff` / `compile --check`, 2 a user error (usage
+    errors from the option parser included), 130 interrupted."""
     try:
         app(args=argv, prog_name="plan")  # standalone mode: usage errors print and raise SystemExit
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        error(str(e))
         code = e.exit_code
+    except OSError as e:  # a file the checks could not foresee (permissions, a full disk, a vanished folder)
+        where = f"{e.filename}: " if e.filename else ""
+        error(f"{where}{e.strerror or e}")
+        code = 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         code = 130
     if argv is None:
         sys.exit(code)
     return code
+
+
+if __name__ == "__main__":
+    main()

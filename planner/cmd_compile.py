@@ -14,7 +14,10 @@ import typer
 
 def compile_cmd(
     spec: Path = typer.Argument(..., help="model.yaml spec"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the plan here (default: stdout)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the plan here (default: stdout); "
+                                                                       "the plan records the spec's path relative "
+                                                                       "to this file (on stdout: to the current "
+                                                                       "folder)"),
     check: Optional[Path] = typer.Option(None, "--check", help="compare with this committed plan; exit 1 and print "
                                                               "the diff when it is stale"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="no progress or summary"),
@@ -27,23 +30,31 @@ def compile_cmd(
     import time
 
     from rich.console import Console
+    from rich.markup import escape
 
     from planner.api import compile_result
     from planner.diff import diff_plans, render
+    from planner.paths import writable, write_text
     from planner.spec import load_spec
+    from plans.errors import UserError
     from plans.schema import dump_plan, load_plan
 
+    if check is not None and (output is not None or lp is not None):
+        raise UserError("--check compares with a committed plan and writes nothing; drop -o / --lp or --check")
     err = Console(stderr=True)
     s = load_spec(spec)
     if engine is not None:
         s = with_engine(s, engine)
     committed = load_plan(check) if check else None
+    for path, opt in ((output, "-o"), (lp, "--lp")):
+        if path is not None:
+            writable(path, opt)
     t0 = time.perf_counter()
     if quiet:
         res = compile_result(s)
     else:
-        with err.status(f"compiling {spec}") as status:
-            res = compile_result(s, progress=lambda msg: status.update(f"{spec.name}: {msg}"))
+        with err.status(f"compiling {escape(str(spec))}") as status:
+            res = compile_result(s, progress=lambda msg: status.update(f"{escape(spec.name)}: {escape(msg)}"))
     seconds = time.perf_counter() - t0
     plan = res.plan
     if not quiet:
@@ -51,7 +62,7 @@ def compile_cmd(
     if lp is not None and res.problem is not None:
         from planner.ilp import lp_text
 
-        lp.write_text(lp_text(res.problem))
+        write_text(lp, lp_text(res.problem), "--lp")
     if committed is not None:
         changes = diff_plans(committed, plan)
         if changes:
@@ -60,14 +71,12 @@ def compile_cmd(
             raise typer.Exit(1)
         typer.echo(f"{check} is up to date")
         return
-    text = dump_plan(plan)
-    if output is None:
-        typer.echo(text, nl=False)
+    if output is None:  # the spec's path is recorded relative to the current folder
+        typer.echo(dump_plan(plan.located(Path("plan.yaml"), s.path)), nl=False)
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+        write_text(output, dump_plan(plan.located(output, s.path)), "-o")
         if not quiet:
-            err.print(f"wrote {output}", highlight=False)
+            err.print(f"wrote {escape(str(output))}", highlight=False)
 
 
 def with_engine(spec, engine: str):
@@ -83,10 +92,12 @@ def with_engine(spec, engine: str):
 
 
 def summary(res, seconds: float) -> str:
-    """A few lines: the choice, its predicted metrics, and what was searched."""
+    """A few lines (rich markup; user text escaped): the choice, its predicted metrics, what was searched."""
+    from rich.markup import escape
+
     p = res.plan
     m = p.mesh
-    lines = [f"[bold]{p.name}[/]: {m.label()}" + (f", vision {p.vision.placement}" if p.vision.placement != "none"
+    lines = [f"[bold]{escape(p.name)}[/]: {m.label()}" + (f", vision {p.vision.placement}" if p.vision.placement != "none"
                                                     else "")
              + (f", shift threshold {p.shift.threshold_tokens} tokens" if p.shift.enabled else "")
              + f", stages {', '.join(f'{s.first_layer}-{s.last_layer}' for s in p.stages)}"]
@@ -97,7 +108,7 @@ def summary(res, seconds: float) -> str:
                      + {True: "meets SLO", False: "misses SLO", None: "no SLO set"}[pr.meets_slo])
     lines.append(f"  searched {res.candidates} meshes ({res.rejected} ruled out, {res.pruned} dominated), "
                  f"{res.solved} ILPs feasible, "
-                 f"{res.simulated} simulated; {seconds:.2f} s; cost profile {p.provenance.cost_profile}")
+                 f"{res.simulated} simulated; {seconds:.2f} s; cost profile {escape(p.provenance.cost_profile)}")
     return "\n".join(lines)
 
 
@@ -112,7 +123,8 @@ def show_cmd(plan: Path = typer.Argument(..., help="plan file")) -> None:
 def diff_cmd(
     a: Path = typer.Argument(..., help="old plan"),
     b: Path = typer.Argument(..., help="new plan"),
-    fmt: str = typer.Option("text", "--format", help="text | markdown"),
+    fmt: str = typer.Option("text", "--format", help="text (one change per line) or markdown (a table for a "
+                                                      "review comment)"),
 ) -> None:
     """Semantic diff of two plans; exit 0 when equal, 1 when they differ."""
     from planner.diff import diff_plans, render

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from planner.options import finite
 from plans.errors import UserError
 
 
@@ -45,10 +46,10 @@ def register(app: typer.Typer) -> None:
     @app.command("estimate")
     def estimate_cmd(
         spec: Path = typer.Argument(..., help="model.yaml spec (its model, dtypes and hardware are used)"),
-        tp: int = typer.Option(1, "--tp", help="tensor-parallel degree"),
-        pp: int = typer.Option(1, "--pp", help="pipeline stages"),
-        sp: int = typer.Option(1, "--sp", help="Ulysses sequence-parallel degree (shift parallelism when > 1)"),
-        dp: int = typer.Option(1, "--dp", help="data-parallel replicas"),
+        tp: int = typer.Option(1, "--tp", min=1, max=65536, help="tensor-parallel degree"),
+        pp: int = typer.Option(1, "--pp", min=1, max=65536, help="pipeline stages"),
+        sp: int = typer.Option(1, "--sp", min=1, max=65536, help="Ulysses sequence-parallel degree (shift parallelism when > 1)"),
+        dp: int = typer.Option(1, "--dp", min=1, max=65536, help="data-parallel replicas"),
         batch: int = typer.Option(1, "--batch", help="static batch: requests in flight (over all replicas)"),
         isl: int = typer.Option(1024, "--isl", help="input (prompt) tokens per request"),
         osl: int = typer.Option(256, "--osl", help="output tokens per request"),
@@ -74,7 +75,8 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "-o", "--out", help="profile JSON to write (default: <gpu>.json)"),
         quick: bool = typer.Option(False, "--quick", help="a sparse grid (about a minute)"),
         gpu: Optional[str] = typer.Option(None, "--gpu", help="catalog name of this GPU (default: from the device name)"),
-        budget_s: float = typer.Option(600.0, "--budget-s", help="stop timing new points after this many seconds"),
+        budget_s: float = typer.Option(600.0, "--budget-s", min=1.0, max=7 * 86400.0, callback=finite,
+                                       help="stop timing new points after this many seconds"),
     ) -> None:
         """Run micro-benchmarks on this machine's GPU and write a calibration profile.
 
@@ -91,6 +93,17 @@ def register(app: typer.Typer) -> None:
         name = gpu or find_gpu_name(device_meta()["device_name"])
         if name is None:
             raise UserError(f"no catalog entry for device '{torch.cuda.get_device_name(0)}'; pass --gpu NAME")
-        path = out or Path(f"{name}.json")
-        prof = calibrate(path, quick=quick, gpu=name, budget_s=budget_s, log=typer.echo)
+        from planner.paths import writable
+
+        path = writable(out or Path(f"{name}.json"), "-o")
+        from rich.console import Console
+        from rich.markup import escape
+
+        con = Console(stderr=True)
+        with con.status(f"calibrating {escape(name)}: GEMMs first") as status:
+            def log(msg: str) -> None:  # each finished phase stays on screen; the spinner names the next
+                con.print(escape(msg), highlight=False)
+                status.update(f"calibrating {escape(name)}: after {escape(msg.split(':')[0])}")
+
+            prof = calibrate(path, quick=quick, gpu=name, budget_s=budget_s, log=log)
         typer.echo(f"wrote {path} (profile {prof.id}); copy it to costmodels/profiles/{name}.json to use it")

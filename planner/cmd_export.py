@@ -23,6 +23,9 @@ def export_cmd(
 ) -> None:
     """Write the engine launch (command or config; one per node) that realises a plan."""
     from rich.console import Console
+    from rich.markup import escape
+
+    from planner.paths import writable
 
     from planner.export import ENGINES, INFO, export_plan, render
     from plans.errors import UserError
@@ -32,8 +35,8 @@ def export_cmd(
         raise UserError(f"--format must be cmd, yaml or json, got '{fmt}'")
     if engine is not None and engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}'; plan export knows: {', '.join(ENGINES)}")
-    if output is not None and output.is_dir():
-        raise UserError(f"-o {output}: is a directory; give a file name")
+    if output is not None:
+        writable(output, "-o")
     p = load_plan(plan)
     if engine is None:
         if p.engine == "shiftplan":
@@ -44,7 +47,7 @@ def export_cmd(
     text = render(x, fmt, explain)  # type: ignore[arg-type]
     err = Console(stderr=True)
     for d in x.downgrades:
-        err.print(f"[yellow]downgraded:[/] {d}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]downgraded:[/] {escape(d)}", highlight=False, soft_wrap=True)
     if output is None:
         typer.echo(text, nl=False)
         return
@@ -53,7 +56,7 @@ def export_cmd(
     except OSError as e:
         raise UserError(f"-o {output}: cannot write: {e.strerror or e}") from None
     info = INFO[engine]
-    err.print(f"wrote {output} ({info.title} {info.version}, {len(x.launches)} launch"
+    err.print(f"wrote {escape(str(output))} ({info.title} {info.version}, {len(x.launches)} launch"
               f"{'es' if len(x.launches) != 1 else ''})", highlight=False)
 
 

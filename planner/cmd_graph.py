@@ -75,9 +75,10 @@ def _fmt(n: float) -> str:
 
 def _print_table(s: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{s['name']} ({s['architecture']})")
+    t = Table(title=escape(f"{s['name']} ({s['architecture']})"))
     for col in ("block kind", "tower", "count", "params each", "params total", "FLOP/token"):
         t.add_column(col, justify="left" if col in ("block kind", "tower") else "right", no_wrap=True)
     for k in s["kinds"]:
@@ -118,9 +119,10 @@ def _block_ops(g: Any, block: str) -> list[dict[str, Any]]:
 
 def _print_ops(block: str, rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"ops of {block} (elements per token; attention also per pair / per cached token)")
+    t = Table(title=escape(f"ops of {block} (elements per token; attention also per pair / per cached token)"))
     for col in ("op", "kind", "shard", "params", "FLOP/token", "FLOP/pair", "read/token", "written/token"):
         t.add_column(col, justify="left" if col in ("op", "kind", "shard") else "right", no_wrap=True)
     for r in rows:

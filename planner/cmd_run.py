@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from planner.options import finite
 from plans.errors import UserError
 
 
@@ -26,6 +27,20 @@ def parse_tokens(text: str) -> list[int]:
     return out
 
 
+def check_context(plan_path: Path, n_in: int, n_out: int, in_opt: str, out_opt: str) -> None:
+    """Refuse requests beyond the model's context, with the arithmetic (before any worker starts)."""
+    from executors.config import model_args
+    from executors.config import plan_config
+    from plans.schema import load_plan
+
+    plan = load_plan(plan_path)
+    ctx = model_args(plan_config(plan, plan_path.parent)).max_positions
+    if ctx and n_in + n_out > ctx:
+        what = f"{in_opt} {n_in}" + (f" + {out_opt} {n_out} = {n_in + n_out}" if out_opt else "")
+        raise UserError(f"{what} tokens per request is beyond the model's context of {ctx} tokens "
+                        f"({plan.model.name})")
+
+
 def run_cmd(
     plan: Path = typer.Argument(..., help="compiled plan file"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer)"),
@@ -35,9 +50,11 @@ def run_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="local HF safetensors checkpoint directory "
                                                                   "(default: seeded random weights)"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="local tokenizer directory (default: --weights)"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
-    seed: int = typer.Option(0, "--seed"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, max=1_000_000,
+                                       help="tokens to generate (stops early at end-of-sequence)"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=100.0, callback=finite,
+                                      help="sampling temperature; 0 is greedy"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the random weights and of sampling"),
     device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL)"),
     backend: Optional[str] = typer.Option(None, "--backend", help="eager | compile | tensorrt (default: the plan's)"),
 ) -> None:
@@ -67,34 +84,55 @@ def run_cmd(
 
 def bench_cmd(
     plan: Path = typer.Argument(..., help="compiled plan file"),
-    requests: int = typer.Option(8, "--requests", min=1),
-    input_tokens: int = typer.Option(64, "--input-tokens", min=1),
-    output_tokens: int = typer.Option(32, "--output-tokens", min=1),
-    weights: Optional[Path] = typer.Option(None, "--weights"),
-    device: str = typer.Option("cpu", "--device"),
-    backend: Optional[str] = typer.Option(None, "--backend"),
+    requests: int = typer.Option(8, "--requests", min=1, max=100_000, help="requests, all sent at once"),
+    input_tokens: int = typer.Option(64, "--input-tokens", min=1, help="prompt tokens per request (random ids)"),
+    output_tokens: int = typer.Option(32, "--output-tokens", min=1, help="tokens generated per request"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="local HF safetensors checkpoint directory "
+                                                                  "(default: seeded random weights)"),
+    device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="eager | compile | tensorrt (default: the plan's)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
 ) -> None:
     """Measure TTFT, TPOT and token throughput of a plan on synthetic requests (all sent at once)."""
     import json
 
-    from executors.bench import bench
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    out = bench(plan, requests, input_tokens, output_tokens, weights=weights, device=device, backend=backend)
+    from executors.bench import bench
+    from planner.paths import writable, write_text
+
+    if json_out is not None:
+        writable(json_out, "--json")
+    check_context(plan, input_tokens, output_tokens, "--input-tokens", "--output-tokens")
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("generated tokens", total=requests * output_tokens)
+        out = bench(plan, requests, input_tokens, output_tokens, weights=weights, device=device, backend=backend,
+                    progress=lambda n: bar.update(task, completed=n))
     for k, v in out.items():
         typer.echo(f"{k}: {v}")
     if json_out:
-        json_out.write_text(json.dumps(out, indent=2) + "\n")
+        write_text(json_out, json.dumps(out, indent=2) + "\n", "--json")
 
 
 def export_onnx_cmd(
     plan: Path = typer.Argument(..., help="compiled plan file"),
     stage: int = typer.Option(0, "--stage", min=0, help="pipeline stage to export"),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write"),
-    weights: Optional[Path] = typer.Option(None, "--weights"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="local HF safetensors checkpoint directory "
+                                                                  "(default: seeded random weights)"),
     tokens: int = typer.Option(8, "--tokens", min=1, help="example prompt length used for tracing (dynamic)"),
 ) -> None:
     """Export one pipeline stage (its layers at TP degree 1, one prefill) as ONNX."""
+    from planner.paths import writable
+    from plans.schema import load_plan
+
+    p = load_plan(plan)
+    if stage >= p.mesh.pp:
+        raise UserError(f"--stage {stage}: the plan has {p.mesh.pp} stage(s), 0 to {p.mesh.pp - 1}")
+    writable(output, "-o")
+    check_context(plan, tokens, 0, "--tokens", "")
     from executors.onnx_export import export_stage
 
     path = export_stage(plan, stage, output, weights=weights, tokens=tokens)

@@ -5,7 +5,8 @@
     predicted TTFT p90 412 -> 388 ms
 
 Known fields get a sentence; any other field that differs is still reported (as
-``path: old -> new``), so "no changes" means the two plans are the same data. Values are
+``path: old -> new``), so "no changes" means the two plans are the same data (except
+``provenance.spec``, the spec's path relative to the plan file, which says where a copy sits). Values are
 compared after canonical rounding (``plans.schema.dump_plan``'s), so two plans that write the
 same file compare equal.
 """
@@ -149,6 +150,7 @@ def diff_plans(a: Plan, b: Plan) -> list[Change]:
                 out.append(Change(f"runner-up {k} score", _fmt(o.get("score")), _fmt(r.get("score"))))
             if o.get("reason") != r.get("reason"):
                 out.append(Change(f"runner-up {k} reason", repr(o.get("reason")), repr(r.get("reason"))))
+    seen.add("provenance.spec")  # where the spec sits relative to the plan file: not part of the plan
     field("provenance.spec_sha256", "spec sha256")
     field("provenance.model_config_sha256", "model config sha256")
     field("provenance.cost_profile", "cost profile")

@@ -78,7 +78,7 @@ def workload_of(spec: Spec, info: ModelInfo) -> Workload:
     A spec with ``workload.trace`` loads that trace (relative to the spec's folder), taking image
     resolutions from ``workload.images.resolution`` when given.
     """
-    from costmodels.workload import Lengths, Workload, from_trace, image_rule
+    from costmodels.workload import Lengths, Workload, check_context, from_trace, image_caps, image_rule
 
     w = spec.workload
     rule = image_rule(info)
@@ -94,12 +94,15 @@ def workload_of(spec: Spec, info: ModelInfo) -> Workload:
         counts = tuple(w.images.per_request)
         weights = tuple(w.images.weights) if w.images.weights else tuple(1.0 for _ in counts)
         resolutions = tuple(tuple(r) for r in w.images.resolution)
+    notes = tuple(image_caps(rule, resolutions)) if resolutions else ()
+    check_context(spec.name, info, w.input_tokens, w.output_tokens, counts, weights,
+                  [rule.tokens(x, y)[0] for x, y in resolutions] if resolutions else [])
     return Workload(
         name=spec.name, rate=float(w.arrival_rate), requests=w.requests, burstiness=w.burstiness,
         input_tokens=Lengths(w.input_tokens.mean, w.input_tokens.cv, w.input_tokens.min, w.input_tokens.max),
         output_tokens=Lengths(w.output_tokens.mean, w.output_tokens.cv, w.output_tokens.min, w.output_tokens.max),
         image_counts=counts, image_weights=weights, resolutions=resolutions,
-        rule=rule if resolutions else None, seed=w.seed,
+        rule=rule if resolutions else None, seed=w.seed, notes=notes,
     )
 
 
@@ -114,18 +117,47 @@ def cost_model_of(spec: Spec, *, use_profile: bool = True, graph: OpGraph | None
                           gpus_per_node=hw.gpus_per_node, use_profile=use_profile, graph=graph)
 
 
-def build_model(spec: Spec) -> Model:
+def build_model(spec: Spec, progress: Callable[[str], None] | None = None) -> Model:
     """HF config -> cached op graph -> cost model (``costmodels.build``: the committed calibration
-    profile of the spec's GPU, the datasheet roofline for an inline GPU or one without a profile)."""
+    profile of the spec's GPU, the datasheet roofline for an inline GPU or one without a profile).
+    ``progress`` hears whether the graph comes from the cache or is traced (seconds, imports torch)."""
     from costmodels.build import graph_for_config
     from graph.hf_config import config_sha256, load_config
 
     m = spec.model
     cfg = load_config(m.preset, spec.resolve(m.config) if m.config else None)
+    if progress is not None:
+        try:
+            from graph.cache import cache_path
+
+            cached = cache_path(cfg).is_file()
+        except ImportError:
+            cached = True
+        progress("reading the cached op graph" if cached else
+                 "tracing the model with torch.export (first time for this config; a few seconds)")
     graph = graph_for_config(cfg)
     cost, _ = cost_model_of(spec, graph=graph)
     name = m.preset or Path(m.config or "model").stem
     return Model(cfg, config_sha256(cfg), graph, cost, name)
+
+
+def check_pins(spec: Spec, model: Model) -> None:
+    """Search pins that cannot apply to this model are refused, not ignored (the spec alone
+    checks the pins that contradict each other: ``planner.spec.SearchSection``)."""
+    from plans.errors import UserError
+
+    se = spec.search
+    if not model.has_vision:
+        what = [f"vision_placement {se.vision_placement}" if se.vision_placement else "",
+                f"dedicated_vision_gpus {se.dedicated_vision_gpus}" if se.dedicated_vision_gpus else ""]
+        what = [w for w in what if w]
+        if what:
+            raise UserError(f"spec {spec.name}: search pins {' and '.join(what)}, but {model.name} "
+                            f"({model.graph.info.architecture}) has no vision encoder; drop the pin")
+    layers = model.graph.info.layers
+    if se.pp is not None and min(se.pp) > layers:
+        raise UserError(f"spec {spec.name}: search.pp {se.pp} asks for more pipeline stages than the model's "
+                        f"{layers} decoder layers")
 
 
 # ------------------------------------------------------------------ stage 3: the workload's mix

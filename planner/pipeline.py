@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 from planner.costing import candidate_set, cost_candidate, prune_dominated
 from planner.ilp import StageProblem
-from planner.inputs import build_model, token_mix
+from planner.inputs import build_model, check_pins, token_mix
 from planner.plan_build import build_plan
-from planner.scoring import (RANKING, SIM_REQUESTS, plan_coster, shortlist, shortlist_workload, simulate_score,
+from planner.scoring import (RANKING, SIM_REQUESTS, confirm_predicted, plan_coster, shortlist, shortlist_workload, simulate_score,
                              simulator_available, solve_candidate, static_score, with_headroom)
 from planner.spec import Spec
 
@@ -57,20 +57,27 @@ class CompileResult:
     problem: StageProblem | None = None  # the chosen mesh's ILP input (``planner.ilp.lp_text`` shows it)
 
 
-def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
+def compile_spec(spec: Spec, progress: Progress | None = None, check_hints: bool = True) -> CompileResult:
     """Every stage above in order; raises UserError (with the binding arithmetic) when no
-    candidate is feasible."""
-    from planner.infeasible import explain
+    candidate is feasible. The fixes such an error suggests are each compiled first and printed
+    only if they work (``check_hints=False`` for those compiles themselves)."""
+    from planner.infeasible import explain, verified
+
+    def infeasible(err):
+        if not check_hints:
+            return err
+        say("checking the fixes to suggest")
+        return verified(err, spec, lambda s: compile_spec(s, check_hints=False).plan)
 
     say = progress or (lambda _msg: None)
-    say("tracing the model (cached)")
-    model = build_model(spec)
+    model = build_model(spec, say)
+    check_pins(spec, model)
     say("reading the workload")
     mix = token_mix(spec, model)
     say("enumerating candidate meshes")
     cset, facts, space = candidate_set(spec, model, mix)
     if not cset.candidates:
-        raise explain(spec, facts, space, cset, [])
+        raise infeasible(explain(spec, facts, space, cset, []))
     say(f"costing {len(cset.candidates)} candidates")
     costed = [cost_candidate(c, model, mix, spec, facts, space) for c in cset.candidates]
     costed, pruned = prune_dominated(costed)
@@ -78,7 +85,7 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     solved = [solve_candidate(x) for x in costed]
     ok = [s for s in solved if s.ok]
     if not ok:
-        raise explain(spec, facts, space, cset, solved)
+        raise infeasible(explain(spec, facts, space, cset, solved))
     scored = sorted((static_score(s, spec, mix) for s in ok), key=lambda x: (x.key, x.label))
     notes = []
     if model.cost.roofline:
@@ -100,6 +107,10 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     best, runners = scored[0], scored[1:1 + 4]
     notes.append(f"chosen for {spec.objective} among {len(ok)} feasible meshes ({simulated} simulated on "
                  f"{min(spec.workload.requests, SIM_REQUESTS)} requests of the workload): {RANKING[spec.objective]}")
+    if simulated:
+        notes.extend(wl.notes)  # caps the workload hits (images resized to max_pixels, ...)
+        notes.append(f"predicted: the simulator on the spec's {spec.workload.requests} requests at "
+                     f"{mix.rate:g} req/s, as `plan simulate` reports")
     say("writing the plan")
     if spec.engine != "shiftplan":
         from planner.export.engines import INFO
@@ -110,5 +121,8 @@ def compile_spec(spec: Spec, progress: Progress | None = None) -> CompileResult:
     plan = build_plan(best, spec, model, mix, runners, notes)
     if spec.engine != "shiftplan":
         plan = plan.model_copy(update={"engine": spec.engine})
+    if simulated:
+        say(f"confirming the prediction on the spec's {spec.workload.requests} requests")
+        plan = confirm_predicted(plan, spec, model)
     return CompileResult(plan, len(cset.candidates), len(cset.rejected), len(ok), len(solved) - len(ok), simulated,
                          notes, pruned, best.solved.costed.problem)

@@ -76,14 +76,15 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
                           total=mw.weights_gb + vis_gb[worst] + mw.shift_copy_gb + mw.activations_gb + kv_gb,
                           capacity=mw.capacity_gb, kv_tokens=tokens[worst])
     m = spec.model
-    return assemble_plan(
+    plan = assemble_plan(
         name=spec.name,
         provenance=Provenance(spec_sha256=spec.sha256, model_config_sha256=model.config_sha256,
                               cost_profile=cm.profile_id, shiftplan_version=__version__),
         model=ModelRef(name=model.name, preset=m.preset, config=m.config, architecture=info.architecture,
                        weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype, num_layers=info.layers,
                        vision_blocks=len([b for b in model.graph.blocks if b.kind == "vision_block"])),
-        hardware=Hardware(gpu=cm.gpu.name, gpus_per_node=spec.hardware.gpus_per_node, nodes=spec.hardware.nodes),
+        hardware=Hardware(gpu=cm.gpu.name, gpus_per_node=spec.hardware.gpus_per_node, nodes=spec.hardware.nodes,
+                          gpu_spec=None if isinstance(spec.hardware.gpu, str) else spec.hardware.gpu),
         objective=spec.objective, dims=dims, layers=e.stages, memory=memory,
         scheduler=Scheduler(max_batch_tokens=mix.max_batch_tokens, max_seqs=mix.max_seqs, microbatches=c.pp),
         backend=spec.runtime.backend, curves=crosses[0].curve if crosses[0] else (), step_ms=step_ms,
@@ -92,6 +93,8 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
                              score=r.capacity_rps, reason=why_lost(r, sc, spec)) for r in (runners or [])],
         notes=list(notes or []),
     )
+    plan._spec_file = spec.path or None  # save_plan records it relative to the plan file
+    return plan
 
 
 def _vision_gb(placement: str | None, stage: int, x: Costed) -> float:

@@ -189,6 +189,25 @@ def headroom_score(sc: Scored, plan: Any, model: Model, spec: Spec, wl: Any, cos
     return replace(sc, key=sc.key[:2] + (-good_hi,) + sc.key[2:], headroom_goodput_rps=hi.goodput_rps)
 
 
+def confirm_predicted(plan: Any, spec: Spec, model: Model) -> Any:
+    """The chosen plan with its ``predicted`` block from the run ``plan simulate PLAN`` makes: the
+    spec's whole workload (``workload.requests``) at the spec's rate and seed, its SLOs, and the
+    simulator's default step coster (the shortlist ran on fewer requests and a coarser grid), so
+    what compile claims is what simulate reports."""
+    from costmodels.simulator import coster_for, simulate
+    from planner.inputs import workload_of
+
+    wl = workload_of(spec, model.graph.info)
+    r = simulate(plan, model.cost, wl, slo=spec.slo.targets(), seed=spec.workload.seed,
+                 coster=coster_for(plan, model.cost))
+    pred = r.to_predicted()
+    if plan.mesh.sp < 2:
+        pred = pred.model_copy(update={"shift_tp_fraction": None})
+    out = plan.model_copy(update={"predicted": pred})
+    out._spec_file = plan._spec_file
+    return out
+
+
 def with_headroom(resim: list[Scored], plans: list[Any], model: Model, spec: Spec, wl: Any,
                   costers: list[Any]) -> list[Scored]:
     """The headroom run only where it can change the ranking: among the plans tied with the best on

@@ -82,7 +82,7 @@ def render_plan(plan: Plan) -> str:
             vis = f" ({r.vision})" if r.vision != "none" else ""
             out.append(f"  {r.mesh}{vis}: {r.reason}")
     pv = plan.provenance
-    out.append(f"provenance spec {pv.spec_sha256[:12]}, model config {pv.model_config_sha256[:12]}, "
+    out.append(f"provenance spec {(pv.spec + ' ') if pv.spec else ''}{pv.spec_sha256[:12]}, model config {pv.model_config_sha256[:12]}, "
                f"cost profile {pv.cost_profile}, shiftplan {pv.shiftplan_version}")
     for n in plan.notes:
         out.append(f"note       {n}")

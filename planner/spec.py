@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from costmodels.gpu import GPU
 from graph.hf_config import nearest, preset_names
-from plans.errors import UserError
+from plans.errors import UserError, read_user_text
 from plans.mesh import EncoderPlacement
+from plans.numbers import Float as Num
+from plans.numbers import Int
 from plans.schema import Engine
+from plans.schema import yaml_line as _line_of
 
 if TYPE_CHECKING:
     from costmodels.simulator.metrics import SloTargets
@@ -34,8 +37,15 @@ class SpecError(UserError):
     """A malformed spec; the message names the file, the field path and the line."""
 
 
+# Numbers refuse booleans (plans.numbers); nothing takes NaN or infinity (``allow_inf_nan=False``).
+# The upper bounds refuse the absurd before it costs minutes.
+MAX_TOKENS = 10_000_000  # a request's tokens: above any model's context
+MAX_REQUESTS = 200_000  # requests one simulation draws (about 6 s of simulator time for a small model)
+MAX_RATE = 1e6  # requests/s
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Strict):
@@ -56,8 +66,8 @@ class ModelSection(_Strict):
 
 class HardwareSection(_Strict):
     gpu: str | GPU  # catalog name or an inline GPU
-    gpus_per_node: int = Field(8, ge=1, le=64)
-    nodes: int = Field(1, ge=1, le=1024)
+    gpus_per_node: Int = Field(8, ge=1, le=64)
+    nodes: Int = Field(1, ge=1, le=1024)
 
     @property
     def world_size(self) -> int:
@@ -67,22 +77,25 @@ class HardwareSection(_Strict):
 class LengthDist(_Strict):
     """Token-length distribution: lognormal-ish around ``mean``, clipped to [min, max]."""
 
-    mean: float = Field(gt=0)
-    max: int | None = Field(None, gt=0)
-    min: int = Field(1, ge=1)
-    cv: float = Field(0.5, ge=0)  # coefficient of variation
+    mean: Num = Field(gt=0, le=MAX_TOKENS)
+    max: Int | None = Field(None, gt=0, le=MAX_TOKENS)
+    min: Int = Field(1, ge=1, le=MAX_TOKENS)
+    cv: Num = Field(0.5, ge=0, le=100)  # coefficient of variation
 
     @model_validator(mode="after")
     def _ordered(self) -> "LengthDist":
         if self.max is not None and not (self.min <= self.mean <= self.max):
             raise ValueError(f"need min <= mean <= max, got {self.min} <= {self.mean} <= {self.max}")
+        if self.mean < self.min:
+            raise ValueError(f"need min <= mean, got {self.min} <= {self.mean}")
         return self
 
 
 class ImagesSection(_Strict):
-    per_request: list[int] = Field(min_length=1)  # image counts, e.g. [0, 1, 2]
-    weights: list[float] | None = None  # probability of each count
-    resolution: list[tuple[int, int]] = Field(min_length=1)  # [width, height] choices, uniform
+    per_request: list[Annotated[Int, Field(le=1000)]] = Field(min_length=1)  # image counts, e.g. [0, 1, 2]
+    weights: list[Num] | None = None  # probability of each count
+    resolution: list[tuple[Annotated[Int, Field(le=100_000)], Annotated[Int, Field(le=100_000)]]] = Field(
+        min_length=1)  # [width, height] choices, uniform
 
     @field_validator("per_request")
     @classmethod
@@ -109,14 +122,14 @@ class ImagesSection(_Strict):
 
 
 class WorkloadSection(_Strict):
-    arrival_rate: float | None = Field(None, gt=0)  # requests/s, Poisson
-    burstiness: float = Field(1.0, gt=0)  # gamma inter-arrival CV; 1.0 = Poisson
+    arrival_rate: Num | None = Field(None, gt=0, le=MAX_RATE)  # requests/s, Poisson
+    burstiness: Num = Field(1.0, ge=0.01, le=100)  # gamma inter-arrival CV; 1.0 = Poisson
     trace: str | None = None  # CSV path, relative to the spec's folder
     input_tokens: LengthDist = LengthDist(mean=1024)
     output_tokens: LengthDist = LengthDist(mean=256)
     images: ImagesSection | None = None
-    requests: int = Field(2000, ge=1)  # synthetic requests the simulator draws
-    seed: int = 0
+    requests: Int = Field(2000, ge=1, le=MAX_REQUESTS)  # synthetic requests the simulator draws
+    seed: Int = Field(0, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "WorkloadSection":
@@ -126,8 +139,8 @@ class WorkloadSection(_Strict):
 
 
 class SloSection(_Strict):
-    ttft_p90_ms: float | None = Field(None, gt=0)
-    tpot_p90_ms: float | None = Field(None, gt=0)
+    ttft_p90_ms: Num | None = Field(None, gt=0)
+    tpot_p90_ms: Num | None = Field(None, gt=0)
 
     def targets(self) -> "SloTargets":
         """The simulator's view of these targets."""
@@ -139,24 +152,53 @@ class SloSection(_Strict):
 class SearchSection(_Strict):
     """Limits on the search space; a single value pins that part of the plan."""
 
-    dp: list[int] | None = None
-    pp: list[int] | None = None
-    tp: list[int] | None = None
-    sp: list[int] | None = None
+    dp: list[Int] | None = None
+    pp: list[Int] | None = None
+    tp: list[Int] | None = None
+    sp: list[Int] | None = None
     vision_placement: list[Placement] | None = None
-    dedicated_vision_gpus: list[int] | None = None
-    shift_threshold: int | None = Field(None, ge=0)  # pin the threshold instead of deriving it
-    stages: list[tuple[int, int]] | None = None  # pin stage layer ranges (inclusive)
+    dedicated_vision_gpus: list[Int] | None = None
+    shift_threshold: Int | None = Field(None, ge=0, le=MAX_TOKENS)  # pin the threshold instead of deriving it
+    stages: list[tuple[Int, Int]] | None = None  # pin stage layer ranges (inclusive)
     allow_cross_node_tp: bool = False
-    max_batch_tokens: int = Field(8192, ge=16)
-    max_seqs: int = Field(256, ge=1)
+    max_batch_tokens: Int = Field(8192, ge=16, le=MAX_TOKENS)
+    max_seqs: Int = Field(256, ge=1, le=100_000)
 
     @field_validator("dp", "pp", "tp", "sp", "dedicated_vision_gpus")
     @classmethod
     def _positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(x < 1 for x in v)):
-            raise ValueError("must be a non-empty list of integers >= 1")
+        if v is not None and (not v or any(x < 1 or x > 65536 for x in v)):
+            raise ValueError("must be a non-empty list of integers from 1 to 65536")
         return v
+
+    @field_validator("stages")
+    @classmethod
+    def _ranges(cls, v: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must list at least one [first_layer, last_layer] range")
+        expect = 0
+        for i, (a, b) in enumerate(v):
+            if a != expect or b < a:
+                raise ValueError(f"stage {i} is [{a}, {b}]; ranges must be contiguous from layer {expect} "
+                                 "with first <= last")
+            expect = b + 1
+        return v
+
+    @model_validator(mode="after")
+    def _pins_agree(self) -> "SearchSection":
+        """Pins that contradict each other, or that cannot apply, are refused (not ignored)."""
+        if self.shift_threshold is not None and self.sp is not None and max(self.sp) < 2:
+            raise ValueError(f"shift_threshold {self.shift_threshold} is pinned but sp is pinned to {self.sp}: "
+                             "shift needs sp >= 2 (drop shift_threshold or allow sp >= 2)")
+        if self.stages is not None and self.pp is not None and len(self.stages) not in self.pp:
+            raise ValueError(f"stages pins {len(self.stages)} pipeline stages but pp is pinned to {self.pp}")
+        if self.dedicated_vision_gpus is not None and self.vision_placement is not None \
+                and "dedicated" not in self.vision_placement:
+            raise ValueError(f"dedicated_vision_gpus {self.dedicated_vision_gpus} is pinned but vision_placement "
+                             f"{self.vision_placement} has no 'dedicated'")
+        return self
 
 
 class RuntimeSection(_Strict):
@@ -177,6 +219,7 @@ class Spec(_Strict):
     # Where the spec came from: relative paths (model.config, workload.trace) resolve here.
     base_dir: str = Field(".", exclude=True)
     sha256: str = Field("", exclude=True)
+    path: str = Field("", exclude=True)  # the spec file (absolute), "" for a spec parsed from text
 
     def resolve(self, relpath: str) -> Path:
         p = Path(relpath)
@@ -202,23 +245,6 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the YAML node at a pydantic error location (the deepest that exists)."""
-    node, line = root, (root.start_mark.line + 1 if root is not None else None)
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                    node, line = v, k.start_mark.line + 1
-                    break
-            else:
-                continue  # a union tag such as 'str' or 'GPU': not a YAML key
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-    return line
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -275,7 +301,10 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str | Path = ".") ->
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping with keys name, model, hardware, workload, ...; "
                         f"got {type(data).__name__}")
-    for reserved in ("base_dir", "sha256"):
+    if "schema_version" in data and "provenance" in data:
+        raise SpecError(f"{source}: this is a compiled plan, not a model.yaml spec; `plan show`, `plan simulate`, "
+                        "`plan run` and `plan diff` read plans")
+    for reserved in ("base_dir", "sha256", "path"):
         if reserved in data:
             line = _line_of(root, (reserved,))
             raise SpecError(f"{source}:{line}: {reserved}: unknown key '{reserved}'")
@@ -296,10 +325,9 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str | Path = ".") ->
 
 def load_spec(path: str | Path) -> Spec:
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file not found: {p}")
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{p}: cannot read: {e}") from None
-    return parse_spec(text, source=str(p), base_dir=p.parent)
+        text = read_user_text(p, "spec")
+    except UserError as e:
+        raise SpecError(str(e)) from None
+    spec = parse_spec(text, source=str(p), base_dir=p.parent)
+    return spec.model_copy(update={"path": str(p.resolve())})

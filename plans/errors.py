@@ -15,3 +15,25 @@ class UserError(Exception):
     def __init__(self, message: str, *, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def read_user_text(path, what: str, *, encoding: str = "utf-8") -> str:
+    """The text of a file the user named (a spec, a plan, a trace, a model config).
+
+    A missing file, a folder, an unreadable file, bytes that are not ``encoding`` text and text
+    holding NUL bytes (a binary file) are each a UserError that names the file and ``what`` it
+    should have been."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        text = p.read_bytes().decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not a {what} file: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read: {e.strerror or e}") from None
+    if "\x00" in text:
+        raise UserError(f"{p}: not a {what} file: it holds NUL bytes (a binary file?)")
+    return text

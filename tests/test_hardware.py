@@ -53,3 +53,11 @@ def test_dtype_rates():
     assert dtype_bytes("int4") == 0.5 and dtype_bytes("fp8") == 1
     with pytest.raises(UserError):
         dtype_bytes("fp6")
+
+
+def test_plan_contract_lists_the_catalog():
+    from costmodels.hardware import ALIASES, CATALOG
+    from plans.gpu import ALIASES as PLAN_ALIASES
+    from plans.gpu import CATALOG_NAMES
+
+    assert tuple(CATALOG) == CATALOG_NAMES and ALIASES is PLAN_ALIASES

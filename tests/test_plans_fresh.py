@@ -29,4 +29,6 @@ def test_committed_plan_is_fresh(example: Path):
     changes = diff_plans(load_plan(committed), fresh)
     assert not changes, (f"plans/{committed.name} is stale; `plan compile examples/{example.name} -o "
                          f"plans/{committed.name}` gives:\n" + render(changes))
-    assert dump_plan(fresh) == committed.read_text()
+    # the file records its spec relative to itself (`plan simulate PLAN` finds it without --workload)
+    assert dump_plan(fresh.located(committed, example)) == committed.read_text()
+    assert load_plan(committed).spec_file(committed).resolve() == example.resolve()

@@ -36,7 +36,8 @@ def cost_model_for_plan(plan: Plan, base_dir: str | Path = ".") -> CostModel:
 
     m = plan.model
     cfg = load_config(m.preset, None if m.preset else Path(base_dir) / (m.config or ""))
-    gpu = get_gpu(plan.hardware.gpu)
+    hw = plan.hardware
+    gpu = hw.gpu_spec if hw.gpu_spec is not None else get_gpu(hw.gpu)
     prof = None if plan.provenance.cost_profile.startswith("roofline") else load_profile(gpu.name)
     return CostModel(graph_for_config(cfg), gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
                      gpus_per_node=plan.hardware.gpus_per_node, profile=prof)
@@ -47,7 +48,7 @@ def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: 
     """Simulate ``workload`` (sampled with ``seed``) on the deployment ``cfg``."""
     log = run(cfg, coster, workload.sample(seed))
     res = summarize(log, slo=slo, gpu_memory_gb=gpu_memory_gb,
-                    encoder_gpus=cfg.dims.encoder_gpus, replicas=cfg.dp)
+                    encoder_gpus=cfg.dims.encoder_gpus, replicas=cfg.dp, offered_rps=workload.rate)
     res.notes.extend(workload.notes)
     return res
 

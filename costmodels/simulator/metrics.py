@@ -116,8 +116,13 @@ class SloTargets:
 
 
 def summarize(log: RunLog, *, slo: SloTargets | None = None, gpu_memory_gb: float | None = None,
-              encoder_gpus: int = 0, replicas: int = 1) -> SimResult:
-    """A ``SimResult`` from a run log, judged against ``slo`` (goodput, ``meets_slo``)."""
+              encoder_gpus: int = 0, replicas: int = 1, offered_rps: float | None = None) -> SimResult:
+    """A ``SimResult`` from a run log, judged against ``slo`` (goodput, ``meets_slo``).
+
+    Goodput is the arrival rate times the share of requests that met the SLOs; the arrival rate is
+    ``offered_rps`` (the workload's nominal rate, the one reported beside the result) when given, so
+    goodput never exceeds it. Without it, the sample's own rate (which a short Poisson sample can put
+    above the nominal one)."""
     done = [r for r in log.reqs if r.state == DONE]
     ttft = [(r.first - r.arrival) * 1e3 for r in done]
     tpot = [(r.finish - r.first) * 1e3 / (r.out - 1) for r in done if r.out > 1]
@@ -131,6 +136,7 @@ def summarize(log: RunLog, *, slo: SloTargets | None = None, gpu_memory_gb: floa
     if width <= 0:  # one request, or all at once: fall back to the whole span
         out_tok, in_tok, width = sum(r.out for r in done), sum(r.prompt0 for r in done), span
     rate = (len(log.reqs) - 1) / (t_last_arrival - t0) if t_last_arrival > t0 else len(done) / span
+    offered = offered_rps if offered_rps is not None and offered_rps > 0 else rate
     ttft_slo, tpot_slo = (slo.ttft_p90_ms, slo.tpot_p90_ms) if slo is not None else (None, None)
     good = 0
     for r in done:
@@ -141,7 +147,7 @@ def summarize(log: RunLog, *, slo: SloTargets | None = None, gpu_memory_gb: floa
     res = SimResult(
         ttft_ms=pcts(ttft), tpot_ms=pcts(tpot), e2e_ms=pcts(e2e),
         output_tok_s=out_tok / width, combined_tok_s=(in_tok + out_tok) / width,
-        goodput_rps=rate * good / len(log.reqs) if log.reqs else 0.0, throughput_rps=len(done) / span,
+        goodput_rps=offered * good / len(log.reqs) if log.reqs else 0.0, throughput_rps=len(done) / span,
         shift_tp_fraction=log.steps_tp / log.steps if log.steps else 0.0,
         requests=len(log.reqs), completed=len(done), rejected=log.rejected, preemptions=log.preemptions,
         steps=log.steps, mean_step_tokens=log.step_tokens / log.steps if log.steps else 0.0,
