@@ -171,7 +171,7 @@ def _mutated(tmp_path: Path, edit) -> Path:
 
 IMPOSSIBLE = {
     "tp 0": (lambda d: d["mesh"].update(tp=0), "mesh.tp"),
-    "mesh larger than hardware": (lambda d: d["mesh"].update(dp=4), "the hardware has 1 x 1 = 1"),
+    "mesh larger than hardware": (lambda d: d["mesh"].update(dp=4), "4 GPUs > 1 per node x 1 nodes = 1"),
     "duplicate axis": (lambda d: d["mesh"].update(axis_order=["dp", "dp", "tp", "sp"]), "repeated: dp"),
     "missing axis": (lambda d: d["mesh"].update(axis_order=["dp", "pp", "tp"]), "missing: sp"),
     "negative memory": (lambda d: d["memory_gb"].update(kv=-1.0), "memory_gb.kv"),
@@ -202,7 +202,7 @@ def test_every_command_checks_the_plan(tmp_path, capsys):
                  ["export", bad, "--engine", "vllm"],
                  ["compile", ROOT / "examples" / "llama-3.1-8b-1xh100.yaml", "--check", bad]):
         code, _, err = run(capsys, *args)
-        assert code == 2 and "the hardware has 1 x 1 = 1" in " ".join(err.split()), args
+        assert code == 2 and "4 GPUs > 1 per node x 1 nodes = 1" in " ".join(err.split()), args
 
 
 # ------------------------------------------------------------------ beyond the model's context
