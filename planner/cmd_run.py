@@ -87,13 +87,23 @@ def bench_cmd(
     requests: int = typer.Option(8, "--requests", min=1, max=100_000, help="requests, all sent at once"),
     input_tokens: int = typer.Option(64, "--input-tokens", min=1, help="prompt tokens per request (random ids)"),
     output_tokens: int = typer.Option(32, "--output-tokens", min=1, help="tokens generated per request"),
+    workload: Optional[Path] = typer.Option(None, "--workload", "-w", help="replay a spec's (.yaml) or trace's "
+                                                                           "traffic in real time instead"),
+    rate: Optional[float] = typer.Option(None, "--rate", min=1e-6, max=1e6, callback=finite,
+                                         help="with --workload: arrival rate, requests/s (default: the workload's)"),
+    duration: Optional[float] = typer.Option(None, "--duration", min=1e-3, max=86_400.0, callback=finite,
+                                             help="with --workload: seconds of arrivals to replay"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the workload draw and of the weights"),
+    compare_sim: bool = typer.Option(False, "--compare-sim", help="with --workload: the simulator's prediction for "
+                                                                   "the same requests beside the measurement"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="local HF safetensors checkpoint directory "
                                                                   "(default: seeded random weights)"),
     device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL)"),
     backend: Optional[str] = typer.Option(None, "--backend", help="eager | compile | tensorrt (default: the plan's)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
 ) -> None:
-    """Measure TTFT, TPOT and token throughput of a plan on synthetic requests (all sent at once)."""
+    """Measure TTFT, TPOT and token throughput of a plan on synthetic requests (all sent at once), or, with
+    --workload, on a workload replayed in real time (the same figures and JSON keys as `plan simulate`)."""
     import json
 
     from rich.console import Console
@@ -104,6 +114,13 @@ def bench_cmd(
 
     if json_out is not None:
         writable(json_out, "--json")
+    if workload is not None:
+        out = _bench_workload(plan, workload, rate, duration, seed, compare_sim, weights, device, backend)
+        if json_out:
+            write_text(json_out, json.dumps(out, indent=2) + "\n", "--json")
+        return
+    if rate is not None or duration is not None or compare_sim:
+        raise UserError("--rate, --duration and --compare-sim replay a workload: give --workload SPEC|TRACE")
     check_context(plan, input_tokens, output_tokens, "--input-tokens", "--output-tokens")
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
@@ -114,6 +131,34 @@ def bench_cmd(
         typer.echo(f"{k}: {v}")
     if json_out:
         write_text(json_out, json.dumps(out, indent=2) + "\n", "--json")
+
+
+def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], duration: Optional[float], seed: int,
+                    compare_sim: bool, weights: Optional[Path], device: str, backend: Optional[str]) -> dict:
+    """Replay, print (JSON keys of `plan simulate --json`; with --compare-sim a table of measured vs
+    predicted and the error of each figure), and return what was printed."""
+    import json
+
+    from costmodels.simulator import cost_model_for_plan
+    from planner.bench_workload import bench_workload, compare
+    from planner.cmd_simulate import _clean, _row, load_workload
+    from plans.schema import load_plan
+
+    p = load_plan(plan_path)
+    wl, slo = load_workload(source, cost_model_for_plan(p, base_dir=plan_path.parent).info, seed, p)
+    res = bench_workload(plan_path, wl, rate=rate, duration=duration, seed=seed, slo=slo, weights=weights,
+                         device=device, backend=backend, compare_sim=compare_sim)
+    out = {"measured": _clean(_row(p.name, res["rate_rps"], res["measured"]))}
+    if res["predicted"] is not None:
+        out["predicted"] = _clean(_row(p.name, res["rate_rps"], res["predicted"]))
+        rows = compare(res["measured"], res["predicted"])
+        out["comparison"] = _clean(rows)
+        typer.echo(f"{p.name}: {res['requests']} requests at {res['rate_rps']:.3g} req/s, measured vs predicted")
+        for r in rows:
+            err = "-" if r["error"] != r["error"] else f"{100 * r['error']:+.1f}%"
+            typer.echo(f"  {r['figure']:<20} {r['measured']:>12.4g} {r['predicted']:>12.4g}  {err:>8}")
+    typer.echo(json.dumps(out if res["predicted"] is not None else out["measured"], indent=1))
+    return out
 
 
 def export_onnx_cmd(

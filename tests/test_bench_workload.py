@@ -19,6 +19,36 @@ def test_patch_grid_keeps_the_patch_count() -> None:
         assert (t, h * w, h % 2, w % 2) == (1, p, 0, 0)
 
 
+def _tiny_plan(tmp_path: Path) -> Path:
+    shutil.copy(CONFIGS["qwen2_vl"], tmp_path / "qwen2_vl.json")
+    spec = SPEC.replace("gpus_per_node: 4", "gpus_per_node: 1").replace("tp: [2]", "tp: [1]")
+    (tmp_path / "tiny.yaml").write_text(spec.replace("sp: [2]", "sp: [1]").replace("  shift_threshold: 8\n", ""))
+    save_plan(compile_spec(tmp_path / "tiny.yaml"), tmp_path / "tiny.plan.yaml")
+    return tmp_path / "tiny.plan.yaml"
+
+
+def test_plan_bench_workload_cli(tmp_path: Path, capsys) -> None:
+    """`plan bench --workload --compare-sim` prints the table and JSON with simulate's keys; the replay
+    options without --workload are a usage error (exit 2)."""
+    import json
+
+    from planner.cli import main
+
+    plan = _tiny_plan(tmp_path)
+    out = tmp_path / "b.json"
+    assert main(["bench", str(plan), "--workload", str(tmp_path / "tiny.yaml"), "--rate", "5", "--duration", "0.5",
+                 "--compare-sim", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "measured vs predicted" in text and "ttft_ms p90" in text
+    got = json.loads(out.read_text())
+    for side in ("measured", "predicted"):
+        assert {"ttft_ms", "tpot_ms", "e2e_ms", "output_tok_s", "goodput_rps", "shift_tp_fraction",
+                "preemptions"} <= set(got[side])
+    assert got["measured"]["requests"] == got["predicted"]["requests"] >= 1
+    assert main(["bench", str(plan), "--rate", "5"]) == 2
+    assert main(["bench", str(plan), "--workload", str(tmp_path / "missing.yaml")]) == 2
+
+
 def test_workload_replay_reports_like_simulate(tmp_path: Path) -> None:
     from costmodels.simulator.metrics import SloTargets
     from costmodels.workload import Workload  # noqa: F401  (the spec's workload type)
