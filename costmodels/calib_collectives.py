@@ -76,10 +76,10 @@ def bench_collectives(world: int, sizes: list[int], backend: str = "nccl", reps:
 
     with tempfile.TemporaryDirectory() as tmp:
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        # fork is quick for CPU (gloo) ranks; CUDA ranks need fresh processes (spawn)
-        method = "fork" if backend == "gloo" else "spawn"
+        # fresh processes for every backend: a fork of a process whose OpenMP / intra-op threads have
+        # run (any torch work before, e.g. an engine in the same test session) can hang in the child
         mp.start_processes(_worker, args=(world, backend, sizes, init, out, reps), nprocs=world, join=True,
-                           start_method=method)
+                           start_method="spawn")
         return json.loads(Path(out).read_text())
 
 
