@@ -180,11 +180,7 @@ def decode_keys(mb: MicroBatch, scratch: int, block: int, width: int = 0) -> tup
     context, or ``width`` when given (at least that long); padding points at the scratch slot."""
     if not mb.decode:
         return None
-    L = max(width, max(mb.ctx))
-    nb = -(-L // block)
-    table = torch.tensor([b[:nb] + [0] * (nb - len(b[:nb])) for b in mb.blocks])
-    keys = (table * block)[:, :, None].add(torch.arange(block)).flatten(1)[:, :L]
-    valid = torch.arange(L)[None, :] < torch.tensor(mb.ctx)[:, None]
+    keys, valid = mb.key_grid(block, width)
     return torch.where(valid, keys, scratch), valid
 
 

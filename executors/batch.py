@@ -68,19 +68,30 @@ class MicroBatch:
         return _microbatch_from, ({k: v.numpy() if isinstance(v, torch.Tensor) and not v.is_floating_point() else v
                                    for k, v in state.items()},)
 
+    def block_table(self, nb: int = 0) -> torch.Tensor:
+        """``[S, max(nb, longest)]`` each sequence's KV blocks in order, padded with block 0."""
+        nb = max([nb] + [len(b) for b in self.blocks])
+        return torch.tensor([b + [0] * (nb - len(b)) for b in self.blocks], dtype=torch.long)
+
+    def key_grid(self, block: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys [S, L], valid [S, L])``: sequence i's key slots ``blocks[i][p // block] * block +
+        p % block`` for ``p < L`` (``L``: the longest context, or ``width`` if larger) and which of them
+        are its real keys (``p < ctx[i]``)."""
+        L = max(width, max(self.ctx))
+        table = self.block_table(-(-L // block))
+        keys = (table * block)[:, :, None].add(torch.arange(block)).flatten(1)[:, :L]
+        return keys, torch.arange(L)[None, :] < torch.tensor(self.ctx)[:, None]
+
     def with_keys(self, block: int) -> "MicroBatch":
         """Fill ``key_slots / key_seq / key_pos`` from ``blocks`` and ``ctx`` when a decode
         micro-batch was built without them (the packed attention paths need them)."""
         if self.key_slots.numel() or not self.ctx:
             return self
-        L = max(self.ctx)
-        nb = -(-L // block)
-        table = torch.tensor([b[:nb] + [0] * (nb - len(b[:nb])) for b in self.blocks])
-        keys = (table * block)[:, :, None].add(torch.arange(block)).flatten(1)[:, :L]
-        valid = torch.arange(L)[None, :] < torch.tensor(self.ctx)[:, None]
+        keys, valid = self.key_grid(block)
+        S, L = keys.shape
         self.key_slots = keys[valid]
-        self.key_seq = torch.arange(len(self.ctx))[:, None].expand(-1, L)[valid]
-        self.key_pos = torch.arange(L)[None, :].expand(len(self.ctx), -1)[valid]
+        self.key_seq = torch.arange(S)[:, None].expand(-1, L)[valid]
+        self.key_pos = torch.arange(L)[None, :].expand(S, -1)[valid]
         return self
 
 

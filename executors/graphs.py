@@ -118,8 +118,7 @@ class DecodeGraphs:
         lens.fill_(1)  # a padding row reads one key (block 0's first slot) and is dropped
         lens[:S] = torch.tensor(mb.ctx)
         table.zero_()
-        nb = table.shape[1]
-        table[:S] = torch.tensor([row + [0] * (nb - len(row)) for row in mb.blocks])
+        table[:S] = mb.block_table(table.shape[1])
 
     def _views(self, buf: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, ...]:
         R, nb = self.rows, L // self.block

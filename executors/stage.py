@@ -154,10 +154,10 @@ class StageModel:
         slots[:T] = mb.slots
         dec = decode_keys(mb, self.scratch_slot, self.block_size) if (t_pad == T and self.caches and dev.type != "cuda") else None
         if mb.decode and t_pad == T and dev.type == "cuda":  # decodes read their KV blocks whole
-            nb = max(len(b) for b in mb.blocks)
-            table = torch.tensor([b + [0] * (nb - len(b)) for b in mb.blocks]).to(dev)
+            table = mb.block_table()
             lens = torch.tensor(mb.ctx)
-            mask = torch.arange(nb * self.block_size)[None, :] < lens[:, None]
+            mask = torch.arange(table.shape[1] * self.block_size)[None, :] < lens[:, None]
+            table = table.to(dev)
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seq_mask=mask.to(dev), table=table,
                             block_size=self.block_size, seq_lens=lens.to(dev))
         elif dec is not None:  # one query per sequence: attend over each sequence's own keys
