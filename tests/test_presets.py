@@ -12,11 +12,12 @@ import pytest
 
 from graph.hf_config import PRESET_DIR, load_config, preset_names, text_config
 
-PRESETS = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen2.5-7b", "qwen2.5-32b", "qwen2.5-72b",
+PRESETS = ["llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen2.5-7b", "qwen2.5-32b", "qwen2.5-72b",
            "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen2.5-vl-72b"]
 
 # published totals (and vision tower) in parameters
 PUBLISHED = {
+    "llama-2-70b": (68_976_648_192, 0),
     "llama-3.1-8b": (8_030_261_248, 0),
     "llama-3.1-70b": (70_553_706_496, 0),
     "llama-3.1-405b": (405_853_388_800, 0),
@@ -38,7 +39,7 @@ def test_preset_is_valid_and_consistent(name):
     tc = text_config(cfg)
     assert tc["hidden_size"] % tc["num_attention_heads"] == 0
     assert tc["num_attention_heads"] % tc["num_key_value_heads"] == 0
-    assert tc["vocab_size"] > 100_000
+    assert tc["vocab_size"] >= (32_000 if name == "llama-2-70b" else 100_000)
     assert cfg["tie_word_embeddings"] is False
     if name.startswith("llama-3.1"):
         rs = cfg["rope_scaling"]
@@ -47,6 +48,9 @@ def test_preset_is_valid_and_consistent(name):
         assert cfg["rope_theta"] == 500000.0 and cfg["max_position_embeddings"] == 131072
     if "qwen" in name:
         assert cfg["rope_theta"] == 1000000.0
+    if name == "llama-2-70b":  # meta-llama/Llama-2-70b-hf config.json: no rope scaling, 4k positions
+        assert cfg["rope_scaling"] is None and cfg["rope_theta"] == 10000.0
+        assert (cfg["max_position_embeddings"], tc["num_hidden_layers"], tc["num_key_value_heads"]) == (4096, 80, 8)
 
 
 def test_vision_configs():
