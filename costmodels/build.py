@@ -33,11 +33,13 @@ def graph_for_config(cfg: dict[str, Any]) -> OpGraph:
 
 
 def cost_model_for(cfg: dict[str, Any], gpu: GPU | str, *, weights_dtype: str, kv_dtype: str, gpus_per_node: int,
-                   use_profile: bool = True, graph: OpGraph | None = None) -> tuple[CostModel, OpGraph]:
+                   use_profile: bool = True, graph: OpGraph | None = None,
+                   fused_elementwise: bool = False) -> tuple[CostModel, OpGraph]:
     """(CostModel, OpGraph) of an HF config on a catalog GPU (its calibration profile unless
-    ``use_profile`` is off) or an inline ``GPU`` (datasheet roofline)."""
+    ``use_profile`` is off) or an inline ``GPU`` (datasheet roofline). ``fused_elementwise``: the
+    engine fuses memory-bound ops (a runtime backend that is not eager; ``CostModel``)."""
     g = graph if graph is not None else graph_for_config(cfg)
     prof = load_profile(get_gpu(gpu).name) if use_profile and isinstance(gpu, str) else None
     cm = CostModel(g, get_gpu(gpu), weights_dtype=weights_dtype, kv_dtype=kv_dtype, gpus_per_node=gpus_per_node,
-                   profile=prof)
+                   profile=prof, fused_elementwise=fused_elementwise)
     return cm, g

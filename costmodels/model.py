@@ -9,6 +9,9 @@ Modes of a (tp, sp) group of P = tp*sp GPUs:
   attention output after: T/sp x h/tp x d).
 * ``tp``: plain TP of degree P over the same GPUs (shift parallelism's small-step mode).
 
+``fused_elementwise``: the serving engine fuses memory-bound ops (a plan or spec whose runtime
+backend is not eager), so they cost one pass over their bytes (``opcost.Rates.fused``).
+
 Op times come from ``costmodels.opcost``; a block's time is the sum over its ops plus its
 collectives (no overlap of communication and compute is assumed). Decoder layers with
 the same op signature are timed once and multiplied; results are memoised per
@@ -73,7 +76,8 @@ class CostModel:
     """Costs of one model (an OpGraph) on one GPU type, with or without a calibration profile."""
 
     def __init__(self, graph: OpGraph, gpu: GPU | str, *, weights_dtype: str = "bf16", kv_dtype: str = "bf16",
-                 act_dtype: str = "bf16", gpus_per_node: int = 8, profile: Profile | None = None):
+                 act_dtype: str = "bf16", gpus_per_node: int = 8, profile: Profile | None = None,
+                 fused_elementwise: bool = False):
         self.graph = graph
         self.gpu = get_gpu(gpu)
         self.weights_dtype, self.kv_dtype, self.act_dtype = weights_dtype, kv_dtype, act_dtype
@@ -84,7 +88,7 @@ class CostModel:
         attn_peak = (self.gpu.bf16_tflops if act_dtype != "fp32" else (self.gpu.fp32_tflops or self.gpu.bf16_tflops))
         self.rates = Rates(peak_flops=matmul_tflops(self.gpu, weights_dtype) * 1e12, attn_flops=attn_peak * 1e12,
                            bw=self.gpu.hbm_tbps * 1e12, w_bytes=dtype_bytes(weights_dtype),
-                           a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype))
+                           a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype), fused=fused_elementwise)
         self.links = C.default_links(self.gpu, gpus_per_node, profile.collectives if profile else None)
         self.info = graph.info
         self.decoders = graph.blocks_of("decoder")

@@ -16,6 +16,9 @@ GEMM e(M, N, K); prefill attention e(L, B) with L = T/B new tokens per sequence,
 with H this GPU's query heads where the profile measured several head counts; decode
 attention (T = B) bandwidth efficiency e(B, C) with C = K/B context; memory-bound ops measured
 time vs elements. Without a profile: e_compute = 0.7, e_mem = 0.8, 4 us per launch.
+Memory-bound ops are timed as HF runs them (eager: RMSNorm alone is ~7 kernels) unless
+``Rates.fused``: an engine that fuses elementwise work (torch.compile, TensorRT) moves each op's
+bytes once, at the bandwidth the profile measured for ``add`` (which moves 3 x its elements).
 Attention that writes K/V into the cache pays two more launches (the cache writes).
 """
 
@@ -98,6 +101,7 @@ class Rates:
     w_bytes: float
     a_bytes: float
     kv_bytes: float
+    fused: bool = False  # memory-bound ops fused: one pass over their bytes (not HF's eager kernels)
 
 
 def op_time(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> tuple[float, float, float]:
@@ -179,7 +183,10 @@ def _memop(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile 
         nbytes = 2 * aw * rates.a_bytes
     else:
         nbytes = r.weight_elems * rates.a_bytes + (ar + aw) * rates.a_bytes
-    us = prof.memop_us(r.memop, aw) if prof else None
+    if rates.fused and prof is not None and r.kind != "embedding" and "add" in prof.memops:
+        us = prof.memop_us("add", (ar + aw + r.weight_elems) / 3)  # one read + write pass, fused
+    else:
+        us = prof.memop_us(r.memop, aw) if prof else None
     if us is None:
         mem = nbytes / (rates.bw * ROOFLINE_MEM_EFF) * 1e3
         return 0.0, mem, ovh_us * 1e-3

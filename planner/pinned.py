@@ -83,5 +83,6 @@ def pinned_plan(spec: Spec, cost: CostModel, *, dp: int = 1, pp: int = 1, tp: in
                             total=worst.weights_gb + shift_copy + worst.activations_gb + kv_gb,
                             capacity=worst.capacity_gb, kv_tokens=kvt),
         scheduler=Scheduler(max_batch_tokens=mbt, max_seqs=max_seqs or spec.search.max_seqs, microbatches=pp),
+        backend=spec.runtime.backend,
         notes=["pinned by hand: even stages, no optimiser"],
     )

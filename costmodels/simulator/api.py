@@ -40,7 +40,8 @@ def cost_model_for_plan(plan: Plan, base_dir: str | Path = ".") -> CostModel:
     gpu = hw.gpu_spec if hw.gpu_spec is not None else get_gpu(hw.gpu)
     prof = None if plan.provenance.cost_profile.startswith("roofline") else load_profile(gpu.name)
     return CostModel(graph_for_config(cfg), gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
-                     gpus_per_node=plan.hardware.gpus_per_node, profile=prof)
+                     gpus_per_node=plan.hardware.gpus_per_node, profile=prof,
+                     fused_elementwise=plan.backend != "eager")
 
 
 def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: SloTargets | None = None, seed: int = 0,

@@ -37,6 +37,7 @@ class SimConfig:
     placement: str = "none"
     dedicated_gpus: int = 0
     watermark: float = 0.01  # share of KV kept free when admitting new requests (vLLM's default)
+    reserve_output: bool = False  # admit only with KV for prompt + all output (TensorRT-LLM's no-evict policy)
     gpus_per_node: int = 8
     notes: tuple[str, ...] = field(default=())
     dims: ParallelDims = field(init=False, repr=False, compare=False)

@@ -15,6 +15,9 @@ A step (vLLM-style, decode first):
    of the pool free (a request that fits only in an empty pool is admitted when the pool is empty).
    Images not yet encoded are encoded in this step (in-step placements), at most
    ``max_batch_tokens`` image tokens per step beyond the first request.
+   With ``reserve_output`` (TensorRT-LLM's default GUARANTEED_NO_EVICT capacity policy) admission
+   also counts the output tokens every running request and the candidate will still append, so the
+   pool never runs out and nothing is preempted.
 
 KV is counted in blocks of ``block_size`` tokens, as the executor's paged cache counts it: a
 sequence of T tokens holds ``ceil(T / block_size)`` blocks of the replica's
@@ -99,6 +102,7 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         chunks.append((r, n))
         budget -= n
     limit = cap - int(cfg.watermark * cap)
+    promised = _promised(rep) if cfg.reserve_output else 0
     patches: list[int] = []
     img_tokens = 0
     in_step = cfg.placement != "dedicated"
@@ -106,8 +110,11 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
     while budget > 0 and rep.running < cfg.max_seqs and waiting and not preempted:
         r = waiting[0]
         need = rep.blocks(r.prompt)
-        if rep.kv_used + need > limit and not (rep.kv_used == 0 and need <= cap):
+        # no-evict: the blocks its whole output will need are counted now (promised, not yet held)
+        grow = rep.blocks(r.prompt + r.out - r.produced) - need if cfg.reserve_output else 0
+        if rep.kv_used + promised + need + grow > limit and not (rep.kv_used == 0 and need + grow <= cap):
             break
+        promised += grow
         if in_step and not r.encoded:
             if img_tokens and img_tokens + r.img_tokens > cfg.max_batch_tokens:
                 break
@@ -134,6 +141,17 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         seqs += 1
     dec = StepShape(n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec) if n_dec and chunks else None
     return Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs), tuple(patches), img_tokens, tokens, dec), preempted
+
+
+def _promised(rep: Replica) -> int:
+    """KV blocks the replica's running requests will still open (their remaining output)."""
+    n, blocks = 0, rep.blocks
+    for lane in rep.lanes:
+        for r in lane.decoding.values():
+            n += max(0, blocks(r.prompt + r.out - r.produced) - blocks(r.kv(lane.steps)))
+        for r in lane.prefilling:
+            n += blocks(r.prompt + r.out - r.produced) - blocks(r.prompt)
+    return n
 
 
 def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
