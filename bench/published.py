@@ -75,6 +75,7 @@ class Case:
     limits: dict[str, float] = field(default_factory=dict)  # server: p99 limits (ms)
     sweep_input: tuple[float, ...] = ()  # input means to re-run the chosen mesh at (sensitivity)
     no_evict: bool = True  # TensorRT-LLM's scheduler: admit only with KV for the whole output (no preemption)
+    host_ms: tuple[float, ...] = ()  # server: capacity again with this much host time per step (sensitivity)
 
 
 CASES = [
@@ -82,12 +83,13 @@ CASES = [
          {"output_tok_s": 34988.0}, sweep_input=(150, 600)),
     Case("mlperf5-llama2-70b-interactive", "mlperf5-llama2-70b-interactive-8xh200.yaml", "server", MLPERF,
          {"output_tok_s": 19424.0, "ttft_mean_ms": 119.0, "tpot_mean_ms": 33.7},
-         limits={"ttft_p99_ms": 450.0, "tpot_p99_ms": 40.0}),
+         limits={"ttft_p99_ms": 450.0, "tpot_p99_ms": 40.0}, host_ms=(2.0, 4.0)),
     Case("mlperf5-llama3.1-405b-offline", "mlperf5-llama3.1-405b-offline-8xh200.yaml", "offline", MLPERF,
          {"output_tok_s": 560.65}, meshes=[dict(tp=8), dict(pp=2, tp=4), dict(pp=8)], sweep_input=(4700, 14100)),
     Case("mlperf5-llama3.1-405b-server", "mlperf5-llama3.1-405b-server-8xh200.yaml", "server", MLPERF,
          {"output_tok_s": 291.37, "ttft_mean_ms": 1830.0, "tpot_mean_ms": 53.9},
-         meshes=[dict(tp=8), dict(pp=2, tp=4)], limits={"ttft_p99_ms": 6000.0, "tpot_p99_ms": 175.0}),
+         meshes=[dict(tp=8), dict(pp=2, tp=4)], limits={"ttft_p99_ms": 6000.0, "tpot_p99_ms": 175.0},
+         host_ms=(4.0,)),
     *[Case(f"trtllm-llama3.3-70b-tp2-{g}-{w}", f"trtllm-llama3.3-70b-fp8-tp2-{g}-{w}.yaml", "offline", TRTLLM,
            {"output_tok_s_per_gpu": v}, per_gpu=True, meshes=[dict(tp=2)])
       for g, w, v in (("h200", "1k1k", 2587.0), ("h200", "8k1k", 537.0), ("h100", "1k1k", 2209.0),
@@ -96,7 +98,23 @@ CASES = [
 
 # Where a ratio falls outside RATIO_BAND, the stated difference in setup that explains it (filled in
 # from the results; an unexplained gap is a failure of the check, see tests/test_published.py).
-GAPS: dict[str, str] = {}
+GAPS: dict[str, str] = {
+    "mlperf5-llama2-70b-interactive": (
+        "outside the band, and not a setup difference we can name: in this latency-bound regime (TPOT p99 <= 40 ms "
+        "at high load) the simulator is optimistic. Its capacity within the p99 limits is 1.39x the published "
+        "throughput (the TPOT limit binds) and its mean TTFT / TPOT at the published rate are 0.55x / 0.75x. It "
+        "charges no host time per step (scheduling, sampling, detokenisation, the load generator's per-token "
+        "callbacks): 4 ms per step brings the capacity ratio to 1.13 (row above), but no measurement sets that "
+        "figure, so it is not in the model. Before the fixes the ratios were closer (capacity 0.86x): the "
+        "preempting, unfused model was slower everywhere, which hid this. Also not published: the submission's "
+        "mesh and the OpenOrca input mean (300 assumed; the Offline case moves from 1.16 to 0.64 over 150-600 "
+        "tokens)."),
+    "mlperf5-llama3.1-405b-server": (
+        "the mean TTFT is 1.25x (capacity 0.91x and mean TPOT 0.94x are in the band). The TTFT of ~9.4k-token "
+        "prompts is their prefill plus how the scheduler interleaves chunks with decodes; the input mean is assumed "
+        "(9,400; the Offline case moves from 1.53 to 0.61 over 4,700-14,100 tokens) and TensorRT-LLM's chunking "
+        "for this submission is not published, so the gap is inside what the assumed input length alone moves."),
+}
 
 
 def _label(m: dict[str, int]) -> str:
@@ -122,6 +140,8 @@ def run_case(case: Case, log=print, before: bool = False) -> dict[str, Any]:
             continue
         t0 = time.perf_counter()
         row = _simulate(case, spec, cost, plan, wl)
+        if case.kind == "server":
+            row["capacity"] = server_capacity(case, spec, cost, plan, wl)
         row.update(mesh=_label(mesh), sim_s=round(time.perf_counter() - t0, 1))
         tried.append(row)
         log(f"  {case.id} {row['mesh']}: " + ", ".join(f"{k} {row[k]:.4g}" for k in case.published if k in row))
@@ -129,19 +149,20 @@ def run_case(case: Case, log=print, before: bool = False) -> dict[str, Any]:
     if not runs:
         raise UserError(f"{case.id}: no candidate mesh fits: {tried}")
     key = "output_tok_s_per_gpu" if case.per_gpu else "output_tok_s"
-    if case.kind == "server":  # the mesh that meets the limits with the lowest mean TTFT (MLPerf's own pick)
-        ok = [r for r in runs if r["meets_limits"]] or runs
-        best = min(ok, key=lambda r: r["ttft_mean_ms"] + 100 * r["tpot_mean_ms"])
+    if case.kind == "server":  # the mesh with the most throughput within the limits (what a submitter runs)
+        best = max(runs, key=lambda r: r["capacity"]["output_tok_s"])
     else:
         best = max(runs, key=lambda r: r[key])
     out: dict[str, Any] = {"id": case.id, "spec": f"examples/published/{case.spec}", "kind": case.kind,
                            "source": case.source, "gpus": gpus, "gpu": spec.hardware.gpu,
-                           "mesh": best["mesh"], "profile": cost.profile_id, "candidates": tried,
+                           "mesh": best["mesh"], "profile": cost.profile_id,
+                           "fp8_gemm_source": cost.fp8_gemm_source, "candidates": tried,
                            "metrics": {}}
     for metric, pub in case.published.items():
-        pred = best[metric]
+        pred = best["capacity"]["output_tok_s"] if case.kind == "server" and metric == "output_tok_s" else best[metric]
         out["metrics"][metric] = {"published": pub, "predicted": round(pred, 4), "ratio": round(pred / pub, 4)}
     if case.limits:
+        out["capacity"] = best["capacity"]
         out["limits"] = case.limits
         out["predicted_p99"] = {k: round(best[k], 2) for k in case.limits}
         out["meets_limits"] = best["meets_limits"]
@@ -169,11 +190,33 @@ def run_case(case: Case, log=print, before: bool = False) -> dict[str, Any]:
             sweep.append({"input_mean": mean, key: round(r[key], 2), "ratio": round(r[key] / case.published[key], 4)})
         if sweep:
             out["input_mean_sweep"] = sweep
+    if case.kind == "server" and case.host_ms:
+        mesh = next(m for m in case.meshes if _label(m) == best["mesh"])
+        plan = pinned_plan(spec, cost, max_seqs=spec.search.max_seqs, **mesh)
+        out["host_time_sweep"] = []
+        for ms in case.host_ms:
+            cap = server_capacity(case, spec, cost, plan, wl, host_ms=ms)
+            out["host_time_sweep"].append({"host_ms_per_step": ms, "output_tok_s": cap["output_tok_s"],
+                                           "ratio": round(cap["output_tok_s"] / case.published["output_tok_s"], 4)})
     out["command"] = f"python bench/published.py --only {case.id}"
     return out
 
 
-def _simulate(case: Case, spec, cost, plan, wl) -> dict[str, Any]:
+class HostTime:
+    """A coster that adds ``ms`` of host time (scheduling, sampling, detokenisation) to every stage of
+    every step: a what-if for the sensitivity rows, not part of the cost model."""
+
+    def __init__(self, inner, ms: float):
+        self.inner, self.ms, self.pp = inner, ms, inner.pp
+
+    def stage_ms(self, shape, mode, decode=None):
+        return tuple(x + self.ms for x in self.inner.stage_ms(shape, mode, decode))
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def _simulate(case: Case, spec, cost, plan, wl, host_ms: float = 0.0) -> dict[str, Any]:
     """One simulation of ``plan`` on ``wl`` (offline: every request at t = 0)."""
     from costmodels.simulator.config import SimConfig
     from costmodels.simulator.engine import run
@@ -185,7 +228,8 @@ def _simulate(case: Case, spec, cost, plan, wl) -> dict[str, Any]:
     cfg = SimConfig.from_plan(plan)
     if case.no_evict:
         cfg = replace(cfg, reserve_output=True)
-    log = run(cfg, coster_for(plan, cost), reqs)
+    coster = coster_for(plan, cost)
+    log = run(cfg, HostTime(coster, host_ms) if host_ms else coster, reqs)
     res = summarize(log)
     row: dict[str, Any] = {"kv_tokens": int(plan.memory_gb.kv_tokens), "preemptions": res.preemptions,
                            "ttft_mean_ms": res.ttft_ms["mean"], "tpot_mean_ms": res.tpot_ms["mean"],
@@ -199,6 +243,28 @@ def _simulate(case: Case, spec, cost, plan, wl) -> dict[str, Any]:
     return row
 
 
+def server_capacity(case: Case, spec, cost, plan, wl, steps: int = 7, host_ms: float = 0.0) -> dict[str, Any]:
+    """The highest Poisson rate (bisection between 1/8 and 2x the published one) whose p99 TTFT and
+    p99 TPOT stay within the case's limits, and the output tokens/s served there (MLPerf Server's
+    figure: the rate a submitter can certify)."""
+    pub_rate = case.published["output_tok_s"] / spec.workload.output_tokens.mean
+    lo, hi, best = pub_rate / 8, pub_rate * 2, None
+    r = _simulate(case, spec, cost, plan, wl.with_rate(lo), host_ms)
+    if not r["meets_limits"]:
+        return {"rate_rps": 0.0, "output_tok_s": 0.0, "note": f"limits missed even at {lo:.3g} req/s"}
+    best = (lo, r)
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        r = _simulate(case, spec, cost, plan, wl.with_rate(mid), host_ms)
+        if r["meets_limits"]:
+            lo, best = mid, (mid, r)
+        else:
+            hi = mid
+    rate, r = best
+    return {"rate_rps": round(rate, 4), "output_tok_s": round(r["output_tok_s"], 2),
+            "ttft_p99_ms": round(r["ttft_p99_ms"], 1), "tpot_p99_ms": round(r["tpot_p99_ms"], 2)}
+
+
 def saturated_output_tok_s(log) -> float:
     """Output tokens/s of a run with every request queued at t = 0, over [0, the last first token]."""
     from costmodels.simulator.metrics import _window_tokens
@@ -210,43 +276,89 @@ def saturated_output_tok_s(log) -> float:
     return out / width
 
 
-def render_md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+FIXES = [
+    ("scheduler", "TensorRT-LLM admits a request only when the KV cache can hold its whole output "
+     "(GUARANTEED_NO_EVICT, its default capacity policy); the simulator admitted on the prompt alone, vLLM-style, "
+     "so full batches ran out of KV and preempted (recomputing) thousands of times. The published cases now "
+     "simulate with `SimConfig.reserve_output`."),
+    ("memory-bound ops", "the profile's memory-op tables time HF's eager implementations (RMSNorm is ~7 kernels: "
+     "1.65 ms for 8192 x 16384 elements on the H200, against 0.12 ms for one read + write pass). An engine that "
+     "fuses them (TensorRT-LLM; this repo's compile backend) pays one pass: memory-bound ops of a plan or spec "
+     "whose runtime backend is not eager now cost their bytes at the bandwidth the profile measured for `add`. "
+     "The published specs say `runtime: {backend: tensorrt}`; every example spec is eager, so no golden plan moves."),
+]
+
+POINT3 = ("FP8 GEMM efficiency is not measured: the H200 profile has no `gemm_fp8` table, so FP8-weight linears "
+          "read the bf16 table at the FP8 peak (`CostModel.fp8_gemm_source` says which). The measurement and the "
+          "code that would use it exist: `plan calibrate` on a GPU with FP8 tensor cores times `torch._scaled_mm` "
+          "GEMMs on the bf16 grid (`costmodels/calibrate.py`, `_fp8_gemms`), `fit_profile` turns them into "
+          "`Profile.gemm_fp8` (efficiency against the FP8 peak) and the op cost reads it for FP8 weights (tested on "
+          "CPU with synthetic points). What remains is the GPU run and committing its profile.")
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
+def render_md(rows: list[dict[str, Any]], meta: dict[str, Any], before: dict[str, Any] | None) -> str:
+    prev = {r["id"]: r for r in (before or {}).get("cases", [])}
     lines = ["# Predictions against published results", "",
              "Regenerate: `python bench/published.py` (about "
-             f"{meta['wall_s'] / 60:.0f} min on the 2-core dev machine). Every predicted figure is the serving "
-             "simulator's on the spec under `examples/published/` (see the spec's header for the setup and what "
+             f"{max(1, round(meta['wall_s'] / 60))} min on the 2-core dev machine; `--before` regenerates "
+             "`published.before.json`, the models before the fixes below). Every predicted figure is the serving "
+             "simulator's on a spec under `examples/published/` (its header gives the setup, the sources and what "
              "was assumed where the publication is silent). Acceptance: predicted / published within "
-             f"{RATIO_BAND[0]}-{RATIO_BAND[1]}, or the gap explained below.", "",
-             "| case | GPUs | mesh | metric | published | predicted | ratio | static estimate (ratio) |",
-             "|---|---:|---|---|---:|---:|---:|---:|"]
+             f"{RATIO_BAND[0]}-{RATIO_BAND[1]}, or the gap explained below. Throughput is output tokens/s "
+             "(per GPU for TensorRT-LLM's table); Offline = every request queued at once; Server = the highest "
+             "Poisson rate whose p99 TTFT and p99 TPOT meet the scenario's limits, and the mean TTFT / TPOT at the "
+             "published rate.", "",
+             "| case | GPUs | mesh | metric | published | predicted | ratio | ratio before fixes | static estimate (ratio) |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         for i, (m, v) in enumerate(r["metrics"].items()):
             est = r.get("estimate") if i == 0 else None
             e = f"{est['output_tok_s']:,.0f} ({est['ratio']:.2f})" if est else ""
+            b = prev.get(r["id"], {}).get("metrics", {}).get(m)
+            flag = "" if RATIO_BAND[0] <= v["ratio"] <= RATIO_BAND[1] else " *"
             lines.append(f"| {r['id'] if i == 0 else ''} | {r['gpus'] if i == 0 else ''} | "
-                         f"{r['mesh'] if i == 0 else ''} | {m} | {v['published']:,.4g} | {v['predicted']:,.4g} | "
-                         f"{v['ratio']:.2f} | {e} |")
-    lines += ["", "Sources:", ""]
+                         f"{r['mesh'] if i == 0 else ''} | {m} | {_num(v['published'])} | {_num(v['predicted'])} | "
+                         f"{v['ratio']:.2f}{flag} | {b['ratio']:.2f} | {e} |" if b else
+                         f"{v['ratio']:.2f}{flag} | | {e} |")
+    lines += ["", "`*` outside the band: see the gap of that case below.", "",
+              "Sources (each spec's header names its own):", ""]
     for s in dict.fromkeys(r["source"] for r in rows):
         lines.append(f"- {s}")
-    lines += ["", "## Per case", ""]
+    lines += ["- Workload statistics: mlcommons/inference `language/llama2-70b/README.md` (24,576 OpenOrca "
+              "samples, inputs and outputs cut at 1,024 tokens, 294.45 output tokens per sample) and "
+              "`language/llama3.1-405b/README.md` (8,313 samples, 684.68 output tokens per sample).",
+              "", "## Fixes made (before -> after is the `ratio before fixes` column)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in FIXES]
+    lines += ["", "## Not done: FP8 GEMM calibration on the H200 (issue point 3)", "", POINT3,
+              "", "## Per case", ""]
     for r in rows:
         lines.append(f"### {r['id']}")
         lines.append("")
-        lines.append(f"- spec `{r['spec']}`, profile `{r['profile']}`, command `{r['command']}`")
+        lines.append(f"- spec `{r['spec']}`, profile `{r['profile']}` (FP8 GEMMs: {r['fp8_gemm_source']}), "
+                     f"command `{r['command']}`")
         if "estimate" in r:
             lines.append(f"- static estimate: `{r['estimate']['command']}`")
         if "limits" in r:
-            lines.append(f"- p99 limits {r['limits']}: predicted {r['predicted_p99']}, "
-                         f"{'met' if r['meets_limits'] else 'NOT met'}")
-        cands = ", ".join(f"{c['mesh']}: skipped" if "skipped" in c else
-                          f"{c['mesh']}: {c.get('output_tok_s', 0):,.0f} tok/s, TTFT mean {c['ttft_mean_ms']:,.0f} ms, "
-                          f"TPOT mean {c['tpot_mean_ms']:.1f} ms"
+            cap = r["capacity"]
+            lines.append(f"- p99 limits {r['limits']}; at the predicted capacity ({cap['rate_rps']} req/s) p99 TTFT "
+                         f"{cap.get('ttft_p99_ms')} ms, p99 TPOT {cap.get('tpot_p99_ms')} ms; at the published rate "
+                         f"p99 {r['predicted_p99']} ({'within' if r['meets_limits'] else 'NOT within'} the limits)")
+        cands = "; ".join(f"{c['mesh']}: skipped ({c['skipped']})" if "skipped" in c else
+                          f"{c['mesh']}: " + (f"{c['capacity']['output_tok_s']:,.0f} tok/s within the limits, "
+                                              if "capacity" in c else f"{c['output_tok_s']:,.0f} tok/s, ")
+                          + f"TTFT mean {c['ttft_mean_ms']:,.0f} ms, TPOT mean {c['tpot_mean_ms']:.1f} ms"
                           for c in r["candidates"])
         lines.append(f"- meshes simulated: {cands}")
         if "input_mean_sweep" in r:
             lines.append("- input-mean sensitivity (the mean is assumed): " + ", ".join(
                 f"{s['input_mean']} tokens -> ratio {s['ratio']:.2f}" for s in r["input_mean_sweep"]))
+        if "host_time_sweep" in r:
+            lines.append("- host-time sensitivity (not modelled; a constant per step added to every stage): " + ", ".join(
+                f"{h['host_ms_per_step']} ms/step -> capacity ratio {h['ratio']:.2f}" for h in r["host_time_sweep"]))
         if r["id"] in GAPS:
             lines.append(f"- gap: {GAPS[r['id']]}")
         lines.append("")
@@ -256,9 +368,18 @@ def render_md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="run the cases whose id contains this text; print, write nothing")
+    ap.add_argument("--render", action="store_true",
+                    help="rewrite published.md (and the gaps in published.json) from the committed results, no simulation")
     ap.add_argument("--before", action="store_true",
                     help=f"the models before the fixes (preempting admission, unfused memory ops); writes {BEFORE_JSON.name}")
     args = ap.parse_args(argv)
+    if args.render:
+        d = json.loads(OUT_JSON.read_text())
+        d["gaps"] = GAPS
+        OUT_JSON.write_text(json.dumps(d, indent=1) + "\n")
+        before = json.loads(BEFORE_JSON.read_text()) if BEFORE_JSON.is_file() else None
+        OUT_MD.write_text(render_md(d["cases"], d["meta"], before))
+        return 0
     cases = [c for c in CASES if not args.only or args.only in c.id]
     t0 = time.perf_counter()
     rows = []
@@ -273,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         BEFORE_JSON.write_text(json.dumps({"cases": rows}, indent=1) + "\n")
         print(f"wrote {BEFORE_JSON.relative_to(ROOT)}")
         return 0
-    OUT_JSON.write_text(json.dumps({"meta": {"band": list(RATIO_BAND)}, "cases": rows, "gaps": GAPS}, indent=1) + "\n")
-    OUT_MD.write_text(render_md(rows, meta))
+    OUT_JSON.write_text(json.dumps({"meta": {"band": list(RATIO_BAND), "fixes": dict(FIXES), "not_done": POINT3,
+                                             "wall_s": round(meta["wall_s"])},
+                                    "cases": rows, "gaps": GAPS}, indent=1) + "\n")
+    before = json.loads(BEFORE_JSON.read_text()) if BEFORE_JSON.is_file() else None
+    OUT_MD.write_text(render_md(rows, meta, before))
     print(f"wrote {OUT_JSON.relative_to(ROOT)} and {OUT_MD.relative_to(ROOT)}")
     return 0
 

@@ -104,6 +104,48 @@ def find_gpu_name(device_name: str) -> str | None:
     return None
 
 
+def fp8_supported(dev) -> bool:
+    """FP8 tensor-core GEMMs (``torch._scaled_mm``, e4m3): CUDA compute capability 8.9 or newer."""
+    import torch
+
+    return (dev.type == "cuda" and hasattr(torch, "_scaled_mm") and hasattr(torch, "float8_e4m3fn")
+            and torch.cuda.get_device_capability(dev) >= (8, 9))
+
+
+def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list) -> list[dict]:
+    """FP8 GEMM points on the bf16 grid: x (M x K, e4m3, per-token scales) times w^T (N x K, e4m3,
+    per-channel scales) -> bf16, as the executors' W8A8 linears run them. M is rounded up to a
+    multiple of 16 (``_scaled_mm``'s alignment); the point records the M it ran. None on a GPU
+    without FP8 tensor cores (the profile then has no ``gemm_fp8`` table)."""
+    import torch
+
+    if not fp8_supported(dev):
+        skipped.append("gemm_fp8 (no FP8 tensor cores on this device)")
+        return []
+    f8 = torch.float8_e4m3fn
+    pts: list[dict] = []
+    for n in grids.gemm_nk:
+        for k in grids.gemm_nk:
+            copies = max(1, min(64, math.ceil(256e6 / (n * k))))
+            ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8) for _ in range(copies)]
+            sw = torch.ones(1, n, device=dev, dtype=torch.float32)
+            for m in grids.gemm_m:
+                m16 = -(-m // 16) * 16
+                if out_of_time():
+                    skipped.append(f"gemm_fp8 {m16}x{n}x{k} (time budget)")
+                    continue
+                x = torch.randn(m16, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8)
+                sx = torch.ones(m16, 1, device=dev, dtype=torch.float32)
+                state = {"i": 0}
+
+                def f(x=x, ws=ws, sx=sx, state=state) -> object:
+                    state["i"] = (state["i"] + 1) % len(ws)
+                    return torch._scaled_mm(x, ws[state["i"]].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+                pts.append({"m": m16, "n": n, "k": k, "ms": timer(f)})
+            del ws
+    return pts
+
+
 def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float = 1e9,
                     log: Callable[[str], None] = print, checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Time every micro-benchmark of ``grids``; returns the raw points (see ``costmodels.fit``).
@@ -159,6 +201,7 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
             del ws
         if checkpoint:
             checkpoint(raw)
+    raw["gemm_fp8"] = _fp8_gemms(grids, dev, timer, gen, out_of_time, raw["skipped"])
     raw["gemm_bias"] = []
     for n in grids.bias_nk:
         for k in grids.bias_nk:

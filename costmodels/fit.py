@@ -138,7 +138,12 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3, log_values=True)
               for name, pts in raw["memops"].items() if pts}
     bias = fit_gemm_bias(raw["gemm_bias"]) if raw.get("gemm_bias") else None
+    fp8 = None
+    if raw.get("gemm_fp8") and g.fp8_tflops:
+        fp8_peak = g.fp8_tflops * 1e12
+        fp8 = _grid(raw["gemm_fp8"], ("m", "n", "k"),
+                    lambda p: 2 * p["m"] * p["n"] * p["k"] / (net_s(p["ms"]) * fp8_peak), log_values=True)
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
                    collectives=fit_collectives(raw["collectives"]) if isinstance(raw.get("collectives"), list) else {},
-                   raw=raw, gemm_bias=bias)
+                   raw=raw, gemm_bias=bias, gemm_fp8=fp8)

@@ -88,7 +88,11 @@ class CostModel:
         attn_peak = (self.gpu.bf16_tflops if act_dtype != "fp32" else (self.gpu.fp32_tflops or self.gpu.bf16_tflops))
         self.rates = Rates(peak_flops=matmul_tflops(self.gpu, weights_dtype) * 1e12, attn_flops=attn_peak * 1e12,
                            bw=self.gpu.hbm_tbps * 1e12, w_bytes=dtype_bytes(weights_dtype),
-                           a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype), fused=fused_elementwise)
+                           a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype), fused=fused_elementwise,
+                           fp8_gemm=weights_dtype == "fp8" and bool(self.gpu.fp8_tflops))
+        # where FP8 GEMM efficiencies come from: a measured table, or the bf16 one at the FP8 peak
+        self.fp8_gemm_source = (None if not self.rates.fp8_gemm else "roofline" if profile is None else
+                                "measured" if profile.gemm_fp8 is not None else "bf16 table at the fp8 peak")
         self.links = C.default_links(self.gpu, gpus_per_node, profile.collectives if profile else None)
         self.info = graph.info
         self.decoders = graph.blocks_of("decoder")

@@ -102,6 +102,7 @@ class Rates:
     a_bytes: float
     kv_bytes: float
     fused: bool = False  # memory-bound ops fused: one pass over their bytes (not HF's eager kernels)
+    fp8_gemm: bool = False  # linears run FP8 GEMMs: the profile's gemm_fp8 table where it has one
 
 
 def op_time(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> tuple[float, float, float]:
@@ -130,7 +131,12 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
     elif r.shard == "row":
         k, wt, ar = k / t, t, ar / t
     flops = 2.0 * m * n * k
-    eff = prof.gemm(m, n, k) if prof else ROOFLINE_COMPUTE_EFF
+    if prof is None:
+        eff = ROOFLINE_COMPUTE_EFF
+    elif rates.fp8_gemm and prof.gemm_fp8 is not None:
+        eff = prof.gemm_fp8(m, n, k)  # measured FP8 GEMMs, against the FP8 peak
+    else:
+        eff = prof.gemm(m, n, k)  # bf16 GEMMs (for FP8 weights: the bf16 efficiency at the FP8 peak)
     c = flops / (rates.peak_flops * max(eff, 1e-4)) * 1e3
     nbytes = r.weight_elems / wt * rates.w_bytes + (ar + aw) * rates.a_bytes
     mem = nbytes / (rates.bw * (0.92 if prof else ROOFLINE_MEM_EFF)) * 1e3

@@ -14,6 +14,9 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
 * ``memops[name]``: time in microseconds of a memory-bound op (HF implementation: RMSNorm,
   LayerNorm, SiLU*mul, QuickGELU, RoPE, add, copy) vs the elements it produces.
 * ``gemm_bias``: extra microseconds a bias adds to a linear, e(M, N) (averaged over K).
+* ``gemm_fp8`` (when the calibration ran FP8 GEMMs, ``torch._scaled_mm`` with e4m3 operands and
+  bf16 output): e(M, N, K) against the catalog FP8 peak. FP8-weight linears read it; without it
+  they read ``gemm`` at the FP8 peak (the bf16 efficiency scaled, not measured).
 * ``overhead_us``: per-kernel launch gap inside a CUDA graph.
 * ``collectives``: alpha-beta fits (``alpha_us``, ``bus_gbps``) when more than one GPU was seen.
 """
@@ -46,6 +49,7 @@ class Profile:
     collectives: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     gemm_bias: LogGrid | None = None  # extra us of a bias epilogue, e(M, N)
+    gemm_fp8: LogGrid | None = None  # e(M, N, K) of FP8 GEMMs against the FP8 peak, when measured
 
     def memop_us(self, name: str, elements: float) -> float | None:
         """Measured time (us) of memory-bound op ``name`` writing ``elements`` elements.
@@ -69,6 +73,7 @@ class Profile:
                 "attn_full": self.attn_full.to_json(), "attn_decode": self.attn_decode.to_json(),
                 "memops": {k: v.to_json() for k, v in sorted(self.memops.items())},
                 **({"gemm_bias": self.gemm_bias.to_json()} if self.gemm_bias else {}),
+                **({"gemm_fp8": self.gemm_fp8.to_json()} if self.gemm_fp8 else {}),
             },
             "collectives": self.collectives,
             "raw": self.raw,
@@ -83,7 +88,8 @@ class Profile:
                    attn_decode=LogGrid.from_json(t["attn_decode"]),
                    memops={k: LogGrid.from_json(v) for k, v in t["memops"].items()},
                    collectives=d.get("collectives", {}), raw=d.get("raw", {}),
-                   gemm_bias=LogGrid.from_json(t["gemm_bias"]) if "gemm_bias" in t else None)
+                   gemm_bias=LogGrid.from_json(t["gemm_bias"]) if "gemm_bias" in t else None,
+                   gemm_fp8=LogGrid.from_json(t["gemm_fp8"]) if "gemm_fp8" in t else None)
 
 
 def read_profile(path: str | Path) -> Profile:
