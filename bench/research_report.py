@@ -398,7 +398,9 @@ def trust_lines() -> list[str]:
             b = before.get(c["id"], {}).get("metrics", {}).get(m)
             if b and not m.endswith("_mean_ms"):
                 thr_before.append(b["ratio"])
-    out_of_band = [f"{i} {m.replace('_', ' ')} {r:.2f}x" for i, m, r in thr + lat if not lo <= r <= hi]
+    names = {"output_tok_s": "throughput", "output_tok_s_per_gpu": "throughput per GPU", "ttft_mean_ms": "mean TTFT",
+             "tpot_mean_ms": "mean TPOT"}
+    out_of_band = [f"{i} {names.get(m, m)} {r:.2f}x" for i, m, r in thr + lat if not lo <= r <= hi]
     rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}x"  # noqa: E731
     sweep = [s["ratio"] / next(iter(c["metrics"].values()))["ratio"] - 1
              for c in d["cases"] for s in c.get("input_mean_sweep", [])]
