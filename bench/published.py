@@ -54,10 +54,12 @@ RATIO_BAND = (0.8, 1.2)
 OFFLINE_RATE = 1e6  # requests/s: every request arrives within a few ms of t = 0
 
 MLPERF = ("MLPerf Inference v5.0 datacenter results, closed division, 8x H200-SXM-141GB, TensorRT-LLM "
-          "(https://mlcommons.org/benchmarks/inference-datacenter/)")
+          "(https://mlcommons.org/benchmarks/inference-datacenter/; the figures as issue 16 quotes them, the "
+          "results table itself not re-read here); scenario limits from mlcommons/inference loadgen/mlperf.conf")
 TRTLLM = ("TensorRT-LLM performance overview, LLaMA v3.3 70B table (NVIDIA/TensorRT-LLM "
           "docs/source/developer-guide/perf-overview.md; "
-          "https://nvidia.github.io/TensorRT-LLM/developer-guide/perf-overview.html)")
+          "https://nvidia.github.io/TensorRT-LLM/developer-guide/perf-overview.html; figures, PyTorch backend, "
+          "fixed lengths and request counts read there)")
 
 # Meshes tried where the publication does not give one (8 GPUs; those that do not fit are skipped).
 MESHES_8 = [dict(dp=8), dict(dp=4, tp=2), dict(dp=2, tp=4), dict(tp=8), dict(pp=2, tp=4), dict(pp=8)]

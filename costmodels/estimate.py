@@ -125,6 +125,8 @@ def estimate(cm: CostModel, *, tp: int, pp: int, sp: int = 1, dp: int = 1, batch
                         f"{cm.gpu.name.upper()} has {mem.capacity_gb:.0f} GB ({USABLE_FRACTION:.0%} usable = {usable:.1f} GB)")
     if cm.roofline:
         notes.append(f"no calibration profile for {cm.gpu.name}: datasheet roofline ({cm.profile_id})")
+    elif cm.fp8_gemm_source == "bf16 table at the fp8 peak":
+        notes.append(f"FP8 GEMM efficiency not measured on the {cm.gpu.name.upper()}: the bf16 table at the FP8 peak")
     b = math.ceil(batch / dp)
     m = min(pp, b)
     bm = math.ceil(b / m)

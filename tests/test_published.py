@@ -196,3 +196,13 @@ def test_fp8_linears_read_the_fp8_table_when_the_profile_has_one(l2_graph, fp8_p
     assert c_measured == pytest.approx(2 * c_scaled, rel=0.03)  # half the efficiency, twice the time
     c_bf16 = op_time(mm, shape, 1, 1, bf16.rates, fp8_profile)[0]
     assert c_bf16 == pytest.approx(c_measured, rel=0.03)  # same kernel time by construction
+
+
+def test_estimate_says_when_fp8_gemms_are_not_measured(l2_graph, fp8_profile):
+    from costmodels.estimate import estimate
+
+    kw = dict(tp=2, pp=1, batch=8, isl=512, osl=64)
+    scaled = estimate(CostModel(l2_graph, "h200", weights_dtype="fp8", profile=load_profile("h200")), **kw)
+    assert any("FP8 GEMM efficiency not measured" in n for n in scaled.notes)
+    measured = estimate(CostModel(l2_graph, "h200", weights_dtype="fp8", profile=fp8_profile), **kw)
+    assert not any("FP8 GEMM" in n for n in measured.notes)
