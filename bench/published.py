@@ -313,7 +313,9 @@ def render_md(rows: list[dict[str, Any]], meta: dict[str, Any], before: dict[str
              f"{RATIO_BAND[0]}-{RATIO_BAND[1]}, or the gap explained below. Throughput is output tokens/s "
              "(per GPU for TensorRT-LLM's table); Offline = every request queued at once; Server = the highest "
              "Poisson rate whose p99 TTFT and p99 TPOT meet the scenario's limits, and the mean TTFT / TPOT at the "
-             "published rate.", "",
+             "published rate. `plan simulate` on these specs differs in two ways: its throughput is measured over "
+             "the arrival window (offered load), which a burst of every request at once leaves empty, and a plan "
+             "file has no field for TensorRT-LLM's no-evict admission.", "",
              "| case | GPUs | mesh | metric | published | predicted | ratio | ratio before fixes | static estimate (ratio) |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
