@@ -6,7 +6,7 @@
 Each case is a spec under examples/published/ that reproduces a published setup as closely as the
 spec allows (model, FP8 weights and KV, GPU, GPU count, the workload's length statistics, the mesh
 where it was published). The prediction is made the way `plan simulate` makes it: a plan pinned to a
-mesh (``costmodels.simulator.pinned``), the spec's synthetic workload, the serving simulator. Where
+mesh (``planner.pinned``), the spec's synthetic workload, the serving simulator. Where
 the publication does not give the mesh, every candidate mesh below is simulated and the best is kept
 (what an engine tuned for the benchmark would pick). Two kinds of figure:
 
@@ -38,11 +38,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from costmodels.build import cost_model_for  # noqa: E402
 from costmodels.estimate import estimate  # noqa: E402
 from costmodels.simulator import coster_for  # noqa: E402
-from costmodels.simulator.pinned import pinned_plan  # noqa: E402
-from costmodels.workload import from_spec  # noqa: E402
+from planner.inputs import cost_model_of, workload_of  # noqa: E402
+from planner.pinned import pinned_plan  # noqa: E402
 from planner.spec import load_spec  # noqa: E402
 from plans.errors import UserError  # noqa: E402
 
@@ -112,14 +111,15 @@ GAPS: dict[str, str] = {
         "per-token callbacks): 4 ms per step brings the capacity ratio to 1.13 (row above), but no measurement "
         "sets that figure, so it is not in the model. Before the fixes the ratios were closer (capacity 0.86x): "
         "the preempting, unfused model was slower everywhere, which hid this. Also not published: the "
-        "submission's mesh and the OpenOrca input mean (300 assumed; the Offline case moves from 1.14 to 0.63 "
-        "over 150-600 tokens)."),
+        "submission's mesh and the OpenOrca input mean (300 assumed; see the Offline case's input-mean "
+        "sensitivity)."),
     "mlperf5-llama3.1-405b-server": (
         "the mean TTFT is 1.31x (capacity 0.86x and mean TPOT 1.02x are in the band); at the published rate the "
         "model's TTFT p99 is 7.5 s against the submission's 5.64 s. The TTFT of ~9.4k-token prompts is their "
-        "prefill plus the wait behind other prompts' chunks; the input mean is assumed (9,400; the Offline case "
-        "moves from 1.47 to 0.59 over 4,700-14,100 tokens) and TensorRT-LLM's chunking for this submission is "
-        "not published, so the gap is inside what the assumed input length alone moves."),
+        "prefill plus the wait behind other prompts' chunks; the input mean is assumed (9,400; halving or "
+        "doubling it moves the Offline case by about half either way, its sensitivity row) and TensorRT-LLM's "
+        "chunking for this submission is not published, so the gap is inside what the assumed input length "
+        "alone moves."),
 }
 
 
@@ -134,8 +134,8 @@ def run_case(case: Case, log=print, before: bool = False) -> dict[str, Any]:
     if before:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"backend": "eager"})})
         case = replace(case, no_evict=False, sweep_input=())
-    cost, _ = cost_model_for(spec)
-    wl = from_spec(spec, cost.info)
+    cost, _ = cost_model_of(spec)
+    wl = workload_of(spec, cost.info)
     gpus = spec.hardware.world_size
     tried = []
     for mesh in case.meshes:
@@ -192,7 +192,7 @@ def run_case(case: Case, log=print, before: bool = False) -> dict[str, Any]:
             s2 = spec.model_copy(update={"workload": w.model_copy(update={
                 "input_tokens": w.input_tokens.model_copy(update={"mean": float(mean)})})})
             plan = pinned_plan(s2, cost, max_seqs=spec.search.max_seqs, **mesh)
-            r = _simulate(case, s2, cost, plan, from_spec(s2, cost.info))
+            r = _simulate(case, s2, cost, plan, workload_of(s2, cost.info))
             sweep.append({"input_mean": mean, key: round(r[key], 2), "ratio": round(r[key] / case.published[key], 4)})
         if sweep:
             out["input_mean_sweep"] = sweep
