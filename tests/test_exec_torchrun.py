@@ -53,3 +53,39 @@ def test_dedicated_encoder_rank_under_torchrun(tmp_path: Path) -> None:
     with executors.load(make_plan("qwen2_vl"), seed=3) as eng:
         want = eng.generate([Request(tokens=[IMAGE_TOKEN, 7, 8], images=[img])], max_new_tokens=6, sampling=Sampling())[0].tokens
     assert got == want
+
+
+def test_two_torchrun_nodes_match_one_rank(tmp_path: Path) -> None:
+    """A plan for 2 nodes x 1 GPU (pp2 across the nodes) launched as two torchrun nodes, one process
+    each, rendezvous on the loopback address: the same tokens as one rank. The launch lines::
+
+        torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr 127.0.0.1 --master-port P plan run PLAN ...
+        torchrun --nnodes 2 --nproc-per-node 1 --node-rank 1 --master-addr 127.0.0.1 --master-port P plan run PLAN ...
+    """
+    import socket
+
+    from plans.schema import Hardware
+
+    base = make_plan("qwen2", pp=2)
+    plan = base.model_copy(update={"hardware": Hardware(gpu="cpu", gpus_per_node=1, nodes=2)}).check()
+    path = tmp_path / "p.plan.yaml"
+    save_plan(plan, path)
+    beside = Path(sys.executable).parent / "plan"
+    plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
+    assert plan_exe, "the `plan` console script is not installed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(k), "--master-addr", "127.0.0.1", "--master-port", str(port), plan_exe, "run", str(path), "--tokens",
+         "5,6,7,8", "-n", "8", "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=tmp_path) for k in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    lines = [ln for out, _err in outs for ln in out.splitlines() if ln.startswith("tokens:")]
+    assert len(lines) == 1  # only global rank 0 (node 0) prints
+    with executors.load(make_plan("qwen2"), seed=3) as eng:
+        want = eng.generate([Request(tokens=[5, 6, 7, 8])], max_new_tokens=8, sampling=Sampling())[0].tokens
+    assert [int(t) for t in lines[0].split()[1:]] == want
