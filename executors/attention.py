@@ -68,7 +68,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
     _store(cache.v, dst, v)
     if meta.seqs is not None:
         return _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
-    if meta.table is not None or (meta.seq_keys is not None and q.is_cuda):
+    if meta.table is not None:
         return _attend_decode_grouped(q, cache, meta, kv_of_q)
     if meta.seq_keys is not None:
         S, L = meta.seq_keys.shape
@@ -87,27 +87,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
 
 def _attend_decode_grouped(q: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
                            kv_of_q: torch.Tensor | None) -> torch.Tensor:
-    """Decodes: ``q [S, hq, D]``, each sequence's keys ``[S, L]`` -> ``[S, hq * D]``.
+    """Decodes: ``q [S, hq, D]``, each sequence's keys through its block-table row
+    ``meta.table [S, L / bs]`` -> ``[S, hq * D]``.
 
     On CUDA in bf16/fp16 with plain GQA, the Triton kernel of ``executors.paged_decode`` reads each
-    sequence's keys in place through the block table. Otherwise the keys are gathered whole blocks
-    at a time when ``meta.table [S, L / bs]`` (block table) is
-    given (a copy of contiguous ``bs * hkv * D`` runs, at copy bandwidth), else slot by slot from
-    ``meta.seq_keys``. Query heads are grouped by their KV head (``G = hq / hkv``):
+    sequence's keys in place. Otherwise the keys are gathered whole blocks at a time (a copy of
+    contiguous ``bs * hkv * D`` runs, at copy bandwidth) and query heads are grouped by their KV
+    head (``G = hq / hkv``):
     ``scores [S, hkv, G, L] = q [S, hkv, G, D] @ K^T [S, hkv, D, L]``, masked, softmax in fp32,
     ``@ V [S, hkv, L, D]``; each KV head is read once per sequence."""
     hq, D = q.shape[1], q.shape[2]
-    if meta.table is not None and paged_decode.available(q, cache.k, kv_of_q):
+    if paged_decode.available(q, cache.k, kv_of_q):
         out = paged_decode.paged_decode_or_none(q, cache.k, cache.v, meta.table, meta.seq_lens, meta.block_size)
         if out is not None:
             return out
-    if meta.table is not None:
-        bs = meta.block_size
-        K, V = _gather_blocks(cache.k, meta.table, bs, kv_of_q), _gather_blocks(cache.v, meta.table, bs, kv_of_q)
-    else:
-        S, L = meta.seq_keys.shape
-        K = _gather(cache.k, meta.seq_keys.flatten(), kv_of_q).view(S, L, -1, D)
-        V = _gather(cache.v, meta.seq_keys.flatten(), kv_of_q).view(S, L, -1, D)
+    bs = meta.block_size
+    K, V = _gather_blocks(cache.k, meta.table, bs, kv_of_q), _gather_blocks(cache.v, meta.table, bs, kv_of_q)
     S, L, hkv = K.shape[0], K.shape[1], K.shape[2]
     K = K.to(q.dtype).transpose(1, 2)  # [S, hkv, L, D]
     V = V.to(q.dtype).transpose(1, 2)

@@ -304,6 +304,8 @@ class Engine:
         to its replica's scheduler only then, and an idle engine sleeps until the next arrival."""
         if self.closed:
             raise UserError("engine is shut down")
+        if arrivals is not None and len(arrivals) != len(requests):
+            raise UserError(f"{len(arrivals)} arrival times for {len(requests)} requests")
         sampling = sampling or Sampling()
         a = self.args
         results = [Result() for _ in requests]

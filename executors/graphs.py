@@ -64,7 +64,6 @@ class DecodeGraphs:
         self.block = model.block_size
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None  # one memory pool for every graph, made at the first capture
-        self.replays = 0
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
         """A decode micro-batch in plain TP mode that fits a bucket, with no image rows."""
@@ -103,7 +102,6 @@ class DecodeGraphs:
         if g.h is not None:
             g.h[:S].copy_(h_in)
         g.graph.replay()
-        self.replays += 1
         return g.out[:S].clone()  # the next replay overwrites the static output
 
     def _pack(self, buf: torch.Tensor, mb: MicroBatch, B: int, L: int) -> None:

@@ -153,13 +153,8 @@ class StageModel:
         slots = torch.full((t_pad,), -1, dtype=torch.long)
         slots[:T] = mb.slots
         dec = decode_keys(mb, self.scratch_slot, self.block_size) if (t_pad == T and self.caches and dev.type != "cuda") else None
-        if mb.decode and t_pad == T and dev.type == "cuda":  # decodes read their KV blocks whole
-            table = mb.block_table()
-            lens = torch.tensor(mb.ctx)
-            mask = torch.arange(table.shape[1] * self.block_size)[None, :] < lens[:, None]
-            table = table.to(dev)
-            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seq_mask=mask.to(dev), table=table,
-                            block_size=self.block_size, seq_lens=lens.to(dev))
+        if mb.decode and t_pad == T and dev.type == "cuda":  # decodes read their KV blocks through the table
+            meta = self.table_meta(slots.to(dev), mb.block_table().to(dev), torch.tensor(mb.ctx, device=dev))
         elif dec is not None:  # one query per sequence: attend over each sequence's own keys
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
@@ -216,7 +211,11 @@ class StageModel:
         sequence's KV blocks (padded with block 0), ``lens [B]`` its number of keys.
         Returns ``[B, V]`` logits (last stage) or ``[B, hidden]``."""
         x = self._embed(tokens) if self.embed is not None else h_in
-        mask = torch.arange(table.shape[1] * self.block_size, device=table.device)[None, :] < lens[:, None]
-        meta = AttnMeta(slots, table, None, seq_mask=mask, table=table, block_size=self.block_size, seq_lens=lens)
-        x = self.layers_forward(x, pos, meta, "tp")
+        x = self.layers_forward(x, pos, self.table_meta(slots, table, lens), "tp")
         return x if self.lm_head is None else self.logits(x)
+
+    def table_meta(self, slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> AttnMeta:
+        """Decode attention inputs from a block table ``[S, nb]`` and key counts ``lens [S]`` (device
+        tensors): key ``p`` of sequence i is real when ``p < lens[i]``."""
+        mask = torch.arange(table.shape[1] * self.block_size, device=table.device)[None, :] < lens[:, None]
+        return AttnMeta(slots, table, None, seq_mask=mask, table=table, block_size=self.block_size, seq_lens=lens)

@@ -11,7 +11,6 @@ through ``costmodels.simulator.metrics.summarize``, so every figure has one defi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from costmodels.simulator.engine import RunLog
@@ -22,13 +21,6 @@ from costmodels.workload import Request as WorkloadRequest
 COMPARED = (("ttft_ms", "p50"), ("ttft_ms", "p90"), ("tpot_ms", "p50"), ("tpot_ms", "p90"), ("e2e_ms", "p50"),
             ("e2e_ms", "p90"), ("output_tok_s", None), ("goodput_rps", None), ("shift_tp_fraction", None),
             ("preemptions", None))
-
-
-@dataclass
-class ImageShape:
-    """What the engine needs to fake one image: its patch grid ``(t, h, w)``."""
-
-    grid: tuple[int, int, int]
 
 
 def patch_grid(patches: int, merge: int = 2) -> tuple[int, int, int]:

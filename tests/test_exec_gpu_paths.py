@@ -61,7 +61,8 @@ def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
 
 @pytest.mark.parametrize("width", [0, 64])
 def test_grouped_decode_equals_sdpa(width: int) -> None:
-    """Decodes of several contexts, keys padded with the scratch slot to ``width``."""
+    """Decodes of several contexts: the block-table path (padding block masked) against the CPU
+    path (batched masked SDPA over slot lists padded with the scratch slot to ``width``)."""
     g = torch.Generator().manual_seed(1)
     hq, hkv, D = 8, 2, 16
     mb = _microbatch([(30, 29, 1), (7, 6, 1), (18, 17, 1)])
@@ -72,8 +73,6 @@ def test_grouped_decode_equals_sdpa(width: int) -> None:
     meta = AttnMeta(mb.slots, mb.key_slots, None, keys, valid)
     q, k, v = (torch.randn(S, h, D, generator=g) for h in (hq, hkv, hkv))
     want = attend(q, k, v, cache, meta, None)  # CPU: batched masked SDPA
-    got = _attend_decode_grouped(q, cache, meta, None)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     nb = max(len(b) for b in mb.blocks) + 1  # one padding block per row (block 0, masked)
     table = torch.tensor([b + [0] * (nb - len(b)) for b in mb.blocks])
     mask = torch.arange(nb * BLOCK)[None, :] < torch.tensor(mb.ctx)[:, None]
