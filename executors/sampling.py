@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import torch
 
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
-_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_M2 = -7723592293110705685  # 0x94D049BB133111EB
+_MASK = (1 << 64) - 1
+_GOLDEN_U, _M1_U, _M2_U = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's constants
+
+
+def _signed(u: int) -> int:
+    """A 64-bit pattern as the int64 that torch stores."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+_GOLDEN, _M1, _M2 = _signed(_GOLDEN_U), _signed(_M1_U), _signed(_M2_U)
 
 
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,17 +46,14 @@ def uniforms(row_keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def _mix(z: int) -> int:
     """splitmix64 on a Python int (the same finaliser as ``splitmix64``), modulo 2^64."""
-    m = (1 << 64) - 1
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    z = ((z ^ (z >> 30)) * _M1_U) & _MASK
+    z = ((z ^ (z >> 27)) * _M2_U) & _MASK
     return z ^ (z >> 31)
 
 
 def row_key(seed: int, request: int, position: int) -> int:
     """One int64 key per sampled row: the hash of (seed, request, position), as a signed int64."""
-    m = (1 << 64) - 1
-    z = _mix((_mix((seed * 1_000_003 + request) & m) * 0x9E3779B97F4A7C15 + position) & m)
-    return z - (1 << 64) if z >= 1 << 63 else z
+    return _signed(_mix((_mix((seed * 1_000_003 + request) & _MASK) * _GOLDEN_U + position) & _MASK))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, keys: list[int]) -> torch.Tensor:

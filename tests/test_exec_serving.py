@@ -237,6 +237,10 @@ def test_gpu_sampling_draws_from_softmax_and_ignores_the_batch() -> None:
     u = uniforms(torch.tensor(keys[:100]), 1000)
     assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
     assert len(set(keys)) == len(keys) and row_key(7, 0, 0) != row_key(8, 0, 0)
+    from executors.sampling import _mix, _signed, splitmix64  # the int and the tensor finaliser agree
+
+    zs = [0, 1, 12345, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+    assert splitmix64(torch.tensor([_signed(z) for z in zs])).tolist() == [_signed(_mix(z)) for z in zs]
 
 
 def test_requests_arrive_over_time(tmp_path: Path) -> None:
