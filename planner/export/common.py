@@ -289,3 +289,33 @@ def render(x: Export, fmt: Format, explain: bool = False) -> str:
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+
+
+DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16", "int4": "bfloat16"}
+"""The plan's weights dtype -> the engines' ``--dtype`` (quantized weights compute in bf16)."""
+
+
+def dtype_flags(t: Target, out: list[Decision], engine: str, kv_fp8: str, fp8_detail: str, kv_downgrade: str,
+                kv_auto: str) -> list[str]:
+    """``--dtype``, ``--quantization`` and ``--kv-cache-dtype`` as vLLM-style servers spell them:
+    ``kv_fp8`` the engine's name of the e4m3 cache; ``kv_downgrade`` (with ``{kv}`` and ``{act}``)
+    and ``kv_auto`` what the explanation says when the KV dtype has no flag of its own."""
+    act = DTYPE[t.weights_dtype]
+    flags = ["--dtype", act]
+    quantized = t.weights_dtype in ("fp8", "int4")
+    out.append(Decision("map", f"weights {t.weights_dtype}" + (f", activations in {act}" if quantized else "")
+                               + f" -> --dtype {act}"))
+    if t.weights_dtype == "fp8":
+        flags += ["--quantization", "fp8"]
+        out.append(Decision("map", "weights fp8 -> --quantization fp8" + fp8_detail))
+    elif t.weights_dtype == "int4":
+        out.append(Decision("note", f"weights int4: point the model at an int4 (AWQ / GPTQ) checkpoint; {engine} reads "
+                                    "its quantization from the checkpoint"))
+    if t.kv_dtype == "fp8":
+        flags += ["--kv-cache-dtype", kv_fp8]
+        out.append(Decision("map", f"KV fp8 -> --kv-cache-dtype {kv_fp8}"))
+    elif DTYPE[t.kv_dtype] != act:
+        out.append(Decision("downgrade", kv_downgrade.format(kv=t.kv_dtype, act=act)))
+    else:
+        out.append(Decision("map", f"KV {t.kv_dtype} -> --kv-cache-dtype auto ({kv_auto})"))
+    return flags

@@ -12,10 +12,10 @@ Mapping: TP / PP / DP -> ``--tp-size`` / ``--pp-size`` / ``--dp-size`` (stage sp
 
 from __future__ import annotations
 
-from planner.export.common import Decision, Launch, Layout, Target, gpu_env, head_addr, partition
+from planner.export.common import (DTYPE, Decision, Launch, Layout, Target, dtype_flags, gpu_env, head_addr,
+                                   partition)
 from plans.schema import Plan
 
-DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16", "int4": "bfloat16"}
 PROGRAM = ["python", "-m", "sglang.launch_server"]
 DIST_PORT = "50000"
 ENCODER_PORT = 30100  # first encoder server's port; the LLM server keeps SGLang's 30000
@@ -29,25 +29,8 @@ def _flags(plan: Plan, t: Target, out: list[Decision]) -> list[str]:
         out.append(Decision("map", f"pp {t.pp} -> --pp-size {t.pp}; stage layers "
                                    f"{', '.join(f'{a}-{b}' for a, b in t.stages)} -> SGLANG_PP_LAYER_PARTITION="
                                    f"{partition(t)}"))
-    act = DTYPE[t.weights_dtype]
-    flags += ["--dtype", act]
-    quantized = t.weights_dtype in ("fp8", "int4")
-    out.append(Decision("map", f"weights {t.weights_dtype}" + (f", activations in {act}" if quantized else "")
-                               + f" -> --dtype {act}"))
-    if t.weights_dtype == "fp8":
-        flags += ["--quantization", "fp8"]
-        out.append(Decision("map", "weights fp8 -> --quantization fp8"))
-    elif t.weights_dtype == "int4":
-        out.append(Decision("note", "weights int4: point the model at an int4 (AWQ / GPTQ) checkpoint; SGLang reads "
-                                    "its quantization from the checkpoint"))
-    if t.kv_dtype == "fp8":
-        flags += ["--kv-cache-dtype", "fp8_e4m3"]
-        out.append(Decision("map", "KV fp8 -> --kv-cache-dtype fp8_e4m3"))
-    elif DTYPE[t.kv_dtype] != act:
-        out.append(Decision("downgrade", f"SGLang keeps a non-FP8 KV cache in the model dtype here: KV {t.kv_dtype} -> "
-                                         f"{act}"))
-    else:
-        out.append(Decision("map", f"KV {t.kv_dtype} -> --kv-cache-dtype auto (flag left out)"))
+    flags += dtype_flags(t, out, "SGLang", "fp8_e4m3", "",
+                         "SGLang keeps a non-FP8 KV cache in the model dtype here: KV {kv} -> {act}", "flag left out")
     flags += ["--chunked-prefill-size", str(t.max_batch_tokens), "--max-prefill-tokens", str(t.max_batch_tokens),
               "--max-running-requests", str(t.max_seqs)]
     out.append(Decision("map", f"scheduler: {t.max_batch_tokens} tokens per step -> --chunked-prefill-size and "

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 
-from planner.export.common import (Decision, Launch, Layout, Target, gpu_env, head_addr, partition)
+from planner.export.common import (DTYPE, Decision, Launch, Layout, Target, dtype_flags, gpu_env, head_addr,
+                                   partition)
 from plans.schema import Plan
 
-DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16", "int4": "bfloat16"}
 DP_RPC_PORT = "13345"
 ENCODER_PORT = 8100  # first encoder server's port; the LLM server keeps vLLM's 8000
 
@@ -28,26 +28,9 @@ def ec_config(role: str) -> str:
 
 def common_flags(plan: Plan, t: Target, out: list[Decision]) -> list[str]:
     """Model dtype, quantization, KV dtype and scheduler flags (every LLM server)."""
-    act = DTYPE[t.weights_dtype]
-    flags = ["--dtype", act]
-    quantized = t.weights_dtype in ("fp8", "int4")
-    out.append(Decision("map", f"weights {t.weights_dtype}" + (f", activations in {act}" if quantized else "")
-                               + f" -> --dtype {act}"))
-    if t.weights_dtype == "fp8":
-        flags += ["--quantization", "fp8"]
-        out.append(Decision("map", "weights fp8 -> --quantization fp8 (an FP8 checkpoint is read as is; a bf16 one "
-                                   "is quantized at load)"))
-    elif t.weights_dtype == "int4":
-        out.append(Decision("note", "weights int4: point the model at an int4 (AWQ / GPTQ) checkpoint; vLLM reads "
-                                    "its quantization from the checkpoint"))
-    if t.kv_dtype == "fp8":
-        flags += ["--kv-cache-dtype", "fp8"]
-        out.append(Decision("map", "KV fp8 -> --kv-cache-dtype fp8"))
-    elif DTYPE[t.kv_dtype] != act:
-        out.append(Decision("downgrade", f"vLLM keeps a non-FP8 KV cache in the model dtype (--kv-cache-dtype auto): "
-                                         f"KV {t.kv_dtype} -> {act}"))
-    else:
-        out.append(Decision("map", f"KV {t.kv_dtype} -> --kv-cache-dtype auto (the model dtype; flag left out)"))
+    flags = dtype_flags(t, out, "vLLM", "fp8", " (an FP8 checkpoint is read as is; a bf16 one is quantized at load)",
+                        "vLLM keeps a non-FP8 KV cache in the model dtype (--kv-cache-dtype auto): KV {kv} -> {act}",
+                        "the model dtype; flag left out")
     flags += ["--max-num-batched-tokens", str(t.max_batch_tokens), "--max-num-seqs", str(t.max_seqs),
               "--block-size", str(t.block_size)]
     out.append(Decision("map", f"scheduler: {t.max_batch_tokens} tokens per step -> --max-num-batched-tokens, "
