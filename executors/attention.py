@@ -63,9 +63,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
     query head j reads KV head ``j // (hq / hkv)`` (plain GQA), which SDPA does without copying
     the keys per query head (``enable_gqa``).
     """
-    dst = torch.where(meta.slots >= 0, meta.slots, cache.k.shape[0] - 1)  # padding -> scratch slot
-    _store(cache.k, dst, k)
-    _store(cache.v, dst, v)
+    if not paged_decode.store_kv_or_none(cache.k, cache.v, meta.slots, k, v):
+        dst = torch.where(meta.slots >= 0, meta.slots, cache.k.shape[0] - 1)  # padding -> scratch slot
+        _store(cache.k, dst, k)
+        _store(cache.v, dst, v)
     if meta.seqs is not None:
         return _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
     if meta.table is not None:

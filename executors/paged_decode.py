@@ -9,10 +9,16 @@ query heads.
 Flash decoding: the keys of a sequence are cut into ``nsplit`` ranges of ``keys_per_split`` keys,
 one program per ``(sequence, kv head, range)``, so a small batch still fills the GPU. A program
 keeps the running max ``m``, sum ``l`` and accumulator of the online softmax over its range and
-writes ``out_r = acc / l`` and ``lse_r = m + log l``; the ranges are combined as
-``out = sum_r softmax_r(lse_r) out_r`` (an empty range has ``lse = -inf`` and weight 0).
+writes ``out_r = acc / l`` and ``lse_r = m + log l``; a second kernel (one program per
+``(sequence, kv head)``) combines the ranges, ``out = sum_r exp(lse_r - M) out_r / sum_r
+exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and weight 0), and
+writes the ``[S, hq * D]`` result in the query's dtype: two launches per layer.
 
 Bytes read per step: each sequence's K and V once, ``2 x ctx x hkv x D x 2`` bytes, plus ``q``.
+
+``store_kv`` writes a step's new keys and values into the cache in one launch (``slots [T]``,
+negative = padding, written to the scratch slot), reading ``k, v [T, hkv, D]`` through their
+strides (views of the fused QKV projection need no copy).
 """
 
 from __future__ import annotations
@@ -74,9 +80,40 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N,
     )
-    w = torch.softmax(lse, dim=2)  # [S, hkv, nsplit, BLOCK_G]
-    o = (w[..., None] * out).sum(2)  # [S, hkv, BLOCK_G, BLOCK_D]
-    return o[:, :, :G, :D].reshape(S, hq * D).to(q.dtype)
+    o = torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
+    _combine[(S, hkv)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D)
+    return o
+
+
+def store_kv_or_none(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> bool:
+    """``store_kv`` when it serves these tensors (CUDA, one dtype, unit stride on the head dim);
+    False and nothing written otherwise (the caller takes the torch path)."""
+    if triton is None or _failed or not k.is_cuda or k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        return False
+    if k.stride(2) != 1 or v.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        return False
+    try:
+        store_kv(k_cache, v_cache, slots, k, v)
+        return True
+    except Exception as e:  # as paged_decode_or_none: first failure, then the torch path
+        import warnings
+
+        _failed.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"KV store kernel unavailable ({_failed[0][:200]}); using the torch path")
+        return False
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """``k_cache[slot_t] = k[t]``, ``v_cache[slot_t] = v[t]``; ``slot_t < 0`` writes the scratch
+    slot (the cache's last row). Caches ``[slots + 1, hkv, D]`` contiguous; ``k, v [T, hkv, D]``."""
+    T, hkv, D = k.shape
+    if T == 0:
+        return
+    HD = hkv * D
+    _store[(T,)](k_cache, v_cache, slots, k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                 k_cache.shape[0] - 1, D=D, HD=HD, BLOCK=triton.next_power_of_2(HD))
 
 
 if triton is not None:
@@ -122,3 +159,40 @@ if triton is not None:
         tl.store(OUT + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc / safe[:, None],
                  mask=dmask[None, :] & (g < BLOCK_G)[:, None])
         tl.store(LSE + base * BLOCK_G + g, tl.where(l > 0, m + tl.log(safe), float("-inf")))
+
+    @triton.jit
+    def _combine(OUT, LSE, O, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        H = tl.num_programs(1)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        base = (s * H + h) * R
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        for r in range(R):
+            m = tl.maximum(m, tl.load(LSE + (base + r) * BLOCK_G + g))
+        m = tl.where(m == float("-inf"), 0.0, m)  # rows with no keys (padded query heads): weight 0
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for r in range(R):
+            w = tl.exp(tl.load(LSE + (base + r) * BLOCK_G + g) - m)
+            l += w
+            acc += w[:, None] * tl.load(OUT + ((base + r) * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :])
+        o = acc / tl.where(l > 0, l, 1.0)[:, None]
+        mask = (g < G)[:, None] & (d < D)[None, :]
+        tl.store(O + s * H * G * D + (h * G + g)[:, None] * D + d[None, :], o.to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _store(KC, VC, SLOTS, K, V, stride_kt, stride_kh, stride_vt, stride_vh, scratch, D: tl.constexpr,
+               HD: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(SLOTS + t)
+        slot = tl.where(slot < 0, scratch, slot).to(tl.int64)
+        i = tl.arange(0, BLOCK)
+        mask = i < HD
+        h, d = i // D, i % D
+        k = tl.load(K + t * stride_kt + h * stride_kh + d, mask=mask)
+        v = tl.load(V + t * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(KC + slot * HD + i, k, mask=mask)
+        tl.store(VC + slot * HD + i, v, mask=mask)

@@ -116,8 +116,14 @@ def test_decode_graph_inputs_give_the_eager_logits(tmp_path) -> None:
 
 PAGED_CHECK = """
 import torch
-from executors.paged_decode import paged_decode, splits
+from executors.paged_decode import paged_decode, splits, store_kv
 torch.manual_seed(0)
+kc, vc = torch.zeros(9, 2, 6), torch.zeros(9, 2, 6)
+qkv = torch.randn(3, 2 + 2 + 2, 6)  # k and v as strided views of one projection, as in a layer
+k, v = qkv[:, 2:4], qkv[:, 4:]
+store_kv(kc, vc, torch.tensor([5, -1, 0]), k, v)
+assert torch.equal(kc[5], k[0]) and torch.equal(vc[0], v[2]) and torch.equal(kc[8], k[1]), "store_kv"
+assert kc[1:5].abs().sum() == 0 and vc[6:8].abs().sum() == 0, "store_kv wrote other slots"
 worst = 0.0
 for S, hq, hkv, D, bs, dt in [(3, 8, 2, 16, 4, torch.float32), (5, 32, 8, 128, 16, torch.float16),
                               (2, 4, 4, 80, 16, torch.float16), (12, 8, 1, 16, 4, torch.float32)]:
@@ -145,7 +151,8 @@ print(worst)
 def test_paged_decode_kernel_matches_reference() -> None:
     """The Triton paged-decode kernel (run by Triton's interpreter on CPU) against a per-sequence
     softmax over the keys its block table names: random tables, contexts, split counts, head
-    groups and a head size that is not a power of two."""
+    groups and a head size that is not a power of two (the ranges combined by the second kernel);
+    and the KV store kernel writing strided views at their slots, padding at the scratch slot."""
     import os
     import subprocess
     import sys
