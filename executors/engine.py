@@ -3,7 +3,8 @@
 ``load(plan)`` returns an ``Engine`` (a context manager). The driver runs one ``Scheduler`` per
 DP replica; each step it packs the scheduled chunks into micro-batches (one per pipeline
 micro-batch), picks the mode of each (shift: ``tp`` when its tokens <= the plan's threshold, else
-``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens. A single-rank
+``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens (both through
+shared-memory channels, ``executors.channel``; errors and deaths are watched while waiting). A single-rank
 plan runs in this process. A worker that fails or dies stops the whole engine: every rank is
 terminated and ``WorkerError`` names the rank and its error.
 
@@ -26,12 +27,13 @@ from typing import Any
 import torch
 
 from executors.batch import ImageJob, Step, StepOut, grid_patches
+from executors.channel import CHECK_S, Backoff, Channel, Polling
 from executors.config import ModelArgs, model_args, plan_config, run_dtypes
-from executors.parallel import Par
+from executors.parallel import Par, reporting_rank
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.weights import WeightSource
-from executors.worker import RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes
+from executors.worker import RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes
 from plans.errors import UserError
 from plans.schema import Plan
 
@@ -105,6 +107,7 @@ class Engine:
         self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
                                seed, device, self.num_blocks, self.backend, cuda_graphs)
         self.procs: list[Any] = []
+        self.early: list[tuple] = []  # queue messages read while checking on the ranks
         self.local: RankRunner | None = None
         self.step_id = 0
         self.closed = False
@@ -133,9 +136,20 @@ class Engine:
             ctx = mp.get_context("spawn")
         self.res_q = ctx.Queue()
         self.cmd_q = [ctx.Queue() for _ in range(self.world)]
+        self.polling = Polling.for_device(self.spec.device.startswith("cuda"))
+        links: dict[int, RankLink] = {}
+        self.step_ch, self.out_ch = [], []  # per replica: driver -> its ranks, reporting rank -> driver
+        for rep in range(self.plan.mesh.dp):
+            ranks = self.dims.replica_ranks(rep)
+            steps, outs = Channel.create(readers=len(ranks)), Channel.create(readers=1)
+            self.step_ch.append(Channel(steps, polling=self.polling))
+            self.out_ch.append(Channel(outs, reader=0, polling=self.polling))
+            for i, r in enumerate(ranks):
+                links[r] = RankLink(steps, i, outs if r == reporting_rank(self.plan.mesh, rep) else None)
         init = f"tcp://127.0.0.1:{_free_port()}"
         for r in range(self.world):
-            p = ctx.Process(target=run_rank, args=(r, self.world, init, self.spec, self.cmd_q[r], self.res_q), daemon=True)
+            p = ctx.Process(target=run_rank, args=(r, self.world, init, self.spec, self.cmd_q[r], self.res_q, links.get(r)),
+                            daemon=True)
             p.start()
             self.procs.append(p)
         ready = 0
@@ -157,6 +171,20 @@ class Engine:
             if msg[0] == "error":
                 self._fail(msg, [])
             return msg
+
+    def _check(self) -> None:
+        """Raise (after stopping every rank) if a rank reported an error or died."""
+        try:
+            while True:
+                msg = self.res_q.get_nowait()
+                if msg[0] == "error":
+                    self._fail(msg, [])
+                self.early.append(msg)  # an output or encoder report: the caller takes it
+        except queue.Empty:
+            pass
+        dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+        if dead:
+            self._fail(None, dead)
 
     def _fail(self, first_error: tuple | None, dead: list[tuple[int, int]]) -> None:
         """Gather what the ranks say for a moment, stop them all, raise naming the culprit."""
@@ -189,6 +217,11 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        for ch in getattr(self, "step_ch", []):
+            try:
+                ch.send(None, timeout=0.0 if force else 1.0)
+            except Exception:
+                pass
         for q in getattr(self, "cmd_q", []):
             try:
                 q.put(None)
@@ -206,6 +239,9 @@ class Engine:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=3.0)
+        for ch in getattr(self, "step_ch", []) + getattr(self, "out_ch", []):
+            ch.close()
+            Channel.unlink(ch.spec)
 
     def __enter__(self) -> "Engine":
         return self
@@ -245,16 +281,30 @@ class Engine:
             return {rep: self.local.run(st) for rep, st in steps.items()}
         for rep, st in steps.items():
             blob = to_bytes(st)
-            for r in self.dims.replica_ranks(rep):
-                self.cmd_q[r].put(blob)
+            if not self.step_ch[rep].send(blob, check=self._check):  # too large for a slot: by queue
+                for r in self.dims.replica_ranks(rep):
+                    self.cmd_q[r].put(blob)
         outs: dict[int, StepOut] = {}
-        while len(outs) < len(steps):
-            kind, _rank, payload = self._get()
-            if kind == "out":
-                o = from_bytes(payload)
-                outs[o.replica] = o
-            elif kind == "encoded":
-                self._encoded(payload)
+        backoff, last = Backoff(self.polling), time.perf_counter()
+        while True:
+            while self.early:  # queue messages met while checking on the ranks
+                kind, _rank, payload = self.early.pop(0)
+                if kind == "out":
+                    o = from_bytes(payload)
+                    outs[o.replica] = o
+                elif kind == "encoded":
+                    self._encoded(payload)
+            for rep in steps:
+                if rep not in outs:
+                    ok, blob = self.out_ch[rep].poll(overflow=lambda: None)  # too large: comes by res_q
+                    if ok and blob is not None:
+                        outs[rep] = from_bytes(blob)
+            if len(outs) == len(steps):
+                break
+            backoff.pause()
+            if time.perf_counter() - last > min(CHECK_S, 1e-3 + backoff.sleep):
+                self._check()
+                last = time.perf_counter()
         return outs
 
     # ------------------------------------------------------------------ dedicated encoders

@@ -63,6 +63,11 @@ def global_rank(mesh: Mesh, coords: dict[str, int]) -> int:
     return _dims(mesh).rank(**coords)
 
 
+def reporting_rank(mesh: Mesh, replica: int) -> int:
+    """The rank that samples and reports a replica's tokens: (dp=replica, pp=last, tp=0, sp=0)."""
+    return global_rank(mesh, {"dp": replica, "pp": mesh.pp - 1})
+
+
 def replica_ranks(mesh: Mesh, replica: int, stages: range | None = None) -> tuple[int, ...]:
     """Global ranks of one DP replica (of ``stages``, default all), stage by stage, each stage in
     shift-rank order (``ParallelDims.replica_ranks``)."""

@@ -22,18 +22,13 @@ import torch.distributed as dist
 from executors.batch import Step, StepOut
 from executors.engine import Engine
 from executors.encoders import EncoderServer
-from executors.parallel import build_par, global_rank
+from executors.parallel import build_par, reporting_rank
 from executors.worker import RankRunner, WorkerSpec, encoder_server, from_bytes, rank_device, to_bytes
-from plans.schema import Mesh, Plan
+from plans.schema import Plan
 
 
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def reporting_rank(mesh: Mesh, replica: int) -> int:
-    """Global rank of (dp=replica, pp=last, tp=0, sp=0) in the schema's axis order."""
-    return global_rank(mesh, {"dp": replica, "pp": mesh.pp - 1})
 
 
 def join(spec: WorkerSpec) -> RankRunner | EncoderServer:

@@ -1,10 +1,10 @@
 """One worker per rank: join the process group, build this rank's stage, run steps.
 
-The driver sends each rank of a DP replica the same serialized ``Step``; the ranks of a stage run
-it together (collectives on their groups), hand hidden states to the next stage point-to-point,
-and the last stage's shift-rank-0 GPU samples and reports. Errors are reported to the driver with
-the rank and traceback, then the worker exits. The same ``run_rank`` serves local spawning and
-torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` from the environment).
+The driver sends each rank of a DP replica the same serialized ``Step`` (through a shared-memory
+channel, ``executors.channel``); the ranks of a stage run it together (collectives on their
+groups), hand hidden states to the next stage point-to-point, and the last stage's shift-rank-0
+GPU samples and reports. Errors are reported to the driver with the rank and traceback, then the
+worker exits. ``RankRunner`` also serves torchrun's ranks (``executors.torchrun``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from executors.batch import MicroBatch, Step, StepOut
+from executors.channel import Channel, ChannelSpec, Polling
 from executors.config import ModelArgs, run_dtypes
 from executors.encoders import EncoderServer
 from executors.parallel import Par, build_par
@@ -41,6 +42,16 @@ class WorkerSpec:
     num_blocks: int
     backend: str
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA ranks only)
+
+
+@dataclass
+class RankLink:
+    """A spawned rank's channels (``executors.channel``): it is reader ``reader`` of its replica's
+    step channel; the replica's reporting rank also writes the outputs channel."""
+
+    steps: ChannelSpec
+    reader: int
+    outs: ChannelSpec | None = None
 
 
 def to_bytes(obj: Any) -> bytes:
@@ -134,18 +145,18 @@ def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
     return EncoderServer(torch.inference_mode()(tower.__call__))
 
 
-def run_rank(rank: int, world: int, init_method: str | None, spec: WorkerSpec, cmd_q: Any, res_q: Any) -> None:
-    """Process entry point (spawned, or under torchrun with ``init_method=None``)."""
+def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: Any, res_q: Any,
+             link: RankLink | None = None) -> None:
+    """Process entry point of a spawned rank. Steps arrive on ``link.steps`` (one too large for
+    a slot comes on ``cmd_q``), outputs leave on ``link.outs`` (or ``res_q`` when too large);
+    readiness, errors and encoder messages use the queues."""
     torch.set_num_threads(1)
     try:
         dev = rank_device(spec, rank)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if init_method is None:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
         plan = Plan.model_validate_json(spec.plan_json)
         par = build_par(plan.mesh, rank, dev)
         if par is None:  # a dedicated encoder rank
@@ -157,11 +168,16 @@ def run_rank(rank: int, world: int, init_method: str | None, spec: WorkerSpec, c
                 res_q.put(("encoded", rank, req))
         else:
             runner = RankRunner(spec, par)
+            polling = Polling.for_device(dev.type == "cuda")
+            steps = Channel(link.steps, link.reader, polling)
+            outs = Channel(link.outs, polling=polling) if link.outs is not None else None
             res_q.put(("ready", rank, None))
-            while (msg := cmd_q.get()) is not None:
+            while (msg := steps.recv(overflow=cmd_q.get)) is not None:
                 out = runner.run(from_bytes(msg))
                 if out is not None:
-                    res_q.put(("out", rank, to_bytes(out)))
+                    blob = to_bytes(out)
+                    if outs is None or not outs.send(blob):
+                        res_q.put(("out", rank, blob))
     except BaseException as e:  # report, then exit non-zero: the driver stops every rank
         name = type(e).__name__
         res_q.put(("error", rank, f"{name}: {e}\n{traceback.format_exc()}"))

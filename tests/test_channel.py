@@ -1,0 +1,72 @@
+"""The shared-memory step channel: order, ring reuse, overflow, end marker, a full ring, and a
+message crossing processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+
+from executors.channel import Channel, ChannelSpec
+
+
+@pytest.fixture
+def spec():
+    s = Channel.create(readers=2, slots=2, capacity=64)
+    yield s
+    Channel.unlink(s)
+
+
+def test_messages_reach_every_reader_in_order_through_a_reused_ring(spec: ChannelSpec) -> None:
+    w, r0, r1 = Channel(spec), Channel(spec, reader=0), Channel(spec, reader=1)
+    got0, got1 = [], []
+    for i in range(7):  # more messages than slots: each slot is reused once both readers acked it
+        assert w.send(f"step {i}".encode())
+        got0.append(r0.recv())
+        if i % 2:  # reader 1 lags by up to two messages, the ring's depth
+            got1 += [r1.recv(), r1.recv()]
+    got1.append(r1.recv())
+    assert got0 == got1 == [f"step {i}".encode() for i in range(7)]
+    assert r0.poll() == (False, None)
+
+
+def test_a_full_ring_times_out_and_writes_nothing(spec: ChannelSpec) -> None:
+    w, r0, r1 = Channel(spec), Channel(spec, reader=0), Channel(spec, reader=1)
+    w.send(b"a")
+    w.send(b"b")
+    r0.recv()  # reader 1 has read nothing: slot 0 is still its
+    with pytest.raises(TimeoutError):
+        w.send(b"c", timeout=0.01)
+    assert r1.recv() == b"a" and w.send(b"c") and r0.recv() == b"b" and r0.recv() == b"c"
+
+
+def test_overflow_and_end_markers(spec: ChannelSpec) -> None:
+    w, r0 = Channel(spec), Channel(spec, reader=0)
+    big = b"x" * 65
+    assert w.send(big) is False  # larger than a slot: the caller sends it by its fallback
+    assert r0.recv(overflow=lambda: big) == big
+    w.send(None)
+    assert r0.recv() is None
+
+
+def _echo(spec: ChannelSpec, back: ChannelSpec) -> None:
+    inp, out = Channel(spec, reader=0), Channel(back)
+    while (m := inp.recv()) is not None:
+        out.send(m[::-1])
+
+
+def test_messages_cross_processes() -> None:
+    there, back = Channel.create(readers=1), Channel.create(readers=1)
+    try:
+        p = mp.get_context("spawn").Process(target=_echo, args=(there, back))
+        p.start()
+        w, r = Channel(there), Channel(back, reader=0)
+        for i in range(50):
+            w.send(b"abc%d" % i)
+            assert r.recv() == (b"abc%d" % i)[::-1]
+        w.send(None)
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    finally:
+        Channel.unlink(there)
+        Channel.unlink(back)
