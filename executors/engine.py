@@ -107,6 +107,14 @@ class Engine:
         self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
                                seed, device, self.num_blocks, self.backend, cuda_graphs)
         self.procs: list[Any] = []
+        # Pipeline micro-batches in flight per replica, each with its own scheduler (a lane) and one
+        # micro-batch per step: a lane's step overlaps the other lanes' on the other stages. Spawned
+        # ranks only: torchrun's ranks run rounds in lock step (``lock_step``), and embeddings from
+        # dedicated encoders reach stage 0 in the order requests are admitted, which lanes would break.
+        self.lanes = max(1, plan.scheduler.microbatches) if plan.mesh.pp > 1 and not self.encoders else 1
+        self.lock_step = False  # send a round only once every step in flight has answered
+        self.in_flight = [0] * plan.mesh.dp  # steps sent to each replica, not yet answered
+        self.done: list[StepOut] = []  # answers of the single-rank engine (it runs steps as sent)
         self.early: list[tuple] = []  # queue messages read while checking on the ranks
         self.local: RankRunner | None = None
         self.step_id = 0
@@ -120,6 +128,7 @@ class Engine:
         if self.world == 1:
             dev = torch.device(device)
             self.local = RankRunner(self.spec, Par(device=dev), src)
+            self.lanes = 1
         else:
             if src is not None:
                 raise UserError("an in-memory weight source works with single-rank plans only; give a safetensors directory")
@@ -265,7 +274,7 @@ class Engine:
         return self.dims.mode_for(tokens, stage)
 
     def _micro(self, chunks: list[Chunk]) -> list:
-        m = max(1, min(self.plan.scheduler.microbatches, len(chunks)))
+        m = 1 if self.lanes > 1 else max(1, min(self.plan.scheduler.microbatches, len(chunks)))
         groups = [chunks[i::m] for i in range(m)] if m > 1 else [chunks]
         out = []
         for g in groups:
@@ -277,35 +286,46 @@ class Engine:
 
     def _dispatch(self, steps: dict[int, Step]) -> dict[int, StepOut]:
         """Run one step on each DP replica named in ``steps``; return each replica's output."""
+        self._send(steps)
+        outs = [self._receive() for _ in steps]
+        return {o.replica: o for o in outs}
+
+    def _send(self, steps: dict[int, Step]) -> None:
+        """Start one step on each replica named in ``steps`` (answers come from ``_receive``)."""
         if self.local is not None:
-            return {rep: self.local.run(st) for rep, st in steps.items()}
+            self.done += [self.local.run(st) for st in steps.values()]
+            return
         for rep, st in steps.items():
             blob = to_bytes(st)
             if not self.step_ch[rep].send(blob, check=self._check):  # too large for a slot: by queue
                 for r in self.dims.replica_ranks(rep):
                     self.cmd_q[r].put(blob)
-        outs: dict[int, StepOut] = {}
+            self.in_flight[rep] += 1
+
+    def _receive(self) -> StepOut:
+        """The next answer of any replica with a step in flight (each replica answers in order)."""
+        if self.local is not None:
+            return self.done.pop(0)
         backoff, last = Backoff(self.polling), time.perf_counter()
         while True:
             while self.early:  # queue messages met while checking on the ranks
                 kind, _rank, payload = self.early.pop(0)
                 if kind == "out":
                     o = from_bytes(payload)
-                    outs[o.replica] = o
-                elif kind == "encoded":
+                    self.in_flight[o.replica] -= 1
+                    return o
+                if kind == "encoded":
                     self._encoded(payload)
-            for rep in steps:
-                if rep not in outs:
+            for rep, n in enumerate(self.in_flight):
+                if n:
                     ok, blob = self.out_ch[rep].poll(overflow=lambda: None)  # too large: comes by res_q
                     if ok and blob is not None:
-                        outs[rep] = from_bytes(blob)
-            if len(outs) == len(steps):
-                break
+                        self.in_flight[rep] -= 1
+                        return from_bytes(blob)
             backoff.pause()
             if time.perf_counter() - last > min(CHECK_S, 1e-3 + backoff.sleep):
                 self._check()
                 last = time.perf_counter()
-        return outs
 
     # ------------------------------------------------------------------ dedicated encoders
     def _submit_encode(self, replica: int, s: Seq) -> None:
@@ -359,16 +379,18 @@ class Engine:
         sampling = sampling or Sampling()
         a = self.args
         results = [Result() for _ in requests]
-        dp = self.plan.mesh.dp
+        dp, L = self.plan.mesh.dp, self.lanes
         sch = self.plan.scheduler
-        scheds = [Scheduler(self.num_blocks, self.block, sch.max_batch_tokens, sch.max_seqs) for _ in range(dp)]
+        scheds = [sc for _ in range(dp)  # lane l of replica r is scheds[r * L + l]
+                  for sc in Scheduler.lanes(L, self.num_blocks, self.block, sch.max_batch_tokens, sch.max_seqs)]
         self.schedulers = scheds
         seqs: dict[int, Seq] = {}  # by engine-wide request id (base + index): worker state never mixes calls
         base = self.next_req
         self.next_req += len(requests)
-        free = self.pending_free  # finished ids not yet told to the workers (sent with the next step)
-        held: dict[int, tuple[int, Seq]] = {}  # dedicated encoding under way: request -> (replica, seq)
-        pending: list[tuple[float, int, Seq]] = []  # (arrival, replica, sequence), by arrival
+        free = self.pending_free  # per replica: finished ids not yet told to the workers (sent with a step)
+        held: dict[int, tuple[int, Seq]] = {}  # dedicated encoding under way: request -> (lane, seq)
+        pending: list[tuple[float, int, Seq]] = []  # (arrival, lane, sequence), by arrival
+        in_flight: dict[int, tuple[int, list[Chunk]]] = {}  # step id -> (lane, its chunks)
         t0 = time.perf_counter()
         for i, req in enumerate(requests):
             try:
@@ -379,77 +401,90 @@ class Engine:
                 continue
             results[i].prompt_tokens = list(s.tokens)
             seqs[base + i] = s
-            pending.append((arrivals[i] if arrivals else 0.0, len(pending) % dp, s))
+            pending.append((arrivals[i] if arrivals else 0.0, len(pending) % len(scheds), s))
         pending.sort(key=lambda x: x[0])
         pending.reverse()  # the next arrival last: pop() takes it
 
         def admit() -> None:
             now = time.perf_counter() - t0
             while pending and pending[-1][0] <= now:
-                _t, rep, s = pending.pop()
+                _t, lane, s = pending.pop()
                 if self.encoders and s.image_grid:
-                    self._submit_encode(rep, s)
-                    held[s.req] = (rep, s)
+                    self._submit_encode(lane // L, s)
+                    held[s.req] = (lane, s)
                 else:
-                    scheds[rep].add(s)
+                    scheds[lane].add(s)
 
         logits: dict[int, list[torch.Tensor]] = {rid: [] for rid in seqs}
         idle = False  # the last round scheduled nothing: wait for an encoder
         try:
-            while pending or held or any(sc.has_work() for sc in scheds):
+            while pending or held or in_flight or any(sc.has_work() for sc in scheds):
                 admit()
-                if pending and not held and not any(sc.has_work() for sc in scheds):  # idle until the next arrival
-                    time.sleep(max(0.0, pending[-1][0] - (time.perf_counter() - t0)))
+                if pending and not held and not in_flight and not any(sc.has_work() for sc in scheds):
+                    time.sleep(max(0.0, pending[-1][0] - (time.perf_counter() - t0)))  # idle until the next arrival
                     continue
                 if held:  # admit requests whose images are encoded, in the order they finished
-                    for rid in self._take_encoded(wait=idle or not any(sc.has_work() for sc in scheds)):
+                    wait = not in_flight and (idle or not any(sc.has_work() for sc in scheds))
+                    for rid in self._take_encoded(wait=wait):
                         if rid in held:
-                            rep, s = held.pop(rid)
-                            scheds[rep].add(s)
-                sent: dict[int, list[Chunk]] = {}
+                            lane, s = held.pop(rid)
+                            scheds[lane].add(s)
+                busy = {lane for lane, _ in in_flight.values()}
                 steps: dict[int, Step] = {}
-                for rep, sc in enumerate(scheds):
+                for lane, sc in enumerate(scheds):
+                    if lane in busy or lane // L in steps or (self.lock_step and in_flight):  # one step per replica per send
+                        continue
                     chunks, _preempted = sc.schedule()  # their KV is freed; embeddings stay on stage 0
                     if not chunks:
                         continue
                     self.step_id += 1
+                    rep = lane // L
                     steps[rep] = Step(self.step_id, self._micro(chunks), free=free[rep],
                                       want_logits=self.keep_logits, temperature=sampling.temperature,
                                       top_k=sampling.top_k, seed=sampling.seed, req_base=base)
                     free[rep] = []
-                    sent[rep] = chunks
-                idle = not sent
-                if not sent:
+                    in_flight[self.step_id] = (lane, chunks)
+                idle = not steps
+                if not in_flight:
                     if held:
                         continue
                     raise UserError("scheduler stalled: no request fits the KV cache")
-                outs = self._dispatch(steps)
-                for rep, chunks in sent.items():
-                    o = outs[rep]
-                    for md in o.mode:
-                        self.mode_counts[md] += 1
-                    for c in chunks:
-                        c.seq.computed += c.n
-                    for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
-                        s, res = seqs[rid], results[rid - base]
-                        s.tokens.append(tok)
-                        res.tokens.append(tok)
-                        if o.logits is not None:
-                            logits[rid].append(o.logits[j])
-                        done = s.generated >= s.max_new or (sampling.stop_on_eos and tok in a.eos_token_ids)
-                        if done:
-                            scheds[rep].finish(s)
-                            free[rep].append(rid)
-                            if self.keep_logits:
-                                res.logits = torch.stack(logits[rid])
-                            if self.tokenizer is not None:
-                                res.text = self.tokenizer.decode(res.tokens)
-                        yield rid - base, tok, res
+                if steps:
+                    self._send(steps)
+                if steps and L > 1 and len(in_flight) < len(scheds) and any(
+                        sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy and lane // L not in steps):
+                    continue  # another lane can start before this answer comes
+                o = self._receive()
+                lane, chunks = in_flight.pop(o.step_id)
+                for md in o.mode:
+                    self.mode_counts[md] += 1
+                for c in chunks:
+                    c.seq.computed += c.n
+                for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
+                    s, res = seqs[rid], results[rid - base]
+                    s.tokens.append(tok)
+                    res.tokens.append(tok)
+                    if o.logits is not None:
+                        logits[rid].append(o.logits[j])
+                    done = s.generated >= s.max_new or (sampling.stop_on_eos and tok in a.eos_token_ids)
+                    if done:
+                        scheds[lane].finish(s)
+                        free[lane // L].append(rid)
+                        if self.keep_logits:
+                            res.logits = torch.stack(logits[rid])
+                        if self.tokenizer is not None:
+                            res.text = self.tokenizer.decode(res.tokens)
+                    yield rid - base, tok, res
         finally:
+            if not self.closed:
+                for _ in in_flight:  # a stream left early: take the answers of steps still running
+                    self._receive()
             if self.encoders:
-                for rep, sc in enumerate(scheds):
-                    self._drain(rep, [s for r, s in held.values() if r == rep] +
-                                [s for s in list(sc.waiting) + sc.running if s.encoder is not None and not s.encoded])
+                for rep in range(dp):
+                    lanes = scheds[rep * L:(rep + 1) * L]
+                    self._drain(rep, [s for lane, s in held.values() if lane // L == rep] +
+                                [s for sc in lanes for s in list(sc.waiting) + sc.running
+                                 if s.encoder is not None and not s.encoded])
         if self.local is not None:
             for f in free:
                 self.local.model.forget(f)

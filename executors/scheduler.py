@@ -81,8 +81,14 @@ class BlockPool:
 
 
 class Scheduler:
-    def __init__(self, num_blocks: int, block_size: int, max_batch_tokens: int, max_seqs: int):
-        self.pool = BlockPool(num_blocks)
+    """One lane's continuous batching. The lanes of a replica (pipeline micro-batches in flight,
+    ``Scheduler.lanes``) share its KV block pool and its ``max_seqs`` seats; the token budget is
+    per step of a lane (one micro-batch), as in the simulator."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_batch_tokens: int, max_seqs: int,
+                 pool: BlockPool | None = None):
+        self.pool = pool or BlockPool(num_blocks)
+        self.peers: list[Scheduler] = [self]  # the replica's lanes, this one included
         self.block, self.budget, self.max_seqs = block_size, max_batch_tokens, max_seqs
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
@@ -132,7 +138,7 @@ class Scheduler:
                 budget -= n
         if dropped:  # blocks are short: admit nothing new this step
             return chunks, dropped
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while self.waiting and budget > 0 and sum(len(p.running) for p in self.peers) < self.max_seqs:
             s = self.waiting[0]
             n = min(len(s.tokens) - s.computed, budget)
             if not self.pool.grow(s, s.computed + n, self.block):
@@ -142,6 +148,15 @@ class Scheduler:
             chunks.append(Chunk(s, n))
             budget -= n
         return chunks, dropped
+
+    @staticmethod
+    def lanes(n: int, num_blocks: int, block_size: int, max_batch_tokens: int, max_seqs: int) -> list["Scheduler"]:
+        """``n`` lanes of one replica over one pool of ``num_blocks``."""
+        pool = BlockPool(num_blocks)
+        out = [Scheduler(num_blocks, block_size, max_batch_tokens, max_seqs, pool) for _ in range(n)]
+        for sc in out:
+            sc.peers = out
+        return out
 
     def finish(self, s: Seq) -> None:
         self.running.remove(s)

@@ -57,26 +57,31 @@ class TorchrunEngine(Engine):
             raise UserError(f"plan {self.plan.name} needs {self.world} ranks; torchrun started {world}")
         self.runner = join(self.spec)
         self.to_encode: list[tuple[int, tuple]] = []
+        self.lock_step, self.lanes = True, 1
 
     def _send_encode(self, rank: int, job: tuple) -> None:
         self.to_encode.append((rank, job))  # goes out with the next step
         self._encoded(job[0])
 
-    def _dispatch(self, steps: dict[int, Step]) -> dict[int, StepOut]:
+    def _send(self, steps: dict[int, Step]) -> None:
+        """One broadcast carries the round's steps and encode jobs; then this rank runs its own."""
         jobs, self.to_encode = self.to_encode, []
         dist.broadcast_object_list([to_bytes((steps, jobs))], src=0)
-        outs: dict[int, StepOut] = {}
+        self.waiting = list(steps)
         mine = steps.get(self.runner.par.dp_i)
         if mine is not None:
             o = self.runner.run(mine)
             if o is not None:
-                outs[o.replica] = o
-        for rep in steps:
-            if rep not in outs:
-                box: list[Any] = [None]
-                dist.recv_object_list(box, src=reporting_rank(self.plan.mesh, rep))
-                outs[rep] = from_bytes(box[0])
-        return outs
+                self.done.append(o)
+                self.waiting.remove(o.replica)
+
+    def _receive(self) -> StepOut:
+        """This rank's own answer first, then each other replica's from its reporting rank."""
+        if self.done:
+            return self.done.pop(0)
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=reporting_rank(self.plan.mesh, self.waiting.pop(0)))
+        return from_bytes(box[0])
 
     def shutdown(self, force: bool = False) -> None:
         if self.closed:
