@@ -451,9 +451,9 @@ class Engine:
                     raise UserError("scheduler stalled: no request fits the KV cache")
                 if steps:
                     self._send(steps)
-                if steps and L > 1 and len(in_flight) < len(scheds) and any(
-                        sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy and lane // L not in steps):
-                    continue  # another lane can start before this answer comes
+                busy = {lane for lane, _ in in_flight.values()}
+                if steps and L > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
+                    continue  # another lane can start before an answer comes
                 o = self._receive()
                 lane, chunks = in_flight.pop(o.step_id)
                 for md in o.mode:

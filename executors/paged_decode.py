@@ -10,7 +10,7 @@ Flash decoding: the keys of a sequence are cut into ``nsplit`` ranges of ``keys_
 one program per ``(sequence, kv head, range)``, so a small batch still fills the GPU. A program
 keeps the running max ``m``, sum ``l`` and accumulator of the online softmax over its range and
 writes ``out_r = acc / l`` and ``lse_r = m + log l``; a second kernel (one program per
-``(sequence, kv head)``) combines the ranges, ``out = sum_r exp(lse_r - M) out_r / sum_r
+``(sequence, query head)``, all ranges loaded at once) combines them, ``out = sum_r exp(lse_r - M) out_r / sum_r
 exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and weight 0), and
 writes the ``[S, hq * D]`` result in the query's dtype: two launches per layer.
 
@@ -34,6 +34,7 @@ except ImportError:  # CPU-only installs: attention.py falls back to the torch p
 BLOCK_N = 64  # keys per inner iteration
 BLOCK_G = 16  # query heads per program, padded (tl.dot needs 16 rows)
 TARGET_PROGRAMS = 264  # about two per SM on an H100/H200 (132 SMs)
+MAX_SPLITS = 64  # the combine kernel holds every range of a head at once
 _failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
 
 
@@ -47,7 +48,7 @@ def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None
 def splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
     """``(nsplit, keys_per_split)``: enough programs to fill the GPU, ranges of whole BLOCK_N."""
     chunks = max(1, -(-max_keys // BLOCK_N))
-    nsplit = max(1, min(chunks, -(-TARGET_PROGRAMS // (S * hkv))))
+    nsplit = max(1, min(chunks, -(-TARGET_PROGRAMS // (S * hkv)), MAX_SPLITS))
     return nsplit, -(-chunks // nsplit) * BLOCK_N
 
 
@@ -81,7 +82,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N,
     )
     o = torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
-    _combine[(S, hkv)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D)
+    _combine[(S, hq)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
+                      BLOCK_R=triton.next_power_of_2(nsplit))
     return o
 
 
@@ -162,26 +164,20 @@ if triton is not None:
 
     @triton.jit
     def _combine(OUT, LSE, O, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
         s = tl.program_id(0)
-        h = tl.program_id(1)
-        H = tl.num_programs(1)
-        g = tl.arange(0, BLOCK_G)
+        qh = tl.program_id(1)  # query head: KV head qh // G, row qh % G of its group
+        hq = tl.num_programs(1)
+        H = hq // G
+        r = tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
-        base = (s * H + h) * R
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        for r in range(R):
-            m = tl.maximum(m, tl.load(LSE + (base + r) * BLOCK_G + g))
-        m = tl.where(m == float("-inf"), 0.0, m)  # rows with no keys (padded query heads): weight 0
-        l = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for r in range(R):
-            w = tl.exp(tl.load(LSE + (base + r) * BLOCK_G + g) - m)
-            l += w
-            acc += w[:, None] * tl.load(OUT + ((base + r) * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :])
-        o = acc / tl.where(l > 0, l, 1.0)[:, None]
-        mask = (g < G)[:, None] & (d < D)[None, :]
-        tl.store(O + s * H * G * D + (h * G + g)[:, None] * D + d[None, :], o.to(O.dtype.element_ty), mask=mask)
+        rows = ((s * H + qh // G) * R + r) * BLOCK_G + qh % G  # [BLOCK_R] rows of this head, one per range
+        lse = tl.load(LSE + rows, mask=r < R, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))  # empty ranges: weight 0
+        x = tl.load(OUT + rows[:, None] * BLOCK_D + d[None, :], mask=(r < R)[:, None], other=0.0)
+        o = tl.sum(w[:, None] * x, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+        tl.store(O + (s * hq + qh) * D + d, o.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _store(KC, VC, SLOTS, K, V, stride_kt, stride_kh, stride_vt, stride_vh, scratch, D: tl.constexpr,
