@@ -1,0 +1,132 @@
+"""Small all-reduces on the GPUs of one node: what a TP decode step's 2 x layers all-reduces cost
+each way (issue 12, point 4: "small all-reduces not bound by launches").
+
+A decode step at batch B all-reduces ``[B, hidden]`` twice per layer. Timed, per call, for B in
+1, 8, 32, 128 rows of 4,096 bf16 values (8 KiB to 1 MiB), on every GPU of the node at once:
+
+* ``nccl_eager``: ``dist.all_reduce`` launched from Python, 200 back to back;
+* ``nccl_graph``: 64 of them captured in one CUDA graph, replayed (how decode graphs run them);
+* ``symm_eager`` / ``symm_graph``: PyTorch symmetric memory's one-shot all-reduce
+  (``torch.ops.symm_mem.one_shot_all_reduce``: each GPU reads its peers' buffers over NVLink and
+  sums; no NVLink multicast), the same two ways.
+
+A variant that fails records its error; the rest go on.
+
+    python bench/allreduce_latency.py --out DIR       # every GPU of this machine (2 or more)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROWS = (1, 8, 32, 128)
+HIDDEN = 4096
+CALLS = 64
+
+
+def _time(fn, reps: int) -> float:
+    """Microseconds per call of ``fn`` (CUDA events, after a warm-up), all ranks started together."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
+def _graph(call) -> torch.cuda.CUDAGraph:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(CALLS):
+            call()
+    return g
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+    group = dist.group.WORLD
+    rows: list[dict] = []
+    for n in ROWS:
+        row: dict = {"rows": n, "bytes": n * HIDDEN * 2}
+        x = torch.randn(n, HIDDEN, dtype=torch.bfloat16, device=dev)
+        try:
+            row["nccl_eager_us"] = round(_time(lambda: dist.all_reduce(x), 200), 2)
+            g = _graph(lambda: dist.all_reduce(x))
+            row["nccl_graph_us"] = round(_time(g.replay, 10) / CALLS, 2)
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            row["nccl_error"] = f"{type(e).__name__}: {e}"[:300]
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buf = symm_mem.empty(n, HIDDEN, dtype=torch.bfloat16, device=dev)
+            symm_mem.rendezvous(buf, group.group_name)
+            buf.copy_(x)
+            op = lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)  # noqa: E731
+            got = op()
+            ref = x.clone()
+            dist.all_reduce(ref)
+            row["symm_matches_nccl"] = bool(torch.allclose(got.float(), ref.float(), rtol=1e-2, atol=1e-2))
+            row["symm_eager_us"] = round(_time(op, 200), 2)
+            g = _graph(op)
+            row["symm_graph_us"] = round(_time(g.replay, 10) / CALLS, 2)
+        except Exception as e:  # noqa: BLE001
+            row["symm_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(rank, json.dumps(row), flush=True)
+    if rank == 0:
+        Path(out).write_text(json.dumps({
+            "command": "python bench/allreduce_latency.py --out DIR", "device": torch.cuda.get_device_name(),
+            "gpus": world, "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "hidden": HIDDEN, "dtype": "bf16", "calls_per_graph": CALLS, "rows": rows}, indent=2) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--port", type=int, default=29541)
+    args = ap.parse_args()
+    world = torch.cuda.device_count()
+    if world < 2:
+        sys.exit("error: needs 2 or more GPUs")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "allreduce_latency.json"
+    mp.spawn(_rank, args=(world, args.port, str(path)), nprocs=world)
+    r = json.loads(path.read_text())
+    lines = [f"# Small all-reduces: {r['gpus']} x {r['device']}, torch {r['torch']}, NCCL {r['nccl']}", "",
+             f"Command: `{r['command']}`. Per call, microseconds; graph = {CALLS} calls captured in one CUDA graph.", "",
+             "| rows x 4096 bf16 | bytes | NCCL eager | NCCL in graph | symm-mem one-shot eager | symm-mem in graph |",
+             "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        cells = [x.get(k, x.get(k.split("_")[0] + "_error", "-")) for k in
+                 ("nccl_eager_us", "nccl_graph_us", "symm_eager_us", "symm_graph_us")]
+        lines.append(f"| {x['rows']} | {x['bytes']} | " + " | ".join(str(c) for c in cells) + " |")
+    (args.out / "allreduce_latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
