@@ -1,0 +1,165 @@
+"""Helpers shared by the GPU benchmarks: random weights made on the device, the measured matmul
+rate, a timer (CUDA events on a GPU, the host clock on a CPU), medians and specs built in code."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_ms(fn: Callable[[], Any], device: torch.device | str, reps: int, warmup: int,
+             before: Callable[[], None] | None = None) -> list[float]:
+    """Times of ``reps`` calls of ``fn`` (after ``warmup`` untimed ones), in ms: CUDA events on a
+    GPU (synchronised before and after each call), the host clock on a CPU. ``before`` runs
+    before each call, untimed (e.g. a barrier)."""
+    dev = torch.device(device)
+    out: list[float] = []
+    for i in range(warmup + reps):
+        if before is not None:
+            before()
+        sync(dev)
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms = a.elapsed_time(b)
+        else:
+            t = time.perf_counter()
+            fn()
+            ms = 1e3 * (time.perf_counter() - t)
+        if i >= warmup:
+            out.append(ms)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def matmul_rate(device: torch.device | str, dtype: torch.dtype) -> dict[str, float]:
+    """Measured dense matmul rate (TFLOP/s): an ``n x n x n`` product on random data, the median of
+    several (n = 8192 on a GPU, 256 on a CPU)."""
+    dev = torch.device(device)
+    n = 8192 if dev.type == "cuda" else 256
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
+    ms = median(timed_ms(lambda: a @ b, dev, reps=20 if dev.type == "cuda" else 5, warmup=5 if dev.type == "cuda" else 1))
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": round(ms, 4),
+            "TFLOPs": round(2 * n**3 / (ms / 1e3) / 1e12, 4)}
+
+
+def random_like(name: str, shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A seeded random tensor of one checkpoint name made on ``device`` (the same on every rank):
+    norms ``1 + 0.1 N``, biases ``0.1 N``, embeddings ``N``, matrices ``N / sqrt(fan_in)`` (the
+    scales of ``executors.weights.random_tensor``, which draws on the CPU)."""
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    x = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+    base = name.rsplit(".", 1)[0]
+    if name.endswith("bias"):
+        x = x * 0.1
+    elif "norm" in base or base.endswith("ln_q"):
+        x = 1.0 + 0.1 * x
+    elif "embed_tokens" not in name:
+        fan_in = 1
+        for d in shape[1:]:
+            fan_in *= d
+        x = x / max(1, fan_in) ** 0.5
+    return x.to(dtype)
+
+
+class DeviceRandomSource:
+    """A ``executors.weights.WeightSource`` of seeded random weights drawn on the device (seconds
+    for an 8B model, where drawing on the CPU takes minutes)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device, dtype: torch.dtype, seed: int = 0):
+        self.shapes, self.device, self.dtype, self.seed = shapes, device, dtype, seed
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def has(self, name: str) -> bool:
+        return name in self.shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def rows(self, name: str, runs: list[tuple[int, int]] | None = None, dim: int = 0) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, random_like(name, self.shapes[name], self.seed, self.device, self.dtype))
+        t = self._last[1]
+        if runs is None:
+            return t
+        parts = [t.narrow(dim, s, e - s) for s, e in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def write_checkpoint(cfg: dict, out: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     shard_bytes: int = 4 << 30) -> dict[str, float]:
+    """A safetensors checkpoint of seeded random weights with every tensor the engine reads
+    (``executors.stage.checkpoint_shapes``), drawn on ``device``; shards of ~``shard_bytes``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from executors.config import model_args
+    from executors.stage import checkpoint_shapes
+
+    t0 = time.perf_counter()
+    shapes = checkpoint_shapes(model_args(cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    size, files, where, total = 0, [], {}, 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            files.append(name)
+            where.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        t = random_like(name, shape, seed, device, dtype).cpu()
+        shard[name] = t
+        size += t.numel() * t.element_size()
+        total += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": where}))
+    return {"bytes": total, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def spec_for(name: str, cfg_path: str | None, preset: str | None, gpus: int, dtype: str,
+             search: dict | None = None, images: bool = False, tokens: tuple[int, int, int] = (1024, 8192, 256)) -> Any:
+    """A ``planner.spec.Spec`` for ``gpus`` H200s of one node (a preset, or a config file);
+    ``tokens``: the workload's (mean input, max input, mean output) tokens."""
+    from planner.spec import Spec
+
+    model: dict[str, Any] = {"weights_dtype": dtype, "kv_dtype": dtype}
+    if preset:
+        model["preset"] = preset
+    else:
+        model["config"] = cfg_path
+    workload: dict[str, Any] = {"arrival_rate": 4.0, "input_tokens": {"mean": tokens[0], "max": tokens[1]},
+                                "output_tokens": {"mean": tokens[2]}}
+    if images:
+        workload["images"] = {"per_request": [1], "resolution": [[448, 448]]}
+    d: dict[str, Any] = {"name": name, "model": model, "hardware": {"gpu": "h200", "gpus_per_node": gpus, "nodes": 1},
+                         "workload": workload, "objective": "max_throughput"}
+    if search:
+        d["search"] = search
+    return Spec.model_validate(d)
