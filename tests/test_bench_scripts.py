@@ -1,0 +1,133 @@
+"""The GPU benchmarks bench/shift_crossover.py and bench/vl_speed.py, dry-run on CPU with tiny
+configs (2 gloo ranks): the report's structure, positive figures, and the figures that follow from
+others (floors from the stated FLOP formula and the measured matmul rate, ratios to one GPU,
+the interpolated crossover inside its bracket)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import shift_crossover as sc
+from bench import vl_speed as vl
+
+
+# ------------------------------------------------------------------ shift_crossover
+
+
+def test_token_grid_and_crossover_arithmetic():
+    g = sc.token_grid(64, 16384)
+    assert g[:4] == [64, 96, 128, 192] and g[-2:] == [12288, 16384] and len(g) == 17
+    # TP wins at 128 (d = +0.5), SP x TP from 256 on (d = -1): log-linear interpolation, f = 1/3
+    c = sc.crossover([(64, 1.0, 2.0), (128, 2.0, 2.5), (256, 4.0, 3.0), (512, 8.0, 5.0)])
+    assert c["bracket"] == [128, 256]
+    assert c["tokens"] == pytest.approx(128 * 2 ** (1 / 3), abs=0.1)
+    # SP x TP winning early and losing again does not count: the last run of wins does
+    c = sc.crossover([(64, 2.0, 1.0), (128, 2.0, 3.0), (256, 4.0, 3.0)])
+    assert c["bracket"] == [128, 256]
+    assert sc.crossover([(64, 1.0, 2.0), (128, 2.0, 3.0)])["tokens"] is None
+    assert sc.crossover([(64, 2.0, 1.0), (128, 3.0, 2.0)])["bracket"] == [None, 64]
+
+
+def test_mixed_step_holds_a_chunk_and_the_decodes():
+    mb = sc.step_batch("mixed", 64, 8, 40, vocab=1000, block=16, seed=0)
+    assert mb.num_tokens == 64 and len(mb.sample_idx) == 9 and not mb.decode
+    assert mb.ctx == [56] + [41] * 8
+    used = {b for bl in mb.blocks for b in bl}
+    assert max(used) < sc.blocks_needed([64], 8, 40, 16) - 1  # the last block stays free (scratch slot)
+    pre = sc.step_batch("prefill", 48, 8, 40, vocab=1000, block=16, seed=0)
+    assert pre.num_tokens == 48 and len(pre.sample_idx) == 1
+
+
+def test_shift_crossover_tiny_run(tmp_path):
+    r = sc.main(["--out", str(tmp_path), "--tiny", "--max-tokens", "16", "--reps", "1"])
+    saved = json.loads((tmp_path / "shift_crossover.json").read_text())
+    assert saved["grid"] == r["grid"] == [8, 12, 16]
+    assert r["ranks"] == {"exit_codes": [0, 0], "timed_out": False}
+    pl = r["planner"]
+    assert pl["source"] == "planner.api.compile_spec"
+    assert pl["crossover_tokens"] == pl["threshold_tokens"] + 1 and pl["curves"]
+    assert pl["cost_model_crossover_tokens"] >= 1
+    for kind in sc.KINDS:
+        steps = r["steps"][kind]
+        assert sorted(int(t) for t in steps) == [8, 12, 16]
+        for row in steps.values():
+            assert row["tp"]["ms"] > 0 and row["sp_tp"]["ms"] > 0 and len(row["tp"]["reps_ms"]) == 1
+            assert row["sp_tp_over_tp"] == pytest.approx(row["sp_tp"]["ms"] / row["tp"]["ms"], rel=1e-3)
+        c = r["crossover"][kind]
+        if c["tokens"] is not None:
+            lo, hi = c["bracket"]
+            assert lo <= c["tokens"] <= hi
+            assert c["ratio_to_planner"] == pytest.approx(c["tokens"] / pl["crossover_tokens"], rel=1e-2)
+            assert c["within_20pct"] == (abs(c["ratio_to_planner"] - 1) <= 0.2 + 1e-3)
+        else:
+            assert c["why"]
+    md = (tmp_path / "shift_crossover.md").read_text()
+    assert "## prefill" in md and "## mixed" in md and f"threshold {pl['threshold_tokens']} tokens" in md
+
+
+# ------------------------------------------------------------------ vl_speed
+
+
+def test_tower_flops_formula_by_hand():
+    from executors.config import model_args
+    from tests.tiny.helpers import config
+
+    v = model_args(config("qwen2_vl")).vision  # E 32, MLP 64, 2 blocks, merge 2, out 64
+    f = vl.tower_flops(v, (1, 4, 4))
+    N, E, F = 16, 32, 64
+    assert f["patch_embed"] == 2 * N * (3 * 2 * 14 * 14) * E
+    assert f["blocks_linear"] == 2 * 2 * N * (4 * E * E + 2 * E * F)
+    assert f["attention"] == 2 * 4 * N * N * E
+    assert f["merger"] == 2 * (N // 4) * (128 * 128 + 128 * 64)
+    assert f["total"] == f["patch_embed"] + f["blocks_linear"] + f["attention"] + f["merger"]
+    assert (f["patches"], f["tokens"]) == (16, 4)
+
+
+CASES = ("single", "tp2/stage0_tp", "shift-sp2/stage0_dp", "pp2/all_dp", "dedicated")
+
+
+def test_vl_speed_tiny_run(tmp_path):
+    r = vl.main(["--out", str(tmp_path), "--tiny", "--cases", ",".join(CASES)])
+    assert json.loads((tmp_path / "vl_speed.json").read_text())["cases"].keys() == set(CASES)
+    rate = r["matmul"]["TFLOPs"]
+    assert rate > 0
+    from executors.config import model_args
+    from tests.tiny.helpers import config
+
+    m = model_args(config("qwen2_vl"))
+    assert set(r["tower"]) == {"56x56", "112x112"}
+    for key, t in r["tower"].items():
+        px = int(key.split("x")[0])
+        fl = vl.tower_flops(m.vision, vl.image_grid(px, m.vision))
+        assert t["patches"] == (px // 14) ** 2 and t["llm_tokens"] == t["patches"] // 4
+        assert t["gflop"] == pytest.approx(fl["total"] / 1e9, abs=1e-3)
+        assert t["ms"] > 0 and t["floor_ms"] == pytest.approx(1e3 * fl["total"] / (rate * 1e12), rel=1e-2, abs=1e-4)
+        assert t["x_floor"] == pytest.approx(t["ms"] / t["floor_ms"], rel=2e-2)
+    image_fl = vl.tower_flops(m.vision, vl.image_grid(r["sizes"]["image_px"], m.vision))["total"]
+    one = r["cases"]["single"]
+    for name in CASES:
+        x = r["cases"][name]
+        assert "error" not in x, x
+        b = x["batch"]
+        assert b["completed"] == b["requests"] == r["sizes"]["batch"]
+        assert b["output_tok_s"] > 0 and b["requests_s"] > 0 and b["ttft_ms_p50"] > 0 and b["tpot_ms_p50"] > 0
+        assert x["ttft_image_ms"] > 0 and x["ttft_text_ms"] > 0
+        assert x["image_cost_ms"] == pytest.approx(x["ttft_image_ms"] - x["ttft_text_ms"], abs=2e-3)
+        assert x["image_floor_ms"] == pytest.approx(1e3 * image_fl / (rate * 1e12 * x["encoder"]["tp"]), rel=1e-2,
+                                                    abs=1e-4)
+        v = x["vs_single"]
+        assert v["batch_output_tok_s"] == pytest.approx(b["output_tok_s"] / one["batch"]["output_tok_s"], rel=1e-2)
+        assert v["ttft_image"] == pytest.approx(x["ttft_image_ms"] / one["ttft_image_ms"], rel=1e-2)
+        assert v["batch_tpot_p50"] == pytest.approx(b["tpot_ms_p50"] / one["batch"]["tpot_ms_p50"], rel=1e-2)
+        assert not math.isnan(v["batch_ttft_p50"])
+    assert one["vs_single"]["batch_output_tok_s"] == 1.0
+    assert r["cases"]["tp2/stage0_tp"]["encoder"] == {"stages": [0], "tp": 2, "replicas": 1}
+    assert r["cases"]["pp2/all_dp"]["encoder"] == {"stages": [0, 1], "tp": 1, "replicas": 2}
+    assert r["cases"]["dedicated"]["encoder"]["stages"] == []
+    shift = r["cases"]["shift-sp2/stage0_dp"]
+    assert shift["shift_threshold"] is not None and shift["modes"]["tp"] > 0 and shift["modes"]["sp_tp"] > 0
+    md = (tmp_path / "vl_speed.md").read_text()
+    assert all(name in md for name in CASES) and "## (a)" in md and "## (b)" in md and "## (c)" in md
