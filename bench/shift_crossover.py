@@ -106,8 +106,19 @@ def blocks_needed(grid: list[int], decodes: int, context: int, block: int) -> in
 
 
 def rank_main(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
-    """One rank: process group, the plan's stage as the engine builds it, every (kind, T, mode) step
-    timed; rank 0 rewrites ``job['out']`` after each step (a failing step records its error)."""
+    """One rank (``_rank_steps``); an error outside a step is written beside ``job['out']``."""
+    try:
+        _rank_steps(rank, world, init, job)
+    except BaseException as e:
+        import traceback
+
+        Path(f"{job['out']}.rank{rank}.error").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        raise
+
+
+def _rank_steps(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
+    """Process group, the plan's stage as the engine builds it, every (kind, T, mode) step timed;
+    rank 0 rewrites ``job['out']`` after each step (a failing step records its error)."""
     import torch.distributed as dist
 
     from bench.common import DeviceRandomSource, median, timed_ms
@@ -226,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--kinds", default=",".join(KINDS))
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the ranks are stopped")
+    ap.add_argument("--timeout", type=float, default=360.0,
+                    help="seconds before the ranks are stopped (what they measured so far is reported)")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     import transformers
@@ -275,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "decodes": a.decodes, "context": a.context, "reps": a.reps, "warmup": a.warmup, "out": str(tmp),
            "blocks": blocks_needed(grid, a.decodes, a.context, plan.scheduler.block_size)}
     report["ranks"] = run_ranks(job, 2, a.timeout)
+    errors = {p.name.rsplit(".", 2)[-2]: p.read_text()[-2000:] for p in sorted(tmp.parent.glob("rank0.json.rank*.error"))}
+    if errors:
+        report["ranks"]["errors"] = errors
     got = json.loads(tmp.read_text()) if tmp.is_file() else {}
     report["steps"] = got.get("steps", {})
     report["build_s"] = got.get("build_s")

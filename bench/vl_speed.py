@@ -51,6 +51,7 @@ import math
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -165,11 +166,12 @@ def requests(a: Any, n: int, px: int, text: int, seed: int, image: bool = True) 
 def first_token_ms(eng: Any, reqs: list[Any]) -> float:
     from executors import Sampling
 
+    first = float("nan")
     t = time.perf_counter()
     for _i, tok, _r in eng.stream(reqs, max_new_tokens=1, sampling=Sampling(stop_on_eos=False)):
-        if tok is not None:
-            return 1e3 * (time.perf_counter() - t)
-    return float("nan")
+        if tok is not None and math.isnan(first):
+            first = 1e3 * (time.perf_counter() - t)
+    return first
 
 
 def batch_run(eng: Any, reqs: list[Any], new: int) -> dict[str, float]:
@@ -201,7 +203,29 @@ def case_plan(spec: Any, cost: Any, name: str, max_seqs: int, max_tokens: int) -
                        max_batch_tokens=max_tokens, **kw)
 
 
-def measure(plan: Any, cfg: dict, ckpt: Path, device: str, a: Any, blocks: int, sizes: dict[str, int]) -> dict[str, Any]:
+def measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: dict[str, Any]) -> dict[str, Any]:
+    """One case's engine: load, warm up (the batch's decode graphs captured), TTFT of one image
+    request and of a text request of the same length, then the batch."""
+    t = time.perf_counter()
+    # a hung case (a collective that never completes) must not take the run with it: after
+    # ``timeout`` s its worker processes are stopped, and the engine raises for the dead ranks
+    dog = threading.Timer(sizes["timeout"], _stop_workers)
+    dog.daemon = True
+    dog.start()
+    try:
+        return _measure(plan, cfg, ckpt, device, blocks, sizes, t)
+    finally:
+        dog.cancel()
+
+
+def _stop_workers() -> None:
+    import multiprocessing
+
+    for p in multiprocessing.active_children():
+        p.terminate()
+
+
+def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: dict[str, int], t: float) -> dict[str, Any]:
     import executors
     from bench.common import median
     from executors import Sampling
@@ -209,7 +233,6 @@ def measure(plan: Any, cfg: dict, ckpt: Path, device: str, a: Any, blocks: int, 
 
     m = model_args(cfg)
     px, text, batch, new, reps = sizes["px"], sizes["text"], sizes["batch"], sizes["new"], sizes["reps"]
-    t = time.perf_counter()
     with executors.load(plan, weights=ckpt, device=device, kv_blocks=blocks, config=cfg) as eng:
         out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 2)}
         greedy = Sampling(stop_on_eos=False)
@@ -237,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ttft-reps", type=int, default=3)
     ap.add_argument("--tower-reps", type=int, default=10)
     ap.add_argument("--no-tower", action="store_true", help="skip (a), the tower alone")
+    ap.add_argument("--case-timeout", type=float, default=150.0,
+                    help="seconds after which a case's worker processes are stopped (the case records the error)")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     import transformers
@@ -288,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["checkpoint"] = write_checkpoint(cfg, ckpt, torch.device(device), dtype)
     gc.collect()
     fl = tower_flops(m.vision, image_grid(px, m.vision), m.hidden)["total"]
-    sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps}
+    sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps, "timeout": a.case_timeout}
     prompt = a.text + report["sizes"]["image_tokens"]
     blocks = 2 * -(-a.batch * (prompt + a.new) // 16) + 64
     for name in [c for c in a.cases.split(",") if c]:
@@ -299,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r.update(mesh=plan.mesh.label(), placement=plan.vision.placement, shift_threshold=plan.shift.threshold_tokens,
                      encoder={"stages": list(enc.stages), "tp": enc.tp, "replicas": enc.dp})
             r["image_floor_ms"] = round(1e3 * fl / (rate * 1e12 * enc.tp), 4)
-            r.update(measure(plan, cfg, ckpt, device, a, blocks, sizes))
+            r.update(measure(plan, cfg, ckpt, device, blocks, sizes))
             r["image_cost_x_floor"] = round(r["image_cost_ms"] / r["image_floor_ms"], 3)
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -349,15 +374,16 @@ def markdown(r: dict[str, Any]) -> str:
               f"({s['image_tokens']} image + {s['text_tokens']} text tokens)", "",
               "Image cost = TTFT of the image request - TTFT of a text request of the same length (medians of "
               f"{s['ttft_reps']}); floor = the tower's FLOPs / (matmul rate x the tower's TP degree under the placement).",
-              "", "| case | placement | tower on stages, TP x replicas | TTFT image | TTFT text | image cost | floor | x floor "
-              f"| {s['batch']} requests: output tok/s | vs one GPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "", "| case | placement | tower on stages, TP x replicas | TTFT image | vs one GPU | TTFT text | image cost | "
+              f"floor | x floor | {s['batch']} requests: output tok/s | vs one GPU |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in r["cases"].items():
         if "error" in x:
-            lines.append(f"| {name} | error: {x['error'][:100]} | | | | | | | | |")
+            lines.append(f"| {name} | error: {x['error'][:100]} | | | | | | | | | |")
             continue
         e, v = x["encoder"], x.get("vs_single", {})
         lines.append(f"| {name} | {x['placement']} | {e['stages'] or 'dedicated GPU'}, {e['tp']} x {e['replicas']} | "
-                     f"{x['ttft_image_ms']} ms | {x['ttft_text_ms']} ms | {x['image_cost_ms']} ms | {x['image_floor_ms']} ms | "
+                     f"{x['ttft_image_ms']} ms | {v.get('ttft_image', '-')}x | {x['ttft_text_ms']} ms | {x['image_cost_ms']} ms | {x['image_floor_ms']} ms | "
                      f"{x['image_cost_x_floor']} | {x['batch']['output_tok_s']} | {v.get('batch_output_tok_s', '-')}x |")
     lines += ["", f"## (c) Meshes: {s['batch']} requests at once, one {s['image_px']}x{s['image_px']} image each, "
               f"{s['new_tokens']} new tokens", "",

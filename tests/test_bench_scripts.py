@@ -90,8 +90,9 @@ CASES = ("single", "tp2/stage0_tp", "shift-sp2/stage0_dp", "pp2/all_dp", "dedica
 
 
 def test_vl_speed_tiny_run(tmp_path):
-    r = vl.main(["--out", str(tmp_path), "--tiny", "--cases", ",".join(CASES)])
-    assert json.loads((tmp_path / "vl_speed.json").read_text())["cases"].keys() == set(CASES)
+    r = vl.main(["--out", str(tmp_path), "--tiny", "--cases", ",".join(CASES + ("no-such-case",))])
+    assert json.loads((tmp_path / "vl_speed.json").read_text())["cases"].keys() == set(CASES) | {"no-such-case"}
+    assert "KeyError" in r["cases"]["no-such-case"]["error"]  # a failing case is recorded, the others run
     rate = r["matmul"]["TFLOPs"]
     assert rate > 0
     from executors.config import model_args
