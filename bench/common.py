@@ -100,8 +100,9 @@ class DeviceRandomSource:
         t = self._last[1]
         if runs is None:
             return t
+        # contiguous, as a checkpoint's slices are: a strided weight would slow the matmuls it feeds
         parts = [t.narrow(dim, s, e - s) for s, e in runs]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def write_checkpoint(cfg: dict, out: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
