@@ -25,7 +25,8 @@ Measured in one run:
 
 * TTFT of one request with one 448x448 image (256 image tokens) and ``--text`` text tokens (median
   of ``--ttft-reps``), and of a text-only request of the same length: their difference is the
-  image's cost in the engine (encoding plus moving the embeddings), reported against the tower's
+  image's cost in the engine (the pixels reaching the encoding ranks, encoding, the embeddings
+  reaching stage 0), reported against the tower's
   floor under the placement (FLOPs / (rate x the tower's TP degree));
 * 32 concurrent requests (``--batch``), one 448x448 image each, 64 new tokens (``--new``): TTFT p50,
   TPOT p50, output tokens/s, requests/s; each as a ratio to ``single``.
