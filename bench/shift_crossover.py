@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "planner": {"source": source, "threshold_tokens": th, "crossover_tokens": th + 1 if th is not None else None,
                     "stage_thresholds": [s.shift_threshold_tokens for s in plan.stages],
                     "curves": [{"tokens": c.tokens, "sp_tp_ms": c.sp_tp_ms, "tp_ms": c.tp_ms} for c in plan.shift.curves],
-                    "cost_model_crossover_tokens": cost_cross},
+                    "cost_model_crossover_tokens": cost_cross,
+                    "spec_workload": spec.workload.model_dump(mode="json", exclude_none=True)},
         "grid": grid, "decodes": a.decodes, "context": a.context, "reps": a.reps, "warmup": a.warmup,
         "steps": {}, "crossover": {},
     }
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if errors:
         report["ranks"]["errors"] = errors
     got = json.loads(tmp.read_text()) if tmp.is_file() else {}
+    shutil.rmtree(tmp.parent, ignore_errors=True)
     report["steps"] = got.get("steps", {})
     report["build_s"] = got.get("build_s")
     planner_x = report["planner"]["crossover_tokens"]
@@ -339,7 +342,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"Command: `{r['command']}`.", "",
              f"Planner ({pl['source']}): threshold {pl['threshold_tokens']} tokens, so SP x TP from "
              f"{pl['crossover_tokens']} tokens (the cost model's own crossover on prefill chunks of up to 1,024 "
-             f"tokens: {pl['cost_model_crossover_tokens']}).", "",
+             f"tokens: {pl['cost_model_crossover_tokens']}). The spec's workload (its token mix sets the planner's "
+             f"steps): `{json.dumps(pl['spec_workload'])}`.", "",
              f"Step time (median of {r['reps']} after {r['warmup']} warm-up runs) of one eager forward step forced to "
              f"each mode; `mixed`: a prefill chunk plus {r['decodes']} decodes at a context of {r['context']}.", ""]
     for kind, c in r["crossover"].items():

@@ -50,6 +50,7 @@ import gc
 import json
 import math
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -311,12 +312,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.empty_cache()
     ckpt = Path(tempfile.mkdtemp(prefix="vl-speed-"))
-    report["checkpoint"] = write_checkpoint(cfg, ckpt, torch.device(device), dtype)
-    gc.collect()
+    try:
+        report["checkpoint"] = write_checkpoint(cfg, ckpt, torch.device(device), dtype)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        run_cases(report, a, spec, cost, cfg, ckpt, device, max_seqs, max_tokens, save)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    ratios(report)
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(markdown(report))
+    return report
+
+
+def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, ckpt: Path, device: str,
+              max_seqs: int, max_tokens: int, save: Any) -> None:
+    """Every case of ``--cases`` in turn; a failing case records its error and the next one runs."""
+    from executors.config import model_args
+
+    m = model_args(cfg)
+    px, rate = report["sizes"]["image_px"], report["matmul"]["TFLOPs"]
     fl = tower_flops(m.vision, image_grid(px, m.vision), m.hidden)["total"]
     sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps, "timeout": a.case_timeout}
     prompt = a.text + report["sizes"]["image_tokens"]
-    blocks = 2 * -(-a.batch * (prompt + a.new) // 16) + 64
     for name in [c for c in a.cases.split(",") if c]:
         r: dict[str, Any] = {}
         try:
@@ -325,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r.update(mesh=plan.mesh.label(), placement=plan.vision.placement, shift_threshold=plan.shift.threshold_tokens,
                      encoder={"stages": list(enc.stages), "tp": enc.tp, "replicas": enc.dp})
             r["image_floor_ms"] = round(1e3 * fl / (rate * 1e12 * enc.tp), 4)
+            blocks = 2 * -(-a.batch * (prompt + a.new) // plan.scheduler.block_size) + 64  # KV blocks per replica
             r.update(measure(plan, cfg, ckpt, device, blocks, sizes))
             r["image_cost_x_floor"] = round(r["image_cost_ms"] / r["image_floor_ms"], 3)
         except Exception as e:
@@ -333,11 +354,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(name, json.dumps(r), flush=True)
         gc.collect()
         save()
-    ratios(report)
-    report["wall_s"] = round(time.perf_counter() - t_start, 1)
-    save()
-    print(markdown(report))
-    return report
 
 
 def ratios(r: dict[str, Any]) -> None:
