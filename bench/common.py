@@ -164,3 +164,14 @@ def spec_for(name: str, cfg_path: str | None, preset: str | None, gpus: int, dty
     if search:
         d["search"] = search
     return Spec.model_validate(d)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that made a report, its output folder written ``DIR``."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    for i, x in enumerate(args):
+        out.append("DIR" if i > 0 and args[i - 1] == "--out" else ("--out DIR" if x.startswith("--out=") else x))
+    return " ".join(["python", script] + out)

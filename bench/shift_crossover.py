@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import transformers
 
-    from bench.common import spec_for
+    from bench.common import command_line, spec_for
     from executors.config import model_args
     from graph.hf_config import load_config
     from planner.inputs import cost_model_of
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kinds = [k for k in a.kinds.split(",") if k]
     th = plan.shift.threshold_tokens
     report: dict[str, Any] = {
-        "command": "python bench/shift_crossover.py --out DIR" + (" --tiny" if a.tiny else ""),
+        "command": command_line("bench/shift_crossover.py", argv),
         "device": "2 x " + (torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "model": ("tiny llama config" if a.tiny else "llama-3.1-8b shapes") + f", {plan.model.weights_dtype}, random weights",

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import transformers
 
-    from bench.common import matmul_rate, spec_for, write_checkpoint
+    from bench.common import command_line, matmul_rate, spec_for, write_checkpoint
     from executors.config import model_args
     from graph.hf_config import load_config
     from planner.inputs import cost_model_of
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     m = model_args(cfg)
     cost, _ = cost_model_of(spec)
     report: dict[str, Any] = {
-        "command": "python bench/vl_speed.py --out DIR" + (" --tiny" if a.tiny else ""),
+        "command": command_line("bench/vl_speed.py", argv),
         "device": ("2 x " + torch.cuda.get_device_name()) if device == "cuda" else "2 x " + (platform.processor() or "cpu"),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "model": ("tiny qwen2-vl config" if a.tiny else "qwen2-vl-7b shapes") + f", {str(dtype)[6:]}, random weights",
@@ -352,7 +352,9 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         report["cases"][name] = r
         print(name, json.dumps(r), flush=True)
-        gc.collect()
+        gc.collect()  # a one-GPU case ran in this process: give its memory back before the next
+        if device == "cuda":
+            torch.cuda.empty_cache()
         save()
 
 

@@ -45,6 +45,7 @@ def test_shift_crossover_tiny_run(tmp_path):
     r = sc.main(["--out", str(tmp_path), "--tiny", "--max-tokens", "16", "--reps", "1"])
     saved = json.loads((tmp_path / "shift_crossover.json").read_text())
     assert saved["grid"] == r["grid"] == [8, 12, 16]
+    assert r["command"] == "python bench/shift_crossover.py --out DIR --tiny --max-tokens 16 --reps 1"
     assert r["ranks"] == {"exit_codes": [0, 0], "timed_out": False}
     pl = r["planner"]
     assert pl["source"] == "planner.api.compile_spec"
