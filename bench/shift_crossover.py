@@ -148,8 +148,10 @@ def _rank_steps(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
     step_id = 0
 
     def save() -> None:
-        if rank == 0:
-            Path(job["out"]).write_text(json.dumps(res))
+        if rank == 0:  # whole or not at all: the ranks may be stopped at any moment
+            part = Path(job["out"] + ".part")
+            part.write_text(json.dumps(res))
+            part.replace(job["out"])
 
     for kind in job["kinds"]:
         for T in job["grid"]:
