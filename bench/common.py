@@ -58,7 +58,7 @@ def matmul_rate(device: torch.device | str, dtype: torch.dtype) -> dict[str, flo
     b = torch.randn(n, n, dtype=dtype, device=dev)
     ms = median(timed_ms(lambda: a @ b, dev, reps=20 if dev.type == "cuda" else 5, warmup=5 if dev.type == "cuda" else 1))
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": round(ms, 4),
-            "TFLOPs": round(2 * n**3 / (ms / 1e3) / 1e12, 4)}
+            "TFLOPs": round(2 * n**3 / (ms / 1e3) / 1e12, 6)}
 
 
 def random_like(name: str, shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

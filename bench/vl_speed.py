@@ -132,7 +132,7 @@ def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[in
             out[key] = {"grid": list(grid), "patches": fl["patches"], "llm_tokens": fl["tokens"],
                         "gflop": round(fl["total"] / 1e9, 3),
                         "gflop_parts": {k: round(fl[k] / 1e9, 3) for k in ("patch_embed", "blocks_linear", "attention", "merger")},
-                        "ms": round(ms, 4), "floor_ms": round(floor, 4), "x_floor": round(ms / floor, 3),
+                        "ms": round(ms, 4), "floor_ms": round(floor, 6), "x_floor": round(ms / floor, 3),
                         "tflops_achieved": round(fl["total"] / (ms / 1e3) / 1e12, 4)}
         except Exception as e:
             out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -344,7 +344,7 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
             enc = plan.dims().encoder(m.vision.num_heads, m.vision.mlp_dim)
             r.update(mesh=plan.mesh.label(), placement=plan.vision.placement, shift_threshold=plan.shift.threshold_tokens,
                      encoder={"stages": list(enc.stages), "tp": enc.tp, "replicas": enc.dp})
-            r["image_floor_ms"] = round(1e3 * fl / (rate * 1e12 * enc.tp), 4)
+            r["image_floor_ms"] = round(1e3 * fl / (rate * 1e12 * enc.tp), 6)
             blocks = 2 * -(-a.batch * (prompt + a.new) // plan.scheduler.block_size) + 64  # KV blocks per replica
             r.update(measure(plan, cfg, ckpt, device, blocks, sizes))
             r["image_cost_x_floor"] = round(r["image_cost_ms"] / r["image_floor_ms"], 3)
