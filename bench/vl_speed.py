@@ -132,7 +132,7 @@ def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[in
             out[key] = {"grid": list(grid), "patches": fl["patches"], "llm_tokens": fl["tokens"],
                         "gflop": round(fl["total"] / 1e9, 3),
                         "gflop_parts": {k: round(fl[k] / 1e9, 3) for k in ("patch_embed", "blocks_linear", "attention", "merger")},
-                        "ms": round(ms, 4), "floor_ms": round(floor, 6), "x_floor": round(ms / floor, 3),
+                        "ms": round(ms, 4), "floor_ms": round(floor, 6), "x_floor": sig(ms / floor),
                         "tflops_achieved": round(fl["total"] / (ms / 1e3) / 1e12, 4)}
         except Exception as e:
             out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -347,7 +347,7 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
             r["image_floor_ms"] = round(1e3 * fl / (rate * 1e12 * enc.tp), 6)
             blocks = 2 * -(-a.batch * (prompt + a.new) // plan.scheduler.block_size) + 64  # KV blocks per replica
             r.update(measure(plan, cfg, ckpt, device, blocks, sizes))
-            r["image_cost_x_floor"] = round(r["image_cost_ms"] / r["image_floor_ms"], 3)
+            r["image_cost_x_floor"] = sig(r["image_cost_ms"] / r["image_floor_ms"])
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         report["cases"][name] = r
@@ -367,11 +367,18 @@ def ratios(r: dict[str, Any]) -> None:
         if "error" in x:
             continue
         x["vs_single"] = {
-            "ttft_image": round(x["ttft_image_ms"] / one["ttft_image_ms"], 3),
-            "batch_ttft_p50": round(x["batch"]["ttft_ms_p50"] / one["batch"]["ttft_ms_p50"], 3),
-            "batch_tpot_p50": round(x["batch"]["tpot_ms_p50"] / one["batch"]["tpot_ms_p50"], 3),
-            "batch_output_tok_s": round(x["batch"]["output_tok_s"] / one["batch"]["output_tok_s"], 3),
+            "ttft_image": sig(x["ttft_image_ms"] / one["ttft_image_ms"]),
+            "batch_ttft_p50": sig(x["batch"]["ttft_ms_p50"] / one["batch"]["ttft_ms_p50"]),
+            "batch_tpot_p50": sig(x["batch"]["tpot_ms_p50"] / one["batch"]["tpot_ms_p50"]),
+            "batch_output_tok_s": sig(x["batch"]["output_tok_s"] / one["batch"]["output_tok_s"]),
         }
+
+
+def sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits."""
+    if not x or math.isnan(x) or math.isinf(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ def test_shift_crossover_tiny_run(tmp_path):
         assert sorted(int(t) for t in steps) == [8, 12, 16]
         for row in steps.values():
             assert row["tp"]["ms"] > 0 and row["sp_tp"]["ms"] > 0 and len(row["tp"]["reps_ms"]) == 1
-            assert row["sp_tp_over_tp"] == pytest.approx(row["sp_tp"]["ms"] / row["tp"]["ms"], rel=1e-3)
+            assert row["sp_tp_over_tp"] == pytest.approx(row["sp_tp"]["ms"] / row["tp"]["ms"], rel=1e-2)
         c = r["crossover"][kind]
         if c["tokens"] is not None:
             lo, hi = c["bracket"]
