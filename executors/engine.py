@@ -1,8 +1,8 @@
 """The driver: spawn one worker per rank, schedule requests, collect tokens.
 
 ``load(plan)`` returns an ``Engine`` (a context manager). The driver runs one ``Scheduler`` per
-DP replica; each step it packs the scheduled chunks into micro-batches (one per pipeline
-micro-batch), picks the mode of each (shift: ``tp`` when its tokens <= the plan's threshold, else
+DP replica, or per lane of a pipelined replica (``lanes``); each step it packs the scheduled chunks
+into micro-batches, picks the mode of each (shift: ``tp`` when its tokens <= the plan's threshold, else
 ``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens (both through
 shared-memory channels, ``executors.channel``; errors and deaths are watched while waiting). A single-rank
 plan runs in this process. A worker that fails or dies stops the whole engine: every rank is
@@ -111,7 +111,7 @@ class Engine:
         # micro-batch per step: a lane's step overlaps the other lanes' on the other stages. Spawned
         # ranks only: torchrun's ranks run rounds in lock step (``lock_step``), and embeddings from
         # dedicated encoders reach stage 0 in the order requests are admitted, which lanes would break.
-        self.lanes = max(1, plan.scheduler.microbatches) if plan.mesh.pp > 1 and not self.encoders else 1
+        self.lanes = max(plan.mesh.pp, plan.scheduler.microbatches) if plan.mesh.pp > 1 and not self.encoders else 1
         self.lock_step = False  # send a round only once every step in flight has answered
         self.in_flight = [0] * plan.mesh.dp  # steps sent to each replica, not yet answered
         self.done: list[StepOut] = []  # answers of the single-rank engine (it runs steps as sent)

@@ -76,7 +76,8 @@ def _invariants(plan: Plan) -> None:
     for v in (g.weights, g.shift_copy, g.kv, g.activations, g.total, g.capacity):
         assert math.isfinite(v) and v >= 0
     assert plan.scheduler.max_seqs >= 1 and plan.scheduler.block_size >= 1 and plan.scheduler.max_batch_tokens >= 1
-    assert not plan.shift.enabled or (m.sp >= 2 and plan.shift.threshold_tokens is not None)
+    # a shift plan's every stage has a threshold: its own, else the plan's (plans.mesh)
+    assert not plan.shift.enabled or (m.sp >= 2 and all(plan.dims().threshold_of(i) is not None for i in range(m.pp)))
 
 
 @settings(max_examples=400, deadline=None)

@@ -29,8 +29,10 @@ finish the same requests at the same steps, and a decoding sequence holds the sa
 (``tests/test_scheduler_agreement.py``). On purpose they differ under KV pressure -- the executor
 grows blocks chunk by chunk (exact memory, so it may preempt mid-prefill), this one reserves the
 blocks of the whole prompt at admission and keeps ``watermark`` free (vLLM's admission rule, cheap
-to simulate) -- and in lanes (PP virtual engines here, one scheduler per replica split into
-micro-batches there).
+to simulate). Both run ``max(pp, microbatches)`` lanes per replica under PP (one scheduler per
+pipeline micro-batch in flight, sharing the replica's KV pool and ``max_seqs``), except the
+executor under torchrun or with dedicated encoders, where one scheduler splits each step into
+micro-batches.
 """
 
 from __future__ import annotations
