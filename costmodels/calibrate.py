@@ -113,36 +113,43 @@ def fp8_supported(dev) -> bool:
 
 
 def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list) -> list[dict]:
-    """FP8 GEMM points on the bf16 grid: x (M x K, e4m3, per-token scales) times w^T (N x K, e4m3,
-    per-channel scales) -> bf16, as the executors' W8A8 linears run them. M is rounded up to a
-    multiple of 16 (``_scaled_mm``'s alignment); the point records the M it ran. None on a GPU
-    without FP8 tensor cores (the profile then has no ``gemm_fp8`` table)."""
+    """FP8 GEMM points on the bf16 grid, the call ``executors.quant.linear`` makes: x [M, K] e4m3
+    row-major (per-row fp32 scales [M, 1]) times w^T, w [N, K] e4m3 so w^T is column-major
+    (per-column fp32 scales [1, N]), bf16 out (``torch._scaled_mm``). M is rounded up to a
+    multiple of 16 (``_scaled_mm``'s alignment; the point records the M it ran, each M once).
+    Weights rotate over copies to defeat the L2 cache, as for bf16. On a device without FP8
+    tensor cores, or when ``_scaled_mm`` fails, the reason goes to ``skipped`` (the profile then
+    has no ``gemm_fp8`` table, or the points measured before the failure)."""
     import torch
 
     if not fp8_supported(dev):
-        skipped.append("gemm_fp8 (no FP8 tensor cores on this device)")
+        skipped.append(f"gemm_fp8 (no FP8 tensor cores on this device: {dev.type}"
+                       + (f", compute capability {torch.cuda.get_device_capability(dev)})" if dev.type == "cuda" else ")"))
         return []
     f8 = torch.float8_e4m3fn
+    ms_of = sorted({-(-m // 16) * 16 for m in grids.gemm_m})
     pts: list[dict] = []
-    for n in grids.gemm_nk:
-        for k in grids.gemm_nk:
-            copies = max(1, min(64, math.ceil(256e6 / (n * k))))
-            ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8) for _ in range(copies)]
-            sw = torch.ones(1, n, device=dev, dtype=torch.float32)
-            for m in grids.gemm_m:
-                m16 = -(-m // 16) * 16
-                if out_of_time():
-                    skipped.append(f"gemm_fp8 {m16}x{n}x{k} (time budget)")
-                    continue
-                x = torch.randn(m16, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8)
-                sx = torch.ones(m16, 1, device=dev, dtype=torch.float32)
-                state = {"i": 0}
+    try:
+        for n in grids.gemm_nk:
+            for k in grids.gemm_nk:
+                copies = max(1, min(64, math.ceil(256e6 / (n * k))))
+                ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8) for _ in range(copies)]
+                sw = torch.rand(1, n, device=dev, dtype=torch.float32, generator=gen) + 0.5
+                for m16 in ms_of:
+                    if out_of_time():
+                        skipped.append(f"gemm_fp8 {m16}x{n}x{k} (time budget)")
+                        continue
+                    x = torch.randn(m16, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8)
+                    sx = torch.rand(m16, 1, device=dev, dtype=torch.float32, generator=gen) + 0.5
+                    state = {"i": 0}
 
-                def f(x=x, ws=ws, sx=sx, state=state) -> object:
-                    state["i"] = (state["i"] + 1) % len(ws)
-                    return torch._scaled_mm(x, ws[state["i"]].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
-                pts.append({"m": m16, "n": n, "k": k, "ms": timer(f)})
-            del ws
+                    def f(x=x, ws=ws, sx=sx, state=state) -> object:
+                        state["i"] = (state["i"] + 1) % len(ws)
+                        return torch._scaled_mm(x, ws[state["i"]].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+                    pts.append({"m": m16, "n": n, "k": k, "ms": timer(f)})
+                del ws
+    except Exception as e:  # noqa: BLE001 -- an unsupported call: keep what was measured, say why
+        skipped.append(f"gemm_fp8 stopped after {len(pts)} points: {type(e).__name__}: {e}"[:400])
     return pts
 
 
@@ -266,10 +273,67 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
     raw["seconds"] = time.time() - t_start
     raw["graph_capture_failures"] = timer.graph_failures
     if dev.type == "cuda" and torch.cuda.device_count() > 1 and not out_of_time():
-        from costmodels.calib_collectives import bench_collectives, default_sizes
+        raw.update(run_collectives(deadline_s=max(60.0, budget_s - (time.time() - t_start))))
+        log(f"collectives: {len(raw['collectives'])} points over {torch.cuda.device_count()} GPUs, "
+            f"{len(raw['collectives_errors'])} errors")
+    return raw
 
-        raw["collectives"] = bench_collectives(torch.cuda.device_count(), default_sizes(), backend="nccl")
-        log(f"collectives: {len(raw['collectives'])} points over {torch.cuda.device_count()} GPUs")
+
+def run_collectives(world: int | None = None, sizes: list[int] | None = None, *, backend: str = "nccl",
+                    deadline_s: float = 120.0, reps: int = 10) -> dict[str, Any]:
+    """All collectives and p2p, graph-captured and eager, by size and group size over ``world``
+    ranks (default: every visible GPU): raw ``collectives`` points, ``collectives_errors`` and
+    ``collectives_meta`` (what ``costmodels.fit.profile_collectives`` stores with the tables)."""
+    import torch
+
+    from costmodels.calib_collectives import ALL_OPS, bench_collectives, default_sizes, group_sizes
+
+    world = world or torch.cuda.device_count()
+    sizes = sizes or default_sizes()
+    errors: list[dict] = []
+    t0 = time.time()
+    pts = bench_collectives(world, sizes, backend=backend, reps=reps, ops=ALL_OPS,
+                            modes=("graph", "eager") if backend == "nccl" else ("eager",),
+                            deadline_s=deadline_s, errors=errors)
+    meta = {k: v for k, v in device_meta().items() if k in ("device_name", "driver", "torch", "cuda", "date")}
+    meta.update(backend=backend, world=world, sizes=sizes, seconds=round(time.time() - t0, 1),
+                group_sizes_tried=group_sizes(world))
+    return {"collectives": pts, "collectives_errors": errors, "collectives_meta": meta}
+
+
+def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Callable[[str], None] = print,
+                 collectives_s: float = 90.0) -> dict[str, Any]:
+    """The multi-GPU part of a calibration, bounded in time: collective tables (``run_collectives``,
+    at most ``collectives_s`` seconds; none with fewer than two GPUs) and then FP8 GEMMs on the
+    bf16 GEMM grid of ``grids`` (default ``Grids.full()``) until ``budget_s`` is spent.
+    Returns {meta, overhead_us, collectives..., gemm_fp8, skipped, seconds}; merge it into a
+    profile with ``costmodels.merge``."""
+    import torch
+
+    from costmodels.gpu_bench import Timer
+
+    t_start = time.time()
+    grids = grids or Grids.full()
+    raw: dict[str, Any] = {"meta": device_meta(), "skipped": []}
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpu > 1:
+        try:
+            raw.update(run_collectives(n_gpu, deadline_s=min(collectives_s, budget_s)))
+        except Exception as e:  # noqa: BLE001 -- the FP8 part still runs
+            raw["collectives_errors"] = [{"error": f"{type(e).__name__}: {e}"[:500]}]
+        log(f"collectives: {len(raw.get('collectives', []))} points, {len(raw.get('collectives_errors', []))} "
+            f"errors, {time.time() - t_start:.0f} s")
+    else:
+        raw["skipped"].append(f"collectives ({n_gpu} GPU visible; they need 2 or more)")
+    dev = _device() or torch.device("cpu")
+    timer = Timer(dev)
+    if dev.type == "cuda":
+        x1 = torch.zeros(1, device=dev)
+        raw["overhead_us"] = timer(lambda: x1.add_(1.0)) * 1e3
+    gen = torch.Generator(device=dev).manual_seed(0)
+    raw["gemm_fp8"] = _fp8_gemms(grids, dev, timer, gen, lambda: time.time() - t_start > budget_s, raw["skipped"])
+    log(f"gemm_fp8: {len(raw['gemm_fp8'])} points, {time.time() - t_start:.0f} s")
+    raw["seconds"] = round(time.time() - t_start, 1)
     return raw
 
 

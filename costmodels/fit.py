@@ -10,7 +10,10 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
   ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
 * ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included;
   interpolated log-log, exact where time grows as a power of size)
-* ``collectives``: {op, bytes, n, ms} (NCCL, several GPUs)  ->  ``fit_collectives``
+* ``collectives``: {op, bytes, n, mode, ms} (NCCL, several GPUs)  ->  measured tables per mode
+  (graph / eager), op and group size (``collective_tables``), and an alpha-beta fit of the
+  largest group's eager all-reduce (``fit_collectives``) for groups beyond the tables
+* ``gemm_fp8``: {m, n, k, ms}  ->  e = 2mnk / ((ms - overhead) * fp8 peak) (``fit_gemm_fp8``)
 * ``gemm_bias``: {m, n, k, ms, ms_nobias}  ->  extra us(M, N) = ms - ms_nobias, averaged over K
   with weights 1 / ms_nobias^2 (``fit_gemm_bias``)
 
@@ -68,16 +71,18 @@ def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = F
 
 
 def fit_collectives(points: list[dict]) -> dict[str, float]:
-    """Alpha-beta link parameters from all-reduce timings {op, bytes, n, ms}.
+    """Alpha-beta link parameters from all-reduce timings {op, bytes, n, ms} (eager ones where
+    points carry a ``mode``; the largest group measured).
 
     Ring all-reduce: t = alpha0 + 2(n-1) alpha + 2(n-1)/n * S / B. The latency floor c is the
     fastest small (<= 64 KiB) all-reduce; B comes from the largest size:
     B = 2(n-1)/n * S_max / (t_max - c). alpha0 takes up to half of c (8 us at most), the rest
     is split over the 2(n-1) ring steps."""
-    ar = sorted((p for p in points if p["op"] == "all_reduce"), key=lambda p: p["bytes"])
+    ar = [p for p in points if p["op"] == "all_reduce" and p.get("mode", "eager") == "eager"]
     if not ar:
         return {}
-    n = int(ar[0]["n"])
+    n = max(int(p["n"]) for p in ar)
+    ar = sorted((p for p in ar if int(p["n"]) == n), key=lambda p: p["bytes"])
     small = [p["ms"] for p in ar if p["bytes"] <= 65536] or [ar[0]["ms"]]
     c_us = min(small) * 1e3
     big = ar[-1]
@@ -86,6 +91,44 @@ def fit_collectives(points: list[dict]) -> dict[str, float]:
     alpha0 = min(8.0, c_us / 2)
     alpha = max(0.1, (c_us - alpha0) / (2 * (n - 1)))
     return {"bus_gbps": round(bus, 2), "alpha_us": round(alpha, 3), "alpha0_us": round(alpha0, 3), "n": n}
+
+
+def collective_tables(points: list[dict]) -> dict[str, dict[str, dict[str, dict[str, list[float]]]]]:
+    """Measured tables ``{mode: {op: {group size: {"bytes": [...], "us": [...]}}}}`` from
+    {op, bytes, n, mode, ms} points (sorted by size; points without a mode are eager).
+    ``costmodels.collectives.Measured`` interpolates them."""
+    acc: dict = {}
+    for p in points:
+        cell = acc.setdefault(p.get("mode", "eager"), {}).setdefault(p["op"], {}).setdefault(str(int(p["n"])), {})
+        cell[float(p["bytes"])] = round(p["ms"] * 1e3, 3)
+    return {mode: {op: {n: {"bytes": sorted(c), "us": [c[b] for b in sorted(c)]} for n, c in sorted(by_n.items())}
+                   for op, by_n in sorted(ops.items())} for mode, ops in sorted(acc.items())}
+
+
+def profile_collectives(points: list[dict], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A profile's ``collectives``: the alpha-beta fit (for groups larger than measured), the
+    measured tables and their ``meta`` (device, driver, torch, date, group sizes)."""
+    if not points:
+        return {}
+    sizes = sorted({int(p["n"]) for p in points})
+    return {**fit_collectives(points), "tables": collective_tables(points),
+            "meta": {**(meta or {}), "group_sizes": sizes}}
+
+
+def fit_gemm_fp8(points: list[dict], gpu: str, overhead_us: float) -> LogGrid | None:
+    """FP8 GEMM efficiency e(M, N, K) = 2MNK / ((ms - overhead) * fp8 peak) from {m, n, k, ms};
+    None without points or without an FP8 peak in the catalog."""
+    g = get_gpu(gpu)
+    if not points or not g.fp8_tflops:
+        return None
+    peak = g.fp8_tflops * 1e12
+    return _grid(points, ("m", "n", "k"),
+                 lambda p: 2 * p["m"] * p["n"] * p["k"] / (_net_s(p["ms"], overhead_us) * peak), log_values=True)
+
+
+def _net_s(ms: float, overhead_us: float) -> float:
+    """Kernel seconds less the launch overhead, at least 5% of the measured time."""
+    return max(ms * 1e-3 - overhead_us * 1e-6, ms * 1e-3 * 0.05)
 
 
 def fit_gemm_bias(points: list[dict]) -> LogGrid:
@@ -116,7 +159,7 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     ovh = float(raw.get("overhead_us", 2.0))
 
     def net_s(ms: float) -> float:
-        return max(ms * 1e-3 - ovh * 1e-6, ms * 1e-3 * 0.05)
+        return _net_s(ms, ovh)
 
     gemm = _grid(raw["gemm"], ("m", "n", "k"), lambda p: 2 * p["m"] * p["n"] * p["k"] / (net_s(p["ms"]) * peak),
                  log_values=True)
@@ -138,12 +181,9 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3, log_values=True)
               for name, pts in raw["memops"].items() if pts}
     bias = fit_gemm_bias(raw["gemm_bias"]) if raw.get("gemm_bias") else None
-    fp8 = None
-    if raw.get("gemm_fp8") and g.fp8_tflops:
-        fp8_peak = g.fp8_tflops * 1e12
-        fp8 = _grid(raw["gemm_fp8"], ("m", "n", "k"),
-                    lambda p: 2 * p["m"] * p["n"] * p["k"] / (net_s(p["ms"]) * fp8_peak), log_values=True)
+    fp8 = fit_gemm_fp8(raw.get("gemm_fp8") or [], gpu, ovh)
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
-                   collectives=fit_collectives(raw["collectives"]) if isinstance(raw.get("collectives"), list) else {},
+                   collectives=profile_collectives(raw["collectives"], raw.get("collectives_meta"))
+                   if isinstance(raw.get("collectives"), list) else {},
                    raw=raw, gemm_bias=bias, gemm_fp8=fp8)
