@@ -13,7 +13,10 @@ Modes of a (tp, sp) group of P = tp*sp GPUs:
 backend is not eager), so they cost one pass over their bytes (``opcost.Rates.fused``).
 
 Op times come from ``costmodels.opcost``; a block's time is the sum over its ops plus its
-collectives (no overlap of communication and compute is assumed). Decoder layers with
+collectives (no overlap of communication and compute is assumed). Collectives and stage sends
+read the profile's measured tables where it has them (graph-timed for decode steps, T = B,
+which the engine replays as CUDA graphs; eager otherwise) and the alpha-beta formulas elsewhere
+(``costmodels.collectives``). Decoder layers with
 the same op signature are timed once and multiplied; results are memoised per
 (block signature, StepShape, t, s) so the simulator's repeated calls are dictionary hits.
 """
@@ -126,9 +129,8 @@ class CostModel:
         if hit is not None:
             return hit
         comp = mem = ovh = comm = 0.0
-        link_tp = self.links.for_group(t, s)
-        link_sp = self.links.for_group(s, 1)
-        ab = self.rates.a_bytes
+        links, ab = self.links, self.rates.a_bytes
+        graph = shape.tokens <= shape.seqs  # a decode step: the engine replays it as a CUDA graph
         for r in self._recs[block.name]:
             c, m, o = op_time(r, shape, t, s, self.rates, self.profile)
             if c >= m:
@@ -137,13 +139,13 @@ class CostModel:
                 mem += m
             ovh += o
             if t > 1 and (r.shard == "row" or (r.kind == "embedding" and r.shard == "vocab")):
-                comm += C.all_reduce_ms(r.act_written(shape) / s * ab, t, link_tp)
+                comm += links.ms("all_reduce", r.act_written(shape) / s * ab, t, stride=s, graph=graph)
             elif t > 1 and r.kind == "lm_head" and r.shard == "vocab":
-                comm += C.all_gather_ms(r.act_written(shape) / s * ab, t, link_tp)
+                comm += links.ms("all_gather", r.act_written(shape) / s * ab, t, stride=s, graph=graph)
             if s > 1 and r.kind == "attention":
                 # Ulysses: QKV in (this GPU's T/s tokens of its h/t heads), attention output back
-                comm += C.all_to_all_ms(r.act_read(shape) / (s * t) * ab, s, link_sp)
-                comm += C.all_to_all_ms(r.act_written(shape) / (s * t) * ab, s, link_sp)
+                comm += links.ms("all_to_all", r.act_read(shape) / (s * t) * ab, s, graph=graph)
+                comm += links.ms("all_to_all", r.act_written(shape) / (s * t) * ab, s, graph=graph)
         out = Breakdown.of(comp, mem, comm, ovh)
         if len(self._cache) > 200_000:
             self._cache.clear()
@@ -209,7 +211,8 @@ class CostModel:
         return out
 
     def p2p_ms(self, nbytes: float, *, inter_node: bool) -> float:
-        return C.p2p_ms(nbytes, self.links.inter if inter_node else self.links.intra)
+        """A stage-to-stage send: the measured p2p table within a node where the profile has one."""
+        return C.p2p_ms(nbytes, self.links.inter) if inter_node else self.links.ms("p2p", nbytes, 2)
 
     # ------------------------------------------------------------------ vision
 
