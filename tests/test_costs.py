@@ -343,19 +343,28 @@ def test_breakdown_arithmetic():
 
 
 def test_collective_benchmark_and_fit_on_gloo():
-    from costmodels.calib_collectives import OPS, bench_collectives
-    from costmodels.fit import fit_collectives
-
-    pts = bench_collectives(2, [4096, 1 << 20, 1 << 22], backend="gloo", reps=2)
-    assert {p["op"] for p in pts} == set(OPS) and len(pts) == 12
-    assert all(p["ms"] > 0 and p["n"] == 2 for p in pts)
-    assert sorted(p["bytes"] for p in pts if p["op"] == "all_reduce") == [4096, 1 << 20, 1 << 22]
-    fit = fit_collectives(pts)
-    assert fit["bus_gbps"] > 0 and fit["alpha_us"] > 0 and fit["n"] == 2
+    """The calibration's own measurement code on 2 CPU processes (gloo: eager only, no graphs),
+    fitted into a profile's collectives, read back by the cost model's links."""
+    from costmodels.calib_collectives import ALL_OPS, bench_collectives
+    from costmodels.fit import profile_collectives
     from costmodels.hardware import get_gpu
 
-    links = C.default_links(get_gpu("cpu"), 8, fit)
-    assert links.intra.gbps == fit["bus_gbps"] and links.intra.alpha_us == fit["alpha_us"]
+    sizes = [4096, 1 << 20, 1 << 22]
+    errors: list[dict] = []
+    pts = bench_collectives(2, sizes, backend="gloo", reps=2, ops=ALL_OPS, errors=errors)
+    assert errors == []
+    assert {p["op"] for p in pts} == set(ALL_OPS) and len(pts) == 15
+    assert all(p["ms"] > 0 and p["n"] == 2 and p["mode"] == "eager" for p in pts)
+    assert sorted(p["bytes"] for p in pts if p["op"] == "all_reduce") == sizes
+    coll = profile_collectives(pts, {"device_name": "cpu"})
+    assert coll["bus_gbps"] > 0 and coll["alpha_us"] > 0 and coll["n"] == 2
+    assert coll["meta"]["group_sizes"] == [2] and set(coll["tables"]) == {"eager"}
+    links = C.default_links(get_gpu("cpu"), 8, coll)
+    assert links.intra.gbps == coll["bus_gbps"] and links.intra.alpha_us == coll["alpha_us"]
+    for p in pts:  # the measured points come back exactly, graph or not (no graph table on gloo)
+        for graph in (False, True):
+            assert links.ms(p["op"], p["bytes"], 2, graph=graph) == pytest.approx(p["ms"], rel=1e-3, abs=1e-6)
+    assert links.ms("all_reduce", 1 << 20, 4) == C.all_reduce_ms(1 << 20, 4, links.intra)  # 4 not measured
 
 
 def test_fit_collectives_recovers_alpha_beta():

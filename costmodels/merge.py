@@ -1,0 +1,85 @@
+"""Merge a multi-GPU calibration (``bench/calibrate_comm_fp8.py``'s JSON) into a profile.
+
+    python -m costmodels.merge COMM_FP8.json costmodels/profiles/h200.json [-o OUT.json]
+
+Pure Python (no torch): run it on any machine. From the calibration it takes the collective
+points (fitted into measured tables per mode, op and group size, with an alpha-beta fit of the
+largest group: ``costmodels.fit.profile_collectives``) and the FP8 GEMM points (fitted as
+e = 2MNK / ((ms - overhead) * fp8 peak) with the profile's own launch overhead, as its bf16
+table is: ``costmodels.fit.fit_gemm_fp8``). Every other table stays as it is. The raw points
+go into the profile's ``raw``; its id becomes ``<base id>+<calibration date>`` (plans record the
+id, so recompiled plans say which tables they used) and ``meta.merged`` says what came in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from costmodels.calibrate import find_gpu_name  # no torch at import
+from costmodels.fit import fit_gemm_fp8, profile_collectives
+from costmodels.profile import Profile, read_profile, write_profile
+from plans.errors import UserError
+
+
+def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False) -> Profile:
+    """``profile`` with the collective tables and the ``gemm_fp8`` table of ``calib``.
+
+    Raises UserError when the calibration ran on another GPU model (unless ``force``) or holds
+    neither collective nor FP8 GEMM points."""
+    meta = calib.get("meta", {})
+    dev = str(meta.get("device_name", ""))
+    if not force and find_gpu_name(dev) != profile.gpu:
+        raise UserError(f"the calibration ran on '{dev}', the profile is for {profile.gpu}; pass --force to merge anyway")
+    coll, fp8 = calib.get("collectives") or [], calib.get("gemm_fp8") or []
+    if not coll and not fp8:
+        raise UserError(f"nothing to merge: no collective and no FP8 GEMM points (skipped: {calib.get('skipped')}; "
+                        f"errors: {calib.get('collectives_errors')})")
+    raw = dict(profile.raw)
+    out = profile
+    if coll:
+        cmeta = {**{k: meta.get(k) for k in ("device_name", "driver", "torch", "cuda", "date")},
+                 **calib.get("collectives_meta", {})}
+        raw.update(collectives=coll, collectives_meta=cmeta, collectives_errors=calib.get("collectives_errors", []))
+        out = replace(out, collectives=profile_collectives(coll, cmeta))
+    if fp8:
+        raw["gemm_fp8"] = fp8
+        out = replace(out, gemm_fp8=fit_gemm_fp8(fp8, profile.gpu, profile.overhead_us))
+    merged = {"date": meta.get("date"), "device_name": dev, "driver": meta.get("driver"), "torch": meta.get("torch"),
+              "collective_points": len(coll), "gemm_fp8_points": len(fp8), "skipped": calib.get("skipped", []),
+              "collective_errors": calib.get("collectives_errors", [])}
+    base_id = profile.id.split("+")[0]
+    return replace(out, raw=raw, id=f"{base_id}+{meta.get('date', 'merged')}", meta={**profile.meta, "merged": merged})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("calibration", type=Path, help="JSON written by bench/calibrate_comm_fp8.py")
+    ap.add_argument("profile", type=Path, help="profile to merge into (e.g. costmodels/profiles/h200.json)")
+    ap.add_argument("-o", "--out", type=Path, default=None, help="where to write (default: over the profile)")
+    ap.add_argument("--force", action="store_true", help="merge even if the GPU models differ")
+    a = ap.parse_args(argv)
+    try:
+        calib = json.loads(a.calibration.read_text())
+        prof = merge(read_profile(a.profile), calib, force=a.force)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: {a.calibration}: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    out = a.out or a.profile
+    write_profile(prof, out)
+    m = prof.meta["merged"]
+    sizes = prof.collectives.get("meta", {}).get("group_sizes", [])
+    print(f"wrote {out} (profile {prof.id}): {m['collective_points']} collective points (group sizes {sizes}), "
+          f"{m['gemm_fp8_points']} FP8 GEMM points, {len(m['collective_errors'])} collective errors")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

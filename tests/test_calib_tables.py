@@ -1,0 +1,157 @@
+"""Measured collective tables and the FP8 GEMM table: interpolation, the cost model's use of them
+in place of the alpha-beta / bf16 figures, the merge of a multi-GPU calibration into a profile."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from costmodels import collectives as C
+from costmodels.calib_collectives import calls_per_timing, group_sizes
+from costmodels.fit import collective_tables, fit_gemm_fp8
+from costmodels.merge import main as merge_main
+from costmodels.merge import merge
+from costmodels.model import CostModel
+from costmodels.profile import load_profile, read_profile
+from costmodels.synthetic import build_graph
+from graph.hf_config import load_config
+from graph.opgraph import StepShape
+from plans.errors import UserError
+
+SIZES = [4096 * 4 ** i for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def g8():
+    return build_graph(load_config("llama-3.1-8b"))
+
+
+@pytest.fixture(scope="module")
+def h200():
+    return replace(load_profile("h200"), collectives={}, gemm_fp8=None)  # datasheet links, bf16 table for fp8
+
+
+def _points(ms_of, ops=C.FORMULAS, n=2, modes=("eager",)) -> list[dict]:
+    return [{"op": op, "bytes": s, "n": n, "mode": mode, "ms": ms_of(op, s, mode)}
+            for op in ops for s in SIZES for mode in modes]
+
+
+def _with_tables(prof, points):
+    return replace(prof, collectives={"tables": collective_tables(points)})
+
+
+def test_group_sizes_and_calls_per_timing():
+    assert group_sizes(2) == [2] and group_sizes(8) == [2, 4, 8] and group_sizes(6) == [2, 4] and group_sizes(1) == []
+    assert calls_per_timing(4096, 10) == 10 and calls_per_timing(256 << 20, 10) == 2
+
+
+def test_measured_table_interpolates_between_neighbours():
+    m = C.Measured(collective_tables([{"op": "all_reduce", "bytes": b, "n": 2, "ms": us * 1e-3}
+                                      for b, us in ((4096, 10.0), (65536, 20.0), (1 << 20, 100.0))]))
+    assert m.ms("all_reduce", 65536, 2) == pytest.approx(0.020)  # measured sizes come back
+    mid = m.ms("all_reduce", 16384, 2)  # the geometric middle of 4 and 64 KiB: log-log interpolation
+    assert 0.010 < mid < 0.020 and mid == pytest.approx((10.0 * 20.0) ** 0.5 * 1e-3)
+    assert 0.020 < m.ms("all_reduce", 300_000, 2) < 0.100
+    assert m.ms("all_reduce", 100, 2) == pytest.approx(0.010)  # below the table: the latency floor
+    assert m.ms("all_reduce", 4 << 20, 2) == pytest.approx(0.400)  # above: bandwidth-bound, t ~ S
+    assert m.ms("all_reduce", 65536, 4) is None and m.ms("all_gather", 65536, 2) is None
+    assert m.ms("all_reduce", 65536, 2, graph=True) == pytest.approx(0.020)  # no graph table: the eager one
+
+
+def test_tables_change_step_times_in_the_expected_direction(g8, h200):
+    ab = CostModel(g8, "h200", profile=h200)
+    slow = CostModel(g8, "h200", profile=_with_tables(h200, _points(
+        lambda op, s, mode: 10 * C.FORMULAS[op](s, 2, ab.links.intra))))
+    fast = CostModel(g8, "h200", profile=_with_tables(h200, _points(
+        lambda op, s, mode: 0.1 * C.FORMULAS[op](s, 2, ab.links.intra))))
+    for shape in (StepShape.prefill([2048] * 2), StepShape.decode([1024] * 16)):
+        base = ab.step_time(shape, tp=2).stages[0]
+        s_, f_ = slow.step_time(shape, tp=2).stages[0], fast.step_time(shape, tp=2).stages[0]
+        assert s_.comm_ms == pytest.approx(10 * base.comm_ms, rel=0.05)  # log-log between measured sizes
+        assert f_.comm_ms == pytest.approx(0.1 * base.comm_ms, rel=0.05)
+        assert f_.total_ms < base.total_ms < s_.total_ms
+        assert (s_.compute_ms, s_.memory_ms) == (base.compute_ms, base.memory_ms)
+        # 4 GPUs were not measured, and a group across nodes is not the measured link: alpha-beta
+        assert slow.step_time(shape, tp=4).total_ms == ab.step_time(shape, tp=4).total_ms
+    across = CostModel(g8, "h200", profile=slow.profile, gpus_per_node=1)
+    plain = CostModel(g8, "h200", profile=h200, gpus_per_node=1)
+    assert across.step_time(StepShape.prefill([512]), tp=2).total_ms == plain.step_time(StepShape.prefill([512]), tp=2).total_ms
+
+
+def test_decode_steps_read_the_graph_table_prefill_the_eager_one(g8, h200):
+    """Graph-timed all-reduce at a quarter of the eager time: decode steps (T = B, replayed as CUDA
+    graphs by the engine) pay the graph time, prefill steps the eager one."""
+    ab = CostModel(g8, "h200", profile=h200)
+    pts = _points(lambda op, s, mode: C.FORMULAS[op](s, 2, ab.links.intra) * (0.25 if mode == "graph" else 1.0),
+                  modes=("graph", "eager"))
+    both = CostModel(g8, "h200", profile=_with_tables(h200, pts))
+    eager = CostModel(g8, "h200", profile=_with_tables(h200, [p for p in pts if p["mode"] == "eager"]))
+    dec, pre = StepShape.decode([1024] * 16), StepShape.prefill([2048])
+    assert both.step_time(dec, tp=2).stages[0].comm_ms == pytest.approx(
+        0.25 * eager.step_time(dec, tp=2).stages[0].comm_ms, rel=1e-3)  # tables hold us to 3 decimals
+    assert both.step_time(pre, tp=2).total_ms == eager.step_time(pre, tp=2).total_ms
+
+
+def test_all_to_all_and_p2p_tables(g8, h200):
+    ab = CostModel(g8, "h200", profile=h200)
+    slow = CostModel(g8, "h200", profile=_with_tables(h200, _points(
+        lambda op, s, mode: 10 * (C.p2p_ms(s, ab.links.intra) if op == "p2p" else C.FORMULAS[op](s, 2, ab.links.intra)),
+        ops=("all_to_all", "p2p"))))
+    shape = StepShape.prefill([4096])
+    # Ulysses all-to-alls (sp_tp mode, sp = 2) slower; shifted TP (an all-reduce over 2, not measured) as before
+    assert slow.step_time(shape, sp=2, mode="sp_tp").total_ms > ab.step_time(shape, sp=2, mode="sp_tp").total_ms
+    assert slow.step_time(shape, sp=2, mode="tp").total_ms == ab.step_time(shape, sp=2, mode="tp").total_ms
+    act = 4096 * 4096 * 2.0
+    assert slow.p2p_ms(act, inter_node=False) == pytest.approx(10 * ab.p2p_ms(act, inter_node=False), rel=0.05)
+    assert slow.p2p_ms(act, inter_node=True) == ab.p2p_ms(act, inter_node=True)
+    assert slow.step_time(shape, pp=2).p2p_ms[0] > ab.step_time(shape, pp=2).p2p_ms[0]
+
+
+def _calib(h200) -> dict:
+    """A calibration as bench/calibrate_comm_fp8.py writes it: FP8 GEMMs at the bf16 GEMMs' times
+    (half the efficiency at twice the peak), collectives at a flat 30 us (eager) and 10 us (graph)."""
+    fp8 = [dict(p) for p in h200.raw["gemm"] if p["m"] >= 16 and p["m"] % 16 == 0]
+    coll = [{"op": op, "bytes": s, "n": 2, "mode": mode, "ms": 0.03 if mode == "eager" else 0.01}
+            for op in ("all_reduce", "all_gather") for s in SIZES[:3] for mode in ("eager", "graph")]
+    return {"meta": {"device_name": "NVIDIA H200", "driver": "580.0", "torch": "2.11.0", "date": "2026-12-01"},
+            "collectives": coll, "collectives_errors": [{"op": "p2p", "n": 2, "mode": "eager", "error": "x"}],
+            "collectives_meta": {"world": 2}, "gemm_fp8": fp8, "skipped": [], "overhead_us": 1.0}
+
+
+def test_merge_adds_the_tables_and_keeps_the_rest(g8, h200):
+    calib = _calib(h200)
+    out = merge(h200, calib)
+    assert out.id == f"{h200.id.split('+')[0]}+2026-12-01" and out.meta["merged"]["gemm_fp8_points"] == len(calib["gemm_fp8"])
+    assert out.meta["merged"]["collective_errors"] == calib["collectives_errors"]
+    assert out.collectives["meta"]["group_sizes"] == [2] and out.collectives["meta"]["driver"] == "580.0"
+    assert out.gemm.values == h200.gemm.values and out.attn_decode.values == h200.attn_decode.values
+    for m, n, k in ((4096, 4096, 4096), (64, 6144, 1536)):
+        assert out.gemm_fp8(m, n, k) == pytest.approx(out.gemm(m, n, k) / 2, rel=0.03)
+    assert out.gemm_fp8(4096, 4096, 4096) == fit_gemm_fp8(calib["gemm_fp8"], "h200", h200.overhead_us)(4096, 4096, 4096)
+    cm = CostModel(g8, "h200", weights_dtype="fp8", profile=out)
+    assert cm.fp8_gemm_source == "measured"
+    assert cm.links.ms("all_reduce", 8192, 2) == pytest.approx(0.03) and cm.links.ms("all_reduce", 8192, 2, graph=True) == pytest.approx(0.01)
+    with pytest.raises(UserError, match="H100"):
+        merge(h200, {**calib, "meta": {**calib["meta"], "device_name": "NVIDIA H100 80GB HBM3"}})
+    with pytest.raises(UserError, match="nothing to merge"):
+        merge(h200, {**calib, "collectives": [], "gemm_fp8": []})
+
+
+def test_merge_command_writes_a_profile_that_reads_back(tmp_path, h200):
+    src, dst = tmp_path / "comm_fp8.json", tmp_path / "h200.json"
+    src.write_text(json.dumps(_calib(h200)))
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(h200.to_json()))
+    assert merge_main([str(src), str(base), "-o", str(dst)]) == 0
+    back = read_profile(dst)
+    assert back.gemm_fp8 is not None and back.collectives["tables"]["graph"]["all_reduce"]["2"]["us"] == [10.0] * 3
+    assert read_profile(base).gemm_fp8 is None  # -o leaves the source profile alone
+
+
+def test_fp8_and_collectives_are_skipped_with_a_reason_on_cpu():
+    from costmodels.calibrate import Grids, run_comm_fp8
+
+    raw = run_comm_fp8(budget_s=30, grids=Grids.cpu_dry_run(), log=lambda _: None)
+    assert raw["gemm_fp8"] == [] and "collectives" not in raw
+    assert any("gemm_fp8" in s and "no FP8" in s for s in raw["skipped"])
+    assert any(s.startswith("collectives") for s in raw["skipped"])
