@@ -18,7 +18,12 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
   bf16 output): e(M, N, K) against the catalog FP8 peak. FP8-weight linears read it; without it
   they read ``gemm`` at the FP8 peak (the bf16 efficiency scaled, not measured).
 * ``overhead_us``: per-kernel launch gap inside a CUDA graph.
-* ``collectives``: alpha-beta fits (``alpha_us``, ``bus_gbps``) when more than one GPU was seen.
+* ``collectives`` (when more than one GPU was seen): measured ``tables[mode][op][group size]`` =
+  {"bytes": [...], "us": [...]} for all-reduce, all-gather, reduce-scatter, all-to-all and p2p,
+  mode ``graph`` (K calls captured in a CUDA graph) or ``eager``, read by
+  ``costmodels.collectives.Measured``; their ``meta`` (device, driver, torch, date, group sizes);
+  and the alpha-beta fit (``alpha0_us``, ``alpha_us``, ``bus_gbps``) of the largest group, which
+  the formulas use for groups beyond the tables.
 """
 
 from __future__ import annotations
