@@ -11,11 +11,12 @@ reduce-scatter input, one GPU's all-to-all buffer, the p2p message.
 
 Two timing modes (``mode`` of a point), because the engine runs steps both ways:
 
-* ``graph`` (NCCL only): K back-to-back calls captured in one ``torch.cuda.CUDAGraph``, the
-  replay timed with CUDA events: t = (event span of one replay) / K. Decode steps replay as CUDA
-  graphs with their collectives captured (``executors.graphs``), so this is their cost.
+* ``graph`` (NCCL only, ``GRAPH_OPS``): K back-to-back calls captured in one
+  ``torch.cuda.CUDAGraph``, the replay timed with CUDA events: t = (event span of one replay) / K.
+  Decode steps replay as CUDA graphs with their collectives captured (``executors.graphs``), so
+  this is their cost.
 * ``eager``: K calls launched one by one, timed with CUDA events (perf_counter on CPU), / K.
-  Prefill steps run eagerly.
+  Prefill steps run eagerly. All eager points are taken before any graph point.
 
 Each time is the median over ``ROUNDS`` rounds, each round started by a host barrier on a gloo
 control group, and the slowest rank's median is kept. A group of g < world GPUs is ranks 0..g-1;
