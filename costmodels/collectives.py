@@ -59,9 +59,6 @@ class Measured:
                     if t.get("bytes"):
                         self._grids[(mode, op, int(n))] = LogGrid([t["bytes"]], t["us"], log_values=True)
 
-    def group_sizes(self, op: str) -> list[int]:
-        return sorted({n for (_, o, n) in self._grids if o == op})
-
     def ms(self, op: str, nbytes: float, n: int, graph: bool = False) -> float | None:
         """Time of ``op`` over S = ``nbytes`` on ``n`` GPUs, or None where nothing was measured."""
         for mode in (("graph", "eager") if graph else ("eager",)):
