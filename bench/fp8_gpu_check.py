@@ -56,20 +56,11 @@ def quantized_state(hf: Any) -> dict[str, torch.Tensor]:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of the weights a single-rank engine holds (decoder layouts, norms, embedding, head)."""
-    from executors.quant import Fp8Weight
-
-    def nbytes(t: Any) -> int:
-        if isinstance(t, Fp8Weight):
-            return t.q.nbytes + t.scale.nbytes
-        return t.nbytes if isinstance(t, torch.Tensor) else 0
-
-    n = sum(nbytes(t) for t in (model.embed, model.lm_head, model.norm))
-    for layer in model.layers:
-        n += nbytes(layer.ln1) + nbytes(layer.ln2)
-        for w in layer.layouts.values():
-            n += sum(nbytes(getattr(w, f)) for f in ("qkv_w", "qkv_b", "o_w", "gate_up_w", "down_w"))
-    return n
+    """Bytes of the weights a single-rank engine holds (decoder layouts with their FP8 scales,
+    norms, embedding, head): the parameters and ``scale`` buffers of ``model.model``."""
+    tree = model.model
+    return (sum(p.nbytes for p in tree.parameters())
+            + sum(b.nbytes for n, b in tree.named_buffers() if n.endswith(".scale")))
 
 
 def run(name: str, cfg: dict, hf: Any, sd: dict, weights: str, kv: str, device: str, batch: int,

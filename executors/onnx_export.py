@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from executors.attention import LayerCache
 from executors.config import DTYPES, model_args, plan_config
-from executors.dense import AttnMeta, rms_norm
+from executors.model import AttnMeta, checkpoint_shapes
 from executors.parallel import Par
-from executors.rope import cos_sin
-from executors.stage import StageModel, checkpoint_shapes
+from executors.stage import StageModel
 from executors.weights import RandomSource, open_weights
 from plans.errors import UserError
 from plans.schema import Plan, load_plan
@@ -36,19 +34,16 @@ class StageGraph(torch.nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         sm, a = self.sm, self.sm.a
         T = pos.shape[-1]
-        h = F.embedding(x, sm.embed) if sm.embed is not None else x
-        ar = torch.arange(T, device=h.device)
+        ar = torch.arange(T, device=x.device)
         meta = AttnMeta(ar, ar, ar[None, :] <= ar[:, None])
-        cos, sin = cos_sin(pos, sm.freq, sm.rope_scale, a.mrope_section)
-        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        caches = []
         for layer in sm.layers:
-            cache = LayerCache(0, layer.nkv, a.head_dim, h.dtype, h.device)
-            cache.k = torch.zeros(T + 1, layer.nkv, a.head_dim, dtype=h.dtype)
+            nkv = layer.layouts["tp"].attn.nkv
+            cache = LayerCache(0, nkv, a.head_dim, sm.dtype, x.device)
+            cache.k = torch.zeros(T + 1, nkv, a.head_dim, dtype=sm.dtype)
             cache.v = torch.zeros_like(cache.k)
-            h = layer.forward(h, "tp", cos, sin, cache, meta)
-        if sm.lm_head is None:
-            return h
-        return F.linear(rms_norm(h, sm.norm, a.rms_eps), sm.lm_head).float()
+            caches.append(cache)
+        return sm.model(x, pos, caches, meta)
 
 
 def stage_graph(plan: Plan, stage: int, weights: Any = None, config: dict | None = None, seed: int = 0) -> StageGraph:
@@ -65,7 +60,7 @@ def stage_graph(plan: Plan, stage: int, weights: Any = None, config: dict | None
 
 def example_inputs(g: StageGraph, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     a = g.sm.a
-    if g.sm.embed is not None:
+    if g.sm.model.embed is not None:
         x = torch.arange(tokens) % a.vocab
     else:
         x = torch.randn(tokens, a.hidden, generator=torch.Generator().manual_seed(0)).to(g.sm.dtype)

@@ -87,8 +87,12 @@ def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (8, 9) and k % 16 == 0 and out % 16 == 0
 
 
-def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in] @ W^T + b`` for a plain or FP8 weight."""
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ W^T + b`` for a plain or FP8 weight (an e4m3 tensor ``w`` with ``scale [out]``
+    is the FP8 weight ``Fp8Weight(w, scale)``)."""
+    if scale is not None:
+        w = Fp8Weight(w, scale)
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
     if _scaled_mm_ok(x, w):

@@ -23,8 +23,9 @@ from executors.channel import Channel, ChannelSpec, Polling
 from executors.config import ModelArgs, run_dtypes
 from executors.encoders import EncoderServer
 from executors.parallel import Par, build_par
+from executors.model import checkpoint_shapes
 from executors.sampling import row_key, sample
-from executors.stage import StageModel, checkpoint_shapes
+from executors.stage import StageModel
 from executors.vision import VisionTower
 from executors.weights import RandomSource, WeightSource, open_weights
 from plans.schema import Plan

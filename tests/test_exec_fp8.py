@@ -73,7 +73,7 @@ def test_fp8_checkpoint_matches_hf_on_every_mesh(mesh: dict, fp8_ckpt: tuple) ->
     with executors.load(plan, weights=ckpt, keep_logits=True, kv_blocks=64) as eng:
         if eng.local is not None:
             w = eng.local.model.layers[0].layouts["tp"]
-            assert w.qkv_w.q.dtype == torch.float8_e4m3fn and w.down_w.q.dtype == torch.float8_e4m3fn
+            assert w.attn.qkv.weight.dtype == torch.float8_e4m3fn and w.mlp.down.weight.dtype == torch.float8_e4m3fn
         results = eng.generate(REQS, max_new_tokens=16, sampling=GREEDY)
     for req, res in zip(REQS, results):
         assert res.error is None, res.error
@@ -84,7 +84,7 @@ def test_fp8_checkpoint_runs_in_a_bf16_plan_dequantized(fp8_ckpt: tuple) -> None
     ckpt, oracle = fp8_ckpt
     plan = make_plan("llama")
     with executors.load(plan, weights=ckpt, keep_logits=True, kv_blocks=64) as eng:
-        assert eng.local.model.layers[0].layouts["tp"].qkv_w.dtype == torch.float32
+        assert eng.local.model.layers[0].layouts["tp"].attn.qkv.weight.dtype == torch.float32
         results = eng.generate(REQS[:1], max_new_tokens=8, sampling=GREEDY)
     assert check_against_oracle(oracle, REQS[0].tokens, results[0]) < 1e-4
 

@@ -13,7 +13,7 @@ import torch
 
 from executors.attention import (LayerCache, _attend_decode_grouped, _attend_per_sequence, attend, decode_keys,
                                  packed_mask, sequence_spans)
-from executors.dense import AttnMeta
+from executors.model import AttnMeta
 from executors.scheduler import Chunk, Seq, build_microbatch
 
 BLOCK = 4

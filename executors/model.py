@@ -1,0 +1,343 @@
+"""The Llama-style decoder (Llama 3.x, Qwen2/2.5, Mistral, the Qwen2-VL language model) as an
+``nn.Module`` tree: built whole on the meta device, cut and sharded by ``executors.parallelize``,
+then loaded in place from a ``WeightSource`` (each parameter reads only this rank's rows)::
+
+    with torch.device("meta"):
+        model = Transformer(args)             # the unsharded model: shapes only, no memory
+    parallelize(model, plan, stage, par)      # PP cut, TP / SP x TP / shift layouts, vocab-parallel ends
+    load(model, src, device, dtype, fp8)      # meta parameters -> this rank's real tensors
+
+The tree, with the HF checkpoint tensors each module reads (fused ones as row-concatenations);
+``H`` hidden, ``D`` head dim, ``Hq``/``Hkv`` query/KV heads, ``I`` MLP width, ``V`` vocab::
+
+    embed                    VocabEmbedding [V, H]              model.embed_tokens
+    layers["i"]              DecoderLayer                       model.layers.i.*
+      input_layernorm        RMSNorm [H]
+      post_attention_layernorm RMSNorm [H]
+      layouts[mode]          Layout, one per weight layout a rank holds ("tp", "sp_tp")
+        attn.qkv             Linear [(Hq + 2 Hkv) D, H] (+ bias)   self_attn.{q,k,v}_proj
+        attn.core            AttentionCore: paged KV cache + attention (executors.attention.attend)
+        attn.o               Linear [H, Hq D]                   self_attn.o_proj
+        mlp.gate_up          Linear [2 I, H]                    mlp.{gate,up}_proj
+        mlp.down             Linear [H, I]                      mlp.down_proj
+    norm                     RMSNorm [H]                        model.norm
+    lm_head                  LMHead [V, H]                      lm_head (the embedding when tied)
+
+Unsharded, ``layouts`` holds one ``"tp"`` layout of degree 1. The parallel styles narrow a module's
+parameter shapes and record which rows it reads (``take`` along ``dim``), set the group a
+row-parallel output is all-reduced over, and may swap a submodule (Ulysses wraps ``attn.core``);
+the forward below is the same on every mesh.
+
+Forward of one layer on ``x [n, H]`` (rotary ``cos, sin [n, D]``)::
+
+    h = x + o(attend(rope(q), rope(k), v))      q, k, v = split(qkv(rms(x)))   [n, hq|hkv, D]
+    y = h + down(silu(gate) * up)               gate, up = chunk(gate_up(rms(h)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from executors.attention import LayerCache, attend
+from executors.config import ModelArgs
+from executors.parallel import all_gather_cat, all_reduce
+from executors.quant import Fp8Weight, cat, linear, read_linear
+from executors.rope import apply as apply_rope
+from executors.rope import cos_sin
+from executors.vision import vision_shapes
+from executors.weights import Runs, WeightSource
+from plans.errors import UserError
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: ``w * x / sqrt(mean(x^2) + eps)``, normalised in fp32, cast back, then scaled."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+@dataclass
+class AttnMeta:
+    """Per micro-batch, shared by all layers (on the rank's device). A micro-batch in which
+    every sequence has one query token (decodes) uses ``seq_keys`` instead of the packed mask."""
+
+    slots: torch.Tensor  # [T_pad]
+    key_slots: torch.Tensor  # [K]
+    mask: torch.Tensor | None  # [T_pad, K] bool
+    seq_keys: torch.Tensor | None = None  # [S, L_max] each sequence's key slots, padded with the scratch slot
+    seq_mask: torch.Tensor | None = None  # [S, L_max] bool: real keys
+    seqs: list[tuple[int, int, int, int]] | None = None  # CUDA prefill: per-sequence spans (attention.sequence_spans)
+    table: torch.Tensor | None = None  # [S, nb] CUDA decodes: each sequence's KV blocks (keys read block-wise)
+    block_size: int = 0
+    seq_lens: torch.Tensor | None = None  # [S] keys of each sequence (with ``table``)
+
+
+# ---------------------------------------------------------------- modules read from a checkpoint
+
+
+class Checkpointed(nn.Module):
+    """A module whose ``weight`` (and ``bias``) is the concatenation along dim 0 of the checkpoint
+    tensors ``<part>.weight`` for ``part in parts``, each narrowed to the index runs ``take[i]``
+    along ``dim`` (None: whole). Parallel styles set ``take``/``dim`` and the meta shapes; ``load``
+    reads exactly those runs."""
+
+    def __init__(self, parts: tuple[str, ...]):
+        super().__init__()
+        self.parts = parts
+        self.take: tuple[Runs | None, ...] = (None,) * len(parts)
+        self.dim = 0  # 0: rows (column-parallel, vocab-parallel); 1: columns (row-parallel)
+
+
+class Linear(Checkpointed):
+    """``y = x W^T (+ b)``, ``W [out, in]`` plain or FP8 (``scale [out]``, ``executors.quant``).
+    Row-parallel (``group`` set): the partial products are all-reduced before the bias is added."""
+
+    def __init__(self, d_in: int, d_out: int, parts: tuple[str, ...], bias: bool = False):
+        super().__init__(parts)
+        self.weight = _param(d_out, d_in)
+        self.register_parameter("bias", _param(d_out) if bias else None)
+        self.register_buffer("scale", None)
+        self.group: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(linear(x, self.weight, scale=self.scale), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(Checkpointed):
+    def __init__(self, dim: int, eps: float, part: str):
+        super().__init__((part,))
+        self.eps = eps
+        self.weight = _param(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class VocabEmbedding(Checkpointed):
+    """``tokens [T] -> [T, H]``. Vocab-parallel (``group`` set): this rank holds rows
+    ``[lo, lo + V/P)``; other ids look up zeros and the all-reduce sums the shards."""
+
+    def __init__(self, vocab: int, dim: int, part: str):
+        super().__init__((part,))
+        self.weight = _param(vocab, dim)
+        self.lo = 0
+        self.group: Any = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return F.embedding(tokens, self.weight)
+        n = self.weight.shape[0]
+        local = tokens - self.lo
+        ok = (local >= 0) & (local < n)
+        x = F.embedding(local.clamp(0, n - 1), self.weight) * ok[:, None].to(self.weight.dtype)
+        return all_reduce(x, self.group)
+
+
+class LMHead(Checkpointed):
+    """``x [S, H] -> logits [S, V]`` fp32. Vocab-parallel (``group`` of ``size`` ranks): each rank
+    computes ``[S, V/P]`` and the shards are all-gathered in rank order."""
+
+    def __init__(self, vocab: int, dim: int, part: str):
+        super().__init__((part,))
+        self.weight = _param(vocab, dim)
+        self.group: Any = None
+        self.size = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight).float()
+        if self.group is None:
+            return logits
+        return all_gather_cat(logits.t().contiguous(), self.group, self.size).t()
+
+
+# ---------------------------------------------------------------- the decoder layer
+
+
+class AttentionCore(nn.Module):
+    """Writes the new keys to the paged cache and attends: ``q [n, hq, D]``, ``k, v [n, hkv, D]``
+    -> ``[n, hq * D]``. ``kv_of_q [hq]`` maps each local query head to its local KV head when KV
+    heads are replicated over ranks (None: plain GQA, query head j reads KV head ``j // (hq/hkv)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kv_of_q", None, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                meta: AttnMeta) -> torch.Tensor:
+        return attend(q, k, v, cache, meta, self.kv_of_q)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, prefix: str):
+        super().__init__()
+        D, p = a.head_dim, prefix + "self_attn."
+        self.head_dim, self.nq, self.nkv = D, a.heads, a.kv_heads  # heads computed here (styles narrow them)
+        self.qkv = Linear(a.hidden, (a.heads + 2 * a.kv_heads) * D, (p + "q_proj", p + "k_proj", p + "v_proj"),
+                          bias=a.qkv_bias)
+        self.core: nn.Module = AttentionCore()
+        self.o = Linear(a.heads * D, a.hidden, (p + "o_proj",))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
+                meta: AttnMeta) -> torch.Tensor:
+        """``x [n, H]`` -> ``[n, H]``."""
+        n, D = x.shape[0], self.head_dim
+        q, k, v = self.qkv(x).split([self.nq * D, self.nkv * D, self.nkv * D], dim=-1)
+        q = apply_rope(q.reshape(n, self.nq, D), cos, sin)
+        k = apply_rope(k.reshape(n, self.nkv, D), cos, sin)
+        return self.o(self.core(q, k, v.reshape(n, self.nkv, D), cache, meta))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs, prefix: str):
+        super().__init__()
+        p = prefix + "mlp."
+        self.gate_up = Linear(a.hidden, 2 * a.intermediate, (p + "gate_proj", p + "up_proj"))
+        self.down = Linear(a.intermediate, a.hidden, (p + "down_proj",))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Layout(nn.Module):
+    """One weight layout of a layer's attention and MLP (shift parallelism holds two per layer)."""
+
+    def __init__(self, a: ModelArgs, prefix: str):
+        super().__init__()
+        self.attn = Attention(a, prefix)
+        self.mlp = FeedForward(a, prefix)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs, i: int):
+        super().__init__()
+        p = f"model.layers.{i}."
+        self.input_layernorm = RMSNorm(a.hidden, a.rms_eps, p + "input_layernorm")
+        self.post_attention_layernorm = RMSNorm(a.hidden, a.rms_eps, p + "post_attention_layernorm")
+        self.layouts = nn.ModuleDict({"tp": Layout(a, p)})
+
+    def forward(self, x: torch.Tensor, mode: str, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
+                meta: AttnMeta) -> torch.Tensor:
+        """``x [n, H]`` through the weights of layout ``mode``."""
+        w = self.layouts[mode]
+        x = x + w.attn(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + w.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    """The whole decoder; after ``parallelize`` one stage's share (``embed`` / ``norm`` /
+    ``lm_head`` None on stages without them, ``layers`` keyed by global layer index)."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.embed: VocabEmbedding | None = VocabEmbedding(a.vocab, a.hidden, "model.embed_tokens")
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(a, i) for i in range(a.layers)})
+        self.norm: RMSNorm | None = RMSNorm(a.hidden, a.rms_eps, "model.norm")
+        self.lm_head: LMHead | None = LMHead(a.vocab, a.hidden, "model.embed_tokens" if a.tie_embeddings else "lm_head")
+        freq = torch.tensor(a.rope_inv_freq, dtype=torch.float32, device="cpu")  # from the config, never meta
+        self.register_buffer("freq", freq, persistent=False)  # [D/2]
+        self.rope_scale = a.rope_scale
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, caches: list[LayerCache], meta: AttnMeta,
+                mode: str = "tp") -> torch.Tensor:
+        """``tokens [T]`` (a stage with the embedding) or hidden ``[T, H]`` at rotary positions
+        ``pos [T]`` (M-RoPE ``[3, T]``) -> ``[T, V]`` fp32 logits (a stage with the lm_head) or
+        ``[T, H]``."""
+        if self.embed is not None:
+            x = self.embed(x)
+        x = self.layers_forward(x, pos, caches, meta, mode)
+        return x if self.lm_head is None else self.logits(x)
+
+    def layers_forward(self, x: torch.Tensor, pos: torch.Tensor, caches: list[LayerCache], meta: AttnMeta,
+                       mode: str) -> torch.Tensor:
+        """The layers on ``x [n, H]``, all on the device: no host synchronisation (CUDA graphs)."""
+        cos, sin = cos_sin(pos, self.freq, self.rope_scale, self.a.mrope_section)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for layer, cache in zip(self.layers.values(), caches):
+            x = layer(x, mode, cos, sin, cache, meta)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: ``x [S, H]`` -> ``[S, V]`` fp32."""
+        return self.lm_head(self.norm(x))
+
+
+def checkpoint_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes of the whole model (what seeded random weights generate)."""
+    H, D, I = a.hidden, a.head_dim, a.intermediate
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab, H), "model.norm.weight": (H,)}
+    if not a.tie_embeddings:
+        s["lm_head.weight"] = (a.vocab, H)
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        s.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                  p + "self_attn.q_proj.weight": (a.heads * D, H), p + "self_attn.k_proj.weight": (a.kv_heads * D, H),
+                  p + "self_attn.v_proj.weight": (a.kv_heads * D, H), p + "self_attn.o_proj.weight": (H, a.heads * D),
+                  p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I)})
+        if a.qkv_bias:
+            s.update({p + "self_attn.q_proj.bias": (a.heads * D,), p + "self_attn.k_proj.bias": (a.kv_heads * D,),
+                      p + "self_attn.v_proj.bias": (a.kv_heads * D,)})
+    if a.vision is not None:
+        s.update(vision_shapes(a.vision))
+    return s
+
+
+# ---------------------------------------------------------------- loading in place
+
+
+def _read(src: WeightSource, names: list[str], takes: tuple[Runs | None, ...], dim: int) -> torch.Tensor:
+    parts = [src.rows(n, t, dim) for n, t in zip(names, takes)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def load(model: nn.Module, src: WeightSource, device: torch.device, dtype: torch.dtype,
+         fp8: bool = False) -> nn.Module:
+    """Replace every meta parameter of ``model`` by the rows ``parallelize`` assigned to this rank,
+    read from ``src`` (only those rows; a single run of an in-memory source is a view, so one GPU
+    shares storage with it), on ``device`` in ``dtype``. Decoder ``Linear`` weights become FP8 when
+    ``fp8`` (checkpoint scales, else quantized now); an FP8 checkpoint is dequantized otherwise.
+    Buffers move to ``device``. UserError when a checkpoint tensor has another shape than the
+    model's config gives."""
+    for name, m in model.named_modules():
+        if not isinstance(m, Checkpointed):
+            continue
+        weights = [p + ".weight" for p in m.parts]
+        if isinstance(m, LMHead) and not src.has(weights[0]):  # a tied checkpoint without lm_head.weight
+            weights = ["model.embed_tokens.weight"]
+        want = tuple(m.weight.shape)
+        if isinstance(m, Linear):
+            w = cat([read_linear(src, n, t, m.dim, fp8, dtype, device) for n, t in zip(weights, m.take)])
+            if isinstance(w, Fp8Weight):
+                w, m.scale = w.q, w.scale
+        else:
+            w = _read(src, weights, m.take, m.dim).to(device, dtype)
+        if tuple(w.shape) != want:
+            raise UserError(f"weights: {', '.join(weights)} give {tuple(w.shape)} for {name or 'the model'} on "
+                            f"this rank; the model config gives {want}")
+        m.weight = nn.Parameter(w, requires_grad=False)
+        if getattr(m, "bias", None) is not None:  # column-parallel biases follow the rows; row-parallel ones are whole
+            takes = m.take if m.dim == 0 else (None,) * len(m.parts)
+            m.bias = nn.Parameter(_read(src, [p + ".bias" for p in m.parts], takes, 0).to(device, dtype),
+                                  requires_grad=False)
+    for m in model.modules():
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.to(device)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise UserError(f"weights: no checkpoint tensor was read for {', '.join(left[:3])}")
+    return model
