@@ -1,6 +1,6 @@
-"""Attention inputs for type hints: ``AttnMeta`` (and ``rms_norm``) are defined with the decoder's
-module tree in ``executors.model``; ``executors.attention`` names them through this module."""
+"""``AttnMeta`` under its older module name (``executors.attention``'s type hints import it from
+here); it is defined with the decoder's module tree in ``executors.model``."""
 
-from executors.model import AttnMeta, rms_norm
+from executors.model import AttnMeta
 
-__all__ = ["AttnMeta", "rms_norm"]
+__all__ = ["AttnMeta"]

@@ -24,13 +24,30 @@ ignores tags).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from executors.batch import ImageJob
+from executors.config import VisionArgs
+from executors.layers import load
+from executors.parallelize import parallelize_tower
+from executors.vision import VisionTower
+from executors.weights import WeightSource
 
 Encode = Callable[[ImageJob], torch.Tensor]  # a job's pixels -> [rows, hidden] embeddings
+
+
+def load_tower(v: VisionArgs, src: WeightSource, dtype: torch.dtype, device: torch.device, group: Any = None,
+               rank: int = 0, size: int = 1) -> VisionTower:
+    """The tower on one GPU: built on meta, TP-sharded over ``group`` (``size`` GPUs, this one rank
+    ``rank``) when ``size > 1``, loaded in place (each GPU reads only its rows)."""
+    with torch.device("meta"):
+        tower = VisionTower(v)
+    if size > 1:
+        parallelize_tower(tower, group, rank, size)
+    return load(tower, src, device, dtype)
 
 
 def deal(jobs: list[ImageJob], load: list[int]) -> dict[int, int]:

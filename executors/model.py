@@ -5,7 +5,7 @@ then loaded in place from a ``WeightSource`` (each parameter reads only this ran
     with torch.device("meta"):
         model = Transformer(args)             # the unsharded model: shapes only, no memory
     parallelize(model, plan, stage, par)      # PP cut, TP / SP x TP / shift layouts, vocab-parallel ends
-    load(model, src, device, dtype, fp8)      # meta parameters -> this rank's real tensors
+    load(model, src, device, dtype, fp8)      # meta parameters -> this rank's real tensors (layers.py)
 
 The tree, with the HF checkpoint tensors each module reads (fused ones as row-concatenations);
 ``H`` hidden, ``D`` head dim, ``Hq``/``Hkv`` query/KV heads, ``I`` MLP width, ``V`` vocab::
@@ -45,24 +45,11 @@ from torch import nn
 
 from executors.attention import LayerCache, attend
 from executors.config import ModelArgs
+from executors.layers import Checkpointed, Linear, RMSNorm, param
 from executors.parallel import all_gather_cat, all_reduce
-from executors.quant import Fp8Weight, cat, linear, read_linear
 from executors.rope import apply as apply_rope
 from executors.rope import cos_sin
 from executors.vision import vision_shapes
-from executors.weights import Runs, WeightSource
-from plans.errors import UserError
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF RMSNorm: ``w * x / sqrt(mean(x^2) + eps)``, normalised in fp32, cast back, then scaled."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def _param(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
 @dataclass
@@ -81,46 +68,7 @@ class AttnMeta:
     seq_lens: torch.Tensor | None = None  # [S] keys of each sequence (with ``table``)
 
 
-# ---------------------------------------------------------------- modules read from a checkpoint
-
-
-class Checkpointed(nn.Module):
-    """A module whose ``weight`` (and ``bias``) is the concatenation along dim 0 of the checkpoint
-    tensors ``<part>.weight`` for ``part in parts``, each narrowed to the index runs ``take[i]``
-    along ``dim`` (None: whole). Parallel styles set ``take``/``dim`` and the meta shapes; ``load``
-    reads exactly those runs."""
-
-    def __init__(self, parts: tuple[str, ...]):
-        super().__init__()
-        self.parts = parts
-        self.take: tuple[Runs | None, ...] = (None,) * len(parts)
-        self.dim = 0  # 0: rows (column-parallel, vocab-parallel); 1: columns (row-parallel)
-
-
-class Linear(Checkpointed):
-    """``y = x W^T (+ b)``, ``W [out, in]`` plain or FP8 (``scale [out]``, ``executors.quant``).
-    Row-parallel (``group`` set): the partial products are all-reduced before the bias is added."""
-
-    def __init__(self, d_in: int, d_out: int, parts: tuple[str, ...], bias: bool = False):
-        super().__init__(parts)
-        self.weight = _param(d_out, d_in)
-        self.register_parameter("bias", _param(d_out) if bias else None)
-        self.register_buffer("scale", None)
-        self.group: Any = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(linear(x, self.weight, scale=self.scale), self.group)
-        return y if self.bias is None else y + self.bias
-
-
-class RMSNorm(Checkpointed):
-    def __init__(self, dim: int, eps: float, part: str):
-        super().__init__((part,))
-        self.eps = eps
-        self.weight = _param(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+# ---------------------------------------------------------------- the ends
 
 
 class VocabEmbedding(Checkpointed):
@@ -129,7 +77,7 @@ class VocabEmbedding(Checkpointed):
 
     def __init__(self, vocab: int, dim: int, part: str):
         super().__init__((part,))
-        self.weight = _param(vocab, dim)
+        self.weight = param(vocab, dim)
         self.lo = 0
         self.group: Any = None
 
@@ -149,7 +97,8 @@ class LMHead(Checkpointed):
 
     def __init__(self, vocab: int, dim: int, part: str):
         super().__init__((part,))
-        self.weight = _param(vocab, dim)
+        self.weight = param(vocab, dim)
+        self.tied = "model.embed_tokens"  # checkpoints of tied models may lack lm_head.weight
         self.group: Any = None
         self.size = 1
 
@@ -294,50 +243,3 @@ def checkpoint_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
     if a.vision is not None:
         s.update(vision_shapes(a.vision))
     return s
-
-
-# ---------------------------------------------------------------- loading in place
-
-
-def _read(src: WeightSource, names: list[str], takes: tuple[Runs | None, ...], dim: int) -> torch.Tensor:
-    parts = [src.rows(n, t, dim) for n, t in zip(names, takes)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def load(model: nn.Module, src: WeightSource, device: torch.device, dtype: torch.dtype,
-         fp8: bool = False) -> nn.Module:
-    """Replace every meta parameter of ``model`` by the rows ``parallelize`` assigned to this rank,
-    read from ``src`` (only those rows; a single run of an in-memory source is a view, so one GPU
-    shares storage with it), on ``device`` in ``dtype``. Decoder ``Linear`` weights become FP8 when
-    ``fp8`` (checkpoint scales, else quantized now); an FP8 checkpoint is dequantized otherwise.
-    Buffers move to ``device``. UserError when a checkpoint tensor has another shape than the
-    model's config gives."""
-    for name, m in model.named_modules():
-        if not isinstance(m, Checkpointed):
-            continue
-        weights = [p + ".weight" for p in m.parts]
-        if isinstance(m, LMHead) and not src.has(weights[0]):  # a tied checkpoint without lm_head.weight
-            weights = ["model.embed_tokens.weight"]
-        want = tuple(m.weight.shape)
-        if isinstance(m, Linear):
-            w = cat([read_linear(src, n, t, m.dim, fp8, dtype, device) for n, t in zip(weights, m.take)])
-            if isinstance(w, Fp8Weight):
-                w, m.scale = w.q, w.scale
-        else:
-            w = _read(src, weights, m.take, m.dim).to(device, dtype)
-        if tuple(w.shape) != want:
-            raise UserError(f"weights: {', '.join(weights)} give {tuple(w.shape)} for {name or 'the model'} on "
-                            f"this rank; the model config gives {want}")
-        m.weight = nn.Parameter(w, requires_grad=False)
-        if getattr(m, "bias", None) is not None:  # column-parallel biases follow the rows; row-parallel ones are whole
-            takes = m.take if m.dim == 0 else (None,) * len(m.parts)
-            m.bias = nn.Parameter(_read(src, [p + ".bias" for p in m.parts], takes, 0).to(device, dtype),
-                                  requires_grad=False)
-    for m in model.modules():
-        for k, b in m._buffers.items():
-            if b is not None:
-                m._buffers[k] = b.to(device)
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise UserError(f"weights: no checkpoint tensor was read for {', '.join(left[:3])}")
-    return model

@@ -27,8 +27,8 @@ Notation: ``P = tp * sp`` GPUs per stage, the GPU at ``(tp_i, sp_i)`` is shift r
 * **Vocab-parallel ends** (``ENDS_PLAN``): embedding and lm_head rows ``[r V/P, (r+1) V/P)`` over
   the P GPUs (whole when V % P != 0).
 * **DP**: independent replicas, one scheduler each (``engine.py``); nothing to shard.
-* **Vision encoder placement**: where the tower runs and how embeddings reach stage 0
-  (``encoders.py``); the tower's own TP split: ``vision.py``.
+* **Vision encoder**: the tower's TP split (``VISION_TP_PLAN``, ``parallelize_tower``) is here;
+  where the tower runs and how embeddings reach stage 0 is the placement (``encoders.py``).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from torch import nn
 
 from executors.attention import LayerCache
 from executors.config import ModelArgs
-from executors.model import AttnMeta, Checkpointed, Transformer
+from executors.layers import Checkpointed
+from executors.model import AttnMeta, Transformer
 from executors.parallel import Par, all_gather_cat, all_to_all
-from executors.shard import head_rows
 from plans.mesh import HeadSplit, Mode, even_range, weight_layouts
 from plans.schema import Plan, Stage
 
@@ -60,6 +60,7 @@ class Split:
     q_heads: tuple[int, ...]
     kv_heads: tuple[int, ...]
     ff: tuple[int, int]
+    head_dim: int
     group: Any
     sp_group: Any = None
     sp: int = 1
@@ -67,8 +68,21 @@ class Split:
 
 
 class Style(Protocol):
-    def apply(self, m: nn.Module, s: Split, a: ModelArgs) -> nn.Module | None:
+    def apply(self, m: nn.Module, s: Any) -> nn.Module | None:
         """Shard ``m`` in place (meta shapes, ``take``, groups); return a module to put in its place, or None."""
+
+
+def head_rows(heads: list[int], head_dim: int) -> list[tuple[int, int]]:
+    """Row ranges ``[h D, (h+1) D)`` of a projection weight for a list of heads, adjacent runs merged
+    (a KV head listed twice, replicated for two sp ranks, is read twice)."""
+    runs: list[tuple[int, int]] = []
+    for h in heads:
+        s, e = h * head_dim, (h + 1) * head_dim
+        if runs and runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], e)
+        else:
+            runs.append((s, e))
+    return runs
 
 
 def _narrow(m: Checkpointed, take: tuple[list[tuple[int, int]], ...], dim: int) -> None:
@@ -89,7 +103,7 @@ def _narrow(m: Checkpointed, take: tuple[list[tuple[int, int]], ...], dim: int) 
 class Heads:
     """``attn``: the heads it computes (and, with replicated KV, which KV head each query head reads)."""
 
-    def apply(self, m: nn.Module, s: Split, a: ModelArgs) -> None:
+    def apply(self, m: nn.Module, s: Split) -> None:
         m.nq, m.nkv = len(s.q_heads), len(s.kv_heads)
         m.core.kv_of_q = None if s.kv_of_q is None else torch.tensor(s.kv_of_q, device="cpu")
 
@@ -97,30 +111,30 @@ class Heads:
 class ColwiseHeads:
     """Fused ``q | k | v`` rows: the query heads' rows of part 0, the KV heads' rows of parts 1, 2."""
 
-    def apply(self, m: nn.Module, s: Split, a: ModelArgs) -> None:
-        kv = head_rows(list(s.kv_heads), a.head_dim)
-        _narrow(m, (head_rows(list(s.q_heads), a.head_dim), kv, kv), 0)
+    def apply(self, m: nn.Module, s: Split) -> None:
+        kv = head_rows(list(s.kv_heads), s.head_dim)
+        _narrow(m, (head_rows(list(s.q_heads), s.head_dim), kv, kv), 0)
 
 
 class RowwiseHeads:
     """Input columns of the query heads; output all-reduced."""
 
-    def apply(self, m: nn.Module, s: Split, a: ModelArgs) -> None:
-        _narrow(m, (head_rows(list(s.q_heads), a.head_dim),), 1)
+    def apply(self, m: nn.Module, s: Split) -> None:
+        _narrow(m, (head_rows(list(s.q_heads), s.head_dim),), 1)
         m.group = s.group
 
 
 class Colwise:
     """Rows ``ff`` of every fused part (gate, up)."""
 
-    def apply(self, m: nn.Module, s: Split, a: ModelArgs) -> None:
+    def apply(self, m: nn.Module, s: Split) -> None:
         _narrow(m, tuple([s.ff] for _ in m.parts), 0)
 
 
 class Rowwise:
     """Input columns ``ff``; output all-reduced."""
 
-    def apply(self, m: nn.Module, s: Split, a: ModelArgs) -> None:
+    def apply(self, m: nn.Module, s: Split) -> None:
         _narrow(m, ([s.ff],), 1)
         m.group = s.group
 
@@ -137,7 +151,7 @@ TP_PLAN: dict[str, Style] = {
 def tp_split(a: ModelArgs, par: Par, hs: HeadSplit) -> Split:
     """TP of degree P: shift rank r's heads and MLP rows; all-reduce over the stage's P GPUs."""
     return Split(tuple(hs.q_heads(par.r)), tuple(hs.kv_heads_of(par.r)),
-                 even_range(a.intermediate, par.P, par.r, "intermediate_size / (tp*sp)"),
+                 even_range(a.intermediate, par.P, par.r, "intermediate_size / (tp*sp)"), a.head_dim,
                  group=par.shift_group if par.sp > 1 else par.tp_group, kv_of_q=kv_of_q(hs, par.r))
 
 
@@ -169,7 +183,7 @@ class UlyssesCore(nn.Module):
 class Ulysses:
     """``attn.core``: wrapped in the sequence-parallel all-to-alls."""
 
-    def apply(self, m: nn.Module, s: Split, a: ModelArgs) -> nn.Module:
+    def apply(self, m: nn.Module, s: Split) -> nn.Module:
         return UlyssesCore(m, s.sp_group, s.sp)
 
 
@@ -180,7 +194,7 @@ def sp_tp_split(a: ModelArgs, par: Par, hs: HeadSplit) -> Split:
     """SP x TP: tp rank tp_i's heads (the TP blocks of shift ranks ``tp_i sp + j``) and MLP rows
     ``[tp_i I/tp, (tp_i+1) I/tp)``; all-reduce over tp, all-to-all over sp."""
     return Split(tuple(hs.q_heads_sptp(par.tp_i, par.sp)), tuple(hs.kv_heads_sptp(par.tp_i, par.sp)),
-                 even_range(a.intermediate, par.tp, par.tp_i, "intermediate_size / tp"), group=par.tp_group,
+                 even_range(a.intermediate, par.tp, par.tp_i, "intermediate_size / tp"), a.head_dim, group=par.tp_group,
                  sp_group=par.sp_group, sp=par.sp, kv_of_q=kv_of_q(hs, par.r))
 
 
@@ -222,25 +236,71 @@ def kv_of_q(hs: HeadSplit, r: int) -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class VocabSplit:
-    """Rank ``i`` of ``n`` in the stage's shift group."""
+    """Rank ``i`` of ``n`` in the stage's shift group; ``vocab`` rows."""
 
     i: int
     n: int
     group: Any
+    vocab: int
 
 
 class VocabParallel:
     """Rows ``[i V/n, (i+1) V/n)`` of a ``[V, H]`` table; whole (no collective) when V % n != 0."""
 
-    def apply(self, m: nn.Module, s: VocabSplit, a: ModelArgs) -> None:
-        if s.n == 1 or a.vocab % s.n:
+    def apply(self, m: nn.Module, s: VocabSplit) -> None:
+        if s.n == 1 or s.vocab % s.n:
             return
-        k = a.vocab // s.n
+        k = s.vocab // s.n
         _narrow(m, ([(s.i * k, (s.i + 1) * k)],), 0)
         m.lo, m.group, m.size = s.i * k, s.group, s.n
 
 
 ENDS_PLAN: dict[str, VocabParallel] = {"embed": VocabParallel(), "lm_head": VocabParallel()}
+
+
+# ---------------------------------------------------------------- the vision tower's TP
+
+
+class StackedHeads:
+    """``qkv [3 E, E]`` with q, k, v stacked in one tensor: this rank's heads' rows of each third."""
+
+    def apply(self, m: nn.Module, s: Split) -> None:
+        E = m.weight.shape[0] // 3
+        ((lo, hi),) = head_rows(list(s.q_heads), s.head_dim)
+        _narrow(m, ([(j * E + lo, j * E + hi) for j in range(3)],), 0)
+
+
+class VisionHeads:
+    """The tower's ``attn``: the heads it computes."""
+
+    def apply(self, m: nn.Module, s: Split) -> None:
+        m.heads = len(s.q_heads)
+
+
+VISION_TP_PLAN: dict[str, Style] = {
+    "attn": VisionHeads(),
+    "attn.qkv": StackedHeads(),
+    "attn.proj": RowwiseHeads(),
+    "mlp.fc1": Colwise(),  # Qwen2-VL
+    "mlp.fc2": Rowwise(),
+    "mlp.gate_proj": Colwise(),  # Qwen2.5-VL
+    "mlp.up_proj": Colwise(),
+    "mlp.down_proj": Rowwise(),
+}
+
+
+def parallelize_tower(tower: nn.Module, group: Any, rank: int, size: int) -> nn.Module:
+    """Encoder TP over ``size`` GPUs (``ParallelDims.encoder().tp``): rank ``rank`` of each block
+    computes heads ``[rank nh, (rank+1) nh)`` (``nh = heads / size``) and MLP columns
+    ``[rank F/size, (rank+1) F/size)``; proj and MLP-out all-reduce over ``group``. Patch
+    embedding and merger stay whole."""
+    v = tower.v
+    heads = range(*even_range(v.num_heads, size, rank, "vision num_heads / (tp*sp)"))
+    s = Split(tuple(heads), (), even_range(v.mlp_dim, size, rank, "vision MLP width / (tp*sp)"),
+              v.embed_dim // v.num_heads, group)
+    for block in tower.blocks:
+        apply_plan(block, VISION_TP_PLAN, s)
+    return tower
 
 
 # ---------------------------------------------------------------- PP and the one step
@@ -257,7 +317,7 @@ def cut_stage(model: Transformer, stage: Stage) -> None:
         model.norm = model.lm_head = None
 
 
-def apply_plan(root: nn.Module, table: dict[str, Any], s: Any, a: ModelArgs) -> None:
+def apply_plan(root: nn.Module, table: dict[str, Any], s: Any) -> None:
     """Apply each ``path -> style`` of ``table`` to ``root``'s submodule at ``path`` (absent ones skipped)."""
     for path, style in table.items():
         parent, _, leaf = path.rpartition(".")
@@ -265,7 +325,7 @@ def apply_plan(root: nn.Module, table: dict[str, Any], s: Any, a: ModelArgs) -> 
         m = getattr(owner, leaf, None)
         if m is None:
             continue
-        new = style.apply(m, s, a)
+        new = style.apply(m, s)
         if new is not None:
             setattr(owner, leaf, new)
 
@@ -282,6 +342,6 @@ def parallelize(model: Transformer, plan: Plan, stage: Stage, par: Par) -> Trans
         whole = layer.layouts["tp"]
         layer.layouts = nn.ModuleDict({mode: copy.deepcopy(whole) for mode in modes})
         for mode, lay in layer.layouts.items():
-            apply_plan(lay, LAYOUT_PLANS[mode], splits[mode], a)
-    apply_plan(model, ENDS_PLAN, VocabSplit(par.r, par.P, par.shift_group if par.P > 1 else None), a)
+            apply_plan(lay, LAYOUT_PLANS[mode], splits[mode])
+    apply_plan(model, ENDS_PLAN, VocabSplit(par.r, par.P, par.shift_group if par.P > 1 else None, a.vocab))
     return model

@@ -15,16 +15,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from executors.attention import LayerCache, decode_keys, packed_mask, sequence_spans
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
-from executors.encoders import exchange
-from executors.model import AttnMeta, Transformer, load
+from executors.encoders import exchange, load_tower
+from executors.layers import load
+from executors.model import AttnMeta, Transformer
 from executors.parallel import Par
 from executors.parallelize import gather_tokens, parallelize, split_tokens
-from executors.vision import VisionTower
 from executors.weights import WeightSource
 from plans.mesh import kv_heads_per_gpu
 from plans.schema import Plan, Stage
@@ -44,7 +43,7 @@ class StageModel:
         self.vocab_group = par.shift_group if par.P > 1 else None
         self.vision = None
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
-            self.vision = VisionTower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
+            self.vision = load_tower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
         spread = plan.vision.placement in ("stage0_dp", "all_dp")  # images spread over the encoding stages' GPUs
         self.encode_ranks = tuple(r for s in plan.stages if s.vision and spread
                                   for r in par.replica_ranks[s.index * par.P:(s.index + 1) * par.P])

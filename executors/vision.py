@@ -7,23 +7,21 @@ the merged output is put back in raster order.
 
 Input: ``pixels [N, C * t_patch * p * p]`` (the HF processor's flattened patches, grouped by
 ``merge x merge`` blocks) and each image's patch grid ``(t, h, w)``; output ``[N / merge^2,
-out_dim]`` LLM embeddings. Attention is full within each frame of ``h * w`` patches. The tower is
-held whole by every GPU that runs it (the plan's ``vision.placement`` decides which ones and how
-images are split among them, see ``executors.stage``).
+out_dim]`` LLM embeddings. Attention is full within each frame of ``h * w`` patches. The plan's
+``vision.placement`` decides which GPUs run the tower, whole or TP-sharded, and how images are
+split among them (``executors.encoders``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from executors.config import VisionArgs
-from executors.parallel import all_reduce
+from executors.layers import Checkpointed, LayerNorm, Linear, RMSNorm, param
 from executors.rope import rotate_half
-from executors.weights import WeightSource
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -49,87 +47,135 @@ def vision_pos(grid: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-class VisionTower:
-    def __init__(self, v: VisionArgs, src: WeightSource, dtype: torch.dtype, device: torch.device,
-                 tp_group: Any = None, tp_rank: int = 0, tp_size: int = 1):
-        """With ``tp_size > 1`` the blocks are TP-sharded (heads and MLP columns split, proj and
-        MLP-out rows split, all-reduce over ``tp_group``); patch embed and merger stay whole."""
-        self.v, self.dtype, self.device = v, dtype, device
-        self.group, self.tp = tp_group, tp_size
-        hd = v.embed_dim // v.num_heads
+class PatchEmbed(Checkpointed):
+    """``pixels [N, C t p p] -> [N, E]``: the checkpoint's ``Conv3d`` weight ``[E, C, t, p, p]`` with
+    stride = kernel is one matmul over flattened patches."""
+
+    def __init__(self, v: VisionArgs):
+        super().__init__(("visual.patch_embed.proj",))
+        self.weight = param(v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight.reshape(self.weight.shape[0], -1))
+
+
+def _norm(v: VisionArgs, part: str) -> nn.Module:
+    """Qwen2.5-VL: RMSNorm; Qwen2-VL: LayerNorm (eps 1e-6 both)."""
+    return RMSNorm(v.embed_dim, 1e-6, part) if v.qwen25 else LayerNorm(v.embed_dim, 1e-6, part)
+
+
+class VisionAttention(nn.Module):
+    """Full attention within each span (a frame, or a Qwen2.5-VL window) of ``x [N, E]``, 2-D
+    rotary on q and k. ``qkv [3 E, E]`` stacks q, k and v rows; TP narrows each to this rank's
+    ``heads`` (``executors.parallelize.VISION_TP_PLAN``) and all-reduces ``proj``."""
+
+    def __init__(self, v: VisionArgs, p: str):
+        super().__init__()
         E = v.embed_dim
+        self.heads, self.head_dim = v.num_heads, E // v.num_heads
+        self.qkv = Linear(E, 3 * E, (p + "qkv",), bias=True)
+        self.proj = Linear(E, E, (p + "proj",), bias=True)
 
-        def get(n: str, runs: list[tuple[int, int]] | None = None, dim: int = 0) -> torch.Tensor:
-            return src.rows("visual." + n, runs, dim).to(device, dtype)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        hd = self.head_dim
+        q, k, val = self.qkv(x).reshape(-1, 3, self.heads, hd).unbind(1)  # [N, heads, hd] each
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        outs = []
+        for qs, ks, vs in zip(q.split(spans), k.split(spans), val.split(spans)):
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                               vs.transpose(0, 1)[None], scale=1.0 / math.sqrt(hd))
+            outs.append(o[0].transpose(0, 1).reshape(qs.shape[0], -1))
+        return self.proj(torch.cat(outs))
 
-        self.patch_w = get("patch_embed.proj.weight").reshape(v.embed_dim, -1)
-        nh, nf = v.num_heads // tp_size, v.mlp_dim // tp_size
-        h0, f0 = tp_rank * nh * hd, tp_rank * nf
-        heads = [(part * E + h0, part * E + h0 + nh * hd) for part in range(3)]  # q, k, v rows of my heads
-        cols = {"attn.qkv.weight": (heads, 0), "attn.qkv.bias": (heads, 0), "attn.proj.weight": ([(h0, h0 + nh * hd)], 1),
-                "mlp.fc1.weight": ([(f0, f0 + nf)], 0), "mlp.fc1.bias": ([(f0, f0 + nf)], 0),
-                "mlp.fc2.weight": ([(f0, f0 + nf)], 1), "mlp.down_proj.weight": ([(f0, f0 + nf)], 1)}
-        for n in ("gate", "up"):
-            cols[f"mlp.{n}_proj.weight"] = cols[f"mlp.{n}_proj.bias"] = ([(f0, f0 + nf)], 0)
-        self.blocks = []
-        for i in range(v.depth):
-            b = f"blocks.{i}."
-            self.blocks.append({k: get(b + k, *cols[k]) if (tp_size > 1 and k in cols) else get(b + k)
-                                for k in block_keys(v)})
-        self.merger = {k: get("merger." + k) for k in merger_keys(v)}
-        half = hd // 2
-        self.inv_freq = 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
 
-    def _norm(self, x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
-        if self.v.qwen25:
-            xf = x.float()
-            return w[name + ".weight"] * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
-        return F.layer_norm(x, (self.v.embed_dim,), w[name + ".weight"], w[name + ".bias"], 1e-6)
+class VisionMLP(nn.Module):
+    """Qwen2-VL: ``fc2(act(fc1 x))``; Qwen2.5-VL: ``down_proj(act(gate_proj x) * up_proj x)``, all
+    with biases (column-parallel in, row-parallel out: the out bias is added after the all-reduce)."""
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(x, self.group) if self.tp > 1 else x
+    def __init__(self, v: VisionArgs, p: str):
+        super().__init__()
+        E, Fd = v.embed_dim, v.mlp_dim
+        self.act, self.swiglu = v.act, v.qwen25
+        if v.qwen25:
+            self.gate_proj = Linear(E, Fd, (p + "gate_proj",), bias=True)
+            self.up_proj = Linear(E, Fd, (p + "up_proj",), bias=True)
+            self.down_proj = Linear(Fd, E, (p + "down_proj",), bias=True)
+        else:
+            self.fc1 = Linear(E, Fd, (p + "fc1",), bias=True)
+            self.fc2 = Linear(Fd, E, (p + "fc2",), bias=True)
 
-    def _mlp(self, h: torch.Tensor, b: dict) -> torch.Tensor:
-        """Column-parallel in, row-parallel out; the out bias is added once, after the all-reduce."""
-        if self.v.qwen25:
-            g = _act(self.v.act, F.linear(h, b["mlp.gate_proj.weight"], b["mlp.gate_proj.bias"]))
-            y = F.linear(g * F.linear(h, b["mlp.up_proj.weight"], b["mlp.up_proj.bias"]), b["mlp.down_proj.weight"])
-            return self._reduce(y) + b["mlp.down_proj.bias"]
-        y = F.linear(_act(self.v.act, F.linear(h, b["mlp.fc1.weight"], b["mlp.fc1.bias"])), b["mlp.fc2.weight"])
-        return self._reduce(y) + b["mlp.fc2.bias"]
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(_act(self.act, self.gate_proj(h)) * self.up_proj(h))
+        return self.fc2(_act(self.act, self.fc1(h)))
 
-    def __call__(self, pixels: torch.Tensor, grid: list[tuple[int, int, int]]) -> torch.Tensor:
+
+class VisionBlock(nn.Module):
+    def __init__(self, v: VisionArgs, i: int):
+        super().__init__()
+        p = f"visual.blocks.{i}."
+        self.norm1, self.norm2 = _norm(v, p + "norm1"), _norm(v, p + "norm2")
+        self.attn = VisionAttention(v, p + "attn.")
+        self.mlp = VisionMLP(v, p + "mlp.")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, spans)
+        return x + self.mlp(self.norm2(x))
+
+
+class Merger(nn.Module):
+    """``merge^2`` neighbouring patches ``[N, E]`` -> ``[N / merge^2, out_dim]``: norm, then
+    ``fc2(gelu(fc1 .))`` over the concatenated ``E merge^2`` features."""
+
+    def __init__(self, v: VisionArgs):
+        super().__init__()
+        M = v.embed_dim * v.merge**2
+        self.ln_q = _norm(v, "visual.merger.ln_q")
+        self.fc1 = Linear(M, M, ("visual.merger.mlp.0",), bias=True)
+        self.fc2 = Linear(M, v.out_dim, ("visual.merger.mlp.2",), bias=True)
+        self.M = M
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.ln_q(x).reshape(-1, self.M))))
+
+
+class VisionTower(nn.Module):
+    """The tower as a module tree (built on meta, loaded like the decoder, see
+    ``executors.encoders.load_tower``); with TP the blocks are sharded by
+    ``executors.parallelize.VISION_TP_PLAN`` (heads and MLP columns split, proj and MLP-out rows
+    split, all-reduce over the stage's GPUs); patch embedding and merger stay whole."""
+
+    def __init__(self, v: VisionArgs):
+        super().__init__()
+        self.v = v
+        self.patch_embed = PatchEmbed(v)
+        self.blocks = nn.ModuleList(VisionBlock(v, i) for i in range(v.depth))
+        self.merger = Merger(v)
+        half = v.embed_dim // v.num_heads // 2
+        inv = 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32, device="cpu") / half))
+        self.register_buffer("inv_freq", inv, persistent=False)  # [hd/4]: row and column angles
+
+    def forward(self, pixels: torch.Tensor, grid: list[tuple[int, int, int]]) -> torch.Tensor:
+        """``pixels [N, patch_dim]`` of images with patch grids ``grid`` -> ``[N / merge^2, out_dim]``."""
         v = self.v
-        x = F.linear(pixels.to(self.device, self.dtype), self.patch_w)  # [N, E]
-        pos = vision_pos(grid, v.merge).float()
+        dev = self.inv_freq.device
+        x = self.patch_embed(pixels.to(dev))  # [N, E]
+        pos = vision_pos(grid, v.merge).float().to(dev)
         ang = torch.cat([pos[:, :1] * self.inv_freq, pos[:, 1:] * self.inv_freq], dim=-1)
-        ang = torch.cat([ang, ang], dim=-1).to(self.device)
+        ang = torch.cat([ang, ang], dim=-1)
         frames = [h * w for t, h, w in grid for _ in range(t)]
         windows = frames
         unit = v.merge**2
         if v.qwen25:
             order, windows = window_order(grid, v.merge, v.window_size // v.merge // v.patch_size)
-            order = order.to(self.device)
+            order = order.to(dev)
             x = x.reshape(-1, unit, v.embed_dim)[order].reshape(-1, v.embed_dim)
             ang = ang.reshape(-1, unit, ang.shape[-1])[order].reshape(-1, ang.shape[-1])
         cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # [N, 1, hd]
-        heads, hd = v.num_heads // self.tp, v.embed_dim // v.num_heads
-        for i, b in enumerate(self.blocks):
-            spans = frames if (not v.qwen25 or i in v.fullatt_blocks) else windows
-            h = self._norm(x, b, "norm1")
-            q, k, val = F.linear(h, b["attn.qkv.weight"], b["attn.qkv.bias"]).reshape(-1, 3, heads, hd).unbind(1)
-            q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-            k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-            outs = []
-            for qs, ks, vs in zip(q.split(spans), k.split(spans), val.split(spans)):
-                o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                                   vs.transpose(0, 1)[None], scale=1.0 / math.sqrt(hd))
-                outs.append(o[0].transpose(0, 1).reshape(qs.shape[0], -1))
-            x = x + self._reduce(F.linear(torch.cat(outs), b["attn.proj.weight"])) + b["attn.proj.bias"]
-            x = x + self._mlp(self._norm(x, b, "norm2"), b)
-        m = self.merger
-        x = self._norm(x, m, "ln_q").reshape(-1, v.embed_dim * unit)
-        out = F.linear(F.gelu(F.linear(x, m["mlp.0.weight"], m["mlp.0.bias"])), m["mlp.2.weight"], m["mlp.2.bias"])
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, frames if (not v.qwen25 or i in v.fullatt_blocks) else windows)
+        out = self.merger(x)
         if v.qwen25:
             out = out[torch.argsort(order)]
         return out

@@ -21,12 +21,11 @@ import torch.distributed as dist
 from executors.batch import MicroBatch, Step, StepOut
 from executors.channel import Channel, ChannelSpec, Polling
 from executors.config import ModelArgs, run_dtypes
-from executors.encoders import EncoderServer
+from executors.encoders import EncoderServer, load_tower
 from executors.parallel import Par, build_par
 from executors.model import checkpoint_shapes
 from executors.sampling import row_key, sample
 from executors.stage import StageModel
-from executors.vision import VisionTower
 from executors.weights import RandomSource, WeightSource, open_weights
 from plans.schema import Plan
 
@@ -142,7 +141,7 @@ class RankRunner:
 def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
     """A dedicated encoder rank's tower: whole on its GPU, in the plan's weight dtype."""
     plan = Plan.model_validate_json(spec.plan_json)
-    tower = VisionTower(spec.args.vision, make_source(spec, spec.args), run_dtypes(plan)[0], device)
+    tower = load_tower(spec.args.vision, make_source(spec, spec.args), run_dtypes(plan)[0], device)
     return EncoderServer(torch.inference_mode()(tower.__call__))
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from executors.config import model_args
-from executors.model import Linear, Transformer, checkpoint_shapes, load
+from executors.layers import Linear, load
+from executors.model import Transformer, checkpoint_shapes
 from executors.parallel import Par
 from executors.parallelize import UlyssesCore, parallelize
 from executors.weights import RandomSource
@@ -106,3 +107,27 @@ def test_pp_cut_keeps_the_stage() -> None:
     assert list(first.layers) == ["0", "1"] and first.lm_head is None and first.norm is None
     assert list(last.layers) == ["2", "3"] and last.embed is None and last.lm_head is not None
     assert all(isinstance(m, Linear) for m in (last.layers["2"].layouts["tp"].mlp.down,))
+
+
+def test_vision_tower_tp2_shards() -> None:
+    """The tower's table over 2 GPUs: rank 1 holds heads [nh, 2 nh) of q, k and v (three row runs
+    of the stacked qkv), MLP columns [F/2, F); the merger and patch embedding stay whole."""
+    from executors.vision import VisionTower
+    from executors.parallelize import parallelize_tower
+
+    v = model_args(config("qwen2_vl")).vision
+    E, Fd, hd = v.embed_dim, v.mlp_dim, v.embed_dim // v.num_heads
+    with torch.device("meta"):
+        tower = VisionTower(v)
+    whole = _shapes(tower)
+    parallelize_tower(tower, None, 1, 2)
+    s = _shapes(tower)
+    assert all(p.is_meta for p in tower.parameters())
+    nh = v.num_heads // 2
+    b = tower.blocks[0]
+    assert s["blocks.0.attn.qkv.weight"] == (3 * E // 2, E) and s["blocks.0.attn.qkv.bias"] == (3 * E // 2,)
+    assert b.attn.qkv.take == ([(j * E + nh * hd, j * E + 2 * nh * hd) for j in range(3)],)
+    assert s["blocks.0.attn.proj.weight"] == (E, E // 2) and s["blocks.0.attn.proj.bias"] == (E,)
+    assert s["blocks.0.mlp.fc1.weight"] == (Fd // 2, E) and s["blocks.0.mlp.fc2.weight"] == (E, Fd // 2)
+    assert b.attn.heads == nh
+    assert {k: s[k] for k in s if not k.startswith("blocks.")} == {k: whole[k] for k in whole if not k.startswith("blocks.")}

@@ -1,0 +1,128 @@
+"""Modules read from a checkpoint, and loading a meta module tree in place.
+
+A ``Checkpointed`` module's ``weight`` (and ``bias``) is the row-concatenation of checkpoint
+tensors ``<part>.weight`` for its ``parts`` (fused QKV, gate/up), each narrowed to the index runs
+``take[i]`` along ``dim``. Models are built on the meta device with whole shapes; the parallel
+styles (``executors.parallelize``) narrow ``take`` and the meta shapes to a rank's shard; ``load``
+then reads exactly those runs from a ``WeightSource`` and puts real tensors in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from executors.parallel import all_reduce
+from executors.quant import Fp8Weight, cat, linear, read_linear
+from executors.weights import Runs, WeightSource
+from plans.errors import UserError
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: ``w * x / sqrt(mean(x^2) + eps)``, normalised in fp32, cast back, then scaled."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def param(*shape: int) -> nn.Parameter:
+    """An inference parameter (no gradient) of ``shape``, on the default device (meta while building)."""
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Checkpointed(nn.Module):
+    """A module whose ``weight`` (and ``bias``) is the concatenation along dim 0 of the checkpoint
+    tensors ``<part>.weight`` for ``part in parts``, each narrowed to the index runs ``take[i]``
+    along ``dim`` (None: whole). Parallel styles set ``take``/``dim`` and the meta shapes; ``load``
+    reads exactly those runs."""
+
+    def __init__(self, parts: tuple[str, ...]):
+        super().__init__()
+        self.parts = parts
+        self.take: tuple[Runs | None, ...] = (None,) * len(parts)
+        self.dim = 0  # 0: rows (column-parallel, vocab-parallel); 1: columns (row-parallel)
+        self.tied: str | None = None  # read this part instead when the checkpoint lacks parts[0] (tied lm_head)
+
+
+class Linear(Checkpointed):
+    """``y = x W^T (+ b)``, ``W [out, in]`` plain or FP8 (``scale [out]``, ``executors.quant``).
+    Row-parallel (``group`` set): the partial products are all-reduced before the bias is added."""
+
+    def __init__(self, d_in: int, d_out: int, parts: tuple[str, ...], bias: bool = False):
+        super().__init__(parts)
+        self.weight = param(d_out, d_in)
+        self.register_parameter("bias", param(d_out) if bias else None)
+        self.register_buffer("scale", None)
+        self.group: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(linear(x, self.weight, scale=self.scale), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(Checkpointed):
+    def __init__(self, dim: int, eps: float, part: str):
+        super().__init__((part,))
+        self.eps = eps
+        self.weight = param(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(Checkpointed):
+    def __init__(self, dim: int, eps: float, part: str):
+        super().__init__((part,))
+        self.eps = eps
+        self.weight = param(dim)
+        self.bias = param(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def _read(src: WeightSource, names: list[str], takes: tuple[Runs | None, ...], dim: int) -> torch.Tensor:
+    parts = [src.rows(n, t, dim) for n, t in zip(names, takes)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def load(model: nn.Module, src: WeightSource, device: torch.device, dtype: torch.dtype,
+         fp8: bool = False) -> nn.Module:
+    """Replace every meta parameter of ``model`` by the rows ``parallelize`` assigned to this rank,
+    read from ``src`` (only those rows; a single run of an in-memory source is a view, so one GPU
+    shares storage with it), on ``device`` in ``dtype``. Decoder ``Linear`` weights become FP8 when
+    ``fp8`` (checkpoint scales, else quantized now); an FP8 checkpoint is dequantized otherwise.
+    Buffers move to ``device``. UserError when a checkpoint tensor has another shape than the
+    model's config gives."""
+    for name, m in model.named_modules():
+        if not isinstance(m, Checkpointed):
+            continue
+        weights = [p + ".weight" for p in m.parts]
+        if m.tied is not None and not src.has(weights[0]):
+            weights = [m.tied + ".weight"]
+        want = tuple(m.weight.shape)
+        if isinstance(m, Linear):
+            w = cat([read_linear(src, n, t, m.dim, fp8, dtype, device) for n, t in zip(weights, m.take)])
+            if isinstance(w, Fp8Weight):
+                w, m.scale = w.q, w.scale
+        else:
+            w = _read(src, weights, m.take, m.dim).to(device, dtype)
+        if tuple(w.shape) != want:
+            raise UserError(f"weights: {', '.join(weights)} give {tuple(w.shape)} for {name or 'the model'} on "
+                            f"this rank; the model config gives {want}")
+        m.weight = nn.Parameter(w, requires_grad=False)
+        if getattr(m, "bias", None) is not None:  # column-parallel biases follow the rows; row-parallel ones are whole
+            takes = m.take if m.dim == 0 else (None,) * len(m.parts)
+            m.bias = nn.Parameter(_read(src, [p + ".bias" for p in m.parts], takes, 0).to(device, dtype),
+                                  requires_grad=False)
+    for m in model.modules():
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.to(device)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise UserError(f"weights: no checkpoint tensor was read for {', '.join(left[:3])}")
+    return model
