@@ -52,10 +52,10 @@ from plans.schema import Plan, Stage
 
 @dataclass(frozen=True)
 class Split:
-    """One weight layout's share on this rank: the query and KV heads it computes, MLP rows
-    ``ff = [lo, hi)``, the group row-parallel outputs are all-reduced over, the Ulysses group (SP x
-    TP with sp > 1), and ``kv_of_q`` (local query head -> local KV head when KV heads are
-    replicated, else None)."""
+    """One weight layout's share on this rank: the query and KV heads it computes (of ``head_dim``
+    rows each), MLP rows ``ff = [lo, hi)``, the group row-parallel outputs are all-reduced over, the
+    Ulysses group (SP x TP with sp > 1), and ``kv_of_q`` (local query head -> local KV head when KV
+    heads are replicated, else None). The vision tower's TP uses it with no KV heads."""
 
     q_heads: tuple[int, ...]
     kv_heads: tuple[int, ...]
