@@ -30,6 +30,11 @@ from plans.schema import Plan, Stage
 
 
 class StageModel:
+    """``model``: the stage's ``Transformer`` (built on meta, ``parallelize``d, loaded); ``layers``:
+    its decoder layers in order (what ``backends`` compiles); ``caches``: one paged KV cache per
+    layer, ``kv_heads_per_gpu`` heads each (shared by both layouts under shift); ``vision``: the
+    tower where the plan places it on this stage."""
+
     def __init__(self, plan: Plan, stage: Stage, a: ModelArgs, par: Par, src: WeightSource,
                  dtype: torch.dtype, kv_dtype: torch.dtype, num_slots: int, fp8: bool = False):
         """``dtype``: compute dtype (embedding, norms, lm_head, vision tower); ``fp8``: decoder
