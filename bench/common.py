@@ -108,13 +108,13 @@ class DeviceRandomSource:
 def write_checkpoint(cfg: dict, out: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
                      shard_bytes: int = 4 << 30) -> dict[str, float]:
     """A safetensors checkpoint of seeded random weights with every tensor the engine reads
-    (``executors.stage.checkpoint_shapes``), drawn on ``device``; shards of ~``shard_bytes``."""
+    (``executors.model.checkpoint_shapes``), drawn on ``device``; shards of ~``shard_bytes``."""
     import json
 
     from safetensors.torch import save_file
 
     from executors.config import model_args
-    from executors.stage import checkpoint_shapes
+    from executors.model import checkpoint_shapes
 
     t0 = time.perf_counter()
     shapes = checkpoint_shapes(model_args(cfg))

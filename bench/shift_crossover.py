@@ -126,7 +126,7 @@ def _rank_steps(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
     from executors.batch import Step
     from executors.config import run_dtypes
     from executors.parallel import build_par
-    from executors.stage import checkpoint_shapes
+    from executors.model import checkpoint_shapes
     from executors.worker import RankRunner, WorkerSpec
     from plans.schema import Plan
 

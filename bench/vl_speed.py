@@ -113,12 +113,13 @@ def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[in
                 reps: int, warmup: int) -> dict[str, Any]:
     from bench.common import DeviceRandomSource, median, timed_ms
     from executors.config import model_args
-    from executors.vision import VisionTower, vision_shapes
+    from executors.encoders import load_tower
+    from executors.vision import vision_shapes
 
     a = model_args(cfg)
     v = a.vision
     dev = torch.device(device)
-    tower = VisionTower(v, DeviceRandomSource(vision_shapes(v), dev, dtype), dtype, dev)
+    tower = load_tower(v, DeviceRandomSource(vision_shapes(v), dev, dtype), dtype, dev)
     out: dict[str, Any] = {}
     for px in resolutions:
         key = f"{px}x{px}"
