@@ -26,7 +26,7 @@ from executors import paged_decode
 from executors.batch import MicroBatch
 
 if TYPE_CHECKING:
-    from executors.dense import AttnMeta
+    from executors.model import AttnMeta
 
 
 class LayerCache:
@@ -68,7 +68,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
         _store(cache.k, dst, k)
         _store(cache.v, dst, v)
     if meta.seqs is not None:
-        return _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
+        out = _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
+        if meta.dec_rows is not None:  # a mixed step's decodes: one batched call, not one per sequence
+            out[meta.dec_rows] = _attend_decode_grouped(q[meta.dec_rows], cache, meta, kv_of_q)
+        return out
     if meta.table is not None:
         return _attend_decode_grouped(q, cache, meta, kv_of_q)
     if meta.seq_keys is not None:
@@ -154,6 +157,26 @@ def _attend_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
             o = F.scaled_dot_product_attention(qs, K, V, attn_mask=causal_lower_right(n, ctx))
         out[t0:t0 + n] = o[0].transpose(0, 1).reshape(n, hq * D)
     return out
+
+
+def split_decodes(mb: MicroBatch, spans: list[tuple[int, int, int, int]], block: int,
+                  device: torch.device) -> tuple[list[tuple[int, int, int, int]], dict]:
+    """A prefill or mixed micro-batch on CUDA: its sequences with one query (decodes) leave the
+    per-sequence path and attend together through the block table, as a decode micro-batch does.
+    Returns the remaining spans and the ``AttnMeta`` fields of the decodes (none if fewer than 2):
+    ``dec_rows [S_d]`` their token rows, ``table [S_d, nb]``, ``seq_lens [S_d]``, ``seq_mask
+    [S_d, nb * block]`` (the torch path's key mask)."""
+    dec = [j for j, (_t0, n, _k0, _ctx) in enumerate(spans) if n == 1]
+    if len(dec) < 2 or len(mb.blocks) != len(spans):
+        return spans, {}
+    rows = [mb.blocks[j] for j in dec]
+    nb = max(len(r) for r in rows)
+    table = torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long)
+    lens = torch.tensor([spans[j][3] for j in dec])
+    mask = torch.arange(nb * block)[None, :] < lens[:, None]
+    keep = [sp for j, sp in enumerate(spans) if j not in set(dec)]
+    return keep, {"dec_rows": torch.tensor([spans[j][0] for j in dec], device=device), "table": table.to(device),
+                  "seq_lens": lens.to(device), "seq_mask": mask.to(device), "block_size": block}
 
 
 def sequence_spans(mb: MicroBatch) -> list[tuple[int, int, int, int]]:

@@ -66,6 +66,7 @@ class AttnMeta:
     table: torch.Tensor | None = None  # [S, nb] CUDA decodes: each sequence's KV blocks (keys read block-wise)
     block_size: int = 0
     seq_lens: torch.Tensor | None = None  # [S] keys of each sequence (with ``table``)
+    dec_rows: torch.Tensor | None = None  # [S_d] CUDA mixed steps: token rows of the decodes read via ``table``
 
 
 # ---------------------------------------------------------------- the ends

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from executors.attention import LayerCache, decode_keys, packed_mask, sequence_spans
+from executors.attention import LayerCache, decode_keys, packed_mask, sequence_spans, split_decodes
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
@@ -117,7 +117,8 @@ class StageModel:
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
             mb = mb.with_keys(self.block_size)
-            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=sequence_spans(mb))
+            seqs, decodes = split_decodes(mb, sequence_spans(mb), self.block_size, dev)
+            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=seqs, **decodes)
         else:
             mb = mb.with_keys(self.block_size)
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))

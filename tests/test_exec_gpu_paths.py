@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from executors.attention import (LayerCache, _attend_decode_grouped, _attend_per_sequence, attend, decode_keys,
-                                 packed_mask, sequence_spans)
+                                 packed_mask, sequence_spans, split_decodes)
 from executors.model import AttnMeta
 from executors.scheduler import Chunk, Seq, build_microbatch
 
@@ -56,6 +56,27 @@ def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
     dst = mb.slots
     cache.k[dst], cache.v[dst] = k, v
     got = _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_map", [None, "replicated"])
+def test_mixed_step_decodes_attend_together(kv_map: str | None) -> None:
+    """A mixed micro-batch as CUDA runs it: prefill chunks one by one, its decodes in one batched
+    call through their block-table rows (``split_decodes``); the same outputs as the packed path."""
+    g = torch.Generator().manual_seed(1)
+    hq, hkv, D = 8, 2, 16
+    mb = _microbatch([(12, 0, 12), (30, 29, 1), (20, 8, 5), (17, 16, 1), (6, 5, 1)])
+    T = mb.num_tokens
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (hq, hkv, hkv))
+    kv_of_q = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1]) if kv_map else None
+    ref_cache = _cache(200, hkv, D, g)
+    cache = LayerCache(200, hkv, D, torch.float32, torch.device("cpu"))
+    cache.k.copy_(ref_cache.k)
+    cache.v.copy_(ref_cache.v)
+    want = attend(q, k, v, ref_cache, AttnMeta(mb.slots, mb.key_slots, packed_mask(mb, T, q.device)), kv_of_q)
+    seqs, decodes = split_decodes(mb, sequence_spans(mb), BLOCK, q.device)
+    assert [n for _t0, n, _k0, _ctx in seqs] == [12, 5] and decodes["dec_rows"].tolist() == [12, 18, 19]
+    got = attend(q, k, v, cache, AttnMeta(mb.slots, mb.key_slots, None, seqs=seqs, **decodes), kv_of_q)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
