@@ -17,10 +17,13 @@ Then, for each engine variant (eager; + CUDA graphs for decode; + torch.compile 
 * HF transformers eager ``generate`` on the same shapes (batch 1 and 32): TPOT from the time of
   ``N`` tokens minus the time of 1, over ``N - 1``.
 
-    python bench/engine_speed.py --out DIR                 # on one CUDA GPU
+    python bench/engine_speed.py --out DIR                 # one GPU; with 2+ GPUs also points 2-3
     python bench/engine_speed.py --out DIR --tiny          # CPU dry run, tiny config
 
-Writes DIR/engine_speed.json and DIR/engine_speed.md.
+Writes DIR/engine_speed.json and DIR/engine_speed.md. With two or more GPUs visible (or
+``--multi-gpu on``) the same call then runs the multi-GPU points in fresh processes: each parallel
+mode against one GPU (``bench/mesh_speed.py``) and Qwen2-VL with images, the vision tower per
+placement (``bench/vl_speed.py``), into the same folder; ``engine_speed.json`` names their files.
 """
 
 from __future__ import annotations
@@ -171,6 +174,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--hf-batches", default="1,32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--multi-gpu", choices=("auto", "on", "off"), default="auto",
+                    help="also run bench/mesh_speed.py and bench/vl_speed.py (auto: when 2+ GPUs are visible)")
     args = ap.parse_args()
     from bench.engine_gpu_check import hf_random
     from executors.config import model_args
@@ -267,6 +272,21 @@ def main() -> None:
         report["hf"]["prefill_ttft_ms"] = round(1e3 * (time.perf_counter() - t), 3)
     save()
     print(markdown(report))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.multi_gpu == "on" or (args.multi_gpu == "auto" and gpus >= 2 and not args.tiny):
+        report["multi_gpu"] = run_multi_gpu(args.out, args.tiny)
+        save()
+
+
+def run_multi_gpu(out: Path, tiny: bool) -> dict[str, Any]:
+    """Points 2-3 of the engine's speed, each script in a process of its own (GPU memory freed
+    between them): exit code and results file per script."""
+    done = {}
+    for script in ("mesh_speed", "vl_speed"):
+        cmd = [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--out", str(out)] + (["--tiny"] if tiny else [])
+        rc = subprocess.run(cmd).returncode
+        done[script] = {"returncode": rc, "results": f"{script}.md" if (out / f"{script}.md").exists() else None}
+    return done
 
 
 def _driver() -> str:
@@ -310,6 +330,9 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{100 * p['fraction_of_matmul_rate']:.0f}% of matmul rate) | {p['ttft_ms']} ms | - | {p['floor_ms']} ms | "
                          f"{p['ttft_ms'] / p['floor_ms']:.2f} | {hf_p if hf_p else '-'} ms | "
                          f"{(hf_p / p['ttft_ms']) if hf_p else float('nan'):.2f}x |")
+    for script, m in r.get("multi_gpu", {}).items():
+        lines += ["", f"Multi-GPU, same call: `{script}.py` exited {m['returncode']}; results in "
+                      f"`{m['results'] or 'none written'}`."]
     return "\n".join(lines) + "\n"
 
 

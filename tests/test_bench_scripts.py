@@ -133,3 +133,23 @@ def test_vl_speed_tiny_run(tmp_path):
     assert shift["shift_threshold"] is not None and shift["modes"]["tp"] > 0 and shift["modes"]["sp_tp"] > 0
     md = (tmp_path / "vl_speed.md").read_text()
     assert all(name in md for name in CASES) and "## (a)" in md and "## (b)" in md and "## (c)" in md
+
+
+def test_engine_speed_runs_every_point_in_one_call(tmp_path) -> None:
+    """`bench/engine_speed.py` (CPU dry run) measures one GPU's figures and then, in the same call,
+    the parallel modes and the multimodal points: all three result files, each script exiting 0."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "engine_speed.py"), "--out", str(tmp_path), "--tiny",
+                          "--multi-gpu", "on", "--variants", "graphs", "--batches", "1"],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "engine_speed.json").read_text())
+    assert r["variants"]["graphs"]["batch_1"]["decode_step_ms"] > 0
+    assert {k: v["returncode"] for k, v in r["multi_gpu"].items()} == {"mesh_speed": 0, "vl_speed": 0}
+    for name in ("engine_speed.md", "mesh_speed.md", "vl_speed.md"):
+        assert (tmp_path / name).stat().st_size > 0
