@@ -12,7 +12,7 @@ Notation: ``P = tp * sp`` GPUs per stage, the GPU at ``(tp_i, sp_i)`` is shift r
 
 * **PP** (``cut_stage``): a stage keeps its layers ``[first, last]``, the embedding on the first
   stage, norm and lm_head on the last. Hidden states go point-to-point between stages
-  (``worker.py``); ``scheduler.microbatches`` splits a step.
+  (``worker.py``); the driver keeps one step per pipeline lane in flight (``engine.py``).
 * **TP** (``TP_PLAN``, degree P, rank r): column-parallel fused QKV (rows of the query heads
   ``[r H/P, (r+1) H/P)`` and of the KV heads they read, replicated when KV < P) and gate/up (rows
   ``[r I/P, (r+1) I/P)``); row-parallel o and down, all-reduced over the stage's P GPUs.
@@ -26,7 +26,7 @@ Notation: ``P = tp * sp`` GPUs per stage, the GPU at ``(tp_i, sp_i)`` is shift r
   heads -- so one KV cache serves both modes.
 * **Vocab-parallel ends** (``ENDS_PLAN``): embedding and lm_head rows ``[r V/P, (r+1) V/P)`` over
   the P GPUs (whole when V % P != 0).
-* **DP**: independent replicas, one scheduler each (``engine.py``); nothing to shard.
+* **DP**: independent replicas, schedulers of their own (``engine.py``); nothing to shard.
 * **Vision encoder**: the tower's TP split (``VISION_TP_PLAN``, ``parallelize_tower``) is here;
   where the tower runs and how embeddings reach stage 0 is the placement (``encoders.py``).
 """
