@@ -113,6 +113,7 @@ class Engine:
         # dedicated encoders reach stage 0 in the order requests are admitted, which lanes would break.
         self.lanes = max(plan.mesh.pp, plan.scheduler.microbatches) if plan.mesh.pp > 1 and not self.encoders else 1
         self.lock_step = False  # send a round only once every step in flight has answered
+        self.peak_in_flight = 0  # most steps in flight at once (lanes and replicas overlapping)
         self.in_flight = [0] * plan.mesh.dp  # steps sent to each replica, not yet answered
         self.done: list[StepOut] = []  # answers of the single-rank engine (it runs steps as sent)
         self.early: list[tuple] = []  # queue messages read while checking on the ranks
@@ -451,6 +452,7 @@ class Engine:
                     raise UserError("scheduler stalled: no request fits the KV cache")
                 if steps:
                     self._send(steps)
+                    self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
                 busy = {lane for lane, _ in in_flight.values()}
                 if steps and L > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
                     continue  # another lane can start before an answer comes
