@@ -9,7 +9,9 @@ causal: query t sees key k iff ``key_seq[k] == seq[t]`` and ``key_pos[k] <= tok_
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from itertools import chain
 
+import numpy as np
 import torch
 
 
@@ -69,9 +71,14 @@ class MicroBatch:
                                    for k, v in state.items()},)
 
     def block_table(self, nb: int = 0) -> torch.Tensor:
-        """``[S, max(nb, longest)]`` each sequence's KV blocks in order, padded with block 0."""
-        nb = max([nb] + [len(b) for b in self.blocks])
-        return torch.tensor([b + [0] * (nb - len(b)) for b in self.blocks], dtype=torch.long)
+        """``[S, max(nb, longest)]`` each sequence's KV blocks in order, padded with block 0 (filled
+        in one masked assignment: a per-row loop cost ~0.5 ms at 128 sequences)."""
+        lens = np.fromiter((len(b) for b in self.blocks), dtype=np.int64, count=len(self.blocks))
+        nb = max(nb, int(lens.max()) if lens.size else 0)
+        out = np.zeros((lens.size, nb), dtype=np.int64)
+        out[np.arange(nb)[None, :] < lens[:, None]] = np.fromiter(chain.from_iterable(self.blocks), dtype=np.int64,
+                                                                  count=int(lens.sum()))
+        return torch.from_numpy(out)
 
     def key_grid(self, block: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [S, L], valid [S, L])``: sequence i's key slots ``blocks[i][p // block] * block +
@@ -96,8 +103,6 @@ class MicroBatch:
 
 
 def _microbatch_from(state: dict) -> MicroBatch:
-    import numpy as np
-
     return MicroBatch(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
 
 

@@ -122,7 +122,7 @@ class Scheduler:
         for s in list(self.running):
             if budget == 0:
                 break
-            if s not in self.running:  # preempted earlier in this loop
+            if dropped and s.req in dropped:  # preempted earlier in this loop
                 continue
             n = min(len(s.tokens) - s.computed, budget)
             while not self.pool.grow(s, s.computed + n, self.block):
@@ -219,20 +219,26 @@ def _packed_microbatch(chunks: list[Chunk], mode: str, block: int) -> MicroBatch
 
 
 def _decode_microbatch(chunks: list[Chunk], mode: str, block: int) -> MicroBatch:
-    """A micro-batch of decodes (one generated token per sequence, its last) from plain lists: no per-sequence
-    tensors, and no packed key lists (decode attention reads each sequence's blocks and context)."""
+    """A micro-batch of decodes (one generated token per sequence, its last) from plain lists in one
+    pass: no per-sequence tensors, and no packed key lists (decode attention reads each sequence's
+    blocks and context)."""
     S = len(chunks)
-    at = [c.seq.computed for c in chunks]  # position of each new token
+    at, toks, slots, blocks, reqs = [0] * S, [0] * S, [0] * S, [[]] * S, [0] * S
+    for i, c in enumerate(chunks):
+        s, p = c.seq, c.seq.computed  # p: position of the new token
+        b = s.blocks
+        at[i], toks[i], reqs[i] = p, s.tokens[p], s.req
+        slots[i] = b[p // block] * block + p % block
+        blocks[i] = b[:p // block + 1]
+    tok_idx = torch.tensor(at)
     if chunks[0].seq.mrope is None:
-        pos = torch.tensor(at)
+        pos = tok_idx
     else:  # past the prompt, every M-RoPE row is the index plus the sequence's delta
         pos = torch.tensor([p + c.seq.mrope_delta for p, c in zip(at, chunks)]).expand(3, S).clone()
     none = torch.zeros(0, dtype=torch.long)
+    seq = torch.arange(S)
     return MicroBatch(
-        mode=mode, tokens=torch.tensor([c.seq.tokens[p] for p, c in zip(at, chunks)]), pos=pos,
-        seq=torch.arange(S), tok_idx=torch.tensor(at),
-        slots=torch.tensor([c.seq.blocks[p // block] * block + p % block for p, c in zip(at, chunks)]),
-        key_slots=none, key_seq=none, key_pos=none, sample_idx=torch.arange(S),
-        sample_req=[c.seq.req for c in chunks], img_tok=none,
-        blocks=[c.seq.blocks[:p // block + 1] for p, c in zip(at, chunks)], ctx=[p + 1 for p in at], decode=True,
+        mode=mode, tokens=torch.tensor(toks), pos=pos, seq=seq, tok_idx=tok_idx, slots=torch.tensor(slots),
+        key_slots=none, key_seq=none, key_pos=none, sample_idx=seq, sample_req=reqs, img_tok=none,
+        blocks=blocks, ctx=[p + 1 for p in at], decode=True,
     )
