@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a.out.mkdir(parents=True, exist_ok=True)
     raw = run_comm_fp8(budget_s=a.budget_s, collectives_s=a.collectives_s)
+    raw["meta"]["command"] = " ".join(["python", "bench/calibrate_comm_fp8.py", *(argv if argv is not None else sys.argv[1:])])
     path = a.out / "comm_fp8.json"
     path.write_text(json.dumps(raw, indent=1) + "\n")
     print(f"wrote {path}: {len(raw.get('collectives', []))} collective points, {len(raw['gemm_fp8'])} FP8 GEMM "

@@ -419,7 +419,7 @@ def _memops(grids: Grids, dev, dt, gen) -> dict[str, Callable[[int], tuple[Calla
 
 
 def device_meta() -> dict[str, Any]:
-    """Device name, driver, torch/CUDA/transformers versions and the date."""
+    """Device name, driver, torch/CUDA/NCCL/transformers versions and the date."""
     import platform
     import subprocess
 
@@ -433,6 +433,10 @@ def device_meta() -> dict[str, Any]:
         meta["device_name"] = torch.cuda.get_device_name(0)
         meta["cuda"] = torch.version.cuda
         meta["gpus"] = torch.cuda.device_count()
+        try:
+            meta["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except (AttributeError, RuntimeError, TypeError):
+            meta["nccl"] = "unknown"
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=20)

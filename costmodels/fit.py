@@ -71,14 +71,25 @@ def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = F
 
 
 def fit_collectives(points: list[dict]) -> dict[str, float]:
-    """Alpha-beta link parameters from all-reduce timings {op, bytes, n, ms} (eager ones where
-    points carry a ``mode``; the largest group measured).
+    """Alpha-beta link parameters from all-reduce timings {op, bytes, n, ms} of the largest group
+    measured: the graph-timed ones where there are any, else the eager ones (points without a
+    ``mode`` are eager).
 
     Ring all-reduce: t = alpha0 + 2(n-1) alpha + 2(n-1)/n * S / B. The latency floor c is the
     fastest small (<= 64 KiB) all-reduce; B comes from the largest size:
-    B = 2(n-1)/n * S_max / (t_max - c). alpha0 takes up to half of c (8 us at most), the rest
-    is split over the 2(n-1) ring steps."""
-    ar = [p for p in points if p["op"] == "all_reduce" and p.get("mode", "eager") == "eager"]
+    B = 2(n-1)/n * S_max / (t_max - c). The fit serves groups larger than any measured, so it
+    reads the GPU-side cost: a graph replay. Eager small all-reduces are bounded by the host's
+    launch rate (about 50 us a call on the 2 x H200 machine against 11 us in a graph), a cost
+    that does not grow with the ring. One group size cannot separate alpha0 from alpha: alpha
+    keeps the datasheet default of 1 us per ring step (less where c is small: at most a quarter
+    of c per step pair) and alpha0 takes the rest of c, so the fit gives c back at the measured n
+    and adds 2 x 1 us per extra GPU. (An earlier rule gave alpha0 at most 8 us and the rest to
+    alpha: from the eager 49 us floor that made alpha 20 us and an 8-GPU all-reduce ~0.3 ms.)"""
+    ar = [p for p in points if p["op"] == "all_reduce"]
+    if any(p.get("mode") == "graph" for p in ar):
+        ar = [p for p in ar if p.get("mode") == "graph"]
+    else:
+        ar = [p for p in ar if p.get("mode", "eager") == "eager"]
     if not ar:
         return {}
     n = max(int(p["n"]) for p in ar)
@@ -88,8 +99,8 @@ def fit_collectives(points: list[dict]) -> dict[str, float]:
     big = ar[-1]
     dt_s = max(big["ms"] * 1e-3 - c_us * 1e-6, 1e-9)
     bus = 2 * (n - 1) / n * big["bytes"] / dt_s / 1e9
-    alpha0 = min(8.0, c_us / 2)
-    alpha = max(0.1, (c_us - alpha0) / (2 * (n - 1)))
+    alpha = max(0.01, min(1.0, c_us / 4 / (2 * (n - 1))))
+    alpha0 = c_us - 2 * (n - 1) * alpha
     return {"bus_gbps": round(bus, 2), "alpha_us": round(alpha, 3), "alpha0_us": round(alpha0, 3), "n": n}
 
 

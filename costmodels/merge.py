@@ -8,7 +8,10 @@ largest group: ``costmodels.fit.profile_collectives``) and the FP8 GEMM points (
 e = 2MNK / ((ms - overhead) * fp8 peak) with the profile's own launch overhead, as its bf16
 table is: ``costmodels.fit.fit_gemm_fp8``). Every other table stays as it is. The raw points
 go into the profile's ``raw``; its id becomes ``<base id>+<calibration date>`` (plans record the
-id, so recompiled plans say which tables they used) and ``meta.merged`` says what came in.
+id, so recompiled plans say which tables they used) and ``meta.merged`` says what came in: the
+device, GPU count, driver, torch, CUDA and NCCL versions, the date and the calibration command.
+``--meta KEY=VALUE`` supplies what an older calibration file did not record (e.g.
+``--meta nccl=2.28.9``); a value the file holds is kept unless it is missing or "unknown".
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ from costmodels.profile import Profile, read_profile, write_profile
 from plans.errors import UserError
 
 
-def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False) -> Profile:
+META_KEYS = ("device_name", "gpus", "driver", "torch", "cuda", "nccl", "date", "command")
+
+
+def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
+          extra_meta: dict[str, str] | None = None) -> Profile:
     """``profile`` with the collective tables and the ``gemm_fp8`` table of ``calib``.
 
     Raises UserError when the calibration ran on another GPU model (unless ``force``) or holds
     neither collective nor FP8 GEMM points."""
-    meta = calib.get("meta", {})
+    meta = dict(calib.get("meta", {}))
+    for k, v in (extra_meta or {}).items():
+        if meta.get(k) in (None, "", "unknown"):
+            meta[k] = v
     dev = str(meta.get("device_name", ""))
     if not force and find_gpu_name(dev) != profile.gpu:
         raise UserError(f"the calibration ran on '{dev}', the profile is for {profile.gpu}; pass --force to merge anyway")
@@ -42,14 +52,14 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False) -> Pr
     raw = dict(profile.raw)
     out = profile
     if coll:
-        cmeta = {**{k: meta.get(k) for k in ("device_name", "driver", "torch", "cuda", "date")},
+        cmeta = {**{k: meta.get(k) for k in META_KEYS if k in meta},
                  **calib.get("collectives_meta", {})}
         raw.update(collectives=coll, collectives_meta=cmeta, collectives_errors=calib.get("collectives_errors", []))
         out = replace(out, collectives=profile_collectives(coll, cmeta))
     if fp8:
         raw["gemm_fp8"] = fp8
         out = replace(out, gemm_fp8=fit_gemm_fp8(fp8, profile.gpu, profile.overhead_us))
-    merged = {"date": meta.get("date"), "device_name": dev, "driver": meta.get("driver"), "torch": meta.get("torch"),
+    merged = {**{k: meta.get(k) for k in META_KEYS}, "device_name": dev,
               "collective_points": len(coll), "gemm_fp8_points": len(fp8), "skipped": calib.get("skipped", []),
               "collective_errors": calib.get("collectives_errors", [])}
     base_id = profile.id.split("+")[0]
@@ -62,10 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("profile", type=Path, help="profile to merge into (e.g. costmodels/profiles/h200.json)")
     ap.add_argument("-o", "--out", type=Path, default=None, help="where to write (default: over the profile)")
     ap.add_argument("--force", action="store_true", help="merge even if the GPU models differ")
+    ap.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"a fact the calibration file lacks ({', '.join(META_KEYS)}); repeatable")
     a = ap.parse_args(argv)
+    extra = {}
+    for kv in a.meta:
+        k, sep, v = kv.partition("=")
+        if not sep or k not in META_KEYS:
+            print(f"error: --meta {kv!r}: expected KEY=VALUE with KEY one of {', '.join(META_KEYS)}", file=sys.stderr)
+            return 2
+        extra[k] = v
     try:
         calib = json.loads(a.calibration.read_text())
-        prof = merge(read_profile(a.profile), calib, force=a.force)
+        prof = merge(read_profile(a.profile), calib, force=a.force, extra_meta=extra)
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: {a.calibration}: {e}", file=sys.stderr)
         return 2
