@@ -290,9 +290,16 @@ def fmt_rate_table(sc: dict[str, Any], rate: float) -> list[str]:
 def profile_note(profile_id: str) -> str:
     if profile_id.startswith("roofline"):
         return f"cost profile `{profile_id}`: datasheet rooflines, no calibration."
+    if "+" not in profile_id:
+        return (f"cost profile `{profile_id}`: GEMM, attention and memory-bound op efficiencies measured on one "
+                "H200 (costmodels/profiles); collectives (all-reduce, all-to-all, p2p) are alpha-beta models on "
+                "NVLink datasheet bandwidth.")
     return (f"cost profile `{profile_id}`: GEMM, attention and memory-bound op efficiencies measured on one "
-            "H200 (costmodels/profiles); collectives (all-reduce, all-to-all, p2p) are alpha-beta models on "
-            "NVLink datasheet bandwidth, since no multi-GPU machine has been lent yet.")
+            "H200, collectives and FP8 GEMMs on two H200s over NVLink (costmodels/profiles, `meta.merged`). "
+            "Groups of 2 GPUs read the measured collective tables (graph-timed for decode steps, eager for the "
+            "rest); groups of 4 and 8, which were not measured, use the alpha-beta formulas with the link fitted to "
+            "the 2-GPU graph-timed all-reduce (bus bandwidth ~300 GB/s against 360 GB/s from the datasheet, latency "
+            "floor 11 us plus 2 x 1 us per extra GPU in the ring).")
 
 
 def spread(vals: list[float]) -> str:
@@ -422,8 +429,9 @@ def trust_lines() -> list[str]:
         "as HF runs them) with vLLM-style admission that may preempt. On the published cases that model gave " +
         (rng(thr_before) if thr_before else "lower figures") + " of the published throughput, so read its "
         "absolute tokens/s as those of an unfused engine; the comparison between plans is made under one model, "
-        "and both SP and PP pay the same per-token elementwise costs. The FP8 GEMM efficiency is not measured "
-        "(issue 16's point 3); none of this report's plans uses FP8.",
+        "and both SP and PP pay the same per-token elementwise costs. The FP8 GEMM efficiency is measured "
+        "(`torch._scaled_mm` with per-row/per-column scales on H200, as the engine calls it); none of this report's "
+        "plans uses FP8.",
     ]
 
 
@@ -494,20 +502,21 @@ def report(results: dict[str, Any], figs: dict[str, str], seconds: float) -> str
         "- **Model error is the real uncertainty.** Step times come from per-op costs (" +
         ("datasheet rooflines" if results['qwen_mm']['cost_profile'].startswith("roofline") else
          "efficiencies calibrated on one H200") +
-        "), alpha-beta collectives from link datasheet figures (no multi-GPU measurement) with no "
+        "), collectives measured on 2 H200s (2-GPU groups read the tables; 4- and 8-GPU groups extrapolate "
+        "an alpha-beta fit of the 2-GPU all-reduce, so an 8-GPU ring is not itself measured) with no "
         "compute/communication overlap, and a per-op launch overhead; "
         "the simulator ignores CPU scheduling, sampling and detokenisation time, and treats the vision encoder as "
         "running inside the step that first prefills a request's images. The comparison is between plans under the "
         "same model, so errors common to all plans (GEMM efficiency, HBM bandwidth) largely cancel; errors that "
         "differ between plans do not: the all-to-all vs all-reduce cost (SP vs TP), and the p2p and bubble costs "
         "of PP. The 25% SP x TP slow-down above is one such bound.",
-        "- **What would change the answer:** a measured all-to-all much slower than modelled on NVLink (shift "
+        "- **What would change the answer:** an 8-GPU all-to-all much slower than the 2-GPU fit extrapolates (shift "
         "falls back towards TP8, whose capacity is in the tables), a PP scheduler tuned beyond the variants here, "
         "or KV capacity binding (shift has the smallest KV cache; the peak KV share at each point is in the JSON).",
     ]
     lines += trust_lines()
     lines += [
-        "- **Status: a prediction.** It needs multi-GPU measurements (`plan bench` on 8 GPUs, not lent yet) to "
+        "- **Status: a prediction.** It needs 8-GPU measurements (`plan bench` on 8 GPUs, not lent yet) to "
         "become a result.",
         "",
     ]

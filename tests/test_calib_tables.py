@@ -155,3 +155,36 @@ def test_fp8_and_collectives_are_skipped_with_a_reason_on_cpu():
     assert raw["gemm_fp8"] == [] and "collectives" not in raw
     assert any("gemm_fp8" in s and "no FP8" in s for s in raw["skipped"])
     assert any(s.startswith("collectives") for s in raw["skipped"])
+
+
+def test_merge_records_versions_and_command(h200):
+    """meta.merged names the device, driver, torch, CUDA and NCCL versions, the date and the calibration
+    command; --meta fills in what an older calibration file lacks without overriding what it has."""
+    calib = _calib(h200)
+    out = merge(h200, calib, extra_meta={"nccl": "2.28.9", "command": "python bench/calibrate_comm_fp8.py --out D",
+                                         "driver": "999"})
+    m = out.meta["merged"]
+    assert (m["nccl"], m["command"], m["driver"], m["torch"], m["date"]) == (
+        "2.28.9", "python bench/calibrate_comm_fp8.py --out D", "580.0", "2.11.0", "2026-12-01")
+    assert out.collectives["meta"]["nccl"] == "2.28.9"
+
+
+def test_merge_command_rejects_an_unknown_meta_key(tmp_path, h200, capsys):
+    src = tmp_path / "comm_fp8.json"
+    src.write_text(json.dumps(_calib(h200)))
+    assert merge_main([str(src), str(tmp_path / "x.json"), "--meta", "colour=blue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_collective_fit_reads_the_graph_timed_all_reduce():
+    """Eager small collectives are bounded by the host's launch rate: the alpha-beta fit that serves larger
+    groups reads the graph-timed all-reduce where there is one, 1 us per ring step, the rest in alpha0."""
+    from costmodels.fit import fit_collectives
+
+    pts = [{"op": "all_reduce", "bytes": s, "n": 2, "mode": mode, "ms": (floor + s / 300e9 * 1e6) * 1e-3}
+           for s in SIZES for mode, floor in (("eager", 50.0), ("graph", 11.0))]
+    fit = fit_collectives(pts)
+    assert fit["alpha_us"] == 1.0 and fit["alpha0_us"] == pytest.approx(9.0, abs=0.05)
+    assert fit["bus_gbps"] == pytest.approx(300, rel=0.02)
+    eager_only = fit_collectives([p for p in pts if p["mode"] == "eager"])
+    assert eager_only["alpha0_us"] + 2 * eager_only["alpha_us"] == pytest.approx(50.0, abs=0.5)

@@ -201,7 +201,8 @@ def test_estimate_says_when_fp8_gemms_are_not_measured(l2_graph, fp8_profile):
     from costmodels.estimate import estimate
 
     kw = dict(tp=2, pp=1, batch=8, isl=512, osl=64)
-    scaled = estimate(CostModel(l2_graph, "h200", weights_dtype="fp8", profile=load_profile("h200")), **kw)
+    scaled = estimate(CostModel(l2_graph, "h200", weights_dtype="fp8", profile=replace(load_profile("h200"), gemm_fp8=None)),
+                      **kw)
     assert any("FP8 GEMM efficiency not measured" in n for n in scaled.notes)
     measured = estimate(CostModel(l2_graph, "h200", weights_dtype="fp8", profile=fp8_profile), **kw)
     assert not any("FP8 GEMM" in n for n in measured.notes)
