@@ -446,13 +446,43 @@ def trust_lines() -> list[str]:
     ]
 
 
+def measured_lines() -> list[str]:
+    """What the engine measured on two H200 so far (bench/results/mesh_speed.json, vl_speed.json),
+    against one GPU: the modes this question compares, at 2 GPUs instead of 8."""
+    mesh_f, vl_f = ROOT / "bench/results/mesh_speed.json", ROOT / "bench/results/vl_speed.json"
+    if not (mesh_f.is_file() and vl_f.is_file()):
+        return ["Not measured yet (`python bench/engine_speed.py --out DIR` on a 2-GPU machine)."]
+    mesh, vl = json.loads(mesh_f.read_text()), json.loads(vl_f.read_text())
+    one = mesh["meshes"]["single"]["concurrent"]["output_tok_s"]
+    text = ", ".join(f"{k} {v['concurrent']['output_tok_s'] / one:.2f}x" for k, v in mesh["meshes"].items()
+                     if k != "single" and "concurrent" in v)
+    vl_one = vl["cases"]["single"]["batch"]["output_tok_s"]
+    img = ", ".join(f"{k.split('/')[0]} {v['batch']['output_tok_s'] / vl_one:.2f}x" for k, v in vl["cases"].items()
+                    if k != "single" and "batch" in v)
+    return [
+        "The engine has run every mode on two H200 (random weights; `bench/results/mesh_speed.md`, "
+        "`vl_speed.md`). Output throughput against one GPU: Llama-3.1-8B, 64 concurrent text requests (1,024-token "
+        f"prompts): {text}; Qwen2-VL-7B, 32 concurrent requests with one 448x448 image each: {img}.",
+        "",
+        "These do not answer the question yet, for two reasons. First, the engine is not at its floor on the steps "
+        "that matter here: decode steps replay as CUDA graphs (1.5x the HBM floor on one GPU), but prefill and mixed "
+        "steps run eagerly and are bound by the host (a 64-token step on two GPUs takes ~50 ms, "
+        "`bench/results/shift_crossover.md`), and image requests are mostly prefill; so these ratios measure "
+        "overheads, not the parallel modes. Second, two GPUs cannot speak for eight: at 2 GPUs shift is SP2 over "
+        "two ranks whose all-to-all is one NVLink hop, PP2 has one bubble per step instead of seven, TP2's "
+        "all-reduces are the cheapest they will ever be, and the 72B models of this report do not fit on two GPUs at "
+        "all. Variable-length image-text traffic within the SLO, shift against PP, is not measured yet.",
+    ]
+
+
 def report(results: dict[str, Any], figs: dict[str, str], seconds: float) -> str:
     lines = [
         "# Can shift parallelism keep high token throughput on image-text traffic, compared with pipeline "
         "parallelism?",
         "",
         "A first answer from shiftplan's serving simulator (costmodels/simulator) on 8xH200. Every number here is "
-        "a prediction of the cost model and the simulator, not a measurement on GPUs.",
+        "a prediction of the cost model and the simulator, not a measurement on GPUs, except in the section "
+        "\"Measured on two H200, so far\".",
         "",
         "Regenerate (about " + f"{seconds / 60:.0f}" + " min on the 2-core dev machine): `python bench/research_report.py`. "
         "It rewrites this file, `docs/research_shift_vs_pp.json` (every point) and `docs/figures/shift_vs_pp_*.png`.",
@@ -495,6 +525,7 @@ def report(results: dict[str, Any], figs: dict[str, str], seconds: float) -> str
         if sc["notes"]:
             lines += [f"- {n}" for n in sc["notes"]] + [""]
     lines += ["## Summary", "", f"![summary](figures/{figs['summary']})", ""]
+    lines += ["## Measured on two H200, so far", ""] + measured_lines() + [""]
     lines += [
         "## How sure can we be?",
         "",

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kind in kinds:
         c = crossover(points_of(report["steps"].get(kind, {})))
         if c.get("tokens") and planner_x:
-            c["ratio_to_planner"] = round(c["tokens"] / planner_x, 3)
+            c["ratio_to_planner"] = float(f"{c['tokens'] / planner_x:.4g}")
             c["within_20pct"] = abs(c["tokens"] / planner_x - 1) <= WITHIN
         report["crossover"][kind] = c
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
