@@ -141,9 +141,8 @@ class Attention(nn.Module):
                 meta: AttnMeta) -> torch.Tensor:
         """``x [n, H]`` -> ``[n, H]``."""
         n, D = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x).split([self.nq * D, self.nkv * D, self.nkv * D], dim=-1)
-        q = apply_rope(q.reshape(n, self.nq, D), cos, sin)
-        k = apply_rope(k.reshape(n, self.nkv, D), cos, sin)
+        qk, v = self.qkv(x).split([(self.nq + self.nkv) * D, self.nkv * D], dim=-1)
+        q, k = apply_rope(qk.reshape(n, self.nq + self.nkv, D), cos, sin).split([self.nq, self.nkv], dim=1)  # one pass
         return self.o(self.core(q, k, v.reshape(n, self.nkv, D), cache, meta))
 
 
