@@ -153,3 +153,29 @@ def test_engine_speed_runs_every_point_in_one_call(tmp_path) -> None:
     assert {k: v["returncode"] for k, v in r["multi_gpu"].items()} == {"mesh_speed": 0, "vl_speed": 0}
     for name in ("engine_speed.md", "mesh_speed.md", "vl_speed.md"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_scaling_compares_speedups_not_times(tmp_path) -> None:
+    """bench/scaling_2gpu.py on a made-up measurement: each row's speedups are one GPU's time over
+    the mesh's, and its error is their ratio - 1."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fake = {"meshes": {m: {"decode_b1": {"decode_step_ms": d}, "prefill": {"ttft_ms_p50": p}}
+                       for m, d, p in (("single", 8.0, 300.0), ("tp2", 5.0, 150.0), ("pp2", 8.0, 300.0))}}
+    src = tmp_path / "mesh_speed.json"
+    src.write_text(json.dumps(fake))
+    out = subprocess.run([sys.executable, str(root / "bench" / "scaling_2gpu.py"), "--mesh-speed", str(src),
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((tmp_path / "scaling_2gpu.json").read_text())
+    rows = {(x["mesh"], x["step"]): x for x in r["rows"]}
+    assert set(rows) == {("tp2", "decode"), ("tp2", "prefill"), ("pp2", "decode"), ("pp2", "prefill")}
+    assert rows["tp2", "decode"]["measured_speedup"] == 1.6 and rows["tp2", "prefill"]["measured_speedup"] == 2.0
+    for x in rows.values():
+        p = r["predicted_ms"]["single"][x["step"] + "_ms"] / r["predicted_ms"][x["mesh"]][x["step"] + "_ms"]
+        assert x["predicted_speedup"] == round(p, 3)
+        assert abs(x["error"] - (x["predicted_speedup"] / x["measured_speedup"] - 1)) < 2e-3

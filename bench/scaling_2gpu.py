@@ -1,0 +1,96 @@
+"""Step-time speedups of two-GPU meshes over one GPU: the cost model's prediction beside the
+engine's measurement (issue 15, point 4).
+
+Measured: ``bench/results/mesh_speed.json`` (Llama-3.1-8B shapes, bf16, eager layers, decode steps
+as CUDA graphs): the decode step at batch 1 (512-token prompt, 128 new tokens: mean context ~576)
+and the TTFT of one 8,192-token prompt. Predicted: ``CostModel.step_time`` of the same shapes with
+the H200 profile (the eager cost model, as the layers ran), per mesh: tp2 (TP over 2), shift(sp2)
+(TP over 2 for a decode, SP2 for the prefill), pp2 (a single request crosses both stages, so its
+step is the sum of the stages plus the send). Speedup = one GPU's time / the mesh's; error =
+predicted speedup / measured speedup - 1.
+
+    python bench/scaling_2gpu.py [--mesh-speed FILE] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONTEXT = 512 + 128 // 2  # mean context of the batch-1 decode
+PREFILL = 8192
+# mesh -> (pp, tp, sp, decode mode, prefill mode)
+MESHES = {"single": (1, 1, 1, "tp", "tp"), "tp2": (1, 2, 1, "tp", "tp"),
+          "shift-sp2": (1, 1, 2, "tp", "sp_tp"), "pp2": (2, 1, 1, "tp", "tp")}
+
+
+def predicted(cost) -> dict[str, dict[str, float]]:
+    """Predicted step times (ms) per mesh for the decode and the prefill."""
+    from graph.opgraph import StepShape
+
+    dec, pre = StepShape.decode([CONTEXT]), StepShape.prefill([PREFILL])
+    return {name: {"decode_ms": cost.step_time(dec, pp=pp, tp=tp, sp=sp, mode=dm).total_ms,
+                   "prefill_ms": cost.step_time(pre, pp=pp, tp=tp, sp=sp, mode=pm).total_ms}
+            for name, (pp, tp, sp, dm, pm) in MESHES.items()}
+
+
+def measured(mesh_speed: dict) -> dict[str, dict[str, float]]:
+    return {name: {"decode_ms": m["decode_b1"]["decode_step_ms"], "prefill_ms": m["prefill"]["ttft_ms_p50"]}
+            for name, m in mesh_speed["meshes"].items() if name in MESHES and "decode_b1" in m}
+
+
+def compare(pred: dict, meas: dict) -> list[dict]:
+    rows = []
+    for name in MESHES:
+        if name == "single" or name not in meas:
+            continue
+        for step in ("decode_ms", "prefill_ms"):
+            p = pred["single"][step] / pred[name][step]
+            m = meas["single"][step] / meas[name][step]
+            rows.append({"mesh": name, "step": step[:-3], "predicted_ms": round(pred[name][step], 3),
+                         "measured_ms": meas[name][step], "predicted_speedup": round(p, 3),
+                         "measured_speedup": round(m, 3), "error": round(p / m - 1, 3)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mesh-speed", type=Path, default=ROOT / "bench/results/mesh_speed.json")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+    from costmodels.build import cost_model_for
+    from graph.hf_config import load_config
+
+    cost, _ = cost_model_for(load_config(preset="llama-3.1-8b"), "h200", weights_dtype="bf16", kv_dtype="bf16",
+                             gpus_per_node=2)
+    ms = json.loads(args.mesh_speed.read_text())
+    pred, meas = predicted(cost), measured(ms)
+    rows = compare(pred, meas)
+    where = args.mesh_speed.resolve()
+    r = {"command": "python bench/scaling_2gpu.py --out DIR",
+         "measured_from": str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else where.name,
+         "predicted_ms": pred, "measured_ms": meas, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling_2gpu.json").write_text(json.dumps(r, indent=2) + "\n")
+    lines = ["# Two-GPU step speedups over one GPU: predicted vs measured", "",
+             f"Command: `{r['command']}`; measured: `{r['measured_from']}` (its device and versions); predicted: the "
+             f"H200 profile's cost model (eager layers). Decode at batch 1, context {CONTEXT}; prefill of {PREFILL} "
+             "tokens (measured as TTFT).", "",
+             "| mesh | step | predicted ms | measured ms | predicted speedup | measured speedup | error |",
+             "|---|---|---|---|---|---|---|"]
+    for x in [{"mesh": "single", "step": s[:-3], "predicted_ms": round(pred["single"][s], 3),
+               "measured_ms": meas["single"][s]} for s in ("decode_ms", "prefill_ms")] + rows:
+        err = f"{x['error']:+.0%}" if "error" in x else "-"
+        lines.append(f"| {x['mesh']} | {x['step']} | {x['predicted_ms']} | {x['measured_ms']} | "
+                     f"{x.get('predicted_speedup', 1.0)} | {x.get('measured_speedup', 1.0)} | {err} |")
+    (args.out / "scaling_2gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
