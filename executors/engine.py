@@ -167,6 +167,8 @@ class Engine:
             kind, rank, payload = self._get()
             if kind == "ready":
                 ready += 1
+        for ch in self.step_ch + self.out_ch:  # every rank has mapped its channels: nothing left to leak
+            Channel.unlink(ch.spec)
 
     def _get(self) -> tuple[str, int, Any]:
         """Next worker message; on an error or a dead rank, stop everything and raise."""
