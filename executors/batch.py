@@ -105,6 +105,13 @@ class MicroBatch:
         return self
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``values`` on ``device`` without waiting for the device's queued work (a
+    plain host-to-GPU copy synchronises the stream; a pinned one is queued behind it)."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _microbatch_from(state: dict) -> MicroBatch:
     return MicroBatch(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
 
@@ -124,6 +131,9 @@ class Step:
     top_k: int = 0
     seed: int = 0
     req_base: int = 0  # request ids of this generate call start here (sampling keys use id - base)
+    # a decode step sent before the previous step's tokens were read (the single-rank engine's look-ahead):
+    # row j's input token is row tokens_from[j] of the previous step's sampled tokens, taken on the device
+    tokens_from: list[int] | None = None
 
     @property
     def image_jobs(self) -> list[ImageJob]:

@@ -4,7 +4,9 @@
 DP replica, or per lane of a pipelined replica (``lanes``); each step it packs the scheduled chunks
 into micro-batches, picks the mode of each (shift: ``tp`` when its tokens <= the plan's threshold, else
 ``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens (both through
-shared-memory channels, ``executors.channel``; errors and deaths are watched while waiting). A single-rank
+shared-memory channels, ``executors.channel``; errors and deaths are watched while waiting). A
+single-rank engine runs in this process and looks ahead: while a decode step computes, the next
+one is already queued, its input tokens taken from the device (``Engine._look_ahead``). A single-rank
 plan runs in this process. A worker that fails or dies stops the whole engine: every rank is
 terminated and ``WorkerError`` names the rank and its error.
 
@@ -33,7 +35,7 @@ from executors.parallel import Par, reporting_rank
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.weights import WeightSource
-from executors.worker import RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes
+from executors.worker import Launched, RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes
 from plans.errors import UserError
 from plans.schema import Plan
 
@@ -81,7 +83,8 @@ def default_blocks(plan: Plan, a: ModelArgs) -> int:
 class Engine:
     def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
-                 keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True):
+                 keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True,
+                 lookahead: bool = True):
         self.plan = plan.check()
         self.dims = plan.dims()
         self.args = model_args(config)
@@ -115,7 +118,11 @@ class Engine:
         self.lock_step = False  # send a round only once every step in flight has answered
         self.peak_in_flight = 0  # most steps in flight at once (lanes and replicas overlapping)
         self.in_flight = [0] * plan.mesh.dp  # steps sent to each replica, not yet answered
-        self.done: list[StepOut] = []  # answers of the single-rank engine (it runs steps as sent)
+        self.launched: list[Launched] = []  # steps the single-rank engine has queued, tokens not read yet
+        # single rank: queue the next decode step before reading this one's tokens (its input tokens
+        # are taken from the device), so the host's work for a step overlaps the GPU's for the last
+        self.lookahead = lookahead
+        self.lookahead_steps = 0  # steps queued before the previous step's tokens were read
         self.early: list[tuple] = []  # queue messages read while checking on the ranks
         self.local: RankRunner | None = None
         self.step_id = 0
@@ -296,7 +303,7 @@ class Engine:
     def _send(self, steps: dict[int, Step]) -> None:
         """Start one step on each replica named in ``steps`` (answers come from ``_receive``)."""
         if self.local is not None:
-            self.done += [self.local.run(st) for st in steps.values()]
+            self.launched += [self.local.launch(st) for st in steps.values()]
             return
         for rep, st in steps.items():
             blob = to_bytes(st)
@@ -308,7 +315,7 @@ class Engine:
     def _receive(self) -> StepOut:
         """The next answer of any replica with a step in flight (each replica answers in order)."""
         if self.local is not None:
-            return self.done.pop(0)
+            return self.launched.pop(0).out()
         backoff, last = Backoff(self.polling), time.perf_counter()
         while True:
             while self.early:  # queue messages met while checking on the ranks
@@ -369,6 +376,36 @@ class Engine:
             jobs = [ImageJob(s.req, None, s.image_grid, s.encoder) for s in seqs]
             self._dispatch({replica: Step(self.step_id, [], free=[s.req for s in seqs], images=jobs)})
 
+    def _look_ahead(self, in_flight: dict, scheds: list[Scheduler], free: list[list[int]], ahead: set[int],
+                    sampling: Sampling, base: int) -> tuple[int, list[Chunk], Step] | None:
+        """The single-rank engine's next decode step, queued before the one in flight has given its
+        tokens: when that step decodes every running sequence and nothing waits, each sequence is
+        advanced by a placeholder token and the next step takes its input tokens from the device
+        (``Step.tokens_from``). A sequence that ends on the pending token wastes one decode; its
+        output is dropped. Returns the new in-flight entry, or None when the step does not qualify."""
+        sid, (lane, chunks, step) = next(iter(in_flight.items()))
+        sc = scheds[lane]
+        if (sid in ahead or sc.waiting or len(step.micro) != 1 or not step.micro[0].decode
+                or len(chunks) != len(sc.running)):
+            return None
+        rows = {r: j for j, r in enumerate(step.micro[0].sample_req)}  # each sequence's row of the pending tokens
+        for c in chunks:
+            c.seq.computed += c.n
+            c.seq.tokens.append(-1)  # the pending token
+        ahead.add(sid)
+        nxt, _preempted = sc.schedule()
+        if not nxt:
+            return None
+        self.step_id += 1
+        micro = self._micro(nxt)
+        new = Step(self.step_id, micro, free=free[0], want_logits=self.keep_logits, temperature=sampling.temperature,
+                   top_k=sampling.top_k, seed=sampling.seed, req_base=base,
+                   tokens_from=[rows[r] for r in micro[0].sample_req])
+        free[0] = []
+        self._send({0: new})
+        self.lookahead_steps += 1
+        return lane, nxt, new
+
     def stream(self, requests: list[Request], max_new_tokens: int = 16, sampling: Sampling | None = None,
                arrivals: list[float] | None = None) -> Iterator[tuple[int, int | None, Result]]:
         """Yield ``(request index, token, result so far)`` as tokens arrive; a request that fails
@@ -393,7 +430,10 @@ class Engine:
         free = self.pending_free  # per replica: finished ids not yet told to the workers (sent with a step)
         held: dict[int, tuple[int, Seq]] = {}  # dedicated encoding under way: request -> (lane, seq)
         pending: list[tuple[float, int, Seq]] = []  # (arrival, lane, sequence), by arrival
-        in_flight: dict[int, tuple[int, list[Chunk]]] = {}  # step id -> (lane, its chunks)
+        in_flight: dict[int, tuple[int, list[Chunk], Step]] = {}  # step id -> (lane, its chunks, the step)
+        ahead: set[int] = set()  # steps in flight whose successor is queued: their tokens are placeholders
+        ended: set[int] = set()  # requests finished while a look-ahead step still computes them
+        look = self.local is not None and self.lookahead and self.plan.scheduler.microbatches <= 1
         t0 = time.perf_counter()
         for i, req in enumerate(requests):
             try:
@@ -432,7 +472,7 @@ class Engine:
                         if rid in held:
                             lane, s = held.pop(rid)
                             scheds[lane].add(s)
-                busy = {lane for lane, _ in in_flight.values()}
+                busy = {lane for lane, *_ in in_flight.values()}
                 steps: dict[int, Step] = {}
                 for lane, sc in enumerate(scheds):
                     if lane in busy or lane // L in steps or (self.lock_step and in_flight):  # one step per replica per send
@@ -446,7 +486,7 @@ class Engine:
                                       want_logits=self.keep_logits, temperature=sampling.temperature,
                                       top_k=sampling.top_k, seed=sampling.seed, req_base=base)
                     free[rep] = []
-                    in_flight[self.step_id] = (lane, chunks)
+                    in_flight[self.step_id] = (lane, chunks, steps[rep])
                 idle = not steps
                 if not in_flight:
                     if held:
@@ -455,18 +495,30 @@ class Engine:
                 if steps:
                     self._send(steps)
                     self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
-                busy = {lane for lane, _ in in_flight.values()}
+                busy = {lane for lane, *_ in in_flight.values()}
                 if steps and L > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
                     continue  # another lane can start before an answer comes
+                if look and len(in_flight) == 1 and not (pending and pending[-1][0] <= time.perf_counter() - t0):
+                    nxt = self._look_ahead(in_flight, scheds, free, ahead, sampling, base)
+                    if nxt is not None:
+                        in_flight[nxt[2].step_id] = nxt
                 o = self._receive()
-                lane, chunks = in_flight.pop(o.step_id)
+                lane, chunks, _step = in_flight.pop(o.step_id)
+                early = o.step_id in ahead  # its sequences already advanced, their tokens placeholders
+                ahead.discard(o.step_id)
                 for md in o.mode:
                     self.mode_counts[md] += 1
-                for c in chunks:
-                    c.seq.computed += c.n
+                if not early:
+                    for c in chunks:
+                        c.seq.computed += c.n
                 for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
+                    if rid in ended:  # finished by the step before this look-ahead one
+                        continue
                     s, res = seqs[rid], results[rid - base]
-                    s.tokens.append(tok)
+                    if early:
+                        s.tokens[-1] = tok
+                    else:
+                        s.tokens.append(tok)
                     res.tokens.append(tok)
                     if o.logits is not None:
                         logits[rid].append(o.logits[j])
@@ -474,6 +526,8 @@ class Engine:
                     if done:
                         scheds[lane].finish(s)
                         free[lane // L].append(rid)
+                        if in_flight:
+                            ended.add(rid)
                         if self.keep_logits:
                             res.logits = torch.stack(logits[rid])
                         if self.tokenizer is not None:
@@ -504,11 +558,13 @@ class Engine:
 
 def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
          backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
-         tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True) -> Engine:
+         tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True,
+         lookahead: bool = True) -> Engine:
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
     a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
-    replay decode steps as CUDA graphs on CUDA ranks (``executors.graphs``)."""
+    replay decode steps as CUDA graphs on CUDA ranks (``executors.graphs``). ``lookahead``: a
+    single-rank engine queues each decode step before reading the last one's tokens."""
     from plans.schema import load_plan
 
     base = None
@@ -525,7 +581,7 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
                                            cuda_graphs)
         torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs))
         raise SystemExit(0)
-    return Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs)
+    return Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead)
 
 
 def _spec_only(plan: Plan, cfg: dict, weights: Any, device: str, backend: str | None,

@@ -81,8 +81,11 @@ class DecodeGraphs:
         B, L = self.shape(mb)
         buf = torch.empty(self._size(B, L), dtype=torch.long)
         self._pack(buf, mb, B, L)
+        buf = buf.to(self.model.par.device)
+        if mb.tokens.is_cuda:
+            buf[:mb.num_tokens].copy_(mb.tokens)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(B - h_in.shape[0], h_in.shape[1])])
-        return self._forward(buf.to(self.model.par.device), h, B, L)[:mb.num_tokens]
+        return self._forward(buf, h, B, L)[:mb.num_tokens]
 
     def run(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """``[S, V]`` logits (last stage) or ``[S, hidden]`` for the micro-batch."""
@@ -99,6 +102,8 @@ class DecodeGraphs:
             g = self.graphs[(B, L)] = self._capture(B, L, host, h_in)
         g.inp.copy_(host, non_blocking=True)
         g.copied.record()
+        if mb.tokens.device != host.device:  # tokens sampled by the previous step: copied on the device
+            g.inp[:S].copy_(mb.tokens)
         if g.h is not None:
             g.h[:S].copy_(h_in)
         g.graph.replay()
@@ -108,7 +113,8 @@ class DecodeGraphs:
         S = mb.num_tokens
         tok, pos, slots, lens, table = self._views(buf, B, L)
         tok.zero_()
-        tok[:S] = mb.tokens
+        if not mb.tokens.is_cuda:  # device tokens (look-ahead) are copied in after the buffer
+            tok[:S] = mb.tokens
         pos.zero_()
         pos[:, :S] = mb.pos.view(-1, S)
         slots.fill_(self.model.scratch_slot)

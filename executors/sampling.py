@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from executors.batch import to_device
+
 _MASK = (1 << 64) - 1
 _GOLDEN_U, _M1_U, _M2_U = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's constants
 
@@ -66,5 +68,5 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, keys: list[int]
     if top_k > 0:
         kth = x.topk(min(top_k, x.shape[-1]), dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
-    u = uniforms(torch.tensor(keys, dtype=torch.int64, device=x.device), x.shape[-1])
+    u = uniforms(to_device(keys, x.device), x.shape[-1])
     return (x.double() - torch.log(-torch.log(u))).argmax(-1)

@@ -159,7 +159,11 @@ class Scheduler:
         return out
 
     def finish(self, s: Seq) -> None:
-        self.running.remove(s)
+        """``s`` is done (running, or preempted while its last token was pending): free its blocks."""
+        if any(x is s for x in self.running):
+            self.running = [x for x in self.running if x is not s]
+        else:
+            self.waiting = deque(x for x in self.waiting if x is not s)
         self.pool.release(s)
 
 

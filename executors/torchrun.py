@@ -58,6 +58,7 @@ class TorchrunEngine(Engine):
         self.runner = join(self.spec)
         self.to_encode: list[tuple[int, tuple]] = []
         self.lock_step, self.lanes = True, 1
+        self.done: list[StepOut] = []  # this rank's own replica's answers
 
     def _send_encode(self, rank: int, job: tuple) -> None:
         self.to_encode.append((rank, job))  # goes out with the next step

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from executors.batch import MicroBatch, Step, StepOut
+from executors.batch import MicroBatch, Step, StepOut, to_device
 from executors.channel import Channel, ChannelSpec, Polling
 from executors.config import ModelArgs, run_dtypes
 from executors.encoders import EncoderServer, load_tower
@@ -91,6 +91,7 @@ class RankRunner:
         from executors.backends import apply_backend
 
         apply_backend(self.model, spec.backend)
+        self.last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, on the device
         self.graphs = None
         if spec.cuda_graphs and par.device.type == "cuda" and self.model.caches:
             from executors.graphs import DecodeGraphs
@@ -101,11 +102,21 @@ class RankRunner:
     def reports(self) -> bool:
         return self.par.pp_i == self.par.pp - 1 and self.par.r == 0
 
-    @torch.inference_mode()
     def run(self, step: Step) -> StepOut | None:
+        launched = self.launch(step)
+        return launched.out() if launched is not None else None
+
+    @torch.inference_mode()
+    def launch(self, step: Step) -> "Launched | None":
+        """Queue the step's work (on a GPU nothing waits for it); the reporting rank's sampled tokens
+        stay on the device until ``Launched.out()`` reads them."""
         par = self.par
         self.model.forget(step.free)
         self.model.receive_images(step.image_jobs)
+        if step.tokens_from is not None:  # input tokens: the previous step's samples, never on the host
+            rows, prev = step.tokens_from, self.last_sampled
+            same = rows == list(range(len(rows)))
+            step.micro[0].tokens = prev[:len(rows)] if same else prev[to_device(rows, prev.device)]
         outs, pending = [], []
         for mb in step.micro:
             h_in = None
@@ -126,9 +137,9 @@ class RankRunner:
         reqs = [r for mb in step.micro for r in mb.sample_req]
         pos = [p + 1 for mb in step.micro for p in mb.tok_idx[mb.sample_idx].tolist()]
         keys = [row_key(step.seed, r - step.req_base, p) for r, p in zip(reqs, pos)] if step.temperature > 0 else []
-        return StepOut(step.step_id, par.dp_i, reqs, sample(logits, step.temperature, step.top_k, keys).tolist(),
-                       logits.cpu() if step.want_logits else None,
-                       [m for mb in step.micro for m in (mb.modes or [mb.mode])])
+        self.last_sampled = sample(logits, step.temperature, step.top_k, keys)
+        return Launched(StepOut(step.step_id, par.dp_i, reqs, [], logits.cpu() if step.want_logits else None,
+                                [m for mb in step.micro for m in (mb.modes or [mb.mode])]), self.last_sampled)
 
     def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """A decode micro-batch replays its CUDA graph; any other runs eagerly."""
@@ -136,6 +147,18 @@ class RankRunner:
         if self.graphs is not None and self.graphs.accepts(mb, mode):
             return self.graphs.run(mb, h_in)
         return self.model.forward(mb, h_in)
+
+
+@dataclass
+class Launched:
+    """A step whose sampled tokens are still on the device (``out`` reads them: a host sync)."""
+
+    head: StepOut  # every field but the tokens
+    sampled: torch.Tensor  # [S] on the logits' device
+
+    def out(self) -> StepOut:
+        self.head.tokens = self.sampled.tolist()
+        return self.head
 
 
 def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
