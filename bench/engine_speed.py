@@ -6,7 +6,8 @@ engine reads the very same tensors. First the two ceilings of this GPU are measu
 * copy bandwidth ``BW``: a device-to-device copy of 4 GiB, bytes read + written over its time;
 * matmul rate ``R``: an 8192 x 8192 x 8192 bf16 product on random data.
 
-Then, for each engine variant (eager; + CUDA graphs for decode; + torch.compile of the layers):
+Then, for each engine variant (eager; + CUDA graphs for decode; + torch.compile of the layers; + the
+single-rank look-ahead, which queues each decode step before reading the last one's tokens):
 
 * decode at batch B (1, 32, 128; 512-token prompts, 128 new tokens): TPOT p50 and decode
   throughput ``B / TPOT``, beside the floor ``(weight bytes read per step + KV bytes read per step)
@@ -43,7 +44,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {"eager": ("eager", False), "graphs": ("eager", True), "graphs+compile": ("compile", True)}
+# name -> (backend, CUDA graphs, look-ahead: the next decode step queued before the last one's tokens are read)
+VARIANTS = {"eager": ("eager", False, False), "graphs": ("eager", True, False),
+            "graphs+compile": ("compile", True, False), "graphs+compile+lookahead": ("compile", True, True)}
 
 
 def sync(device: str) -> None:
@@ -220,13 +223,13 @@ def main() -> None:
         (args.out / "engine_speed.md").write_text(markdown(report))
 
     for name in args.variants.split(","):
-        backend, graphs = VARIANTS[name]
+        backend, graphs, lookahead = VARIANTS[name]
         res: dict[str, Any] = {}
         report["variants"][name] = res
         try:
             t = time.perf_counter()
             eng = Engine(plan, cfg, StateDictSource(dict(hf.state_dict())), device=device, kv_blocks=blocks,
-                         backend=backend, cuda_graphs=graphs)
+                         backend=backend, cuda_graphs=graphs, lookahead=lookahead)
             res["load_s"] = round(time.perf_counter() - t, 2)
             for B in batches:
                 r = run_batch(eng, B, args.prompt, args.new, a.vocab, args.seed, device)

@@ -5,8 +5,8 @@ DP replica, or per lane of a pipelined replica (``lanes``); each step it packs t
 into micro-batches, picks the mode of each (shift: ``tp`` when its tokens <= the plan's threshold, else
 ``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens (both through
 shared-memory channels, ``executors.channel``; errors and deaths are watched while waiting). A
-single-rank engine runs in this process and looks ahead: while a decode step computes, the next
-one is already queued, its input tokens taken from the device (``Engine._look_ahead``). A single-rank
+single-rank engine runs in this process; with ``lookahead`` on, while a decode step computes the
+next one is already queued, its input tokens taken from the device (``Engine._look_ahead``). A single-rank
 plan runs in this process. A worker that fails or dies stops the whole engine: every rank is
 terminated and ``WorkerError`` names the rank and its error.
 
@@ -84,7 +84,7 @@ class Engine:
     def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
                  keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True,
-                 lookahead: bool = True):
+                 lookahead: bool = False):
         self.plan = plan.check()
         self.dims = plan.dims()
         self.args = model_args(config)
@@ -559,12 +559,13 @@ class Engine:
 def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
          backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
          tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True,
-         lookahead: bool = True) -> Engine:
+         lookahead: bool = False) -> Engine:
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
     a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
     replay decode steps as CUDA graphs on CUDA ranks (``executors.graphs``). ``lookahead``: a
-    single-rank engine queues each decode step before reading the last one's tokens."""
+    single-rank engine queues each decode step before reading the last one's tokens (off by
+    default until its gain is measured on a GPU: ``bench/engine_speed.py``'s look-ahead variant)."""
     from plans.schema import load_plan
 
     base = None
