@@ -174,7 +174,8 @@ def split_decodes(mb: MicroBatch, spans: list[tuple[int, int, int, int]], block:
     table = torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long)
     lens = torch.tensor([spans[j][3] for j in dec])
     mask = torch.arange(nb * block)[None, :] < lens[:, None]
-    keep = [sp for j, sp in enumerate(spans) if j not in set(dec)]
+    gone = set(dec)
+    keep = [sp for j, sp in enumerate(spans) if j not in gone]
     return keep, {"dec_rows": torch.tensor([spans[j][0] for j in dec], device=device), "table": table.to(device),
                   "seq_lens": lens.to(device), "seq_mask": mask.to(device), "block_size": block}
 

@@ -117,7 +117,7 @@ class Engine:
         self.lanes = max(plan.mesh.pp, plan.scheduler.microbatches) if plan.mesh.pp > 1 and not self.encoders else 1
         self.lock_step = False  # send a round only once every step in flight has answered
         self.peak_in_flight = 0  # most steps in flight at once (lanes and replicas overlapping)
-        self.in_flight = [0] * plan.mesh.dp  # steps sent to each replica, not yet answered
+        self.unanswered = [0] * plan.mesh.dp  # steps sent to each spawned replica, not yet answered
         self.launched: list[Launched] = []  # steps the single-rank engine has queued, tokens not read yet
         # single rank: queue the next decode step before reading this one's tokens (its input tokens
         # are taken from the device), so the host's work for a step overlaps the GPU's for the last
@@ -310,7 +310,7 @@ class Engine:
             if not self.step_ch[rep].send(blob, check=self._check):  # too large for a slot: by queue
                 for r in self.dims.replica_ranks(rep):
                     self.cmd_q[r].put(blob)
-            self.in_flight[rep] += 1
+            self.unanswered[rep] += 1
 
     def _receive(self) -> StepOut:
         """The next answer of any replica with a step in flight (each replica answers in order)."""
@@ -322,15 +322,15 @@ class Engine:
                 kind, _rank, payload = self.early.pop(0)
                 if kind == "out":
                     o = from_bytes(payload)
-                    self.in_flight[o.replica] -= 1
+                    self.unanswered[o.replica] -= 1
                     return o
                 if kind == "encoded":
                     self._encoded(payload)
-            for rep, n in enumerate(self.in_flight):
+            for rep, n in enumerate(self.unanswered):
                 if n:
                     ok, blob = self.out_ch[rep].poll(overflow=lambda: None)  # too large: comes by res_q
                     if ok and blob is not None:
-                        self.in_flight[rep] -= 1
+                        self.unanswered[rep] -= 1
                         return from_bytes(blob)
             backoff.pause()
             if time.perf_counter() - last > min(CHECK_S, 1e-3 + backoff.sleep):

@@ -38,12 +38,12 @@ def _cache(slots: int, hkv: int, D: int, g: torch.Generator) -> LayerCache:
     return c
 
 
-@pytest.mark.parametrize("kv_map", [None, "replicated"])
-def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
-    """First chunks, later chunks after cached keys, and single decodes in one micro-batch."""
-    g = torch.Generator().manual_seed(0)
+def _packed_reference(seed: int, chunks: list[tuple[int, int, int]], kv_map: str | None) -> tuple:
+    """A micro-batch of ``chunks``, random q/k/v, the packed path's output over a random cache, and
+    a fresh copy of that cache (before the packed path stored the new keys) for the path under test."""
+    g = torch.Generator().manual_seed(seed)
     hq, hkv, D = 8, 2, 16
-    mb = _microbatch([(12, 0, 12), (20, 8, 5), (30, 29, 1), (9, 0, 9), (17, 16, 1)])
+    mb = _microbatch(chunks)
     T = mb.num_tokens
     q, k, v = (torch.randn(T, h, D, generator=g) for h in (hq, hkv, hkv))
     kv_of_q = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1]) if kv_map else None
@@ -52,6 +52,14 @@ def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
     cache.k.copy_(ref_cache.k)
     cache.v.copy_(ref_cache.v)
     want = attend(q, k, v, ref_cache, AttnMeta(mb.slots, mb.key_slots, packed_mask(mb, T, q.device)), kv_of_q)
+    return mb, q, k, v, kv_of_q, cache, want
+
+
+@pytest.mark.parametrize("kv_map", [None, "replicated"])
+def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
+    """First chunks, later chunks after cached keys, and single decodes in one micro-batch."""
+    mb, q, k, v, kv_of_q, cache, want = _packed_reference(
+        0, [(12, 0, 12), (20, 8, 5), (30, 29, 1), (9, 0, 9), (17, 16, 1)], kv_map)
     meta = AttnMeta(mb.slots, mb.key_slots, None, seqs=sequence_spans(mb))
     dst = mb.slots
     cache.k[dst], cache.v[dst] = k, v
@@ -63,17 +71,8 @@ def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
 def test_mixed_step_decodes_attend_together(kv_map: str | None) -> None:
     """A mixed micro-batch as CUDA runs it: prefill chunks one by one, its decodes in one batched
     call through their block-table rows (``split_decodes``); the same outputs as the packed path."""
-    g = torch.Generator().manual_seed(1)
-    hq, hkv, D = 8, 2, 16
-    mb = _microbatch([(12, 0, 12), (30, 29, 1), (20, 8, 5), (17, 16, 1), (6, 5, 1)])
-    T = mb.num_tokens
-    q, k, v = (torch.randn(T, h, D, generator=g) for h in (hq, hkv, hkv))
-    kv_of_q = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1]) if kv_map else None
-    ref_cache = _cache(200, hkv, D, g)
-    cache = LayerCache(200, hkv, D, torch.float32, torch.device("cpu"))
-    cache.k.copy_(ref_cache.k)
-    cache.v.copy_(ref_cache.v)
-    want = attend(q, k, v, ref_cache, AttnMeta(mb.slots, mb.key_slots, packed_mask(mb, T, q.device)), kv_of_q)
+    mb, q, k, v, kv_of_q, cache, want = _packed_reference(
+        1, [(12, 0, 12), (30, 29, 1), (20, 8, 5), (17, 16, 1), (6, 5, 1)], kv_map)
     seqs, decodes = split_decodes(mb, sequence_spans(mb), BLOCK, q.device)
     assert [n for _t0, n, _k0, _ctx in seqs] == [12, 5] and decodes["dec_rows"].tolist() == [12, 18, 19]
     got = attend(q, k, v, cache, AttnMeta(mb.slots, mb.key_slots, None, seqs=seqs, **decodes), kv_of_q)
