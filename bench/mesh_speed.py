@@ -6,7 +6,9 @@ reads its slices of. For each mesh (single, tp2, sp2, shift(sp2), pp2, dp2 on tw
 * decode step time at batch 1 (512-token prompt, 128 new tokens; pure decode steps, see
   ``engine_speed.run_batch``);
 * TTFT of one 8,192-token prompt;
-* output throughput of 64 concurrent requests (1,024-token prompts, 64 new tokens).
+* output throughput of 64 concurrent requests (1,024-token prompts, 64 new tokens);
+* the first 16 greedy tokens of one prompt (``tp2-nccl`` must give ``tp2``'s: with two ranks
+  NCCL's and the one-shot kernel's sums are both ``a + b``).
 
 Each figure is reported as a ratio to the single-GPU run of the same script. Decode steps replay
 CUDA graphs (collectives captured in them); the layers run eagerly (``--backend compile`` to
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -36,6 +39,9 @@ sys.path.insert(0, str(ROOT))
 MESHES: dict[str, dict[str, Any]] = {
     "single": {}, "tp2": {"tp": 2}, "sp2": {"sp": 2}, "shift-sp2": {"sp": 2, "shift": 256},
     "pp2": {"pp": 2, "microbatches": 2}, "dp2": {"dp": 2},
+    # tp2 with every all-reduce through NCCL (executors.worker.WorkerSpec.all_reduce): the one-shot
+    # kernel's gain, and its sums checked (same greedy tokens as tp2: a + b has one rounding)
+    "tp2-nccl": {"tp": 2, "all_reduce": "nccl", "same_as": "tp2"},
 }
 
 
@@ -58,7 +64,8 @@ def mesh_plan(cfg: dict, name: str, gpus: int, max_seqs: int, max_tokens: int) -
         "hardware": Hardware(gpu=base.hardware.gpu, gpus_per_node=gpus, nodes=1)}).check()
 
 
-def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs: bool, tiny: bool) -> dict[str, Any]:
+def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs: bool, tiny: bool,
+            all_reduce: str = "auto") -> dict[str, Any]:
     import executors
     from bench.engine_speed import run_batch
     from executors.config import model_args
@@ -67,6 +74,7 @@ def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs:
     p, n, long, conc, cp, cn = (512, 128, 8192, 64, 1024, 64) if not tiny else (16, 8, 64, 4, 16, 4)
     blocks = -(-(conc * (cp + cn) + long) // plan.scheduler.block_size) + 64
     t = time.perf_counter()
+    os.environ["SHIFTPLAN_ALL_REDUCE"] = all_reduce  # read by the engine's worker spec
     with executors.load(plan, weights=ckpt, device=device, backend=backend, kv_blocks=blocks, cuda_graphs=graphs,
                         config=cfg) as eng:
         out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 1)}
@@ -74,6 +82,9 @@ def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs:
         out["prefill"] = run_batch(eng, 1, long, 1, a.vocab, 1, device)
         out["concurrent"] = run_batch(eng, conc, cp, cn, a.vocab, 2, device)
         out["modes"] = dict(eng.mode_counts)
+        prompt = torch.randint(10, min(a.vocab, 100_000), (64,), generator=torch.Generator().manual_seed(3)).tolist()
+        out["greedy_tokens"] = eng.generate([executors.Request(tokens=prompt)], max_new_tokens=16,
+                                            sampling=executors.Sampling(temperature=0.0, stop_on_eos=False))[0].tokens
     return out
 
 
@@ -116,7 +127,7 @@ def main() -> None:
         plan = mesh_plan(cfg, name, gpus, 128, 8192 if not args.tiny else 64)
         for graphs in (True, False):  # graphs first; without them if a graph fails on this mesh
             try:
-                r = measure(plan, cfg, ckpt, device, args.backend, graphs, args.tiny)
+                r = measure(plan, cfg, ckpt, device, args.backend, graphs, args.tiny, MESHES[name].get("all_reduce", "auto"))
                 r["cuda_graphs"] = graphs
                 break
             except Exception as e:
@@ -136,10 +147,10 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r['backend']}, decode steps "
              f"as CUDA graphs where they ran. Command: `{r['command']}`.", "",
              "| mesh | decode step, batch 1 | vs one GPU | TTFT 8192 tokens | vs one GPU | 64 concurrent: output tok/s | "
-             "vs one GPU | modes run |", "|---|---|---|---|---|---|---|---|"]
+             "vs one GPU | modes run | greedy tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for name, x in r["meshes"].items():
         if "error" in x:
-            lines.append(f"| {name} | error: {x['error'][:100]} | | | | | | |")
+            lines.append(f"| {name} | error: {x['error'][:100]} | | | | | | | |")
             continue
 
         def ratio(k: str, f: str, inverse: bool = False) -> str:
@@ -151,8 +162,17 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name}{'' if x['cuda_graphs'] else ' (no graphs)'} | {x['decode_b1']['decode_step_ms']} ms | "
                      f"{ratio('decode_b1', 'decode_step_ms')} | {x['prefill']['ttft_ms_p50']} ms | "
                      f"{ratio('prefill', 'ttft_ms_p50')} | {x['concurrent']['output_tok_s']} | "
-                     f"{ratio('concurrent', 'output_tok_s')} | {x['modes']} |")
+                     f"{ratio('concurrent', 'output_tok_s')} | {x['modes']} | {same_tokens(r, name)} |")
     return "\n".join(lines) + "\n"
+
+
+def same_tokens(r: dict[str, Any], name: str) -> str:
+    """Whether a mesh's greedy tokens equal those of the mesh it must match (``same_as``)."""
+    ref = MESHES.get(name, {}).get("same_as")
+    mine, theirs = r["meshes"][name].get("greedy_tokens"), r["meshes"].get(ref or "", {}).get("greedy_tokens")
+    if ref is None or mine is None or theirs is None:
+        return "-"
+    return f"{'same as' if mine == theirs else 'DIFFER from'} {ref}'s"
 
 
 if __name__ == "__main__":

@@ -170,6 +170,8 @@ def _rank_steps(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
                 try:
                     ms = timed_ms(lambda: runner.run(st), dev, job["reps"], job["warmup"], before=bar)
                     row[mode] = {"ms": round(median(ms), 4), "reps_ms": [round(x, 4) for x in ms]}
+                    if T in job.get("profile", ()):
+                        profile_step(lambda: runner.run(st), bar, dev, rank, f"{job['out']}.profile.{kind}.{T}.{mode}.txt")
                 except Exception as e:  # e.g. out of memory on one size: record it, go on
                     row[mode] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                     if cuda:
@@ -210,6 +212,25 @@ def points_of(steps: dict[str, Any]) -> list[tuple[int, float, float]]:
             if "ms" in r.get("tp", {}) and "ms" in r.get("sp_tp", {})]
 
 
+def profile_step(fn: Any, before: Any, dev: torch.device, rank: int, path: str) -> None:
+    """One more run of ``fn`` on every rank (they stay in step), profiled on rank 0: the ops with the
+    most host time and the kernels with the most device time, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    if rank == 0:
+        ka = prof.key_averages()
+        parts = [ka.table(sort_by="self_cpu_time_total", row_limit=30)]
+        if dev.type == "cuda":
+            parts.append(ka.table(sort_by="self_device_time_total", row_limit=20))
+        Path(path).write_text("\n\n".join(parts))
+
+
 def planner_plan(spec: Any) -> tuple[Any, str]:
     """The planner's plan for the spec (``compile_spec``), or a hand-pinned shift plan with the cost
     model's crossover if compiling fails (the report says which)."""
@@ -240,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--profile", default="", help="comma-separated step sizes to profile once more on rank 0 "
+                    "(host ops and kernels; written to DIR/shift_crossover.profile.md)")
     ap.add_argument("--timeout", type=float, default=360.0,
                     help="seconds before the ranks are stopped (what they measured so far is reported)")
     a = ap.parse_args(argv)
@@ -289,12 +312,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="shift-crossover-")) / "rank0.json"
     job = {"plan": plan.model_dump_json(), "args": margs.portable(), "device": device, "grid": grid, "kinds": kinds,
            "decodes": a.decodes, "context": a.context, "reps": a.reps, "warmup": a.warmup, "out": str(tmp),
-           "blocks": blocks_needed(grid, a.decodes, a.context, plan.scheduler.block_size)}
+           "blocks": blocks_needed(grid, a.decodes, a.context, plan.scheduler.block_size),
+           "profile": [int(t) for t in a.profile.split(",") if t]}
     report["ranks"] = run_ranks(job, 2, a.timeout)
     errors = {p.name.rsplit(".", 2)[-2]: p.read_text()[-2000:] for p in sorted(tmp.parent.glob("rank0.json.rank*.error"))}
     if errors:
         report["ranks"]["errors"] = errors
     got = json.loads(tmp.read_text()) if tmp.is_file() else {}
+    profiles = sorted(tmp.parent.glob("rank0.json.profile.*.txt"))
+    if profiles:
+        (a.out / "shift_crossover.profile.md").write_text("".join(
+            f"## {p.name[len('rank0.json.profile.'):-4]}\n\n```\n{p.read_text()}\n```\n\n" for p in profiles))
     shutil.rmtree(tmp.parent, ignore_errors=True)
     report["steps"] = got.get("steps", {})
     report["build_s"] = got.get("build_s")

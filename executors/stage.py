@@ -20,9 +20,9 @@ from executors.attention import LayerCache, decode_keys, packed_mask, sequence_s
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
-from executors.layers import load
-from executors.model import AttnMeta, Transformer
-from executors.parallel import Par
+from executors.layers import Linear, load
+from executors.model import AttnMeta, Transformer, VocabEmbedding
+from executors.parallel import Par, one_shot_groups
 from executors.parallelize import gather_tokens, parallelize, split_tokens
 from executors.weights import WeightSource
 from plans.mesh import kv_heads_per_gpu
@@ -36,15 +36,20 @@ class StageModel:
     tower where the plan places it on this stage."""
 
     def __init__(self, plan: Plan, stage: Stage, a: ModelArgs, par: Par, src: WeightSource,
-                 dtype: torch.dtype, kv_dtype: torch.dtype, num_slots: int, fp8: bool = False):
+                 dtype: torch.dtype, kv_dtype: torch.dtype, num_slots: int, fp8: bool = False,
+                 all_reduce: str = "auto"):
         """``dtype``: compute dtype (embedding, norms, lm_head, vision tower); ``fp8``: decoder
-        linear layers in FP8 (``executors.quant``)."""
+        linear layers in FP8 (``executors.quant``); ``all_reduce``: ``auto`` sums small row-parallel
+        outputs with symmetric memory's one-shot kernel where it works
+        (``parallel.OneShotAllReduce``), ``nccl`` always with NCCL."""
         self.plan, self.stage, self.a, self.par, self.dtype = plan, stage, a, par, dtype
         dev = par.device
         with torch.device("meta"):
             model = Transformer(a)
         self.model: Transformer = load(parallelize(model, plan, stage, par), src, dev, dtype, fp8)
         self.layers = list(self.model.layers.values())
+        if all_reduce == "auto":
+            self._one_shot_all_reduces(dtype)
         self.vocab_group = par.shift_group if par.P > 1 else None
         self.vision = None
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
@@ -57,6 +62,15 @@ class StageModel:
         kv_local = kv_heads_per_gpu(a.kv_heads, par.P)
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
         self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
+
+    def _one_shot_all_reduces(self, dtype: torch.dtype) -> None:
+        """Row-parallel linears and the vocab-parallel embedding all-reduce through a
+        ``OneShotAllReduce`` of their group (same group, small messages by the one-shot kernel)."""
+        users = [m for m in self.model.modules() if isinstance(m, (Linear, VocabEmbedding)) and m.group is not None]
+        groups = list(dict.fromkeys(m.group for m in users))  # the same order on every rank
+        one_shot = one_shot_groups(groups, dtype, self.par.device)
+        for m in users:
+            m.group = one_shot.get(m.group, m.group)
 
     def _vision_tp(self, plan: Plan, a: ModelArgs) -> tuple[Any, int, int]:
         """The tower TP-sharded over the stage's P GPUs where ``ParallelDims.encoder`` says so

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,9 @@ class WorkerSpec:
     num_blocks: int
     backend: str
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA ranks only)
+    # small all-reduces: "auto" (symmetric memory's one-shot kernel where it works) or "nccl";
+    # the environment's SHIFTPLAN_ALL_REDUCE sets it for an A/B measurement
+    all_reduce: str = field(default_factory=lambda: os.environ.get("SHIFTPLAN_ALL_REDUCE", "auto"))
 
 
 @dataclass
@@ -86,7 +89,7 @@ class RankRunner:
         dtype, kv_dtype, fp8 = run_dtypes(plan)
         self.par, self.plan = par, plan
         self.model = StageModel(plan, plan.stages[par.pp_i], args, par, src or make_source(spec, args), dtype,
-                                kv_dtype, spec.num_blocks * plan.scheduler.block_size, fp8)
+                                kv_dtype, spec.num_blocks * plan.scheduler.block_size, fp8, spec.all_reduce)
         self.hidden, self.dtype = args.hidden, dtype
         from executors.backends import apply_backend
 
