@@ -11,8 +11,8 @@ reads its slices of. For each mesh (single, tp2, sp2, shift(sp2), pp2, dp2 on tw
   NCCL's and the one-shot kernel's sums are both ``a + b``).
 
 Each figure is reported as a ratio to the single-GPU run of the same script. Decode steps replay
-CUDA graphs (collectives captured in them); the layers run eagerly (``--backend compile`` to
-compile them, at a longer start per engine).
+CUDA graphs (collectives captured in them); the layers are compiled (``--backend eager`` to launch
+every op from Python; eager with ``--tiny``).
 
     python bench/mesh_speed.py --out DIR              # on a machine with 2 GPUs
     python bench/mesh_speed.py --out DIR --tiny       # CPU dry run (gloo ranks, tiny config)
@@ -65,7 +65,7 @@ def mesh_plan(cfg: dict, name: str, gpus: int, max_seqs: int, max_tokens: int) -
 
 
 def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs: bool, tiny: bool,
-            all_reduce: str = "auto") -> dict[str, Any]:
+            all_reduce: str = "auto", lookahead: bool = False) -> dict[str, Any]:
     import executors
     from bench.engine_speed import run_batch
     from executors.config import model_args
@@ -76,7 +76,7 @@ def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs:
     t = time.perf_counter()
     os.environ["SHIFTPLAN_ALL_REDUCE"] = all_reduce  # read by the engine's worker spec
     with executors.load(plan, weights=ckpt, device=device, backend=backend, kv_blocks=blocks, cuda_graphs=graphs,
-                        config=cfg) as eng:
+                        config=cfg, lookahead=lookahead) as eng:
         out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 1)}
         out["decode_b1"] = run_batch(eng, 1, p, n, a.vocab, 0, device)
         out["prefill"] = run_batch(eng, 1, long, 1, a.vocab, 1, device)
@@ -93,12 +93,14 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--meshes", default=",".join(MESHES))
-    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
+    ap.add_argument("--lookahead", action="store_true", help="engines queue each decode step before reading the last one's tokens")
     args = ap.parse_args()
     from bench.engine_gpu_check import hf_random
     from graph.hf_config import load_config
 
     device = "cpu" if args.tiny else "cuda"
+    args.backend = args.backend or ("eager" if args.tiny else "compile")
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny.helpers import config as tiny_config
@@ -111,10 +113,12 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "command": "python bench/mesh_speed.py --out DIR" + (" --tiny" if args.tiny else "")
-                   + (f" --backend {args.backend}" if args.backend != "eager" else ""),
+                   + (f" --backend {args.backend}" if args.backend != ("eager" if args.tiny else "compile") else "")
+                   + (" --lookahead" if args.lookahead else "") + (f" --meshes {args.meshes}" if args.meshes != ",".join(MESHES) else ""),
         "device": f"{gpus} x " + (torch.cuda.get_device_name() if device == "cuda" else "cpu"),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "model": "llama-3.1-8b shapes, bf16, random weights", "backend": args.backend, "meshes": {},
+        "model": "llama-3.1-8b shapes, bf16, random weights", "backend": args.backend, "lookahead": args.lookahead,
+        "meshes": {},
     }
     ckpt = Path(tempfile.mkdtemp(prefix="mesh-speed-"))
     hf = hf_random(cfg, torch.bfloat16, device, 0)
@@ -127,7 +131,8 @@ def main() -> None:
         plan = mesh_plan(cfg, name, gpus, 128, 8192 if not args.tiny else 64)
         for graphs in (True, False):  # graphs first; without them if a graph fails on this mesh
             try:
-                r = measure(plan, cfg, ckpt, device, args.backend, graphs, args.tiny, MESHES[name].get("all_reduce", "auto"))
+                r = measure(plan, cfg, ckpt, device, args.backend, graphs, args.tiny, MESHES[name].get("all_reduce", "auto"),
+                            args.lookahead)
                 r["cuda_graphs"] = graphs
                 break
             except Exception as e:
@@ -144,7 +149,8 @@ def main() -> None:
 def markdown(r: dict[str, Any]) -> str:
     one = r["meshes"].get("single", {})
     lines = [f"# Parallel modes vs one GPU: {r['model']}", "",
-             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r['backend']}, decode steps "
+             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r['backend']}"
+             f"{' (look-ahead on)' if r.get('lookahead') else ''}, decode steps "
              f"as CUDA graphs where they ran. Command: `{r['command']}`.", "",
              "| mesh | decode step, batch 1 | vs one GPU | TTFT 8192 tokens | vs one GPU | 64 concurrent: output tok/s | "
              "vs one GPU | modes run | greedy tokens |", "|---|---|---|---|---|---|---|---|---|"]

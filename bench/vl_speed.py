@@ -35,7 +35,8 @@ Cases: ``single``; ``tp2/stage0_tp`` (tower TP-sharded over both GPUs); ``tp2/st
 whole on each, images dealt by patch count); ``sp2/stage0_dp``; ``shift-sp2/stage0_dp``;
 ``pp2/stage0_tp`` (tower on stage 0 only); ``pp2/all_dp`` (tower on both stages); ``dp2``;
 ``dedicated`` (the LLM on one GPU, the tower on the other). A failing case records its error and
-the run goes on. Decode steps replay CUDA graphs where they run; layers are eager.
+the run goes on. Decode steps replay CUDA graphs where they run; layers are compiled on GPUs
+(``--backend``; eager with ``--tiny``).
 
     python bench/vl_speed.py --out DIR                 # on a machine with 2 GPUs (~4 min)
     python bench/vl_speed.py --out DIR --tiny          # CPU dry run (gloo ranks, tiny config)
@@ -236,7 +237,8 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
 
     m = model_args(cfg)
     px, text, batch, new, reps = sizes["px"], sizes["text"], sizes["batch"], sizes["new"], sizes["reps"]
-    with executors.load(plan, weights=ckpt, device=device, kv_blocks=blocks, config=cfg) as eng:
+    with executors.load(plan, weights=ckpt, device=device, kv_blocks=blocks, config=cfg, backend=sizes["backend"],
+                        lookahead=sizes["lookahead"]) as eng:
         out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 2)}
         greedy = Sampling(stop_on_eos=False)
         eng.generate(requests(m, 2, px, text, 100), max_new_tokens=3, sampling=greedy)  # warm-up
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ttft-reps", type=int, default=3)
     ap.add_argument("--tower-reps", type=int, default=10)
     ap.add_argument("--no-tower", action="store_true", help="skip (a), the tower alone")
+    ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
+    ap.add_argument("--lookahead", action="store_true", help="engines queue each decode step before reading the last one's tokens")
     ap.add_argument("--case-timeout", type=float, default=150.0,
                     help="seconds after which a case's worker processes are stopped (the case records the error)")
     a = ap.parse_args(argv)
@@ -289,9 +293,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device, dtype = "cuda", torch.bfloat16
         px, res = 448, [int(x) for x in a.resolutions.split(",")]
         max_seqs, max_tokens = 64, 8192
+    a.backend = a.backend or ("eager" if a.tiny else "compile")
     m = model_args(cfg)
     cost, _ = cost_model_of(spec)
     report: dict[str, Any] = {
+        "backend": a.backend, "lookahead": a.lookahead,
         "command": command_line("bench/vl_speed.py", argv),
         "device": ("2 x " + torch.cuda.get_device_name()) if device == "cuda" else "2 x " + (platform.processor() or "cpu"),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -336,7 +342,8 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
     m = model_args(cfg)
     px, rate = report["sizes"]["image_px"], report["matmul"]["TFLOPs"]
     fl = tower_flops(m.vision, image_grid(px, m.vision), m.hidden)["total"]
-    sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps, "timeout": a.case_timeout}
+    sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps, "timeout": a.case_timeout,
+             "backend": a.backend, "lookahead": a.lookahead}
     prompt = a.text + report["sizes"]["image_tokens"]
     for name in [c for c in a.cases.split(",") if c]:
         r: dict[str, Any] = {}
@@ -385,7 +392,7 @@ def sig(x: float, digits: int = 4) -> float:
 def markdown(r: dict[str, Any]) -> str:
     s = r["sizes"]
     lines = [f"# Multimodal speed on two GPUs: {r['model']}", "",
-             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers eager, decode steps as CUDA "
+             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r.get('backend', 'eager')}{' (look-ahead on)' if r.get('lookahead') else ''}, decode steps as CUDA "
              f"graphs where they ran. Command: `{r['command']}`. Matmul rate measured in this run: "
              f"{r['matmul']['TFLOPs']} TFLOP/s ({r['matmul']['n']}^3 {r['matmul']['dtype']}).", "",
              "## (a) Vision tower alone, one GPU, one image", "",

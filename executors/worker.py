@@ -141,8 +141,8 @@ class RankRunner:
         pos = [p + 1 for mb in step.micro for p in mb.tok_idx[mb.sample_idx].tolist()]
         keys = [row_key(step.seed, r - step.req_base, p) for r, p in zip(reqs, pos)] if step.temperature > 0 else []
         self.last_sampled = sample(logits, step.temperature, step.top_k, keys)
-        return Launched(StepOut(step.step_id, par.dp_i, reqs, [], logits.cpu() if step.want_logits else None,
-                                [m for mb in step.micro for m in (mb.modes or [mb.mode])]), self.last_sampled)
+        return Launched.start(StepOut(step.step_id, par.dp_i, reqs, [], logits.cpu() if step.want_logits else None,
+                                      [m for mb in step.micro for m in (mb.modes or [mb.mode])]), self.last_sampled)
 
     def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """A decode micro-batch replays its CUDA graph; any other runs eagerly."""
@@ -154,13 +154,33 @@ class RankRunner:
 
 @dataclass
 class Launched:
-    """A step whose sampled tokens are still on the device (``out`` reads them: a host sync)."""
+    """A step whose sampled tokens may still be computing (``out`` waits for them).
+
+    On a GPU the tokens' copy to pinned host memory is queued right behind the sampling, with an
+    event after it: ``out`` waits for that event only, so reading this step's tokens never waits
+    for a step queued after it (a plain ``.tolist()`` would: it is ordered behind all queued work)."""
 
     head: StepOut  # every field but the tokens
     sampled: torch.Tensor  # [S] on the logits' device
+    host: torch.Tensor | None = None  # [S] pinned copy being filled (GPU)
+    copied: Any = None  # torch.cuda.Event recorded after the copy (GPU)
+
+    @staticmethod
+    def start(head: StepOut, sampled: torch.Tensor) -> "Launched":
+        if not sampled.is_cuda:
+            return Launched(head, sampled)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return Launched(head, sampled, host, copied)
 
     def out(self) -> StepOut:
-        self.head.tokens = self.sampled.tolist()
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.head.tokens = self.host.tolist()
+        else:
+            self.head.tokens = self.sampled.tolist()
         return self.head
 
 
