@@ -131,7 +131,7 @@ def run_batch(eng: Any, B: int, prompt: int, new: int, vocab: int, seed: int, de
     return out
 
 
-def kernel_table(fn: Any, reps: int = 5, top: int = 12) -> list[dict[str, Any]]:
+def kernel_table(fn: Any, reps: int = 5, top: int = 40) -> list[dict[str, Any]]:
     """The GPU kernels of ``fn`` (a graph replay) by total time per call: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
