@@ -12,7 +12,9 @@ keeps the running max ``m``, sum ``l`` and accumulator of the online softmax ove
 writes ``out_r = acc / l`` and ``lse_r = m + log l``; a second kernel (one program per
 ``(sequence, query head)``, all ranges loaded at once) combines them, ``out = sum_r exp(lse_r - M) out_r / sum_r
 exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and weight 0), and
-writes the ``[S, hq * D]`` result in the query's dtype: two launches per layer.
+writes the ``[S, hq * D]`` result in the query's dtype: two launches per layer. When one range
+covers every sequence (``nsplit == 1``: batches of ``TARGET_PROGRAMS / hkv`` sequences or more) the
+partial kernel writes the result itself and the combine is skipped.
 
 Bytes read per step: each sequence's K and V once, ``2 x ctx x hkv x D x 2`` bytes, plus ``q``.
 
@@ -74,16 +76,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     G = hq // hkv
     nsplit, per = splits(S, hkv, table.shape[1] * block_size)
     BLOCK_D = triton.next_power_of_2(D)
-    out = torch.empty(S, hkv, nsplit, BLOCK_G, BLOCK_D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(S, hkv, nsplit, BLOCK_G, dtype=torch.float32, device=q.device)
+    o = torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
+    direct = nsplit == 1  # one range per head: the partial result is the answer, no combine
+    out = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, BLOCK_D, dtype=torch.float32, device=q.device)
+    lse = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, dtype=torch.float32, device=q.device)
     _partial[(S, hkv, nsplit)](
         q, k_cache, v_cache, table, lens, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct,
     )
-    o = torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
-    _combine[(S, hq)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
-                      BLOCK_R=triton.next_power_of_2(nsplit))
+    if not direct:
+        _combine[(S, hq)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
+                          BLOCK_R=triton.next_power_of_2(nsplit))
     return o
 
 
@@ -123,7 +127,7 @@ if triton is not None:
     @triton.jit
     def _partial(Q, K, V, TABLE, LENS, OUT, LSE, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
                  keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
         s = tl.program_id(0)
         h = tl.program_id(1)
         r = tl.program_id(2)
@@ -156,8 +160,12 @@ if triton is not None:
             v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        base = (s * H + h) * R + r
         safe = tl.where(l > 0, l, 1.0)
+        if DIRECT:  # OUT is the [S, hq * D] result: query head h * G + g of sequence s
+            tl.store(OUT + (s * H * G + h * G + g)[:, None] * D + d[None, :],
+                     (acc / safe[:, None]).to(OUT.dtype.element_ty), mask=(g < G)[:, None] & dmask[None, :])
+            return
+        base = (s * H + h) * R + r
         tl.store(OUT + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc / safe[:, None],
                  mask=dmask[None, :] & (g < BLOCK_G)[:, None])
         tl.store(LSE + base * BLOCK_G + g, tl.where(l > 0, m + tl.log(safe), float("-inf")))

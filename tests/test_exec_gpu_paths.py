@@ -146,12 +146,13 @@ assert torch.equal(kc[5], k[0]) and torch.equal(vc[0], v[2]) and torch.equal(kc[
 assert kc[1:5].abs().sum() == 0 and vc[6:8].abs().sum() == 0, "store_kv wrote other slots"
 worst = 0.0
 for S, hq, hkv, D, bs, dt in [(3, 8, 2, 16, 4, torch.float32), (5, 32, 8, 128, 16, torch.float16),
-                              (2, 4, 4, 80, 16, torch.float16), (12, 8, 1, 16, 4, torch.float32)]:
-    k = torch.randn(256 * bs + 1, hkv, D).to(dt)
+                              (2, 4, 4, 80, 16, torch.float16), (12, 8, 1, 16, 4, torch.float32),
+                              (40, 16, 8, 16, 4, torch.float32)]:  # 320 programs: one range, no combine
+    k = torch.randn(1024 * bs + 1, hkv, D).to(dt)
     v = torch.randn_like(k)
     lens = torch.randint(1, 20 * bs, (S,))
     nb = int((lens.max() + bs - 1) // bs) + 1
-    table = torch.randperm(256)[:S * nb].view(S, nb)
+    table = torch.randperm(1024)[:S * nb].view(S, nb)
     q = torch.randn(S, hq, D).to(dt)
     got = paged_decode(q, k, v, table, lens, bs).float()
     ref = []
@@ -164,6 +165,7 @@ for S, hq, hkv, D, bs, dt in [(3, 8, 2, 16, 4, torch.float32), (5, 32, 8, 128, 1
     ref = torch.stack(ref)
     worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
 assert splits(1, 8, 1024) == (16, 64) and splits(128, 8, 1024) == (1, 1024), (splits(1, 8, 1024), splits(128, 8, 1024))
+assert splits(40, 8, 21 * 4)[0] == 1, "the last case must take the one-range path"
 print(worst)
 """
 
@@ -171,7 +173,8 @@ print(worst)
 def test_paged_decode_kernel_matches_reference() -> None:
     """The Triton paged-decode kernel (run by Triton's interpreter on CPU) against a per-sequence
     softmax over the keys its block table names: random tables, contexts, split counts, head
-    groups and a head size that is not a power of two (the ranges combined by the second kernel);
+    groups and a head size that is not a power of two (the ranges combined by the second kernel, or
+    one range written directly);
     and the KV store kernel writing strided views at their slots, padding at the scratch slot."""
     import os
     import subprocess
