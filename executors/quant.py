@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from executors import gemv
 from plans.errors import UserError
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
     if scale is not None:
         w = Fp8Weight(w, scale)
     if isinstance(w, torch.Tensor):
+        if gemv.wanted(x, w):  # a decode step's few rows: the Triton GEMV (executors.gemv)
+            y = torch.ops.shiftplan.gemv(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+            return y + b if b is not None else y
         return F.linear(x, w, b)
     if _scaled_mm_ok(x, w):
         x2 = x.reshape(-1, x.shape[-1])

@@ -185,3 +185,48 @@ def test_paged_decode_kernel_matches_reference() -> None:
     out = subprocess.run([sys.executable, "-c", PAGED_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split()[-1]) < 2e-3
+
+
+GEMV_CHECK = """
+import torch
+from executors import gemv
+torch.manual_seed(0)
+worst = 0.0
+for M, N, K, cfg in [(1, 40, 64, (16, 32, 4)), (3, 33, 96, (8, 64, 4)), (4, 16, 40, (16, 32, 4)),
+                     (2, 64, 512, (32, 256, 4))]:
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    ref = x @ w.t()
+    worst = max(worst, float((gemv.launch(x, w, cfg) - ref).abs().max() / ref.abs().max()))
+print(worst)
+"""
+
+
+def test_gemv_kernel_matches_matmul() -> None:
+    """The Triton GEMV of decode steps (run by Triton's interpreter on CPU) against ``x @ W^T``:
+    1 to 4 rows, output and reduction lengths that are not multiples of the tile (masked edges)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", GEMV_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < 1e-5
+
+
+def test_gemv_is_routed_only_for_few_cuda_rows() -> None:
+    """``quant.linear`` sends a product to the GEMV only for CUDA bf16/fp16 inputs of at most
+    MAX_M rows; its fake kernel gives the output shape (what compiled layers trace)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from executors import gemv
+
+    w = torch.zeros(8, 16)
+    assert not gemv.wanted(torch.zeros(1, 16), w)  # CPU
+    with FakeTensorMode():
+        assert torch.ops.shiftplan.gemv(torch.empty(3, 16), torch.empty(8, 16)).shape == (3, 8)
+        if torch.cuda.is_available():
+            wc = torch.empty(8, 16, dtype=torch.bfloat16, device="cuda")
+            assert gemv.wanted(torch.empty(4, 16, dtype=torch.bfloat16, device="cuda"), wc)
+            assert not gemv.wanted(torch.empty(5, 16, dtype=torch.bfloat16, device="cuda"), wc)

@@ -1,0 +1,96 @@
+"""Small-batch matrix-vector products on the GPU (a Triton kernel): ``y [M, N] = x [M, K] @ W^T``
+with ``W [N, K]`` in bf16/fp16 and ``M <= MAX_M`` (decode steps of a few sequences).
+
+At M = 1 a decode step is a chain of GEMVs whose cost is reading ``W`` once (``2 N K`` bytes). On
+an H200 cuBLAS reads the smaller projections of an 8B model (``qkv`` 6144 x 4096, ``o`` 4096 x
+4096) at ~3.1 TB/s and adds a split-K reduce kernel (and a copy) to ``o`` and ``down``
+(``bench/results/engine_speed.json``, ``graph_kernels``). Here one program owns ``BLOCK_N`` output
+columns and streams their rows of ``W`` in ``[BLOCK_N, BLOCK_K]`` tiles, multiplying by the matching
+``[M, BLOCK_K]`` slice of ``x`` into an fp32 ``[M, BLOCK_N, BLOCK_K]`` accumulator that is summed
+over ``K`` once at the end: one launch, no reduce kernel, ``W`` read once. The tile shape is
+chosen per ``(N, K, M)`` by Triton's autotuner the first time a shape runs (the engine's warm-up,
+before any CUDA graph capture). ``bench/gemv_speed.py`` measures it against cuBLAS and the floor.
+
+``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled layers call
+it without a graph break; ``wanted`` says when ``executors.quant.linear`` routes a product here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: products stay with torch
+    triton = None
+
+MAX_M = 4  # rows of x served here; larger batches are matrix products (cuBLAS)
+ENABLED = os.environ.get("SHIFTPLAN_GEMV", "1") != "0"  # 0: every product through cuBLAS (A/B measurements)
+CONFIGS = [(bn, bk, w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
+
+
+def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """``x [..., K]`` times ``w [N, K]`` goes to the kernel: CUDA, bf16/fp16, at most MAX_M rows,
+    contiguous rows of ``w`` and ``x``."""
+    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+            and w.dim() == 2 and w.is_contiguous() and x.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_M
+            and x.shape[-1] == w.shape[1] and x.shape[-1] % 8 == 0)
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T`` -> ``[M, N]`` in ``x``'s dtype. ``config`` ``(BLOCK_N, BLOCK_K,
+    warps)`` pins the tile (benchmarks, tests); None lets the autotuner choose."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    MB = triton.next_power_of_2(M)
+    if config is None:
+        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](x, w, y, M, N, K, x.stride(0), y.stride(0), MB)
+    else:
+        bn, bk, warps = config
+        _gemv[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), y.stride(0), M_BLOCK=MB, BLOCK_N=bn,
+                                      BLOCK_K=bk, num_warps=warps)
+    return y
+
+
+@torch.library.custom_op("shiftplan::gemv", mutates_args=())
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T`` for ``M <= MAX_M`` (see the module doc)."""
+    return launch(x, w)
+
+
+@gemv.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv(X, W, Y, M, N, K, stride_xm, stride_ym, M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, M_BLOCK)
+        nmask, mmask = n < N, m < M
+        acc = tl.zeros([M_BLOCK, BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            w = tl.load(W + n[:, None].to(tl.int64) * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+        y = tl.sum(acc, axis=2)  # [M_BLOCK, BLOCK_N]
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    def _fits(configs: list, nargs: dict, **_kw) -> list:
+        """Tiles whose fp32 accumulator stays within 128 registers a thread."""
+        ok = [c for c in configs if nargs["M_BLOCK"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
+        return ok or configs[:1]
+
+    _tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in CONFIGS],
+        key=["N", "K", "M_BLOCK"], prune_configs_by={"early_config_prune": _fits},
+    )(_gemv)
