@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for c in gemv.CONFIGS:
                 if M * c[0] * c[1] <= 128 * 32 * c[2]:
                     configs["x".join(map(str, c))] = round(
-                        do_bench(lambda: gemv.launch(x, w, c), warmup=10, rep=50, return_mode="median") * 1e3, 2)
+                        do_bench(lambda: gemv.launch(x, w, config=c), warmup=10, rep=50, return_mode="median") * 1e3, 2)
             floor = 2 * N * K / (bw * 1e9) * 1e6
             row = {"shape": name, "N": N, "K": K, "M": M, "floor_us": round(floor, 2), "cublas_us": round(cublas, 2),
                    "triton_us": round(tuned, 2), "cublas_x_floor": round(cublas / floor, 3),

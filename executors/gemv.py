@@ -11,7 +11,8 @@ over ``K`` once at the end: one launch, no reduce kernel, ``W`` read once. The t
 chosen per ``(N, K, M)`` by Triton's autotuner the first time a shape runs (the engine's warm-up,
 before any CUDA graph capture). ``bench/gemv_speed.py`` measures it against cuBLAS and the floor.
 
-``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled layers call
+The product can take a residual ``[M, N]`` added in its epilogue (``x + down(h)`` of a layer in one
+launch). ``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled layers call
 it without a graph break; ``wanted`` says when ``executors.quant.linear`` routes a product here.
 """
 
@@ -29,7 +30,7 @@ except ImportError:  # CPU-only installs: products stay with torch
 
 MAX_M = 4  # rows of x served here; larger batches are matrix products (cuBLAS)
 ENABLED = os.environ.get("SHIFTPLAN_GEMV", "1") != "0"  # 0: every product through cuBLAS (A/B measurements)
-CONFIGS = [(bn, bk, w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
+CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
 
 
 def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -40,38 +41,44 @@ def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.shape[-1] == w.shape[1] and x.shape[-1] % 8 == 0)
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T`` -> ``[M, N]`` in ``x``'s dtype. ``config`` ``(BLOCK_N, BLOCK_K,
-    warps)`` pins the tile (benchmarks, tests); None lets the autotuner choose."""
+def launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+           config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T (+ residual [M, N])`` -> ``[M, N]`` in ``x``'s dtype (the residual added
+    to the fp32 product before the cast, as an add after the product would see it rounded once
+    more). ``config`` ``(BLOCK_N, BLOCK_K, warps)`` pins the tile (benchmarks, tests); None lets the
+    autotuner choose."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     MB = triton.next_power_of_2(M)
+    res = residual if residual is not None else y  # not read without HAS_RES
+    sr = residual.stride(0) if residual is not None else 0
     if config is None:
-        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](x, w, y, M, N, K, x.stride(0), y.stride(0), MB)
+        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](x, w, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB,
+                                                          residual is not None)
     else:
         bn, bk, warps = config
-        _gemv[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), y.stride(0), M_BLOCK=MB, BLOCK_N=bn,
-                                      BLOCK_K=bk, num_warps=warps)
+        _gemv[(triton.cdiv(N, bn),)](x, w, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None,
+                                      BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
 
 
 @torch.library.custom_op("shiftplan::gemv", mutates_args=())
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T`` for ``M <= MAX_M`` (see the module doc)."""
-    return launch(x, w)
+def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T (+ residual)`` for ``M <= MAX_M`` (see the module doc)."""
+    return launch(x, w, residual)
 
 
 @gemv.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv(X, W, Y, M, N, K, stride_xm, stride_ym, M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+    def _gemv(X, W, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_BLOCK)
         nmask, mmask = n < N, m < M
@@ -83,7 +90,10 @@ if triton is not None:
             x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
         y = tl.sum(acc, axis=2)  # [M_BLOCK, BLOCK_N]
-        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        out_mask = mmask[:, None] & nmask[None, :]
+        if HAS_RES:
+            y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
 
     def _fits(configs: list, nargs: dict, **_kw) -> list:
         """Tiles whose fp32 accumulator stays within 128 registers a thread."""

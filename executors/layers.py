@@ -49,7 +49,8 @@ class Checkpointed(nn.Module):
 
 class Linear(Checkpointed):
     """``y = x W^T (+ b)``, ``W [out, in]`` plain or FP8 (``scale [out]``, ``executors.quant``).
-    Row-parallel (``group`` set): the partial products are all-reduced before the bias is added."""
+    Row-parallel (``group`` set): the partial products are all-reduced before the bias is added.
+    ``residual`` (``[..., out]``) is added to the output (in the product's epilogue when unsharded)."""
 
     def __init__(self, d_in: int, d_out: int, parts: tuple[str, ...], bias: bool = False):
         super().__init__(parts)
@@ -58,9 +59,12 @@ class Linear(Checkpointed):
         self.register_buffer("scale", None)
         self.group: Any = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.group is None:
+            return linear(x, self.weight, self.bias, self.scale, residual)
         y = all_reduce(linear(x, self.weight, scale=self.scale), self.group)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y if residual is None else y + residual
 
 
 class RMSNorm(Checkpointed):

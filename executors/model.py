@@ -153,9 +153,10 @@ class FeedForward(nn.Module):
         self.gate_up = Linear(a.hidden, 2 * a.intermediate, (p + "gate_proj", p + "up_proj"))
         self.down = Linear(a.intermediate, a.hidden, (p + "down_proj",))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``down(silu(gate) * up)`` (``+ residual``, added by the down projection)."""
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate) * up, residual)
 
 
 class Layout(nn.Module):
@@ -180,7 +181,7 @@ class DecoderLayer(nn.Module):
         """``x [n, H]`` through the weights of layout ``mode``."""
         w = self.layouts[mode]
         x = x + w.attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + w.mlp(self.post_attention_layernorm(x))
+        return w.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 # ---------------------------------------------------------------- the model

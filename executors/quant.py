@@ -89,15 +89,21 @@ def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in] @ W^T + b`` for a plain or FP8 weight (an e4m3 tensor ``w`` with ``scale [out]``
-    is the FP8 weight ``Fp8Weight(w, scale)``)."""
+           scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ W^T + b (+ residual [..., out])`` for a plain or FP8 weight (an e4m3 tensor
+    ``w`` with ``scale [out]`` is the FP8 weight ``Fp8Weight(w, scale)``)."""
     if scale is not None:
         w = Fp8Weight(w, scale)
+    if isinstance(w, torch.Tensor) and b is None and gemv.wanted(x, w):  # a decode step's few rows
+        K, N = x.shape[-1], w.shape[0]
+        r = residual.reshape(-1, N) if residual is not None else None
+        return torch.ops.shiftplan.gemv(x.reshape(-1, K), w, r).reshape(*x.shape[:-1], N)
+    y = _linear(x, w, b)
+    return y if residual is None else y + residual
+
+
+def _linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
-        if gemv.wanted(x, w):  # a decode step's few rows: the Triton GEMV (executors.gemv)
-            y = torch.ops.shiftplan.gemv(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
-            return y + b if b is not None else y
         return F.linear(x, w, b)
     if _scaled_mm_ok(x, w):
         x2 = x.reshape(-1, x.shape[-1])
