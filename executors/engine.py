@@ -22,6 +22,7 @@ import os
 import queue
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -376,15 +377,16 @@ class Engine:
             jobs = [ImageJob(s.req, None, s.image_grid, s.encoder) for s in seqs]
             self._dispatch({replica: Step(self.step_id, [], free=[s.req for s in seqs], images=jobs)})
 
-    def _look_ahead(self, in_flight: dict, scheds: list[Scheduler], free: list[list[int]], ahead: set[int],
+    def _look_ahead(self, sid: int, in_flight: dict, scheds: list[Scheduler], free: list[list[int]], ahead: set[int],
                     sampling: Sampling, base: int) -> tuple[int, list[Chunk], Step] | None:
-        """The single-rank engine's next decode step, queued before the one in flight has given its
-        tokens: when that step decodes every running sequence and nothing waits, each sequence is
-        advanced by a placeholder token and the next step takes its input tokens from the device
-        (``Step.tokens_from``). A sequence that ends on the pending token wastes one decode; its
-        output is dropped. Returns the new in-flight entry, or None when the step does not qualify."""
-        sid, (lane, chunks, step) = next(iter(in_flight.items()))
-        sc = scheds[lane]
+        """A replica's next decode step, queued before its step ``sid`` (its only one in flight) has
+        given its tokens: when that step decodes every running sequence and nothing waits, each
+        sequence is advanced by a placeholder token and the next step takes its input tokens from
+        the device (``Step.tokens_from``: every rank of a single-stage replica keeps its samples).
+        A sequence that ends on the pending token wastes one decode; its output is dropped.
+        Returns the new in-flight entry, or None when the step does not qualify."""
+        lane, chunks, step = in_flight[sid]
+        sc, rep = scheds[lane], lane // self.lanes
         if (sid in ahead or sc.waiting or len(step.micro) != 1 or not step.micro[0].decode
                 or len(chunks) != len(sc.running)):
             return None
@@ -398,11 +400,11 @@ class Engine:
             return None
         self.step_id += 1
         micro = self._micro(nxt)
-        new = Step(self.step_id, micro, free=free[0], want_logits=self.keep_logits, temperature=sampling.temperature,
+        new = Step(self.step_id, micro, free=free[rep], want_logits=self.keep_logits, temperature=sampling.temperature,
                    top_k=sampling.top_k, seed=sampling.seed, req_base=base,
                    tokens_from=[rows[r] for r in micro[0].sample_req])
-        free[0] = []
-        self._send({0: new})
+        free[rep] = []
+        self._send({rep: new})
         self.lookahead_steps += 1
         return lane, nxt, new
 
@@ -433,7 +435,8 @@ class Engine:
         in_flight: dict[int, tuple[int, list[Chunk], Step]] = {}  # step id -> (lane, its chunks, the step)
         ahead: set[int] = set()  # steps in flight whose successor is queued: their tokens are placeholders
         ended: set[int] = set()  # requests finished while a look-ahead step still computes them
-        look = self.local is not None and self.lookahead and self.plan.scheduler.microbatches <= 1
+        # look-ahead: single-stage replicas (every rank samples), one micro-batch per step, not torchrun
+        look = self.lookahead and self.plan.mesh.pp == 1 and self.plan.scheduler.microbatches <= 1 and not self.lock_step
         t0 = time.perf_counter()
         for i, req in enumerate(requests):
             try:
@@ -498,10 +501,12 @@ class Engine:
                 busy = {lane for lane, *_ in in_flight.values()}
                 if steps and L > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
                     continue  # another lane can start before an answer comes
-                if look and len(in_flight) == 1 and not (pending and pending[-1][0] <= time.perf_counter() - t0):
-                    nxt = self._look_ahead(in_flight, scheds, free, ahead, sampling, base)
-                    if nxt is not None:
-                        in_flight[nxt[2].step_id] = nxt
+                if look and not (pending and pending[-1][0] <= time.perf_counter() - t0):
+                    reps = Counter(lane // L for lane, *_ in in_flight.values())
+                    for sid, (lane, *_) in list(in_flight.items()):  # each replica with one step in flight
+                        if reps[lane // L] == 1 and (nxt := self._look_ahead(sid, in_flight, scheds, free, ahead,
+                                                                             sampling, base)) is not None:
+                            in_flight[nxt[2].step_id] = nxt
                 o = self._receive()
                 lane, chunks, _step = in_flight.pop(o.step_id)
                 early = o.step_id in ahead  # its sequences already advanced, their tokens placeholders

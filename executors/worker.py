@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from executors.batch import MicroBatch, Step, StepOut, to_device
-from executors.channel import Channel, ChannelSpec, Polling
+from executors.channel import Backoff, Channel, ChannelSpec, Polling
 from executors.config import ModelArgs, run_dtypes
 from executors.encoders import EncoderServer, load_tower
 from executors.parallel import Par, build_par
@@ -103,7 +104,17 @@ class RankRunner:
 
     @property
     def reports(self) -> bool:
+        """The replica's last stage, shift rank 0: sends the sampled tokens to the driver."""
         return self.par.pp_i == self.par.pp - 1 and self.par.r == 0
+
+    @property
+    def samples(self) -> bool:
+        """Keeps the step's sampled tokens on the device (``last_sampled``) for a look-ahead step's
+        input (``Step.tokens_from``): every rank of a single-stage replica. Each holds the whole
+        logits (the lm_head's vocab shards all-gathered, so bit-identical on every rank) and sampling
+        is a function of them and of (seed, request, position) alone, so all ranks sample the same
+        tokens. Under PP only the reporting rank samples (stage 0 takes no look-ahead steps)."""
+        return self.reports or self.par.pp == 1
 
     def run(self, step: Step) -> StepOut | None:
         launched = self.launch(step)
@@ -134,13 +145,15 @@ class RankRunner:
                 outs.append(y)
         for work, _ in pending:
             work.wait()
-        if not self.reports:
+        if not self.samples:
             return None
         logits = torch.cat(outs) if outs else torch.zeros(0, self.model.a.vocab)
         reqs = [r for mb in step.micro for r in mb.sample_req]
         pos = [p + 1 for mb in step.micro for p in mb.tok_idx[mb.sample_idx].tolist()]
         keys = [row_key(step.seed, r - step.req_base, p) for r, p in zip(reqs, pos)] if step.temperature > 0 else []
         self.last_sampled = sample(logits, step.temperature, step.top_k, keys)
+        if not self.reports:
+            return None
         return Launched.start(StepOut(step.step_id, par.dp_i, reqs, [], logits.cpu() if step.want_logits else None,
                                       [m for mb in step.micro for m in (mb.modes or [mb.mode])]), self.last_sampled)
 
@@ -175,6 +188,10 @@ class Launched:
         copied.record()
         return Launched(head, sampled, host, copied)
 
+    def done(self) -> bool:
+        """The tokens have reached the host: ``out`` would not wait."""
+        return self.copied is None or self.copied.query()
+
     def out(self) -> StepOut:
         if self.copied is not None:
             self.copied.synchronize()
@@ -189,6 +206,45 @@ def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
     plan = Plan.model_validate_json(spec.plan_json)
     tower = load_tower(spec.args.vision, make_source(spec, spec.args), run_dtypes(plan)[0], device)
     return EncoderServer(torch.inference_mode()(tower.__call__))
+
+
+def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched], None],
+                overflow: Callable[[], bytes]) -> None:
+    """Run steps from ``steps`` in order until the end marker, reporting each launched step's
+    tokens (the reporting rank; other ranks' launches return None). Before reading a step's
+    tokens (a wait for the device), a next step already sent is launched first: the driver sends
+    one only as a look-ahead step, whose input tokens come from this step's samples on the device,
+    so the device queues it behind this one. The next step is waited for until this step's tokens
+    have reached the host (``Launched.done``; on CPU: one look, they are there at launch); then
+    this step is reported and the next one read as usual. Reports leave in step order; a step
+    still held at the end marker is dropped (the driver is shutting down)."""
+    held: Launched | None = None  # launched, tokens not reported yet
+    while True:
+        if held is None:
+            msg = steps.recv(overflow=overflow)
+        else:
+            got, msg = _next_while_busy(steps, held, overflow)
+            if not got:
+                report(held)
+                held = None
+                continue
+        if msg is None:
+            return
+        launched = runner.launch(from_bytes(msg))
+        if held is not None:
+            report(held)
+        held = launched
+
+
+def _next_while_busy(steps: Channel, held: Launched, overflow: Callable[[], bytes]) -> tuple[bool, bytes | None]:
+    """``(True, message)`` if the next step arrives before ``held``'s tokens reach the host, else
+    ``(False, None)``."""
+    backoff = Backoff(steps.polling)
+    while True:
+        got, msg = steps.poll(overflow=overflow)
+        if got or held.done():
+            return got, msg
+        backoff.pause()
 
 
 def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: Any, res_q: Any,
@@ -218,12 +274,13 @@ def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: A
             steps = Channel(link.steps, link.reader, polling)
             outs = Channel(link.outs, polling=polling) if link.outs is not None else None
             res_q.put(("ready", rank, None))
-            while (msg := steps.recv(overflow=cmd_q.get)) is not None:
-                out = runner.run(from_bytes(msg))
-                if out is not None:
-                    blob = to_bytes(out)
-                    if outs is None or not outs.send(blob):
-                        res_q.put(("out", rank, blob))
+
+            def report(launched: Launched) -> None:
+                blob = to_bytes(launched.out())
+                if outs is None or not outs.send(blob):
+                    res_q.put(("out", rank, blob))
+
+            serve_steps(runner, steps, report, cmd_q.get)
     except BaseException as e:  # report, then exit non-zero: the driver stops every rank
         name = type(e).__name__
         res_q.put(("error", rank, f"{name}: {e}\n{traceback.format_exc()}"))

@@ -1,40 +1,50 @@
-"""The single-rank engine's look-ahead (the next decode step queued before the last one's tokens
-are read, its input tokens taken on the device) gives the tokens of the plain engine: with
-requests ending at different lengths and on an end-of-sequence token, with sampling, with
-staggered arrivals, and under KV pressure that preempts."""
+"""The engine's look-ahead (the next decode step queued before the last one's tokens are read, its
+input tokens taken on the device) gives the tokens of the plain engine, on one rank and on spawned
+ranks of single-stage replicas (tp2, shift over sp2 with decodes in both modes, dp2): with requests
+ending at different lengths and on an end-of-sequence token, with sampling, with staggered
+arrivals, and under KV pressure that preempts. A spawned rank launches a step already sent before
+it reports the last one."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 
 import executors
 from executors import Request, Sampling
+from executors.batch import StepOut
+from executors.channel import Channel
+from executors.worker import Launched, serve_steps, to_bytes
 from tests.tiny.helpers import make_plan
 
 REQS = [Request(tokens=list(range(3 + i, 9 + 3 * i)), max_new_tokens=4 + 3 * i) for i in range(5)]
 
 
+MESHES = {"single": {}, "tp2": {"tp": 2}, "shift": {"sp": 2, "shift": True, "threshold": 4}, "dp2": {"dp": 2}}
+
+
 def _run(lookahead: bool, sampling: Sampling, kv_blocks: int = 64, eos: tuple[int, ...] = (),
-         arrivals: list[float] | None = None) -> tuple[list[list[int]], int]:
-    with executors.load(make_plan("llama", max_batch_tokens=64, max_seqs=8), kv_blocks=kv_blocks,
-                        lookahead=lookahead) as eng:
+         arrivals: list[float] | None = None, mesh: str = "single") -> tuple[list[list[int]], int]:
+    plan = make_plan("llama", max_batch_tokens=64, max_seqs=8, **MESHES[mesh])
+    with executors.load(plan, kv_blocks=kv_blocks, lookahead=lookahead) as eng:
         if eos:
             eng.args = dataclasses.replace(eng.args, eos_token_ids=eos)
         out = {i: r for i, _tok, r in eng.stream(REQS, max_new_tokens=8, sampling=sampling, arrivals=arrivals)}
         return [out[i].tokens for i in range(len(REQS))], eng.lookahead_steps
 
 
+@pytest.mark.parametrize("mesh", list(MESHES))
 @pytest.mark.parametrize("case", ["lengths", "eos", "sampled", "arrivals", "kv_pressure"])
-def test_lookahead_gives_the_plain_engines_tokens(case: str) -> None:
+def test_lookahead_gives_the_plain_engines_tokens(case: str, mesh: str) -> None:
     greedy = Sampling(temperature=0.0, stop_on_eos=False)
-    kw: dict = {"sampling": greedy}
+    kw: dict = {"sampling": greedy, "mesh": mesh}
     if case == "eos":  # a token the greedy run produces mid-way ends requests early
-        plain, _ = _run(False, greedy)
-        kw = {"sampling": Sampling(temperature=0.0, stop_on_eos=True), "eos": (plain[4][2],)}
+        plain, _ = _run(False, greedy, mesh=mesh)
+        kw |= {"sampling": Sampling(temperature=0.0, stop_on_eos=True), "eos": (plain[4][2],)}
     elif case == "sampled":
-        kw = {"sampling": Sampling(temperature=0.8, top_k=20, seed=3, stop_on_eos=False)}
+        kw["sampling"] = Sampling(temperature=0.8, top_k=20, seed=3, stop_on_eos=False)
     elif case == "arrivals":
         kw["arrivals"] = [0.0, 0.0, 0.02, 0.05, 0.05]
     elif case == "kv_pressure":
@@ -45,3 +55,31 @@ def test_lookahead_gives_the_plain_engines_tokens(case: str) -> None:
     assert none == 0 and ahead > 0  # the look-ahead ran
     if case == "eos":
         assert any(len(t) < r.max_new_tokens for t, r in zip(got, REQS))
+
+
+def test_a_rank_launches_a_sent_step_before_reporting_the_last() -> None:
+    spec = Channel.create(readers=1, slots=4)
+    try:
+        driver, rank = Channel(spec), Channel(spec, reader=0)
+        events: list[str] = []
+
+        class Runner:
+            def launch(self, step: int) -> Launched:
+                events.append(f"launch {step}")
+                return Launched(StepOut(step, 0, [step], []), torch.tensor([step]))
+
+        def report(launched: Launched) -> None:
+            o = launched.out()
+            events.append(f"report {o.step_id}")
+            assert o.tokens == [o.step_id]
+            if o.step_id == 2:  # nothing sent ahead: step 3 comes once step 2 is reported
+                driver.send(to_bytes(3))
+            elif o.step_id == 3:
+                driver.send(None)
+
+        driver.send(to_bytes(1))
+        driver.send(to_bytes(2))  # sent ahead: launched before step 1 is reported
+        serve_steps(Runner(), rank, report, overflow=lambda: b"")
+        assert events == ["launch 1", "launch 2", "report 1", "report 2", "launch 3", "report 3"]
+    finally:
+        Channel.unlink(spec)
