@@ -131,7 +131,7 @@ class Step:
     top_k: int = 0
     seed: int = 0
     req_base: int = 0  # request ids of this generate call start here (sampling keys use id - base)
-    # a decode step sent before the previous step's tokens were read (the single-rank engine's look-ahead):
+    # a decode step sent before the previous step's tokens were read (the engine's look-ahead, pp = 1):
     # row j's input token is row tokens_from[j] of the previous step's sampled tokens, taken on the device
     tokens_from: list[int] | None = None
 

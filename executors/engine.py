@@ -5,10 +5,12 @@ DP replica, or per lane of a pipelined replica (``lanes``); each step it packs t
 into micro-batches, picks the mode of each (shift: ``tp`` when its tokens <= the plan's threshold, else
 ``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens (both through
 shared-memory channels, ``executors.channel``; errors and deaths are watched while waiting). A
-single-rank engine runs in this process; with ``lookahead`` on, while a decode step computes the
-next one is already queued, its input tokens taken from the device (``Engine._look_ahead``). A single-rank
-plan runs in this process. A worker that fails or dies stops the whole engine: every rank is
-terminated and ``WorkerError`` names the rank and its error.
+single-rank plan runs in this process. With ``lookahead`` on and single-stage replicas (pp = 1; any
+tp, sp, shift, dp), while a replica's decode step computes its next one is already scheduled, packed
+and sent, its input tokens taken on the device from the last step's samples (``Engine._look_ahead``;
+every rank of the replica samples, and a spawned rank launches a step already sent before it reads
+the last one's tokens: ``worker.serve_steps``). A worker that fails or dies stops the whole engine:
+every rank is terminated and ``WorkerError`` names the rank and its error.
 
 With ``vision.placement: dedicated`` the world has ``dedicated_gpus`` encoder ranks after the
 mesh: the driver hands each image request to the least-loaded one when it arrives, and admits
@@ -120,8 +122,8 @@ class Engine:
         self.peak_in_flight = 0  # most steps in flight at once (lanes and replicas overlapping)
         self.unanswered = [0] * plan.mesh.dp  # steps sent to each spawned replica, not yet answered
         self.launched: list[Launched] = []  # steps the single-rank engine has queued, tokens not read yet
-        # single rank: queue the next decode step before reading this one's tokens (its input tokens
-        # are taken from the device), so the host's work for a step overlaps the GPU's for the last
+        # single-stage replicas: queue the next decode step before reading this one's tokens (its input
+        # tokens are taken from the device), so the host's work for a step overlaps the GPU's for the last
         self.lookahead = lookahead
         self.lookahead_steps = 0  # steps queued before the previous step's tokens were read
         self.early: list[tuple] = []  # queue messages read while checking on the ranks
@@ -568,9 +570,10 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
     a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
-    replay decode steps as CUDA graphs on CUDA ranks (``executors.graphs``). ``lookahead``: a
-    single-rank engine queues each decode step before reading the last one's tokens (off by
-    default until its gain is measured on a GPU: ``bench/engine_speed.py``'s look-ahead variant)."""
+    replay decode steps as CUDA graphs on CUDA ranks (``executors.graphs``). ``lookahead``: each
+    replica of a single-stage plan (pp = 1: one rank, tp, sp, shift, dp) queues each decode step
+    before reading the last one's tokens; pipelined plans and torchrun ignore it (off by default
+    until its gain is measured on a GPU: ``bench/engine_speed.py``'s look-ahead variant)."""
     from plans.schema import load_plan
 
     base = None

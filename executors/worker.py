@@ -3,8 +3,12 @@
 The driver sends each rank of a DP replica the same serialized ``Step`` (through a shared-memory
 channel, ``executors.channel``); the ranks of a stage run it together (collectives on their
 groups), hand hidden states to the next stage point-to-point, and the last stage's shift-rank-0
-GPU samples and reports. Errors are reported to the driver with the rank and traceback, then the
-worker exits. ``RankRunner`` also serves torchrun's ranks (``executors.torchrun``).
+GPU samples and reports. In a single-stage replica every rank samples (the same tokens: the
+logits are all-gathered, sampling is deterministic) and keeps them on its device, so a look-ahead
+step's input tokens are gathered there (``Step.tokens_from``); a rank launches a step the driver
+has already sent before it reads the last step's tokens (``serve_steps``). Errors are reported to
+the driver with the rank and traceback, then the worker exits. ``RankRunner`` also serves
+torchrun's ranks (``executors.torchrun``).
 """
 
 from __future__ import annotations
