@@ -505,9 +505,11 @@ class Engine:
                     continue  # another lane can start before an answer comes
                 if look and not (pending and pending[-1][0] <= time.perf_counter() - t0):
                     reps = Counter(lane // L for lane, *_ in in_flight.values())
-                    for sid, (lane, *_) in list(in_flight.items()):  # each replica with one step in flight
-                        if reps[lane // L] == 1 and (nxt := self._look_ahead(sid, in_flight, scheds, free, ahead,
-                                                                             sampling, base)) is not None:
+                    for sid, (lane, *_) in list(in_flight.items()):
+                        if reps[lane // L] > 1:  # the replica's next step is in flight already
+                            continue
+                        nxt = self._look_ahead(sid, in_flight, scheds, free, ahead, sampling, base)
+                        if nxt is not None:
                             in_flight[nxt[2].step_id] = nxt
                 o = self._receive()
                 lane, chunks, _step = in_flight.pop(o.step_id)
