@@ -65,7 +65,7 @@ def mesh_plan(cfg: dict, name: str, gpus: int, max_seqs: int, max_tokens: int) -
 
 
 def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs: bool, tiny: bool,
-            all_reduce: str = "auto", lookahead: bool = False) -> dict[str, Any]:
+            all_reduce: str = "auto", lookahead: bool = True) -> dict[str, Any]:
     import executors
     from bench.engine_speed import run_batch
     from executors.config import model_args
@@ -94,7 +94,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--meshes", default=",".join(MESHES))
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
-    ap.add_argument("--lookahead", action="store_true", help="engines queue each decode step before reading the last one's tokens")
+    ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                    help="engines read each step's tokens before queueing the next (the look-ahead is on by default)")
     args = ap.parse_args()
     from bench.engine_gpu_check import hf_random
     from graph.hf_config import load_config
@@ -114,7 +115,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": "python bench/mesh_speed.py --out DIR" + (" --tiny" if args.tiny else "")
                    + (f" --backend {args.backend}" if args.backend != ("eager" if args.tiny else "compile") else "")
-                   + (" --lookahead" if args.lookahead else "") + (f" --meshes {args.meshes}" if args.meshes != ",".join(MESHES) else ""),
+                   + (" --no-lookahead" if not args.lookahead else "") + (f" --meshes {args.meshes}" if args.meshes != ",".join(MESHES) else ""),
         "device": f"{gpus} x " + (torch.cuda.get_device_name() if device == "cuda" else "cpu"),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "model": "llama-3.1-8b shapes, bf16, random weights", "backend": args.backend, "lookahead": args.lookahead,
@@ -150,7 +151,7 @@ def markdown(r: dict[str, Any]) -> str:
     one = r["meshes"].get("single", {})
     lines = [f"# Parallel modes vs one GPU: {r['model']}", "",
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r['backend']}"
-             f"{' (look-ahead on)' if r.get('lookahead') else ''}, decode steps "
+             f"{'' if r.get('lookahead', True) else ' (look-ahead off)'}, decode steps "
              f"as CUDA graphs where they ran. Command: `{r['command']}`.", "",
              "| mesh | decode step, batch 1 | vs one GPU | TTFT 8192 tokens | vs one GPU | 64 concurrent: output tok/s | "
              "vs one GPU | modes run | greedy tokens |", "|---|---|---|---|---|---|---|---|---|"]

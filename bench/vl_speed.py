@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tower-reps", type=int, default=10)
     ap.add_argument("--no-tower", action="store_true", help="skip (a), the tower alone")
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
-    ap.add_argument("--lookahead", action="store_true", help="engines queue each decode step before reading the last one's tokens")
+    ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                    help="engines read each step's tokens before queueing the next (the look-ahead is on by default)")
     ap.add_argument("--case-timeout", type=float, default=150.0,
                     help="seconds after which a case's worker processes are stopped (the case records the error)")
     a = ap.parse_args(argv)
@@ -392,7 +393,7 @@ def sig(x: float, digits: int = 4) -> float:
 def markdown(r: dict[str, Any]) -> str:
     s = r["sizes"]
     lines = [f"# Multimodal speed on two GPUs: {r['model']}", "",
-             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r.get('backend', 'eager')}{' (look-ahead on)' if r.get('lookahead') else ''}, decode steps as CUDA "
+             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r.get('backend', 'eager')}{'' if r.get('lookahead', True) else ' (look-ahead off)'}, decode steps as CUDA "
              f"graphs where they ran. Command: `{r['command']}`. Matmul rate measured in this run: "
              f"{r['matmul']['TFLOPs']} TFLOP/s ({r['matmul']['n']}^3 {r['matmul']['dtype']}).", "",
              "## (a) Vision tower alone, one GPU, one image", "",
