@@ -92,39 +92,65 @@ def compare(measured: SimResult, predicted: SimResult) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_workload(plan_path: Any, workload: Any, *, rate: float | None, duration: float | None, seed: int,
-                   slo: SloTargets | None, weights: Any, device: str, backend: str | None,
-                   compare_sim: bool) -> dict[str, Any]:
-    """Replay the workload on the engine; return ``{"measured": SimResult, "predicted": SimResult | None,
-    "requests": n}``."""
-    import executors
-    from costmodels.simulator import cost_model_for_plan, coster_for
-    from costmodels.simulator.config import SimConfig
-    from costmodels.simulator.engine import run
-    from executors.bench import replay
-    from plans.schema import load_plan
-
-    plan = load_plan(plan_path)
+def sample_requests(workload: Any, *, rate: float | None, duration: float | None,
+                    seed: int) -> tuple[Any, list[WorkloadRequest]]:
+    """The workload at ``rate`` (default its own) and the requests it sends in the first ``duration``
+    seconds (all of its ``requests`` without one): ``(workload at that rate, requests)``."""
     wl = workload.with_rate(rate) if rate is not None else workload
     if duration is not None:
         wl = wl.with_requests(max(1, math.ceil(wl.rate * duration * 1.5) + 8))
     reqs = wl.sample(seed)
     if duration is not None:
         reqs = [r for r in reqs if r.arrival_s <= duration] or reqs[:1]
-    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed) as eng:
-        a = eng.args
-        v = a.vision
-        ereqs = engine_requests(reqs, a.vocab, a.image_token_id, v.patch_dim if v else 0, v.merge if v else 2, seed)
-        eng.generate(ereqs[:1], max_new_tokens=2)  # warm-up: lazy inits, first graphs
-        measured = replay(eng, ereqs, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs])
-    dims = plan.dims()
+    return wl, reqs
+
+
+def replay_requests(eng: Any, reqs: list[WorkloadRequest], seed: int) -> dict[str, Any]:
+    """Replay ``reqs`` at their arrival times on a loaded engine (after a two-token warm-up request):
+    ``executors.bench.replay``'s record."""
+    from executors.bench import replay
+
+    a = eng.args
+    v = a.vision
+    ereqs = engine_requests(reqs, a.vocab, a.image_token_id, v.patch_dim if v else 0, v.merge if v else 2, seed)
+    eng.generate(ereqs[:1], max_new_tokens=2)  # warm-up: lazy inits, first graphs
+    return replay(eng, ereqs, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs])
+
+
+def measured_result(plan: Any, measured: dict[str, Any], reqs: list[WorkloadRequest],
+                    slo: SloTargets | None) -> SimResult:
+    """The engine's replay summarised as the simulator summarises its runs."""
     shift_on = plan.shift.enabled and plan.mesh.sp > 1
-    res = summarize(measured_log(measured, reqs, shift_on), slo=slo, gpu_memory_gb=plan.memory_gb.total,
-                    encoder_gpus=dims.encoder_gpus, replicas=plan.mesh.dp)
+    return summarize(measured_log(measured, reqs, shift_on), slo=slo, gpu_memory_gb=plan.memory_gb.total,
+                     encoder_gpus=plan.dims().encoder_gpus, replicas=plan.mesh.dp)
+
+
+def predicted_result(plan: Any, cost: Any, reqs: list[WorkloadRequest], slo: SloTargets | None) -> SimResult:
+    """The simulator's run of the very same requests on ``plan`` (``cost``: its ``CostModel``)."""
+    from costmodels.simulator import coster_for
+    from costmodels.simulator.config import SimConfig
+    from costmodels.simulator.engine import run
+
+    log = run(SimConfig.from_plan(plan), coster_for(plan, cost), reqs)
+    return summarize(log, slo=slo, gpu_memory_gb=plan.memory_gb.total, encoder_gpus=plan.dims().encoder_gpus,
+                     replicas=plan.mesh.dp)
+
+
+def bench_workload(plan_path: Any, workload: Any, *, rate: float | None, duration: float | None, seed: int,
+                   slo: SloTargets | None, weights: Any, device: str, backend: str | None,
+                   compare_sim: bool) -> dict[str, Any]:
+    """Replay the workload on the engine; return ``{"measured": SimResult, "predicted": SimResult | None,
+    "requests": n}``."""
+    import executors
+    from costmodels.simulator import cost_model_for_plan
+    from plans.schema import load_plan
+
+    plan = load_plan(plan_path)
+    wl, reqs = sample_requests(workload, rate=rate, duration=duration, seed=seed)
+    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed) as eng:
+        measured = replay_requests(eng, reqs, seed)
+    res = measured_result(plan, measured, reqs, slo)
     predicted = None
     if compare_sim:
-        cost = cost_model_for_plan(plan, base_dir=plan_path.parent)
-        log = run(SimConfig.from_plan(plan), coster_for(plan, cost), reqs)
-        predicted = summarize(log, slo=slo, gpu_memory_gb=plan.memory_gb.total, encoder_gpus=dims.encoder_gpus,
-                              replicas=plan.mesh.dp)
+        predicted = predicted_result(plan, cost_model_for_plan(plan, base_dir=plan_path.parent), reqs, slo)
     return {"measured": res, "predicted": predicted, "requests": len(reqs), "rate_rps": wl.rate}
