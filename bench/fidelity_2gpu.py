@@ -234,7 +234,7 @@ def run_case(job: dict[str, Any]) -> None:
     save()
 
 
-def spawn_case(job: dict[str, Any], timeout: float, work: Path) -> dict[str, Any]:
+def spawn_case(job: dict[str, Any], timeout: float, work: Path, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``run_case`` in a fresh Python process of its own session; after ``timeout`` s kill that
     session (the process and its worker ranks). Returns what the child wrote, with ``error`` set
     when it failed, crashed or timed out."""
@@ -243,6 +243,7 @@ def spawn_case(job: dict[str, Any], timeout: float, work: Path) -> dict[str, Any
     err = work / "stderr.txt"
     Path(job["out"]).unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.update({k: v for k, v in (env_extra or {}).items() if k not in os.environ})
     with open(err, "w") as ef:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(jf)], cwd=ROOT, env=env,
                                 stderr=ef, start_new_session=True)
@@ -355,7 +356,8 @@ def markdown(r: dict[str, Any]) -> str:
                   "| case | mesh | capacity req/s | rate req/s (fraction) | requests | TTFT p50 | TTFT p90 | TPOT p50 | "
                   "TPOT p90 | output tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for case, c in m["cases"].items():
-            mesh = c.get("mesh", "-") + (f" shift {c['shift_threshold']}" if c.get("shift_threshold") else "")
+            mesh = c.get("mesh", "-") + (f" shift {c['shift_threshold']}" if c.get("shift_threshold") else "") \
+                + (f", encoder {c['placement']}" if c.get("placement") not in (None, "none") else "")
             cap = c.get("capacity", {}).get("rps")
             cap_s = "-" if cap is None else f"{cap:.3g}"
             for x in c.get("rates", []):
@@ -398,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="seconds after which a case's processes are killed (default 300 + 6 x duration x rates)")
     ap.add_argument("--max-seqs", type=int, default=None, help="running requests per replica (default 64; 8 with --tiny)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights-dir", type=Path, default=None,
+                    help="keep each model's random checkpoint here and reuse it in later calls (default: a temporary folder)")
     ap.add_argument("--resume", action="store_true", help="keep the cases of DIR/fidelity_2gpu.json without errors")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -464,10 +468,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not todo:
                 save()
                 continue
-            ckpt = work / f"{model}-weights"
-            mr["checkpoint"] = write_checkpoint(cfg, ckpt, torch.device(device), dtype, seed=a.seed)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            ckpt = (a.weights_dir or work) / f"{model}-{'tiny' if a.tiny else 'full'}-seed{a.seed}"
+            if not (ckpt / "model.safetensors.index.json").is_file():
+                mr["checkpoint"] = write_checkpoint(cfg, ckpt, torch.device(device), dtype, seed=a.seed)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             for case in todo:
                 t = time.perf_counter()
                 c: dict[str, Any] = {}
@@ -488,14 +493,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "seed": a.seed, "workload": wl, "fractions": fractions, "rates": rates,
                            "duration": a.duration, "warmup": 2 * max_seqs if not a.tiny else 2,
                            "out": str(work / "case.json")}
-                    c.update(spawn_case(job, timeout, work))
+                    # CPU ranks: one thread each (a single-rank engine's threads spin against the replay loop)
+                    c.update(spawn_case(job, timeout, work, {"OMP_NUM_THREADS": "1"} if a.tiny else None))
                 except Exception as e:
                     c["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 c["wall_s"] = round(time.perf_counter() - t, 1)
                 mr["cases"][case] = c
                 print(f"{model} {case}: " + (c["error"] if "error" in c else f"{len(c['rates'])} rates"), flush=True)
                 save()
-            shutil.rmtree(ckpt, ignore_errors=True)
+            if a.weights_dir is None:
+                shutil.rmtree(ckpt, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)

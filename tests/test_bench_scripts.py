@@ -1,4 +1,4 @@
-"""The GPU benchmarks bench/shift_crossover.py and bench/vl_speed.py, dry-run on CPU with tiny
+"""The GPU benchmarks bench/shift_crossover.py, bench/vl_speed.py and bench/fidelity_2gpu.py, dry-run on CPU with tiny
 configs (2 gloo ranks): the report's structure, positive figures, and the figures that follow from
 others (floors from the stated FLOP formula and the measured matmul rate, ratios to one GPU,
 the interpolated crossover inside its bracket)."""
@@ -179,3 +179,78 @@ def test_scaling_compares_speedups_not_times(tmp_path) -> None:
         p = r["predicted_ms"]["single"][x["step"] + "_ms"] / r["predicted_ms"][x["mesh"]][x["step"] + "_ms"]
         assert x["predicted_speedup"] == round(p, 3)
         assert abs(x["error"] - (x["predicted_speedup"] / x["measured_speedup"] - 1)) < 2e-3
+
+
+# ------------------------------------------------------------------ fidelity_2gpu
+
+
+def test_fidelity_error_statistics_by_hand():
+    from bench import fidelity_2gpu as fid
+
+    def row(errs):
+        return {"figures": {f: {"predicted": 1 + e, "measured": 1.0, "error": e} for f, e in zip(fid.FIGURES, errs)}}
+
+    s = fid.error_stats([row([0.0, -0.1, 0.2, 0.05, -0.3]), row([0.01, 0.02, -0.03, 0.04, float("nan")])])
+    # |errors|: 0, .01, .02, .03, .04, .05, .1, .2, .3 (nine; the nan is missing)
+    assert s["n"] == 9 and s["missing"] == 1
+    assert s["median_abs_error"] == pytest.approx(0.04)
+    assert s["p90_abs_error"] == pytest.approx(0.2 + 0.2 * 0.1)  # position 0.9 x 8 = 7.2 of 0..8
+    assert s["meets"] is False and s["per_figure"]["ttft_ms p50"]["n"] == 2
+    s["complete"] = True
+    assert "does not hold" in fid.verdict(s, "x")
+    ok = fid.error_stats([row([0.05, -0.05, 0.05, 0.0, 0.1])])
+    ok["complete"] = True
+    assert ok["meets"] and fid.verdict(ok, "x").startswith("The acceptance holds for x")
+    ok["complete"] = False
+    assert "not shown" in fid.verdict(ok, "x")
+
+
+def test_fidelity_tiny_run(tmp_path):
+    """bench/fidelity_2gpu.py --tiny on two meshes of the text model, two rates: every figure
+    predicted and measured, errors from the two, the summary from the rows; a case killed by its
+    timeout records the error and --resume keeps the cases that ran."""
+    from bench import fidelity_2gpu as fid
+    from costmodels.simulator.metrics import percentile
+
+    args = ["--out", str(tmp_path), "--tiny", "--models", "llama", "--cases", "single,tp2", "--rates", "0.4,0.9",
+            "--duration", "1.5"]
+    r = fid.main(args)
+    assert json.loads((tmp_path / "fidelity_2gpu.json").read_text()) == r
+    assert r["command"] == "python bench/fidelity_2gpu.py --out DIR " + " ".join(args[2:])
+    assert r["rate_fractions"] == [0.4, 0.9] and r["duration_s"] == 1.5
+    m = r["models"]["llama"]
+    assert list(m["cases"]) == m["asked_cases"] == ["single", "tp2"]
+    rows = []
+    for case, c in m["cases"].items():
+        assert "error" not in c, c
+        assert c["mesh"] == case and c["capacity"]["rps"] > 0 and c["kv_tokens"] > 0
+        assert [x["fraction"] for x in c["rates"]] == [0.4, 0.9]
+        for x in c["rates"]:
+            assert x["rate_rps"] == pytest.approx(x["fraction"] * c["capacity"]["rps"] * c.get("rate_scale", 1.0))
+            assert x["requests"] >= 2 and x["completed"] == x["requests"] and x["rejected"] == 0
+            for f in fid.FIGURES:
+                fig = x["figures"][f]
+                assert fig["predicted"] > 0 and fig["measured"] > 0, (case, f, fig)
+                assert fig["error"] == pytest.approx(fig["predicted"] / fig["measured"] - 1, rel=1e-9, abs=1e-12)
+        assert c["rates"][1]["rate_rps"] > c["rates"][0]["rate_rps"]
+        rows += c["rates"]
+    errs = [abs(x["figures"][f]["error"]) for x in rows for f in fid.FIGURES]
+    for s in (m["summary"], r["summary"]):
+        assert s["n"] == len(errs) == 20 and s["missing"] == 0 and s["complete"] is True
+        assert s["median_abs_error"] == pytest.approx(percentile(errs, 50))
+        assert s["p90_abs_error"] == pytest.approx(percentile(errs, 90))
+        assert s["meets"] == (s["median_abs_error"] <= 0.10 and s["p90_abs_error"] <= 0.20)
+        for f in fid.FIGURES:
+            per = [abs(x["figures"][f]["error"]) for x in rows]
+            assert s["per_figure"][f]["median_abs_error"] == pytest.approx(percentile(per, 50))
+    md = (tmp_path / "fidelity_2gpu.md").read_text()
+    assert "## llama" in md and "## All models" in md and r["command"] in md and "| tp2 | tp2 |" in md
+    assert fid.verdict(r["summary"], "the whole run") in md
+
+    # a case past its timeout: the error is recorded and the run goes on; --resume keeps the others
+    r2 = fid.main(["--out", str(tmp_path), "--tiny", "--models", "llama", "--cases", "single,tp2,pp2", "--rates",
+                   "0.4,0.9", "--duration", "1.5", "--case-timeout", "1", "--resume"])
+    c2 = r2["models"]["llama"]["cases"]
+    assert c2["single"] == m["cases"]["single"] and c2["tp2"] == m["cases"]["tp2"]
+    assert "timed out after 1 s" in c2["pp2"]["error"]
+    assert r2["summary"]["complete"] is False and len(r2["commands"]) == 2
