@@ -254,3 +254,4 @@ def test_fidelity_tiny_run(tmp_path):
     assert c2["single"] == m["cases"]["single"] and c2["tp2"] == m["cases"]["tp2"]
     assert "timed out after 1 s" in c2["pp2"]["error"]
     assert r2["summary"]["complete"] is False and len(r2["commands"]) == 2
+    assert r["summary"]["covers"] is False  # one model, two cases, two rates: not what the acceptance names
