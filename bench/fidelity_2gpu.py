@@ -239,7 +239,8 @@ def run_case(job: dict[str, Any]) -> None:
     save()
 
 
-def spawn_case(job: dict[str, Any], timeout: float, work: Path, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
+def spawn_case(job: dict[str, Any], timeout: float, work: Path,
+               env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``run_case`` in a fresh Python process of its own session; after ``timeout`` s kill that
     session (the process and its worker ranks). Returns what the child wrote, with ``error`` set
     when it failed, crashed or timed out."""
@@ -358,15 +359,16 @@ def markdown(r: dict[str, Any]) -> str:
     lines = ["# Simulator vs engine on two GPUs", "",
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, python {r['python']}, layers "
              f"{r['backend']}. Command: `{r['command']}`.", "",
-             f"Each rate replays {r['duration_s']} s of arrivals at a fraction ({', '.join(map(str, r['rate_fractions']))}) "
+             f"Each rate replays {r['duration_s']} s of arrivals at a fraction "
+             f"({', '.join(map(str, r['rate_fractions']))}) "
              "of the plan's capacity as the simulator predicts it (requests/s with the workload's requests all "
              "arriving at once), on one engine load per case, through `plan bench --workload --compare-sim`'s code. "
              "Each cell: predicted / measured (error = predicted / measured - 1). TTFT and TPOT in ms, throughput "
              "in output tokens/s.", ""]
     for name, m in r["models"].items():
         lines += [f"## {name}: {m['model']}", "", f"Traffic: {m['traffic']}", "",
-                  "| case | mesh | capacity req/s | rate req/s (fraction) | requests | TTFT p50 | TTFT p90 | TPOT p50 | "
-                  "TPOT p90 | output tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| case | mesh | capacity req/s | rate req/s (fraction) | requests | TTFT p50 | TTFT p90 | "
+                  "TPOT p50 | TPOT p90 | output tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for case, c in m["cases"].items():
             mesh = c.get("mesh", "-") + (f" shift {c['shift_threshold']}" if c.get("shift_threshold") else "") \
                 + (f", encoder {c['placement']}" if c.get("placement") not in (None, "none") else "")
@@ -403,17 +405,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--cases", default=None, help="case names or meshes (default every case of each model)")
     ap.add_argument("--rates", default="0.2,0.5,0.9", help="fractions of the predicted capacity")
-    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate (default 30; 1 with --tiny)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds of arrivals per rate (default 30; 1 with --tiny)")
     ap.add_argument("--max-rate", type=float, default=None,
                     help="cap on the replayed rate, requests/s (default none; 4 with --tiny, where CPU ranks run "
                          "far below the cost model's nominal CPU)")
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
     ap.add_argument("--case-timeout", type=float, default=None,
                     help="seconds after which a case's processes are killed (default 300 + 3 x duration x rates)")
-    ap.add_argument("--max-seqs", type=int, default=None, help="running requests per replica (default 64; 8 with --tiny)")
+    ap.add_argument("--max-seqs", type=int, default=None,
+                    help="running requests per replica (default 64; 8 with --tiny)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights-dir", type=Path, default=None,
-                    help="keep each model's random checkpoint here and reuse it in later calls (default: a temporary folder)")
+                    help="keep each model's random checkpoint here and reuse it in later calls "
+                         "(default: a temporary folder)")
     ap.add_argument("--resume", action="store_true", help="keep the cases of DIR/fidelity_2gpu.json without errors")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -426,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
 
     from bench.common import command_line, write_checkpoint
+    from costmodels.simulator import cost_model_for_plan
     from planner.inputs import cost_model_of, workload_of
     from plans.schema import save_plan
 
@@ -477,8 +483,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             kept = {c: x for c, x in ((old or {}).get("models", {}).get(model, {}).get("cases", {})).items()
                     if c in cases and "error" not in x}
             mr = report["models"][model] = {
-                "model": ("tiny " + MODELS[model]["tiny"] + " config" if a.tiny else MODELS[model]["preset"] + " shapes")
-                         + f", {str(dtype)[6:]}, random weights",
+                "model": ("tiny " + MODELS[model]["tiny"] + " config" if a.tiny
+                          else MODELS[model]["preset"] + " shapes") + f", {str(dtype)[6:]}, random weights",
                 "traffic": spec.workload.model_dump(exclude_none=True, exclude={"arrival_rate", "requests", "seed"}),
                 "asked_cases": cases, "cases": dict(kept)}
             todo = [c for c in cases if c not in kept]
@@ -498,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     plan = cap_kv(plan, max_seqs * longest_request(wl)).check()
                     c.update(mesh=plan.mesh.label(), placement=plan.vision.placement,
                              shift_threshold=plan.shift.threshold_tokens, kv_tokens=plan.memory_gb.kv_tokens)
-                    c["capacity"] = predicted_capacity(plan, cost, wl, a.seed)
+                    c["capacity"] = predicted_capacity(plan, cost_model_for_plan(plan), wl, a.seed)  # as the child predicts
                     rates = [f * c["capacity"]["rps"] for f in fractions]
                     if a.max_rate and max(rates) > a.max_rate:  # all rates scaled alike: the fractions stay
                         c["rate_scale"] = a.max_rate / max(rates)
