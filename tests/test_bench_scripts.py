@@ -233,6 +233,10 @@ def test_fidelity_tiny_run(tmp_path):
                 assert fig["predicted"] > 0 and fig["measured"] > 0, (case, f, fig)
                 assert fig["error"] == pytest.approx(fig["predicted"] / fig["measured"] - 1, rel=1e-9, abs=1e-12)
         assert c["rates"][1]["rate_rps"] > c["rates"][0]["rate_rps"]
+        k = c["capacity_check"]
+        assert k["requests"] == k["completed"] == c["capacity"]["requests"] and k["measured_rps"] > 0
+        assert k["predicted_rps"] == pytest.approx(c["capacity"]["rps"], rel=1e-9)  # the same simulator run
+        assert k["error"] == pytest.approx(k["predicted_rps"] / k["measured_rps"] - 1, rel=1e-9, abs=1e-12)
         rows += c["rates"]
     errs = [abs(x["figures"][f]["error"]) for x in rows for f in fid.FIGURES]
     for s in (m["summary"], r["summary"]):
