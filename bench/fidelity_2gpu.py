@@ -52,7 +52,7 @@ have no error (and its other models), so the run can be split across several sho
 device, 1 s per rate, the rates scaled together so the highest is at most ``--max-rate`` (4 req/s):
 it checks the plumbing and the report, not the simulator (the nominal CPU is no measured device).
 
-    python bench/fidelity_2gpu.py --out DIR                    # on a machine with 2 GPUs (~1 h)
+    python bench/fidelity_2gpu.py --out DIR                    # on a machine with 2 GPUs (~1 h, 3-5 min a case)
     python bench/fidelity_2gpu.py --out DIR --resume --weights-dir W --models llama --cases single,tp2
     python bench/fidelity_2gpu.py --out DIR --tiny             # CPU dry run (gloo ranks, tiny configs)
 
