@@ -181,6 +181,7 @@ def main() -> None:
                     help="also run bench/mesh_speed.py and bench/vl_speed.py (auto: when 2+ GPUs are visible)")
     args = ap.parse_args()
     from bench.engine_gpu_check import hf_random
+    from bench.common import command_line
     from executors.config import model_args
     from executors.engine import Engine
     from executors.weights import StateDictSource
@@ -200,7 +201,7 @@ def main() -> None:
     a = model_args(cfg)
     fig = model_figures(a)
     report: dict[str, Any] = {
-        "command": "python bench/engine_speed.py --out DIR" + (" --tiny" if args.tiny else ""),
+        "command": command_line("bench/engine_speed.py", None),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "driver": _driver(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "transformers": transformers.__version__, "python": platform.python_version(),
