@@ -1,15 +1,16 @@
 """Step-time speedups of two-GPU meshes over one GPU: the cost model's prediction beside the
 engine's measurement (issue 15, point 4).
 
-Measured: ``bench/results/mesh_speed.json`` (Llama-3.1-8B shapes, bf16, eager layers, decode steps
-as CUDA graphs): the decode step at batch 1 (512-token prompt, 128 new tokens: mean context ~576)
+Measured: ``bench/results/mesh_speed.json`` (Llama-3.1-8B shapes, bf16, decode steps as CUDA
+graphs; layers eager or compiled, its ``backend``): the decode step at batch 1 (512-token prompt, 128 new tokens: mean context ~576)
 and the TTFT of one 8,192-token prompt. Predicted: ``CostModel.step_time`` of the same shapes with
-the H200 profile (the eager cost model, as the layers ran), per mesh: tp2 (TP over 2), shift(sp2)
+the H200 profile (the eager cost model for eager layers, the fused one for compiled layers, as
+the layers ran), per mesh: tp2 (TP over 2), shift(sp2)
 (TP over 2 for a decode, SP2 for the prefill), pp2 (a single request crosses both stages, so its
 step is the sum of the stages plus the send). Speedup = one GPU's time / the mesh's; error =
 predicted speedup / measured speedup - 1.
 
-    python bench/scaling_2gpu.py [--mesh-speed FILE] --out DIR
+    python bench/scaling_2gpu.py [--mesh-speed FILE ...] --out DIR
 """
 
 from __future__ import annotations
@@ -60,26 +61,34 @@ def compare(pred: dict, meas: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mesh-speed", type=Path, default=ROOT / "bench/results/mesh_speed.json")
+    ap.add_argument("--mesh-speed", type=Path, nargs="+",
+                    default=[ROOT / "bench/results/mesh_speed.json", ROOT / "bench/results/mesh_speed.pp2.json"],
+                    help="mesh_speed reports (each mesh's speedup is taken against the single GPU of its own run; "
+                         "a mesh already read is skipped); layers eager or compiled as in the first")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
     from costmodels.build import cost_model_for
     from graph.hf_config import load_config
 
+    reports = [json.loads(f.read_text()) for f in args.mesh_speed]
+    backend = reports[0].get("backend", "eager")
     cost, _ = cost_model_for(load_config(preset="llama-3.1-8b"), "h200", weights_dtype="bf16", kv_dtype="bf16",
-                             gpus_per_node=2)
-    ms = json.loads(args.mesh_speed.read_text())
-    pred, meas = predicted(cost), measured(ms)
-    rows = compare(pred, meas)
-    where = args.mesh_speed.resolve()
+                             gpus_per_node=2, fused_elementwise=backend != "eager")
+    pred, meas, rows = predicted(cost), measured(reports[0]), []
+    for ms in reports:
+        m = measured(ms)
+        rows += [x for x in compare(pred, m) if x["mesh"] not in {y["mesh"] for y in rows}]
+        meas.update({k: v for k, v in m.items() if k not in meas})
+    where = [f.resolve() for f in args.mesh_speed]
     r = {"command": "python bench/scaling_2gpu.py --out DIR",
-         "measured_from": str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else where.name,
-         "predicted_ms": pred, "measured_ms": meas, "rows": rows}
+         "measured_from": ", ".join(str(w.relative_to(ROOT)) if w.is_relative_to(ROOT) else w.name for w in where),
+         "backend": backend, "predicted_ms": pred, "measured_ms": meas, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling_2gpu.json").write_text(json.dumps(r, indent=2) + "\n")
     lines = ["# Two-GPU step speedups over one GPU: predicted vs measured", "",
-             f"Command: `{r['command']}`; measured: `{r['measured_from']}` (its device and versions); predicted: the "
-             f"H200 profile's cost model (eager layers). Decode at batch 1, context {CONTEXT}; prefill of {PREFILL} "
+             f"Command: `{r['command']}`; measured: {r['measured_from']} (their device and versions; each mesh against the "
+             f"single GPU of its own run); predicted: the "
+             f"H200 profile's cost model ({backend} layers, as measured). Decode at batch 1, context {CONTEXT}; prefill of {PREFILL} "
              "tokens (measured as TTFT).", "",
              "| mesh | step | predicted ms | measured ms | predicted speedup | measured speedup | error |",
              "|---|---|---|---|---|---|---|"]
