@@ -447,31 +447,38 @@ def trust_lines() -> list[str]:
 
 
 def measured_lines() -> list[str]:
-    """What the engine measured on two H200 so far (bench/results/mesh_speed.json, vl_speed.json),
-    against one GPU: the modes this question compares, at 2 GPUs instead of 8."""
-    mesh_f, vl_f = ROOT / "bench/results/mesh_speed.json", ROOT / "bench/results/vl_speed.json"
-    if not (mesh_f.is_file() and vl_f.is_file()):
+    """What the engine measured on two H200 so far (bench/results/mesh_speed.json, mesh_speed.pp2.json,
+    vl_speed.json), against one GPU: the modes this question compares, at 2 GPUs instead of 8."""
+    files = [ROOT / f"bench/results/{n}.json" for n in ("mesh_speed", "mesh_speed.pp2", "vl_speed")]
+    if not all(f.is_file() for f in files):
         return ["Not measured yet (`python bench/engine_speed.py --out DIR` on a 2-GPU machine)."]
-    mesh, vl = json.loads(mesh_f.read_text()), json.loads(vl_f.read_text())
-    one = mesh["meshes"]["single"]["concurrent"]["output_tok_s"]
-    text = ", ".join(f"{k} {v['concurrent']['output_tok_s'] / one:.2f}x" for k, v in mesh["meshes"].items()
-                     if k != "single" and "concurrent" in v)
+    mesh, mesh_pp, vl = (json.loads(f.read_text()) for f in files)
+
+    def ratios(meshes: dict, case: str, key: str, inverse: bool = False) -> str:
+        one = meshes["single"][case][key]
+        return ", ".join(f"{k} {(one / v[case][key] if inverse else v[case][key] / one):.2f}x"
+                         for k, v in meshes.items() if k != "single" and case in v)
+
     vl_one = vl["cases"]["single"]["batch"]["output_tok_s"]
     img = ", ".join(f"{k.split('/')[0]} {v['batch']['output_tok_s'] / vl_one:.2f}x" for k, v in vl["cases"].items()
                     if k != "single" and "batch" in v)
     return [
-        "The engine has run every mode on two H200 (random weights; `bench/results/mesh_speed.md`, "
-        "`vl_speed.md`). Output throughput against one GPU: Llama-3.1-8B, 64 concurrent text requests (1,024-token "
-        f"prompts): {text}; Qwen2-VL-7B, 32 concurrent requests with one 448x448 image each: {img}.",
+        "The engine has run the modes on two H200 (random weights; `bench/results/mesh_speed.md`, "
+        "`mesh_speed.pp2.md`, `vl_speed.md`). Against one GPU, Llama-3.1-8B: decode step time at batch 1 "
+        f"{ratios(mesh['meshes'], 'decode_b1', 'decode_step_ms')}; TTFT of 8,192 tokens "
+        f"{ratios(mesh['meshes'], 'prefill', 'ttft_ms_p50')}; output throughput of 64 concurrent requests "
+        f"(1,024-token prompts) {ratios(mesh_pp['meshes'], 'concurrent', 'output_tok_s')}. Qwen2-VL-7B, 32 "
+        f"concurrent requests with one 448x448 image each, output throughput: {img}.",
         "",
-        "These do not answer the question yet, for two reasons. First, the engine is not at its floor on the steps "
-        "that matter here: decode steps replay as CUDA graphs (1.5x the HBM floor on one GPU), but prefill and mixed "
-        "steps run eagerly and are bound by the host (a 64-token step on two GPUs takes ~50 ms, "
-        "`bench/results/shift_crossover.md`), and image requests are mostly prefill; so these ratios measure "
-        "overheads, not the parallel modes. Second, two GPUs cannot speak for eight: at 2 GPUs shift is SP2 over "
-        "two ranks whose all-to-all is one NVLink hop, PP2 has one bubble per step instead of seven, TP2's "
-        "all-reduces are the cheapest they will ever be, and the 72B models of this report do not fit on two GPUs at "
-        "all. Variable-length image-text traffic within the SLO, shift against PP, is not measured yet.",
+        "These do not answer the question yet, for two reasons. First, the engine is at its floor only on some "
+        "steps: decode steps replay as CUDA graphs (1.25x the HBM floor on one GPU) and long prefills run at ~90% "
+        "of the matmul rate, but small prefill and mixed steps run outside graphs and are bound by the host (40-60 "
+        "ms for a step of 64 to 4,096 tokens on two GPUs, `bench/results/shift_crossover.md`), and image-text "
+        "serving is mostly such steps; so the image-text ratios measure overheads, not the parallel modes. Second, "
+        "two GPUs cannot speak for eight: at 2 GPUs shift is SP2 over two ranks whose all-to-all is one NVLink hop, "
+        "PP2 has one bubble per step instead of seven, TP2's all-reduces are the cheapest they will ever be, and "
+        "the 72B models of this report do not fit on two GPUs at all. Variable-length image-text traffic within "
+        "the SLO, shift against PP, is not measured yet.",
     ]
 
 

@@ -557,6 +557,24 @@ class Engine:
                 self.local.model.forget(f)
                 f.clear()
 
+    def warm_up(self, prompt_tokens: int = 8) -> None:
+        """Run every step shape serving will meet first before any request does: for each decode
+        batch bucket up to ``max_seqs`` (``graphs.BATCH_BUCKETS``), that many prompts of
+        ``prompt_tokens`` tokens per replica and lane, two new tokens each. The layers compile
+        (dynamic shapes, and the GEMV's tiles are tuned for 1, 2 and 4 rows) and a decode graph is
+        captured per batch bucket at the shortest key bucket; longer contexts capture theirs on first
+        use. The engine's counters are reset after; its KV cache is free again."""
+        from executors.graphs import BATCH_BUCKETS
+
+        top = self.plan.scheduler.max_seqs
+        per = self.plan.mesh.dp * self.lanes  # requests are dealt round-robin over every replica's lanes
+        for b in [b for b in BATCH_BUCKETS if b < top] + [top]:
+            self.generate([Request(tokens=[min(1, self.args.vocab - 1)] * prompt_tokens) for _ in range(b * per)],
+                          max_new_tokens=2,
+                          sampling=Sampling(temperature=0.0, stop_on_eos=False))
+        self.mode_counts = dict.fromkeys(self.mode_counts, 0)
+        self.lookahead_steps = self.peak_in_flight = 0
+
     def generate(self, requests: list[Request], max_new_tokens: int = 16, sampling: Sampling | None = None) -> list[Result]:
         """Run requests to completion; per-request errors are in ``Result.error``."""
         results: dict[int, Result] = {}
@@ -568,7 +586,7 @@ class Engine:
 def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
          backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
          tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True,
-         lookahead: bool = True) -> Engine:
+         lookahead: bool = True, warm_up: bool | None = None) -> Engine:
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
     a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
@@ -576,7 +594,8 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     replica of a single-stage plan (pp = 1: one rank, tp, sp, shift, dp) queues each decode step
     before reading the last one's tokens (on one H200 it took a batch-1 decode step of Llama-3.1-8B
     from 5.2 to 4.8 ms: ``bench/engine_speed.py``'s look-ahead variant); pipelined plans and
-    torchrun ignore it."""
+    torchrun ignore it. ``warm_up`` (default: on CUDA devices): ``Engine.warm_up`` before returning,
+    so compiling step shapes and capturing decode graphs happen at load, not inside serving."""
     from plans.schema import load_plan
 
     base = None
@@ -593,7 +612,14 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
                                            cuda_graphs)
         torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs))
         raise SystemExit(0)
-    return Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead)
+    eng = Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead)
+    if warm_up if warm_up is not None else device.startswith("cuda"):
+        try:
+            eng.warm_up()
+        except BaseException:
+            eng.shutdown(force=True)
+            raise
+    return eng
 
 
 def _spec_only(plan: Plan, cfg: dict, weights: Any, device: str, backend: str | None,

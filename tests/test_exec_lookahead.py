@@ -83,3 +83,16 @@ def test_a_rank_launches_a_sent_step_before_reporting_the_last() -> None:
         assert events == ["launch 1", "launch 2", "report 1", "report 2", "launch 3", "report 3"]
     finally:
         Channel.unlink(spec)
+
+
+def test_warm_up_leaves_the_engine_as_loaded() -> None:
+    """``Engine.warm_up`` (run by ``load`` on CUDA devices) runs a batch of short prompts per decode
+    bucket, then the engine serves the tokens a fresh one serves, with its counters reset."""
+    plan = make_plan("llama", max_batch_tokens=64, max_seqs=8)
+    greedy = Sampling(temperature=0.0, stop_on_eos=False)
+    with executors.load(plan, kv_blocks=64) as eng:
+        want = [r.tokens for r in eng.generate(REQS, max_new_tokens=8, sampling=greedy)]
+    with executors.load(plan, kv_blocks=64, warm_up=True) as eng:
+        assert eng.step_id > 0 and eng.mode_counts == {"tp": 0, "sp_tp": 0} and eng.lookahead_steps == 0
+        got = [r.tokens for r in eng.generate(REQS, max_new_tokens=8, sampling=greedy)]
+    assert got == want
