@@ -4,16 +4,19 @@ with ``W [N, K]`` in bf16/fp16 and ``M <= MAX_M`` (decode steps of a few sequenc
 At M = 1 a decode step is a chain of GEMVs whose cost is reading ``W`` once (``2 N K`` bytes). On
 an H200 cuBLAS reads the smaller projections of an 8B model (``qkv`` 6144 x 4096, ``o`` 4096 x
 4096) at ~3.1 TB/s and adds a split-K reduce kernel (and a copy) to ``o`` and ``down``
-(``bench/results/engine_speed.json``, ``graph_kernels``). Here one program owns ``BLOCK_N`` output
+(``bench/results/gemv_speed.md``, and the ``graph_kernels`` of ``bench/results/engine_speed.json``'s
+history). Here one program owns ``BLOCK_N`` output
 columns and streams their rows of ``W`` in ``[BLOCK_N, BLOCK_K]`` tiles, multiplying by the matching
 ``[M, BLOCK_K]`` slice of ``x`` into an fp32 ``[M, BLOCK_N, BLOCK_K]`` accumulator that is summed
 over ``K`` once at the end: one launch, no reduce kernel, ``W`` read once. The tile shape is
 chosen per ``(N, K, M)`` by Triton's autotuner the first time a shape runs (the engine's warm-up,
-before any CUDA graph capture). ``bench/gemv_speed.py`` measures it against cuBLAS and the floor.
+before any CUDA graph capture). ``bench/gemv_speed.py`` measures it against cuBLAS and the floor; in
+a batch-1 decode step of Llama-3.1-8B on an H200 the 128 projections take 3.53 ms (3.97 TB/s) where
+cuBLAS took 3.65 ms plus ~150 us of split-K reduce and residual-copy kernels.
 
 The product can take a residual ``[M, N]`` added in its epilogue (``x + down(h)`` of a layer in one
-launch). ``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled layers call
-it without a graph break; ``wanted`` says when ``executors.quant.linear`` routes a product here.
+launch). ``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled
+layers call it without a graph break; ``wanted`` says when ``executors.quant.linear`` routes a product here.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8
 def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
     """``x [..., K]`` times ``w [N, K]`` goes to the kernel: CUDA, bf16/fp16, at most MAX_M rows,
     contiguous rows of ``w`` and ``x``."""
-    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
-            and w.dim() == 2 and w.is_contiguous() and x.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_M
+    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and w.dtype == x.dtype and w.dim() == 2 and w.is_contiguous() and x.stride(-1) == 1
+            and x.numel() // x.shape[-1] <= MAX_M
             and x.shape[-1] == w.shape[1] and x.shape[-1] % 8 == 0)
 
 
@@ -97,7 +101,8 @@ if triton is not None:
 
     def _fits(configs: list, nargs: dict, **_kw) -> list:
         """Tiles whose fp32 accumulator stays within 128 registers a thread."""
-        ok = [c for c in configs if nargs["M_BLOCK"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
+        m = nargs["M_BLOCK"]
+        ok = [c for c in configs if m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
         return ok or configs[:1]
 
     _tuned = triton.autotune(

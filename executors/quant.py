@@ -96,8 +96,10 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
         w = Fp8Weight(w, scale)
     if isinstance(w, torch.Tensor) and b is None and gemv.wanted(x, w):  # a decode step's few rows
         K, N = x.shape[-1], w.shape[0]
-        r = residual.reshape(-1, N) if residual is not None else None
-        return torch.ops.shiftplan.gemv(x.reshape(-1, K), w, r).reshape(*x.shape[:-1], N)
+        fuse = residual is not None and residual.stride(-1) == 1  # the epilogue reads rows of unit stride
+        y = torch.ops.shiftplan.gemv(x.reshape(-1, K), w, residual.reshape(-1, N) if fuse else None)
+        y = y.reshape(*x.shape[:-1], N)
+        return y + residual if residual is not None and not fuse else y
     y = _linear(x, w, b)
     return y if residual is None else y + residual
 
