@@ -29,6 +29,17 @@ from plans.mesh import kv_heads_per_gpu
 from plans.schema import Plan, Stage
 
 
+def use_one_shot_all_reduce(model: Any, make: Any) -> None:
+    """Row-parallel linears and the vocab-parallel embedding all-reduce through the one-shot
+    kernel: ``make(groups)`` (``parallel.one_shot_groups``) gives a ``OneShotAllReduce`` per group
+    where one works, and each such module's ``group`` becomes it. The LM head's all-gather and
+    Ulysses' all-to-all keep their process groups."""
+    users = [m for m in model.modules() if isinstance(m, (Linear, VocabEmbedding)) and m.group is not None]
+    one_shot = make(list(dict.fromkeys(m.group for m in users)))  # the same order on every rank
+    for m in users:
+        m.group = one_shot.get(m.group, m.group)
+
+
 class StageModel:
     """``model``: the stage's ``Transformer`` (built on meta, ``parallelize``d, loaded); ``layers``:
     its decoder layers in order (what ``backends`` compiles); ``caches``: one paged KV cache per
@@ -49,7 +60,7 @@ class StageModel:
         self.model: Transformer = load(parallelize(model, plan, stage, par), src, dev, dtype, fp8)
         self.layers = list(self.model.layers.values())
         if all_reduce == "auto":
-            self._one_shot_all_reduces(dtype)
+            use_one_shot_all_reduce(self.model, lambda groups: one_shot_groups(groups, dtype, dev))
         self.vocab_group = par.shift_group if par.P > 1 else None
         self.vision = None
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
@@ -62,15 +73,6 @@ class StageModel:
         kv_local = kv_heads_per_gpu(a.kv_heads, par.P)
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
         self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
-
-    def _one_shot_all_reduces(self, dtype: torch.dtype) -> None:
-        """Row-parallel linears and the vocab-parallel embedding all-reduce through a
-        ``OneShotAllReduce`` of their group (same group, small messages by the one-shot kernel)."""
-        users = [m for m in self.model.modules() if isinstance(m, (Linear, VocabEmbedding)) and m.group is not None]
-        groups = list(dict.fromkeys(m.group for m in users))  # the same order on every rank
-        one_shot = one_shot_groups(groups, dtype, self.par.device)
-        for m in users:
-            m.group = one_shot.get(m.group, m.group)
 
     def _vision_tp(self, plan: Plan, a: ModelArgs) -> tuple[Any, int, int]:
         """The tower TP-sharded over the stage's P GPUs where ``ParallelDims.encoder`` says so

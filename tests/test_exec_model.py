@@ -131,3 +131,31 @@ def test_vision_tower_tp2_shards() -> None:
     assert s["blocks.0.mlp.fc1.weight"] == (Fd // 2, E) and s["blocks.0.mlp.fc2.weight"] == (E, Fd // 2)
     assert b.attn.heads == nh
     assert {k: s[k] for k in s if not k.startswith("blocks.")} == {k: whole[k] for k in whole if not k.startswith("blocks.")}
+
+
+def test_one_shot_all_reduce_takes_only_the_all_reduces() -> None:
+    """On CUDA the row-parallel linears (o, down: both layouts under shift) and the vocab-parallel
+    embedding sum through a one-shot all-reduce of their group; the LM head's all-gather and the
+    Ulysses all-to-all keep their process groups (they are not sums)."""
+    from executors.model import LMHead, VocabEmbedding
+    from executors.stage import use_one_shot_all_reduce
+
+    shift_g, tp_g, sp_g = "shift-group", "tp-group", "sp-group"  # stand-ins for process groups
+    plan = make_plan("mistral", tp=2, sp=2, shift=True, threshold=8)
+    par = Par(tp=2, sp=2, tp_i=1, sp_i=0, tp_group=tp_g, sp_group=sp_g, shift_group=shift_g)
+    model = parallelize(_meta("mistral"), plan, plan.stages[0], par)
+    asked: list = []
+
+    def make(groups: list) -> dict:
+        asked.extend(groups)
+        return {g: ("one-shot", g) for g in groups}
+
+    use_one_shot_all_reduce(model, make)
+    assert sorted(asked) == sorted([shift_g, tp_g])  # TP layout over all 4 GPUs, SP x TP layout over tp
+    lay = model.layers["0"].layouts
+    assert lay["tp"].attn.o.group == lay["tp"].mlp.down.group == ("one-shot", shift_g)
+    assert lay["sp_tp"].attn.o.group == lay["sp_tp"].mlp.down.group == ("one-shot", tp_g)
+    assert lay["tp"].attn.qkv.group is None and lay["tp"].mlp.gate_up.group is None
+    assert isinstance(model.embed, VocabEmbedding) and model.embed.group == ("one-shot", shift_g)
+    assert isinstance(model.lm_head, LMHead) and model.lm_head.group == shift_g
+    assert isinstance(lay["sp_tp"].attn.core, UlyssesCore) and lay["sp_tp"].attn.core.group == sp_g
