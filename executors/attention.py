@@ -10,7 +10,8 @@ single-query attentions, so its work grows with the longest context, not with al
 
 On CUDA the packed mask is never built: each sequence of a prefill or mixed micro-batch runs its
 own fused SDPA (flash / memory-efficient kernels; causal, aligned bottom-right when the chunk
-follows cached keys), and decodes run as a grouped matmul over ``[S, L_max]`` keys (GQA groups
+follows cached keys; or, opted in, every sequence in one Triton launch through the block table:
+``executors.paged_prefill``), and decodes run as a grouped matmul over ``[S, L_max]`` keys (GQA groups
 read their KV head once). Both need no host synchronisation, so decode steps replay as CUDA graphs.
 """
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from executors import paged_decode
+from executors import paged_decode, paged_prefill
 from executors.batch import MicroBatch
 
 if TYPE_CHECKING:
@@ -68,7 +69,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
         _store(cache.k, dst, k)
         _store(cache.v, dst, v)
     if meta.seqs is not None:
-        out = _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
+        if meta.prefill is not None and paged_prefill.available(q, cache.k, kv_of_q):  # one launch for all
+            out = paged_prefill.attend(q, cache.k, cache.v, meta.prefill)
+        else:
+            out = _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
         if meta.dec_rows is not None:  # a mixed step's decodes: one batched call, not one per sequence
             out[meta.dec_rows] = _attend_decode_grouped(q[meta.dec_rows], cache, meta, kv_of_q)
         return out
@@ -178,6 +182,16 @@ def split_decodes(mb: MicroBatch, spans: list[tuple[int, int, int, int]], block:
     keep = [sp for j, sp in enumerate(spans) if j not in gone]
     return keep, {"dec_rows": torch.tensor([spans[j][0] for j in dec], device=device), "table": table.to(device),
                   "seq_lens": lens.to(device), "seq_mask": mask.to(device), "block_size": block}
+
+
+def prefill_inputs(mb: MicroBatch, spans: list[tuple[int, int, int, int]], seqs: list[tuple[int, int, int, int]],
+                   block: int, device: torch.device) -> "paged_prefill.PrefillInputs | None":
+    """The paged prefill kernel's inputs for ``seqs`` (``spans``, or what ``split_decodes`` left of
+    them), or None when the micro-batch does not name every sequence's blocks."""
+    if len(mb.blocks) != len(spans):
+        return None
+    row = {sp[0]: j for j, sp in enumerate(spans)}  # a span's first token row names its sequence
+    return paged_prefill.PrefillInputs.build(seqs, [mb.blocks[row[sp[0]]] for sp in seqs], block, device)
 
 
 def sequence_spans(mb: MicroBatch) -> list[tuple[int, int, int, int]]:

@@ -67,6 +67,7 @@ class AttnMeta:
     block_size: int = 0
     seq_lens: torch.Tensor | None = None  # [S] keys of each sequence (with ``table``)
     dec_rows: torch.Tensor | None = None  # [S_d] CUDA mixed steps: token rows of the decodes read via ``table``
+    prefill: Any = None  # CUDA: paged_prefill.PrefillInputs of ``seqs`` (the Triton kernel, when enabled)
 
 
 # ---------------------------------------------------------------- the ends

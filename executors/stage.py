@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from executors.attention import LayerCache, decode_keys, packed_mask, sequence_spans, split_decodes
+from executors import paged_prefill
+from executors.attention import LayerCache, decode_keys, packed_mask, prefill_inputs, sequence_spans, split_decodes
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
@@ -133,8 +134,10 @@ class StageModel:
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
             mb = mb.with_keys(self.block_size)
-            seqs, decodes = split_decodes(mb, sequence_spans(mb), self.block_size, dev)
-            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=seqs, **decodes)
+            spans = sequence_spans(mb)
+            seqs, decodes = split_decodes(mb, spans, self.block_size, dev)
+            pre = prefill_inputs(mb, spans, seqs, self.block_size, dev) if paged_prefill.ENABLED else None
+            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=seqs, **decodes, prefill=pre)
         else:
             mb = mb.with_keys(self.block_size)
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))

@@ -1,0 +1,154 @@
+"""Paged prefill attention on the GPU (a Triton kernel): the query tokens of a step's prefill chunks
+attend causally to their sequence's keys in the paged KV cache, through the block table, all
+sequences in one launch per layer (where the torch path runs one SDPA per sequence, launched from
+Python: the host cost of small mixed steps).
+
+Shapes: ``q [T, hq, D]`` (the step's packed tokens); cache ``k, v [slots + 1, hkv, D]`` with this
+step's keys already stored; per prefill sequence ``s``: its query rows ``[t0_s, t0_s + n_s)`` and
+its key count ``ctx_s`` (the chunk's own keys included), so query row ``t0_s + i`` sits at position
+``ctx_s - n_s + i`` and reads keys ``0 .. ctx_s - n_s + i``; ``table [S, nb]`` each sequence's KV
+blocks. Query heads are grouped by KV head (``G = hq / hkv``, padded to a power of two ``G_P``).
+
+A program takes ``BLOCK_M`` consecutive query tokens of one sequence and one KV head: its rows are
+the ``BLOCK_M x G_P`` (token, query head) pairs, so each key block is read once for the G heads
+that share it. It streams the keys ``0 .. (last position of its tokens)`` in blocks of
+``BLOCK_N`` through the table, with the causal mask ``key <= position`` and the online softmax
+(running max ``m``, sum ``l``, accumulator), and writes ``acc / l`` into ``o [T, hq * D]``.
+``programs`` lists the (sequence, first row) of each program on the host.
+
+Opt-in (``ENABLED``, ``SHIFTPLAN_PAGED_PREFILL=1``) until it is measured against the per-sequence
+SDPA on a GPU; correctness is checked through Triton's interpreter
+(``tests/test_exec_gpu_paths.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: attention.py keeps its torch path
+    triton = None
+
+ENABLED = os.environ.get("SHIFTPLAN_PAGED_PREFILL", "0") == "1"
+BLOCK_M = 16  # query tokens per program
+BLOCK_N = 64  # keys per inner iteration
+
+
+def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None) -> bool:
+    """The kernel serves CUDA bf16/fp16 queries with plain GQA and a cache of the same dtype."""
+    return (ENABLED and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and cache.dtype == q.dtype and kv_of_q is None)
+
+
+def programs(spans: list[tuple[int, int, int, int]], block_m: int = BLOCK_M) -> tuple[list[int], list[int]]:
+    """``(sequence, first query row)`` of every program: each span ``(t0, n, k0, ctx)`` cut into runs
+    of ``block_m`` tokens."""
+    seq_of, row0 = [], []
+    for s, (t0, n, _k0, _ctx) in enumerate(spans):
+        for r in range(t0, t0 + n, block_m):
+            seq_of.append(s)
+            row0.append(r)
+    return seq_of, row0
+
+
+@dataclass
+class PrefillInputs:
+    """The kernel's inputs for one micro-batch (device tensors): ``table [S, nb]``, ``t0, nq, ctx [S]``
+    per sequence, ``seq_of, row0 [P]`` per program."""
+
+    table: torch.Tensor
+    t0: torch.Tensor
+    nq: torch.Tensor
+    ctx: torch.Tensor
+    seq_of: torch.Tensor
+    row0: torch.Tensor
+    block_size: int
+
+    @staticmethod
+    def build(spans: list[tuple[int, int, int, int]], blocks: list[list[int]], block_size: int,
+              device: torch.device) -> "PrefillInputs":
+        """From the spans ``(t0, n, k0, ctx)`` of the sequences to attend and each one's KV blocks."""
+        nb = max((len(b) for b in blocks), default=1)
+        table = torch.tensor([b + [0] * (nb - len(b)) for b in blocks] or [[0]], dtype=torch.int32)
+        seq_of, row0 = programs(spans)
+        col = [torch.tensor([sp[i] for sp in spans], dtype=torch.int32) for i in (0, 1, 3)]
+        return PrefillInputs(*(x.to(device) for x in [table, *col, torch.tensor(seq_of, dtype=torch.int32),
+                                                     torch.tensor(row0, dtype=torch.int32)]), block_size)
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, x: PrefillInputs) -> torch.Tensor:
+    """``paged_prefill`` on a micro-batch's ``PrefillInputs``."""
+    return paged_prefill(q, k_cache, v_cache, x.table, x.t0, x.nq, x.ctx, x.seq_of, x.row0, x.block_size)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                  t0: torch.Tensor, nq: torch.Tensor, ctx: torch.Tensor, seq_of: torch.Tensor, row0: torch.Tensor,
+                  block_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, hq * D]`` causal attention of the prefill sequences' query rows (module doc); rows of
+    no sequence are left as in ``out`` (zeros when it is None). ``t0, nq, ctx [S]``, ``seq_of,
+    row0 [P]`` int32/int64 on ``q``'s device."""
+    T, hq, D = q.shape
+    hkv = k_cache.shape[1]
+    G = hq // hkv
+    o = out if out is not None else torch.zeros(T, hq * D, dtype=q.dtype, device=q.device)
+    P = seq_of.shape[0]
+    if P == 0:
+        return o
+    _prefill[(P, hkv)](q, k_cache, v_cache, o, table, seq_of, row0, t0, nq, ctx,
+                       q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), o.stride(0),
+                       D ** -0.5, G=G, G_P=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D),
+                       BS=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return o
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill(Q, K, V, O, TABLE, SEQ_OF, ROW0, T0, NQ, CTX, stride_qt, stride_qh, stride_kslot, stride_kh,
+                 stride_ts, stride_ot, scale, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        p = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.load(SEQ_OF + p)
+        r0 = tl.load(ROW0 + p)
+        t0 = tl.load(T0 + s)
+        n = tl.load(NQ + s)
+        ctx = tl.load(CTX + s)
+        i = tl.arange(0, BLOCK_M * G_P)
+        tok = r0 + i // G_P  # query token row of each (token, head) row
+        g = i % G_P
+        row_ok = (g < G) & (tok < t0 + n)
+        pos = tl.where(row_ok, ctx - n + (tok - t0), -1)  # its position; -1: padding row, reads nothing
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(Q + tok[:, None].to(tl.int64) * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        hi = tl.minimum(ctx, ctx - n + (r0 - t0) + BLOCK_M)  # keys the block's last token reads
+        m = tl.full([BLOCK_M * G_P], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M * G_P], tl.float32)
+        acc = tl.zeros([BLOCK_M * G_P, BLOCK_D], tl.float32)
+        for start in range(0, hi, BLOCK_N):
+            kn = start + tl.arange(0, BLOCK_N)
+            kvalid = kn < hi
+            blk = tl.load(TABLE + s * stride_ts + kn // BS, mask=kvalid, other=0)
+            krow = (blk * BS + kn % BS).to(tl.int64) * stride_kslot + h * stride_kh
+            kv_mask = kvalid[:, None] & dmask[None, :]
+            k = tl.load(K + krow[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale  # [rows, BLOCK_N]
+            qk = tl.where(kvalid[None, :] & (kn[None, :] <= pos[:, None]), qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            alpha = tl.exp(m - m_safe)
+            pr = tl.exp(qk - m_safe[:, None])
+            l = l * alpha + tl.sum(pr, 1)
+            v = tl.load(V + krow[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            m = m_new
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(O + tok[:, None].to(tl.int64) * stride_ot + (h * G + g)[:, None] * D + d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
