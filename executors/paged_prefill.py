@@ -17,8 +17,8 @@ that share it. It streams the keys ``0 .. (last position of its tokens)`` in blo
 ``programs`` lists the (sequence, first row) of each program on the host.
 
 Opt-in (``ENABLED``, ``SHIFTPLAN_PAGED_PREFILL=1``) until it is measured against the per-sequence
-SDPA on a GPU; correctness is checked through Triton's interpreter
-(``tests/test_exec_gpu_paths.py``).
+SDPA on a GPU (``bench/prefill_attention.py`` times both per layer); correctness is checked
+through Triton's interpreter (``tests/test_exec_gpu_paths.py``).
 """
 
 from __future__ import annotations

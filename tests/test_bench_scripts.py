@@ -259,3 +259,34 @@ def test_fidelity_tiny_run(tmp_path):
     assert "timed out after 1 s" in c2["pp2"]["error"]
     assert r2["summary"]["complete"] is False and len(r2["commands"]) == 2
     assert r["summary"]["covers"] is False  # one model, two cases, two rates: not what the acceptance names
+
+
+# ------------------------------------------------------------------ prefill_attention
+
+
+def test_prefill_attention_dry_run(tmp_path):
+    """bench/prefill_attention.py on CPU (the kernel through Triton's interpreter): both paths timed
+    per case, the same outputs, FLOPs from the causal formula."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, str(root / "bench" / "prefill_attention.py"), "--out", str(tmp_path), "--tiny"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "prefill_attention.json").read_text())
+    from bench.prefill_attention import TINY
+
+    assert set(r["cases"]) == set(TINY)
+    hq, _hkv, D = r["heads"]
+    for name, x in r["cases"].items():
+        assert x["max_abs_diff"] < 1e-4
+        assert x["tokens"] == sum(n for _c, n in TINY[name])
+        flops = sum(4 * n * (c + (n + 1) / 2) * hq * D for c, n in TINY[name])
+        assert x["GFLOP"] == round(flops / 1e9, 3)
+        for path in ("sdpa_per_sequence", "paged_prefill"):
+            assert x[path]["host_ms"] > 0 and x[path]["gpu_ms"] > 0
+    assert "| 3x8@12 |" in (tmp_path / "prefill_attention.md").read_text()
