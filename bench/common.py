@@ -3,6 +3,7 @@ rate, a timer (CUDA events on a GPU, the host clock on a CPU), medians and specs
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import zlib
@@ -19,9 +20,10 @@ def sync(device: torch.device | str) -> None:
 
 
 def timed_ms(fn: Callable[[], Any], device: torch.device | str, reps: int, warmup: int,
-             before: Callable[[], None] | None = None) -> list[float]:
+             before: Callable[[], None] | None = None, host: bool = False) -> list[float]:
     """Times of ``reps`` calls of ``fn`` (after ``warmup`` untimed ones), in ms: CUDA events on a
-    GPU (synchronised before and after each call), the host clock on a CPU. ``before`` runs
+    GPU (synchronised before and after each call), the host clock on a CPU, or with ``host`` the
+    host clock from the call to the device's completion (launch costs included). ``before`` runs
     before each call, untimed (e.g. a barrier)."""
     dev = torch.device(device)
     out: list[float] = []
@@ -29,7 +31,7 @@ def timed_ms(fn: Callable[[], Any], device: torch.device | str, reps: int, warmu
         if before is not None:
             before()
         sync(dev)
-        if dev.type == "cuda":
+        if dev.type == "cuda" and not host:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
@@ -39,6 +41,7 @@ def timed_ms(fn: Callable[[], Any], device: torch.device | str, reps: int, warmu
         else:
             t = time.perf_counter()
             fn()
+            sync(dev)
             ms = 1e3 * (time.perf_counter() - t)
         if i >= warmup:
             out.append(ms)
@@ -175,3 +178,13 @@ def command_line(script: str, argv: list[str] | None) -> str:
     for i, x in enumerate(args):
         out.append("DIR" if i > 0 and args[i - 1] == "--out" else ("--out DIR" if x.startswith("--out=") else x))
     return " ".join(["python", script] + out)
+
+
+def write_report(out: Path, name: str, report: dict[str, Any], md: str, echo: bool = False) -> None:
+    """A benchmark's results: ``out/name.json`` (the report) and ``out/name.md`` (its markdown),
+    the folder made if missing; ``echo`` prints the markdown too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(md)
+    if echo:
+        print(md)

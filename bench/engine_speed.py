@@ -181,7 +181,7 @@ def main() -> None:
                     help="also run bench/mesh_speed.py and bench/vl_speed.py (auto: when 2+ GPUs are visible)")
     args = ap.parse_args()
     from bench.engine_gpu_check import hf_random
-    from bench.common import command_line
+    from bench.common import command_line, write_report
     from executors.config import model_args
     from executors.engine import Engine
     from executors.weights import StateDictSource
@@ -219,9 +219,7 @@ def main() -> None:
     blocks = max(blocks, -(-args.prefill // plan.scheduler.block_size) + 64)
 
     def save() -> None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "engine_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "engine_speed.md").write_text(markdown(report))
+        write_report(args.out, "engine_speed", report, markdown(report))
 
     for name in args.variants.split(","):
         backend, graphs, lookahead = VARIANTS[name]

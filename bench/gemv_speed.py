@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from bench.common import command_line
+    from bench.common import command_line, write_report
     from bench.engine_speed import ceilings
     from executors import gemv
 
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "best_config": min(configs, key=configs.get) if configs else None, "configs_us": configs}
             report["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "configs_us"}), flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "gemv_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / "gemv_speed.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, "gemv_speed", report, markdown(report), echo=True)
     return report
 
 

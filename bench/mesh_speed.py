@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="engines read each step's tokens before queueing the next (the look-ahead is on by default)")
     args = ap.parse_args()
+    from bench.common import write_report
     from bench.engine_gpu_check import hf_random
     from graph.hf_config import load_config
 
@@ -143,9 +144,7 @@ def main() -> None:
                 print(name, "graphs" if graphs else "eager", r["error"], flush=True)
         report["meshes"][name] = r
         print(name, json.dumps(r), flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "mesh_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "mesh_speed.md").write_text(markdown(report))
+        write_report(args.out, "mesh_speed", report, markdown(report))  # after each mesh: a cut run keeps its figures
     print(markdown(report))
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,34 +48,13 @@ def microbatch(chunks: list[tuple[int, int]], block: int) -> Any:
     return build_microbatch(out, "tp", block, None), nxt
 
 
-def timed(fn: Any, dev: torch.device, reps: int) -> tuple[float, float]:
-    """Median host wall time (ms, synchronised) and GPU time (ms; the wall time on a CPU) of ``fn``."""
-    walls, gpus = [], []
-    for i in range(reps + 2):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t = time.perf_counter()
-        if dev.type == "cuda":
-            a.record()
-        fn()
-        if dev.type == "cuda":
-            b.record()
-            torch.cuda.synchronize(dev)
-        wall = (time.perf_counter() - t) * 1e3
-        if i >= 2:
-            walls.append(wall)
-            gpus.append(a.elapsed_time(b) if dev.type == "cuda" else wall)
-    return sorted(walls)[len(walls) // 2], sorted(gpus)[len(gpus) // 2]
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true", help="CPU dry run, small shapes (with TRITON_INTERPRET=1)")
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args(argv)
-    from bench.common import command_line
+    from bench.common import command_line, median, timed_ms, write_report
     from bench.engine_speed import ceilings
     from executors import paged_prefill
     from executors.attention import LayerCache, _attend_per_sequence, prefill_inputs, sequence_spans
@@ -116,15 +94,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {"tokens": T, "sequences": len(chunks), "GFLOP": round(flops / 1e9, 3),
                                "max_abs_diff": float(f"{diff:.3g}")}
         for path, fn in (("sdpa_per_sequence", sdpa), ("paged_prefill", kernel)):
-            wall, gpu = timed(fn, dev, reps)
+            wall, gpu = (median(timed_ms(fn, dev, reps, 2, host=h)) for h in (True, False))
             row[path] = {"host_ms": round(wall, 4), "gpu_ms": round(gpu, 4),
                          "TFLOPs": round(flops / (gpu / 1e3) / 1e12, 2) if gpu > 0 else None}
         report["cases"][name] = row
         print(name, json.dumps(row), flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "prefill_attention.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / "prefill_attention.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, "prefill_attention", report, markdown(report), echo=True)
     return report
 
 

@@ -67,6 +67,7 @@ def main() -> None:
                          "a mesh already read is skipped); layers eager or compiled as in the first")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
+    from bench.common import write_report
     from costmodels.build import cost_model_for
     from graph.hf_config import load_config
 
@@ -83,8 +84,6 @@ def main() -> None:
     r = {"command": "python bench/scaling_2gpu.py --out DIR",
          "measured_from": ", ".join(str(w.relative_to(ROOT)) if w.is_relative_to(ROOT) else w.name for w in where),
          "backend": backend, "predicted_ms": pred, "measured_ms": meas, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaling_2gpu.json").write_text(json.dumps(r, indent=2) + "\n")
     lines = ["# Two-GPU step speedups over one GPU: predicted vs measured", "",
              f"Command: `{r['command']}`; measured: {r['measured_from']} (their device and versions; each mesh against the "
              f"single GPU of its own run); predicted: the "
@@ -97,8 +96,7 @@ def main() -> None:
         err = f"{x['error']:+.0%}" if "error" in x else "-"
         lines.append(f"| {x['mesh']} | {x['step']} | {x['predicted_ms']} | {x['measured_ms']} | "
                      f"{x.get('predicted_speedup', 1.0)} | {x.get('measured_speedup', 1.0)} | {err} |")
-    (args.out / "scaling_2gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "scaling_2gpu", r, "\n".join(lines) + "\n", echo=True)
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import transformers
 
-    from bench.common import command_line, spec_for
+    from bench.common import command_line, spec_for, write_report
     from executors.config import model_args
     from graph.hf_config import load_config
     from planner.inputs import cost_model_of
@@ -338,9 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             c["within_20pct"] = abs(c["tokens"] / planner_x - 1) <= WITHIN
         report["crossover"][kind] = c
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
-    (a.out / "shift_crossover.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / "shift_crossover.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, "shift_crossover", report, markdown(report), echo=True)
     return report
 
 

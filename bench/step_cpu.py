@@ -16,7 +16,6 @@ rounds of ``reps``), for ``B`` sequences decoding at a context of 512 tokens (bl
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import platform
 import statistics
@@ -82,6 +81,8 @@ def measure(B: int, reps: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from bench.common import write_report
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--batches", default="1,32,128")
@@ -91,8 +92,6 @@ def main() -> None:
     r = {"command": "python bench/step_cpu.py --out DIR", "cpu": platform.processor() or platform.machine(),
          "python": platform.python_version(), "torch": torch.__version__, "context": CONTEXT, "block": BLOCK,
          "batches": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_cpu.json").write_text(json.dumps(r, indent=2) + "\n")
     lines = [f"# CPU side of a decode step: {r['cpu']}, Python {r['python']}, torch {r['torch']}", "",
              f"Command: `{r['command']}`. Microseconds per step (median of 5 rounds), context {CONTEXT} tokens.", "",
              "| batch | schedule | build micro-batch | pickle round trip (spawned ranks) | graph inputs | total |",
@@ -100,8 +99,7 @@ def main() -> None:
     for k, x in rows.items():
         lines.append(f"| {k[6:]} | {x['schedule_us']} | {x['build_microbatch_us']} | {x['pickle_round_trip_us']} "
                      f"({x['step_bytes']} B) | {x['graph_inputs_us']} | {x['total_us']} |")
-    (args.out / "step_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "step_cpu", r, "\n".join(lines) + "\n", echo=True)
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import transformers
 
-    from bench.common import command_line, matmul_rate, spec_for, write_checkpoint
+    from bench.common import command_line, matmul_rate, spec_for, write_checkpoint, write_report
     from executors.config import model_args
     from graph.hf_config import load_config
     from planner.inputs import cost_model_of
@@ -311,8 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        (a.out / "vl_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-        (a.out / "vl_speed.md").write_text(markdown(report))
+        write_report(a.out, "vl_speed", report, markdown(report))
 
     if not a.no_tower:
         report["tower"] = tower_alone(cfg, device, dtype, res, rate, a.tower_reps, 3 if device == "cuda" else 1)
