@@ -125,6 +125,27 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
 if triton is not None:
 
     @triton.jit
+    def key_block(q, K, V, TABLE_ROW, n, valid, allowed, d, dmask, head_off, stride_kslot, scale, m, l, acc,
+                  BS: tl.constexpr):
+        """One block of keys of the online softmax, shared by the decode and prefill kernels: keys
+        ``n [BLOCK_N]`` of one sequence (``valid``: in range) read with their values through its
+        block-table row ``TABLE_ROW`` at head offset ``head_off``; ``q [rows, D]``; ``allowed [rows
+        or 1, BLOCK_N]`` the keys each query row may read. Returns the updated running max ``m``,
+        sum ``l`` and accumulator ``acc``; a row with no key allowed yet keeps ``m = -inf`` and
+        gains nothing."""
+        blk = tl.load(TABLE_ROW + n // BS, mask=valid, other=0)
+        row = (blk * BS + n % BS).to(tl.int64) * stride_kslot + head_off
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(K + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [rows, BLOCK_N]
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
     def _partial(Q, K, V, TABLE, LENS, OUT, LSE, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
                  keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                  BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
@@ -147,19 +168,8 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             valid = n < hi
-            blk = tl.load(TABLE + s * stride_ts + n // BS, mask=valid, other=0)
-            row = (blk * BS + n % BS).to(tl.int64) * stride_kslot + h * stride_kh
-            kv_mask = valid[:, None] & dmask[None, :]
-            k = tl.load(K + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = key_block(q, K, V, TABLE + s * stride_ts, n, valid, valid[None, :], d, dmask,
+                                  h * stride_kh, stride_kslot, scale, m, l, acc, BS)
         safe = tl.where(l > 0, l, 1.0)
         if DIRECT:  # OUT is the [S, hq * D] result: query head h * G + g of sequence s
             tl.store(OUT + (s * H * G + h * G + g)[:, None] * D + d[None, :],

@@ -13,7 +13,8 @@ A program takes ``BLOCK_M`` consecutive query tokens of one sequence and one KV 
 the ``BLOCK_M x G_P`` (token, query head) pairs, so each key block is read once for the G heads
 that share it. It streams the keys ``0 .. (last position of its tokens)`` in blocks of
 ``BLOCK_N`` through the table, with the causal mask ``key <= position`` and the online softmax
-(running max ``m``, sum ``l``, accumulator), and writes ``acc / l`` into ``o [T, hq * D]``.
+(running max ``m``, sum ``l``, accumulator; ``paged_decode.key_block``, the decode kernel's
+step too), and writes ``acc / l`` into ``o [T, hq * D]``.
 ``programs`` lists the (sequence, first row) of each program on the host.
 
 Opt-in (``ENABLED``, ``SHIFTPLAN_PAGED_PREFILL=1``) until it is measured against the per-sequence
@@ -31,6 +32,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from executors.paged_decode import key_block
 except ImportError:  # CPU-only installs: attention.py keeps its torch path
     triton = None
 
@@ -135,20 +138,9 @@ if triton is not None:
         for start in range(0, hi, BLOCK_N):
             kn = start + tl.arange(0, BLOCK_N)
             kvalid = kn < hi
-            blk = tl.load(TABLE + s * stride_ts + kn // BS, mask=kvalid, other=0)
-            krow = (blk * BS + kn % BS).to(tl.int64) * stride_kslot + h * stride_kh
-            kv_mask = kvalid[:, None] & dmask[None, :]
-            k = tl.load(K + krow[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale  # [rows, BLOCK_N]
-            qk = tl.where(kvalid[None, :] & (kn[None, :] <= pos[:, None]), qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            alpha = tl.exp(m - m_safe)
-            pr = tl.exp(qk - m_safe[:, None])
-            l = l * alpha + tl.sum(pr, 1)
-            v = tl.load(V + krow[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-            m = m_new
+            causal = kvalid[None, :] & (kn[None, :] <= pos[:, None])
+            m, l, acc = key_block(q, K, V, TABLE + s * stride_ts, kn, kvalid, causal, d, dmask, h * stride_kh,
+                                  stride_kslot, scale, m, l, acc, BS)
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(O + tok[:, None].to(tl.int64) * stride_ot + (h * G + g)[:, None] * D + d[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
