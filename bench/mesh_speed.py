@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 MESHES: dict[str, dict[str, Any]] = {
     "single": {}, "tp2": {"tp": 2}, "sp2": {"sp": 2}, "shift-sp2": {"sp": 2, "shift": 256},
     "pp2": {"pp": 2, "microbatches": 2}, "dp2": {"dp": 2},
-    # tp2 with every all-reduce through NCCL (executors.worker.WorkerSpec.all_reduce): the one-shot
+    # tp2 with every all-reduce through NCCL (executors.load(..., all_reduce="nccl")): the one-shot
     # kernel's gain, and its sums checked (same greedy tokens as tp2: a + b has one rounding)
     "tp2-nccl": {"tp": 2, "all_reduce": "nccl", "same_as": "tp2"},
 }
@@ -75,9 +74,8 @@ def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs:
     p, n, long, conc, cp, cn = (512, 128, 8192, 64, 1024, 64) if not tiny else (16, 8, 64, 4, 16, 4)
     blocks = -(-(conc * (cp + cn) + long) // plan.scheduler.block_size) + 64
     t = time.perf_counter()
-    os.environ["SHIFTPLAN_ALL_REDUCE"] = all_reduce  # read by the engine's worker spec
     with executors.load(plan, weights=ckpt, device=device, backend=backend, kv_blocks=blocks, cuda_graphs=graphs,
-                        config=cfg, lookahead=lookahead) as eng:
+                        config=cfg, lookahead=lookahead, all_reduce=all_reduce) as eng:
         out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 1)}
         out["decode_b1"] = run_batch(eng, 1, p, n, a.vocab, 0, device)
         out["prefill"] = run_batch(eng, 1, long, 1, a.vocab, 1, device)

@@ -87,7 +87,7 @@ class Engine:
     def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
                  keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True,
-                 lookahead: bool = True):
+                 lookahead: bool = True, all_reduce: str = "auto"):
         self.plan = plan.check()
         self.dims = plan.dims()
         self.args = model_args(config)
@@ -111,7 +111,7 @@ class Engine:
             raise UserError(f"device '{device}': use cpu or cuda")
         src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
         self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
-                               seed, device, self.num_blocks, self.backend, cuda_graphs)
+                               seed, device, self.num_blocks, self.backend, cuda_graphs, all_reduce)
         self.procs: list[Any] = []
         # Pipeline micro-batches in flight per replica, each with its own scheduler (a lane) and one
         # micro-batch per step: a lane's step overlaps the other lanes' on the other stages. Spawned
@@ -586,7 +586,7 @@ class Engine:
 def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
          backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
          tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True,
-         lookahead: bool = True, warm_up: bool | None = None) -> Engine:
+         lookahead: bool = True, warm_up: bool | None = None, all_reduce: str = "auto") -> Engine:
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
     a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
@@ -594,7 +594,8 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     replica of a single-stage plan (pp = 1: one rank, tp, sp, shift, dp) queues each decode step
     before reading the last one's tokens (on one H200 it took a batch-1 decode step of Llama-3.1-8B
     from 5.2 to 4.8 ms: ``bench/engine_speed.py``'s look-ahead variant); pipelined plans and
-    torchrun ignore it. ``warm_up`` (default: on CUDA devices): ``Engine.warm_up`` before returning,
+    torchrun ignore it. ``all_reduce``: ``auto`` sums small all-reduces with symmetric memory's
+    one-shot kernel where it works (``parallel.OneShotAllReduce``), ``nccl`` always with NCCL. ``warm_up`` (default: on CUDA devices): ``Engine.warm_up`` before returning,
     so compiling step shapes and capturing decode graphs happen at load, not inside serving."""
     from plans.schema import load_plan
 
@@ -612,7 +613,8 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
                                            cuda_graphs)
         torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs))
         raise SystemExit(0)
-    eng = Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead)
+    eng = Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead,
+                 all_reduce)
     if warm_up if warm_up is not None else device.startswith("cuda"):
         try:
             eng.warm_up()

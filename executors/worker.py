@@ -17,7 +17,7 @@ import os
 import pickle
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +32,11 @@ from executors.model import checkpoint_shapes
 from executors.sampling import row_key, sample
 from executors.stage import StageModel
 from executors.weights import RandomSource, WeightSource, open_weights
+from plans.errors import UserError
 from plans.schema import Plan
+
+
+ALL_REDUCE = ("auto", "nccl")
 
 
 @dataclass
@@ -47,9 +51,11 @@ class WorkerSpec:
     num_blocks: int
     backend: str
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA ranks only)
-    # small all-reduces: "auto" (symmetric memory's one-shot kernel where it works) or "nccl";
-    # the environment's SHIFTPLAN_ALL_REDUCE sets it for an A/B measurement
-    all_reduce: str = field(default_factory=lambda: os.environ.get("SHIFTPLAN_ALL_REDUCE", "auto"))
+    all_reduce: str = "auto"  # small all-reduces: symmetric memory's one-shot kernel where it works, or "nccl"
+
+    def __post_init__(self) -> None:
+        if self.all_reduce not in ALL_REDUCE:
+            raise UserError(f"all_reduce '{self.all_reduce}': choose one of {', '.join(ALL_REDUCE)}")
 
 
 @dataclass

@@ -124,3 +124,9 @@ def test_compile_backend_matches_hf(llama_ckpt: tuple) -> None:
         assert eng.backend == "compile"
         res = eng.generate([req, Request(tokens=[9, 10])], max_new_tokens=6, sampling=Sampling(stop_on_eos=False))[0]
     assert check_against_oracle(oracle, req.tokens, res) < 1e-4
+
+
+def test_unknown_all_reduce_is_a_user_error() -> None:
+    """``all_reduce`` names how small all-reduces run; anything else stops the load with one message."""
+    with pytest.raises(UserError, match="all_reduce 'ring': choose one of auto, nccl"):
+        executors.load(make_plan("llama"), all_reduce="ring")
