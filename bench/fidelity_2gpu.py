@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from bench.common import command_line, write_checkpoint
+    from bench.common import command_line, write_checkpoint, write_report
     from costmodels.simulator import cost_model_for_plan
     from planner.inputs import cost_model_of, workload_of
     from plans.schema import save_plan
@@ -501,8 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def save() -> None:
         summarize_report(report)
-        path.write_text(json.dumps(clean(report), indent=2) + "\n")
-        (a.out / "fidelity_2gpu.md").write_text(markdown(clean(report)))
+        write_report(a.out, "fidelity_2gpu", clean(report), markdown(clean(report)))
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))

@@ -159,7 +159,7 @@ class OneShotAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group, self.name = group, group.group_name
-        self.buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
+        self.buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype,
                                   device=device)
         symm_mem.rendezvous(self.buf, self.name)
 
