@@ -328,10 +328,10 @@ def markdown(r: dict[str, Any]) -> str:
         p = v.get("prefill")
         if p:
             hf_p = r["hf"].get("prefill_ttft_ms")
+            hf_s, speed = (f"{hf_p} ms", f"{hf_p / p['ttft_ms']:.2f}x") if hf_p else ("-", "-")
             lines.append(f"| {name} | prefill {p['tokens']} tokens: TTFT ({p['tflops_achieved']} TFLOP/s, "
                          f"{100 * p['fraction_of_matmul_rate']:.0f}% of matmul rate) | {p['ttft_ms']} ms | - | {p['floor_ms']} ms | "
-                         f"{p['ttft_ms'] / p['floor_ms']:.2f} | {hf_p if hf_p else '-'} ms | "
-                         f"{(hf_p / p['ttft_ms']) if hf_p else float('nan'):.2f}x |")
+                         f"{p['ttft_ms'] / p['floor_ms']:.2f} | {hf_s} | {speed} |")
     for script, m in r.get("multi_gpu", {}).items():
         lines += ["", f"Multi-GPU, same call: `{script}.py` exited {m['returncode']}; results in "
                       f"`{m['results'] or 'none written'}`."]
