@@ -12,8 +12,10 @@ Each rank builds the engine's own worker (``executors.worker.RankRunner``, the p
 weight layouts) and runs steps it packs with the scheduler's ``build_microbatch``, the mode of the
 micro-batch forced to ``tp`` (plain TP over both GPUs) or ``sp_tp`` (Ulysses SP over both GPUs,
 whole weights) the way the driver sets it (``ParallelDims.mode_for``'s choice, overridden). Steps
-run outside CUDA graphs, as prefill and mixed steps do in the engine, with the layers compiled
-(``--backend compile``, the default on GPUs; ``eager`` launches every op from Python). Two kinds of step of ``T`` tokens:
+run as in the engine: TP steps of up to 2,048 tokens replay CUDA graphs (``executors.graphs.MixedGraphs``,
+captured in the warm-up runs; ``--no-cuda-graphs`` runs them eagerly), SP x TP steps and larger
+ones run eagerly, with the layers compiled (``--backend compile``, the default on GPUs; ``eager``
+launches every op from Python). Two kinds of step of ``T`` tokens:
 
 * ``prefill``: one sequence's first ``T`` prompt tokens;
 * ``mixed``: a prefill chunk of ``T - D`` tokens plus ``D`` decodes (``--decodes``, default 32),
@@ -141,7 +143,8 @@ def _rank_steps(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
     plan = Plan.model_validate_json(job["plan"])
     args = job["args"]
     par = build_par(plan.mesh, rank, dev)
-    spec = WorkerSpec(job["plan"], args, None, 0, job["device"], job["blocks"], job["backend"], cuda_graphs=False)
+    spec = WorkerSpec(job["plan"], args, None, 0, job["device"], job["blocks"], job["backend"],
+                      cuda_graphs=job["cuda_graphs"])
     t = time.perf_counter()
     runner = RankRunner(spec, par, DeviceRandomSource(checkpoint_shapes(args), dev, run_dtypes(plan)[0]))
     res: dict[str, Any] = {"build_s": round(time.perf_counter() - t, 2), "steps": {k: {} for k in job["kinds"]}}
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="run every step eagerly (the engine replays small TP steps as CUDA graphs)")
     ap.add_argument("--profile", default="", help="comma-separated step sizes to profile once more on rank 0 "
                     "(host ops and kernels; written to DIR/shift_crossover.profile.md)")
     ap.add_argument("--timeout", type=float, default=360.0,
@@ -302,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": "2 x " + (torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "model": ("tiny llama config" if a.tiny else "llama-3.1-8b shapes") + f", {plan.model.weights_dtype}, random weights",
-        "backend": a.backend,
+        "backend": a.backend, "cuda_graphs": a.cuda_graphs,
         "mesh": "sp2 (shift: plain TP over the 2 GPUs at or below the threshold)",
         "planner": {"source": source, "threshold_tokens": th, "crossover_tokens": th + 1 if th is not None else None,
                     "stage_thresholds": [s.shift_threshold_tokens for s in plan.stages],
@@ -317,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     job = {"plan": plan.model_dump_json(), "args": margs.portable(), "device": device, "grid": grid, "kinds": kinds,
            "decodes": a.decodes, "context": a.context, "reps": a.reps, "warmup": a.warmup, "out": str(tmp),
            "blocks": blocks_needed(grid, a.decodes, a.context, plan.scheduler.block_size),
-           "profile": [int(t) for t in a.profile.split(",") if t], "backend": a.backend}
+           "profile": [int(t) for t in a.profile.split(",") if t], "backend": a.backend,
+           "cuda_graphs": a.cuda_graphs}
     report["ranks"] = run_ranks(job, 2, a.timeout)
     errors = {p.name.rsplit(".", 2)[-2]: p.read_text()[-2000:] for p in sorted(tmp.parent.glob("rank0.json.rank*.error"))}
     if errors:
@@ -376,7 +382,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"{pl['crossover_tokens']} tokens (the cost model's own crossover on prefill chunks of up to 1,024 "
              f"tokens: {pl['cost_model_crossover_tokens']}). The spec's workload (its token mix sets the planner's "
              f"steps): `{json.dumps(pl['spec_workload'])}`.", "",
-             f"Step time (median of {r['reps']} after {r['warmup']} warm-up runs) of one forward step (layers {r.get('backend', 'eager')}, no CUDA graph) forced to "
+             f"Step time (median of {r['reps']} after {r['warmup']} warm-up runs) of one forward step (layers {r.get('backend', 'eager')}, {'TP steps of up to 2,048 tokens as CUDA graphs' if r.get('cuda_graphs') else 'no CUDA graph'}) forced to "
              f"each mode; `mixed`: a prefill chunk plus {r['decodes']} decodes at a context of {r['context']}.", ""]
     for kind, c in r["crossover"].items():
         if c.get("tokens"):

@@ -10,8 +10,8 @@ single-query attentions, so its work grows with the longest context, not with al
 
 On CUDA the packed mask is never built: each sequence of a prefill or mixed micro-batch runs its
 own fused SDPA (flash / memory-efficient kernels; causal, aligned bottom-right when the chunk
-follows cached keys; or, opted in, every sequence in one Triton launch through the block table:
-``executors.paged_prefill``), and decodes run as a grouped matmul over ``[S, L_max]`` keys (GQA groups
+follows cached keys; or every sequence in one Triton launch through the block table, when
+``executors.paged_prefill`` serves the step), and decodes run as a grouped matmul over ``[S, L_max]`` keys (GQA groups
 read their KV head once). Both need no host synchronisation, so decode steps replay as CUDA graphs.
 """
 
@@ -68,8 +68,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
         dst = torch.where(meta.slots >= 0, meta.slots, cache.k.shape[0] - 1)  # padding -> scratch slot
         _store(cache.k, dst, k)
         _store(cache.v, dst, v)
-    if meta.seqs is not None:
-        if meta.prefill is not None and paged_prefill.available(q, cache.k, kv_of_q):  # one launch for all
+    if meta.prefill is not None or meta.seqs is not None:
+        if meta.prefill is not None:  # every listed sequence in one launch (the stage chose the kernel)
             out = paged_prefill.attend(q, cache.k, cache.v, meta.prefill)
         else:
             out = _attend_per_sequence(q, k, v, cache, meta, kv_of_q)

@@ -14,6 +14,14 @@ collectives, the lm_head) is captured once per bucket and replayed:
   write the scratch slot, read one key, and their outputs are dropped;
 * later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer.
 
+Prefill and mixed steps in plain TP mode (``MixedGraphs``) are captured the same way, per bucket
+``(T, S, L)`` of tokens (``TOKEN_BUCKETS``, up to ``max_tokens``), sequences and keys: the static
+buffer is ``[tokens T | pos R*T | slots T | sample S | t0, nq, ctx S+1 | seq_of, row0 P | table
+(S+1)*L/bs]`` and ``StageModel.mixed_forward`` attends every sequence (prefill chunks and decodes
+alike) with the paged prefill kernel (``executors.paged_prefill``) over a fixed grid of ``P = T / 16
++ S`` programs; row ``S`` is an empty sequence that padding programs point at. Steps with image
+rows, SP x TP steps and steps past the largest bucket run eagerly.
+
 Graphs share one memory pool and are captured lazily, the first time a bucket is met (NCCL
 collectives are captured too; every rank of a stage meets the same buckets in the same order,
 since they run the same steps). CPU ranks never use this module.
@@ -25,9 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
+from executors import paged_prefill
 from executors.batch import MicroBatch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 MIN_KEYS = 256
 
 
@@ -137,15 +147,120 @@ class DecodeGraphs:
         dev = self.model.par.device
         inp = host.to(dev)
         h = None if h_in is None else torch.zeros(B, h_in.shape[-1], dtype=h_in.dtype, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm up outside the graph (lazy inits, compiled kernels)
-            for _ in range(2):
-                self._forward(inp, h, B, L)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(inp, h, B, L)
+        graph, out, self.pool = capture(lambda: self._forward(inp, h, B, L), dev, self.pool)
         return _Graph(graph, inp, host, torch.cuda.Event(), h, out)
+
+
+def capture(fn, dev: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
+    """``fn()`` (device work on static tensors) warmed up twice on a side stream (lazy inits,
+    compiled kernels, autotuning) and captured in ``pool`` (made at the first capture); returns the
+    graph, its static output and the pool."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out, pool
+
+
+class MixedGraphs:
+    """Captures and replays ``model.mixed_forward`` per ``(T, S, L)`` bucket (module doc); shares
+    ``pool_of``'s memory pool (the stage's ``DecodeGraphs``: the two never run at once)."""
+
+    def __init__(self, model, max_tokens: int, max_seqs: int, pool_of: DecodeGraphs):
+        self.model, self.pool_of = model, pool_of
+        top = min(max_tokens, TOKEN_BUCKETS[-1])
+        self.sizes = tuple(b for b in TOKEN_BUCKETS if b < top) + (bucket(top, TOKEN_BUCKETS),)
+        self.seq_sizes = tuple(b for b in BATCH_BUCKETS if b < max_seqs) + (bucket(max_seqs, BATCH_BUCKETS) or max_seqs,)
+        self.rows = 3 if model.a.mrope_section else 1
+        self.block = model.block_size
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+
+    def accepts(self, mb: MicroBatch, mode: str) -> bool:
+        """A prefill or mixed micro-batch in plain TP mode, without image rows, naming every
+        sequence's blocks, that fits a bucket, on a stage the paged prefill kernel serves."""
+        return (not mb.decode and mode == "tp" and self.model.paged_prefill_ok and not mb.img_tok.numel()
+                and not mb.tokens.is_cuda
+                and 0 < mb.num_tokens <= self.sizes[-1] and len(mb.ctx) <= self.seq_sizes[-1]
+                and len(mb.blocks) == len(mb.ctx))
+
+    def shape(self, mb: MicroBatch) -> tuple[int, int, int]:
+        """The bucket ``(T, S, L)`` (``S <= T``; ``L`` a multiple of the block size)."""
+        T = bucket(mb.num_tokens, self.sizes)
+        S = min(bucket(len(mb.ctx), self.seq_sizes), T)
+        return T, S, -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
+
+    def _programs(self, T: int, S: int) -> int:
+        return T // paged_prefill.BLOCK_M + S
+
+    def _size(self, T: int, S: int, L: int) -> int:
+        return T * (2 + self.rows) + S + 3 * (S + 1) + 2 * self._programs(T, S) + (S + 1) * (L // self.block)
+
+    def _views(self, buf: torch.Tensor, T: int, S: int, L: int) -> tuple[torch.Tensor, ...]:
+        R, P, nb = self.rows, self._programs(T, S), L // self.block
+        tok, pos, slots, sample, seqs, progs, table = buf.split([T, R * T, T, S, 3 * (S + 1), 2 * P, (S + 1) * nb])
+        return tok, pos.view(R, T), slots, sample, seqs.view(3, S + 1), progs.view(2, P), table.view(S + 1, nb)
+
+    def _pack(self, buf: torch.Tensor, mb: MicroBatch, T: int, S: int, L: int) -> None:
+        n, s, k = mb.num_tokens, len(mb.ctx), mb.sample_idx.numel()
+        tok, pos, slots, sample, seqs, progs, table = self._views(buf, T, S, L)
+        tok.zero_()
+        tok[:n] = mb.tokens
+        pos.zero_()
+        pos[:, :n] = mb.pos.view(-1, n)
+        slots.fill_(self.model.scratch_slot)
+        slots[:n] = mb.slots
+        sample.zero_()
+        sample[:k] = mb.sample_idx
+        nq = torch.bincount(mb.seq, minlength=s)
+        seqs.zero_()
+        seqs[0, :s] = torch.cumsum(nq, 0) - nq  # t0: tokens are packed sequence by sequence
+        seqs[1, :s] = nq
+        seqs[2, :s] = torch.tensor(mb.ctx)
+        progs[0], progs[1] = paged_prefill.program_rows(nq, seqs[0, :s], progs.shape[1], S)
+        table.zero_()
+        table[:s] = mb.block_table(table.shape[1])
+
+    def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, T: int, S: int, L: int) -> torch.Tensor:
+        tok, pos, slots, sample, seqs, progs, table = self._views(inp, T, S, L)
+        pre = paged_prefill.PrefillInputs(table, seqs[0], seqs[1], seqs[2], progs[0], progs[1], self.block)
+        return self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre)
+
+    def padded(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+        """What a replay computes, run eagerly on padded inputs (no graph)."""
+        T, S, L = self.shape(mb)
+        buf = torch.empty(self._size(T, S, L), dtype=torch.long)
+        self._pack(buf, mb, T, S, L)
+        h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(T - h_in.shape[0], h_in.shape[1])])
+        return self._out(mb, self._forward(buf.to(self.model.par.device), h, T, S, L))
+
+    def _out(self, mb: MicroBatch, y: torch.Tensor) -> torch.Tensor:
+        return y[:mb.sample_idx.numel()] if self.model.model.lm_head is not None else y[:mb.num_tokens]
+
+    def run(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+        """``[S, V]`` logits of the sampled rows (last stage) or ``[T, hidden]`` for the micro-batch."""
+        T, S, L = self.shape(mb)
+        g = self.graphs.get((T, S, L))
+        if g is not None:
+            g.copied.synchronize()  # the previous step's copy has left the host buffer
+            host = g.host
+        else:
+            host = torch.empty(self._size(T, S, L), dtype=torch.long).pin_memory()
+        self._pack(host, mb, T, S, L)
+        if g is None:
+            dev = self.model.par.device
+            inp = host.to(dev)
+            h = None if h_in is None else torch.zeros(T, h_in.shape[-1], dtype=h_in.dtype, device=dev)
+            graph, out, self.pool_of.pool = capture(lambda: self._forward(inp, h, T, S, L), dev, self.pool_of.pool)
+            g = self.graphs[(T, S, L)] = _Graph(graph, inp, host, torch.cuda.Event(), h, out)
+        g.inp.copy_(host, non_blocking=True)
+        g.copied.record()
+        if g.h is not None:
+            g.h[:mb.num_tokens].copy_(h_in)
+        g.graph.replay()
+        return self._out(mb, g.out).clone()  # the next replay overwrites the static output

@@ -67,7 +67,8 @@ class AttnMeta:
     block_size: int = 0
     seq_lens: torch.Tensor | None = None  # [S] keys of each sequence (with ``table``)
     dec_rows: torch.Tensor | None = None  # [S_d] CUDA mixed steps: token rows of the decodes read via ``table``
-    prefill: Any = None  # CUDA: paged_prefill.PrefillInputs of ``seqs`` (the Triton kernel, when enabled)
+    prefill: Any = None  # CUDA: paged_prefill.PrefillInputs, the sequences the Triton kernel attends (all of
+    # ``seqs``; in a captured step, every sequence, with ``seqs`` None)
 
 
 # ---------------------------------------------------------------- the ends

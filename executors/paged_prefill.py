@@ -17,9 +17,14 @@ that share it. It streams the keys ``0 .. (last position of its tokens)`` in blo
 step too), and writes ``acc / l`` into ``o [T, hq * D]``.
 ``programs`` lists the (sequence, first row) of each program on the host.
 
-Opt-in (``ENABLED``, ``SHIFTPLAN_PAGED_PREFILL=1``) until it is measured against the per-sequence
-SDPA on a GPU (``bench/prefill_attention.py`` times both per layer); correctness is checked
-through Triton's interpreter (``tests/test_exec_gpu_paths.py``).
+When it serves (``POLICY``, ``SHIFTPLAN_PAGED_PREFILL``): measured per layer on an H200
+(``bench/results/prefill_attention.md``), it is 2.9x faster than one SDPA per sequence on four
+256-token chunks after 1,024 cached keys and 10x on sixteen 32-token chunks (launches from Python
+gone), but 2-2.8x slower than the one fused SDPA call of a single long chunk (flash attention's
+tiles beat this kernel's 16-token programs). So eagerly run steps (``auto``, the default) use it when
+two or more sequences prefill, ``1`` always, ``0`` never; prefill and mixed steps captured as CUDA
+graphs (``executors.graphs.MixedGraphs``) always do, since their attention must be one launch over
+static inputs. Correctness is checked through Triton's interpreter (``tests/test_exec_gpu_paths.py``).
 """
 
 from __future__ import annotations
@@ -37,15 +42,36 @@ try:
 except ImportError:  # CPU-only installs: attention.py keeps its torch path
     triton = None
 
-ENABLED = os.environ.get("SHIFTPLAN_PAGED_PREFILL", "0") == "1"
+POLICY = os.environ.get("SHIFTPLAN_PAGED_PREFILL", "auto")  # auto | 1 (always) | 0 (never; graphs off too)
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per inner iteration
 
 
-def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None) -> bool:
-    """The kernel serves CUDA bf16/fp16 queries with plain GQA and a cache of the same dtype."""
-    return (ENABLED and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and cache.dtype == q.dtype and kv_of_q is None)
+def supported(dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device, replicated_kv: bool) -> bool:
+    """The kernel serves CUDA bf16/fp16 queries with plain GQA (no KV head replicated over ranks)
+    and a cache of the same dtype, unless ``SHIFTPLAN_PAGED_PREFILL=0``."""
+    return (POLICY != "0" and triton is not None and device.type == "cuda"
+            and dtype in (torch.bfloat16, torch.float16) and cache_dtype == dtype and not replicated_kv)
+
+
+def wanted(prefill_sequences: int) -> bool:
+    """An eagerly run step's prefill goes to the kernel (given ``supported``): see the module doc."""
+    return POLICY == "1" or prefill_sequences >= 2
+
+
+def program_rows(nq: torch.Tensor, t0: torch.Tensor, programs_max: int, pad_seq: int,
+                 block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
+    """``programs`` computed with tensor ops for a fixed grid (CUDA graphs): ``seq_of, row0
+    [programs_max]`` for sequences with ``nq [S]`` query rows from ``t0 [S]``; unused programs point
+    at sequence ``pad_seq`` (no query rows, no keys: they exit at once). ``programs_max`` must be at
+    least ``sum(ceil(nq / block_m))``."""
+    per = (nq + block_m - 1) // block_m  # [S]
+    seq_of = torch.repeat_interleave(torch.arange(nq.shape[0]), per)
+    first = torch.cumsum(per, 0) - per  # each sequence's first program
+    row0 = t0[seq_of] + (torch.arange(seq_of.shape[0]) - first[seq_of]) * block_m
+    P = seq_of.shape[0]
+    return (torch.cat([seq_of, seq_of.new_full((programs_max - P,), pad_seq)]),
+            torch.cat([row0, row0.new_zeros(programs_max - P)]))
 
 
 def programs(spans: list[tuple[int, int, int, int]], block_m: int = BLOCK_M) -> tuple[list[int], list[int]]:

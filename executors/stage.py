@@ -73,6 +73,8 @@ class StageModel:
         self.images_encoded = 0  # requests whose images this rank encoded
         kv_local = kv_heads_per_gpu(a.kv_heads, par.P)
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
+        replicated = any(getattr(m, "kv_of_q", None) is not None for m in self.model.modules())
+        self.paged_prefill_ok = paged_prefill.supported(dtype, kv_dtype, dev, replicated)  # the kernel serves here
         self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
 
     def _vision_tp(self, plan: Plan, a: ModelArgs) -> tuple[Any, int, int]:
@@ -93,17 +95,23 @@ class StageModel:
         par, where = self.par, self.plan.vision.placement
         if where in ("none", "stage0_tp"):  # stage 0's GPUs encode every image together
             if self.model.embed is not None:
-                for j in jobs:
-                    self.image_embeds[j.req] = self._encode(j)
+                self.image_embeds.update(zip((j.req for j in jobs), self._encode(jobs)))
             return
         m2 = self.a.vision.merge ** 2
         got = exchange(jobs, self.encode_ranks, self.encode_load, par.stage0_ranks, par.rank, self._encode,
                        lambda j: (j.patches // m2, self.a.hidden), self.dtype, par.device)
         self.image_embeds.update(got)
 
-    def _encode(self, j: ImageJob) -> torch.Tensor:
-        self.images_encoded += 1
-        return self.vision(j.pixels, j.grid)
+    def _encode(self, jobs: list[ImageJob]) -> list[torch.Tensor]:
+        """Every job's ``[rows, hidden]`` embeddings from one tower call over all their images (the
+        tower's attention stays within each frame or window, so batching changes no result; one
+        call instead of one per request: its launches are paid once a step)."""
+        self.images_encoded += len(jobs)
+        if not jobs:
+            return []
+        m2 = self.a.vision.merge ** 2
+        out = self.vision(torch.cat([j.pixels for j in jobs]), [g for j in jobs for g in j.grid])
+        return list(out.split([j.patches // m2 for j in jobs]))
 
     def forget(self, finished: list[int]) -> None:
         """Drop finished requests' image embeddings (preempted ones keep theirs for the recompute)."""
@@ -136,7 +144,8 @@ class StageModel:
             mb = mb.with_keys(self.block_size)
             spans = sequence_spans(mb)
             seqs, decodes = split_decodes(mb, spans, self.block_size, dev)
-            pre = prefill_inputs(mb, spans, seqs, self.block_size, dev) if paged_prefill.ENABLED else None
+            kernel = self.paged_prefill_ok and paged_prefill.wanted(len(seqs))
+            pre = prefill_inputs(mb, spans, seqs, self.block_size, dev) if kernel else None
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=seqs, **decodes, prefill=pre)
         else:
             mb = mb.with_keys(self.block_size)
@@ -169,6 +178,19 @@ class StageModel:
         Returns ``[B, V]`` logits (last stage) or ``[B, hidden]``."""
         return self.model(tokens if self.model.embed is not None else h_in, pos, self.caches,
                           self.table_meta(slots, table, lens))
+
+    def mixed_forward(self, tokens: torch.Tensor, h_in: torch.Tensor | None, pos: torch.Tensor,
+                      slots: torch.Tensor, sample: torch.Tensor, pre: "paged_prefill.PrefillInputs") -> torch.Tensor:
+        """A prefill or mixed micro-batch in plain TP mode from device tensors alone (what a
+        ``graphs.MixedGraphs`` graph captures): ``tokens [T]`` (or ``h_in [T, hidden]`` on later
+        stages), ``pos [T]`` or ``[3, T]``, ``slots [T]``, ``sample [S]`` the rows whose logits are
+        wanted, ``pre`` every sequence's rows, key count and blocks (the paged prefill kernel
+        attends them all, decodes included). Returns ``[S, V]`` logits (last stage) or ``[T, hidden]``."""
+        m = self.model
+        x = m.embed(tokens) if m.embed is not None else h_in
+        meta = AttnMeta(slots, None, None, block_size=self.block_size, prefill=pre)
+        x = m.layers_forward(x, pos, self.caches, meta, "tp")
+        return x if m.lm_head is None else m.logits(x[sample])
 
     def table_meta(self, slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> AttnMeta:
         """Decode attention inputs from a block table ``[S, nb]`` and key counts ``lens [S]`` (device

@@ -50,7 +50,7 @@ class WorkerSpec:
     device: str
     num_blocks: int
     backend: str
-    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA ranks only)
+    cuda_graphs: bool = True  # replay decode and small prefill / mixed steps as CUDA graphs (CUDA ranks only)
     all_reduce: str = "auto"  # small all-reduces: symmetric memory's one-shot kernel where it works, or "nccl"
 
     def __post_init__(self) -> None:
@@ -106,11 +106,13 @@ class RankRunner:
 
         apply_backend(self.model, spec.backend)
         self.last_sampled: torch.Tensor | None = None  # the last step's sampled tokens, on the device
-        self.graphs = None
+        self.graphs = self.mixed_graphs = None
         if spec.cuda_graphs and par.device.type == "cuda" and self.model.caches:
-            from executors.graphs import DecodeGraphs
+            from executors.graphs import DecodeGraphs, MixedGraphs
 
-            self.graphs = DecodeGraphs(self.model, plan.scheduler.max_seqs)
+            sch = plan.scheduler
+            self.graphs = DecodeGraphs(self.model, sch.max_seqs)
+            self.mixed_graphs = MixedGraphs(self.model, sch.max_batch_tokens, sch.max_seqs, self.graphs)
 
     @property
     def reports(self) -> bool:
@@ -168,10 +170,12 @@ class RankRunner:
                                       [m for mb in step.micro for m in (mb.modes or [mb.mode])]), self.last_sampled)
 
     def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
-        """A decode micro-batch replays its CUDA graph; any other runs eagerly."""
+        """A decode micro-batch, or a small prefill or mixed one in plain TP mode, replays its CUDA
+        graph; any other runs eagerly."""
         mode = mb.mode_of(self.model.stage.index) if self.par.sp > 1 else "tp"
-        if self.graphs is not None and self.graphs.accepts(mb, mode):
-            return self.graphs.run(mb, h_in)
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None and graphs.accepts(mb, mode):
+                return graphs.run(mb, h_in)
         return self.model.forward(mb, h_in)
 
 
