@@ -36,7 +36,7 @@ from executors.parallelize import parallelize_tower
 from executors.vision import VisionTower
 from executors.weights import WeightSource
 
-Encode = Callable[[ImageJob], torch.Tensor]  # a job's pixels -> [rows, hidden] embeddings
+Encode = Callable[[list[ImageJob]], list[torch.Tensor]]  # jobs' pixels -> each one's [rows, hidden] embeddings
 
 
 def load_tower(v: VisionArgs, src: WeightSource, dtype: torch.dtype, device: torch.device, group: Any = None,
@@ -71,17 +71,17 @@ def exchange(jobs: list[ImageJob], ranks: tuple[int, ...], load: list[int], stag
     stage-0 ranks only receive them."""
     own = [j for j in jobs if j.encoder is None]
     owner = {r: ranks[k] for r, k in deal(own, load).items()}
-    got: dict[int, torch.Tensor] = {}
+    src = {j.req: j.encoder if j.encoder is not None else owner[j.req] for j in jobs}
+    mine = [j for j in jobs if src[j.req] == me]
+    got: dict[int, torch.Tensor] = {j.req: e.contiguous() for j, e in zip(mine, encode(mine))}  # one tower call
     ops: list[dist.P2POp] = []
     for j in jobs:
-        src = j.encoder if j.encoder is not None else owner[j.req]
-        if src == me:
-            e = encode(j).contiguous()
-            got[j.req] = e
+        if src[j.req] == me:
+            e = got[j.req]
             ops += [dist.P2POp(dist.isend, e, dst) for dst in stage0 if dst != me]
         elif me in stage0:
             got[j.req] = torch.empty(rows_shape(j), dtype=dtype, device=device)
-            ops.append(dist.P2POp(dist.irecv, got[j.req], src))
+            ops.append(dist.P2POp(dist.irecv, got[j.req], src[j.req]))
     if ops:
         for w in dist.batch_isend_irecv(ops):
             w.wait()

@@ -82,10 +82,12 @@ class VisionAttention(nn.Module):
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
         outs = []
-        for qs, ks, vs in zip(q.split(spans), k.split(spans), val.split(spans)):
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                               vs.transpose(0, 1)[None], scale=1.0 / math.sqrt(hd))
-            outs.append(o[0].transpose(0, 1).reshape(qs.shape[0], -1))
+        for length, count in equal_runs(spans):  # one SDPA per run of equal spans (a batch of same-size images)
+            n = length * count
+            qs, ks, vs = (t[:n].view(count, length, self.heads, hd).transpose(1, 2) for t in (q, k, val))
+            q, k, val = q[n:], k[n:], val[n:]
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=1.0 / math.sqrt(hd))  # [count, heads, length, hd]
+            outs.append(o.transpose(1, 2).reshape(n, -1))
         return self.proj(torch.cat(outs))
 
 
@@ -179,6 +181,18 @@ class VisionTower(nn.Module):
         if v.qwen25:
             out = out[torch.argsort(order)]
         return out
+
+
+def equal_runs(spans: list[int]) -> list[tuple[int, int]]:
+    """``spans`` as ``(length, count)`` runs of consecutive equal lengths: ``[4, 4, 4, 2, 4]`` ->
+    ``[(4, 3), (2, 1), (4, 1)]``."""
+    runs: list[tuple[int, int]] = []
+    for n in spans:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
 
 
 def window_order(grid: list[tuple[int, int, int]], merge: int, win: int) -> tuple[torch.Tensor, list[int]]:

@@ -47,7 +47,7 @@ def _exchange_rank(rank: int, port: int, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=5)
     # all_dp: 4 requests dealt over the replica's 4 GPUs; each owner encodes its rows as its rank
     jobs = [_job(10, 6), _job(11, 2), _job(12, 4), _job(13, 8)]
-    fill = lambda j: torch.full(_rows(j), float(rank))  # noqa: E731
+    fill = lambda js: [torch.full(_rows(j), float(rank)) for j in js]  # noqa: E731  (one call per step)
     if rank == ENCODER:
         server = EncoderServer(lambda pixels, grid: torch.full((sum(t * h * w for t, h, w in grid), HIDDEN), 40.0))
         server.serve(20, None, [(1, 1, 5)], list(STAGE0))

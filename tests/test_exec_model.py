@@ -159,3 +159,24 @@ def test_one_shot_all_reduce_takes_only_the_all_reduces() -> None:
     assert isinstance(model.embed, VocabEmbedding) and model.embed.group == ("one-shot", shift_g)
     assert isinstance(model.lm_head, LMHead) and model.lm_head.group == shift_g
     assert isinstance(lay["sp_tp"].attn.core, UlyssesCore) and lay["sp_tp"].attn.core.group == sp_g
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_tower_batches_images_without_changing_them(name: str) -> None:
+    """Images of different sizes encoded in one tower call (what a step does) give each image's
+    embeddings of its own call: attention stays within each frame or window, and runs of equal
+    spans share one SDPA call (``vision.equal_runs``)."""
+    from executors.encoders import load_tower
+    from executors.vision import equal_runs, vision_shapes
+
+    assert equal_runs([4, 4, 4, 2, 4]) == [(4, 3), (2, 1), (4, 1)] and equal_runs([]) == []
+    v = model_args(config(name)).vision
+    tower = load_tower(v, RandomSource(vision_shapes(v), seed=3), torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    grids = [[(1, 4, 4)], [(1, 8, 4)], [(1, 4, 4)], [(1, 4, 4)]]
+    pixels = [torch.randn(t * h * w, dim, generator=g) for (t, h, w), in grids]
+    with torch.inference_mode():
+        alone = torch.cat([tower(p, gr) for p, gr in zip(pixels, grids)])
+        together = tower(torch.cat(pixels), [x for gr in grids for x in gr])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
