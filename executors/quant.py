@@ -8,10 +8,12 @@ weights are quantized at load with ``scale = max|W_row| / 448`` over the rows th
 (row-parallel shards then get their own scales, as in vLLM's online FP8). Embeddings, norms,
 lm_head and the vision tower stay in the compute dtype.
 
-Matmul: on GPUs with FP8 tensor cores (compute capability >= 8.9) ``torch._scaled_mm`` with
-activations quantized per token (W8A8, dynamic); elsewhere the weight is widened to the
-activation dtype (exact: e4m3 values are representable in bf16/fp32) and the scale applied to
-the product.
+Matmul (``kernel_for`` names the one a product takes): on GPUs with FP8 tensor cores (compute
+capability >= 8.9), products of at most ``fp8_gemm.MAX_M`` rows (decode steps) run the Triton W8A16
+kernel of ``executors.fp8_gemm`` (the weight widened in registers, the residual added in its
+epilogue), larger ones ``torch._scaled_mm`` with activations quantized per token (W8A8, dynamic);
+elsewhere the weight is widened to the activation dtype (exact: e4m3 values are representable in
+bf16/fp32) and the scale applied to the product.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from executors import gemv
+from executors import fp8_gemm, gemv
 from plans.errors import UserError
 
 if TYPE_CHECKING:
@@ -94,20 +96,36 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
     ``w`` with ``scale [out]`` is the FP8 weight ``Fp8Weight(w, scale)``)."""
     if scale is not None:
         w = Fp8Weight(w, scale)
-    if isinstance(w, torch.Tensor) and b is None and gemv.wanted(x, w):  # a decode step's few rows
-        K, N = x.shape[-1], w.shape[0]
+    if b is None and (gemv.wanted(x, w) if isinstance(w, torch.Tensor) else fp8_gemm.wanted(x, w.q, w.scale)):
+        K, N = x.shape[-1], w.shape[0]  # a decode step's rows: the kernel adds the residual in its epilogue
         fuse = residual is not None and residual.stride(-1) == 1  # the epilogue reads rows of unit stride
-        y = torch.ops.shiftplan.gemv(x.reshape(-1, K), w, residual.reshape(-1, N) if fuse else None)
+        r = residual.reshape(-1, N) if fuse else None
+        x2 = x.reshape(-1, K)
+        y = (torch.ops.shiftplan.gemv(x2, w, r) if isinstance(w, torch.Tensor)
+             else torch.ops.shiftplan.fp8_linear(x2, w.q, w.scale, r))
         y = y.reshape(*x.shape[:-1], N)
         return y + residual if residual is not None and not fuse else y
     y = _linear(x, w, b)
     return y if residual is None else y + residual
 
 
+def kernel_for(x: torch.Tensor, w: Weight) -> str:
+    """Which kernel ``linear(x, w)`` (no bias) runs: "triton_gemv" / "cublas" for a plain weight;
+    ``fp8_gemm.KERNEL`` ("triton_w8a16"), "scaled_mm_rowwise" or "dequant" for an FP8 one."""
+    if isinstance(w, torch.Tensor):
+        return "triton_gemv" if gemv.wanted(x, w) else "cublas"
+    if fp8_gemm.wanted(x, w.q, w.scale):
+        return fp8_gemm.KERNEL
+    return "scaled_mm_rowwise" if _scaled_mm_ok(x, w) else "dequant"
+
+
 def _linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
-    if _scaled_mm_ok(x, w):
+    if fp8_gemm.wanted(x, w.q, w.scale):  # a decode step's rows (with a bias: added after)
+        y = torch.ops.shiftplan.fp8_linear(x.reshape(-1, x.shape[-1]), w.q, w.scale, None)
+        y = y.reshape(*x.shape[:-1], -1)
+    elif _scaled_mm_ok(x, w):
         x2 = x.reshape(-1, x.shape[-1])
         xs = (x2.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1], activation dtype
         xq = (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)

@@ -1,0 +1,181 @@
+"""FP8-weight products at decode batch sizes on the GPU (Triton kernels, weight-only dequant, "W8A16").
+
+    y [M, N] = (x [M, K] @ q [N, K]^T) * scale [N]  (+ residual [M, N])
+
+``x`` in bf16/fp16, ``q`` in float8_e4m3fn, ``scale`` fp32 (one per row of ``q``: an
+``executors.quant.Fp8Weight``), products summed in fp32, the scale and the residual applied to the
+fp32 sum, the result cast to ``x``'s dtype. The activations are not quantized: e4m3 values are
+exact in bf16/fp16, so the only rounding besides fp32 summation is the final cast.
+
+Bytes moved: ``N K`` (the weight, once) + ``4 N`` (scales) + ``2 M K`` (x) + ``2 M N`` (y) (+ ``2 M N``
+residual). For ``M <= 256`` and the projections of 8B-70B models the weight dominates, so the
+floor is ``N K`` bytes over the memory bandwidth: half the bf16 GEMM's. ``torch._scaled_mm`` (the
+W8A8 path of ``executors.quant``) does not reach it at these M on an H200 (1.0-1.3x the bf16
+GEMM's time at M = 16-256, ``bench/results/published.md``) and needs the activations quantized first
+(two more kernels).
+
+Two tilings, chosen by M:
+
+* ``M <= GEMV_MAX_M`` (GEMV-like, as ``executors.gemv``): one program owns ``BLOCK_N`` output
+  columns and streams their rows of ``q`` in ``[BLOCK_N, BLOCK_K]`` tiles (each weight byte read
+  once, by one program), widened to fp32 and multiplied by the ``[M, BLOCK_K]`` slice of ``x`` into an
+  fp32 ``[M, BLOCK_N, BLOCK_K]`` accumulator summed over K at the end.
+* ``GEMV_MAX_M < M <= MAX_M`` (tiled, tensor cores): one program owns a ``[BLOCK_M, BLOCK_N]`` tile of
+  ``y``; per K step it loads ``x [BLOCK_M, BLOCK_K]`` and ``q^T [BLOCK_K, BLOCK_N]``, converts the
+  e4m3 tile to ``x``'s dtype in registers and accumulates ``tl.dot`` in fp32. BLOCK_M is small
+  (16-64); programs are ordered M tile first, so the ``ceil(M / BLOCK_M)`` programs reading one
+  weight tile run together and all but the first find it in L2.
+
+Tiles are chosen by Triton's autotuner per ``(N, K, M bucket)`` (``M_BLOCK`` = next power of two of
+M) the first time a shape runs (the engine's warm-up, before any CUDA graph capture).
+``fp8_linear`` is a ``torch.library`` custom op with a fake kernel, so compiled layers call it
+without a graph break; ``wanted`` says when ``executors.quant.linear`` routes an FP8 product here.
+``SHIFTPLAN_FP8_GEMM=0`` keeps every FP8 product on ``torch._scaled_mm`` (A/B measurements).
+``bench/fp8_gemm_speed.py`` measures both against bf16 and the floor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: products stay with torch
+    triton = None
+
+MAX_M = 256  # rows of x served here; larger batches go to torch._scaled_mm (W8A8)
+GEMV_MAX_M = 16  # up to this many rows the GEMV-like tiling, above it the tl.dot tiling
+ENABLED = os.environ.get("SHIFTPLAN_FP8_GEMM", "1") != "0"  # 0: every FP8 product through _scaled_mm
+KERNEL = "triton_w8a16"  # the name calibration points record for products served here
+FP8 = torch.float8_e4m3fn
+
+GEMV_CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
+MMA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+    (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+    (32, 32, 256, 4, 4), (32, 64, 128, 4, 4), (32, 64, 256, 4, 3), (32, 128, 128, 4, 3),
+    (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
+]
+
+
+def _capable(device: torch.device) -> bool:
+    """e4m3 -> bf16/fp16 conversion in Triton: compute capability 8.9 or newer."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def wanted(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """``x [..., K]`` times the FP8 weight ``q [N, K]`` (fp32 ``scale [N]``) goes to the kernel: CUDA
+    with FP8 conversions, bf16/fp16 ``x`` of at most MAX_M rows with unit-stride rows, contiguous
+    e4m3 ``q`` with K a multiple of 16."""
+    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and q.dtype == FP8 and q.dim() == 2 and q.is_contiguous() and x.stride(-1) == 1
+            and scale.dtype == torch.float32 and scale.numel() == q.shape[0] and scale.is_contiguous()
+            and x.shape[-1] == q.shape[1] and x.shape[-1] % 16 == 0
+            and x.numel() // x.shape[-1] <= MAX_M and _capable(x.device))
+
+
+def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None,
+           config: tuple[int, ...] | None = None, path: str | None = None) -> torch.Tensor:
+    """``(x [M, K] @ q [N, K]^T) * scale [N] (+ residual [M, N])`` -> ``[M, N]`` in ``x``'s dtype.
+
+    ``path`` "gemv" or "mma" forces a tiling (default: "gemv" for M <= GEMV_MAX_M); ``config`` pins
+    its tile (``GEMV_CONFIGS`` / ``MMA_CONFIGS`` entries; benchmarks, tests); None lets the
+    autotuner choose."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    MB = max(triton.next_power_of_2(M), 1)
+    res = residual if residual is not None else y  # not read without HAS_RES
+    sr = residual.stride(0) if residual is not None else 0
+    args = (x, q, scale, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None)
+    path = path or ("gemv" if M <= GEMV_MAX_M else "mma")
+    if path == "gemv":
+        if config is None:
+            _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args)
+        else:
+            bn, bk, warps = config
+            _w8_gemv[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    elif config is None:
+        _mma_tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))](*args)
+    else:
+        bm, bn, bk, warps, stages = config
+        _w8_mma[(triton.cdiv(M, bm), triton.cdiv(N, bn))](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                          num_warps=warps, num_stages=stages)
+    return y
+
+
+@torch.library.custom_op("shiftplan::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x [M, K] @ q[N, K]^T) * scale (+ residual)`` for ``M <= MAX_M`` (see the module doc)."""
+    return launch(x, q, scale, residual)
+
+
+@fp8_linear.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w8_gemv(X, Q, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr,
+                 HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, M_BLOCK)
+        nmask, mmask = n < N, m < M
+        acc = tl.zeros([M_BLOCK, BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            w = tl.load(Q + n[:, None].to(tl.int64) * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+        y = tl.sum(acc, axis=2) * tl.load(S + n, mask=nmask, other=0.0)[None, :]  # [M_BLOCK, BLOCK_N]
+        out_mask = mmask[:, None] & nmask[None, :]
+        if HAS_RES:
+            y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _w8_mma(X, Q, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr,
+                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # M tiles first: one weight tile, read together
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask, nmask = m < M, n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(Q + n[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(x, w.to(X.dtype.element_ty), acc)  # [BLOCK_K, BLOCK_N] e4m3 widened in registers
+        y = acc * tl.load(S + n, mask=nmask, other=0.0)[None, :]
+        out_mask = mmask[:, None] & nmask[None, :]
+        if HAS_RES:
+            y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
+
+    def _gemv_fits(configs: list, nargs: dict, **_kw) -> list:
+        """Tiles whose fp32 accumulator stays within 128 registers a thread."""
+        m = nargs["M_BLOCK"]
+        ok = [c for c in configs if m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
+        return ok or configs[:1]
+
+    def _mma_fits(configs: list, nargs: dict, **_kw) -> list:
+        """Tiles no taller than the rows (rounded up to 16, the smallest tensor-core tile)."""
+        m = max(16, nargs["M_BLOCK"])
+        ok = [c for c in configs if c.kwargs["BLOCK_M"] <= m]
+        return ok or configs[:1]
+
+    _gemv_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in GEMV_CONFIGS],
+        key=["N", "K", "M_BLOCK"], prune_configs_by={"early_config_prune": _gemv_fits},
+    )(_w8_gemv)
+    _mma_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bm, bn, bk, w, s in MMA_CONFIGS],
+        key=["N", "K", "M_BLOCK"], prune_configs_by={"early_config_prune": _mma_fits},
+    )(_w8_mma)
