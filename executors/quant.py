@@ -126,14 +126,18 @@ def _linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None) -> torch.Tensor:
         y = torch.ops.shiftplan.fp8_linear(x.reshape(-1, x.shape[-1]), w.q, w.scale, None)
         y = y.reshape(*x.shape[:-1], -1)
     elif _scaled_mm_ok(x, w):
-        x2 = x.reshape(-1, x.shape[-1])
-        xs = (x2.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1], activation dtype
-        xq = (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        y = torch._scaled_mm(xq, w.q.t(), scale_a=xs.float(), scale_b=w.scale[None, :], out_dtype=x.dtype)
-        y = y.reshape(*x.shape[:-1], -1)
+        y = w8a8_rowwise(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
     else:
         y = F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
     return y + b if b is not None else y
+
+
+def w8a8_rowwise(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """``x [M, K]`` quantized per row (``xs = max|x_row| / 448``, e4m3) times ``w`` on FP8 tensor
+    cores: ``torch._scaled_mm`` with scales ``xs [M, 1]`` and ``w.scale [1, N]``, out in ``x``'s dtype."""
+    xs = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1], activation dtype
+    xq = (x / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return torch._scaled_mm(xq, w.q.t(), scale_a=xs.float(), scale_b=w.scale[None, :], out_dtype=x.dtype)
 
 
 def read_linear(src: "WeightSource", name: str, runs: list[tuple[int, int]] | None, dim: int, fp8: bool,

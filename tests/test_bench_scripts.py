@@ -290,3 +290,41 @@ def test_prefill_attention_dry_run(tmp_path):
         for path in ("sdpa_per_sequence", "paged_prefill"):
             assert x[path]["host_ms"] > 0 and x[path]["gpu_ms"] > 0
     assert "| 3x8@12 |" in (tmp_path / "prefill_attention.md").read_text()
+
+
+# ------------------------------------------------------------------ fp8_gemm_speed
+
+
+def test_fp8_gemm_speed_dry_run(tmp_path):
+    """bench/fp8_gemm_speed.py on CPU (the kernel through Triton's interpreter): every method timed
+    at every (shape, M), the kernel's result within fp16 rounding of the dequantized reference (both
+    tilings at M <= GEMV_MAX_M), floors from the weight bytes, the markdown table written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, str(root / "bench" / "fp8_gemm_speed.py"), "--out", str(tmp_path), "--tiny"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "fp8_gemm_speed.json").read_text())
+    from bench.fp8_gemm_speed import SHAPES, TINY, TINY_ROWS
+
+    assert r["command"] == "python bench/fp8_gemm_speed.py --out DIR --tiny" and r["dtype"] == "float16"
+    assert [(x["shape"], x["M"]) for x in r["rows"]] == [(s, m) for s in TINY for m in TINY_ROWS]
+    for x in r["rows"]:
+        N, K = TINY[x["shape"]]
+        assert x["floor_fp8_us"] == pytest.approx(N * K / (r["copy_GBps"] * 1e3), abs=0.01)
+        assert x["floor_bf16_us"] == pytest.approx(2 * x["floor_fp8_us"], abs=0.02)
+        assert x["triton_rel_err"] < 2e-3
+        assert ("triton_mma_rel_err" in x) == (x["M"] <= r["gemv_max_m"])
+        assert x.get("triton_mma_rel_err", 0) < 2e-3
+        for m in ("bf16", "rowwise", "tensorwise", "triton"):
+            assert x[f"{m}_us"] > 0 and f"{m}_error" not in x
+    md = (tmp_path / "fp8_gemm_speed.md").read_text()
+    assert "| tiny/down (40 x 96) | 17 |" in md and md in out.stdout
+    # the GPU shapes: a 70B Llama's projections under TP8 / TP4 / TP2 and Llama-3.1-8B's
+    assert SHAPES["70b/tp8/qkv"] == (1280, 8192) and SHAPES["70b/tp4/o"] == (8192, 2048)
+    assert SHAPES["70b/tp2/gate_up"] == (28672, 8192) and SHAPES["8b/down"] == (4096, 14336) and len(SHAPES) == 16
