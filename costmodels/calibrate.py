@@ -112,22 +112,26 @@ def fp8_supported(dev) -> bool:
             and torch.cuda.get_device_capability(dev) >= (8, 9))
 
 
-def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list) -> list[dict]:
-    """FP8 GEMM points on the bf16 grid, the call ``executors.quant.linear`` makes: x [M, K] e4m3
-    row-major (per-row fp32 scales [M, 1]) times w^T, w [N, K] e4m3 so w^T is column-major
-    (per-column fp32 scales [1, N]), bf16 out (``torch._scaled_mm``). M is rounded up to a
-    multiple of 16 (``_scaled_mm``'s alignment; the point records the M it ran, each M once).
-    Weights rotate over copies to defeat the L2 cache, as for bf16. On a device without FP8
-    tensor cores, or when ``_scaled_mm`` fails, the reason goes to ``skipped`` (the profile then
-    has no ``gemm_fp8`` table, or the points measured before the failure)."""
+def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_m: int | None = None) -> list[dict]:
+    """FP8 GEMM points on the bf16 grid (rows up to ``max_m`` when given), each the call
+    ``executors.quant.linear`` makes for an ``Fp8Weight`` w [N, K] (e4m3, per-row fp32 scales) and
+    bf16 x [M, K]: the Triton W8A16 kernel (``executors.fp8_gemm``) for M <= its MAX_M, above that x
+    quantized per row and ``torch._scaled_mm`` (``quant.w8a8_rowwise``, the quantization timed too).
+    Each point records the kernel that ran (``quant.kernel_for``: "triton_w8a16",
+    "scaled_mm_rowwise"). Every M runs as it is (neither path needs M aligned). A Triton kernel is
+    autotuned for its shape by one call before it is timed. Weights rotate over copies to defeat
+    the L2 cache, as for bf16. On a device without FP8 tensor cores, or when a call fails, the
+    reason goes to ``skipped`` (the profile then has no ``gemm_fp8`` table, or the points measured
+    before the failure)."""
     import torch
 
     if not fp8_supported(dev):
         skipped.append(f"gemm_fp8 (no FP8 tensor cores on this device: {dev.type}"
                        + (f", compute capability {torch.cuda.get_device_capability(dev)})" if dev.type == "cuda" else ")"))
         return []
-    f8 = torch.float8_e4m3fn
-    ms_of = sorted({-(-m // 16) * 16 for m in grids.gemm_m})
+    from executors import quant
+
+    ms_of = sorted(m for m in set(grids.gemm_m) if max_m is None or m <= max_m)
     pts: list[dict] = []
     nk = grids.gemm_nk
     # every other (N, K) first: a run cut short by its budget leaves interior cells, which the fit
@@ -140,20 +144,19 @@ def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list) -> l
                 cut += len(ms_of)
                 continue
             copies = max(1, min(64, math.ceil(256e6 / (n * k))))
-            ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8) for _ in range(copies)]
-            sw = torch.rand(1, n, device=dev, dtype=torch.float32, generator=gen) + 0.5
-            for m16 in ms_of:
+            ws = [quant.quantize(torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen)) for _ in range(copies)]
+            for m in ms_of:
                 if out_of_time():
                     cut += 1
                     continue
-                x = torch.randn(m16, k, device=dev, dtype=torch.bfloat16, generator=gen).to(f8)
-                sx = torch.rand(m16, 1, device=dev, dtype=torch.float32, generator=gen) + 0.5
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen)
+                quant.linear(x, ws[0])  # autotunes a Triton kernel for this shape, outside the timed graph
                 state = {"i": 0}
 
-                def f(x=x, ws=ws, sx=sx, state=state) -> object:
+                def f(x=x, ws=ws, state=state) -> object:
                     state["i"] = (state["i"] + 1) % len(ws)
-                    return torch._scaled_mm(x, ws[state["i"]].t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
-                pts.append({"m": m16, "n": n, "k": k, "ms": timer(f)})
+                    return quant.linear(x, ws[state["i"]])
+                pts.append({"m": m, "n": n, "k": k, "ms": timer(f), "kernel": quant.kernel_for(x, ws[0])})
             del ws
     except Exception as e:  # noqa: BLE001 -- an unsupported call: keep what was measured, say why
         skipped.append(f"gemm_fp8 stopped after {len(pts)} points: {type(e).__name__}: {e}"[:400])
@@ -311,12 +314,13 @@ def run_collectives(world: int | None = None, sizes: list[int] | None = None, *,
 
 
 def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Callable[[str], None] = print,
-                 collectives_s: float = 90.0) -> dict[str, Any]:
+                 collectives_s: float = 90.0, fp8_only: bool = False, max_m: int | None = None) -> dict[str, Any]:
     """The multi-GPU part of a calibration, bounded in time: collective tables (``run_collectives``,
-    at most ``collectives_s`` seconds; none with fewer than two GPUs) and then FP8 GEMMs on the
-    bf16 GEMM grid of ``grids`` (default ``Grids.full()``) until ``budget_s`` is spent.
-    Returns {meta, overhead_us, collectives..., gemm_fp8, skipped, seconds}; merge it into a
-    profile with ``costmodels.merge``."""
+    at most ``collectives_s`` seconds; none with fewer than two GPUs, or with ``fp8_only``) and then
+    FP8 GEMMs on the bf16 GEMM grid of ``grids`` (default ``Grids.full()``; rows up to ``max_m`` when
+    given) until ``budget_s`` is spent. Returns {meta, overhead_us, collectives..., gemm_fp8, skipped,
+    seconds}; merge it into a profile with ``costmodels.merge`` (FP8 points replace the profile's of
+    the same (m, n, k), the others stay)."""
     import torch
 
     from costmodels.gpu_bench import Timer
@@ -325,7 +329,9 @@ def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Calla
     grids = grids or Grids.full()
     raw: dict[str, Any] = {"meta": device_meta(), "skipped": []}
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n_gpu > 1:
+    if fp8_only:
+        raw["skipped"].append("collectives (--fp8-only)")
+    elif n_gpu > 1:
         try:
             raw.update(run_collectives(n_gpu, deadline_s=min(collectives_s, budget_s)))
         except Exception as e:  # noqa: BLE001 -- the FP8 part still runs
@@ -340,7 +346,10 @@ def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Calla
         x1 = torch.zeros(1, device=dev)
         raw["overhead_us"] = timer(lambda: x1.add_(1.0)) * 1e3
     gen = torch.Generator(device=dev).manual_seed(0)
-    raw["gemm_fp8"] = _fp8_gemms(grids, dev, timer, gen, lambda: time.time() - t_start > budget_s, raw["skipped"])
+    raw["gemm_fp8"] = _fp8_gemms(grids, dev, timer, gen, lambda: time.time() - t_start > budget_s, raw["skipped"],
+                                 max_m=max_m)
+    if max_m is not None:
+        raw["gemm_fp8_max_m"] = max_m
     log(f"gemm_fp8: {len(raw['gemm_fp8'])} points, {time.time() - t_start:.0f} s")
     raw["seconds"] = round(time.time() - t_start, 1)
     return raw

@@ -6,10 +6,14 @@ Pure Python (no torch): run it on any machine. From the calibration it takes the
 points (fitted into measured tables per mode, op and group size, with an alpha-beta fit of the
 largest group: ``costmodels.fit.profile_collectives``) and the FP8 GEMM points (fitted as
 e = 2MNK / ((ms - overhead) * fp8 peak) with the profile's own launch overhead, as its bf16
-table is: ``costmodels.fit.fit_gemm_fp8``). Every other table stays as it is. The raw points
-go into the profile's ``raw``; its id becomes ``<base id>+<calibration date>`` (plans record the
+table is: ``costmodels.fit.fit_gemm_fp8``). FP8 GEMM points merge by ``(m, n, k)``: a new point
+replaces the profile's point of the same shape, the profile's other points stay, and the table is
+fitted on the union (so a run over the small-M rows only, ``bench/calibrate_comm_fp8.py --fp8-only
+--max-m 256``, updates those rows and keeps the large-M ones). Every other table stays as it is.
+The raw points go into the profile's ``raw``; its id becomes ``<base id>+<calibration date>`` (plans record the
 id, so recompiled plans say which tables they used) and ``meta.merged`` says what came in: the
-device, GPU count, driver, torch, CUDA and NCCL versions, the date and the calibration command.
+device, GPU count, driver, torch, CUDA and NCCL versions, the date and the calibration command
+(an earlier ``merged`` moves to the list ``meta.merge_history``).
 ``--meta KEY=VALUE`` supplies what an older calibration file did not record (e.g.
 ``--meta nccl=2.28.9``); a value the file holds is kept unless it is missing or "unknown".
 """
@@ -56,14 +60,30 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
                  **calib.get("collectives_meta", {})}
         raw.update(collectives=coll, collectives_meta=cmeta, collectives_errors=calib.get("collectives_errors", []))
         out = replace(out, collectives=profile_collectives(coll, cmeta))
+    kept = 0
     if fp8:
-        raw["gemm_fp8"] = fp8
-        out = replace(out, gemm_fp8=fit_gemm_fp8(fp8, profile.gpu, profile.overhead_us))
+        pts, kept = merge_points(raw.get("gemm_fp8") or [], fp8)
+        raw["gemm_fp8"] = pts
+        out = replace(out, gemm_fp8=fit_gemm_fp8(pts, profile.gpu, profile.overhead_us))
     merged = {**{k: meta.get(k) for k in META_KEYS}, "device_name": dev,
-              "collective_points": len(coll), "gemm_fp8_points": len(fp8), "skipped": calib.get("skipped", []),
-              "collective_errors": calib.get("collectives_errors", [])}
+              "collective_points": len(coll), "gemm_fp8_points": len(fp8), "gemm_fp8_points_kept": kept,
+              "skipped": calib.get("skipped", []), "collective_errors": calib.get("collectives_errors", [])}
     base_id = profile.id.split("+")[0]
-    return replace(out, raw=raw, id=f"{base_id}+{meta.get('date', 'merged')}", meta={**profile.meta, "merged": merged})
+    pmeta = dict(profile.meta)
+    if "merged" in pmeta:
+        pmeta["merge_history"] = [*pmeta.get("merge_history", []), pmeta["merged"]]
+    return replace(out, raw=raw, id=f"{base_id}+{meta.get('date', 'merged')}", meta={**pmeta, "merged": merged})
+
+
+def merge_points(old: list[dict], new: list[dict]) -> tuple[list[dict], int]:
+    """GEMM points ``{m, n, k, ...}``: ``new`` plus the points of ``old`` whose ``(m, n, k)`` ``new``
+    does not measure (sorted by shape), and how many of ``old`` were kept."""
+    def shape(p: dict) -> tuple[int, int, int]:
+        return int(p["m"]), int(p["n"]), int(p["k"])
+
+    fresh = {shape(p): p for p in new}
+    kept = [p for p in old if shape(p) not in fresh]
+    return sorted(kept + list(fresh.values()), key=shape), len(kept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     m = prof.meta["merged"]
     sizes = prof.collectives.get("meta", {}).get("group_sizes", [])
     print(f"wrote {out} (profile {prof.id}): {m['collective_points']} collective points (group sizes {sizes}), "
-          f"{m['gemm_fp8_points']} FP8 GEMM points, {len(m['collective_errors'])} collective errors")
+          f"{m['gemm_fp8_points']} FP8 GEMM points ({m['gemm_fp8_points_kept']} of the profile's kept), "
+          f"{len(m['collective_errors'])} collective errors")
     return 0
 
 

@@ -188,3 +188,90 @@ def test_collective_fit_reads_the_graph_timed_all_reduce():
     assert fit["bus_gbps"] == pytest.approx(300, rel=0.02)
     eager_only = fit_collectives([p for p in pts if p["mode"] == "eager"])
     assert eager_only["alpha0_us"] + 2 * eager_only["alpha_us"] == pytest.approx(50.0, abs=0.5)
+
+
+def test_a_small_m_fp8_calibration_replaces_only_its_points(h200):
+    """A run over the decode rows only (``--fp8-only --max-m 256``) merged into a profile that holds a
+    whole FP8 grid: its points replace the profile's of the same (m, n, k), new rows (M below 16)
+    are added, the large-M points stay (and with them the table there); the earlier merge's record
+    moves to ``merge_history``."""
+    full = merge(h200, _calib(h200))
+    old = full.raw["gemm_fp8"]
+    nks = sorted({(p["n"], p["k"]) for p in old})
+    small = [{"m": m, "n": n, "k": k, "ms": 0.004, "kernel": "triton_w8a16"}
+             for m in (1, 4, 16, 64, 256) for n, k in nks]
+    calib = {"meta": {"device_name": "NVIDIA H200", "date": "2026-12-02", "command": "python bench/calibrate_comm_fp8.py "
+                      "--out D --fp8-only --max-m 256"}, "gemm_fp8": small, "skipped": ["collectives (--fp8-only)"]}
+    out = merge(full, calib)
+    pts = out.raw["gemm_fp8"]
+    shapes = [(p["m"], p["n"], p["k"]) for p in pts]
+    assert len(shapes) == len(set(shapes)) and len(pts) == len(old) + 2 * len(nks)  # M = 1 and 4 are new
+    by = {s: p for s, p in zip(shapes, pts)}
+    assert by[(16, nks[0][0], nks[0][1])]["ms"] == 0.004 and by[(16, nks[0][0], nks[0][1])]["kernel"] == "triton_w8a16"
+    big = [p for p in old if p["m"] > 256]
+    assert big and all(by[(p["m"], p["n"], p["k"])] == p for p in big)
+    m = out.meta["merged"]
+    assert m["gemm_fp8_points"] == len(small) and m["gemm_fp8_points_kept"] == len(old) - 3 * len(nks)
+    assert m["collective_points"] == 0 and out.collectives == full.collectives  # no collectives: the tables stay
+    history = full.meta.get("merge_history", [])
+    assert out.meta["merge_history"] == [*history, full.meta["merged"]] and out.id.endswith("+2026-12-02")
+    assert out.gemm_fp8(4096, 6144, 6144) == pytest.approx(full.gemm_fp8(4096, 6144, 6144))
+    n, k = nks[-1]
+    assert out.gemm_fp8(16, n, k) == fit_gemm_fp8(pts, "h200", h200.overhead_us)(16, n, k)
+    assert out.gemm_fp8(16, n, k) != pytest.approx(full.gemm_fp8(16, n, k), rel=0.01)
+    assert out.gemm_fp8(1, n, k) < out.gemm_fp8(16, n, k)  # one row in the same 4 us: 1/16 of the work
+
+
+def test_fp8_calibration_times_the_engine_call(monkeypatch):
+    """Each FP8 point times ``executors.quant.linear`` on an ``Fp8Weight`` at the grid's M as it is
+    (no rounding to 16), rows up to ``max_m``, and names the kernel ``quant.kernel_for`` gives; an
+    ``--fp8-only`` run skips the collectives and records its row limit."""
+    import torch
+
+    from costmodels import calibrate
+    from costmodels.gpu_bench import Timer
+    from executors import quant
+
+    calls = []
+    real = quant.linear
+
+    def linear(x, w, *a, **kw):
+        assert isinstance(w, quant.Fp8Weight) and w.q.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16
+        calls.append(tuple(x.shape))
+        return real(x, w, *a, **kw)
+
+    monkeypatch.setattr(calibrate, "fp8_supported", lambda dev: True)
+    monkeypatch.setattr(quant, "linear", linear)
+    grids = calibrate.Grids.cpu_dry_run()
+    dev = torch.device("cpu")
+    skipped: list = []
+    pts = calibrate._fp8_gemms(grids, dev, Timer(dev), torch.Generator().manual_seed(0), lambda: False, skipped, max_m=8)
+    assert sorted({p["m"] for p in pts}) == [m for m in grids.gemm_m if m <= 8] == [1, 8]
+    assert len(pts) == 2 * len(grids.gemm_nk) ** 2 and not skipped
+    assert all(p["kernel"] == "dequant" and p["ms"] > 0 for p in pts)  # the CPU's path
+    assert {(1, 64), (8, 256)} <= set(calls)
+    raw = calibrate.run_comm_fp8(budget_s=30, grids=grids, log=lambda _: None, fp8_only=True, max_m=8)
+    assert "collectives (--fp8-only)" in raw["skipped"] and raw["gemm_fp8_max_m"] == 8
+    assert {p["m"] for p in raw["gemm_fp8"]} == {1, 8}
+
+
+def test_calibrate_comm_fp8_script_takes_fp8_only_and_max_m(tmp_path, monkeypatch):
+    """``bench/calibrate_comm_fp8.py --fp8-only --max-m 8`` passes both on and records its command."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import calibrate_comm_fp8
+    from costmodels import calibrate
+
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return {"meta": {}, "skipped": [], "gemm_fp8": [], "seconds": 0.0}
+
+    monkeypatch.setattr(calibrate, "run_comm_fp8", fake)
+    assert calibrate_comm_fp8.main(["--out", str(tmp_path), "--fp8-only", "--max-m", "8", "--budget-s", "5"]) == 0
+    assert seen == {"budget_s": 5.0, "collectives_s": 90.0, "fp8_only": True, "max_m": 8}
+    raw = json.loads((tmp_path / "comm_fp8.json").read_text())
+    assert raw["meta"]["command"] == f"python bench/calibrate_comm_fp8.py --out {tmp_path} --fp8-only --max-m 8 --budget-s 5"
