@@ -50,12 +50,14 @@ def llama_shapes(prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: 
     out = {}
     for t in tps:
         tag = f"{prefix}/tp{t}" if t > 1 else prefix
-        out.update({f"{tag}/qkv": ((heads + 2 * kv_heads) * head_dim // t, hidden), f"{tag}/o": (hidden, heads * head_dim // t),
+        out.update({f"{tag}/qkv": ((heads + 2 * kv_heads) * head_dim // t, hidden),
+                    f"{tag}/o": (hidden, heads * head_dim // t),
                     f"{tag}/gate_up": (2 * mlp // t, hidden), f"{tag}/down": (hidden, mlp // t)})
     return out
 
 
-SHAPES = {**llama_shapes("70b", 8192, 64, 8, 128, 28672, (8, 4, 2)), **llama_shapes("8b", 4096, 32, 8, 128, 14336, (1,))}
+SHAPES = {**llama_shapes("70b", 8192, 64, 8, 128, 28672, (8, 4, 2)),
+          **llama_shapes("8b", 4096, 32, 8, 128, 14336, (1,))}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TINY = {"tiny/qkv": (48, 64), "tiny/down": (40, 96)}
 TINY_ROWS = (1, 3, 17, 40)
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for path in ("triton", "triton_mma"):
                 if path in calls:
                     try:
-                        row[f"{path}_rel_err"] = float(f"{float((calls[path]().float() - ref).abs().max() / ref.abs().max()):.3g}")
+                        err = (calls[path]().float() - ref).abs().max() / ref.abs().max()
+                        row[f"{path}_rel_err"] = float(f"{float(err):.3g}")
                     except Exception as e:  # noqa: BLE001 -- recorded, the other methods still run
                         row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:300]
             if not tiny:

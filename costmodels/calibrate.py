@@ -7,6 +7,8 @@ What is timed (bf16, CUDA-graph replays, median of rounds; see ``gpu_bench.Timer
 
 * GEMMs ``x[M, K] @ W[N, K]^T`` (``F.linear``, the call of an HF Linear) on an (M, N, K) grid;
   weights rotate over enough copies to defeat the L2 cache, as in a real step;
+* FP8-weight GEMMs on the same grid, each the call ``executors.quant.linear`` makes for that M
+  (the Triton W8A16 kernel at decode sizes, ``torch._scaled_mm`` above), on FP8 GPUs (``_fp8_gemms``);
 * prefill attention over packed sequences (B sequences of L tokens, causal; and full
   attention for vision, at several head counts) through ``gpu_bench.PackedAttention``;
 * decode attention, B queries against caches of C tokens (``gpu_bench.decode_attention``);

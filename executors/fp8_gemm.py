@@ -54,8 +54,8 @@ KERNEL = "triton_w8a16"  # the name calibration points record for products serve
 FP8 = torch.float8_e4m3fn
 
 GEMV_CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
-MMA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-    (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+MMA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); narrow tiles give small-N shards (TP8 qkv) programs
+    (16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
     (32, 32, 256, 4, 4), (32, 64, 128, 4, 4), (32, 64, 256, 4, 3), (32, 128, 128, 4, 3),
     (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
 ]
@@ -87,7 +87,9 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torc
     M, K = x.shape
     N = q.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    MB = max(triton.next_power_of_2(M), 1)
+    if M == 0:
+        return y
+    MB = triton.next_power_of_2(M)
     res = residual if residual is not None else y  # not read without HAS_RES
     sr = residual.stride(0) if residual is not None else 0
     args = (x, q, scale, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None)

@@ -105,8 +105,10 @@ def test_fp8_products_are_routed_by_rows_dtype_and_capability(monkeypatch) -> No
         assert not fp8_gemm.wanted(_fake(257, 64), q, s)
         assert quant.kernel_for(_fake(257, 64), w) == "scaled_mm_rowwise"
         assert not fp8_gemm.wanted(_fake(4, 64, dtype=torch.float32), q, s)
-        assert not fp8_gemm.wanted(torch.empty_strided((4, 64), (128, 2), dtype=torch.bfloat16, device="cuda"), q, s)  # x rows not of unit stride
-        assert not fp8_gemm.wanted(_fake(4, 64), torch.empty_strided((32, 64), (1, 32), dtype=fp8_gemm.FP8, device="cuda"), s)  # q not contiguous
+        x_strided = torch.empty_strided((4, 64), (128, 2), dtype=torch.bfloat16, device="cuda")
+        assert not fp8_gemm.wanted(x_strided, q, s)  # x rows not of unit stride
+        q_t = torch.empty_strided((32, 64), (1, 32), dtype=fp8_gemm.FP8, device="cuda")
+        assert not fp8_gemm.wanted(_fake(4, 64), q_t, s)  # q not contiguous
         assert not fp8_gemm.wanted(_fake(4, 64), _fake(32, 64), s)  # a bf16 weight is gemv's
         assert not fp8_gemm.wanted(_fake(4, 64), q, _fake(32))  # bf16 scales
         q40 = _fake(32, 40, dtype=fp8_gemm.FP8)
