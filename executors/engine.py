@@ -561,9 +561,9 @@ class Engine:
         """Run every step shape serving will meet first before any request does: for each decode
         batch bucket up to ``max_seqs`` (``graphs.BATCH_BUCKETS``), that many prompts of
         ``prompt_tokens`` tokens per replica and lane, two new tokens each. The layers compile
-        (dynamic shapes, and the GEMV's tiles are tuned for 1, 2 and 4 rows) and a decode graph is
-        captured per batch bucket at the shortest key bucket; longer contexts capture theirs on first
-        use. The engine's counters are reset after; its KV cache is free again."""
+        (dynamic shapes; the GEMV's tiles are tuned for 1, 2 and 4 rows, the FP8 kernel's per row
+        bucket) and a decode graph is captured per batch bucket at the shortest key bucket; longer
+        contexts capture theirs on first use. The engine's counters are reset after; its KV cache is free again."""
         from executors.graphs import BATCH_BUCKETS
 
         top = self.plan.scheduler.max_seqs
