@@ -79,7 +79,8 @@ def wanted(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
 
 def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None,
            config: tuple[int, ...] | None = None, path: str | None = None) -> torch.Tensor:
-    """``(x [M, K] @ q [N, K]^T) * scale [N] (+ residual [M, N])`` -> ``[M, N]`` in ``x``'s dtype.
+    """``(x [M, K] @ q [N, K]^T) * scale [N] (+ residual [M, N])`` -> ``[M, N]`` in ``x``'s dtype
+    (rows of ``x`` and of the residual of unit stride, any row stride; ``q`` contiguous).
 
     ``path`` "gemv" or "mma" forces a tiling (default: "gemv" for M <= GEMV_MAX_M); ``config`` pins
     its tile (``GEMV_CONFIGS`` / ``MMA_CONFIGS`` entries; benchmarks, tests); None lets the
