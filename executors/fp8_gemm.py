@@ -47,8 +47,11 @@ try:
 except ImportError:  # CPU-only installs: products stay with torch
     triton = None
 
-MAX_M = 256  # rows of x served here; larger batches go to torch._scaled_mm (W8A8)
-GEMV_MAX_M = 16  # up to this many rows the GEMV-like tiling, above it the tl.dot tiling
+# Measured on an H200 (bench/results/fp8_gemm_speed.md, 70B TP2-TP8 and 8B projections): the GEMV-like
+# tiling wins only at 1-2 rows (at 4-16 rows it is 2-13x its floor, the tl.dot tiling 1.6-3x); the
+# tl.dot tiling beats _scaled_mm up to 32 rows and loses from 64-128 rows on the larger shards.
+MAX_M = 32  # rows of x served here; larger batches go to torch._scaled_mm (W8A8)
+GEMV_MAX_M = 2  # up to this many rows the GEMV-like tiling, above it the tl.dot tiling
 ENABLED = os.environ.get("SHIFTPLAN_FP8_GEMM", "1") != "0"  # 0: every FP8 product through _scaled_mm
 KERNEL = "triton_w8a16"  # the name calibration points record for products served here
 FP8 = torch.float8_e4m3fn

@@ -90,7 +90,8 @@ def test_fp8_products_are_routed_by_rows_dtype_and_capability(monkeypatch) -> No
     weight and K a multiple of 16 on an FP8-capable GPU go to the kernel, the rest to
     ``torch._scaled_mm`` (or the widened weight without FP8 tensor cores); the fake kernel gives the
     output shape (what compiled layers trace)."""
-    assert fp8_gemm.MAX_M >= 256 and fp8_gemm.GEMV_MAX_M >= 4
+    top = fp8_gemm.MAX_M
+    assert fp8_gemm.GEMV_MAX_M < top
     q, s = torch.zeros(32, 64, dtype=fp8_gemm.FP8), torch.ones(32)
     assert not fp8_gemm.wanted(torch.zeros(1, 64, dtype=torch.bfloat16), q, s)  # CPU
     assert quant.kernel_for(torch.zeros(1, 64), quant.Fp8Weight(q, s)) == "dequant"
@@ -99,11 +100,11 @@ def test_fp8_products_are_routed_by_rows_dtype_and_capability(monkeypatch) -> No
     with FakeTensorMode():
         q, s = _fake(32, 64, dtype=fp8_gemm.FP8), _fake(32, dtype=torch.float32)
         w = quant.Fp8Weight(q, s)
-        assert fp8_gemm.wanted(_fake(1, 64), q, s) and fp8_gemm.wanted(_fake(256, 64, dtype=torch.float16), q, s)
-        assert fp8_gemm.wanted(_fake(4, 32, 64), q, s)  # leading dims: 128 rows
-        assert quant.kernel_for(_fake(256, 64), w) == "triton_w8a16"
-        assert not fp8_gemm.wanted(_fake(257, 64), q, s)
-        assert quant.kernel_for(_fake(257, 64), w) == "scaled_mm_rowwise"
+        assert fp8_gemm.wanted(_fake(1, 64), q, s) and fp8_gemm.wanted(_fake(top, 64, dtype=torch.float16), q, s)
+        assert fp8_gemm.wanted(_fake(2, top // 2, 64), q, s) and not fp8_gemm.wanted(_fake(2, top, 64), q, s)  # leading dims
+        assert quant.kernel_for(_fake(top, 64), w) == "triton_w8a16"
+        assert not fp8_gemm.wanted(_fake(top + 1, 64), q, s)
+        assert quant.kernel_for(_fake(top + 1, 64), w) == "scaled_mm_rowwise"
         assert not fp8_gemm.wanted(_fake(4, 64, dtype=torch.float32), q, s)
         x_strided = torch.empty_strided((4, 64), (128, 2), dtype=torch.bfloat16, device="cuda")
         assert not fp8_gemm.wanted(x_strided, q, s)  # x rows not of unit stride
