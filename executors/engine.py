@@ -94,7 +94,7 @@ class Engine:
         if self.args.layers != plan.model.num_layers:
             raise UserError(f"plan {plan.name} has {plan.model.num_layers} layers but the model config has {self.args.layers}")
         check_mesh(plan, self.args)
-        run_dtypes(plan)
+        self.pixel_dtype = run_dtypes(plan)[0]  # images travel to the ranks in the tower's dtype
         self.keep_logits, self.tokenizer = keep_logits, tokenizer
         self.num_blocks = kv_blocks or default_blocks(plan, self.args)
         self.block = plan.scheduler.block_size
@@ -442,7 +442,8 @@ class Engine:
         t0 = time.perf_counter()
         for i, req in enumerate(requests):
             try:
-                s = make_seq(base + i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block)
+                s = make_seq(base + i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block,
+                             self.pixel_dtype)
             except UserError as e:
                 results[i].error = str(e)
                 yield i, None, results[i]

@@ -75,8 +75,11 @@ def mrope_positions(tokens: list[int], image_token: int, grids: list[tuple[int, 
     return pos, int(pos.max()) + 1 - L
 
 
-def make_seq(rid: int, req: Request, a: ModelArgs, max_new: int, tokenizer: Any, total_slots: int) -> Seq:
-    """Validate one request and build its sequence; UserError names what is wrong."""
+def make_seq(rid: int, req: Request, a: ModelArgs, max_new: int, tokenizer: Any, total_slots: int,
+             pixel_dtype: torch.dtype = torch.float32) -> Seq:
+    """Validate one request and build its sequence; UserError names what is wrong. Image patches
+    are kept in ``pixel_dtype`` (the tower's compute dtype, which its patch embedding casts them to
+    anyway): a bf16 448x448 image is 2.4 MB on its way to the ranks instead of 4.8 MB."""
     toks = req.tokens
     if toks is None and req.prompt is not None:
         if tokenizer is None:
@@ -108,7 +111,7 @@ def make_seq(rid: int, req: Request, a: ModelArgs, max_new: int, tokenizer: Any,
             raise UserError(f"request has {len(imgs)} image(s) ({sum(per)} image tokens) but {n_pad} image-pad "
                             f"token(s) (id {a.image_token_id}); give one per image or the expanded run")
         s = Seq(req=rid, tokens=toks, prompt_len=len(toks), max_new=max_new)
-        s.image_pixels = torch.cat([im.pixels for im in imgs])
+        s.image_pixels = torch.cat([im.pixels for im in imgs]).to(pixel_dtype)
         s.image_grid = [im.grid for im in imgs]
         s.image_tok_idx = [i for i, t in enumerate(toks) if t == a.image_token_id]
     if a.is_vl:
