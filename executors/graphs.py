@@ -16,11 +16,12 @@ collectives, the lm_head) is captured once per bucket and replayed:
 
 Prefill and mixed steps in plain TP mode (``MixedGraphs``) are captured the same way, per bucket
 ``(T, S, L)`` of tokens (``TOKEN_BUCKETS``, up to ``max_tokens``), sequences and keys: the static
-buffer is ``[tokens T | pos R*T | slots T | sample S | t0, nq, ctx S+1 | seq_of, row0 P | table
-(S+1)*L/bs]`` and ``StageModel.mixed_forward`` attends every sequence (prefill chunks and decodes
-alike) with the paged prefill kernel (``executors.paged_prefill``) over a fixed grid of ``P = T / 16
-+ S`` programs; row ``S`` is an empty sequence that padding programs point at. Steps with image
-rows, SP x TP steps and steps past the largest bucket run eagerly.
+buffer is ``[tokens T | pos R*T | slots T | image flag T | sample S | t0, nq, ctx S+1 | seq_of, row0 P
+| table (S+1)*L/bs]``; a VL model's image rows are copied into one static ``[T, hidden]`` buffer before
+each replay. ``StageModel.mixed_forward`` attends every sequence (prefill chunks and decodes alike)
+with the paged prefill kernel (``executors.paged_prefill``) over a fixed grid of ``P = T / 16 + S``
+programs; row ``S`` is an empty sequence that padding programs point at. SP x TP steps and steps
+past the largest bucket run eagerly.
 
 Graphs share one memory pool and are captured lazily, the first time a bucket is met (NCCL
 collectives are captured too; every rank of a stage meets the same buckets in the same order,
@@ -180,12 +181,14 @@ class MixedGraphs:
         self.rows = 3 if model.a.mrope_section else 1
         self.block = model.block_size
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.img: torch.Tensor | None = None  # [max T, hidden] image rows of the step (VL models)
+        if self.images:  # made here, never inside a capture
+            self._image_rows(self.sizes[-1])
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
-        """A prefill or mixed micro-batch in plain TP mode, without image rows, naming every
+        """A prefill or mixed micro-batch in plain TP mode (image rows included), naming every
         sequence's blocks, that fits a bucket, on a stage the paged prefill kernel serves."""
-        return (not mb.decode and mode == "tp" and self.model.paged_prefill_ok and not mb.img_tok.numel()
-                and not mb.tokens.is_cuda
+        return (not mb.decode and mode == "tp" and self.model.paged_prefill_ok and not mb.tokens.is_cuda
                 and 0 < mb.num_tokens <= self.sizes[-1] and len(mb.ctx) <= self.seq_sizes[-1]
                 and len(mb.blocks) == len(mb.ctx))
 
@@ -199,18 +202,21 @@ class MixedGraphs:
         return T // paged_prefill.BLOCK_M + S
 
     def _size(self, T: int, S: int, L: int) -> int:
-        return T * (2 + self.rows) + S + 3 * (S + 1) + 2 * self._programs(T, S) + (S + 1) * (L // self.block)
+        return T * (3 + self.rows) + S + 3 * (S + 1) + 2 * self._programs(T, S) + (S + 1) * (L // self.block)
 
     def _views(self, buf: torch.Tensor, T: int, S: int, L: int) -> tuple[torch.Tensor, ...]:
         R, P, nb = self.rows, self._programs(T, S), L // self.block
-        tok, pos, slots, sample, seqs, progs, table = buf.split([T, R * T, T, S, 3 * (S + 1), 2 * P, (S + 1) * nb])
-        return tok, pos.view(R, T), slots, sample, seqs.view(3, S + 1), progs.view(2, P), table.view(S + 1, nb)
+        tok, pos, slots, flag, sample, seqs, progs, table = buf.split(
+            [T, R * T, T, T, S, 3 * (S + 1), 2 * P, (S + 1) * nb])
+        return tok, pos.view(R, T), slots, flag, sample, seqs.view(3, S + 1), progs.view(2, P), table.view(S + 1, nb)
 
     def _pack(self, buf: torch.Tensor, mb: MicroBatch, T: int, S: int, L: int) -> None:
         n, s, k = mb.num_tokens, len(mb.ctx), mb.sample_idx.numel()
-        tok, pos, slots, sample, seqs, progs, table = self._views(buf, T, S, L)
+        tok, pos, slots, flag, sample, seqs, progs, table = self._views(buf, T, S, L)
         tok.zero_()
         tok[:n] = mb.tokens
+        flag.zero_()
+        flag[mb.img_tok] = 1
         pos.zero_()
         pos[:, :n] = mb.pos.view(-1, n)
         slots.fill_(self.model.scratch_slot)
@@ -227,9 +233,28 @@ class MixedGraphs:
         table[:s] = mb.block_table(table.shape[1])
 
     def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, T: int, S: int, L: int) -> torch.Tensor:
-        tok, pos, slots, sample, seqs, progs, table = self._views(inp, T, S, L)
+        tok, pos, slots, flag, sample, seqs, progs, table = self._views(inp, T, S, L)
         pre = paged_prefill.PrefillInputs(table, seqs[0], seqs[1], seqs[2], progs[0], progs[1], self.block)
-        return self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre)
+        image = (flag, self._image_rows(T)) if self.images else None
+        return self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image)
+
+    @property
+    def images(self) -> bool:
+        """The stage embeds tokens of a model with a vision tower: steps may carry image rows."""
+        return self.model.a.vision is not None and self.model.model.embed is not None
+
+    def _image_rows(self, T: int) -> torch.Tensor:
+        """``[T, hidden]``: a view of the one static buffer every graph reads image rows from (filled
+        before each replay; rows without the flag are never read)."""
+        if self.img is None:
+            self.img = torch.zeros(self.sizes[-1], self.model.a.hidden, dtype=self.model.dtype,
+                                   device=self.model.par.device)
+        return self.img[:T]
+
+    def _fill_images(self, mb: MicroBatch, T: int) -> None:
+        if self.images and mb.img_tok.numel():
+            rows = self._image_rows(T)
+            rows.index_copy_(0, mb.img_tok.to(rows.device), self.model.image_rows(mb).to(rows.dtype))
 
     def padded(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph)."""
@@ -237,6 +262,7 @@ class MixedGraphs:
         buf = torch.empty(self._size(T, S, L), dtype=torch.long)
         self._pack(buf, mb, T, S, L)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(T - h_in.shape[0], h_in.shape[1])])
+        self._fill_images(mb, T)
         return self._out(mb, self._forward(buf.to(self.model.par.device), h, T, S, L))
 
     def _out(self, mb: MicroBatch, y: torch.Tensor) -> torch.Tensor:
@@ -253,6 +279,7 @@ class MixedGraphs:
             host = torch.empty(self._size(T, S, L), dtype=torch.long).pin_memory()
         self._pack(host, mb, T, S, L)
         if g is None:
+            self._fill_images(mb, T)  # the warm-up runs before the capture read real rows
             dev = self.model.par.device
             inp = host.to(dev)
             h = None if h_in is None else torch.zeros(T, h_in.shape[-1], dtype=h_in.dtype, device=dev)
@@ -262,5 +289,6 @@ class MixedGraphs:
         g.copied.record()
         if g.h is not None:
             g.h[:mb.num_tokens].copy_(h_in)
+        self._fill_images(mb, T)
         g.graph.replay()
         return self._out(mb, g.out).clone()  # the next replay overwrites the static output

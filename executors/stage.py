@@ -113,6 +113,10 @@ class StageModel:
         out = self.vision(torch.cat([j.pixels for j in jobs]), [g for j in jobs for g in j.grid])
         return list(out.split([j.patches // m2 for j in jobs]))
 
+    def image_rows(self, mb: MicroBatch) -> torch.Tensor:
+        """``[N, hidden]``: the embeddings of the micro-batch's image-token rows ``mb.img_tok``, in order."""
+        return torch.cat([self.image_embeds[r][s:s + n] for r, s, n in mb.img_src])
+
     def forget(self, finished: list[int]) -> None:
         """Drop finished requests' image embeddings (preempted ones keep theirs for the recompute)."""
         for r in finished:
@@ -126,8 +130,7 @@ class StageModel:
         if self.model.embed is not None:
             x = self.model.embed(mb.tokens.to(dev))
             if mb.img_tok.numel():
-                rows = torch.cat([self.image_embeds[r][s:s + n] for r, s, n in mb.img_src])
-                x[mb.img_tok.to(dev)] = rows.to(x.dtype)
+                x[mb.img_tok.to(dev)] = self.image_rows(mb).to(x.dtype)
         else:
             x = h_in
         mode = mb.mode_of(self.stage.index)
@@ -180,14 +183,19 @@ class StageModel:
                           self.table_meta(slots, table, lens))
 
     def mixed_forward(self, tokens: torch.Tensor, h_in: torch.Tensor | None, pos: torch.Tensor,
-                      slots: torch.Tensor, sample: torch.Tensor, pre: "paged_prefill.PrefillInputs") -> torch.Tensor:
+                      slots: torch.Tensor, sample: torch.Tensor, pre: "paged_prefill.PrefillInputs",
+                      image: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """A prefill or mixed micro-batch in plain TP mode from device tensors alone (what a
         ``graphs.MixedGraphs`` graph captures): ``tokens [T]`` (or ``h_in [T, hidden]`` on later
         stages), ``pos [T]`` or ``[3, T]``, ``slots [T]``, ``sample [S]`` the rows whose logits are
         wanted, ``pre`` every sequence's rows, key count and blocks (the paged prefill kernel
-        attends them all, decodes included). Returns ``[S, V]`` logits (last stage) or ``[T, hidden]``."""
+        attends them all, decodes included); ``image = (flag [T], rows [T, hidden])``: rows with a
+        nonzero flag take their embedding from ``rows`` (image tokens). Returns ``[S, V]`` logits
+        (last stage) or ``[T, hidden]``."""
         m = self.model
         x = m.embed(tokens) if m.embed is not None else h_in
+        if image is not None and m.embed is not None:
+            x = torch.where(image[0][:, None] != 0, image[1].to(x.dtype), x)
         meta = AttnMeta(slots, None, None, block_size=self.block_size, prefill=pre)
         x = m.layers_forward(x, pos, self.caches, meta, "tp")
         return x if m.lm_head is None else m.logits(x[sample])

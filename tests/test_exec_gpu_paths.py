@@ -276,28 +276,43 @@ def test_paged_prefill_kernel_matches_packed_attention() -> None:
 
 
 MIXED_GRAPH_CHECK = """
+import sys
 import torch
 import executors
+from executors import Request
 from executors.graphs import DecodeGraphs, MixedGraphs
+from executors.images import ImageInput
+from executors.requests import make_seq
 from executors.scheduler import Scheduler, Seq, build_microbatch
 from tests.tiny.helpers import make_plan
 
-plan = make_plan("llama", max_batch_tokens=64, max_seqs=8)
+name = sys.argv[1]
+plan = make_plan(name, max_batch_tokens=64, max_seqs=8)
 bs = plan.scheduler.block_size
 with executors.load(plan, kv_blocks=64) as eng:
-    model = eng.local.model
+    model, a = eng.local.model, eng.args
     sched = Scheduler(64, bs, 24, 8)  # a 24-token budget: the long prompt is cut into chunks
+    g = torch.Generator().manual_seed(0)
     for i, n in enumerate([5, 11, 30]):
-        sched.add(Seq(req=i, tokens=list(range(3 + 5 * i, 3 + 5 * i + n)), prompt_len=n, max_new=4))
+        toks = list(range(3 + 5 * i, 3 + 5 * i + n))
+        if a.vision is not None and i != 1:  # an image in the first and the chunked prompt
+            grid = (1, 4, 4)
+            toks[2] = a.image_token_id
+            req = Request(tokens=toks, images=[ImageInput(torch.randn(16, a.vision.patch_dim, generator=g), grid)])
+        else:
+            req = Request(tokens=toks)
+        sched.add(make_seq(i, req, a, 4, None, 64 * bs))
     graphs = MixedGraphs(model, 64, 8, DecodeGraphs(model, 8))
-    worst, kinds = 0.0, set()
+    worst, kinds, image_steps = 0.0, set(), 0
     with torch.inference_mode():
-        for _ in range(4):  # first chunks; then chunks after cached keys beside decodes
+        for _ in range(5):  # first chunks; then chunks after cached keys beside decodes
             chunks, _ = sched.schedule()
-            mb = build_microbatch(chunks, "tp", bs, None)
+            mb = build_microbatch(chunks, "tp", bs, a.image_token_id)
             if mb.decode:
                 break
             kinds.add(tuple(sorted({c.n == 1 for c in chunks})))
+            image_steps += bool(mb.img_tok.numel())
+            model.receive_images(mb.images)
             got = graphs.padded(mb, None)  # runs first: both write the same keys at the same slots
             want = model.forward(mb, None)
             assert got.shape == want.shape, (got.shape, want.shape)
@@ -307,17 +322,20 @@ with executors.load(plan, kv_blocks=64) as eng:
                 if c.seq.computed >= c.seq.prompt_len:
                     c.seq.tokens.append(7)
     assert (True,) in kinds or (False, True) in kinds, f"no step mixed decodes with prefill chunks: {kinds}"
+    assert graphs.images == (a.vision is not None) and (image_steps > 0) == graphs.images, image_steps
     T, S, L = graphs.shape(mb)
     assert T in graphs.sizes and S <= T and L % bs == 0
 print(worst)
 """
 
 
-def test_mixed_graph_inputs_give_the_eager_logits() -> None:
+@pytest.mark.parametrize("name", ["llama", "qwen2_vl"])
+def test_mixed_graph_inputs_give_the_eager_logits(name: str) -> None:
     """Prefill and mixed steps through ``MixedGraphs``' padded static inputs (token, sequence and
     key buckets; padding tokens at the scratch slot; padding programs on an empty sequence; every
     sequence, decodes too, in the paged prefill kernel run by Triton's interpreter) give the eager
-    step's logits: first chunks, a long prompt's later chunks after its cached keys, and decodes."""
+    step's logits: first chunks, a long prompt's later chunks after its cached keys, and decodes;
+    for the VL model, image rows (and M-RoPE positions) through the static image buffer."""
     import os
     import subprocess
     import sys
@@ -325,7 +343,7 @@ def test_mixed_graph_inputs_give_the_eager_logits() -> None:
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "-c", MIXED_GRAPH_CHECK], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", MIXED_GRAPH_CHECK, name], env=env, capture_output=True, text=True,
                          timeout=600, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split()[-1]) < 1e-4
