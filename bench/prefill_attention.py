@@ -7,7 +7,8 @@ tokens; four chunks of 256 tokens after 1,024 cached keys each; sixteen chunks o
 512. For each path: the wall time of one call from the host (launches included, synchronised: what
 a step outside CUDA graphs pays per layer) and its GPU time (CUDA events), medians of ``--reps``;
 FLOPs over GPU time beside the matmul rate measured in the run; the largest difference between the
-paths' outputs. The kernel is what ``SHIFTPLAN_PAGED_PREFILL=1`` turns on in the engine.
+paths' outputs. The engine's eager steps use the kernel when two or more sequences prefill, its
+prefill graphs always (``executors.paged_prefill``).
 
     python bench/prefill_attention.py --out DIR              # on a CUDA machine
     TRITON_INTERPRET=1 python bench/prefill_attention.py --out DIR --tiny   # CPU dry run (small shapes)
