@@ -181,9 +181,13 @@ class MixedGraphs:
         self.rows = 3 if model.a.mrope_section else 1
         self.block = model.block_size
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
-        self.img: torch.Tensor | None = None  # [max T, hidden] image rows of the step (VL models)
-        if self.images:  # made here, never inside a capture
-            self._image_rows(self.sizes[-1])
+        # static buffers every graph shares (graphs run one at a time), made here, never inside a capture:
+        # the step's image rows (VL models), received hidden states (later stages), the output
+        a, dev, dtype = model.a, model.par.device, model.dtype
+        self.img = torch.zeros(self.sizes[-1], a.hidden, dtype=dtype, device=dev) if self.images else None
+        self.h = torch.zeros(self.sizes[-1], a.hidden, dtype=dtype, device=dev) if model.model.embed is None else None
+        self.out = (torch.zeros(min(self.seq_sizes[-1], self.sizes[-1]), a.vocab, dtype=torch.float32, device=dev)
+                    if model.model.lm_head is not None else torch.zeros(self.sizes[-1], a.hidden, dtype=dtype, device=dev))
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
         """A prefill or mixed micro-batch in plain TP mode (image rows included), naming every
@@ -235,26 +239,20 @@ class MixedGraphs:
     def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, T: int, S: int, L: int) -> torch.Tensor:
         tok, pos, slots, flag, sample, seqs, progs, table = self._views(inp, T, S, L)
         pre = paged_prefill.PrefillInputs(table, seqs[0], seqs[1], seqs[2], progs[0], progs[1], self.block)
-        image = (flag, self._image_rows(T)) if self.images else None
-        return self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image)
+        image = (flag, self.img[:T]) if self.images else None
+        y = self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image)
+        out = self.out[:y.shape[0]]
+        out.copy_(y)  # into the shared output: a graph keeps no output of its own alive
+        return out
 
     @property
     def images(self) -> bool:
         """The stage embeds tokens of a model with a vision tower: steps may carry image rows."""
         return self.model.a.vision is not None and self.model.model.embed is not None
 
-    def _image_rows(self, T: int) -> torch.Tensor:
-        """``[T, hidden]``: a view of the one static buffer every graph reads image rows from (filled
-        before each replay; rows without the flag are never read)."""
-        if self.img is None:
-            self.img = torch.zeros(self.sizes[-1], self.model.a.hidden, dtype=self.model.dtype,
-                                   device=self.model.par.device)
-        return self.img[:T]
-
-    def _fill_images(self, mb: MicroBatch, T: int) -> None:
+    def _fill_images(self, mb: MicroBatch) -> None:
         if self.images and mb.img_tok.numel():
-            rows = self._image_rows(T)
-            rows.index_copy_(0, mb.img_tok.to(rows.device), self.model.image_rows(mb).to(rows.dtype))
+            self.img.index_copy_(0, mb.img_tok.to(self.img.device), self.model.image_rows(mb).to(self.img.dtype))
 
     def padded(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph)."""
@@ -262,7 +260,7 @@ class MixedGraphs:
         buf = torch.empty(self._size(T, S, L), dtype=torch.long)
         self._pack(buf, mb, T, S, L)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(T - h_in.shape[0], h_in.shape[1])])
-        self._fill_images(mb, T)
+        self._fill_images(mb)
         return self._out(mb, self._forward(buf.to(self.model.par.device), h, T, S, L))
 
     def _out(self, mb: MicroBatch, y: torch.Tensor) -> torch.Tensor:
@@ -279,16 +277,16 @@ class MixedGraphs:
             host = torch.empty(self._size(T, S, L), dtype=torch.long).pin_memory()
         self._pack(host, mb, T, S, L)
         if g is None:
-            self._fill_images(mb, T)  # the warm-up runs before the capture read real rows
+            self._fill_images(mb)  # the warm-up runs before the capture read real rows
             dev = self.model.par.device
             inp = host.to(dev)
-            h = None if h_in is None else torch.zeros(T, h_in.shape[-1], dtype=h_in.dtype, device=dev)
+            h = None if self.h is None else self.h[:T]
             graph, out, self.pool_of.pool = capture(lambda: self._forward(inp, h, T, S, L), dev, self.pool_of.pool)
             g = self.graphs[(T, S, L)] = _Graph(graph, inp, host, torch.cuda.Event(), h, out)
         g.inp.copy_(host, non_blocking=True)
         g.copied.record()
         if g.h is not None:
             g.h[:mb.num_tokens].copy_(h_in)
-        self._fill_images(mb, T)
+        self._fill_images(mb)
         g.graph.replay()
         return self._out(mb, g.out).clone()  # the next replay overwrites the static output
