@@ -69,9 +69,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
         _store(cache.k, dst, k)
         _store(cache.v, dst, v)
     if meta.prefill is not None or meta.seqs is not None:
+        out = None
         if meta.prefill is not None:  # every listed sequence in one launch (the stage chose the kernel)
-            out = paged_prefill.attend(q, cache.k, cache.v, meta.prefill)
-        else:
+            try:
+                out = paged_prefill.attend(q, cache.k, cache.v, meta.prefill)
+            except Exception:
+                if meta.seqs is None:  # a captured step's inputs: no per-sequence spans to fall back on
+                    raise
+        if out is None:
             out = _attend_per_sequence(q, k, v, cache, meta, kv_of_q)
         if meta.dec_rows is not None:  # a mixed step's decodes: one batched call, not one per sequence
             out[meta.dec_rows] = _attend_decode_grouped(q[meta.dec_rows], cache, meta, kv_of_q)

@@ -281,7 +281,12 @@ class MixedGraphs:
             dev = self.model.par.device
             inp = host.to(dev)
             h = None if self.h is None else self.h[:T]
-            graph, out, self.pool_of.pool = capture(lambda: self._forward(inp, h, T, S, L), dev, self.pool_of.pool)
+            try:
+                graph, out, self.pool_of.pool = capture(lambda: self._forward(inp, h, T, S, L), dev, self.pool_of.pool)
+            except Exception:
+                if not paged_prefill._failed:
+                    raise
+                return self.model.forward(mb, h_in)  # the kernel failed in the warm-up: eager, and no more graphs
             g = self.graphs[(T, S, L)] = _Graph(graph, inp, host, torch.cuda.Event(), h, out)
         g.inp.copy_(host, non_blocking=True)
         g.copied.record()

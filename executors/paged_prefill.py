@@ -43,6 +43,7 @@ except ImportError:  # CPU-only installs: attention.py keeps its torch path
     triton = None
 
 POLICY = os.environ.get("SHIFTPLAN_PAGED_PREFILL", "auto")  # auto | 1 (always) | 0 (never; graphs off too)
+_failed: list[str] = []  # the kernel's first failure on this process (then per-sequence SDPA serves)
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per inner iteration
 
@@ -50,7 +51,7 @@ BLOCK_N = 64  # keys per inner iteration
 def supported(dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device, replicated_kv: bool) -> bool:
     """The kernel serves CUDA bf16/fp16 queries with plain GQA (no KV head replicated over ranks)
     and a cache of the same dtype, unless ``SHIFTPLAN_PAGED_PREFILL=0``."""
-    return (POLICY != "0" and triton is not None and device.type == "cuda"
+    return (POLICY != "0" and triton is not None and not _failed and device.type == "cuda"
             and dtype in (torch.bfloat16, torch.float16) and cache_dtype == dtype and not replicated_kv)
 
 
@@ -111,8 +112,18 @@ class PrefillInputs:
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, x: PrefillInputs) -> torch.Tensor:
-    """``paged_prefill`` on a micro-batch's ``PrefillInputs``."""
-    return paged_prefill(q, k_cache, v_cache, x.table, x.t0, x.nq, x.ctx, x.seq_of, x.row0, x.block_size)
+    """``paged_prefill`` on a micro-batch's ``PrefillInputs``. A first failure to build or launch
+    (a Triton too old or too new for this GPU) is recorded with one warning and raised: ``supported``
+    then says no, so later steps take per-sequence SDPA and no prefill graph is captured."""
+    try:
+        return paged_prefill(q, k_cache, v_cache, x.table, x.t0, x.nq, x.ctx, x.seq_of, x.row0, x.block_size)
+    except Exception as e:  # compile or launch errors surface at the first (eager) call, before any capture
+        if not _failed:
+            import warnings
+
+            _failed.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"paged prefill kernel unavailable ({_failed[0][:200]}); using per-sequence SDPA")
+        raise
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,

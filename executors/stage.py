@@ -73,8 +73,7 @@ class StageModel:
         self.images_encoded = 0  # requests whose images this rank encoded
         kv_local = kv_heads_per_gpu(a.kv_heads, par.P)
         self.caches = [LayerCache(num_slots, kv_local, a.head_dim, kv_dtype, dev) for _ in self.layers]
-        replicated = any(getattr(m, "kv_of_q", None) is not None for m in self.model.modules())
-        self.paged_prefill_ok = paged_prefill.supported(dtype, kv_dtype, dev, replicated)  # the kernel serves here
+        self.replicated_kv = any(getattr(m, "kv_of_q", None) is not None for m in self.model.modules())
         self.image_embeds: dict[int, torch.Tensor] = {}  # request id -> [image tokens, hidden]
 
     def _vision_tp(self, plan: Plan, a: ModelArgs) -> tuple[Any, int, int]:
@@ -162,6 +161,12 @@ class StageModel:
         if self.model.lm_head is None:
             return x
         return self.model.logits(x[mb.sample_idx.to(dev)])
+
+    @property
+    def paged_prefill_ok(self) -> bool:
+        """The paged prefill kernel serves this stage (and has not failed on this process)."""
+        return paged_prefill.supported(self.dtype, self.caches[0].k.dtype if self.caches else self.dtype,
+                                       self.par.device, self.replicated_kv)
 
     @property
     def block_size(self) -> int:

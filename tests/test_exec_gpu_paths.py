@@ -362,3 +362,29 @@ def test_program_rows_cover_every_query_row_once() -> None:
     want_seq, want_row = programs(spans)
     assert seq_of[:len(want_seq)].tolist() == want_seq and row0[:len(want_row)].tolist() == want_row
     assert seq_of[len(want_seq):].eq(5).all() and len(seq_of) == P
+
+
+def test_a_failing_prefill_kernel_leaves_the_step_to_per_sequence_sdpa(monkeypatch) -> None:
+    """If the paged prefill kernel fails to build or launch (a Triton too old or new for the GPU), an
+    eager step falls back to one SDPA per sequence with the same result, the failure is recorded once,
+    and the kernel is no longer offered (``supported``), so no prefill graph is captured; a captured
+    step's inputs have no spans to fall back on, so there the error propagates."""
+    from executors import paged_prefill
+    from executors.attention import prefill_inputs
+
+    mb, q, k, v, _, cache, want = _packed_reference(3, [(12, 0, 12), (20, 8, 5)], None)
+    spans = sequence_spans(mb)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(paged_prefill, "paged_prefill", broken)
+    monkeypatch.setattr(paged_prefill, "_failed", [])
+    pre = prefill_inputs(mb, spans, spans, BLOCK, q.device)
+    with pytest.warns(UserWarning, match="paged prefill kernel unavailable"):
+        got = attend(q, k, v, cache, AttnMeta(mb.slots, mb.key_slots, None, seqs=spans, prefill=pre), None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert paged_prefill._failed and not paged_prefill.supported(torch.bfloat16, torch.bfloat16,
+                                                                 torch.device("cuda"), False)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        attend(q, k, v, cache, AttnMeta(mb.slots, None, None, block_size=BLOCK, prefill=pre), None)
