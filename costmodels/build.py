@@ -16,6 +16,7 @@ from costmodels.gpu import GPU
 from costmodels.hardware import get_gpu
 from costmodels.model import CostModel
 from costmodels.profile import load_profile
+from costmodels.steps import launch_for
 from graph.opgraph import OpGraph
 
 
@@ -34,12 +35,15 @@ def graph_for_config(cfg: dict[str, Any]) -> OpGraph:
 
 def cost_model_for(cfg: dict[str, Any], gpu: GPU | str, *, weights_dtype: str, kv_dtype: str, gpus_per_node: int,
                    use_profile: bool = True, graph: OpGraph | None = None,
-                   fused_elementwise: bool = False) -> tuple[CostModel, OpGraph]:
+                   fused_elementwise: bool = False, engine: str | None = None,
+                   backend: str | None = None) -> tuple[CostModel, OpGraph]:
     """(CostModel, OpGraph) of an HF config on a catalog GPU (its calibration profile unless
     ``use_profile`` is off) or an inline ``GPU`` (datasheet roofline). ``fused_elementwise``: the
-    engine fuses memory-bound ops (a runtime backend that is not eager; ``CostModel``)."""
+    engine fuses memory-bound ops (a runtime backend that is not eager; ``CostModel``).
+    ``engine`` and ``backend`` (the plan's runtime) pick the profile's measured step terms
+    (``costmodels.steps.launch_for``: this repo's engine with eager or compiled layers); None: none."""
     g = graph if graph is not None else graph_for_config(cfg)
     prof = load_profile(get_gpu(gpu).name) if use_profile and isinstance(gpu, str) else None
     cm = CostModel(g, get_gpu(gpu), weights_dtype=weights_dtype, kv_dtype=kv_dtype, gpus_per_node=gpus_per_node,
-                   profile=prof, fused_elementwise=fused_elementwise)
+                   profile=prof, fused_elementwise=fused_elementwise, launch=launch_for(prof, engine, backend))
     return cm, g

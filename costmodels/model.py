@@ -16,7 +16,11 @@ Op times come from ``costmodels.opcost``; a block's time is the sum over its ops
 collectives (no overlap of communication and compute is assumed). Collectives and stage sends
 read the profile's measured tables where it has them (graph-timed for decode steps, T = B,
 which the engine replays as CUDA graphs; eager otherwise) and the alpha-beta formulas elsewhere
-(``costmodels.collectives``). Decoder layers with
+(``costmodels.collectives``). ``launch`` (``costmodels.steps.Launch``, the engine's measured
+step terms; None: none apply): SP x TP layers pay the Ulysses exchange's in-step cost per byte on
+top of the all-to-alls, and ``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
+``max(layers x host time per layer, GPU time)`` for steps the engine launches eagerly. Block,
+layer and step times (``block_time`` .. ``step_time``) are GPU times. Decoder layers with
 the same op signature are timed once and multiplied; results are memoised per
 (block signature, StepShape, t, s) so the simulator's repeated calls are dictionary hits.
 """
@@ -32,6 +36,7 @@ from costmodels.hardware import dtype_bytes, get_gpu, matmul_tflops
 from costmodels.memory import MemoryBreakdown, memory_per_gpu
 from costmodels.opcost import OpRec, Rates, op_rec, op_time, split_gating
 from costmodels.profile import Profile
+from costmodels.steps import Launch
 from graph.opgraph import Block, OpGraph, StepShape
 from plans.errors import UserError
 from plans.mesh import ParallelDims, even_layers
@@ -80,8 +85,9 @@ class CostModel:
 
     def __init__(self, graph: OpGraph, gpu: GPU | str, *, weights_dtype: str = "bf16", kv_dtype: str = "bf16",
                  act_dtype: str = "bf16", gpus_per_node: int = 8, profile: Profile | None = None,
-                 fused_elementwise: bool = False):
+                 fused_elementwise: bool = False, launch: Launch | None = None):
         self.graph = graph
+        self.launch = launch
         self.gpu = get_gpu(gpu)
         self.weights_dtype, self.kv_dtype, self.act_dtype = weights_dtype, kv_dtype, act_dtype
         self.gpus_per_node = gpus_per_node
@@ -146,11 +152,22 @@ class CostModel:
                 # Ulysses: QKV in (this GPU's T/s tokens of its h/t heads), attention output back
                 comm += links.ms("all_to_all", r.act_read(shape) / (s * t) * ab, s, graph=graph)
                 comm += links.ms("all_to_all", r.act_written(shape) / (s * t) * ab, s, graph=graph)
+                if self.launch is not None:  # the exchange as the engine runs it (copies around it)
+                    comm += (r.act_read(shape) + r.act_written(shape)) / (s * t) * ab \
+                        * self.launch.ulysses_ns_per_byte * 1e-6
         out = Breakdown.of(comp, mem, comm, ovh)
         if len(self._cache) > 200_000:
             self._cache.clear()
         self._cache[key] = out
         return out
+
+    def ulysses_bytes(self, block: Block, shape: StepShape, *, tp: int, sp: int) -> float:
+        """Bytes one GPU sends through a block's Ulysses all-to-alls under SP x TP (QKV in,
+        attention output back: ``(T/sp) x ((h + 2g) + h)/tp x d x act bytes``)."""
+        if sp < 2:
+            return 0.0
+        return sum((r.act_read(shape) + r.act_written(shape)) / (sp * tp) * self.rates.a_bytes
+                   for r in self._recs[block.name] if r.kind == "attention")
 
     def blocks_time(self, blocks: list[Block], shape: StepShape, *, tp: int = 1, sp: int = 1,
                     mode: str = "sp_tp") -> Breakdown:
@@ -209,6 +226,21 @@ class CostModel:
         out = StepCost(stages=per_stage, p2p_ms=sends, total_ms=total, bottleneck_ms=bottleneck)
         self._cache[key] = out
         return out
+
+    def stage_wall_ms(self, gpu_ms: float, layers: int, tokens: float, *, sp: int, mode: str) -> float:
+        """A stage's step with its host side: ``max(layers x host ms per layer, gpu_ms)`` when the
+        engine launches the step eagerly, else ``gpu_ms`` (``costmodels.steps``)."""
+        if self.launch is None:
+            return gpu_ms
+        return self.launch.wall_ms(gpu_ms, layers, tokens, sp, mode)
+
+    def step_wall_ms(self, shape: StepShape, *, pp: int = 1, tp: int = 1, sp: int = 1, mode: str = "sp_tp",
+                     stages: list[tuple[int, int]] | None = None) -> float:
+        """``step_time``'s latency with each stage's host side (``stage_wall_ms``)."""
+        stages = stages or even_layers(len(self.decoders), pp)
+        sc = self.step_time(shape, pp=pp, tp=tp, sp=sp, mode=mode, stages=stages)
+        return sum(self.stage_wall_ms(b.total_ms, hi - lo + 1, shape.tokens, sp=sp, mode=mode)
+                   for b, (lo, hi) in zip(sc.stages, stages)) + sum(sc.p2p_ms)
 
     def p2p_ms(self, nbytes: float, *, inter_node: bool) -> float:
         """A stage-to-stage send: the measured p2p table within a node where the profile has one."""
@@ -276,7 +308,7 @@ class CostModel:
         """Smallest step token count T at which SP x TP beats plain TP of degree tp*sp.
 
         A step of T tokens is modelled as prefill chunks of up to ``context`` tokens each
-        (the last partial). Curve points (T, sp_tp_ms, tp_ms) are returned on a log grid
+        (the last partial), timed with its host side (``step_wall_ms``). Curve points (T, sp_tp_ms, tp_ms) are returned on a log grid
         from 8 to 65536; the crossover is refined to the integer between the last grid point
         where TP wins and the first where SP x TP wins for good. None if SP x TP never wins."""
         if sp <= 1:
@@ -285,8 +317,8 @@ class CostModel:
 
         def costs(n: int) -> tuple[float, float]:
             sh = _chunks(n, context)
-            a = self.step_time(sh, pp=pp, tp=tp, sp=sp, mode="sp_tp").total_ms
-            b = self.step_time(sh, pp=pp, tp=tp, sp=sp, mode="tp").total_ms
+            a = self.step_wall_ms(sh, pp=pp, tp=tp, sp=sp, mode="sp_tp")
+            b = self.step_wall_ms(sh, pp=pp, tp=tp, sp=sp, mode="tp")
             return a, b
 
         curve = [(n, *costs(n)) for n in grid]

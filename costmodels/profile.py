@@ -24,6 +24,10 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
   ``costmodels.collectives.Measured``; their ``meta`` (device, driver, torch, date, group sizes);
   and the alpha-beta fit (``alpha0_us``, ``alpha_us``, ``bus_gbps``) of the largest group, which
   the formulas use for groups beyond the tables.
+* ``steps`` (when measured): step-level terms of this repo's engine, each ``{"value", "source",
+  "derivation"}``: ``host_ms_per_layer[backend]``, the host time of an eagerly launched step per
+  decoder layer, and ``ulysses_ns_per_byte``, the Ulysses exchange's in-step cost per byte
+  (``costmodels.steps``, which fits them from ``bench/results/shift_crossover.json``).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Profile:
     raw: dict[str, Any] = field(default_factory=dict)
     gemm_bias: LogGrid | None = None  # extra us of a bias epilogue, e(M, N)
     gemm_fp8: LogGrid | None = None  # e(M, N, K) of FP8 GEMMs against the FP8 peak, when measured
+    steps: dict[str, Any] = field(default_factory=dict)  # step-level terms of the engine (``costmodels.steps``)
 
     def memop_us(self, name: str, elements: float) -> float | None:
         """Measured time (us) of memory-bound op ``name`` writing ``elements`` elements.
@@ -81,6 +86,7 @@ class Profile:
                 **({"gemm_fp8": self.gemm_fp8.to_json()} if self.gemm_fp8 else {}),
             },
             "collectives": self.collectives,
+            **({"steps": self.steps} if self.steps else {}),
             "raw": self.raw,
         }
 
@@ -94,7 +100,8 @@ class Profile:
                    memops={k: LogGrid.from_json(v) for k, v in t["memops"].items()},
                    collectives=d.get("collectives", {}), raw=d.get("raw", {}),
                    gemm_bias=LogGrid.from_json(t["gemm_bias"]) if "gemm_bias" in t else None,
-                   gemm_fp8=LogGrid.from_json(t["gemm_fp8"]) if "gemm_fp8" in t else None)
+                   gemm_fp8=LogGrid.from_json(t["gemm_fp8"]) if "gemm_fp8" in t else None,
+                   steps=d.get("steps", {}))
 
 
 def read_profile(path: str | Path) -> Profile:

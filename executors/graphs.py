@@ -36,9 +36,9 @@ import torch
 
 from executors import paged_prefill
 from executors.batch import MicroBatch
+from plans.mesh import GRAPH_TOKEN_BUCKETS as TOKEN_BUCKETS
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
-TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # steps of 1.5x: padding at most 50%
 MIN_KEYS = 256
 
 

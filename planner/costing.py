@@ -135,7 +135,18 @@ class Costed:
 
 
 def _layer_ms(model: Model, c: Candidate, shape: StepShape, mode: str, layer: int = 0) -> float:
+    """GPU time of one decoder layer."""
     return model.cost.layers_time(layer, layer, shape, tp=c.tp, sp=c.sp, mode=mode).total_ms
+
+
+def _wall(model: Model, c: Candidate, gpu_ms: float, layers: int, tokens: float, mode: str) -> float:
+    """``gpu_ms`` of ``layers`` decoder layers with the host side of a step the engine launches
+    eagerly (``CostModel.stage_wall_ms``); per layer, max(h, g) sums to a stage's max(n h, n g)."""
+    return model.cost.stage_wall_ms(gpu_ms, layers, tokens, sp=c.sp, mode=mode)
+
+
+def _layer_wall_ms(model: Model, c: Candidate, shape: StepShape, mode: str, layer: int = 0) -> float:
+    return _wall(model, c, _layer_ms(model, c, shape, mode, layer), 1, shape.tokens, mode)
 
 
 def blocks_ms(model: Model, c: Candidate, kinds: tuple[str, ...], shape: StepShape, mode: str) -> float:
@@ -150,7 +161,8 @@ def layer_crossover(model: Model, c: Candidate, mix: TokenMix, batch: int) -> Cr
     if c.sp < 2:
         return None
     def ms(tokens: int, mode: str) -> float:
-        return mixed_ms(lambda sh: _layer_ms(model, c, sh, mode), *mix.step_of(tokens, batch))
+        gpu = mixed_ms(lambda sh: _layer_ms(model, c, sh, mode), *mix.step_of(tokens, batch))
+        return _wall(model, c, gpu, 1, tokens, mode)
 
     return crossover(lambda t: ms(t, "sp_tp"), lambda t: ms(t, "tp"), mix.max_batch_tokens)
 
@@ -179,7 +191,7 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
     m_pf, m_dec, m_tt, m_op = mode(int(pf.tokens)), mode(b_max), mode(int(ttft_shape.tokens)), mode(b_op)
 
     def item(kinds: tuple[str, ...] | None, layer: int = 0) -> ItemCost:
-        f = (lambda s, m: _layer_ms(model, c, s, m, layer)) if kinds is None else \
+        f = (lambda s, m: _layer_wall_ms(model, c, s, m, layer)) if kinds is None else \
             (lambda s, m: blocks_ms(model, c, kinds, s, m))
         return ItemCost(thr=n_pf * f(pf, m_pf) + n_dec * f(dec, m_dec), ttft=f(ttft_shape, m_tt), tpot=f(dec_op, m_op))
 
@@ -222,8 +234,8 @@ def cost_candidate(c: Candidate, model: Model, mix: TokenMix, spec: Spec, facts:
     prob = replace(prob, weights=w)
     steps = n_pf + n_dec
     tp_steps = (n_pf if m_pf == "tp" else 0.0) + (n_dec if m_dec == "tp" else 0.0)
-    pf_ms = n_pf * _layer_ms(model, c, pf, m_pf)
-    dec_ms = n_dec * _layer_ms(model, c, dec, m_dec)
+    pf_ms = n_pf * _layer_wall_ms(model, c, pf, m_pf)
+    dec_ms = n_dec * _layer_wall_ms(model, c, dec, m_dec)
     share = pf_ms / (pf_ms + dec_ms) if pf_ms + dec_ms > 0 else 0.0
     return Costed(c, prob, cross, thr, b_max, b_op, (n_pf, n_dec), tp_steps / steps if steps else 0.0, share)
 
@@ -249,8 +261,9 @@ def _operating_batch(model: Model, c: Candidate, mix: TokenMix, b_max: int, mode
     """Decode batch at the spec's rate: Little's law, concurrency = rate/dp * O * TPOT (fixed point)."""
     b = 1
     for _ in range(4):
-        tpot = model.cost.layers_time(0, model.graph.info.layers - 1, mix.decode_step(b), tp=c.tp, sp=c.sp,
-                                      mode=mode(b)).total_ms
+        L = model.graph.info.layers
+        tpot = _wall(model, c, model.cost.layers_time(0, L - 1, mix.decode_step(b), tp=c.tp, sp=c.sp,
+                                                      mode=mode(b)).total_ms, L, b, mode(b))
         b = max(1, min(b_max, int(math.ceil(mix.rate / c.dp * mix.output_mean * tpot / 1000.0))))
     return b
 

@@ -115,7 +115,8 @@ def cost_model_of(spec: Spec, *, use_profile: bool = True, graph: OpGraph | None
     cfg = load_config(m.preset, spec.resolve(m.config) if m.config else None)
     return cost_model_for(cfg, hw.gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
                           gpus_per_node=hw.gpus_per_node, use_profile=use_profile, graph=graph,
-                          fused_elementwise=spec.runtime.backend != "eager")
+                          fused_elementwise=spec.runtime.backend != "eager", engine=spec.engine,
+                          backend=spec.runtime.backend)
 
 
 def build_model(spec: Spec, progress: Callable[[str], None] | None = None) -> Model:

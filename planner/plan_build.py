@@ -2,7 +2,8 @@
 
 Each stage gets its own shift threshold: the crossover of its own blocks' step time (decoder
 layers, plus the embedding on the first stage and final norm / lm_head on the last), SP x TP vs
-TP(tp*sp), on steps of the workload's mix. KV tokens per GPU on a stage are
+TP(tp*sp), on steps of the workload's mix, each with its host side where the engine launches it
+eagerly (``CostModel.stage_wall_ms``). KV tokens per GPU on a stage are
 ``(KV budget - encoder weights on that stage) / KV bytes per token``; the plan's memory and KV
 capacity are those of the stage with the fewest. The plan's threshold is stage 0's own crossover
 unless ``search.shift_threshold`` pins it.
@@ -39,7 +40,8 @@ def stage_thresholds(model: Model, s: Solved, mix: TokenMix) -> list[Crossover |
                 if i == c.pp - 1:
                     ms += blocks_ms(model, c, ("final_norm", "lm_head"), sh, mode)
                 return ms
-            return mixed_ms(f, *mix.step_of(tokens, mix.max_seqs))
+            gpu = mixed_ms(f, *mix.step_of(tokens, mix.max_seqs))
+            return model.cost.stage_wall_ms(gpu, b - a + 1, tokens, sp=c.sp, mode=mode)
         out.append(crossover(lambda n: t(n, "sp_tp"), lambda n: t(n, "tp"), mix.max_batch_tokens))
     return out
 
@@ -59,7 +61,8 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
                         nodes=spec.hardware.nodes, placement=e.vision or "none", dedicated_gpus=c.dedicated_gpus,
                         vision=model.has_vision, shift=c.sp > 1, threshold=own[0], stage_thresholds=own)
     pf = mix.prefill_step()
-    step_ms = [cm.layers_time(a, b, pf, tp=c.tp, sp=c.sp, mode="sp_tp").total_ms for a, b in e.stages]
+    step_ms = [cm.stage_wall_ms(cm.layers_time(a, b, pf, tp=c.tp, sp=c.sp, mode="sp_tp").total_ms, b - a + 1,
+                                pf.tokens, sp=c.sp, mode="sp_tp") for a, b in e.stages]
     mems = [model.memory(pp=1, tp=c.tp, sp=c.sp, stage_layers=(a, b), with_embedding=i == 0,
                       with_lm_head=i == c.pp - 1, with_vision=False, max_batch_tokens=mix.max_batch_tokens)
             for i, (a, b) in enumerate(e.stages)]

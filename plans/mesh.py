@@ -23,6 +23,11 @@ With ``sp == 1`` the two are the same computation and the mode is ``"tp"``. A st
 is its own (``Stage.shift_threshold_tokens``), else the plan's (``shift.threshold_tokens``), else
 stage 0's own.
 
+CUDA graphs (this repo's engine, ``executors.graphs``): a step in mode ``"tp"`` of at most
+``GRAPH_TOKEN_BUCKETS[-1]`` tokens is replayed as a captured graph (no host launches); SP x TP
+steps, larger steps and steps with image rows run eagerly. The cost model prices the host side
+of the eager ones (``costmodels.steps``).
+
 Vision encoder placements: ``stage0_tp`` (stage 0's P GPUs run one tower, TP-sharded when its
 heads and MLP width divide by P), ``stage0_dp`` (a whole tower on each of stage 0's P GPUs,
 images spread over them), ``all_dp`` (a tower on every GPU of the replica), ``dedicated`` (GPUs
@@ -37,6 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
 from plans.errors import UserError
+
+GRAPH_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # the engine's step
+# graphs' token buckets, steps of 1.5x (padding at most 50%)
 
 AxisName = Literal["dp", "pp", "tp", "sp"]
 AXES: tuple[str, ...] = get_args(AxisName)

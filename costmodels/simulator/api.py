@@ -32,6 +32,7 @@ def cost_model_for_plan(plan: Plan, base_dir: str | Path = ".") -> CostModel:
     from costmodels.build import graph_for_config
     from costmodels.hardware import get_gpu
     from costmodels.profile import load_profile
+    from costmodels.steps import launch_for
     from graph.hf_config import load_config
 
     m = plan.model
@@ -41,7 +42,7 @@ def cost_model_for_plan(plan: Plan, base_dir: str | Path = ".") -> CostModel:
     prof = None if plan.provenance.cost_profile.startswith("roofline") else load_profile(gpu.name)
     return CostModel(graph_for_config(cfg), gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
                      gpus_per_node=plan.hardware.gpus_per_node, profile=prof,
-                     fused_elementwise=plan.backend != "eager")
+                     fused_elementwise=plan.backend != "eager", launch=launch_for(prof, plan.engine, plan.backend))
 
 
 def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: SloTargets | None = None, seed: int = 0,

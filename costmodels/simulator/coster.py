@@ -134,10 +134,17 @@ class ModelCoster:
         chunks (a mixed step); such a step costs its dense work on all tokens plus the attention of
         each part on its own (prefill and decode attention are separate kernels):
         t(mixed) = t(T, B; no attention) + attn(prefill part) + attn(decode part),
-        attn(x) = t(x) - t(x without pairs and KV)."""
+        attn(x) = t(x) - t(x without pairs and KV); then each stage's host side when the engine
+        launches the step eagerly (``CostModel.stage_wall_ms``: max(layers x host time, GPU time))."""
         self.calls += 1
-        if self.exact:
-            return self._exact(shape, mode, decode)
+        gpu = self._exact(shape, mode, decode) if self.exact else self._gpu(shape, mode, decode)
+        if self.cost.launch is None:
+            return gpu
+        return tuple(self.cost.stage_wall_ms(g, hi - lo + 1, shape.tokens, sp=self.sp, mode=mode)
+                     for g, (lo, hi) in zip(gpu, self.stages))
+
+    def _gpu(self, shape: StepShape, mode: str, decode: StepShape | None) -> tuple[float, ...]:
+        """GPU time per stage from the grid (``stage_ms`` adds the host side of eager steps)."""
         t, p, k, b = shape.tokens, shape.pairs, shape.kv, shape.seqs
         if decode is None or decode.tokens == t or decode.tokens == 0:
             return self._one(t, p, k, b, mode)

@@ -1,0 +1,136 @@
+"""Step-level terms of this repo's engine, measured on the GPU host: the host (CPU) time of an
+eagerly launched step and the in-step cost of the Ulysses exchange. They live in the profile
+(``Profile.steps``, each value with its source and derivation) and are fitted here from the
+committed ``bench/results/shift_crossover.json`` (``fit_steps``), on any machine.
+
+Host side. The engine (``executors``) replays plain-TP steps of at most
+``plans.mesh.GRAPH_TOKEN_BUCKETS[-1]`` tokens as CUDA graphs (no host launches); every other step
+(SP x TP, larger, with image rows) is launched from Python, op by op or region by region, and the
+host needs ``h`` ms per decoder layer of the stage (Python, dynamo guards, launches). The host runs
+ahead of the GPU asynchronously, so a stage's step of ``n`` layers whose GPU time is ``g`` takes
+
+    wall = max(n * h, g)          (eager)        wall = g          (graphed)
+
+``max``, not ``n h + g``: on 2 x H200 a TP2 step of 3,072 tokens runs eagerly in 46.0 ms with
+a host time of ~41.5 ms and a modelled GPU time of 43.6 ms (the sum would be 85 ms).
+``h`` per backend = the median SP2 step of 64-2,048 tokens (host-bound: GPU time 7-27 ms) / layers.
+
+Ulysses exchange. An SP x TP layer moves its QKV (``T/sp x (h + 2g)/tp x d``) and attention
+output (``T/sp x h/tp x d``) through the all-to-alls with layout copies around them
+(``executors.parallelize.UlyssesCore``: pack, transpose, unpack). On 2 x H200 the measured SP2
+steps of 3,072-16,384 tokens, both eager and compiled layers, exceed the modelled GPU time (all-to-alls
+from the isolated eager table included) by 2.4-3.0 us per token, linear in T, while TP2 steps
+are within 3-5% (compiled). The layout copies alone account for ~15% of it (~32 KB per token and
+layer at copy bandwidth); the rest is not itemised. It is priced per byte exchanged:
+
+    extra = c * B,   B = sum over layers of (QKV + output bytes per GPU),
+    c = sum(extra_i * B_i) / sum(B_i^2)   (least squares through 0 over the GPU-bound steps)
+
+Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
+backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results
+specs) captures every step, and vLLM / Arctic / SGLang were not measured here: no terms.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from plans.mesh import GRAPH_TOKEN_BUCKETS
+
+if TYPE_CHECKING:
+    from costmodels.model import CostModel
+    from costmodels.profile import Profile
+
+GPU_BOUND = 1.15  # a step is GPU-bound when its modelled GPU time exceeds the host time by this factor
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the engine launches a step (module doc). ``host_ms_per_layer``: an eager step's host
+    time per decoder layer of a stage; ``graph_max_tokens``: plain-TP steps up to this size are
+    graphed; ``ulysses_ns_per_byte``: the Ulysses exchange's in-step cost beyond the all-to-alls."""
+
+    host_ms_per_layer: float
+    graph_max_tokens: int = GRAPH_TOKEN_BUCKETS[-1]
+    ulysses_ns_per_byte: float = 0.0
+
+    def graphed(self, tokens: float, sp: int, mode: str) -> bool:
+        """Whether the engine replays the step as a CUDA graph: plain TP (``sp == 1`` runs TP too)
+        and at most ``graph_max_tokens`` tokens."""
+        return (mode == "tp" or sp == 1) and tokens <= self.graph_max_tokens
+
+    def wall_ms(self, gpu_ms: float, layers: int, tokens: float, sp: int, mode: str) -> float:
+        """A stage's step: ``max(layers * h, gpu_ms)`` when eager, ``gpu_ms`` when graphed."""
+        if self.graphed(tokens, sp, mode):
+            return gpu_ms
+        return max(gpu_ms, layers * self.host_ms_per_layer)
+
+
+def launch_for(profile: Profile | None, engine: str | None, backend: str | None) -> Launch | None:
+    """The profile's measured terms for ``engine`` running ``backend`` layers, or None (module doc)."""
+    if profile is None or engine != "shiftplan" or not profile.steps:
+        return None
+    host = profile.steps.get("host_ms_per_layer", {}).get(backend or "eager")
+    if host is None:
+        return None
+    uly = profile.steps.get("ulysses_ns_per_byte", {})
+    return Launch(float(host["value"]), ulysses_ns_per_byte=float(uly.get("value", 0.0)))
+
+
+# ------------------------------------------------------------------ fits from a shift_crossover report
+
+
+def fit_host_ms_per_layer(sp_tp_ms: dict[int, float], layers: int,
+                          graph_max_tokens: int = GRAPH_TOKEN_BUCKETS[-1]) -> float:
+    """Median SP x TP step time over steps of at most ``graph_max_tokens`` tokens, per layer."""
+    small = [ms for t, ms in sp_tp_ms.items() if t <= graph_max_tokens]
+    if not small:
+        raise ValueError("no SP x TP step at or below the graph limit to fit the host time from")
+    return statistics.median(small) / layers
+
+
+def fit_ulysses_ns_per_byte(extra_ms: list[float], exchange_bytes: list[float]) -> float:
+    """Least squares through 0 of ``extra = c * bytes`` (ns per byte)."""
+    den = sum(b * b for b in exchange_bytes)
+    if den <= 0:
+        raise ValueError("no exchanged bytes to fit the Ulysses term from")
+    return sum(e * b for e, b in zip(extra_ms, exchange_bytes)) / den * 1e6
+
+
+def exchange_bytes(cost: CostModel, shape: Any, *, tp: int, sp: int) -> float:
+    """Bytes one GPU sends through the Ulysses all-to-alls over a whole step (every layer)."""
+    return sum(cost.ulysses_bytes(b, shape, tp=tp, sp=sp) for b in cost.decoders)
+
+
+def step_shape(kind: str, tokens: int, decodes: int, context: int) -> Any:
+    """The StepShape of a ``bench/shift_crossover.py`` step: one prefill of ``tokens``, or a chunk
+    of ``tokens - decodes`` plus ``decodes`` decodes at ``context``."""
+    from graph.opgraph import StepShape
+
+    if kind == "prefill":
+        return StepShape.prefill([tokens])
+    return StepShape.prefill([tokens - decodes]) + StepShape.decode([context] * decodes)
+
+
+def fit_steps(report: dict[str, Any], cost: CostModel) -> dict[str, float]:
+    """``host_ms_per_layer`` (the report's backend) and ``ulysses_ns_per_byte`` from a
+    ``bench/shift_crossover.py`` report; ``cost``: the model without the Ulysses term (its GPU
+    time of SP2 steps). Prefill steps set the host time; GPU-bound SP2 steps of both kinds
+    (modelled GPU time over ``GPU_BOUND`` x the host time) the Ulysses term."""
+    layers = len(cost.decoders)
+    pre = {int(t): r["sp_tp"]["ms"] for t, r in report["steps"]["prefill"].items() if "ms" in r.get("sp_tp", {})}
+    host = fit_host_ms_per_layer(pre, layers)
+    extra, nbytes = [], []
+    for kind, rows in report["steps"].items():
+        for t, r in rows.items():
+            if "ms" not in r.get("sp_tp", {}):
+                continue
+            sh = step_shape(kind, int(t), report["decodes"], report["context"])
+            gpu = cost.step_time(sh, tp=1, sp=2, mode="sp_tp").total_ms
+            if gpu > GPU_BOUND * host * layers:
+                extra.append(r["sp_tp"]["ms"] - gpu)
+                nbytes.append(exchange_bytes(cost, sh, tp=1, sp=2))
+    return {"host_ms_per_layer": host, "ulysses_ns_per_byte": fit_ulysses_ns_per_byte(extra, nbytes),
+            "gpu_bound_steps": len(extra)}
