@@ -148,9 +148,11 @@ def write_checkpoint(cfg: dict, out: Path, device: torch.device, dtype: torch.dt
 
 
 def spec_for(name: str, cfg_path: str | None, preset: str | None, gpus: int, dtype: str,
-             search: dict | None = None, images: bool = False, tokens: tuple[int, int, int] = (1024, 8192, 256)) -> Any:
+             search: dict | None = None, images: bool = False, tokens: tuple[int, int, int] = (1024, 8192, 256),
+             backend: str | None = None) -> Any:
     """A ``planner.spec.Spec`` for ``gpus`` H200s of one node (a preset, or a config file);
-    ``tokens``: the workload's (mean input, max input, mean output) tokens."""
+    ``tokens``: the workload's (mean input, max input, mean output) tokens; ``backend``: the
+    runtime's layers (``runtime.backend``; the spec's default when None)."""
     from planner.spec import Spec
 
     model: dict[str, Any] = {"weights_dtype": dtype, "kv_dtype": dtype}
@@ -166,6 +168,8 @@ def spec_for(name: str, cfg_path: str | None, preset: str | None, gpus: int, dty
                          "workload": workload, "objective": "max_throughput"}
     if search:
         d["search"] = search
+    if backend:
+        d["runtime"] = {"backend": backend}
     return Spec.model_validate(d)
 
 

@@ -32,10 +32,18 @@ planner's definition), interpolated between that point ``T_hi`` and the one belo
 
     log T* = log T_lo + (log T_hi - log T_lo) * d(T_lo) / (d(T_lo) - d(T_hi))
 
-Reported per kind with its ratio to the planner's crossover and whether it lies within 20%.
+Reported per kind with its ratio to the planner's crossover and whether it lies within 20%; a
+planner threshold of the spec's largest step (SP x TP never wins up to it) agrees with a
+measurement where SP x TP is not faster at the largest step. The spec's runtime backend is the
+run's (``--backend``), so the plan is priced for the layers that ran. Beside each measured step
+the cost model's prediction of the same step (``CostModel.step_wall_ms``: GPU time, and the host
+side of steps the engine launches eagerly; ``costmodels.steps``).
 
     python bench/shift_crossover.py --out DIR            # on a machine with 2 GPUs (~1-2 min)
     python bench/shift_crossover.py --out DIR --tiny     # CPU dry run (2 gloo ranks, tiny config)
+    python bench/shift_crossover.py --out DIR --report-only bench/results/shift_crossover.json
+                                                         # rebuild the report on any machine: planner
+                                                         # and predictions recomputed, steps as measured
 
 Writes DIR/shift_crossover.json and DIR/shift_crossover.md.
 """
@@ -254,6 +262,95 @@ def planner_plan(spec: Any) -> tuple[Any, str]:
     return pinned_plan(spec, cost, sp=2, shift=True), f"planner.pinned.pinned_plan (compile: {why[:200]})"
 
 
+def spec_of(tiny: bool, backend: str) -> Any:
+    """The spec the planner compiles: Llama-3.1-8B (or the tiny test config) on 2 x H200, sp pinned
+    to 2, the run's layers as its runtime backend."""
+    from bench.common import spec_for
+
+    if tiny:
+        return spec_for("tiny-llama-2xh200-sp2", str(ROOT / "tests" / "tiny" / "llama.json"), None, 2, "fp32",
+                        {"dp": [1], "pp": [1], "tp": [1], "sp": [2]}, tokens=(32, 64, 8), backend=backend)
+    return spec_for("llama-3.1-8b-2xh200-sp2", None, "llama-3.1-8b", 2, "bf16",
+                    {"dp": [1], "pp": [1], "tp": [1], "sp": [2]}, backend=backend)
+
+
+def planner_side(spec: Any) -> tuple[Any, dict[str, Any]]:
+    """The plan and the report's ``planner`` section: threshold, crossover (None when SP x TP never
+    wins up to the spec's largest step: the threshold is that step), curves, the cost model's own
+    crossover and the terms it priced the steps with."""
+    from planner.inputs import cost_model_of
+
+    plan, source = planner_plan(spec)
+    cost, _ = cost_model_of(spec)
+    cost_cross, _curve = cost.shift_crossover(tp=1, sp=2)
+    th = plan.shift.threshold_tokens
+    never = th is not None and th >= plan.scheduler.max_batch_tokens
+    launch = cost.launch
+    return plan, {"source": source, "threshold_tokens": th, "crossover_tokens": None if th is None or never else th + 1,
+                  "never_switches_up_to": plan.scheduler.max_batch_tokens if never else None,
+                  "stage_thresholds": [s.shift_threshold_tokens for s in plan.stages],
+                  "curves": [{"tokens": c.tokens, "sp_tp_ms": c.sp_tp_ms, "tp_ms": c.tp_ms} for c in plan.shift.curves],
+                  "cost_model_crossover_tokens": cost_cross, "cost_profile": cost.profile_id,
+                  "runtime_backend": spec.runtime.backend,
+                  "launch": None if launch is None else {"host_ms_per_layer": launch.host_ms_per_layer,
+                                                         "graph_max_tokens": launch.graph_max_tokens,
+                                                         "ulysses_ns_per_byte": launch.ulysses_ns_per_byte},
+                  "spec_workload": spec.workload.model_dump(mode="json", exclude_none=True)}
+
+
+def predicted_steps(spec: Any, kinds: list[str], grid: list[int], decodes: int, context: int) -> dict[str, Any]:
+    """The cost model's time (ms) of each measured step in both modes (``step_wall_ms``)."""
+    from costmodels.steps import step_shape
+    from planner.inputs import cost_model_of
+
+    cost, _ = cost_model_of(spec)
+    out: dict[str, Any] = {}
+    for kind in kinds:
+        out[kind] = {}
+        for T in grid:
+            if kind == "mixed" and T <= decodes:
+                continue
+            sh = step_shape(kind, T, decodes, context)
+            tp, sp = (cost.step_wall_ms(sh, tp=1, sp=2, mode=m) for m in MODES)
+            out[kind][str(T)] = {"tp_ms": round(tp, 4), "sp_tp_ms": round(sp, 4), "sp_tp_over_tp": round(sp / tp, 4)}
+    return out
+
+
+def compare(report: dict[str, Any]) -> dict[str, Any]:
+    """Measured crossover per kind against the planner's (module doc)."""
+    pl = report["planner"]
+    planner_x, never = pl["crossover_tokens"], pl.get("never_switches_up_to")
+    out = {}
+    for kind, steps in report["steps"].items():
+        c = crossover(points_of(steps))
+        if c.get("tokens") and planner_x:
+            c["ratio_to_planner"] = float(f"{c['tokens'] / planner_x:.4g}")
+            c["within_20pct"] = abs(c["tokens"] / planner_x - 1) <= WITHIN
+        elif c.get("tokens") is None and "not faster at the largest" in c.get("why", "") and never:
+            c["agrees_with_planner"] = True  # neither switches up to the largest step
+        elif planner_x or c.get("tokens"):
+            c["agrees_with_planner"] = False
+        out[kind] = c
+    return out
+
+
+def report_only(path: Path, out: Path, argv: list[str] | None) -> dict[str, Any]:
+    """Rebuild a report from a measured one on any machine: the planner side and the predictions
+    recomputed, the steps as measured."""
+    from bench.common import command_line, write_report
+
+    r = json.loads(path.read_text())
+    tiny = r["model"].startswith("tiny")
+    spec = spec_of(tiny, r.get("backend") or "eager")
+    _plan, r["planner"] = planner_side(spec)
+    kinds = list(r["steps"])
+    r["predicted"] = predicted_steps(spec, kinds, r["grid"], r["decodes"], r["context"])
+    r["crossover"] = compare(r)
+    r["report_command"] = command_line("bench/shift_crossover.py", argv)
+    write_report(out, "shift_crossover", r, markdown(r), echo=True)
+    return r
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -272,36 +369,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "(host ops and kernels; written to DIR/shift_crossover.profile.md)")
     ap.add_argument("--timeout", type=float, default=360.0,
                     help="seconds before the ranks are stopped (what they measured so far is reported)")
+    ap.add_argument("--report-only", type=Path, default=None, metavar="JSON",
+                    help="rebuild the report from this measured one (no GPU): planner and predictions recomputed")
     a = ap.parse_args(argv)
+    if a.report_only is not None:
+        return report_only(a.report_only, a.out, argv)
     t_start = time.perf_counter()
     import transformers
 
-    from bench.common import command_line, spec_for, write_report
+    from bench.common import command_line, write_report
     from executors.config import model_args
     from graph.hf_config import load_config
-    from planner.inputs import cost_model_of
 
     if a.tiny:
-        cfg_path = str(ROOT / "tests" / "tiny" / "llama.json")
-        cfg = json.loads(Path(cfg_path).read_text())
-        spec = spec_for("tiny-llama-2xh200-sp2", cfg_path, None, 2, "fp32", {"dp": [1], "pp": [1], "tp": [1], "sp": [2]},
-                        tokens=(32, 64, 8))
+        cfg = json.loads((ROOT / "tests" / "tiny" / "llama.json").read_text())
         device = "cpu"
         a.min_tokens, a.max_tokens, a.decodes, a.context = 8, min(a.max_tokens, 64), min(a.decodes, 4), min(a.context, 16)
         a.reps, a.warmup = min(a.reps, 3), min(a.warmup, 1)
     else:
         cfg = load_config(preset="llama-3.1-8b")
-        spec = spec_for("llama-3.1-8b-2xh200-sp2", None, "llama-3.1-8b", 2, "bf16",
-                        {"dp": [1], "pp": [1], "tp": [1], "sp": [2]})
         device = "cuda"
     a.backend = a.backend or ("eager" if a.tiny else "compile")
+    spec = spec_of(a.tiny, a.backend)
     margs = model_args(cfg)
-    plan, source = planner_plan(spec)
-    cost, _ = cost_model_of(spec)
-    cost_cross, _curve = cost.shift_crossover(tp=1, sp=2)
+    plan, planner = planner_side(spec)
     grid = token_grid(a.min_tokens, a.max_tokens)
     kinds = [k for k in a.kinds.split(",") if k]
-    th = plan.shift.threshold_tokens
     report: dict[str, Any] = {
         "command": command_line("bench/shift_crossover.py", argv),
         "device": "2 x " + (torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")),
@@ -309,11 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": ("tiny llama config" if a.tiny else "llama-3.1-8b shapes") + f", {plan.model.weights_dtype}, random weights",
         "backend": a.backend, "cuda_graphs": a.cuda_graphs,
         "mesh": "sp2 (shift: plain TP over the 2 GPUs at or below the threshold)",
-        "planner": {"source": source, "threshold_tokens": th, "crossover_tokens": th + 1 if th is not None else None,
-                    "stage_thresholds": [s.shift_threshold_tokens for s in plan.stages],
-                    "curves": [{"tokens": c.tokens, "sp_tp_ms": c.sp_tp_ms, "tp_ms": c.tp_ms} for c in plan.shift.curves],
-                    "cost_model_crossover_tokens": cost_cross,
-                    "spec_workload": spec.workload.model_dump(mode="json", exclude_none=True)},
+        "planner": planner,
         "grid": grid, "decodes": a.decodes, "context": a.context, "reps": a.reps, "warmup": a.warmup,
         "steps": {}, "crossover": {},
     }
@@ -336,13 +425,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shutil.rmtree(tmp.parent, ignore_errors=True)
     report["steps"] = got.get("steps", {})
     report["build_s"] = got.get("build_s")
-    planner_x = report["planner"]["crossover_tokens"]
-    for kind in kinds:
-        c = crossover(points_of(report["steps"].get(kind, {})))
-        if c.get("tokens") and planner_x:
-            c["ratio_to_planner"] = float(f"{c['tokens'] / planner_x:.4g}")
-            c["within_20pct"] = abs(c["tokens"] / planner_x - 1) <= WITHIN
-        report["crossover"][kind] = c
+    report["predicted"] = predicted_steps(spec, kinds, grid, a.decodes, a.context)
+    report["crossover"] = compare({"planner": planner, "steps": {k: report["steps"].get(k, {}) for k in kinds}})
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_report(a.out, "shift_crossover", report, markdown(report), echo=True)
     return report
@@ -373,32 +457,59 @@ def run_ranks(job: dict[str, Any], world: int, timeout: float) -> dict[str, Any]
     return {"exit_codes": [p.exitcode for p in procs], "timed_out": timed_out}
 
 
+def planner_line(pl: dict[str, Any]) -> str:
+    """The planner's threshold in words."""
+    own = pl["cost_model_crossover_tokens"]
+    own = f"{own} tokens" if own is not None else "none up to 65,536 tokens"
+    if pl.get("never_switches_up_to"):
+        head = (f"threshold {pl['threshold_tokens']} tokens, the spec's largest step: SP x TP never wins up to "
+                f"{pl['never_switches_up_to']} tokens, every step runs TP")
+    else:
+        head = f"threshold {pl['threshold_tokens']} tokens, so SP x TP from {pl['crossover_tokens']} tokens"
+    lu = pl.get("launch")
+    terms = ("no host or Ulysses terms" if not lu else
+             f"host {lu['host_ms_per_layer']} ms per layer of an eager step (plain-TP steps up to "
+             f"{lu['graph_max_tokens']} tokens graphed), Ulysses exchange {lu['ulysses_ns_per_byte']} ns per byte")
+    return (f"Planner ({pl['source']}, runtime backend {pl.get('runtime_backend', '?')}, profile "
+            f"{pl.get('cost_profile', '?')}; {terms}): {head} (the cost model's own crossover on prefill chunks of "
+            f"up to 1,024 tokens: {own}). The spec's workload (its token mix sets the planner's steps): "
+            f"`{json.dumps(pl['spec_workload'])}`.")
+
+
 def markdown(r: dict[str, Any]) -> str:
     pl = r["planner"]
+    rebuilt = f" Report rebuilt from the measured steps: `{r['report_command']}`." if r.get("report_command") else ""
     lines = [f"# Shift threshold vs measured SP2 / TP2 crossover: {r['model']}", "",
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, mesh {r['mesh']}. "
-             f"Command: `{r['command']}`.", "",
-             f"Planner ({pl['source']}): threshold {pl['threshold_tokens']} tokens, so SP x TP from "
-             f"{pl['crossover_tokens']} tokens (the cost model's own crossover on prefill chunks of up to 1,024 "
-             f"tokens: {pl['cost_model_crossover_tokens']}). The spec's workload (its token mix sets the planner's "
-             f"steps): `{json.dumps(pl['spec_workload'])}`.", "",
+             f"Command: `{r['command']}`.{rebuilt}", "",
+             planner_line(pl), "",
              f"Step time (median of {r['reps']} after {r['warmup']} warm-up runs) of one forward step (layers {r.get('backend', 'eager')}, {'TP steps of up to 2,048 tokens as CUDA graphs' if r.get('cuda_graphs') else 'no CUDA graph'}) forced to "
              f"each mode; `mixed`: a prefill chunk plus {r['decodes']} decodes at a context of {r['context']}.", ""]
     for kind, c in r["crossover"].items():
-        if c.get("tokens"):
+        if c.get("tokens") and "ratio_to_planner" in c:
             lines.append(f"* **{kind}**: measured crossover {c['tokens']} tokens (between {c['bracket'][0]} and "
                          f"{c['bracket'][1]}), {c['ratio_to_planner']}x the planner's "
                          f"({'within' if c['within_20pct'] else 'outside'} 20%)")
+        elif c.get("tokens"):
+            lines.append(f"* **{kind}**: measured crossover {c['tokens']} tokens (between {c['bracket'][0]} and "
+                         f"{c['bracket'][1]}); the planner never switches: disagree")
         else:
-            lines.append(f"* **{kind}**: no crossover measured: {c.get('why')}")
+            agree = {True: "; the planner never switches either: agree", False: "; the planner switches: disagree"}
+            lines.append(f"* **{kind}**: no crossover measured: {c.get('why')}{agree.get(c.get('agrees_with_planner'), '')}")
+    pred = r.get("predicted", {})
     for kind, steps in r["steps"].items():
-        lines += ["", f"## {kind}", "", "| step tokens | TP2 ms | SP2 ms | SP2 / TP2 |", "|---|---|---|---|"]
+        lines += ["", f"## {kind}", "", "| step tokens | TP2 ms | SP2 ms | SP2 / TP2 | predicted TP2 ms | predicted SP2 ms "
+                  "| predicted SP2 / TP2 |", "|---|---|---|---|---|---|---|"]
         for T, row in steps.items():
+            p = pred.get(kind, {}).get(T, {})
+            guess = f"{p['tp_ms']:.1f} | {p['sp_tp_ms']:.1f} | {p['sp_tp_over_tp']:.3f}" if p else "- | - | -"
             if "error" in row:
-                lines.append(f"| {T} | error: {row['error'][:80]} | | |")
+                lines.append(f"| {T} | error: {row['error'][:80]} | | | {guess} |")
                 continue
             cell = lambda m: row[m]["ms"] if "ms" in row.get(m, {}) else f"error: {row.get(m, {}).get('error', '-')[:60]}"  # noqa: E731
-            lines.append(f"| {T} | {cell('tp')} | {cell('sp_tp')} | {row.get('sp_tp_over_tp', '-')} |")
+            lines.append(f"| {T} | {cell('tp')} | {cell('sp_tp')} | {row.get('sp_tp_over_tp', '-')} | {guess} |")
+    if r.get("assembled_from"):
+        lines += ["", f"Steps assembled from {r['assembled_from']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -49,8 +49,11 @@ def test_shift_crossover_tiny_run(tmp_path):
     assert r["ranks"] == {"exit_codes": [0, 0], "timed_out": False}
     pl = r["planner"]
     assert pl["source"] == "planner.api.compile_spec"
-    assert pl["crossover_tokens"] == pl["threshold_tokens"] + 1 and pl["curves"]
-    assert pl["cost_model_crossover_tokens"] >= 1
+    if pl["never_switches_up_to"] is None:
+        assert pl["crossover_tokens"] == pl["threshold_tokens"] + 1
+    else:
+        assert pl["crossover_tokens"] is None and pl["threshold_tokens"] == pl["never_switches_up_to"]
+    assert pl["curves"] and pl["runtime_backend"] == "eager"
     for kind in sc.KINDS:
         steps = r["steps"][kind]
         assert sorted(int(t) for t in steps) == [8, 12, 16]
@@ -67,6 +70,32 @@ def test_shift_crossover_tiny_run(tmp_path):
             assert c["why"]
     md = (tmp_path / "shift_crossover.md").read_text()
     assert "## prefill" in md and "## mixed" in md and f"threshold {pl['threshold_tokens']} tokens" in md
+    for kind in sc.KINDS:  # a prediction beside every measured step
+        assert set(r["predicted"][kind]) == set(r["steps"][kind])
+        assert all(p["tp_ms"] > 0 and p["sp_tp_ms"] > 0 for p in r["predicted"][kind].values())
+
+
+def test_shift_crossover_report_only_rebuilds_the_committed_report(tmp_path):
+    """No GPU: the committed measurement's steps kept, the planner side and predictions recomputed
+    for the layers that ran (compiled), and the verdict the measurement gives: no crossover up to
+    8,192 tokens, and the planner does not switch either."""
+    from pathlib import Path
+
+    src = Path(sc.ROOT) / "bench" / "results" / "shift_crossover.json"
+    measured = json.loads(src.read_text())
+    r = sc.main(["--out", str(tmp_path), "--report-only", str(src)])
+    assert r["steps"] == measured["steps"] and r["command"] == measured["command"]
+    pl = r["planner"]
+    assert pl["runtime_backend"] == measured["backend"] == "compile" and pl["launch"]["host_ms_per_layer"] > 0
+    assert pl["never_switches_up_to"] == pl["threshold_tokens"] == 8192 and pl["crossover_tokens"] is None
+    for kind in sc.KINDS:
+        assert r["crossover"][kind]["tokens"] is None and r["crossover"][kind]["agrees_with_planner"] is True
+        pred, steps = r["predicted"][kind], r["steps"][kind]
+        for t in ("3072", "4096", "6144", "8192"):  # GPU-bound eager steps: SP2 not faster, as measured
+            assert 1.0 < pred[t]["sp_tp_over_tp"] < 1.15
+            assert pred[t]["sp_tp_ms"] == pytest.approx(steps[t]["sp_tp"]["ms"], rel=0.1)
+            assert pred[t]["tp_ms"] == pytest.approx(steps[t]["tp"]["ms"], rel=0.1)
+    assert (tmp_path / "shift_crossover.md").read_text().count("agree") == 2
 
 
 # ------------------------------------------------------------------ vl_speed
