@@ -3,8 +3,9 @@ engine's measurement (issue 15, point 4).
 
 Measured: ``bench/results/mesh_speed.json`` (Llama-3.1-8B shapes, bf16, decode steps as CUDA
 graphs; layers eager or compiled, its ``backend``): the decode step at batch 1 (512-token prompt, 128 new tokens: mean context ~576)
-and the TTFT of one 8,192-token prompt. Predicted: ``CostModel.step_time`` of the same shapes with
-the H200 profile (the eager cost model for eager layers, the fused one for compiled layers, as
+and the TTFT of one 8,192-token prompt. Predicted: ``CostModel.step_wall_ms`` of the same shapes with
+the H200 profile and this engine's step terms (host side of eager steps, Ulysses exchange;
+``costmodels.steps``) (the eager cost model for eager layers, the fused one for compiled layers, as
 the layers ran), per mesh: tp2 (TP over 2), shift(sp2)
 (TP over 2 for a decode, SP2 for the prefill), pp2 (a single request crosses both stages, so its
 step is the sum of the stages plus the send). Speedup = one GPU's time / the mesh's; error =
@@ -35,8 +36,8 @@ def predicted(cost) -> dict[str, dict[str, float]]:
     from graph.opgraph import StepShape
 
     dec, pre = StepShape.decode([CONTEXT]), StepShape.prefill([PREFILL])
-    return {name: {"decode_ms": cost.step_time(dec, pp=pp, tp=tp, sp=sp, mode=dm).total_ms,
-                   "prefill_ms": cost.step_time(pre, pp=pp, tp=tp, sp=sp, mode=pm).total_ms}
+    return {name: {"decode_ms": cost.step_wall_ms(dec, pp=pp, tp=tp, sp=sp, mode=dm),
+                   "prefill_ms": cost.step_wall_ms(pre, pp=pp, tp=tp, sp=sp, mode=pm)}
             for name, (pp, tp, sp, dm, pm) in MESHES.items()}
 
 
@@ -74,7 +75,8 @@ def main() -> None:
     reports = [json.loads(f.read_text()) for f in args.mesh_speed]
     backend = reports[0].get("backend", "eager")
     cost, _ = cost_model_for(load_config(preset="llama-3.1-8b"), "h200", weights_dtype="bf16", kv_dtype="bf16",
-                             gpus_per_node=2, fused_elementwise=backend != "eager")
+                             gpus_per_node=2, fused_elementwise=backend != "eager", engine="shiftplan",
+                             backend=backend)
     pred, meas, rows = predicted(cost), measured(reports[0]), []
     for ms in reports:
         m = measured(ms)
