@@ -326,9 +326,9 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
         if c.get("tokens") and planner_x:
             c["ratio_to_planner"] = float(f"{c['tokens'] / planner_x:.4g}")
             c["within_20pct"] = abs(c["tokens"] / planner_x - 1) <= WITHIN
-        elif c.get("tokens") is None and "not faster at the largest" in c.get("why", "") and never:
-            c["agrees_with_planner"] = True  # neither switches up to the largest step
-        elif planner_x or c.get("tokens"):
+        elif c.get("tokens") is None and "not faster at the largest" in c.get("why", ""):
+            c["agrees_with_planner"] = bool(never)  # agree when neither switches up to the largest step
+        else:  # one switches and the other not, or SP x TP measured faster from the smallest step
             c["agrees_with_planner"] = False
         out[kind] = c
     return out

@@ -39,7 +39,10 @@ the run goes on. Decode steps replay CUDA graphs where they run; layers are comp
 (``--backend``; eager with ``--tiny``).
 
     python bench/vl_speed.py --out DIR                 # on a machine with 2 GPUs (~4 min)
-    python bench/vl_speed.py --out DIR --tiny          # CPU dry run (gloo ranks, tiny config)
+    python bench/vl_speed.py --out DIR --tiny          # CPU dry run (gloo ranks, tiny config; the shift
+                                                       # threshold pinned at TINY_THRESHOLD tokens so that
+                                                       # both modes run: the H200 cost model's crossover
+                                                       # says nothing about a tiny config on CPU ranks)
 
 Writes DIR/vl_speed.json and DIR/vl_speed.md (rewritten after each case).
 """
@@ -64,6 +67,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+TINY_THRESHOLD = 8  # --tiny: steps of at most 8 tokens run TP, larger ones SP x TP
 CASES: dict[str, dict[str, Any]] = {
     "single": {},
     "tp2/stage0_tp": {"tp": 2, "placement": "stage0_tp"},
@@ -199,10 +203,13 @@ def batch_run(eng: Any, reqs: list[Any], new: int) -> dict[str, float]:
             "output_tok_s": round(sum(len(t) for t in times.values()) / wall, 1), "requests_s": round(done / wall, 3)}
 
 
-def case_plan(spec: Any, cost: Any, name: str, max_seqs: int, max_tokens: int) -> Any:
+def case_plan(spec: Any, cost: Any, name: str, max_seqs: int, max_tokens: int, threshold: int | None = None) -> Any:
+    """The case's pinned plan; ``threshold`` pins a shift case's threshold (else the cost model's)."""
     from planner.pinned import pinned_plan
 
     kw = dict(CASES[name])
+    if threshold is not None and kw.get("shift"):
+        kw["threshold"] = threshold
     return pinned_plan(spec, cost, name=f"vl-speed-{name.replace('/', '-')}", max_seqs=max_seqs,
                        max_batch_tokens=max_tokens, **kw)
 
@@ -290,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_seqs, max_tokens = 8, 256
     else:
         cfg = load_config(preset="qwen2-vl-7b")
-        spec = spec_for("qwen2-vl-7b-2xh200", None, "qwen2-vl-7b", 2, "bf16", images=True)
+        spec = spec_for("qwen2-vl-7b-2xh200", None, "qwen2-vl-7b", 2, "bf16", images=True,
+                        backend=a.backend or "compile")  # priced for the layers that run
         device, dtype = "cuda", torch.bfloat16
         px, res = 448, [int(x) for x in a.resolutions.split(",")]
         max_seqs, max_tokens = 64, 8192
@@ -348,7 +356,7 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
     for name in [c for c in a.cases.split(",") if c]:
         r: dict[str, Any] = {}
         try:
-            plan = case_plan(spec, cost, name, max_seqs, max_tokens)
+            plan = case_plan(spec, cost, name, max_seqs, max_tokens, TINY_THRESHOLD if a.tiny else None)
             enc = plan.dims().encoder(m.vision.num_heads, m.vision.mlp_dim)
             r.update(mesh=plan.mesh.label(), placement=plan.vision.placement, shift_threshold=plan.shift.threshold_tokens,
                      encoder={"stages": list(enc.stages), "tp": enc.tp, "replicas": enc.dp})

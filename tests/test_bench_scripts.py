@@ -63,11 +63,14 @@ def test_shift_crossover_tiny_run(tmp_path):
         c = r["crossover"][kind]
         if c["tokens"] is not None:
             lo, hi = c["bracket"]
-            assert lo <= c["tokens"] <= hi
+            assert lo is None or lo <= c["tokens"] <= hi
+        else:
+            assert c["why"]
+        if c["tokens"] is not None and pl["crossover_tokens"] is not None:
             assert c["ratio_to_planner"] == pytest.approx(c["tokens"] / pl["crossover_tokens"], rel=1e-2)
             assert c["within_20pct"] == (abs(c["ratio_to_planner"] - 1) <= 0.2 + 1e-3)
         else:
-            assert c["why"]
+            assert isinstance(c["agrees_with_planner"], bool)
     md = (tmp_path / "shift_crossover.md").read_text()
     assert "## prefill" in md and "## mixed" in md and f"threshold {pl['threshold_tokens']} tokens" in md
     for kind in sc.KINDS:  # a prediction beside every measured step
