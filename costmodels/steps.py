@@ -5,7 +5,7 @@ committed ``bench/results/shift_crossover.json`` (``fit_steps``), on any machine
 
 Host side. The engine (``executors``) replays plain-TP steps of at most
 ``plans.mesh.GRAPH_TOKEN_BUCKETS[-1]`` tokens as CUDA graphs (no host launches); every other step
-(SP x TP, larger, with image rows) is launched from Python, op by op or region by region, and the
+(SP x TP, or larger) is launched from Python, op by op or region by region, and the
 host needs ``h`` ms per decoder layer of the stage (Python, dynamo guards, launches). The host runs
 ahead of the GPU asynchronously, so a stage's step of ``n`` layers whose GPU time is ``g`` takes
 

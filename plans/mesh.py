@@ -25,7 +25,7 @@ stage 0's own.
 
 CUDA graphs (this repo's engine, ``executors.graphs``): a step in mode ``"tp"`` of at most
 ``GRAPH_TOKEN_BUCKETS[-1]`` tokens is replayed as a captured graph (no host launches); SP x TP
-steps, larger steps and steps with image rows run eagerly. The cost model prices the host side
+steps and larger steps run eagerly. The cost model prices the host side
 of the eager ones (``costmodels.steps``).
 
 Vision encoder placements: ``stage0_tp`` (stage 0's P GPUs run one tower, TP-sharded when its
