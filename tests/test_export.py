@@ -49,6 +49,15 @@ def _stages(layers: int, pp: int) -> list[Stage]:
                   embedding=i == 0, lm_head=i == pp - 1) for i in range(pp)]
 
 
+def _vl_shift() -> Plan:
+    """The Qwen2.5-VL-72B plan as tp2 x sp4 with shift at 518 tokens, encoder stage0_dp (the committed
+    plan's mesh before the engine's host terms moved it to dp4xtp2)."""
+    vl = _plan("qwen2.5-vl-72b-8xh200")
+    return _with(vl, mesh=Mesh(tp=2, sp=4), shift=Shift(enabled=True, threshold_tokens=518),
+                 stages=[st.model_copy(update={"shift_threshold_tokens": 518}) for st in _stages(80, 1)],
+                 vision=Vision(placement="stage0_dp"))
+
+
 def _argv(x) -> list[list[str]]:
     return [la.argv for la in x.launches]
 
@@ -151,8 +160,7 @@ def test_arctic_runs_the_plans_sp_and_threshold():
 
 
 def test_vllm_folds_sp_into_tp_and_names_the_limit():
-    plan = _plan("qwen2.5-vl-72b-8xh200")  # tp2 x sp4, encoder stage0_dp
-    x = export_plan(plan, "vllm")
+    x = export_plan(_vl_shift(), "vllm")
     (argv,) = _argv(x)
     assert _flag(argv, "--tensor-parallel-size") == "8" and "--ulysses-sequence-parallel-size" not in argv
     assert _flag(argv, "--mm-encoder-tp-mode") == "data"
@@ -229,13 +237,12 @@ def test_python_api_exports():
 
 
 def test_arctic_limits_name_their_reason():
-    vl = _plan("qwen2.5-vl-72b-8xh200")
-    assert "M-RoPE" in export_plan(vl, "arctic").downgrades[0]
+    assert "M-RoPE" in export_plan(_vl_shift(), "arctic").downgrades[0]
     assert "without pipeline stages" in export_plan(_plan("llama-3.1-70b-2x8xh100"), "arctic").downgrades[0]
-    odd = _with(_plan("qwen2.5-32b-8xh200"), scheduler=Scheduler(max_seqs=255))
+    odd = _with(_plan("qwen2.5-32b-8xh200"), scheduler=Scheduler(max_seqs=255))  # dp2 x sp4
     x = export_plan(odd, "arctic")
-    assert x.target.sp == 8 and x.target.max_seqs == 248
-    assert "keep --max-num-seqs divisible by the SP degree: 255 % 8 = 7" in x.downgrades[0]
+    assert x.target.sp == 4 and x.target.max_seqs == 252
+    assert "keep --max-num-seqs divisible by the SP degree: 255 % 4 = 3" in x.downgrades[0]
     _, _, all_dp = _synthetic_plans()
     assert "first pipeline stage only" in export_plan(all_dp, "sglang").downgrades[0]
     assert export_plan(all_dp, "vllm").target.placement == "stage0_dp"
@@ -260,7 +267,7 @@ def test_cli_refusals_exit_2(tmp_path, capsys):
     assert "--format must be" in err and "plan file not found" in err and "Traceback" not in err
     out = tmp_path / "arctic.sh"
     assert plan_main(["export", plan, "--engine", "arctic", "--no-downgrade", "-o", str(out)]) == 0
-    assert "--ulysses-sequence-parallel-size 8" in out.read_text()
+    assert "--ulysses-sequence-parallel-size 4" in out.read_text()
 
 
 # ------------------------------------------------------------------ the spec's engine restricts the search
