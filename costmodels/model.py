@@ -227,6 +227,15 @@ class CostModel:
         self._cache[key] = out
         return out
 
+    def without_launch(self) -> "CostModel":
+        """The same model without the engine's step terms (``launch``): an engine that replays every
+        step as a CUDA graph and runs the Ulysses exchange at its collectives' cost."""
+        import copy
+
+        c = copy.copy(self)
+        c.launch, c._cache = None, {}
+        return c
+
     def stage_wall_ms(self, gpu_ms: float, layers: int, tokens: float, *, sp: int, mode: str) -> float:
         """A stage's step with its host side: ``max(layers x host ms per layer, gpu_ms)`` when the
         engine launches the step eagerly, else ``gpu_ms`` (``costmodels.steps``)."""

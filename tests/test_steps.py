@@ -57,6 +57,20 @@ def test_host_side_only_on_eager_steps(cfg):
     assert two >= L * h
 
 
+def test_without_launch_is_the_same_model_with_every_step_graphed(cfg):
+    """``CostModel.without_launch`` (the research report's engine that graphs every step): no host
+    side and no Ulysses extra, the original model untouched."""
+    cm = model(cfg)
+    sh = StepShape.prefill([256])
+    eager = cm.step_wall_ms(sh, tp=1, sp=2, mode="sp_tp")
+    ideal = cm.without_launch()
+    assert ideal.launch is None and cm.launch is not None
+    g = ideal.step_time(sh, tp=1, sp=2, mode="sp_tp").total_ms
+    assert ideal.step_wall_ms(sh, tp=1, sp=2, mode="sp_tp") == pytest.approx(g) and g < eager
+    assert g < cm.step_time(sh, tp=1, sp=2, mode="sp_tp").total_ms  # the exchange's extra is gone too
+    assert cm.step_wall_ms(sh, tp=1, sp=2, mode="sp_tp") == pytest.approx(eager)
+
+
 def test_terms_only_for_this_engine_and_measured_backends(cfg):
     prof = load_profile("h200")
     assert launch_for(prof, "shiftplan", "compile") is not None and launch_for(prof, "shiftplan", "eager") is not None
