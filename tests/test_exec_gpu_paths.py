@@ -388,3 +388,28 @@ def test_a_failing_prefill_kernel_leaves_the_step_to_per_sequence_sdpa(monkeypat
                                                                  torch.device("cuda"), False)
     with pytest.raises(RuntimeError, match="no kernel"):
         attend(q, k, v, cache, AttnMeta(mb.slots, None, None, block_size=BLOCK, prefill=pre), None)
+
+
+def test_mixed_graphs_take_only_plain_tp_prefill_steps_that_fit() -> None:
+    """``MixedGraphs.accepts``: prefill and mixed micro-batches in plain TP mode up to the largest
+    token bucket, on a stage the kernel serves; not decodes (the decode graphs' job), not SP x TP
+    steps, not steps past the largest bucket."""
+    from types import SimpleNamespace
+
+    from executors.graphs import TOKEN_BUCKETS, MixedGraphs, bucket
+
+    model = SimpleNamespace(a=SimpleNamespace(mrope_section=None, vision=None, hidden=8, vocab=16),
+                            block_size=BLOCK, par=SimpleNamespace(device=torch.device("cpu")), dtype=torch.float32,
+                            model=SimpleNamespace(embed=object(), lm_head=object()), paged_prefill_ok=True)
+    g = MixedGraphs(model, max_tokens=100, max_seqs=8, pool_of=SimpleNamespace(pool=None))
+    assert g.sizes[-1] == bucket(100, TOKEN_BUCKETS) and g.out.shape == (8, 16) and g.img is None
+    mb = _microbatch([(12, 0, 12), (30, 29, 1), (20, 8, 5)])
+    assert g.accepts(mb, "tp") and not g.accepts(mb, "sp_tp")
+    T, S, L = g.shape(mb)
+    assert T == bucket(mb.num_tokens, TOKEN_BUCKETS) and S == 4 and L % BLOCK == 0 and L >= 30
+    dec = _microbatch([(12, 11, 1), (30, 29, 1)])
+    assert dec.decode and not g.accepts(dec, "tp")
+    big = _microbatch([(g.sizes[-1] + 1, 0, g.sizes[-1] + 1)])
+    assert not g.accepts(big, "tp")
+    model.paged_prefill_ok = False
+    assert not g.accepts(mb, "tp")
