@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="rebuild the report from this measured one (no GPU): planner and predictions recomputed")
     a = ap.parse_args(argv)
     if a.report_only is not None:
+        if not a.report_only.is_file():
+            ap.error(f"--report-only: no measured report at {a.report_only}")
         return report_only(a.report_only, a.out, argv)
     t_start = time.perf_counter()
     import transformers

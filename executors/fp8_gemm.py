@@ -16,7 +16,7 @@ GEMM's time at M = 16-256, ``bench/results/published.md``) and needs the activat
 
 Two tilings, chosen by M:
 
-* ``M <= GEMV_MAX_M`` (GEMV-like, as ``executors.gemv``): one program owns ``BLOCK_N`` output
+* ``M <= GEMV_MAX_M`` (``executors.gemv``'s kernel, the scale applied to its sums): one program owns ``BLOCK_N`` output
   columns and streams their rows of ``q`` in ``[BLOCK_N, BLOCK_K]`` tiles (each weight byte read
   once, by one program), widened to fp32 and multiplied by the ``[M, BLOCK_K]`` slice of ``x`` into an
   fp32 ``[M, BLOCK_N, BLOCK_K]`` accumulator summed over K at the end.
@@ -40,6 +40,8 @@ import inspect
 import os
 
 import torch
+
+from executors import gemv
 
 try:
     import triton
@@ -100,10 +102,10 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torc
     path = path or ("gemv" if M <= GEMV_MAX_M else "mma")
     if path == "gemv":
         if config is None:
-            _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args)
+            _gemv_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args, True)
         else:
             bn, bk, warps = config
-            _w8_gemv[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            gemv._gemv[(triton.cdiv(N, bn),)](*args, True, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     elif config is None:
         _mma_tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))](*args)
     else:
@@ -128,25 +130,6 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _w8_gemv(X, Q, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr,
-                 HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, M_BLOCK)
-        nmask, mmask = n < N, m < M
-        acc = tl.zeros([M_BLOCK, BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            w = tl.load(Q + n[:, None].to(tl.int64) * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
-        y = tl.sum(acc, axis=2) * tl.load(S + n, mask=nmask, other=0.0)[None, :]  # [M_BLOCK, BLOCK_N]
-        out_mask = mmask[:, None] & nmask[None, :]
-        if HAS_RES:
-            y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
     def _w8_mma(X, Q, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr,
                 HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # M tiles first: one weight tile, read together
@@ -165,12 +148,6 @@ if triton is not None:
             y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
         tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
 
-    def _gemv_fits(configs: list, nargs: dict, **_kw) -> list:
-        """Tiles whose fp32 accumulator stays within 128 registers a thread."""
-        m = nargs["M_BLOCK"]
-        ok = [c for c in configs if m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
-        return ok or configs[:1]
-
     def _mma_fits(configs: list, nargs: dict, **_kw) -> list:
         """Tiles no taller than the rows (rounded up to 16, the smallest tensor-core tile)."""
         m = max(16, nargs["M_BLOCK"])
@@ -185,8 +162,8 @@ if triton is not None:
     _bench = {"do_bench": _tune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in GEMV_CONFIGS],
-        key=["N", "K", "M_BLOCK"], prune_configs_by={"early_config_prune": _gemv_fits}, **_bench,
-    )(_w8_gemv)
+        key=["N", "K", "M_BLOCK"], prune_configs_by={"early_config_prune": gemv.fits}, **_bench,
+    )(gemv._gemv)  # the bf16 GEMV's kernel with the scale applied
     _mma_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bn, bk, w, s in MMA_CONFIGS],

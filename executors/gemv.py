@@ -57,13 +57,12 @@ def launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = Non
     MB = triton.next_power_of_2(M)
     res = residual if residual is not None else y  # not read without HAS_RES
     sr = residual.stride(0) if residual is not None else 0
+    args = (x, w, y, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None, False)  # no scale
     if config is None:
-        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](x, w, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB,
-                                                          residual is not None)
+        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args)
     else:
         bn, bk, warps = config
-        _gemv[(triton.cdiv(N, bn),)](x, w, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None,
-                                      BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        _gemv[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
 
 
@@ -81,8 +80,10 @@ def _(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) ->
 if triton is not None:
 
     @triton.jit
-    def _gemv(X, W, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv(X, W, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+              HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``y = (x W^T) [* S] [+ R]``: ``W`` in any dtype widened to fp32 (bf16/fp16, or e4m3 with its
+        per-row scale ``S [N]``, ``executors.fp8_gemm``)."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_BLOCK)
         nmask, mmask = n < N, m < M
@@ -94,12 +95,14 @@ if triton is not None:
             x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
         y = tl.sum(acc, axis=2)  # [M_BLOCK, BLOCK_N]
+        if HAS_SCALE:
+            y = y * tl.load(S + n, mask=nmask, other=0.0)[None, :]
         out_mask = mmask[:, None] & nmask[None, :]
         if HAS_RES:
             y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
         tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
 
-    def _fits(configs: list, nargs: dict, **_kw) -> list:
+    def fits(configs: list, nargs: dict, **_kw) -> list:
         """Tiles whose fp32 accumulator stays within 128 registers a thread."""
         m = nargs["M_BLOCK"]
         ok = [c for c in configs if m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
@@ -107,5 +110,5 @@ if triton is not None:
 
     _tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in CONFIGS],
-        key=["N", "K", "M_BLOCK"], prune_configs_by={"early_config_prune": _fits},
+        key=["N", "K", "M_BLOCK"], prune_configs_by={"early_config_prune": fits},
     )(_gemv)

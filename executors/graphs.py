@@ -276,8 +276,8 @@ class MixedGraphs:
         else:
             host = torch.empty(self._size(T, S, L), dtype=torch.long).pin_memory()
         self._pack(host, mb, T, S, L)
+        self._fill_images(mb)  # before a capture too: its warm-up runs read real rows
         if g is None:
-            self._fill_images(mb)  # the warm-up runs before the capture read real rows
             dev = self.model.par.device
             inp = host.to(dev)
             h = None if self.h is None else self.h[:T]
@@ -292,6 +292,5 @@ class MixedGraphs:
         g.copied.record()
         if g.h is not None:
             g.h[:mb.num_tokens].copy_(h_in)
-        self._fill_images(mb)
         g.graph.replay()
         return self._out(mb, g.out).clone()  # the next replay overwrites the static output

@@ -43,6 +43,11 @@ except ImportError:  # CPU-only installs: attention.py keeps its torch path
     triton = None
 
 POLICY = os.environ.get("SHIFTPLAN_PAGED_PREFILL", "auto")  # auto | 1 (always) | 0 (never; graphs off too)
+if POLICY not in ("auto", "0", "1"):
+    import warnings
+
+    warnings.warn(f"SHIFTPLAN_PAGED_PREFILL={POLICY!r} is not one of auto, 0, 1; using auto")
+    POLICY = "auto"
 _failed: list[str] = []  # the kernel's first failure on this process (then per-sequence SDPA serves)
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per inner iteration

@@ -12,6 +12,7 @@ import pytest
 
 from bench import shift_crossover as sc
 from bench import vl_speed as vl
+from tests.tiny.helpers import run_interpreted
 
 
 # ------------------------------------------------------------------ shift_crossover
@@ -299,16 +300,7 @@ def test_fidelity_tiny_run(tmp_path):
 def test_prefill_attention_dry_run(tmp_path):
     """bench/prefill_attention.py on CPU (the kernel through Triton's interpreter): both paths timed
     per case, the same outputs, FLOPs from the causal formula."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, str(root / "bench" / "prefill_attention.py"), "--out", str(tmp_path), "--tiny"],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_interpreted("bench/prefill_attention.py", "--out", str(tmp_path), "--tiny")
     r = json.loads((tmp_path / "prefill_attention.json").read_text())
     from bench.prefill_attention import TINY
 
@@ -331,16 +323,7 @@ def test_fp8_gemm_speed_dry_run(tmp_path):
     """bench/fp8_gemm_speed.py on CPU (the kernel through Triton's interpreter): every method timed
     at every (shape, M), the kernel's result within fp16 rounding of the dequantized reference (both
     tilings at M <= GEMV_MAX_M), floors from the weight bytes, the markdown table written."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, str(root / "bench" / "fp8_gemm_speed.py"), "--out", str(tmp_path), "--tiny"],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = run_interpreted("bench/fp8_gemm_speed.py", "--out", str(tmp_path), "--tiny")
     r = json.loads((tmp_path / "fp8_gemm_speed.json").read_text())
     from bench.fp8_gemm_speed import SHAPES, TINY, TINY_ROWS
 
@@ -356,7 +339,7 @@ def test_fp8_gemm_speed_dry_run(tmp_path):
         for m in ("bf16", "rowwise", "tensorwise", "triton"):
             assert x[f"{m}_us"] > 0 and f"{m}_error" not in x
     md = (tmp_path / "fp8_gemm_speed.md").read_text()
-    assert "| tiny/down (40 x 96) | 17 |" in md and md in out.stdout
+    assert "| tiny/down (40 x 96) | 17 |" in md and md in stdout
     # the GPU shapes: a 70B Llama's projections under TP8 / TP4 / TP2 and Llama-3.1-8B's
     assert SHAPES["70b/tp8/qkv"] == (1280, 8192) and SHAPES["70b/tp4/o"] == (8192, 2048)
     assert SHAPES["70b/tp2/gate_up"] == (28672, 8192) and SHAPES["8b/down"] == (4096, 14336) and len(SHAPES) == 16

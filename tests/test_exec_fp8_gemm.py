@@ -17,6 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from executors import fp8_gemm, quant
+from tests.tiny.helpers import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,10 +75,7 @@ def test_fp8_kernel_matches_dequantized_reference() -> None:
     (bf16: 2^-8 relative, fp16: 2^-11): rows 1, 3, 16, 17 and 40, edges masked in N and K, with and
     without the residual (rows 2 N apart); and ``quant.linear`` of an
     ``Fp8Weight`` through the op, with the residual fused or added after and a bias."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    bf16, fp16 = map(float, out.stdout.split()[-2:])
+    bf16, fp16 = map(float, run_interpreted("-c", KERNEL_CHECK).split()[-2:])
     assert bf16 < 2 ** -7 and fp16 < 2 ** -9, (bf16, fp16)
 
 

@@ -15,6 +15,7 @@ from executors.attention import (LayerCache, _attend_decode_grouped, _attend_per
                                  packed_mask, sequence_spans, split_decodes)
 from executors.model import AttnMeta
 from executors.scheduler import Chunk, Seq, build_microbatch
+from tests.tiny.helpers import run_interpreted
 
 BLOCK = 4
 
@@ -176,15 +177,7 @@ def test_paged_decode_kernel_matches_reference() -> None:
     groups and a head size that is not a power of two (the ranges combined by the second kernel, or
     one range written directly);
     and the KV store kernel writing strided views at their slots, padding at the scratch slot."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    out = subprocess.run([sys.executable, "-c", PAGED_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split()[-1]) < 2e-3
+    assert float(run_interpreted("-c", PAGED_CHECK).split()[-1]) < 2e-3
 
 
 GEMV_CHECK = """
@@ -206,15 +199,7 @@ def test_gemv_kernel_matches_matmul() -> None:
     """The Triton GEMV of decode steps (run by Triton's interpreter on CPU) against ``x @ W^T``:
     1 to 4 rows, output and reduction lengths that are not multiples of the tile (masked edges), with
     and without the residual added in its epilogue."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    out = subprocess.run([sys.executable, "-c", GEMV_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split()[-1]) < 1e-5
+    assert float(run_interpreted("-c", GEMV_CHECK).split()[-1]) < 1e-5
 
 
 def test_gemv_is_routed_only_for_few_cuda_rows() -> None:
@@ -262,17 +247,7 @@ def test_paged_prefill_kernel_matches_packed_attention() -> None:
     mixed micro-batches: first chunks, chunks after cached keys (causal from their position), single
     decodes, 8 query heads over 2 KV heads, keys read through scattered blocks; with every sequence
     in the kernel, and with only what ``split_decodes`` leaves (the decodes' rows untouched)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "-c", PREFILL_CHECK], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split()[-1]) < 1e-4
+    assert float(run_interpreted("-c", PREFILL_CHECK).split()[-1]) < 1e-4
 
 
 MIXED_GRAPH_CHECK = """
@@ -336,17 +311,7 @@ def test_mixed_graph_inputs_give_the_eager_logits(name: str) -> None:
     sequence, decodes too, in the paged prefill kernel run by Triton's interpreter) give the eager
     step's logits: first chunks, a long prompt's later chunks after its cached keys, and decodes;
     for the VL model, image rows (and M-RoPE positions) through the static image buffer."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "-c", MIXED_GRAPH_CHECK, name], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split()[-1]) < 1e-4
+    assert float(run_interpreted("-c", MIXED_GRAPH_CHECK, name).split()[-1]) < 1e-4
 
 
 def test_program_rows_cover_every_query_row_once() -> None:
@@ -413,3 +378,19 @@ def test_mixed_graphs_take_only_plain_tp_prefill_steps_that_fit() -> None:
     assert not g.accepts(big, "tp")
     model.paged_prefill_ok = False
     assert not g.accepts(mb, "tp")
+
+
+def test_an_unknown_paged_prefill_setting_is_named_and_auto_is_used() -> None:
+    """``SHIFTPLAN_PAGED_PREFILL`` other than auto, 0 or 1: one warning naming the value and the
+    choices, and the default policy."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.tiny.helpers import ROOT
+
+    env = dict(os.environ, SHIFTPLAN_PAGED_PREFILL="yes", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", "from executors import paged_prefill; print(paged_prefill.POLICY)"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "auto", out.stderr[-2000:]
+    assert "SHIFTPLAN_PAGED_PREFILL='yes' is not one of auto, 0, 1" in out.stderr

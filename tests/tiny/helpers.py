@@ -1,4 +1,5 @@
-"""Build test plans directly from the schema, save tiny HF checkpoints, run the HF oracle."""
+"""Build test plans directly from the schema, save tiny HF checkpoints, run the HF oracle, run Triton
+kernels through the interpreter."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from plans.mesh import ParallelDims, even_layers
 from plans.schema import Hardware, MemoryPerGPU, ModelRef, Plan, Provenance, Scheduler
 
 HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
 CONFIGS = {n: HERE / f"{n}.json" for n in ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl", "mistral")}
 IMAGE_TOKEN = 120
 
@@ -131,3 +133,17 @@ def save_tokenizer(out: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(128)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(str(out))
+
+
+def run_interpreted(*args: str, timeout: float = 600) -> str:
+    """``python ARGS`` from the repository root in a fresh process with ``TRITON_INTERPRET=1`` (Triton
+    kernels run on CPU tensors; the variable must be set before triton is imported); fails the test
+    with the process's stderr unless it exits 0, and returns its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
