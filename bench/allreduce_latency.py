@@ -8,7 +8,10 @@ A decode step at batch B all-reduces ``[B, hidden]`` twice per layer. Timed, per
 * ``nccl_graph``: 64 of them captured in one CUDA graph, replayed (how decode graphs run them);
 * ``symm_eager`` / ``symm_graph``: PyTorch symmetric memory's one-shot all-reduce
   (``torch.ops.symm_mem.one_shot_all_reduce``: each GPU reads its peers' buffers over NVLink and
-  sums; no NVLink multicast), the same two ways.
+  sums; no NVLink multicast), the same two ways;
+* ``unfused_graph`` / ``fused_graph``: what a layer does with the sum, in a graph: the one-shot
+  all-reduce then the residual add and RMSNorm (one compiled kernel), against the three in one
+  kernel (``executors.reduce_norm``); ``fused_same_bits`` whether they agree bit for bit.
 
 A variant that fails records its error; the rest go on.
 
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROWS = (1, 8, 32, 128)
 HIDDEN = 4096
 CALLS = 64
@@ -61,6 +65,29 @@ def _graph(call) -> torch.cuda.CUDAGraph:
     return g
 
 
+def _fused(row: dict, x: torch.Tensor, group, dev: torch.device) -> None:
+    """A layer's all-reduce + residual add + RMSNorm: one kernel (``executors.reduce_norm``, through
+    ``OneShotAllReduce.add_norm``) against the one-shot all-reduce followed by the add and the norm
+    compiled into one kernel (the unfused path of compiled layers); both in CUDA graphs. Records
+    whether the two give the same bits."""
+    from executors.layers import rms_norm
+    from executors.parallel import OneShotAllReduce
+
+    ar = OneShotAllReduce(group, x.dtype, dev)
+    x = torch.randn(x.shape, device=dev).to(x.dtype)  # this rank's term (the x above was summed in place)
+    g = torch.Generator(device=dev).manual_seed(1)  # the same residual and weight on every rank
+    res = torch.randn(x.shape, device=dev, generator=g).to(x.dtype)
+    w = torch.randn(x.shape[-1], device=dev, generator=g).to(x.dtype)
+    add_norm = torch.compile(lambda s: (lambda h: (h, rms_norm(h, w, 1e-5)))(s + res))
+    fused = lambda: ar.add_norm(x, res, w, 1e-5)  # noqa: E731
+    unfused = lambda: add_norm(ar(x))  # noqa: E731
+    (h1, y1), (h2, y2) = fused(), unfused()
+    row["fused_same_bits"] = bool(torch.equal(h1, h2) and torch.equal(y1, y2))
+    row["fused_max_diff"] = float(max((h1.float() - h2.float()).abs().max(), (y1.float() - y2.float()).abs().max()))
+    row["fused_graph_us"] = round(_time(_graph(fused).replay, 10) / CALLS, 2)
+    row["unfused_graph_us"] = round(_time(_graph(unfused).replay, 10) / CALLS, 2)
+
+
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -93,6 +120,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             row["symm_graph_us"] = round(_time(g.replay, 10) / CALLS, 2)
         except Exception as e:  # noqa: BLE001
             row["symm_error"] = f"{type(e).__name__}: {e}"[:300]
+        try:
+            _fused(row, x, group, dev)
+        except Exception as e:  # noqa: BLE001
+            row["fused_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(rank, json.dumps(row), flush=True)
     if rank == 0:
@@ -118,11 +149,13 @@ def main() -> None:
     r = json.loads(path.read_text())
     lines = [f"# Small all-reduces: {r['gpus']} x {r['device']}, torch {r['torch']}, NCCL {r['nccl']}", "",
              f"Command: `{r['command']}`. Per call, microseconds; graph = {CALLS} calls captured in one CUDA graph.", "",
-             "| rows x 4096 bf16 | bytes | NCCL eager | NCCL in graph | symm-mem one-shot eager | symm-mem in graph |",
-             "|---|---|---|---|---|---|"]
+             "| rows x 4096 bf16 | bytes | NCCL eager | NCCL in graph | symm-mem one-shot eager | symm-mem in graph "
+             "| one-shot + add + norm in graph | fused all-reduce + add + norm in graph | same bits |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         cells = [x.get(k, x.get(k.split("_")[0] + "_error", "-")) for k in
-                 ("nccl_eager_us", "nccl_graph_us", "symm_eager_us", "symm_graph_us")]
+                 ("nccl_eager_us", "nccl_graph_us", "symm_eager_us", "symm_graph_us", "unfused_graph_us",
+                  "fused_graph_us", "fused_same_bits")]
         lines.append(f"| {x['rows']} | {x['bytes']} | " + " | ".join(str(c) for c in cells) + " |")
     (args.out / "allreduce_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

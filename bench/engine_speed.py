@@ -121,7 +121,7 @@ def run_batch(eng: Any, B: int, prompt: int, new: int, vocab: int, seed: int, de
     if device.startswith("cuda") and runner is not None and runner.graphs is not None:
         from triton.testing import do_bench
 
-        from executors.graphs import bucket
+        from executors.graphs import bucket, kernel_table
 
         mine = [(b, k) for b, k in runner.graphs.graphs if b == bucket(B, runner.graphs.sizes)]
         if mine:  # GPU time of the step alone: the last decode bucket's graph replayed
@@ -129,22 +129,6 @@ def run_batch(eng: Any, B: int, prompt: int, new: int, vocab: int, seed: int, de
             out["graph_replay_ms"] = round(do_bench(gr.replay, warmup=20, rep=200, return_mode="median"), 3)
             out["graph_kernels"] = kernel_table(gr.replay)
     return out
-
-
-def kernel_table(fn: Any, reps: int = 5, top: int = 40) -> list[dict[str, Any]]:
-    """The GPU kernels of ``fn`` (a graph replay) by total time per call: where a step's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                fn()
-            torch.cuda.synchronize()
-        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
-        return [{"kernel": e.key[:90], "us_per_step": round(e.device_time_total / reps, 1), "calls_per_step": e.count // reps}
-                for e in rows]
-    except Exception as e:  # profiling is a diagnosis, never a reason to lose the run
-        return [{"error": f"{type(e).__name__}: {e}"}]
 
 
 def hf_generate(hf: Any, B: int, prompt: int, new: int, vocab: int, seed: int, device: str) -> dict[str, float]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs:
     p, n, long, conc, cp, cn = (512, 128, 8192, 64, 1024, 64) if not tiny else (16, 8, 64, 4, 16, 4)
     blocks = -(-(conc * (cp + cn) + long) // plan.scheduler.block_size) + 64
     t = time.perf_counter()
+    prof_dir = Path(tempfile.mkdtemp(prefix="graph-profile-"))  # spawned ranks profile their decode graph at shutdown
+    os.environ["SHIFTPLAN_GRAPH_PROFILE"] = str(prof_dir)
     with executors.load(plan, weights=ckpt, device=device, backend=backend, kv_blocks=blocks, cuda_graphs=graphs,
                         config=cfg, lookahead=lookahead, all_reduce=all_reduce) as eng:
         out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 1)}
@@ -85,6 +88,9 @@ def measure(plan: Any, cfg: dict, ckpt: Path, device: str, backend: str, graphs:
         prompt = torch.randint(10, min(a.vocab, 100_000), (64,), generator=torch.Generator().manual_seed(3)).tolist()
         out["greedy_tokens"] = eng.generate([executors.Request(tokens=prompt)], max_new_tokens=16,
                                             sampling=executors.Sampling(temperature=0.0, stop_on_eos=False))[0].tokens
+    os.environ.pop("SHIFTPLAN_GRAPH_PROFILE")
+    if (prof_dir / "rank0.json").exists():  # rank 0's smallest decode graph: replay time and kernels
+        out["graph_profile"] = json.loads((prof_dir / "rank0.json").read_text())
     return out
 
 

@@ -294,3 +294,41 @@ class MixedGraphs:
             g.h[:mb.num_tokens].copy_(h_in)
         g.graph.replay()
         return self._out(mb, g.out).clone()  # the next replay overwrites the static output
+
+
+def profile(graphs: DecodeGraphs, reps: int = 100) -> dict:
+    """Where a decode step's GPU time goes (``SHIFTPLAN_GRAPH_PROFILE``, ``worker.run_rank``): for the
+    smallest captured batch bucket (its shortest keys bucket), the replay time in ms (CUDA events
+    over ``reps`` replays) and its kernels (``kernel_table``). Every rank of a group replays the
+    same graph as often (their collectives pair up)."""
+    if not graphs.graphs:
+        return {}
+    key = min(graphs.graphs)
+    g = graphs.graphs[key].graph
+    for _ in range(10):
+        g.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return {"bucket": list(key), "graph_replay_ms": round(a.elapsed_time(b) / reps, 4), "graph_kernels": kernel_table(g.replay)}
+
+
+def kernel_table(fn, reps: int = 5, top: int = 40) -> list[dict]:
+    """The GPU kernels of ``fn`` (a graph replay) by total time per call: where a step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    try:
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+        return [{"kernel": e.key[:90], "us_per_step": round(e.device_time_total / reps, 1), "calls_per_step": e.count // reps}
+                for e in rows]
+    except Exception as e:  # profiling is a diagnosis, never a reason to lose the run
+        return [{"error": f"{type(e).__name__}: {e}"}]
+

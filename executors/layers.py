@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executors.parallel import all_reduce
+from executors.parallel import OneShotAllReduce, all_reduce
 from executors.quant import Fp8Weight, cat, linear, read_linear
 from executors.weights import Runs, WeightSource
 from plans.errors import UserError
@@ -62,8 +62,20 @@ class Linear(Checkpointed):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.group is None:
             return linear(x, self.weight, self.bias, self.scale, residual)
-        y = all_reduce(linear(x, self.weight, scale=self.scale), self.group)
-        y = y if self.bias is None else y + self.bias
+        return self.finish(self.partial(x), residual)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's term of the product: ``forward`` before the all-reduce and bias (unsharded:
+        the whole product, bias included). ``finish`` completes it."""
+        if self.group is None:
+            return linear(x, self.weight, self.bias, self.scale)
+        return linear(x, self.weight, scale=self.scale)
+
+    def finish(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``partial``'s output summed over the group, plus the bias (``+ residual``)."""
+        if self.group is not None:
+            y = all_reduce(y, self.group)
+            y = y if self.bias is None else y + self.bias
         return y if residual is None else y + residual
 
 
@@ -75,6 +87,15 @@ class RMSNorm(Checkpointed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor, src: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, rms(h))`` with ``h = residual + src.finish(x)``, ``x`` being ``src.partial``'s output.
+        Where ``src`` sums through symmetric memory, the all-reduce, the add and this norm are one
+        kernel (``parallel.OneShotAllReduce.add_norm``)."""
+        if isinstance(src.group, OneShotAllReduce) and src.bias is None:
+            return src.group.add_norm(x, residual, self.weight, self.eps)
+        h = src.finish(x, residual)
+        return h, self(h)
 
 
 class LayerNorm(Checkpointed):

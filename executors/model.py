@@ -32,6 +32,10 @@ Forward of one layer on ``x [n, H]`` (rotary ``cos, sin [n, D]``)::
 
     h = x + o(attend(rope(q), rope(k), v))      q, k, v = split(qkv(rms(x)))   [n, hq|hkv, D]
     y = h + down(silu(gate) * up)               gate, up = chunk(gate_up(rms(h)))
+
+Row-parallel ``o`` and ``down`` leave their all-reduce to the next norm: a layer returns its MLP
+term before the sum and the stream before it, and ``RMSNorm.add`` completes the sum, adds the
+stream and normalises (one kernel over symmetric memory where the group has one).
 """
 
 from __future__ import annotations
@@ -141,11 +145,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
                 meta: AttnMeta) -> torch.Tensor:
-        """``x [n, H]`` -> ``[n, H]``."""
+        """``x [n, H]`` -> ``[n, H]``, this rank's term of the row-parallel ``o`` (``o.finish`` sums it)."""
         n, D = x.shape[0], self.head_dim
         qk, v = self.qkv(x).split([(self.nq + self.nkv) * D, self.nkv * D], dim=-1)
         q, k = apply_rope(qk.reshape(n, self.nq + self.nkv, D), cos, sin).split([self.nq, self.nkv], dim=1)  # one pass
-        return self.o(self.core(q, k, v.reshape(n, self.nkv, D), cache, meta))
+        return self.o.partial(self.core(q, k, v.reshape(n, self.nkv, D), cache, meta))
 
 
 class FeedForward(nn.Module):
@@ -155,10 +159,10 @@ class FeedForward(nn.Module):
         self.gate_up = Linear(a.hidden, 2 * a.intermediate, (p + "gate_proj", p + "up_proj"))
         self.down = Linear(a.intermediate, a.hidden, (p + "down_proj",))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``down(silu(gate) * up)`` (``+ residual``, added by the down projection)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``down(silu(gate) * up)``, this rank's term of the row-parallel ``down`` (``down.finish`` sums it)."""
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up, residual)
+        return self.down.partial(F.silu(gate) * up)
 
 
 class Layout(nn.Module):
@@ -179,11 +183,19 @@ class DecoderLayer(nn.Module):
         self.layouts = nn.ModuleDict({"tp": Layout(a, p)})
 
     def forward(self, x: torch.Tensor, mode: str, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
-                meta: AttnMeta) -> torch.Tensor:
-        """``x [n, H]`` through the weights of layout ``mode``."""
+                meta: AttnMeta, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual stream, through the weights of layout ``mode``. ``x [n, H]``:
+        the stream itself (``residual`` None), or the previous layer's MLP output as this rank's
+        term of its row-parallel sum, ``residual`` the stream before it (the sum is completed here,
+        with the add and the input norm: ``RMSNorm.add``). Returns ``(m, h)``: this layer's MLP term
+        and the stream before it; the layer's output is ``h + mlp.down.finish(m)``."""
         w = self.layouts[mode]
-        x = x + w.attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return w.mlp(self.post_attention_layernorm(x), residual=x)
+        if residual is None:
+            h, y = x, self.input_layernorm(x)
+        else:
+            h, y = self.input_layernorm.add(x, residual, w.mlp.down)
+        h, y = self.post_attention_layernorm.add(w.attn(y, cos, sin, cache, meta), h, w.attn.o)
+        return w.mlp(y), h
 
 
 # ---------------------------------------------------------------- the model
@@ -219,9 +231,10 @@ class Transformer(nn.Module):
         """The layers on ``x [n, H]``, all on the device: no host synchronisation (CUDA graphs)."""
         cos, sin = cos_sin(pos, self.freq, self.rope_scale, self.a.mrope_section)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        h = None  # the residual stream before the last layer's MLP term x (DecoderLayer.forward)
         for layer, cache in zip(self.layers.values(), caches):
-            x = layer(x, mode, cos, sin, cache, meta)
-        return x
+            x, h = layer(x, mode, cos, sin, cache, meta, h)
+        return x if h is None else layer.layouts[mode].mlp.down.finish(x, h)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head: ``x [S, H]`` -> ``[S, V]`` fp32."""

@@ -12,12 +12,14 @@ building the DeviceMesh (group creation is collective over the world) but belong
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from executors import reduce_norm
 from plans.mesh import ParallelDims, shift_rank
 from plans.schema import Mesh
 
@@ -161,7 +163,20 @@ class OneShotAllReduce:
         self.group, self.name = group, group.group_name
         self.buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype,
                                   device=device)
-        symm_mem.rendezvous(self.buf, self.name)
+        hdl = symm_mem.rendezvous(self.buf, self.name)
+        self.rank, self.world = hdl.rank, hdl.world_size
+        self.fused = reduce_norm.triton is not None and FUSED_ADD_NORM
+        if self.fused:  # executors.reduce_norm's own buffer (a slot per rank) and flags
+            self.slot = self.buf.numel()
+            self.fused_buf = symm_mem.empty(self.world * self.slot, dtype=dtype, device=device)
+            fh = symm_mem.rendezvous(self.fused_buf, self.name)
+            self.buffer_ptrs = torch.tensor(list(fh.buffer_ptrs), dtype=torch.int64, device=device)
+            self.signal_pad_ptrs = torch.tensor(list(fh.signal_pad_ptrs), dtype=torch.int64, device=device)
+            self.flags = reduce_norm.flag_base(fh.signal_pad_size, self.world)
+            reduce_norm.init_flags(self.signal_pad_ptrs, self.flags, self.rank, self.world)
+            torch.cuda.synchronize(device)
+            dist.barrier(group=group)
+            _ONE_SHOT[self.name] = self
 
     def fits(self, x: torch.Tensor) -> bool:
         return (x.dtype == self.buf.dtype and x.is_contiguous() and x.numel() <= self.buf.numel()
@@ -175,6 +190,39 @@ class OneShotAllReduce:
         out = torch.empty_like(x)
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(self.buf[:x.numel()].view_as(x), x, "sum", self.name, out)
         return out
+
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, y)``: ``h = residual + sum over the group of x``, ``y = rms_norm(h, weight, eps)``, in
+        one kernel when ``x`` fits the buffer (``executors.reduce_norm``), else the one-shot or NCCL
+        all-reduce, then the add and the norm (the same arithmetic)."""
+        if self.fused and self.fits(x) and x.dim() == 2 and residual.is_contiguous():
+            return torch.ops.shiftplan.reduce_add_norm(x, residual, weight, eps, self.name)
+        from executors.layers import rms_norm
+
+        h = self(x) + residual
+        return h, rms_norm(h, weight, eps)
+
+
+# fused all-reduce + residual add + RMSNorm (executors.reduce_norm); SHIFTPLAN_FUSED_ADD_NORM=0 keeps
+# the one-shot all-reduce and separate add / norm kernels (A/B measurements)
+FUSED_ADD_NORM = os.environ.get("SHIFTPLAN_FUSED_ADD_NORM", "1") != "0"
+_ONE_SHOT: dict[str, OneShotAllReduce] = {}  # by group name: what the custom op below launches on
+
+
+@torch.library.custom_op("shiftplan::reduce_add_norm", mutates_args=())
+def _reduce_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``OneShotAllReduce.add_norm``'s kernel as an op compiled layers call without a graph break."""
+    s = _ONE_SHOT[group]
+    return reduce_norm.launch(x, residual, weight, eps, s.buffer_ptrs, s.slot, s.signal_pad_ptrs, s.flags, s.rank, s.world)
+
+
+@_reduce_add_norm.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+      group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 def one_shot_groups(groups: list[Any], dtype: torch.dtype, device: torch.device) -> dict[Any, OneShotAllReduce]:

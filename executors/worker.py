@@ -13,11 +13,13 @@ torchrun's ranks (``executors.torchrun``).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -295,6 +297,12 @@ def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: A
                     res_q.put(("out", rank, blob))
 
             serve_steps(runner, steps, report, cmd_q.get)
+            where = os.environ.get("SHIFTPLAN_GRAPH_PROFILE")  # a diagnosis: DIR gets rank<r>.json at shutdown
+            if where and runner.graphs is not None:
+                from executors.graphs import profile
+
+                Path(where).mkdir(parents=True, exist_ok=True)
+                (Path(where) / f"rank{rank}.json").write_text(json.dumps(profile(runner.graphs), indent=1) + "\n")
     except BaseException as e:  # report, then exit non-zero: the driver stops every rank
         name = type(e).__name__
         res_q.put(("error", rank, f"{name}: {e}\n{traceback.format_exc()}"))

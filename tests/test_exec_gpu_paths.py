@@ -394,3 +394,45 @@ def test_an_unknown_paged_prefill_setting_is_named_and_auto_is_used() -> None:
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1] == "auto", out.stderr[-2000:]
     assert "SHIFTPLAN_PAGED_PREFILL='yes' is not one of auto, 0, 1" in out.stderr
+
+
+REDUCE_NORM_CHECK = """
+import torch
+from executors import reduce_norm
+from executors.layers import rms_norm
+torch.manual_seed(0)
+worst = {torch.float32: 0.0, torch.bfloat16: 0.0}
+pushed = True
+for n, H, world, dt in [(1, 64, 2, torch.float32), (5, 96, 2, torch.float32), (3, 40, 4, torch.bfloat16),
+                        (40, 32, 2, torch.float32), (2, 128, 8, torch.bfloat16)]:
+    parts = [torch.randn(n, H).to(dt) for _ in range(world)]
+    slot = n * H + 5
+    bufs = [torch.zeros(world * slot, dtype=dt) for _ in range(world)]
+    rank = world - 1
+    for j, p in enumerate(parts):  # what the other ranks pushed into this rank's buffer
+        if j != rank:
+            bufs[rank][j * slot:j * slot + n * H] = p.flatten()
+    res, w = torch.randn(n, H).to(dt), torch.randn(H).to(dt)
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    h, y = reduce_norm.launch(parts[rank], res, w, 1e-5, ptrs, slot, torch.zeros(world, dtype=torch.int64), 0,
+                              rank, world, sync=False)
+    pushed &= all(torch.equal(bufs[j][rank * slot:rank * slot + n * H], parts[rank].flatten()) for j in range(world))
+    s = sum(p.float() for p in parts)
+    href = s.to(dt) + res
+    yref = rms_norm(href, w, 1e-5)
+    err = max(float((h.float() - href.float()).abs().max() / href.float().abs().max()),
+              float((y.float() - yref.float()).abs().max() / yref.float().abs().max()))
+    worst[dt] = max(worst[dt], err)
+print(pushed, worst[torch.float32], worst[torch.bfloat16])
+"""
+
+
+def test_fused_all_reduce_add_norm_kernel_interpreted() -> None:
+    """The all-reduce + residual add + RMSNorm kernel (run by Triton's interpreter on CPU, flags
+    off, every rank's buffer in one process) against the sum, the add and ``layers.rms_norm``:
+    1-40 rows (more rows than programs: each program loops), widths that are not powers of two,
+    2, 4 and 8 ranks; this rank's rows land in its slot of every rank's buffer."""
+    pushed, fp32, bf16 = run_interpreted("-c", REDUCE_NORM_CHECK).split()[-3:]
+    assert pushed == "True"
+    assert float(fp32) < 1e-6 and float(bf16) < 1e-2
+
