@@ -387,6 +387,10 @@ def markdown(r: dict[str, Any]) -> str:
              "arriving at once), on one engine load per case, through `plan bench --workload --compare-sim`'s code. "
              "Each cell: predicted / measured (error = predicted / measured - 1). TTFT and TPOT in ms, throughput "
              "in output tokens/s.", ""]
+    if r.get("repredicted"):
+        lines[5:5] = [f"Predictions made again without the engine (`{r['repredicted']['command']}`, cost profile "
+                      f"`{r['repredicted'].get('profile', '-')}`): the measured figures and the rates are those of the "
+                      "run above.", ""]
     for name, m in r["models"].items():
         lines += [f"## {name}: {m['model']}", "", f"Traffic: {m['traffic']}", "",
                   "| case | mesh | capacity req/s | rate req/s (fraction) | requests | TTFT p50 | TTFT p90 | "
@@ -425,6 +429,63 @@ def summary_lines(s: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# ------------------------------------------------------------------ predictions again, measurements kept
+
+
+def command_line_of(argv: list[str] | None) -> str:
+    from bench.common import command_line
+
+    return command_line("bench/fidelity_2gpu.py", argv)
+
+
+def repredict(src: Path, out: Path, command: str) -> dict[str, Any]:
+    """A finished run's report with every prediction made again by the cost model as it is now: per
+    case the plan the run pinned (``plan_yaml``), per rate the same requests (the workload sampled at
+    the run's rate, duration and seed), the measured figures kept. The rates stay the run's (they
+    were fractions of the capacity predicted then)."""
+    import tempfile as tf
+
+    from bench.common import write_report
+    from costmodels.simulator import cost_model_for_plan
+    from planner.bench_workload import predicted_result, sample_requests
+    from planner.inputs import cost_model_of, workload_of
+    from plans.errors import UserError
+    from plans.schema import load_plan
+
+    if not src.is_file():
+        raise UserError(f"--repredict: no report at {src}")
+    report = json.loads(src.read_text())
+    report["repredicted"] = {"command": command, "from": src.name}
+    for model, m in report["models"].items():
+        spec, _cfg = model_spec(model, report["device"].startswith("2 x cpu"), report["backend"])
+        cost, _ = cost_model_of(spec)
+        wl = workload_of(spec, cost.info)
+        for case, c in m["cases"].items():
+            if "plan_yaml" not in c:
+                c["repredict_error"] = "no plan_yaml in the report (a run before --repredict existed)"
+                continue
+            with tf.TemporaryDirectory() as d:
+                pf = Path(d) / "case.plan.yaml"
+                pf.write_text(c["plan_yaml"])
+                plan = load_plan(pf)
+            pcost = cost_model_for_plan(plan)
+            for row in c.get("rates", []):
+                _wl, reqs = sample_requests(wl, rate=row["rate_rps"], duration=report["duration_s"], seed=report["seed"])
+                p = predicted_result(plan, pcost, reqs, None)
+                for f, x in {**row["figures"], **row.get("other", {})}.items():
+                    key, _, sub = f.partition(" ")
+                    v = getattr(p, key)
+                    v = v[sub] if sub else v
+                    mv = x["measured"]
+                    x["predicted"] = v
+                    x["error"] = (v / mv - 1) if (mv and math.isfinite(v)) else None
+            report["repredicted"]["profile"] = pcost.profile_id
+    summarize_report(report)
+    write_report(out, "fidelity_2gpu", clean(report), markdown(clean(report)))
+    print((out / "fidelity_2gpu.md").read_text())
+    return report
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -452,6 +513,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="keep each model's random checkpoint here and reuse it in later calls "
                          "(default: a temporary folder)")
     ap.add_argument("--resume", action="store_true", help="keep the cases of DIR/fidelity_2gpu.json without errors")
+    ap.add_argument("--repredict", type=Path, default=None, metavar="JSON",
+                    help="no engine: the predictions of a finished run's cases again, with the cost model as it is "
+                         "now, beside that run's measurements (writes DIR/fidelity_2gpu.{json,md})")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child is not None:
@@ -459,6 +523,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if a.out is None:
         ap.error("--out DIR is required")
+    if a.repredict is not None:
+        return repredict(a.repredict, a.out, command_line_of(argv))
     import torch
     import transformers
 
@@ -542,6 +608,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         rates = [r * c["rate_scale"] for r in rates]
                     pf = work / f"{model}-{case.replace('/', '-')}.plan.yaml"
                     save_plan(plan, pf)
+                    c["plan_yaml"] = pf.read_text()  # what --repredict costs again
                     print(f"{model} {case}: {plan.mesh.label()}, capacity {c['capacity']['rps']:.4g} req/s", flush=True)
                     job = {"plan": str(pf), "weights": str(ckpt), "device": device, "backend": a.backend,
                            "seed": a.seed, "workload": wl, "fractions": fractions, "rates": rates,

@@ -33,6 +33,9 @@ except ImportError:  # CPU-only installs: products stay with torch
 
 MAX_M = 4  # rows of x served here; larger batches are matrix products (cuBLAS)
 ENABLED = os.environ.get("SHIFTPLAN_GEMV", "1") != "0"  # 0: every product through cuBLAS (A/B measurements)
+# Programmatic dependent launch (Hopper+): the kernel is launched while the one before it finishes and
+# waits for it on the GPU (``griddepcontrol.wait``) before reading its inputs; 0 turns it off (A/B)
+PDL = os.environ.get("SHIFTPLAN_PDL", "1") != "0"
 CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
 
 
@@ -43,6 +46,11 @@ def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.dtype == x.dtype and w.dim() == 2 and w.is_contiguous() and x.stride(-1) == 1
             and x.numel() // x.shape[-1] <= MAX_M
             and x.shape[-1] == w.shape[1] and x.shape[-1] % 8 == 0)
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Launch kernels on ``x``'s device with programmatic dependent launch (``PDL``, compute capability 9+)."""
+    return PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
@@ -58,11 +66,12 @@ def launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = Non
     res = residual if residual is not None else y  # not read without HAS_RES
     sr = residual.stride(0) if residual is not None else 0
     args = (x, w, y, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None, False)  # no scale
+    gdc = pdl(x)
     if config is None:
-        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args)
+        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args, USE_GDC=gdc, launch_pdl=gdc)
     else:
         bn, bk, warps = config
-        _gemv[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        _gemv[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, USE_GDC=gdc, num_warps=warps, launch_pdl=gdc)
     return y
 
 
@@ -81,9 +90,13 @@ if triton is not None:
 
     @triton.jit
     def _gemv(X, W, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-              HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
         """``y = (x W^T) [* S] [+ R]``: ``W`` in any dtype widened to fp32 (bf16/fp16, or e4m3 with its
-        per-row scale ``S [N]``, ``executors.fp8_gemm``)."""
+        per-row scale ``S [N]``, ``executors.fp8_gemm``). ``USE_GDC`` (a programmatic dependent
+        launch): wait for the previous kernel before reading ``x``, and let the next one launch once
+        the products are summed."""
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_BLOCK)
         nmask, mmask = n < N, m < M
@@ -95,6 +108,8 @@ if triton is not None:
             x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
         y = tl.sum(acc, axis=2)  # [M_BLOCK, BLOCK_N]
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_SCALE:
             y = y * tl.load(S + n, mask=nmask, other=0.0)[None, :]
         out_mask = mmask[:, None] & nmask[None, :]

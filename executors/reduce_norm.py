@@ -30,12 +30,16 @@ One one-way NVLink latency per call (step 3), no remote reads and no closing bar
 one-shot all-reduce kernel pays a barrier, a remote read and a second barrier. Flags are
 compare-and-swap 0 -> 1 (raise, retrying while the last one is unconsumed) and 1 -> 0 (wait), so
 they need no host reset and the kernel replays inside CUDA graphs. The flags sit at the end of
-the signal pad, clear of other kernels' (the one-shot all-reduce's low slots).
+the signal pad, clear of other kernels' (the one-shot all-reduce's low slots). On Hopper the
+kernel is a programmatic dependent launch (``gemv.PDL``): it waits for its own flags before the
+product it sums has finished, and the next product launches while it runs.
 """
 
 from __future__ import annotations
 
 import torch
+
+from executors import gemv
 
 try:
     import triton
@@ -63,9 +67,10 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
     h, y = torch.empty_like(x), torch.empty_like(x)
     BLOCK = triton.next_power_of_2(H)
     assert n * H <= slot
+    gdc = gemv.pdl(x)
     _reduce_add_norm[(PROGRAMS,)](x, residual, weight, h, y, buffer_ptrs, slot, signal_pad_ptrs, flags, n, H, eps,
-                                  RANK=rank, WORLD=world, BLOCK=BLOCK, SYNC=sync,
-                                  num_warps=min(8, max(4, BLOCK // 512)))
+                                  RANK=rank, WORLD=world, BLOCK=BLOCK, SYNC=sync, USE_GDC=gdc,
+                                  num_warps=min(8, max(4, BLOCK // 512)), launch_pdl=gdc)
     return h, y
 
 
@@ -128,7 +133,7 @@ if triton is not None:
 
     @triton.jit
     def _reduce_add_norm(X, R, W, Hout, Y, bufs, stride, pads, flags, n, H, eps, RANK: tl.constexpr, WORLD: tl.constexpr,
-                         BLOCK: tl.constexpr, SYNC: tl.constexpr):
+                         BLOCK: tl.constexpr, SYNC: tl.constexpr, USE_GDC: tl.constexpr):
         pid, G = tl.program_id(0), tl.num_programs(0)
         written, done = flags + pid * WORLD, flags + G * WORLD + pid * WORLD  # this program's flag rows
         cols = tl.arange(0, BLOCK)
@@ -136,6 +141,9 @@ if triton is not None:
         dt = X.dtype.element_ty
         if SYNC:
             _consume_from_peers(pads, done, RANK, WORLD)
+        if USE_GDC:  # launched while the product before it finished (gemv.PDL): wait for x, let the next launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for row in range(pid, n, G):
             x = tl.load(X + row * H + cols, mask=mask)
             for peer in tl.static_range(WORLD):

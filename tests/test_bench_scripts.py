@@ -293,6 +293,17 @@ def test_fidelity_tiny_run(tmp_path):
     assert r2["summary"]["complete"] is False and len(r2["commands"]) == 2
     assert r["summary"]["covers"] is False  # one model, two cases, two rates: not what the acceptance names
 
+    # --repredict: the same cost model predicts the same figures for the same requests; a changed
+    # prediction moves the error against the kept measurement
+    again = fid.main(["--out", str(tmp_path / "again"), "--repredict", str(tmp_path / "fidelity_2gpu.json")])
+    for case in ("single", "tp2"):
+        for x, y in zip(m["cases"][case]["rates"], again["models"]["llama"]["cases"][case]["rates"]):
+            for f in fid.FIGURES:
+                assert y["figures"][f]["measured"] == x["figures"][f]["measured"]
+                assert y["figures"][f]["predicted"] == pytest.approx(x["figures"][f]["predicted"], rel=1e-9)
+    assert "pp2" in again["models"]["llama"]["cases"] and again["repredicted"]["from"] == "fidelity_2gpu.json"
+    assert "Predictions made again without the engine" in (tmp_path / "again" / "fidelity_2gpu.md").read_text()
+
 
 # ------------------------------------------------------------------ prefill_attention
 
