@@ -19,7 +19,9 @@ which the engine replays as CUDA graphs; eager otherwise) and the alpha-beta for
 (``costmodels.collectives``). ``launch`` (``costmodels.steps.Launch``, the engine's measured
 step terms; None: none apply): SP x TP layers pay the Ulysses exchange's in-step cost per byte on
 top of the all-to-alls, and ``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
-``max(layers x host time per layer, GPU time)`` for steps the engine launches eagerly. Block,
+``max(layers x host time per layer, GPU time)`` for steps the engine launches eagerly, and
+``step_wall_ms`` / ``hop_ms`` the engine's handoff at each PP stage boundary; the engine's decode
+GEMV prices products of a few rows (``opcost.Rates.gemv_bw``). Block,
 layer and step times (``block_time`` .. ``step_time``) are GPU times. Decoder layers with
 the same op signature are timed once and multiplied; results are memoised per
 (block signature, StepShape, t, s) so the simulator's repeated calls are dictionary hits.
@@ -36,7 +38,7 @@ from costmodels.hardware import dtype_bytes, get_gpu, matmul_tflops
 from costmodels.memory import MemoryBreakdown, memory_per_gpu
 from costmodels.opcost import OpRec, Rates, op_rec, op_time, split_gating
 from costmodels.profile import Profile
-from costmodels.steps import Launch
+from costmodels.steps import GEMV_MAX_ROWS, Launch
 from graph.opgraph import Block, OpGraph, StepShape
 from plans.errors import UserError
 from plans.mesh import ParallelDims, even_layers
@@ -98,7 +100,8 @@ class CostModel:
         self.rates = Rates(peak_flops=matmul_tflops(self.gpu, weights_dtype) * 1e12, attn_flops=attn_peak * 1e12,
                            bw=self.gpu.hbm_tbps * 1e12, w_bytes=dtype_bytes(weights_dtype),
                            a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype), fused=fused_elementwise,
-                           fp8_gemm=weights_dtype == "fp8" and bool(self.gpu.fp8_tflops))
+                           fp8_gemm=weights_dtype == "fp8" and bool(self.gpu.fp8_tflops),
+                           **_gemv_rates(launch, weights_dtype, act_dtype))
         # where FP8 GEMM efficiencies come from: a measured table, or the bf16 one at the FP8 peak
         self.fp8_gemm_source = (None if not self.rates.fp8_gemm else "roofline" if profile is None else
                                 "measured" if profile.gemm_fp8 is not None else "bf16 table at the fp8 peak")
@@ -245,15 +248,26 @@ class CostModel:
 
     def step_wall_ms(self, shape: StepShape, *, pp: int = 1, tp: int = 1, sp: int = 1, mode: str = "sp_tp",
                      stages: list[tuple[int, int]] | None = None) -> float:
-        """``step_time``'s latency with each stage's host side (``stage_wall_ms``)."""
+        """``step_time``'s latency with each stage's host side (``stage_wall_ms``) and the
+        engine's handoff at each of the ``S - 1`` stage boundaries:
+        ``sum_s stage_wall_s + sum_b (send_b + handoff)``."""
         stages = stages or even_layers(len(self.decoders), pp)
         sc = self.step_time(shape, pp=pp, tp=tp, sp=sp, mode=mode, stages=stages)
         return sum(self.stage_wall_ms(b.total_ms, hi - lo + 1, shape.tokens, sp=sp, mode=mode)
-                   for b, (lo, hi) in zip(sc.stages, stages)) + sum(sc.p2p_ms)
+                   for b, (lo, hi) in zip(sc.stages, stages)) + sum(sc.p2p_ms) + self.handoff_ms() * len(sc.p2p_ms)
 
     def p2p_ms(self, nbytes: float, *, inter_node: bool) -> float:
         """A stage-to-stage send: the measured p2p table within a node where the profile has one."""
         return C.p2p_ms(nbytes, self.links.inter) if inter_node else self.links.ms("p2p", nbytes, 2)
+
+    def handoff_ms(self) -> float:
+        """The engine's dispatch latency of a PP step per stage boundary beyond the send
+        (``costmodels.steps``: no look-ahead under PP); 0 without the engine's terms."""
+        return self.launch.pp_handoff_ms if self.launch is not None else 0.0
+
+    def hop_ms(self, nbytes: float, *, inter_node: bool) -> float:
+        """A step's hop from one stage to the next as the engine runs it: ``p2p_ms + handoff_ms``."""
+        return self.p2p_ms(nbytes, inter_node=inter_node) + self.handoff_ms()
 
     # ------------------------------------------------------------------ vision
 
@@ -347,6 +361,14 @@ class CostModel:
             a, b = costs(mid)
             lo, hi = (lo, mid) if a < b else (mid, hi)
         return hi, curve
+
+
+def _gemv_rates(launch: Launch | None, weights_dtype: str, act_dtype: str) -> dict[str, float]:
+    """The engine's decode GEMV (``costmodels.steps``) where it runs: measured, and weights of the
+    activations' 16-bit dtype (the kernel takes bf16/fp16 weights; FP8 keeps its GEMM table)."""
+    if launch is None or launch.gemv_GBps <= 0 or weights_dtype != act_dtype or weights_dtype not in ("bf16", "fp16"):
+        return {}
+    return {"gemv_bw": launch.gemv_GBps * 1e9, "gemv_max_rows": GEMV_MAX_ROWS}
 
 
 def _windowed(patches_per_image: list[int], window: int) -> StepShape:

@@ -20,6 +20,9 @@ Memory-bound ops are timed as HF runs them (eager: RMSNorm alone is ~7 kernels) 
 ``Rates.fused``: an engine that fuses elementwise work (torch.compile, TensorRT) moves each op's
 bytes once, at the bandwidth the profile measured for ``add`` (which moves 3 x its elements).
 Attention that writes K/V into the cache pays two more launches (the cache writes).
+``Rates.gemv_bw``: an engine that sends bias-free products of at most ``Rates.gemv_max_rows`` rows
+through its own GEMV kernel streams their bytes at that measured rate, memory = bytes / gemv_bw, in
+place of the GEMM table (``costmodels.steps``).
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class Rates:
     kv_bytes: float
     fused: bool = False  # memory-bound ops fused: one pass over their bytes (not HF's eager kernels)
     fp8_gemm: bool = False  # linears run FP8 GEMMs: the profile's gemm_fp8 table where it has one
+    gemv_bw: float = 0.0  # bytes/s of the engine's decode GEMV (0: none)
+    gemv_max_rows: int = 0  # products of at most this many rows run it
 
 
 def op_time(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> tuple[float, float, float]:
@@ -131,6 +136,9 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
     elif r.shard == "row":
         k, wt, ar = k / t, t, ar / t
     flops = 2.0 * m * n * k
+    nbytes = r.weight_elems / wt * rates.w_bytes + (ar + aw) * rates.a_bytes
+    if gemv(r, m, rates):
+        return 0.0, nbytes / rates.gemv_bw * 1e3, ovh_us * 1e-3
     if prof is None:
         eff = ROOFLINE_COMPUTE_EFF
     elif rates.fp8_gemm and prof.gemm_fp8 is not None:
@@ -138,12 +146,17 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
     else:
         eff = prof.gemm(m, n, k)  # bf16 GEMMs (for FP8 weights: the bf16 efficiency at the FP8 peak)
     c = flops / (rates.peak_flops * max(eff, 1e-4)) * 1e3
-    nbytes = r.weight_elems / wt * rates.w_bytes + (ar + aw) * rates.a_bytes
     mem = nbytes / (rates.bw * (0.92 if prof else ROOFLINE_MEM_EFF)) * 1e3
     if r.bias and prof is not None and prof.gemm_bias is not None:
         extra = prof.gemm_bias(m, n) * 1e-3
         c, mem = (c + extra, mem) if c >= mem else (c, mem + extra)
     return c, mem, ovh_us * 1e-3
+
+
+def gemv(r: OpRec, m: float, rates: Rates) -> bool:
+    """Whether a product of ``m`` rows runs the engine's GEMV: a decoder linear (not the lm_head)
+    without bias, ``m <= gemv_max_rows``, where the engine has one (``gemv_bw > 0``)."""
+    return rates.gemv_bw > 0 and r.kind == "matmul" and not r.bias and m <= rates.gemv_max_rows
 
 
 def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,

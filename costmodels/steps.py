@@ -26,6 +26,27 @@ layer at copy bandwidth); the rest is not itemised. It is priced per byte exchan
     extra = c * B,   B = sum over layers of (QKV + output bytes per GPU),
     c = sum(extra_i * B_i) / sum(B_i^2)   (least squares through 0 over the GPU-bound steps)
 
+Decode GEMV. The engine sends a bias-free product of at most ``GEMV_MAX_ROWS`` rows with bf16/fp16
+weights through its Triton GEMV (``executors/gemv.py``, ``MAX_M``), not cuBLAS; the profile's GEMM
+table (cuBLAS, timed alone) prices such a product at ~2.6 TB/s (q_proj, M = 1), the kernel in the
+engine's decode graph streams the weights at ``gemv_GBps``:
+
+    t = (weight + activation bytes) / gemv_GBps
+    gemv_GBps = 2 x (decoder projection parameters) / (the ``_gemv`` kernels' time per step)
+
+from the per-kernel breakdown of a batch-1 decode step's graph replay (``graph_kernels`` of
+``bench/results/engine_speed.json``; the lm_head stays with cuBLAS and the GEMM table).
+
+Pipeline handoff. The engine has no look-ahead under PP: each step goes driver -> stage 0 ->
+point-to-point -> stage 1 -> ... -> driver, and the next step is launched once the last stage's
+tokens are back. Beyond the send itself a PP step pays, per stage boundary,
+
+    handoff = (PP2 step - one GPU's step, same run) - modelled send (p2p table)
+
+from a batch-1 decode of ``bench/results/mesh_speed.pp2.json`` (both meshes do the same GPU work;
+the single GPU's look-ahead hides its host side). It is one boundary's measurement: that the cost
+grows per boundary beyond PP2, rather than once per step, is assumed, not measured.
+
 Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
 backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results
 specs) captures every step, and vLLM / Arctic / SGLang were not measured here: no terms.
@@ -44,17 +65,22 @@ if TYPE_CHECKING:
     from costmodels.profile import Profile
 
 GPU_BOUND = 1.15  # a step is GPU-bound when its modelled GPU time exceeds the host time by this factor
+GEMV_MAX_ROWS = 4  # products of at most this many rows go to the engine's GEMV (executors.gemv.MAX_M)
 
 
 @dataclass(frozen=True)
 class Launch:
     """How the engine launches a step (module doc). ``host_ms_per_layer``: an eager step's host
     time per decoder layer of a stage; ``graph_max_tokens``: plain-TP steps up to this size are
-    graphed; ``ulysses_ns_per_byte``: the Ulysses exchange's in-step cost beyond the all-to-alls."""
+    graphed; ``ulysses_ns_per_byte``: the Ulysses exchange's in-step cost beyond the all-to-alls;
+    ``gemv_GBps``: the decode GEMV's weight streaming rate (0: products priced by the GEMM table);
+    ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send."""
 
     host_ms_per_layer: float
     graph_max_tokens: int = GRAPH_TOKEN_BUCKETS[-1]
     ulysses_ns_per_byte: float = 0.0
+    gemv_GBps: float = 0.0
+    pp_handoff_ms: float = 0.0
 
     def graphed(self, tokens: float, sp: int, mode: str) -> bool:
         """Whether the engine replays the step as a CUDA graph: plain TP (``sp == 1`` runs TP too)
@@ -75,8 +101,11 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
     host = profile.steps.get("host_ms_per_layer", {}).get(backend or "eager")
     if host is None:
         return None
-    uly = profile.steps.get("ulysses_ns_per_byte", {})
-    return Launch(float(host["value"]), ulysses_ns_per_byte=float(uly.get("value", 0.0)))
+    def value(name: str) -> float:
+        return float(profile.steps.get(name, {}).get("value", 0.0))
+
+    return Launch(float(host["value"]), ulysses_ns_per_byte=value("ulysses_ns_per_byte"),
+                  gemv_GBps=value("gemv_GBps"), pp_handoff_ms=value("pp_handoff_ms"))
 
 
 # ------------------------------------------------------------------ fits from a shift_crossover report
@@ -134,3 +163,26 @@ def fit_steps(report: dict[str, Any], cost: CostModel) -> dict[str, float]:
                 nbytes.append(exchange_bytes(cost, sh, tp=1, sp=2))
     return {"host_ms_per_layer": host, "ulysses_ns_per_byte": fit_ulysses_ns_per_byte(extra, nbytes),
             "gpu_bound_steps": len(extra)}
+
+
+# ------------------------------------------------------------------ fits from engine_speed / mesh_speed reports
+
+
+def fit_gemv_GBps(report: dict[str, Any], variant: str = "graphs+compile+lookahead") -> float:
+    """``2 x linear_params / t_gemv`` (GB/s): the decoder projections' bf16 weight bytes over the
+    ``_gemv`` kernels' time per step in the batch-1 decode graph of a ``bench/engine_speed.py`` report
+    (the activations, a few KB a layer, are left out)."""
+    kernels = report["variants"][variant]["batch_1"]["graph_kernels"]
+    us = sum(k["us_per_step"] for k in kernels if k["kernel"] == "_gemv")
+    if us <= 0:
+        raise ValueError(f"no _gemv kernel in the batch-1 decode graph of variant {variant!r}")
+    return 2.0 * report["model_figures"]["linear_params"] / (us * 1e-6) / 1e9
+
+
+def fit_pp_handoff_ms(report: dict[str, Any], cost: CostModel) -> float:
+    """``(PP2 step - one GPU's step) - send``: the batch-1 decode steps of a ``bench/mesh_speed.py``
+    report with meshes ``single`` and ``pp2``, less the modelled send of one token's hidden state
+    (``CostModel.p2p_ms``)."""
+    m = report["meshes"]
+    extra = m["pp2"]["decode_b1"]["decode_step_ms"] - m["single"]["decode_b1"]["decode_step_ms"]
+    return extra - cost.p2p_ms(cost.info.hidden * cost.rates.a_bytes, inter_node=False)

@@ -269,11 +269,12 @@ def _operating_batch(model: Model, c: Candidate, mix: TokenMix, b_max: int, mode
 
 
 def _p2p_total(model: Model, c: Candidate, tokens: float) -> float:
-    """Activation sends between consecutive stages of replica 0 (T/sp x hidden x act bytes)."""
+    """Hops between consecutive stages of replica 0: activation sends (T/sp x hidden x act bytes)
+    plus the engine's handoff per boundary (``CostModel.hop_ms``)."""
     cm = model.cost
     nbytes = tokens / c.sp * model.graph.info.hidden * cm.rates.a_bytes
     dims = ParallelDims(pp=c.pp, tp=c.tp, sp=c.sp, gpus_per_node=cm.gpus_per_node)
-    return sum(cm.p2p_ms(nbytes, inter_node=dims.crosses_nodes(i)) for i in range(c.pp - 1))
+    return sum(cm.hop_ms(nbytes, inter_node=dims.crosses_nodes(i)) for i in range(c.pp - 1))
 
 
 def _vision_option(placement: str, model: Model, c: Candidate, mix: TokenMix, facts: ModelFacts) -> VisionOption | None:

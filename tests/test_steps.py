@@ -105,3 +105,95 @@ def test_profile_terms_are_the_fits_of_the_committed_measurement(cfg):
 def test_mixed_step_shape_of_the_bench():
     sh = step_shape("mixed", 64, 8, 40)
     assert sh.tokens == 64 and sh.seqs == 9
+
+
+# ------------------------------------------------------------------ decode GEMV and PP handoff
+
+
+def test_gemv_rows_are_the_engines():
+    """The cost model's GEMV row limit is the one ``executors.gemv`` routes products by."""
+    from costmodels.steps import GEMV_MAX_ROWS
+    from executors import gemv
+
+    assert GEMV_MAX_ROWS == gemv.MAX_M
+
+
+def test_profile_decode_terms_are_the_fits_of_the_committed_measurements(cfg):
+    from costmodels.steps import fit_gemv_GBps, fit_pp_handoff_ms
+
+    steps = load_profile("h200").steps
+    speed = json.loads((ROOT / "bench/results/engine_speed.json").read_text())
+    assert steps["gemv_GBps"]["value"] == pytest.approx(fit_gemv_GBps(speed), rel=1e-4)
+    pp2 = json.loads((ROOT / "bench/results/mesh_speed.pp2.json").read_text())
+    assert steps["pp_handoff_ms"]["value"] == pytest.approx(fit_pp_handoff_ms(pp2, model(cfg)), abs=1e-4)
+
+
+def test_gemv_prices_small_decoder_products_only(cfg):
+    """Decoder linears of at most 4 rows stream their weights at the GEMV's rate; 5 rows, the lm_head,
+    FP8 weights and other engines keep the GEMM table."""
+    from costmodels.opcost import op_time
+
+    cm, bare = model(cfg), model(cfg, engine=None)
+    fp8 = cost_model_for(cfg, "h200", weights_dtype="fp8", kv_dtype="bf16", gpus_per_node=2,
+                         fused_elementwise=True, engine="shiftplan", backend="compile")[0]
+    recs = {r.kind if r.kind == "lm_head" else (r.k, r.n): r for b in (cm.decoders[0], *cm._text_blocks("lm_head"))
+            for r in cm._recs[b.name] if r.is_matmul}
+    q = recs[(4096.0, 4096.0)]
+    bw = cm.launch.gemv_GBps * 1e9
+    for rows in (1, 4):
+        sh = StepShape.decode([576] * rows)
+        c, m, _ = op_time(q, sh, 1, 1, cm.rates, cm.profile)
+        assert c == 0 and m == pytest.approx((4096 * 4096 + rows * 2 * 4096) * 2 / bw * 1e3)
+        assert op_time(q, sh, 1, 1, bare.rates, bare.profile)[:2] != (c, m)
+        assert op_time(q, sh, 1, 1, fp8.rates, fp8.profile)[:2] != (c, m / 2)  # FP8: its GEMM table
+        lm = recs["lm_head"]
+        assert op_time(lm, sh, 1, 1, cm.rates, cm.profile) == op_time(lm, sh, 1, 1, bare.rates, bare.profile)
+    five = StepShape.decode([576] * 5)
+    assert op_time(q, five, 1, 1, cm.rates, cm.profile) == op_time(q, five, 1, 1, bare.rates, bare.profile)
+    assert fp8.rates.gemv_bw == 0 and bare.rates.gemv_bw == 0
+
+
+def test_pp_steps_pay_the_handoff_per_boundary(cfg):
+    cm, bare = model(cfg), model(cfg, engine=None)
+    h = cm.launch.pp_handoff_ms
+    assert h > 0 and cm.handoff_ms() == h and bare.handoff_ms() == 0
+    sh = StepShape.decode([576])
+    for pp in (2, 4):
+        sc = cm.step_time(sh, pp=pp)
+        gpu = sum(b.total_ms for b in sc.stages) + sum(sc.p2p_ms)
+        assert cm.step_wall_ms(sh, pp=pp) == pytest.approx(gpu + (pp - 1) * h)
+    assert cm.step_wall_ms(sh) == pytest.approx(cm.step_time(sh).total_ms)  # one stage: no handoff
+    assert cm.hop_ms(8192, inter_node=False) == pytest.approx(cm.p2p_ms(8192, inter_node=False) + h)
+
+
+def test_decode_steps_within_10pct_of_the_engines_measurement(cfg):
+    """The predicted decode step at batch 1, 32 and 128 against ``bench/results/engine_speed.json``
+    (one H200, compiled layers, the look-ahead the engine runs by default): each within 10%."""
+    speed = json.loads((ROOT / "bench/results/engine_speed.json").read_text())
+    run = speed["variants"]["graphs+compile+lookahead"]
+    context = speed["prompt_tokens"] + speed["new_tokens"] // 2
+    cm = model(cfg)
+    for batch in (1, 32, 128):
+        measured = run[f"batch_{batch}"]["decode_step_ms"]
+        predicted = cm.step_wall_ms(StepShape.decode([context] * batch))
+        assert predicted == pytest.approx(measured, rel=0.10), (batch, predicted, measured)
+
+
+def test_two_gpu_speedups_within_10pct_of_the_measured():
+    """``bench/scaling_2gpu.py`` on the committed measurements: every mesh's predicted speedup over one
+    GPU (tp2, shift-sp2, pp2; decode and prefill) within 10% of the measured one, and the single GPU's
+    own steps within 10%."""
+    from bench import scaling_2gpu as s
+
+    files = [ROOT / "bench/results/mesh_speed.json", ROOT / "bench/results/mesh_speed.pp2.json"]
+    reports = [json.loads(f.read_text()) for f in files]
+    assert reports[0]["backend"] == "compile"
+    cost = model(load_config(preset="llama-3.1-8b"))
+    pred = s.predicted(cost)
+    rows = [r for rep in reports for r in s.compare(pred, s.measured(rep))]
+    assert {r["mesh"] for r in rows} == {"tp2", "shift-sp2", "pp2"}
+    for r in rows:
+        assert abs(r["error"]) <= 0.10, r
+    single = s.measured(reports[0])["single"]
+    for step in ("decode_ms", "prefill_ms"):
+        assert pred["single"][step] == pytest.approx(single[step], rel=0.10)

@@ -168,12 +168,14 @@ class ModelCoster:
         return tuple(x + y + z for x, y, z in zip(dense, attn(pre), attn(decode)))
 
     def p2p_ms(self, tokens: float, boundary: int) -> float:
+        """A step's hop from stage ``boundary`` to the next: the send of its T x hidden activations
+        plus the engine's handoff (``CostModel.hop_ms``)."""
         inter = self.inter_node[boundary] if boundary < len(self.inter_node) else False
         key = (self.grid.index(tokens), inter)
         hit = self._p2p.get(key)
         if hit is None:
             nbytes = self.grid.value(key[0]) * self.hidden * self.act_bytes
-            hit = self._p2p[key] = float(self.cost.p2p_ms(nbytes, inter_node=inter))
+            hit = self._p2p[key] = float(self.cost.hop_ms(nbytes, inter_node=inter))
         return hit
 
     def vision_ms(self, patches: tuple[int, ...], *, tp: int, dp: int) -> float:
