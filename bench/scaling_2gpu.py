@@ -4,11 +4,12 @@ engine's measurement (issue 15, point 4).
 Measured: ``bench/results/mesh_speed.json`` (Llama-3.1-8B shapes, bf16, decode steps as CUDA
 graphs; layers eager or compiled, its ``backend``): the decode step at batch 1 (512-token prompt, 128 new tokens: mean context ~576)
 and the TTFT of one 8,192-token prompt. Predicted: ``CostModel.step_wall_ms`` of the same shapes with
-the H200 profile and this engine's step terms (host side of eager steps, Ulysses exchange;
+the H200 profile and this engine's step terms (host side of eager steps, Ulysses exchange, decode GEMV, PP handoff;
 ``costmodels.steps``) (the eager cost model for eager layers, the fused one for compiled layers, as
 the layers ran), per mesh: tp2 (TP over 2), shift(sp2)
 (TP over 2 for a decode, SP2 for the prefill), pp2 (a single request crosses both stages, so its
-step is the sum of the stages plus the send). Speedup = one GPU's time / the mesh's; error =
+step is the sum of the stages plus the send and the engine's handoff at the stage boundary,
+``costmodels.steps``). Speedup = one GPU's time / the mesh's; error =
 predicted speedup / measured speedup - 1.
 
     python bench/scaling_2gpu.py [--mesh-speed FILE ...] --out DIR
