@@ -26,8 +26,11 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
   the formulas use for groups beyond the tables.
 * ``steps`` (when measured): step-level terms of this repo's engine, each ``{"value", "source",
   "derivation"}``: ``host_ms_per_layer[backend]``, the host time of an eagerly launched step per
-  decoder layer, and ``ulysses_ns_per_byte``, the Ulysses exchange's in-step cost per byte
-  (``costmodels.steps``, which fits them from ``bench/results/shift_crossover.json``).
+  decoder layer, ``ulysses_ns_per_byte``, the Ulysses exchange's in-step cost per byte
+  (``costmodels.steps``, which fits them from ``bench/results/shift_crossover.json``),
+  ``gemv_GBps``, the weight streaming rate of the engine's decode GEMV (from
+  ``bench/results/engine_speed.json``), and ``pp_handoff_ms``, a PP step's dispatch latency per stage
+  boundary (from ``bench/results/mesh_speed.pp2.json``).
 """
 
 from __future__ import annotations
