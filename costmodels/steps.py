@@ -28,8 +28,8 @@ layer at copy bandwidth); the rest is not itemised. It is priced per byte exchan
 
 Decode GEMV. The engine sends a bias-free product of at most ``GEMV_MAX_ROWS`` rows with bf16/fp16
 weights through its Triton GEMV (``executors/gemv.py``, ``MAX_M``), not cuBLAS; the profile's GEMM
-table (cuBLAS, timed alone) prices such a product at ~2.6 TB/s (q_proj, M = 1), the kernel in the
-engine's decode graph streams the weights at ``gemv_GBps``:
+table (cuBLAS, timed alone) prices such products at 1.1-3.6 TB/s (k_proj, gate_proj at M = 1), the
+kernel in the engine's decode graph streams the weights at ``gemv_GBps``:
 
     t = (weight + activation bytes) / gemv_GBps
     gemv_GBps = 2 x (decoder projection parameters) / (the ``_gemv`` kernels' time per step)

@@ -179,7 +179,7 @@ def test_decode_steps_within_10pct_of_the_engines_measurement(cfg):
         assert predicted == pytest.approx(measured, rel=0.10), (batch, predicted, measured)
 
 
-def test_two_gpu_speedups_within_10pct_of_the_measured():
+def test_two_gpu_speedups_within_10pct_of_the_measured(cfg):
     """``bench/scaling_2gpu.py`` on the committed measurements: every mesh's predicted speedup over one
     GPU (tp2, shift-sp2, pp2; decode and prefill) within 10% of the measured one, and the single GPU's
     own steps within 10%."""
@@ -188,8 +188,7 @@ def test_two_gpu_speedups_within_10pct_of_the_measured():
     files = [ROOT / "bench/results/mesh_speed.json", ROOT / "bench/results/mesh_speed.pp2.json"]
     reports = [json.loads(f.read_text()) for f in files]
     assert reports[0]["backend"] == "compile"
-    cost = model(load_config(preset="llama-3.1-8b"))
-    pred = s.predicted(cost)
+    pred = s.predicted(model(cfg))
     rows = [r for rep in reports for r in s.compare(pred, s.measured(rep))]
     assert {r["mesh"] for r in rows} == {"tp2", "shift-sp2", "pp2"}
     for r in rows:
