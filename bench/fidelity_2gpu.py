@@ -44,7 +44,13 @@ both models measured at three rates (``complete`` and ``covers`` in the summarie
 Each case runs in a fresh subprocess (its own session, killed with its worker ranks after
 ``--case-timeout`` s), so a hang or an out-of-memory records an error and the run goes on; the
 report is rewritten after each case (and the child writes after each rate, so a timed-out case keeps
-the rates it finished). ``--resume`` keeps the cases of an existing DIR/fidelity_2gpu.json that
+the rates it finished). Before the rates, the engine is warmed up with the workload's prompt lengths and with one replay
+of the highest rate's traffic (other requests, untimed): CUDA graphs are captured per step-shape
+bucket the first time serving meets it, and a capture inside a measured window costs that step
+tens of milliseconds that no steady-state server pays. Each rate records the graphs still captured
+during it (``graphs_captured``; single-process cases only).
+
+``--resume`` keeps the cases of an existing DIR/fidelity_2gpu.json that
 have no error (and its other models), so the run can be split across several shorter calls;
 ``--weights-dir`` keeps the random checkpoints for those calls.
 
@@ -216,12 +222,20 @@ def run_case(job: dict[str, Any]) -> None:
             a, v = eng.args, eng.args.vision
             eng.generate(engine_requests(warm, a.vocab, a.image_token_id, v.patch_dim if v else 0,
                                          v.merge if v else 2, job["seed"] + 1000), max_new_tokens=4)
+            # and the highest rate's traffic (other requests), untimed: the step shapes serving meets
+            # get their graphs here, as on a server that has been up a while
+            _wl, warm = sample_requests(job["workload"], rate=max(job["rates"]), duration=job["duration"],
+                                        seed=job["seed"] + 1000)
+            replay_requests(eng, warm, job["seed"] + 1000)
             out["warmup_s"] = round(time.perf_counter() - t, 2)
+            out["graphs_after_warmup"] = eng.graph_captures()
             save()
             for frac, rate in zip(job["fractions"], job["rates"]):
                 t = time.perf_counter()
+                before = eng.graph_captures()
                 wl, reqs = sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=job["seed"])
                 measured = replay_requests(eng, reqs, job["seed"])
+                after = eng.graph_captures()
                 m = measured_result(plan, measured, reqs, None)
                 p = predicted_result(plan, cost, reqs, None)
                 rows = {r["figure"]: r for r in compare(m, p)}
@@ -231,7 +245,12 @@ def run_case(job: dict[str, Any]) -> None:
                     "figures": {f: {k: rows[f][k] for k in ("predicted", "measured", "error")} for f in FIGURES},
                     "other": {f: {k: r[k] for k in ("predicted", "measured", "error")}
                               for f, r in rows.items() if f not in FIGURES},
-                    "wall_s": round(time.perf_counter() - t, 2)})
+                    "wall_s": round(time.perf_counter() - t, 2),
+                    # graphs captured while this rate ran (their capture time is in the measured figures);
+                    # None when the ranks are spawned processes
+                    "graphs_captured": None if after is None else {
+                        "graphs": after["decode"] + after["mixed"] - before["decode"] - before["mixed"],
+                        "capture_s": round(after["capture_s"] - before["capture_s"], 3)}})
                 print(f"  rate {wl.rate:.4g} req/s ({frac} of capacity): {len(reqs)} requests, "
                       + ", ".join(f"{f} {r['predicted']:.4g}/{r['measured']:.4g}" for f, r in rows.items()
                                   if f in FIGURES), flush=True)

@@ -558,6 +558,16 @@ class Engine:
                 self.local.model.forget(f)
                 f.clear()
 
+    def graph_captures(self) -> dict[str, Any] | None:
+        """CUDA graphs captured so far by this process's rank and the wall time their captures took
+        (serving pays it in the steps that meet a new bucket); None when the ranks are spawned or
+        run without graphs."""
+        r = self.local
+        if r is None or r.graphs is None:
+            return None
+        return {"decode": len(r.graphs.graphs), "mixed": len(r.mixed_graphs.graphs),
+                "capture_s": round(r.graphs.capture_s + r.mixed_graphs.capture_s, 3)}
+
     def warm_up(self, prompt_tokens: int = 8) -> None:
         """Run every step shape serving will meet first before any request does: for each decode
         batch bucket up to ``max_seqs`` (``graphs.BATCH_BUCKETS``), that many prompts of

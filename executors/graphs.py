@@ -30,6 +30,7 @@ since they run the same steps). CPU ranks never use this module.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ from executors.batch import MicroBatch
 from plans.mesh import GRAPH_TOKEN_BUCKETS as TOKEN_BUCKETS
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
-MIN_KEYS = 256
+MIN_KEYS = 512
 
 
 def bucket(n: int, sizes: tuple[int, ...]) -> int | None:
@@ -48,11 +49,11 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int | None:
 
 
 def keys_bucket(n: int) -> int:
-    """Key width for a longest context of ``n``: the next multiple of ``MIN_KEYS`` up to 8 of them,
-    then the next power of two (a few graphs per batch size; at most 1/8 of the keys padding)."""
-    if n <= 8 * MIN_KEYS:
-        return max(1, -(-n // MIN_KEYS)) * MIN_KEYS
-    return 1 << (n - 1).bit_length()
+    """Key width for a longest context of ``n``: the next power of two, at least ``MIN_KEYS``. A
+    graph is captured per bucket the first time serving meets it (tens to ~100 ms a capture, paid
+    by the requests of that step), so buckets are few: the kernels read only each sequence's own
+    keys, the width sets the block table's size (and the decode kernel's key ranges)."""
+    return max(MIN_KEYS, 1 << (max(1, n) - 1).bit_length())
 
 
 @dataclass
@@ -75,6 +76,7 @@ class DecodeGraphs:
         self.block = model.block_size
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None  # one memory pool for every graph, made at the first capture
+        self.capture_s = 0.0  # wall time spent capturing (graphs: len(self.graphs))
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
         """A decode micro-batch in plain TP mode that fits a bucket, with no image rows."""
@@ -145,10 +147,12 @@ class DecodeGraphs:
         return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, table, lens)
 
     def _capture(self, B: int, L: int, host: torch.Tensor, h_in: torch.Tensor | None) -> _Graph:
+        t = time.perf_counter()
         dev = self.model.par.device
         inp = host.to(dev)
         h = None if h_in is None else torch.zeros(B, h_in.shape[-1], dtype=h_in.dtype, device=dev)
         graph, out, self.pool = capture(lambda: self._forward(inp, h, B, L), dev, self.pool)
+        self.capture_s += time.perf_counter() - t
         return _Graph(graph, inp, host, torch.cuda.Event(), h, out)
 
 
@@ -181,6 +185,7 @@ class MixedGraphs:
         self.rows = 3 if model.a.mrope_section else 1
         self.block = model.block_size
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.capture_s = 0.0  # wall time spent capturing (graphs: len(self.graphs))
         # static buffers every graph shares (graphs run one at a time), made here, never inside a capture:
         # the step's image rows (VL models), received hidden states (later stages), the output
         a, dev, dtype = model.a, model.par.device, model.dtype
@@ -278,6 +283,7 @@ class MixedGraphs:
         self._pack(host, mb, T, S, L)
         self._fill_images(mb)  # before a capture too: its warm-up runs read real rows
         if g is None:
+            t = time.perf_counter()
             dev = self.model.par.device
             inp = host.to(dev)
             h = None if self.h is None else self.h[:T]
@@ -288,6 +294,7 @@ class MixedGraphs:
                     raise
                 return self.model.forward(mb, h_in)  # the kernel failed in the warm-up: eager, and no more graphs
             g = self.graphs[(T, S, L)] = _Graph(graph, inp, host, torch.cuda.Event(), h, out)
+            self.capture_s += time.perf_counter() - t
         g.inp.copy_(host, non_blocking=True)
         g.copied.record()
         if g.h is not None:

@@ -127,8 +127,8 @@ def test_decode_graph_inputs_give_the_eager_logits(tmp_path) -> None:
         mb = build_microbatch(chunks, "tp", plan.scheduler.block_size, None)
         graphs = DecodeGraphs(model, plan.scheduler.max_seqs)
         assert graphs.accepts(mb, "tp") and not graphs.accepts(mb, "sp_tp")
-        assert graphs.shape(mb) == (4, 256) == (bucket(3, graphs.sizes), keys_bucket(12))
-        assert [keys_bucket(n) for n in (1, 256, 257, 2048, 2049)] == [256, 256, 512, 2048, 4096]
+        assert graphs.shape(mb) == (4, 512) == (bucket(3, graphs.sizes), keys_bucket(12))
+        assert [keys_bucket(n) for n in (1, 512, 513, 1000, 2048, 2049)] == [512, 512, 1024, 1024, 2048, 4096]
         with torch.inference_mode():
             want = model.forward(mb, None)
             got = graphs.padded(mb, None)
