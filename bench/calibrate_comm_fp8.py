@@ -7,8 +7,8 @@ On a machine with N >= 2 GPUs: all-reduce, all-gather, reduce-scatter, all-to-al
 send/recv pair, 4 KiB to 256 MiB in factors of 4, for each group size 2, 4, ... N, timed inside
 CUDA graphs and eagerly (``costmodels.calib_collectives``); then FP8 GEMMs on the bf16 GEMM grid,
 each the call ``executors.quant.linear`` makes (the Triton W8A16 kernel up to
-``executors.fp8_gemm.MAX_M`` rows, ``torch._scaled_mm`` with the activation quantization above; each
-point names its kernel), until the budget is spent (``costmodels.calibrate.run_comm_fp8``).
+``executors.fp8_gemm.W8A16_MAX_M`` rows, the Triton W8A8 kernel up to ``executors.fp8_gemm.MAX_M``,
+``torch._scaled_mm`` with the activation quantization above; each point names its kernel), until the budget is spent (``costmodels.calibrate.run_comm_fp8``).
 ``--fp8-only`` skips the collectives and ``--max-m`` keeps the GEMM rows up to that many (the
 decode sizes, where the engine's kernel changed). An op that fails is recorded with its error
 and the rest go on; without FP8 tensor cores the GEMMs are skipped with the reason.

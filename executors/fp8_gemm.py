@@ -1,37 +1,47 @@
-"""FP8-weight products at decode batch sizes on the GPU (Triton kernels, weight-only dequant, "W8A16").
+"""FP8-weight products at decode batch sizes on the GPU (Triton kernels): weight-only dequant
+("W8A16") up to ``W8A16_MAX_M`` rows, FP8 x FP8 tensor cores ("W8A8", ``executors.fp8_w8a8``) above,
+up to ``MAX_M``.
 
     y [M, N] = (x [M, K] @ q [N, K]^T) * scale [N]  (+ residual [M, N])
 
 ``x`` in bf16/fp16, ``q`` in float8_e4m3fn, ``scale`` fp32 (one per row of ``q``: an
 ``executors.quant.Fp8Weight``), products summed in fp32, the scale and the residual applied to the
-fp32 sum, the result cast to ``x``'s dtype. The activations are not quantized: e4m3 values are
-exact in bf16/fp16, so the only rounding besides fp32 summation is the final cast.
+fp32 sum, the result cast to ``x``'s dtype. In the W8A16 tilings the activations are not quantized:
+e4m3 values are exact in bf16/fp16, so the only rounding besides fp32 summation is the final cast.
+The W8A8 kernel quantizes ``x`` per row to e4m3 (as ``torch._scaled_mm``'s row-wise path in
+``executors.quant.w8a8_rowwise`` does; see ``executors.fp8_w8a8``).
 
 Bytes moved: ``N K`` (the weight, once) + ``4 N`` (scales) + ``2 M K`` (x) + ``2 M N`` (y) (+ ``2 M N``
 residual). For ``M <= 256`` and the projections of 8B-70B models the weight dominates, so the
-floor is ``N K`` bytes over the memory bandwidth: half the bf16 GEMM's. ``torch._scaled_mm`` (the
+floor is ``N K`` bytes over the memory bandwidth: half the bf16 GEMM's; from ``M ~ 200`` on an H200
+the FP8 tensor cores' ``2 M N K`` FLOPs bound it instead. ``torch._scaled_mm`` (the
 W8A8 path of ``executors.quant``) does not reach it at these M on an H200 (1.0-1.3x the bf16
 GEMM's time at M = 16-256, ``bench/results/published.md``) and needs the activations quantized first
-(two more kernels).
+(several more kernels).
 
-Two tilings, chosen by M:
+Three tilings, chosen by M:
 
 * ``M <= GEMV_MAX_M`` (``executors.gemv``'s kernel, the scale applied to its sums): one program owns ``BLOCK_N`` output
   columns and streams their rows of ``q`` in ``[BLOCK_N, BLOCK_K]`` tiles (each weight byte read
   once, by one program), widened to fp32 and multiplied by the ``[M, BLOCK_K]`` slice of ``x`` into an
   fp32 ``[M, BLOCK_N, BLOCK_K]`` accumulator summed over K at the end.
-* ``GEMV_MAX_M < M <= MAX_M`` (tiled, tensor cores): one program owns a ``[BLOCK_M, BLOCK_N]`` tile of
+* ``GEMV_MAX_M < M <= W8A16_MAX_M`` (tiled, tensor cores): one program owns a ``[BLOCK_M, BLOCK_N]`` tile of
   ``y``; per K step it loads ``x [BLOCK_M, BLOCK_K]`` and ``q^T [BLOCK_K, BLOCK_N]``, converts the
   e4m3 tile to ``x``'s dtype in registers and accumulates ``tl.dot`` in fp32. BLOCK_M is small
   (16-64); programs are ordered M tile first, so the ``ceil(M / BLOCK_M)`` programs reading one
   weight tile run together and all but the first find it in L2.
+* ``W8A16_MAX_M < M <= MAX_M`` (``executors.fp8_w8a8``): the same tiling with ``x`` quantized per row
+  to e4m3 (in the product's loads up to ``fp8_w8a8.FUSE_MAX_M`` rows, by a small kernel before
+  above), ``tl.dot`` of e4m3 operands (FP8 tensor cores, twice bf16's rate) and the row and
+  column scales in the epilogue; split-K for narrow shards. Beyond ``MAX_M``: ``torch._scaled_mm``.
 
 Tiles are chosen by Triton's autotuner per ``(N, K, M bucket)`` (``M_BLOCK`` = next power of two of
 M) the first time a shape runs (the engine's warm-up, before any CUDA graph capture).
 ``fp8_linear`` is a ``torch.library`` custom op with a fake kernel, so compiled layers call it
-without a graph break; ``wanted`` says when ``executors.quant.linear`` routes an FP8 product here.
-``SHIFTPLAN_FP8_GEMM=0`` keeps every FP8 product on ``torch._scaled_mm`` (A/B measurements).
-``bench/fp8_gemm_speed.py`` measures both against bf16 and the floor.
+without a graph break; ``wanted`` says when ``executors.quant.linear`` routes an FP8 product here and
+``kernel_name`` which kernel serves it. ``SHIFTPLAN_FP8_GEMM=0`` keeps every FP8 product on
+``torch._scaled_mm``; ``SHIFTPLAN_FP8_W8A8=0`` only those above ``W8A16_MAX_M`` (A/B measurements).
+``bench/fp8_gemm_speed.py`` measures them against bf16, ``_scaled_mm`` and the floor.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import os
 
 import torch
 
-from executors import gemv
+from executors import fp8_w8a8, gemv
 
 try:
     import triton
@@ -52,10 +62,13 @@ except ImportError:  # CPU-only installs: products stay with torch
 # Measured on an H200 (bench/results/fp8_gemm_speed.md, 70B TP2-TP8 and 8B projections): the GEMV-like
 # tiling wins only at 1-2 rows (at 4-16 rows it is 2-13x its floor, the tl.dot tiling 1.6-3x); the
 # tl.dot tiling beats _scaled_mm up to 32 rows and loses from 64-128 rows on the larger shards.
-MAX_M = 32  # rows of x served here; larger batches go to torch._scaled_mm (W8A8)
+W8A16_MAX_M = 32  # rows served by the W8A16 tilings; above, the W8A8 kernel (fp8_w8a8)
 GEMV_MAX_M = 2  # up to this many rows the GEMV-like tiling, above it the tl.dot tiling
 ENABLED = os.environ.get("SHIFTPLAN_FP8_GEMM", "1") != "0"  # 0: every FP8 product through _scaled_mm
-KERNEL = "triton_w8a16"  # the name calibration points record for products served here
+W8A8 = os.environ.get("SHIFTPLAN_FP8_W8A8", "1") != "0"  # 0: products above W8A16_MAX_M through _scaled_mm
+MAX_M = fp8_w8a8.MAX_M if W8A8 else W8A16_MAX_M  # rows of x served here; larger batches go to torch._scaled_mm
+KERNEL = "triton_w8a16"  # the names calibration points record for products served here
+KERNEL_W8A8 = "triton_w8a8"
 FP8 = torch.float8_e4m3fn
 
 GEMV_CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
@@ -74,7 +87,7 @@ def _capable(device: torch.device) -> bool:
 def wanted(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """``x [..., K]`` times the FP8 weight ``q [N, K]`` (fp32 ``scale [N]``) goes to the kernel: CUDA
     with FP8 conversions, bf16/fp16 ``x`` of at most MAX_M rows with unit-stride rows, contiguous
-    e4m3 ``q`` with K a multiple of 16."""
+    e4m3 ``q`` with K a multiple of 16 (``kernel_name`` says which kernel)."""
     return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and q.dtype == FP8 and q.dim() == 2 and q.is_contiguous() and x.stride(-1) == 1
             and scale.dtype == torch.float32 and scale.numel() == q.shape[0] and scale.is_contiguous()
@@ -82,16 +95,23 @@ def wanted(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] <= MAX_M and _capable(x.device))
 
 
+def kernel_name(rows: int) -> str:
+    """The kernel serving a product of ``rows`` rows that ``wanted`` routes here."""
+    return KERNEL if rows <= W8A16_MAX_M else KERNEL_W8A8
+
+
 def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None,
            config: tuple[int, ...] | None = None, path: str | None = None) -> torch.Tensor:
     """``(x [M, K] @ q [N, K]^T) * scale [N] (+ residual [M, N])`` -> ``[M, N]`` in ``x``'s dtype
     (rows of ``x`` and of the residual of unit stride, any row stride; ``q`` contiguous).
 
-    ``path`` "gemv" or "mma" forces a tiling (default: "gemv" for M <= GEMV_MAX_M); ``config`` pins
-    its tile (``GEMV_CONFIGS`` / ``MMA_CONFIGS`` entries; benchmarks, tests); None lets the
-    autotuner choose."""
+    ``path`` "gemv", "mma" or "w8a8" forces a tiling (default: "gemv" for M <= GEMV_MAX_M, "mma" up
+    to W8A16_MAX_M, "w8a8" above); ``config`` pins its tile (``GEMV_CONFIGS`` / ``MMA_CONFIGS`` /
+    ``fp8_w8a8.CONFIGS`` entries; benchmarks, tests); None lets the autotuner choose."""
     M, K = x.shape
     N = q.shape[0]
+    if path == "w8a8" or (path is None and M > W8A16_MAX_M):
+        return fp8_w8a8.launch(x, q, scale, residual, config=config)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
@@ -118,7 +138,8 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torc
 @torch.library.custom_op("shiftplan::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x [M, K] @ q[N, K]^T) * scale (+ residual)`` for ``M <= MAX_M`` (see the module doc)."""
+    """``(x [M, K] @ q[N, K]^T) * scale (+ residual)`` for ``M <= MAX_M`` (see the module doc; above
+    ``W8A16_MAX_M`` rows ``x`` is quantized to e4m3 per row)."""
     return launch(x, q, scale, residual)
 
 

@@ -9,9 +9,11 @@ weights are quantized at load with ``scale = max|W_row| / 448`` over the rows th
 lm_head and the vision tower stay in the compute dtype.
 
 Matmul (``kernel_for`` names the one a product takes): on GPUs with FP8 tensor cores (compute
-capability >= 8.9), products of at most ``fp8_gemm.MAX_M`` rows (decode steps) run the Triton W8A16
-kernel of ``executors.fp8_gemm`` (the weight widened in registers, the residual added in its
-epilogue), larger ones ``torch._scaled_mm`` with activations quantized per token (W8A8, dynamic);
+capability >= 8.9), products of at most ``fp8_gemm.MAX_M`` rows (decode steps) run the Triton kernels
+of ``executors.fp8_gemm`` (the residual added in their epilogue): W8A16 up to
+``fp8_gemm.W8A16_MAX_M`` rows (the weight widened in registers), above that W8A8 with the activations
+quantized per token to e4m3 (``executors.fp8_w8a8``, FP8 tensor cores); larger ones
+``torch._scaled_mm`` with activations quantized per token (W8A8, dynamic);
 elsewhere the weight is widened to the activation dtype (exact: e4m3 values are representable in
 bf16/fp32) and the scale applied to the product.
 """
@@ -111,11 +113,12 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
 
 def kernel_for(x: torch.Tensor, w: Weight) -> str:
     """Which kernel ``linear(x, w)`` (no bias) runs: "triton_gemv" / "cublas" for a plain weight;
-    ``fp8_gemm.KERNEL`` ("triton_w8a16"), "scaled_mm_rowwise" or "dequant" for an FP8 one."""
+    ``fp8_gemm.kernel_name`` ("triton_w8a16", "triton_w8a8"), "scaled_mm_rowwise" or "dequant" for an
+    FP8 one."""
     if isinstance(w, torch.Tensor):
         return "triton_gemv" if gemv.wanted(x, w) else "cublas"
     if fp8_gemm.wanted(x, w.q, w.scale):
-        return fp8_gemm.KERNEL
+        return fp8_gemm.kernel_name(x.numel() // x.shape[-1])
     return "scaled_mm_rowwise" if _scaled_mm_ok(x, w) else "dequant"
 
 

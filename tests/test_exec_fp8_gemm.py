@@ -1,8 +1,11 @@
-"""The Triton W8A16 kernel of FP8-weight decode products (``executors.fp8_gemm``), checked on CPU.
+"""The Triton kernels of FP8-weight decode products (``executors.fp8_gemm``: W8A16, and W8A8 in
+``executors.fp8_w8a8``), checked on CPU.
 
-The kernel runs through Triton's interpreter (a subprocess with ``TRITON_INTERPRET=1``) against the
-dequantized reference ``x @ (q * scale[:, None])^T`` in fp32; the routing (``wanted``,
-``quant.kernel_for``) is checked on fake CUDA tensors with the device capability stubbed.
+The kernels run through Triton's interpreter (a subprocess with ``TRITON_INTERPRET=1``) against the
+dequantized reference ``x @ (q * scale[:, None])^T`` in fp32 (the W8A8 kernel also against the same
+product of its e4m3 activations, and its quantization against torch's e4m3 cast); the routing
+(``wanted``, ``kernel_name``, ``quant.kernel_for``) is checked on fake CUDA tensors with the device
+capability stubbed.
 """
 
 from __future__ import annotations
@@ -79,17 +82,92 @@ def test_fp8_kernel_matches_dequantized_reference() -> None:
     assert bf16 < 2 ** -7 and fp16 < 2 ** -9, (bf16, fp16)
 
 
+W8A8_CHECK = """
+import torch
+from executors import fp8_gemm, fp8_w8a8, quant
+torch.manual_seed(0)
+F8 = torch.float8_e4m3fn
+worst = {"xq": 0.0, "xs": 0.0, "bfloat16": 0.0, "float16": 0.0, "float": 0.0, "scaled_mm": 0.0}
+
+def err(got, want):
+    return float((got.float() - want).abs().max() / want.abs().max())
+
+# the per-row quantization against torch's: xs = max|row| / 448 (1e-12 for a row of zeros), e4m3 of
+# x * (1 / xs) rounded to nearest even, normal and subnormal e4m3 values, K over several steps
+for M, K, dt in [(6, 48, torch.bfloat16), (4, 2100, torch.float16), (9, 304, torch.bfloat16)]:
+    x = (torch.randn(M, K) * torch.logspace(-3, 2, M)[:, None]).to(dt)
+    x[0] = 0
+    xs, xq = fp8_w8a8.row_scale(x, True)
+    rxs = (x.float().abs().amax(1) / 448).clamp(min=1e-12)
+    rxq = (x.float() * (1 / rxs)[:, None]).clamp(-448, 448).to(F8)
+    worst["xs"] = max(worst["xs"], float((xs - rxs).abs().max()))
+    worst["xq"] = max(worst["xq"], float((xq.float() != rxq.float()).sum()))
+    assert fp8_w8a8.row_scale(x, False)[1] is None and torch.equal(fp8_w8a8.row_scale(x, False)[0], xs)
+
+# the product (M, N, K, dtype, tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K), x quantized in
+# the loads): rows 17 to 130, N and K not multiples of the tile, K split 2, 4 and 8 ways (splits past K empty)
+CASES = [(33, 50, 160, torch.bfloat16, (32, 64, 64, 4, 1, 1), True),
+         (40, 72, 96, torch.float16, (32, 32, 32, 4, 1, 2), True),
+         (70, 24, 208, torch.bfloat16, (64, 16, 64, 4, 1, 4), False),
+         (130, 40, 64, torch.float16, (128, 32, 32, 4, 1, 1), False),
+         (17, 33, 48, torch.bfloat16, (16, 16, 32, 4, 1, 8), True),
+         (64, 48, 128, torch.float16, (32, 32, 32, 4, 1, 4), False)]
+for M, N, K, dt, cfg, fused in CASES:
+    x = torch.randn(M, K).to(dt)
+    q = (torch.randn(N, K) * 40).to(F8)
+    s = torch.rand(N) * 0.02 + 0.001
+    r = torch.randn(M, 2 * N).to(dt)[:, :N]  # a residual with a row stride of 2 N
+    xs, xq = fp8_w8a8.row_scale(x, True)
+    want = (xq.float() @ q.float().t()) * xs[:, None] * s[None, :]
+    full = x.float() @ (q.float() * s[:, None]).t()
+    w = quant.Fp8Weight(q, s)
+    for res in (None, r):
+        got = fp8_w8a8.launch(x, q, s, res, config=cfg, fused=fused)
+        assert got.dtype == dt and got.shape == (M, N), (got.dtype, got.shape)
+        add = res.float() if res is not None else 0
+        key = str(dt).split(".")[-1]
+        worst[key] = max(worst[key], err(got - add, want))
+        worst["float"] = max(worst["float"], err(got - add, full))
+    worst["scaled_mm"] = max(worst["scaled_mm"], err(quant.w8a8_rowwise(x, w), full))  # torch._scaled_mm's path
+    assert fp8_w8a8._counters[x.device].abs().sum() == 0  # split-K counters back to zero
+
+# fp8_gemm.launch routes rows above W8A16_MAX_M here
+x = torch.randn(40, 64).half()
+q, s = (torch.randn(24, 64) * 40).to(F8), torch.rand(24) * 0.02 + 0.001
+a = fp8_gemm.launch(x, q, s, config=(32, 32, 32, 4, 1, 1))
+b = fp8_w8a8.launch(x, q, s, config=(32, 32, 32, 4, 1, 1), fused=True)
+assert torch.equal(a, b) and fp8_gemm.kernel_name(40) == "triton_w8a8" and fp8_gemm.kernel_name(32) == "triton_w8a16"
+print(worst["xs"], worst["xq"], worst["bfloat16"], worst["float16"], worst["float"], worst["scaled_mm"])
+"""
+
+
+def test_w8a8_kernel_matches_references() -> None:
+    """The W8A8 kernel (``executors.fp8_w8a8``) through the interpreter: its per-row scales and e4m3
+    activations equal torch's (``x * (1 / xs)`` cast to e4m3, round to nearest even); its product
+    equals ``(xq @ q^T) * xs * scale`` of those activations within one rounding of the output dtype
+    (the interpreter's bf16 cast truncates: 2^-7; fp16: 2^-9), with and without the residual, x
+    quantized in the loads or before, K split 1-8 ways; against the float reference (x unquantized)
+    within the FP8 tolerance of the engine's tests (6%) and within 1.5x the error of the
+    ``torch._scaled_mm`` path (``quant.w8a8_rowwise``) on the same inputs. The interpreter runs
+    ``tl.dot`` on e4m3 operands (exact products, fp32 sums); what it cannot show is the GPU's
+    scheduling (split-K's counter ordering, tile shapes that do not compile)."""
+    xs, xq, bf16, fp16, full, scaled_mm = map(float, run_interpreted("-c", W8A8_CHECK).split()[-6:])
+    assert xs == 0 and xq == 0, (xs, xq)
+    assert bf16 < 2 ** -7 and fp16 < 2 ** -9, (bf16, fp16)
+    assert full < 0.06 and full < 1.5 * scaled_mm, (full, scaled_mm)
+
+
 def _fake(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="cuda")
 
 
 def test_fp8_products_are_routed_by_rows_dtype_and_capability(monkeypatch) -> None:
     """``wanted`` (and ``quant.kernel_for``): CUDA bf16/fp16 rows up to MAX_M with a contiguous e4m3
-    weight and K a multiple of 16 on an FP8-capable GPU go to the kernel, the rest to
-    ``torch._scaled_mm`` (or the widened weight without FP8 tensor cores); the fake kernel gives the
-    output shape (what compiled layers trace)."""
-    top = fp8_gemm.MAX_M
-    assert fp8_gemm.GEMV_MAX_M < top
+    weight and K a multiple of 16 on an FP8-capable GPU go to the kernels (W8A16 up to W8A16_MAX_M
+    rows, W8A8 above), the rest to ``torch._scaled_mm`` (or the widened weight without FP8 tensor
+    cores); the fake kernel gives the output shape (what compiled layers trace)."""
+    top, mid = fp8_gemm.MAX_M, fp8_gemm.W8A16_MAX_M
+    assert fp8_gemm.GEMV_MAX_M < mid < top
     q, s = torch.zeros(32, 64, dtype=fp8_gemm.FP8), torch.ones(32)
     assert not fp8_gemm.wanted(torch.zeros(1, 64, dtype=torch.bfloat16), q, s)  # CPU
     assert quant.kernel_for(torch.zeros(1, 64), quant.Fp8Weight(q, s)) == "dequant"
@@ -100,7 +178,9 @@ def test_fp8_products_are_routed_by_rows_dtype_and_capability(monkeypatch) -> No
         w = quant.Fp8Weight(q, s)
         assert fp8_gemm.wanted(_fake(1, 64), q, s) and fp8_gemm.wanted(_fake(top, 64, dtype=torch.float16), q, s)
         assert fp8_gemm.wanted(_fake(2, top // 2, 64), q, s) and not fp8_gemm.wanted(_fake(2, top, 64), q, s)  # leading dims
-        assert quant.kernel_for(_fake(top, 64), w) == "triton_w8a16"
+        assert quant.kernel_for(_fake(mid, 64), w) == "triton_w8a16"
+        assert quant.kernel_for(_fake(mid + 1, 64), w) == "triton_w8a8" == quant.kernel_for(_fake(top, 64), w)
+        assert quant.kernel_for(_fake(2, (mid + 2) // 2, 64), w) == "triton_w8a8"  # rows over the leading dims
         assert not fp8_gemm.wanted(_fake(top + 1, 64), q, s)
         assert quant.kernel_for(_fake(top + 1, 64), w) == "scaled_mm_rowwise"
         assert not fp8_gemm.wanted(_fake(4, 64, dtype=torch.float32), q, s)
@@ -130,3 +210,13 @@ def test_fp8_kernel_switch(value: str, enabled: bool) -> None:
     out = subprocess.run([sys.executable, "-c", "from executors import fp8_gemm; print(fp8_gemm.ENABLED)"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == str(enabled), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value,top", [("0", 32), ("1", 1024)])
+def test_w8a8_switch(value: str, top: int) -> None:
+    """``SHIFTPLAN_FP8_W8A8=0`` at import serves only the W8A16 rows (up to ``W8A16_MAX_M``) in Triton,
+    the larger products on ``torch._scaled_mm``."""
+    env = dict(os.environ, SHIFTPLAN_FP8_W8A8=value, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", "from executors import fp8_gemm; print(fp8_gemm.MAX_M)"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == str(top), out.stderr[-2000:]
