@@ -1,28 +1,37 @@
 """FP8-weight products at decode batch sizes on one GPU: bf16 ``F.linear``, ``torch._scaled_mm``
-(rowwise and tensorwise, activation quantization included) and the Triton W8A16 kernel
-(``executors.fp8_gemm``), each against the memory floor.
+(rowwise and tensorwise, activation quantization included) and the Triton kernels
+(``executors.fp8_gemm``: W8A16, and W8A8 from ``executors.fp8_w8a8``), each against its floor.
 
 Shapes (N x K of ``y [M, N] = x [M, K] @ W^T``): the projections of a 70B Llama (Llama-3.1-70B and
 Llama-2-70B have the same ones: hidden 8192, 64 query / 8 KV heads of 128, MLP 28672) sharded over
 TP8, TP4 and TP2 (``qkv`` and ``gate_up`` split by rows, ``o`` and ``down`` by columns), and
-Llama-3.1-8B's on one GPU; M = 1, 2, 4, ..., 256 rows. Per point:
+Llama-3.1-8B's on one GPU; M = 1, 2, 4, ..., 1024 rows. Per point:
 
 * ``bf16``: ``F.linear(x, W)`` with ``W`` in bf16 (``2 N K`` weight bytes);
 * ``rowwise``: ``executors.quant.w8a8_rowwise``, the engine's call above ``fp8_gemm.MAX_M`` rows (x
-  quantized per row, then ``torch._scaled_mm`` with ``[M, 1]`` and ``[1, N]`` scales);
+  quantized per row, then ``torch._scaled_mm`` with ``[M, 1]`` and ``[1, N]`` scales; and with
+  ``SHIFTPLAN_FP8_W8A8=0`` above ``fp8_gemm.W8A16_MAX_M``);
 * ``tensorwise``: x quantized per tensor, ``torch._scaled_mm`` with scalar scales (one weight scale:
   the weight quantized per tensor);
-* ``triton``: ``executors.fp8_gemm.launch`` (autotuned; the tiling ``fp8_gemm`` picks for M), and for
-  M <= GEMV_MAX_M also the tensor-core tiling (``triton_mma``), to place the switch between them.
+* ``triton``: ``executors.fp8_gemm.launch`` (autotuned; the kernel ``fp8_gemm`` picks for M: W8A16 up
+  to ``W8A16_MAX_M`` rows, W8A8 above), and for M <= GEMV_MAX_M also the tensor-core tiling
+  (``triton_mma``), to place the switch between them;
+* ``w8a8_fused`` / ``w8a8_prequant`` (M > GEMV_MAX_M): the W8A8 kernel (``executors.fp8_w8a8.launch``,
+  autotuned) with x quantized in the product's loads / by the row-scale kernel first (the engine
+  fuses up to ``fp8_w8a8.FUSE_MAX_M`` rows), to place the switches W8A16 -> W8A8 -> ``_scaled_mm``
+  and fused -> prequantized.
 
-Floors: weight bytes (``2 N K`` for bf16, ``N K`` for the FP8 methods) over the copy bandwidth
-measured in the same run (``bench.engine_speed.ceilings``); ``x floor`` is time / floor; TFLOP/s
-= ``2 M N K`` / time. Times are medians of ``triton.testing.do_bench`` (L2 flushed before each call,
-as a decode step meets each weight cold). The kernel's result is checked against
-``x @ (q * scale)^T`` in fp32 (``rel_err``: max abs error / max abs reference).
+Floors: the larger of the weight bytes (``2 N K`` for bf16, ``N K`` for the FP8 methods) over the
+copy bandwidth measured in the same run (``bench.engine_speed.ceilings``) and the FLOPs ``2 M N K``
+over the dense tensor-core peak (``--peak-tflops``, bf16 and FP8: 989 and 1979 TFLOP/s, an
+H100/H200 SXM's); ``x floor`` is time / floor; TFLOP/s = ``2 M N K`` / time. Times are medians of
+``triton.testing.do_bench`` (L2 flushed before each call, as a decode step meets each weight cold).
+The kernels' and ``rowwise``'s results are checked against ``x @ (q * scale)^T`` in fp32 (``rel_err``:
+max abs error / max abs reference; the W8A8 kernel and ``rowwise`` quantize x to e4m3, ~2-4e-2, the
+W8A16 kernel only rounds its output, ~3e-3).
 
-    python bench/fp8_gemm_speed.py --out DIR                          # on a CUDA machine (~6 min)
-    python bench/fp8_gemm_speed.py --out DIR --shapes 70b/tp8/qkv,8b/o --rows 1,16,64
+    python bench/fp8_gemm_speed.py --out DIR                          # on a CUDA machine (~10 min)
+    python bench/fp8_gemm_speed.py --out DIR --shapes 70b/tp8/qkv,8b/o --rows 1,16,64,512
     TRITON_INTERPRET=1 python bench/fp8_gemm_speed.py --out DIR --tiny  # CPU dry run (small shapes, fp16)
 
 Writes DIR/fp8_gemm_speed.json and DIR/fp8_gemm_speed.md (also printed).
@@ -58,10 +67,12 @@ def llama_shapes(prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: 
 
 SHAPES = {**llama_shapes("70b", 8192, 64, 8, 128, 28672, (8, 4, 2)),
           **llama_shapes("8b", 4096, 32, 8, 128, 14336, (1,))}
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TINY = {"tiny/qkv": (48, 64), "tiny/down": (40, 96)}
 TINY_ROWS = (1, 3, 17, 40)
-METHODS = ("bf16", "rowwise", "tensorwise", "triton", "triton_mma")
+METHODS = ("bf16", "rowwise", "tensorwise", "triton", "triton_mma", "w8a8_fused", "w8a8_prequant")
+CHECKED = ("rowwise", "triton", "triton_mma", "w8a8_fused", "w8a8_prequant")  # rel_err recorded
+PEAK_TFLOPS = (989.0, 1979.0)  # dense bf16, FP8 tensor-core peaks of an H100 / H200 SXM
 
 
 def w8a8_tensorwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -77,15 +88,17 @@ def w8a8_tensorwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--rows", default=None, help="comma-separated M (default 1,2,4,...,256)")
+    ap.add_argument("--rows", default=None, help="comma-separated M (default 1,2,4,...,1024)")
     ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    ap.add_argument("--peak-tflops", default=",".join(f"{p:g}" for p in PEAK_TFLOPS),
+                    help="dense bf16,fp8 tensor-core peaks for the FLOP floors (default: an H100/H200 SXM's)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run, small shapes in fp16 (with TRITON_INTERPRET=1)")
     a = ap.parse_args(argv)
     import torch.nn.functional as F
 
     from bench.common import command_line, write_report
     from bench.engine_speed import ceilings
-    from executors import fp8_gemm, quant
+    from executors import fp8_gemm, fp8_w8a8, quant
 
     tiny = a.tiny or not torch.cuda.is_available()
     dev = "cpu" if tiny else "cuda"
@@ -98,12 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shapes = {s: shapes[s] for s in a.shapes.split(",")}
     rows = [int(m) for m in a.rows.split(",")] if a.rows else list(TINY_ROWS if tiny else ROWS)
     bw = _cpu_copy_GBps() if tiny else ceilings(dev)["copy_GBps"]
+    peak_bf16, peak_fp8 = (float(p) for p in a.peak_tflops.split(","))
     bench = _cpu_bench if tiny else _gpu_bench()
     report: dict[str, Any] = {"command": command_line("bench/fp8_gemm_speed.py", argv),
                               "device": "cpu (dry run)" if tiny else torch.cuda.get_device_name(),
                               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
                               "dtype": str(dt).replace("torch.", ""), "copy_GBps": bw, "max_m": fp8_gemm.MAX_M,
-                              "gemv_max_m": fp8_gemm.GEMV_MAX_M, "rows": []}
+                              "gemv_max_m": fp8_gemm.GEMV_MAX_M, "w8a16_max_m": fp8_gemm.W8A16_MAX_M,
+                              "fuse_max_m": fp8_w8a8.FUSE_MAX_M, "peak_tflops": [peak_bf16, peak_fp8], "rows": []}
     try:
         import triton
 
@@ -127,18 +142,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             if M <= fp8_gemm.GEMV_MAX_M:
                 calls["triton_mma"] = _kernel(fp8_gemm, x, w8, "mma", tiny)
+            else:
+                calls["w8a8_fused"] = _kernel(fp8_gemm, x, w8, "w8a8_fused", tiny)
+                calls["w8a8_prequant"] = _kernel(fp8_gemm, x, w8, "w8a8_prequant", tiny)
+            flops = 2 * M * N * K
             row: dict[str, Any] = {"shape": name, "N": N, "K": K, "M": M,
                                    "floor_bf16_us": round(2 * N * K / (bw * 1e9) * 1e6, 2),
-                                   "floor_fp8_us": round(N * K / (bw * 1e9) * 1e6, 2)}
-            for path in ("triton", "triton_mma"):
+                                   "floor_fp8_us": round(N * K / (bw * 1e9) * 1e6, 2),
+                                   "floor_bf16_mma_us": round(flops / (peak_bf16 * 1e12) * 1e6, 2),
+                                   "floor_fp8_mma_us": round(flops / (peak_fp8 * 1e12) * 1e6, 2)}
+            configs: dict[str, str] = {}
+            for path in CHECKED:
                 if path in calls:
                     try:
                         err = (calls[path]().float() - ref).abs().max() / ref.abs().max()
                         row[f"{path}_rel_err"] = float(f"{float(err):.3g}")
+                        if not tiny and path.startswith(("triton", "w8a8")):
+                            configs.update(_best_config(fp8_gemm, fp8_w8a8, path, M))
                     except Exception as e:  # noqa: BLE001 -- recorded, the other methods still run
                         row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:300]
             if not tiny:
-                row["triton_config"] = _best_config(fp8_gemm, M)
+                row["triton_config"] = configs
             for method, fn in calls.items():
                 if f"{method}_error" in row:
                     continue
@@ -147,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 except Exception as e:  # noqa: BLE001 -- e.g. _scaled_mm without FP8 tensor cores
                     row[f"{method}_error"] = f"{type(e).__name__}: {e}"[:300]
                     continue
-                floor = row["floor_bf16_us"] if method == "bf16" else row["floor_fp8_us"]
+                floor = (max(row["floor_bf16_us"], row["floor_bf16_mma_us"]) if method == "bf16"
+                         else max(row["floor_fp8_us"], row["floor_fp8_mma_us"]))
                 row[f"{method}_us"] = round(us, 2)
                 row[f"{method}_x_floor"] = round(us / floor, 3) if floor == floor and floor > 0 else None
                 row[f"{method}_TFLOPs"] = float(f"{2 * M * N * K / (us * 1e-6) / 1e12:.3g}")
@@ -167,23 +192,36 @@ def _per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _kernel(fp8_gemm: Any, x: torch.Tensor, w: Any, path: str | None, tiny: bool) -> Callable[[], Any]:
-    """The W8A16 kernel on ``x``: autotuned on a GPU; on a CPU (the interpreter cannot autotune) one
-    pinned tile of the tiling ``path`` would take."""
+    """A Triton kernel on ``x``: ``path`` None (``fp8_gemm``'s choice), "mma" (the W8A16 tensor-core
+    tiling), "w8a8_fused" / "w8a8_prequant" (the W8A8 kernel, x quantized in its loads / before);
+    autotuned on a GPU; on a CPU (the interpreter cannot autotune) one pinned tile of that tiling."""
+    from executors import fp8_w8a8
+
+    M = x.shape[0]
+    if path is None:
+        path = "gemv" if M <= fp8_gemm.GEMV_MAX_M else "mma" if M <= fp8_gemm.W8A16_MAX_M else "w8a8"
+    if path.startswith("w8a8"):
+        fused = M <= fp8_w8a8.FUSE_MAX_M if path == "w8a8" else path == "w8a8_fused"
+        cfg = (32, 32, 32, 4, 1, 2) if tiny else None  # a K split of two on CPU
+        return lambda: fp8_w8a8.launch(x, w.q, w.scale, config=cfg, fused=fused)
     if not tiny:
         return lambda: fp8_gemm.launch(x, w.q, w.scale, path=path)
-    mma = path == "mma" or (path is None and x.shape[0] > fp8_gemm.GEMV_MAX_M)
-    cfg = (16, 32, 32, 4, 1) if mma else (8, 32, 4)
-    return lambda: fp8_gemm.launch(x, w.q, w.scale, config=cfg, path="mma" if mma else "gemv")
+    cfg = (16, 32, 32, 4, 1) if path == "mma" else (8, 32, 4)
+    return lambda: fp8_gemm.launch(x, w.q, w.scale, config=cfg, path=path)
 
 
-def _best_config(fp8_gemm: Any, M: int) -> dict[str, str]:
-    """The tiles the autotuner picked for the last shape at ``M`` rows, per tiling run."""
-    out = {}
-    for path, tuned in (("gemv", fp8_gemm._gemv_tuned), ("mma", fp8_gemm._mma_tuned)):
-        best = getattr(tuned, "best_config", None)
-        if best is not None and (path == "mma" or M <= fp8_gemm.GEMV_MAX_M):
-            out[path] = f"{best.kwargs} warps={best.num_warps} stages={best.num_stages}"
-    return out
+def _best_config(fp8_gemm: Any, fp8_w8a8: Any, method: str, M: int) -> dict[str, str]:
+    """The tile the autotuner picked for the last call of ``method`` at ``M`` rows, named by tiling."""
+    if method.startswith("w8a8"):
+        path = method
+    elif method == "triton_mma":
+        path = "mma"
+    else:
+        path = "gemv" if M <= fp8_gemm.GEMV_MAX_M else "mma" if M <= fp8_gemm.W8A16_MAX_M else "w8a8"
+        path = f"w8a8_{'fused' if M <= fp8_w8a8.FUSE_MAX_M else 'prequant'}" if path == "w8a8" else path
+    tuned = {"gemv": fp8_gemm._gemv_tuned, "mma": fp8_gemm._mma_tuned}.get(path, fp8_w8a8._tuned)
+    best = getattr(tuned, "best_config", None)
+    return {path: f"{best.kwargs} warps={best.num_warps} stages={best.num_stages}"} if best is not None else {}
 
 
 def _gpu_bench() -> Callable[[Callable[[], Any]], float]:
@@ -217,20 +255,30 @@ def _cell(x: dict[str, Any], method: str) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    pb, pf = r.get("peak_tflops", PEAK_TFLOPS)
     lines = [f"# FP8-weight products at decode batch sizes ({r['device']})", "",
              f"torch {r['torch']} (CUDA {r['cuda']}), Triton {r['triton']}, Python {r['python']}, activations "
              f"{r['dtype']}. Command: `{r['command']}`. Copy bandwidth measured in the run: {r['copy_GBps']} GB/s; "
-             "floor = weight bytes (2 N K bf16, N K fp8) / that. Cells: us (x its floor, TFLOP/s). `rowwise` / "
+             "floor = the larger of weight bytes (2 N K bf16, N K fp8) / that and 2 M N K / the dense peak "
+             f"({pb:g} bf16, {pf:g} fp8 TFLOP/s). Cells: us (x its floor, TFLOP/s). `rowwise` / "
              "`tensorwise`: `torch._scaled_mm` with the activation quantization; `triton`: `executors.fp8_gemm` "
-             f"(GEMV-like tiling up to {r['gemv_max_m']} rows, tensor-core tiles above, served up to {r['max_m']} "
-             "rows); `triton_mma`: the tensor-core tiling at M <= "
-             f"{r['gemv_max_m']}; `err`: the call failed (JSON).", "",
+             f"(GEMV-like tiling up to {r['gemv_max_m']} rows, W8A16 tensor-core tiles up to "
+             f"{r.get('w8a16_max_m', r['max_m'])}, W8A8 above, served up to {r['max_m']} rows); `triton_mma`: the "
+             f"W8A16 tensor-core tiling at M <= {r['gemv_max_m']}; `w8a8_fused` / `w8a8_prequant`: the W8A8 kernel "
+             "with x quantized in its loads / before (the engine fuses up to "
+             f"{r.get('fuse_max_m', '-')} rows); `err`: the call failed (JSON). Rel. error: max abs error / max abs "
+             "of the fp32 product with the dequantized weight.", "",
              "| shape (N x K) | M | floor bf16 / fp8 us | bf16 | rowwise | tensorwise | triton | triton_mma | "
-             "triton / bf16 | rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "w8a8_fused | w8a8_prequant | triton / bf16 | rel. error triton / w8a8 / rowwise |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         ratio = (f"{x['triton_us'] / x['bf16_us']:.2f}" if "triton_us" in x and x.get("bf16_us") else "-")
-        lines.append(f"| {x['shape']} ({x['N']} x {x['K']}) | {x['M']} | {x['floor_bf16_us']} / {x['floor_fp8_us']} | "
-                     + " | ".join(_cell(x, m) for m in METHODS) + f" | {ratio} | {x.get('triton_rel_err', 'err')} |")
+        fb = max(x["floor_bf16_us"], x.get("floor_bf16_mma_us", 0))
+        ff = max(x["floor_fp8_us"], x.get("floor_fp8_mma_us", 0))
+        errs = " / ".join(str(x.get(f"{m}_rel_err", "-" if f"{m}_error" not in x else "err"))
+                          for m in ("triton", "w8a8_fused", "rowwise"))
+        lines.append(f"| {x['shape']} ({x['N']} x {x['K']}) | {x['M']} | {fb} / {ff} | "
+                     + " | ".join(_cell(x, m) for m in METHODS) + f" | {ratio} | {errs} |")
     return "\n".join(lines) + "\n"
 
 

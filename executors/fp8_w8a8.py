@@ -74,9 +74,10 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
     (64, 64, 256, 4, 3, 1), (64, 128, 256, 8, 3, 1),
     (32, 64, 128, 4, 4, 4), (64, 64, 128, 4, 4, 2), (64, 64, 128, 4, 4, 4), (64, 64, 256, 4, 3, 8),
     (64, 128, 128, 4, 4, 2), (64, 128, 128, 8, 4, 8),
-    # 256-1024 rows: FP8 compute bound on the wider shards, wgmma tiles of 128 rows
-    (128, 64, 128, 4, 4, 1), (128, 128, 64, 4, 4, 1), (128, 128, 128, 8, 4, 1), (128, 128, 128, 8, 3, 2),
-    (128, 256, 64, 8, 4, 1), (128, 256, 128, 8, 3, 1), (64, 256, 128, 8, 3, 1), (128, 128, 128, 4, 3, 4),
+    # 256-1024 rows: FP8 compute bound on the wider shards, wgmma tiles of 128 rows (a 128 x 256 fp32
+    # accumulator spills at 8 warps: 64 x 256 instead)
+    (128, 64, 128, 4, 4, 1), (128, 128, 64, 8, 4, 1), (128, 128, 128, 8, 4, 1), (128, 128, 128, 8, 3, 2),
+    (128, 128, 256, 8, 3, 1), (64, 256, 128, 8, 3, 1), (64, 256, 64, 8, 4, 1), (128, 128, 128, 8, 3, 4),
 ]
 ROW_BLOCK_K = 1024  # _row_scale's step along K
 
@@ -158,7 +159,8 @@ if triton is not None:
             b = v.to(tl.int32, bitcast=True)
             b = (b + 0x7FFFF + ((b >> 20) & 1)) & -0x100000  # normals: 3 mantissa bits, to nearest even
             sub = (v + 24576.0) - 24576.0  # below 2^-6 (subnormals): multiples of 2^-9 (1.5 * 2^14 + v rounds there)
-            v = tl.where(tl.abs(v) < 0.015625, sub, tl.minimum(tl.maximum(b.to(tl.float32, bitcast=True), -448.0), 448.0))
+            nrm = tl.minimum(tl.maximum(b.to(tl.float32, bitcast=True), -448.0), 448.0)
+            v = tl.where(tl.abs(v) < 0.015625, sub, nrm)
         return v.to(tl.float8e4nv)
 
     @triton.jit
@@ -214,7 +216,7 @@ if triton is not None:
             last = tl.atomic_add(CNT + tile, 1) == SPLIT_K - 1  # acq_rel, GPU scope
             if last:
                 y = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for s in tl.static_range(SPLIT_K):
+                for s in range(SPLIT_K):  # one partial in registers at a time
                     y += tl.load(ws + s * M_BLOCK * N, mask=out_mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(CNT + tile, 0)
         if last:

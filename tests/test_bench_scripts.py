@@ -331,9 +331,11 @@ def test_prefill_attention_dry_run(tmp_path):
 
 
 def test_fp8_gemm_speed_dry_run(tmp_path):
-    """bench/fp8_gemm_speed.py on CPU (the kernel through Triton's interpreter): every method timed
-    at every (shape, M), the kernel's result within fp16 rounding of the dequantized reference (both
-    tilings at M <= GEMV_MAX_M), floors from the weight bytes, the markdown table written."""
+    """bench/fp8_gemm_speed.py on CPU (the kernels through Triton's interpreter): every method timed
+    at every (shape, M), the W8A16 kernel's result within fp16 rounding of the dequantized reference
+    (both tilings at M <= GEMV_MAX_M), the W8A8 kernel's (both quantization placements, the routed
+    kernel above W8A16_MAX_M rows) within the FP8 tolerance and 1.5x ``torch._scaled_mm``'s error,
+    floors from the weight bytes and the FLOPs, the markdown table written."""
     stdout = run_interpreted("bench/fp8_gemm_speed.py", "--out", str(tmp_path), "--tiny")
     r = json.loads((tmp_path / "fp8_gemm_speed.json").read_text())
     from bench.fp8_gemm_speed import SHAPES, TINY, TINY_ROWS
@@ -344,11 +346,16 @@ def test_fp8_gemm_speed_dry_run(tmp_path):
         N, K = TINY[x["shape"]]
         assert x["floor_fp8_us"] == pytest.approx(N * K / (r["copy_GBps"] * 1e3), abs=0.01)
         assert x["floor_bf16_us"] == pytest.approx(2 * x["floor_fp8_us"], abs=0.02)
-        assert x["triton_rel_err"] < 2e-3
+        assert x["floor_fp8_mma_us"] == pytest.approx(2 * x["M"] * N * K / (r["peak_tflops"][1] * 1e6), abs=0.01)
+        assert x["triton_rel_err"] < (2e-3 if x["M"] <= r["w8a16_max_m"] else 0.06)
         assert ("triton_mma_rel_err" in x) == (x["M"] <= r["gemv_max_m"])
         assert x.get("triton_mma_rel_err", 0) < 2e-3
+        for m in ("w8a8_fused", "w8a8_prequant"):
+            assert (f"{m}_us" in x) == (f"{m}_rel_err" in x) == (x["M"] > r["gemv_max_m"])
+            assert x.get(f"{m}_rel_err", 0) < min(0.06, 1.5 * x["rowwise_rel_err"])
         for m in ("bf16", "rowwise", "tensorwise", "triton"):
             assert x[f"{m}_us"] > 0 and f"{m}_error" not in x
+    assert r["w8a16_max_m"] < max(TINY_ROWS) <= r["max_m"]  # the dry run reaches the W8A8 kernel
     md = (tmp_path / "fp8_gemm_speed.md").read_text()
     assert "| tiny/down (40 x 96) | 17 |" in md and md in stdout
     # the GPU shapes: a 70B Llama's projections under TP8 / TP4 / TP2 and Llama-3.1-8B's
