@@ -6,7 +6,9 @@
 bf16/fp16 quantized per row (per token) as ``executors.quant.w8a8_rowwise`` does it:
 ``xs = max(max|x_row| / 448, 1e-12)`` in fp32 and ``xq = e4m3(clamp(x * (1 / xs), +-448))`` (round to
 nearest even). ``tl.dot`` of the two e4m3 tiles accumulates in fp32 (Hopper / Ada FP8 tensor
-cores); the epilogue applies ``xs`` and ``scale`` to the fp32 sum, adds the residual and casts to
+cores; each ``BLOCK_K`` step's sum is added to the fp32 accumulator in full precision,
+``max_num_imprecise_acc=BLOCK_K``: Hopper's FP8 ``wgmma`` keeps fewer accumulator bits than fp32, and
+Triton's default there leaves the whole K to it); the epilogue applies ``xs`` and ``scale`` to the fp32 sum, adds the residual and casts to
 ``x``'s dtype. The result is the one of ``torch._scaled_mm`` with row-wise scales (``quant.w8a8_rowwise``)
 up to the fp32 summation order and the last bit of ``xs``: the activations' rounding (3 mantissa
 bits, a relative error of at most 2^-4 per element) is the price of the FP8 tensor cores.
@@ -204,7 +206,7 @@ if triton is not None:
             if not X_FP8:
                 x = _to_e4m3(x.to(tl.float32) * inv[:, None], ROUND)
             w = tl.load(Q + n[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(x, w, acc)  # e4m3 x e4m3, fp32 sum
+            acc = tl.dot(x, w, acc, max_num_imprecise_acc=BLOCK_K)  # e4m3 x e4m3, fp32 sum of each K step
         y = acc * xs[:, None] * tl.load(S + n, mask=nmask, other=0.0)[None, :]
         out_mask = mmask[:, None] & nmask[None, :]
         last = True
