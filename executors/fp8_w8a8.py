@@ -67,7 +67,7 @@ FUSE_MAX_M = 128  # up to this many rows x is quantized in the product's loads; 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 COUNTERS = 1 << 16  # split-K tile counters a device (int32, 256 KiB)
-WORKSPACE_BYTES = 32 << 20  # the split-K partials [SPLIT_K, M_BLOCK, N] fp32 stay within this
+WORKSPACE_BYTES = 8 << 20  # the split-K partials [SPLIT_K, M_BLOCK, N] fp32 (allocated a call) stay within this
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)

@@ -220,3 +220,24 @@ def test_w8a8_switch(value: str, top: int) -> None:
     out = subprocess.run([sys.executable, "-c", "from executors import fp8_gemm; print(fp8_gemm.MAX_M)"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == str(top), out.stderr[-2000:]
+
+
+def test_w8a8_tiles_kept_per_row_bucket() -> None:
+    """The W8A8 autotuner's candidates per (N, row bucket): tiles no taller than the rows (rounded up
+    to 16) nor shorter than a sixteenth of them; K split only up to 256 rows, within the workspace
+    (``split_max``: 8 ways for a 70B TP8 ``qkv`` shard at 64 rows, none at 512 rows)."""
+    from executors import fp8_w8a8
+
+    def kept(mb: int, n: int) -> list:
+        return fp8_w8a8._fits(fp8_w8a8._tuned.configs, {"M_BLOCK": mb, "N": n, "WS_SPLITS": fp8_w8a8.split_max(n, mb)})
+
+    assert fp8_w8a8.split_max(1280, 64) == 8 and fp8_w8a8.split_max(1280, 512) == 1
+    assert fp8_w8a8.split_max(28672, 256) == 1 and fp8_w8a8.split_max(7168, 64) == 4
+    for mb, n in [(64, 1280), (128, 7168), (256, 1280), (512, 28672), (1024, 8192), (32, 24)]:
+        cs = kept(mb, n)
+        assert cs and all(mb // 16 <= c.kwargs["BLOCK_M"] <= max(16, mb) for c in cs), (mb, n)
+        assert all(c.kwargs["SPLIT_K"] <= fp8_w8a8.split_max(n, mb) for c in cs)
+        ws = max(c.kwargs["SPLIT_K"] for c in cs) * mb * n * 4
+        assert ws == 4 * mb * n or ws <= fp8_w8a8.WORKSPACE_BYTES
+    assert max(c.kwargs["SPLIT_K"] for c in kept(64, 1280)) == 8
+    assert {c.kwargs["BLOCK_M"] for c in kept(1024, 8192)} == {64, 128}
