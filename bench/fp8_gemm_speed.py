@@ -4,7 +4,8 @@
 
 Shapes (N x K of ``y [M, N] = x [M, K] @ W^T``): the projections of a 70B Llama (Llama-3.1-70B and
 Llama-2-70B have the same ones: hidden 8192, 64 query / 8 KV heads of 128, MLP 28672) sharded over
-TP8, TP4 and TP2 (``qkv`` and ``gate_up`` split by rows, ``o`` and ``down`` by columns), and
+TP8, TP4 and TP2 (``qkv`` and ``gate_up`` split by rows, ``o`` and ``down`` by columns),
+Llama-3.1-405B's under TP8 (hidden 16384, 128 query / 8 KV heads of 128, MLP 53248) and
 Llama-3.1-8B's on one GPU; M = 1, 2, 4, ..., 1024 rows. Per point:
 
 * ``bf16``: ``F.linear(x, W)`` with ``W`` in bf16 (``2 N K`` weight bytes);
@@ -66,6 +67,7 @@ def llama_shapes(prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: 
 
 
 SHAPES = {**llama_shapes("70b", 8192, 64, 8, 128, 28672, (8, 4, 2)),
+          **llama_shapes("405b", 16384, 128, 8, 128, 53248, (8,)),
           **llama_shapes("8b", 4096, 32, 8, 128, 14336, (1,))}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TINY = {"tiny/qkv": (48, 64), "tiny/down": (40, 96)}

@@ -358,6 +358,8 @@ def test_fp8_gemm_speed_dry_run(tmp_path):
     assert r["w8a16_max_m"] < max(TINY_ROWS) <= r["max_m"]  # the dry run reaches the W8A8 kernel
     md = (tmp_path / "fp8_gemm_speed.md").read_text()
     assert "| tiny/down (40 x 96) | 17 |" in md and md in stdout
-    # the GPU shapes: a 70B Llama's projections under TP8 / TP4 / TP2 and Llama-3.1-8B's
+    # the GPU shapes: a 70B Llama's projections under TP8 / TP4 / TP2, Llama-3.1-405B's under TP8 and
+    # Llama-3.1-8B's
     assert SHAPES["70b/tp8/qkv"] == (1280, 8192) and SHAPES["70b/tp4/o"] == (8192, 2048)
-    assert SHAPES["70b/tp2/gate_up"] == (28672, 8192) and SHAPES["8b/down"] == (4096, 14336) and len(SHAPES) == 16
+    assert SHAPES["405b/tp8/qkv"] == (2304, 16384) and SHAPES["405b/tp8/down"] == (16384, 6656)
+    assert SHAPES["70b/tp2/gate_up"] == (28672, 8192) and SHAPES["8b/down"] == (4096, 14336) and len(SHAPES) == 20
