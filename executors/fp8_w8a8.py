@@ -29,6 +29,10 @@ Two launches:
   tensor cores). Programs run M tile first, so those reading one weight tile run together and all
   but the first find it in L2: the weight is read from HBM once.
 
+Both launch as programmatic dependent launches where ``executors.gemv`` does (``SHIFTPLAN_PDL``,
+Hopper and newer): each waits on the GPU for the kernel before it ends before reading anything, and
+lets the next one launch once its own reads are done, so the launch gaps overlap the work.
+
 Bytes moved: ``N K`` (weight) + ``4 N`` (scales) + ``2 M K`` (x, once from HBM) + ``2 M N`` (y)
 (+ ``2 M N`` residual) (+ ``2 M K`` for ``xq`` above ``FUSE_MAX_M``). FLOPs ``2 M N K``. On an H200
 (~4.3 TB/s copy, 1979 TFLOP/s dense FP8) the weight bound and the FP8 compute bound meet near
@@ -57,6 +61,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from executors import gemv
 
 try:
     import triton
@@ -105,8 +111,10 @@ def row_scale(x: torch.Tensor, write_q: bool) -> tuple[torch.Tensor, torch.Tenso
     xs = torch.empty(M, dtype=torch.float32, device=x.device)
     xq = torch.empty(M, K, dtype=FP8, device=x.device) if write_q else None
     if M:
+        gdc = gemv.pdl(x)
         _row_scale[(M,)](x, xs, xq if write_q else xs, K, x.stride(0), K, write_q, INTERPRET,
-                         BLOCK_K=min(ROW_BLOCK_K, triton.next_power_of_2(K)), num_warps=4)
+                         BLOCK_K=min(ROW_BLOCK_K, triton.next_power_of_2(K)), USE_GDC=gdc, num_warps=4,
+                         launch_pdl=gdc)
     return xs, xq
 
 
@@ -134,13 +142,16 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torc
     sr = residual.stride(0) if residual is not None else 0
     args = (xa, xs, q, scale, y, res, ws, cnt, M, N, K, sxm, y.stride(0), sr, MB, splits,
             residual is not None, not fused, INTERPRET)
+    gdc = gemv.pdl(x)  # programmatic dependent launch, as executors.gemv
     if config is None:
-        _tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]), c["SPLIT_K"])](*args)
+        _tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]), c["SPLIT_K"])](
+            *args, USE_GDC=gdc, launch_pdl=gdc)
     else:
         bm, bn, bk, warps, stages, sk = config
         assert sk == 1 or triton.cdiv(M, bm) * triton.cdiv(N, bn) <= COUNTERS
         _w8a8[(triton.cdiv(M, bm), triton.cdiv(N, bn), sk)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
-                                                            num_warps=warps, num_stages=stages)
+                                                            USE_GDC=gdc, num_warps=warps, num_stages=stages,
+                                                            launch_pdl=gdc)
     return y
 
 
@@ -169,8 +180,12 @@ if triton is not None:
 
     @triton.jit
     def _row_scale(X, XS, XQ, K, stride_xm, stride_qm, WRITE_Q: tl.constexpr, ROUND: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-        """Row ``program_id(0)`` of ``x``: ``xs = max(max|x| / 448, 1e-12)``, and ``xq = e4m3(x / xs)``."""
+                   BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+        """Row ``program_id(0)`` of ``x``: ``xs = max(max|x| / 448, 1e-12)``, and ``xq = e4m3(x / xs)``.
+        ``USE_GDC`` (a programmatic dependent launch): wait for the previous kernel before reading
+        ``x``, and let the product launch once this row is written."""
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         amax = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -185,12 +200,18 @@ if triton is not None:
                 k = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(X + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
                 tl.store(XQ + row * stride_qm + k, _to_e4m3(x * inv, ROUND), mask=k < K)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _w8a8(X, XS, Q, S, Y, R, WS, CNT, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK, WS_SPLITS,
               HAS_RES: tl.constexpr, X_FP8: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        """``y = (xq q^T) * xs * S (+ R)``; ``X`` e4m3 (``X_FP8``) or bf16/fp16 quantized here with ``XS``."""
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+        """``y = (xq q^T) * xs * S (+ R)``; ``X`` e4m3 (``X_FP8``) or bf16/fp16 quantized here with ``XS``.
+        ``USE_GDC`` (a programmatic dependent launch): wait for the previous kernel (``_row_scale``)
+        before reading anything, and let the next one launch once the products are summed."""
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # M tiles first: one weight tile, read together
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,6 +230,8 @@ if triton is not None:
                 x = _to_e4m3(x.to(tl.float32) * inv[:, None], ROUND)
             w = tl.load(Q + n[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc = tl.dot(x, w, acc, max_num_imprecise_acc=BLOCK_K)  # e4m3 x e4m3, fp32 sum of each K step
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
         y = acc * xs[:, None] * tl.load(S + n, mask=nmask, other=0.0)[None, :]
         out_mask = mmask[:, None] & nmask[None, :]
         last = True
