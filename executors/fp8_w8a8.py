@@ -31,7 +31,7 @@ Two launches:
 
 Both launch as programmatic dependent launches where ``executors.gemv`` does (``SHIFTPLAN_PDL``,
 Hopper and newer): each waits on the GPU for the kernel before it ends before reading anything, and
-lets the next one launch once its own reads are done, so the launch gaps overlap the work.
+lets the next one launch once its main loop is done, so the launch gaps overlap the work.
 
 Bytes moved: ``N K`` (weight) + ``4 N`` (scales) + ``2 M K`` (x, once from HBM) + ``2 M N`` (y)
 (+ ``2 M N`` residual) (+ ``2 M K`` for ``xq`` above ``FUSE_MAX_M``). FLOPs ``2 M N K``. On an H200
