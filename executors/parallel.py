@@ -195,9 +195,10 @@ class OneShotAllReduce:
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, y)``: ``h = residual + sum over the group of x``, ``y = rms_norm(h, weight, eps)``, in
-        one kernel when ``x`` fits the buffer (``executors.reduce_norm``), else the one-shot or NCCL
-        all-reduce, then the add and the norm (the same arithmetic)."""
-        if self.fused and self.fits(x) and x.dim() == 2 and residual.is_contiguous():
+        one kernel for up to ``reduce_norm.MAX_ROWS`` rows that fit the buffer (``executors.reduce_norm``),
+        else the one-shot or NCCL all-reduce, then the add and the norm (the same arithmetic)."""
+        small = x.dim() == 2 and x.shape[0] <= reduce_norm.MAX_ROWS
+        if self.fused and small and self.fits(x) and residual.is_contiguous():
             return torch.ops.shiftplan.reduce_add_norm(x, residual, weight, eps, self.name)
         from executors.layers import rms_norm
 
