@@ -92,21 +92,14 @@ if triton is not None:
         return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r", [], dtype=tl.uint32, is_pure=True, pack=1)
 
     @triton.jit
-    def _raise(addr, SEM: tl.constexpr):
-        """Set the flag at ``addr`` from 0 to 1 (retrying while the last raise is unconsumed)."""
+    def _swap(addr, OLD: tl.constexpr, NEW: tl.constexpr, SEM: tl.constexpr):
+        """Compare-and-swap the flag at ``addr`` from ``OLD`` to ``NEW`` (system scope), retrying until
+        it holds ``OLD``: a raise is 0 -> 1 (waits while the last raise is unconsumed), a consume
+        1 -> 0 (waits for a raise)."""
         tl.inline_asm_elementwise(
             f"""{{ .reg .u32 %v; .reg .pred %p;
-            retry: atom.global.{SEM}.sys.cas.b32 %v, [$1], 0, 1;
-            setp.eq.u32 %p, %v, 0; @!%p bra retry; mov.u32 $0, %v; }}""",
-            "=r, l", [addr], dtype=tl.uint32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _consume(addr, SEM: tl.constexpr):
-        """Wait for the flag at ``addr`` to be 1, and reset it to 0."""
-        tl.inline_asm_elementwise(
-            f"""{{ .reg .u32 %v; .reg .pred %p;
-            retry: atom.global.{SEM}.sys.cas.b32 %v, [$1], 1, 0;
-            setp.eq.u32 %p, %v, 1; @!%p bra retry; mov.u32 $0, %v; }}""",
+            retry: atom.global.{SEM}.sys.cas.b32 %v, [$1], {OLD}, {NEW};
+            setp.eq.u32 %p, %v, {OLD}; @!%p bra retry; mov.u32 $0, %v; }}""",
             "=r, l", [addr], dtype=tl.uint32, is_pure=False, pack=1)
 
     @triton.jit
@@ -117,7 +110,7 @@ if triton is not None:
         peers = tl.arange(0, WORLD)
         addr = tl.load(pads + peers).to(tl.pointer_type(tl.uint32)) + index
         if _thread_id() < WORLD:
-            _raise(addr, "release")
+            _swap(addr, 0, 1, "release")
 
     @triton.jit
     def _consume_from_peers(pads, index, RANK: tl.constexpr, WORLD: tl.constexpr):
@@ -125,7 +118,7 @@ if triton is not None:
         every thread goes on."""
         mine = tl.load(pads + RANK).to(tl.pointer_type(tl.uint32))
         if _thread_id() < WORLD:
-            _consume(mine + index + tl.arange(0, WORLD), "acquire")
+            _swap(mine + index + tl.arange(0, WORLD), 1, 0, "acquire")
         tl.debug_barrier()
 
     @triton.jit

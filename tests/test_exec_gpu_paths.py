@@ -436,3 +436,25 @@ def test_fused_all_reduce_add_norm_kernel_interpreted() -> None:
     assert pushed == "True"
     assert float(fp32) < 1e-6 and float(bf16) < 1e-2
 
+
+
+def test_fused_all_reduce_add_norm_compiles_for_hopper() -> None:
+    """The fused kernel's flags and dependent launch as the H200 runs them, compiled for sm_90 here
+    (no GPU needed; ptxas ships with Triton): two flag exchanges a call, each a system-scope
+    release compare-and-swap 0 -> 1 and an acquire 1 -> 0, and ``griddepcontrol`` only when
+    launched as a dependent launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from executors import reduce_norm
+
+    sig = {"X": "*bf16", "R": "*bf16", "W": "*bf16", "Hout": "*bf16", "Y": "*bf16", "bufs": "*i64", "stride": "i32",
+           "pads": "*i64", "flags": "i32", "n": "i32", "H": "i32", "eps": "fp32", "RANK": "constexpr",
+           "WORLD": "constexpr", "BLOCK": "constexpr", "SYNC": "constexpr", "USE_GDC": "constexpr"}
+    for gdc in (False, True):
+        src = triton.compiler.ASTSource(fn=reduce_norm._reduce_add_norm, signature=sig, constexprs={
+            "RANK": 1, "WORLD": 2, "BLOCK": 4096, "SYNC": True, "USE_GDC": gdc})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+        assert ptx.count("atom.global.release.sys.cas.b32") == 2 and ", 0, 1;" in ptx
+        assert ptx.count("atom.global.acquire.sys.cas.b32") == 2 and ", 1, 0;" in ptx
+        assert ("griddepcontrol.wait" in ptx) == gdc
