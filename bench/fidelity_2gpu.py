@@ -45,7 +45,7 @@ Each case runs in a fresh subprocess (its own session, killed with its worker ra
 ``--case-timeout`` s), so a hang or an out-of-memory records an error and the run goes on; the
 report is rewritten after each case (and the child writes after each rate, so a timed-out case keeps
 the rates it finished). Before the rates, the engine is warmed up with the workload's prompt lengths and with one replay
-of the highest rate's traffic (other requests, untimed): CUDA graphs are captured per step-shape
+of each rate's traffic (other requests, untimed): CUDA graphs are captured per step-shape
 bucket the first time serving meets it, and a capture inside a measured window costs that step
 tens of milliseconds that no steady-state server pays. Each rate records the graphs still captured
 during it (``graphs_captured``; single-process cases only).
@@ -58,7 +58,7 @@ have no error (and its other models), so the run can be split across several sho
 device, 1 s per rate, the rates scaled together so the highest is at most ``--max-rate`` (4 req/s):
 it checks the plumbing and the report, not the simulator (the nominal CPU is no measured device).
 
-    python bench/fidelity_2gpu.py --out DIR                    # on a machine with 2 GPUs (~1 h, 3-5 min a case)
+    python bench/fidelity_2gpu.py --out DIR                    # on a machine with 2 GPUs (~1.5 h, 4-6 min a case)
     python bench/fidelity_2gpu.py --out DIR --resume --weights-dir W --models llama --cases single,tp2
     python bench/fidelity_2gpu.py --out DIR --tiny             # CPU dry run (gloo ranks, tiny configs)
 
@@ -222,11 +222,12 @@ def run_case(job: dict[str, Any]) -> None:
             a, v = eng.args, eng.args.vision
             eng.generate(engine_requests(warm, a.vocab, a.image_token_id, v.patch_dim if v else 0,
                                          v.merge if v else 2, job["seed"] + 1000), max_new_tokens=4)
-            # and the highest rate's traffic (other requests), untimed: the step shapes serving meets
-            # get their graphs here, as on a server that has been up a while
-            _wl, warm = sample_requests(job["workload"], rate=max(job["rates"]), duration=job["duration"],
-                                        seed=job["seed"] + 1000)
-            replay_requests(eng, warm, job["seed"] + 1000)
+            # and every rate's traffic (other requests), untimed: the step shapes serving meets get
+            # their graphs here, as on a server that has been up a while (light traffic forms steps
+            # of few sequences that heavy traffic does not)
+            for rate in job["rates"]:
+                _wl, warm = sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=job["seed"] + 1000)
+                replay_requests(eng, warm, job["seed"] + 1000)
             out["warmup_s"] = round(time.perf_counter() - t, 2)
             out["graphs_after_warmup"] = eng.graph_captures()
             save()
@@ -522,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "far below the cost model's nominal CPU)")
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
     ap.add_argument("--case-timeout", type=float, default=None,
-                    help="seconds after which a case's processes are killed (default 300 + 3 x duration x rates)")
+                    help="seconds after which a case's processes are killed (default 300 + 6 x duration x rates)")
     ap.add_argument("--max-seqs", type=int, default=None,
                     help="running requests per replica (default 64; 8 with --tiny)")
     ap.add_argument("--no-capacity-check", action="store_true",
@@ -559,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     max_seqs = a.max_seqs or (8 if a.tiny else 64)
     max_tokens = 256 if a.tiny else 8192
     fractions = [float(x) for x in a.rates.split(",") if x]
-    timeout = a.case_timeout or (300 + 3 * a.duration * len(fractions))
+    timeout = a.case_timeout or (300 + 6 * a.duration * len(fractions))  # the warm-up replays every rate too
     dtype = torch.float32 if a.tiny else torch.bfloat16
     models = [m for m in a.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
