@@ -127,9 +127,12 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         rows.append(row)
         print(rank, json.dumps(row), flush=True)
     if rank == 0:
+        from bench.common import driver_version
+
         Path(out).write_text(json.dumps({
             "command": "python bench/allreduce_latency.py --out DIR", "device": torch.cuda.get_device_name(),
-            "gpus": world, "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "gpus": world, "driver": driver_version(), "torch": torch.__version__,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
             "hidden": HIDDEN, "dtype": "bf16", "calls_per_graph": CALLS, "rows": rows}, indent=2) + "\n")
     dist.barrier()
     dist.destroy_process_group()
@@ -147,7 +150,8 @@ def main() -> None:
     path = args.out / "allreduce_latency.json"
     mp.spawn(_rank, args=(world, args.port, str(path)), nprocs=world)
     r = json.loads(path.read_text())
-    lines = [f"# Small all-reduces: {r['gpus']} x {r['device']}, torch {r['torch']}, NCCL {r['nccl']}", "",
+    lines = [f"# Small all-reduces: {r['gpus']} x {r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, "
+             f"NCCL {r['nccl']}", "",
              f"Command: `{r['command']}`. Per call, microseconds; graph = {CALLS} calls captured in one CUDA graph.", "",
              "| rows x 4096 bf16 | bytes | NCCL eager | NCCL in graph | symm-mem one-shot eager | symm-mem in graph "
              "| one-shot + add + norm in graph | fused all-reduce + add + norm in graph | same bits |",

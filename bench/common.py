@@ -48,6 +48,17 @@ def timed_ms(fn: Callable[[], Any], device: torch.device | str, reps: int, warmu
     return out
 
 
+def driver_version() -> str:
+    """The NVIDIA driver's version (``nvidia-smi``), or ``-`` where there is none: results name it."""
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:
+        return "-"
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

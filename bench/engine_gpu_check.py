@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="eager", help="eager or compile (decode steps replay CUDA graphs on GPUs)")
     args = ap.parse_args()
+    from bench.common import driver_version
     from graph.hf_config import load_config
 
     device = "cpu" if args.tiny else "cuda"
@@ -231,7 +232,8 @@ def main() -> None:
         "command": "python bench/engine_gpu_check.py --out DIR" + (" --tiny" if args.tiny else "")
                    + (f" --backend {args.backend}" if args.backend != "eager" else ""), "backend": args.backend,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
         "tiny": args.tiny, "new_tokens": NEW_TOKENS, "checks": [],
     }
     for name, cfg in models.items():

@@ -165,7 +165,7 @@ def main() -> None:
                     help="also run bench/mesh_speed.py and bench/vl_speed.py (auto: when 2+ GPUs are visible)")
     args = ap.parse_args()
     from bench.engine_gpu_check import hf_random
-    from bench.common import command_line, write_report
+    from bench.common import command_line, driver_version, write_report
     from executors.config import model_args
     from executors.engine import Engine
     from executors.weights import StateDictSource
@@ -187,7 +187,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": command_line("bench/engine_speed.py", None),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "driver": _driver(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "driver": driver_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "model": "llama-3.1-8b shapes, bf16, random weights", "prompt_tokens": args.prompt, "new_tokens": args.new,
         "ceilings": ceilings(device), "model_figures": fig, "variants": {}, "hf": {},
@@ -273,14 +273,6 @@ def run_multi_gpu(out: Path, tiny: bool) -> dict[str, Any]:
         rc = subprocess.run(cmd).returncode
         done[script] = {"returncode": rc, "results": f"{script}.md" if (out / f"{script}.md").exists() else None}
     return done
-
-
-def _driver() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-    except Exception:
-        return "-"
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -399,7 +399,8 @@ def markdown(r: dict[str, Any]) -> str:
         return f"{f(p)} / {f(m)} ({'-' if e is None else f'{100 * e:+.1f}%'})"
 
     lines = ["# Simulator vs engine on two GPUs", "",
-             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, python {r['python']}, layers "
+             f"{r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, transformers {r['transformers']}, "
+             f"python {r['python']}, layers "
              f"{r['backend']}. Command: `{r['command']}`.", "",
              f"Each rate replays {r['duration_s']} s of arrivals at a fraction "
              f"({', '.join(map(str, r['rate_fractions']))}) "
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from bench.common import command_line, write_checkpoint, write_report
+    from bench.common import command_line, driver_version, write_checkpoint, write_report
     from costmodels.simulator import cost_model_for_plan
     from planner.inputs import cost_model_of, workload_of
     from plans.schema import save_plan
@@ -577,7 +578,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": command, "commands": (old or {}).get("commands", []) + [command],
         "device": ("2 x " + torch.cuda.get_device_name()) if device == "cuda" else "2 x cpu (gloo ranks)",
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
         "backend": a.backend, "duration_s": a.duration, "rate_fractions": fractions, "max_rate": a.max_rate,
         "seed": a.seed, "max_seqs": max_seqs, "max_batch_tokens": max_tokens, "case_timeout_s": timeout,
         "acceptance": {"median_abs_error_max": MEDIAN_MAX, "p90_abs_error_max": P90_MAX, "figures": list(FIGURES)},

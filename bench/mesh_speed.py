@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="engines read each step's tokens before queueing the next (the look-ahead is on by default)")
     args = ap.parse_args()
-    from bench.common import write_report
+    from bench.common import driver_version, write_report
     from bench.engine_gpu_check import hf_random
     from graph.hf_config import load_config
 
@@ -124,7 +124,8 @@ def main() -> None:
                    + (f" --backend {args.backend}" if args.backend != ("eager" if args.tiny else "compile") else "")
                    + (" --no-lookahead" if not args.lookahead else "") + (f" --meshes {args.meshes}" if args.meshes != ",".join(MESHES) else ""),
         "device": f"{gpus} x " + (torch.cuda.get_device_name() if device == "cuda" else "cpu"),
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
         "model": "llama-3.1-8b shapes, bf16, random weights", "backend": args.backend, "lookahead": args.lookahead,
         "meshes": {},
     }
@@ -155,7 +156,8 @@ def main() -> None:
 def markdown(r: dict[str, Any]) -> str:
     one = r["meshes"].get("single", {})
     lines = [f"# Parallel modes vs one GPU: {r['model']}", "",
-             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r['backend']}"
+             f"{r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, transformers {r['transformers']}, "
+             f"layers {r['backend']}"
              f"{'' if r.get('lookahead', True) else ' (look-ahead off)'}, decode steps "
              f"as CUDA graphs where they ran. Command: `{r['command']}`.", "",
              "| mesh | decode step, batch 1 | vs one GPU | TTFT 8192 tokens | vs one GPU | 64 concurrent: output tok/s | "

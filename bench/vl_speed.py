@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     import transformers
 
-    from bench.common import command_line, matmul_rate, spec_for, write_checkpoint, write_report
+    from bench.common import command_line, driver_version, matmul_rate, spec_for, write_checkpoint, write_report
     from executors.config import model_args
     from graph.hf_config import load_config
     from planner.inputs import cost_model_of
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backend": a.backend, "lookahead": a.lookahead,
         "command": command_line("bench/vl_speed.py", argv),
         "device": ("2 x " + torch.cuda.get_device_name()) if device == "cuda" else "2 x " + (platform.processor() or "cpu"),
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
         "model": ("tiny qwen2-vl config" if a.tiny else "qwen2-vl-7b shapes") + f", {str(dtype)[6:]}, random weights",
         "sizes": {"image_px": px, "image_tokens": image_grid(px, m.vision)[1] * image_grid(px, m.vision)[2] // m.vision.merge**2,
                   "text_tokens": a.text, "batch": a.batch, "new_tokens": a.new, "ttft_reps": a.ttft_reps},
@@ -400,7 +401,7 @@ def sig(x: float, digits: int = 4) -> float:
 def markdown(r: dict[str, Any]) -> str:
     s = r["sizes"]
     lines = [f"# Multimodal speed on two GPUs: {r['model']}", "",
-             f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, layers {r.get('backend', 'eager')}{'' if r.get('lookahead', True) else ' (look-ahead off)'}, decode steps as CUDA "
+             f"{r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, transformers {r['transformers']}, layers {r.get('backend', 'eager')}{'' if r.get('lookahead', True) else ' (look-ahead off)'}, decode steps as CUDA "
              f"graphs where they ran. Command: `{r['command']}`. Matmul rate measured in this run: "
              f"{r['matmul']['TFLOPs']} TFLOP/s ({r['matmul']['n']}^3 {r['matmul']['dtype']}).", "",
              "## (a) Vision tower alone, one GPU, one image", "",
