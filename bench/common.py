@@ -59,6 +59,42 @@ def driver_version() -> str:
         return "-"
 
 
+def graphed_us(fn: Callable[[], Any], reps: int = 20, replays: int = 7, flush_mb: int = 256) -> float:
+    """GPU microseconds of one call of ``fn`` with a cold L2, as a CUDA graph runs it (the engine's
+    decode steps): a graph of ``reps`` x (zero a ``flush_mb`` MB buffer, ``fn()``) against one of the
+    flushes alone, each replayed ``replays`` times; the difference of the medians over ``reps``. No
+    host launch time is in it, where ``triton.testing.do_bench``'s per-call events count a host
+    launch that outlasts the flush before it. ``fn`` is called once first (autotuning, lazy inits)."""
+    fn()
+    torch.cuda.synchronize()
+    cache = torch.empty(flush_mb << 20, dtype=torch.int8, device="cuda")
+
+    def graph(with_fn: bool) -> torch.cuda.CUDAGraph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                cache.zero_()
+                if with_fn:
+                    fn()
+        return g
+
+    def ms(g: torch.cuda.CUDAGraph) -> float:
+        out = []
+        for _ in range(replays):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        return median(out)
+
+    both, flush = graph(True), graph(False)
+    ms(both)  # first replays upload the graphs
+    ms(flush)
+    return max(0.0, (ms(both) - ms(flush)) / reps * 1e3)
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

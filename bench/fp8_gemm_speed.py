@@ -25,8 +25,11 @@ Llama-3.1-8B's on one GPU; M = 1, 2, 4, ..., 1024 rows. Per point:
 Floors: the larger of the weight bytes (``2 N K`` for bf16, ``N K`` for the FP8 methods) over the
 copy bandwidth measured in the same run (``bench.engine_speed.ceilings``) and the FLOPs ``2 M N K``
 over the dense tensor-core peak (``--peak-tflops``, bf16 and FP8: 989 and 1979 TFLOP/s, an
-H100/H200 SXM's); ``x floor`` is time / floor; TFLOP/s = ``2 M N K`` / time. Times are medians of
-``triton.testing.do_bench`` (L2 flushed before each call, as a decode step meets each weight cold).
+H100/H200 SXM's); ``x floor`` is time / floor; TFLOP/s = ``2 M N K`` / time. Times are GPU times of
+calls replayed in a CUDA graph, each after an L2 flush (``bench.common.graphed_us``: as a decode
+step's graph meets each weight cold, without the host's launch time; the earlier results timed
+each call with ``triton.testing.do_bench``'s events, which count a host launch that outlasts the
+flush before it: ``bench/results/fp8_gemm_speed.w8a8.md``).
 The kernels' and ``rowwise``'s results are checked against ``x @ (q * scale)^T`` in fp32 (``rel_err``:
 max abs error / max abs reference; the W8A8 kernel and ``rowwise`` quantize x to e4m3, ~2-4e-2, the
 W8A16 kernel only rounds its output, ~3e-3).
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
                               "dtype": str(dt).replace("torch.", ""), "copy_GBps": bw, "max_m": fp8_gemm.MAX_M,
                               "gemv_max_m": fp8_gemm.GEMV_MAX_M, "w8a16_max_m": fp8_gemm.W8A16_MAX_M,
-                              "fuse_max_m": fp8_w8a8.FUSE_MAX_M, "peak_tflops": [peak_bf16, peak_fp8], "rows": []}
+                              "fuse_max_m": fp8_w8a8.FUSE_MAX_M, "peak_tflops": [peak_bf16, peak_fp8],
+                              "timing": "host" if tiny else "cuda_graph", "rows": []}
     try:
         import triton
 
@@ -227,9 +231,9 @@ def _best_config(fp8_gemm: Any, fp8_w8a8: Any, method: str, M: int) -> dict[str,
 
 
 def _gpu_bench() -> Callable[[Callable[[], Any]], float]:
-    from triton.testing import do_bench
+    from bench.common import graphed_us
 
-    return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    return graphed_us
 
 
 def _cpu_bench(fn: Callable[[], Any]) -> float:
@@ -262,7 +266,11 @@ def markdown(r: dict[str, Any]) -> str:
              f"torch {r['torch']} (CUDA {r['cuda']}), Triton {r['triton']}, Python {r['python']}, activations "
              f"{r['dtype']}. Command: `{r['command']}`. Copy bandwidth measured in the run: {r['copy_GBps']} GB/s; "
              "floor = the larger of weight bytes (2 N K bf16, N K fp8) / that and 2 M N K / the dense peak "
-             f"({pb:g} bf16, {pf:g} fp8 TFLOP/s). Cells: us (x its floor, TFLOP/s). `rowwise` / "
+             f"({pb:g} bf16, {pf:g} fp8 TFLOP/s). Cells: us (x its floor, TFLOP/s), "
+             + {"cuda_graph": "GPU time of a call replayed in a CUDA graph after an L2 flush. ",
+                "host": "host time (a dry run). "}.get(r.get("timing"), "medians of `do_bench` (events around each "
+                                                          "call after an L2 flush). ")
+             + "`rowwise` / "
              "`tensorwise`: `torch._scaled_mm` with the activation quantization; `triton`: `executors.fp8_gemm` "
              f"(GEMV-like tiling up to {r['gemv_max_m']} rows, W8A16 tensor-core tiles up to "
              f"{r.get('w8a16_max_m', r['max_m'])}, W8A8 above, served up to {r['max_m']} rows); `triton_mma`: the "
