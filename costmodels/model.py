@@ -38,7 +38,7 @@ from costmodels.hardware import dtype_bytes, get_gpu, matmul_tflops
 from costmodels.memory import MemoryBreakdown, memory_per_gpu
 from costmodels.opcost import OpRec, Rates, op_rec, op_time, split_gating
 from costmodels.profile import Profile
-from costmodels.steps import GEMV_MAX_ROWS, Launch
+from costmodels.steps import FUSED_MAX_ROWS, GEMV_MAX_ROWS, Launch, fused_add_norm_ops
 from graph.opgraph import Block, OpGraph, StepShape
 from plans.errors import UserError
 from plans.mesh import ParallelDims, even_layers
@@ -115,6 +115,8 @@ class CostModel:
             recs = split_gating(tuple(op_rec(graph.op(n), b.tower) for n in b.ops))
             self._recs[b.name] = recs
             self._sig[b.name] = sigs.setdefault((b.kind, recs), len(sigs))
+        # decoder layers: the row linears whose sum the engine can fuse with an add and a norm, and those ops
+        self._fuse = {b.name: fused_add_norm_ops(self._recs[b.name]) for b in self.decoders if b.tower == "text"}
         self._cache: dict[tuple, Any] = {}  # memo of block and step costs (bounded)
         # vision blocks with windowed attention (Qwen2.5-VL): block name -> patches per window
         self._window = {b.name: int(graph.op(n).shape.get("window_patches") or 64)
@@ -140,7 +142,10 @@ class CostModel:
         comp = mem = ovh = comm = 0.0
         links, ab = self.links, self.rates.a_bytes
         graph = shape.tokens <= shape.seqs  # a decode step: the engine replays it as a CUDA graph
-        for r in self._recs[block.name]:
+        sums, absorbed = self._fusion(block, shape, t, s, graph)
+        for i, r in enumerate(self._recs[block.name]):
+            if i in absorbed:  # the residual add and RMSNorm inside a fused all-reduce kernel
+                continue
             c, m, o = op_time(r, shape, t, s, self.rates, self.profile)
             if c >= m:
                 comp += c
@@ -148,7 +153,8 @@ class CostModel:
                 mem += m
             ovh += o
             if t > 1 and (r.shard == "row" or (r.kind == "embedding" and r.shard == "vocab")):
-                comm += links.ms("all_reduce", r.act_written(shape) / s * ab, t, stride=s, graph=graph)
+                comm += self.all_reduce_ms(r.act_written(shape) / s * ab, t, stride=s, graph=graph,
+                                           rows=shape.tokens / s, fused=i in sums)
             elif t > 1 and r.kind == "lm_head" and r.shard == "vocab":
                 comm += links.ms("all_gather", r.act_written(shape) / s * ab, t, stride=s, graph=graph)
             if s > 1 and r.kind == "attention":
@@ -163,6 +169,35 @@ class CostModel:
             self._cache.clear()
         self._cache[key] = out
         return out
+
+    def all_reduce_ms(self, nbytes: float, n: int, *, stride: int = 1, graph: bool = False, rows: float = 0.0,
+                      fused: bool = False) -> float:
+        """A TP all-reduce of ``nbytes`` (``rows`` rows per GPU) over ``n`` ranks ``stride`` apart: in
+        a CUDA graph on one host, the engine's symmetric-memory kernel where the profile measured it
+        (``costmodels.steps.SymmAllReduce``; ``fused``: the kernel that also adds the residual and
+        applies the next RMSNorm, which then cost nothing more), else the collective tables."""
+        symm = self.launch.all_reduce if self.launch is not None else None
+        if symm is not None and graph and n > 1 and nbytes > 0 and self.links.for_group(n, stride) is self.links.intra:
+            t = symm.ms(nbytes, n, rows, fused)
+            if t is not None:
+                return t
+        return self.links.ms("all_reduce", nbytes, n, stride=stride, graph=graph)
+
+    def _fusion(self, block: Block, shape: StepShape, t: int, s: int,
+                graph: bool) -> tuple[frozenset[int], frozenset[int]]:
+        """``(sums, absorbed)`` of ``costmodels.steps.fused_add_norm_ops`` where the engine fuses this
+        block's all-reduces (a text decoder layer of a decode step, at most ``FUSED_MAX_ROWS`` rows
+        per GPU, on a measured one-host group: ``SymmAllReduce.ms``); else nothing."""
+        none = (frozenset(), frozenset())
+        symm = self.launch.all_reduce if self.launch is not None else None
+        if symm is None or not graph or t < 2 or block.name not in self._fuse:
+            return none
+        sums, absorbed = self._fuse[block.name]
+        nbytes = shape.tokens / s * self.info.hidden * self.rates.a_bytes
+        if (not sums or shape.tokens / s > FUSED_MAX_ROWS or self.links.for_group(t, s) is not self.links.intra
+                or symm.ms(nbytes, t, shape.tokens / s, True) is None):
+            return none
+        return sums, absorbed
 
     def ulysses_bytes(self, block: Block, shape: StepShape, *, tp: int, sp: int) -> float:
         """Bytes one GPU sends through a block's Ulysses all-to-alls under SP x TP (QKV in,

@@ -47,6 +47,24 @@ from a batch-1 decode of ``bench/results/mesh_speed.pp2.json`` (both meshes do t
 the single GPU's look-ahead hides its host side). It is one boundary's measurement: that the cost
 grows per boundary beyond PP2, rather than once per step, is assumed, not measured.
 
+Small all-reduces. The engine sums a TP group's row-parallel terms of at most
+``ONE_SHOT_MAX_BYTES`` through PyTorch symmetric memory on GPUs of one host
+(``executors.parallel.OneShotAllReduce``): the one-shot kernel, or, for up to ``FUSED_MAX_ROWS``
+rows of a decoder layer's sum without a bias, one kernel that also adds the residual and applies
+the next RMSNorm (``executors/reduce_norm.py``). Inside a CUDA graph (decode steps) it costs
+
+    t = one_shot(S)                               (plain sum, S = rows x hidden x act bytes)
+    t = fused(S),  add + RMSNorm: 0               (fused, rows <= FUSED_MAX_ROWS)
+
+``one_shot`` and ``fused`` interpolated log-log in S (clamped below the smallest size) from the
+per-call times of 64 calls captured in one CUDA graph (``bench/results/allreduce_latency.json``, a
+group of 2 GPUs; other group sizes, eager steps and larger sums keep the NCCL tables). The fused
+kernel of a layer's attention output absorbs the residual add and the post-attention norm after it;
+that of its MLP output absorbs the add after it and the next layer's input norm, which the cost
+model charges to the layer's own input norm (``fused_add_norm_ops``): per step that prices one
+fused kernel for the last layer's plain sum + add and leaves the first layer's input norm out, a
+few microseconds.
+
 Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
 backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results
 specs) captures every step, and vLLM / Arctic / SGLang were not measured here: no terms.
@@ -58,6 +76,7 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from costmodels.interp import LogGrid
 from plans.mesh import GRAPH_TOKEN_BUCKETS
 
 if TYPE_CHECKING:
@@ -66,6 +85,34 @@ if TYPE_CHECKING:
 
 GPU_BOUND = 1.15  # a step is GPU-bound when its modelled GPU time exceeds the host time by this factor
 GEMV_MAX_ROWS = 4  # products of at most this many rows go to the engine's GEMV (executors.gemv.MAX_M)
+ONE_SHOT_MAX_BYTES = 1 << 20  # all-reduces up to this size go through symmetric memory (executors.parallel)
+FUSED_MAX_ROWS = 32  # sums of at most this many rows fuse the add and norm (executors.reduce_norm.MAX_ROWS)
+
+
+@dataclass(frozen=True)
+class SymmAllReduce:
+    """The engine's symmetric-memory all-reduce inside a CUDA graph (module doc): ``one_shot`` and
+    ``fused`` (all-reduce + residual add + RMSNorm) in us against the bytes summed, measured on
+    groups of ``gpus`` GPUs."""
+
+    gpus: int
+    one_shot: LogGrid
+    fused: LogGrid
+
+    def ms(self, nbytes: float, n: int, rows: float, fused: bool) -> float | None:
+        """Time of summing ``nbytes`` (``rows`` rows) over ``n`` GPUs of one host, fused with the add
+        and norm when ``fused`` and ``rows <= FUSED_MAX_ROWS``; None where the engine uses NCCL
+        (over ``ONE_SHOT_MAX_BYTES``) or nothing was measured (another group size)."""
+        if n != self.gpus or nbytes > ONE_SHOT_MAX_BYTES:
+            return None
+        table = self.fused if fused and rows <= FUSED_MAX_ROWS else self.one_shot
+        return table(nbytes) * 1e-3
+
+    @staticmethod
+    def of(value: dict[str, Any]) -> "SymmAllReduce":
+        """From the profile's ``symm_all_reduce_us`` value (``fit_symm_all_reduce``)."""
+        return SymmAllReduce(int(value["gpus"]), LogGrid([value["bytes"]], value["one_shot"], log_values=True),
+                             LogGrid([value["bytes"]], value["fused_add_norm"], log_values=True))
 
 
 @dataclass(frozen=True)
@@ -74,13 +121,15 @@ class Launch:
     time per decoder layer of a stage; ``graph_max_tokens``: plain-TP steps up to this size are
     graphed; ``ulysses_ns_per_byte``: the Ulysses exchange's in-step cost beyond the all-to-alls;
     ``gemv_GBps``: the decode GEMV's weight streaming rate (0: products priced by the GEMM table);
-    ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send."""
+    ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send;
+    ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables)."""
 
     host_ms_per_layer: float
     graph_max_tokens: int = GRAPH_TOKEN_BUCKETS[-1]
     ulysses_ns_per_byte: float = 0.0
     gemv_GBps: float = 0.0
     pp_handoff_ms: float = 0.0
+    all_reduce: SymmAllReduce | None = None
 
     def graphed(self, tokens: float, sp: int, mode: str) -> bool:
         """Whether the engine replays the step as a CUDA graph: plain TP (``sp == 1`` runs TP too)
@@ -104,8 +153,33 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
     def value(name: str) -> float:
         return float(profile.steps.get(name, {}).get("value", 0.0))
 
+    symm = profile.steps.get("symm_all_reduce_us")
     return Launch(float(host["value"]), ulysses_ns_per_byte=value("ulysses_ns_per_byte"),
-                  gemv_GBps=value("gemv_GBps"), pp_handoff_ms=value("pp_handoff_ms"))
+                  gemv_GBps=value("gemv_GBps"), pp_handoff_ms=value("pp_handoff_ms"),
+                  all_reduce=SymmAllReduce.of(symm["value"]) if symm else None)
+
+
+def fused_add_norm_ops(recs: tuple[Any, ...]) -> tuple[frozenset[int], frozenset[int]]:
+    """``(sums, absorbed)``: indices of a decoder layer's bias-free row linears whose all-reduce the
+    engine can fuse, and of the ops their kernels absorb. Each takes the first residual add after
+    it and the first RMSNorm after that add, or, past the layer's end (the MLP's sum, whose norm is
+    the next layer's input norm), the layer's first RMSNorm not yet taken; a linear without both
+    keeps the plain sum."""
+    sums, absorbed = set(), set()
+    norms = [i for i, r in enumerate(recs) if r.kind == "norm" and r.memop == "rmsnorm"]
+    for i, r in enumerate(recs):
+        if r.kind != "matmul" or r.shard != "row" or r.bias:
+            continue
+        add = next((j for j in range(i + 1, len(recs)) if recs[j].kind == "elementwise"
+                    and recs[j].shard == "replicated" and recs[j].memop == "add" and j not in absorbed), None)
+        if add is None:
+            continue
+        free = [k for k in norms if k not in absorbed]
+        norm = next((k for k in free if k > add), free[0] if free else None)
+        if norm is not None:
+            sums.add(i)
+            absorbed.update((add, norm))
+    return frozenset(sums), frozenset(absorbed)
 
 
 # ------------------------------------------------------------------ fits from a shift_crossover report
@@ -186,3 +260,16 @@ def fit_pp_handoff_ms(report: dict[str, Any], cost: CostModel) -> float:
     m = report["meshes"]
     extra = m["pp2"]["decode_b1"]["decode_step_ms"] - m["single"]["decode_b1"]["decode_step_ms"]
     return extra - cost.p2p_ms(cost.info.hidden * cost.rates.a_bytes, inter_node=False)
+
+
+# ------------------------------------------------------------------ fit from an allreduce_latency report
+
+
+def fit_symm_all_reduce(report: dict[str, Any]) -> dict[str, Any]:
+    """The profile's ``symm_all_reduce_us`` value from a ``bench/allreduce_latency.py`` report: per
+    size (``rows x hidden x 2`` bytes), the one-shot all-reduce's and the fused all-reduce + add +
+    RMSNorm's per-call time in a CUDA graph (us), and the group size."""
+    rows = sorted(report["rows"], key=lambda r: r["bytes"])
+    return {"gpus": int(report["gpus"]), "bytes": [float(r["bytes"]) for r in rows],
+            "one_shot": [float(r["symm_graph_us"]) for r in rows],
+            "fused_add_norm": [float(r["fused_graph_us"]) for r in rows]}
