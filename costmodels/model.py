@@ -403,7 +403,7 @@ def _gemv_rates(launch: Launch | None, weights_dtype: str, act_dtype: str) -> di
     activations' 16-bit dtype (the kernel takes bf16/fp16 weights; FP8 keeps its GEMM table)."""
     if launch is None or launch.gemv_GBps <= 0 or weights_dtype != act_dtype or weights_dtype not in ("bf16", "fp16"):
         return {}
-    return {"gemv_bw": launch.gemv_GBps * 1e9, "gemv_max_rows": GEMV_MAX_ROWS}
+    return {"gemv_bw": launch.gemv_GBps * 1e9, "gemv_call_s": launch.gemv_call_us * 1e-6, "gemv_max_rows": GEMV_MAX_ROWS}
 
 
 def _windowed(patches_per_image: list[int], window: int) -> StepShape:

@@ -21,8 +21,8 @@ Memory-bound ops are timed as HF runs them (eager: RMSNorm alone is ~7 kernels) 
 bytes once, at the bandwidth the profile measured for ``add`` (which moves 3 x its elements).
 Attention that writes K/V into the cache pays two more launches (the cache writes).
 ``Rates.gemv_bw``: an engine that sends bias-free products of at most ``Rates.gemv_max_rows`` rows
-through its own GEMV kernel streams their bytes at that measured rate, memory = bytes / gemv_bw, in
-place of the GEMM table (``costmodels.steps``).
+through its own GEMV kernel pays a fixed time a product and streams the bytes at the measured rate,
+memory = gemv_call_s + bytes / gemv_bw, in place of the GEMM table (``costmodels.steps``).
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ class Rates:
     fused: bool = False  # memory-bound ops fused: one pass over their bytes (not HF's eager kernels)
     fp8_gemm: bool = False  # linears run FP8 GEMMs: the profile's gemm_fp8 table where it has one
     gemv_bw: float = 0.0  # bytes/s of the engine's decode GEMV (0: none)
+    gemv_call_s: float = 0.0  # and its fixed time a product
     gemv_max_rows: int = 0  # products of at most this many rows run it
 
 
@@ -138,7 +139,7 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
     flops = 2.0 * m * n * k
     nbytes = r.weight_elems / wt * rates.w_bytes + (ar + aw) * rates.a_bytes
     if gemv(r, m, rates):
-        return 0.0, nbytes / rates.gemv_bw * 1e3, ovh_us * 1e-3
+        return 0.0, (rates.gemv_call_s + nbytes / rates.gemv_bw) * 1e3, ovh_us * 1e-3
     if prof is None:
         eff = ROOFLINE_COMPUTE_EFF
     elif rates.fp8_gemm and prof.gemm_fp8 is not None:

@@ -28,8 +28,8 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
   "derivation"}``: ``host_ms_per_layer[backend]``, the host time of an eagerly launched step per
   decoder layer, ``ulysses_ns_per_byte``, the Ulysses exchange's in-step cost per byte
   (``costmodels.steps``, which fits them from ``bench/results/shift_crossover.json``),
-  ``gemv_GBps``, the weight streaming rate of the engine's decode GEMV (from
-  ``bench/results/engine_speed.json``), ``pp_handoff_ms``, a PP step's dispatch latency per stage
+  ``gemv_GBps`` and ``gemv_call_us``, the streaming rate and fixed time a product of the engine's
+  decode GEMV (from ``bench/results/engine_speed.json`` and ``mesh_speed.fused_no_pdl.json``), ``pp_handoff_ms``, a PP step's dispatch latency per stage
   boundary (from ``bench/results/mesh_speed.pp2.json``), and ``symm_all_reduce_us``, the engine's
   symmetric-memory all-reduce in a CUDA graph by bytes, one-shot and fused with the residual add and
   RMSNorm (from ``bench/results/allreduce_latency.json``).

@@ -29,13 +29,18 @@ layer at copy bandwidth); the rest is not itemised. It is priced per byte exchan
 Decode GEMV. The engine sends a bias-free product of at most ``GEMV_MAX_ROWS`` rows with bf16/fp16
 weights through its Triton GEMV (``executors/gemv.py``, ``MAX_M``), not cuBLAS; the profile's GEMM
 table (cuBLAS, timed alone) prices such products at 1.1-3.6 TB/s (k_proj, gate_proj at M = 1), the
-kernel in the engine's decode graph streams the weights at ``gemv_GBps``:
+kernel in the engine's decode graph takes a fixed ``gemv_call_us`` per product (its ramp and tail:
+the half-size products of a TP shard stream slower) plus the bytes at ``gemv_GBps``:
 
-    t = (weight + activation bytes) / gemv_GBps
-    gemv_GBps = 2 x (decoder projection parameters) / (the ``_gemv`` kernels' time per step)
+    t = gemv_call_us + (weight + activation bytes) / gemv_GBps
 
-from the per-kernel breakdown of a batch-1 decode step's graph replay (``graph_kernels`` of
-``bench/results/engine_speed.json``; the lm_head stays with cuBLAS and the GEMM table).
+fitted through two per-kernel breakdowns of batch-1 decode graph replays (``graph_kernels``), the
+decoder projections whole on one GPU (``B`` bf16 bytes, ``T_1``) and as TP shards of ``B / tp`` bytes
+(``T_tp``): ``gemv_GBps = (B - B / tp) / (T_1 - T_tp)``, ``gemv_call_us = (T_1 - B / gemv_GBps) / n``
+(``bench/results/engine_speed.json``, ``mesh_speed.fused_no_pdl.json``; the lm_head stays with cuBLAS
+and the GEMM table). ``n`` counts products as the op graph lists them, ``PROJECTIONS_PER_LAYER`` a
+layer (HF's q, k, v, o, gate, up, down), which the model prices one by one; the engine launches 4
+(q/k/v and gate/up fused), so a modelled product's fixed time is 4/7 of a launch's.
 
 Pipeline handoff. The engine has no look-ahead under PP: each step goes driver -> stage 0 ->
 point-to-point -> stage 1 -> ... -> driver, and the next step is launched once the last stage's
@@ -85,6 +90,7 @@ if TYPE_CHECKING:
 
 GPU_BOUND = 1.15  # a step is GPU-bound when its modelled GPU time exceeds the host time by this factor
 GEMV_MAX_ROWS = 4  # products of at most this many rows go to the engine's GEMV (executors.gemv.MAX_M)
+PROJECTIONS_PER_LAYER = 7  # decoder products a layer as the op graph lists them: q, k, v, o, gate, up, down
 ONE_SHOT_MAX_BYTES = 1 << 20  # all-reduces up to this size go through symmetric memory (executors.parallel)
 FUSED_MAX_ROWS = 32  # sums of at most this many rows fuse the add and norm (executors.reduce_norm.MAX_ROWS)
 
@@ -120,7 +126,8 @@ class Launch:
     """How the engine launches a step (module doc). ``host_ms_per_layer``: an eager step's host
     time per decoder layer of a stage; ``graph_max_tokens``: plain-TP steps up to this size are
     graphed; ``ulysses_ns_per_byte``: the Ulysses exchange's in-step cost beyond the all-to-alls;
-    ``gemv_GBps``: the decode GEMV's weight streaming rate (0: products priced by the GEMM table);
+    ``gemv_GBps``, ``gemv_call_us``: the decode GEMV's streaming rate and fixed time a product (0:
+    products priced by the GEMM table);
     ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send;
     ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables)."""
 
@@ -128,6 +135,7 @@ class Launch:
     graph_max_tokens: int = GRAPH_TOKEN_BUCKETS[-1]
     ulysses_ns_per_byte: float = 0.0
     gemv_GBps: float = 0.0
+    gemv_call_us: float = 0.0
     pp_handoff_ms: float = 0.0
     all_reduce: SymmAllReduce | None = None
 
@@ -155,7 +163,7 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
 
     symm = profile.steps.get("symm_all_reduce_us")
     return Launch(float(host["value"]), ulysses_ns_per_byte=value("ulysses_ns_per_byte"),
-                  gemv_GBps=value("gemv_GBps"), pp_handoff_ms=value("pp_handoff_ms"),
+                  gemv_GBps=value("gemv_GBps"), gemv_call_us=value("gemv_call_us"), pp_handoff_ms=value("pp_handoff_ms"),
                   all_reduce=SymmAllReduce.of(symm["value"]) if symm else None)
 
 
@@ -242,15 +250,28 @@ def fit_steps(report: dict[str, Any], cost: CostModel) -> dict[str, float]:
 # ------------------------------------------------------------------ fits from engine_speed / mesh_speed reports
 
 
-def fit_gemv_GBps(report: dict[str, Any], variant: str = "graphs+compile+lookahead") -> float:
-    """``2 x linear_params / t_gemv`` (GB/s): the decoder projections' bf16 weight bytes over the
-    ``_gemv`` kernels' time per step in the batch-1 decode graph of a ``bench/engine_speed.py`` report
-    (the activations, a few KB a layer, are left out)."""
-    kernels = report["variants"][variant]["batch_1"]["graph_kernels"]
-    us = sum(k["us_per_step"] for k in kernels if k["kernel"] == "_gemv")
-    if us <= 0:
-        raise ValueError(f"no _gemv kernel in the batch-1 decode graph of variant {variant!r}")
-    return 2.0 * report["model_figures"]["linear_params"] / (us * 1e-6) / 1e9
+def gemv_kernel_us(kernels: list[dict[str, Any]]) -> tuple[float, int]:
+    """``(us, calls)`` of the ``_gemv`` kernels in a graph's per-kernel breakdown."""
+    rows = [k for k in kernels if k["kernel"] == "_gemv"]
+    if not rows:
+        raise ValueError("no _gemv kernel in the decode graph's breakdown")
+    return sum(k["us_per_step"] for k in rows), sum(k["calls_per_step"] for k in rows)
+
+
+def fit_gemv(speed: dict[str, Any], mesh: dict[str, Any], tp: str = "tp2",
+             variant: str = "graphs+compile+lookahead") -> tuple[float, float]:
+    """``(gemv_GBps, gemv_call_us)`` (module doc) from the batch-1 decode graph of a
+    ``bench/engine_speed.py`` report (one GPU) and rank 0's decode graph profile of mesh ``tp`` in a
+    ``bench/mesh_speed.py`` report (``graph_profile``): the same model, every projection sharded
+    ``1 / tp``. The activations, a few KB a layer, are left out."""
+    t1, n = gemv_kernel_us(speed["variants"][variant]["batch_1"]["graph_kernels"])
+    t2, n2 = gemv_kernel_us(mesh["meshes"][tp]["graph_profile"]["graph_kernels"])
+    if n != n2:
+        raise ValueError(f"{n} GEMVs on one GPU, {n2} on {tp}: not the same model")  # n: the engine's launches
+    b1 = 2.0 * speed["model_figures"]["linear_params"]
+    b2 = b1 / int(tp.removeprefix("tp"))
+    gbps = (b1 - b2) / ((t1 - t2) * 1e-6) / 1e9
+    return gbps, (t1 - b1 / (gbps * 1e9) * 1e6) / (PROJECTIONS_PER_LAYER * speed["model_figures"]["layers"])
 
 
 def fit_pp_handoff_ms(report: dict[str, Any], cost: CostModel) -> float:

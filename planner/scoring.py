@@ -124,19 +124,27 @@ def _meets(spec: Spec, ttft: float, tpot: float) -> bool:
 
 
 RANKING = {
-    "max_throughput": "meets the SLOs, then goodput (in 5% steps of the arrival rate), then goodput at 2x "
-                      "the arrival rate, then capacity",
+    "max_throughput": "meets the SLOs, then goodput (to the nearest 5% of the arrival rate), then goodput at 2x "
+                      "the arrival rate (in 5% steps), then capacity",
     "min_latency": "meets the SLOs, then goodput, then TTFT + output tokens x TPOT",
     "balanced": "meets the SLOs, then goodput, then end-to-end latency (s) + utilisation (rate / capacity)",
     "min_gpus": "meets the SLOs, then fewest GPUs, then capacity",
 }
 
 
+def goodput_step(goodput: float, rate: float, nearest: bool = True) -> float:
+    """``goodput / rate`` in steps of ``1 / GOODPUT_BINS``: differences below a step are simulation
+    noise. At the spec's rate (``nearest``) to the nearest step: the plans that meet it cluster at
+    100%, and a floor put 99.5% (one request in two hundred over its SLO) a whole step below 100%.
+    At twice the rate (overload, no such cluster) floored, as before."""
+    x = goodput / rate * GOODPUT_BINS
+    return (round(x) if nearest else math.floor(x + 1e-9)) / GOODPUT_BINS
+
+
 def _key(spec: Spec, meets: bool, cap: float, ttft: float, tpot: float, mix: TokenMix, gpus: int,
          goodput: float) -> tuple:
     lat = ttft + mix.output_mean * tpot
-    # goodput in 5% bins of the arrival rate: differences below that are simulation noise
-    good = math.floor(goodput / mix.rate * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
+    good = goodput_step(goodput, mix.rate)
     if spec.objective == "min_latency":
         return (not meets, -good, round(lat, 3), -round(cap, 3))
     if spec.objective == "balanced":
@@ -185,7 +193,7 @@ def headroom_score(sc: Scored, plan: Any, model: Model, spec: Spec, wl: Any, cos
 
     hi = simulate(plan, model.cost, wl.with_rate(wl.rate * HEADROOM), slo=spec.slo.targets(), seed=spec.workload.seed,
                   coster=coster)
-    good_hi = math.floor(hi.goodput_rps / (wl.rate * HEADROOM) * GOODPUT_BINS + 1e-9) / GOODPUT_BINS
+    good_hi = goodput_step(hi.goodput_rps, wl.rate * HEADROOM, nearest=False)
     return replace(sc, key=sc.key[:2] + (-good_hi,) + sc.key[2:], headroom_goodput_rps=hi.goodput_rps)
 
 

@@ -119,11 +119,19 @@ def test_gemv_rows_are_the_engines():
 
 
 def test_profile_decode_terms_are_the_fits_of_the_committed_measurements(cfg):
-    from costmodels.steps import fit_gemv_GBps, fit_pp_handoff_ms
+    from costmodels.steps import fit_gemv, fit_pp_handoff_ms
 
     steps = load_profile("h200").steps
     speed = json.loads((ROOT / "bench/results/engine_speed.json").read_text())
-    assert steps["gemv_GBps"]["value"] == pytest.approx(fit_gemv_GBps(speed), rel=1e-4)
+    tp2 = json.loads((ROOT / "bench/results/mesh_speed.fused_no_pdl.json").read_text())
+    gbps, call_us = fit_gemv(speed, tp2)
+    assert steps["gemv_GBps"]["value"] == pytest.approx(gbps, rel=1e-4)
+    assert steps["gemv_call_us"]["value"] == pytest.approx(call_us, rel=1e-3)
+    # the fit reproduces both measurements: 7 x 32 modelled products of 13.96 GB whole, of half that as
+    # TP2 shards (the engine's 128 launches)
+    b = 2 * speed["model_figures"]["linear_params"]
+    for nbytes, us in ((b, 3525.5), (b / 2, 1963.0)):
+        assert 7 * 32 * call_us + nbytes / (gbps * 1e9) * 1e6 == pytest.approx(us, rel=1e-3)
     pp2 = json.loads((ROOT / "bench/results/mesh_speed.pp2.json").read_text())
     assert steps["pp_handoff_ms"]["value"] == pytest.approx(fit_pp_handoff_ms(pp2, model(cfg)), abs=1e-4)
 
@@ -139,11 +147,12 @@ def test_gemv_prices_small_decoder_products_only(cfg):
     recs = {r.kind if r.kind == "lm_head" else (r.k, r.n): r for b in (cm.decoders[0], *cm._text_blocks("lm_head"))
             for r in cm._recs[b.name] if r.is_matmul}
     q = recs[(4096.0, 4096.0)]
-    bw = cm.launch.gemv_GBps * 1e9
+    bw, call_s = cm.launch.gemv_GBps * 1e9, cm.launch.gemv_call_us * 1e-6
+    assert call_s > 0
     for rows in (1, 4):
         sh = StepShape.decode([576] * rows)
         c, m, _ = op_time(q, sh, 1, 1, cm.rates, cm.profile)
-        assert c == 0 and m == pytest.approx((4096 * 4096 + rows * 2 * 4096) * 2 / bw * 1e3)
+        assert c == 0 and m == pytest.approx((call_s + (4096 * 4096 + rows * 2 * 4096) * 2 / bw) * 1e3)
         assert op_time(q, sh, 1, 1, bare.rates, bare.profile)[:2] != (c, m)
         assert op_time(q, sh, 1, 1, fp8.rates, fp8.profile)[:2] != (c, m / 2)  # FP8: its GEMM table
         lm = recs["lm_head"]
