@@ -110,3 +110,15 @@ def test_every_committed_plan_round_trips():
         plan = load_plan(p)
         _invariants(plan)
         assert dump_plan(plan) == p.read_text()
+
+
+def test_goodput_is_ranked_to_the_nearest_step_at_the_rate():
+    """At the spec's rate goodput / rate is compared to the nearest 5% step: 99.5% and 100% tie (a
+    floor put them a step apart and let a 0.5% difference pick the plan), 97% and 100% do not; at
+    twice the rate the step is floored."""
+    from planner.scoring import GOODPUT_BINS, goodput_step
+
+    assert GOODPUT_BINS == 20
+    assert goodput_step(7.96, 8.0) == goodput_step(8.0, 8.0) == 1.0
+    assert goodput_step(7.76, 8.0) == 0.95 and goodput_step(7.84, 8.0) == 1.0
+    assert goodput_step(7.96, 8.0, nearest=False) == 0.95 and goodput_step(8.0, 8.0, nearest=False) == 1.0
