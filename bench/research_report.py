@@ -486,6 +486,8 @@ def measured_lines() -> list[str]:
     mesh, mesh_pp, vl = (json.loads(f.read_text()) for f in files)
     g = ROOT / "bench/results/mesh_speed.graphs.json"
     graphs = json.loads(g.read_text()) if g.is_file() else None
+    f = ROOT / "bench/results/mesh_speed.fused.json"
+    fused = json.loads(f.read_text()) if f.is_file() else None
 
     def ratios(meshes: dict, case: str, key: str, inverse: bool = False) -> str:
         one = meshes["single"][case][key]
@@ -498,7 +500,10 @@ def measured_lines() -> list[str]:
     return [
         "The engine has run the modes on two H200 (random weights; `bench/results/mesh_speed.md`, "
         "`mesh_speed.pp2.md`, `vl_speed.md`). Against one GPU, Llama-3.1-8B: decode step time at batch 1 "
-        f"{ratios(mesh['meshes'], 'decode_b1', 'decode_step_ms')}; TTFT of 8,192 tokens "
+        f"{ratios(mesh['meshes'], 'decode_b1', 'decode_step_ms')}"
+        + (f" (with each layer's all-reduces fused with the residual add and the next norm, `mesh_speed.fused.md`: "
+           f"{ratios(fused['meshes'], 'decode_b1', 'decode_step_ms')})" if fused else "")
+        + "; TTFT of 8,192 tokens "
         f"{ratios(mesh['meshes'], 'prefill', 'ttft_ms_p50')}; output throughput of 64 concurrent requests "
         f"(1,024-token prompts) {ratios(mesh_pp['meshes'], 'concurrent', 'output_tok_s')}"
         + (f", and with prefill graphs (`mesh_speed.graphs.md`) {ratios(graphs['meshes'], 'concurrent', 'output_tok_s')}"
