@@ -15,7 +15,8 @@ collectives, the lm_head) is captured once per bucket and replayed:
 * later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer.
 
 Prefill and mixed steps in plain TP mode (``MixedGraphs``) are captured the same way, per bucket
-``(T, S, L)`` of tokens (``TOKEN_BUCKETS``, up to ``max_tokens``), sequences and keys: the static
+``(T, L)`` of tokens (``TOKEN_BUCKETS``, up to ``max_tokens``) and keys, room for ``S`` sequences
+(``max_seqs``' bucket, at most ``T``) whatever the step holds: the static
 buffer is ``[tokens T | pos R*T | slots T | image flag T | sample S | t0, nq, ctx S+1 | seq_of, row0 P
 | table (S+1)*L/bs]``; a VL model's image rows are copied into one static ``[T, hidden]`` buffer before
 each replay. ``StageModel.mixed_forward`` attends every sequence (prefill chunks and decodes alike)
@@ -202,10 +203,13 @@ class MixedGraphs:
                 and len(mb.blocks) == len(mb.ctx))
 
     def shape(self, mb: MicroBatch) -> tuple[int, int, int]:
-        """The bucket ``(T, S, L)`` (``S <= T``; ``L`` a multiple of the block size)."""
+        """The bucket ``(T, S, L)``: ``S`` is the most sequences ``T`` tokens can hold (``max_seqs``'
+        bucket, at most ``T``), not the step's own count, so steps of few and of many sequences share a
+        graph (light traffic would otherwise meet buckets heavy traffic has not captured: a capture
+        inside serving costs its step tens of milliseconds); the extra programs point at the empty
+        sequence and exit. ``L`` a multiple of the block size."""
         T = bucket(mb.num_tokens, self.sizes)
-        S = min(bucket(len(mb.ctx), self.seq_sizes), T)
-        return T, S, -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
+        return T, min(self.seq_sizes[-1], T), -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
 
     def _programs(self, T: int, S: int) -> int:
         return T // paged_prefill.BLOCK_M + S

@@ -371,7 +371,9 @@ def test_mixed_graphs_take_only_plain_tp_prefill_steps_that_fit() -> None:
     mb = _microbatch([(12, 0, 12), (30, 29, 1), (20, 8, 5)])
     assert g.accepts(mb, "tp") and not g.accepts(mb, "sp_tp")
     T, S, L = g.shape(mb)
-    assert T == bucket(mb.num_tokens, TOKEN_BUCKETS) and S == 4 and L % BLOCK == 0 and L >= 30
+    assert T == bucket(mb.num_tokens, TOKEN_BUCKETS) and S == min(8, T) and L % BLOCK == 0 and L >= 30
+    two = _microbatch([(12, 0, 12), (20, 3, 6)])  # 18 tokens too, in 2 sequences instead of 3: the same graph
+    assert len(two.ctx) == 2 < len(mb.ctx) and two.num_tokens == mb.num_tokens and g.shape(two) == (T, S, L)
     dec = _microbatch([(12, 11, 1), (30, 29, 1)])
     assert dec.decode and not g.accepts(dec, "tp")
     big = _microbatch([(g.sizes[-1] + 1, 0, g.sizes[-1] + 1)])
