@@ -48,7 +48,7 @@ the rates it finished). Before the rates, the engine is warmed up with the workl
 of each rate's traffic (other requests, untimed): CUDA graphs are captured per step-shape
 bucket the first time serving meets it, and a capture inside a measured window costs that step
 tens of milliseconds that no steady-state server pays. Each rate records the graphs still captured
-during it (``graphs_captured``; single-process cases only).
+during it (``graphs_captured``: the replicas' reporting ranks, ``Engine.graph_captures``).
 
 ``--resume`` keeps the cases of an existing DIR/fidelity_2gpu.json that
 have no error (and its other models), so the run can be split across several shorter calls;
@@ -247,8 +247,8 @@ def run_case(job: dict[str, Any]) -> None:
                     "other": {f: {k: r[k] for k in ("predicted", "measured", "error")}
                               for f, r in rows.items() if f not in FIGURES},
                     "wall_s": round(time.perf_counter() - t, 2),
-                    # graphs captured while this rate ran (their capture time is in the measured figures);
-                    # None when the ranks are spawned processes
+                    # graphs captured while this rate ran (their capture time is in the measured figures;
+                    # the replicas' reporting ranks; None without graphs)
                     "graphs_captured": None if after is None else {
                         "graphs": after["decode"] + after["mixed"] - before["decode"] - before["mixed"],
                         "capture_s": round(after["capture_s"] - before["capture_s"], 3)}})

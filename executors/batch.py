@@ -148,3 +148,4 @@ class StepOut:
     tokens: list[int]
     logits: torch.Tensor | None = None  # [S, V] fp32 when asked for
     mode: list[str] = field(default_factory=list)
+    graphs: dict[str, float] | None = None  # the reporting rank's CUDA graph captures so far (RankRunner.captures)

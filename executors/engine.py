@@ -131,6 +131,7 @@ class Engine:
         self.step_id = 0
         self.closed = False
         self.mode_counts: dict[str, int] = {"tp": 0, "sp_tp": 0}  # micro-batches run in each mode
+        self.rank_graphs: dict[int, dict[str, float] | None] = {}  # per replica: its reporting rank's graph captures
         self.next_req = 0
         self.pending_free: list[list[int]] = [[] for _ in range(plan.mesh.dp)]
         self.encoded: list[int] = []  # requests a dedicated encoder has finished, not yet admitted
@@ -518,6 +519,7 @@ class Engine:
                 ahead.discard(o.step_id)
                 for md in o.mode:
                     self.mode_counts[md] += 1
+                self.rank_graphs[o.replica] = o.graphs
                 if not early:
                     for c in chunks:
                         c.seq.computed += c.n
@@ -559,14 +561,15 @@ class Engine:
                 f.clear()
 
     def graph_captures(self) -> dict[str, Any] | None:
-        """CUDA graphs captured so far by this process's rank and the wall time their captures took
-        (serving pays it in the steps that meet a new bucket); None when the ranks are spawned or
-        run without graphs."""
-        r = self.local
-        if r is None or r.graphs is None:
+        """CUDA graphs captured so far and the wall time their captures took (serving pays it in the
+        steps that meet a new bucket), summed over the replicas' reporting ranks as their last steps
+        told (``RankRunner.captures``); None without graphs."""
+        if self.local is not None:
+            return self.local.captures()
+        told = [g for g in self.rank_graphs.values() if g is not None]
+        if not told:
             return None
-        return {"decode": len(r.graphs.graphs), "mixed": len(r.mixed_graphs.graphs),
-                "capture_s": round(r.graphs.capture_s + r.mixed_graphs.capture_s, 3)}
+        return {k: round(sum(g[k] for g in told), 3) for k in ("decode", "mixed", "capture_s")}
 
     def warm_up(self, prompt_tokens: int = 8) -> None:
         """Run every step shape serving will meet first before any request does: for each decode

@@ -169,7 +169,16 @@ class RankRunner:
         if not self.reports:
             return None
         return Launched.start(StepOut(step.step_id, par.dp_i, reqs, [], logits.cpu() if step.want_logits else None,
-                                      [m for mb in step.micro for m in (mb.modes or [mb.mode])]), self.last_sampled)
+                                      [m for mb in step.micro for m in (mb.modes or [mb.mode])], self.captures()),
+                              self.last_sampled)
+
+    def captures(self) -> dict[str, float] | None:
+        """CUDA graphs captured so far on this rank and the wall time their captures took (None
+        without graphs)."""
+        if self.graphs is None:
+            return None
+        return {"decode": len(self.graphs.graphs), "mixed": len(self.mixed_graphs.graphs),
+                "capture_s": round(self.graphs.capture_s + self.mixed_graphs.capture_s, 3)}
 
     def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """A decode micro-batch, or a small prefill or mixed one in plain TP mode, replays its CUDA

@@ -58,6 +58,8 @@ def test_mesh_matches_hf(name: str, mesh: str, checkpoints: dict) -> None:
     with executors.load(plan, weights=ckpt, keep_logits=True, kv_blocks=64) as eng:
         results = eng.generate(reqs, max_new_tokens=NEW_TOKENS, sampling=Sampling(stop_on_eos=False))
         modes = dict(eng.mode_counts)
+        # every replica's reporting rank told its graph captures with its steps: none on CPU ranks
+        assert set(eng.rank_graphs) == set(range(plan.mesh.dp)) and eng.graph_captures() is None
     for req, res, im in zip(reqs, results, imgs):
         assert res.error is None, res.error
         assert len(res.tokens) == NEW_TOKENS
