@@ -2,17 +2,16 @@
 ("W8A16") up to ``W8A16_MAX_M`` rows, FP8 x FP8 tensor cores ("W8A8", ``executors.fp8_w8a8``) above,
 up to ``MAX_M``.
 
-    y [M, N] = (x [M, K] @ q [N, K]^T) * scale [N]  (+ residual [M, N])
+    y [M, N] = (x [M, K] @ q [N, K]^T) * scale [N]
 
 ``x`` in bf16/fp16, ``q`` in float8_e4m3fn, ``scale`` fp32 (one per row of ``q``: an
-``executors.quant.Fp8Weight``), products summed in fp32, the scale and the residual applied to the
+``executors.quant.Fp8Weight``), products summed in fp32, the scale applied to the
 fp32 sum, the result cast to ``x``'s dtype. In the W8A16 tilings the activations are not quantized:
 e4m3 values are exact in bf16/fp16, so the only rounding besides fp32 summation is the final cast.
 The W8A8 kernel quantizes ``x`` per row to e4m3 (as ``torch._scaled_mm``'s row-wise path in
 ``executors.quant.w8a8_rowwise`` does; see ``executors.fp8_w8a8``).
 
-Bytes moved: ``N K`` (the weight, once) + ``4 N`` (scales) + ``2 M K`` (x) + ``2 M N`` (y) (+ ``2 M N``
-residual). For ``M <= 256`` and the projections of 8B-70B models the weight dominates, so the
+Bytes moved: ``N K`` (the weight, once) + ``4 N`` (scales) + ``2 M K`` (x) + ``2 M N`` (y). For ``M <= 256`` and the projections of 8B-70B models the weight dominates, so the
 floor is ``N K`` bytes over the memory bandwidth: half the bf16 GEMM's; from ``M ~ 200`` on an H200
 the FP8 tensor cores' ``2 M N K`` FLOPs bound it instead. ``torch._scaled_mm`` (the
 W8A8 path of ``executors.quant``) does not reach it at these M on an H200 (1.0-1.3x the bf16
@@ -100,10 +99,10 @@ def kernel_name(rows: int) -> str:
     return KERNEL if rows <= W8A16_MAX_M else KERNEL_W8A8
 
 
-def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None,
-           config: tuple[int, ...] | None = None, path: str | None = None) -> torch.Tensor:
-    """``(x [M, K] @ q [N, K]^T) * scale [N] (+ residual [M, N])`` -> ``[M, N]`` in ``x``'s dtype
-    (rows of ``x`` and of the residual of unit stride, any row stride; ``q`` contiguous).
+def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: tuple[int, ...] | None = None,
+           path: str | None = None) -> torch.Tensor:
+    """``(x [M, K] @ q [N, K]^T) * scale [N]`` -> ``[M, N]`` in ``x``'s dtype (rows of ``x`` of unit
+    stride, any row stride; ``q`` contiguous).
 
     ``path`` "gemv", "mma" or "w8a8" forces a tiling (default: "gemv" for M <= GEMV_MAX_M, "mma" up
     to W8A16_MAX_M, "w8a8" above); ``config`` pins its tile (``GEMV_CONFIGS`` / ``MMA_CONFIGS`` /
@@ -111,14 +110,12 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torc
     M, K = x.shape
     N = q.shape[0]
     if path == "w8a8" or (path is None and M > W8A16_MAX_M):
-        return fp8_w8a8.launch(x, q, scale, residual, config=config)
+        return fp8_w8a8.launch(x, q, scale, config=config)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
     MB = triton.next_power_of_2(M)
-    res = residual if residual is not None else y  # not read without HAS_RES
-    sr = residual.stride(0) if residual is not None else 0
-    args = (x, q, scale, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None)
+    args = (x, q, scale, y, M, N, K, x.stride(0), y.stride(0), MB)
     path = path or ("gemv" if M <= GEMV_MAX_M else "mma")
     if path == "gemv":
         if config is None:
@@ -136,23 +133,22 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torc
 
 
 @torch.library.custom_op("shiftplan::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x [M, K] @ q[N, K]^T) * scale (+ residual)`` for ``M <= MAX_M`` (see the module doc; above
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(x [M, K] @ q[N, K]^T) * scale`` for ``M <= MAX_M`` (see the module doc; above
     ``W8A16_MAX_M`` rows ``x`` is quantized to e4m3 per row)."""
-    return launch(x, q, scale, residual)
+    return launch(x, q, scale)
 
 
 @fp8_linear.register_fake
-def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], q.shape[0])
 
 
 if triton is not None:
 
     @triton.jit
-    def _w8_mma(X, Q, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr,
-                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _w8_mma(X, Q, S, Y, M, N, K, stride_xm, stride_ym, M_BLOCK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # M tiles first: one weight tile, read together
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask, nmask = m < M, n < N
@@ -164,10 +160,7 @@ if triton is not None:
             w = tl.load(Q + n[None, :].to(tl.int64) * K + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc = tl.dot(x, w.to(X.dtype.element_ty), acc)  # [BLOCK_K, BLOCK_N] e4m3 widened in registers
         y = acc * tl.load(S + n, mask=nmask, other=0.0)[None, :]
-        out_mask = mmask[:, None] & nmask[None, :]
-        if HAS_RES:
-            y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     def _mma_fits(configs: list, nargs: dict, **_kw) -> list:
         """Tiles no taller than the rows (rounded up to 16, the smallest tensor-core tile)."""

@@ -1,6 +1,6 @@
 """FP8 x FP8 products on tensor cores for batches of tens to a thousand rows (Triton kernels, "W8A8").
 
-    y [M, N] = (xq [M, K] @ q [N, K]^T) * xs [M, 1] * scale [1, N]  (+ residual [M, N])
+    y [M, N] = (xq [M, K] @ q [N, K]^T) * xs [M, 1] * scale [1, N]
 
 ``q`` in float8_e4m3fn with ``scale`` fp32 per row (an ``executors.quant.Fp8Weight``); ``x`` in
 bf16/fp16 quantized per row (per token) as ``executors.quant.w8a8_rowwise`` does it:
@@ -9,7 +9,7 @@ nearest even). ``tl.dot`` of the two e4m3 tiles accumulates in fp32 (Hopper / Ad
 cores; each ``BLOCK_K`` step's sum is added to the fp32 accumulator in full precision,
 ``max_num_imprecise_acc=BLOCK_K``: Hopper's FP8 ``wgmma`` keeps fewer accumulator bits than fp32, and
 Triton's default there leaves the whole K to it); the epilogue applies ``xs`` and ``scale`` to the
-fp32 sum, adds the residual and casts to ``x``'s dtype. The scheme is that of ``torch._scaled_mm``
+fp32 sum and casts to ``x``'s dtype. The scheme is that of ``torch._scaled_mm``
 with row-wise scales (``quant.w8a8_rowwise``, which rounds ``xs`` to ``x``'s dtype where this keeps it
 in fp32): the activations' rounding (3 mantissa bits, a relative error of at most 2^-4 per element)
 is the price of the FP8 tensor cores, ~2-4e-2 of the largest output on random data (the W8A16
@@ -34,7 +34,7 @@ Hopper and newer): each waits on the GPU for the kernel before it ends before re
 lets the next one launch once its main loop is done, so the launch gaps overlap the work.
 
 Bytes moved: ``N K`` (weight) + ``4 N`` (scales) + ``2 M K`` (x, once from HBM) + ``2 M N`` (y)
-(+ ``2 M N`` residual) (+ ``2 M K`` for ``xq`` above ``FUSE_MAX_M``). FLOPs ``2 M N K``. On an H200
+(+ ``2 M K`` for ``xq`` above ``FUSE_MAX_M``). FLOPs ``2 M N K``. On an H200
 (~4.3 TB/s copy, 1979 TFLOP/s dense FP8) the weight bound and the FP8 compute bound meet near
 ``M ~ 200``: below it the floor is ``N K`` bytes over the bandwidth, above it ``2 M N K`` over the peak.
 
@@ -42,7 +42,7 @@ Split-K (narrow ``N``: a TP8 shard's ``qkv`` has 1280 columns, 20 tiles of 64, o
 ``SPLIT_K`` programs share a tile, each summing ``K / SPLIT_K``. Each writes its scaled fp32 partial
 to a workspace ``[SPLIT_K, M_BLOCK, N]`` and increments the tile's counter (an atomic, after a CTA
 barrier: release); the one that finds ``SPLIT_K - 1`` sums the partials in split order (the result
-does not depend on which program finished last), applies the residual, stores ``y`` and resets the
+does not depend on which program finished last), stores ``y`` and resets the
 counter. One launch, no reduce kernel; the counters (``COUNTERS`` int32 a device, zeroed once) stay
 zero between launches. Launches sharing a device's counters must not overlap (one stream, the
 engine's case).
@@ -118,10 +118,10 @@ def row_scale(x: torch.Tensor, write_q: bool) -> tuple[torch.Tensor, torch.Tenso
     return xs, xq
 
 
-def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None,
-           config: tuple[int, ...] | None = None, fused: bool | None = None) -> torch.Tensor:
-    """``(e4m3(x / xs) [M, K] @ q [N, K]^T) * xs * scale [N] (+ residual [M, N])`` -> ``[M, N]`` in
-    ``x``'s dtype (rows of ``x`` and of the residual of unit stride, any row stride; ``q`` contiguous).
+def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: tuple[int, ...] | None = None,
+           fused: bool | None = None) -> torch.Tensor:
+    """``(e4m3(x / xs) [M, K] @ q [N, K]^T) * xs * scale [N]`` -> ``[M, N]`` in ``x``'s dtype (rows of
+    ``x`` of unit stride, any row stride; ``q`` contiguous).
 
     ``fused`` quantizes ``x`` in the product's loads (default: up to ``FUSE_MAX_M`` rows) or, False,
     in ``_row_scale`` first; ``config`` pins the tile (a ``CONFIGS`` entry; benchmarks, tests), None
@@ -138,10 +138,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torc
     splits = split_max(N, MB) if config is None else config[5]
     ws = torch.empty(splits * MB * N if splits > 1 else 1, dtype=torch.float32, device=x.device)
     cnt = _counter(x.device)
-    res = residual if residual is not None else y  # not read without HAS_RES
-    sr = residual.stride(0) if residual is not None else 0
-    args = (xa, xs, q, scale, y, res, ws, cnt, M, N, K, sxm, y.stride(0), sr, MB, splits,
-            residual is not None, not fused, INTERPRET)
+    args = (xa, xs, q, scale, y, ws, cnt, M, N, K, sxm, y.stride(0), MB, splits, not fused, INTERPRET)
     gdc = gemv.pdl(x)  # programmatic dependent launch, as executors.gemv
     if config is None:
         _tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]), c["SPLIT_K"])](
@@ -204,10 +201,10 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _w8a8(X, XS, Q, S, Y, R, WS, CNT, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK, WS_SPLITS,
-              HAS_RES: tl.constexpr, X_FP8: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _w8a8(X, XS, Q, S, Y, WS, CNT, M, N, K, stride_xm, stride_ym, M_BLOCK, WS_SPLITS,
+              X_FP8: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_GDC: tl.constexpr = False):
-        """``y = (xq q^T) * xs * S (+ R)``; ``X`` e4m3 (``X_FP8``) or bf16/fp16 quantized here with ``XS``.
+        """``y = (xq q^T) * xs * S``; ``X`` e4m3 (``X_FP8``) or bf16/fp16 quantized here with ``XS``.
         ``USE_GDC`` (a programmatic dependent launch): wait for the previous kernel (``_row_scale``)
         before reading anything, and let the next one launch once the products are summed."""
         if USE_GDC:
@@ -247,8 +244,6 @@ if triton is not None:
                     y += tl.load(ws + s * M_BLOCK * N, mask=out_mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(CNT + tile, 0)
         if last:
-            if HAS_RES:
-                y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
             tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
 
     def _fits(configs: list, nargs: dict, **_kw) -> list:

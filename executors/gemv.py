@@ -14,8 +14,7 @@ before any CUDA graph capture). ``bench/gemv_speed.py`` measures it against cuBL
 a batch-1 decode step of Llama-3.1-8B on an H200 the 128 projections take 3.53 ms (3.97 TB/s) where
 cuBLAS took 3.65 ms plus ~150 us of split-K reduce and residual-copy kernels.
 
-The product can take a residual ``[M, N]`` added in its epilogue (``x + down(h)`` of a layer in one
-launch). ``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled
+``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled
 layers call it without a graph break; ``wanted`` says when ``executors.quant.linear`` routes a product here.
 """
 
@@ -53,19 +52,14 @@ def pdl(x: torch.Tensor) -> bool:
     return PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
-           config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T (+ residual [M, N])`` -> ``[M, N]`` in ``x``'s dtype (the residual added
-    to the fp32 product before the cast, as an add after the product would see it rounded once
-    more). ``config`` ``(BLOCK_N, BLOCK_K, warps)`` pins the tile (benchmarks, tests); None lets the
-    autotuner choose."""
+def launch(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T`` -> ``[M, N]`` in ``x``'s dtype. ``config`` ``(BLOCK_N, BLOCK_K, warps)``
+    pins the tile (benchmarks, tests); None lets the autotuner choose."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     MB = triton.next_power_of_2(M)
-    res = residual if residual is not None else y  # not read without HAS_RES
-    sr = residual.stride(0) if residual is not None else 0
-    args = (x, w, y, y, res, M, N, K, x.stride(0), y.stride(0), sr, MB, residual is not None, False)  # no scale
+    args = (x, w, y, y, M, N, K, x.stride(0), y.stride(0), MB, False)  # no scale
     gdc = pdl(x)
     if config is None:
         _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args, USE_GDC=gdc, launch_pdl=gdc)
@@ -76,22 +70,21 @@ def launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = Non
 
 
 @torch.library.custom_op("shiftplan::gemv", mutates_args=())
-def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T (+ residual)`` for ``M <= MAX_M`` (see the module doc)."""
-    return launch(x, w, residual)
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T`` for ``M <= MAX_M`` (see the module doc)."""
+    return launch(x, w)
 
 
 @gemv.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv(X, W, S, Y, R, M, N, K, stride_xm, stride_ym, stride_rm, M_BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-              HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
-        """``y = (x W^T) [* S] [+ R]``: ``W`` in any dtype widened to fp32 (bf16/fp16, or e4m3 with its
+    def _gemv(X, W, S, Y, M, N, K, stride_xm, stride_ym, M_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+        """``y = (x W^T) [* S]``: ``W`` in any dtype widened to fp32 (bf16/fp16, or e4m3 with its
         per-row scale ``S [N]``, ``executors.fp8_gemm``). ``USE_GDC`` (a programmatic dependent
         launch): wait for the previous kernel before reading ``x``, and let the next one launch once
         the products are summed."""
@@ -112,10 +105,7 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_SCALE:
             y = y * tl.load(S + n, mask=nmask, other=0.0)[None, :]
-        out_mask = mmask[:, None] & nmask[None, :]
-        if HAS_RES:
-            y += tl.load(R + m[:, None] * stride_rm + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     def fits(configs: list, nargs: dict, **_kw) -> list:
         """Tiles whose fp32 accumulator stays within 128 registers a thread."""

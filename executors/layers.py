@@ -49,8 +49,7 @@ class Checkpointed(nn.Module):
 
 class Linear(Checkpointed):
     """``y = x W^T (+ b)``, ``W [out, in]`` plain or FP8 (``scale [out]``, ``executors.quant``).
-    Row-parallel (``group`` set): the partial products are all-reduced before the bias is added.
-    ``residual`` (``[..., out]``) is added to the output (in the product's epilogue when unsharded)."""
+    Row-parallel (``group`` set): the partial products are all-reduced before the bias is added."""
 
     def __init__(self, d_in: int, d_out: int, parts: tuple[str, ...], bias: bool = False):
         super().__init__(parts)
@@ -59,10 +58,8 @@ class Linear(Checkpointed):
         self.register_buffer("scale", None)
         self.group: Any = None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.group is None:
-            return linear(x, self.weight, self.bias, self.scale, residual)
-        return self.finish(self.partial(x), residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.partial(x))
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's term of the product: ``forward`` before the all-reduce and bias (unsharded:

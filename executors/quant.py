@@ -10,7 +10,7 @@ lm_head and the vision tower stay in the compute dtype.
 
 Matmul (``kernel_for`` names the one a product takes): on GPUs with FP8 tensor cores (compute
 capability >= 8.9), products of at most ``fp8_gemm.MAX_M`` rows (decode steps) run the Triton kernels
-of ``executors.fp8_gemm`` (the residual added in their epilogue): W8A16 up to
+of ``executors.fp8_gemm``: W8A16 up to
 ``fp8_gemm.W8A16_MAX_M`` rows (the weight widened in registers), above that W8A8 with the activations
 quantized per token to e4m3 (``executors.fp8_w8a8``, FP8 tensor cores); larger ones
 ``torch._scaled_mm`` with activations quantized per token (W8A8, dynamic);
@@ -93,22 +93,26 @@ def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in] @ W^T + b (+ residual [..., out])`` for a plain or FP8 weight (an e4m3 tensor
-    ``w`` with ``scale [out]`` is the FP8 weight ``Fp8Weight(w, scale)``)."""
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ W^T + b`` for a plain or FP8 weight (an e4m3 tensor ``w`` with ``scale [out]``
+    is the FP8 weight ``Fp8Weight(w, scale)``); ``kernel_for`` names the kernel (module doc). A
+    decode step's few rows go to the Triton kernels (the bias, if any, added after)."""
     if scale is not None:
         w = Fp8Weight(w, scale)
-    if b is None and (gemv.wanted(x, w) if isinstance(w, torch.Tensor) else fp8_gemm.wanted(x, w.q, w.scale)):
-        K, N = x.shape[-1], w.shape[0]  # a decode step's rows: the kernel adds the residual in its epilogue
-        fuse = residual is not None and residual.stride(-1) == 1  # the epilogue reads rows of unit stride
-        r = residual.reshape(-1, N) if fuse else None
-        x2 = x.reshape(-1, K)
-        y = (torch.ops.shiftplan.gemv(x2, w, r) if isinstance(w, torch.Tensor)
-             else torch.ops.shiftplan.fp8_linear(x2, w.q, w.scale, r))
-        y = y.reshape(*x.shape[:-1], N)
-        return y + residual if residual is not None and not fuse else y
-    y = _linear(x, w, b)
-    return y if residual is None else y + residual
+    def on_rows(f) -> torch.Tensor:  # f on x as [rows, in], back to x's leading dims
+        return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+    if isinstance(w, torch.Tensor):
+        if b is None and gemv.wanted(x, w):
+            return on_rows(lambda r: torch.ops.shiftplan.gemv(r, w))
+        return F.linear(x, w, b)
+    if fp8_gemm.wanted(x, w.q, w.scale):
+        y = on_rows(lambda r: torch.ops.shiftplan.fp8_linear(r, w.q, w.scale))
+    elif _scaled_mm_ok(x, w):
+        y = on_rows(lambda r: w8a8_rowwise(r, w))
+    else:
+        y = F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
+    return y + b if b is not None else y
 
 
 def kernel_for(x: torch.Tensor, w: Weight) -> str:
@@ -120,19 +124,6 @@ def kernel_for(x: torch.Tensor, w: Weight) -> str:
     if fp8_gemm.wanted(x, w.q, w.scale):
         return fp8_gemm.kernel_name(x.numel() // x.shape[-1])
     return "scaled_mm_rowwise" if _scaled_mm_ok(x, w) else "dequant"
-
-
-def _linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, b)
-    if fp8_gemm.wanted(x, w.q, w.scale):  # a decode step's rows (with a bias: added after)
-        y = torch.ops.shiftplan.fp8_linear(x.reshape(-1, x.shape[-1]), w.q, w.scale, None)
-        y = y.reshape(*x.shape[:-1], -1)
-    elif _scaled_mm_ok(x, w):
-        y = w8a8_rowwise(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
-    else:
-        y = F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
-    return y + b if b is not None else y
 
 
 def w8a8_rowwise(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:

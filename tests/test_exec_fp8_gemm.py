@@ -45,28 +45,24 @@ for M, N, K, dt, path, cfg in CASES:
     x = torch.randn(M, K).to(dt)
     q = (torch.randn(N, K) * 40).to(F8)  # e4m3 values over a wide range
     s = torch.rand(N) * 0.02 + 0.001
-    r = torch.randn(M, 2 * N).to(dt)[:, :N]  # a residual with a row stride of 2 N
     want = x.float() @ (q.float() * s[:, None]).t()
     got = fp8_gemm.launch(x, q, s, config=cfg, path=path)
     assert got.dtype == dt and got.shape == (M, N), (got.dtype, got.shape)
     key = str(dt).split(".")[-1]
     worst[key] = max(worst.get(key, 0.0), err(got, want))
-    got = fp8_gemm.launch(x, q, s, r, config=cfg, path=path)
-    worst[key] = max(worst[key], err(got, want + r.float()))
 
 # quant.linear routes here (the op pinned to one tile: the autotuner needs a GPU): a [2, 3, K]
-# input, the residual fused when its rows have unit stride and added after when not, a bias added after
+# input; with a bias it takes the dequantizing path and adds the bias after
 orig = fp8_gemm.launch
-fp8_gemm.launch = lambda x, q, s, r=None: orig(x, q, s, r, config=(8, 32, 4), path="gemv")
+fp8_gemm.launch = lambda x, q, s: orig(x, q, s, config=(8, 32, 4), path="gemv")
 fp8_gemm.wanted = lambda x, q, s: True
 w = quant.quantize(torch.randn(24, 64))
 x = torch.randn(2, 3, 64).half()
-r = torch.randn(2, 3, 24).half()
 b = torch.randn(24).half()
 want = x.float() @ w.dequantize().t()
-for res, bias in [(None, None), (r, None), (r.transpose(0, 1).contiguous().transpose(0, 1), None), (r[..., :24], b)]:
-    got = quant.linear(x, w, bias, residual=res)
-    ref = want + (res.float() if res is not None else 0) + (bias.float() if bias is not None else 0)
+for bias in (None, b):
+    got = quant.linear(x, w, bias)
+    ref = want + (bias.float() if bias is not None else 0)
     assert got.shape == (2, 3, 24) and got.dtype == torch.float16
     worst["float16"] = max(worst["float16"], err(got, ref))
 print(worst["bfloat16"], worst["float16"])
@@ -75,9 +71,8 @@ print(worst["bfloat16"], worst["float16"])
 
 def test_fp8_kernel_matches_dequantized_reference() -> None:
     """Both tilings against ``x @ (q * scale)^T`` in fp32 within one rounding of the output dtype
-    (bf16: 2^-8 relative, fp16: 2^-11): rows 1, 3, 16, 17 and 40, edges masked in N and K, with and
-    without the residual (rows 2 N apart); and ``quant.linear`` of an
-    ``Fp8Weight`` through the op, with the residual fused or added after and a bias."""
+    (bf16: 2^-8 relative, fp16: 2^-11): rows 1, 3, 16, 17 and 40, edges masked in N and K; and
+    ``quant.linear`` of an ``Fp8Weight`` through the op, without and with a bias."""
     bf16, fp16 = map(float, run_interpreted("-c", KERNEL_CHECK).split()[-2:])
     assert bf16 < 2 ** -7 and fp16 < 2 ** -9, (bf16, fp16)
 
@@ -116,18 +111,15 @@ for M, N, K, dt, cfg, fused in CASES:
     x = torch.randn(M, K).to(dt)
     q = (torch.randn(N, K) * 40).to(F8)
     s = torch.rand(N) * 0.02 + 0.001
-    r = torch.randn(M, 2 * N).to(dt)[:, :N]  # a residual with a row stride of 2 N
     xs, xq = fp8_w8a8.row_scale(x, True)
     want = (xq.float() @ q.float().t()) * xs[:, None] * s[None, :]
     full = x.float() @ (q.float() * s[:, None]).t()
     w = quant.Fp8Weight(q, s)
-    for res in (None, r):
-        got = fp8_w8a8.launch(x, q, s, res, config=cfg, fused=fused)
-        assert got.dtype == dt and got.shape == (M, N), (got.dtype, got.shape)
-        add = res.float() if res is not None else 0
-        key = str(dt).split(".")[-1]
-        worst[key] = max(worst[key], err(got - add, want))
-        worst["float"] = max(worst["float"], err(got - add, full))
+    got = fp8_w8a8.launch(x, q, s, config=cfg, fused=fused)
+    assert got.dtype == dt and got.shape == (M, N), (got.dtype, got.shape)
+    key = str(dt).split(".")[-1]
+    worst[key] = max(worst[key], err(got, want))
+    worst["float"] = max(worst["float"], err(got, full))
     worst["scaled_mm"] = max(worst["scaled_mm"], err(quant.w8a8_rowwise(x, w), full))  # torch._scaled_mm's path
     assert fp8_w8a8._counters[x.device].abs().sum() == 0  # split-K counters back to zero
 
@@ -145,8 +137,7 @@ def test_w8a8_kernel_matches_references() -> None:
     """The W8A8 kernel (``executors.fp8_w8a8``) through the interpreter: its per-row scales and e4m3
     activations equal torch's (``x * (1 / xs)`` cast to e4m3, round to nearest even); its product
     equals ``(xq @ q^T) * xs * scale`` of those activations within one rounding of the output dtype
-    (the interpreter's bf16 cast truncates: 2^-7; fp16: 2^-9), with and without the residual, x
-    quantized in the loads or before, K split 1-8 ways; against the float reference (x unquantized)
+    (the interpreter's bf16 cast truncates: 2^-7; fp16: 2^-9), x quantized in the loads or before, K split 1-8 ways; against the float reference (x unquantized)
     within the FP8 tolerance of the engine's tests (6%) and within 1.5x the error of the
     ``torch._scaled_mm`` path (``quant.w8a8_rowwise``) on the same inputs. The interpreter runs
     ``tl.dot`` on e4m3 operands (exact products, fp32 sums); what it cannot show is the GPU's
@@ -193,7 +184,6 @@ def test_fp8_products_are_routed_by_rows_dtype_and_capability(monkeypatch) -> No
         q40 = _fake(32, 40, dtype=fp8_gemm.FP8)
         assert not fp8_gemm.wanted(_fake(4, 40), q40, s)  # K not a multiple of 16
         assert torch.ops.shiftplan.fp8_linear(_fake(3, 64), q, s).shape == (3, 32)
-        assert torch.ops.shiftplan.fp8_linear(_fake(3, 64), q, s, _fake(3, 32)).shape == (3, 32)
         monkeypatch.setattr(fp8_gemm, "ENABLED", False)
         assert not fp8_gemm.wanted(_fake(1, 64), q, s)
         assert quant.kernel_for(_fake(1, 64), w) == "scaled_mm_rowwise"
