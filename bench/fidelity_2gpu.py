@@ -459,10 +459,10 @@ def command_line_of(argv: list[str] | None) -> str:
     return command_line("bench/fidelity_2gpu.py", argv)
 
 
-def repredict(src: Path, out: Path, command: str) -> dict[str, Any]:
-    """A finished run's report with every prediction made again by the cost model as it is now: per
-    case the plan the run pinned (``plan_yaml``), per rate the same requests (the workload sampled at
-    the run's rate, duration and seed), the measured figures kept. The rates stay the run's (they
+def repredict(report: dict[str, Any], src: str, out: Path, command: str) -> dict[str, Any]:
+    """A finished run's report (``src``: its file name) with every prediction made again by the cost
+    model as it is now: per case the plan the run pinned (``plan_yaml``), per rate the same requests
+    (the workload sampled at the run's rate, duration and seed), the measured figures kept. The rates stay the run's (they
     were fractions of the capacity predicted then)."""
     import tempfile as tf
 
@@ -470,13 +470,9 @@ def repredict(src: Path, out: Path, command: str) -> dict[str, Any]:
     from costmodels.simulator import cost_model_for_plan
     from planner.bench_workload import predicted_result, sample_requests
     from planner.inputs import cost_model_of, workload_of
-    from plans.errors import UserError
     from plans.schema import load_plan
 
-    if not src.is_file():
-        raise UserError(f"--repredict: no report at {src}")
-    report = json.loads(src.read_text())
-    report["repredicted"] = {"command": command, "from": src.name}
+    report["repredicted"] = {"command": command, "from": src}
     for model, m in report["models"].items():
         spec, _cfg = model_spec(model, report["device"].startswith("2 x cpu"), report["backend"])
         cost, _ = cost_model_of(spec)
@@ -545,7 +541,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.out is None:
         ap.error("--out DIR is required")
     if a.repredict is not None:
-        return repredict(a.repredict, a.out, command_line_of(argv))
+        try:
+            report = json.loads(a.repredict.read_text())
+            report["models"], report["duration_s"], report["seed"]  # noqa: B018 -- a fidelity report's keys
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--repredict: {a.repredict} is not a readable fidelity_2gpu report ({type(e).__name__}: {e})")
+        return repredict(report, a.repredict.name, a.out, command_line_of(argv))
     import torch
     import transformers
 

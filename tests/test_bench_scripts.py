@@ -303,6 +303,9 @@ def test_fidelity_tiny_run(tmp_path):
                 assert y["figures"][f]["predicted"] == pytest.approx(x["figures"][f]["predicted"], rel=1e-9)
     assert "pp2" in again["models"]["llama"]["cases"] and again["repredicted"]["from"] == "fidelity_2gpu.json"
     assert "Predictions made again without the engine" in (tmp_path / "again" / "fidelity_2gpu.md").read_text()
+    with pytest.raises(SystemExit) as bad:  # not a report: one message, exit 2
+        fid.main(["--out", str(tmp_path / "bad"), "--repredict", str(tmp_path / "fidelity_2gpu.md")])
+    assert bad.value.code == 2
 
 
 # ------------------------------------------------------------------ prefill_attention
