@@ -144,6 +144,9 @@ def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
     return x
 
 
+# fused all-reduce + residual add + RMSNorm (executors.reduce_norm); SHIFTPLAN_FUSED_ADD_NORM=0 keeps
+# the one-shot all-reduce and separate add / norm kernels (A/B measurements)
+FUSED_ADD_NORM = os.environ.get("SHIFTPLAN_FUSED_ADD_NORM", "1") != "0"
 ONE_SHOT_MAX_BYTES = 1 << 20  # one-shot beats NCCL up to here (bench/results/allreduce_latency.md: 1 MB, 12.6 vs 26.7 us)
 
 
@@ -176,7 +179,6 @@ class OneShotAllReduce:
             reduce_norm.init_flags(self.signal_pad_ptrs, self.flags, self.rank, self.world)
             torch.cuda.synchronize(device)
             dist.barrier(group=group)
-            _ONE_SHOT[self.name] = self
 
     def fits(self, x: torch.Tensor) -> bool:
         return (x.dtype == self.buf.dtype and x.is_contiguous() and x.numel() <= self.buf.numel()
@@ -191,7 +193,6 @@ class OneShotAllReduce:
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(self.buf[:x.numel()].view_as(x), x, "sum", self.name, out)
         return out
 
-
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, y)``: ``h = residual + sum over the group of x``, ``y = rms_norm(h, weight, eps)``, in
@@ -199,31 +200,12 @@ class OneShotAllReduce:
         else the one-shot or NCCL all-reduce, then the add and the norm (the same arithmetic)."""
         small = x.dim() == 2 and x.shape[0] <= reduce_norm.MAX_ROWS
         if self.fused and small and self.fits(x) and residual.is_contiguous():
-            return torch.ops.shiftplan.reduce_add_norm(x, residual, weight, eps, self.name)
+            return torch.ops.shiftplan.reduce_add_norm(x, residual, weight, eps, self.buffer_ptrs, self.slot,
+                                                       self.signal_pad_ptrs, self.flags, self.rank, self.world)
         from executors.layers import rms_norm
 
         h = self(x) + residual
         return h, rms_norm(h, weight, eps)
-
-
-# fused all-reduce + residual add + RMSNorm (executors.reduce_norm); SHIFTPLAN_FUSED_ADD_NORM=0 keeps
-# the one-shot all-reduce and separate add / norm kernels (A/B measurements)
-FUSED_ADD_NORM = os.environ.get("SHIFTPLAN_FUSED_ADD_NORM", "1") != "0"
-_ONE_SHOT: dict[str, OneShotAllReduce] = {}  # by group name: what the custom op below launches on
-
-
-@torch.library.custom_op("shiftplan::reduce_add_norm", mutates_args=())
-def _reduce_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                     group: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``OneShotAllReduce.add_norm``'s kernel as an op compiled layers call without a graph break."""
-    s = _ONE_SHOT[group]
-    return reduce_norm.launch(x, residual, weight, eps, s.buffer_ptrs, s.slot, s.signal_pad_ptrs, s.flags, s.rank, s.world)
-
-
-@_reduce_add_norm.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-      group: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(x)
 
 
 def one_shot_groups(groups: list[Any], dtype: torch.dtype, device: torch.device) -> dict[Any, OneShotAllReduce]:

@@ -78,6 +78,20 @@ def launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: f
     return h, y
 
 
+@torch.library.custom_op("shiftplan::reduce_add_norm", mutates_args=())
+def reduce_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                    buffer_ptrs: torch.Tensor, slot: int, signal_pad_ptrs: torch.Tensor, flags: int, rank: int,
+                    world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``launch`` as an op compiled layers call without a graph break (``parallel.OneShotAllReduce.add_norm``)."""
+    return launch(x, residual, weight, eps, buffer_ptrs, slot, signal_pad_ptrs, flags, rank, world)
+
+
+@reduce_add_norm.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: torch.Tensor, slot: int,
+      signal_pad_ptrs: torch.Tensor, flags: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 def init_flags(signal_pad_ptrs: torch.Tensor, flags: int, rank: int, world: int) -> None:
     """Zero this rank's ``written`` flags and raise its ``done`` flags (every peer "has read" before
     the first call). Every rank does it, then the group synchronises, before the first call."""

@@ -457,3 +457,10 @@ def test_fused_all_reduce_add_norm_compiles_for_hopper() -> None:
         assert ptx.count("atom.global.release.sys.cas.b32") == 2 and ", 0, 1;" in ptx
         assert ptx.count("atom.global.acquire.sys.cas.b32") == 2 and ", 1, 0;" in ptx
         assert ("griddepcontrol.wait" in ptx) == gdc
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # what compiled layers trace: the op's two outputs, shaped as its input
+        x, ptrs = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(2, dtype=torch.int64)
+        h, y = torch.ops.shiftplan.reduce_add_norm(x, x, torch.empty(64, dtype=torch.bfloat16), 1e-5, ptrs, 4096,
+                                                   ptrs, 0, 0, 2)
+        assert h.shape == y.shape == (3, 64) and h.dtype == y.dtype == torch.bfloat16
