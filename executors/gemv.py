@@ -14,6 +14,10 @@ before any CUDA graph capture). ``bench/gemv_speed.py`` measures it against cuBL
 a batch-1 decode step of Llama-3.1-8B on an H200 the 128 projections take 3.53 ms (3.97 TB/s) where
 cuBLAS took 3.65 ms plus ~150 us of split-K reduce and residual-copy kernels.
 
+The MLP's ``down`` product reads ``[gate | up]`` (the ``gate_up`` output) and forms its input
+``silu(gate) * up`` in its loads (``gated``), so a decode step has no separate SiLU kernel and the
+``down`` GEMV follows ``gate_up`` as a dependent launch.
+
 ``gemv`` is a ``torch.library`` custom op (a fake kernel gives its shape), so compiled
 layers call it without a graph break; ``wanted`` says when ``executors.quant.linear`` routes a product here.
 """
@@ -38,13 +42,14 @@ PDL = os.environ.get("SHIFTPLAN_PDL", "1") != "0"
 CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
 
 
-def wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
+def wanted(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> bool:
     """``x [..., K]`` times ``w [N, K]`` goes to the kernel: CUDA, bf16/fp16, at most MAX_M rows,
-    contiguous rows of ``w`` and ``x``."""
+    contiguous rows of ``w`` and ``x``. ``gated``: ``x [..., 2K]`` holds ``[gate | up]`` and the
+    product's input is ``silu(gate) * up``."""
     return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and w.dtype == x.dtype and w.dim() == 2 and w.is_contiguous() and x.stride(-1) == 1
             and x.numel() // x.shape[-1] <= MAX_M
-            and x.shape[-1] == w.shape[1] and x.shape[-1] % 8 == 0)
+            and x.shape[-1] == w.shape[1] * (2 if gated else 1) and w.shape[1] % 8 == 0)
 
 
 def pdl(x: torch.Tensor) -> bool:
@@ -52,42 +57,49 @@ def pdl(x: torch.Tensor) -> bool:
     return PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T`` -> ``[M, N]`` in ``x``'s dtype. ``config`` ``(BLOCK_N, BLOCK_K, warps)``
-    pins the tile (benchmarks, tests); None lets the autotuner choose."""
-    M, K = x.shape
+def launch(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int] | None = None,
+           gated: bool = False) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T`` -> ``[M, N]`` in ``x``'s dtype; ``gated``: ``silu(x[:, :K]) * x[:, K:]``
+    (``x [M, 2K]``) in place of ``x``. ``config`` ``(BLOCK_N, BLOCK_K, warps)`` pins the tile
+    (benchmarks, tests); None lets the autotuner choose."""
+    M, K = x.shape[0], w.shape[1]
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     MB = triton.next_power_of_2(M)
     args = (x, w, y, y, M, N, K, x.stride(0), y.stride(0), MB, False)  # no scale
     gdc = pdl(x)
+    flags = dict(USE_GDC=gdc, GATED=gated, launch_pdl=gdc)
     if config is None:
-        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args, USE_GDC=gdc, launch_pdl=gdc)
+        _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args, **flags)
     else:
         bn, bk, warps = config
-        _gemv[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, USE_GDC=gdc, num_warps=warps, launch_pdl=gdc)
+        _gemv[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **flags)
     return y
 
 
 @torch.library.custom_op("shiftplan::gemv", mutates_args=())
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T`` for ``M <= MAX_M`` (see the module doc)."""
-    return launch(x, w)
+def gemv(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T`` for ``M <= MAX_M``; ``gated``: of ``silu(gate) * up`` for ``x =
+    [gate | up]`` (see the module doc)."""
+    return launch(x, w, gated=gated)
 
 
 @gemv.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv(X, W, S, Y, M, N, K, stride_xm, stride_ym, M_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+    def _gemv(X, W, S, Y, M, N, K, stride_xm, stride_ym, M_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False,
+              GATED: tl.constexpr = False):
         """``y = (x W^T) [* S]``: ``W`` in any dtype widened to fp32 (bf16/fp16, or e4m3 with its
-        per-row scale ``S [N]``, ``executors.fp8_gemm``). ``USE_GDC`` (a programmatic dependent
-        launch): wait for the previous kernel before reading ``x``, and let the next one launch once
-        the products are summed."""
+        per-row scale ``S [N]``, ``executors.fp8_gemm``); ``GATED``: ``x = silu(g) * u`` with ``g =
+        X[:, :K]``, ``u = X[:, K:]`` (the MLP's gate/up, in fp32). ``USE_GDC`` (a programmatic
+        dependent launch): wait for the previous kernel before reading ``x``, and let the next one
+        launch once the products are summed."""
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,8 +110,12 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < K
             w = tl.load(W + n[:, None].to(tl.int64) * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+            xmask = mmask[:, None] & kmask[None, :]
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0).to(tl.float32)
+            if GATED:
+                u = tl.load(X + m[:, None] * stride_xm + K + k[None, :], mask=xmask, other=0.0).to(tl.float32)
+                x = x * tl.sigmoid(x) * u
+            acc += x[:, None, :] * w[None, :, :].to(tl.float32)
         y = tl.sum(acc, axis=2)  # [M_BLOCK, BLOCK_N]
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()

@@ -61,12 +61,13 @@ class Linear(Checkpointed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.partial(x))
 
-    def partial(self, x: torch.Tensor) -> torch.Tensor:
+    def partial(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """This rank's term of the product: ``forward`` before the all-reduce and bias (unsharded:
-        the whole product, bias included). ``finish`` completes it."""
+        the whole product, bias included). ``finish`` completes it. ``gated``: ``x`` is ``[gate |
+        up]`` and the input ``silu(gate) * up`` (``quant.linear``)."""
         if self.group is None:
-            return linear(x, self.weight, self.bias, self.scale)
-        return linear(x, self.weight, scale=self.scale)
+            return linear(x, self.weight, self.bias, self.scale, gated)
+        return linear(x, self.weight, scale=self.scale, gated=gated)
 
     def finish(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``partial``'s output summed over the group, plus the bias (``+ residual``)."""

@@ -160,9 +160,9 @@ class FeedForward(nn.Module):
         self.down = Linear(a.intermediate, a.hidden, (p + "down_proj",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``down(silu(gate) * up)``, this rank's term of the row-parallel ``down`` (``down.finish`` sums it)."""
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down.partial(F.silu(gate) * up)
+        """``down(silu(gate) * up)``, this rank's term of the row-parallel ``down`` (``down.finish`` sums
+        it); the gate is applied in ``down``'s loads where the GEMV serves (``quant.linear``)."""
+        return self.down.partial(self.gate_up(x), gated=True)
 
 
 class Layout(nn.Module):

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from executors import gemv
+
 try:
     import triton
     import triton.language as tl
@@ -80,14 +82,16 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     direct = nsplit == 1  # one range per head: the partial result is the answer, no combine
     out = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, BLOCK_D, dtype=torch.float32, device=q.device)
     lse = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, dtype=torch.float32, device=q.device)
+    gdc = gemv.pdl(q)
     _partial[(S, hkv, nsplit)](
         q, k_cache, v_cache, table, lens, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct, USE_GDC=gdc,
+        launch_pdl=gdc,
     )
     if not direct:
         _combine[(S, hq)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
-                          BLOCK_R=triton.next_power_of_2(nsplit))
+                          BLOCK_R=triton.next_power_of_2(nsplit), USE_GDC=gdc, launch_pdl=gdc)
     return o
 
 
@@ -118,11 +122,21 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     if T == 0:
         return
     HD = hkv * D
+    gdc = gemv.pdl(k)
     _store[(T,)](k_cache, v_cache, slots, k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                 k_cache.shape[0] - 1, D=D, HD=HD, BLOCK=triton.next_power_of_2(HD))
+                 k_cache.shape[0] - 1, D=D, HD=HD, BLOCK=triton.next_power_of_2(HD), USE_GDC=gdc, launch_pdl=gdc)
 
 
 if triton is not None:
+
+    @triton.jit
+    def depend(USE_GDC: tl.constexpr):
+        """A programmatic dependent launch (``gemv.PDL``): wait for the kernel before (its outputs are
+        this one's inputs), then let the next kernel launch, so its prologue (a GEMV's weight
+        prefetch) runs beside this one."""
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def key_block(q, K, V, TABLE_ROW, n, valid, allowed, d, dmask, head_off, stride_kslot, scale, m, l, acc,
@@ -148,7 +162,9 @@ if triton is not None:
     @triton.jit
     def _partial(Q, K, V, TABLE, LENS, OUT, LSE, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
                  keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+                 USE_GDC: tl.constexpr = False):
+        depend(USE_GDC)
         s = tl.program_id(0)
         h = tl.program_id(1)
         r = tl.program_id(2)
@@ -182,7 +198,8 @@ if triton is not None:
 
     @triton.jit
     def _combine(OUT, LSE, O, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr = False):
+        depend(USE_GDC)
         s = tl.program_id(0)
         qh = tl.program_id(1)  # query head: KV head qh // G, row qh % G of its group
         hq = tl.num_programs(1)
@@ -199,7 +216,8 @@ if triton is not None:
 
     @triton.jit
     def _store(KC, VC, SLOTS, K, V, stride_kt, stride_kh, stride_vt, stride_vh, scratch, D: tl.constexpr,
-               HD: tl.constexpr, BLOCK: tl.constexpr):
+               HD: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+        depend(USE_GDC)
         t = tl.program_id(0)
         slot = tl.load(SLOTS + t)
         slot = tl.where(slot < 0, scratch, slot).to(tl.int64)

@@ -93,18 +93,23 @@ def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """``x [..., in] @ W^T + b`` for a plain or FP8 weight (an e4m3 tensor ``w`` with ``scale [out]``
     is the FP8 weight ``Fp8Weight(w, scale)``); ``kernel_for`` names the kernel (module doc). A
-    decode step's few rows go to the Triton kernels (the bias, if any, added after)."""
+    decode step's few rows go to the Triton kernels (the bias, if any, added after). ``gated``:
+    ``x [..., 2 in]`` is ``[gate | up]`` and the product's input ``silu(gate) * up`` (computed in the
+    bf16 GEMV's loads where it serves, else first)."""
     if scale is not None:
         w = Fp8Weight(w, scale)
+    if gated and not (isinstance(w, torch.Tensor) and b is None and gemv.wanted(x, w, gated=True)):
+        gate, up = x.chunk(2, dim=-1)
+        x, gated = F.silu(gate) * up, False
     def on_rows(f) -> torch.Tensor:  # f on x as [rows, in], back to x's leading dims
         return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
     if isinstance(w, torch.Tensor):
-        if b is None and gemv.wanted(x, w):
-            return on_rows(lambda r: torch.ops.shiftplan.gemv(r, w))
+        if b is None and gemv.wanted(x, w, gated):
+            return on_rows(lambda r: torch.ops.shiftplan.gemv(r, w, gated))
         return F.linear(x, w, b)
     if fp8_gemm.wanted(x, w.q, w.scale):
         y = on_rows(lambda r: torch.ops.shiftplan.fp8_linear(r, w.q, w.scale))

@@ -190,13 +190,17 @@ for M, N, K, cfg in [(1, 40, 64, (16, 32, 4)), (3, 33, 96, (8, 64, 4)), (4, 16, 
     x, w = torch.randn(M, K), torch.randn(N, K)
     ref = x @ w.t()
     worst = max(worst, float((gemv.launch(x, w, config=cfg) - ref).abs().max() / ref.abs().max()))
+    gu = torch.randn(M, 2 * K)  # [gate | up]: the product of silu(gate) * up
+    ref = (torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]) @ w.t()
+    worst = max(worst, float((gemv.launch(gu, w, config=cfg, gated=True) - ref).abs().max() / ref.abs().max()))
 print(worst)
 """
 
 
 def test_gemv_kernel_matches_matmul() -> None:
     """The Triton GEMV of decode steps (run by Triton's interpreter on CPU) against ``x @ W^T``:
-    1 to 4 rows, output and reduction lengths that are not multiples of the tile (masked edges)."""
+    1 to 4 rows, output and reduction lengths that are not multiples of the tile (masked edges);
+    and gated (the MLP's ``down`` of ``silu(gate) * up`` read from ``[gate | up]``)."""
     assert float(run_interpreted("-c", GEMV_CHECK).split()[-1]) < 1e-5
 
 
