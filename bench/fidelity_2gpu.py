@@ -578,7 +578,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         old = None
     report: dict[str, Any] = {
         "command": command, "commands": (old or {}).get("commands", []) + [command],
-        "device": ("2 x " + torch.cuda.get_device_name()) if device == "cuda" else "2 x cpu (gloo ranks)",
+        "device": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}") if device == "cuda"
+                  else "2 x cpu (gloo ranks)",
         "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
         "backend": a.backend, "duration_s": a.duration, "rate_fractions": fractions, "max_rate": a.max_rate,
