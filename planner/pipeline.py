@@ -119,8 +119,6 @@ def compile_spec(spec: Spec, progress: Progress | None = None, check_hints: bool
         notes.append(f"searched only meshes and encoder placements {info.title} {info.version} runs (spec engine: "
                      f"{spec.engine}); `plan export` writes its launch")
     plan = build_plan(best, spec, model, mix, runners, notes)
-    if spec.engine != "shiftplan":
-        plan = plan.model_copy(update={"engine": spec.engine})
     if simulated:
         say(f"confirming the prediction on the spec's {spec.workload.requests} requests")
         plan = confirm_predicted(plan, spec, model)

@@ -94,7 +94,7 @@ def build_plan(sc: Scored, spec: Spec, model: Model, mix: TokenMix, runners: lis
         predicted=sc.predicted,
         runners_up=[RunnerUp(mesh=r.solved.cand.label, vision=r.solved.solution.best.vision or "none",
                              score=r.capacity_rps, reason=why_lost(r, sc, spec)) for r in (runners or [])],
-        notes=list(notes or []),
+        notes=list(notes or []), engine=spec.engine,
     )
     plan._spec_file = spec.path or None  # save_plan records it relative to the plan file
     return plan

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from plans.mesh import ParallelDims
-from plans.schema import (Backend, CurvePoint, Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Predicted, Provenance,
+from plans.schema import (Backend, CurvePoint, Engine, Hardware, MemoryPerGPU, Mesh, ModelRef, Plan, Predicted, Provenance,
                           RunnerUp, Scheduler, Shift, Stage, Vision)
 
 
@@ -21,7 +21,7 @@ def assemble_plan(*, name: str, provenance: Provenance, model: ModelRef, hardwar
                   dims: ParallelDims, layers: Sequence[tuple[int, int]], memory: MemoryPerGPU, scheduler: Scheduler,
                   backend: Backend = "eager", curves: Sequence[tuple[int, float, float]] = (),
                   step_ms: Sequence[float] | None = None, predicted: Predicted | None = None,
-                  runners_up: Sequence[RunnerUp] = (), notes: Sequence[str] = ()) -> Plan:
+                  runners_up: Sequence[RunnerUp] = (), notes: Sequence[str] = (), engine: Engine = "shiftplan") -> Plan:
     """A checked plan (UserError naming what does not add up, with ``hardware``'s world size).
     ``curves``: (tokens, SP x TP ms, TP ms) points of the shift crossover; ``step_ms``: each
     stage's predicted reference step."""
@@ -33,7 +33,7 @@ def assemble_plan(*, name: str, provenance: Provenance, model: ModelRef, hardwar
                     vision=i in encoding, step_ms=step_ms[i] if step_ms is not None else None,
                     shift_threshold_tokens=own[i]) for i, (a, b) in enumerate(layers)]
     return Plan(
-        name=name, provenance=provenance, model=model, hardware=hardware, objective=objective,
+        name=name, provenance=provenance, model=model, hardware=hardware, objective=objective, engine=engine,
         mesh=Mesh(dp=dims.dp, pp=dims.pp, tp=dims.tp, sp=dims.sp, axis_order=list(dims.axis_order)),
         stages=stages,
         vision=Vision(placement=dims.placement, dedicated_gpus=dims.encoder_gpus),

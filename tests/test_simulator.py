@@ -75,6 +75,27 @@ def test_low_load_ttft_is_the_prefill_step_time(pp):
         assert math.isclose((r.first - r.arrival) * 1e3, want, rel_tol=1e-9)
 
 
+def test_look_ahead_holds_an_arrival_for_one_decode_step():
+    """With the engine's look-ahead a request arriving during a decode step of a lone running request
+    joins the step after the next one (that one was formed already): its TTFT grows by one decode
+    step, the running request's tokens are not delayed, every token is still computed once, and a
+    request arriving at an idle engine is not held."""
+    coster = SyntheticCoster()
+    reqs = [Request(0, 0.0, 100, 40, (), ()), Request(1, 0.0, 300, 3, (), ())]
+    dec = coster.stage_ms(StepShape.decode([120]), "tp")[0] / 1e3
+    pre = coster.stage_ms(StepShape.prefill([100]), "tp")[0] / 1e3
+    reqs[1] = Request(1, pre + 10.4 * dec, 300, 3, (), ())  # during the 11th decode step of request 0
+    plain, look = run(cfg(), coster, reqs), run(cfg(lookahead=True), coster, reqs)
+    wait = (look.reqs[1].first - plain.reqs[1].first) / dec
+    assert 0.95 < wait < 1.05, wait
+    assert look.reqs[0].first == plain.reqs[0].first
+    for log in (plain, look):
+        assert log.step_tokens == sum(q.prompt_tokens + q.output_tokens - 1 for q in reqs)
+    alone = run(cfg(lookahead=True), coster, spaced([100, 700]))
+    for r, p in zip(alone.reqs, [100, 700]):
+        assert math.isclose((r.first - r.arrival) * 1e3, coster.stage_ms(StepShape.prefill([p]), "tp")[0], rel_tol=1e-9)
+
+
 def test_low_load_ttft_with_chunked_prefill():
     """A prompt over the token budget is prefilled in chunks, each seeing the earlier ones as context."""
     c = cfg(max_batch_tokens=1000)

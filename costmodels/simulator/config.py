@@ -20,6 +20,10 @@ class SimConfig:
     ``threshold``: with ``shift``, a step of at most this many tokens runs in mode "tp" (plain TP of
     degree P), a larger one in "sp_tp"; ``stage_thresholds`` are the stages' own. ``dims`` (the
     plan's ``ParallelDims``) owns these rules, the placement checks and the node crossings.
+    ``lookahead``: the engine's look-ahead (single-stage replicas, one micro-batch a step): while a
+    decode step of every running request computes with nothing waiting, the next decode step is
+    already formed, so a request arriving during it joins a step only after that next one (plans
+    for this project's engine; exported plans keep the plain loop).
     """
 
     dp: int = 1
@@ -38,6 +42,7 @@ class SimConfig:
     dedicated_gpus: int = 0
     watermark: float = 0.01  # share of KV kept free when admitting new requests (vLLM's default)
     reserve_output: bool = False  # admit only with KV for prompt + all output (TensorRT-LLM's no-evict policy)
+    lookahead: bool = False
     gpus_per_node: int = 8
     notes: tuple[str, ...] = field(default=())
     dims: ParallelDims = field(init=False, repr=False, compare=False)
@@ -89,5 +94,5 @@ class SimConfig:
             stage_thresholds=tuple(dims.threshold_of(s) for s in range(m.pp)) if plan.shift.enabled else (),
             placement=plan.vision.placement,
             dedicated_gpus=plan.vision.dedicated_gpus, gpus_per_node=plan.hardware.gpus_per_node,
-            notes=tuple(notes),
+            lookahead=plan.engine == "shiftplan" and m.pp == 1 and s.microbatches <= 1, notes=tuple(notes),
         )

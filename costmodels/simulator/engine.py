@@ -10,7 +10,8 @@ its own handler ``Simulation.on_<kind>``; ``Simulation.run`` only pops the next 
 * ENC_DONE  a dedicated-encoder batch finished; each request becomes READY after its
             embedding transfer; the encoder takes its next batch.
 * READY     a request's image embeddings arrived at its replica: it joins its lane's waiting queue.
-* SCHEDULE  a scheduling step on an idle lane: form a micro-batch (``scheduler.form_batch``),
+* SCHEDULE  a scheduling step on an idle lane: form a micro-batch (``scheduler.form_batch``, as
+            the engine's look-ahead lets it: ``Simulation.form``),
             pick the mode (shift: step tokens <= threshold -> "tp"; per stage when the plan gives
             stages their own thresholds), cost it per stage, and send it down the pipeline.
 * STEP_DONE the micro-batch left the last stage: tokens are emitted, finished requests leave
@@ -26,6 +27,7 @@ FIFO order, so the whole path is computed when the batch is scheduled (a tandem 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass, field
 
 from costmodels.simulator.coster import Coster
@@ -177,7 +179,7 @@ class Simulation:
         """Form a micro-batch on ``lane``, cost it per stage in its mode(s), walk it down the pipeline."""
         cfg, coster, log = self.cfg, self.coster, self.log
         lane.replica.kv_clock(t)
-        batch, pre = form_batch(lane, cfg)
+        batch, pre = self.form(lane)
         log.preemptions += pre
         if batch is None:
             return
@@ -206,6 +208,21 @@ class Simulation:
                 ready += coster.p2p_ms(batch.tokens, s) / 1e3
         lane.busy = True
         self.push(ready, STEP_DONE, (lane, batch))
+
+    def form(self, lane: Lane) -> tuple:
+        """``form_batch`` as the engine's look-ahead sees it: a step formed while the last one ran
+        (``lane.ahead``) decodes the running requests only, and what waits joins the step after
+        (unless no request runs: then it joins this one). ``lane.ahead`` is then set for the next
+        step when this one decodes every running request and nothing waits."""
+        hidden = None
+        if lane.ahead and lane.decoding and not lane.prefilling:
+            hidden, lane.waiting = lane.waiting, deque()
+        batch, pre = form_batch(lane, self.cfg)
+        if hidden is not None:
+            lane.waiting.extend(hidden)  # after any preempted request (they go first)
+        lane.ahead = (self.cfg.lookahead and batch is not None and not batch.chunks and not lane.waiting
+                      and not lane.prefilling)
+        return batch, pre
 
     def finish(self) -> RunLog:
         cfg, log, reps = self.cfg, self.log, self.reps

@@ -68,6 +68,7 @@ class Lane:
     ctx: int = 0
     busy: bool = False
     kicked: bool = False  # a SCHEDULE event is pending
+    ahead: bool = False  # the next step was formed when the last one started (look-ahead, ``SimConfig.lookahead``)
 
 
 @dataclass
