@@ -486,8 +486,8 @@ def measured_lines() -> list[str]:
     mesh, mesh_pp, vl = (json.loads(f.read_text()) for f in files)
     g = ROOT / "bench/results/mesh_speed.graphs.json"
     graphs = json.loads(g.read_text()) if g.is_file() else None
-    f = ROOT / "bench/results/mesh_speed.fused.json"
-    fused = json.loads(f.read_text()) if f.is_file() else None
+    f = ROOT / "bench/results/mesh_speed.gated.json"
+    current = json.loads(f.read_text()) if f.is_file() else None
 
     def ratios(meshes: dict, case: str, key: str, inverse: bool = False) -> str:
         one = meshes["single"][case][key]
@@ -501,8 +501,10 @@ def measured_lines() -> list[str]:
         "The engine has run the modes on two H200 (random weights; `bench/results/mesh_speed.md`, "
         "`mesh_speed.pp2.md`, `vl_speed.md`). Against one GPU, Llama-3.1-8B: decode step time at batch 1 "
         f"{ratios(mesh['meshes'], 'decode_b1', 'decode_step_ms')}"
-        + (f" (with each layer's all-reduces fused with the residual add and the next norm, `mesh_speed.fused.md`: "
-           f"{ratios(fused['meshes'], 'decode_b1', 'decode_step_ms')})" if fused else "")
+        + (f" (the current engine, each layer's all-reduces fused with the residual add and the next norm, "
+           f"`mesh_speed.gated.md`: {ratios(current['meshes'], 'decode_b1', 'decode_step_ms')}, plain sp2's SP x TP "
+           f"decode steps running outside graphs; TTFT of 8,192 tokens {ratios(current['meshes'], 'prefill', 'ttft_ms_p50')})"
+           if current else "")
         + "; TTFT of 8,192 tokens "
         f"{ratios(mesh['meshes'], 'prefill', 'ttft_ms_p50')}; output throughput of 64 concurrent requests "
         f"(1,024-token prompts) {ratios(mesh_pp['meshes'], 'concurrent', 'output_tok_s')}"
@@ -512,7 +514,7 @@ def measured_lines() -> list[str]:
         "",
         "These do not answer the question yet, for two reasons. First, the engine is at its floor only on some "
         "steps: decode steps and plain-TP prefill and mixed steps of up to 2,048 tokens replay CUDA graphs (decode "
-        "1.25x the HBM floor on one GPU; a 2,048-token TP2 step at ~74% of the matmul rate), but SP x TP steps run "
+        "1.26x the HBM floor on one GPU; a 2,048-token TP2 step at ~74% of the matmul rate), but SP x TP steps run "
         "outside graphs and pay ~40 ms of host time each on two GPUs, so SP2 is slower than TP2 at every step size "
         "measured (64-8,192 tokens, `bench/results/shift_crossover.md`): on this engine shift's SP x TP mode does not "
         "pay yet, and the planner, pricing that host time, no longer switches to it. Second, "
