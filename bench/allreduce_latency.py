@@ -11,7 +11,10 @@ A decode step at batch B all-reduces ``[B, hidden]`` twice per layer. Timed, per
   sums; no NVLink multicast), the same two ways;
 * ``unfused_graph`` / ``fused_graph``: what a layer does with the sum, in a graph: the one-shot
   all-reduce then the residual add and RMSNorm (one compiled kernel), against the three in one
-  kernel (``executors.reduce_norm``); ``fused_same_bits`` whether they agree bit for bit.
+  kernel (``executors.reduce_norm``); ``fused_same_bits`` whether they agree bit for bit;
+* ``ll_graph``: the same kernel's LL protocol (``SHIFTPLAN_REDUCE_LL``: the flag in each data word),
+  ``ll_same_bits`` whether it gives the flag protocol's bits (its norm sums the squares in another
+  order, so ``y`` may differ in a last bit: ``ll_max_diff``).
 
 A variant that fails records its error; the rest go on.
 
@@ -86,6 +89,18 @@ def _fused(row: dict, x: torch.Tensor, group, dev: torch.device) -> None:
     row["fused_max_diff"] = float(max((h1.float() - h2.float()).abs().max(), (y1.float() - y2.float()).abs().max()))
     row["fused_graph_us"] = round(_time(_graph(fused).replay, 10) / CALLS, 2)
     row["unfused_graph_us"] = round(_time(_graph(unfused).replay, 10) / CALLS, 2)
+    from executors import reduce_norm
+
+    reduce_norm.LL, before = True, reduce_norm.LL
+    try:
+        ll = OneShotAllReduce(group, x.dtype, dev)
+    finally:
+        reduce_norm.LL = before
+    fused_ll = lambda: ll.add_norm(x, res, w, 1e-5)  # noqa: E731
+    h3, y3 = fused_ll()
+    row["ll_same_bits"] = bool(torch.equal(h1, h3) and torch.equal(y1, y3))
+    row["ll_max_diff"] = float(max((h1.float() - h3.float()).abs().max(), (y1.float() - y3.float()).abs().max()))
+    row["ll_graph_us"] = round(_time(_graph(fused_ll).replay, 10) / CALLS, 2)
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
@@ -154,12 +169,13 @@ def main() -> None:
              f"NCCL {r['nccl']}", "",
              f"Command: `{r['command']}`. Per call, microseconds; graph = {CALLS} calls captured in one CUDA graph.", "",
              "| rows x 4096 bf16 | bytes | NCCL eager | NCCL in graph | symm-mem one-shot eager | symm-mem in graph "
-             "| one-shot + add + norm in graph | fused all-reduce + add + norm in graph | same bits |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| one-shot + add + norm in graph | fused all-reduce + add + norm in graph | same bits "
+             "| fused, LL protocol, in graph | LL same bits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         cells = [x.get(k, x.get(k.split("_")[0] + "_error", "-")) for k in
                  ("nccl_eager_us", "nccl_graph_us", "symm_eager_us", "symm_graph_us", "unfused_graph_us",
-                  "fused_graph_us", "fused_same_bits")]
+                  "fused_graph_us", "fused_same_bits", "ll_graph_us", "ll_same_bits")]
         lines.append(f"| {x['rows']} | {x['bytes']} | " + " | ".join(str(c) for c in cells) + " |")
     (args.out / "allreduce_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

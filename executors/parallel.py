@@ -177,6 +177,13 @@ class OneShotAllReduce:
             self.signal_pad_ptrs = torch.tensor(list(fh.signal_pad_ptrs), dtype=torch.int64, device=device)
             self.flags = reduce_norm.flag_base(fh.signal_pad_size, self.world)
             reduce_norm.init_flags(self.signal_pad_ptrs, self.flags, self.rank, self.world)
+            self.ll = reduce_norm.LL and dtype == torch.bfloat16
+            if self.ll:  # the LL protocol's buffer: two halves of a slot per rank (8-byte words), its counters
+                self.words = self.slot // 2
+                self.ll_buf = symm_mem.empty(reduce_norm.ll_words(self.words, self.world), dtype=torch.int64,
+                                             device=device).zero_()
+                self.ll_ptrs = torch.tensor(list(symm_mem.rendezvous(self.ll_buf, self.name).buffer_ptrs),
+                                            dtype=torch.int64, device=device)
             torch.cuda.synchronize(device)
             dist.barrier(group=group)
 
@@ -200,6 +207,9 @@ class OneShotAllReduce:
         else the one-shot or NCCL all-reduce, then the add and the norm (the same arithmetic)."""
         small = x.dim() == 2 and x.shape[0] <= reduce_norm.MAX_ROWS
         if self.fused and small and self.fits(x) and residual.is_contiguous():
+            if self.ll and x.shape[1] % 2 == 0:
+                return torch.ops.shiftplan.reduce_add_norm_ll(x, residual, weight, eps, self.ll_ptrs, self.words,
+                                                              self.rank, self.world)
             return torch.ops.shiftplan.reduce_add_norm(x, residual, weight, eps, self.buffer_ptrs, self.slot,
                                                        self.signal_pad_ptrs, self.flags, self.rank, self.world)
         from executors.layers import rms_norm

@@ -33,9 +33,23 @@ they need no host reset and the kernel replays inside CUDA graphs. The flags sit
 the signal pad, clear of other kernels' (the one-shot all-reduce's low slots). On Hopper the
 kernel is a programmatic dependent launch (``gemv.PDL``): it waits for its own flags before the
 product it sums has finished, and the next product launches while it runs.
+
+``SHIFTPLAN_REDUCE_LL=1`` (bf16 only; not yet measured on GPUs, so off by default) swaps the flags for
+data that carries its own flag, NCCL's "LL" protocol: every 8-byte word pushed to a peer holds two
+bf16 values and the call's sequence number (``seq << 32 | bits``), written by one 64-bit store, so a
+word is either old or whole. The reader polls its buffer until every word of a row carries this
+call's ``seq``: no fence, no remote atomic, no flag round trip; one one-way NVLink latency. Words
+alternate between two halves of the buffer by ``seq``'s parity, so a rank writing call ``k + 1``
+never overwrites call ``k``'s words a peer may still read (it can only be one call ahead: it needs
+that peer's call-``k`` words to finish call ``k``). Each program keeps its ``seq`` in a counter at
+the end of its rank's buffer that every call advances on every rank (TP ranks run the same calls),
+so it replays in CUDA graphs. ``bench/allreduce_latency.py`` times it beside the flag protocol. Twice the bytes of the flag protocol (8 KB of bf16 a row becomes 16 KB): nothing at decode
+sizes.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -52,6 +66,7 @@ PROGRAMS = 16  # programs of every call (fixed: a program's rows and flags are t
 # 8.6 us at 1 row, 10.6 against 10.9 at 32, 22.5 against 16.9 at 128); more rows take the one-shot
 # all-reduce and the compiled add + norm
 MAX_ROWS = 32
+LL = os.environ.get("SHIFTPLAN_REDUCE_LL", "0") == "1"  # the LL protocol (module doc) for bf16
 
 
 def flag_base(signal_pad_bytes: int, world: int) -> int:
@@ -89,6 +104,44 @@ def reduce_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
 @reduce_add_norm.register_fake
 def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: torch.Tensor, slot: int,
       signal_pad_ptrs: torch.Tensor, flags: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def launch_ll(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: torch.Tensor,
+              words: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, y)`` as ``launch``, through the LL protocol (module doc), for bf16 ``x, residual [n, H]``
+    (H even). ``buffer_ptrs [world]``: every rank's int64 symmetric buffer of ``ll_words(words, world)``
+    words, zeros before the first call: two halves of a slot of ``words >= n H / 2`` words per source
+    rank, then this rank's ``PROGRAMS`` sequence counters."""
+    n, H = x.shape
+    h, y = torch.empty_like(x), torch.empty_like(x)
+    H2 = H // 2
+    BLOCK = triton.next_power_of_2(H2)
+    assert x.dtype == torch.bfloat16 and H % 2 == 0 and n * H2 <= words
+    gdc = gemv.pdl(x)
+    pairs = [t.contiguous().view(torch.int32) for t in (x, residual, weight)]
+    _reduce_add_norm_ll[(PROGRAMS,)](*pairs, h.view(torch.int32), y.view(torch.int32), buffer_ptrs, words, n, H2, eps,
+                                     RANK=rank, WORLD=world, BLOCK=BLOCK, USE_GDC=gdc,
+                                     num_warps=min(8, max(4, BLOCK // 256)), launch_pdl=gdc)
+    return h, y
+
+
+def ll_words(words: int, world: int) -> int:
+    """Length (int64 words) of a rank's LL buffer for slots of ``words`` words."""
+    return 2 * world * words + PROGRAMS
+
+
+@torch.library.custom_op("shiftplan::reduce_add_norm_ll", mutates_args=())
+def reduce_add_norm_ll(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       buffer_ptrs: torch.Tensor, words: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``launch_ll`` as an op compiled layers call without a graph break (like ``reduce_add_norm``, it
+    writes only memory reached through the buffer addresses)."""
+    return launch_ll(x, residual, weight, eps, buffer_ptrs, words, rank, world)
+
+
+@reduce_add_norm_ll.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: torch.Tensor,
+      words: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty_like(x)
 
 
@@ -177,3 +230,66 @@ if triton is not None:
             tl.store(Y + row * H + cols, ((hf * rstd).to(dt).to(tl.float32) * w).to(dt), mask=mask)
         if SYNC:
             _raise_on_peers(pads, done + RANK, WORLD)
+
+    @triton.jit
+    def _unpack(d):
+        """Two bf16 in an int32 (element 2j in the low half) -> their fp32 values (exact)."""
+        return (d << 16).to(tl.float32, bitcast=True), (d & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _pack(lo, hi):
+        """fp32 ``lo, hi`` rounded to bf16 -> one int32 (``lo`` in the low half)."""
+        a = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        b = hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        return a | (b << 16)
+
+    @triton.jit
+    def _reduce_add_norm_ll(X, R, W, Hout, Y, bufs, words, n, H2, eps, RANK: tl.constexpr,
+                            WORLD: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+        """The LL protocol (module doc). ``X, R, W, Hout, Y``: int32 views of bf16 rows, ``H2`` pairs
+        a row; word ``j`` of row ``row`` from rank ``src`` sits at ``((parity * WORLD + src) * words +
+        row * H2 + j)`` of the receiving rank's buffer; program ``pid``'s counter at ``2 * WORLD *
+        words + pid`` of this rank's."""
+        pid, G = tl.program_id(0), tl.num_programs(0)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        own = tl.load(bufs + RANK).to(tl.pointer_type(tl.int64))
+        counter = own + 2 * WORLD * words + pid
+        seq = tl.load(counter) + 1
+        tag = seq << 32
+        half = (seq % 2) * WORLD
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H2
+        for row in range(pid, n, G):  # push: one 64-bit store a word, data and seq together
+            word = tag | (tl.load(X + row * H2 + cols, mask=mask).to(tl.int64) & 0xFFFFFFFF)
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    buf = tl.load(bufs + peer).to(tl.pointer_type(tl.int64))
+                    tl.store(buf + (half + RANK) * words + row * H2 + cols, word, mask=mask)
+        w_lo, w_hi = _unpack(tl.load(W + cols, mask=mask, other=0))
+        for row in range(pid, n, G):
+            s_lo = tl.zeros([BLOCK], tl.float32)
+            s_hi = tl.zeros([BLOCK], tl.float32)
+            for peer in tl.static_range(WORLD):  # rank order: every rank sums the same way
+                if peer == RANK:
+                    d = tl.load(X + row * H2 + cols, mask=mask, other=0)
+                else:
+                    at = own + (half + peer) * words + row * H2 + cols
+                    p = tl.load(at, mask=mask, other=tag, volatile=True)
+                    while tl.min(((p >> 32) == seq).to(tl.int32), axis=0) == 0:  # until every word is this call's
+                        p = tl.load(at, mask=mask, other=tag, volatile=True)
+                    d = p.to(tl.int32)
+                lo, hi = _unpack(d)
+                s_lo += lo
+                s_hi += hi
+            r_lo, r_hi = _unpack(tl.load(R + row * H2 + cols, mask=mask, other=0))
+            h_lo = (s_lo.to(tl.bfloat16).to(tl.float32) + r_lo).to(tl.bfloat16).to(tl.float32)
+            h_hi = (s_hi.to(tl.bfloat16).to(tl.float32) + r_hi).to(tl.bfloat16).to(tl.float32)
+            tl.store(Hout + row * H2 + cols, _pack(h_lo, h_hi), mask=mask)
+            ss = tl.sum(tl.where(mask, h_lo * h_lo + h_hi * h_hi, 0.0), axis=0)
+            rstd = 1.0 / tl.sqrt(ss / (2 * H2) + eps)
+            y_lo = (h_lo * rstd).to(tl.bfloat16).to(tl.float32) * w_lo
+            y_hi = (h_hi * rstd).to(tl.bfloat16).to(tl.float32) * w_hi
+            tl.store(Y + row * H2 + cols, _pack(y_lo, y_hi), mask=mask)
+        tl.store(counter, seq)

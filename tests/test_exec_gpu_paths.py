@@ -441,6 +441,79 @@ def test_fused_all_reduce_add_norm_kernel_interpreted() -> None:
 
 
 
+REDUCE_NORM_LL_CHECK = """
+import torch
+from executors import reduce_norm
+torch.manual_seed(0)
+worst, pushed, counted, exact = 0.0, True, True, True
+tb = lambda x: (x.contiguous().view(torch.int32) & -65536).view(torch.float32)
+for n, H, world in [(1, 64, 2), (5, 96, 2), (3, 40, 4), (40, 32, 2)]:
+    words, rank = n * H // 2 + 3, world - 1
+    bufs = [torch.zeros(reduce_norm.ll_words(words, world), dtype=torch.int64) for _ in range(world)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    for seq in (1, 2):  # two calls: the halves alternate, the counters advance
+        parts = [torch.randn(n, H).to(torch.bfloat16) for _ in range(world)]
+        half = (seq % 2) * world
+        for j, p in enumerate(parts):  # what the other ranks pushed: seq in the high word, two bf16 below
+            if j != rank:
+                bits = p.view(torch.int32).flatten().to(torch.int64) & 0xFFFFFFFF
+                bufs[rank][(half + j) * words:(half + j) * words + bits.numel()] = (seq << 32) | bits
+        res, w = torch.randn(n, H).to(torch.bfloat16), torch.randn(H).to(torch.bfloat16)
+        h, y = reduce_norm.launch_ll(parts[rank], res, w, 1e-5, ptrs, words, rank, world)
+        mine = (seq << 32) | (parts[rank].view(torch.int32).flatten().to(torch.int64) & 0xFFFFFFFF)
+        at = (half + rank) * words
+        pushed &= all(torch.equal(bufs[j][at:at + mine.numel()], mine) for j in range(world) if j != rank)
+        counted &= bool((bufs[rank][2 * world * words:] == seq).all())  # every program's counter
+        # the interpreter rounds fp32 -> bf16 by truncation (the GPU to nearest): the reference does too
+        href = tb(tb(sum(p.float() for p in parts)) + res.float())
+        yref = tb(tb(href * torch.rsqrt((href * href).mean(-1, keepdim=True) + 1e-5)) * w.float())
+        exact &= torch.equal(h.float(), href)
+        worst = max(worst, float((y.float() - yref).abs().max() / yref.abs().max()))
+print(pushed, counted, exact, worst)
+"""
+
+
+def test_fused_all_reduce_ll_kernel_interpreted() -> None:
+    """The LL protocol's kernel (``SHIFTPLAN_REDUCE_LL``; Triton's interpreter, every rank's buffer in
+    one process, the peers' words written first) against the rank-order sum, the add and the RMSNorm
+    with bf16 rounding as the interpreter does it: ``h`` bit for bit, ``y`` within its rounding; two
+    calls (the buffer halves alternate with the sequence number, the counters advance), 1-40 rows,
+    widths that are not powers of two, 2 and 4 ranks; this rank's words (its sequence number over its
+    two bf16 values) land in its slot of every peer's buffer."""
+    pushed, counted, exact, err = run_interpreted("-c", REDUCE_NORM_LL_CHECK).split()[-4:]
+    assert pushed == "True" and counted == "True" and exact == "True"
+    assert float(err) < 1e-2
+
+
+def test_fused_all_reduce_ll_compiles_for_hopper() -> None:
+    """The LL kernel as the H200 would run it, compiled for sm_90 here: 64-bit stores of the words
+    to the peer and volatile 64-bit loads polling its own buffer, bf16 rounded to nearest, and no
+    atomic or memory fence (the flag travels in the data word; the only barriers are the CTA's own,
+    of its reductions)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from executors import reduce_norm
+
+    sig = {"X": "*i32", "R": "*i32", "W": "*i32", "Hout": "*i32", "Y": "*i32", "bufs": "*i64", "words": "i32",
+           "n": "i32", "H2": "i32", "eps": "fp32", "RANK": "constexpr", "WORLD": "constexpr",
+           "BLOCK": "constexpr", "USE_GDC": "constexpr"}
+    src = triton.compiler.ASTSource(fn=reduce_norm._reduce_add_norm_ll, signature=sig, constexprs={
+        "RANK": 0, "WORLD": 2, "BLOCK": 2048, "USE_GDC": True})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    assert "st.global.b64" in body and "ld.volatile.global.b64" in body and "cvt.rn.bf16" in body
+    assert not any(op in body for op in ("atom.", "membar", "fence."))
+    assert body.index("griddepcontrol.wait") < body.index("st.global.b64")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # what compiled layers trace
+        x = torch.empty(3, 64, dtype=torch.bfloat16)
+        h, y = torch.ops.shiftplan.reduce_add_norm_ll(x, x, torch.empty(64, dtype=torch.bfloat16), 1e-5,
+                                                      torch.empty(2, dtype=torch.int64), 4096, 0, 2)
+        assert h.shape == y.shape == (3, 64) and h.dtype == y.dtype == torch.bfloat16
+
+
 def test_fused_all_reduce_add_norm_compiles_for_hopper() -> None:
     """The fused kernel's flags and dependent launch as the H200 runs them, compiled for sm_90 here
     (no GPU needed; ptxas ships with Triton): two flag exchanges a call, each a system-scope
