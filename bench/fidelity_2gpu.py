@@ -453,12 +453,6 @@ def summary_lines(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ predictions again, measurements kept
 
 
-def command_line_of(argv: list[str] | None) -> str:
-    from bench.common import command_line
-
-    return command_line("bench/fidelity_2gpu.py", argv)
-
-
 def repredict(report: dict[str, Any], src: str, out: Path, command: str) -> dict[str, Any]:
     """A finished run's report (``src``: its file name) with every prediction made again by the cost
     model as it is now: per case the plan the run pinned (``plan_yaml``), per rate the same requests
@@ -540,17 +534,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if a.out is None:
         ap.error("--out DIR is required")
+    from bench.common import command_line, driver_version, write_checkpoint, write_report
+
+    command = command_line("bench/fidelity_2gpu.py", argv)
     if a.repredict is not None:
         try:
             report = json.loads(a.repredict.read_text())
             report["models"], report["duration_s"], report["seed"]  # noqa: B018 -- a fidelity report's keys
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--repredict: {a.repredict} is not a readable fidelity_2gpu report ({type(e).__name__}: {e})")
-        return repredict(report, a.repredict.name, a.out, command_line_of(argv))
+        return repredict(report, a.repredict.name, a.out, command)
     import torch
     import transformers
 
-    from bench.common import command_line, driver_version, write_checkpoint, write_report
     from costmodels.simulator import cost_model_for_plan
     from planner.inputs import cost_model_of, workload_of
     from plans.schema import save_plan
@@ -570,7 +566,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--models: unknown {bad}; known: {', '.join(MODELS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "fidelity_2gpu.json"
-    command = command_line("bench/fidelity_2gpu.py", argv)
     old = json.loads(path.read_text()) if a.resume and path.is_file() else None
     if old is not None and [old.get(k) for k in ("rate_fractions", "duration_s", "backend", "max_rate", "seed")] != \
             [fractions, a.duration, a.backend, a.max_rate, a.seed]:

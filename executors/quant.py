@@ -101,15 +101,16 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
     bf16 GEMV's loads where it serves, else first)."""
     if scale is not None:
         w = Fp8Weight(w, scale)
-    if gated and not (isinstance(w, torch.Tensor) and b is None and gemv.wanted(x, w, gated=True)):
-        gate, up = x.chunk(2, dim=-1)
-        x, gated = F.silu(gate) * up, False
+
     def on_rows(f) -> torch.Tensor:  # f on x as [rows, in], back to x's leading dims
         return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
+    if isinstance(w, torch.Tensor) and b is None and gemv.wanted(x, w, gated):
+        return on_rows(lambda r: torch.ops.shiftplan.gemv(r, w, gated))
+    if gated:  # no GEMV for it: the gate first
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
     if isinstance(w, torch.Tensor):
-        if b is None and gemv.wanted(x, w, gated):
-            return on_rows(lambda r: torch.ops.shiftplan.gemv(r, w, gated))
         return F.linear(x, w, b)
     if fp8_gemm.wanted(x, w.q, w.scale):
         y = on_rows(lambda r: torch.ops.shiftplan.fp8_linear(r, w.q, w.scale))

@@ -295,21 +295,17 @@ def test_fused_path_only_up_to_32_rows(cfg):
     assert at33.overhead_ms > at32.overhead_ms  # four more kernels launched
 
 
-def test_tp2_batch1_decode_speedup_within_10pct_of_the_fused_engine(cfg):
-    """The TP2 batch-1 decode speedup over one GPU (``mesh_speed.gated.json``, the current engine: same
-    run, 4.395 / 2.971 ms = 1.479) within 10%; NCCL's graph table in place of the symmetric-memory kernels would make the
-    TP2 step slower."""
+def test_tp2_decode_without_the_symmetric_memory_kernels_is_slower(cfg):
+    """NCCL's graph table in place of the symmetric-memory kernels (the speedup itself is checked
+    against the measurement in ``test_two_gpu_speedups_within_10pct_of_the_measured``) makes the TP2
+    batch-1 decode step slower by its 65 sums, and leaves one GPU's step alone."""
     import copy
     from dataclasses import replace
 
     from bench import scaling_2gpu as s
 
-    m = json.loads((ROOT / "bench/results/mesh_speed.gated.json").read_text())["meshes"]
-    measured = m["single"]["decode_b1"]["decode_step_ms"] / m["tp2"]["decode_b1"]["decode_step_ms"]
     sh = StepShape.decode([s.CONTEXT])
     cm = model(cfg)
-    predicted = cm.step_wall_ms(sh) / cm.step_wall_ms(sh, tp=2)
-    assert predicted == pytest.approx(measured, rel=0.10)
     nccl = copy.copy(cm)
     nccl.launch, nccl._cache = replace(cm.launch, all_reduce=None), {}
     assert nccl.step_wall_ms(sh, tp=2) > cm.step_wall_ms(sh, tp=2) + 0.3  # 65 sums, ~6.5 us each
