@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from executors import paged_prefill
 from executors.attention import LayerCache, decode_keys, packed_mask, prefill_inputs, sequence_spans, split_decodes
@@ -138,8 +139,8 @@ class StageModel:
         slots = torch.full((t_pad,), -1, dtype=torch.long)
         slots[:T] = mb.slots
         dec = decode_keys(mb, self.scratch_slot, self.block_size) if (t_pad == T and self.caches and dev.type != "cuda") else None
-        if mb.decode and t_pad == T and dev.type == "cuda":  # decodes read their KV blocks through the table
-            meta = self.table_meta(slots.to(dev), mb.block_table().to(dev), torch.tensor(mb.ctx, device=dev))
+        if mb.decode and (dev.type == "cuda" or t_pad > T):  # decodes read their KV blocks through the table
+            meta = self.table_meta(slots.to(dev), *self.padded_table(mb, t_pad, dev))
         elif dec is not None:  # one query per sequence: attend over each sequence's own keys
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
@@ -204,6 +205,19 @@ class StageModel:
         meta = AttnMeta(slots, None, None, block_size=self.block_size, prefill=pre)
         x = m.layers_forward(x, pos, self.caches, meta, "tp")
         return x if m.lm_head is None else m.logits(x[sample])
+
+    @staticmethod
+    def padded_table(mb: MicroBatch, t_pad: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode micro-batch's block table ``[t_pad, nb]`` and key counts ``[t_pad]``: under SP
+        the ``t_pad - T`` padding queries (their slot -1: the scratch slot) each read one key, the
+        first of block 0, so the step keeps the batched decode path (no per-sequence attention, no
+        key list); their rows are dropped by ``gather_tokens``."""
+        table, lens = mb.block_table(), torch.tensor(mb.ctx, dtype=torch.long)
+        extra = t_pad - mb.num_tokens
+        if extra:
+            table = F.pad(table, (0, 0, 0, extra))
+            lens = F.pad(lens, (0, extra), value=1)
+        return table.to(dev), lens.to(dev)
 
     def table_meta(self, slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> AttnMeta:
         """Decode attention inputs from a block table ``[S, nb]`` and key counts ``lens [S]`` (device

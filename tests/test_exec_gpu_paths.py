@@ -541,3 +541,27 @@ def test_fused_all_reduce_add_norm_compiles_for_hopper() -> None:
         h, y = torch.ops.shiftplan.reduce_add_norm(x, x, torch.empty(64, dtype=torch.bfloat16), 1e-5, ptrs, 4096,
                                                    ptrs, 0, 0, 2)
         assert h.shape == y.shape == (3, 64) and h.dtype == y.dtype == torch.bfloat16
+
+
+def test_sp_padding_rows_keep_the_table_decode_path() -> None:
+    """Under SP a decode step of 3 sequences is padded to 4 queries: the padded block table gives
+    each padding row one key (block 0's first) and leaves the real rows' attention unchanged."""
+    from executors.stage import StageModel
+
+    g = torch.Generator().manual_seed(3)
+    hq, hkv, D = 8, 2, 16
+    mb = _microbatch([(30, 29, 1), (7, 6, 1), (18, 17, 1)])
+    cache = _cache(200, hkv, D, g)
+    table, lens = StageModel.padded_table(mb, 4, torch.device("cpu"))
+    assert table.shape == (4, max(len(b) for b in mb.blocks)) and lens.tolist() == mb.ctx + [1]
+    assert table[3].eq(0).all()
+    q = torch.randn(4, hq, D, generator=g)
+
+    def meta(t: torch.Tensor, n: torch.Tensor) -> AttnMeta:
+        mask = torch.arange(t.shape[1] * BLOCK)[None, :] < n[:, None]
+        return AttnMeta(None, None, None, seq_mask=mask, table=t, block_size=BLOCK)
+
+    padded = _attend_decode_grouped(q, cache, meta(table, lens), None)
+    real = _attend_decode_grouped(q[:3], cache, meta(table[:3], lens[:3]), None)
+    torch.testing.assert_close(padded[:3], real)
+    assert torch.isfinite(padded[3]).all()
