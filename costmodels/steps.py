@@ -289,8 +289,10 @@ def fit_pp_handoff_ms(report: dict[str, Any], cost: CostModel) -> float:
 def fit_symm_all_reduce(report: dict[str, Any]) -> dict[str, Any]:
     """The profile's ``symm_all_reduce_us`` value from a ``bench/allreduce_latency.py`` report: per
     size (``rows x hidden x 2`` bytes), the one-shot all-reduce's and the fused all-reduce + add +
-    RMSNorm's per-call time in a CUDA graph (us), and the group size."""
+    RMSNorm's per-call time in a CUDA graph (us), and the group size. The fused kernel's times are
+    its LL protocol's (``ll_graph_us``, what the engine runs for bf16) where the report has them."""
     rows = sorted(report["rows"], key=lambda r: r["bytes"])
+    fused = "ll_graph_us" if all("ll_graph_us" in r for r in rows) else "fused_graph_us"
     return {"gpus": int(report["gpus"]), "bytes": [float(r["bytes"]) for r in rows],
             "one_shot": [float(r["symm_graph_us"]) for r in rows],
-            "fused_add_norm": [float(r["fused_graph_us"]) for r in rows]}
+            "fused_add_norm": [float(r[fused]) for r in rows]}

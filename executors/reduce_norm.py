@@ -34,7 +34,7 @@ the signal pad, clear of other kernels' (the one-shot all-reduce's low slots). O
 kernel is a programmatic dependent launch (``gemv.PDL``): it waits for its own flags before the
 product it sums has finished, and the next product launches while it runs.
 
-``SHIFTPLAN_REDUCE_LL=1`` (bf16 only; not yet measured on GPUs, so off by default) swaps the flags for
+For bf16 (``SHIFTPLAN_REDUCE_LL=0`` keeps the flags above) the kernel swaps the flags for
 data that carries its own flag, NCCL's "LL" protocol: every 8-byte word pushed to a peer holds two
 bf16 values and the call's sequence number (``seq << 32 | bits``), written by one 64-bit store, so a
 word is either old or whole. The reader polls its buffer until every word of a row carries this
@@ -43,8 +43,10 @@ alternate between two halves of the buffer by ``seq``'s parity, so a rank writin
 never overwrites call ``k``'s words a peer may still read (it can only be one call ahead: it needs
 that peer's call-``k`` words to finish call ``k``). Each program keeps its ``seq`` in a counter at
 the end of its rank's buffer that every call advances on every rank (TP ranks run the same calls),
-so it replays in CUDA graphs. ``bench/allreduce_latency.py`` times it beside the flag protocol. Twice the bytes of the flag protocol (8 KB of bf16 a row becomes 16 KB): nothing at decode
-sizes.
+so it replays in CUDA graphs. Twice the bytes of the flag protocol (8 KB of bf16 a row becomes 16 KB):
+nothing at decode sizes. On two H200 in CUDA graphs (``bench/results/allreduce_latency.md``) it takes
+4.25 / 4.58 / 6.9 us at 1 / 8 / 32 rows of 4,096 bf16 against the flag protocol's 6.67 / 7.68 / 9.46,
+with the same bits.
 """
 
 from __future__ import annotations
@@ -62,11 +64,11 @@ except ImportError:  # CPU-only installs: the unfused path
     triton = None
 
 PROGRAMS = 16  # programs of every call (fixed: a program's rows and flags are the same call to call)
-# rows served here (bench/results/allreduce_latency.md, in CUDA graphs, 4,096 bf16 a row: 7.4 against
-# 8.6 us at 1 row, 10.6 against 10.9 at 32, 22.5 against 16.9 at 128); more rows take the one-shot
-# all-reduce and the compiled add + norm
+# rows served here (bench/results/allreduce_latency.md, in CUDA graphs, 4,096 bf16 a row, LL protocol against
+# one-shot all-reduce + compiled add + norm: 4.25 against 8.69 us at 1 row, 6.9 against 11.47 at 32, 39.7
+# against 17.4 at 128); more rows take the one-shot all-reduce and the compiled add + norm
 MAX_ROWS = 32
-LL = os.environ.get("SHIFTPLAN_REDUCE_LL", "0") == "1"  # the LL protocol (module doc) for bf16
+LL = os.environ.get("SHIFTPLAN_REDUCE_LL", "1") == "1"  # the LL protocol (module doc) for bf16
 
 
 def flag_base(signal_pad_bytes: int, world: int) -> int:
