@@ -4,9 +4,9 @@ engine's measurement (issue 15, point 4).
 Measured: ``bench/mesh_speed.py`` reports, first one first (Llama-3.1-8B shapes, bf16,
 decode steps as CUDA graphs; layers eager or compiled, the first report's ``backend``): the decode step at
 batch 1 (512-token prompt, 128 new tokens: mean context ~576) and the TTFT of one 8,192-token prompt. By
-default ``mesh_speed.gated.json`` (the current engine: fused all-reduce + add + norm, the SiLU in the
-``down`` GEMV; single, tp2, shift-sp2), then ``mesh_speed.fused.json`` and ``mesh_speed.json`` (earlier
-builds) and ``mesh_speed.pp2.json`` (pp2); a mesh is taken from the first report that has it. Predicted: ``CostModel.step_wall_ms`` of the same shapes with
+default ``mesh_speed.ll_shift.json`` (the current engine: fused all-reduce + add + norm in the LL
+protocol, the SiLU in the ``down`` GEMV; single, tp2, shift-sp2), then ``mesh_speed.gated.json``,
+``mesh_speed.fused.json`` and ``mesh_speed.json`` (earlier builds) and ``mesh_speed.pp2.json`` (pp2); a mesh is taken from the first report that has it. Predicted: ``CostModel.step_wall_ms`` of the same shapes with
 the H200 profile and this engine's step terms (host side of eager steps, Ulysses exchange, decode GEMV, PP handoff;
 ``costmodels.steps``) (the eager cost model for eager layers, the fused one for compiled layers, as
 the layers ran), per mesh: tp2 (TP over 2), shift(sp2)
@@ -36,7 +36,8 @@ PREFILL = 8192
 # mesh -> (pp, tp, sp, decode mode, prefill mode)
 # the measured reports read by default, first one first (a mesh is taken from the first that has it)
 REPORTS = [ROOT / "bench/results" / f for f in
-           ("mesh_speed.gated.json", "mesh_speed.fused.json", "mesh_speed.json", "mesh_speed.pp2.json")]
+           ("mesh_speed.ll_shift.json", "mesh_speed.gated.json", "mesh_speed.fused.json", "mesh_speed.json",
+            "mesh_speed.pp2.json")]
 MESHES = {"single": (1, 1, 1, "tp", "tp"), "tp2": (1, 2, 1, "tp", "tp"),
           "shift-sp2": (1, 1, 2, "tp", "sp_tp"), "pp2": (2, 1, 1, "tp", "tp")}
 

@@ -197,7 +197,7 @@ def test_decode_steps_within_10pct_of_the_engines_measurement(cfg, report):
 
 def test_two_gpu_speedups_within_10pct_of_the_measured(cfg):
     """``bench/scaling_2gpu.py`` on the committed measurements, each mesh from the first report that has
-    it (tp2 and shift-sp2 from the current engine's ``mesh_speed.gated.json``, pp2 from
+    it (tp2 and shift-sp2 from the current engine's ``mesh_speed.ll_shift.json``, pp2 from
     ``mesh_speed.pp2.json``): every predicted speedup over one GPU within 10% of the measured one."""
     from bench import scaling_2gpu as s
 
