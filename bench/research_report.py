@@ -486,8 +486,10 @@ def measured_lines() -> list[str]:
     mesh, mesh_pp, vl = (json.loads(f.read_text()) for f in files)
     g = ROOT / "bench/results/mesh_speed.graphs.json"
     graphs = json.loads(g.read_text()) if g.is_file() else None
-    f = ROOT / "bench/results/mesh_speed.gated.json"
-    current = json.loads(f.read_text()) if f.is_file() else None
+    # the current engine's runs (the all-reduces fused with the add and the norm, LL protocol), each
+    # against the single GPU of its own run
+    current = {n: json.loads((ROOT / f"bench/results/{n}.json").read_text()) for n in ("mesh_speed.ll", "mesh_speed.ll_shift", "mesh_speed.ll_dp_pp")
+               if (ROOT / f"bench/results/{n}.json").is_file()}
 
     def ratios(meshes: dict, case: str, key: str, inverse: bool = False) -> str:
         one = meshes["single"][case][key]
@@ -501,10 +503,11 @@ def measured_lines() -> list[str]:
         "The engine has run the modes on two H200 (random weights; `bench/results/mesh_speed.md`, "
         "`mesh_speed.pp2.md`, `vl_speed.md`). Against one GPU, Llama-3.1-8B: decode step time at batch 1 "
         f"{ratios(mesh['meshes'], 'decode_b1', 'decode_step_ms')}"
-        + (f" (the current engine, each layer's all-reduces fused with the residual add and the next norm, "
-           f"`mesh_speed.gated.md`: {ratios(current['meshes'], 'decode_b1', 'decode_step_ms')}, plain sp2's SP x TP "
-           f"decode steps running outside graphs; TTFT of 8,192 tokens {ratios(current['meshes'], 'prefill', 'ttft_ms_p50')})"
-           if current else "")
+        + (" (the current engine, each layer's all-reduces fused with the residual add and the next norm: "
+           + "; ".join(f"`{n}.md` {ratios(r['meshes'], 'decode_b1', 'decode_step_ms')}, TTFT of 8,192 tokens "
+                       f"{ratios(r['meshes'], 'prefill', 'ttft_ms_p50')}, output throughput of 64 concurrent requests "
+                       f"{ratios(r['meshes'], 'concurrent', 'output_tok_s')}" for n, r in current.items())
+           + "; plain sp2's SP x TP decode steps run outside graphs)" if current else "")
         + "; TTFT of 8,192 tokens "
         f"{ratios(mesh['meshes'], 'prefill', 'ttft_ms_p50')}; output throughput of 64 concurrent requests "
         f"(1,024-token prompts) {ratios(mesh_pp['meshes'], 'concurrent', 'output_tok_s')}"

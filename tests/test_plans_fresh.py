@@ -32,3 +32,17 @@ def test_committed_plan_is_fresh(example: Path):
     # the file records its spec relative to itself (`plan simulate PLAN` finds it without --workload)
     assert dump_plan(fresh.located(committed, example)) == committed.read_text()
     assert load_plan(committed).spec_file(committed).resolve() == example.resolve()
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
+def test_shortlist_finds_the_simulators_best(example: Path, monkeypatch: pytest.MonkeyPatch):
+    """The simulator scores only a shortlist of the candidates ranked by the static estimate; the
+    brute force, every feasible candidate simulated, must choose the same mesh and placement."""
+    import functools
+
+    from planner import pipeline, scoring
+
+    shortlisted = compile_spec(example)
+    monkeypatch.setattr(pipeline, "shortlist", functools.partial(scoring.shortlist, k=10_000))
+    brute = compile_spec(example)
+    assert (shortlisted.mesh, shortlisted.vision) == (brute.mesh, brute.vision), example.stem
