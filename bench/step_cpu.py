@@ -8,7 +8,9 @@ rounds of ``reps``), for ``B`` sequences decoding at a context of 512 tokens (bl
 * ``build_microbatch``: the scheduled chunks packed into a ``MicroBatch``;
 * ``pickle_round_trip``: the ``Step`` serialized and read back (what travels to spawned ranks);
 * ``graph_inputs``: ``DecodeGraphs``' static input buffer filled (tokens, positions, slots, key
-  counts, block table) before its copy to the GPU.
+  counts, block table) before its copy to the GPU;
+
+and the pickle round trip of a step carrying 32 images' pixels (what an image prefill step sends).
 
     python bench/step_cpu.py --out DIR
 """
@@ -80,6 +82,25 @@ def measure(B: int, reps: int) -> dict[str, float]:
     return out
 
 
+IMAGES, PATCHES, PATCH_DIM = 32, 1024, 3 * 2 * 14 * 14  # a Qwen2-VL step: 32 images of 448 x 448 px (32 x 32 patches)
+
+
+def measure_images(reps: int) -> dict[str, float]:
+    """The pickle round trip of a step carrying ``IMAGES`` images' pixels (bf16, as the driver sends
+    them), as ``ImageJob`` pickles them (numpy arrays) beside the same tensors through torch's pickling."""
+    from executors.batch import ImageJob, Step
+
+    g = torch.Generator().manual_seed(0)
+    jobs = [ImageJob(i, torch.randn(PATCHES, PATCH_DIM, generator=g).to(torch.bfloat16), [(1, 32, 32)]) for i in range(IMAGES)]
+    step = Step(1, [], images=jobs)
+    return {"images": IMAGES, "bytes": len(pickle.dumps(step, protocol=5)),
+            "pickle_ms": round(_median_us(lambda: pickle.dumps(step, protocol=5), reps) / 1e3, 2),
+            "round_trip_ms": round(_median_us(lambda: pickle.loads(pickle.dumps(step, protocol=5)), reps) / 1e3, 2),
+            "torch_pickle_ms": round(_median_us(lambda: pickle.dumps([j.pixels for j in jobs], protocol=5), reps) / 1e3, 2),
+            "torch_round_trip_ms": round(_median_us(lambda: pickle.loads(pickle.dumps([j.pixels for j in jobs], protocol=5)),
+                                                    reps) / 1e3, 2)}
+
+
 def main() -> None:
     from bench.common import write_report
 
@@ -89,9 +110,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     rows = {f"batch_{B}": measure(B, args.reps) for B in (int(x) for x in args.batches.split(","))}
+    img = measure_images(max(1, args.reps // 25))
     r = {"command": "python bench/step_cpu.py --out DIR", "cpu": platform.processor() or platform.machine(),
          "python": platform.python_version(), "torch": torch.__version__, "context": CONTEXT, "block": BLOCK,
-         "batches": rows}
+         "batches": rows, "image_step": img}
     lines = [f"# CPU side of a decode step: {r['cpu']}, Python {r['python']}, torch {r['torch']}", "",
              f"Command: `{r['command']}`. Microseconds per step (median of 5 rounds), context {CONTEXT} tokens.", "",
              "| batch | schedule | build micro-batch | pickle round trip (spawned ranks) | graph inputs | total |",
@@ -99,6 +121,11 @@ def main() -> None:
     for k, x in rows.items():
         lines.append(f"| {k[6:]} | {x['schedule_us']} | {x['build_microbatch_us']} | {x['pickle_round_trip_us']} "
                      f"({x['step_bytes']} B) | {x['graph_inputs_us']} | {x['total_us']} |")
+    lines += ["", f"A step carrying {img['images']} images' pixels ({img['bytes'] / 1e6:.1f} MB of bf16, Qwen2-VL at 448 x 448 px), "
+              "milliseconds (median of 5 rounds):", "",
+              "| pixels pickled as | pickle | round trip (each rank unpickles) |", "|---|---|---|",
+              f"| numpy arrays (`ImageJob`) | {img['pickle_ms']} | {img['round_trip_ms']} |",
+              f"| torch tensors | {img['torch_pickle_ms']} | {img['torch_round_trip_ms']} |"]
     write_report(args.out, "step_cpu", r, "\n".join(lines) + "\n", echo=True)
 
 
