@@ -19,7 +19,9 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
 
 ``peak`` and ``bw`` are the catalog datasheet figures of the GPU the profile is for, so a
 profile says how far from the datasheet the real part runs. Grid cells that were not
-measured (size caps) take the nearest measured cell along the first axis.
+measured (size caps) take the nearest measured cell along the first axis; the FP8 GEMM table's
+take the bf16 table's efficiency scaled as the nearest measured cells of their own M row
+(``fit_gemm_fp8``).
 
 Every table is interpolated log-log (log of the value against log of the coordinates).
 Chosen by leave-every-other-grid-point-out on the calibration points themselves (no
@@ -31,6 +33,7 @@ neutral along N, K and the decode context.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from costmodels.hardware import get_gpu
@@ -47,19 +50,38 @@ def decode_attention_bytes(B: float, C: float, heads: float, kv_heads: float, d:
     return kv + act
 
 
-def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = False) -> LogGrid:
+def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = False, *,
+          row_first: bool = False, like=None) -> LogGrid:
     """A LogGrid over the distinct coordinates of ``points``; unmeasured cells take the
-    nearest measured cell, moving along the first axis before any other."""
+    nearest measured cell, moving along the first axis before any other.
+
+    With ``row_first`` an unmeasured cell takes the measured cells of its own first-axis row
+    nearest to it over the other axes (the nearest row that has any, where its own has none), and
+    with ``like`` (a function of the coordinates) their value's ratio to ``like``, averaged in logs
+    over equally near cells: the cell is ``like`` at the cell times that ratio."""
     axes = [sorted({float(p[k]) for p in points}) for k in keys]
     pos = [{x: i for i, x in enumerate(a)} for a in axes]
     cells = {tuple(pos[d][float(p[k])] for d, k in enumerate(keys)): value(p) for p in points}
     known = list(cells)
+    rows: dict[int, list[tuple[int, ...]]] = {}
+    for c in known:
+        rows.setdefault(c[0], []).append(c)
+
+    def ref(idx: tuple[int, ...]) -> float:
+        return like(*(axes[d][i] for d, i in enumerate(idx))) if like is not None else 1.0
 
     def at(idx: tuple[int, ...]) -> float:
         if idx in cells:
             return cells[idx]
-        near = min(known, key=lambda c: abs(c[0] - idx[0]) + 1000 * sum(abs(a - b) for a, b in zip(c[1:], idx[1:])))
-        return cells[near]
+        if not row_first:
+            near = min(known, key=lambda c: abs(c[0] - idx[0]) + 1000 * sum(abs(a - b) for a, b in zip(c[1:], idx[1:])))
+            return cells[near]
+        row = rows.get(idx[0]) or rows[min(rows, key=lambda r: (abs(r - idx[0]), r))]
+        dist = {c: sum(abs(a - b) for a, b in zip(c[1:], idx[1:])) for c in row}
+        best = min(dist.values())
+        near = [c for c in row if dist[c] == best]
+        ratio = sum(math.log(max(cells[c], 1e-12) / max(ref(c), 1e-12)) for c in near) / len(near)
+        return ref(idx) * math.exp(ratio)
 
     def build(prefix: tuple[int, ...]) -> Any:
         d = len(prefix)
@@ -126,15 +148,26 @@ def profile_collectives(points: list[dict], meta: dict[str, Any] | None = None) 
             "meta": {**(meta or {}), "group_sizes": sizes}}
 
 
-def fit_gemm_fp8(points: list[dict], gpu: str, overhead_us: float) -> LogGrid | None:
+def fit_gemm_fp8(points: list[dict], gpu: str, overhead_us: float, bf16: LogGrid | None = None) -> LogGrid | None:
     """FP8 GEMM efficiency e(M, N, K) = 2MNK / ((ms - overhead) * fp8 peak) from {m, n, k, ms};
-    None without points or without an FP8 peak in the catalog."""
+    None without points or without an FP8 peak in the catalog.
+
+    A cell not measured takes, from the measured cells of its own M nearest over (N, K), their
+    efficiency's ratio to the bf16 table ``bf16`` (the profile's ``gemm``, efficiency against the
+    bf16 peak), applied to the bf16 efficiency of the cell: the bf16 table carries how the cost
+    grows with N and K, the FP8 points how the FP8 kernel at that M differs (a run that measured
+    some (N, K) pairs of a row: a time-bounded run over the small-M rows). Checked by leaving each of
+    the 435 points measured on the H200 at M = 1-1024 (22 (N, K) pairs) out and filling it from the
+    rest: median error 8.0%, 5.4% over the 75 points of the largest pairs (N x K >= 3072 x 12288);
+    the nearest measured efficiency as it is (the fill without ``bf16``)
+    gave 11.6% and 15.4%."""
     g = get_gpu(gpu)
     if not points or not g.fp8_tflops:
         return None
     peak = g.fp8_tflops * 1e12
     return _grid(points, ("m", "n", "k"),
-                 lambda p: 2 * p["m"] * p["n"] * p["k"] / (_net_s(p["ms"], overhead_us) * peak), log_values=True)
+                 lambda p: 2 * p["m"] * p["n"] * p["k"] / (_net_s(p["ms"], overhead_us) * peak), log_values=True,
+                 row_first=True, like=bf16)
 
 
 def _net_s(ms: float, overhead_us: float) -> float:
@@ -192,7 +225,7 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3, log_values=True)
               for name, pts in raw["memops"].items() if pts}
     bias = fit_gemm_bias(raw["gemm_bias"]) if raw.get("gemm_bias") else None
-    fp8 = fit_gemm_fp8(raw.get("gemm_fp8") or [], gpu, ovh)
+    fp8 = fit_gemm_fp8(raw.get("gemm_fp8") or [], gpu, ovh, gemm)
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
                    collectives=profile_collectives(raw["collectives"], raw.get("collectives_meta"))

@@ -9,11 +9,17 @@ e = 2MNK / ((ms - overhead) * fp8 peak) with the profile's own launch overhead, 
 table is: ``costmodels.fit.fit_gemm_fp8``). FP8 GEMM points merge by ``(m, n, k)``: a new point
 replaces the profile's point of the same shape, the profile's other points stay, and the table is
 fitted on the union (so a run over the small-M rows only, ``bench/calibrate_comm_fp8.py --fp8-only
---max-m 256``, updates those rows and keeps the large-M ones). Every other table stays as it is.
-The raw points go into the profile's ``raw``; its id becomes ``<base id>+<calibration date>`` (plans record the
-id, so recompiled plans say which tables they used) and ``meta.merged`` says what came in: the
-device, GPU count, driver, torch, CUDA and NCCL versions, the date and the calibration command
-(an earlier ``merged`` moves to the list ``meta.merge_history``).
+--max-m 256``, updates those rows and keeps the large-M ones). Such a run records its row limit
+(``gemm_fp8_max_m``) and each point the kernel that ran; up to that limit a profile's point stays
+only where it names the kernel the run used at its M (a point without a kernel name predates
+them): so a run the time budget cut to some (N, K) pairs leaves no older kernel's points in its
+rows, and the fit fills those rows' other cells from the new points (the bf16 table's shape over
+N and K, scaled as the nearest measured cells of the row). Every other table stays as it is.
+The raw points go into the profile's ``raw``; its id becomes the profile's id plus
+``+<calibration date>`` (``+fp8-<date>`` for FP8 points alone, ``+comm-<date>`` for collectives
+alone; plans record the id, so recompiled plans say which tables they used) and ``meta.merged``
+says what came in: the device, GPU count, driver, torch, CUDA and NCCL versions, the date and the
+calibration command (an earlier ``merged`` moves to the list ``meta.merge_history``).
 ``--meta KEY=VALUE`` supplies what an older calibration file did not record (e.g.
 ``--meta nccl=2.28.9``); a value the file holds is kept unless it is missing or "unknown".
 """
@@ -60,30 +66,48 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
                  **calib.get("collectives_meta", {})}
         raw.update(collectives=coll, collectives_meta=cmeta, collectives_errors=calib.get("collectives_errors", []))
         out = replace(out, collectives=profile_collectives(coll, cmeta))
-    kept = 0
+    kept = dropped = 0
     if fp8:
-        pts, kept = merge_points(raw.get("gemm_fp8") or [], fp8)
+        max_m = calib.get("gemm_fp8_max_m")
+        pts, kept, dropped = merge_points(raw.get("gemm_fp8") or [], fp8, max_m=None if max_m is None else int(max_m))
         raw["gemm_fp8"] = pts
-        out = replace(out, gemm_fp8=fit_gemm_fp8(pts, profile.gpu, profile.overhead_us))
+        out = replace(out, gemm_fp8=fit_gemm_fp8(pts, profile.gpu, profile.overhead_us, profile.gemm))
     merged = {**{k: meta.get(k) for k in META_KEYS}, "device_name": dev,
               "collective_points": len(coll), "gemm_fp8_points": len(fp8), "gemm_fp8_points_kept": kept,
+              "gemm_fp8_points_dropped": dropped,
               "skipped": calib.get("skipped", []), "collective_errors": calib.get("collectives_errors", [])}
-    base_id = profile.id.split("+")[0]
+    tag = {(True, True): "", (False, True): "fp8-", (True, False): "comm-"}[bool(coll), bool(fp8)]
     pmeta = dict(profile.meta)
     if "merged" in pmeta:
         pmeta["merge_history"] = [*pmeta.get("merge_history", []), pmeta["merged"]]
-    return replace(out, raw=raw, id=f"{base_id}+{meta.get('date', 'merged')}", meta={**pmeta, "merged": merged})
+    return replace(out, raw=raw, id=f"{profile.id}+{tag}{meta.get('date', 'merged')}", meta={**pmeta, "merged": merged})
 
 
-def merge_points(old: list[dict], new: list[dict]) -> tuple[list[dict], int]:
+def merge_points(old: list[dict], new: list[dict], max_m: int | None = None) -> tuple[list[dict], int, int]:
     """GEMM points ``{m, n, k, ...}``: ``new`` plus the points of ``old`` whose ``(m, n, k)`` ``new``
-    does not measure (sorted by shape), and how many of ``old`` were kept."""
+    does not measure (sorted by shape), how many of ``old`` were kept and how many dropped. With
+    ``max_m`` (the row limit of the run that measured ``new``) a point of ``old`` at ``m <= max_m``
+    is dropped unless its ``kernel`` is the one ``new`` names at that ``m`` (at an ``m`` it did not
+    measure: at the nearest measured ``m`` on either side)."""
     def shape(p: dict) -> tuple[int, int, int]:
         return int(p["m"]), int(p["n"]), int(p["k"])
 
     fresh = {shape(p): p for p in new}
-    kept = [p for p in old if shape(p) not in fresh]
-    return sorted(kept + list(fresh.values()), key=shape), len(kept)
+    kernels: dict[int, set] = {}
+    for p in new:
+        kernels.setdefault(int(p["m"]), set()).add(p.get("kernel"))
+
+    def current(p: dict) -> bool:
+        m = int(p["m"])
+        if max_m is None or m > max_m:
+            return True
+        near = {max((x for x in kernels if x <= m), default=None), min((x for x in kernels if x >= m), default=None)}
+        near.discard(None)
+        return bool(near) and all(kernels[x] == {p.get("kernel")} for x in near)
+
+    rest = [p for p in old if shape(p) not in fresh]
+    kept = [p for p in rest if current(p)]
+    return sorted(kept + list(fresh.values()), key=shape), len(kept), len(rest) - len(kept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     m = prof.meta["merged"]
     sizes = prof.collectives.get("meta", {}).get("group_sizes", [])
     print(f"wrote {out} (profile {prof.id}): {m['collective_points']} collective points (group sizes {sizes}), "
-          f"{m['gemm_fp8_points']} FP8 GEMM points ({m['gemm_fp8_points_kept']} of the profile's kept), "
+          f"{m['gemm_fp8_points']} FP8 GEMM points ({m['gemm_fp8_points_kept']} of the profile's kept, "
+          f"{m['gemm_fp8_points_dropped']} of another kernel dropped), "
           f"{len(m['collective_errors'])} collective errors")
     return 0
 

@@ -9,6 +9,7 @@ import pytest
 from costmodels import collectives as C
 from costmodels.calib_collectives import calls_per_timing, group_sizes
 from costmodels.fit import collective_tables, fit_gemm_fp8
+from costmodels.hardware import get_gpu
 from costmodels.merge import main as merge_main
 from costmodels.merge import merge
 from costmodels.model import CostModel
@@ -28,7 +29,8 @@ def g8():
 
 @pytest.fixture(scope="module")
 def h200():
-    return replace(load_profile("h200"), collectives={}, gemm_fp8=None)  # datasheet links, bf16 table for fp8
+    prof = load_profile("h200")  # datasheet links, bf16 table for fp8, no FP8 points
+    return replace(prof, collectives={}, gemm_fp8=None, raw={k: v for k, v in prof.raw.items() if k != "gemm_fp8"})
 
 
 def _points(ms_of, ops=C.FORMULAS, n=2, modes=("eager",)) -> list[dict]:
@@ -121,7 +123,7 @@ def _calib(h200) -> dict:
 def test_merge_adds_the_tables_and_keeps_the_rest(g8, h200):
     calib = _calib(h200)
     out = merge(h200, calib)
-    assert out.id == f"{h200.id.split('+')[0]}+2026-12-01" and out.meta["merged"]["gemm_fp8_points"] == len(calib["gemm_fp8"])
+    assert out.id == f"{h200.id}+2026-12-01" and out.meta["merged"]["gemm_fp8_points"] == len(calib["gemm_fp8"])
     assert out.meta["merged"]["collective_errors"] == calib["collectives_errors"]
     assert out.collectives["meta"]["group_sizes"] == [2] and out.collectives["meta"]["driver"] == "580.0"
     assert out.gemm.values == h200.gemm.values and out.attn_decode.values == h200.attn_decode.values
@@ -212,14 +214,55 @@ def test_a_small_m_fp8_calibration_replaces_only_its_points(h200):
     assert big and all(by[(p["m"], p["n"], p["k"])] == p for p in big)
     m = out.meta["merged"]
     assert m["gemm_fp8_points"] == len(small) and m["gemm_fp8_points_kept"] == len(old) - 3 * len(nks)
+    assert m["gemm_fp8_points_dropped"] == 0  # no row limit recorded: nothing but the same shapes replaced
     assert m["collective_points"] == 0 and out.collectives == full.collectives  # no collectives: the tables stay
     history = full.meta.get("merge_history", [])
-    assert out.meta["merge_history"] == [*history, full.meta["merged"]] and out.id.endswith("+2026-12-02")
+    assert out.meta["merge_history"] == [*history, full.meta["merged"]] and out.id == f"{full.id}+fp8-2026-12-02"
     assert out.gemm_fp8(4096, 6144, 6144) == pytest.approx(full.gemm_fp8(4096, 6144, 6144))
     n, k = nks[-1]
     assert out.gemm_fp8(16, n, k) == fit_gemm_fp8(pts, "h200", h200.overhead_us)(16, n, k)
     assert out.gemm_fp8(16, n, k) != pytest.approx(full.gemm_fp8(16, n, k), rel=0.01)
     assert out.gemm_fp8(1, n, k) < out.gemm_fp8(16, n, k)  # one row in the same 4 us: 1/16 of the work
+
+
+def test_a_row_limited_fp8_run_leaves_no_older_kernel_in_its_rows(h200):
+    """A run that records its row limit (``gemm_fp8_max_m``) and was cut to some (N, K) pairs: up to the
+    limit the profile's points of another kernel (or none named) go, so the fit fills the pairs the run
+    did not reach from the run's own points, as the bf16 table's shape scaled by the row's nearest
+    measured cells; a point naming the kernel the run used at its M stays, rows above the limit stay."""
+    full = merge(h200, _calib(h200))  # FP8 at the bf16 times, no kernel named (an older calibration)
+    nks = sorted({(p["n"], p["k"]) for p in full.raw["gemm_fp8"]})
+    reached, missed = nks[::2], nks[1::2]
+    same = {"m": 64, "n": missed[0][0], "k": missed[0][1], "ms": 0.5, "kernel": "triton_w8a8"}
+    other = {"m": 16, "n": missed[1][0], "k": missed[1][1], "ms": 0.5, "kernel": "scaled_mm_rowwise"}
+    old = [p for p in full.raw["gemm_fp8"] if (p["m"], p["n"], p["k"]) not in {(16, *missed[1]), (64, *missed[0])}]
+    base = replace(full, raw={**full.raw, "gemm_fp8": [*old, same, other]})
+    bf16 = {(p["m"], p["n"], p["k"]): p["ms"] for p in h200.raw["gemm"]}
+    rows = (1, 16, 64, 256)
+    new = [{"m": m, "n": n, "k": k, "ms": 0.7 * bf16[(m, n, k)], "kernel": "triton_w8a16" if m <= 32 else "triton_w8a8"}
+           for m in rows for n, k in reached]
+    calib = {"meta": {"device_name": "NVIDIA H200", "date": "2026-12-03"}, "gemm_fp8": new, "gemm_fp8_max_m": 256}
+    out = merge(base, calib)
+    pts = out.raw["gemm_fp8"]
+    low = [p for p in pts if p["m"] <= 256]
+    assert [p for p in low if p not in new] == [same]
+    assert [p for p in pts if p["m"] > 256] == [p for p in base.raw["gemm_fp8"] if p["m"] > 256]
+    m = out.meta["merged"]
+    fresh = {(p["m"], p["n"], p["k"]) for p in new}
+    left = [p for p in base.raw["gemm_fp8"] if p["m"] <= 256 and (p["m"], p["n"], p["k"]) not in fresh]
+    assert m["gemm_fp8_points_dropped"] == len(left) - 1 > 0
+    assert m["gemm_fp8_points_kept"] + len(new) == len(pts)
+
+    def fp8_ms(prof, m, n, k):
+        return 2 * m * n * k / (prof.gemm_fp8(m, n, k) * get_gpu("h200").fp8_tflops * 1e12) * 1e3 + prof.overhead_us * 1e-3
+
+    for row in (16, 256):  # every pair not reached follows the bf16 table's shape (the nearest efficiency: not)
+        assert [fp8_ms(out, row, n, k) / bf16[(row, n, k)] for n, k in missed] == pytest.approx([0.7] * len(missed), rel=0.03)
+    n, k = missed[-1]  # the largest pair the run did not reach
+    assert fp8_ms(full, 16, n, k) == pytest.approx(bf16[(16, n, k)], rel=0.05)  # the older points' figure
+    assert out.gemm_fp8(4096, n, k) == full.gemm_fp8(4096, n, k)
+    plain = merge(base, {k_: v for k_, v in calib.items() if k_ != "gemm_fp8_max_m"})  # no limit: a checkerboard
+    assert fp8_ms(plain, 16, n, k) == pytest.approx(bf16[(16, n, k)], rel=0.05)
 
 
 def test_fp8_calibration_times_the_engine_call(monkeypatch):
