@@ -34,13 +34,6 @@ class ImageJob:
     def patches(self) -> int:
         return grid_patches(self.grid)
 
-    def __reduce__(self) -> tuple:
-        """Pickle the pixels as a numpy array (bf16 as its 16-bit pattern): a step of 32 images of
-        448 x 448 px (77 MB) pickles ~3x and unpickles ~5x faster than through torch's tensor
-        pickling (``bench/step_cpu.py``), and every rank of the replica unpickles it."""
-        wire = None if self.pixels is None else _to_wire(self.pixels)
-        return _image_job_from, (self.req, wire, self.grid, self.encoder)
-
 
 @dataclass
 class MicroBatch:
@@ -117,25 +110,6 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     plain host-to-GPU copy synchronises the stream; a pinned one is queued behind it)."""
     t = torch.tensor(values, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # float dtypes sent as their bit patterns
-
-
-def _to_wire(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """``t`` (CPU) as a numpy array and its torch dtype's name, for ``_from_wire``."""
-    t = t.detach().contiguous()
-    bits = _BITS.get(t.dtype)
-    return (t.view(bits) if bits is not None else t).numpy(), str(t.dtype).removeprefix("torch.")
-
-
-def _from_wire(wire: tuple[np.ndarray, str]) -> torch.Tensor:
-    arr, dtype = wire
-    return torch.from_numpy(arr).view(getattr(torch, dtype))
-
-
-def _image_job_from(req: int, wire: tuple[np.ndarray, str] | None, grid: list, encoder: int | None) -> ImageJob:
-    return ImageJob(req, None if wire is None else _from_wire(wire), grid, encoder)
 
 
 def _microbatch_from(state: dict) -> MicroBatch:

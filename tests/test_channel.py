@@ -6,7 +6,6 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
-import torch
 
 from executors.channel import Channel, ChannelSpec
 
@@ -71,20 +70,3 @@ def test_messages_cross_processes() -> None:
     finally:
         Channel.unlink(there)
         Channel.unlink(back)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_image_pixels_travel_as_numpy_and_come_back_bit_for_bit(dtype):
-    """A step's image jobs pickle their pixels as numpy arrays (bf16 / fp16 as 16-bit patterns) and
-    unpickle to the same dtype, values and grid; a job without pixels (dedicated encoder) stays so."""
-    import pickle
-
-    from executors.batch import ImageJob, Step
-
-    px = torch.randn(6, 10, generator=torch.Generator().manual_seed(1)).to(dtype)
-    step = Step(4, [], images=[ImageJob(7, px, [(1, 2, 3)]), ImageJob(8, None, [(1, 2, 2)], encoder=3)])
-    wire = pickle.dumps(step, protocol=5)
-    assert b"torch._utils" not in wire  # no tensor went through torch's pickling
-    back = pickle.loads(wire).images
-    assert back[0].pixels.dtype == dtype and torch.equal(back[0].pixels.view(torch.uint8), px.view(torch.uint8))
-    assert (back[0].req, back[0].grid, back[1].pixels, back[1].encoder) == (7, [(1, 2, 3)], None, 3)
