@@ -197,8 +197,9 @@ def test_decode_steps_within_10pct_of_the_engines_measurement(cfg, report):
 
 def test_two_gpu_speedups_within_10pct_of_the_measured(cfg):
     """``bench/scaling_2gpu.py`` on the committed measurements, each mesh from the first report that has
-    it (tp2 and shift-sp2 from the current engine's ``mesh_speed.ll_shift.json``, pp2 from
-    ``mesh_speed.pp2.json``): every predicted speedup over one GPU within 10% of the measured one."""
+    it (tp2 and shift-sp2 from the current engine's ``mesh_speed.ll_shift.json``, sp2 from ``mesh_speed.ll.json``, pp2 from
+    ``mesh_speed.pp2.json``): every predicted speedup over one GPU within 10% of the measured one but
+    plain sp2's decode step's."""
     from bench import scaling_2gpu as s
 
     files = [f.name for f in s.REPORTS]
@@ -209,10 +210,14 @@ def test_two_gpu_speedups_within_10pct_of_the_measured(cfg):
     for rep, f in zip(reports, files):
         rows += [r for r in s.compare(pred, s.measured(rep), f) if r["mesh"] not in {x["mesh"] for x in rows}]
     by = {(r["mesh"], r["step"]): r for r in rows}
-    assert {m for m, _ in by} == {"tp2", "shift-sp2", "pp2"}
+    assert {m for m, _ in by} == {"tp2", "shift-sp2", "sp2", "pp2"}
     assert by["tp2", "decode"]["measured_from"] == by["shift-sp2", "decode"]["measured_from"] == files[0]
-    for r in by.values():
-        assert abs(r["error"]) <= 0.10, r
+    # not met, named in the README: plain sp2's decode steps run outside graphs, and the model's host
+    # time of an eager step (fitted on prefill steps) is less than half what a decode step's Triton launches cost
+    missed = {("sp2", "decode")}
+    for key, r in by.items():
+        if key not in missed:
+            assert abs(r["error"]) <= 0.10, r
     assert pred["shift-sp2"]["decode_ms"] == pred["tp2"]["decode_ms"]  # a decode runs the TP layout
     single = s.measured(reports[0])["single"]
     for step in ("decode_ms", "prefill_ms"):
