@@ -218,29 +218,78 @@ class OneShotAllReduce:
         return h, rms_norm(h, weight, eps)
 
 
-def one_shot_groups(groups: list[Any], dtype: torch.dtype, device: torch.device) -> dict[Any, OneShotAllReduce]:
-    """A ``OneShotAllReduce`` per distinct group, where symmetric memory works: CUDA ranks of one
-    host (checked by an exchange of host names over each group, a collective), with the one-shot
-    op present. Otherwise none (NCCL stays)."""
+def one_host_groups(groups: list[Any], device: torch.device) -> list[Any]:
+    """The distinct groups (in order) whose ranks are CUDA ranks of one host, where symmetric memory
+    works: checked by an exchange of host names over each group (a collective: every rank calls it
+    with the same groups)."""
     import socket
 
-    out: dict[Any, OneShotAllReduce] = {}
-    if device.type != "cuda" or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
-        return out
-    for g in groups:
-        if g is None or g in out:
-            continue
+    if device.type != "cuda":
+        return []
+    out: list[Any] = []
+    for g in dict.fromkeys(g for g in groups if g is not None):
         hosts: list[Any] = [None] * dist.get_world_size(g)
         dist.all_gather_object(hosts, socket.gethostname(), group=g)
         if len(set(hosts)) == 1:
-            out[g] = OneShotAllReduce(g, dtype, device)
+            out.append(g)
     return out
 
 
+def one_shot_groups(groups: list[Any], dtype: torch.dtype, device: torch.device) -> dict[Any, OneShotAllReduce]:
+    """A ``OneShotAllReduce`` per distinct group of one host (``one_host_groups``) where the one-shot
+    op is present. Otherwise none (NCCL stays)."""
+    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
+        return {}
+    return {g: OneShotAllReduce(g, dtype, device) for g in one_host_groups(groups, device)}
+
+
+A2A_MAX_BYTES = 8 << 20  # per chunk through the LL all-to-all (a 2,048-token SP2 step of Llama-3.1-8B: 6 MB)
+
+
+class SymmAllToAll:
+    """Ulysses' all-to-all over symmetric memory in one kernel (``executors.all_to_all``: NCCL's LL
+    protocol), capturable in CUDA graphs; chunks over ``A2A_MAX_BYTES`` or not a multiple of 4 bytes
+    go to NCCL on the same group. A rank's buffer: ``2 x group size x A2A_MAX_BYTES`` of words and
+    their sequence halves (64 MB for two ranks)."""
+
+    def __init__(self, group: Any, device: torch.device):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from executors import all_to_all as a2a
+
+        self.group, self.world = group, dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.words = A2A_MAX_BYTES // 4
+        self.buf = symm_mem.empty(a2a.ll_words(self.words, self.world), dtype=torch.int64, device=device).zero_()
+        hdl = symm_mem.rendezvous(self.buf, group.group_name)
+        self.ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = x.numel() * x.element_size() // self.world
+        if chunk % 4 or chunk > A2A_MAX_BYTES:
+            return all_to_all(x, self.group)
+        return torch.ops.shiftplan.all_to_all_ll(x.contiguous(), self.ptrs, self.words, self.rank, self.world)
+
+
+def symm_all_to_all_groups(groups: list[Any], device: torch.device) -> dict[Any, SymmAllToAll]:
+    """A ``SymmAllToAll`` per distinct group of one host (``one_host_groups``) where
+    ``executors.all_to_all`` is on (``SHIFTPLAN_A2A_LL=1``); otherwise none (NCCL stays)."""
+    from executors import all_to_all as a2a
+
+    if not (a2a.ENABLED and a2a.triton is not None) or device.type != "cuda":
+        return {}
+    return {g: SymmAllToAll(g, device) for g in one_host_groups(groups, device)}
+
+
 def all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """``x`` is ``[n, ...]`` with chunk j going to group rank j; returns chunk i from each rank."""
+    """``x`` is ``[n, ...]`` with chunk j going to group rank j; returns chunk i from each rank.
+    ``group``: a process group, or a ``SymmAllToAll`` (the LL kernel)."""
     if group is None:
         return x
+    if isinstance(group, SymmAllToAll):
+        return group(x)
     x = x.contiguous()
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)

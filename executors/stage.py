@@ -24,8 +24,8 @@ from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
 from executors.layers import Linear, load
 from executors.model import AttnMeta, Transformer, VocabEmbedding
-from executors.parallel import Par, one_shot_groups
-from executors.parallelize import gather_tokens, parallelize, split_tokens
+from executors.parallel import Par, one_shot_groups, symm_all_to_all_groups
+from executors.parallelize import UlyssesCore, gather_tokens, parallelize, split_tokens
 from executors.weights import WeightSource
 from plans.mesh import kv_heads_per_gpu
 from plans.schema import Plan, Stage
@@ -40,6 +40,15 @@ def use_one_shot_all_reduce(model: Any, make: Any) -> None:
     one_shot = make(list(dict.fromkeys(m.group for m in users)))  # the same order on every rank
     for m in users:
         m.group = one_shot.get(m.group, m.group)
+
+
+def use_symm_all_to_all(model: Any, device: torch.device) -> None:
+    """Ulysses' all-to-alls through ``parallel.SymmAllToAll`` (the LL kernel, ``SHIFTPLAN_A2A_LL=1``)
+    where it works: each ``UlyssesCore``'s group becomes one."""
+    users = [m for m in model.modules() if isinstance(m, UlyssesCore) and m.group is not None]
+    symm = symm_all_to_all_groups(list(dict.fromkeys(m.group for m in users)), device)  # the same order on every rank
+    for m in users:
+        m.group = symm.get(m.group, m.group)
 
 
 class StageModel:
@@ -63,6 +72,7 @@ class StageModel:
         self.layers = list(self.model.layers.values())
         if all_reduce == "auto":
             use_one_shot_all_reduce(self.model, lambda groups: one_shot_groups(groups, dtype, dev))
+            use_symm_all_to_all(self.model, dev)
         self.vocab_group = par.shift_group if par.P > 1 else None
         self.vision = None
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names

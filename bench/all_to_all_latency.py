@@ -1,0 +1,108 @@
+"""Ulysses' all-to-all on the GPUs of one node: NCCL launched from Python against the LL kernel over
+symmetric memory (``executors.all_to_all``), eagerly and captured in a CUDA graph.
+
+An SP x TP step of Llama-3.1-8B on ``sp`` GPUs exchanges each layer's packed q, k, v (``T / sp``
+tokens x 48 heads of 128 bf16 on this rank, 32 query + 2 x 8 KV heads) and then the attention
+output (``T / sp`` x 32 heads): twice a layer. Timed per call for the first exchange at step sizes
+``T`` of 2 (a batch-1 decode padded to the group), 64, 512 and 2,048 tokens, on every GPU at once:
+
+* ``nccl_eager``: ``dist.all_to_all_single``, 100 back to back;
+* ``ll_eager`` / ``ll_graph``: the LL kernel (``parallel.SymmAllToAll``), 100 back to back, and 64
+  calls captured in one CUDA graph, replayed (what a graphed SP x TP step would run);
+* ``same_bits``: whether the LL kernel's result equals NCCL's.
+
+A variant that fails records its error; the rest go on.
+
+    python bench/all_to_all_latency.py --out DIR       # every GPU of this machine (2 or more)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.allreduce_latency import CALLS, _graph, _time  # noqa: E402
+
+TOKENS = (2, 64, 512, 2048)
+HEADS, HEAD_DIM = 32 + 2 * 8, 128
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+    from executors.parallel import SymmAllToAll, all_to_all
+
+    group = dist.group.WORLD
+    symm = SymmAllToAll(group, dev)
+    rows: list[dict] = []
+    for T in TOKENS:
+        n = max(1, T // world)
+        x = torch.randn(world, n, HEADS, HEAD_DIM, device=dev).to(torch.bfloat16)
+        row: dict = {"tokens": T, "bytes_per_rank": x.numel() * 2}
+        try:
+            ref = all_to_all(x, group)
+            row["nccl_eager_us"] = round(_time(lambda: all_to_all(x, group), 100), 2)
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            row["nccl_error"] = f"{type(e).__name__}: {e}"[:300]
+            ref = None
+        try:
+            got = symm(x)
+            row["same_bits"] = bool(ref is not None and torch.equal(got.view(torch.int16), ref.view(torch.int16)))
+            row["ll_eager_us"] = round(_time(lambda: symm(x), 100), 2)
+            row["ll_graph_us"] = round(_time(_graph(lambda: symm(x)).replay, 10) / CALLS, 2)
+            row["ll_same_bits_after_graph"] = bool(ref is not None and torch.equal(symm(x).view(torch.int16),
+                                                                                  ref.view(torch.int16)))
+        except Exception as e:  # noqa: BLE001
+            row["ll_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(rank, json.dumps(row), flush=True)
+    if rank == 0:
+        from bench.common import driver_version
+
+        Path(out).write_text(json.dumps({
+            "command": "python bench/all_to_all_latency.py --out DIR", "device": torch.cuda.get_device_name(),
+            "gpus": world, "driver": driver_version(), "torch": torch.__version__,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())), "heads": HEADS, "head_dim": HEAD_DIM,
+            "dtype": "bf16", "calls_per_graph": CALLS, "rows": rows}, indent=2) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--port", type=int, default=29543)
+    args = ap.parse_args()
+    world = torch.cuda.device_count()
+    if world < 2:
+        sys.exit("error: needs 2 or more GPUs")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "all_to_all_latency.json"
+    mp.spawn(_rank, args=(world, args.port, str(path)), nprocs=world)
+    r = json.loads(path.read_text())
+    lines = [f"# Ulysses' all-to-all: {r['gpus']} x {r['device']}, driver {r['driver']}, torch {r['torch']}, "
+             f"NCCL {r['nccl']}", "",
+             f"Command: `{r['command']}`. Per call, microseconds; graph = {CALLS} calls captured in one CUDA graph; "
+             f"each rank sends T / {r['gpus']} tokens x {HEADS} heads x {HEAD_DIM} bf16 per peer.", "",
+             "| step tokens T | bytes a rank | NCCL eager | LL eager | LL in graph | LL = NCCL bits |",
+             "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        cells = [x.get(k, x.get(k.split("_")[0] + "_error", "-")) for k in
+                 ("nccl_eager_us", "ll_eager_us", "ll_graph_us", "same_bits")]
+        lines.append(f"| {x['tokens']} | {x['bytes_per_rank']} | " + " | ".join(str(c) for c in cells) + " |")
+    (args.out / "all_to_all_latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

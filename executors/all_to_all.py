@@ -1,0 +1,108 @@
+"""Ulysses' all-to-all over symmetric memory in one Triton kernel (NCCL's LL protocol), so that a step
+in SP x TP mode can be captured in a CUDA graph (NCCL's all-to-all hung inside one here).
+
+``x [W, ...]`` on each of the group's ``W`` ranks: chunk ``j`` goes to rank ``j``; the result's chunk
+``i`` is the one rank ``i`` sent. The chunks are moved as 32-bit words (any dtype whose chunk is a
+multiple of 4 bytes). Each word travels in one 64-bit store into the receiving rank's symmetric
+buffer, its high half the call's sequence number (``seq << 32 | bits``), so a word is either old or
+whole: the receiver polls its own buffer until every word of a chunk carries this call's ``seq``. No
+flag, fence or remote atomic; one one-way NVLink latency. As in ``reduce_norm``'s LL variant, words
+alternate between two halves of the buffer by ``seq``'s parity (a rank can only be one call ahead of
+a peer: finishing call ``k`` needs the peer's call-``k`` words) and each program keeps its ``seq`` in a
+counter at the end of its rank's buffer that every call advances on every rank of the group (they run
+the same calls), so the kernel replays in CUDA graphs.
+
+Buffer of a rank (int64 words): ``[parity 2][source W][words]`` then ``PROGRAMS`` counters; word ``c``
+of the chunk rank ``src`` sends here in call ``seq`` sits at ``((seq % 2) * W + src) * words + c``.
+Twice the bytes of the data cross NVLink (the sequence halves). ``SHIFTPLAN_A2A_LL=1`` turns it on for
+Ulysses (``parallel.SymmAllToAll``); checked through Triton's interpreter and as sm_90 PTX, not yet
+measured on GPUs, so off by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from executors import gemv
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: NCCL / gloo all-to-all
+    triton = None
+
+PROGRAMS = 32  # programs of every call (fixed: a program's words and counter are the same call to call)
+BLOCK = 1024  # 32-bit words a program moves per iteration, per peer
+ENABLED = os.environ.get("SHIFTPLAN_A2A_LL", "0") == "1"  # not yet measured on GPUs
+
+
+def ll_words(words: int, world: int) -> int:
+    """Length (int64 words) of a rank's buffer for chunks of up to ``words`` 32-bit words."""
+    return 2 * world * words + PROGRAMS
+
+
+def launch(x: torch.Tensor, buffer_ptrs: torch.Tensor, words: int, rank: int, world: int) -> torch.Tensor:
+    """The all-to-all of ``x [world, ...]`` (contiguous, each chunk a multiple of 4 bytes and at most
+    ``words`` 32-bit words); ``buffer_ptrs [world]``: every rank's int64 symmetric buffer of
+    ``ll_words(words, world)`` words, zeros before the first call."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    chunk_bytes = x.numel() * x.element_size() // world
+    assert x.shape[0] == world and chunk_bytes % 4 == 0 and chunk_bytes // 4 <= words
+    n = chunk_bytes // 4
+    gdc = gemv.pdl(x)
+    _all_to_all_ll[(PROGRAMS,)](x.view(torch.int32), out.view(torch.int32), buffer_ptrs, words, n, RANK=rank,
+                                WORLD=world, BLOCK=BLOCK, USE_GDC=gdc, num_warps=4, launch_pdl=gdc)
+    return out
+
+
+@torch.library.custom_op("shiftplan::all_to_all_ll", mutates_args=())
+def all_to_all_ll(x: torch.Tensor, buffer_ptrs: torch.Tensor, words: int, rank: int, world: int) -> torch.Tensor:
+    """``launch`` as an op compiled layers call without a graph break."""
+    return launch(x, buffer_ptrs, words, rank, world)
+
+
+@all_to_all_ll.register_fake
+def _(x: torch.Tensor, buffer_ptrs: torch.Tensor, words: int, rank: int, world: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _all_to_all_ll(X, OUT, bufs, words, n, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_GDC: tl.constexpr):
+        """``X, OUT``: int32 views ``[WORLD, n]``; program ``pid`` moves words ``[b, b + BLOCK)`` for
+        ``b = pid BLOCK, (pid + G) BLOCK, ...`` of every chunk (module doc)."""
+        pid, G = tl.program_id(0), tl.num_programs(0)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        own = tl.load(bufs + RANK).to(tl.pointer_type(tl.int64))
+        counter = own + 2 * WORLD * words + pid
+        seq = tl.load(counter) + 1
+        tag = seq << 32
+        half = (seq % 2) * WORLD
+        for start in range(pid * BLOCK, n, G * BLOCK):  # push: one 64-bit store a word, data and seq together
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n
+            for peer in tl.static_range(WORLD):
+                d = tl.load(X + peer * n + cols, mask=mask)
+                if peer == RANK:
+                    tl.store(OUT + RANK * n + cols, d, mask=mask)
+                else:
+                    buf = tl.load(bufs + peer).to(tl.pointer_type(tl.int64))
+                    tl.store(buf + (half + RANK) * words + cols, tag | (d.to(tl.int64) & 0xFFFFFFFF), mask=mask)
+        for start in range(pid * BLOCK, n, G * BLOCK):  # pull: poll this rank's buffer until every word is this call's
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    at = own + (half + peer) * words + cols
+                    p = tl.load(at, mask=mask, other=tag, volatile=True)
+                    while tl.min(((p >> 32) == seq).to(tl.int32), axis=0) == 0:
+                        p = tl.load(at, mask=mask, other=tag, volatile=True)
+                    tl.store(OUT + peer * n + cols, p.to(tl.int32), mask=mask)
+        tl.store(counter, seq)
