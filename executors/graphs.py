@@ -1,6 +1,6 @@
 """Decode steps replayed as CUDA graphs, one graph per (batch, keys) bucket.
 
-A decode micro-batch (``S`` sequences, one new token each, plain TP mode) costs one read of the
+A decode micro-batch (``S`` sequences, one new token each) costs one read of the
 stage's weights and KV; run eagerly, its hundreds of small kernels are launched one by one from
 Python and the step is bound by the launches, not by HBM. Here the whole stage forward
 (``StageModel.decode_forward``: embedding or received hidden states, every layer with its
@@ -12,7 +12,11 @@ collectives, the lm_head) is captured once per bucket and replayed:
   (``R`` = 1, or 3 rows for M-RoPE; ``table``: each sequence's KV blocks, the block table), filled by
   one host-to-device copy per step; attention reads whole blocks through the table. Padding rows
   write the scratch slot, read one key, and their outputs are dropped;
-* later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer.
+* later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer;
+* plain TP mode, or SP x TP where the stage's Ulysses all-to-all is the LL kernel
+  (``executors.all_to_all``, ``SHIFTPLAN_A2A_LL=1``; NCCL's hung inside a graph): then ``B`` is a
+  multiple of sp, each sp rank runs ``B / sp`` rows and the rows are gathered through the same kernel
+  (``StageModel.decode_forward``), one graph per ``(B, L, mode)``.
 
 Prefill and mixed steps in plain TP mode (``MixedGraphs``) are captured the same way, per bucket
 ``(T, L)`` of tokens (``TOKEN_BUCKETS``, up to ``max_tokens``) and keys, room for ``S`` sequences
@@ -75,37 +79,47 @@ class DecodeGraphs:
         self.sizes = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
         self.rows = 3 if model.a.mrope_section else 1
         self.block = model.block_size
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int, str], _Graph] = {}
         self.pool = None  # one memory pool for every graph, made at the first capture
         self.capture_s = 0.0  # wall time spent capturing (graphs: len(self.graphs))
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
-        """A decode micro-batch in plain TP mode that fits a bucket, with no image rows."""
-        return mb.decode and mode == "tp" and mb.num_tokens <= self.sizes[-1] and not mb.img_tok.numel()
+        """A decode micro-batch with no image rows that fits a bucket: in plain TP mode, or in SP x TP
+        mode where the stage's Ulysses all-to-all is the LL kernel (``StageModel.sp_a2a``, capturable)."""
+        if not mb.decode or mb.img_tok.numel():
+            return False
+        if mode == "sp_tp" and self.model.sp_a2a is None:
+            return False
+        return self._batch(mb.num_tokens, mode) is not None
 
-    def shape(self, mb: MicroBatch) -> tuple[int, int]:
+    def _batch(self, S: int, mode: str) -> int | None:
+        """The batch bucket of ``S`` sequences: under SP x TP a multiple of the sp degree."""
+        sp = self.model.par.sp if mode == "sp_tp" else 1
+        return next((b for b in self.sizes if b >= S and b % sp == 0), None)
+
+    def shape(self, mb: MicroBatch, mode: str = "tp") -> tuple[int, int]:
         """The bucket ``(B, L)`` of a decode micro-batch (``L`` a multiple of the block size)."""
-        return bucket(mb.num_tokens, self.sizes), -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
+        return self._batch(mb.num_tokens, mode), -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
 
     def _size(self, B: int, L: int) -> int:
         return B * (3 + self.rows) + B * (L // self.block)
 
-    def padded(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+    def padded(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph): ``[S, ...]``."""
-        B, L = self.shape(mb)
+        B, L = self.shape(mb, mode)
         buf = torch.empty(self._size(B, L), dtype=torch.long)
         self._pack(buf, mb, B, L)
         buf = buf.to(self.model.par.device)
         if mb.tokens.is_cuda:
             buf[:mb.num_tokens].copy_(mb.tokens)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(B - h_in.shape[0], h_in.shape[1])])
-        return self._forward(buf, h, B, L)[:mb.num_tokens]
+        return self._forward(buf, h, B, L, mode)[:mb.num_tokens]
 
-    def run(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+    def run(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """``[S, V]`` logits (last stage) or ``[S, hidden]`` for the micro-batch."""
         S = mb.num_tokens
-        B, L = self.shape(mb)
-        g = self.graphs.get((B, L))
+        B, L = self.shape(mb, mode)
+        g = self.graphs.get((B, L, mode))
         if g is not None:
             g.copied.synchronize()  # the previous step's copy has left the host buffer
             host = g.host
@@ -113,7 +127,7 @@ class DecodeGraphs:
             host = torch.empty(self._size(B, L), dtype=torch.long).pin_memory()
         self._pack(host, mb, B, L)
         if g is None:
-            g = self.graphs[(B, L)] = self._capture(B, L, host, h_in)
+            g = self.graphs[(B, L, mode)] = self._capture(B, L, mode, host, h_in)
         g.inp.copy_(host, non_blocking=True)
         g.copied.record()
         if mb.tokens.device != host.device:  # tokens sampled by the previous step: copied on the device
@@ -143,16 +157,16 @@ class DecodeGraphs:
         tok, pos, slots, lens, table = buf.split([B, R * B, B, B, B * nb])
         return tok, pos.view(R, B), slots, lens, table.view(B, nb)
 
-    def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, B: int, L: int) -> torch.Tensor:
+    def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, B: int, L: int, mode: str) -> torch.Tensor:
         tok, pos, slots, lens, table = self._views(inp, B, L)
-        return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, table, lens)
+        return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, table, lens, mode)
 
-    def _capture(self, B: int, L: int, host: torch.Tensor, h_in: torch.Tensor | None) -> _Graph:
+    def _capture(self, B: int, L: int, mode: str, host: torch.Tensor, h_in: torch.Tensor | None) -> _Graph:
         t = time.perf_counter()
         dev = self.model.par.device
         inp = host.to(dev)
         h = None if h_in is None else torch.zeros(B, h_in.shape[-1], dtype=h_in.dtype, device=dev)
-        graph, out, self.pool = capture(lambda: self._forward(inp, h, B, L), dev, self.pool)
+        graph, out, self.pool = capture(lambda: self._forward(inp, h, B, L, mode), dev, self.pool)
         self.capture_s += time.perf_counter() - t
         return _Graph(graph, inp, host, torch.cuda.Event(), h, out)
 

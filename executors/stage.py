@@ -24,7 +24,7 @@ from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
 from executors.layers import Linear, load
 from executors.model import AttnMeta, Transformer, VocabEmbedding
-from executors.parallel import Par, one_shot_groups, symm_all_to_all_groups
+from executors.parallel import Par, all_to_all, one_shot_groups, symm_all_to_all_groups
 from executors.parallelize import UlyssesCore, gather_tokens, parallelize, split_tokens
 from executors.weights import WeightSource
 from plans.mesh import kv_heads_per_gpu
@@ -42,13 +42,14 @@ def use_one_shot_all_reduce(model: Any, make: Any) -> None:
         m.group = one_shot.get(m.group, m.group)
 
 
-def use_symm_all_to_all(model: Any, device: torch.device) -> None:
+def use_symm_all_to_all(model: Any, device: torch.device) -> dict[Any, Any]:
     """Ulysses' all-to-alls through ``parallel.SymmAllToAll`` (the LL kernel, ``SHIFTPLAN_A2A_LL=1``)
-    where it works: each ``UlyssesCore``'s group becomes one."""
+    where it works: each ``UlyssesCore``'s group becomes one. Returns them by process group."""
     users = [m for m in model.modules() if isinstance(m, UlyssesCore) and m.group is not None]
     symm = symm_all_to_all_groups(list(dict.fromkeys(m.group for m in users)), device)  # the same order on every rank
     for m in users:
         m.group = symm.get(m.group, m.group)
+    return symm
 
 
 class StageModel:
@@ -70,9 +71,11 @@ class StageModel:
             model = Transformer(a)
         self.model: Transformer = load(parallelize(model, plan, stage, par), src, dev, dtype, fp8)
         self.layers = list(self.model.layers.values())
+        # the sp group's LL all-to-all (SP x TP decode steps can then be captured in CUDA graphs)
+        self.sp_a2a = None
         if all_reduce == "auto":
             use_one_shot_all_reduce(self.model, lambda groups: one_shot_groups(groups, dtype, dev))
-            use_symm_all_to_all(self.model, dev)
+            self.sp_a2a = use_symm_all_to_all(self.model, dev).get(par.sp_group)
         self.vocab_group = par.shift_group if par.P > 1 else None
         self.vision = None
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
@@ -189,14 +192,31 @@ class StageModel:
         return self.caches[0].k.shape[0] - 1 if self.caches else 0
 
     def decode_forward(self, tokens: torch.Tensor, h_in: torch.Tensor | None, pos: torch.Tensor,
-                       slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """A decode micro-batch in plain TP mode from device tensors alone (what a decode CUDA graph
-        captures): ``tokens [B]`` (or ``h_in [B, hidden]`` on later stages), ``pos [B]`` or
-        ``[3, B]``, ``slots [B]`` (the slot each new key is written to), ``table [B, nb]`` each
-        sequence's KV blocks (padded with block 0), ``lens [B]`` its number of keys.
-        Returns ``[B, V]`` logits (last stage) or ``[B, hidden]``."""
-        return self.model(tokens if self.model.embed is not None else h_in, pos, self.caches,
-                          self.table_meta(slots, table, lens))
+                       slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, mode: str = "tp") -> torch.Tensor:
+        """A decode micro-batch from device tensors alone (what a decode CUDA graph captures):
+        ``tokens [B]`` (or ``h_in [B, hidden]`` on later stages), ``pos [B]`` or ``[3, B]``,
+        ``slots [B]`` (the slot each new key is written to), ``table [B, nb]`` each sequence's KV
+        blocks (padded with block 0), ``lens [B]`` its number of keys. Plain TP mode, or ``sp_tp``
+        (``B`` a multiple of sp): this rank's ``B / sp`` rows through the layers, Ulysses' all-to-alls
+        inside, the rows of every sp rank gathered after (``gather_rows``). Returns ``[B, V]`` logits
+        (last stage) or ``[B, hidden]``."""
+        meta = self.table_meta(slots, table, lens)
+        if mode == "tp":
+            return self.model(tokens if self.model.embed is not None else h_in, pos, self.caches, meta)
+        m, par = self.model, self.par
+        x = m.embed(tokens) if m.embed is not None else h_in
+        x, pos = split_tokens(x, pos, par)
+        x = self.gather_rows(m.layers_forward(x, pos, self.caches, meta, "sp_tp"))
+        return x if m.lm_head is None else m.logits(x)
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every sp rank's rows ``[n, H]`` -> ``[sp n, H]`` in rank order: through the LL all-to-all of
+        ``x`` repeated for each peer where Ulysses uses it (``sp_a2a``: capturable in CUDA graphs),
+        else NCCL's (or gloo's) all-gather."""
+        if self.sp_a2a is None:
+            return gather_tokens(x, x.shape[0] * self.par.sp, self.par)
+        sp = self.par.sp
+        return all_to_all(x[None].expand(sp, *x.shape), self.sp_a2a).reshape(sp * x.shape[0], -1)
 
     def mixed_forward(self, tokens: torch.Tensor, h_in: torch.Tensor | None, pos: torch.Tensor,
                       slots: torch.Tensor, sample: torch.Tensor, pre: "paged_prefill.PrefillInputs",

@@ -630,3 +630,64 @@ def test_all_to_all_ll_compiles_for_hopper() -> None:
         x = torch.empty(2, 3, 8, 4, dtype=torch.bfloat16)
         out = torch.ops.shiftplan.all_to_all_ll(x, torch.empty(2, dtype=torch.int64), 1024, 0, 2)
         assert out.shape == x.shape and out.dtype == x.dtype
+
+
+def _sp_decode_rank(rank: int, port: int, out: dict) -> None:
+    """One sp rank of an sp2 plan (gloo): prefill three prompts, then one decode step of 3 sequences
+    (padded to 4) eagerly and through ``DecodeGraphs.padded`` in SP x TP mode, the rows gathered by
+    all-gather and by the all-to-all path the LL kernel would take (a process group standing in)."""
+    import torch.distributed as dist
+
+    from executors.config import model_args
+    from executors.graphs import DecodeGraphs
+    from executors.parallel import build_par
+    from executors.scheduler import Scheduler
+    from executors.worker import RankRunner, WorkerSpec
+    from tests.tiny.helpers import config, make_plan
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    plan = make_plan("llama", sp=2, max_batch_tokens=64, max_seqs=8)
+    a = model_args(config("llama"))
+    runner = RankRunner(WorkerSpec(plan.model_dump_json(), a.portable(), None, 0, "cpu", 64, "eager", False),
+                        build_par(plan.mesh, rank, torch.device("cpu")))
+    model, bs = runner.model, plan.scheduler.block_size
+    sched = Scheduler(64, bs, 64, 8)
+    for i, n in enumerate([5, 11, 3]):
+        sched.add(Seq(req=i, tokens=list(range(3 + 5 * i, 3 + 5 * i + n)), prompt_len=n, max_new=4))
+    chunks, _ = sched.schedule()
+    with torch.inference_mode():
+        model.forward(build_microbatch(chunks, "sp_tp", bs, None), None)
+        for c in chunks:
+            c.seq.computed += c.n
+            c.seq.tokens.append(7)
+        chunks, _ = sched.schedule()
+        mb = build_microbatch(chunks, "sp_tp", bs, None)
+        graphs = DecodeGraphs(model, 8)
+        want = model.forward(mb, None)
+        got = graphs.padded(mb, None, "sp_tp")  # rewrites the same keys at the same slots
+        model.sp_a2a = model.par.sp_group  # the all-to-all gather
+        got_a2a = graphs.padded(mb, None, "sp_tp")
+    out[rank] = (graphs.shape(mb, "sp_tp"), float((got - want).abs().max() / want.abs().max()),
+                 float((got_a2a - want).abs().max() / want.abs().max()))
+    dist.destroy_process_group()
+
+
+def test_sp_decode_graph_inputs_give_the_eager_logits() -> None:
+    """An SP x TP decode step through the decode graph's padded inputs (its batch bucket a multiple
+    of sp: 3 sequences -> 4 rows, 2 a rank) gives the eager step's logits on both sp ranks, with the
+    rows gathered by all-gather and by an all-to-all of the rows repeated (the LL kernel's way)."""
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = mp.Manager().dict()
+    mp.spawn(_sp_decode_rank, args=(port, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        shape, err, err_a2a = out[rank]
+        assert shape[0] == 4 and err < 1e-5 and err_a2a < 1e-5, out[rank]
