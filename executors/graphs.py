@@ -18,7 +18,7 @@ collectives, the lm_head) is captured once per bucket and replayed:
   multiple of sp, each sp rank runs ``B / sp`` rows and the rows are gathered through the same kernel
   (``StageModel.decode_forward``), one graph per ``(B, L, mode)``.
 
-Prefill and mixed steps in plain TP mode (``MixedGraphs``) are captured the same way, per bucket
+Prefill and mixed steps (``MixedGraphs``; plain TP, or SP x TP as above) are captured the same way, per bucket
 ``(T, L)`` of tokens (``TOKEN_BUCKETS``, up to ``max_tokens``) and keys, room for ``S`` sequences
 (``max_seqs``' bucket, at most ``T``) whatever the step holds: the static
 buffer is ``[tokens T | pos R*T | slots T | image flag T | sample S | t0, nq, ctx S+1 | seq_of, row0 P
@@ -199,7 +199,7 @@ class MixedGraphs:
         self.seq_sizes = tuple(b for b in BATCH_BUCKETS if b < max_seqs) + (bucket(max_seqs, BATCH_BUCKETS) or max_seqs,)
         self.rows = 3 if model.a.mrope_section else 1
         self.block = model.block_size
-        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int, int, str], _Graph] = {}
         self.capture_s = 0.0  # wall time spent capturing (graphs: len(self.graphs))
         # static buffers every graph shares (graphs run one at a time), made here, never inside a capture:
         # the step's image rows (VL models), received hidden states (later stages), the output
@@ -210,10 +210,15 @@ class MixedGraphs:
                     if model.model.lm_head is not None else torch.zeros(self.sizes[-1], a.hidden, dtype=dtype, device=dev))
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
-        """A prefill or mixed micro-batch in plain TP mode (image rows included), naming every
-        sequence's blocks, that fits a bucket, on a stage the paged prefill kernel serves."""
-        return (not mb.decode and mode == "tp" and self.model.paged_prefill_ok and not mb.tokens.is_cuda
-                and 0 < mb.num_tokens <= self.sizes[-1] and len(mb.ctx) <= self.seq_sizes[-1]
+        """A prefill or mixed micro-batch (image rows included), naming every sequence's blocks, that
+        fits a bucket, on a stage the paged prefill kernel serves: in plain TP mode, or in SP x TP mode
+        where the stage's Ulysses all-to-all is the LL kernel (``StageModel.sp_a2a``) and the token
+        bucket is a multiple of sp."""
+        if mb.decode or not 0 < mb.num_tokens <= self.sizes[-1]:
+            return False
+        if mode == "sp_tp" and (self.model.sp_a2a is None or bucket(mb.num_tokens, self.sizes) % self.model.par.sp):
+            return False
+        return (self.model.paged_prefill_ok and not mb.tokens.is_cuda and len(mb.ctx) <= self.seq_sizes[-1]
                 and len(mb.blocks) == len(mb.ctx))
 
     def shape(self, mb: MicroBatch) -> tuple[int, int, int]:
@@ -259,11 +264,11 @@ class MixedGraphs:
         table.zero_()
         table[:s] = mb.block_table(table.shape[1])
 
-    def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, T: int, S: int, L: int) -> torch.Tensor:
+    def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, T: int, S: int, L: int, mode: str) -> torch.Tensor:
         tok, pos, slots, flag, sample, seqs, progs, table = self._views(inp, T, S, L)
         pre = paged_prefill.PrefillInputs(table, seqs[0], seqs[1], seqs[2], progs[0], progs[1], self.block)
         image = (flag, self.img[:T]) if self.images else None
-        y = self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image)
+        y = self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image, mode)
         out = self.out[:y.shape[0]]
         out.copy_(y)  # into the shared output: a graph keeps no output of its own alive
         return out
@@ -277,22 +282,22 @@ class MixedGraphs:
         if self.images and mb.img_tok.numel():
             self.img.index_copy_(0, mb.img_tok.to(self.img.device), self.model.image_rows(mb).to(self.img.dtype))
 
-    def padded(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+    def padded(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph)."""
         T, S, L = self.shape(mb)
         buf = torch.empty(self._size(T, S, L), dtype=torch.long)
         self._pack(buf, mb, T, S, L)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(T - h_in.shape[0], h_in.shape[1])])
         self._fill_images(mb)
-        return self._out(mb, self._forward(buf.to(self.model.par.device), h, T, S, L))
+        return self._out(mb, self._forward(buf.to(self.model.par.device), h, T, S, L, mode))
 
     def _out(self, mb: MicroBatch, y: torch.Tensor) -> torch.Tensor:
         return y[:mb.sample_idx.numel()] if self.model.model.lm_head is not None else y[:mb.num_tokens]
 
-    def run(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+    def run(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """``[S, V]`` logits of the sampled rows (last stage) or ``[T, hidden]`` for the micro-batch."""
         T, S, L = self.shape(mb)
-        g = self.graphs.get((T, S, L))
+        g = self.graphs.get((T, S, L, mode))
         if g is not None:
             g.copied.synchronize()  # the previous step's copy has left the host buffer
             host = g.host
@@ -306,12 +311,13 @@ class MixedGraphs:
             inp = host.to(dev)
             h = None if self.h is None else self.h[:T]
             try:
-                graph, out, self.pool_of.pool = capture(lambda: self._forward(inp, h, T, S, L), dev, self.pool_of.pool)
+                graph, out, self.pool_of.pool = capture(lambda: self._forward(inp, h, T, S, L, mode), dev,
+                                                        self.pool_of.pool)
             except Exception:
                 if not paged_prefill._failed:
                     raise
                 return self.model.forward(mb, h_in)  # the kernel failed in the warm-up: eager, and no more graphs
-            g = self.graphs[(T, S, L)] = _Graph(graph, inp, host, torch.cuda.Event(), h, out)
+            g = self.graphs[(T, S, L, mode)] = _Graph(graph, inp, host, torch.cuda.Event(), h, out)
             self.capture_s += time.perf_counter() - t
         g.inp.copy_(host, non_blocking=True)
         g.copied.record()

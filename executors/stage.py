@@ -196,18 +196,21 @@ class StageModel:
         """A decode micro-batch from device tensors alone (what a decode CUDA graph captures):
         ``tokens [B]`` (or ``h_in [B, hidden]`` on later stages), ``pos [B]`` or ``[3, B]``,
         ``slots [B]`` (the slot each new key is written to), ``table [B, nb]`` each sequence's KV
-        blocks (padded with block 0), ``lens [B]`` its number of keys. Plain TP mode, or ``sp_tp``
-        (``B`` a multiple of sp): this rank's ``B / sp`` rows through the layers, Ulysses' all-to-alls
-        inside, the rows of every sp rank gathered after (``gather_rows``). Returns ``[B, V]`` logits
-        (last stage) or ``[B, hidden]``."""
-        meta = self.table_meta(slots, table, lens)
-        if mode == "tp":
-            return self.model(tokens if self.model.embed is not None else h_in, pos, self.caches, meta)
-        m, par = self.model, self.par
+        blocks (padded with block 0), ``lens [B]`` its number of keys; in ``mode`` (``run_layers``).
+        Returns ``[B, V]`` logits (last stage) or ``[B, hidden]``."""
+        m = self.model
         x = m.embed(tokens) if m.embed is not None else h_in
-        x, pos = split_tokens(x, pos, par)
-        x = self.gather_rows(m.layers_forward(x, pos, self.caches, meta, "sp_tp"))
+        x = self.run_layers(x, pos, self.table_meta(slots, table, lens), mode)
         return x if m.lm_head is None else m.logits(x)
+
+    def run_layers(self, x: torch.Tensor, pos: torch.Tensor, meta: AttnMeta, mode: str) -> torch.Tensor:
+        """The stage's decoder layers on ``x [T, hidden]`` from device tensors alone: plain TP, or
+        ``sp_tp`` (``T`` a multiple of sp): this rank's ``T / sp`` rows through the layers, Ulysses'
+        all-to-alls inside, every sp rank's rows gathered after (``gather_rows``)."""
+        if mode == "tp":
+            return self.model.layers_forward(x, pos, self.caches, meta, "tp")
+        x, pos = split_tokens(x, pos, self.par)
+        return self.gather_rows(self.model.layers_forward(x, pos, self.caches, meta, "sp_tp"))
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every sp rank's rows ``[n, H]`` -> ``[sp n, H]`` in rank order: through the LL all-to-all of
@@ -220,8 +223,8 @@ class StageModel:
 
     def mixed_forward(self, tokens: torch.Tensor, h_in: torch.Tensor | None, pos: torch.Tensor,
                       slots: torch.Tensor, sample: torch.Tensor, pre: "paged_prefill.PrefillInputs",
-                      image: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """A prefill or mixed micro-batch in plain TP mode from device tensors alone (what a
+                      image: tuple[torch.Tensor, torch.Tensor] | None = None, mode: str = "tp") -> torch.Tensor:
+        """A prefill or mixed micro-batch in ``mode`` (``run_layers``) from device tensors alone (what a
         ``graphs.MixedGraphs`` graph captures): ``tokens [T]`` (or ``h_in [T, hidden]`` on later
         stages), ``pos [T]`` or ``[3, T]``, ``slots [T]``, ``sample [S]`` the rows whose logits are
         wanted, ``pre`` every sequence's rows, key count and blocks (the paged prefill kernel
@@ -232,8 +235,7 @@ class StageModel:
         x = m.embed(tokens) if m.embed is not None else h_in
         if image is not None and m.embed is not None:
             x = torch.where(image[0][:, None] != 0, image[1].to(x.dtype), x)
-        meta = AttnMeta(slots, None, None, block_size=self.block_size, prefill=pre)
-        x = m.layers_forward(x, pos, self.caches, meta, "tp")
+        x = self.run_layers(x, pos, AttnMeta(slots, None, None, block_size=self.block_size, prefill=pre), mode)
         return x if m.lm_head is None else m.logits(x[sample])
 
     @staticmethod

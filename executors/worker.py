@@ -181,13 +181,12 @@ class RankRunner:
                 "capture_s": round(self.graphs.capture_s + self.mixed_graphs.capture_s, 3)}
 
     def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
-        """A decode micro-batch (plain TP, or SP x TP over the LL all-to-all), or a small prefill or
-        mixed one in plain TP mode, replays its CUDA graph; any other runs eagerly."""
+        """A decode micro-batch, or a small prefill or mixed one, replays its CUDA graph (plain TP, or
+        SP x TP over the LL all-to-all); any other runs eagerly."""
         mode = mb.mode_of(self.model.stage.index) if self.par.sp > 1 else "tp"
-        if self.graphs is not None and self.graphs.accepts(mb, mode):
-            return self.graphs.run(mb, h_in, mode)
-        if self.mixed_graphs is not None and self.mixed_graphs.accepts(mb, mode):
-            return self.mixed_graphs.run(mb, h_in)
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None and graphs.accepts(mb, mode):
+                return graphs.run(mb, h_in, mode)
         return self.model.forward(mb, h_in)
 
 

@@ -356,17 +356,17 @@ def test_a_failing_prefill_kernel_leaves_the_step_to_per_sequence_sdpa(monkeypat
         attend(q, k, v, cache, AttnMeta(mb.slots, None, None, block_size=BLOCK, prefill=pre), None)
 
 
-def test_mixed_graphs_take_only_plain_tp_prefill_steps_that_fit() -> None:
+def test_mixed_graphs_take_only_prefill_steps_that_fit() -> None:
     """``MixedGraphs.accepts``: prefill and mixed micro-batches in plain TP mode up to the largest
-    token bucket, on a stage the kernel serves; not decodes (the decode graphs' job), not SP x TP
-    steps, not steps past the largest bucket."""
+    token bucket, on a stage the kernel serves; SP x TP steps only where the stage's all-to-all is
+    the LL kernel; not decodes (the decode graphs' job), not steps past the largest bucket."""
     from types import SimpleNamespace
 
     from executors.graphs import TOKEN_BUCKETS, MixedGraphs, bucket
 
     model = SimpleNamespace(a=SimpleNamespace(mrope_section=None, vision=None, hidden=8, vocab=16),
-                            block_size=BLOCK, par=SimpleNamespace(device=torch.device("cpu")), dtype=torch.float32,
-                            model=SimpleNamespace(embed=object(), lm_head=object()), paged_prefill_ok=True)
+                            block_size=BLOCK, par=SimpleNamespace(device=torch.device("cpu"), sp=2), dtype=torch.float32,
+                            model=SimpleNamespace(embed=object(), lm_head=object()), paged_prefill_ok=True, sp_a2a=None)
     g = MixedGraphs(model, max_tokens=100, max_seqs=8, pool_of=SimpleNamespace(pool=None))
     assert g.sizes[-1] == bucket(100, TOKEN_BUCKETS) and g.out.shape == (8, 16) and g.img is None
     mb = _microbatch([(12, 0, 12), (30, 29, 1), (20, 8, 5)])
@@ -379,8 +379,10 @@ def test_mixed_graphs_take_only_plain_tp_prefill_steps_that_fit() -> None:
     assert dec.decode and not g.accepts(dec, "tp")
     big = _microbatch([(g.sizes[-1] + 1, 0, g.sizes[-1] + 1)])
     assert not g.accepts(big, "tp")
+    model.sp_a2a = object()  # the LL all-to-all: SP x TP steps are captured too (buckets are even)
+    assert g.accepts(mb, "sp_tp") and not g.accepts(dec, "sp_tp")
     model.paged_prefill_ok = False
-    assert not g.accepts(mb, "tp")
+    assert not g.accepts(mb, "tp") and not g.accepts(mb, "sp_tp")
 
 
 def test_an_unknown_paged_prefill_setting_is_named_and_auto_is_used() -> None:
@@ -691,3 +693,66 @@ def test_sp_decode_graph_inputs_give_the_eager_logits() -> None:
     for rank in (0, 1):
         shape, err, err_a2a = out[rank]
         assert shape[0] == 4 and err < 1e-5 and err_a2a < 1e-5, out[rank]
+
+
+SP_MIXED_GRAPH_CHECK = """
+import socket
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from executors.config import model_args
+from executors.graphs import DecodeGraphs, MixedGraphs
+from executors.parallel import build_par
+from executors.scheduler import Scheduler, Seq, build_microbatch
+from executors.worker import RankRunner, WorkerSpec
+from tests.tiny.helpers import config, make_plan
+
+
+def rank_main(rank, port, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    plan = make_plan("llama", sp=2, max_batch_tokens=64, max_seqs=8)
+    a = model_args(config("llama"))
+    runner = RankRunner(WorkerSpec(plan.model_dump_json(), a.portable(), None, 0, "cpu", 64, "eager", False),
+                        build_par(plan.mesh, rank, torch.device("cpu")))
+    model, bs = runner.model, plan.scheduler.block_size
+    sched = Scheduler(64, bs, 24, 8)  # a 24-token budget: the long prompt is cut into chunks
+    for i, n in enumerate([5, 11, 30]):
+        sched.add(Seq(req=i, tokens=list(range(3 + 5 * i, 3 + 5 * i + n)), prompt_len=n, max_new=4))
+    graphs = MixedGraphs(model, 64, 8, DecodeGraphs(model, 8))
+    worst, steps = 0.0, 0
+    with torch.inference_mode():
+        for _ in range(5):
+            chunks, _ = sched.schedule()
+            mb = build_microbatch(chunks, "sp_tp", bs, None)
+            if mb.decode:
+                break
+            model.sp_a2a = None if steps % 2 == 0 else model.par.sp_group  # both gathers
+            got = graphs.padded(mb, None, "sp_tp")  # runs first: both write the same keys at the same slots
+            want = model.forward(mb, None)
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+            steps += 1
+            for c in chunks:
+                c.seq.computed += c.n
+                if c.seq.computed >= c.seq.prompt_len:
+                    c.seq.tokens.append(7)
+    out[rank] = (steps, worst)
+    dist.destroy_process_group()
+
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+out = mp.Manager().dict()
+mp.start_processes(rank_main, args=(port, out), nprocs=2, start_method="fork", join=True)
+print(min(out[r][0] for r in (0, 1)), max(out[r][1] for r in (0, 1)))
+"""
+
+
+def test_sp_mixed_graph_inputs_give_the_eager_logits() -> None:
+    """SP x TP prefill and mixed steps through ``MixedGraphs``' padded static inputs (every sequence
+    in the paged prefill kernel, run by Triton's interpreter, over all the step's tokens after the
+    Ulysses all-to-all) give the eager step's logits on both gloo sp ranks: first chunks and a long
+    prompt's later chunks, the rows gathered by all-gather and by an all-to-all of the rows repeated."""
+    steps, worst = run_interpreted("-c", SP_MIXED_GRAPH_CHECK).split()[-2:]
+    assert int(steps) >= 2 and float(worst) < 1e-4
