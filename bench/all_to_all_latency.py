@@ -18,30 +18,24 @@ A variant that fails records its error; the rest go on.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.allreduce_latency import CALLS, _graph, _time  # noqa: E402
+from bench.allreduce_latency import CALLS, _graph, _time, finish, join, spawn_ranks  # noqa: E402
 
 TOKENS = (2, 64, 512, 2048)
 HEADS, HEAD_DIM = 32 + 2 * 8, 128
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
     from executors.parallel import SymmAllToAll, all_to_all
 
+    dev = join(rank, world, port)
     group = dist.group.WORLD
     symm = SymmAllToAll(group, dev)
     rows: list[dict] = []
@@ -66,30 +60,12 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             row["ll_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(rank, json.dumps(row), flush=True)
-    if rank == 0:
-        from bench.common import driver_version
-
-        Path(out).write_text(json.dumps({
-            "command": "python bench/all_to_all_latency.py --out DIR", "device": torch.cuda.get_device_name(),
-            "gpus": world, "driver": driver_version(), "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())), "heads": HEADS, "head_dim": HEAD_DIM,
-            "dtype": "bf16", "calls_per_graph": CALLS, "rows": rows}, indent=2) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(rank, out, {"command": "python bench/all_to_all_latency.py --out DIR", "heads": HEADS, "head_dim": HEAD_DIM,
+                       "dtype": "bf16", "calls_per_graph": CALLS, "rows": rows})
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--port", type=int, default=29543)
-    args = ap.parse_args()
-    world = torch.cuda.device_count()
-    if world < 2:
-        sys.exit("error: needs 2 or more GPUs")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "all_to_all_latency.json"
-    mp.spawn(_rank, args=(world, args.port, str(path)), nprocs=world)
-    r = json.loads(path.read_text())
+    out, r = spawn_ranks(_rank, "all_to_all_latency", __doc__.splitlines()[0], 29543)
     lines = [f"# Ulysses' all-to-all: {r['gpus']} x {r['device']}, driver {r['driver']}, torch {r['torch']}, "
              f"NCCL {r['nccl']}", "",
              f"Command: `{r['command']}`. Per call, microseconds; graph = {CALLS} calls captured in one CUDA graph; "
@@ -100,7 +76,7 @@ def main() -> None:
         cells = [x.get(k, x.get(k.split("_")[0] + "_error", "-")) for k in
                  ("nccl_eager_us", "ll_eager_us", "ll_graph_us", "same_bits")]
         lines.append(f"| {x['tokens']} | {x['bytes_per_rank']} | " + " | ".join(str(c) for c in cells) + " |")
-    (args.out / "all_to_all_latency.md").write_text("\n".join(lines) + "\n")
+    (out / "all_to_all_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -105,11 +105,17 @@ def _fused(row: dict, x: torch.Tensor, group, dev: torch.device) -> None:
         reduce_norm.LL = before
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def join(rank: int, world: int, port: int) -> torch.device:
+    """This process as rank ``rank`` of ``world`` NCCL ranks on the loopback address; its GPU."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+    return dev
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    dev = join(rank, world, port)
     group = dist.group.WORLD
     rows: list[dict] = []
     for n in ROWS:
@@ -143,30 +149,42 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             row["fused_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(rank, json.dumps(row), flush=True)
+    finish(rank, out, {"command": "python bench/allreduce_latency.py --out DIR", "hidden": HIDDEN, "dtype": "bf16",
+                       "calls_per_graph": CALLS, "rows": rows})
+
+
+def finish(rank: int, out: str, report: dict) -> None:
+    """Rank 0 writes ``report`` (with the device, GPU count, driver, torch and NCCL versions) to
+    ``out``; every rank leaves the process group."""
     if rank == 0:
         from bench.common import driver_version
 
         Path(out).write_text(json.dumps({
-            "command": "python bench/allreduce_latency.py --out DIR", "device": torch.cuda.get_device_name(),
-            "gpus": world, "driver": driver_version(), "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-            "hidden": HIDDEN, "dtype": "bf16", "calls_per_graph": CALLS, "rows": rows}, indent=2) + "\n")
+            "command": report.pop("command"), "device": torch.cuda.get_device_name(), "gpus": dist.get_world_size(),
+            "driver": driver_version(), "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            **report}, indent=2) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def spawn_ranks(rank_fn, name: str, description: str, port: int) -> tuple[Path, dict]:
+    """``--out DIR [--port P]``: ``rank_fn(rank, world, port, DIR/name.json)`` on every GPU of this
+    machine (2 or more); returns DIR and the report rank 0 wrote."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--port", type=int, default=29541)
+    ap.add_argument("--port", type=int, default=port)
     args = ap.parse_args()
     world = torch.cuda.device_count()
     if world < 2:
         sys.exit("error: needs 2 or more GPUs")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "allreduce_latency.json"
-    mp.spawn(_rank, args=(world, args.port, str(path)), nprocs=world)
-    r = json.loads(path.read_text())
+    path = args.out / f"{name}.json"
+    mp.spawn(rank_fn, args=(world, args.port, str(path)), nprocs=world)
+    return args.out, json.loads(path.read_text())
+
+
+def main() -> None:
+    out, r = spawn_ranks(_rank, "allreduce_latency", __doc__.splitlines()[0], 29541)
     lines = [f"# Small all-reduces: {r['gpus']} x {r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, "
              f"NCCL {r['nccl']}", "",
              f"Command: `{r['command']}`. Per call, microseconds; graph = {CALLS} calls captured in one CUDA graph.", "",
@@ -179,7 +197,7 @@ def main() -> None:
                  ("nccl_eager_us", "nccl_graph_us", "symm_eager_us", "symm_graph_us", "unfused_graph_us",
                   "fused_graph_us", "fused_same_bits", "ll_graph_us", "ll_same_bits")]
         lines.append(f"| {x['rows']} | {x['bytes']} | " + " | ".join(str(c) for c in cells) + " |")
-    (args.out / "allreduce_latency.md").write_text("\n".join(lines) + "\n")
+    (out / "allreduce_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -30,6 +30,8 @@ from executors import gemv
 try:
     import triton
     import triton.language as tl
+
+    from executors.reduce_norm import ll_begin, ll_poll
 except ImportError:  # CPU-only installs: NCCL / gloo all-to-all
     triton = None
 
@@ -80,11 +82,7 @@ if triton is not None:
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        own = tl.load(bufs + RANK).to(tl.pointer_type(tl.int64))
-        counter = own + 2 * WORLD * words + pid
-        seq = tl.load(counter) + 1
-        tag = seq << 32
-        half = (seq % 2) * WORLD
+        own, counter, seq, tag, half = ll_begin(bufs, words, RANK, WORLD)
         for start in range(pid * BLOCK, n, G * BLOCK):  # push: one 64-bit store a word, data and seq together
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n
@@ -100,9 +98,6 @@ if triton is not None:
             mask = cols < n
             for peer in tl.static_range(WORLD):
                 if peer != RANK:
-                    at = own + (half + peer) * words + cols
-                    p = tl.load(at, mask=mask, other=tag, volatile=True)
-                    while tl.min(((p >> 32) == seq).to(tl.int32), axis=0) == 0:
-                        p = tl.load(at, mask=mask, other=tag, volatile=True)
+                    p = ll_poll(own + (half + peer) * words + cols, mask, tag, seq)
                     tl.store(OUT + peer * n + cols, p.to(tl.int32), mask=mask)
         tl.store(counter, seq)

@@ -246,6 +246,24 @@ if triton is not None:
         return a | (b << 16)
 
     @triton.jit
+    def ll_begin(bufs, words, RANK: tl.constexpr, WORLD: tl.constexpr):
+        """An LL call's start in program ``pid``: ``(own, counter, seq, tag, half)``: this rank's int64
+        buffer, the program's counter at ``2 * WORLD * words + pid`` of it, the call's sequence number,
+        it shifted to a word's high half, and the first source slot of the half it selects."""
+        own = tl.load(bufs + RANK).to(tl.pointer_type(tl.int64))
+        counter = own + 2 * WORLD * words + tl.program_id(0)
+        seq = tl.load(counter) + 1
+        return own, counter, seq, seq << 32, (seq % 2) * WORLD
+
+    @triton.jit
+    def ll_poll(at, mask, tag, seq):
+        """The words at ``at`` once every one carries the call's ``seq`` (volatile loads, no time limit)."""
+        p = tl.load(at, mask=mask, other=tag, volatile=True)
+        while tl.min(((p >> 32) == seq).to(tl.int32), axis=0) == 0:
+            p = tl.load(at, mask=mask, other=tag, volatile=True)
+        return p
+
+    @triton.jit
     def _reduce_add_norm_ll(X, R, W, Hout, Y, bufs, words, n, H2, eps, RANK: tl.constexpr,
                             WORLD: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
         """The LL protocol (module doc). ``X, R, W, Hout, Y``: int32 views of bf16 rows, ``H2`` pairs
@@ -256,11 +274,7 @@ if triton is not None:
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        own = tl.load(bufs + RANK).to(tl.pointer_type(tl.int64))
-        counter = own + 2 * WORLD * words + pid
-        seq = tl.load(counter) + 1
-        tag = seq << 32
-        half = (seq % 2) * WORLD
+        own, counter, seq, tag, half = ll_begin(bufs, words, RANK, WORLD)
         cols = tl.arange(0, BLOCK)
         mask = cols < H2
         for row in range(pid, n, G):  # push: one 64-bit store a word, data and seq together
@@ -277,11 +291,7 @@ if triton is not None:
                 if peer == RANK:
                     d = tl.load(X + row * H2 + cols, mask=mask, other=0)
                 else:
-                    at = own + (half + peer) * words + row * H2 + cols
-                    p = tl.load(at, mask=mask, other=tag, volatile=True)
-                    while tl.min(((p >> 32) == seq).to(tl.int32), axis=0) == 0:  # until every word is this call's
-                        p = tl.load(at, mask=mask, other=tag, volatile=True)
-                    d = p.to(tl.int32)
+                    d = ll_poll(own + (half + peer) * words + row * H2 + cols, mask, tag, seq).to(tl.int32)
                 lo, hi = _unpack(d)
                 s_lo += lo
                 s_hi += hi

@@ -5,7 +5,6 @@ end to end: dedicated encoders under KV exhaustion and an abandoned stream, agai
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import executors
 from executors import Request, Sampling
 from executors.batch import ImageJob
 from executors.encoders import EncoderServer, deal, exchange
-from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, make_plan, random_image, save_checkpoint
+from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, free_port, make_plan, random_image, save_checkpoint
 
 GREEDY = Sampling(stop_on_eos=False)
 HIDDEN = 3
@@ -64,12 +63,9 @@ def _exchange_rank(rank: int, port: int, out: dict) -> None:
 
 
 def test_exchange_sends_every_embedding_to_stage0_from_any_stage_and_from_dedicated_encoders() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = mp.Manager().dict()
-    mp.spawn(_exchange_rank, args=(port, out), nprocs=5, join=True)
+    mp.spawn(_exchange_rank, args=(free_port(), out), nprocs=5, join=True)
     owner = {r: REPLICA[k] for r, k in deal([_job(10, 6), _job(11, 2), _job(12, 4), _job(13, 8)], [0] * 4).items()}
     assert set(owner.values()) == {0, 1, 2, 3}  # stage-1 GPUs (ranks 2, 3) encode too
     for rank in STAGE0:

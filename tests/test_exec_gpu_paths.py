@@ -640,20 +640,12 @@ def _sp_decode_rank(rank: int, port: int, out: dict) -> None:
     all-gather and by the all-to-all path the LL kernel would take (a process group standing in)."""
     import torch.distributed as dist
 
-    from executors.config import model_args
     from executors.graphs import DecodeGraphs
-    from executors.parallel import build_par
     from executors.scheduler import Scheduler
-    from executors.worker import RankRunner, WorkerSpec
-    from tests.tiny.helpers import config, make_plan
+    from tests.tiny.helpers import sp2_runner
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    plan = make_plan("llama", sp=2, max_batch_tokens=64, max_seqs=8)
-    a = model_args(config("llama"))
-    runner = RankRunner(WorkerSpec(plan.model_dump_json(), a.portable(), None, 0, "cpu", 64, "eager", False),
-                        build_par(plan.mesh, rank, torch.device("cpu")))
-    model, bs = runner.model, plan.scheduler.block_size
+    runner = sp2_runner(rank, port)
+    model, bs = runner.model, runner.plan.scheduler.block_size
     sched = Scheduler(64, bs, 64, 8)
     for i, n in enumerate([5, 11, 3]):
         sched.add(Seq(req=i, tokens=list(range(3 + 5 * i, 3 + 5 * i + n)), prompt_len=n, max_new=4))
@@ -680,42 +672,31 @@ def test_sp_decode_graph_inputs_give_the_eager_logits() -> None:
     of sp: 3 sequences -> 4 rows, 2 a rank) gives the eager step's logits on both sp ranks, with the
     rows gathered by all-gather and by an all-to-all of the rows repeated (the LL kernel's way)."""
     import os
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.tiny.helpers import free_port
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = mp.Manager().dict()
-    mp.spawn(_sp_decode_rank, args=(port, out), nprocs=2, join=True)
+    mp.spawn(_sp_decode_rank, args=(free_port(), out), nprocs=2, join=True)
     for rank in (0, 1):
         shape, err, err_a2a = out[rank]
         assert shape[0] == 4 and err < 1e-5 and err_a2a < 1e-5, out[rank]
 
 
 SP_MIXED_GRAPH_CHECK = """
-import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from executors.config import model_args
 from executors.graphs import DecodeGraphs, MixedGraphs
-from executors.parallel import build_par
 from executors.scheduler import Scheduler, Seq, build_microbatch
-from executors.worker import RankRunner, WorkerSpec
-from tests.tiny.helpers import config, make_plan
+from tests.tiny.helpers import free_port, sp2_runner
 
 
 def rank_main(rank, port, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    plan = make_plan("llama", sp=2, max_batch_tokens=64, max_seqs=8)
-    a = model_args(config("llama"))
-    runner = RankRunner(WorkerSpec(plan.model_dump_json(), a.portable(), None, 0, "cpu", 64, "eager", False),
-                        build_par(plan.mesh, rank, torch.device("cpu")))
-    model, bs = runner.model, plan.scheduler.block_size
+    runner = sp2_runner(rank, port)
+    model, bs = runner.model, runner.plan.scheduler.block_size
     sched = Scheduler(64, bs, 24, 8)  # a 24-token budget: the long prompt is cut into chunks
     for i, n in enumerate([5, 11, 30]):
         sched.add(Seq(req=i, tokens=list(range(3 + 5 * i, 3 + 5 * i + n)), prompt_len=n, max_new=4))
@@ -740,11 +721,8 @@ def rank_main(rank, port, out):
     dist.destroy_process_group()
 
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
 out = mp.Manager().dict()
-mp.start_processes(rank_main, args=(port, out), nprocs=2, start_method="fork", join=True)
+mp.start_processes(rank_main, args=(free_port(), out), nprocs=2, start_method="fork", join=True)
 print(min(out[r][0] for r in (0, 1)), max(out[r][1] for r in (0, 1)))
 """
 

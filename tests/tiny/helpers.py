@@ -147,3 +147,28 @@ def run_interpreted(*args: str, timeout: float = 600) -> str:
     out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address (for a test's process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sp2_runner(rank: int, port: int) -> Any:
+    """Rank ``rank`` of two gloo ranks joined at ``port``: a ``RankRunner`` of the tiny Llama on an sp2
+    plan (fp32, seeded random weights, eager layers, no graphs)."""
+    import torch.distributed as dist
+
+    from executors.config import model_args
+    from executors.parallel import build_par
+    from executors.worker import RankRunner, WorkerSpec
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    plan = make_plan("llama", sp=2, max_batch_tokens=64, max_seqs=8)
+    return RankRunner(WorkerSpec(plan.model_dump_json(), model_args(config("llama")).portable(), None, 0, "cpu", 64,
+                                 "eager", False), build_par(plan.mesh, rank, torch.device("cpu")))
