@@ -37,7 +37,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
     dev = join(rank, world, port)
     group = dist.group.WORLD
-    symm = SymmAllToAll(group, dev)
+    symm = SymmAllToAll(group, dev, max(TOKENS) // world * HEADS * HEAD_DIM * 2)  # the largest chunk a peer gets
     rows: list[dict] = []
     for T in TOKENS:
         n = max(1, T // world)

@@ -243,23 +243,21 @@ def one_shot_groups(groups: list[Any], dtype: torch.dtype, device: torch.device)
     return {g: OneShotAllReduce(g, dtype, device) for g in one_host_groups(groups, device)}
 
 
-A2A_MAX_BYTES = 8 << 20  # per chunk through the LL all-to-all (a 2,048-token SP2 step of Llama-3.1-8B: 6 MB)
-
-
 class SymmAllToAll:
     """Ulysses' all-to-all over symmetric memory in one kernel (``executors.all_to_all``: NCCL's LL
-    protocol), capturable in CUDA graphs; chunks over ``A2A_MAX_BYTES`` or not a multiple of 4 bytes
-    go to NCCL on the same group. A rank's buffer: ``2 x group size x A2A_MAX_BYTES`` of words and
-    their sequence halves (64 MB for two ranks)."""
+    protocol), capturable in CUDA graphs; chunks over ``max_bytes`` (sized by the stage for every step
+    a CUDA graph may hold) or not a multiple of 4 bytes go to NCCL on the same group. A rank's buffer:
+    ``4 x group size x max_bytes`` (each 4-byte word travels in 8, in two halves)."""
 
-    def __init__(self, group: Any, device: torch.device):
+    def __init__(self, group: Any, device: torch.device, max_bytes: int):
         import torch.distributed._symmetric_memory as symm_mem
 
         from executors import all_to_all as a2a
 
         self.group, self.world = group, dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.words = A2A_MAX_BYTES // 4
+        self.max_bytes = max_bytes
+        self.words = -(-max_bytes // 4)
         self.buf = symm_mem.empty(a2a.ll_words(self.words, self.world), dtype=torch.int64, device=device).zero_()
         hdl = symm_mem.rendezvous(self.buf, group.group_name)
         self.ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=device)
@@ -268,19 +266,20 @@ class SymmAllToAll:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         chunk = x.numel() * x.element_size() // self.world
-        if chunk % 4 or chunk > A2A_MAX_BYTES:
+        if chunk % 4 or chunk > self.max_bytes:
             return all_to_all(x, self.group)
         return torch.ops.shiftplan.all_to_all_ll(x.contiguous(), self.ptrs, self.words, self.rank, self.world)
 
 
-def symm_all_to_all_groups(groups: list[Any], device: torch.device) -> dict[Any, SymmAllToAll]:
-    """A ``SymmAllToAll`` per distinct group of one host (``one_host_groups``) where
-    ``executors.all_to_all`` is on (``SHIFTPLAN_A2A_LL=1``); otherwise none (NCCL stays)."""
+def symm_all_to_all_groups(groups: list[Any], device: torch.device, max_bytes: int) -> dict[Any, SymmAllToAll]:
+    """A ``SymmAllToAll`` (chunks up to ``max_bytes``) per distinct group of one host
+    (``one_host_groups``) where ``executors.all_to_all`` is on (``SHIFTPLAN_A2A_LL=1``); otherwise none
+    (NCCL stays)."""
     from executors import all_to_all as a2a
 
     if not (a2a.ENABLED and a2a.triton is not None) or device.type != "cuda":
         return {}
-    return {g: SymmAllToAll(g, device) for g in one_host_groups(groups, device)}
+    return {g: SymmAllToAll(g, device, max_bytes) for g in one_host_groups(groups, device)}
 
 
 def all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:

@@ -27,7 +27,7 @@ from executors.model import AttnMeta, Transformer, VocabEmbedding
 from executors.parallel import Par, all_to_all, one_shot_groups, symm_all_to_all_groups
 from executors.parallelize import UlyssesCore, gather_tokens, parallelize, split_tokens
 from executors.weights import WeightSource
-from plans.mesh import kv_heads_per_gpu
+from plans.mesh import GRAPH_TOKEN_BUCKETS, kv_heads_per_gpu
 from plans.schema import Plan, Stage
 
 
@@ -42,11 +42,17 @@ def use_one_shot_all_reduce(model: Any, make: Any) -> None:
         m.group = one_shot.get(m.group, m.group)
 
 
-def use_symm_all_to_all(model: Any, device: torch.device) -> dict[Any, Any]:
+def use_symm_all_to_all(model: Any, a: ModelArgs, sp: int, dtype: torch.dtype, device: torch.device) -> dict[Any, Any]:
     """Ulysses' all-to-alls through ``parallel.SymmAllToAll`` (the LL kernel, ``SHIFTPLAN_A2A_LL=1``)
-    where it works: each ``UlyssesCore``'s group becomes one. Returns them by process group."""
+    where it works: each ``UlyssesCore``'s group becomes one. Returns them by process group. Sized
+    for the largest step a CUDA graph holds (``GRAPH_TOKEN_BUCKETS[-1]`` tokens, ``n`` of them a rank):
+    a chunk is at most ``n`` rows of either the hidden state (``StageModel.gather_rows``) or a peer's
+    share of the packed q, k, v (at most ``(heads + 2 kv_heads) head_dim / sp`` values a row), so
+    no graphed step falls back to NCCL's all-to-all, which hangs in a graph."""
     users = [m for m in model.modules() if isinstance(m, UlyssesCore) and m.group is not None]
-    symm = symm_all_to_all_groups(list(dict.fromkeys(m.group for m in users)), device)  # the same order on every rank
+    n = -(-GRAPH_TOKEN_BUCKETS[-1] // sp)
+    row = max(a.hidden, -(-(a.heads + 2 * a.kv_heads) * a.head_dim // sp)) * dtype.itemsize
+    symm = symm_all_to_all_groups(list(dict.fromkeys(m.group for m in users)), device, n * row)  # same order on every rank
     for m in users:
         m.group = symm.get(m.group, m.group)
     return symm
@@ -75,7 +81,7 @@ class StageModel:
         self.sp_a2a = None
         if all_reduce == "auto":
             use_one_shot_all_reduce(self.model, lambda groups: one_shot_groups(groups, dtype, dev))
-            self.sp_a2a = use_symm_all_to_all(self.model, dev).get(par.sp_group)
+            self.sp_a2a = use_symm_all_to_all(self.model, a, par.sp, dtype, dev).get(par.sp_group)
         self.vocab_group = par.shift_group if par.P > 1 else None
         self.vision = None
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
