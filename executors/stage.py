@@ -50,12 +50,17 @@ def use_symm_all_to_all(model: Any, a: ModelArgs, sp: int, dtype: torch.dtype, d
     share of the packed q, k, v (at most ``(heads + 2 kv_heads) head_dim / sp`` values a row), so
     no graphed step falls back to NCCL's all-to-all, which hangs in a graph."""
     users = [m for m in model.modules() if isinstance(m, UlyssesCore) and m.group is not None]
-    n = -(-GRAPH_TOKEN_BUCKETS[-1] // sp)
-    row = max(a.hidden, -(-(a.heads + 2 * a.kv_heads) * a.head_dim // sp)) * dtype.itemsize
-    symm = symm_all_to_all_groups(list(dict.fromkeys(m.group for m in users)), device, n * row)  # same order on every rank
+    symm = symm_all_to_all_groups(list(dict.fromkeys(m.group for m in users)), device,
+                                  graphed_chunk_bytes(a, sp, dtype.itemsize))  # the same order on every rank
     for m in users:
         m.group = symm.get(m.group, m.group)
     return symm
+
+
+def graphed_chunk_bytes(a: ModelArgs, sp: int, itemsize: int) -> int:
+    """The largest chunk one sp rank sends a peer in a step a CUDA graph holds (``use_symm_all_to_all``)."""
+    rows = -(-GRAPH_TOKEN_BUCKETS[-1] // sp)
+    return rows * max(a.hidden, -(-(a.heads + 2 * a.kv_heads) * a.head_dim // sp)) * itemsize
 
 
 class StageModel:

@@ -734,3 +734,32 @@ def test_sp_mixed_graph_inputs_give_the_eager_logits() -> None:
     prompt's later chunks, the rows gathered by all-gather and by an all-to-all of the rows repeated."""
     steps, worst = run_interpreted("-c", SP_MIXED_GRAPH_CHECK).split()[-2:]
     assert int(steps) >= 2 and float(worst) < 1e-4
+
+
+def test_the_ll_all_to_all_holds_every_graphed_sp_chunk() -> None:
+    """The LL all-to-all's buffer (``stage.graphed_chunk_bytes``) holds every chunk of a step a CUDA
+    graph may hold (2,048 tokens), for every preset and SP x TP mesh its heads allow: a peer's share of
+    the packed q, k, v (the rank's heads from ``HeadSplit``, KV heads replicated where fewer than the
+    GPUs) and the hidden rows ``gather_rows`` sends; a chunk past it would fall back to NCCL's all-to-all,
+    which hangs in a graph."""
+    from executors.config import model_args
+    from executors.stage import graphed_chunk_bytes
+    from graph.hf_config import load_config, preset_names
+    from plans.errors import UserError
+    from plans.mesh import GRAPH_TOKEN_BUCKETS, HeadSplit
+
+    checked = 0
+    for name in preset_names():
+        a = model_args(load_config(preset=name))
+        for tp, sp in [(1, 2), (2, 2), (1, 4), (2, 4), (4, 2), (1, 8)]:
+            try:
+                hs = HeadSplit(a.heads, a.kv_heads, tp * sp)
+            except UserError:
+                continue
+            rows = -(-GRAPH_TOKEN_BUCKETS[-1] // sp)
+            for tp_i in range(tp):
+                q, kv = len(hs.q_heads_sptp(tp_i, sp)), len(hs.kv_heads_sptp(tp_i, sp))
+                packed = rows * (q + 2 * kv) * a.head_dim // sp * 2
+                assert max(packed, rows * a.hidden * 2) <= graphed_chunk_bytes(a, sp, 2), (name, tp, sp, tp_i)
+                checked += 1
+    assert checked > 20
