@@ -25,12 +25,13 @@ import os
 
 import torch
 
-from executors import gemv
+from executors import gemv, reduce_norm
 
 try:
     import triton
     import triton.language as tl
 
+    from executors.paged_decode import depend
     from executors.reduce_norm import ll_begin, ll_poll
 except ImportError:  # CPU-only installs: NCCL / gloo all-to-all
     triton = None
@@ -42,7 +43,7 @@ ENABLED = os.environ.get("SHIFTPLAN_A2A_LL", "0") == "1"  # not yet measured on 
 
 def ll_words(words: int, world: int) -> int:
     """Length (int64 words) of a rank's buffer for chunks of up to ``words`` 32-bit words."""
-    return 2 * world * words + PROGRAMS
+    return reduce_norm.ll_words(words, world, PROGRAMS)
 
 
 def launch(x: torch.Tensor, buffer_ptrs: torch.Tensor, words: int, rank: int, world: int) -> torch.Tensor:
@@ -79,9 +80,7 @@ if triton is not None:
         """``X, OUT``: int32 views ``[WORLD, n]``; program ``pid`` moves words ``[b, b + BLOCK)`` for
         ``b = pid BLOCK, (pid + G) BLOCK, ...`` of every chunk (module doc)."""
         pid, G = tl.program_id(0), tl.num_programs(0)
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        depend(USE_GDC)
         own, counter, seq, tag, half = ll_begin(bufs, words, RANK, WORLD)
         for start in range(pid * BLOCK, n, G * BLOCK):  # push: one 64-bit store a word, data and seq together
             cols = start + tl.arange(0, BLOCK)

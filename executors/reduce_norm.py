@@ -60,6 +60,8 @@ from executors import gemv
 try:
     import triton
     import triton.language as tl
+
+    from executors.paged_decode import depend
 except ImportError:  # CPU-only installs: the unfused path
     triton = None
 
@@ -128,9 +130,10 @@ def launch_ll(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps
     return h, y
 
 
-def ll_words(words: int, world: int) -> int:
-    """Length (int64 words) of a rank's LL buffer for slots of ``words`` words."""
-    return 2 * world * words + PROGRAMS
+def ll_words(words: int, world: int, programs: int = PROGRAMS) -> int:
+    """Length (int64 words) of a rank's LL buffer for slots of ``words`` words: two halves of a slot per
+    source rank, then a counter per program (``ll_begin``)."""
+    return 2 * world * words + programs
 
 
 @torch.library.custom_op("shiftplan::reduce_add_norm_ll", mutates_args=())
@@ -207,9 +210,7 @@ if triton is not None:
         dt = X.dtype.element_ty
         if SYNC:
             _consume_from_peers(pads, done, RANK, WORLD)
-        if USE_GDC:  # launched while the product before it finished (gemv.PDL): wait for x, let the next launch
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        depend(USE_GDC)  # launched while the product before it finished (gemv.PDL): wait for x, let the next launch
         for row in range(pid, n, G):
             x = tl.load(X + row * H + cols, mask=mask)
             for peer in tl.static_range(WORLD):
@@ -271,9 +272,7 @@ if triton is not None:
         row * H2 + j)`` of the receiving rank's buffer; program ``pid``'s counter at ``2 * WORLD *
         words + pid`` of this rank's."""
         pid, G = tl.program_id(0), tl.num_programs(0)
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        depend(USE_GDC)
         own, counter, seq, tag, half = ll_begin(bufs, words, RANK, WORLD)
         cols = tl.arange(0, BLOCK)
         mask = cols < H2
