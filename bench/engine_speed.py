@@ -123,7 +123,7 @@ def run_batch(eng: Any, B: int, prompt: int, new: int, vocab: int, seed: int, de
 
         from executors.graphs import bucket, kernel_table
 
-        mine = [(b, k) for b, k in runner.graphs.graphs if b == bucket(B, runner.graphs.sizes)]
+        mine = [key for key in runner.graphs.graphs if key[0] == bucket(B, runner.graphs.sizes)]  # (B, L, mode)
         if mine:  # GPU time of the step alone: the last decode bucket's graph replayed
             gr = runner.graphs.graphs[max(mine)].graph
             out["graph_replay_ms"] = round(do_bench(gr.replay, warmup=20, rep=200, return_mode="median"), 3)
@@ -230,7 +230,7 @@ def main() -> None:
                               "floor_ms": round(1e3 * flops / rate, 2)}
             print(name, "prefill", json.dumps(res["prefill"]), flush=True)
             if graphs and eng.local is not None and eng.local.graphs is not None:
-                res["graphs_captured"] = sorted(f"{b}x{k}" for b, k in eng.local.graphs.graphs)
+                res["graphs_captured"] = sorted(f"{b}x{k}" for b, k, _mode in eng.local.graphs.graphs)
             eng.shutdown()
             del eng
         except Exception as e:  # record and go on: a failed variant must not lose the others

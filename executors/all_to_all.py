@@ -14,18 +14,22 @@ the same calls), so the kernel replays in CUDA graphs.
 
 Buffer of a rank (int64 words): ``[parity 2][source W][words]`` then ``PROGRAMS`` counters; word ``c``
 of the chunk rank ``src`` sends here in call ``seq`` sits at ``((seq % 2) * W + src) * words + c``.
-Twice the bytes of the data cross NVLink (the sequence halves). ``SHIFTPLAN_A2A_LL=1`` turns it on for
-Ulysses (``parallel.SymmAllToAll``); checked through Triton's interpreter and as sm_90 PTX, not yet
-measured on GPUs, so off by default.
+Twice the bytes of the data cross NVLink (the sequence halves).
+
+Ulysses uses it on GPUs of one host (``parallel.SymmAllToAll``; ``SHIFTPLAN_A2A_LL=0``: NCCL's). Measured
+on 2 x H200 (``bench/results/all_to_all_latency.md``, Llama-3.1-8B's packed q, k, v): 2.8 us a call at a
+batch-1 decode step and 5.2 us at 64 tokens in a CUDA graph, where NCCL's all-to-all took 29-47 us launched
+from Python (and hung in a graph); at 2,048 tokens 98 us against NCCL's 67 (the LL protocol moves twice
+the bytes). With it SP x TP steps are graphed: sp2's batch-1 decode step of Llama-3.1-8B went from 89.1 to
+4.58 ms and its 64-request throughput from 0.62x to 1.51x one GPU (``mesh_speed.ll.md``, ``mesh_speed.a2a.md``).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from executors import gemv, reduce_norm
+from executors.switches import switch
 
 try:
     import triton
@@ -36,9 +40,12 @@ try:
 except ImportError:  # CPU-only installs: NCCL / gloo all-to-all
     triton = None
 
-PROGRAMS = 32  # programs of every call (fixed: a program's words and counter are the same call to call)
+# programs of every call (fixed: a program's words and counter are the same call to call); in CUDA graphs on
+# 2 x H200 (bench/results/all_to_all_latency.md) 128 move 2,048 tokens' chunks in 97.8 us against 206.5 with 32
+# (512 tokens: 23.0 against 38.5), and 2-64 tokens' in the same ~2.8-5.2 us
+PROGRAMS = 128
 BLOCK = 1024  # 32-bit words a program moves per iteration, per peer
-ENABLED = os.environ.get("SHIFTPLAN_A2A_LL", "0") == "1"  # not yet measured on GPUs
+ENABLED = switch("SHIFTPLAN_A2A_LL")  # 0: NCCL's all-to-all (SP x TP steps then run eagerly)
 
 
 def ll_words(words: int, world: int) -> int:

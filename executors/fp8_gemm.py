@@ -46,11 +46,11 @@ without a graph break; ``wanted`` says when ``executors.quant.linear`` routes an
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 
 from executors import fp8_w8a8, gemv
+from executors.switches import switch
 
 try:
     import triton
@@ -63,8 +63,8 @@ except ImportError:  # CPU-only installs: products stay with torch
 # tl.dot tiling beats _scaled_mm up to 32 rows and loses from 64-128 rows on the larger shards.
 W8A16_MAX_M = 32  # rows served by the W8A16 tilings; above, the W8A8 kernel (fp8_w8a8)
 GEMV_MAX_M = 2  # up to this many rows the GEMV-like tiling, above it the tl.dot tiling
-ENABLED = os.environ.get("SHIFTPLAN_FP8_GEMM", "1") != "0"  # 0: every FP8 product through _scaled_mm
-W8A8 = os.environ.get("SHIFTPLAN_FP8_W8A8", "1") != "0"  # 0: products above W8A16_MAX_M through _scaled_mm
+ENABLED = switch("SHIFTPLAN_FP8_GEMM")  # 0: every FP8 product through _scaled_mm
+W8A8 = switch("SHIFTPLAN_FP8_W8A8")  # 0: products above W8A16_MAX_M through _scaled_mm
 MAX_M = fp8_w8a8.MAX_M if W8A8 else W8A16_MAX_M  # rows of x served here; larger batches go to torch._scaled_mm
 KERNEL = "triton_w8a16"  # the names calibration points record for products served here
 KERNEL_W8A8 = "triton_w8a8"

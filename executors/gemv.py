@@ -24,9 +24,9 @@ layers call it without a graph break; ``wanted`` says when ``executors.quant.lin
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from executors.switches import switch
 
 try:
     import triton
@@ -35,10 +35,10 @@ except ImportError:  # CPU-only installs: products stay with torch
     triton = None
 
 MAX_M = 4  # rows of x served here; larger batches are matrix products (cuBLAS)
-ENABLED = os.environ.get("SHIFTPLAN_GEMV", "1") != "0"  # 0: every product through cuBLAS (A/B measurements)
+ENABLED = switch("SHIFTPLAN_GEMV")  # 0: every product through cuBLAS (A/B measurements)
 # Programmatic dependent launch (Hopper+): the kernel is launched while the one before it finishes and
 # waits for it on the GPU (``griddepcontrol.wait``) before reading its inputs; 0 turns it off (A/B)
-PDL = os.environ.get("SHIFTPLAN_PDL", "1") != "0"
+PDL = switch("SHIFTPLAN_PDL")
 CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
 
 

@@ -14,7 +14,7 @@ collectives, the lm_head) is captured once per bucket and replayed:
   write the scratch slot, read one key, and their outputs are dropped;
 * later pipeline stages copy the received hidden states into a static ``[B, hidden]`` buffer;
 * plain TP mode, or SP x TP where the stage's Ulysses all-to-all is the LL kernel
-  (``executors.all_to_all``, ``SHIFTPLAN_A2A_LL=1``; NCCL's hung inside a graph): then ``B`` is a
+  (``executors.all_to_all``, on GPUs of one host; NCCL's hung inside a graph): then ``B`` is a
   multiple of sp, each sp rank runs ``B / sp`` rows and the rows are gathered through the same kernel
   (``StageModel.decode_forward``), one graph per ``(B, L, mode)``.
 

@@ -12,7 +12,6 @@ building the DeviceMesh (group creation is collective over the world) but belong
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from executors import reduce_norm
+from executors.switches import switch
 from plans.mesh import ParallelDims, shift_rank
 from plans.schema import Mesh
 
@@ -146,7 +146,7 @@ def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
 
 # fused all-reduce + residual add + RMSNorm (executors.reduce_norm); SHIFTPLAN_FUSED_ADD_NORM=0 keeps
 # the one-shot all-reduce and separate add / norm kernels (A/B measurements)
-FUSED_ADD_NORM = os.environ.get("SHIFTPLAN_FUSED_ADD_NORM", "1") != "0"
+FUSED_ADD_NORM = switch("SHIFTPLAN_FUSED_ADD_NORM")
 ONE_SHOT_MAX_BYTES = 1 << 20  # one-shot beats NCCL up to here (bench/results/allreduce_latency.md: 1 MB, 12.6 vs 26.7 us)
 
 
@@ -273,7 +273,7 @@ class SymmAllToAll:
 
 def symm_all_to_all_groups(groups: list[Any], device: torch.device, max_bytes: int) -> dict[Any, SymmAllToAll]:
     """A ``SymmAllToAll`` (chunks up to ``max_bytes``) per distinct group of one host
-    (``one_host_groups``) where ``executors.all_to_all`` is on (``SHIFTPLAN_A2A_LL=1``); otherwise none
+    (``one_host_groups``) unless ``SHIFTPLAN_A2A_LL=0`` (``executors.switches``); otherwise none
     (NCCL stays)."""
     from executors import all_to_all as a2a
 

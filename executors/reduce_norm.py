@@ -51,11 +51,10 @@ with the same bits.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from executors import gemv
+from executors.switches import switch
 
 try:
     import triton
@@ -70,7 +69,7 @@ PROGRAMS = 16  # programs of every call (fixed: a program's rows and flags are t
 # one-shot all-reduce + compiled add + norm: 4.25 against 8.69 us at 1 row, 6.9 against 11.47 at 32, 39.7
 # against 17.4 at 128); more rows take the one-shot all-reduce and the compiled add + norm
 MAX_ROWS = 32
-LL = os.environ.get("SHIFTPLAN_REDUCE_LL", "1") == "1"  # the LL protocol (module doc) for bf16
+LL = switch("SHIFTPLAN_REDUCE_LL")  # the LL protocol (module doc) for bf16
 
 
 def flag_base(signal_pad_bytes: int, world: int) -> int:

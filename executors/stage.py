@@ -43,7 +43,7 @@ def use_one_shot_all_reduce(model: Any, make: Any) -> None:
 
 
 def use_symm_all_to_all(model: Any, a: ModelArgs, sp: int, dtype: torch.dtype, device: torch.device) -> dict[Any, Any]:
-    """Ulysses' all-to-alls through ``parallel.SymmAllToAll`` (the LL kernel, ``SHIFTPLAN_A2A_LL=1``)
+    """Ulysses' all-to-alls through ``parallel.SymmAllToAll`` (the LL kernel; ``SHIFTPLAN_A2A_LL=0``: NCCL's)
     where it works: each ``UlyssesCore``'s group becomes one. Returns them by process group. Sized
     for the largest step a CUDA graph holds (``GRAPH_TOKEN_BUCKETS[-1]`` tokens, ``n`` of them a rank):
     a chunk is at most ``n`` rows of either the hidden state (``StageModel.gather_rows``) or a peer's
