@@ -4,15 +4,16 @@ engine's measurement (issue 15, point 4).
 Measured: ``bench/mesh_speed.py`` reports, first one first (Llama-3.1-8B shapes, bf16,
 decode steps as CUDA graphs; layers eager or compiled, the first report's ``backend``): the decode step at
 batch 1 (512-token prompt, 128 new tokens: mean context ~576) and the TTFT of one 8,192-token prompt. By
-default ``mesh_speed.ll_shift.json`` (the current engine: fused all-reduce + add + norm in the LL
-protocol, the SiLU in the ``down`` GEMV; single, tp2, shift-sp2), ``mesh_speed.ll.json`` (the same
-build; sp2), then ``mesh_speed.gated.json``,
+default ``mesh_speed.a2a.json`` (the current engine: Ulysses' all-to-all through the LL kernel, SP x TP
+steps graphed; single, sp2), ``mesh_speed.ll_shift.json`` (the build before it: fused all-reduce + add +
+norm in the LL protocol, the SiLU in the ``down`` GEMV; single, tp2, shift-sp2; what changed since touches
+SP x TP steps only), ``mesh_speed.ll.json``, then ``mesh_speed.gated.json``,
 ``mesh_speed.fused.json`` and ``mesh_speed.json`` (earlier builds) and ``mesh_speed.pp2.json`` (pp2); a mesh is taken from the first report that has it. Predicted: ``CostModel.step_wall_ms`` of the same shapes with
 the H200 profile and this engine's step terms (host side of eager steps, Ulysses exchange, decode GEMV, PP handoff;
 ``costmodels.steps``) (the eager cost model for eager layers, the fused one for compiled layers, as
 the layers ran), per mesh: tp2 (TP over 2), shift(sp2)
-(TP over 2 for a decode, SP2 for the prefill), sp2 (SP2 for both: its steps run outside graphs, priced as an
-eager step's host time), pp2 (a single request crosses both stages, so its
+(TP over 2 for a decode, SP2 for the prefill), sp2 (SP2 for both: its decode step graphed with the LL
+all-to-all's measured times), pp2 (a single request crosses both stages, so its
 step is the sum of the stages plus the send and the engine's handoff at the stage boundary,
 ``costmodels.steps``). Speedup = one GPU's time / the mesh's, each mesh against the single GPU of
 its own report; error = predicted speedup / measured speedup - 1. The model prices the current
@@ -38,7 +39,7 @@ PREFILL = 8192
 # mesh -> (pp, tp, sp, decode mode, prefill mode)
 # the measured reports read by default, first one first (a mesh is taken from the first that has it)
 REPORTS = [ROOT / "bench/results" / f for f in
-           ("mesh_speed.ll_shift.json", "mesh_speed.ll.json", "mesh_speed.gated.json", "mesh_speed.fused.json",
+           ("mesh_speed.a2a.json", "mesh_speed.ll_shift.json", "mesh_speed.ll.json", "mesh_speed.gated.json", "mesh_speed.fused.json",
             "mesh_speed.json", "mesh_speed.pp2.json")]
 MESHES = {"single": (1, 1, 1, "tp", "tp"), "tp2": (1, 2, 1, "tp", "tp"),
           "shift-sp2": (1, 1, 2, "tp", "sp_tp"), "sp2": (1, 1, 2, "sp_tp", "sp_tp"), "pp2": (2, 1, 1, "tp", "tp")}

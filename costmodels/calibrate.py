@@ -114,8 +114,11 @@ def fp8_supported(dev) -> bool:
             and torch.cuda.get_device_capability(dev) >= (8, 9))
 
 
-def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_m: int | None = None) -> list[dict]:
-    """FP8 GEMM points on the bf16 grid (rows up to ``max_m`` when given), each the call
+def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_m: int | None = None,
+               shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """FP8 GEMM points on the bf16 grid (rows up to ``max_m`` when given; with ``shard = (i, n)`` the
+    grid's ``(N, K)`` pairs ``i, i + n, i + 2n, ...`` of its timing order, so ``n`` GPUs, one process
+    each, measure the grid between them), each the call
     ``executors.quant.linear`` makes for an ``Fp8Weight`` w [N, K] (e4m3, per-row fp32 scales) and
     bf16 x [M, K]: the Triton W8A16 kernel (``executors.fp8_gemm``) for M <= its MAX_M, above that x
     quantized per row and ``torch._scaled_mm`` (``quant.w8a8_rowwise``, the quantization timed too).
@@ -139,6 +142,7 @@ def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_
     # every other (N, K) first: a run cut short by its budget leaves interior cells, which the fit
     # fills from their measured neighbours, instead of the whole large-N end of the grid
     pairs = sorted(((i, j) for i in range(len(nk)) for j in range(len(nk))), key=lambda p: (p[0] % 2 or p[1] % 2, p))
+    pairs = pairs[shard[0]::shard[1]]
     cut = 0
     try:
         for n, k in ((nk[i], nk[j]) for i, j in pairs):
@@ -316,11 +320,12 @@ def run_collectives(world: int | None = None, sizes: list[int] | None = None, *,
 
 
 def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Callable[[str], None] = print,
-                 collectives_s: float = 90.0, fp8_only: bool = False, max_m: int | None = None) -> dict[str, Any]:
+                 collectives_s: float = 90.0, fp8_only: bool = False, max_m: int | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """The multi-GPU part of a calibration, bounded in time: collective tables (``run_collectives``,
     at most ``collectives_s`` seconds; none with fewer than two GPUs, or with ``fp8_only``) and then
     FP8 GEMMs on the bf16 GEMM grid of ``grids`` (default ``Grids.full()``; rows up to ``max_m`` when
-    given) until ``budget_s`` is spent. Returns {meta, overhead_us, collectives..., gemm_fp8, skipped,
+    given; the ``shard`` of its pairs, ``_fp8_gemms``) until ``budget_s`` is spent. Returns {meta, overhead_us, collectives..., gemm_fp8, skipped,
     seconds}; merge it into a profile with ``costmodels.merge`` (FP8 points replace the profile's of
     the same (m, n, k), the others stay)."""
     import torch
@@ -349,7 +354,9 @@ def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Calla
         raw["overhead_us"] = timer(lambda: x1.add_(1.0)) * 1e3
     gen = torch.Generator(device=dev).manual_seed(0)
     raw["gemm_fp8"] = _fp8_gemms(grids, dev, timer, gen, lambda: time.time() - t_start > budget_s, raw["skipped"],
-                                 max_m=max_m)
+                                 max_m=max_m, shard=shard)
+    if shard != (0, 1):
+        raw["gemm_fp8_shard"] = list(shard)
     if max_m is not None:
         raw["gemm_fp8_max_m"] = max_m
     log(f"gemm_fp8: {len(raw['gemm_fp8'])} points, {time.time() - t_start:.0f} s")

@@ -18,7 +18,7 @@ read the profile's measured tables where it has them (graph-timed for decode ste
 which the engine replays as CUDA graphs; eager otherwise) and the alpha-beta formulas elsewhere
 (``costmodels.collectives``). ``launch`` (``costmodels.steps.Launch``, the engine's measured
 step terms; None: none apply): SP x TP layers pay the Ulysses exchange's in-step cost per byte on
-top of the all-to-alls, and ``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
+top of the all-to-alls (the engine's LL all-to-all in steps it graphs: ``all_to_all_ms``), and ``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
 ``max(layers x host time per layer, GPU time)`` for steps the engine launches eagerly, and
 ``step_wall_ms`` / ``hop_ms`` the engine's handoff at each PP stage boundary; the engine's decode
 GEMV prices products of a few rows (``opcost.Rates.gemv_bw``). Block,
@@ -159,8 +159,8 @@ class CostModel:
                 comm += links.ms("all_gather", r.act_written(shape) / s * ab, t, stride=s, graph=graph)
             if s > 1 and r.kind == "attention":
                 # Ulysses: QKV in (this GPU's T/s tokens of its h/t heads), attention output back
-                comm += links.ms("all_to_all", r.act_read(shape) / (s * t) * ab, s, graph=graph)
-                comm += links.ms("all_to_all", r.act_written(shape) / (s * t) * ab, s, graph=graph)
+                comm += self.all_to_all_ms(r.act_read(shape) / (s * t) * ab, s, shape, graph=graph)
+                comm += self.all_to_all_ms(r.act_written(shape) / (s * t) * ab, s, shape, graph=graph)
                 if self.launch is not None:  # the exchange as the engine runs it (copies around it)
                     comm += (r.act_read(shape) + r.act_written(shape)) / (s * t) * ab \
                         * self.launch.ulysses_ns_per_byte * 1e-6
@@ -182,6 +182,21 @@ class CostModel:
             if t is not None:
                 return t
         return self.links.ms("all_reduce", nbytes, n, stride=stride, graph=graph)
+
+    def all_to_all_ms(self, nbytes: float, n: int, shape: StepShape, *, graph: bool = False) -> float:
+        """A Ulysses all-to-all of ``nbytes`` a GPU over the ``n`` GPUs of an sp group (adjacent
+        ranks) in a step of ``shape``: the engine's LL kernel where it graphs the step on one host and
+        the profile measured it (``costmodels.steps.SymmAllToAll``), else the collective tables."""
+        a2a = self.launch.all_to_all if self.launch is not None else None
+        if a2a is not None and self.sp_one_host(n) and self.launch.graphed(shape.tokens, n, "sp_tp"):
+            t = a2a.ms(nbytes, n)
+            if t is not None:
+                return t
+        return self.links.ms("all_to_all", nbytes, n, graph=graph)
+
+    def sp_one_host(self, sp: int) -> bool:
+        """An sp group (adjacent ranks) lies on one host."""
+        return self.links.for_group(sp) is self.links.intra
 
     def _fusion(self, block: Block, shape: StepShape, t: int, s: int,
                 graph: bool) -> tuple[frozenset[int], frozenset[int]]:
@@ -279,7 +294,7 @@ class CostModel:
         engine launches the step eagerly, else ``gpu_ms`` (``costmodels.steps``)."""
         if self.launch is None:
             return gpu_ms
-        return self.launch.wall_ms(gpu_ms, layers, tokens, sp, mode)
+        return self.launch.wall_ms(gpu_ms, layers, tokens, sp, mode, self.sp_one_host(sp))
 
     def step_wall_ms(self, shape: StepShape, *, pp: int = 1, tp: int = 1, sp: int = 1, mode: str = "sp_tp",
                      stages: list[tuple[int, int]] | None = None) -> float:

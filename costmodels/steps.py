@@ -70,6 +70,17 @@ model charges to the layer's own input norm (``fused_add_norm_ops``): per step t
 fused kernel for the last layer's plain sum + add and leaves the first layer's input norm out, a
 few microseconds.
 
+Ulysses all-to-all in a graph. On GPUs of one host the engine runs Ulysses' all-to-alls through
+its LL kernel over symmetric memory (``executors/all_to_all.py``), which a CUDA graph can hold, so
+SP x TP steps of at most ``graph_max_tokens`` tokens are graphed like plain TP's (``Launch.graphed``).
+There an all-to-all of ``S`` bytes a GPU costs
+
+    t = ll(S)       (interpolated log-log, clamped below; linear in S above the largest size)
+
+from the per-call times of 64 calls in one CUDA graph (``bench/results/all_to_all_latency.json``,
+groups of 2 GPUs; other group sizes, eager steps and groups across hosts keep the NCCL tables). A
+profile without this table describes an engine that ran SP x TP steps eagerly.
+
 Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
 backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results
 specs) captures every step, and vLLM / Arctic / SGLang were not measured here: no terms.
@@ -122,6 +133,28 @@ class SymmAllReduce:
 
 
 @dataclass(frozen=True)
+class SymmAllToAll:
+    """The engine's LL all-to-all inside a CUDA graph (module doc): ``graph`` in us against the bytes
+    a GPU exchanges (its whole ``[sp, ...]`` input), measured on groups of ``gpus`` GPUs."""
+
+    gpus: int
+    graph: LogGrid
+
+    def ms(self, nbytes: float, n: int) -> float | None:
+        """Time of an all-to-all of ``nbytes`` a GPU over ``n`` GPUs of one host, or None where
+        nothing was measured (another group size)."""
+        if n != self.gpus or nbytes <= 0:
+            return None
+        top = self.graph.axes[0][-1]
+        return self.graph(min(nbytes, top)) * max(1.0, nbytes / top) * 1e-3
+
+    @staticmethod
+    def of(value: dict[str, Any]) -> "SymmAllToAll":
+        """From the profile's ``symm_all_to_all_us`` value (``fit_symm_all_to_all``)."""
+        return SymmAllToAll(int(value["gpus"]), LogGrid([value["bytes"]], value["graph"], log_values=True))
+
+
+@dataclass(frozen=True)
 class Launch:
     """How the engine launches a step (module doc). ``host_ms_per_layer``: an eager step's host
     time per decoder layer of a stage; ``graph_max_tokens``: plain-TP steps up to this size are
@@ -129,7 +162,8 @@ class Launch:
     ``gemv_GBps``, ``gemv_call_us``: the decode GEMV's streaming rate and fixed time a product (0:
     products priced by the GEMM table);
     ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send;
-    ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables)."""
+    ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables);
+    ``all_to_all``: the LL all-to-all of graphed SP x TP steps (None: SP x TP steps run eagerly)."""
 
     host_ms_per_layer: float
     graph_max_tokens: int = GRAPH_TOKEN_BUCKETS[-1]
@@ -138,15 +172,18 @@ class Launch:
     gemv_call_us: float = 0.0
     pp_handoff_ms: float = 0.0
     all_reduce: SymmAllReduce | None = None
+    all_to_all: SymmAllToAll | None = None
 
-    def graphed(self, tokens: float, sp: int, mode: str) -> bool:
-        """Whether the engine replays the step as a CUDA graph: plain TP (``sp == 1`` runs TP too)
-        and at most ``graph_max_tokens`` tokens."""
-        return (mode == "tp" or sp == 1) and tokens <= self.graph_max_tokens
+    def graphed(self, tokens: float, sp: int, mode: str, one_host: bool = True) -> bool:
+        """Whether the engine replays the step as a CUDA graph: at most ``graph_max_tokens`` tokens,
+        in plain TP (``sp == 1`` runs TP too), or in SP x TP where its all-to-all is the LL kernel
+        (the sp group on ``one_host``)."""
+        sp_graphed = self.all_to_all is not None and one_host
+        return (mode == "tp" or sp == 1 or sp_graphed) and tokens <= self.graph_max_tokens
 
-    def wall_ms(self, gpu_ms: float, layers: int, tokens: float, sp: int, mode: str) -> float:
+    def wall_ms(self, gpu_ms: float, layers: int, tokens: float, sp: int, mode: str, one_host: bool = True) -> float:
         """A stage's step: ``max(layers * h, gpu_ms)`` when eager, ``gpu_ms`` when graphed."""
-        if self.graphed(tokens, sp, mode):
+        if self.graphed(tokens, sp, mode, one_host):
             return gpu_ms
         return max(gpu_ms, layers * self.host_ms_per_layer)
 
@@ -162,9 +199,11 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
         return float(profile.steps.get(name, {}).get("value", 0.0))
 
     symm = profile.steps.get("symm_all_reduce_us")
+    a2a = profile.steps.get("symm_all_to_all_us")
     return Launch(float(host["value"]), ulysses_ns_per_byte=value("ulysses_ns_per_byte"),
                   gemv_GBps=value("gemv_GBps"), gemv_call_us=value("gemv_call_us"), pp_handoff_ms=value("pp_handoff_ms"),
-                  all_reduce=SymmAllReduce.of(symm["value"]) if symm else None)
+                  all_reduce=SymmAllReduce.of(symm["value"]) if symm else None,
+                  all_to_all=SymmAllToAll.of(a2a["value"]) if a2a else None)
 
 
 def fused_add_norm_ops(recs: tuple[Any, ...]) -> tuple[frozenset[int], frozenset[int]]:
@@ -296,3 +335,16 @@ def fit_symm_all_reduce(report: dict[str, Any]) -> dict[str, Any]:
     return {"gpus": int(report["gpus"]), "bytes": [float(r["bytes"]) for r in rows],
             "one_shot": [float(r["symm_graph_us"]) for r in rows],
             "fused_add_norm": [float(r[fused]) for r in rows]}
+
+
+def fit_symm_all_to_all(report: dict[str, Any], programs: int) -> dict[str, Any]:
+    """The profile's ``symm_all_to_all_us`` value from a ``bench/all_to_all_latency.py`` report: per
+    size (the bytes of a GPU's input), the LL kernel's per-call time in a CUDA graph (us) with
+    ``programs`` programs (the engine's ``executors.all_to_all.PROGRAMS``: the report's own count or
+    one of its variants), and the group size."""
+    key = "ll_graph_us" if programs == report["programs"] else f"ll_graph_us_p{programs}"
+    rows = sorted(report["rows"], key=lambda r: r["bytes_per_rank"])
+    if not all(key in r for r in rows):
+        raise ValueError(f"the report has no in-graph times with {programs} programs")
+    return {"gpus": int(report["gpus"]), "programs": programs, "bytes": [float(r["bytes_per_rank"]) for r in rows],
+            "graph": [float(r[key]) for r in rows]}
