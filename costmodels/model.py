@@ -14,8 +14,9 @@ backend is not eager), so they cost one pass over their bytes (``opcost.Rates.fu
 
 Op times come from ``costmodels.opcost``; a block's time is the sum over its ops plus its
 collectives (no overlap of communication and compute is assumed). Collectives and stage sends
-read the profile's measured tables where it has them (graph-timed for decode steps, T = B,
-which the engine replays as CUDA graphs; eager otherwise) and the alpha-beta formulas elsewhere
+read the profile's measured tables where it has them (graph-timed for the steps the engine replays
+as CUDA graphs, ``graphed``: decode steps, T = B, and with ``launch`` every step of at most 2,048
+tokens; eager otherwise) and the alpha-beta formulas elsewhere
 (``costmodels.collectives``). ``launch`` (``costmodels.steps.Launch``, the engine's measured
 step terms; None: none apply): SP x TP layers pay the Ulysses exchange's in-step cost per byte on
 top of the all-to-alls (the engine's LL all-to-all in steps it graphs: ``all_to_all_ms``), and ``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
@@ -141,7 +142,7 @@ class CostModel:
             return hit
         comp = mem = ovh = comm = 0.0
         links, ab = self.links, self.rates.a_bytes
-        graph = shape.tokens <= shape.seqs  # a decode step: the engine replays it as a CUDA graph
+        graph = self.graphed(shape, s)  # collectives captured in a CUDA graph
         sums, absorbed = self._fusion(block, shape, t, s, graph)
         for i, r in enumerate(self._recs[block.name]):
             if i in absorbed:  # the residual add and RMSNorm inside a fused all-reduce kernel
@@ -183,12 +184,23 @@ class CostModel:
                 return t
         return self.links.ms("all_reduce", nbytes, n, stride=stride, graph=graph)
 
+    def graphed(self, shape: StepShape, sp: int) -> bool:
+        """Whether the engine replays a step of ``shape`` on an sp group of ``sp`` as a CUDA graph:
+        decode steps always (T = B), other steps as ``launch`` says (``Launch.graphed``: at most
+        ``graph_max_tokens`` tokens; SP x TP only over the LL all-to-all on one host). Without
+        ``launch`` (another engine, or none measured) only decode steps."""
+        if shape.tokens <= shape.seqs:
+            return True
+        if self.launch is None:
+            return False
+        return self.launch.graphed(shape.tokens, sp, "sp_tp" if sp > 1 else "tp", self.sp_one_host(sp))
+
     def all_to_all_ms(self, nbytes: float, n: int, shape: StepShape, *, graph: bool = False) -> float:
         """A Ulysses all-to-all of ``nbytes`` a GPU over the ``n`` GPUs of an sp group (adjacent
         ranks) in a step of ``shape``: the engine's LL kernel where it graphs the step on one host and
         the profile measured it (``costmodels.steps.SymmAllToAll``), else the collective tables."""
         a2a = self.launch.all_to_all if self.launch is not None else None
-        if a2a is not None and self.sp_one_host(n) and self.launch.graphed(shape.tokens, n, "sp_tp"):
+        if a2a is not None and self.sp_one_host(n) and self.graphed(shape, n):
             t = a2a.ms(nbytes, n)
             if t is not None:
                 return t

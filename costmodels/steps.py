@@ -56,7 +56,8 @@ Small all-reduces. The engine sums a TP group's row-parallel terms of at most
 ``ONE_SHOT_MAX_BYTES`` through PyTorch symmetric memory on GPUs of one host
 (``executors.parallel.OneShotAllReduce``): the one-shot kernel, or, for up to ``FUSED_MAX_ROWS``
 rows of a decoder layer's sum without a bias, one kernel that also adds the residual and applies
-the next RMSNorm (``executors/reduce_norm.py``). Inside a CUDA graph (decode steps) it costs
+the next RMSNorm (``executors/reduce_norm.py``). Inside a CUDA graph (``CostModel.graphed``: decode steps and, for
+this engine, every step of at most ``graph_max_tokens`` tokens) it costs
 
     t = one_shot(S)                               (plain sum, S = rows x hidden x act bytes)
     t = fused(S),  add + RMSNorm: 0               (fused, rows <= FUSED_MAX_ROWS)

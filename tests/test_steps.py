@@ -320,7 +320,7 @@ def test_fused_kernels_absorb_each_layers_adds_and_norms(cfg):
 def test_decode_all_reduce_is_the_measured_symmetric_memory_kernel(cfg):
     """A TP2 decode layer's two sums: the fused kernel up to 32 rows (its add and norm cost nothing
     more), the one-shot kernel above (add and norm priced as ops), NCCL's graph table past 1 MB, for
-    prefill steps, for other engines and for groups of another size than measured."""
+    eager prefill steps, for other engines and for groups of another size than measured."""
     from costmodels.steps import FUSED_MAX_ROWS
 
     cm, bare = model(cfg), model(cfg, engine="vllm")
@@ -339,7 +339,9 @@ def test_decode_all_reduce_is_the_measured_symmetric_memory_kernel(cfg):
             == pytest.approx(bare.block_time(layer, sh, tp=2).memory_ms + bare.block_time(layer, sh, tp=2).compute_ms))
     node8 = cost_model_for(cfg, "h200", weights_dtype="bf16", kv_dtype="bf16", gpus_per_node=8,
                            fused_elementwise=True, engine="shiftplan", backend="compile")[0]
-    for c, sh, tp in ((cm, StepShape.decode([576] * 256), 2), (cm, StepShape.prefill([16]), 2),
+    # a graphed prefill step of few rows sums through the same kernels (the engine's graph holds them)
+    assert cm.block_time(layer, StepShape.prefill([8]), tp=2).comm_ms == pytest.approx(2 * us[0][8 * 8192] * 1e-3)
+    for c, sh, tp in ((cm, StepShape.decode([576] * 256), 2), (cm, StepShape.prefill([4096]), 2),
                       (node8, StepShape.decode([576]), 4), (bare, StepShape.decode([576]), 2)):
         nccl = c.links.ms("all_reduce", sh.tokens * 8192, tp, graph=sh.tokens <= sh.seqs)
         assert c.block_time(layer, sh, tp=tp).comm_ms == pytest.approx(2 * nccl), (sh, tp)
