@@ -145,8 +145,7 @@ def _rank_steps(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    else:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the engine's ranks (executors.worker.run_rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world)
     plan = Plan.model_validate_json(job["plan"])
     args = job["args"]
@@ -357,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny test config")
     ap.add_argument("--min-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--tokens", default="", help="comma-separated step sizes to run instead of the grid "
+                    "(a diagnosis: with --profile; the crossover needs the grid)")
     ap.add_argument("--decodes", type=int, default=32)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = spec_of(a.tiny, a.backend)
     margs = model_args(cfg)
     plan, planner = planner_side(spec)
-    grid = token_grid(a.min_tokens, a.max_tokens)
+    grid = sorted({int(t) for t in a.tokens.split(",") if t}) or token_grid(a.min_tokens, a.max_tokens)
     kinds = [k for k in a.kinds.split(",") if k]
     report: dict[str, Any] = {
         "command": command_line("bench/shift_crossover.py", argv),

@@ -67,17 +67,16 @@ def wanted(prefill_sequences: int) -> bool:
 
 def program_rows(nq: torch.Tensor, t0: torch.Tensor, programs_max: int, pad_seq: int,
                  block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
-    """``programs`` computed with tensor ops for a fixed grid (CUDA graphs): ``seq_of, row0
-    [programs_max]`` for sequences with ``nq [S]`` query rows from ``t0 [S]``; unused programs point
-    at sequence ``pad_seq`` (no query rows, no keys: they exit at once). ``programs_max`` must be at
-    least ``sum(ceil(nq / block_m))``."""
-    per = (nq + block_m - 1) // block_m  # [S]
-    seq_of = torch.repeat_interleave(torch.arange(nq.shape[0]), per)
-    first = torch.cumsum(per, 0) - per  # each sequence's first program
-    row0 = t0[seq_of] + (torch.arange(seq_of.shape[0]) - first[seq_of]) * block_m
-    P = seq_of.shape[0]
-    return (torch.cat([seq_of, seq_of.new_full((programs_max - P,), pad_seq)]),
-            torch.cat([row0, row0.new_zeros(programs_max - P)]))
+    """``programs`` padded to a fixed grid (CUDA graphs): ``seq_of, row0 [programs_max]`` for
+    sequences with ``nq [S]`` query rows from ``t0 [S]``; unused programs point at sequence
+    ``pad_seq`` (no query rows, no keys: they exit at once). ``programs_max`` must be at least
+    ``sum(ceil(nq / block_m))``. Plain Python over the step's few hundred programs: torch's CPU
+    ``repeat_interleave`` spreads over its repeats with a grain of one, and on a 32-core GPU host a
+    step of 33 sequences (a prefill chunk and 32 decodes) spent 12-21 ms of host time in it
+    (``bench/results/shift_crossover.profile_mixed.md``)."""
+    seq_of, row0 = programs([(a, n, 0, 0) for a, n in zip(t0.tolist(), nq.tolist())], block_m)
+    pad = programs_max - len(seq_of)
+    return torch.tensor(seq_of + [pad_seq] * pad), torch.tensor(row0 + [0] * pad)
 
 
 def programs(spans: list[tuple[int, int, int, int]], block_m: int = BLOCK_M) -> tuple[list[int], list[int]]:

@@ -330,6 +330,20 @@ def test_program_rows_cover_every_query_row_once() -> None:
     assert seq_of[len(want_seq):].eq(5).all() and len(seq_of) == P
 
 
+def test_program_rows_stay_off_torchs_cpu_repeat_interleave(monkeypatch) -> None:
+    """The host side of a graphed mixed step: no ``torch.repeat_interleave`` (its CPU kernel spreads
+    over threads with a grain of one: 12-21 ms a mixed step on a 32-core GPU host)."""
+    from executors.paged_prefill import program_rows
+
+    def boom(*_a, **_k):
+        raise AssertionError("torch.repeat_interleave called")
+
+    monkeypatch.setattr(torch, "repeat_interleave", boom)
+    nq = torch.tensor([32] + [1] * 32)
+    seq_of, row0 = program_rows(nq, torch.cumsum(nq, 0) - nq, 68, pad_seq=64)
+    assert seq_of[:3].tolist() == [0, 0, 1] and row0[:3].tolist() == [0, 16, 32] and seq_of[34:].eq(64).all()
+
+
 def test_a_failing_prefill_kernel_leaves_the_step_to_per_sequence_sdpa(monkeypatch) -> None:
     """If the paged prefill kernel fails to build or launch (a Triton too old or new for the GPU), an
     eager step falls back to one SDPA per sequence with the same result, the failure is recorded once,
