@@ -20,7 +20,8 @@ The raw points go into the profile's ``raw``; its id becomes the profile's id pl
 alone; plans record the id, so recompiled plans say which tables they used) and ``meta.merged``
 says what came in: the device, GPU count, driver, torch, CUDA and NCCL versions, the date and the
 calibration command (an earlier ``merged`` moves to the list ``meta.merge_history``).
-``--meta KEY=VALUE`` supplies what an older calibration file did not record (e.g.
+``--max-m M`` merges the FP8 points of at most ``M`` rows only, for a run whose larger rows timed a
+kernel the engine no longer routes them to (their profile points stay). ``--meta KEY=VALUE`` supplies what an older calibration file did not record (e.g.
 ``--meta nccl=2.28.9``); a value the file holds is kept unless it is missing or "unknown".
 """
 
@@ -43,8 +44,10 @@ META_KEYS = ("device_name", "gpus", "driver", "torch", "cuda", "nccl", "date", "
 
 
 def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
-          extra_meta: dict[str, str] | None = None) -> Profile:
-    """``profile`` with the collective tables and the ``gemm_fp8`` table of ``calib``.
+          extra_meta: dict[str, str] | None = None, max_m: int | None = None) -> Profile:
+    """``profile`` with the collective tables and the ``gemm_fp8`` table of ``calib``; with ``max_m``
+    only its FP8 points of at most that many rows (the engine's route changed above: the profile's
+    points there stay).
 
     Raises UserError when the calibration ran on another GPU model (unless ``force``) or holds
     neither collective nor FP8 GEMM points."""
@@ -56,6 +59,10 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
     if not force and find_gpu_name(dev) != profile.gpu:
         raise UserError(f"the calibration ran on '{dev}', the profile is for {profile.gpu}; pass --force to merge anyway")
     coll, fp8 = calib.get("collectives") or [], calib.get("gemm_fp8") or []
+    run_max_m = calib.get("gemm_fp8_max_m")
+    if max_m is not None:
+        fp8 = [p for p in fp8 if int(p["m"]) <= max_m]
+        run_max_m = max_m if run_max_m is None else min(int(run_max_m), max_m)
     if not coll and not fp8:
         raise UserError(f"nothing to merge: no collective and no FP8 GEMM points (skipped: {calib.get('skipped')}; "
                         f"errors: {calib.get('collectives_errors')})")
@@ -68,13 +75,13 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
         out = replace(out, collectives=profile_collectives(coll, cmeta))
     kept = dropped = 0
     if fp8:
-        max_m = calib.get("gemm_fp8_max_m")
-        pts, kept, dropped = merge_points(raw.get("gemm_fp8") or [], fp8, max_m=None if max_m is None else int(max_m))
+        pts, kept, dropped = merge_points(raw.get("gemm_fp8") or [], fp8,
+                                          max_m=None if run_max_m is None else int(run_max_m))
         raw["gemm_fp8"] = pts
         out = replace(out, gemm_fp8=fit_gemm_fp8(pts, profile.gpu, profile.overhead_us, profile.gemm))
     merged = {**{k: meta.get(k) for k in META_KEYS}, "device_name": dev,
               "collective_points": len(coll), "gemm_fp8_points": len(fp8), "gemm_fp8_points_kept": kept,
-              "gemm_fp8_points_dropped": dropped,
+              "gemm_fp8_points_dropped": dropped, **({"gemm_fp8_max_m": max_m} if max_m is not None else {}),
               "skipped": calib.get("skipped", []), "collective_errors": calib.get("collectives_errors", [])}
     tag = {(True, True): "", (False, True): "fp8-", (True, False): "comm-"}[bool(coll), bool(fp8)]
     pmeta = dict(profile.meta)
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("profile", type=Path, help="profile to merge into (e.g. costmodels/profiles/h200.json)")
     ap.add_argument("-o", "--out", type=Path, default=None, help="where to write (default: over the profile)")
     ap.add_argument("--force", action="store_true", help="merge even if the GPU models differ")
+    ap.add_argument("--max-m", type=int, default=None,
+                    help="merge FP8 points of at most this many rows (the engine's route changed above)")
     ap.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                     help=f"a fact the calibration file lacks ({', '.join(META_KEYS)}); repeatable")
     a = ap.parse_args(argv)
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         extra[k] = v
     try:
         calib = json.loads(a.calibration.read_text())
-        prof = merge(read_profile(a.profile), calib, force=a.force, extra_meta=extra)
+        prof = merge(read_profile(a.profile), calib, force=a.force, extra_meta=extra, max_m=a.max_m)
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: {a.calibration}: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ Three tilings, chosen by M:
   e4m3 tile to ``x``'s dtype in registers and accumulates ``tl.dot`` in fp32. BLOCK_M is small
   (16-64); programs are ordered M tile first, so the ``ceil(M / BLOCK_M)`` programs reading one
   weight tile run together and all but the first find it in L2.
-* ``W8A16_MAX_M < M <= MAX_M`` (``executors.fp8_w8a8``): the same tiling with ``x`` quantized per row
+* ``W8A16_MAX_M < M <= MAX_M`` (``W8A8_MAX_M``, ``executors.fp8_w8a8``): the same tiling with ``x`` quantized per row
   to e4m3 (in the product's loads up to ``fp8_w8a8.FUSE_MAX_M`` rows, by a small kernel before
   above), ``tl.dot`` of e4m3 operands (FP8 tensor cores, twice bf16's rate) and the row and
   column scales in the epilogue; split-K for narrow shards. Beyond ``MAX_M``: ``torch._scaled_mm``.
@@ -65,7 +65,11 @@ W8A16_MAX_M = 32  # rows served by the W8A16 tilings; above, the W8A8 kernel (fp
 GEMV_MAX_M = 2  # up to this many rows the GEMV-like tiling, above it the tl.dot tiling
 ENABLED = switch("SHIFTPLAN_FP8_GEMM")  # 0: every FP8 product through _scaled_mm
 W8A8 = switch("SHIFTPLAN_FP8_W8A8")  # 0: products above W8A16_MAX_M through _scaled_mm
-MAX_M = fp8_w8a8.MAX_M if W8A8 else W8A16_MAX_M  # rows of x served here; larger batches go to torch._scaled_mm
+# the W8A8 kernel's rows in the engine's route (it serves up to fp8_w8a8.MAX_M): on the calibration grid's 121
+# (N, K) pairs on an H200 (bench/results/fp8_kernels_calibration.md) it matches torch._scaled_mm at 48-64 rows
+# (median 0.98x / 1.02x its time) and loses above (1.31x at 96 rows, 1.19-1.49x at 256-1,024; 1 win of 121 at 1,024)
+W8A8_MAX_M = 64
+MAX_M = W8A8_MAX_M if W8A8 else W8A16_MAX_M  # rows of x served here; larger batches go to torch._scaled_mm
 KERNEL = "triton_w8a16"  # the names calibration points record for products served here
 KERNEL_W8A8 = "triton_w8a8"
 FP8 = torch.float8_e4m3fn

@@ -296,6 +296,12 @@ def test_fp8_calibration_times_the_engine_call(monkeypatch):
     raw = calibrate.run_comm_fp8(budget_s=30, grids=grids, log=lambda _: None, fp8_only=True, max_m=8)
     assert "collectives (--fp8-only)" in raw["skipped"] and raw["gemm_fp8_max_m"] == 8
     assert {p["m"] for p in raw["gemm_fp8"]} == {1, 8}
+    # two shards measure the grid between them, each pair once
+    halves = [calibrate._fp8_gemms(grids, dev, Timer(dev), torch.Generator().manual_seed(0), lambda: False, [],
+                                   max_m=1, shard=(i, 2)) for i in range(2)]
+    pairs = [{(p["n"], p["k"]) for p in h} for h in halves]
+    assert pairs[0] and pairs[1] and not pairs[0] & pairs[1]
+    assert pairs[0] | pairs[1] == {(p["n"], p["k"]) for p in pts}
 
 
 def test_calibrate_comm_fp8_script_takes_fp8_only_and_max_m(tmp_path, monkeypatch):
@@ -315,6 +321,32 @@ def test_calibrate_comm_fp8_script_takes_fp8_only_and_max_m(tmp_path, monkeypatc
 
     monkeypatch.setattr(calibrate, "run_comm_fp8", fake)
     assert calibrate_comm_fp8.main(["--out", str(tmp_path), "--fp8-only", "--max-m", "8", "--budget-s", "5"]) == 0
-    assert seen == {"budget_s": 5.0, "collectives_s": 90.0, "fp8_only": True, "max_m": 8}
+    assert seen == {"budget_s": 5.0, "collectives_s": 90.0, "fp8_only": True, "max_m": 8, "shard": (0, 1)}
     raw = json.loads((tmp_path / "comm_fp8.json").read_text())
     assert raw["meta"]["command"] == f"python bench/calibrate_comm_fp8.py --out {tmp_path} --fp8-only --max-m 8 --budget-s 5"
+    assert calibrate_comm_fp8.main(["--out", str(tmp_path), "--fp8-only", "--shard", "1/2"]) == 0
+    assert seen["shard"] == (1, 2)
+    with pytest.raises(SystemExit) as e:  # argparse: one line naming the option, exit code 2
+        calibrate_comm_fp8.main(["--out", str(tmp_path), "--shard", "2/2"])
+    assert e.value.code == 2
+
+
+def test_merge_with_a_row_limit_takes_only_the_rows_up_to_it(h200):
+    """``merge(..., max_m=64)`` (``--max-m 64``): a run's points above 64 rows timed a kernel the engine no
+    longer routes them to, so they do not come in, and the profile's points there stay."""
+    full = merge(h200, _calib(h200))
+    old = {(p["m"], p["n"], p["k"]): p for p in full.raw["gemm_fp8"]}
+    nks = sorted({(p["n"], p["k"]) for p in old.values()})
+    run = [{"m": m, "n": n, "k": k, "ms": 0.25, "kernel": "triton_w8a8" if m > 32 else "triton_w8a16"}
+           for m in (16, 64, 256) for n, k in nks]
+    calib = {"meta": {"device_name": "NVIDIA H200", "date": "2026-12-03", "command": "c"}, "gemm_fp8": run,
+             "gemm_fp8_max_m": 1024, "skipped": []}
+    out = merge(full, calib, max_m=64)
+    by = {(p["m"], p["n"], p["k"]): p for p in out.raw["gemm_fp8"]}
+    n, k = nks[0]
+    assert by[(16, n, k)]["ms"] == by[(64, n, k)]["ms"] == 0.25
+    assert by[(256, n, k)] == old[(256, n, k)]  # above the limit: the profile's point
+    assert out.meta["merged"]["gemm_fp8_points"] == 2 * len(nks) and out.meta["merged"]["gemm_fp8_max_m"] == 64
+    from costmodels import merge as merge_mod
+
+    assert merge_mod.main(["/nonexistent.json", "x.json", "--max-m", "64"]) == 2  # a missing file: exit 2
