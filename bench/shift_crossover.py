@@ -12,9 +12,9 @@ Each rank builds the engine's own worker (``executors.worker.RankRunner``, the p
 weight layouts) and runs steps it packs with the scheduler's ``build_microbatch``, the mode of the
 micro-batch forced to ``tp`` (plain TP over both GPUs) or ``sp_tp`` (Ulysses SP over both GPUs,
 whole weights) the way the driver sets it (``ParallelDims.mode_for``'s choice, overridden). Steps
-run as in the engine: TP steps of up to 2,048 tokens replay CUDA graphs (``executors.graphs.MixedGraphs``,
-captured in the warm-up runs; ``--no-cuda-graphs`` runs them eagerly), SP x TP steps and larger
-ones run eagerly, with the layers compiled (``--backend compile``, the default on GPUs; ``eager``
+run as in the engine: steps of up to 2,048 tokens replay CUDA graphs (``executors.graphs.MixedGraphs``,
+captured in the warm-up runs; ``--no-cuda-graphs`` runs them eagerly; SP x TP steps only over the LL
+all-to-all, ``SHIFTPLAN_A2A_LL``, recorded as ``sp_graphed``), larger ones run eagerly, with the layers compiled (``--backend compile``, the default on GPUs; ``eager``
 launches every op from Python). Two kinds of step of ``T`` tokens:
 
 * ``prefill``: one sequence's first ``T`` prompt tokens;
@@ -69,6 +69,13 @@ sys.path.insert(0, str(ROOT))
 KINDS = ("prefill", "mixed")
 MODES = ("tp", "sp_tp")
 WITHIN = 0.2
+
+
+def sp_graphed(device: str) -> bool:
+    """Whether the engine graphs SP x TP steps on this run's ranks (its LL all-to-all, CUDA only)."""
+    from executors import all_to_all
+
+    return device == "cuda" and all_to_all.ENABLED and all_to_all.triton is not None
 
 
 def token_grid(lo: int, hi: int) -> list[int]:
@@ -293,7 +300,8 @@ def planner_side(spec: Any) -> tuple[Any, dict[str, Any]]:
                   "runtime_backend": spec.runtime.backend,
                   "launch": None if launch is None else {"host_ms_per_layer": launch.host_ms_per_layer,
                                                          "graph_max_tokens": launch.graph_max_tokens,
-                                                         "ulysses_ns_per_byte": launch.ulysses_ns_per_byte},
+                                                         "ulysses_ns_per_byte": launch.ulysses_ns_per_byte,
+                                                         "sp_graphed": launch.all_to_all is not None},
                   "spec_workload": spec.workload.model_dump(mode="json", exclude_none=True)}
 
 
@@ -403,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": "2 x " + (torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "model": ("tiny llama config" if a.tiny else "llama-3.1-8b shapes") + f", {plan.model.weights_dtype}, random weights",
-        "backend": a.backend, "cuda_graphs": a.cuda_graphs,
+        "backend": a.backend, "cuda_graphs": a.cuda_graphs, "sp_graphed": sp_graphed(device),
         "mesh": "sp2 (shift: plain TP over the 2 GPUs at or below the threshold)",
         "planner": planner,
         "grid": grid, "decodes": a.decodes, "context": a.context, "reps": a.reps, "warmup": a.warmup,
@@ -471,8 +479,8 @@ def planner_line(pl: dict[str, Any]) -> str:
         head = f"threshold {pl['threshold_tokens']} tokens, so SP x TP from {pl['crossover_tokens']} tokens"
     lu = pl.get("launch")
     terms = ("no host or Ulysses terms" if not lu else
-             f"host {lu['host_ms_per_layer']} ms per layer of an eager step (plain-TP steps up to "
-             f"{lu['graph_max_tokens']} tokens graphed), Ulysses exchange {lu['ulysses_ns_per_byte']} ns per byte")
+             f"host {lu['host_ms_per_layer']} ms per layer of an eager step ({'' if lu.get('sp_graphed') else 'plain-TP '}"
+             f"steps up to {lu['graph_max_tokens']} tokens graphed), Ulysses exchange {lu['ulysses_ns_per_byte']} ns per byte")
     return (f"Planner ({pl['source']}, runtime backend {pl.get('runtime_backend', '?')}, profile "
             f"{pl.get('cost_profile', '?')}; {terms}): {head} (the cost model's own crossover on prefill chunks of "
             f"up to 1,024 tokens: {own}). The spec's workload (its token mix sets the planner's steps): "
@@ -486,7 +494,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, mesh {r['mesh']}. "
              f"Command: `{r['command']}`.{rebuilt}", "",
              planner_line(pl), "",
-             f"Step time (median of {r['reps']} after {r['warmup']} warm-up runs) of one forward step (layers {r.get('backend', 'eager')}, {'TP steps of up to 2,048 tokens as CUDA graphs' if r.get('cuda_graphs') else 'no CUDA graph'}) forced to "
+             f"Step time (median of {r['reps']} after {r['warmup']} warm-up runs) of one forward step (layers {r.get('backend', 'eager')}, {(('TP and SP x TP' if r.get('sp_graphed') else 'TP') + ' steps of up to 2,048 tokens as CUDA graphs') if r.get('cuda_graphs') else 'no CUDA graph'}) forced to "
              f"each mode; `mixed`: a prefill chunk plus {r['decodes']} decodes at a context of {r['context']}.", ""]
     for kind, c in r["crossover"].items():
         if c.get("tokens") and "ratio_to_planner" in c:
