@@ -303,8 +303,8 @@ def profile_note(profile_id: str) -> str:
                 "NVLink datasheet bandwidth.")
     return (f"cost profile `{profile_id}`: GEMM, attention and memory-bound op efficiencies measured on one "
             "H200, collectives and FP8 GEMMs on two H200s over NVLink (costmodels/profiles, `meta.merged`). "
-            "Groups of 2 GPUs read the measured collective tables (graph-timed for decode steps, eager for the "
-            "rest); groups of 4 and 8, which were not measured, use the alpha-beta formulas with the link fitted to "
+            "Groups of 2 GPUs read the measured collective tables (graph-timed for the steps the engine graphs, "
+            "decode steps and steps of up to 2,048 tokens; eager for the rest); groups of 4 and 8, which were not measured, use the alpha-beta formulas with the link fitted to "
             "the 2-GPU graph-timed all-reduce (bus bandwidth ~300 GB/s against 360 GB/s from the datasheet, latency "
             "floor 11 us plus 2 x 1 us per extra GPU in the ring).")
 
@@ -362,10 +362,11 @@ def verdict(results: dict[str, Any]) -> list[str]:
     ]
     if ideal_mm and ideal_tx:
         lines += ["", (f"The answer turns on the engine. The cost model prices this repository's engine "
-                       "(`engine: shiftplan`), which replays decode steps and plain-TP steps of up to 2,048 tokens as "
-                       "CUDA graphs but launches every SP x TP step from Python: a measured host time per layer "
-                       "(`costmodels/steps.py`, from `bench/results/shift_crossover.json`) that an 80-layer SP4xTP2 "
-                       "step cannot hide. On an engine that graphs every step (the same model without those terms, "
+                       "(`engine: shiftplan`), which replays every step of up to 2,048 tokens as a CUDA graph (SP x TP "
+                       "ones over its LL all-to-all, on one host) but launches larger steps from Python: a measured "
+                       "host time per layer (`costmodels/steps.py`, from `bench/results/shift_crossover.json`) that an "
+                       "80-layer step hides only when its GPU time is longer, and a Ulysses exchange measured on "
+                       "eager steps. On an engine that graphs every step (the same model without those terms, "
                        f"and the shift threshold it gives: {ideal_mm['shift_threshold']} tokens on image-text, "
                        f"{ideal_tx['shift_threshold']} on text), shift reaches {ideal_mm['capacity_tok_s']:,.0f} tokens/s on image-text "
                        f"({ideal_mm['capacity_tok_s'] / p_mm['capacity_tok_s']:.2f}x the best PP plan) and "
@@ -488,7 +489,8 @@ def measured_lines() -> list[str]:
     graphs = json.loads(g.read_text()) if g.is_file() else None
     # the current engine's runs (the all-reduces fused with the add and the norm, LL protocol), each
     # against the single GPU of its own run
-    current = {n: json.loads((ROOT / f"bench/results/{n}.json").read_text()) for n in ("mesh_speed.ll", "mesh_speed.ll_shift", "mesh_speed.ll_dp_pp")
+    current = {n: json.loads((ROOT / f"bench/results/{n}.json").read_text())
+               for n in ("mesh_speed.a2a", "mesh_speed.ll_shift", "mesh_speed.ll_dp_pp")
                if (ROOT / f"bench/results/{n}.json").is_file()}
 
     def ratios(meshes: dict, case: str, key: str, inverse: bool = False) -> str:
@@ -503,11 +505,12 @@ def measured_lines() -> list[str]:
         "The engine has run the modes on two H200 (random weights; `bench/results/mesh_speed.md`, "
         "`mesh_speed.pp2.md`, `vl_speed.md`). Against one GPU, Llama-3.1-8B: decode step time at batch 1 "
         f"{ratios(mesh['meshes'], 'decode_b1', 'decode_step_ms')}"
-        + (" (the current engine, each layer's all-reduces fused with the residual add and the next norm: "
+        + (" (the current engine, each layer's all-reduces fused with the residual add and the next norm, SP x TP "
+           "steps graphed over its LL all-to-all since `mesh_speed.a2a.md`: "
            + "; ".join(f"`{n}.md` {ratios(r['meshes'], 'decode_b1', 'decode_step_ms')}, TTFT of 8,192 tokens "
                        f"{ratios(r['meshes'], 'prefill', 'ttft_ms_p50')}, output throughput of 64 concurrent requests "
                        f"{ratios(r['meshes'], 'concurrent', 'output_tok_s')}" for n, r in current.items())
-           + "; plain sp2's SP x TP decode steps run outside graphs)" if current else "")
+           + ")" if current else "")
         + "; TTFT of 8,192 tokens "
         f"{ratios(mesh['meshes'], 'prefill', 'ttft_ms_p50')}; output throughput of 64 concurrent requests "
         f"(1,024-token prompts) {ratios(mesh_pp['meshes'], 'concurrent', 'output_tok_s')}"
@@ -515,12 +518,11 @@ def measured_lines() -> list[str]:
            if graphs else "") + ". Qwen2-VL-7B, 32 "
         f"concurrent requests with one 448x448 image each, output throughput: {img}.",
         "",
-        "These do not answer the question yet, for two reasons. First, the engine is at its floor only on some "
-        "steps: decode steps and plain-TP prefill and mixed steps of up to 2,048 tokens replay CUDA graphs (decode "
-        "1.26x the HBM floor on one GPU; a 2,048-token TP2 step at ~74% of the matmul rate), but SP x TP steps run "
-        "outside graphs and pay ~40 ms of host time each on two GPUs, so SP2 is slower than TP2 at every step size "
-        "measured (64-8,192 tokens, `bench/results/shift_crossover.md`): on this engine shift's SP x TP mode does not "
-        "pay yet, and the planner, pricing that host time, no longer switches to it. Second, "
+        "These do not answer the question yet, for two reasons. First, on two GPUs SP x TP does not pay for this "
+        "model: every step of up to 2,048 tokens now replays a CUDA graph, SP x TP ones too (their all-to-alls "
+        "through the engine's LL kernel, 2.8 us a call at a decode step), yet SP2 is slower than TP2 at every "
+        "prefill size measured (64-8,192 tokens, 1.01-1.39x its time, `bench/results/shift_crossover.a2a.md`), and "
+        "the planner, which prices the same, never switches for it. Second, "
         "two GPUs cannot speak for eight: at 2 GPUs shift is SP2 over two ranks whose all-to-all is one NVLink hop, "
         "PP2 has one bubble per step instead of seven, TP2's all-reduces are the cheapest they will ever be, and "
         "the 72B models of this report do not fit on two GPUs at all. Variable-length image-text traffic within "
