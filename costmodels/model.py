@@ -19,7 +19,8 @@ as CUDA graphs, ``graphed``: decode steps, T = B, and with ``launch`` every step
 tokens; eager otherwise) and the alpha-beta formulas elsewhere
 (``costmodels.collectives``). ``launch`` (``costmodels.steps.Launch``, the engine's measured
 step terms; None: none apply): SP x TP layers pay the Ulysses exchange's in-step cost per byte on
-top of the all-to-alls (the engine's LL all-to-all in steps it graphs: ``all_to_all_ms``), and ``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
+top of the all-to-alls (the engine's LL all-to-all in steps it graphs: ``all_to_all_ms``), and
+``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
 ``max(layers x host time per layer, GPU time)`` for steps the engine launches eagerly, and
 ``step_wall_ms`` / ``hop_ms`` the engine's handoff at each PP stage boundary; the engine's decode
 GEMV prices products of a few rows (``opcost.Rates.gemv_bw``). Block,

@@ -140,9 +140,10 @@ class Engine:
         if self.world == 1:
             dev = torch.device(device)
             if dev.type == "cuda":
-                # as a spawned rank (worker.run_rank): a GPU step's host work is many tiny CPU ops, and torch's
-                # parallel CPU kernels (fill_ of a graph's 33k-entry block table, repeat_interleave) woke every
-                # thread for them: 12-21 ms a mixed step on a 32-core host (bench/results/shift_crossover.profile_mixed.md)
+                # as a spawned rank (worker.run_rank): a GPU step's host work is many tiny CPU ops, and
+                # torch's parallel CPU kernels (fill_ of a graph's 33k-entry block table, repeat_interleave)
+                # woke every thread for them: 12-21 ms a mixed step on a 32-core host
+                # (bench/results/shift_crossover.profile_mixed.md)
                 torch.set_num_threads(1)
             self.local = RankRunner(self.spec, Par(device=dev), src)
             self.lanes = 1
