@@ -245,7 +245,7 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
     m = model_args(cfg)
     px, text, batch, new, reps = sizes["px"], sizes["text"], sizes["batch"], sizes["new"], sizes["reps"]
     with executors.load(plan, weights=ckpt, device=device, kv_blocks=blocks, config=cfg, backend=sizes["backend"],
-                        lookahead=sizes["lookahead"]) as eng:
+                        lookahead=sizes["lookahead"], trace=sizes["trace"]) as eng:
         out: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 2)}
         greedy = Sampling(stop_on_eos=False)
         eng.generate(requests(m, 2, px, text, 100), max_new_tokens=3, sampling=greedy)  # warm-up
@@ -255,8 +255,14 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
         out["ttft_image_ms"] = round(median(img), 3)
         out["ttft_text_ms"] = round(median(txt), 3)
         out["image_cost_ms"] = round(out["ttft_image_ms"] - out["ttft_text_ms"], 3)
+        if eng.step_trace is not None:
+            eng.step_trace.clear()
         out["batch"] = batch_run(eng, requests(m, batch, px, text, 400), new)
         out["modes"] = dict(eng.mode_counts)
+        if eng.step_trace is not None:  # where the batch's time went (executors.trace)
+            from executors.trace import summary
+
+            out["batch_trace"] = {"summary": summary(eng.step_trace), "steps": eng.step_trace}
     return out
 
 
@@ -275,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="engines read each step's tokens before queueing the next (the look-ahead is on by default)")
+    ap.add_argument("--trace", action="store_true",
+                    help="record the batch's step trace (executors.trace): each case's JSON gets batch_trace")
     ap.add_argument("--case-timeout", type=float, default=150.0,
                     help="seconds after which a case's worker processes are stopped (the case records the error)")
     a = ap.parse_args(argv)
@@ -352,6 +360,7 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
     px, rate = report["sizes"]["image_px"], report["matmul"]["TFLOPs"]
     fl = tower_flops(m.vision, image_grid(px, m.vision), m.hidden)["total"]
     sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps, "timeout": a.case_timeout,
+             "trace": a.trace,
              "backend": a.backend, "lookahead": a.lookahead}
     prompt = a.text + report["sizes"]["image_tokens"]
     for name in [c for c in a.cases.split(",") if c]:
@@ -440,6 +449,19 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{b['ttft_ms_p50']} ms | {v.get('batch_ttft_p50', '-')}x | {b['tpot_ms_p50']} ms | "
                      f"{v.get('batch_tpot_p50', '-')}x | {b['output_tok_s']} | {v.get('batch_output_tok_s', '-')}x | "
                      f"{b['requests_s']} | {x['modes']} |")
+    traced = {n: x["batch_trace"]["summary"] for n, x in r["cases"].items() if "batch_trace" in x}
+    if traced:
+        cols = ("send_ms", "unpickle_ms", "images_host_ms", "images_gpu_ms", "forward_gpu_ms", "wait_ms",
+                "round_trip_ms")
+        lines += ["", "## (d) Where the batch's time went (`--trace`, `executors.trace`)", "",
+                  "Per kind of step, each time summed over the batch's steps (ms; rank times on the reporting rank, "
+                  "summed over replicas); span: first step sent to last answer.", "",
+                  "| case | steps | span ms | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for name, t in traced.items():
+            for kind in ("image", "prefill", "decode"):
+                if kind in t:
+                    lines.append(f"| {name} | {t[kind]['steps']} {kind} | {t['all']['span_ms']} | "
+                                 + " | ".join(str(t[kind].get(c, "-")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

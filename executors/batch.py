@@ -134,6 +134,7 @@ class Step:
     # a decode step sent before the previous step's tokens were read (the engine's look-ahead, pp = 1):
     # row j's input token is row tokens_from[j] of the previous step's sampled tokens, taken on the device
     tokens_from: list[int] | None = None
+    trace: bool = False  # the reporting rank times the step's phases (executors.trace)
 
     @property
     def image_jobs(self) -> list[ImageJob]:
@@ -149,3 +150,4 @@ class StepOut:
     logits: torch.Tensor | None = None  # [S, V] fp32 when asked for
     mode: list[str] = field(default_factory=list)
     graphs: dict[str, float] | None = None  # the reporting rank's CUDA graph captures so far (RankRunner.captures)
+    timing: dict[str, float] | None = None  # the step's phases on the reporting rank, when traced (executors.trace)

@@ -37,6 +37,7 @@ from executors.config import ModelArgs, model_args, plan_config, run_dtypes
 from executors.parallel import Par, reporting_rank
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
+from executors.trace import step_record
 from executors.weights import WeightSource
 from executors.worker import Launched, RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes
 from plans.errors import UserError
@@ -87,7 +88,7 @@ class Engine:
     def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
                  keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True,
-                 lookahead: bool = True, all_reduce: str = "auto"):
+                 lookahead: bool = True, all_reduce: str = "auto", trace: bool = False):
         self.plan = plan.check()
         self.dims = plan.dims()
         self.args = model_args(config)
@@ -132,6 +133,10 @@ class Engine:
         self.closed = False
         self.mode_counts: dict[str, int] = {"tp": 0, "sp_tp": 0}  # micro-batches run in each mode
         self.rank_graphs: dict[int, dict[str, float] | None] = {}  # per replica: its reporting rank's graph captures
+        # executors.trace: a record a step when tracing (None: off); the steps sent, by id, until answered
+        self.step_trace: list[dict[str, Any]] | None = [] if trace else None
+        self._traced: dict[int, dict[str, Any]] = {}
+        self._t0 = time.perf_counter()  # the trace's clock: the current stream call's start
         self.next_req = 0
         self.pending_free: list[list[int]] = [[] for _ in range(plan.mesh.dp)]
         self.encoded: list[int] = []  # requests a dedicated encoder has finished, not yet admitted
@@ -312,15 +317,31 @@ class Engine:
 
     def _send(self, steps: dict[int, Step]) -> None:
         """Start one step on each replica named in ``steps`` (answers come from ``_receive``)."""
-        if self.local is not None:
-            self.launched += [self.local.launch(st) for st in steps.values()]
-            return
+        tracing = self.step_trace is not None
         for rep, st in steps.items():
-            blob = to_bytes(st)
-            if not self.step_ch[rep].send(blob, check=self._check):  # too large for a slot: by queue
-                for r in self.dims.replica_ranks(rep):
-                    self.cmd_q[r].put(blob)
-            self.unanswered[rep] += 1
+            st.trace = tracing
+            t = time.perf_counter()
+            if self.local is not None:
+                self.launched.append(self.local.launch(st))
+                nbytes, queued, sent = 0, False, t
+            else:
+                blob = to_bytes(st)
+                queued = not self.step_ch[rep].send(blob, check=self._check)
+                if queued:  # too large for a slot: by queue
+                    for r in self.dims.replica_ranks(rep):
+                        self.cmd_q[r].put(blob)
+                self.unanswered[rep] += 1
+                nbytes, sent = len(blob), time.perf_counter()
+            if tracing:
+                self._traced[st.step_id] = step_record(st, rep, (t - self._t0) * 1e3, (sent - t) * 1e3, nbytes, queued)
+
+    def _traced_answer(self, o: StepOut) -> None:
+        """A traced step's answer: its record completed (``executors.trace``)."""
+        rec = self._traced.pop(o.step_id, None)
+        if rec is not None:
+            rec["answered_ms"] = round((time.perf_counter() - self._t0) * 1e3, 3)
+            rec["rank"] = o.timing
+            self.step_trace.append(rec)
 
     def _receive(self) -> StepOut:
         """The next answer of any replica with a step in flight (each replica answers in order)."""
@@ -446,7 +467,7 @@ class Engine:
         ended: set[int] = set()  # requests finished while a look-ahead step still computes them
         # look-ahead: single-stage replicas (every rank samples), one micro-batch per step, not torchrun
         look = self.lookahead and self.plan.mesh.pp == 1 and self.plan.scheduler.microbatches <= 1 and not self.lock_step
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         for i, req in enumerate(requests):
             try:
                 s = make_seq(base + i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block,
@@ -520,6 +541,8 @@ class Engine:
                         if nxt is not None:
                             in_flight[nxt[2].step_id] = nxt
                 o = self._receive()
+                if self.step_trace is not None:
+                    self._traced_answer(o)
                 lane, chunks, _step = in_flight.pop(o.step_id)
                 early = o.step_id in ahead  # its sequences already advanced, their tokens placeholders
                 ahead.discard(o.step_id)
@@ -554,7 +577,9 @@ class Engine:
         finally:
             if not self.closed:
                 for _ in in_flight:  # a stream left early: take the answers of steps still running
-                    self._receive()
+                    o = self._receive()
+                    if self.step_trace is not None:
+                        self._traced_answer(o)
             if self.encoders:
                 for rep in range(dp):
                     lanes = scheds[rep * L:(rep + 1) * L]
@@ -596,6 +621,8 @@ class Engine:
                           sampling=Sampling(temperature=0.0, stop_on_eos=False))
         self.mode_counts = dict.fromkeys(self.mode_counts, 0)
         self.lookahead_steps = self.peak_in_flight = 0
+        if self.step_trace is not None:
+            self.step_trace.clear()
 
     def generate(self, requests: list[Request], max_new_tokens: int = 16, sampling: Sampling | None = None) -> list[Result]:
         """Run requests to completion; per-request errors are in ``Result.error``."""
@@ -608,7 +635,7 @@ class Engine:
 def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
          backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
          tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True,
-         lookahead: bool = True, warm_up: bool | None = None, all_reduce: str = "auto") -> Engine:
+         lookahead: bool = True, warm_up: bool | None = None, all_reduce: str = "auto", trace: bool = False) -> Engine:
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
     a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
@@ -618,7 +645,9 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     from 5.2 to 4.8 ms: ``bench/engine_speed.py``'s look-ahead variant); pipelined plans and
     torchrun ignore it. ``all_reduce``: ``auto`` sums small all-reduces with symmetric memory's
     one-shot kernel where it works (``parallel.OneShotAllReduce``), ``nccl`` always with NCCL. ``warm_up`` (default: on CUDA devices): ``Engine.warm_up`` before returning,
-    so compiling step shapes and capturing decode graphs happen at load, not inside serving."""
+    so compiling step shapes and capturing decode graphs happen at load, not inside serving. ``trace``:
+    ``Engine.step_trace`` records where each step's time goes, on the driver and the reporting rank
+    (``executors.trace``; not under torchrun)."""
     from plans.schema import load_plan
 
     base = None
@@ -636,7 +665,7 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
         torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs))
         raise SystemExit(0)
     eng = Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead,
-                 all_reduce)
+                 all_reduce, trace)
     if warm_up if warm_up is not None else device.startswith("cuda"):
         try:
             eng.warm_up()

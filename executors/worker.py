@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from executors.parallel import Par, build_par
 from executors.model import checkpoint_shapes
 from executors.sampling import row_key, sample
 from executors.stage import StageModel
+from executors.trace import RankTimer
 from executors.weights import RandomSource, WeightSource, open_weights
 from plans.errors import UserError
 from plans.schema import Plan
@@ -135,12 +137,16 @@ class RankRunner:
         return launched.out() if launched is not None else None
 
     @torch.inference_mode()
-    def launch(self, step: Step) -> "Launched | None":
+    def launch(self, step: Step, unpickle_ms: float = 0.0) -> "Launched | None":
         """Queue the step's work (on a GPU nothing waits for it); the reporting rank's sampled tokens
-        stay on the device until ``Launched.out()`` reads them."""
+        stay on the device until ``Launched.out()`` reads them. A traced step (``Step.trace``) marks
+        the end of each phase (``executors.trace.RankTimer``; ``unpickle_ms``: receiving it)."""
         par = self.par
+        timer = RankTimer(par.device, unpickle_ms) if step.trace else None
         self.model.forget(step.free)
         self.model.receive_images(step.image_jobs)
+        if timer:
+            timer.mark()
         if step.tokens_from is not None:  # input tokens: the previous step's samples, never on the host
             rows, prev = step.tokens_from, self.last_sampled
             same = rows == list(range(len(rows)))
@@ -159,6 +165,8 @@ class RankRunner:
                 outs.append(y)
         for work, _ in pending:
             work.wait()
+        if timer:
+            timer.mark()
         if not self.samples:
             return None
         logits = torch.cat(outs) if outs else torch.zeros(0, self.model.a.vocab)
@@ -168,9 +176,11 @@ class RankRunner:
         self.last_sampled = sample(logits, step.temperature, step.top_k, keys)
         if not self.reports:
             return None
+        if timer:
+            timer.mark()
         return Launched.start(StepOut(step.step_id, par.dp_i, reqs, [], logits.cpu() if step.want_logits else None,
                                       [m for mb in step.micro for m in (mb.modes or [mb.mode])], self.captures()),
-                              self.last_sampled)
+                              self.last_sampled, timer)
 
     def captures(self) -> dict[str, float] | None:
         """CUDA graphs captured so far on this rank and the wall time their captures took (None
@@ -202,27 +212,31 @@ class Launched:
     sampled: torch.Tensor  # [S] on the logits' device
     host: torch.Tensor | None = None  # [S] pinned copy being filled (GPU)
     copied: Any = None  # torch.cuda.Event recorded after the copy (GPU)
+    timer: RankTimer | None = None  # a traced step's phase marks
 
     @staticmethod
-    def start(head: StepOut, sampled: torch.Tensor) -> "Launched":
+    def start(head: StepOut, sampled: torch.Tensor, timer: RankTimer | None = None) -> "Launched":
         if not sampled.is_cuda:
-            return Launched(head, sampled)
+            return Launched(head, sampled, timer=timer)
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
         host.copy_(sampled, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return Launched(head, sampled, host, copied)
+        return Launched(head, sampled, host, copied, timer)
 
     def done(self) -> bool:
         """The tokens have reached the host: ``out`` would not wait."""
         return self.copied is None or self.copied.query()
 
     def out(self) -> StepOut:
+        t = time.perf_counter()
         if self.copied is not None:
             self.copied.synchronize()
             self.head.tokens = self.host.tolist()
         else:
             self.head.tokens = self.sampled.tolist()
+        if self.timer is not None:
+            self.head.timing = self.timer.timing((time.perf_counter() - t) * 1e3)
         return self.head
 
 
@@ -255,7 +269,9 @@ def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched],
                 continue
         if msg is None:
             return
-        launched = runner.launch(from_bytes(msg))
+        t = time.perf_counter()
+        step = from_bytes(msg)
+        launched = runner.launch(step, unpickle_ms=(time.perf_counter() - t) * 1e3)
         if held is not None:
             report(held)
         held = launched

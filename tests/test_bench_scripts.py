@@ -124,7 +124,7 @@ CASES = ("single", "tp2/stage0_tp", "shift-sp2/stage0_dp", "pp2/all_dp", "dedica
 
 
 def test_vl_speed_tiny_run(tmp_path):
-    r = vl.main(["--out", str(tmp_path), "--tiny", "--cases", ",".join(CASES + ("no-such-case",))])
+    r = vl.main(["--out", str(tmp_path), "--tiny", "--trace", "--cases", ",".join(CASES + ("no-such-case",))])
     assert json.loads((tmp_path / "vl_speed.json").read_text())["cases"].keys() == set(CASES) | {"no-such-case"}
     assert "KeyError" in r["cases"]["no-such-case"]["error"]  # a failing case is recorded, the others run
     rate = r["matmul"]["TFLOPs"]
@@ -166,6 +166,12 @@ def test_vl_speed_tiny_run(tmp_path):
     assert shift["shift_threshold"] is not None and shift["modes"]["tp"] > 0 and shift["modes"]["sp_tp"] > 0
     md = (tmp_path / "vl_speed.md").read_text()
     assert all(name in md for name in CASES) and "## (a)" in md and "## (b)" in md and "## (c)" in md
+    # --trace: the batch's steps, each case's image steps with their images encoded on the reporting rank
+    for name in CASES:
+        t = r["cases"][name]["batch_trace"]
+        assert sum(x["images"] for x in t["steps"]) == r["sizes"]["batch"]  # every request's one image, once
+        assert t["summary"]["image"]["steps"] >= 1 and t["summary"]["all"]["span_ms"] > 0
+    assert "## (d)" in md
 
 
 def test_engine_speed_runs_every_point_in_one_call(tmp_path) -> None:

@@ -64,7 +64,7 @@ def test_a_rank_launches_a_sent_step_before_reporting_the_last() -> None:
         events: list[str] = []
 
         class Runner:
-            def launch(self, step: int) -> Launched:
+            def launch(self, step: int, unpickle_ms: float = 0.0) -> Launched:
                 events.append(f"launch {step}")
                 return Launched(StepOut(step, 0, [step], []), torch.tensor([step]))
 
