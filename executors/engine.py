@@ -647,7 +647,8 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     one-shot kernel where it works (``parallel.OneShotAllReduce``), ``nccl`` always with NCCL. ``warm_up`` (default: on CUDA devices): ``Engine.warm_up`` before returning,
     so compiling step shapes and capturing decode graphs happen at load, not inside serving. ``trace``:
     ``Engine.step_trace`` records where each step's time goes, on the driver and the reporting rank
-    (``executors.trace``; not under torchrun)."""
+    (``executors.trace``; not under torchrun). A single-rank plan on a GPU runs in this process, which
+    then uses one CPU thread for torch's CPU ops (``torch.set_num_threads(1)``), as spawned ranks do."""
     from plans.schema import load_plan
 
     base = None
