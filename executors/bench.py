@@ -12,18 +12,21 @@ import torch
 
 def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens: int, weights: Any = None,
           device: str = "cpu", backend: str | None = None, seed: int = 0,
-          progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+          progress: Callable[[int], None] | None = None, trace: bool = False) -> dict[str, Any]:
     """All requests arrive at t=0. TTFT: time to a request's first token; TPOT: mean gap between
     its later tokens; throughput: generated tokens / wall time of the whole run. ``progress`` is
-    called with the tokens generated so far."""
+    called with the tokens generated so far. ``trace``: the run's step trace under ``step_trace``
+    (``executors.trace``)."""
     import executors
     from executors import Request, Sampling
 
     g = torch.Generator().manual_seed(seed)
-    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed) as eng:
+    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed, trace=trace) as eng:
         V = eng.args.vocab
         reqs = [Request(tokens=torch.randint(0, V, (input_tokens,), generator=g).tolist()) for _ in range(requests)]
         eng.generate(reqs[:1], max_new_tokens=2)  # warm-up
+        if trace:
+            eng.step_trace.clear()
         t0 = time.perf_counter()
         times: dict[int, list[float]] = {i: [] for i in range(requests)}
         done = 0
@@ -35,6 +38,7 @@ def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens
                     progress(done)
         wall = time.perf_counter() - t0
         label = eng.plan.mesh.label()
+        steps = eng.step_trace
     ttft = sorted(t[0] for t in times.values() if t)
     tpot = sorted((t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1)
     n = sum(len(t) for t in times.values())
@@ -49,6 +53,7 @@ def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens
         "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p90": pct(tpot, 0.9),
         "output_tok_s": round(n / wall, 2), "wall_s": round(wall, 3),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        **({"step_trace": steps} if steps is not None else {}),
     }
 
 

@@ -138,19 +138,21 @@ def predicted_result(plan: Any, cost: Any, reqs: list[WorkloadRequest], slo: Slo
 
 def bench_workload(plan_path: Any, workload: Any, *, rate: float | None, duration: float | None, seed: int,
                    slo: SloTargets | None, weights: Any, device: str, backend: str | None,
-                   compare_sim: bool) -> dict[str, Any]:
+                   compare_sim: bool, trace: bool = False) -> dict[str, Any]:
     """Replay the workload on the engine; return ``{"measured": SimResult, "predicted": SimResult | None,
-    "requests": n}``."""
+    "requests": n}`` (and ``step_trace``, the replay's steps, with ``trace``: ``executors.trace``)."""
     import executors
     from costmodels.simulator import cost_model_for_plan
     from plans.schema import load_plan
 
     plan = load_plan(plan_path)
     wl, reqs = sample_requests(workload, rate=rate, duration=duration, seed=seed)
-    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed) as eng:
+    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed, trace=trace) as eng:
         measured = replay_requests(eng, reqs, seed)
+        steps = eng.step_trace
     res = measured_result(plan, measured, reqs, slo)
     predicted = None
     if compare_sim:
         predicted = predicted_result(plan, cost_model_for_plan(plan, base_dir=plan_path.parent), reqs, slo)
-    return {"measured": res, "predicted": predicted, "requests": len(reqs), "rate_rps": wl.rate}
+    return {"measured": res, "predicted": predicted, "requests": len(reqs), "rate_rps": wl.rate,
+            **({"step_trace": steps} if steps is not None else {})}

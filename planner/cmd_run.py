@@ -101,6 +101,8 @@ def bench_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL)"),
     backend: Optional[str] = typer.Option(None, "--backend", help="eager | compile | tensorrt (default: the plan's)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="also write the step trace here (JSON: where each "
+                                                               "step's time went, driver and rank; executors/trace.py)"),
 ) -> None:
     """Measure TTFT, TPOT and token throughput of a plan on synthetic requests (all sent at once), or, with
     --workload, on a workload replayed in real time (the same figures and JSON keys as `plan simulate`)."""
@@ -114,8 +116,12 @@ def bench_cmd(
 
     if json_out is not None:
         writable(json_out, "--json")
+    if trace is not None:
+        writable(trace, "--trace")
     if workload is not None:
-        out = _bench_workload(plan, workload, rate, duration, seed, compare_sim, weights, device, backend)
+        out = _bench_workload(plan, workload, rate, duration, seed, compare_sim, weights, device, backend,
+                              trace is not None)
+        _write_trace(trace, out.pop("step_trace", None))
         if json_out:
             write_text(json_out, json.dumps(out, indent=2) + "\n", "--json")
         return
@@ -126,15 +132,30 @@ def bench_cmd(
     with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("generated tokens", total=requests * output_tokens)
         out = bench(plan, requests, input_tokens, output_tokens, weights=weights, device=device, backend=backend,
-                    progress=lambda n: bar.update(task, completed=n))
+                    progress=lambda n: bar.update(task, completed=n), trace=trace is not None)
+    _write_trace(trace, out.pop("step_trace", None))
     for k, v in out.items():
         typer.echo(f"{k}: {v}")
     if json_out:
         write_text(json_out, json.dumps(out, indent=2) + "\n", "--json")
 
 
+def _write_trace(path: Optional[Path], steps: Optional[list]) -> None:
+    """``--trace``: the run's steps and their sums by kind of step (``executors.trace.summary``)."""
+    import json
+
+    from executors.trace import summary
+    from planner.paths import write_text
+
+    if path is None or steps is None:
+        return
+    write_text(path, json.dumps({"summary": summary(steps), "steps": steps}, indent=1) + "\n", "--trace")
+    typer.echo(f"step trace: {len(steps)} steps -> {path}", err=True)
+
+
 def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], duration: Optional[float], seed: int,
-                    compare_sim: bool, weights: Optional[Path], device: str, backend: Optional[str]) -> dict:
+                    compare_sim: bool, weights: Optional[Path], device: str, backend: Optional[str],
+                    trace: bool = False) -> dict:
     """Replay, print (JSON keys of `plan simulate --json`; with --compare-sim a table of measured vs
     predicted and the error of each figure), and return what was printed."""
     import json
@@ -147,7 +168,7 @@ def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], durati
     p = load_plan(plan_path)
     wl, slo = load_workload(source, cost_model_for_plan(p, base_dir=plan_path.parent).info, seed, p)
     res = bench_workload(plan_path, wl, rate=rate, duration=duration, seed=seed, slo=slo, weights=weights,
-                         device=device, backend=backend, compare_sim=compare_sim)
+                         device=device, backend=backend, compare_sim=compare_sim, trace=trace)
     out = {"measured": _clean(_row(p.name, res["rate_rps"], res["measured"]))}
     if res["predicted"] is not None:
         out["predicted"] = _clean(_row(p.name, res["rate_rps"], res["predicted"]))
@@ -158,7 +179,7 @@ def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], durati
             err = "-" if r["error"] != r["error"] else f"{100 * r['error']:+.1f}%"
             typer.echo(f"  {r['figure']:<20} {r['measured']:>12.4g} {r['predicted']:>12.4g}  {err:>8}")
     typer.echo(json.dumps(out if res["predicted"] is not None else out["measured"], indent=1))
-    return out
+    return {**out, **({"step_trace": res["step_trace"]} if "step_trace" in res else {})}
 
 
 def export_onnx_cmd(

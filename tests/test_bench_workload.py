@@ -35,9 +35,9 @@ def test_plan_bench_workload_cli(tmp_path: Path, capsys) -> None:
     from planner.cli import main
 
     plan = _tiny_plan(tmp_path)
-    out = tmp_path / "b.json"
+    out, trace = tmp_path / "b.json", tmp_path / "trace.json"
     assert main(["bench", str(plan), "--workload", str(tmp_path / "tiny.yaml"), "--rate", "5", "--duration", "0.5",
-                 "--compare-sim", "--json", str(out)]) == 0
+                 "--compare-sim", "--json", str(out), "--trace", str(trace)]) == 0
     text = capsys.readouterr().out
     assert "measured vs predicted" in text and "ttft_ms p90" in text
     got = json.loads(out.read_text())
@@ -45,6 +45,8 @@ def test_plan_bench_workload_cli(tmp_path: Path, capsys) -> None:
         assert {"ttft_ms", "tpot_ms", "e2e_ms", "output_tok_s", "goodput_rps", "shift_tp_fraction",
                 "preemptions"} <= set(got[side])
     assert got["measured"]["requests"] == got["predicted"]["requests"] >= 1
+    steps = json.loads(trace.read_text())["steps"]  # --trace: the replay's steps, not in --json
+    assert steps and "step_trace" not in got and all(s["answered_ms"] >= s["sent_ms"] for s in steps)
     assert main(["bench", str(plan), "--rate", "5"]) == 2
     assert main(["bench", str(plan), "--workload", str(tmp_path / "missing.yaml")]) == 2
 

@@ -96,14 +96,19 @@ def test_plan_bench_reports_latency_and_throughput(tmp_path: Path, capsys: pytes
 
     plan = tmp_path / "p.plan.yaml"
     save_plan(make_plan("qwen2"), plan)
-    out = tmp_path / "bench.json"
+    out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
     assert main(["bench", str(plan), "--requests", "3", "--input-tokens", "9", "--output-tokens", "5",
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--trace", str(trace)]) == 0
     figs = json.loads(out.read_text())
-    assert figs["requests"] == 3 and figs["mesh"] == "single"
+    assert figs["requests"] == 3 and figs["mesh"] == "single" and "step_trace" not in figs
     assert 0 < figs["ttft_ms_p50"] <= figs["ttft_ms_p90"]
     assert figs["output_tok_s"] > 0 and figs["tpot_ms_p50"] > 0
     assert "ttft_ms_p90:" in capsys.readouterr().out
+    # --trace: the run's steps (the warm-up's left out): every prompt token and every new one but the last,
+    # plus at most one look-ahead decode a request (queued before its last token was read)
+    t = json.loads(trace.read_text())
+    assert 3 * (9 + 5 - 1) <= sum(s["tokens"] for s in t["steps"]) <= 3 * (9 + 5)
+    assert t["summary"]["all"]["steps"] == len(t["steps"]) and {"prefill", "decode"} <= set(t["summary"])
 
 
 def test_tensorrt_backend_names_the_extra() -> None:
