@@ -152,7 +152,8 @@ def _rank_steps(rank: int, world: int, init: str, job: dict[str, Any]) -> None:
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    torch.set_num_threads(1)  # as the engine's ranks (executors.worker.run_rank)
+    else:
+        torch.set_num_threads(1)  # a GPU rank's RankRunner sets it
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world)
     plan = Plan.model_validate_json(job["plan"])
     args = job["args"]
@@ -445,13 +446,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run_ranks(job: dict[str, Any], world: int, timeout: float) -> dict[str, Any]:
     """Spawn the ranks, wait (at most ``timeout`` s), stop any still running; their exit codes."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from executors.engine import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=rank_main, args=(r, world, f"tcp://127.0.0.1:{port}", job), daemon=True)
              for r in range(world)]

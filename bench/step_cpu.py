@@ -18,7 +18,6 @@ and the pickle round trip of a step carrying 32 images' pixels (what an image pr
 from __future__ import annotations
 
 import argparse
-import pickle
 import platform
 import statistics
 import sys
@@ -47,6 +46,7 @@ def measure(B: int, reps: int) -> dict[str, float]:
     from executors.batch import Step
     from executors.graphs import DecodeGraphs
     from executors.scheduler import Scheduler, Seq, build_microbatch
+    from executors.worker import from_bytes, to_bytes
 
     sc = Scheduler(1 << 20, BLOCK, 1 << 20, max(B, 1))
     for i in range(B):
@@ -65,8 +65,8 @@ def measure(B: int, reps: int) -> dict[str, float]:
     out = {"schedule_us": _median_us(lambda: sc.schedule(), reps)}  # the same decodes again: blocks already held
     out["build_microbatch_us"] = _median_us(lambda: build_microbatch(chunks, "tp", BLOCK, None), reps)
     step = Step(1, [mb])
-    out["pickle_round_trip_us"] = _median_us(lambda: pickle.loads(pickle.dumps(step, protocol=5)), reps)
-    out["step_bytes"] = len(pickle.dumps(step, protocol=5))
+    out["pickle_round_trip_us"] = _median_us(lambda: from_bytes(to_bytes(step)), reps)
+    out["step_bytes"] = len(to_bytes(step))
 
     class Stage:  # what DecodeGraphs reads of a stage to fill its inputs
         block_size, scratch_slot, par = BLOCK, 0, None
@@ -89,14 +89,15 @@ def measure_images(reps: int) -> dict[str, float]:
     """The pickle round trip of a step carrying ``IMAGES`` images' pixels (bf16, as the driver sends
     them): the driver pickles it once, every rank of the replica unpickles it."""
     from executors.batch import ImageJob, Step
+    from executors.worker import from_bytes, to_bytes
 
     g = torch.Generator().manual_seed(0)
     jobs = [ImageJob(i, torch.randn(PATCHES, PATCH_DIM, generator=g).to(torch.bfloat16), [(1, 32, 32)]) for i in range(IMAGES)]
     step = Step(1, [], images=jobs)
-    wire = pickle.dumps(step, protocol=5)
+    wire = to_bytes(step)
     return {"images": IMAGES, "bytes": len(wire),
-            "pickle_ms": round(_median_us(lambda: pickle.dumps(step, protocol=5), reps) / 1e3, 2),
-            "unpickle_ms": round(_median_us(lambda: pickle.loads(wire), reps) / 1e3, 2)}
+            "pickle_ms": round(_median_us(lambda: to_bytes(step), reps) / 1e3, 2),
+            "unpickle_ms": round(_median_us(lambda: from_bytes(wire), reps) / 1e3, 2)}
 
 
 def main() -> None:

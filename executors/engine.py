@@ -54,7 +54,8 @@ class WorkerError(UserError):
         self.details = details
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback address (a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -144,12 +145,6 @@ class Engine:
         self.encoding: dict[int, tuple[int, int]] = {}  # request -> (encoder index, patches), under way
         if self.world == 1:
             dev = torch.device(device)
-            if dev.type == "cuda":
-                # as a spawned rank (worker.run_rank): a GPU step's host work is many tiny CPU ops, and
-                # torch's parallel CPU kernels (fill_ of a graph's 33k-entry block table, repeat_interleave)
-                # woke every thread for them: 12-21 ms a mixed step on a 32-core host
-                # (bench/results/shift_crossover.profile_mixed.md)
-                torch.set_num_threads(1)
             self.local = RankRunner(self.spec, Par(device=dev), src)
             self.lanes = 1
         else:
@@ -178,7 +173,7 @@ class Engine:
             self.out_ch.append(Channel(outs, reader=0, polling=self.polling))
             for i, r in enumerate(ranks):
                 links[r] = RankLink(steps, i, outs if r == reporting_rank(self.plan.mesh, rep) else None)
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         for r in range(self.world):
             p = ctx.Process(target=run_rank, args=(r, self.world, init, self.spec, self.cmd_q[r], self.res_q, links.get(r)),
                             daemon=True)
@@ -336,7 +331,7 @@ class Engine:
                 self._traced[st.step_id] = step_record(st, rep, (t - self._t0) * 1e3, (sent - t) * 1e3, nbytes, queued)
 
     def _traced_answer(self, o: StepOut) -> None:
-        """A traced step's answer: its record completed (``executors.trace``)."""
+        """A step's answer: its trace record, if it has one, completed (``executors.trace``)."""
         rec = self._traced.pop(o.step_id, None)
         if rec is not None:
             rec["answered_ms"] = round((time.perf_counter() - self._t0) * 1e3, 3)
@@ -541,8 +536,7 @@ class Engine:
                         if nxt is not None:
                             in_flight[nxt[2].step_id] = nxt
                 o = self._receive()
-                if self.step_trace is not None:
-                    self._traced_answer(o)
+                self._traced_answer(o)
                 lane, chunks, _step = in_flight.pop(o.step_id)
                 early = o.step_id in ahead  # its sequences already advanced, their tokens placeholders
                 ahead.discard(o.step_id)
@@ -577,9 +571,7 @@ class Engine:
         finally:
             if not self.closed:
                 for _ in in_flight:  # a stream left early: take the answers of steps still running
-                    o = self._receive()
-                    if self.step_trace is not None:
-                        self._traced_answer(o)
+                    self._traced_answer(self._receive())
             if self.encoders:
                 for rep in range(dp):
                     lanes = scheds[rep * L:(rep + 1) * L]
@@ -648,7 +640,8 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     so compiling step shapes and capturing decode graphs happen at load, not inside serving. ``trace``:
     ``Engine.step_trace`` records where each step's time goes, on the driver and the reporting rank
     (``executors.trace``; not under torchrun). A single-rank plan on a GPU runs in this process, which
-    then uses one CPU thread for torch's CPU ops (``torch.set_num_threads(1)``), as spawned ranks do."""
+    then uses one CPU thread for torch's CPU ops (``torch.set_num_threads(1)``, ``RankRunner``), as
+    spawned ranks do."""
     from plans.schema import load_plan
 
     base = None

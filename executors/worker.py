@@ -102,6 +102,11 @@ class RankRunner:
         plan = Plan.model_validate_json(spec.plan_json)
         args = spec.args
         dtype, kv_dtype, fp8 = run_dtypes(plan)
+        if par.device.type == "cuda":
+            # a GPU step's host work is many tiny CPU ops, and torch's parallel CPU kernels (fill_ of a
+            # graph's 33k-entry block table, repeat_interleave) woke every thread for them: 12-21 ms a
+            # mixed step on a 32-core host (bench/results/shift_crossover.profile_mixed.md)
+            torch.set_num_threads(1)
         self.par, self.plan = par, plan
         self.model = StageModel(plan, plan.stages[par.pp_i], args, par, src or make_source(spec, args), dtype,
                                 kv_dtype, spec.num_blocks * plan.scheduler.block_size, fp8, spec.all_reduce)

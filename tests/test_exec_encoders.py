@@ -15,7 +15,8 @@ import executors
 from executors import Request, Sampling
 from executors.batch import ImageJob
 from executors.encoders import EncoderServer, deal, exchange
-from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, free_port, make_plan, random_image, save_checkpoint
+from executors.engine import free_port
+from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, make_plan, random_image, save_checkpoint
 
 GREEDY = Sampling(stop_on_eos=False)
 HIDDEN = 3

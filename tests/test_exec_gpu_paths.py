@@ -689,7 +689,7 @@ def test_sp_decode_graph_inputs_give_the_eager_logits() -> None:
 
     import torch.multiprocessing as mp
 
-    from tests.tiny.helpers import free_port
+    from executors.engine import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = mp.Manager().dict()
@@ -705,7 +705,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from executors.graphs import DecodeGraphs, MixedGraphs
 from executors.scheduler import Scheduler, Seq, build_microbatch
-from tests.tiny.helpers import free_port, sp2_runner
+from executors.engine import free_port
+from tests.tiny.helpers import sp2_runner
 
 
 def rank_main(rank, port, out):

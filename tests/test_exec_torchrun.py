@@ -10,6 +10,7 @@ from pathlib import Path
 
 import executors
 from executors import Request, Sampling
+from executors.engine import free_port
 from plans.schema import Plan, save_plan
 from tests.tiny.helpers import IMAGE_TOKEN, make_plan
 
@@ -62,7 +63,6 @@ def test_two_torchrun_nodes_match_one_rank(tmp_path: Path) -> None:
         torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr 127.0.0.1 --master-port P plan run PLAN ...
         torchrun --nnodes 2 --nproc-per-node 1 --node-rank 1 --master-addr 127.0.0.1 --master-port P plan run PLAN ...
     """
-    import socket
 
     from plans.schema import Hardware
 
@@ -73,9 +73,7 @@ def test_two_torchrun_nodes_match_one_rank(tmp_path: Path) -> None:
     beside = Path(sys.executable).parent / "plan"
     plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
     assert plan_exe, "the `plan` console script is not installed"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",

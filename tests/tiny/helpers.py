@@ -149,15 +149,6 @@ def run_interpreted(*args: str, timeout: float = 600) -> str:
     return out.stdout
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback address (for a test's process group)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sp2_runner(rank: int, port: int) -> Any:
     """Rank ``rank`` of two gloo ranks joined at ``port``: a ``RankRunner`` of the tiny Llama on an sp2
     plan (fp32, seeded random weights, eager layers, no graphs)."""
