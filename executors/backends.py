@@ -10,31 +10,44 @@ BACKENDS = ("eager", "compile", "tensorrt")
 
 
 def apply_backend(model: Any, backend: str) -> None:
-    """Swap the decoder layers' forward for the backend's version, in place.
+    """Swap the decoder layers' forward (and the vision tower's block halves) for the backend's
+    version, in place.
 
     ``compile``: ``torch.compile(dynamic=True)`` per layer forward (inductor; token counts vary per
     step, so shapes are marked dynamic). ``tensorrt``: the same through torch-tensorrt's dynamo
-    backend when it is importable.
+    backend when it is importable. A vision tower (``model.vision``) gets its blocks' ``pre`` and
+    ``post`` compiled the same way (patch counts vary per step); their attention between them stays
+    eager, as its span list is Python data (``executors.vision.VisionBlock``).
     """
     if backend == "eager":
         return
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    import torch
-
     if backend == "tensorrt":
         require_tensorrt()
         kw: dict[str, Any] = {"backend": "tensorrt", "dynamic": True}
     else:
         kw = {"dynamic": True}
+    compile_methods(list(model.layers), ("forward",), kw)
+    tower = getattr(model, "vision", None)
+    if tower is not None:
+        compile_methods(list(tower.blocks), ("pre", "post"), kw)
+
+
+def compile_methods(modules: list[Any], names: tuple[str, ...], kw: dict[str, Any]) -> None:
+    """Each method ``names`` of ``modules`` (all of one class) replaced by one ``torch.compile``-d
+    function shared by every module (one compilation, not one per layer)."""
     import functools
 
-    if not model.layers:
+    import torch
+
+    if not modules:
         return
-    cls = type(model.layers[0])
-    fn = torch.compile(cls.forward, **kw)  # one compiled function shared by every layer
-    for layer in model.layers:
-        layer.forward = functools.partial(fn, layer)
+    cls = type(modules[0])
+    for name in names:
+        fn = torch.compile(getattr(cls, name), **kw)
+        for m in modules:
+            setattr(m, name, functools.partial(fn, m))
 
 
 def require_tensorrt() -> None:

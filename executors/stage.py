@@ -134,7 +134,8 @@ class StageModel:
         if not jobs:
             return []
         m2 = self.a.vision.merge ** 2
-        out = self.vision(torch.cat([j.pixels for j in jobs]), [g for j in jobs for g in j.grid])
+        dev = self.par.device  # each job's pixels to the device, joined there (not by one CPU thread)
+        out = self.vision(torch.cat([j.pixels.to(dev) for j in jobs]), [g for j in jobs for g in j.grid])
         return list(out.split([j.patches // m2 for j in jobs]))
 
     def image_rows(self, mb: MicroBatch) -> torch.Tensor:

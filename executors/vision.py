@@ -76,11 +76,16 @@ class VisionAttention(nn.Module):
         self.qkv = Linear(E, 3 * E, (p + "qkv",), bias=True)
         self.proj = Linear(E, E, (p + "proj",), bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
-        hd = self.head_dim
-        q, k, val = self.qkv(x).reshape(-1, 3, self.heads, hd).unbind(1)  # [N, heads, hd] each
+    def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x [N, E]`` -> ``q, k, v [N, heads, hd]``, rotary applied to q and k in fp32."""
+        q, k, val = self.qkv(x).reshape(-1, 3, self.heads, self.head_dim).unbind(1)
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        return q, k, val
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, val: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        """Full attention within each span: ``q, k, v [N, heads, hd]`` -> ``[N, heads * hd]``."""
+        hd = self.head_dim
         outs = []
         for length, count in equal_runs(spans):  # one SDPA per run of equal spans (a batch of same-size images)
             n = length * count
@@ -88,7 +93,10 @@ class VisionAttention(nn.Module):
             q, k, val = q[n:], k[n:], val[n:]
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=1.0 / math.sqrt(hd))  # [count, heads, length, hd]
             outs.append(o.transpose(1, 2).reshape(n, -1))
-        return self.proj(torch.cat(outs))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        return self.proj(self.attend(*self.qkv_rope(x, cos, sin), spans))
 
 
 class VisionMLP(nn.Module):
@@ -121,9 +129,19 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(v, p + "attn.")
         self.mlp = VisionMLP(v, p + "mlp.")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, spans)
+    def pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Norm, QKV and rotary: ``x [N, E]`` -> ``q, k, v [N, heads, hd]`` (only tensors in and
+        out: the compile backend compiles it, ``executors.backends``)."""
+        return self.attn.qkv_rope(self.norm1(x), cos, sin)
+
+    def post(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Attention output projection, residual, norm, MLP, residual (compiled like ``pre``)."""
+        x = x + self.attn.proj(o)
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        """Attention between ``pre`` and ``post`` stays eager: its span list is Python data."""
+        return self.post(x, self.attn.attend(*self.pre(x, cos, sin), spans))
 
 
 class Merger(nn.Module):

@@ -131,6 +131,21 @@ def test_compile_backend_matches_hf(llama_ckpt: tuple) -> None:
     assert check_against_oracle(oracle, req.tokens, res) < 1e-4
 
 
+def test_compile_backend_vision_tower_matches_hf(tmp_path: Path) -> None:
+    """The compile backend also compiles the vision blocks' halves around their eager attention
+    (Qwen2.5-VL: windows and one full-attention block); the image request still matches HF."""
+    from tests.tiny.helpers import IMAGE_TOKEN, random_image
+
+    oracle = save_checkpoint("qwen2_5_vl", tmp_path, seed=6)
+    img = random_image((8, 12), 3)
+    req = Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8, 9], images=[img])
+    with executors.load(make_plan("qwen2_5_vl"), weights=tmp_path, backend="compile", keep_logits=True) as eng:
+        tower = eng.local.model.vision
+        assert all(getattr(b.pre, "func", None) is getattr(tower.blocks[0].pre, "func", 0) for b in tower.blocks)
+        res = eng.generate([req], max_new_tokens=4, sampling=Sampling(stop_on_eos=False))[0]
+    assert check_against_oracle(oracle, req.tokens, res, [img]) < 1e-4
+
+
 def test_unknown_all_reduce_is_a_user_error() -> None:
     """``all_reduce`` names how small all-reduces run; anything else stops the load with one message."""
     with pytest.raises(UserError, match="all_reduce 'ring': choose one of auto, nccl"):
