@@ -29,7 +29,10 @@ Measured in one run:
   reaching stage 0), reported against the tower's
   floor under the placement (FLOPs / (rate x the tower's TP degree));
 * 32 concurrent requests (``--batch``), one 448x448 image each, 64 new tokens (``--new``): TTFT p50,
-  TPOT p50, output tokens/s, requests/s; each as a ratio to ``single``.
+  TPOT p50, output tokens/s, requests/s; each as a ratio to ``single``;
+* (e) the two-GPU targets with images: decode TPOT at batch 1 (one image request, ``--new`` tokens)
+  and the TTFT of one long prompt of ``--long-images`` images of ``--long-px`` px (7 x 896 px: 7,168
+  image tokens), each as a ratio to ``single``, beside the batch's throughput.
 
 Cases: ``single``; ``tp2/stage0_tp`` (tower TP-sharded over both GPUs); ``tp2/stage0_dp`` (tower
 whole on each, images dealt by patch count); ``sp2/stage0_dp``; ``shift-sp2/stage0_dp``;
@@ -147,10 +150,10 @@ def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[in
     return out
 
 
-def requests(a: Any, n: int, px: int, text: int, seed: int, image: bool = True) -> list[Any]:
-    """``n`` requests of ``text`` random text tokens, the image (if any) in the middle: one
-    image-pad token that the engine expands to the image's tokens. Text-only requests have the
-    same total length."""
+def requests(a: Any, n: int, px: int, text: int, seed: int, image: bool = True, images: int = 1) -> list[Any]:
+    """``n`` requests of ``text`` random text tokens, ``images`` images (if ``image``) in the middle:
+    one image-pad token each, which the engine expands to the image's tokens. Text-only requests
+    have the same total length as one-image requests."""
     from executors import Request
     from executors.images import ImageInput
 
@@ -164,11 +167,18 @@ def requests(a: Any, n: int, px: int, text: int, seed: int, image: bool = True) 
         ids = [t for t in torch.randint(10, hi, (text + img_tokens,), generator=g).tolist()]
         ids = [t if t not in (a.image_token_id, *(a.eos_token_ids or ())) else 10 for t in ids]
         if image:
-            ids = ids[: text // 2] + [a.image_token_id] + ids[text // 2: text]
-            out.append(Request(tokens=ids, images=[ImageInput(torch.randn(rows, a.vision.patch_dim, generator=g), grid)]))
+            ids = ids[: text // 2] + [a.image_token_id] * images + ids[text // 2: text]
+            out.append(Request(tokens=ids, images=[ImageInput(torch.randn(rows, a.vision.patch_dim, generator=g), grid)
+                                                   for _ in range(images)]))
         else:
             out.append(Request(tokens=ids))
     return out
+
+
+def long_tokens(px: int, v: Any) -> int:
+    """LLM tokens of one ``px x px`` image."""
+    t, h, w = image_grid(px, v)
+    return t * h * w // v.merge**2
 
 
 def first_token_ms(eng: Any, reqs: list[Any]) -> float:
@@ -255,6 +265,13 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
         out["ttft_image_ms"] = round(median(img), 3)
         out["ttft_text_ms"] = round(median(txt), 3)
         out["image_cost_ms"] = round(out["ttft_image_ms"] - out["ttft_text_ms"], 3)
+        # point 2's figures for image requests: decode TPOT at batch 1, TTFT of one long image prompt
+        out["tpot_b1_ms"] = batch_run(eng, requests(m, 1, px, text, 250), new)["tpot_ms_p50"]
+        if sizes["long_images"]:
+            lpx, k = sizes["long_px"], sizes["long_images"]
+            first_token_ms(eng, requests(m, 1, lpx, text, 260, images=k))  # its shapes' warm-up
+            out["ttft_long_ms"] = round(median([first_token_ms(eng, requests(m, 1, lpx, text, 270 + i, images=k))
+                                                for i in range(reps)]), 3)
         if eng.step_trace is not None:
             eng.step_trace.clear()
         out["batch"] = batch_run(eng, requests(m, batch, px, text, 400), new)
@@ -277,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--ttft-reps", type=int, default=3)
     ap.add_argument("--tower-reps", type=int, default=10)
+    ap.add_argument("--long-images", type=int, default=7,
+                    help="images of the long prompt whose TTFT is measured (0: skip)")
+    ap.add_argument("--long-px", type=int, default=896, help="their side in px (896: 1,024 LLM tokens each)")
     ap.add_argument("--no-tower", action="store_true", help="skip (a), the tower alone")
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
@@ -321,7 +341,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "model": ("tiny qwen2-vl config" if a.tiny else "qwen2-vl-7b shapes") + f", {str(dtype)[6:]}, random weights",
         "sizes": {"image_px": px, "image_tokens": image_grid(px, m.vision)[1] * image_grid(px, m.vision)[2] // m.vision.merge**2,
-                  "text_tokens": a.text, "batch": a.batch, "new_tokens": a.new, "ttft_reps": a.ttft_reps},
+                  "text_tokens": a.text, "batch": a.batch, "new_tokens": a.new, "ttft_reps": a.ttft_reps,
+                  "long_images": a.long_images, "long_px": 112 if a.tiny else a.long_px,
+                  "long_tokens": a.long_images * long_tokens(112 if a.tiny else a.long_px, m.vision) + a.text},
         "matmul": matmul_rate(device, dtype), "tower": {}, "cases": {},
     }
     rate = report["matmul"]["TFLOPs"]
@@ -360,7 +382,7 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
     px, rate = report["sizes"]["image_px"], report["matmul"]["TFLOPs"]
     fl = tower_flops(m.vision, image_grid(px, m.vision), m.hidden)["total"]
     sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps, "timeout": a.case_timeout,
-             "trace": a.trace,
+             "trace": a.trace, "long_images": a.long_images, "long_px": 112 if a.tiny else a.long_px,
              "backend": a.backend, "lookahead": a.lookahead}
     prompt = a.text + report["sizes"]["image_tokens"]
     for name in [c for c in a.cases.split(",") if c]:
@@ -397,7 +419,10 @@ def ratios(r: dict[str, Any]) -> None:
             "batch_ttft_p50": sig(x["batch"]["ttft_ms_p50"] / one["batch"]["ttft_ms_p50"]),
             "batch_tpot_p50": sig(x["batch"]["tpot_ms_p50"] / one["batch"]["tpot_ms_p50"]),
             "batch_output_tok_s": sig(x["batch"]["output_tok_s"] / one["batch"]["output_tok_s"]),
+            "tpot_b1": sig(x["tpot_b1_ms"] / one["tpot_b1_ms"]),
         }
+        if "ttft_long_ms" in x and "ttft_long_ms" in one:
+            x["vs_single"]["ttft_long"] = sig(x["ttft_long_ms"] / one["ttft_long_ms"])
 
 
 def sig(x: float, digits: int = 4) -> float:
@@ -449,6 +474,20 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{b['ttft_ms_p50']} ms | {v.get('batch_ttft_p50', '-')}x | {b['tpot_ms_p50']} ms | "
                      f"{v.get('batch_tpot_p50', '-')}x | {b['output_tok_s']} | {v.get('batch_output_tok_s', '-')}x | "
                      f"{b['requests_s']} | {x['modes']} |")
+    lines += ["", "## (e) The two-GPU targets with images (issue 12, points 2 and 3)", "",
+              f"TPOT at batch 1: one request with one {s['image_px']}x{s['image_px']} image, {s['new_tokens']} new tokens "
+              f"(mean gap after the first). Long prompt: one request with {s.get('long_images', 0)} images of "
+              f"{s.get('long_px', '-')}x{s.get('long_px', '-')} px ({s.get('long_tokens', '-')} tokens), TTFT median of "
+              f"{s['ttft_reps']}. Throughput: the {s['batch']}-request batch of (c). Targets: TP2 TPOT <= 0.65x; "
+              "SP2 TTFT <= 0.65x; shift both within 10%; PP2 throughput >= 1.5x; DP2 >= 1.8x.", "",
+              "| case | TPOT batch 1 | vs one GPU | TTFT long prompt | vs one GPU | output tok/s | vs one GPU |",
+              "|---|---|---|---|---|---|---|"]
+    for name, x in r["cases"].items():
+        if "error" in x or "tpot_b1_ms" not in x:
+            continue
+        v = x.get("vs_single", {})
+        lines.append(f"| {name} | {x['tpot_b1_ms']} ms | {v.get('tpot_b1', '-')}x | {x.get('ttft_long_ms', '-')} ms | "
+                     f"{v.get('ttft_long', '-')}x | {x['batch']['output_tok_s']} | {v.get('batch_output_tok_s', '-')}x |")
     traced = {n: x["batch_trace"]["summary"] for n, x in r["cases"].items() if "batch_trace" in x}
     if traced:
         cols = ("send_ms", "unpickle_ms", "images_host_ms", "images_gpu_ms", "forward_gpu_ms", "wait_ms",

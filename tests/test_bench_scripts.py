@@ -158,6 +158,8 @@ def test_vl_speed_tiny_run(tmp_path):
         assert v["ttft_image"] == pytest.approx(x["ttft_image_ms"] / one["ttft_image_ms"], rel=1e-2)
         assert v["batch_tpot_p50"] == pytest.approx(b["tpot_ms_p50"] / one["batch"]["tpot_ms_p50"], rel=1e-2)
         assert not math.isnan(v["batch_ttft_p50"])
+        assert x["tpot_b1_ms"] > 0 and v["tpot_b1"] == pytest.approx(x["tpot_b1_ms"] / one["tpot_b1_ms"], rel=1e-2)
+        assert x["ttft_long_ms"] > 0 and v["ttft_long"] == pytest.approx(x["ttft_long_ms"] / one["ttft_long_ms"], rel=1e-2)
     assert one["vs_single"]["batch_output_tok_s"] == 1.0
     assert r["cases"]["tp2/stage0_tp"]["encoder"] == {"stages": [0], "tp": 2, "replicas": 1}
     assert r["cases"]["pp2/all_dp"]["encoder"] == {"stages": [0, 1], "tp": 1, "replicas": 2}
@@ -171,7 +173,8 @@ def test_vl_speed_tiny_run(tmp_path):
         t = r["cases"][name]["batch_trace"]
         assert sum(x["images"] for x in t["steps"]) == r["sizes"]["batch"]  # every request's one image, once
         assert t["summary"]["image"]["steps"] >= 1 and t["summary"]["all"]["span_ms"] > 0
-    assert "## (d)" in md
+    assert "## (d)" in md and "## (e)" in md
+    assert r["sizes"]["long_tokens"] == 7 * vl.long_tokens(112, m.vision) + r["sizes"]["text_tokens"] == 7 * 16 + 8
 
 
 def test_engine_speed_runs_every_point_in_one_call(tmp_path) -> None:
