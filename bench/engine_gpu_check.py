@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny test configs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="eager", help="eager or compile (decode steps replay CUDA graphs on GPUs)")
+    ap.add_argument("--models", default="llama-3.1-8b,qwen2-vl-7b", help="comma-separated, of the default two")
     args = ap.parse_args()
     from bench.common import driver_version
     from graph.hf_config import load_config
@@ -224,13 +225,18 @@ def main() -> None:
         models = {"llama-3.1-8b": tiny_config("llama"), "qwen2-vl-7b": tiny_config("qwen2_vl")}
     else:
         models = {p: load_config(preset=p) for p in ("llama-3.1-8b", "qwen2-vl-7b")}
+    unknown = set(args.models.split(",")) - set(models)
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(sorted(unknown))}; choose of {', '.join(models)}")
+    models = {k: v for k, v in models.items() if k in args.models.split(",")}
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     import transformers
 
     report: dict[str, Any] = {
         "command": "python bench/engine_gpu_check.py --out DIR" + (" --tiny" if args.tiny else "")
-                   + (f" --backend {args.backend}" if args.backend != "eager" else ""), "backend": args.backend,
+                   + (f" --backend {args.backend}" if args.backend != "eager" else "")
+                   + (f" --models {args.models}" if args.models != "llama-3.1-8b,qwen2-vl-7b" else ""), "backend": args.backend,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
