@@ -118,8 +118,9 @@ def image_grid(px: int, v: Any) -> tuple[int, int, int]:
 
 
 def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[int], rate: float,
-                reps: int, warmup: int) -> dict[str, Any]:
+                reps: int, warmup: int, backend: str = "eager") -> dict[str, Any]:
     from bench.common import DeviceRandomSource, median, timed_ms
+    from executors.backends import compile_tower
     from executors.config import model_args
     from executors.encoders import load_tower
     from executors.vision import vision_shapes
@@ -128,6 +129,7 @@ def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[in
     v = a.vision
     dev = torch.device(device)
     tower = load_tower(v, DeviceRandomSource(vision_shapes(v), dev, dtype), dtype, dev)
+    compile_tower(tower, backend)  # as the engine runs it (executors.backends)
     out: dict[str, Any] = {}
     for px in resolutions:
         key = f"{px}x{px}"
@@ -353,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_report(a.out, "vl_speed", report, markdown(report))
 
     if not a.no_tower:
-        report["tower"] = tower_alone(cfg, device, dtype, res, rate, a.tower_reps, 3 if device == "cuda" else 1)
+        report["tower"] = tower_alone(cfg, device, dtype, res, rate, a.tower_reps, 3 if device == "cuda" else 1,
+                                      a.backend)
     save()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -438,7 +441,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, transformers {r['transformers']}, layers {r.get('backend', 'eager')}{'' if r.get('lookahead', True) else ' (look-ahead off)'}, decode steps as CUDA "
              f"graphs where they ran. Command: `{r['command']}`. Matmul rate measured in this run: "
              f"{r['matmul']['TFLOPs']} TFLOP/s ({r['matmul']['n']}^3 {r['matmul']['dtype']}).", "",
-             "## (a) Vision tower alone, one GPU, one image", "",
+             f"## (a) Vision tower alone, one GPU, one image (blocks {r.get('backend', 'eager')})", "",
              "| image | patches | LLM tokens | GFLOP | measured ms | floor ms (FLOPs / matmul rate) | x floor |",
              "|---|---|---|---|---|---|---|"]
     for k, x in r["tower"].items():

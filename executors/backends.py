@@ -21,17 +21,26 @@ def apply_backend(model: Any, backend: str) -> None:
     """
     if backend == "eager":
         return
-    if backend not in BACKENDS:
+    compile_methods(list(model.layers), ("forward",), compile_kw(backend))
+    tower = getattr(model, "vision", None)
+    if tower is not None:
+        compile_tower(tower, backend)
+
+
+def compile_kw(backend: str) -> dict[str, Any]:
+    """``torch.compile``'s arguments for a non-eager backend (UserError for an unknown one)."""
+    if backend not in BACKENDS or backend == "eager":
         raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "tensorrt":
         require_tensorrt()
-        kw: dict[str, Any] = {"backend": "tensorrt", "dynamic": True}
-    else:
-        kw = {"dynamic": True}
-    compile_methods(list(model.layers), ("forward",), kw)
-    tower = getattr(model, "vision", None)
-    if tower is not None:
-        compile_methods(list(tower.blocks), ("pre", "post"), kw)
+        return {"backend": "tensorrt", "dynamic": True}
+    return {"dynamic": True}
+
+
+def compile_tower(tower: Any, backend: str) -> None:
+    """A vision tower's blocks' ``pre`` and ``post`` compiled for ``backend`` (eager: unchanged)."""
+    if backend != "eager":
+        compile_methods(list(tower.blocks), ("pre", "post"), compile_kw(backend))
 
 
 def compile_methods(modules: list[Any], names: tuple[str, ...], kw: dict[str, Any]) -> None:

@@ -246,9 +246,13 @@ class Launched:
 
 
 def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
-    """A dedicated encoder rank's tower: whole on its GPU, in the plan's weight dtype."""
+    """A dedicated encoder rank's tower: whole on its GPU, in the plan's weight dtype, its blocks
+    compiled as the LLM ranks' towers are (``executors.backends.compile_tower``)."""
+    from executors.backends import compile_tower
+
     plan = Plan.model_validate_json(spec.plan_json)
     tower = load_tower(spec.args.vision, make_source(spec, spec.args), run_dtypes(plan)[0], device)
+    compile_tower(tower, spec.backend)
     return EncoderServer(torch.inference_mode()(tower.__call__))
 
 

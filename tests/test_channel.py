@@ -4,6 +4,7 @@ message crossing processes."""
 from __future__ import annotations
 
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 
@@ -40,10 +41,27 @@ def test_a_full_ring_times_out_and_writes_nothing(spec: ChannelSpec) -> None:
     assert r1.recv() == b"a" and w.send(b"c") and r0.recv() == b"b" and r0.recv() == b"c"
 
 
-def test_overflow_and_end_markers(spec: ChannelSpec) -> None:
+def test_large_messages_travel_by_side_files_removed_once_read(spec: ChannelSpec) -> None:
+    w, r0, r1 = Channel(spec), Channel(spec, reader=0), Channel(spec, reader=1)
+    big = [bytes([i]) * (1000 + i) for i in range(5)]  # each larger than a 64-byte slot
+    side = lambda m: Path(f"{spec.path}.{m}")  # noqa: E731
+    for i, b in enumerate(big):
+        assert w.send(b) is True and side(i + 1).exists()
+        assert r0.recv(overflow=lambda: pytest.fail("no fallback")) == b
+        assert r1.recv() == b
+    assert side(5).exists() and not side(3).exists()  # read by both: removed at a later send
+    w.send(b"small")
+    assert not side(5).exists() and r0.recv() == b"small"
+    w.send(big[0])
+    Channel.unlink(spec)  # the creator's unlink removes the mapping and any side file left
+    assert not side(7).exists() and not Path(spec.path).exists()
+
+
+def test_overflow_when_the_side_file_cannot_be_written_and_end_marker(spec: ChannelSpec, monkeypatch) -> None:
     w, r0 = Channel(spec), Channel(spec, reader=0)
+    monkeypatch.setattr(w, "_side", lambda m: str(Path(spec.path).parent / "no-such-dir" / str(m)))
     big = b"x" * 65
-    assert w.send(big) is False  # larger than a slot: the caller sends it by its fallback
+    assert w.send(big) is False  # shared memory unusable: the caller sends it by its fallback
     assert r0.recv(overflow=lambda: big) == big
     w.send(None)
     assert r0.recv() is None
@@ -64,6 +82,8 @@ def test_messages_cross_processes() -> None:
         for i in range(50):
             w.send(b"abc%d" % i)
             assert r.recv() == (b"abc%d" % i)[::-1]
+        big = bytes(range(256)) * (9 << 12)  # 9 MiB: over a default slot, both ways by side file
+        assert w.send(big) and r.recv() == big[::-1]
         w.send(None)
         p.join(timeout=30)
         assert p.exitcode == 0
