@@ -268,7 +268,13 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
         out["ttft_text_ms"] = round(median(txt), 3)
         out["image_cost_ms"] = round(out["ttft_image_ms"] - out["ttft_text_ms"], 3)
         # point 2's figures for image requests: decode TPOT at batch 1, TTFT of one long image prompt
+        if eng.step_trace is not None:
+            eng.step_trace.clear()
         out["tpot_b1_ms"] = batch_run(eng, requests(m, 1, px, text, 250), new)["tpot_ms_p50"]
+        if eng.step_trace is not None:  # the batch-1 decode steps' phases (executors.trace)
+            from executors.trace import summary
+
+            out["tpot_b1_trace"] = summary(eng.step_trace)
         if sizes["long_images"]:
             lpx, k = sizes["long_px"], sizes["long_images"]
             first_token_ms(eng, requests(m, 1, lpx, text, 260, images=k))  # its shapes' warm-up

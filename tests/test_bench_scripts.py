@@ -173,6 +173,7 @@ def test_vl_speed_tiny_run(tmp_path):
         t = r["cases"][name]["batch_trace"]
         assert sum(x["images"] for x in t["steps"]) == r["sizes"]["batch"]  # every request's one image, once
         assert t["summary"]["image"]["steps"] >= 1 and t["summary"]["all"]["span_ms"] > 0
+        assert r["cases"][name]["tpot_b1_trace"]["decode"]["steps"] >= r["sizes"]["new_tokens"] - 2
     assert "## (d)" in md and "## (e)" in md
     assert r["sizes"]["long_tokens"] == 7 * vl.long_tokens(112, m.vision) + r["sizes"]["text_tokens"] == 7 * 16 + 8
 
