@@ -32,14 +32,14 @@ from typing import Any
 import torch
 
 from executors.batch import ImageJob, Step, StepOut, grid_patches
-from executors.channel import CHECK_S, Backoff, Channel, Polling
+from executors.channel import CHECK_S, DEFAULT_CAPACITY, Backoff, Channel, Polling
 from executors.config import ModelArgs, model_args, plan_config, run_dtypes
 from executors.parallel import Par, reporting_rank
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.trace import step_record
 from executors.weights import WeightSource
-from executors.worker import Launched, RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes
+from executors.worker import Launched, RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes, to_frame
 from plans.errors import UserError
 from plans.schema import Plan
 
@@ -168,7 +168,7 @@ class Engine:
         self.step_ch, self.out_ch = [], []  # per replica: driver -> its ranks, reporting rank -> driver
         for rep in range(self.plan.mesh.dp):
             ranks = self.dims.replica_ranks(rep)
-            steps, outs = Channel.create(readers=len(ranks)), Channel.create(readers=1)
+            steps, outs = Channel.create(readers=len(ranks), capacity=self._step_capacity()), Channel.create(readers=1)
             self.step_ch.append(Channel(steps, polling=self.polling))
             self.out_ch.append(Channel(outs, reader=0, polling=self.polling))
             for i, r in enumerate(ranks):
@@ -186,6 +186,17 @@ class Engine:
                 ready += 1
         for ch in self.step_ch + self.out_ch:  # every rank has mapped its channels: nothing left to leak
             Channel.unlink(ch.spec)
+
+    def _step_capacity(self) -> int:
+        """Bytes a step channel's slot holds: the default, and for a plan with images room for the
+        pixels of a step full of image tokens (``max_batch_tokens`` of them, ``merge^2`` patches
+        each; Qwen2-VL at 8,192 tokens: 77 MB of bf16), so that such steps are written in place
+        (``executors.channel``)."""
+        v = self.args.vision
+        if v is None:
+            return DEFAULT_CAPACITY
+        pixels = self.plan.scheduler.max_batch_tokens * v.merge**2 * v.patch_dim * self.pixel_dtype.itemsize
+        return DEFAULT_CAPACITY + pixels
 
     def _get(self) -> tuple[str, int, Any]:
         """Next worker message; on an error or a dead rank, stop everything and raise."""
@@ -320,13 +331,14 @@ class Engine:
                 self.launched.append(self.local.launch(st))
                 nbytes, queued, sent = 0, False, t
             else:
-                blob = to_bytes(st)
-                queued = not self.step_ch[rep].send(blob, check=self._check)
-                if queued:  # too large for a slot: by queue
+                frame = to_frame(st)
+                queued = not self.step_ch[rep].send(frame, check=self._check)
+                if queued:  # too large for a slot and no shared memory for a side file: by queue
+                    blob = b"".join(frame)
                     for r in self.dims.replica_ranks(rep):
                         self.cmd_q[r].put(blob)
                 self.unanswered[rep] += 1
-                nbytes, sent = len(blob), time.perf_counter()
+                nbytes, sent = sum(memoryview(p).nbytes for p in frame), time.perf_counter()
             if tracing:
                 self._traced[st.step_id] = step_record(st, rep, (t - self._t0) * 1e3, (sent - t) * 1e3, nbytes, queued)
 

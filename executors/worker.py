@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import time
 import traceback
 from collections.abc import Callable
@@ -72,13 +73,53 @@ class RankLink:
     outs: ChannelSpec | None = None
 
 
+_ALIGN = 64  # out-of-band buffers start at multiples of this in a frame (arrays over them stay aligned)
+
+
+def to_frame(obj: Any) -> list[Any]:
+    """What travels between the driver and the ranks (steps, outputs, encode jobs): pickle 5 with
+    the bytes of contiguous arrays (image pixels, index arrays) out of band, as a list of parts to
+    be written one after the other::
+
+        [n u32 | pickle length u64 | n buffer lengths u64] [pickle] ([pad] [buffer]) x n
+
+    each buffer padded to start at a multiple of 64 bytes. Written into a channel slot, the pixels
+    are copied once (``Channel.send`` writes the parts in place), not once into the pickle and once
+    more into the slot."""
+    bufs: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    raws = [b.raw() for b in bufs]
+    parts: list[Any] = [struct.pack(f"<I{len(raws) + 1}Q", len(raws), len(head), *(r.nbytes for r in raws)), head]
+    off = sum(len(p) for p in parts)
+    for r in raws:
+        pad = -off % _ALIGN
+        parts += [bytes(pad), r]
+        off += pad + r.nbytes
+    return parts
+
+
 def to_bytes(obj: Any) -> bytes:
-    """What travels between the driver and the ranks (steps, outputs, encode jobs): pickle 5."""
-    return pickle.dumps(obj, protocol=5)
+    """``to_frame`` joined into one bytes object (queues, torchrun's object collectives)."""
+    return b"".join(to_frame(obj))
 
 
-def from_bytes(b: bytes) -> Any:
-    return pickle.loads(b)
+def from_bytes(b: bytes | bytearray | memoryview) -> Any:
+    """The object of a ``to_frame`` message. Arrays unpickled from it are views of ``b`` (copied
+    into a bytearray first when ``b`` is read-only, so that tensors made from them are writable)."""
+    mv = memoryview(b)
+    (n,) = struct.unpack_from("<I", mv, 0)
+    lens = struct.unpack_from(f"<{n + 1}Q", mv, 4)
+    if n and mv.readonly:
+        mv = memoryview(bytearray(mv))
+    off = 4 + 8 * (n + 1)
+    head = mv[off: off + lens[0]]
+    off += lens[0]
+    bufs = []
+    for length in lens[1:]:
+        off += -off % _ALIGN
+        bufs.append(mv[off: off + length])
+        off += length
+    return pickle.loads(head, buffers=bufs)
 
 
 def make_source(spec: WorkerSpec, args: Any) -> WeightSource:

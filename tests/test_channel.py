@@ -90,3 +90,27 @@ def test_messages_cross_processes() -> None:
     finally:
         Channel.unlink(there)
         Channel.unlink(back)
+
+
+def test_large_slots_are_reserved_or_fall_back_to_default_slots(monkeypatch) -> None:
+    import os
+
+    from executors.channel import DEFAULT_CAPACITY
+
+    big = Channel.create(readers=1, capacity=DEFAULT_CAPACITY + 4096)
+    try:  # reserved at once: the file holds its slots' blocks
+        assert big.capacity == DEFAULT_CAPACITY + 4096 and os.stat(big.path).st_blocks * 512 >= big.size()
+    finally:
+        Channel.unlink(big)
+
+    def full(*_a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    small = Channel.create(readers=1, capacity=DEFAULT_CAPACITY + 4096)
+    try:  # no room for the large slots: default ones, larger messages by side file
+        assert small.capacity == DEFAULT_CAPACITY and os.path.getsize(small.path) == small.size()
+        w, r = Channel(small), Channel(small, reader=0)
+        assert w.send([b"a" * 10, memoryview(b"b" * (DEFAULT_CAPACITY))]) and r.recv() == b"a" * 10 + b"b" * DEFAULT_CAPACITY
+    finally:
+        Channel.unlink(small)
