@@ -515,8 +515,9 @@ def measured_lines() -> list[str]:
         f"{ratios(mesh['meshes'], 'prefill', 'ttft_ms_p50')}; output throughput of 64 concurrent requests "
         f"(1,024-token prompts) {ratios(mesh_pp['meshes'], 'concurrent', 'output_tok_s')}"
         + (f", and with prefill graphs (`mesh_speed.graphs.md`) {ratios(graphs['meshes'], 'concurrent', 'output_tok_s')}"
-           if graphs else "") + ". Qwen2-VL-7B, 32 "
-        f"concurrent requests with one 448x448 image each, output throughput: {img}.",
+           if graphs else "") + f". Qwen2-VL-7B, {vl['sizes']['batch']} concurrent requests with one "
+        f"{vl['sizes']['image_px']}x{vl['sizes']['image_px']} image and {vl['sizes']['text_tokens']} text tokens each, "
+        f"output throughput: {img}.",
         "",
         "These do not answer the question yet, for two reasons. First, on two GPUs SP x TP does not pay for this "
         "model: every step of up to 2,048 tokens now replays a CUDA graph, SP x TP ones too (their all-to-alls "
