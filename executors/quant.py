@@ -96,7 +96,8 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
            scale: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """``x [..., in] @ W^T + b`` for a plain or FP8 weight (an e4m3 tensor ``w`` with ``scale [out]``
     is the FP8 weight ``Fp8Weight(w, scale)``); ``kernel_for`` names the kernel (module doc). A
-    decode step's few rows go to the Triton kernels (the bias, if any, added after). ``gated``:
+    decode step's few rows go to the Triton kernels (bias-free bf16 products only: a biased one, such
+    as Qwen's QKV, stays with cuBLAS, as ``costmodels.opcost`` prices it; FP8 products add the bias after). ``gated``:
     ``x [..., 2 in]`` is ``[gate | up]`` and the product's input ``silu(gate) * up`` (computed in the
     bf16 GEMV's loads where it serves, else first)."""
     if scale is not None:
