@@ -206,13 +206,16 @@ def check(name: str, cfg: dict, dtype_name: str, device: str, seed: int, backend
     return out
 
 
+MODELS = ("llama-3.1-8b", "qwen2-vl-7b")  # presets checked (the tiny run: their test configs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny test configs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="eager", help="eager or compile (decode steps replay CUDA graphs on GPUs)")
-    ap.add_argument("--models", default="llama-3.1-8b,qwen2-vl-7b", help="comma-separated, of the default two")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, of the default two")
     args = ap.parse_args()
     from bench.common import driver_version
     from graph.hf_config import load_config
@@ -224,7 +227,7 @@ def main() -> None:
 
         models = {"llama-3.1-8b": tiny_config("llama"), "qwen2-vl-7b": tiny_config("qwen2_vl")}
     else:
-        models = {p: load_config(preset=p) for p in ("llama-3.1-8b", "qwen2-vl-7b")}
+        models = {p: load_config(preset=p) for p in MODELS}
     unknown = set(args.models.split(",")) - set(models)
     if unknown:
         ap.error(f"--models: unknown {', '.join(sorted(unknown))}; choose of {', '.join(models)}")
@@ -236,7 +239,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": "python bench/engine_gpu_check.py --out DIR" + (" --tiny" if args.tiny else "")
                    + (f" --backend {args.backend}" if args.backend != "eager" else "")
-                   + (f" --models {args.models}" if args.models != "llama-3.1-8b,qwen2-vl-7b" else ""), "backend": args.backend,
+                   + (f" --models {args.models}" if args.models != ",".join(MODELS) else ""), "backend": args.backend,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -117,6 +117,12 @@ def image_grid(px: int, v: Any) -> tuple[int, int, int]:
     return (1, side, side)
 
 
+def image_tokens(px: int, v: Any) -> int:
+    """LLM tokens of one ``px x px`` image: its patches over ``merge^2``."""
+    t, h, w = image_grid(px, v)
+    return t * h * w // v.merge**2
+
+
 def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[int], rate: float,
                 reps: int, warmup: int, backend: str = "eager") -> dict[str, Any]:
     from bench.common import DeviceRandomSource, median, timed_ms
@@ -163,7 +169,7 @@ def requests(a: Any, n: int, px: int, text: int, seed: int, image: bool = True, 
     hi = min(a.vocab, 100_000)
     grid = image_grid(px, a.vision)
     rows = grid[0] * grid[1] * grid[2]
-    img_tokens = rows // a.vision.merge**2
+    img_tokens = image_tokens(px, a.vision)
     out = []
     for _ in range(n):
         ids = [t for t in torch.randint(10, hi, (text + img_tokens,), generator=g).tolist()]
@@ -175,12 +181,6 @@ def requests(a: Any, n: int, px: int, text: int, seed: int, image: bool = True, 
         else:
             out.append(Request(tokens=ids))
     return out
-
-
-def long_tokens(px: int, v: Any) -> int:
-    """LLM tokens of one ``px x px`` image."""
-    t, h, w = image_grid(px, v)
-    return t * h * w // v.merge**2
 
 
 def first_token_ms(eng: Any, reqs: list[Any]) -> float:
@@ -253,6 +253,7 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
     from bench.common import median
     from executors import Sampling
     from executors.config import model_args
+    from executors.trace import summary  # the step trace's sums by kind of step
 
     m = model_args(cfg)
     px, text, batch, new, reps = sizes["px"], sizes["text"], sizes["batch"], sizes["new"], sizes["reps"]
@@ -271,9 +272,7 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
         if eng.step_trace is not None:
             eng.step_trace.clear()
         out["tpot_b1_ms"] = batch_run(eng, requests(m, 1, px, text, 250), new)["tpot_ms_p50"]
-        if eng.step_trace is not None:  # the batch-1 decode steps' phases (executors.trace)
-            from executors.trace import summary
-
+        if eng.step_trace is not None:  # the batch-1 decode steps' phases
             out["tpot_b1_trace"] = summary(eng.step_trace)
         if sizes["long_images"]:
             lpx, k = sizes["long_px"], sizes["long_images"]
@@ -284,9 +283,7 @@ def _measure(plan: Any, cfg: dict, ckpt: Path, device: str, blocks: int, sizes: 
             eng.step_trace.clear()
         out["batch"] = batch_run(eng, requests(m, batch, px, text, 400), new)
         out["modes"] = dict(eng.mode_counts)
-        if eng.step_trace is not None:  # where the batch's time went (executors.trace)
-            from executors.trace import summary
-
+        if eng.step_trace is not None:  # where the batch's time went
             out["batch_trace"] = {"summary": summary(eng.step_trace), "steps": eng.step_trace}
     return out
 
@@ -314,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--case-timeout", type=float, default=150.0,
                     help="seconds after which a case's worker processes are stopped (the case records the error)")
     a = ap.parse_args(argv)
+    if a.long_images < 0 or a.long_px <= 0:
+        ap.error("--long-images must be 0 or more and --long-px positive")
     t_start = time.perf_counter()
     import transformers
 
@@ -328,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec = spec_for("tiny-qwen2-vl-2xh200", cfg_path, None, 2, "fp32", images=True, tokens=(32, 64, 8))
         device, dtype = "cpu", torch.float32
         px, res = 56, [56, 112]
-        a.text, a.batch, a.new = min(a.text, 8), min(a.batch, 4), min(a.new, 4)
+        a.text, a.batch, a.new, a.long_px = min(a.text, 8), min(a.batch, 4), min(a.new, 4), 112
         a.ttft_reps, a.tower_reps = min(a.ttft_reps, 2), min(a.tower_reps, 3)
         max_seqs, max_tokens = 8, 256
     else:
@@ -348,10 +347,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
         "model": ("tiny qwen2-vl config" if a.tiny else "qwen2-vl-7b shapes") + f", {str(dtype)[6:]}, random weights",
-        "sizes": {"image_px": px, "image_tokens": image_grid(px, m.vision)[1] * image_grid(px, m.vision)[2] // m.vision.merge**2,
+        "sizes": {"image_px": px, "image_tokens": image_tokens(px, m.vision),
                   "text_tokens": a.text, "batch": a.batch, "new_tokens": a.new, "ttft_reps": a.ttft_reps,
-                  "long_images": a.long_images, "long_px": 112 if a.tiny else a.long_px,
-                  "long_tokens": a.long_images * long_tokens(112 if a.tiny else a.long_px, m.vision) + a.text},
+                  "long_images": a.long_images, "long_px": a.long_px,
+                  "long_tokens": a.long_images * image_tokens(a.long_px, m.vision) + a.text},
         "matmul": matmul_rate(device, dtype), "tower": {}, "cases": {},
     }
     rate = report["matmul"]["TFLOPs"]
@@ -391,7 +390,7 @@ def run_cases(report: dict[str, Any], a: Any, spec: Any, cost: Any, cfg: dict, c
     px, rate = report["sizes"]["image_px"], report["matmul"]["TFLOPs"]
     fl = tower_flops(m.vision, image_grid(px, m.vision), m.hidden)["total"]
     sizes = {"px": px, "text": a.text, "batch": a.batch, "new": a.new, "reps": a.ttft_reps, "timeout": a.case_timeout,
-             "trace": a.trace, "long_images": a.long_images, "long_px": 112 if a.tiny else a.long_px,
+             "trace": a.trace, "long_images": a.long_images, "long_px": a.long_px,
              "backend": a.backend, "lookahead": a.lookahead}
     prompt = a.text + report["sizes"]["image_tokens"]
     for name in [c for c in a.cases.split(",") if c]:
@@ -483,6 +482,19 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{b['ttft_ms_p50']} ms | {v.get('batch_ttft_p50', '-')}x | {b['tpot_ms_p50']} ms | "
                      f"{v.get('batch_tpot_p50', '-')}x | {b['output_tok_s']} | {v.get('batch_output_tok_s', '-')}x | "
                      f"{b['requests_s']} | {x['modes']} |")
+    traced = {n: x["batch_trace"]["summary"] for n, x in r["cases"].items() if "batch_trace" in x}
+    if traced:
+        cols = ("send_ms", "unpickle_ms", "images_host_ms", "images_gpu_ms", "forward_gpu_ms", "wait_ms",
+                "round_trip_ms")
+        lines += ["", "## (d) Where the batch's time went (`--trace`, `executors.trace`)", "",
+                  "Per kind of step, each time summed over the batch's steps (ms; rank times on the reporting rank, "
+                  "summed over replicas); span: first step sent to last answer.", "",
+                  "| case | steps | span ms | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for name, t in traced.items():
+            for kind in ("image", "prefill", "decode"):
+                if kind in t:
+                    lines.append(f"| {name} | {t[kind]['steps']} {kind} | {t['all']['span_ms']} | "
+                                 + " | ".join(str(t[kind].get(c, "-")) for c in cols) + " |")
     lines += ["", "## (e) The two-GPU targets with images (issue 12, points 2 and 3)", "",
               f"TPOT at batch 1: one request with one {s['image_px']}x{s['image_px']} image, {s['new_tokens']} new tokens "
               f"(mean gap after the first). Long prompt: one request with {s.get('long_images', 0)} images of "
@@ -497,19 +509,6 @@ def markdown(r: dict[str, Any]) -> str:
         v = x.get("vs_single", {})
         lines.append(f"| {name} | {x['tpot_b1_ms']} ms | {v.get('tpot_b1', '-')}x | {x.get('ttft_long_ms', '-')} ms | "
                      f"{v.get('ttft_long', '-')}x | {x['batch']['output_tok_s']} | {v.get('batch_output_tok_s', '-')}x |")
-    traced = {n: x["batch_trace"]["summary"] for n, x in r["cases"].items() if "batch_trace" in x}
-    if traced:
-        cols = ("send_ms", "unpickle_ms", "images_host_ms", "images_gpu_ms", "forward_gpu_ms", "wait_ms",
-                "round_trip_ms")
-        lines += ["", "## (d) Where the batch's time went (`--trace`, `executors.trace`)", "",
-                  "Per kind of step, each time summed over the batch's steps (ms; rank times on the reporting rank, "
-                  "summed over replicas); span: first step sent to last answer.", "",
-                  "| case | steps | span ms | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
-        for name, t in traced.items():
-            for kind in ("image", "prefill", "decode"):
-                if kind in t:
-                    lines.append(f"| {name} | {t[kind]['steps']} {kind} | {t['all']['span_ms']} | "
-                                 + " | ".join(str(t[kind].get(c, "-")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,8 +7,9 @@ one record a step, in the order the answers came::
      "sent_ms", "send_ms", "bytes", "by_queue", "answered_ms", "rank": {...}}
 
 Driver side (milliseconds since the ``stream`` call began): ``sent_ms`` when the step left,
-``send_ms`` what sending it cost (pickling and the channel write, or the queue put of a step too
-large for a slot, ``by_queue``; 0 for the in-process rank), ``bytes`` the pickled step,
+``send_ms`` what sending it cost (framing and the channel write, a side file for a step larger than a
+slot, or the queue put when not even that could be written, ``by_queue``; 0 for the in-process
+rank), ``bytes`` the framed step,
 ``answered_ms`` when its tokens were back. Rank side (``RankTimer``, the reporting rank):
 ``unpickle_ms``, then the host time of each phase of ``RankRunner.launch`` (``images_host_ms``:
 encoding or receiving the step's images; ``forward_host_ms``: the micro-batches, graph replays or

@@ -175,7 +175,7 @@ def test_vl_speed_tiny_run(tmp_path):
         assert t["summary"]["image"]["steps"] >= 1 and t["summary"]["all"]["span_ms"] > 0
         assert r["cases"][name]["tpot_b1_trace"]["decode"]["steps"] >= r["sizes"]["new_tokens"] - 2
     assert "## (d)" in md and "## (e)" in md
-    assert r["sizes"]["long_tokens"] == 7 * vl.long_tokens(112, m.vision) + r["sizes"]["text_tokens"] == 7 * 16 + 8
+    assert r["sizes"]["long_tokens"] == 7 * vl.image_tokens(112, m.vision) + r["sizes"]["text_tokens"] == 7 * 16 + 8
 
 
 def test_engine_speed_runs_every_point_in_one_call(tmp_path) -> None:
