@@ -147,7 +147,10 @@ def _write_trace(path: Optional[Path], steps: Optional[list]) -> None:
     from executors.trace import summary
     from planner.paths import write_text
 
-    if path is None or steps is None:
+    if path is None:
+        return
+    if steps is None:  # the engine recorded none (a torchrun launch)
+        typer.echo(f"step trace: this run recorded none; {path} not written", err=True)
         return
     write_text(path, json.dumps({"summary": summary(steps), "steps": steps}, indent=1) + "\n", "--trace")
     typer.echo(f"step trace: {len(steps)} steps -> {path}", err=True)
@@ -157,7 +160,8 @@ def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], durati
                     compare_sim: bool, weights: Optional[Path], device: str, backend: Optional[str],
                     trace: bool = False) -> dict:
     """Replay, print (JSON keys of `plan simulate --json`; with --compare-sim a table of measured vs
-    predicted and the error of each figure), and return what was printed."""
+    predicted and the error of each figure), and return what was printed (with ``trace``, and the
+    step trace under ``step_trace``)."""
     import json
 
     from costmodels.simulator import cost_model_for_plan
