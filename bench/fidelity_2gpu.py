@@ -85,6 +85,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import step_fidelity  # noqa: E402
+
 # the figures the acceptance names, as ``planner.bench_workload.compare`` names its rows
 FIGURES = ("ttft_ms p50", "ttft_ms p90", "tpot_ms p50", "tpot_ms p90", "output_tok_s")
 MEDIAN_MAX, P90_MAX = 0.10, 0.20
@@ -213,7 +215,7 @@ def run_case(job: dict[str, Any]) -> None:
         cost = cost_model_for_plan(plan, base_dir=plan_path.parent)
         t = time.perf_counter()
         with executors.load(plan, weights=job["weights"], device=job["device"], backend=job["backend"],
-                            seed=job["seed"]) as eng:
+                            seed=job["seed"], trace=job.get("trace", False)) as eng:
             out["load_s"] = round(time.perf_counter() - t, 2)
             # warm-up beyond replay's own: prompts of the workload's lengths (compiled shapes, graphs)
             t = time.perf_counter()
@@ -235,6 +237,8 @@ def run_case(job: dict[str, Any]) -> None:
                 t = time.perf_counter()
                 before = eng.graph_captures()
                 wl, reqs = sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=job["seed"])
+                if eng.step_trace is not None:
+                    eng.step_trace.clear()
                 measured = replay_requests(eng, reqs, job["seed"])
                 after = eng.graph_captures()
                 m = measured_result(plan, measured, reqs, None)
@@ -252,6 +256,8 @@ def run_case(job: dict[str, Any]) -> None:
                     "graphs_captured": None if after is None else {
                         "graphs": after["decode"] + after["mixed"] - before["decode"] - before["mixed"],
                         "capture_s": round(after["capture_s"] - before["capture_s"], 3)}})
+                if eng.step_trace is not None:  # the replay's own steps (not its warm-up request's)
+                    out["rates"][-1]["steps"] = step_fidelity.compact(step_fidelity.last_stream(eng.step_trace))
                 print(f"  rate {wl.rate:.4g} req/s ({frac} of capacity): {len(reqs)} requests, "
                       + ", ".join(f"{f} {r['predicted']:.4g}/{r['measured']:.4g}" for f, r in rows.items()
                                   if f in FIGURES), flush=True)
@@ -434,9 +440,25 @@ def markdown(r: dict[str, Any]) -> str:
             lines += [f"| {case} | {x['requests']} | {x['predicted_rps']:.4g} | "
                       + ("-" if x["measured_rps"] is None else f"{x['measured_rps']:.4g}") + " | "
                       + ("-" if x["error"] is None else f"{100 * x['error']:+.1f}%") + " |" for case, x in checks]
+        costed = [(case, str(x["fraction"]), x["step_costs"]) for case, c in m["cases"].items()
+                  for x in c.get("rates", []) if x.get("step_costs")]
+        if costed:
+            lines += ["", "Steps (`--trace`; `bench/step_fidelity.py`): each step the engine ran, costed again by the "
+                      "simulator's coster, against its share of the engine's wall time (period) and its GPU time; "
+                      "milliseconds.", ""] + step_fidelity.markdown(costed)
         lines += ["", summary_lines(m["summary"]), "", verdict(m["summary"], name), ""]
     lines += ["## All models", "", summary_lines(r["summary"]), "", verdict(r["summary"], "the whole run"), ""]
     return "\n".join(lines)
+
+
+def cost_steps_of(c: dict[str, Any], traced: dict[str, list[dict[str, Any]]], plan: Any) -> None:
+    """Each traced rate of case ``c`` gets ``step_costs``: its steps costed again (``bench/step_fidelity.py``)."""
+    from costmodels.simulator import coster_for, cost_model_for_plan
+
+    coster = coster_for(plan, cost_model_for_plan(plan))
+    for x in c["rates"]:
+        if str(x["fraction"]) in traced:
+            x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[str(x["fraction"])], coster))
 
 
 def summary_lines(s: dict[str, Any]) -> str:
@@ -453,11 +475,12 @@ def summary_lines(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ predictions again, measurements kept
 
 
-def repredict(report: dict[str, Any], src: str, out: Path, command: str) -> dict[str, Any]:
-    """A finished run's report (``src``: its file name) with every prediction made again by the cost
+def repredict(report: dict[str, Any], src: Path, out: Path, command: str) -> dict[str, Any]:
+    """A finished run's report (read from ``src``) with every prediction made again by the cost
     model as it is now: per case the plan the run pinned (``plan_yaml``), per rate the same requests
     (the workload sampled at the run's rate, duration and seed), the measured figures kept. The rates stay the run's (they
-    were fractions of the capacity predicted then)."""
+    were fractions of the capacity predicted then). A steps file beside ``src`` (a ``--trace`` run)
+    is costed again too and copied to ``out``."""
     import tempfile as tf
 
     from bench.common import write_report
@@ -466,7 +489,9 @@ def repredict(report: dict[str, Any], src: str, out: Path, command: str) -> dict
     from planner.inputs import cost_model_of, workload_of
     from plans.schema import load_plan
 
-    report["repredicted"] = {"command": command, "from": src}
+    report["repredicted"] = {"command": command, "from": src.name}
+    steps_path = src.with_name("fidelity_2gpu.steps.json")
+    traced = json.loads(steps_path.read_text()) if steps_path.is_file() else {}
     for model, m in report["models"].items():
         spec, _cfg = model_spec(model, report["device"].startswith("2 x cpu"), report["backend"])
         cost, _ = cost_model_of(spec)
@@ -480,6 +505,8 @@ def repredict(report: dict[str, Any], src: str, out: Path, command: str) -> dict
                 pf.write_text(c["plan_yaml"])
                 plan = load_plan(pf)
             pcost = cost_model_for_plan(plan)
+            if case in traced.get(model, {}):
+                cost_steps_of(c, traced[model][case], plan)
             for row in c.get("rates", []):
                 _wl, reqs = sample_requests(wl, rate=row["rate_rps"], duration=report["duration_s"], seed=report["seed"])
                 p = predicted_result(plan, pcost, reqs, None)
@@ -493,6 +520,8 @@ def repredict(report: dict[str, Any], src: str, out: Path, command: str) -> dict
             report["repredicted"]["profile"] = pcost.profile_id
     summarize_report(report)
     write_report(out, "fidelity_2gpu", clean(report), markdown(clean(report)))
+    if traced and steps_path.resolve() != (out / steps_path.name).resolve():
+        shutil.copyfile(steps_path, out / steps_path.name)
     print((out / "fidelity_2gpu.md").read_text())
     return report
 
@@ -520,6 +549,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-capacity-check", action="store_true",
                     help="skip replaying the capacity prediction's requests (all at once) on the engine")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trace", action="store_true",
+                    help="record each rate's step trace (DIR/fidelity_2gpu.steps.json) and cost every step again "
+                         "(bench/step_fidelity.py: predicted against measured step times by kind of step)")
     ap.add_argument("--weights-dir", type=Path, default=None,
                     help="keep each model's random checkpoint here and reuse it in later calls "
                          "(default: a temporary folder)")
@@ -543,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["models"], report["duration_s"], report["seed"]  # noqa: B018 -- a fidelity report's keys
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--repredict: {a.repredict} is not a readable fidelity_2gpu report ({type(e).__name__}: {e})")
-        return repredict(report, a.repredict.name, a.out, command)
+        return repredict(report, a.repredict, a.out, command)
     import torch
     import transformers
 
@@ -584,9 +616,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": {k: v for k, v in (old or {}).get("models", {}).items() if k not in models},
     }
 
+    steps: dict[str, dict[str, Any]] = {}  # model -> case -> rate fraction -> step records (--trace)
+
     def save() -> None:
         summarize_report(report)
         write_report(a.out, "fidelity_2gpu", clean(report), markdown(clean(report)))
+        if steps:
+            (a.out / "fidelity_2gpu.steps.json").write_text(json.dumps(steps))
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
@@ -633,9 +669,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "seed": a.seed, "workload": wl, "fractions": fractions, "rates": rates,
                            "duration": a.duration, "warmup": 2 * max_seqs if not a.tiny else 2,
                            "capacity_requests": 0 if a.no_capacity_check else c["capacity"]["requests"],
-                           "out": str(work / "case.json")}
+                           "trace": a.trace, "out": str(work / "case.json")}
                     # CPU ranks: one thread each (a single-rank engine's threads spin against the replay loop)
                     c.update(spawn_case(job, timeout, work, {"OMP_NUM_THREADS": "1"} if a.tiny else None))
+                    traced = {str(r["fraction"]): r.pop("steps") for r in c.get("rates", []) if "steps" in r}
+                    if traced:
+                        steps.setdefault(model, {})[case] = traced
+                        cost_steps_of(c, traced, plan)
                 except Exception as e:
                     c["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 c["wall_s"] = round(time.perf_counter() - t, 1)

@@ -251,12 +251,13 @@ def test_fidelity_error_statistics_by_hand():
 def test_fidelity_tiny_run(tmp_path):
     """bench/fidelity_2gpu.py --tiny on two meshes of the text model, two rates: every figure
     predicted and measured, errors from the two, the summary from the rows; a case killed by its
-    timeout records the error and --resume keeps the cases that ran."""
+    timeout records the error and --resume keeps the cases that ran; with --trace every step of each
+    rate is kept and costed again."""
     from bench import fidelity_2gpu as fid
     from costmodels.simulator.metrics import percentile
 
     args = ["--out", str(tmp_path), "--tiny", "--models", "llama", "--cases", "single,tp2", "--rates", "0.4,0.9",
-            "--duration", "1.5"]
+            "--duration", "1.5", "--trace"]
     r = fid.main(args)
     assert json.loads((tmp_path / "fidelity_2gpu.json").read_text()) == r
     assert r["command"] == "python bench/fidelity_2gpu.py --out DIR " + " ".join(args[2:])
@@ -276,6 +277,13 @@ def test_fidelity_tiny_run(tmp_path):
                 assert fig["predicted"] > 0 and fig["measured"] > 0, (case, f, fig)
                 assert fig["error"] == pytest.approx(fig["predicted"] / fig["measured"] - 1, rel=1e-9, abs=1e-12)
         assert c["rates"][1]["rate_rps"] > c["rates"][0]["rate_rps"]
+        traced = json.loads((tmp_path / "fidelity_2gpu.steps.json").read_text())["llama"][case]
+        for x in c["rates"]:  # --trace: the replay's steps (and only those), each costed again
+            recs, sc = traced[str(x["fraction"])], x["step_costs"]
+            assert sc["all"]["steps"] == len(recs) == sum(v["steps"] for k, v in sc.items() if k != "all")
+            assert sum(r["tokens"] for r in recs) >= sum(r["tokens"] for r in recs if r["seqs"] == r["tokens"]) > 0
+            assert sc["all"]["predicted_sum_ms"] > 0 and sc["all"]["period_sum_ms"] > 0
+            assert {"decode", "prefill"} <= set(sc) or {"decode", "mixed"} <= set(sc)
         k = c["capacity_check"]
         assert k["requests"] == k["completed"] == c["capacity"]["requests"] and k["measured_rps"] > 0
         assert k["predicted_rps"] == pytest.approx(c["capacity"]["rps"], rel=1e-9)  # the same simulator run
@@ -312,6 +320,10 @@ def test_fidelity_tiny_run(tmp_path):
                 assert y["figures"][f]["measured"] == x["figures"][f]["measured"]
                 assert y["figures"][f]["predicted"] == pytest.approx(x["figures"][f]["predicted"], rel=1e-9)
     assert "pp2" in again["models"]["llama"]["cases"] and again["repredicted"]["from"] == "fidelity_2gpu.json"
+    for x, y in zip(m["cases"]["tp2"]["rates"], again["models"]["llama"]["cases"]["tp2"]["rates"]):
+        assert y["step_costs"] == x["step_costs"]  # the steps file is read and costed the same way
+    assert (tmp_path / "again" / "fidelity_2gpu.steps.json").is_file()
+    assert "Steps (`--trace`" in (tmp_path / "again" / "fidelity_2gpu.md").read_text()
     assert "Predictions made again without the engine" in (tmp_path / "again" / "fidelity_2gpu.md").read_text()
     with pytest.raises(SystemExit) as bad:  # not a report: one message, exit 2
         fid.main(["--out", str(tmp_path / "bad"), "--repredict", str(tmp_path / "fidelity_2gpu.md")])

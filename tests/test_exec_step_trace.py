@@ -36,6 +36,11 @@ def test_each_step_has_a_record_and_tracing_changes_no_token(mesh: dict) -> None
         assert (r["bytes"] > 0 and r["send_ms"] > 0) if spawned else (r["bytes"] == 0 and r["send_ms"] == 0)
         assert (r["rank"]["unpickle_ms"] > 0) == spawned
     assert sum(r["tokens"] for r in trace) >= sum(len(q.tokens) for q in reqs)  # every prompt token ran
+    for r in trace:  # the step's shape: new tokens and keys read, per micro-batch and sequence
+        assert sum(map(sum, r["new"])) == r["tokens"] and sum(map(len, r["ctx"])) == r["seqs"]
+        assert all(c >= n >= 1 for nn, cc in zip(r["new"], r["ctx"]) for n, c in zip(nn, cc))
+    first = min(trace, key=lambda r: (r["replica"], r["step"]))
+    assert first["new"] == first["ctx"]  # a first step reads only its own keys
 
 
 def test_an_image_step_names_its_images() -> None:

@@ -1,0 +1,174 @@
+"""Each step a serving replay ran, costed again by the simulator's coster: where the engine's time
+goes against the prediction, by kind of step.
+
+Input: the step trace of one replay (``executors.trace``: ``load(..., trace=True)``), whose records
+carry each micro-batch's shape (``new[m][i]`` tokens added and ``ctx[m][i]`` keys read by sequence
+``i``). Per step:
+
+* shape: the prefill part ``StepShape.prefill(n_i, cached = ctx_i - n_i)`` over sequences adding
+  more than one token, the decode part ``StepShape.decode(ctx_i)`` over those adding one, summed;
+* ``predicted_ms``: ``ModelCoster.stage_ms(shape, mode, decode part)`` summed over the stages plus
+  the stage hops, summed over the step's micro-batches: the step's latency in the simulator, which
+  is also its share of the replica's busy time when the replica has one stage;
+* ``gpu_ms``: the reporting rank's device time of the step (images + forward + sampling);
+* ``period_ms``: ``answered_i - max(answered_{i-1}, sent_i)`` on the same replica: the step's share
+  of the engine's wall time (with look-ahead the next step is sent before this one's tokens are
+  back, so steps tile the timeline);
+* ``gap_ms``: ``sent_i - answered_{i-1}`` where positive: time the replica had no step in flight
+  (the driver forming a step that could not be formed ahead).
+
+Kinds: ``decode`` (every sequence adds one token), ``prefill`` (none does), ``mixed`` (both),
+``image`` (the step carries images; its tower time is outside ``predicted_ms``).
+
+    python bench/step_fidelity.py DIR/fidelity_2gpu.json      # the steps file beside it, costed now
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KINDS = ("decode", "mixed", "prefill", "image")
+KEEP_RANK = ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms", "forward_host_ms", "wait_ms", "unpickle_ms")
+
+
+def last_stream(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the last ``stream`` call: the trace's clock restarts with each call, so they
+    follow the last record whose ``sent_ms`` is below its predecessor's."""
+    start = 0
+    for i in range(1, len(records)):
+        if records[i]["sent_ms"] < records[i - 1]["sent_ms"] - 1e-6 and records[i]["replica"] == records[i - 1]["replica"]:
+            start = i
+    return records[start:]
+
+
+def compact(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What this analysis reads of each record (the rank's phase times it uses, nothing else)."""
+    keys = ("step", "replica", "tokens", "seqs", "new", "ctx", "images", "mode", "sent_ms", "answered_ms")
+    return [{**{k: r[k] for k in keys if k in r},
+             "rank": {k: v for k, v in (r.get("rank") or {}).items() if k in KEEP_RANK}} for r in records]
+
+
+def step_shape(new: list[int], ctx: list[int]) -> tuple[Any, Any]:
+    """A micro-batch's ``(StepShape, decode part or None)`` from its sequences' new tokens and keys."""
+    from graph.opgraph import StepShape
+
+    pre = [(n, c - n) for n, c in zip(new, ctx) if n > 1]
+    dec = [c for n, c in zip(new, ctx) if n == 1]
+    p = StepShape.prefill([n for n, _ in pre], [c for _, c in pre]) if pre else None
+    d = StepShape.decode(dec) if dec else None
+    if p is None:
+        return d, None
+    if d is None:
+        return p, None
+    return StepShape(p.tokens + d.tokens, p.pairs + d.pairs, p.kv + d.kv, p.seqs + d.seqs,
+                     d.decode_seqs, d.decode_kv), d
+
+
+def kind_of(r: dict[str, Any]) -> str:
+    if r.get("images"):
+        return "image"
+    ones = [n == 1 for nn in r["new"] for n in nn]
+    return "decode" if all(ones) else "prefill" if not any(ones) else "mixed"
+
+
+def cost_steps(records: list[dict[str, Any]], coster: Any) -> list[dict[str, Any]]:
+    """One row a step: kind, tokens, seqs, predicted / gpu / period / gap ms (module doc)."""
+    rows = []
+    prev: dict[int, float] = {}
+    for r in sorted(records, key=lambda x: (x["replica"], x["answered_ms"])):
+        pred = 0.0
+        for m, (new, ctx) in enumerate(zip(r["new"], r["ctx"])):
+            shape, dec = step_shape(new, ctx)
+            mode = r["mode"][m] if m < len(r["mode"]) else r["mode"][-1]
+            pred += sum(coster.stage_ms(shape, mode, dec))
+            pred += sum(coster.p2p_ms(shape.tokens, b) for b in range(coster.pp - 1))
+        rank = r.get("rank") or {}
+        last = prev.get(r["replica"])
+        rows.append({"kind": kind_of(r), "tokens": r["tokens"], "seqs": r["seqs"], "predicted_ms": pred,
+                     "gpu_ms": sum(rank.get(k, 0.0) for k in ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms"))
+                     if "forward_gpu_ms" in rank else None,
+                     "period_ms": r["answered_ms"] - (r["sent_ms"] if last is None else max(last, r["sent_ms"])),
+                     "gap_ms": 0.0 if last is None else max(0.0, r["sent_ms"] - last)})
+        prev[r["replica"]] = r["answered_ms"]
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per kind (and ``all``): step count, median tokens, the medians and sums of each time, and
+    ``predicted / period`` and ``predicted / gpu`` of the sums (1.0: the coster accounts for all of it)."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in KINDS + ("all",):
+        rs = [r for r in rows if kind in ("all", r["kind"])]
+        if not rs:
+            continue
+        s: dict[str, float] = {"steps": len(rs), "tokens_p50": statistics.median(r["tokens"] for r in rs)}
+        for k in ("predicted_ms", "gpu_ms", "period_ms", "gap_ms"):
+            vals = [r[k] for r in rs if r[k] is not None]
+            if vals:
+                s[k.replace("_ms", "_p50_ms")] = round(statistics.median(vals), 3)
+                s[k.replace("_ms", "_sum_ms")] = round(sum(vals), 2)
+        for k in ("period", "gpu"):
+            if s.get(f"{k}_sum_ms"):
+                s[f"predicted_over_{k}"] = round(s["predicted_sum_ms"] / s[f"{k}_sum_ms"], 3)
+        out[kind] = s
+    return out
+
+
+def markdown(table: list[tuple[str, str, dict[str, dict[str, float]]]]) -> list[str]:
+    """Rows ``(case, rate, summary)`` as a table, one line per kind of step."""
+    f = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    lines = ["| case | rate | kind | steps | tokens p50 | predicted p50 ms | period p50 ms | GPU p50 ms | "
+             "gap sum ms | predicted / period (sums) | predicted / GPU (sums) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case, rate, summ in table:
+        for kind, s in summ.items():
+            lines.append(f"| {case} | {rate} | {kind} | {s['steps']} | {f(s.get('tokens_p50'))} | "
+                         f"{f(s.get('predicted_p50_ms'))} | {f(s.get('period_p50_ms'))} | {f(s.get('gpu_p50_ms'))} | "
+                         f"{f(s.get('gap_sum_ms'))} | {f(s.get('predicted_over_period'))} | "
+                         f"{f(s.get('predicted_over_gpu'))} |")
+    return lines
+
+
+def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
+    """Every traced (model, case, rate) of a fidelity report costed with the cost model as it is now."""
+    import tempfile
+
+    from costmodels.simulator import coster_for, cost_model_for_plan
+    from plans.schema import load_plan
+
+    table = []
+    for model, cases in steps.items():
+        for case, rates in cases.items():
+            c = report["models"][model]["cases"][case]
+            with tempfile.TemporaryDirectory() as d:
+                pf = Path(d) / "plan.yaml"
+                pf.write_text(c["plan_yaml"])
+                plan = load_plan(pf)
+            coster = coster_for(plan, cost_model_for_plan(plan))
+            for frac, records in rates.items():
+                table.append((f"{model} {case}", frac, summarize(cost_steps(records, coster))))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("report", type=Path, help="a fidelity_2gpu.json run with --trace (its .steps.json beside it)")
+    a = ap.parse_args(argv)
+    steps_path = a.report.with_name(a.report.name.replace(".json", ".steps.json"))
+    try:
+        report, steps = json.loads(a.report.read_text()), json.loads(steps_path.read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"cannot read {a.report} and {steps_path.name} beside it ({type(e).__name__}: {e})")
+    print("\n".join(markdown(from_report(report, steps))))
+
+
+if __name__ == "__main__":
+    main()

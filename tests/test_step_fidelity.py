@@ -1,0 +1,51 @@
+"""bench/step_fidelity.py: a traced step's shape rebuilt from its records, its period on the engine's
+timeline, and the sums by kind of step, by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import step_fidelity as sf
+from costmodels.simulator.coster import SyntheticCoster
+from graph.opgraph import StepShape
+
+
+def rec(step, sent, answered, new, ctx, replica=0, images=0):
+    return {"step": step, "replica": replica, "tokens": sum(new), "seqs": len(new), "new": [new], "ctx": [ctx],
+            "images": images, "mode": ["tp"], "sent_ms": sent, "answered_ms": answered,
+            "rank": {"forward_gpu_ms": 1.0, "sample_gpu_ms": 0.5, "images_gpu_ms": 0.0, "other": 9}}
+
+
+def test_a_mixed_step_is_its_prefill_part_plus_its_decode_part():
+    shape, dec = sf.step_shape([5, 1, 1], [8, 20, 30])  # a 5-token chunk after 3 cached; two decodes
+    p, d = StepShape.prefill([5], [3]), StepShape.decode([20, 30])
+    assert dec == d
+    assert (shape.tokens, shape.pairs, shape.kv, shape.seqs) == (7, p.pairs + 50, 8 + 50, 3)
+    assert (shape.decode_seqs, shape.decode_kv) == (2, 50)
+    assert sf.step_shape([1, 1], [4, 6]) == (StepShape.decode([4, 6]), None)
+    assert sf.step_shape([4], [4]) == (StepShape.prefill([4]), None)
+
+
+def test_periods_gaps_and_kinds():
+    recs = [rec(1, 0.0, 10.0, [6, 4], [6, 4]),  # prefill
+            rec(2, 5.0, 14.0, [1, 1], [7, 5]),  # decode sent ahead: its period starts at the last answer
+            rec(3, 20.0, 30.0, [3, 1], [3, 8]),  # mixed, sent 6 ms after the last answer
+            rec(4, 31.0, 40.0, [1], [4], images=1)]
+    rows = sf.cost_steps(recs, SyntheticCoster())
+    assert [r["kind"] for r in rows] == ["prefill", "decode", "mixed", "image"]
+    assert [r["period_ms"] for r in rows] == [10.0, 4.0, 10.0, 9.0]
+    assert [r["gap_ms"] for r in rows] == [0.0, 0.0, 6.0, 1.0]
+    c = SyntheticCoster().tp  # affine: c + t*T + k*K
+    assert rows[0]["predicted_ms"] == pytest.approx(c[0] + c[1] * 10 + c[2] * StepShape.prefill([6, 4]).pairs + c[3] * 10)
+    assert all(r["gpu_ms"] == 1.5 for r in rows)
+    s = sf.summarize(rows)
+    assert s["all"]["steps"] == 4 and s["all"]["period_sum_ms"] == 33.0 and s["all"]["gap_sum_ms"] == 7.0
+    assert s["all"]["predicted_over_period"] == pytest.approx(sum(r["predicted_ms"] for r in rows) / 33.0, abs=1e-3)
+    assert s["decode"]["steps"] == 1 and s["decode"]["period_p50_ms"] == 4.0
+    assert sf.compact(recs)[0]["rank"] == {"forward_gpu_ms": 1.0, "sample_gpu_ms": 0.5, "images_gpu_ms": 0.0}
+
+
+def test_last_stream_keeps_the_records_after_the_clock_restarted():
+    recs = [rec(1, 0.0, 2.0, [1], [1]), rec(2, 3.0, 4.0, [1], [2]), rec(3, 0.5, 1.0, [2], [2]), rec(4, 1.5, 3.0, [1], [3])]
+    assert [r["step"] for r in sf.last_stream(recs)] == [3, 4]
+    assert sf.last_stream(recs[:2]) == recs[:2]
