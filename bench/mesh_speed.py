@@ -1,7 +1,7 @@
 """Each parallel mode on several GPUs against one GPU, measured in one run (issue 12, point 2).
 
-Llama-3.1-8B shapes, bf16, random weights saved once as a safetensors checkpoint that every rank
-reads its slices of. For each mesh (single, tp2, sp2, shift(sp2), pp2, dp2 on two GPUs):
+Llama-3.1-8B shapes (``--model qwen2-vl-7b``: Qwen2-VL-7B's language model on text prompts), bf16,
+random weights saved once as a safetensors checkpoint that every rank reads its slices of. For each mesh (single, tp2, sp2, shift(sp2), pp2, dp2 on two GPUs):
 
 * decode step time at batch 1 (512-token prompt, 128 new tokens; pure decode steps, see
   ``engine_speed.run_batch``);
@@ -16,6 +16,7 @@ CUDA graphs (collectives captured in them); the layers are compiled (``--backend
 every op from Python; eager with ``--tiny``).
 
     python bench/mesh_speed.py --out DIR              # on a machine with 2 GPUs
+    python bench/mesh_speed.py --out DIR --model qwen2-vl-7b --meshes single,tp2
     python bench/mesh_speed.py --out DIR --tiny       # CPU dry run (gloo ranks, tiny config)
 """
 
@@ -46,15 +47,16 @@ MESHES: dict[str, dict[str, Any]] = {
 }
 
 
-def mesh_plan(cfg: dict, name: str, gpus: int, max_seqs: int, max_tokens: int) -> Any:
+def mesh_plan(cfg: dict, name: str, gpus: int, max_seqs: int, max_tokens: int, preset: str = "llama-3.1-8b") -> Any:
     from bench.engine_gpu_check import build_plan
     from plans.mesh import even_layers
     from plans.schema import Hardware, Mesh, Shift, Stage
 
     m = MESHES[name]
-    base = build_plan("llama-3.1-8b", cfg, "bf16")
+    base = build_plan(preset, cfg, "bf16")
     L, pp = base.model.num_layers, m.get("pp", 1)
-    stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == pp - 1)
+    stages = [Stage(index=i, first_layer=a, last_layer=b, embedding=i == 0, lm_head=i == pp - 1,
+                    vision=i == 0 and base.stages[0].vision)  # the VL model's tower on stage 0 (stage0_dp)
               for i, (a, b) in enumerate(even_layers(L, pp))]
     shift = Shift(enabled="shift" in m, threshold_tokens=m.get("shift"))
     sched = base.scheduler.model_copy(update={"max_seqs": max_seqs, "max_batch_tokens": max_tokens,
@@ -99,6 +101,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--meshes", default=",".join(MESHES))
+    ap.add_argument("--model", default="llama-3.1-8b", choices=("llama-3.1-8b", "qwen2-vl-7b"),
+                    help="the preset (a vision-language model runs text prompts: its language model)")
     ap.add_argument("--backend", default=None, help="layers: compile (default on GPUs) or eager (default with --tiny)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="engines read each step's tokens before queueing the next (the look-ahead is on by default)")
@@ -113,20 +117,21 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny.helpers import config as tiny_config
 
-        cfg = tiny_config("llama")
+        cfg = tiny_config("llama" if args.model.startswith("llama") else "qwen2_vl")
     else:
-        cfg = load_config(preset="llama-3.1-8b")
+        cfg = load_config(preset=args.model)
     gpus = 2 if args.tiny else torch.cuda.device_count()
     import transformers
 
     report: dict[str, Any] = {
         "command": "python bench/mesh_speed.py --out DIR" + (" --tiny" if args.tiny else "")
                    + (f" --backend {args.backend}" if args.backend != ("eager" if args.tiny else "compile") else "")
-                   + (" --no-lookahead" if not args.lookahead else "") + (f" --meshes {args.meshes}" if args.meshes != ",".join(MESHES) else ""),
+                   + (" --no-lookahead" if not args.lookahead else "") + (f" --meshes {args.meshes}" if args.meshes != ",".join(MESHES) else "")
+                   + (f" --model {args.model}" if args.model != "llama-3.1-8b" else ""),
         "device": f"{gpus} x " + (torch.cuda.get_device_name() if device == "cuda" else "cpu"),
         "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "model": "llama-3.1-8b shapes, bf16, random weights", "backend": args.backend, "lookahead": args.lookahead,
+        "model": f"{args.model} shapes{' (text prompts)' if 'vl' in args.model else ''}, bf16, random weights", "backend": args.backend, "lookahead": args.lookahead,
         "meshes": {},
     }
     ckpt = Path(tempfile.mkdtemp(prefix="mesh-speed-"))
@@ -137,7 +142,7 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
     for name in args.meshes.split(","):
-        plan = mesh_plan(cfg, name, gpus, 128, 8192 if not args.tiny else 64)
+        plan = mesh_plan(cfg, name, gpus, 128, 8192 if not args.tiny else 64, args.model)
         for graphs in (True, False):  # graphs first; without them if a graph fails on this mesh
             try:
                 r = measure(plan, cfg, ckpt, device, args.backend, graphs, args.tiny, MESHES[name].get("all_reduce", "auto"),

@@ -20,8 +20,8 @@ Memory-bound ops are timed as HF runs them (eager: RMSNorm alone is ~7 kernels) 
 ``Rates.fused``: an engine that fuses elementwise work (torch.compile, TensorRT) moves each op's
 bytes once, at the bandwidth the profile measured for ``add`` (which moves 3 x its elements).
 Attention that writes K/V into the cache pays two more launches (the cache writes).
-``Rates.gemv_bw``: an engine that sends bias-free products of at most ``Rates.gemv_max_rows`` rows
-through its own GEMV kernel pays a fixed time a product and streams the bytes at the measured rate,
+``Rates.gemv_bw``: an engine that sends products of at most ``Rates.gemv_max_rows`` rows (a bias
+added in the kernel's epilogue) through its own GEMV kernel pays a fixed time a product and streams the bytes at the measured rate,
 memory = gemv_call_s + bytes / gemv_bw, in place of the GEMM table (``costmodels.steps``).
 """
 
@@ -155,9 +155,10 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
 
 
 def gemv(r: OpRec, m: float, rates: Rates) -> bool:
-    """Whether a product of ``m`` rows runs the engine's GEMV: a decoder linear (not the lm_head)
-    without bias, ``m <= gemv_max_rows``, where the engine has one (``gemv_bw > 0``)."""
-    return rates.gemv_bw > 0 and r.kind == "matmul" and not r.bias and m <= rates.gemv_max_rows
+    """Whether a product of ``m`` rows runs the engine's GEMV: a decoder linear (not the lm_head; with
+    or without a bias, which the kernel adds in its epilogue), ``m <= gemv_max_rows``, where the engine
+    has one (``gemv_bw > 0``)."""
+    return rates.gemv_bw > 0 and r.kind == "matmul" and m <= rates.gemv_max_rows
 
 
 def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,

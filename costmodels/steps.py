@@ -26,8 +26,8 @@ layer at copy bandwidth); the rest is not itemised. It is priced per byte exchan
     extra = c * B,   B = sum over layers of (QKV + output bytes per GPU),
     c = sum(extra_i * B_i) / sum(B_i^2)   (least squares through 0 over the GPU-bound steps)
 
-Decode GEMV. The engine sends a bias-free product of at most ``GEMV_MAX_ROWS`` rows with bf16/fp16
-weights through its Triton GEMV (``executors/gemv.py``, ``MAX_M``), not cuBLAS; the profile's GEMM
+Decode GEMV. The engine sends a product of at most ``GEMV_MAX_ROWS`` rows with bf16/fp16 weights
+(and its bias, added in the kernel's epilogue) through its Triton GEMV (``executors/gemv.py``, ``MAX_M``), not cuBLAS; the profile's GEMM
 table (cuBLAS, timed alone) prices such products at 1.1-3.6 TB/s (k_proj, gate_proj at M = 1), the
 kernel in the engine's decode graph takes a fixed ``gemv_call_us`` per product (its ramp and tail:
 the half-size products of a TP shard stream slower) plus the bytes at ``gemv_GBps``:

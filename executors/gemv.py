@@ -1,5 +1,6 @@
-"""Small-batch matrix-vector products on the GPU (a Triton kernel): ``y [M, N] = x [M, K] @ W^T``
-with ``W [N, K]`` in bf16/fp16 and ``M <= MAX_M`` (decode steps of a few sequences).
+"""Small-batch matrix-vector products on the GPU (a Triton kernel): ``y [M, N] = x [M, K] @ W^T (+ b)``
+with ``W [N, K]`` in bf16/fp16, an optional bias ``b [N]`` added in the kernel's epilogue (Qwen's
+QKV), and ``M <= MAX_M`` (decode steps of a few sequences).
 
 At M = 1 a decode step is a chain of GEMVs whose cost is reading ``W`` once (``2 N K`` bytes). On
 an H200 cuBLAS reads the smaller projections of an 8B model (``qkv`` 6144 x 4096, ``o`` 4096 x
@@ -42,14 +43,15 @@ PDL = switch("SHIFTPLAN_PDL")
 CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]  # (BLOCK_N, BLOCK_K, warps)
 
 
-def wanted(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> bool:
-    """``x [..., K]`` times ``w [N, K]`` goes to the kernel: CUDA, bf16/fp16, at most MAX_M rows,
-    contiguous rows of ``w`` and ``x``. ``gated``: ``x [..., 2K]`` holds ``[gate | up]`` and the
-    product's input is ``silu(gate) * up``."""
+def wanted(x: torch.Tensor, w: torch.Tensor, gated: bool = False, b: torch.Tensor | None = None) -> bool:
+    """``x [..., K]`` times ``w [N, K]`` (plus ``b [N]``) goes to the kernel: CUDA, bf16/fp16, at most
+    MAX_M rows, contiguous rows of ``w`` and ``x``, a contiguous bias of ``w``'s dtype. ``gated``:
+    ``x [..., 2K]`` holds ``[gate | up]`` and the product's input is ``silu(gate) * up``."""
     return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and w.dtype == x.dtype and w.dim() == 2 and w.is_contiguous() and x.stride(-1) == 1
             and x.numel() // x.shape[-1] <= MAX_M
-            and x.shape[-1] == w.shape[1] * (2 if gated else 1) and w.shape[1] % 8 == 0)
+            and x.shape[-1] == w.shape[1] * (2 if gated else 1) and w.shape[1] % 8 == 0
+            and (b is None or (b.dtype == w.dtype and b.shape == (w.shape[0],) and b.is_contiguous())))
 
 
 def pdl(x: torch.Tensor) -> bool:
@@ -58,17 +60,17 @@ def pdl(x: torch.Tensor) -> bool:
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int] | None = None,
-           gated: bool = False) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T`` -> ``[M, N]`` in ``x``'s dtype; ``gated``: ``silu(x[:, :K]) * x[:, K:]``
-    (``x [M, 2K]``) in place of ``x``. ``config`` ``(BLOCK_N, BLOCK_K, warps)`` pins the tile
-    (benchmarks, tests); None lets the autotuner choose."""
+           gated: bool = False, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T (+ b [N])`` -> ``[M, N]`` in ``x``'s dtype; ``gated``:
+    ``silu(x[:, :K]) * x[:, K:]`` (``x [M, 2K]``) in place of ``x``. ``config`` ``(BLOCK_N, BLOCK_K,
+    warps)`` pins the tile (benchmarks, tests); None lets the autotuner choose."""
     M, K = x.shape[0], w.shape[1]
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     MB = triton.next_power_of_2(M)
     args = (x, w, y, y, M, N, K, x.stride(0), y.stride(0), MB, False)  # no scale
     gdc = pdl(x)
-    flags = dict(USE_GDC=gdc, GATED=gated, launch_pdl=gdc)
+    flags = dict(USE_GDC=gdc, GATED=gated, BIAS=b if b is not None else y, HAS_BIAS=b is not None, launch_pdl=gdc)
     if config is None:
         _tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args, **flags)
     else:
@@ -78,14 +80,14 @@ def launch(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int] | None
 
 
 @torch.library.custom_op("shiftplan::gemv", mutates_args=())
-def gemv(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """``x [M, K] @ w[N, K]^T`` for ``M <= MAX_M``; ``gated``: of ``silu(gate) * up`` for ``x =
+def gemv(x: torch.Tensor, w: torch.Tensor, gated: bool = False, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ w[N, K]^T (+ b)`` for ``M <= MAX_M``; ``gated``: of ``silu(gate) * up`` for ``x =
     [gate | up]`` (see the module doc)."""
-    return launch(x, w, gated=gated)
+    return launch(x, w, gated=gated, b=b)
 
 
 @gemv.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, gated: bool = False, b: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -94,9 +96,10 @@ if triton is not None:
     @triton.jit
     def _gemv(X, W, S, Y, M, N, K, stride_xm, stride_ym, M_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False,
-              GATED: tl.constexpr = False):
-        """``y = (x W^T) [* S]``: ``W`` in any dtype widened to fp32 (bf16/fp16, or e4m3 with its
-        per-row scale ``S [N]``, ``executors.fp8_gemm``); ``GATED``: ``x = silu(g) * u`` with ``g =
+              GATED: tl.constexpr = False, BIAS=None, HAS_BIAS: tl.constexpr = False):
+        """``y = (x W^T) [* S] [+ BIAS]``: ``W`` in any dtype widened to fp32 (bf16/fp16, or e4m3 with its
+        per-row scale ``S [N]``, ``executors.fp8_gemm``), ``BIAS [N]`` added in fp32 when
+        ``HAS_BIAS``; ``GATED``: ``x = silu(g) * u`` with ``g =
         X[:, :K]``, ``u = X[:, K:]`` (the MLP's gate/up, in fp32). ``USE_GDC`` (a programmatic
         dependent launch): wait for the previous kernel before reading ``x``, and let the next one
         launch once the products are summed."""
@@ -121,6 +124,8 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_SCALE:
             y = y * tl.load(S + n, mask=nmask, other=0.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(BIAS + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     def fits(configs: list, nargs: dict, **_kw) -> list:

@@ -96,8 +96,8 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
            scale: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """``x [..., in] @ W^T + b`` for a plain or FP8 weight (an e4m3 tensor ``w`` with ``scale [out]``
     is the FP8 weight ``Fp8Weight(w, scale)``); ``kernel_for`` names the kernel (module doc). A
-    decode step's few rows go to the Triton kernels (bias-free bf16 products only: a biased one, such
-    as Qwen's QKV, stays with cuBLAS, as ``costmodels.opcost`` prices it; FP8 products add the bias after). ``gated``:
+    decode step's few rows go to the Triton kernels (the bf16 GEMV adds a bias in its epilogue, as
+    Qwen's QKV has; FP8 products add it after). ``gated``:
     ``x [..., 2 in]`` is ``[gate | up]`` and the product's input ``silu(gate) * up`` (computed in the
     bf16 GEMV's loads where it serves, else first)."""
     if scale is not None:
@@ -106,8 +106,8 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
     def on_rows(f) -> torch.Tensor:  # f on x as [rows, in], back to x's leading dims
         return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
-    if isinstance(w, torch.Tensor) and b is None and gemv.wanted(x, w, gated):
-        return on_rows(lambda r: torch.ops.shiftplan.gemv(r, w, gated))
+    if isinstance(w, torch.Tensor) and gemv.wanted(x, w, gated, b):
+        return on_rows(lambda r: torch.ops.shiftplan.gemv(r, w, gated, b))
     if gated:  # no GEMV for it: the gate first
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
@@ -123,7 +123,7 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None,
 
 
 def kernel_for(x: torch.Tensor, w: Weight) -> str:
-    """Which kernel ``linear(x, w)`` (no bias) runs: "triton_gemv" / "cublas" for a plain weight;
+    """Which kernel ``linear(x, w)`` runs (a bias changes nothing): "triton_gemv" / "cublas" for a plain weight;
     ``fp8_gemm.kernel_name`` ("triton_w8a16", "triton_w8a8"), "scaled_mm_rowwise" or "dequant" for an
     FP8 one."""
     if isinstance(w, torch.Tensor):

@@ -5,7 +5,7 @@ warns and keeps the default.
 
 | variable | default | what it turns on (off: the fallback) |
 |---|---|---|
-| ``SHIFTPLAN_GEMV`` | on | bias-free bf16 products of few rows through the Triton GEMV (off: cuBLAS) |
+| ``SHIFTPLAN_GEMV`` | on | bf16 products of few rows (and their bias) through the Triton GEMV (off: cuBLAS) |
 | ``SHIFTPLAN_PDL`` | on | programmatic dependent launch of the decode kernels (Hopper+) |
 | ``SHIFTPLAN_FP8_GEMM`` | on | FP8 products of few rows through the Triton FP8 kernels (off: ``_scaled_mm``) |
 | ``SHIFTPLAN_FP8_W8A8`` | on | the Triton W8A8 kernel above the W8A16 rows (off: ``_scaled_mm``) |

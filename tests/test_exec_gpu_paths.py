@@ -193,6 +193,9 @@ for M, N, K, cfg in [(1, 40, 64, (16, 32, 4)), (3, 33, 96, (8, 64, 4)), (4, 16, 
     gu = torch.randn(M, 2 * K)  # [gate | up]: the product of silu(gate) * up
     ref = (torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]) @ w.t()
     worst = max(worst, float((gemv.launch(gu, w, config=cfg, gated=True) - ref).abs().max() / ref.abs().max()))
+    b = torch.randn(N)  # a bias, added in the epilogue (Qwen's QKV)
+    ref = x @ w.t() + b
+    worst = max(worst, float((gemv.launch(x, w, config=cfg, b=b) - ref).abs().max() / ref.abs().max()))
 print(worst)
 """
 
@@ -200,7 +203,7 @@ print(worst)
 def test_gemv_kernel_matches_matmul() -> None:
     """The Triton GEMV of decode steps (run by Triton's interpreter on CPU) against ``x @ W^T``:
     1 to 4 rows, output and reduction lengths that are not multiples of the tile (masked edges);
-    and gated (the MLP's ``down`` of ``silu(gate) * up`` read from ``[gate | up]``)."""
+    with a bias; and gated (the MLP's ``down`` of ``silu(gate) * up`` read from ``[gate | up]``)."""
     assert float(run_interpreted("-c", GEMV_CHECK).split()[-1]) < 1e-5
 
 
@@ -215,10 +218,14 @@ def test_gemv_is_routed_only_for_few_cuda_rows() -> None:
     assert not gemv.wanted(torch.zeros(1, 16), w)  # CPU
     with FakeTensorMode():
         assert torch.ops.shiftplan.gemv(torch.empty(3, 16), torch.empty(8, 16)).shape == (3, 8)
+        assert torch.ops.shiftplan.gemv(torch.empty(3, 16), torch.empty(8, 16), False, torch.empty(8)).shape == (3, 8)
         if torch.cuda.is_available():
             wc = torch.empty(8, 16, dtype=torch.bfloat16, device="cuda")
             assert gemv.wanted(torch.empty(4, 16, dtype=torch.bfloat16, device="cuda"), wc)
             assert not gemv.wanted(torch.empty(5, 16, dtype=torch.bfloat16, device="cuda"), wc)
+            x1 = torch.empty(1, 16, dtype=torch.bfloat16, device="cuda")
+            assert gemv.wanted(x1, wc, b=torch.empty(8, dtype=torch.bfloat16, device="cuda"))
+            assert not gemv.wanted(x1, wc, b=torch.empty(8, dtype=torch.float32, device="cuda"))
 
 
 PREFILL_CHECK = """

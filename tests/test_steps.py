@@ -7,6 +7,7 @@ fits give on the committed measurement."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,8 +154,8 @@ def test_profile_decode_terms_are_the_fits_of_the_committed_measurements(cfg):
 
 
 def test_gemv_prices_small_decoder_products_only(cfg):
-    """Decoder linears of at most 4 rows stream their weights at the GEMV's rate; 5 rows, the lm_head,
-    FP8 weights and other engines keep the GEMM table."""
+    """Decoder linears of at most 4 rows, with or without a bias, stream their weights at the GEMV's
+    rate; 5 rows, the lm_head, FP8 weights and other engines keep the GEMM table."""
     from costmodels.opcost import op_time
 
     cm, bare = model(cfg), model(cfg, engine=None)
@@ -176,6 +177,10 @@ def test_gemv_prices_small_decoder_products_only(cfg):
     five = StepShape.decode([576] * 5)
     assert op_time(q, five, 1, 1, cm.rates, cm.profile) == op_time(q, five, 1, 1, bare.rates, bare.profile)
     assert fp8.rates.gemv_bw == 0 and bare.rates.gemv_bw == 0
+    biased = replace(q, bias=True)  # Qwen's QKV: the kernel adds the bias in its epilogue, same price
+    one = StepShape.decode([576])
+    assert op_time(biased, one, 1, 1, cm.rates, cm.profile) == op_time(q, one, 1, 1, cm.rates, cm.profile)
+    assert op_time(biased, one, 1, 1, bare.rates, bare.profile) != op_time(q, one, 1, 1, bare.rates, bare.profile)
 
 
 def test_pp_steps_pay_the_handoff_per_boundary(cfg):
