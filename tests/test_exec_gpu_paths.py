@@ -29,7 +29,7 @@ def _microbatch(chunks: list[tuple[int, int, int]]) -> object:
         s.blocks = [nxt + 2 * i for i in range(nb)]  # every other block: slots are not contiguous
         nxt += 2 * nb + 1
         out.append(Chunk(s, n))
-    return build_microbatch(out, "tp", BLOCK, None)
+    return build_microbatch(out, "tp", BLOCK, None).with_keys(BLOCK)  # the packed paths read the key lists
 
 
 def _cache(slots: int, hkv: int, D: int, g: torch.Generator) -> LayerCache:

@@ -66,7 +66,9 @@ def test_microbatch_slots_follow_block_table() -> None:
     q.computed = 4
     mb = build_microbatch([Chunk(q, 2)], "tp", 4, None)
     assert mb.slots.tolist() == [2 * 4 + 0, 2 * 4 + 1]  # positions 4, 5 live in block 2
-    assert mb.key_slots.tolist() == [20, 21, 22, 23, 8, 9]
+    assert mb.key_slots.numel() == 0  # the key lists are filled where an attention path needs them
+    assert mb.with_keys(4).key_slots.tolist() == [20, 21, 22, 23, 8, 9]
+    assert mb.key_seq.tolist() == [0] * 6 and mb.key_pos.tolist() == list(range(6))
     assert mb.sample_idx.tolist() == [1] and mb.tok_idx.tolist() == [4, 5]
 
 
@@ -195,7 +197,7 @@ def test_scheduler_completes_everything_within_limits(lens: list, blocks: int, b
     assert len(s.pool.free) == blocks
 
 
-def test_decode_microbatch_fast_path_equals_packed() -> None:
+def test_decode_microbatch_fast_path_equals_packed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decodes of generated tokens are packed from plain lists (no per-sequence tensors); every field
     equals the general packing's, key lists included once filled, for 1-D and M-RoPE positions."""
     from executors.scheduler import _decode_microbatch, _packed_microbatch
@@ -213,8 +215,10 @@ def test_decode_microbatch_fast_path_equals_packed() -> None:
                 s.mrope = s.mrope if s.mrope is not None else torch.arange(s.prompt_len).repeat(3, 1)
         chunks = [Chunk(s, 1) for s in group]
         fast, ref = _decode_microbatch(chunks, "tp", 4), _packed_microbatch(chunks, "tp", 4)
-        assert build_microbatch(chunks, "tp", 4, None).key_slots.numel() == 0  # the fast path was taken
-        fast.with_keys(4)
+        with monkeypatch.context() as m:  # the fast path is taken
+            m.setattr("executors.scheduler._packed_microbatch", lambda *a: pytest.fail("packed path taken"))
+            build_microbatch(chunks, "tp", 4, None)
+        fast.with_keys(4), ref.with_keys(4)
         for f in ("tokens", "pos", "seq", "tok_idx", "slots", "key_slots", "key_seq", "key_pos", "sample_idx"):
             assert torch.equal(getattr(fast, f), getattr(ref, f)), f
         assert (fast.sample_req, fast.blocks, fast.ctx, fast.decode) == (ref.sample_req, ref.blocks, ref.ctx, ref.decode)
