@@ -31,7 +31,7 @@ the same op signature are timed once and multiplied; results are memoised per
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from costmodels import collectives as C
@@ -43,7 +43,7 @@ from costmodels.profile import Profile
 from costmodels.steps import FUSED_MAX_ROWS, GEMV_MAX_ROWS, Launch, fused_add_norm_ops
 from graph.opgraph import Block, OpGraph, StepShape
 from plans.errors import UserError
-from plans.mesh import ParallelDims, even_layers
+from plans.mesh import ParallelDims, bucket, even_layers
 
 MODES = ("sp_tp", "tp")
 
@@ -144,11 +144,14 @@ class CostModel:
         comp = mem = ovh = comm = 0.0
         links, ab = self.links, self.rates.a_bytes
         graph = self.graphed(shape, s)  # collectives captured in a CUDA graph
+        rows = self.graph_rows(shape) if graph else shape  # a step graph's padding rows: every op but attention
+        attn = shape
+        shape = rows
         sums, absorbed = self._fusion(block, shape, t, s, graph)
         for i, r in enumerate(self._recs[block.name]):
             if i in absorbed:  # the residual add and RMSNorm inside a fused all-reduce kernel
                 continue
-            c, m, o = op_time(r, shape, t, s, self.rates, self.profile)
+            c, m, o = op_time(r, attn if r.kind == "attention" else shape, t, s, self.rates, self.profile)
             if c >= m:
                 comp += c
             else:
@@ -195,6 +198,17 @@ class CostModel:
         if self.launch is None:
             return False
         return self.launch.graphed(shape.tokens, sp, "sp_tp" if sp > 1 else "tp", self.sp_one_host(sp))
+
+    def graph_rows(self, shape: StepShape) -> StepShape:
+        """``shape`` as the engine's step graph computes it: a prefill or mixed step's tokens padded
+        to the next token bucket (``plans.mesh.bucket``: 1,153 tokens run as 1,536), the padding rows
+        through every op but attention (their programs exit at once), so op times take this shape
+        and attention the real one. Decode steps, and engines without ``launch``, as they are (the
+        decode graphs' batch buckets pad rows of a few-row product, which costs about nothing)."""
+        if self.launch is None or shape.tokens <= shape.seqs:
+            return shape
+        rows = bucket(shape.tokens)
+        return shape if rows is None else replace(shape, tokens=float(rows))
 
     def all_to_all_ms(self, nbytes: float, n: int, shape: StepShape, *, graph: bool = False) -> float:
         """A Ulysses all-to-all of ``nbytes`` a GPU over the ``n`` GPUs of an sp group (adjacent

@@ -101,7 +101,7 @@ if TYPE_CHECKING:
     from costmodels.profile import Profile
 
 GPU_BOUND = 1.15  # a step is GPU-bound when its modelled GPU time exceeds the host time by this factor
-GEMV_MAX_ROWS = 4  # products of at most this many rows go to the engine's GEMV (executors.gemv.MAX_M)
+GEMV_MAX_ROWS = 1  # products of at most this many rows go to the engine's GEMV (executors.gemv.MAX_M)
 PROJECTIONS_PER_LAYER = 7  # decoder products a layer as the op graph lists them: q, k, v, o, gate, up, down
 ONE_SHOT_MAX_BYTES = 1 << 20  # all-reduces up to this size go through symmetric memory (executors.parallel)
 FUSED_MAX_ROWS = 32  # sums of at most this many rows fuse the add and norm (executors.reduce_norm.MAX_ROWS)

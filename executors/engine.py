@@ -610,7 +610,7 @@ class Engine:
         """Run every step shape serving will meet first before any request does: for each decode
         batch bucket up to ``max_seqs`` (``graphs.BATCH_BUCKETS``), that many prompts of
         ``prompt_tokens`` tokens per replica and lane, two new tokens each. The layers compile
-        (dynamic shapes; the GEMV's tiles are tuned for 1, 2 and 4 rows, the FP8 kernel's per row
+        (dynamic shapes; the GEMV's tiles are tuned for its one row, the FP8 kernel's per row
         bucket) and a decode graph is captured per batch bucket at the shortest key bucket, as is a
         prefill graph for each first step of ``b`` prompts (``b * prompt_tokens`` tokens, up to the
         largest token bucket); other prefill and mixed shapes and longer contexts capture theirs on

@@ -43,14 +43,10 @@ import torch
 from executors import paged_prefill
 from executors.batch import MicroBatch
 from plans.mesh import GRAPH_TOKEN_BUCKETS as TOKEN_BUCKETS
+from plans.mesh import bucket
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 MIN_KEYS = 512
-
-
-def bucket(n: int, sizes: tuple[int, ...]) -> int | None:
-    """The smallest size ``>= n``, or None past the largest."""
-    return next((b for b in sizes if b >= n), None)
 
 
 def keys_bucket(n: int) -> int:

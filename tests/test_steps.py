@@ -154,9 +154,10 @@ def test_profile_decode_terms_are_the_fits_of_the_committed_measurements(cfg):
 
 
 def test_gemv_prices_small_decoder_products_only(cfg):
-    """Decoder linears of at most 4 rows, with or without a bias, stream their weights at the GEMV's
-    rate; 5 rows, the lm_head, FP8 weights and other engines keep the GEMM table."""
+    """Decoder linears of at most ``GEMV_MAX_ROWS`` rows, with or without a bias, stream their weights
+    at the GEMV's rate; one row more, the lm_head, FP8 weights and other engines keep the GEMM table."""
     from costmodels.opcost import op_time
+    from costmodels.steps import GEMV_MAX_ROWS
 
     cm, bare = model(cfg), model(cfg, engine=None)
     fp8 = cost_model_for(cfg, "h200", weights_dtype="fp8", kv_dtype="bf16", gpus_per_node=2,
@@ -166,7 +167,7 @@ def test_gemv_prices_small_decoder_products_only(cfg):
     q = recs[(4096.0, 4096.0)]
     bw, call_s = cm.launch.gemv_GBps * 1e9, cm.launch.gemv_call_us * 1e-6
     assert call_s > 0
-    for rows in (1, 4):
+    for rows in sorted({1, GEMV_MAX_ROWS}):
         sh = StepShape.decode([576] * rows)
         c, m, _ = op_time(q, sh, 1, 1, cm.rates, cm.profile)
         assert c == 0 and m == pytest.approx((call_s + (4096 * 4096 + rows * 2 * 4096) * 2 / bw) * 1e3)
@@ -174,8 +175,8 @@ def test_gemv_prices_small_decoder_products_only(cfg):
         assert op_time(q, sh, 1, 1, fp8.rates, fp8.profile)[:2] != (c, m / 2)  # FP8: its GEMM table
         lm = recs["lm_head"]
         assert op_time(lm, sh, 1, 1, cm.rates, cm.profile) == op_time(lm, sh, 1, 1, bare.rates, bare.profile)
-    five = StepShape.decode([576] * 5)
-    assert op_time(q, five, 1, 1, cm.rates, cm.profile) == op_time(q, five, 1, 1, bare.rates, bare.profile)
+    more = StepShape.decode([576] * (GEMV_MAX_ROWS + 1))
+    assert op_time(q, more, 1, 1, cm.rates, cm.profile) == op_time(q, more, 1, 1, bare.rates, bare.profile)
     assert fp8.rates.gemv_bw == 0 and bare.rates.gemv_bw == 0
     biased = replace(q, bias=True)  # Qwen's QKV: the kernel adds the bias in its epilogue, same price
     one = StepShape.decode([576])
@@ -344,8 +345,10 @@ def test_decode_all_reduce_is_the_measured_symmetric_memory_kernel(cfg):
             == pytest.approx(bare.block_time(layer, sh, tp=2).memory_ms + bare.block_time(layer, sh, tp=2).compute_ms))
     node8 = cost_model_for(cfg, "h200", weights_dtype="bf16", kv_dtype="bf16", gpus_per_node=8,
                            fused_elementwise=True, engine="shiftplan", backend="compile")[0]
-    # a graphed prefill step of few rows sums through the same kernels (the engine's graph holds them)
-    assert cm.block_time(layer, StepShape.prefill([8]), tp=2).comm_ms == pytest.approx(2 * us[0][8 * 8192] * 1e-3)
+    # a graphed prefill step of few rows sums through the same kernels (the engine's graph holds them),
+    # over the rows of its token bucket: 8 tokens run as 16
+    assert cm.block_time(layer, StepShape.prefill([8]), tp=2).comm_ms == pytest.approx(
+        2 * cm.launch.all_reduce.ms(16 * 8192, 2, 16, True))
     for c, sh, tp in ((cm, StepShape.decode([576] * 256), 2), (cm, StepShape.prefill([4096]), 2),
                       (node8, StepShape.decode([576]), 4), (bare, StepShape.decode([576]), 2)):
         nccl = c.links.ms("all_reduce", sh.tokens * 8192, tp, graph=sh.tokens <= sh.seqs)
@@ -380,3 +383,27 @@ def test_tp2_decode_without_the_symmetric_memory_kernels_is_slower(cfg):
     nccl.launch, nccl._cache = replace(cm.launch, all_reduce=None), {}
     assert nccl.step_wall_ms(sh, tp=2) > cm.step_wall_ms(sh, tp=2) + 0.3  # 65 sums, ~6.5 us each
     assert nccl.step_wall_ms(sh) == cm.step_wall_ms(sh)
+
+
+def test_graphed_steps_pay_their_token_bucket(cfg):
+    """A prefill or mixed step the engine graphs runs its token bucket's rows (1,153 tokens as 1,280)
+    through every op but attention, which reads the real shape; decode steps, steps past the largest
+    bucket and engines without measured terms are priced as they are."""
+    from dataclasses import replace
+
+    from costmodels.opcost import op_time
+    from plans.mesh import bucket
+
+    cm, bare = model(cfg), model(cfg, engine=None)
+    layer = cm.decoders[0]
+    real = StepShape.prefill([1153])
+    padded = cm.graph_rows(real)
+    assert padded == replace(real, tokens=float(bucket(1153))) and padded.tokens == 1280
+    parts = [op_time(r, real if r.kind == "attention" else shape, 1, 1, cm.rates, cm.profile)
+             for shape in (padded, real) for r in cm._recs[layer.name]]
+    half = len(parts) // 2
+    want, unpadded = (sum(max(c, m) + o for c, m, o in p) for p in (parts[:half], parts[half:]))
+    assert cm.block_time(layer, real).total_ms == pytest.approx(want) and want > 1.05 * unpadded
+    for sh in (StepShape.decode([576] * 3), StepShape.prefill([3000])):
+        assert cm.graph_rows(sh) == sh
+    assert bare.graph_rows(real) == real
