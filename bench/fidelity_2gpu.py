@@ -490,8 +490,8 @@ def repredict(report: dict[str, Any], src: Path, out: Path, command: str) -> dic
     from plans.schema import load_plan
 
     report["repredicted"] = {"command": command, "from": src.name}
-    steps_path = src.with_name("fidelity_2gpu.steps.json")
-    traced = json.loads(steps_path.read_text()) if steps_path.is_file() else {}
+    steps_path = src.with_name(step_fidelity.STEPS_FILE)
+    traced = step_fidelity.read_steps(steps_path) if steps_path.is_file() else {}
     for model, m in report["models"].items():
         spec, _cfg = model_spec(model, report["device"].startswith("2 x cpu"), report["backend"])
         cost, _ = cost_model_of(spec)
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="skip replaying the capacity prediction's requests (all at once) on the engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace", action="store_true",
-                    help="record each rate's step trace (DIR/fidelity_2gpu.steps.json) and cost every step again "
+                    help="record each rate's step trace (DIR/fidelity_2gpu.steps.json.gz) and cost every step again "
                          "(bench/step_fidelity.py: predicted against measured step times by kind of step)")
     ap.add_argument("--weights-dir", type=Path, default=None,
                     help="keep each model's random checkpoint here and reuse it in later calls "
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summarize_report(report)
         write_report(a.out, "fidelity_2gpu", clean(report), markdown(clean(report)))
         if steps:
-            (a.out / "fidelity_2gpu.steps.json").write_text(json.dumps(steps))
+            step_fidelity.write_steps(a.out / step_fidelity.STEPS_FILE, steps)
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))

@@ -21,10 +21,14 @@ Kinds: ``decode`` (every sequence adds one token), ``prefill`` (none does), ``mi
 ``image`` (the step carries images; its tower time is outside ``predicted_ms``).
 
     python bench/step_fidelity.py DIR/fidelity_2gpu.json      # the steps file beside it, costed now
+
+The steps of a ``fidelity_2gpu.py --trace`` run live beside its report in ``STEPS_FILE`` (gzipped JSON:
+model -> case -> rate fraction -> records).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import sys
@@ -35,6 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KINDS = ("decode", "mixed", "prefill", "image")
+STEPS_FILE = "fidelity_2gpu.steps.json.gz"
+
+
+def write_steps(path: Path, steps: dict[str, Any]) -> None:
+    path.write_bytes(gzip.compress(json.dumps(steps).encode(), mtime=0))
+
+
+def read_steps(path: Path) -> dict[str, Any]:
+    return json.loads(gzip.decompress(path.read_bytes()))
 KEEP_RANK = ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms", "forward_host_ms", "wait_ms", "unpickle_ms")
 
 
@@ -160,12 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("report", type=Path, help="a fidelity_2gpu.json run with --trace (its .steps.json beside it)")
+    ap.add_argument("report", type=Path, help=f"a fidelity_2gpu.json run with --trace ({STEPS_FILE} beside it)")
     a = ap.parse_args(argv)
-    steps_path = a.report.with_name(a.report.name.replace(".json", ".steps.json"))
+    steps_path = a.report.with_name(STEPS_FILE)
     try:
-        report, steps = json.loads(a.report.read_text()), json.loads(steps_path.read_text())
-    except (OSError, ValueError) as e:
+        report, steps = json.loads(a.report.read_text()), read_steps(steps_path)
+    except (OSError, ValueError, EOFError) as e:
         ap.error(f"cannot read {a.report} and {steps_path.name} beside it ({type(e).__name__}: {e})")
     print("\n".join(markdown(from_report(report, steps))))
 

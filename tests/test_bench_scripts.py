@@ -254,6 +254,7 @@ def test_fidelity_tiny_run(tmp_path):
     timeout records the error and --resume keeps the cases that ran; with --trace every step of each
     rate is kept and costed again."""
     from bench import fidelity_2gpu as fid
+    from bench import step_fidelity
     from costmodels.simulator.metrics import percentile
 
     args = ["--out", str(tmp_path), "--tiny", "--models", "llama", "--cases", "single,tp2", "--rates", "0.4,0.9",
@@ -277,7 +278,7 @@ def test_fidelity_tiny_run(tmp_path):
                 assert fig["predicted"] > 0 and fig["measured"] > 0, (case, f, fig)
                 assert fig["error"] == pytest.approx(fig["predicted"] / fig["measured"] - 1, rel=1e-9, abs=1e-12)
         assert c["rates"][1]["rate_rps"] > c["rates"][0]["rate_rps"]
-        traced = json.loads((tmp_path / "fidelity_2gpu.steps.json").read_text())["llama"][case]
+        traced = step_fidelity.read_steps(tmp_path / step_fidelity.STEPS_FILE)["llama"][case]
         for x in c["rates"]:  # --trace: the replay's steps (and only those), each costed again
             recs, sc = traced[str(x["fraction"])], x["step_costs"]
             assert sc["all"]["steps"] == len(recs) == sum(v["steps"] for k, v in sc.items() if k != "all")
@@ -322,7 +323,7 @@ def test_fidelity_tiny_run(tmp_path):
     assert "pp2" in again["models"]["llama"]["cases"] and again["repredicted"]["from"] == "fidelity_2gpu.json"
     for x, y in zip(m["cases"]["tp2"]["rates"], again["models"]["llama"]["cases"]["tp2"]["rates"]):
         assert y["step_costs"] == x["step_costs"]  # the steps file is read and costed the same way
-    assert (tmp_path / "again" / "fidelity_2gpu.steps.json").is_file()
+    assert (tmp_path / "again" / step_fidelity.STEPS_FILE).is_file()
     assert "Steps (`--trace`" in (tmp_path / "again" / "fidelity_2gpu.md").read_text()
     assert "Predictions made again without the engine" in (tmp_path / "again" / "fidelity_2gpu.md").read_text()
     with pytest.raises(SystemExit) as bad:  # not a report: one message, exit 2
