@@ -5,8 +5,7 @@ Input: the step trace of one replay (``executors.trace``: ``load(..., trace=True
 carry each micro-batch's shape (``new[m][i]`` tokens added and ``ctx[m][i]`` keys read by sequence
 ``i``). Per step:
 
-* shape: the prefill part ``StepShape.prefill(n_i, cached = ctx_i - n_i)`` over sequences adding
-  more than one token, the decode part ``StepShape.decode(ctx_i)`` over those adding one, summed;
+* shape: ``StepShape.from_sequences`` (the prefill chunks and the decodes of each micro-batch);
 * ``predicted_ms``: ``ModelCoster.stage_ms(shape, mode, decode part)`` summed over the stages plus
   the stage hops, summed over the step's micro-batches: the step's latency in the simulator, which
   is also its share of the replica's busy time when the replica has one stage;
@@ -38,6 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from graph.opgraph import StepShape  # noqa: E402
+
 KINDS = ("decode", "mixed", "prefill", "image")
 STEPS_FILE = "fidelity_2gpu.steps.json.gz"
 
@@ -68,22 +69,6 @@ def compact(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "rank": {k: v for k, v in (r.get("rank") or {}).items() if k in KEEP_RANK}} for r in records]
 
 
-def step_shape(new: list[int], ctx: list[int]) -> tuple[Any, Any]:
-    """A micro-batch's ``(StepShape, decode part or None)`` from its sequences' new tokens and keys."""
-    from graph.opgraph import StepShape
-
-    pre = [(n, c - n) for n, c in zip(new, ctx) if n > 1]
-    dec = [c for n, c in zip(new, ctx) if n == 1]
-    p = StepShape.prefill([n for n, _ in pre], [c for _, c in pre]) if pre else None
-    d = StepShape.decode(dec) if dec else None
-    if p is None:
-        return d, None
-    if d is None:
-        return p, None
-    return StepShape(p.tokens + d.tokens, p.pairs + d.pairs, p.kv + d.kv, p.seqs + d.seqs,
-                     d.decode_seqs, d.decode_kv), d
-
-
 def kind_of(r: dict[str, Any]) -> str:
     if r.get("images"):
         return "image"
@@ -98,7 +83,7 @@ def cost_steps(records: list[dict[str, Any]], coster: Any) -> list[dict[str, Any
     for r in sorted(records, key=lambda x: (x["replica"], x["answered_ms"])):
         pred = 0.0
         for m, (new, ctx) in enumerate(zip(r["new"], r["ctx"])):
-            shape, dec = step_shape(new, ctx)
+            shape, dec = StepShape.from_sequences(new, ctx)
             mode = r["mode"][m] if m < len(r["mode"]) else r["mode"][-1]
             pred += sum(coster.stage_ms(shape, mode, dec))
             pred += sum(coster.p2p_ms(shape.tokens, b) for b in range(coster.pp - 1))
@@ -148,22 +133,32 @@ def markdown(table: list[tuple[str, str, dict[str, dict[str, float]]]]) -> list[
     return lines
 
 
-def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
-    """Every traced (model, case, rate) of a fidelity report costed with the cost model as it is now."""
+def coster_of(report: dict[str, Any], model: str, case: str, mixed_extra: bool = True) -> Any:
+    """The simulator's coster of a fidelity report's case (its pinned plan) on the cost model as it
+    is now; ``mixed_extra=False``: without the measured extra of mixed steps (what that term is
+    fitted against, ``costmodels.steps.fit_mixed_us_per_layer``)."""
+    import dataclasses
     import tempfile
 
     from costmodels.simulator import coster_for, cost_model_for_plan
     from plans.schema import load_plan
 
+    with tempfile.TemporaryDirectory() as d:
+        pf = Path(d) / "plan.yaml"
+        pf.write_text(report["models"][model]["cases"][case]["plan_yaml"])
+        plan = load_plan(pf)
+    cost = cost_model_for_plan(plan)
+    if not mixed_extra and cost.launch is not None:
+        cost.launch = dataclasses.replace(cost.launch, mixed_us_per_layer=0.0)
+    return coster_for(plan, cost)
+
+
+def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
+    """Every traced (model, case, rate) of a fidelity report costed with the cost model as it is now."""
     table = []
     for model, cases in steps.items():
         for case, rates in cases.items():
-            c = report["models"][model]["cases"][case]
-            with tempfile.TemporaryDirectory() as d:
-                pf = Path(d) / "plan.yaml"
-                pf.write_text(c["plan_yaml"])
-                plan = load_plan(pf)
-            coster = coster_for(plan, cost_model_for_plan(plan))
+            coster = coster_of(report, model, case)
             for frac, records in rates.items():
                 table.append((f"{model} {case}", frac, summarize(cost_steps(records, coster))))
     return table

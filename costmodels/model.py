@@ -210,6 +210,18 @@ class CostModel:
         rows = bucket(shape.tokens)
         return shape if rows is None else replace(shape, tokens=float(rows))
 
+    def mixed_extra_ms(self, shape: StepShape, layers: int, *, sp: int, mode: str) -> float:
+        """A graphed mixed step's GPU time beyond the op model on a stage of ``layers`` decoder layers
+        (``costmodels.steps``, ``Launch.mixed_us_per_layer``); 0 for other steps and engines."""
+        if self.launch is None or not self.launch.mixed_us_per_layer:
+            return 0.0
+        return self.launch.mixed_us_per_layer * layers * 1e-3 if self.graphed(shape, sp if mode == "sp_tp" else 1) else 0.0
+
+    def driver_ms(self, seqs: float, prefill: bool) -> float:
+        """The engine driver's host time before a step it could not form ahead (``Launch.driver_ms``);
+        0 without the engine's terms."""
+        return self.launch.driver_ms(seqs, prefill) if self.launch is not None else 0.0
+
     def all_to_all_ms(self, nbytes: float, n: int, shape: StepShape, *, graph: bool = False) -> float:
         """A Ulysses all-to-all of ``nbytes`` a GPU over the ``n`` GPUs of an sp group (adjacent
         ranks) in a step of ``shape``: the engine's LL kernel where it graphs the step on one host and

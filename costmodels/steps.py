@@ -82,6 +82,26 @@ from the per-call times of 64 calls in one CUDA graph (``bench/results/all_to_al
 groups of 2 GPUs; other group sizes, eager steps and groups across hosts keep the NCCL tables). A
 profile without this table describes an engine that ran SP x TP steps eagerly.
 
+Serving steps (``bench/results/fidelity_2gpu.steps.json.gz``: every step of a replayed workload,
+traced on the engine). Two terms the op-level model does not see:
+
+* the driver's host time before a step it could not form ahead (a step with prefill chunks, or the
+  first decode after one: the engine's look-ahead sends only pure decode steps early), from the
+  answer of the last step to the send of this one (scheduling, building the micro-batch):
+
+      form = form_ms + form_prefill_ms x [the step holds prefill chunks] + form_ms_per_seq x sequences
+
+  (least squares over the traced steps sent after their predecessor's answer); the simulator
+  starts such a step that much after the last one ends (single-stage replicas: under PP the
+  handoff term above holds the driver's side);
+* a graphed mixed step (prefill chunks and decodes, at most ``graph_max_tokens`` tokens) takes
+  ``mixed_us_per_layer`` per decoder layer of GPU time more than the model prices it, padding rows
+  included (``CostModel.graph_rows``): the median of (measured - modelled) / layers over the traced
+  mixed steps, 1-2.4 ms a step on Llama-3.1-8B at every token bucket where pure prefill steps of
+  the same buckets are within 2-4%. Not itemised (the decodes run in the paged prefill kernel, and
+  the step graph holds room for ``max_seqs`` sequences); measured on one GPU, applied per layer of
+  any stage and mesh as an assumption.
+
 Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
 backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results
 specs) captures every step, and vLLM / Arctic / SGLang were not measured here: no terms.
@@ -163,6 +183,8 @@ class Launch:
     ``gemv_GBps``, ``gemv_call_us``: the decode GEMV's streaming rate and fixed time a product (0:
     products priced by the GEMM table);
     ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send;
+    ``form_ms``, ``form_prefill_ms``, ``form_ms_per_seq``: the driver's host time before a step it did
+    not form ahead; ``mixed_us_per_layer``: a graphed mixed step's GPU time beyond the model a layer;
     ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables);
     ``all_to_all``: the LL all-to-all of graphed SP x TP steps (None: SP x TP steps run eagerly)."""
 
@@ -172,6 +194,10 @@ class Launch:
     gemv_GBps: float = 0.0
     gemv_call_us: float = 0.0
     pp_handoff_ms: float = 0.0
+    form_ms: float = 0.0
+    form_prefill_ms: float = 0.0
+    form_ms_per_seq: float = 0.0
+    mixed_us_per_layer: float = 0.0
     all_reduce: SymmAllReduce | None = None
     all_to_all: SymmAllToAll | None = None
 
@@ -188,6 +214,10 @@ class Launch:
             return gpu_ms
         return max(gpu_ms, layers * self.host_ms_per_layer)
 
+    def driver_ms(self, seqs: float, prefill: bool) -> float:
+        """The driver's host time before a step of ``seqs`` sequences it could not form ahead."""
+        return self.form_ms + (self.form_prefill_ms if prefill else 0.0) + self.form_ms_per_seq * seqs
+
 
 def launch_for(profile: Profile | None, engine: str | None, backend: str | None) -> Launch | None:
     """The profile's measured terms for ``engine`` running ``backend`` layers, or None (module doc)."""
@@ -201,8 +231,11 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
 
     symm = profile.steps.get("symm_all_reduce_us")
     a2a = profile.steps.get("symm_all_to_all_us")
+    form = profile.steps.get("form_ms", {}).get("value", {})
     return Launch(float(host["value"]), ulysses_ns_per_byte=value("ulysses_ns_per_byte"),
                   gemv_GBps=value("gemv_GBps"), gemv_call_us=value("gemv_call_us"), pp_handoff_ms=value("pp_handoff_ms"),
+                  form_ms=float(form.get("base", 0.0)), form_prefill_ms=float(form.get("prefill", 0.0)),
+                  form_ms_per_seq=float(form.get("per_seq", 0.0)), mixed_us_per_layer=value("mixed_us_per_layer"),
                   all_reduce=SymmAllReduce.of(symm["value"]) if symm else None,
                   all_to_all=SymmAllToAll.of(a2a["value"]) if a2a else None)
 
@@ -349,3 +382,54 @@ def fit_symm_all_to_all(report: dict[str, Any], programs: int) -> dict[str, Any]
         raise ValueError(f"the report has no in-graph times with {programs} programs")
     return {"gpus": int(report["gpus"]), "programs": programs, "bytes": [float(r["bytes_per_rank"]) for r in rows],
             "graph": [float(r[key]) for r in rows]}
+
+
+# ------------------------------------------------------------------ fits from traced serving steps
+
+
+def _ordered(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(records, key=lambda r: (r["replica"], r["answered_ms"]))
+
+
+def fit_form_ms(rates: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """``{"base", "prefill", "per_seq"}`` (module doc): least squares of the gap between a step's
+    send and its predecessor's answer (same replica) over the steps of ``rates`` (step-trace records
+    of one replay each, ``executors.trace``) sent after that answer."""
+    import numpy as np
+
+    rows, gaps = [], []
+    for records in rates:
+        prev: dict[int, float] = {}
+        for r in _ordered(records):
+            last = prev.get(r["replica"])
+            if last is not None and r["sent_ms"] >= last:
+                rows.append([1.0, float(any(n > 1 for nn in r["new"] for n in nn)), float(r["seqs"])])
+                gaps.append(r["sent_ms"] - last)
+            prev[r["replica"]] = r["answered_ms"]
+    if len(rows) < 3:
+        raise ValueError("too few steps sent after their predecessor's answer to fit the driver's time")
+    (base, prefill, per_seq), *_ = np.linalg.lstsq(np.array(rows), np.array(gaps), rcond=None)
+    return {"base": float(base), "prefill": float(prefill), "per_seq": float(per_seq), "steps": len(rows)}
+
+
+def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layers: int) -> tuple[float, int]:
+    """``(us, steps)``: the median over the graphed mixed steps of ``rates`` (step-trace records with
+    the rank's GPU times) of (measured GPU time - ``coster``'s stage time) / ``layers``; ``coster``:
+    the simulator's coster (``costmodels.simulator.coster_for``) of the traced plan on the model
+    without this term."""
+    from graph.opgraph import StepShape
+
+    extra = []
+    for records in rates:
+        for r in records:
+            rank = r.get("rank") or {}
+            if len(r["new"]) != 1 or "forward_gpu_ms" not in rank or r.get("images") or r["tokens"] > GRAPH_TOKEN_BUCKETS[-1]:
+                continue
+            shape, dec = StepShape.from_sequences(r["new"][0], r["ctx"][0])
+            if dec is None:
+                continue
+            gpu = rank["forward_gpu_ms"] + rank.get("sample_gpu_ms", 0.0)
+            extra.append((gpu - sum(coster.stage_ms(shape, r["mode"][0], dec))) / layers * 1e3)
+    if not extra:
+        raise ValueError("no graphed mixed step with GPU times in the trace")
+    return statistics.median(extra), len(extra)

@@ -66,6 +66,21 @@ class StepShape:
         return StepShape(tokens=n, pairs=c, kv=c, seqs=n, decode_seqs=n, decode_kv=c)
 
     @staticmethod
+    def from_sequences(new: list[int], ctx: list[int]) -> tuple["StepShape", "StepShape | None"]:
+        """A continuous-batching step from each sequence's new tokens ``new[i]`` and the keys it
+        reads ``ctx[i]`` (cached + new): ``(shape, decode part)``, the decode part (sequences adding
+        one token) given only when the step also holds prefill chunks, as the simulator's coster
+        takes a mixed step; prefill chunks are ``prefill(n_i, cached = ctx_i - n_i)``."""
+        pre = [(n, c - n) for n, c in zip(new, ctx) if n > 1]
+        dec = [c for n, c in zip(new, ctx) if n == 1]
+        p = StepShape.prefill([n for n, _ in pre], [c for _, c in pre]) if pre else None
+        d = StepShape.decode(dec) if dec else None
+        if p is None or d is None:
+            return (p or d), None
+        return StepShape(p.tokens + d.tokens, p.pairs + d.pairs, p.kv + d.kv, p.seqs + d.seqs,
+                         d.decode_seqs, d.decode_kv), d
+
+    @staticmethod
     def vision(patches_per_image: list[int]) -> "StepShape":
         """Full (bidirectional) attention within each image."""
         return StepShape(tokens=sum(patches_per_image), pairs=sum(p * p for p in patches_per_image),

@@ -96,6 +96,24 @@ def test_look_ahead_holds_an_arrival_for_one_decode_step():
         assert math.isclose((r.first - r.arrival) * 1e3, coster.stage_ms(StepShape.prefill([p]), "tp")[0], rel_tol=1e-9)
 
 
+def test_steps_not_formed_ahead_wait_for_the_driver():
+    """With look-ahead, a step formed once the last tokens were back (the prefill, and the first
+    decode after it) starts the coster's driver time later; decodes formed ahead do not, nor does
+    any step without look-ahead."""
+
+    class Driven(SyntheticCoster):
+        def form_ms(self, seqs: float, prefill: bool) -> float:
+            return 0.5 + (1.0 if prefill else 0.0) + 0.01 * seqs
+
+    reqs = spaced([100], out=6)
+    bare, driven = SyntheticCoster(), Driven()
+    base, look, off = run(cfg(lookahead=True), bare, reqs), run(cfg(lookahead=True), driven, reqs), run(cfg(), driven, reqs)
+    r0, r1 = base.reqs[0], look.reqs[0]
+    assert (r1.first - r0.first) * 1e3 == pytest.approx(1.51)
+    assert (r1.finish - r0.finish) * 1e3 == pytest.approx(1.51 + 0.51)
+    assert off.reqs[0].finish == run(cfg(), bare, reqs).reqs[0].finish
+
+
 def test_low_load_ttft_with_chunked_prefill():
     """A prompt over the token budget is prefilled in chunks, each seeing the earlier ones as context."""
     c = cfg(max_batch_tokens=1000)

@@ -17,13 +17,13 @@ def rec(step, sent, answered, new, ctx, replica=0, images=0):
 
 
 def test_a_mixed_step_is_its_prefill_part_plus_its_decode_part():
-    shape, dec = sf.step_shape([5, 1, 1], [8, 20, 30])  # a 5-token chunk after 3 cached; two decodes
+    shape, dec = StepShape.from_sequences([5, 1, 1], [8, 20, 30])  # a 5-token chunk after 3 cached; two decodes
     p, d = StepShape.prefill([5], [3]), StepShape.decode([20, 30])
     assert dec == d
     assert (shape.tokens, shape.pairs, shape.kv, shape.seqs) == (7, p.pairs + 50, 8 + 50, 3)
     assert (shape.decode_seqs, shape.decode_kv) == (2, 50)
-    assert sf.step_shape([1, 1], [4, 6]) == (StepShape.decode([4, 6]), None)
-    assert sf.step_shape([4], [4]) == (StepShape.prefill([4]), None)
+    assert StepShape.from_sequences([1, 1], [4, 6]) == (StepShape.decode([4, 6]), None)
+    assert StepShape.from_sequences([4], [4]) == (StepShape.prefill([4]), None)
 
 
 def test_periods_gaps_and_kinds():

@@ -407,3 +407,31 @@ def test_graphed_steps_pay_their_token_bucket(cfg):
     for sh in (StepShape.decode([576] * 3), StepShape.prefill([3000])):
         assert cm.graph_rows(sh) == sh
     assert bare.graph_rows(real) == real
+
+
+def test_serving_terms_are_fitted_from_the_committed_trace():
+    """The profile's driver time and mixed-step extra are what ``fit_form_ms`` and
+    ``fit_mixed_us_per_layer`` give on the committed step trace (``bench/results/fidelity_2gpu.*``);
+    the cost model charges the extra to graphed mixed steps only, and the driver time grows with the
+    step's sequences and its prefill chunks."""
+    from bench import step_fidelity as sf
+    from costmodels.steps import fit_form_ms, fit_mixed_us_per_layer
+
+    report = json.loads((ROOT / "bench/results/fidelity_2gpu.json").read_text())
+    rates = list(sf.read_steps(ROOT / "bench/results" / sf.STEPS_FILE)["llama"]["single"].values())
+    steps = load_profile("h200").steps
+    form = fit_form_ms(rates)
+    assert steps["form_ms"]["value"] == pytest.approx({k: form[k] for k in ("base", "prefill", "per_seq")}, abs=1e-4)
+    bare = sf.coster_of(report, "llama", "single", mixed_extra=False)
+    us, n = fit_mixed_us_per_layer(rates, bare, len(bare.cost.decoders))
+    assert n > 100 and steps["mixed_us_per_layer"]["value"] == pytest.approx(us, abs=0.01)
+    full = sf.coster_of(report, "llama", "single")
+    layers = len(full.cost.decoders)
+    mixed, dec = StepShape.from_sequences([300] + [1] * 8, [300] + [700] * 8)
+    extra = steps["mixed_us_per_layer"]["value"] * layers * 1e-3
+    assert sum(full.stage_ms(mixed, "tp", dec)) - sum(bare.stage_ms(mixed, "tp", dec)) == pytest.approx(extra)
+    for sh, d in ((StepShape.prefill([300]), None), (StepShape.decode([700] * 8), None),
+                  StepShape.from_sequences([3000, 1], [3000, 700])):  # past the largest bucket: eager
+        assert full.stage_ms(sh, "tp", d) == bare.stage_ms(sh, "tp", d)
+    lu = full.cost.launch
+    assert lu.driver_ms(64, True) > lu.driver_ms(64, False) > lu.driver_ms(1, False) > 0

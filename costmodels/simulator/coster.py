@@ -43,6 +43,10 @@ class Coster(Protocol):
     def embed_ms(self, image_tokens: int) -> float:
         """Sending ``image_tokens`` image embeddings from dedicated encoder GPUs to the LLM."""
 
+    def form_ms(self, seqs: float, prefill: bool) -> float:
+        """The driver's host time before a step of ``seqs`` sequences formed once the last step's
+        tokens were back (``prefill``: it holds prefill chunks)."""
+
 
 # ------------------------------------------------------------------ log-grid quantisation
 
@@ -134,10 +138,14 @@ class ModelCoster:
         chunks (a mixed step); such a step costs its dense work on all tokens plus the attention of
         each part on its own (prefill and decode attention are separate kernels):
         t(mixed) = t(T, B; no attention) + attn(prefill part) + attn(decode part),
-        attn(x) = t(x) - t(x without pairs and KV); then each stage's host side when the engine
+        attn(x) = t(x) - t(x without pairs and KV), plus the engine's measured extra of a graphed mixed
+        step (``CostModel.mixed_extra_ms``); then each stage's host side when the engine
         launches the step eagerly (``CostModel.stage_wall_ms``: max(layers x host time, GPU time))."""
         self.calls += 1
         gpu = self._exact(shape, mode, decode) if self.exact else self._gpu(shape, mode, decode)
+        if decode is not None and 0 < decode.tokens < shape.tokens:  # a mixed step: its measured extra
+            gpu = tuple(g + self.cost.mixed_extra_ms(shape, hi - lo + 1, sp=self.sp, mode=mode)
+                        for g, (lo, hi) in zip(gpu, self.stages))
         if self.cost.launch is None:
             return gpu
         return tuple(self.cost.stage_wall_ms(g, hi - lo + 1, shape.tokens, sp=self.sp, mode=mode)
@@ -185,6 +193,9 @@ class ModelCoster:
             hit = self._vision[key] = float(self.cost.vision_time(list(key[0]), tp=tp, dp=dp).total_ms)
         return hit
 
+    def form_ms(self, seqs: float, prefill: bool) -> float:
+        return self.cost.driver_ms(seqs, prefill)
+
     def embed_ms(self, image_tokens: int) -> float:
         key = (self.grid.index(image_tokens), "embed")
         hit = self._p2p.get(key)
@@ -226,3 +237,6 @@ class SyntheticCoster:
 
     def embed_ms(self, image_tokens: int) -> float:
         return self.embed_ms_per_ktok * image_tokens / 1000.0
+
+    def form_ms(self, seqs: float, prefill: bool) -> float:
+        return 0.0

@@ -179,6 +179,7 @@ class Simulation:
         """Form a micro-batch on ``lane``, cost it per stage in its mode(s), walk it down the pipeline."""
         cfg, coster, log = self.cfg, self.coster, self.log
         lane.replica.kv_clock(t)
+        ahead = lane.ahead  # this step was formed while the last one ran (the engine's look-ahead)
         batch, pre = self.form(lane)
         log.preemptions += pre
         if batch is None:
@@ -198,6 +199,8 @@ class Simulation:
             ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, batch.patches))]
         rep = lane.replica
         ready = t
+        if cfg.lookahead and not ahead:  # formed once the last tokens were back: the driver's host time first
+            ready += coster.form_ms(batch.shape.seqs, bool(batch.chunks)) / 1e3
         for s in range(cfg.pp):  # stage s is a FIFO server; the batch hops on after its p2p send
             dt = ms[s] / 1e3
             start = ready if ready > rep.stage_free[s] else rep.stage_free[s]
