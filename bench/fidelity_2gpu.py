@@ -507,6 +507,11 @@ def repredict(report: dict[str, Any], src: Path, out: Path, command: str) -> dic
             pcost = cost_model_for_plan(plan)
             if case in traced.get(model, {}):
                 cost_steps_of(c, traced[model][case], plan)
+            k = c.get("capacity_check")
+            if k:  # the capacity's requests, all at once, predicted again beside the engine's completions
+                _wl, reqs = sample_requests(wl.with_requests(k["requests"]), rate=1e6, duration=None, seed=report["seed"])
+                k["predicted_rps"] = predicted_result(plan, pcost, reqs, None).throughput_rps
+                k["error"] = k["predicted_rps"] / k["measured_rps"] - 1 if k["measured_rps"] else None
             for row in c.get("rates", []):
                 _wl, reqs = sample_requests(wl, rate=row["rate_rps"], duration=report["duration_s"], seed=report["seed"])
                 p = predicted_result(plan, pcost, reqs, None)
