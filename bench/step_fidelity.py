@@ -49,6 +49,8 @@ def write_steps(path: Path, steps: dict[str, Any]) -> None:
 
 def read_steps(path: Path) -> dict[str, Any]:
     return json.loads(gzip.decompress(path.read_bytes()))
+
+
 KEEP_RANK = ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms", "forward_host_ms", "wait_ms", "unpickle_ms")
 
 

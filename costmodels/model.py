@@ -144,9 +144,8 @@ class CostModel:
         comp = mem = ovh = comm = 0.0
         links, ab = self.links, self.rates.a_bytes
         graph = self.graphed(shape, s)  # collectives captured in a CUDA graph
-        rows = self.graph_rows(shape) if graph else shape  # a step graph's padding rows: every op but attention
-        attn = shape
-        shape = rows
+        attn = shape  # attention reads the step as it is
+        shape = self.graph_rows(shape) if graph else shape  # every other op: the step graph's rows, padding included
         sums, absorbed = self._fusion(block, shape, t, s, graph)
         for i, r in enumerate(self._recs[block.name]):
             if i in absorbed:  # the residual add and RMSNorm inside a fused all-reduce kernel
@@ -201,10 +200,10 @@ class CostModel:
 
     def graph_rows(self, shape: StepShape) -> StepShape:
         """``shape`` as the engine's step graph computes it: a prefill or mixed step's tokens padded
-        to the next token bucket (``plans.mesh.bucket``: 1,153 tokens run as 1,536), the padding rows
+        to the next token bucket (``plans.mesh.bucket``: 1,153 tokens run as 1,280), the padding rows
         through every op but attention (their programs exit at once), so op times take this shape
-        and attention the real one. Decode steps, and engines without ``launch``, as they are (the
-        decode graphs' batch buckets pad rows of a few-row product, which costs about nothing)."""
+        and attention the real one. Decode steps, and engines without ``launch``, as they are (their
+        graphs pad the batch to a bucket too; that padding is not priced)."""
         if self.launch is None or shape.tokens <= shape.seqs:
             return shape
         rows = bucket(shape.tokens)

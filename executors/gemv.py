@@ -35,9 +35,10 @@ try:
 except ImportError:  # CPU-only installs: products stay with torch
     triton = None
 
-MAX_M = 1  # rows of x served here; larger batches are matrix products (cuBLAS). In a decode graph on an
-# H200 (Llama-3.1-8B, bench/results/fidelity_2gpu.steps.json) the kernel's 2-row step took 5.2 ms and its
-# 4-row step 7.8 ms where cuBLAS's 5-8 rows took 5.1-5.4 ms; at 1 row it wins (4.4-4.5 ms against 4.7)
+MAX_M = 1  # rows of x served here; larger batches are matrix products (cuBLAS). In the decode graphs of a
+# traced replay on an H200 (Llama-3.1-8B, bench/results/fidelity_2gpu.single_before.steps.json.gz) the
+# kernel's 2-row steps took 5.2 ms and its 3-4-row steps 7.8 ms where cuBLAS's 5-8 rows took 5.1-5.4 ms
+# (with cuBLAS, 2-4 rows take 4.8-4.9 ms: fidelity_2gpu.steps.json.gz); at 1 row it wins (4.4 against 4.7)
 ENABLED = switch("SHIFTPLAN_GEMV")  # 0: every product through cuBLAS (A/B measurements)
 # Programmatic dependent launch (Hopper+): the kernel is launched while the one before it finishes and
 # waits for it on the GPU (``griddepcontrol.wait``) before reading its inputs; 0 turns it off (A/B)
