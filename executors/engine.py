@@ -417,14 +417,17 @@ class Engine:
     def _look_ahead(self, sid: int, in_flight: dict, scheds: list[Scheduler], free: list[list[int]], ahead: set[int],
                     sampling: Sampling, base: int) -> tuple[int, list[Chunk], Step] | None:
         """A replica's next decode step, queued before its step ``sid`` (its only one in flight) has
-        given its tokens: when that step decodes every running sequence and nothing waits, each
+        given its tokens: when that step decodes every running sequence and nothing waits that
+        could be admitted (every seat taken: a saturated replica looks ahead too; a seat freed by
+        a sequence ending on the pending token is filled a step later), each
         sequence is advanced by a placeholder token and the next step takes its input tokens from
         the device (``Step.tokens_from``: every rank of a single-stage replica keeps its samples).
         A sequence that ends on the pending token wastes one decode; its output is dropped.
         Returns the new in-flight entry, or None when the step does not qualify."""
         lane, chunks, step = in_flight[sid]
         sc, rep = scheds[lane], lane // self.lanes
-        if (sid in ahead or sc.waiting or len(step.micro) != 1 or not step.micro[0].decode
+        seats = sum(len(p.running) for p in sc.peers) < sc.max_seqs
+        if (sid in ahead or (sc.waiting and seats) or len(step.micro) != 1 or not step.micro[0].decode
                 or len(chunks) != len(sc.running)):
             return None
         rows = {r: j for j, r in enumerate(step.micro[0].sample_req)}  # each sequence's row of the pending tokens

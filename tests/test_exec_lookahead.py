@@ -3,7 +3,7 @@ input tokens taken on the device) gives the tokens of the plain engine, on one r
 ranks of single-stage replicas (tp2, shift over sp2 with decodes in both modes, dp2): with requests
 ending at different lengths and on an end-of-sequence token, with sampling, with staggered
 arrivals, and under KV pressure that preempts. A spawned rank launches a step already sent before
-it reports the last one."""
+it reports the last one. A saturated replica (every seat taken, requests waiting) looks ahead too."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ MESHES = {"single": {}, "tp2": {"tp": 2}, "shift": {"sp": 2, "shift": True, "thr
 
 
 def _run(lookahead: bool, sampling: Sampling, kv_blocks: int = 64, eos: tuple[int, ...] = (),
-         arrivals: list[float] | None = None, mesh: str = "single") -> tuple[list[list[int]], int]:
-    plan = make_plan("llama", max_batch_tokens=64, max_seqs=8, **MESHES[mesh])
+         arrivals: list[float] | None = None, mesh: str = "single", max_seqs: int = 8) -> tuple[list[list[int]], int]:
+    plan = make_plan("llama", max_batch_tokens=64, max_seqs=max_seqs, **MESHES[mesh])
     with executors.load(plan, kv_blocks=kv_blocks, lookahead=lookahead) as eng:
         if eos:
             eng.args = dataclasses.replace(eng.args, eos_token_ids=eos)
@@ -36,7 +36,7 @@ def _run(lookahead: bool, sampling: Sampling, kv_blocks: int = 64, eos: tuple[in
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
-@pytest.mark.parametrize("case", ["lengths", "eos", "sampled", "arrivals", "kv_pressure"])
+@pytest.mark.parametrize("case", ["lengths", "eos", "sampled", "arrivals", "kv_pressure", "seats_full"])
 def test_lookahead_gives_the_plain_engines_tokens(case: str, mesh: str) -> None:
     greedy = Sampling(temperature=0.0, stop_on_eos=False)
     kw: dict = {"sampling": greedy, "mesh": mesh}
@@ -49,6 +49,8 @@ def test_lookahead_gives_the_plain_engines_tokens(case: str, mesh: str) -> None:
         kw["arrivals"] = [0.0, 0.0, 0.02, 0.05, 0.05]
     elif case == "kv_pressure":
         kw["kv_blocks"] = 12  # 48 slots for five sequences of up to 27 tokens: preemption
+    elif case == "seats_full":  # two seats, five requests: the replica looks ahead while three wait
+        kw["max_seqs"] = 2
     want, none = _run(False, **kw)
     got, ahead = _run(True, **kw)
     assert got == want

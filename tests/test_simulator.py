@@ -98,8 +98,8 @@ def test_look_ahead_holds_an_arrival_for_one_decode_step():
 
 def test_steps_not_formed_ahead_wait_for_the_driver():
     """With look-ahead, a step formed once the last tokens were back (the prefill, and the first
-    decode after it) starts the coster's driver time later; decodes formed ahead do not, nor does
-    any step without look-ahead."""
+    decode after it) starts the coster's driver time later; decodes formed ahead do not (also on a
+    saturated replica, requests waiting for a seat), nor does any step without look-ahead."""
 
     class Driven(SyntheticCoster):
         def form_ms(self, seqs: float, prefill: bool) -> float:
@@ -112,6 +112,11 @@ def test_steps_not_formed_ahead_wait_for_the_driver():
     assert (r1.first - r0.first) * 1e3 == pytest.approx(1.51)
     assert (r1.finish - r0.finish) * 1e3 == pytest.approx(1.51 + 0.51)
     assert off.reqs[0].finish == run(cfg(), bare, reqs).reqs[0].finish
+    # one seat, two more requests waiting from the start: the running one's decodes are still formed ahead
+    crowd = reqs + [Request(i, 0.0, 100, 6, (), ()) for i in (1, 2)]
+    one = cfg(lookahead=True, max_seqs=1)
+    r0, r1 = run(one, bare, crowd).reqs[0], run(one, driven, crowd).reqs[0]
+    assert (r1.finish - r0.finish) * 1e3 == pytest.approx(1.51 + 0.51)
 
 
 def test_low_load_ttft_with_chunked_prefill():

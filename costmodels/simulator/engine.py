@@ -216,15 +216,16 @@ class Simulation:
         """``form_batch`` as the engine's look-ahead sees it: a step formed while the last one ran
         (``lane.ahead``) decodes the running requests only, and what waits joins the step after
         (unless no request runs: then it joins this one). ``lane.ahead`` is then set for the next
-        step when this one decodes every running request and nothing waits."""
+        step when this one decodes every running request and nothing waits that a free seat could
+        admit (a saturated replica, every seat taken, looks ahead too)."""
         hidden = None
         if lane.ahead and lane.decoding and not lane.prefilling:
             hidden, lane.waiting = lane.waiting, deque()
         batch, pre = form_batch(lane, self.cfg)
         if hidden is not None:
             lane.waiting.extend(hidden)  # after any preempted request (they go first)
-        lane.ahead = (self.cfg.lookahead and batch is not None and not batch.chunks and not lane.waiting
-                      and not lane.prefilling)
+        lane.ahead = (self.cfg.lookahead and batch is not None and not batch.chunks and not lane.prefilling
+                      and (not lane.waiting or lane.replica.running >= self.cfg.max_seqs))
         return batch, pre
 
     def finish(self) -> RunLog:
