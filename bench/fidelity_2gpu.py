@@ -50,6 +50,9 @@ bucket the first time serving meets it, and a capture inside a measured window c
 tens of milliseconds that no steady-state server pays. Each rate records the graphs still captured
 during it (``graphs_captured``: the replicas' reporting ranks, ``Engine.graph_captures``).
 
+``--trace`` records every step of each rate (``executors.trace``) in DIR/fidelity_2gpu.steps.json.gz
+and costs each again (``bench/step_fidelity.py``: a table by kind of step in the report).
+
 ``--resume`` keeps the cases of an existing DIR/fidelity_2gpu.json that
 have no error (and its other models), so the run can be split across several shorter calls;
 ``--weights-dir`` keeps the random checkpoints for those calls.
@@ -621,13 +624,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": {k: v for k, v in (old or {}).get("models", {}).items() if k not in models},
     }
 
-    steps: dict[str, dict[str, Any]] = {}  # model -> case -> rate fraction -> step records (--trace)
+    # model -> case -> rate fraction -> step records (--trace); with --resume the kept cases' steps stay
+    steps_path = a.out / step_fidelity.STEPS_FILE
+    steps: dict[str, dict[str, Any]] = step_fidelity.read_steps(steps_path) if old is not None and steps_path.is_file() else {}
 
     def save() -> None:
         summarize_report(report)
         write_report(a.out, "fidelity_2gpu", clean(report), markdown(clean(report)))
         if steps:
-            step_fidelity.write_steps(a.out / step_fidelity.STEPS_FILE, steps)
+            step_fidelity.write_steps(steps_path, steps)
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
