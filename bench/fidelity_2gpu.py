@@ -410,7 +410,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines = ["# Simulator vs engine on two GPUs", "",
              f"{r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, transformers {r['transformers']}, "
              f"python {r['python']}, layers "
-             f"{r['backend']}. Command: `{r['command']}`.", "",
+             f"{r['backend']}. " + (f"Command: `{r['command']}`." if len(r.get("commands", [])) < 2 else
+                                    "Commands (one report, cases run in turn): "
+                                    + "; ".join(f"`{c}`" for c in r["commands"]) + "."), "",
              f"Each rate replays {r['duration_s']} s of arrivals at a fraction "
              f"({', '.join(map(str, r['rate_fractions']))}) "
              "of the plan's capacity as the simulator predicts it (requests/s with the workload's requests all "
