@@ -480,12 +480,13 @@ def summary_lines(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ predictions again, measurements kept
 
 
-def repredict(report: dict[str, Any], src: Path, out: Path, command: str) -> dict[str, Any]:
+def repredict(report: dict[str, Any], src: Path, out: Path, command: str,
+              traced: dict[str, Any] | None = None) -> dict[str, Any]:
     """A finished run's report (read from ``src``) with every prediction made again by the cost
     model as it is now: per case the plan the run pinned (``plan_yaml``), per rate the same requests
     (the workload sampled at the run's rate, duration and seed), the measured figures kept. The rates stay the run's (they
-    were fractions of the capacity predicted then). A steps file beside ``src`` (a ``--trace`` run)
-    is costed again too and copied to ``out``."""
+    were fractions of the capacity predicted then). ``traced``: the steps file beside ``src`` (a
+    ``--trace`` run), costed again too and copied to ``out``."""
     import tempfile as tf
 
     from bench.common import write_report
@@ -496,7 +497,7 @@ def repredict(report: dict[str, Any], src: Path, out: Path, command: str) -> dic
 
     report["repredicted"] = {"command": command, "from": src.name}
     steps_path = src.with_name(step_fidelity.STEPS_FILE)
-    traced = step_fidelity.read_steps(steps_path) if steps_path.is_file() else {}
+    traced = traced or {}
     for model, m in report["models"].items():
         spec, _cfg = model_spec(model, report["device"].startswith("2 x cpu"), report["backend"])
         cost, _ = cost_model_of(spec)
@@ -585,7 +586,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["models"], report["duration_s"], report["seed"]  # noqa: B018 -- a fidelity report's keys
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--repredict: {a.repredict} is not a readable fidelity_2gpu report ({type(e).__name__}: {e})")
-        return repredict(report, a.repredict, a.out, command)
+        steps_path = a.repredict.with_name(step_fidelity.STEPS_FILE)
+        try:
+            traced = step_fidelity.read_steps(steps_path) if steps_path.is_file() else {}
+        except (OSError, ValueError, EOFError) as e:
+            ap.error(f"--repredict: {steps_path} is not a readable steps file ({type(e).__name__}: {e})")
+        return repredict(report, a.repredict, a.out, command, traced)
     import torch
     import transformers
 
@@ -628,7 +634,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # model -> case -> rate fraction -> step records (--trace); with --resume the kept cases' steps stay
     steps_path = a.out / step_fidelity.STEPS_FILE
-    steps: dict[str, dict[str, Any]] = step_fidelity.read_steps(steps_path) if old is not None and steps_path.is_file() else {}
+    try:
+        steps: dict[str, dict[str, Any]] = step_fidelity.read_steps(steps_path) if old is not None and steps_path.is_file() else {}
+    except (OSError, ValueError, EOFError) as e:
+        ap.error(f"--resume: {steps_path} is not a readable steps file ({type(e).__name__}: {e})")
 
     def save() -> None:
         summarize_report(report)

@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from costmodels.steps import after_answers  # noqa: E402
 from graph.opgraph import StepShape  # noqa: E402
 
 KINDS = ("decode", "mixed", "prefill", "image")
@@ -81,8 +82,7 @@ def kind_of(r: dict[str, Any]) -> str:
 def cost_steps(records: list[dict[str, Any]], coster: Any) -> list[dict[str, Any]]:
     """One row a step: kind, tokens, seqs, predicted / gpu / period / gap ms (module doc)."""
     rows = []
-    prev: dict[int, float] = {}
-    for r in sorted(records, key=lambda x: (x["replica"], x["answered_ms"])):
+    for r, last in after_answers(records):
         pred = 0.0
         for m, (new, ctx) in enumerate(zip(r["new"], r["ctx"])):
             shape, dec = StepShape.from_sequences(new, ctx)
@@ -90,13 +90,11 @@ def cost_steps(records: list[dict[str, Any]], coster: Any) -> list[dict[str, Any
             pred += sum(coster.stage_ms(shape, mode, dec))
             pred += sum(coster.p2p_ms(shape.tokens, b) for b in range(coster.pp - 1))
         rank = r.get("rank") or {}
-        last = prev.get(r["replica"])
         rows.append({"kind": kind_of(r), "tokens": r["tokens"], "seqs": r["seqs"], "predicted_ms": pred,
                      "gpu_ms": sum(rank.get(k, 0.0) for k in ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms"))
                      if "forward_gpu_ms" in rank else None,
                      "period_ms": r["answered_ms"] - (r["sent_ms"] if last is None else max(last, r["sent_ms"])),
                      "gap_ms": 0.0 if last is None else max(0.0, r["sent_ms"] - last)})
-        prev[r["replica"]] = r["answered_ms"]
     return rows
 
 
@@ -177,7 +175,12 @@ def main(argv: list[str] | None = None) -> None:
         report, steps = json.loads(a.report.read_text()), read_steps(steps_path)
     except (OSError, ValueError, EOFError) as e:
         ap.error(f"cannot read {a.report} and {steps_path.name} beside it ({type(e).__name__}: {e})")
-    print("\n".join(markdown(from_report(report, steps))))
+    try:
+        table = from_report(report, steps)
+    except (KeyError, TypeError) as e:
+        ap.error(f"{steps_path.name} names a model or case {a.report.name} does not have, or the report "
+                 f"lacks its plan ({type(e).__name__}: {e})")
+    print("\n".join(markdown(table)))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ specs) captures every step, and vLLM / Arctic / SGLang were not measured here: n
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -387,8 +388,13 @@ def fit_symm_all_to_all(report: dict[str, Any], programs: int) -> dict[str, Any]
 # ------------------------------------------------------------------ fits from traced serving steps
 
 
-def _ordered(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(records, key=lambda r: (r["replica"], r["answered_ms"]))
+def after_answers(records: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], float | None]]:
+    """Step-trace records (``executors.trace``) per replica in answer order, each with its replica's
+    previous answer time (ms; None for the first): a step sent after it waited for the driver."""
+    prev: dict[int, float] = {}
+    for r in sorted(records, key=lambda r: (r["replica"], r["answered_ms"])):
+        yield r, prev.get(r["replica"])
+        prev[r["replica"]] = r["answered_ms"]
 
 
 def fit_form_ms(rates: list[list[dict[str, Any]]]) -> dict[str, float]:
@@ -399,13 +405,10 @@ def fit_form_ms(rates: list[list[dict[str, Any]]]) -> dict[str, float]:
 
     rows, gaps = [], []
     for records in rates:
-        prev: dict[int, float] = {}
-        for r in _ordered(records):
-            last = prev.get(r["replica"])
+        for r, last in after_answers(records):
             if last is not None and r["sent_ms"] >= last:
                 rows.append([1.0, float(any(n > 1 for nn in r["new"] for n in nn)), float(r["seqs"])])
                 gaps.append(r["sent_ms"] - last)
-            prev[r["replica"]] = r["answered_ms"]
     if len(rows) < 3:
         raise ValueError("too few steps sent after their predecessor's answer to fit the driver's time")
     (base, prefill, per_seq), *_ = np.linalg.lstsq(np.array(rows), np.array(gaps), rcond=None)

@@ -1,6 +1,6 @@
 """Small-batch matrix-vector products on the GPU (a Triton kernel): ``y [M, N] = x [M, K] @ W^T (+ b)``
 with ``W [N, K]`` in bf16/fp16, an optional bias ``b [N]`` added in the kernel's epilogue (Qwen's
-QKV), and ``M <= MAX_M`` (decode steps of a few sequences).
+QKV), and ``M <= MAX_M`` (batch-1 decode steps).
 
 At M = 1 a decode step is a chain of GEMVs whose cost is reading ``W`` once (``2 N K`` bytes). On
 an H200 cuBLAS reads the smaller projections of an 8B model (``qkv`` 6144 x 4096, ``o`` 4096 x

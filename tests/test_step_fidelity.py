@@ -49,3 +49,23 @@ def test_last_stream_keeps_the_records_after_the_clock_restarted():
     recs = [rec(1, 0.0, 2.0, [1], [1]), rec(2, 3.0, 4.0, [1], [2]), rec(3, 0.5, 1.0, [2], [2]), rec(4, 1.5, 3.0, [1], [3])]
     assert [r["step"] for r in sf.last_stream(recs)] == [3, 4]
     assert sf.last_stream(recs[:2]) == recs[:2]
+
+
+def test_unreadable_or_mismatched_steps_files_are_usage_errors(tmp_path):
+    """A steps file that is not gzipped JSON, or names a case its report lacks: one message, exit 2
+    (``bench/step_fidelity.py`` and ``fidelity_2gpu.py --repredict``)."""
+    import json
+
+    from bench import fidelity_2gpu as fid
+
+    report = tmp_path / "fidelity_2gpu.json"
+    report.write_text(json.dumps({"models": {}, "duration_s": 1.0, "seed": 0}))
+    (tmp_path / sf.STEPS_FILE).write_bytes(b"not gzip")
+    for main, argv in ((sf.main, [str(report)]), (fid.main, ["--out", str(tmp_path / "o"), "--repredict", str(report)])):
+        with pytest.raises(SystemExit) as bad:
+            main(argv)
+        assert bad.value.code == 2
+    sf.write_steps(tmp_path / sf.STEPS_FILE, {"llama": {"single": {"0.2": []}}})
+    with pytest.raises(SystemExit) as bad:
+        sf.main([str(report)])
+    assert bad.value.code == 2
