@@ -123,12 +123,19 @@ def image_tokens(px: int, v: Any) -> int:
     return t * h * w // v.merge**2
 
 
+TOWER_IMAGES = (1, 8)  # images per tower call in (a)
+
+
 def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[int], rate: float,
                 reps: int, warmup: int, backend: str = "eager") -> dict[str, Any]:
+    """(a): the tower on one GPU as the engine runs it (blocks compiled for ``backend``), called on
+    ``k`` equal images (``TOWER_IMAGES``): launched from Python, and replayed as CUDA graphs
+    (``executors.tower_graphs``, GPUs only); time per image against the FLOPs floor."""
     from bench.common import DeviceRandomSource, median, timed_ms
     from executors.backends import compile_tower
     from executors.config import model_args
     from executors.encoders import load_tower
+    from executors.tower_graphs import TowerGraphs
     from executors.vision import vision_shapes
 
     a = model_args(cfg)
@@ -136,25 +143,30 @@ def tower_alone(cfg: dict, device: str, dtype: torch.dtype, resolutions: list[in
     dev = torch.device(device)
     tower = load_tower(v, DeviceRandomSource(vision_shapes(v), dev, dtype), dtype, dev)
     compile_tower(tower, backend)  # as the engine runs it (executors.backends)
+    runs = {"launched": tower} | ({"graphs": TowerGraphs(tower)} if device == "cuda" else {})
     out: dict[str, Any] = {}
     for px in resolutions:
-        key = f"{px}x{px}"
-        try:
-            grid = image_grid(px, v)
-            fl = tower_flops(v, grid, a.hidden)
-            pixels = torch.randn(fl["patches"], v.patch_dim, device=dev, dtype=dtype)
-            with torch.inference_mode():
-                ms = median(timed_ms(lambda: tower(pixels, [grid]), dev, reps, warmup))
-            floor = 1e3 * fl["total"] / (rate * 1e12)
-            out[key] = {"grid": list(grid), "patches": fl["patches"], "llm_tokens": fl["tokens"],
-                        "gflop": round(fl["total"] / 1e9, 3),
-                        "gflop_parts": {k: round(fl[k] / 1e9, 3) for k in ("patch_embed", "blocks_linear", "attention", "merger")},
-                        "ms": round(ms, 4), "floor_ms": round(floor, 6), "x_floor": sig(ms / floor),
-                        "tflops_achieved": round(fl["total"] / (ms / 1e3) / 1e12, 4)}
-        except Exception as e:
-            out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print("tower", key, json.dumps(out[key]), flush=True)
-    del tower
+        for k in TOWER_IMAGES:
+            key = f"{px}x{px} x{k}"
+            try:
+                grid = image_grid(px, v)
+                fl = tower_flops(v, grid, a.hidden)
+                pixels = torch.randn(k * fl["patches"], v.patch_dim, device=dev, dtype=dtype)
+                floor = 1e3 * fl["total"] / (rate * 1e12)
+                row: dict[str, Any] = {"grid": list(grid), "images": k, "patches": fl["patches"],
+                                       "llm_tokens": fl["tokens"], "gflop": round(fl["total"] / 1e9, 3),
+                                       "gflop_parts": {n: round(fl[n] / 1e9, 3) for n in ("patch_embed", "blocks_linear", "attention", "merger")},
+                                       "floor_ms": round(floor, 6)}
+                for name, run in runs.items():
+                    with torch.inference_mode():
+                        ms = median(timed_ms(lambda: run(pixels, [grid] * k), dev, reps, warmup)) / k
+                    row[name] = {"ms_per_image": round(ms, 4), "x_floor": sig(ms / floor),
+                                 "tflops_achieved": round(fl["total"] / (ms / 1e3) / 1e12, 4)}
+                out[key] = row
+            except Exception as e:
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print("tower", key, json.dumps(out[key]), flush=True)
+    del tower, runs
     return out
 
 
@@ -292,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny test config")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated; '' runs (a), the tower alone, only")
     ap.add_argument("--resolutions", default="448,896")
     ap.add_argument("--text", type=int, default=64, help="text tokens per request (besides the image's)")
     ap.add_argument("--batch", type=int, default=32)
@@ -365,6 +377,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save()
     if device == "cuda":
         torch.cuda.empty_cache()
+    if not [c for c in a.cases.split(",") if c]:  # --cases '': the tower alone
+        report["wall_s"] = round(time.perf_counter() - t_start, 1)
+        save()
+        print(markdown(report))
+        return report
     ckpt = Path(tempfile.mkdtemp(prefix="vl-speed-"))
     try:
         report["checkpoint"] = write_checkpoint(cfg, ckpt, torch.device(device), dtype)
@@ -446,15 +463,20 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, transformers {r['transformers']}, layers {r.get('backend', 'eager')}{'' if r.get('lookahead', True) else ' (look-ahead off)'}, decode steps as CUDA "
              f"graphs where they ran. Command: `{r['command']}`. Matmul rate measured in this run: "
              f"{r['matmul']['TFLOPs']} TFLOP/s ({r['matmul']['n']}^3 {r['matmul']['dtype']}).", "",
-             f"## (a) Vision tower alone, one GPU, one image (blocks {r.get('backend', 'eager')})", "",
-             "| image | patches | LLM tokens | GFLOP | measured ms | floor ms (FLOPs / matmul rate) | x floor |",
-             "|---|---|---|---|---|---|---|"]
+             f"## (a) Vision tower alone, one GPU (blocks {r.get('backend', 'eager')})", "",
+             "Per image, for calls of k equal images: launched from Python, and replayed as CUDA graphs "
+             "(`executors.tower_graphs`); floor = the image's FLOPs / the matmul rate.", "",
+             "| image x k | patches | LLM tokens | GFLOP | floor ms | launched ms | x floor | graphs ms | x floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, x in r["tower"].items():
         if "error" in x:
-            lines.append(f"| {k} | error: {x['error'][:100]} | | | | | |")
-        else:
-            lines.append(f"| {k} | {x['patches']} | {x['llm_tokens']} | {x['gflop']} | {x['ms']} | {x['floor_ms']} | "
-                         f"{x['x_floor']} |")
+            lines.append(f"| {k} | error: {x['error'][:100]} | | | | | | | |")
+            continue
+        if "launched" not in x:  # an older report: one call of one image, launched
+            x = dict(x, launched={"ms_per_image": x["ms"], "x_floor": x["x_floor"]})
+        ran = [x[n] for n in ("launched", "graphs") if n in x]
+        cells = " | ".join(f"{y['ms_per_image']} | {y['x_floor']}" for y in ran) + (" | - | -" if len(ran) == 1 else "")
+        lines.append(f"| {k} | {x['patches']} | {x['llm_tokens']} | {x['gflop']} | {x['floor_ms']} | {cells} |")
     lines += ["", f"## (b) Encoder placements: one request with one {s['image_px']}x{s['image_px']} image "
               f"({s['image_tokens']} image + {s['text_tokens']} text tokens)", "",
               "Image cost = TTFT of the image request - TTFT of a text request of the same length (medians of "

@@ -607,7 +607,7 @@ class Engine:
         told = [g for g in self.rank_graphs.values() if g is not None]
         if not told:
             return None
-        return {k: round(sum(g[k] for g in told), 3) for k in ("decode", "mixed", "capture_s")}
+        return {k: round(sum(g[k] for g in told), 3) for k in ("decode", "mixed", "tower", "capture_s")}
 
     def warm_up(self, prompt_tokens: int = 8) -> None:
         """Run every step shape serving will meet first before any request does: for each decode

@@ -91,6 +91,7 @@ class StageModel:
         self.vision = None
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
             self.vision = load_tower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
+        self.tower = self.vision  # what encodes: the tower, or its CUDA graphs (``RankRunner``)
         spread = plan.vision.placement in ("stage0_dp", "all_dp")  # images spread over the encoding stages' GPUs
         self.encode_ranks = tuple(r for s in plan.stages if s.vision and spread
                                   for r in par.replica_ranks[s.index * par.P:(s.index + 1) * par.P])
@@ -135,7 +136,7 @@ class StageModel:
             return []
         m2 = self.a.vision.merge ** 2
         dev = self.par.device  # each job's pixels to the device, joined there (not by one CPU thread)
-        out = self.vision(torch.cat([j.pixels.to(dev) for j in jobs]), [g for j in jobs for g in j.grid])
+        out = self.tower(torch.cat([j.pixels.to(dev) for j in jobs]), [g for j in jobs for g in j.grid])
         return list(out.split([j.patches // m2 for j in jobs]))
 
     def image_rows(self, mb: MicroBatch) -> torch.Tensor:

@@ -15,6 +15,9 @@ split among them (``executors.encoders``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +25,8 @@ from torch import nn
 from executors.config import VisionArgs
 from executors.layers import Checkpointed, LayerNorm, Linear, RMSNorm, param
 from executors.rope import rotate_half
+
+T = TypeVar("T")
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -176,35 +181,59 @@ class VisionTower(nn.Module):
         inv = 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32, device="cpu") / half))
         self.register_buffer("inv_freq", inv, persistent=False)  # [hd/4]: row and column angles
 
-    def forward(self, pixels: torch.Tensor, grid: list[tuple[int, int, int]]) -> torch.Tensor:
-        """``pixels [N, patch_dim]`` of images with patch grids ``grid`` -> ``[N / merge^2, out_dim]``."""
+    def prepare(self, grid: list[tuple[int, int, int]]) -> TowerInputs:
+        """What the blocks need besides the patches, for images of patch grids ``grid`` (made on the
+        tower's device from the grid alone, so a CUDA graph of ``encode`` can hold them fixed)."""
         v = self.v
         dev = self.inv_freq.device
-        x = self.patch_embed(pixels.to(dev))  # [N, E]
         pos = vision_pos(grid, v.merge).float().to(dev)
         ang = torch.cat([pos[:, :1] * self.inv_freq, pos[:, 1:] * self.inv_freq], dim=-1)
         ang = torch.cat([ang, ang], dim=-1)
         frames = [h * w for t, h, w in grid for _ in range(t)]
-        windows = frames
-        unit = v.merge**2
+        windows, order = frames, None
         if v.qwen25:
             order, windows = window_order(grid, v.merge, v.window_size // v.merge // v.patch_size)
             order = order.to(dev)
-            x = x.reshape(-1, unit, v.embed_dim)[order].reshape(-1, v.embed_dim)
+            unit = v.merge**2
             ang = ang.reshape(-1, unit, ang.shape[-1])[order].reshape(-1, ang.shape[-1])
-        cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # [N, 1, hd]
+        return TowerInputs(ang.cos()[:, None], ang.sin()[:, None], frames, windows, order)
+
+    def encode(self, pixels: torch.Tensor, t: TowerInputs) -> torch.Tensor:
+        """``pixels [N, patch_dim]`` (on the tower's device) -> ``[N / merge^2, out_dim]``; only
+        device work, with fixed shapes for fixed ``t`` (``executors.tower_graphs`` captures it)."""
+        v = self.v
+        x = self.patch_embed(pixels)  # [N, E]
+        if t.order is not None:  # Qwen2.5-VL: window by window
+            x = x.reshape(-1, v.merge**2, v.embed_dim)[t.order].reshape(-1, v.embed_dim)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, frames if (not v.qwen25 or i in v.fullatt_blocks) else windows)
+            x = block(x, t.cos, t.sin, t.frames if (not v.qwen25 or i in v.fullatt_blocks) else t.windows)
         out = self.merger(x)
-        if v.qwen25:
-            out = out[torch.argsort(order)]
+        if t.order is not None:
+            out = out[torch.argsort(t.order)]
         return out
 
+    def forward(self, pixels: torch.Tensor, grid: list[tuple[int, int, int]]) -> torch.Tensor:
+        """``pixels [N, patch_dim]`` of images with patch grids ``grid`` -> ``[N / merge^2, out_dim]``."""
+        return self.encode(pixels.to(self.inv_freq.device), self.prepare(grid))
 
-def equal_runs(spans: list[int]) -> list[tuple[int, int]]:
-    """``spans`` as ``(length, count)`` runs of consecutive equal lengths: ``[4, 4, 4, 2, 4]`` ->
-    ``[(4, 3), (2, 1), (4, 1)]``."""
-    runs: list[tuple[int, int]] = []
+
+@dataclass(frozen=True)
+class TowerInputs:
+    """The tower's inputs besides the patches, fixed by the image grids: rotary ``cos, sin [N, 1,
+    hd]``; the attention spans of full blocks (``frames``: each frame's patches) and of window blocks
+    (``windows``; Qwen2-VL: the frames again); Qwen2.5-VL's window order of merged tokens (else None)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    frames: list[int]
+    windows: list[int]
+    order: torch.Tensor | None
+
+
+def equal_runs(spans: list[T]) -> list[tuple[T, int]]:
+    """``spans`` as ``(value, count)`` runs of consecutive equal values: ``[4, 4, 4, 2, 4]`` ->
+    ``[(4, 3), (2, 1), (4, 1)]`` (spans' lengths, or image grids)."""
+    runs: list[tuple[T, int]] = []
     for n in spans:
         if runs and runs[-1][0] == n:
             runs[-1] = (n, runs[-1][1] + 1)

@@ -35,6 +35,7 @@ from executors.parallel import Par, build_par
 from executors.model import checkpoint_shapes
 from executors.sampling import row_key, sample
 from executors.stage import StageModel
+from executors.tower_graphs import TowerGraphs
 from executors.trace import RankTimer
 from executors.weights import RandomSource, WeightSource, open_weights
 from plans.errors import UserError
@@ -163,6 +164,8 @@ class RankRunner:
             sch = plan.scheduler
             self.graphs = DecodeGraphs(self.model, sch.max_seqs)
             self.mixed_graphs = MixedGraphs(self.model, sch.max_batch_tokens, sch.max_seqs, self.graphs)
+        if spec.cuda_graphs and par.device.type == "cuda" and self.model.vision is not None:
+            self.model.tower = TowerGraphs(self.model.vision)
 
     @property
     def reports(self) -> bool:
@@ -233,8 +236,10 @@ class RankRunner:
         without graphs)."""
         if self.graphs is None:
             return None
+        tower = self.model.tower if isinstance(self.model.tower, TowerGraphs) else None
         return {"decode": len(self.graphs.graphs), "mixed": len(self.mixed_graphs.graphs),
-                "capture_s": round(self.graphs.capture_s + self.mixed_graphs.capture_s, 3)}
+                "tower": len(tower.graphs) if tower else 0,
+                "capture_s": round(self.graphs.capture_s + self.mixed_graphs.capture_s + (tower.capture_s if tower else 0), 3)}
 
     def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
         """A decode micro-batch, or a small prefill or mixed one, replays its CUDA graph (plain TP, or
@@ -288,12 +293,15 @@ class Launched:
 
 def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
     """A dedicated encoder rank's tower: whole on its GPU, in the plan's weight dtype, its blocks
-    compiled as the LLM ranks' towers are (``executors.backends.compile_tower``)."""
+    compiled and replayed as CUDA graphs as the LLM ranks' towers are (``executors.backends.compile_tower``,
+    ``executors.tower_graphs``)."""
     from executors.backends import compile_tower
 
     plan = Plan.model_validate_json(spec.plan_json)
     tower = load_tower(spec.args.vision, make_source(spec, spec.args), run_dtypes(plan)[0], device)
     compile_tower(tower, spec.backend)
+    if spec.cuda_graphs and device.type == "cuda":
+        return EncoderServer(torch.inference_mode()(TowerGraphs(tower)))
     return EncoderServer(torch.inference_mode()(tower.__call__))
 
 

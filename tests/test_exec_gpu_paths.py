@@ -785,3 +785,51 @@ def test_the_ll_all_to_all_holds_every_graphed_sp_chunk() -> None:
                 assert max(packed, rows * a.hidden * 2) <= graphed_chunk_bytes(a, sp, 2), (name, tp, sp, tp_i)
                 checked += 1
     assert checked > 20
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_tower_graph_chunks_give_the_eager_embeddings(name: str, monkeypatch) -> None:
+    """``TowerGraphs`` cuts a step's images into runs of equal grids and power-of-two chunks, each
+    encoded on its own (the CUDA graph is replaced here by the eager ``encode`` it captures): the
+    rows come back in the images' order and equal one eager tower call over all of them."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from executors import tower_graphs
+    from executors.config import model_args
+    from executors.encoders import load_tower
+    from executors.vision import vision_shapes
+    from executors.weights import RandomSource
+    from tests.tiny.helpers import config
+
+    v = model_args(config(name)).vision
+    tower = load_tower(v, RandomSource(vision_shapes(v), seed=3), torch.float32, torch.device("cpu"))
+
+    class Eager:  # what a captured graph replays: encode over the static pixels
+        def __init__(self, g, k, pixels):
+            self.pixels, self.inputs, self.graph = pixels.clone(), tower.prepare([g] * k), self
+            self.out = None
+
+        def replay(self):
+            self.out = tower.encode(self.pixels, self.inputs)
+
+    graphs = tower_graphs.TowerGraphs(tower, max_patches=64)
+    monkeypatch.setattr(graphs, "_capture", Eager)
+    g = torch.Generator().manual_seed(0)
+    grid = [(1, 4, 4)] * 3 + [(1, 8, 8)] * 2 + [(1, 4, 4)] * 5 + [(2, 4, 8)]
+    pixels = torch.randn(sum(t * h * w for t, h, w in grid), v.patch_dim, generator=g)
+    with torch.inference_mode():
+        want, got = tower(pixels, grid), graphs(pixels, grid)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # (grid, count) graphs: 16 patches -> chunks of up to 4 images, 64 -> 1, 64 (t=2) -> 1
+    assert set(graphs.graphs) == {((1, 4, 4), 2), ((1, 4, 4), 1), ((1, 8, 8), 1), ((1, 4, 4), 4), ((2, 4, 8), 1)}
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(1, 300), st.integers(1, 5000), st.integers(1, 20000))
+    def chunks_cover(n: int, patches: int, cap: int) -> None:
+        ks = tower_graphs.chunks(n, patches, cap)
+        assert sum(ks) == n and ks == sorted(ks, reverse=True)
+        assert all(k & (k - 1) == 0 and (k == 1 or k * patches <= cap) for k in ks)
+        assert len(ks) == len(set(ks)) or max(ks) * patches * 2 > cap  # only the cap repeats a count
+
+    chunks_cover()
