@@ -4,6 +4,7 @@ rate, a timer (CUDA events on a GPU, the host clock on a CPU), medians and specs
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import time
 import zlib
@@ -228,7 +229,7 @@ def command_line(script: str, argv: list[str] | None) -> str:
     out = []
     for i, x in enumerate(args):
         out.append("DIR" if i > 0 and args[i - 1] == "--out" else ("--out DIR" if x.startswith("--out=") else x))
-    return " ".join(["python", script] + out)
+    return " ".join(["python", script] + [shlex.quote(x) for x in out])
 
 
 def write_report(out: Path, name: str, report: dict[str, Any], md: str, echo: bool = False) -> None:

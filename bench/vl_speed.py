@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "backend": a.backend, "lookahead": a.lookahead,
         "command": command_line("bench/vl_speed.py", argv),
-        "device": ("2 x " + torch.cuda.get_device_name()) if device == "cuda" else "2 x " + (platform.processor() or "cpu"),
+        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if device == "cuda" else "2 x " + (platform.processor() or "cpu"),
         "driver": driver_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
         "model": ("tiny qwen2-vl config" if a.tiny else "qwen2-vl-7b shapes") + f", {str(dtype)[6:]}, random weights",
@@ -477,6 +477,8 @@ def markdown(r: dict[str, Any]) -> str:
         ran = [x[n] for n in ("launched", "graphs") if n in x]
         cells = " | ".join(f"{y['ms_per_image']} | {y['x_floor']}" for y in ran) + (" | - | -" if len(ran) == 1 else "")
         lines.append(f"| {k} | {x['patches']} | {x['llm_tokens']} | {x['gflop']} | {x['floor_ms']} | {cells} |")
+    if not r["cases"]:  # the tower alone
+        return "\n".join(lines) + "\n"
     lines += ["", f"## (b) Encoder placements: one request with one {s['image_px']}x{s['image_px']} image "
               f"({s['image_tokens']} image + {s['text_tokens']} text tokens)", "",
               "Image cost = TTFT of the image request - TTFT of a text request of the same length (medians of "
