@@ -2,6 +2,7 @@
 
     python bench/calibrate_comm_fp8.py --out DIR [--budget-s 170]
     python bench/calibrate_comm_fp8.py --out DIR --fp8-only --max-m 256 --budget-s 540   # one GPU
+    python bench/calibrate_comm_fp8.py --out DIR --fp8-only --fp8-kernel tensor --budget-s 300   # per-tensor FP8
     CUDA_VISIBLE_DEVICES=1 python bench/calibrate_comm_fp8.py --out DIR1 --fp8-only --shard 1/2   # half the grid
 
 On a machine with N >= 2 GPUs: all-reduce, all-gather, reduce-scatter, all-to-all and a
@@ -81,6 +82,8 @@ def shard_arg(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from costmodels.calibrate import FP8_KERNELS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for comm_fp8.json")
     ap.add_argument("--budget-s", type=float, default=170.0, help="stop timing new points after this many seconds")
@@ -88,16 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp8-only", action="store_true", help="skip the collectives (FP8 GEMMs only)")
     ap.add_argument("--max-m", type=int, default=None, help="FP8 GEMM rows up to this many (default: the whole grid)")
     ap.add_argument("--shard", type=shard_arg, default=(0, 1), help="I/N: the FP8 grid's (N, K) pairs I, I + N, ... (default: all)")
+    ap.add_argument("--fp8-kernel", choices=FP8_KERNELS, default="engine",
+                    help="engine: the calls executors.quant.linear makes; tensor: per-tensor torch._scaled_mm "
+                         "(TensorRT-LLM's FP8 recipe), written as gemm_fp8_tensor")
     a = ap.parse_args(argv)
     from costmodels.calibrate import run_comm_fp8
 
     a.out.mkdir(parents=True, exist_ok=True)
-    raw = run_comm_fp8(budget_s=a.budget_s, collectives_s=a.collectives_s, fp8_only=a.fp8_only, max_m=a.max_m,
+    raw = run_comm_fp8(budget_s=a.budget_s, collectives_s=a.collectives_s, fp8_only=a.fp8_only, max_m=a.max_m, fp8_kernel=a.fp8_kernel,
                        shard=a.shard)
-    raw["meta"]["command"] = " ".join(["python", "bench/calibrate_comm_fp8.py", *(argv if argv is not None else sys.argv[1:])])
+    from bench.common import command_line
+
+    raw["meta"]["command"] = command_line("bench/calibrate_comm_fp8.py", argv)  # the output folder written DIR
     path = a.out / "comm_fp8.json"
     path.write_text(json.dumps(raw, indent=1) + "\n")
-    print(f"wrote {path}: {len(raw.get('collectives', []))} collective points, {len(raw['gemm_fp8'])} FP8 GEMM "
+    print(f"wrote {path}: {len(raw.get('collectives', []))} collective points, {len(raw.get('gemm_fp8', raw.get('gemm_fp8_tensor', [])))} FP8 GEMM "
           f"points in {raw['seconds']:.0f} s; skipped: {raw['skipped'][:3]}; errors: {raw.get('collectives_errors', [])[:3]}")
     return 0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from costmodels.gpu import GPU
 from costmodels.hardware import get_gpu
-from costmodels.model import CostModel
+from costmodels.model import CostModel, fp8_kernels_for
 from costmodels.profile import load_profile
 from costmodels.steps import launch_for
 from graph.opgraph import OpGraph
@@ -45,5 +45,6 @@ def cost_model_for(cfg: dict[str, Any], gpu: GPU | str, *, weights_dtype: str, k
     g = graph if graph is not None else graph_for_config(cfg)
     prof = load_profile(get_gpu(gpu).name) if use_profile and isinstance(gpu, str) else None
     cm = CostModel(g, get_gpu(gpu), weights_dtype=weights_dtype, kv_dtype=kv_dtype, gpus_per_node=gpus_per_node,
-                   profile=prof, fused_elementwise=fused_elementwise, launch=launch_for(prof, engine, backend))
+                   profile=prof, fused_elementwise=fused_elementwise, launch=launch_for(prof, engine, backend),
+                   fp8_kernels=fp8_kernels_for(backend))
     return cm, g

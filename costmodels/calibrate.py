@@ -114,8 +114,11 @@ def fp8_supported(dev) -> bool:
             and torch.cuda.get_device_capability(dev) >= (8, 9))
 
 
+FP8_KERNELS = ("engine", "tensor")  # whose FP8 GEMMs a calibration times (``_fp8_gemms``)
+
+
 def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_m: int | None = None,
-               shard: tuple[int, int] = (0, 1)) -> list[dict]:
+               shard: tuple[int, int] = (0, 1), kernel: str = "engine") -> list[dict]:
     """FP8 GEMM points on the bf16 grid (rows up to ``max_m`` when given; with ``shard = (i, n)`` the
     grid's ``(N, K)`` pairs ``i, i + n, i + 2n, ...`` of its timing order, so ``n`` GPUs, one process
     each, measure the grid between them), each the call
@@ -124,7 +127,10 @@ def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_
     quantized per row and ``torch._scaled_mm`` (``quant.w8a8_rowwise``, the quantization timed too).
     Each point records the kernel that ran (``quant.kernel_for``: "triton_w8a16",
     "scaled_mm_rowwise"). Every M runs as it is (neither path needs M aligned). A Triton kernel is
-    autotuned for its shape by one call before it is timed. Weights rotate over copies to defeat
+    autotuned for its shape by one call before it is timed. With ``kernel="tensor"`` each point is
+    instead ``torch._scaled_mm`` of e4m3 x and w with one fp32 scale each (cuBLASLt's FP8 GEMM, the
+    per-tensor recipe TensorRT-LLM serves FP8 checkpoints with; x already in e4m3, as its previous
+    op writes it), kernel "scaled_mm_tensor". Weights rotate over copies to defeat
     the L2 cache, as for bf16. On a device without FP8 tensor cores, or when a call fails, the
     reason goes to ``skipped`` (the profile then has no ``gemm_fp8`` table, or the points measured
     before the failure)."""
@@ -150,6 +156,10 @@ def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_
                 cut += len(ms_of)
                 continue
             copies = max(1, min(64, math.ceil(256e6 / (n * k))))
+            if kernel == "tensor":
+                pts += _fp8_tensor_points(n, k, ms_of, copies, dev, timer, gen, out_of_time)
+                cut += len(ms_of) - sum(1 for p in pts if (p["n"], p["k"]) == (n, k))
+                continue
             ws = [quant.quantize(torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen)) for _ in range(copies)]
             for m in ms_of:
                 if out_of_time():
@@ -169,6 +179,28 @@ def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_
     if cut:
         skipped.append(f"gemm_fp8: {cut} of {cut + len(pts)} points (time budget)")
     return pts
+
+
+def _fp8_tensor_points(n: int, k: int, ms_of: list[int], copies: int, dev, timer, gen, out_of_time) -> list[dict]:
+    """``torch._scaled_mm`` points of w [n, k] (e4m3, rotated over ``copies``) for each M of
+    ``ms_of``: x [M, k] e4m3, per-tensor fp32 scales, bf16 out (``_fp8_gemms``, ``kernel="tensor"``)."""
+    import torch
+
+    e4m3 = torch.float8_e4m3fn
+    one = torch.ones((), device=dev, dtype=torch.float32)
+    ws = [(torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) / 4).to(e4m3) for _ in range(copies)]
+    out = []
+    for m in ms_of:
+        if out_of_time():
+            continue
+        x = (torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen) / 4).to(e4m3)
+        state = {"i": 0}
+
+        def f(x=x, state=state) -> object:
+            state["i"] = (state["i"] + 1) % len(ws)
+            return torch._scaled_mm(x, ws[state["i"]].t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        out.append({"m": m, "n": n, "k": k, "ms": timer(f), "kernel": "scaled_mm_tensor"})
+    return out
 
 
 def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float = 1e9,
@@ -321,11 +353,13 @@ def run_collectives(world: int | None = None, sizes: list[int] | None = None, *,
 
 def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Callable[[str], None] = print,
                  collectives_s: float = 90.0, fp8_only: bool = False, max_m: int | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+                 shard: tuple[int, int] = (0, 1), fp8_kernel: str = "engine") -> dict[str, Any]:
     """The multi-GPU part of a calibration, bounded in time: collective tables (``run_collectives``,
     at most ``collectives_s`` seconds; none with fewer than two GPUs, or with ``fp8_only``) and then
     FP8 GEMMs on the bf16 GEMM grid of ``grids`` (default ``Grids.full()``; rows up to ``max_m`` when
-    given; the ``shard`` of its pairs, ``_fp8_gemms``) until ``budget_s`` is spent. Returns {meta, overhead_us, collectives..., gemm_fp8, skipped,
+    given; the ``shard`` of its pairs; ``fp8_kernel``: the engine's calls, or "tensor" for per-tensor
+    ``torch._scaled_mm``, ``_fp8_gemms``) until ``budget_s`` is spent. Returns {meta, overhead_us,
+    collectives..., gemm_fp8 (or gemm_fp8_tensor), skipped,
     seconds}; merge it into a profile with ``costmodels.merge`` (FP8 points replace the profile's of
     the same (m, n, k), the others stay)."""
     import torch
@@ -353,13 +387,14 @@ def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Calla
         x1 = torch.zeros(1, device=dev)
         raw["overhead_us"] = timer(lambda: x1.add_(1.0)) * 1e3
     gen = torch.Generator(device=dev).manual_seed(0)
-    raw["gemm_fp8"] = _fp8_gemms(grids, dev, timer, gen, lambda: time.time() - t_start > budget_s, raw["skipped"],
-                                 max_m=max_m, shard=shard)
+    key = "gemm_fp8" if fp8_kernel == "engine" else "gemm_fp8_tensor"
+    raw[key] = _fp8_gemms(grids, dev, timer, gen, lambda: time.time() - t_start > budget_s, raw["skipped"],
+                          max_m=max_m, shard=shard, kernel=fp8_kernel)
     if shard != (0, 1):
         raw["gemm_fp8_shard"] = list(shard)
     if max_m is not None:
         raw["gemm_fp8_max_m"] = max_m
-    log(f"gemm_fp8: {len(raw['gemm_fp8'])} points, {time.time() - t_start:.0f} s")
+    log(f"{key}: {len(raw[key])} points, {time.time() - t_start:.0f} s")
     raw["seconds"] = round(time.time() - t_start, 1)
     return raw
 

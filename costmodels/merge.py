@@ -16,7 +16,8 @@ them): so a run the time budget cut to some (N, K) pairs leaves no older kernel'
 rows, and the fit fills those rows' other cells from the new points (the bf16 table's shape over
 N and K, scaled as the nearest measured cells of the row). Every other table stays as it is.
 The raw points go into the profile's ``raw``; its id becomes the profile's id plus
-``+<calibration date>`` (``+fp8-<date>`` for FP8 points alone, ``+comm-<date>`` for collectives
+``+<calibration date>`` (``+fp8-<date>`` for FP8 points alone, ``+fp8t-<date>`` for per-tensor FP8
+points alone, ``+comm-<date>`` for collectives
 alone; plans record the id, so recompiled plans say which tables they used) and ``meta.merged``
 says what came in: the device, GPU count, driver, torch, CUDA and NCCL versions, the date and the
 calibration command (an earlier ``merged`` moves to the list ``meta.merge_history``).
@@ -50,7 +51,8 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
     points there stay).
 
     Raises UserError when the calibration ran on another GPU model (unless ``force``) or holds
-    neither collective nor FP8 GEMM points."""
+    neither collective nor FP8 GEMM points. Per-tensor FP8 points (``gemm_fp8_tensor``, from
+    ``--fp8-kernel tensor``) go to their own table the same way."""
     meta = dict(calib.get("meta", {}))
     for k, v in (extra_meta or {}).items():
         if meta.get(k) in (None, "", "unknown"):
@@ -59,11 +61,12 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
     if not force and find_gpu_name(dev) != profile.gpu:
         raise UserError(f"the calibration ran on '{dev}', the profile is for {profile.gpu}; pass --force to merge anyway")
     coll, fp8 = calib.get("collectives") or [], calib.get("gemm_fp8") or []
+    fp8_tensor = calib.get("gemm_fp8_tensor") or []
     run_max_m = calib.get("gemm_fp8_max_m")
     if max_m is not None:
         fp8 = [p for p in fp8 if int(p["m"]) <= max_m]
         run_max_m = max_m if run_max_m is None else min(int(run_max_m), max_m)
-    if not coll and not fp8:
+    if not coll and not fp8 and not fp8_tensor:
         raise UserError(f"nothing to merge: no collective and no FP8 GEMM points (skipped: {calib.get('skipped')}; "
                         f"errors: {calib.get('collectives_errors')})")
     raw = dict(profile.raw)
@@ -79,11 +82,17 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
                                           max_m=None if run_max_m is None else int(run_max_m))
         raw["gemm_fp8"] = pts
         out = replace(out, gemm_fp8=fit_gemm_fp8(pts, profile.gpu, profile.overhead_us, profile.gemm))
+    if fp8_tensor:  # per-tensor-scaled FP8 GEMMs: a table of their own, fitted like gemm_fp8
+        pts, _, _ = merge_points(raw.get("gemm_fp8_tensor") or [], fp8_tensor)
+        raw["gemm_fp8_tensor"] = pts
+        out = replace(out, gemm_fp8_tensor=fit_gemm_fp8(pts, profile.gpu, profile.overhead_us, profile.gemm))
     merged = {**{k: meta.get(k) for k in META_KEYS}, "device_name": dev,
               "collective_points": len(coll), "gemm_fp8_points": len(fp8), "gemm_fp8_points_kept": kept,
               "gemm_fp8_points_dropped": dropped, **({"gemm_fp8_max_m": max_m} if max_m is not None else {}),
+              **({"gemm_fp8_tensor_points": len(fp8_tensor)} if fp8_tensor else {}),
               "skipped": calib.get("skipped", []), "collective_errors": calib.get("collectives_errors", [])}
-    tag = {(True, True): "", (False, True): "fp8-", (True, False): "comm-"}[bool(coll), bool(fp8)]
+    tag = {(True, True): "", (False, True): "fp8t-" if fp8_tensor and not fp8 else "fp8-",
+           (True, False): "comm-"}[bool(coll), bool(fp8 or fp8_tensor)]
     pmeta = dict(profile.meta)
     if "merged" in pmeta:
         pmeta["merge_history"] = [*pmeta.get("merge_history", []), pmeta["merged"]]
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} (profile {prof.id}): {m['collective_points']} collective points (group sizes {sizes}), "
           f"{m['gemm_fp8_points']} FP8 GEMM points ({m['gemm_fp8_points_kept']} of the profile's kept, "
           f"{m['gemm_fp8_points_dropped']} of another kernel dropped), "
+          f"{m.get('gemm_fp8_tensor_points', 0)} per-tensor FP8 GEMM points, "
           f"{len(m['collective_errors'])} collective errors")
     return 0
 

@@ -11,6 +11,9 @@ Modes of a (tp, sp) group of P = tp*sp GPUs:
 
 ``fused_elementwise``: the serving engine fuses memory-bound ops (a plan or spec whose runtime
 backend is not eager), so they cost one pass over their bytes (``opcost.Rates.fused``).
+``fp8_kernels`` (``fp8_kernels_for(backend)``): whose FP8 GEMMs FP8-weight linears run, this repo's
+engine's (``engine``: the profile's ``gemm_fp8``) or per-tensor-scaled cuBLASLt ones as TensorRT-LLM
+serves FP8 checkpoints (``tensor``: ``gemm_fp8_tensor``, where measured).
 
 Op times come from ``costmodels.opcost``; a block's time is the sum over its ops plus its
 collectives (no overlap of communication and compute is assumed). Collectives and stage sends
@@ -84,12 +87,18 @@ class StepCost:
 
 
 
+def fp8_kernels_for(backend: str | None) -> str:
+    """Whose FP8 GEMMs a runtime backend runs (``CostModel``'s ``fp8_kernels``): ``tensorrt`` ->
+    ``tensor`` (one scale per tensor), any other -> ``engine`` (this repo's kernels)."""
+    return "tensor" if backend == "tensorrt" else "engine"
+
+
 class CostModel:
     """Costs of one model (an OpGraph) on one GPU type, with or without a calibration profile."""
 
     def __init__(self, graph: OpGraph, gpu: GPU | str, *, weights_dtype: str = "bf16", kv_dtype: str = "bf16",
                  act_dtype: str = "bf16", gpus_per_node: int = 8, profile: Profile | None = None,
-                 fused_elementwise: bool = False, launch: Launch | None = None):
+                 fused_elementwise: bool = False, launch: Launch | None = None, fp8_kernels: str = "engine"):
         self.graph = graph
         self.launch = launch
         self.gpu = get_gpu(gpu)
@@ -103,9 +112,12 @@ class CostModel:
                            bw=self.gpu.hbm_tbps * 1e12, w_bytes=dtype_bytes(weights_dtype),
                            a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype), fused=fused_elementwise,
                            fp8_gemm=weights_dtype == "fp8" and bool(self.gpu.fp8_tflops),
+                           fp8_tensor=fp8_kernels == "tensor",
                            **_gemv_rates(launch, weights_dtype, act_dtype))
         # where FP8 GEMM efficiencies come from: a measured table, or the bf16 one at the FP8 peak
+        tensor = self.rates.fp8_tensor and profile is not None and profile.gemm_fp8_tensor is not None
         self.fp8_gemm_source = (None if not self.rates.fp8_gemm else "roofline" if profile is None else
+                                "measured, per-tensor scales" if tensor else
                                 "measured" if profile.gemm_fp8 is not None else "bf16 table at the fp8 peak")
         self.links = C.default_links(self.gpu, gpus_per_node, profile.collectives if profile else None)
         self.info = graph.info

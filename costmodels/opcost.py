@@ -106,6 +106,7 @@ class Rates:
     kv_bytes: float
     fused: bool = False  # memory-bound ops fused: one pass over their bytes (not HF's eager kernels)
     fp8_gemm: bool = False  # linears run FP8 GEMMs: the profile's gemm_fp8 table where it has one
+    fp8_tensor: bool = False  # ... scaled per tensor (TensorRT-LLM): its gemm_fp8_tensor table where it has one
     gemv_bw: float = 0.0  # bytes/s of the engine's decode GEMV (0: none)
     gemv_call_s: float = 0.0  # and its fixed time a product
     gemv_max_rows: int = 0  # products of at most this many rows run it
@@ -142,8 +143,10 @@ def _matmul(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile
         return 0.0, (rates.gemv_call_s + nbytes / rates.gemv_bw) * 1e3, ovh_us * 1e-3
     if prof is None:
         eff = ROOFLINE_COMPUTE_EFF
+    elif rates.fp8_gemm and rates.fp8_tensor and prof.gemm_fp8_tensor is not None:
+        eff = prof.gemm_fp8_tensor(m, n, k)  # measured per-tensor FP8 GEMMs, against the FP8 peak
     elif rates.fp8_gemm and prof.gemm_fp8 is not None:
-        eff = prof.gemm_fp8(m, n, k)  # measured FP8 GEMMs, against the FP8 peak
+        eff = prof.gemm_fp8(m, n, k)  # measured FP8 GEMMs of this repo's engine, against the FP8 peak
     else:
         eff = prof.gemm(m, n, k)  # bf16 GEMMs (for FP8 weights: the bf16 efficiency at the FP8 peak)
     c = flops / (rates.peak_flops * max(eff, 1e-4)) * 1e3

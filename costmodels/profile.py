@@ -16,7 +16,11 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
 * ``gemm_bias``: extra microseconds a bias adds to a linear, e(M, N) (averaged over K).
 * ``gemm_fp8`` (when the calibration ran FP8 GEMMs, ``torch._scaled_mm`` with e4m3 operands and
   bf16 output): e(M, N, K) against the catalog FP8 peak. FP8-weight linears read it; without it
-  they read ``gemm`` at the FP8 peak (the bf16 efficiency scaled, not measured).
+  they read ``gemm`` at the FP8 peak (the bf16 efficiency scaled, not measured). Points name their
+  kernel: this repo's engine's calls (``executors.quant.linear``).
+* ``gemm_fp8_tensor`` (when measured): the same for ``torch._scaled_mm`` with one scale per tensor
+  (cuBLASLt's FP8 GEMM, TensorRT-LLM's FP8 recipe), read for plans whose backend is ``tensorrt``
+  (``CostModel(fp8_kernels="tensor")``).
 * ``overhead_us``: per-kernel launch gap inside a CUDA graph.
 * ``collectives`` (when more than one GPU was seen): measured ``tables[mode][op][group size]`` =
   {"bytes": [...], "us": [...]} for all-reduce, all-gather, reduce-scatter, all-to-all and p2p,
@@ -64,6 +68,7 @@ class Profile:
     raw: dict[str, Any] = field(default_factory=dict)
     gemm_bias: LogGrid | None = None  # extra us of a bias epilogue, e(M, N)
     gemm_fp8: LogGrid | None = None  # e(M, N, K) of FP8 GEMMs against the FP8 peak, when measured
+    gemm_fp8_tensor: LogGrid | None = None  # the same for per-tensor-scaled FP8 GEMMs, when measured
     steps: dict[str, Any] = field(default_factory=dict)  # step-level terms of the engine (``costmodels.steps``)
 
     def memop_us(self, name: str, elements: float) -> float | None:
@@ -89,6 +94,7 @@ class Profile:
                 "memops": {k: v.to_json() for k, v in sorted(self.memops.items())},
                 **({"gemm_bias": self.gemm_bias.to_json()} if self.gemm_bias else {}),
                 **({"gemm_fp8": self.gemm_fp8.to_json()} if self.gemm_fp8 else {}),
+                **({"gemm_fp8_tensor": self.gemm_fp8_tensor.to_json()} if self.gemm_fp8_tensor else {}),
             },
             "collectives": self.collectives,
             **({"steps": self.steps} if self.steps else {}),
@@ -106,6 +112,7 @@ class Profile:
                    collectives=d.get("collectives", {}), raw=d.get("raw", {}),
                    gemm_bias=LogGrid.from_json(t["gemm_bias"]) if "gemm_bias" in t else None,
                    gemm_fp8=LogGrid.from_json(t["gemm_fp8"]) if "gemm_fp8" in t else None,
+                   gemm_fp8_tensor=LogGrid.from_json(t["gemm_fp8_tensor"]) if "gemm_fp8_tensor" in t else None,
                    steps=d.get("steps", {}))
 
 

@@ -30,7 +30,8 @@ def g8():
 @pytest.fixture(scope="module")
 def h200():
     prof = load_profile("h200")  # datasheet links, bf16 table for fp8, no FP8 points
-    return replace(prof, collectives={}, gemm_fp8=None, raw={k: v for k, v in prof.raw.items() if k != "gemm_fp8"})
+    return replace(prof, collectives={}, gemm_fp8=None, gemm_fp8_tensor=None,
+                   raw={k: v for k, v in prof.raw.items() if k not in ("gemm_fp8", "gemm_fp8_tensor")})
 
 
 def _points(ms_of, ops=C.FORMULAS, n=2, modes=("eager",)) -> list[dict]:
@@ -321,9 +322,9 @@ def test_calibrate_comm_fp8_script_takes_fp8_only_and_max_m(tmp_path, monkeypatc
 
     monkeypatch.setattr(calibrate, "run_comm_fp8", fake)
     assert calibrate_comm_fp8.main(["--out", str(tmp_path), "--fp8-only", "--max-m", "8", "--budget-s", "5"]) == 0
-    assert seen == {"budget_s": 5.0, "collectives_s": 90.0, "fp8_only": True, "max_m": 8, "shard": (0, 1)}
+    assert seen == {"budget_s": 5.0, "collectives_s": 90.0, "fp8_only": True, "max_m": 8, "shard": (0, 1), "fp8_kernel": "engine"}
     raw = json.loads((tmp_path / "comm_fp8.json").read_text())
-    assert raw["meta"]["command"] == f"python bench/calibrate_comm_fp8.py --out {tmp_path} --fp8-only --max-m 8 --budget-s 5"
+    assert raw["meta"]["command"] == "python bench/calibrate_comm_fp8.py --out DIR --fp8-only --max-m 8 --budget-s 5"
     assert calibrate_comm_fp8.main(["--out", str(tmp_path), "--fp8-only", "--shard", "1/2"]) == 0
     assert seen["shard"] == (1, 2)
     with pytest.raises(SystemExit) as e:  # argparse: one line naming the option, exit code 2
@@ -350,3 +351,31 @@ def test_merge_with_a_row_limit_takes_only_the_rows_up_to_it(h200):
     from costmodels import merge as merge_mod
 
     assert merge_mod.main(["/nonexistent.json", "x.json", "--max-m", "64"]) == 2  # a missing file: exit 2
+
+
+def test_per_tensor_fp8_points_make_their_own_table_read_for_tensorrt_plans(g8, h200):
+    """``--fp8-kernel tensor`` points go to ``gemm_fp8_tensor`` (the engine's ``gemm_fp8`` stays); a
+    cost model for a ``tensorrt`` backend reads them, any other backend the engine's table."""
+    from costmodels.model import fp8_kernels_for
+    from graph.opgraph import StepShape
+
+    calib = _calib(h200)
+    engine = merge(h200, calib)  # engine FP8 = the bf16 times
+    faster = [dict(p, ms=p["ms"] / 2, kernel="scaled_mm_tensor") for p in calib["gemm_fp8"]]
+    out = merge(engine, {"meta": {**calib["meta"], "date": "2026-12-02"}, "gemm_fp8_tensor": faster})
+    assert out.id == f"{engine.id}+fp8t-2026-12-02" and out.meta["merged"]["gemm_fp8_tensor_points"] == len(faster)
+    assert out.gemm_fp8.values == engine.gemm_fp8.values and len(out.raw["gemm_fp8_tensor"]) == len(faster)
+    assert read_profile_json(out).gemm_fp8_tensor.values == out.gemm_fp8_tensor.values
+    assert (fp8_kernels_for("tensorrt"), fp8_kernels_for("compile"), fp8_kernels_for(None)) == ("tensor", "engine", "engine")
+    trt = CostModel(g8, "h200", weights_dtype="fp8", profile=out, fp8_kernels="tensor")
+    eng = CostModel(g8, "h200", weights_dtype="fp8", profile=out)
+    assert (trt.fp8_gemm_source, eng.fp8_gemm_source) == ("measured, per-tensor scales", "measured")
+    shape = StepShape.prefill([4096])
+    ratio = trt.step_time(shape).stages[0].compute_ms / eng.step_time(shape).stages[0].compute_ms
+    assert 0.45 < ratio < 0.6  # the linears at half the time; attention unchanged
+
+
+def read_profile_json(p):
+    from costmodels.profile import Profile
+
+    return Profile.from_json(json.loads(json.dumps(p.to_json())))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from costmodels.model import CostModel
+from costmodels.model import CostModel, fp8_kernels_for
 from costmodels.simulator.config import SimConfig
 from costmodels.simulator.coster import Coster, LogGrid, ModelCoster
 from costmodels.simulator.engine import run
@@ -42,7 +42,8 @@ def cost_model_for_plan(plan: Plan, base_dir: str | Path = ".") -> CostModel:
     prof = None if plan.provenance.cost_profile.startswith("roofline") else load_profile(gpu.name)
     return CostModel(graph_for_config(cfg), gpu, weights_dtype=m.weights_dtype, kv_dtype=m.kv_dtype,
                      gpus_per_node=plan.hardware.gpus_per_node, profile=prof,
-                     fused_elementwise=plan.backend != "eager", launch=launch_for(prof, plan.engine, plan.backend))
+                     fused_elementwise=plan.backend != "eager", launch=launch_for(prof, plan.engine, plan.backend),
+                     fp8_kernels=fp8_kernels_for(plan.backend))
 
 
 def simulate_config(cfg: SimConfig, coster: Coster, workload: Workload, *, slo: SloTargets | None = None, seed: int = 0,
