@@ -463,7 +463,8 @@ def cost_steps_of(c: dict[str, Any], traced: dict[str, list[dict[str, Any]]], pl
     coster = coster_for(plan, cost_model_for_plan(plan))
     for x in c["rates"]:
         if str(x["fraction"]) in traced:
-            x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[str(x["fraction"])], coster))
+            x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[str(x["fraction"])], coster,
+                                                                               step_fidelity.in_step_encoder(plan)))
 
 
 def summary_lines(s: dict[str, Any]) -> str:

@@ -17,7 +17,9 @@ carry each micro-batch's shape (``new[m][i]`` tokens added and ``ctx[m][i]`` key
   (the driver forming a step that could not be formed ahead).
 
 Kinds: ``decode`` (every sequence adds one token), ``prefill`` (none does), ``mixed`` (both),
-``image`` (the step carries images; its tower time is outside ``predicted_ms``).
+``image`` (the step carries images; ``predicted_ms`` holds their tower time where the record names
+the images' patches, as the simulator charges in-step encoding; older traces lack them, and their
+image steps' predictions are the LLM's part alone).
 
     python bench/step_fidelity.py DIR/fidelity_2gpu.json      # the steps file beside it, costed now
 
@@ -67,7 +69,7 @@ def last_stream(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def compact(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What this analysis reads of each record (the rank's phase times it uses, nothing else)."""
-    keys = ("step", "replica", "tokens", "seqs", "new", "ctx", "images", "mode", "sent_ms", "answered_ms")
+    keys = ("step", "replica", "tokens", "seqs", "new", "ctx", "images", "patches", "mode", "sent_ms", "answered_ms")
     return [{**{k: r[k] for k in keys if k in r},
              "rank": {k: v for k, v in (r.get("rank") or {}).items() if k in KEEP_RANK}} for r in records]
 
@@ -79,11 +81,16 @@ def kind_of(r: dict[str, Any]) -> str:
     return "decode" if all(ones) else "prefill" if not any(ones) else "mixed"
 
 
-def cost_steps(records: list[dict[str, Any]], coster: Any) -> list[dict[str, Any]]:
-    """One row a step: kind, tokens, seqs, predicted / gpu / period / gap ms (module doc)."""
+def cost_steps(records: list[dict[str, Any]], coster: Any, encoder: Any = None) -> list[dict[str, Any]]:
+    """One row a step: kind, tokens, seqs, predicted / gpu / period / gap ms (module doc). With
+    ``encoder`` (the plan's ``ParallelDims.encoder()``), an image step whose record names its
+    images' ``patches`` is predicted with the tower's time as the simulator charges it in a step
+    (``coster.vision_ms`` over the encoder's TP x replicas)."""
     rows = []
     for r, last in after_answers(records):
         pred = 0.0
+        if encoder is not None and r.get("patches"):
+            pred += coster.vision_ms(tuple(r["patches"]), tp=encoder.tp, dp=encoder.dp)
         for m, (new, ctx) in enumerate(zip(r["new"], r["ctx"])):
             shape, dec = StepShape.from_sequences(new, ctx)
             mode = r["mode"][m] if m < len(r["mode"]) else r["mode"][-1]
@@ -150,7 +157,16 @@ def coster_of(report: dict[str, Any], model: str, case: str, mixed_extra: bool =
     cost = cost_model_for_plan(plan)
     if not mixed_extra and cost.launch is not None:
         cost.launch = dataclasses.replace(cost.launch, mixed_us_per_layer=0.0)
-    return coster_for(plan, cost)
+    coster = coster_for(plan, cost)
+    coster.encoder = in_step_encoder(plan)  # what cost_steps charges an image step
+    return coster
+
+
+def in_step_encoder(plan: Any) -> Any:
+    """The plan's encoder layout where its images are encoded inside the steps (every placement
+    but ``dedicated``; ``costmodels.simulator.vision.in_step_ms``), else None."""
+    dims = plan.dims()
+    return dims.encoder() if dims.vision and dims.placement != "dedicated" else None
 
 
 def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
@@ -160,7 +176,7 @@ def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str
         for case, rates in cases.items():
             coster = coster_of(report, model, case)
             for frac, records in rates.items():
-                table.append((f"{model} {case}", frac, summarize(cost_steps(records, coster))))
+                table.append((f"{model} {case}", frac, summarize(cost_steps(records, coster, coster.encoder))))
     return table
 
 

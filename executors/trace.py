@@ -3,12 +3,13 @@
 Off by default; ``executors.load(..., trace=True)`` turns it on and ``Engine.step_trace`` then holds
 one record a step, in the order the answers came::
 
-    {"step", "replica", "tokens", "seqs", "new", "ctx", "images", "pixel_mb", "mode",
+    {"step", "replica", "tokens", "seqs", "new", "ctx", "images", "patches", "pixel_mb", "mode",
      "sent_ms", "send_ms", "bytes", "by_queue", "answered_ms", "rank": {...}}
 
 The step's shape, per micro-batch: ``new[m][i]``, the tokens sequence ``i`` of micro-batch ``m``
-adds (1 for a decode), and ``ctx[m][i]``, the keys it reads (cached + new), so a step can be
-costed again (``bench/step_fidelity.py``).
+adds (1 for a decode), and ``ctx[m][i]``, the keys it reads (cached + new), and ``patches``, the
+patch count of each request whose images the step encodes, so a step can be costed again
+(``bench/step_fidelity.py``).
 
 Driver side (milliseconds since the ``stream`` call began): ``sent_ms`` when the step left,
 ``send_ms`` what sending it cost (framing and the channel write, a side file for a step larger than a
@@ -72,6 +73,7 @@ def step_record(step: Any, replica: int, sent_ms: float, send_ms: float, nbytes:
             "seqs": sum(len(mb.ctx) for mb in step.micro),
             "new": [torch.bincount(mb.seq, minlength=len(mb.ctx)).tolist() for mb in step.micro],
             "ctx": [list(mb.ctx) for mb in step.micro], "images": len(jobs),
+            "patches": [j.patches for j in jobs],
             "pixel_mb": round(sum(j.pixels.numel() * j.pixels.element_size() for j in jobs
                                   if j.pixels is not None) / 1e6, 3),
             "mode": [mb.mode for mb in step.micro], "sent_ms": round(sent_ms, 3), "send_ms": round(send_ms, 3),

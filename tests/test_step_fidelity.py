@@ -69,3 +69,20 @@ def test_unreadable_or_mismatched_steps_files_are_usage_errors(tmp_path):
     with pytest.raises(SystemExit) as bad:
         sf.main([str(report)])
     assert bad.value.code == 2
+
+
+def test_an_image_step_is_predicted_with_its_tower_time_where_the_record_names_patches():
+    """A traced image step naming its images' patches is charged the tower as the simulator charges
+    in-step encoding (``coster.vision_ms`` over the encoder's TP x replicas); without ``patches``
+    (an older trace) or without an encoder (dedicated placement) only the LLM's part."""
+    from types import SimpleNamespace
+
+    coster = SyntheticCoster()
+    old = rec(1, 0.0, 10.0, [6], [6], images=2)
+    new = dict(old, patches=[1024, 4096])
+    enc = SimpleNamespace(tp=2, dp=1)
+    llm = sf.cost_steps([old], coster, enc)[0]["predicted_ms"]
+    with_tower = sf.cost_steps([new], coster, enc)[0]["predicted_ms"]
+    assert with_tower - llm == pytest.approx(coster.vision_ms((1024, 4096), tp=2, dp=1)) and with_tower > llm
+    assert sf.cost_steps([new], coster, None)[0]["predicted_ms"] == llm
+    assert sf.compact([new])[0]["patches"] == [1024, 4096]
