@@ -7,7 +7,9 @@ by KV head, ``G = hq / hkv`` (plain GQA), so one program reads a KV head's keys 
 query heads.
 
 Flash decoding: the keys of a sequence are cut into ``nsplit`` ranges of ``keys_per_split`` keys,
-one program per ``(sequence, kv head, range)``, so a small batch still fills the GPU. A program
+one program per ``(sequence, kv head, range)``, so a small batch still fills the GPU, and ranges
+hold at most ``MAX_KEYS_PER_SPLIT`` keys, so a batch of mixed lengths is not left waiting on the
+programs of its longest sequences. A program
 keeps the running max ``m``, sum ``l`` and accumulator of the online softmax over its range and
 writes ``out_r = acc / l`` and ``lse_r = m + log l``; a second kernel (one program per
 ``(sequence, query head)``, all ranges loaded at once) combines them, ``out = sum_r exp(lse_r - M) out_r / sum_r
@@ -39,6 +41,10 @@ BLOCK_N = 64  # keys per inner iteration
 BLOCK_G = 16  # query heads per program, padded (tl.dot needs 16 rows)
 TARGET_PROGRAMS = 264  # about two per SM on an H100/H200 (132 SMs)
 MAX_SPLITS = 64  # the combine kernel holds every range of a head at once
+# cap on a range's keys: with contexts of 300-5,000 keys, 32 sequences take 63.6 us a layer against 98.0
+# uncapped (64: 116.0 against 146.3; equal lengths unchanged, Llama's 100-2,000 keys 97.3 against 94.1):
+# bench/results/decode_splits.md
+MAX_KEYS_PER_SPLIT = 1024
 _failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
 
 
@@ -50,9 +56,13 @@ def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None
 
 
 def splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
-    """``(nsplit, keys_per_split)``: enough programs to fill the GPU, ranges of whole BLOCK_N."""
+    """``(nsplit, keys_per_split)``: enough programs to fill the GPU, ranges of whole BLOCK_N and
+    at most ``MAX_KEYS_PER_SPLIT`` keys (0: no cap)."""
     chunks = max(1, -(-max_keys // BLOCK_N))
-    nsplit = max(1, min(chunks, -(-TARGET_PROGRAMS // (S * hkv)), MAX_SPLITS))
+    want = -(-TARGET_PROGRAMS // (S * hkv))
+    if MAX_KEYS_PER_SPLIT:
+        want = max(want, -(-chunks * BLOCK_N // MAX_KEYS_PER_SPLIT))
+    nsplit = max(1, min(chunks, want, MAX_SPLITS))
     return nsplit, -(-chunks // nsplit) * BLOCK_N
 
 

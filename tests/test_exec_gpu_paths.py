@@ -833,3 +833,19 @@ def test_tower_graph_chunks_give_the_eager_embeddings(name: str, monkeypatch) ->
         assert len(ks) == len(set(ks)) or max(ks) * patches * 2 > cap  # only the cap repeats a count
 
     chunks_cover()
+
+
+def test_decode_ranges_cover_every_key_in_capped_whole_blocks() -> None:
+    """``paged_decode.splits``: ranges of whole BLOCK_N keys that together cover the table's width,
+    at most ``MAX_KEYS_PER_SPLIT`` keys each where ``MAX_SPLITS`` allows, and enough programs to
+    fill the GPU for small batches."""
+    from executors import paged_decode as pd
+
+    for S in (1, 8, 32, 64, 128, 512):
+        for hkv in (1, 4, 8):
+            for width in (16, 512, 1000, 2048, 8192, 65536, 200_000):
+                n, per = pd.splits(S, hkv, width)
+                assert per % pd.BLOCK_N == 0 and n * per >= width and 1 <= n <= pd.MAX_SPLITS
+                if n < pd.MAX_SPLITS:
+                    assert per <= max(pd.MAX_KEYS_PER_SPLIT, pd.BLOCK_N)
+                assert n * S * hkv >= min(pd.TARGET_PROGRAMS, S * hkv * min(-(-width // pd.BLOCK_N), pd.MAX_SPLITS))

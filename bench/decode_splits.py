@@ -1,0 +1,88 @@
+"""The paged decode kernel's range cap, measured: time of one layer's decode attention
+(``executors.paged_decode.paged_decode``, GPU time in a CUDA graph, ``bench.common.graphed_us``)
+for each cap on a range's keys (``MAX_KEYS_PER_SPLIT``; 0: none), on batches of equal and of
+variable context lengths, beside the floor (the batch's K and V bytes at 4.3 TB/s).
+
+    python bench/decode_splits.py --out DIR
+
+With variable lengths a range of thousands of keys keeps one program busy long after the others
+(the batch's longest sequences set the tail); smaller ranges spread the work. Every cap must give
+the same output (checked). Writes DIR/decode_splits.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CAPS = (0, 4096, 2048, 1024, 512, 256)
+# name, sequences, KV heads, query heads per KV head, context range, key width of the table
+CASES = (("qwen2-vl-7b b64 ctx 300-5000 (w 8192)", 64, 4, 7, 300, 5000, 8192),
+         ("qwen2-vl-7b b32 ctx 300-5000 (w 8192)", 32, 4, 7, 300, 5000, 8192),
+         ("qwen2-vl-7b b8 ctx 300-5000 (w 8192)", 8, 4, 7, 300, 5000, 8192),
+         ("qwen2-vl-7b b64 ctx 1500 (w 2048)", 64, 4, 7, 1500, 1500, 2048),
+         ("qwen2-vl-7b b32 ctx 1500 (w 2048)", 32, 4, 7, 1500, 1500, 2048),
+         ("qwen2-vl-7b b1 ctx 4000 (w 4096)", 1, 4, 7, 4000, 4000, 4096),
+         ("llama-3.1-8b b64 ctx 100-2000 (w 2048)", 64, 8, 4, 100, 2000, 2048),
+         ("llama-3.1-8b b64 ctx 500 (w 512)", 64, 8, 4, 500, 500, 512),
+         ("llama-3.1-8b b128 ctx 600 (w 1024)", 128, 8, 4, 600, 600, 1024))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (the kernel is Triton)")
+    from bench.common import command_line, driver_version, graphed_us, write_report
+    from executors import paged_decode as pd
+
+    torch.manual_seed(0)
+    dev, bs, D = "cuda", 16, 128
+    rows = []
+    keep = pd.MAX_KEYS_PER_SPLIT
+    for name, S, hkv, G, lo, hi, width in CASES:
+        nb = width // bs
+        k = torch.randn(S * nb * bs + 1, hkv, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q = torch.randn(S, hkv * G, D, device=dev, dtype=torch.bfloat16)
+        table = torch.arange(S * nb, device=dev, dtype=torch.int32).reshape(S, nb)
+        lens = torch.randint(lo, hi + 1, (S,), device=dev, dtype=torch.int32)
+        row = {"case": name, "floor_us": round(int(lens.sum()) * 2 * hkv * D * 2 / 4.3e12 * 1e6, 1), "us": {}}
+        ref = None
+        for cap in CAPS:
+            pd.MAX_KEYS_PER_SPLIT = cap
+            o = pd.paged_decode(q, k, v, table, lens, bs)
+            ref = o if ref is None else ref
+            if not torch.allclose(o.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                raise SystemExit(f"{name}: cap {cap} changed the output")
+            row["us"][str(cap)] = round(graphed_us(lambda: pd.paged_decode(q, k, v, table, lens, bs)), 1)
+        rows.append(row)
+        print(row, flush=True)
+    pd.MAX_KEYS_PER_SPLIT = keep
+    import triton
+
+    report = {"command": command_line("bench/decode_splits.py", argv), "device": torch.cuda.get_device_name(),
+              "driver": driver_version(), "torch": torch.__version__, "triton": triton.__version__,
+              "python": platform.python_version(), "engine_cap": keep, "rows": rows}
+    md = [f"# Paged decode: the cap on a range's keys", "",
+          f"{report['device']}, driver {report['driver']}, torch {report['torch']}, Triton {report['triton']}. "
+          f"Command: `{report['command']}`. One layer's decode attention, bf16, head dim 128, block size {bs}; GPU "
+          f"microseconds in a CUDA graph; floor = the batch's K and V bytes at 4.3 TB/s. The engine's cap: {keep}.", "",
+          "| case | floor us | " + " | ".join(f"cap {c or 'none'}" for c in CAPS) + " |",
+          "|---|---:|" + "---:|" * len(CAPS)]
+    md += [f"| {r['case']} | {r['floor_us']} | " + " | ".join(str(r["us"][str(c)]) for c in CAPS) + " |" for r in rows]
+    write_report(a.out, "decode_splits", report, "\n".join(md) + "\n", echo=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
