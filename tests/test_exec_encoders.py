@@ -126,3 +126,17 @@ def test_preempted_requests_keep_their_image_embeddings(tmp_path: Path) -> None:
         assert eng.local.model.images_encoded == 3
     for req, res in zip(reqs, results):
         assert check_against_oracle(oracle, req.tokens, res, req.images or None) < 1e-4
+
+
+def test_joined_pixels_equal_a_cat_then_a_cast() -> None:
+    """``requests.join_pixels``: one pass per image into the output, the same values as
+    ``cat(...).to(dtype)``; one image already in the dtype is passed through without a copy."""
+    from executors.requests import join_pixels
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 12, generator=g) for n in (16, 4, 64)]
+    for dtype in (torch.bfloat16, torch.float32):
+        got = join_pixels(parts, dtype)
+        assert got.dtype == dtype and torch.equal(got, torch.cat(parts).to(dtype))
+    assert join_pixels(parts[:1], torch.float32) is parts[0]
+    assert join_pixels(parts[:1], torch.bfloat16).data_ptr() != parts[0].data_ptr()
