@@ -89,8 +89,10 @@ class StageModel:
             self.sp_a2a = use_symm_all_to_all(self.model, a, par.sp, dtype, dev).get(par.sp_group)
         self.vocab_group = par.shift_group if par.P > 1 else None
         self.vision = None
+        self.vision_tp = 1  # GPUs the tower is TP-sharded over
         if a.vision is not None and stage.vision:  # Plan.check: the stages ParallelDims.encoder() names
-            self.vision = load_tower(a.vision, src, dtype, dev, *self._vision_tp(plan, a))
+            tp = self._vision_tp(plan, a)
+            self.vision, self.vision_tp = load_tower(a.vision, src, dtype, dev, *tp), tp[2]
         self.tower = self.vision  # what encodes: the tower, or its CUDA graphs (``RankRunner``)
         spread = plan.vision.placement in ("stage0_dp", "all_dp")  # images spread over the encoding stages' GPUs
         self.encode_ranks = tuple(r for s in plan.stages if s.vision and spread

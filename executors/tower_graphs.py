@@ -13,8 +13,12 @@ set its time. Its work depends only on the images' patch grids, so ``VisionTower
   replay) and writes a static ``[k t h w / merge^2, out_dim]`` output, copied out before the next
   replay; its rotary tables and spans (``VisionTower.prepare``) are made once, at capture;
 * graphs share one memory pool of their own and are captured lazily, the first time a (grid,
-  count) is met. With the tower TP-sharded (``stage0_tp``) its all-reduces are captured too: every
-  GPU of the stage encodes the same images in the same order, so captures pair up.
+  count) is met.
+
+Only a whole tower on its GPU is replayed (``RankRunner``: single GPUs, ``stage0_dp``, ``all_dp``,
+dedicated encoders). A TP-sharded tower (``stage0_tp`` over P > 1 GPUs) stays launched: its
+all-reduces would be captured with it (every GPU of the stage encodes the same images in the same
+order, so captures would pair up), but that has not run on two GPUs yet.
 
 Results equal the eager tower's (same kernels, same shapes), which ``encode`` stays for CPU ranks.
 """

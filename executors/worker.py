@@ -164,7 +164,9 @@ class RankRunner:
             sch = plan.scheduler
             self.graphs = DecodeGraphs(self.model, sch.max_seqs)
             self.mixed_graphs = MixedGraphs(self.model, sch.max_batch_tokens, sch.max_seqs, self.graphs)
-        if spec.cuda_graphs and par.device.type == "cuda" and self.model.vision is not None:
+        # a whole tower on this GPU replays CUDA graphs; a TP-sharded one (its all-reduces in the
+        # graph not yet run on two GPUs) stays launched
+        if spec.cuda_graphs and par.device.type == "cuda" and self.model.vision is not None and self.model.vision_tp == 1:
             self.model.tower = TowerGraphs(self.model.vision)
 
     @property
