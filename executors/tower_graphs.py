@@ -13,7 +13,8 @@ set its time. Its work depends only on the images' patch grids, so ``VisionTower
   replay) and writes a static ``[k t h w / merge^2, out_dim]`` output, copied out before the next
   replay; its rotary tables and spans (``VisionTower.prepare``) are made once, at capture;
 * graphs share one memory pool of their own and are captured lazily, the first time a (grid,
-  count) is met.
+  count) is met, up to ``max_graphs`` of them (user images come in any size: each new grid is a new
+  graph, with static buffers of its own); chunks of any other (grid, count) run launched.
 
 Only a whole tower on its GPU is replayed (``RankRunner``: single GPUs, ``stage0_dp``, ``all_dp``,
 dedicated encoders). A TP-sharded tower (``stage0_tp`` over P > 1 GPUs) stays launched: its
@@ -33,6 +34,7 @@ import torch
 from executors.vision import TowerInputs, VisionTower, equal_runs
 
 MAX_PATCHES = 16384  # patches of one graph's images together: 16 images of 448x448, 4 of 896x896
+MAX_GRAPHS = 64  # graphs held at most; chunks of other (grid, count)s then run launched
 
 
 @dataclass
@@ -59,8 +61,8 @@ class TowerGraphs:
     """Called like the tower, ``(pixels [N, patch_dim], grid) -> [N / merge^2, out_dim]``, on a
     CUDA device: each chunk of equal grids (module doc) replays its graph."""
 
-    def __init__(self, tower: VisionTower, max_patches: int = MAX_PATCHES):
-        self.tower, self.max_patches = tower, max_patches
+    def __init__(self, tower: VisionTower, max_patches: int = MAX_PATCHES, max_graphs: int = MAX_GRAPHS):
+        self.tower, self.max_patches, self.max_graphs = tower, max_patches, max_graphs
         self.graphs: dict[tuple[tuple[int, int, int], int], _Graph] = {}
         self.pool = None
         self.capture_s = 0.0
@@ -79,6 +81,8 @@ class TowerGraphs:
     def _replay(self, g: tuple[int, int, int], k: int, pixels: torch.Tensor) -> torch.Tensor:
         gr = self.graphs.get((g, k))
         if gr is None:
+            if len(self.graphs) >= self.max_graphs:  # full: this shape runs launched
+                return self.tower.encode(pixels, self.tower.prepare([g] * k))
             gr = self.graphs[(g, k)] = self._capture(g, k, pixels)
         gr.pixels.copy_(pixels)
         gr.graph.replay()

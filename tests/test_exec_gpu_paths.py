@@ -823,6 +823,11 @@ def test_tower_graph_chunks_give_the_eager_embeddings(name: str, monkeypatch) ->
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # (grid, count) graphs: 16 patches -> chunks of up to 4 images, 64 -> 1, 64 (t=2) -> 1
     assert set(graphs.graphs) == {((1, 4, 4), 2), ((1, 4, 4), 1), ((1, 8, 8), 1), ((1, 4, 4), 4), ((2, 4, 8), 1)}
+    full = tower_graphs.TowerGraphs(tower, max_patches=64, max_graphs=2)  # at most 2: the rest launched
+    monkeypatch.setattr(full, "_capture", Eager)
+    with torch.inference_mode():
+        torch.testing.assert_close(full(pixels, grid), want, rtol=1e-5, atol=1e-5)
+    assert len(full.graphs) == 2
 
     @settings(max_examples=200, deadline=None)
     @given(st.integers(1, 300), st.integers(1, 5000), st.integers(1, 20000))
