@@ -54,7 +54,9 @@ during it (``graphs_captured``: the replicas' reporting ranks, ``Engine.graph_ca
 and costs each again (``bench/step_fidelity.py``: a table by kind of step in the report).
 
 ``--resume`` keeps the cases of an existing DIR/fidelity_2gpu.json that
-have no error (and its other models), so the run can be split across several shorter calls;
+have no error (and its other models), so the run can be split across several shorter calls; it
+must be given the report's rates, duration, backend, rate cap and seed (else a usage error, exit 2,
+and the report stays as it was);
 ``--weights-dir`` keeps the random checkpoints for those calls.
 
 ``--tiny``: the tiny test configs (fp32, 2 gloo ranks), costed on the catalog's nominal ``cpu``
@@ -615,11 +617,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--models: unknown {bad}; known: {', '.join(MODELS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "fidelity_2gpu.json"
-    old = json.loads(path.read_text()) if a.resume and path.is_file() else None
-    if old is not None and [old.get(k) for k in ("rate_fractions", "duration_s", "backend", "max_rate", "seed")] != \
-            [fractions, a.duration, a.backend, a.max_rate, a.seed]:
-        print("--resume: the existing report used other rates, duration, backend or seed; starting afresh", flush=True)
-        old = None
+    try:
+        old = json.loads(path.read_text()) if a.resume and path.is_file() else None
+    except (OSError, ValueError) as e:
+        ap.error(f"--resume: {path} is not a readable report ({type(e).__name__}: {e})")
+    keys = ("rate_fractions", "duration_s", "backend", "max_rate", "seed")
+    if old is not None and [old.get(k) for k in keys] != [fractions, a.duration, a.backend, a.max_rate, a.seed]:
+        differ = {k: (old.get(k), v) for k, v in zip(keys, [fractions, a.duration, a.backend, a.max_rate, a.seed])
+                  if old.get(k) != v}
+        ap.error(f"--resume: {path} was run with other settings ({', '.join(f'{k} {o} there, {n} here' for k, (o, n) in differ.items())}); "
+                 "give the same ones, or another --out (nothing was written)")
     report: dict[str, Any] = {
         "command": command, "commands": (old or {}).get("commands", []) + [command],
         "device": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}") if device == "cuda"

@@ -86,3 +86,25 @@ def test_an_image_step_is_predicted_with_its_tower_time_where_the_record_names_p
     assert with_tower - llm == pytest.approx(coster.vision_ms((1024, 4096), tp=2, dp=1)) and with_tower > llm
     assert sf.cost_steps([new], coster, None)[0]["predicted_ms"] == llm
     assert sf.compact([new])[0]["patches"] == [1024, 4096]
+
+
+def test_resume_with_other_settings_or_an_unreadable_report_is_a_usage_error_that_keeps_the_report(tmp_path, capsys):
+    """``fidelity_2gpu.py --resume`` against a report run with another duration (or unreadable):
+    exit 2 naming what differs, and the report is left as it was (it used to start afresh,
+    dropping the report's other models)."""
+    import json
+
+    from bench import fidelity_2gpu as fid
+
+    report = tmp_path / "fidelity_2gpu.json"
+    text = json.dumps({"models": {"llama": {"cases": {}}}, "rate_fractions": [0.2, 0.5, 0.9], "duration_s": 12.0,
+                       "backend": "eager", "max_rate": 4.0, "seed": 0})
+    report.write_text(text)
+    with pytest.raises(SystemExit) as bad:
+        fid.main(["--out", str(tmp_path), "--tiny", "--resume", "--duration", "10", "--models", "llama"])
+    assert bad.value.code == 2 and "duration_s 12.0 there, 10.0 here" in capsys.readouterr().err
+    assert report.read_text() == text
+    report.write_text("{not json")
+    with pytest.raises(SystemExit) as bad:
+        fid.main(["--out", str(tmp_path), "--tiny", "--resume", "--models", "llama"])
+    assert bad.value.code == 2 and report.read_text() == "{not json"
