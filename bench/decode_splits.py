@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command_line("bench/decode_splits.py", argv), "device": torch.cuda.get_device_name(),
               "driver": driver_version(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "engine_cap": keep, "rows": rows}
-    md = [f"# Paged decode: the cap on a range's keys", "",
+    md = ["# Paged decode: the cap on a range's keys", "",
           f"{report['device']}, driver {report['driver']}, torch {report['torch']}, Triton {report['triton']}. "
           f"Command: `{report['command']}`. One layer's decode attention, bf16, head dim 128, block size {bs}; GPU "
           f"microseconds in a CUDA graph; floor = the batch's K and V bytes at 4.3 TB/s. The engine's cap: {keep}.", "",

@@ -460,13 +460,10 @@ def markdown(r: dict[str, Any]) -> str:
 
 def cost_steps_of(c: dict[str, Any], traced: dict[str, list[dict[str, Any]]], plan: Any) -> None:
     """Each traced rate of case ``c`` gets ``step_costs``: its steps costed again (``bench/step_fidelity.py``)."""
-    from costmodels.simulator import coster_for, cost_model_for_plan
-
-    coster = coster_for(plan, cost_model_for_plan(plan))
+    coster, encoder = step_fidelity.coster_of(plan), step_fidelity.in_step_encoder(plan)
     for x in c["rates"]:
         if str(x["fraction"]) in traced:
-            x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[str(x["fraction"])], coster,
-                                                                               step_fidelity.in_step_encoder(plan)))
+            x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[str(x["fraction"])], coster, encoder))
 
 
 def summary_lines(s: dict[str, Any]) -> str:
@@ -490,13 +487,10 @@ def repredict(report: dict[str, Any], src: Path, out: Path, command: str,
     (the workload sampled at the run's rate, duration and seed), the measured figures kept. The rates stay the run's (they
     were fractions of the capacity predicted then). ``traced``: the steps file beside ``src`` (a
     ``--trace`` run), costed again too and copied to ``out``."""
-    import tempfile as tf
-
     from bench.common import write_report
     from costmodels.simulator import cost_model_for_plan
     from planner.bench_workload import predicted_result, sample_requests
     from planner.inputs import cost_model_of, workload_of
-    from plans.schema import load_plan
 
     report["repredicted"] = {"command": command, "from": src.name}
     steps_path = src.with_name(step_fidelity.STEPS_FILE)
@@ -509,10 +503,7 @@ def repredict(report: dict[str, Any], src: Path, out: Path, command: str,
             if "plan_yaml" not in c:
                 c["repredict_error"] = "no plan_yaml in the report (a run before --repredict existed)"
                 continue
-            with tf.TemporaryDirectory() as d:
-                pf = Path(d) / "case.plan.yaml"
-                pf.write_text(c["plan_yaml"])
-                plan = load_plan(pf)
+            plan = step_fidelity.plan_of(report, model, case)
             pcost = cost_model_for_plan(plan)
             if case in traced.get(model, {}):
                 cost_steps_of(c, traced[model][case], plan)

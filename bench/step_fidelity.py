@@ -140,26 +140,30 @@ def markdown(table: list[tuple[str, str, dict[str, dict[str, float]]]]) -> list[
     return lines
 
 
-def coster_of(report: dict[str, Any], model: str, case: str, mixed_extra: bool = True) -> Any:
-    """The simulator's coster of a fidelity report's case (its pinned plan) on the cost model as it
-    is now; ``mixed_extra=False``: without the measured extra of mixed steps (what that term is
-    fitted against, ``costmodels.steps.fit_mixed_us_per_layer``)."""
-    import dataclasses
+def plan_of(report: dict[str, Any], model: str, case: str) -> Any:
+    """The pinned plan a fidelity report's case ran (its ``plan_yaml``)."""
     import tempfile
 
-    from costmodels.simulator import coster_for, cost_model_for_plan
     from plans.schema import load_plan
 
     with tempfile.TemporaryDirectory() as d:
         pf = Path(d) / "plan.yaml"
         pf.write_text(report["models"][model]["cases"][case]["plan_yaml"])
-        plan = load_plan(pf)
+        return load_plan(pf)
+
+
+def coster_of(plan: Any, mixed_extra: bool = True) -> Any:
+    """The simulator's coster of ``plan`` on the cost model as it is now; ``mixed_extra=False``:
+    without the measured extra of mixed steps (what that term is fitted against,
+    ``costmodels.steps.fit_mixed_us_per_layer``)."""
+    import dataclasses
+
+    from costmodels.simulator import coster_for, cost_model_for_plan
+
     cost = cost_model_for_plan(plan)
     if not mixed_extra and cost.launch is not None:
         cost.launch = dataclasses.replace(cost.launch, mixed_us_per_layer=0.0)
-    coster = coster_for(plan, cost)
-    coster.encoder = in_step_encoder(plan)  # what cost_steps charges an image step
-    return coster
+    return coster_for(plan, cost)
 
 
 def in_step_encoder(plan: Any) -> Any:
@@ -174,9 +178,10 @@ def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str
     table = []
     for model, cases in steps.items():
         for case, rates in cases.items():
-            coster = coster_of(report, model, case)
+            plan = plan_of(report, model, case)
+            coster, encoder = coster_of(plan), in_step_encoder(plan)
             for frac, records in rates.items():
-                table.append((f"{model} {case}", frac, summarize(cost_steps(records, coster, coster.encoder))))
+                table.append((f"{model} {case}", frac, summarize(cost_steps(records, coster, encoder))))
     return table
 
 

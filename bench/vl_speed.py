@@ -472,8 +472,6 @@ def markdown(r: dict[str, Any]) -> str:
         if "error" in x:
             lines.append(f"| {k} | error: {x['error'][:100]} | | | | | | | |")
             continue
-        if "launched" not in x:  # an older report: one call of one image, launched
-            x = dict(x, launched={"ms_per_image": x["ms"], "x_floor": x["x_floor"]})
         ran = [x[n] for n in ("launched", "graphs") if n in x]
         cells = " | ".join(f"{y['ms_per_image']} | {y['x_floor']}" for y in ran) + (" | - | -" if len(ran) == 1 else "")
         lines.append(f"| {k} | {x['patches']} | {x['llm_tokens']} | {x['gflop']} | {x['floor_ms']} | {cells} |")

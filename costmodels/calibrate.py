@@ -157,8 +157,8 @@ def _fp8_gemms(grids: "Grids", dev, timer, gen, out_of_time, skipped: list, max_
                 continue
             copies = max(1, min(64, math.ceil(256e6 / (n * k))))
             if kernel == "tensor":
-                pts += _fp8_tensor_points(n, k, ms_of, copies, dev, timer, gen, out_of_time)
-                cut += len(ms_of) - sum(1 for p in pts if (p["n"], p["k"]) == (n, k))
+                got = _fp8_tensor_points(n, k, ms_of, copies, dev, timer, gen, out_of_time)
+                pts, cut = pts + got, cut + len(ms_of) - len(got)
                 continue
             ws = [quant.quantize(torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen)) for _ in range(copies)]
             for m in ms_of:

@@ -422,10 +422,11 @@ def test_serving_terms_are_fitted_from_the_committed_trace():
     steps = load_profile("h200").steps
     form = fit_form_ms(rates)
     assert steps["form_ms"]["value"] == pytest.approx({k: form[k] for k in ("base", "prefill", "per_seq")}, abs=1e-4)
-    bare = sf.coster_of(report, "llama", "single", mixed_extra=False)
+    plan = sf.plan_of(report, "llama", "single")
+    bare = sf.coster_of(plan, mixed_extra=False)
     us, n = fit_mixed_us_per_layer(rates, bare, len(bare.cost.decoders))
     assert n > 100 and steps["mixed_us_per_layer"]["value"] == pytest.approx(us, abs=0.01)
-    full = sf.coster_of(report, "llama", "single")
+    full = sf.coster_of(plan)
     layers = len(full.cost.decoders)
     mixed, dec = StepShape.from_sequences([300] + [1] * 8, [300] + [700] * 8)
     extra = steps["mixed_us_per_layer"]["value"] * layers * 1e-3
