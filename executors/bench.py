@@ -61,8 +61,8 @@ def replay(engine: Any, requests: list[Any], arrivals: list[float], max_new_toke
     """Replay ``requests`` arriving at ``arrivals`` (seconds) in real time on a loaded engine, each
     generating exactly ``max_new_tokens[i]`` tokens. Returns what a simulator's run log holds, as
     measured: per request ``(arrival, first token, finish, output tokens, prompt tokens)`` in seconds
-    from the start (None for a request that failed), and the engine's step, shifted-step and
-    preemption counts over the run."""
+    on the stream's clock (``Engine.clock0``: arrivals count from it; None for a request that
+    failed), and the engine's step, shifted-step and preemption counts over the run."""
     from dataclasses import replace
 
     from executors import Sampling
@@ -74,9 +74,8 @@ def replay(engine: Any, requests: list[Any], arrivals: list[float], max_new_toke
     count: dict[int, int] = {}
     prompt: dict[int, int] = {}
     failed: dict[int, str] = {}
-    t0 = time.perf_counter()
     for i, tok, res in engine.stream(reqs, sampling=Sampling(stop_on_eos=False), arrivals=arrivals):
-        now = time.perf_counter() - t0
+        now = time.perf_counter() - engine.clock0
         if tok is None:
             failed[i] = res.error or "failed"
             continue
@@ -88,7 +87,7 @@ def replay(engine: Any, requests: list[Any], arrivals: list[float], max_new_toke
             for i in range(len(reqs))]
     tp = engine.mode_counts["tp"] - modes0.get("tp", 0)
     sp = engine.mode_counts["sp_tp"] - modes0.get("sp_tp", 0)
-    return {"requests": rows, "t_end": time.perf_counter() - t0, "steps": engine.step_id - step0,
+    return {"requests": rows, "t_end": time.perf_counter() - engine.clock0, "steps": engine.step_id - step0,
             "micro_batches_tp": tp, "micro_batches_sp_tp": sp,
             "preemptions": sum(s.preemptions for s in getattr(engine, "schedulers", [])),
             "errors": {i: failed[i] for i in sorted(failed)}}

@@ -137,7 +137,7 @@ class Engine:
         # executors.trace: a record a step when tracing (None: off); the steps sent, by id, until answered
         self.step_trace: list[dict[str, Any]] | None = [] if trace else None
         self._traced: dict[int, dict[str, Any]] = {}
-        self._t0 = time.perf_counter()  # the trace's clock: the current stream call's start
+        self.clock0 = time.perf_counter()  # the current stream's clock (arrivals, the trace): ``stream``
         self.next_req = 0
         self.pending_free: list[list[int]] = [[] for _ in range(plan.mesh.dp)]
         self.encoded: list[int] = []  # requests a dedicated encoder has finished, not yet admitted
@@ -340,13 +340,13 @@ class Engine:
                 self.unanswered[rep] += 1
                 nbytes, sent = sum(memoryview(p).nbytes for p in frame), time.perf_counter()
             if tracing:
-                self._traced[st.step_id] = step_record(st, rep, (t - self._t0) * 1e3, (sent - t) * 1e3, nbytes, queued)
+                self._traced[st.step_id] = step_record(st, rep, (t - self.clock0) * 1e3, (sent - t) * 1e3, nbytes, queued)
 
     def _traced_answer(self, o: StepOut) -> None:
         """A step's answer: its trace record, if it has one, completed (``executors.trace``)."""
         rec = self._traced.pop(o.step_id, None)
         if rec is not None:
-            rec["answered_ms"] = round((time.perf_counter() - self._t0) * 1e3, 3)
+            rec["answered_ms"] = round((time.perf_counter() - self.clock0) * 1e3, 3)
             rec["rank"] = o.timing
             self.step_trace.append(rec)
 
@@ -452,8 +452,12 @@ class Engine:
                arrivals: list[float] | None = None) -> Iterator[tuple[int, int | None, Result]]:
         """Yield ``(request index, token, result so far)`` as tokens arrive; a request that fails
         validation yields once with ``token=None`` and ``result.error`` set. ``arrivals``: seconds
-        after the call at which each request arrives (default: all at once); a request is admitted
-        to its replica's scheduler only then, and an idle engine sleeps until the next arrival."""
+        at which each request arrives (default: all at once); a request is admitted to its
+        replica's scheduler only then, and an idle engine sleeps until the next arrival. Arrivals
+        count from ``clock0``, set once every request is validated and built (its images' pixels
+        joined, its M-RoPE positions made), as a server's front end prepares each request before
+        its scheduler sees it; counted from the call, a replay of 101 image requests at 12 req/s
+        admitted the arrivals of its first 1.5 s at once (``bench/results/fidelity_2gpu.vl_single``)."""
         if self.closed:
             raise UserError("engine is shut down")
         if arrivals is not None and len(arrivals) != len(requests):
@@ -477,7 +481,6 @@ class Engine:
         ended: set[int] = set()  # requests finished while a look-ahead step still computes them
         # look-ahead: single-stage replicas (every rank samples), one micro-batch per step, not torchrun
         look = self.lookahead and self.plan.mesh.pp == 1 and self.plan.scheduler.microbatches <= 1 and not self.lock_step
-        t0 = self._t0 = time.perf_counter()
         for i, req in enumerate(requests):
             try:
                 s = make_seq(base + i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block,
@@ -491,6 +494,7 @@ class Engine:
             pending.append((arrivals[i] if arrivals else 0.0, len(pending) % len(scheds), s))
         pending.sort(key=lambda x: x[0])
         pending.reverse()  # the next arrival last: pop() takes it
+        t0 = self.clock0 = time.perf_counter()
 
         def admit() -> None:
             now = time.perf_counter() - t0

@@ -3,6 +3,7 @@ preemption by recompute, per-request errors, seeded random weights, sampling and
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,28 @@ def test_requests_arrive_over_time(tmp_path: Path) -> None:
         assert arrival <= first <= finish and out == k and prompt == len(r.tokens)
     assert log["requests"][2][1] >= 0.6 and log["t_end"] >= 0.6 and log["steps"] >= max(n)
     assert log["micro_batches_tp"] >= log["steps"] and log["preemptions"] == 0
+
+
+def test_arrivals_count_from_when_every_request_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preparing requests (validation, pixels, M-RoPE positions) happens before the stream's clock
+    starts: arrivals count from ``Engine.clock0``, set after the last request is built, so slow
+    preparation does not make later requests arrive at once."""
+    from executors import engine as engine_mod
+    from executors.bench import replay
+
+    built: list[float] = []
+    make_seq = engine_mod.make_seq
+
+    def slow_make_seq(*args, **kwargs):
+        time.sleep(0.02)
+        s = make_seq(*args, **kwargs)
+        built.append(time.perf_counter())
+        return s
+
+    monkeypatch.setattr(engine_mod, "make_seq", slow_make_seq)
+    save_checkpoint("llama", tmp_path)
+    reqs = [Request(tokens=[3, 4, 5]), Request(tokens=[9, 10])]
+    with executors.load(make_plan("llama"), weights=tmp_path) as eng:
+        log = replay(eng, reqs, [0.0, 0.05], [2, 2])
+        assert len(built) == 2 and eng.clock0 >= built[-1]
+    assert all(arrival <= first for arrival, first, *_ in log["requests"])
