@@ -8,7 +8,7 @@ one record a step, in the order the answers came::
 
 The step's shape, per micro-batch: ``new[m][i]``, the tokens sequence ``i`` of micro-batch ``m``
 adds (1 for a decode), and ``ctx[m][i]``, the keys it reads (cached + new), and ``patches``, the
-patch count of each request whose images the step encodes, so a step can be costed again
+patch count of each image the step encodes, so a step can be costed again
 (``bench/step_fidelity.py``).
 
 Driver side (milliseconds since the ``stream`` call began): ``sent_ms`` when the step left,
@@ -20,8 +20,12 @@ rank), ``bytes`` the framed step,
 encoding or receiving the step's images; ``forward_host_ms``: the micro-batches, graph replays or
 eager launches; ``sample_host_ms``) and, on a GPU, each phase's device time between CUDA events
 (``images_gpu_ms``, ``forward_gpu_ms``, ``sample_gpu_ms``: read once the step's tokens are back, so
-no extra synchronisation), and ``wait_ms``, the host's wait for the tokens. The events cost a few
-microseconds a step; with the trace off none are recorded. ``summary`` sums them by kind of step.
+no extra synchronisation), and ``wait_ms``, the host's wait for the tokens. On a GPU, a step that is
+not all decodes also records what the CUDA caching allocator did during it (``alloc_retries``: a
+failed allocation that freed the cache and synchronised the device; ``device_allocs`` /
+``device_frees``: cudaMalloc / cudaFree calls), the counters of ``torch.cuda.memory_stats`` (read
+twice a step, ~0.1 ms: left out of decode steps). The events cost a few microseconds a step; with
+the trace off none are recorded. ``summary`` sums them by kind of step.
 """
 
 from __future__ import annotations
@@ -32,17 +36,25 @@ from typing import Any
 import torch
 
 PHASES = ("images", "forward", "sample")
+ALLOCATOR = {"alloc_retries": "num_alloc_retries", "device_allocs": "num_device_alloc",
+             "device_frees": "num_device_free"}  # trace key -> torch.cuda.memory_stats counter
 
 
 class RankTimer:
     """Marks the end of each phase of a step (``mark``) on the host and, on a GPU, with a CUDA event
     on the current stream; ``timing`` reads them once the step's work is done."""
 
-    def __init__(self, device: torch.device, unpickle_ms: float = 0.0):
+    def __init__(self, device: torch.device, unpickle_ms: float = 0.0, allocator: bool = False):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.unpickle_ms = unpickle_ms
+        self.alloc0 = self._allocator() if (allocator and self.cuda) else None
         self.host = [time.perf_counter()]
         self.events = [self._event()] if self.cuda else []
+
+    def _allocator(self) -> dict[str, int]:
+        stats = torch.cuda.memory_stats(self.device)
+        return {k: int(stats.get(name, 0)) for k, name in ALLOCATOR.items()}
 
     def _event(self) -> Any:
         e = torch.cuda.Event(enable_timing=True)
@@ -63,6 +75,9 @@ class RankTimer:
             out[f"{name}_host_ms"] = round((self.host[i + 1] - self.host[i]) * 1e3, 3)
             if self.cuda:
                 out[f"{name}_gpu_ms"] = round(self.events[i].elapsed_time(self.events[i + 1]), 3)
+        if self.alloc0 is not None:
+            now = self._allocator()
+            out.update({k: now[k] - self.alloc0[k] for k in ALLOCATOR})
         return out
 
 
@@ -73,7 +88,7 @@ def step_record(step: Any, replica: int, sent_ms: float, send_ms: float, nbytes:
             "seqs": sum(len(mb.ctx) for mb in step.micro),
             "new": [torch.bincount(mb.seq, minlength=len(mb.ctx)).tolist() for mb in step.micro],
             "ctx": [list(mb.ctx) for mb in step.micro], "images": len(jobs),
-            "patches": [j.patches for j in jobs],
+            "patches": [t * h * w for j in jobs for t, h, w in j.grid],
             "pixel_mb": round(sum(j.pixels.numel() * j.pixels.element_size() for j in jobs
                                   if j.pixels is not None) / 1e6, 3),
             "mode": [mb.mode for mb in step.micro], "sent_ms": round(sent_ms, 3), "send_ms": round(send_ms, 3),

@@ -193,7 +193,7 @@ class RankRunner:
         stay on the device until ``Launched.out()`` reads them. A traced step (``Step.trace``) marks
         the end of each phase (``executors.trace.RankTimer``; ``unpickle_ms``: receiving it)."""
         par = self.par
-        timer = RankTimer(par.device, unpickle_ms) if step.trace else None
+        timer = RankTimer(par.device, unpickle_ms, allocator=not all(mb.decode for mb in step.micro)) if step.trace else None
         self.model.forget(step.free)
         self.model.receive_images(step.image_jobs)
         if timer:

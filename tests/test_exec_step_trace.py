@@ -44,11 +44,15 @@ def test_each_step_has_a_record_and_tracing_changes_no_token(mesh: dict) -> None
 
 
 def test_an_image_step_names_its_images() -> None:
-    img = random_image((4, 4), 9)
-    reqs = [Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8], images=[img]), Request(tokens=[40, 41, 42])]
+    """An image step names each image's patches (a request of two images: two counts, as the
+    simulator charges the tower per image, attention being within an image)."""
+    img, wide = random_image((4, 4), 9), random_image((4, 8), 10)
+    reqs = [Request(tokens=[7, 118, IMAGE_TOKEN, 119, IMAGE_TOKEN, 8], images=[img, wide]),
+            Request(tokens=[40, 41, 42])]
     plain, _ = _run("qwen2_vl", {}, reqs, trace=False)
     got, trace = _run("qwen2_vl", {}, reqs, trace=True)
     assert got == plain
     first = [r for r in trace if r["images"]]
     assert len(first) == 1 and first[0]["images"] == 1 and first[0]["pixel_mb"] > 0
+    assert first[0]["patches"] == [img.grid[0] * img.grid[1] * img.grid[2], wide.grid[0] * wide.grid[1] * wide.grid[2]]
     assert first[0]["rank"]["images_host_ms"] > 0
