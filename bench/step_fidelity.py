@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from executors.trace import ALLOCATOR  # noqa: E402
 from costmodels.steps import after_answers  # noqa: E402
 from graph.opgraph import StepShape  # noqa: E402
 
@@ -54,7 +55,8 @@ def read_steps(path: Path) -> dict[str, Any]:
     return json.loads(gzip.decompress(path.read_bytes()))
 
 
-KEEP_RANK = ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms", "forward_host_ms", "wait_ms", "unpickle_ms")
+KEEP_RANK = ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms", "images_host_ms", "forward_host_ms", "wait_ms",
+             "unpickle_ms", *ALLOCATOR)
 
 
 def last_stream(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
