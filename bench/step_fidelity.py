@@ -56,7 +56,7 @@ def read_steps(path: Path) -> dict[str, Any]:
 
 
 KEEP_RANK = ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms", "images_host_ms", "forward_host_ms", "wait_ms",
-             "unpickle_ms", *ALLOCATOR)
+             "unpickle_ms", "gc_ms", *ALLOCATOR)
 
 
 def last_stream(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

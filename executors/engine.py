@@ -621,8 +621,11 @@ class Engine:
         bucket) and a decode graph is captured per batch bucket at the shortest key bucket, as is a
         prefill graph for each first step of ``b`` prompts (``b * prompt_tokens`` tokens, up to the
         largest token bucket); other prefill and mixed shapes and longer contexts capture theirs on
-        first use. The engine's counters are reset after; its KV cache is free again."""
+        first use. Last, the driver and every rank settle their heaps (``worker.settle_heap``: what
+        loading and warming up made is never scanned by the garbage collector again). The engine's
+        counters are reset after; its KV cache is free again."""
         from executors.graphs import BATCH_BUCKETS
+        from executors.worker import settle_heap
 
         top = self.plan.scheduler.max_seqs
         per = self.plan.mesh.dp * self.lanes  # requests are dealt round-robin over every replica's lanes
@@ -630,6 +633,10 @@ class Engine:
             self.generate([Request(tokens=[min(1, self.args.vocab - 1)] * prompt_tokens) for _ in range(b * per)],
                           max_new_tokens=2,
                           sampling=Sampling(temperature=0.0, stop_on_eos=False))
+        if self.local is None:  # spawned ranks: an empty step that settles their heaps
+            self.step_id += 1
+            self._dispatch({rep: Step(self.step_id, [], settle=True) for rep in range(self.plan.mesh.dp)})
+        settle_heap()  # the driver's, and the in-process rank's
         self.mode_counts = dict.fromkeys(self.mode_counts, 0)
         self.lookahead_steps = self.peak_in_flight = 0
         if self.step_trace is not None:

@@ -24,12 +24,15 @@ no extra synchronisation), and ``wait_ms``, the host's wait for the tokens. On a
 not all decodes also records what the CUDA caching allocator did during it (``alloc_retries``: a
 failed allocation that freed the cache and synchronised the device; ``device_allocs`` /
 ``device_frees``: cudaMalloc / cudaFree calls), the counters of ``torch.cuda.memory_stats`` (read
-twice a step, ~0.1 ms: left out of decode steps). The events cost a few microseconds a step; with
-the trace off none are recorded. ``summary`` sums them by kind of step.
+twice a step, ~0.1 ms: left out of decode steps). ``gc_ms``: the garbage collector's pauses in the
+rank's process from the step's launch to its tokens (``gc.callbacks``, installed by the first
+traced step). The events cost a few microseconds a step; with the trace off none are recorded.
+``summary`` sums them by kind of step.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -38,6 +41,24 @@ import torch
 PHASES = ("images", "forward", "sample")
 ALLOCATOR = {"alloc_retries": "num_alloc_retries", "device_allocs": "num_device_alloc",
              "device_frees": "num_device_free"}  # trace key -> torch.cuda.memory_stats counter
+
+
+_GC = {"ms": 0.0, "since": 0.0, "installed": False}  # this process's collector pauses (``gc_pauses_ms``)
+
+
+def _on_gc(phase: str, _info: dict) -> None:
+    if phase == "start":
+        _GC["since"] = time.perf_counter()
+    else:
+        _GC["ms"] += (time.perf_counter() - _GC["since"]) * 1e3
+
+
+def gc_pauses_ms() -> float:
+    """Milliseconds this process has spent in garbage collections since the first call."""
+    if not _GC["installed"]:
+        gc.callbacks.append(_on_gc)
+        _GC["installed"] = True
+    return _GC["ms"]
 
 
 class RankTimer:
@@ -49,6 +70,7 @@ class RankTimer:
         self.device = device
         self.unpickle_ms = unpickle_ms
         self.alloc0 = self._allocator() if (allocator and self.cuda) else None
+        self.gc0 = gc_pauses_ms()
         self.host = [time.perf_counter()]
         self.events = [self._event()] if self.cuda else []
 
@@ -70,7 +92,8 @@ class RankTimer:
     def timing(self, wait_ms: float) -> dict[str, float]:
         """Every phase's host (and device) milliseconds; ``wait_ms``: the wait for the tokens. Call
         after the step's device work is done (its last event has completed)."""
-        out = {"unpickle_ms": round(self.unpickle_ms, 3), "wait_ms": round(wait_ms, 3)}
+        out = {"unpickle_ms": round(self.unpickle_ms, 3), "wait_ms": round(wait_ms, 3),
+               "gc_ms": round(gc_pauses_ms() - self.gc0, 3)}
         for i, name in enumerate(PHASES[:len(self.host) - 1]):
             out[f"{name}_host_ms"] = round((self.host[i + 1] - self.host[i]) * 1e3, 3)
             if self.cuda:

@@ -294,3 +294,41 @@ def test_arrivals_count_from_when_every_request_is_built(tmp_path: Path, monkeyp
         log = replay(eng, reqs, [0.0, 0.05], [2, 2])
         assert len(built) == 2 and eng.clock0 >= built[-1]
     assert all(arrival <= first for arrival, first, *_ in log["requests"])
+
+
+@pytest.mark.parametrize("mesh", [{}, {"dp": 2}], ids=["in-process", "dp2 spawned"])
+def test_warm_up_settles_the_heap_and_changes_no_token(mesh: dict, tmp_path: Path) -> None:
+    """``Engine.warm_up`` ends with the heap settled (``gc.freeze``: loading and warming up are never
+    scanned by the collector again) in the driver and, through an empty step, in spawned ranks
+    (which then still answer); tokens are those of an engine that did not warm up."""
+    import gc
+
+    reqs = [Request(tokens=list(range(3 + i, 12 + 2 * i))) for i in range(3)]
+    plan = make_plan("llama", max_batch_tokens=32, max_seqs=4, **mesh)
+    gc.unfreeze()
+    try:
+        with executors.load(plan, kv_blocks=64) as eng:
+            plain = [r.tokens for r in eng.generate(reqs, max_new_tokens=3, sampling=GREEDY)]
+        assert gc.get_freeze_count() == 0
+        with executors.load(plan, kv_blocks=64, warm_up=True) as eng:
+            assert gc.get_freeze_count() > 0
+            assert [r.tokens for r in eng.generate(reqs, max_new_tokens=3, sampling=GREEDY)] == plain
+    finally:
+        gc.unfreeze()
+
+
+def test_a_settle_step_freezes_the_rank_heap() -> None:
+    """A step marked ``settle`` (what ``Engine.warm_up`` sends spawned ranks) collects and freezes the
+    rank's heap before it runs."""
+    import gc
+
+    from executors.batch import Step
+
+    gc.unfreeze()
+    try:
+        with executors.load(make_plan("llama"), kv_blocks=16) as eng:
+            assert eng.local is not None and gc.get_freeze_count() == 0
+            eng.local.launch(Step(1, [], settle=True))
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -11,7 +11,7 @@ from executors import Request, Sampling
 from tests.tiny.helpers import IMAGE_TOKEN, make_plan, random_image
 
 GREEDY = Sampling(temperature=0.0, stop_on_eos=False)
-RANK_KEYS = {"unpickle_ms", "wait_ms", "images_host_ms", "forward_host_ms", "sample_host_ms"}
+RANK_KEYS = {"unpickle_ms", "wait_ms", "gc_ms", "images_host_ms", "forward_host_ms", "sample_host_ms"}
 
 
 def _run(model: str, mesh: dict, reqs: list[Request], trace: bool) -> tuple[list[list[int]], list | None]:
