@@ -1,0 +1,216 @@
+"""Where one step's time goes: a request shape run on the engine, its step traced and profiled.
+
+A fidelity trace (``bench/fidelity_2gpu.py --trace``) says how long each step took on the GPU next to
+what the cost model predicts; this script says why one kind of step takes longer. For each
+``--requests`` shape (text tokens and the image patch counts of one request; a request of
+``--tokens`` text tokens alone as a control) it runs that request ``--reps`` times on a loaded
+engine (two new tokens each: the prompt's step is the one looked at), with the step trace on, and
+then once more under ``torch.profiler`` (CPU ops and CUDA kernels). Reported per shape:
+
+* each rep's prompt step: the tower's and the forward's GPU ms (CUDA events) and the forward's host
+  ms (``executors.trace``), beside the cost model's prediction of the same step;
+* from the profiled rep: the GPU's busy time (the union of its kernels' intervals) against the
+  step's span, and its idle gaps of ``--gap-ms`` or more, each with the host ops that ran during
+  it (the outermost CPU ops overlapping the gap, longest first): a gap is the GPU waiting for the
+  host, and its ops say on what;
+* the profiled rep's top CUDA kernels and CPU ops by self time.
+
+The plan is a fidelity report's pinned case (``--report`` JSON, ``--model``, ``--case``: its
+``plan_yaml``), loaded with seeded random weights written once as a checkpoint on the device.
+
+    python bench/step_profile.py --out DIR --report bench/results/fidelity_2gpu.vl_single.json \\
+        --requests 4033:4784,4784,4784,1024 --requests 2914:4784,4096,1024,1024 --tokens 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def parse_shape(text: str) -> tuple[int, list[int]]:
+    """``TOKENS:P1,P2,..`` (a request of TOKENS prompt tokens in all, images of P_i patches) or
+    ``TOKENS`` (text only) -> ``(text tokens, patches)``; the image tokens (``P / 4`` each, Qwen2-VL's
+    2x2 merge) are part of TOKENS."""
+    tokens, _, imgs = text.partition(":")
+    patches = [int(p) for p in imgs.split(",") if p]
+    return int(tokens) - sum(p // 4 for p in patches), patches
+
+
+def make_request(text_tokens: int, patches: list[int], a: Any, seed: int) -> Any:
+    """An engine request of random ids and random pixels (``planner.bench_workload``'s requests)."""
+    from costmodels.workload import Request as WorkloadRequest
+    from planner.bench_workload import engine_requests
+
+    wr = WorkloadRequest(id=0, arrival_s=0.0, text_tokens=text_tokens, output_tokens=2,
+                         image_patches=tuple(patches), image_tokens=tuple(p // 4 for p in patches))
+    v = a.vision
+    return engine_requests([wr], a.vocab, a.image_token_id, v.patch_dim if v else 0, v.merge if v else 2, seed)[0]
+
+
+def gpu_gaps(events: list[Any], gap_us: float) -> dict[str, Any]:
+    """Busy time, span and idle gaps of the CUDA kernels among profiler ``events`` (microseconds),
+    each gap with the outermost CPU ops overlapping it."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    if not kernels:
+        return {"busy_ms": 0.0, "span_ms": 0.0, "gaps": []}
+    busy, gaps = 0.0, []
+    cur_s, cur_e = kernels[0]
+    for s, e in kernels[1:] + [(float("inf"), float("inf"))]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            if s - cur_e >= gap_us and s != float("inf"):
+                gaps.append((cur_e, s))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    out = []
+    for a, b in gaps:
+        inside = [e for e in cpu if e.time_range.start < b and e.time_range.end > a]
+        outer = [e for e in inside if not any(o is not e and o.time_range.start <= e.time_range.start
+                                               and o.time_range.end >= e.time_range.end for o in inside)]
+        ops = sorted(outer, key=lambda e: -(min(e.time_range.end, b) - max(e.time_range.start, a)))[:6]
+        out.append({"at_ms": round((a - kernels[0][0]) / 1e3, 3), "ms": round((b - a) / 1e3, 3),
+                    "host_ops": [f"{e.name} ({(min(e.time_range.end, b) - max(e.time_range.start, a)) / 1e3:.2f} ms)"
+                                 for e in ops]})
+    return {"busy_ms": round(busy / 1e3, 3), "span_ms": round((kernels[-1][1] - kernels[0][0]) / 1e3, 3),
+            "gaps": out}
+
+
+def top_ops(prof: Any, key: str, n: int = 15) -> list[dict[str, Any]]:
+    rows = sorted(prof.key_averages(), key=lambda r: -getattr(r, key))[:n]
+    return [{"name": r.key[:90], "calls": r.count, "self_ms": round(getattr(r, key) / 1e3, 3)} for r in rows]
+
+
+def prompt_step(trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step of a 2-token request that ran its prompt (the one with more tokens than sequences)."""
+    return max(trace, key=lambda r: r["tokens"])
+
+
+def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, duration: float) -> dict[str, Any]:
+    """Replay ``duration`` s of the report's workload at ``rate`` req/s on ``eng`` (the fidelity run's
+    requests, another seed): the engine's state after serving, before the shapes run."""
+    from bench.fidelity_2gpu import model_spec
+    from planner.bench_workload import replay_requests, sample_requests
+    from planner.inputs import cost_model_of, workload_of
+
+    spec, _cfg = model_spec(model, False, report["backend"])
+    wl = workload_of(spec, cost_model_of(spec)[0].info)
+    _wl, reqs = sample_requests(wl, rate=rate, duration=duration, seed=7)
+    t = time.perf_counter()
+    replay_requests(eng, reqs, 7)
+    return {"rate_rps": rate, "requests": len(reqs), "wall_s": round(time.perf_counter() - t, 1),
+            "graphs": eng.graph_captures()}
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from bench import step_fidelity as sf
+    from bench.common import driver_version, write_checkpoint
+    from graph.hf_config import load_config
+    from graph.opgraph import StepShape
+    import executors
+
+    report = json.loads(Path(a.report).read_text())
+    plan = sf.plan_of(report, a.model, a.case)
+    coster, encoder = sf.coster_of(plan), sf.in_step_encoder(plan)
+    dev = torch.device("cuda")
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "driver": driver_version(),
+                           "torch": torch.__version__, "plan": f"{a.model} {a.case} (from {Path(a.report).name})",
+                           "shapes": []}
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(preset=plan.model.preset)
+        ckpt = Path(d) / "ckpt"
+        write_checkpoint(cfg, ckpt, dev, torch.bfloat16, seed=0)
+        pf = Path(d) / "plan.yaml"
+        pf.write_text(report["models"][a.model]["cases"][a.case]["plan_yaml"])
+        t = time.perf_counter()
+        with executors.load(pf, weights=ckpt, device="cuda", backend=a.backend, trace=True) as eng:
+            out["load_s"] = round(time.perf_counter() - t, 1)
+            if a.preamble:  # serving first: the report's workload replayed at a rate, as a fidelity rate runs
+                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s)
+            shapes = [parse_shape(s) for s in a.requests] + [(a.tokens, [])] * bool(a.tokens)
+            for text, patches in shapes:
+                req = make_request(text, patches, eng.args, seed=len(out["shapes"]))
+                reps = []
+                for _ in range(a.reps + 1):  # the first: new shapes compile and capture
+                    eng.step_trace.clear()
+                    eng.generate([req], max_new_tokens=2)
+                    r = prompt_step(eng.step_trace)
+                    rk = r["rank"]
+                    shape, dec = StepShape.from_sequences(r["new"][0], r["ctx"][0])
+                    pred = sum(coster.stage_ms(shape, r["mode"][0], dec))
+                    tower = coster.vision_ms(tuple(r["patches"]), tp=encoder.tp, dp=encoder.dp) if r["patches"] and encoder else 0.0
+                    reps.append({"tokens": r["tokens"], "tower_gpu_ms": rk.get("images_gpu_ms"), "tower_predicted_ms": round(tower, 2),
+                                 "forward_gpu_ms": rk.get("forward_gpu_ms"), "forward_predicted_ms": round(pred, 2),
+                                 "forward_host_ms": rk.get("forward_host_ms"), "gc_ms": rk.get("gc_ms")})
+                torch.cuda.synchronize()
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                with torch.profiler.profile(activities=acts) as prof:
+                    eng.generate([req], max_new_tokens=1)
+                    torch.cuda.synchronize()
+                out["shapes"].append({"text_tokens": text, "patches": patches, "reps": reps[1:], "first": reps[0],
+                                      "profiled": gpu_gaps(list(prof.events()), a.gap_ms * 1e3),
+                                      "top_cuda": top_ops(prof, "self_device_time_total"),
+                                      "top_cpu": top_ops(prof, "self_cpu_time_total")})
+                print(json.dumps(out["shapes"][-1]["reps"]), flush=True)
+    return out
+
+
+def markdown(r: dict[str, Any], command: str) -> str:
+    lines = [f"# Step profile: {r['plan']}", "",
+             f"{r['device']}, driver {r['driver']}, torch {r['torch']}. Command: `{command}`.", ""]
+    if r.get("preamble"):
+        lines += [f"Before the shapes: the workload replayed ({r['preamble']}).", ""]
+    for s in r["shapes"]:
+        lines += [f"## {s['text_tokens']} text tokens, images of {s['patches'] or 'none'} patches", "",
+                  "| rep | tokens | tower GPU ms | tower predicted | forward GPU ms | forward predicted | forward host ms | gc ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, x in enumerate(s["reps"]):
+            lines.append(f"| {i + 1} | {x['tokens']} | {x['tower_gpu_ms']} | {x['tower_predicted_ms']} | {x['forward_gpu_ms']} | "
+                         f"{x['forward_predicted_ms']} | {x['forward_host_ms']} | {x['gc_ms']} |")
+        p = s["profiled"]
+        lines += ["", f"Profiled rep: GPU busy {p['busy_ms']} ms of a {p['span_ms']} ms span; idle gaps:", ""]
+        lines += [f"- at {g['at_ms']} ms, {g['ms']} ms: {', '.join(g['host_ops'])}" for g in p["gaps"]] or ["- none"]
+        for key, title in (("top_cuda", "CUDA kernels"), ("top_cpu", "CPU ops")):
+            lines += ["", f"Top {title} by self time:", "", "| name | calls | self ms |", "|---|---|---|"]
+            lines += [f"| {x['name']} | {x['calls']} | {x['self_ms']} |" for x in s[key]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import command_line, write_report
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report", default=str(ROOT / "bench/results/fidelity_2gpu.vl_single.json"))
+    ap.add_argument("--model", default="qwen2-vl")
+    ap.add_argument("--case", default="single")
+    ap.add_argument("--requests", action="append", default=[], help="TOKENS:P1,P2,.. (repeatable)")
+    ap.add_argument("--tokens", type=int, default=0, help="also a text-only request of this many tokens")
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--gap-ms", type=float, default=0.5)
+    ap.add_argument("--backend", default="compile")
+    ap.add_argument("--preamble", type=float, default=0.0, metavar="RATE",
+                    help="first replay the report's workload at RATE req/s (0: none)")
+    ap.add_argument("--preamble-s", type=float, default=8.0, help="seconds of arrivals of that replay")
+    a = ap.parse_args(argv)
+    r = run(a)
+    write_report(a.out, "step_profile", r, markdown(r, command_line("bench/step_profile.py", argv)), echo=True)
+
+
+if __name__ == "__main__":
+    main()
