@@ -4,11 +4,15 @@ prefill kernel (``executors/paged_prefill.py``), on one GPU.
 Llama-3.1-8B's attention shapes on one GPU (32 query heads, 8 KV heads, head dim 128, bf16,
 16-token KV blocks scattered over the cache). Cases: one first chunk of 512, 2,048 and 8,192
 tokens; four chunks of 256 tokens after 1,024 cached keys each; sixteen chunks of 32 tokens after
-512. For each path: the wall time of one call from the host (launches included, synchronised: what
-a step outside CUDA graphs pays per layer) and its GPU time (CUDA events), medians of ``--reps``;
-FLOPs over GPU time beside the matmul rate measured in the run; the largest difference between the
-paths' outputs. The engine's eager steps use the kernel when two or more sequences prefill, its
-prefill graphs always (``executors.paged_prefill``).
+512; a mixed step as its CUDA graph attends it (every sequence in the kernel), 64 decodes of 4,000
+keys beside a first chunk of 1,600 tokens. Paths: one SDPA per sequence, the kernel, and the kernel
+with every program's keys in one range (no split-K: ``paged_decode.MAX_KEYS_PER_SPLIT = 0``; it
+differs from the kernel only where a table holds more than 1,024 keys). For each path: the wall
+time of one call from the host (launches included, synchronised: what a step outside CUDA graphs
+pays per layer) and its GPU time (CUDA events), medians of ``--reps``; FLOPs over GPU time beside
+the matmul rate measured in the run; the largest difference between the paths' outputs. The
+engine's eager steps use the kernel when two or more sequences prefill, its prefill graphs always
+(``executors.paged_prefill``).
 
     python bench/prefill_attention.py --out DIR              # on a CUDA machine
     TRITON_INTERPRET=1 python bench/prefill_attention.py --out DIR --tiny   # CPU dry run (small shapes)
@@ -31,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CASES = {"1x512": [(0, 512)], "1x2048": [(0, 2048)], "1x8192": [(0, 8192)], "4x256@1024": [(1024, 256)] * 4,
-         "16x32@512": [(512, 32)] * 16}  # (cached keys, new tokens) per sequence
+         "16x32@512": [(512, 32)] * 16,
+         "64x1@4000+1x1600": [(4000, 1)] * 64 + [(0, 1600)]}  # (cached keys, new tokens) per sequence
+PATHS = ("sdpa_per_sequence", "paged_prefill", "paged_prefill_unsplit")
 TINY = {"1x24": [(0, 24)], "3x8@12": [(12, 8)] * 3}
 
 
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     from bench.common import command_line, median, timed_ms, write_report
     from bench.engine_speed import ceilings
-    from executors import paged_prefill
+    from executors import paged_decode, paged_prefill
     from executors.attention import LayerCache, _attend_per_sequence, prefill_inputs, sequence_spans
     from executors.model import AttnMeta
 
@@ -90,11 +96,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def kernel() -> torch.Tensor:  # the host builds the kernel's inputs each step, as the engine does
             return paged_prefill.attend(q, cache.k, cache.v, prefill_inputs(mb, spans, spans, block, dev))
 
-        diff = float((sdpa().float() - kernel().float()).abs().max())
+        def unsplit() -> torch.Tensor:  # the kernel with no key ranges
+            cap, paged_decode.MAX_KEYS_PER_SPLIT = paged_decode.MAX_KEYS_PER_SPLIT, 0
+            try:
+                return kernel()
+            finally:
+                paged_decode.MAX_KEYS_PER_SPLIT = cap
+
+        want = sdpa().float()
+        diff = max(float((want - fn().float()).abs().max()) for fn in (kernel, unsplit))
         flops = sum(4 * n * (c + (n + 1) / 2) * hq * D for c, n in chunks)  # causal: QK^T and PV
         row: dict[str, Any] = {"tokens": T, "sequences": len(chunks), "GFLOP": round(flops / 1e9, 3),
                                "max_abs_diff": float(f"{diff:.3g}")}
-        for path, fn in (("sdpa_per_sequence", sdpa), ("paged_prefill", kernel)):
+        for path, fn in zip(PATHS, (sdpa, kernel, unsplit)):
             wall, gpu = (median(timed_ms(fn, dev, reps, 2, host=h)) for h in (True, False))
             row[path] = {"host_ms": round(wall, 4), "gpu_ms": round(gpu, 4),
                          "TFLOPs": round(flops / (gpu / 1e3) / 1e12, 2) if gpu > 0 else None}
@@ -110,11 +124,12 @@ def markdown(r: dict[str, Any]) -> str:
              f"blocks of {r['block']} keys. Command: `{r['command']}`. Matmul rate measured in the run: "
              f"{r['matmul_TFLOPs']} TFLOP/s.", "",
              "| case | tokens | GFLOP | SDPA host ms | SDPA GPU ms | SDPA TFLOP/s | kernel host ms | kernel GPU ms | "
-             "kernel TFLOP/s | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "kernel TFLOP/s | kernel without key ranges GPU ms | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in r["cases"].items():
-        s, k = x["sdpa_per_sequence"], x["paged_prefill"]
+        s, k, u = (x[p] for p in PATHS)
         lines.append(f"| {name} | {x['tokens']} | {x['GFLOP']} | {s['host_ms']} | {s['gpu_ms']} | {s['TFLOPs']} | "
-                     f"{k['host_ms']} | {k['gpu_ms']} | {k['TFLOPs']} | {x['max_abs_diff']} |")
+                     f"{k['host_ms']} | {k['gpu_ms']} | {k['TFLOPs']} | {u['gpu_ms']} | {x['max_abs_diff']} |")
     return "\n".join(lines) + "\n"
 
 

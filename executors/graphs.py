@@ -25,8 +25,9 @@ buffer is ``[tokens T | pos R*T | slots T | image flag T | sample S | t0, nq, ct
 | table (S+1)*L/bs]``; a VL model's image rows are copied into one static ``[T, hidden]`` buffer before
 each replay. ``StageModel.mixed_forward`` attends every sequence (prefill chunks and decodes alike)
 with the paged prefill kernel (``executors.paged_prefill``) over a fixed grid of ``P = T / 16 + S``
-programs; row ``S`` is an empty sequence that padding programs point at. SP x TP steps and steps
-past the largest bucket run eagerly.
+programs, each sequence's keys in ranges set by the key bucket ``L`` (``paged_prefill.splits``: a
+decode of 4,000 keys is four programs, not one); row ``S`` is an empty sequence that padding programs
+point at. SP x TP steps and steps past the largest bucket run eagerly.
 
 Graphs share one memory pool and are captured lazily, the first time a bucket is met (NCCL
 collectives are captured too; every rank of a stage meets the same buckets in the same order,

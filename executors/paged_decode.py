@@ -13,8 +13,9 @@ programs of its longest sequences. A program
 keeps the running max ``m``, sum ``l`` and accumulator of the online softmax over its range and
 writes ``out_r = acc / l`` and ``lse_r = m + log l``; a second kernel (one program per
 ``(sequence, query head)``, all ranges loaded at once) combines them, ``out = sum_r exp(lse_r - M) out_r / sum_r
-exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and weight 0), and
-writes the ``[S, hq * D]`` result in the query's dtype: two launches per layer. When one range
+exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and weight 0; ``range_result``
+and ``range_weights``, which the paged prefill kernel's key ranges share), and writes the ``[S, hq * D]``
+result in the query's dtype: two launches per layer. When one range
 covers every sequence (``nsplit == 1``: batches of ``TARGET_PROGRAMS / hkv`` sequences or more) the
 partial kernel writes the result itself and the combine is skipped.
 
@@ -170,6 +171,21 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
+    def range_result(m, l, acc):
+        """A key range's result from its online softmax state (``m, l [rows]``, ``acc [rows, BLOCK_D]``):
+        ``out_r = acc / l`` and ``lse_r = m + log l``; a row that read no key has ``out_r = 0`` and
+        ``lse_r = -inf``."""
+        safe = tl.where(l > 0, l, 1.0)
+        return acc / safe[:, None], tl.where(l > 0, m + tl.log(safe), float("-inf"))
+
+    @triton.jit
+    def range_weights(lse, top):
+        """The combine's weights ``exp(lse_r - M)`` of ranges against their largest ``M = top``, shared
+        by the decode and prefill combines: ``out = sum_r w_r out_r / sum_r w_r``. A range with
+        ``lse = -inf`` (no key) weighs 0, and when no range had a key (``M = -inf``) every weight is 0."""
+        return tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
+
+    @triton.jit
     def _partial(Q, K, V, TABLE, LENS, OUT, LSE, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
                  keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                  BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
@@ -196,15 +212,15 @@ if triton is not None:
             valid = n < hi
             m, l, acc = key_block(q, K, V, TABLE + s * stride_ts, n, valid, valid[None, :], d, dmask,
                                   h * stride_kh, stride_kslot, scale, m, l, acc, BS)
-        safe = tl.where(l > 0, l, 1.0)
+        out, lse = range_result(m, l, acc)
         if DIRECT:  # OUT is the [S, hq * D] result: query head h * G + g of sequence s
             tl.store(OUT + (s * H * G + h * G + g)[:, None] * D + d[None, :],
-                     (acc / safe[:, None]).to(OUT.dtype.element_ty), mask=(g < G)[:, None] & dmask[None, :])
+                     out.to(OUT.dtype.element_ty), mask=(g < G)[:, None] & dmask[None, :])
             return
         base = (s * H + h) * R + r
-        tl.store(OUT + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc / safe[:, None],
+        tl.store(OUT + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], out,
                  mask=dmask[None, :] & (g < BLOCK_G)[:, None])
-        tl.store(LSE + base * BLOCK_G + g, tl.where(l > 0, m + tl.log(safe), float("-inf")))
+        tl.store(LSE + base * BLOCK_G + g, lse)
 
     @triton.jit
     def _combine(OUT, LSE, O, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
@@ -218,8 +234,7 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         rows = ((s * H + qh // G) * R + r) * BLOCK_G + qh % G  # [BLOCK_R] rows of this head, one per range
         lse = tl.load(LSE + rows, mask=r < R, other=float("-inf"))
-        m = tl.max(lse, 0)
-        w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))  # empty ranges: weight 0
+        w = range_weights(lse, tl.max(lse, 0))
         x = tl.load(OUT + rows[:, None] * BLOCK_D + d[None, :], mask=(r < R)[:, None], other=0.0)
         o = tl.sum(w[:, None] * x, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
         tl.store(O + (s * hq + qh) * D + d, o.to(O.dtype.element_ty), mask=d < D)

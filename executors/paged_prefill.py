@@ -9,13 +9,35 @@ its key count ``ctx_s`` (the chunk's own keys included), so query row ``t0_s + i
 ``ctx_s - n_s + i`` and reads keys ``0 .. ctx_s - n_s + i``; ``table [S, nb]`` each sequence's KV
 blocks. Query heads are grouped by KV head (``G = hq / hkv``, padded to a power of two ``G_P``).
 
-A program takes ``BLOCK_M`` consecutive query tokens of one sequence and one KV head: its rows are
-the ``BLOCK_M x G_P`` (token, query head) pairs, so each key block is read once for the G heads
-that share it. It streams the keys ``0 .. (last position of its tokens)`` in blocks of
-``BLOCK_N`` through the table, with the causal mask ``key <= position`` and the online softmax
-(running max ``m``, sum ``l``, accumulator; ``paged_decode.key_block``, the decode kernel's
-step too), and writes ``acc / l`` into ``o [T, hq * D]``.
+A program takes ``BLOCK_M`` consecutive query tokens of one sequence, one KV head and one range
+of keys: its rows are the ``BLOCK_M x G_P`` (token, query head) pairs, so each key block is read
+once for the G heads that share it. The tokens read keys ``0 .. hi`` (``hi``: the last token's
+position + 1), cut into ranges of ``R`` keys; program ``(p, h, r)`` streams the keys
+``[r R, min((r + 1) R, hi))`` in blocks of ``BLOCK_N`` through the table, with the causal mask
+``key <= position`` and the online softmax (running max ``m``, sum ``l``, accumulator;
+``paged_decode.key_block``, the decode kernel's step too). Where all of ``0 .. hi`` fits one range
+it writes ``acc / l`` into ``o [T, hq * D]`` itself. Otherwise each range writes ``out_r = acc / l``
+and ``lse_r = m + log l`` (fp32 scratch ``[nsplit, T, hq, D]`` and ``[nsplit, T, hq]``), and a
+second kernel (one program per block of tokens and KV head) combines them as the decode kernel
+does: ``out = sum_r exp(lse_r - M) out_r / sum_r exp(lse_r - M)``, ``M = max_r lse_r``, a range
+where a row reads no key weighing 0 (``lse_r = -inf``). Ranges past ``hi`` exit at once.
 ``programs`` lists the (sequence, first row) of each program on the host.
+
+Why ranges: a program streams its keys one block after another, and a step waits on its longest
+programs. Mixed steps replayed as CUDA graphs put every sequence, decodes too, through this
+kernel, and a decode with 4,000 cached keys was one program of 63 blocks: on an H200, Qwen2-VL-7B's
+mixed steps (28 layers, 28 query heads over 4 KV heads) ran ~8 ms (~285 us a layer) longer than
+the cost model predicts when their decodes held ~4,000 keys, ~4.5 ms with ~2,400. The decode
+kernel's cap holds here too: ranges of at most ``paged_decode.MAX_KEYS_PER_SPLIT`` keys.
+
+The split is a function of shapes only (``splits``), never of the step's values, since CUDA graphs
+capture the launches and their scratch with static buffers: from the block table's width ``L = nb x
+block size`` (the key bucket, the most keys a sequence can have), ``nsplit = ceil(L /
+MAX_KEYS_PER_SPLIT)`` ranges of ``R = ceil(L / nsplit)`` keys in whole ``BLOCK_N``, fewer (longer)
+ranges where the scratch, ``nsplit x T x hq x (D + 1) x 4`` bytes allocated per call (inside a
+graph, from its memory pool), would pass ``SCRATCH_BYTES``. With ``nsplit == 1`` (tables of up to
+1,024 keys) there is one launch and no scratch, as without ranges; in a split step a block of
+tokens whose keys fit one range still writes ``o`` directly and its combine program exits at once.
 
 When it serves (``POLICY``, ``SHIFTPLAN_PAGED_PREFILL``): measured per layer on an H200
 (``bench/results/prefill_attention.md``), it is 2.9x faster than one SDPA per sequence on four
@@ -34,11 +56,13 @@ from dataclasses import dataclass
 
 import torch
 
+from executors import paged_decode
+
 try:
     import triton
     import triton.language as tl
 
-    from executors.paged_decode import key_block
+    from executors.paged_decode import key_block, range_result, range_weights
 except ImportError:  # CPU-only installs: attention.py keeps its torch path
     triton = None
 
@@ -51,6 +75,9 @@ if POLICY not in ("auto", "0", "1"):
 _failed: list[str] = []  # the kernel's first failure on this process (then per-sequence SDPA serves)
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per inner iteration
+# the key ranges' fp32 scratch stays within this: a 2,048-token step of 28 heads of 128 (Qwen2-VL-7B on one
+# GPU) holds 9 ranges, so key buckets up to 8,192 keep ranges of 1,024; past that the ranges grow
+SCRATCH_BYTES = 256 << 20
 
 
 def supported(dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device, replicated_kv: bool) -> bool:
@@ -63,6 +90,18 @@ def supported(dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device
 def wanted(prefill_sequences: int) -> bool:
     """An eagerly run step's prefill goes to the kernel (given ``supported``): see the module doc."""
     return POLICY == "1" or prefill_sequences >= 2
+
+
+def splits(keys: int, range_bytes: int) -> tuple[int, int]:
+    """``(nsplit, keys_per_split)`` for a block table of ``keys`` keys (its width times the block size)
+    and ``range_bytes`` of scratch a range (``T x hq x (D + 1) x 4``): ranges of whole ``BLOCK_N``,
+    of at most ``paged_decode.MAX_KEYS_PER_SPLIT`` keys (0: no cap) while ``nsplit`` ranges fit
+    ``SCRATCH_BYTES``. Shapes only: the same for every step of a captured graph (module doc)."""
+    chunks = max(1, -(-keys // BLOCK_N))
+    cap = paged_decode.MAX_KEYS_PER_SPLIT
+    want = -(-chunks * BLOCK_N // cap) if cap else 1
+    nsplit = max(1, min(chunks, want, SCRATCH_BYTES // range_bytes))
+    return nsplit, -(-chunks // nsplit) * BLOCK_N
 
 
 def program_rows(nq: torch.Tensor, t0: torch.Tensor, programs_max: int, pad_seq: int,
@@ -135,53 +174,115 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[T, hq * D]`` causal attention of the prefill sequences' query rows (module doc); rows of
     no sequence are left as in ``out`` (zeros when it is None). ``t0, nq, ctx [S]``, ``seq_of,
-    row0 [P]`` int32/int64 on ``q``'s device."""
+    row0 [P]`` int32/int64 on ``q``'s device. Key ranges from ``splits`` of the table's width; with
+    more than one, fp32 scratch per call and a second launch combine them."""
     T, hq, D = q.shape
     hkv = k_cache.shape[1]
-    G = hq // hkv
     o = out if out is not None else torch.zeros(T, hq * D, dtype=q.dtype, device=q.device)
     P = seq_of.shape[0]
     if P == 0:
         return o
-    _prefill[(P, hkv)](q, k_cache, v_cache, o, table, seq_of, row0, t0, nq, ctx,
-                       q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), o.stride(0),
-                       D ** -0.5, G=G, G_P=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D),
-                       BS=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    nsplit, per = splits(table.shape[1] * block_size, T * hq * (D + 1) * 4)
+    direct = nsplit == 1  # every block of tokens in one range: no scratch, no combine
+    part = o if direct else torch.empty(nsplit, T, hq, D, dtype=torch.float32, device=q.device)
+    lse = o if direct else torch.empty(nsplit, T, hq, dtype=torch.float32, device=q.device)
+    G = hq // hkv
+    rows = (seq_of, row0, t0, nq, ctx)
+    shape = dict(G=G, G_P=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M)
+    _prefill[(P, hkv, nsplit)](q, k_cache, v_cache, o, part, lse, table, *rows, q.stride(0), q.stride(1),
+                               k_cache.stride(0), k_cache.stride(1), table.stride(0), o.stride(0), per, T,
+                               D ** -0.5, BS=block_size, BLOCK_N=BLOCK_N, SPLIT=not direct, **shape)
+    if not direct:
+        _combine[(P, hkv)](part, lse, o, *rows, o.stride(0), per, T, **shape)
     return o
 
 
 if triton is not None:
 
     @triton.jit
-    def _prefill(Q, K, V, O, TABLE, SEQ_OF, ROW0, T0, NQ, CTX, stride_qt, stride_qh, stride_kslot, stride_kh,
-                 stride_ts, stride_ot, scale, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def tile(SEQ_OF, ROW0, T0, NQ, CTX, G: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Program ``p``'s rows, the ``BLOCK_M x G_P`` (token, query head of the group) pairs: the
+        sequence ``s``, each row's token ``tok`` and head ``g`` in the group, ``row_ok`` (a real token
+        and head), its position ``pos`` (-1: padding, reads nothing), and ``hi``: the keys the last
+        token reads (``0 .. hi``)."""
         p = tl.program_id(0)
-        h = tl.program_id(1)
         s = tl.load(SEQ_OF + p)
         r0 = tl.load(ROW0 + p)
         t0 = tl.load(T0 + s)
         n = tl.load(NQ + s)
         ctx = tl.load(CTX + s)
         i = tl.arange(0, BLOCK_M * G_P)
-        tok = r0 + i // G_P  # query token row of each (token, head) row
+        tok = r0 + i // G_P
         g = i % G_P
         row_ok = (g < G) & (tok < t0 + n)
-        pos = tl.where(row_ok, ctx - n + (tok - t0), -1)  # its position; -1: padding row, reads nothing
+        pos = tl.where(row_ok, ctx - n + (tok - t0), -1)
+        return s, tok, g, row_ok, pos, tl.minimum(ctx, ctx - n + (r0 - t0) + BLOCK_M)
+
+    @triton.jit
+    def scratch_row(r, T, tok, h, G: tl.constexpr, g):
+        """Row of (range ``r``, token ``tok``, query head ``h * G + g``) in the ``[nsplit, T, hq]``
+        scratch (``hq = hkv * G``, the grid's second axis being the KV heads)."""
+        return (r * T + tok.to(tl.int64)) * (tl.num_programs(1) * G) + h * G + g
+
+    @triton.jit
+    def store_o(O, stride_ot, tok, h, G: tl.constexpr, g, D: tl.constexpr, d, x, mask):
+        """``x`` into the rows (token ``tok``, query head ``h * G + g``) of ``o [T, hq * D]``."""
+        tl.store(O + tok[:, None].to(tl.int64) * stride_ot + (h * G + g)[:, None] * D + d[None, :],
+                 x.to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _prefill(Q, K, V, O, OUT, LSE, TABLE, SEQ_OF, ROW0, T0, NQ, CTX, stride_qt, stride_qh, stride_kslot,
+                 stride_kh, stride_ts, stride_ot, keys_per_split, T, scale, G: tl.constexpr, G_P: tl.constexpr,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        h = tl.program_id(1)
+        r = tl.program_id(2)
+        s, tok, g, row_ok, pos, hi = tile(SEQ_OF, ROW0, T0, NQ, CTX, G, G_P, BLOCK_M)
+        ranges = tl.cdiv(hi, keys_per_split)  # the ranges holding keys of these tokens
+        if r >= ranges:
+            return
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
+        mask = row_ok[:, None] & dmask[None, :]
         q = tl.load(Q + tok[:, None].to(tl.int64) * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :],
-                    mask=row_ok[:, None] & dmask[None, :], other=0.0)
-        hi = tl.minimum(ctx, ctx - n + (r0 - t0) + BLOCK_M)  # keys the block's last token reads
+                    mask=mask, other=0.0)
+        lo = r * keys_per_split
+        end = tl.minimum(lo + keys_per_split, hi)
         m = tl.full([BLOCK_M * G_P], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M * G_P], tl.float32)
         acc = tl.zeros([BLOCK_M * G_P, BLOCK_D], tl.float32)
-        for start in range(0, hi, BLOCK_N):
+        for start in range(lo, end, BLOCK_N):
             kn = start + tl.arange(0, BLOCK_N)
-            kvalid = kn < hi
+            kvalid = kn < end
             causal = kvalid[None, :] & (kn[None, :] <= pos[:, None])
             m, l, acc = key_block(q, K, V, TABLE + s * stride_ts, kn, kvalid, causal, d, dmask, h * stride_kh,
                                   stride_kslot, scale, m, l, acc, BS)
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]
-        tl.store(O + tok[:, None].to(tl.int64) * stride_ot + (h * G + g)[:, None] * D + d[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+        out, lse = range_result(m, l, acc)
+        if not SPLIT or ranges == 1:  # the answer itself
+            store_o(O, stride_ot, tok, h, G, g, D, d, out, mask)
+        else:
+            at = scratch_row(r, T, tok, h, G, g)
+            tl.store(OUT + at[:, None] * D + d[None, :], out, mask=mask)
+            tl.store(LSE + at, lse, mask=row_ok)
+
+    @triton.jit
+    def _combine(OUT, LSE, O, SEQ_OF, ROW0, T0, NQ, CTX, stride_ot, keys_per_split, T, G: tl.constexpr,
+                 G_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        h = tl.program_id(1)
+        _s, tok, g, row_ok, _pos, hi = tile(SEQ_OF, ROW0, T0, NQ, CTX, G, G_P, BLOCK_M)
+        ranges = tl.cdiv(hi, keys_per_split)
+        if ranges < 2:  # its one range's program wrote ``o``
+            return
+        d = tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (d < D)[None, :]
+        top = tl.full([BLOCK_M * G_P], float("-inf"), tl.float32)
+        for r in range(0, ranges):
+            top = tl.maximum(top, tl.load(LSE + scratch_row(r, T, tok, h, G, g), mask=row_ok, other=float("-inf")))
+        acc = tl.zeros([BLOCK_M * G_P, BLOCK_D], tl.float32)
+        total = tl.zeros([BLOCK_M * G_P], tl.float32)
+        for r in range(0, ranges):
+            at = scratch_row(r, T, tok, h, G, g)
+            w = range_weights(tl.load(LSE + at, mask=row_ok, other=float("-inf")), top)
+            acc += w[:, None] * tl.load(OUT + at[:, None] * D + d[None, :], mask=mask, other=0.0)
+            total += w
+        store_o(O, stride_ot, tok, h, G, g, D, d, acc / tl.maximum(total, 1e-30)[:, None], mask)

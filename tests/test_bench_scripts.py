@@ -343,11 +343,12 @@ def test_fidelity_tiny_run(tmp_path):
 
 
 def test_prefill_attention_dry_run(tmp_path):
-    """bench/prefill_attention.py on CPU (the kernel through Triton's interpreter): both paths timed
-    per case, the same outputs, FLOPs from the causal formula."""
+    """bench/prefill_attention.py on CPU (the kernel through Triton's interpreter): every path (SDPA,
+    the kernel with and without key ranges) timed per case, the same outputs, FLOPs from the causal
+    formula."""
     run_interpreted("bench/prefill_attention.py", "--out", str(tmp_path), "--tiny")
     r = json.loads((tmp_path / "prefill_attention.json").read_text())
-    from bench.prefill_attention import TINY
+    from bench.prefill_attention import PATHS, TINY
 
     assert set(r["cases"]) == set(TINY)
     hq, _hkv, D = r["heads"]
@@ -356,7 +357,7 @@ def test_prefill_attention_dry_run(tmp_path):
         assert x["tokens"] == sum(n for _c, n in TINY[name])
         flops = sum(4 * n * (c + (n + 1) / 2) * hq * D for c, n in TINY[name])
         assert x["GFLOP"] == round(flops / 1e9, 3)
-        for path in ("sdpa_per_sequence", "paged_prefill"):
+        for path in PATHS:
             assert x[path]["host_ms"] > 0 and x[path]["gpu_ms"] > 0
     assert "| 3x8@12 |" in (tmp_path / "prefill_attention.md").read_text()
 

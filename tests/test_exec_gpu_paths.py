@@ -229,47 +229,110 @@ def test_gemv_is_routed_only_for_few_cuda_rows() -> None:
 
 
 PREFILL_CHECK = """
+import sys
 import torch
-from executors import paged_prefill
+from executors import paged_decode, paged_prefill
 from executors.attention import prefill_inputs, sequence_spans, split_decodes
 from tests.test_exec_gpu_paths import BLOCK, _packed_reference
-worst = 0.0
+per = int(sys.argv[1])  # keys per range; 0: the defaults (one range at these contexts)
+if per:  # the interpreter's scale: ranges of 16 keys, read 16 at a time
+    paged_prefill.BLOCK_N = paged_decode.MAX_KEYS_PER_SPLIT = per
+worst, ranges = 0.0, 1
 for seed, chunks in [(1, [(12, 0, 12), (30, 29, 1), (20, 8, 5), (17, 16, 1), (6, 5, 1)]),
-                     (2, [(40, 0, 40), (23, 3, 20)])]:
+                     (2, [(40, 0, 40), (23, 3, 20)]), (3, [(45, 30, 10), (36, 35, 1), (8, 0, 8)])]:
     mb, q, k, v, _, cache, want = _packed_reference(seed, chunks, None)
     cache.k[mb.slots], cache.v[mb.slots] = k, v
     spans = sequence_spans(mb)
     seqs, _decodes = split_decodes(mb, spans, BLOCK, q.device)
     for part in (spans, seqs):  # every sequence in the kernel, or what the decodes left
-        got = paged_prefill.attend(q, cache.k, cache.v, prefill_inputs(mb, spans, part, BLOCK, q.device))
+        pre = prefill_inputs(mb, spans, part, BLOCK, q.device)
+        ranges = max(ranges, paged_prefill.splits(pre.table.shape[1] * BLOCK, 1)[0])
+        got = paged_prefill.attend(q, cache.k, cache.v, pre)
         rows = [t for t0, n, _k0, _ctx in part for t in range(t0, t0 + n)]
         worst = max(worst, float((got[rows] - want[rows]).abs().max()))
         others = [t for t in range(mb.num_tokens) if t not in set(rows)]
         assert not got[others].abs().sum(), "rows of no listed sequence were written"
-print(worst)
+print(ranges, worst)
 """
 
 
-def test_paged_prefill_kernel_matches_packed_attention() -> None:
+@pytest.mark.parametrize("per", [0, 16])
+def test_paged_prefill_kernel_matches_packed_attention(per: int) -> None:
     """The Triton paged prefill kernel (Triton's interpreter on CPU) against the packed path on
     mixed micro-batches: first chunks, chunks after cached keys (causal from their position), single
     decodes, 8 query heads over 2 KV heads, keys read through scattered blocks; with every sequence
-    in the kernel, and with only what ``split_decodes`` leaves (the decodes' rows untouched)."""
-    assert float(run_interpreted("-c", PREFILL_CHECK).split()[-1]) < 1e-4
+    in the kernel, and with only what ``split_decodes`` leaves (the decodes' rows untouched). With
+    ``per`` = 16, keys in ranges of 16 (up to 3 a table): decodes of 17-36 keys, chunks after cached
+    keys crossing range boundaries, a first chunk whose first tokens' keys fit one range (written
+    directly, the ranges past them empty) and whose later tokens' span two and three, combined."""
+    ranges, worst = run_interpreted("-c", PREFILL_CHECK, str(per)).split()[-2:]
+    assert int(ranges) == (3 if per else 1) and float(worst) < 1e-4
 
+
+def test_prefill_key_ranges_follow_the_table_width(monkeypatch) -> None:
+    """``paged_prefill.splits``: ranges of at most the decode kernel's cap (read from
+    ``paged_decode``), in whole BLOCK_N, counted from the table's width alone; one range up to the
+    cap; fewer, longer ranges where their scratch would pass SCRATCH_BYTES."""
+    from executors import paged_decode
+    from executors.paged_prefill import BLOCK_N, SCRATCH_BYTES, splits
+
+    cap = paged_decode.MAX_KEYS_PER_SPLIT
+    assert splits(512, 1) == (1, 512) and splits(cap, 1) == (1, cap) and splits(40, 1) == (1, BLOCK_N)
+    assert splits(4 * cap, 1) == (4, cap) and splits(4 * cap - 16, 1) == (4, cap)
+    n, per = splits(cap + 100, 1)  # a table not in whole ranges: two of whole BLOCK_N, covering it
+    assert n == 2 and per % BLOCK_N == 0 and per <= cap and n * per >= cap + 100
+    assert splits(16 * cap, SCRATCH_BYTES // 4) == (4, 4 * cap)  # the scratch holds 4 ranges
+    assert splits(16 * cap, SCRATCH_BYTES + 1) == (1, 16 * cap)
+    monkeypatch.setattr(paged_decode, "MAX_KEYS_PER_SPLIT", 2 * cap)
+    assert splits(4 * cap, 1) == (2, 2 * cap)
+    monkeypatch.setattr(paged_decode, "MAX_KEYS_PER_SPLIT", 0)  # no cap: one range
+    assert splits(4 * cap, 1) == (1, 4 * cap)
+
+
+def test_paged_prefill_kernels_compile_for_hopper() -> None:
+    """The paged prefill kernels as the H200 would run them, compiled for sm_90 here (Qwen2-VL-7B's
+    heads: 7 query heads a KV head, head dim 128, bf16; int64 inputs, as a graph's static buffer
+    holds them): the key blocks' products on the tensor cores (wgmma) with and without key ranges,
+    and the ranges' combine, which multiplies no matrices."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from executors import paged_prefill
+
+    ints = {n: "*i64" for n in ("SEQ_OF", "ROW0", "T0", "NQ", "CTX")}
+    shape = {"G": 7, "G_P": 8, "D": 128, "BLOCK_D": 128, "BLOCK_M": paged_prefill.BLOCK_M}
+    const = {n: "constexpr" for n in shape}
+
+    def ptx(fn, sig: dict, constexprs: dict) -> str:
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OUT": "*fp32", "LSE": "*fp32", "TABLE": "*i64",
+           **ints, **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kslot", "stride_kh", "stride_ts",
+                                         "stride_ot", "keys_per_split", "T")},
+           "scale": "fp32", **const, "BS": "constexpr", "BLOCK_N": "constexpr", "SPLIT": "constexpr"}
+    for split in (False, True):
+        assert "wgmma" in ptx(paged_prefill._prefill, sig, {**shape, "BS": 16, "BLOCK_N": paged_prefill.BLOCK_N,
+                                                          "SPLIT": split})
+    sig = {"OUT": "*fp32", "LSE": "*fp32", "O": "*bf16", **ints, "stride_ot": "i32", "keys_per_split": "i32",
+           "T": "i32", **const}
+    assert "mma" not in ptx(paged_prefill._combine, sig, shape)
 
 MIXED_GRAPH_CHECK = """
 import sys
 import torch
 import executors
 from executors import Request
+from executors import paged_decode, paged_prefill
 from executors.graphs import DecodeGraphs, MixedGraphs
 from executors.images import ImageInput
 from executors.requests import make_seq
 from executors.scheduler import Scheduler, Seq, build_microbatch
 from tests.tiny.helpers import make_plan
 
-name = sys.argv[1]
+name, per = sys.argv[1], int(sys.argv[2])
+if per:  # key ranges of ``per`` keys (the kernel's default cap leaves these contexts in one)
+    paged_prefill.BLOCK_N = paged_decode.MAX_KEYS_PER_SPLIT = per
 plan = make_plan(name, max_batch_tokens=64, max_seqs=8)
 bs = plan.scheduler.block_size
 with executors.load(plan, kv_blocks=64) as eng:
@@ -308,18 +371,21 @@ with executors.load(plan, kv_blocks=64) as eng:
     assert graphs.images == (a.vision is not None) and (image_steps > 0) == graphs.images, image_steps
     T, S, L = graphs.shape(mb)
     assert T in graphs.sizes and S <= T and L % bs == 0
-print(worst)
+print(paged_prefill.splits(L, 1)[0], worst)
 """
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_vl"])
-def test_mixed_graph_inputs_give_the_eager_logits(name: str) -> None:
+@pytest.mark.parametrize("name, per", [("llama", 0), ("qwen2_vl", 0), ("llama", 16)])
+def test_mixed_graph_inputs_give_the_eager_logits(name: str, per: int) -> None:
     """Prefill and mixed steps through ``MixedGraphs``' padded static inputs (token, sequence and
     key buckets; padding tokens at the scratch slot; padding programs on an empty sequence; every
     sequence, decodes too, in the paged prefill kernel run by Triton's interpreter) give the eager
     step's logits: first chunks, a long prompt's later chunks after its cached keys, and decodes;
-    for the VL model, image rows (and M-RoPE positions) through the static image buffer."""
-    assert float(run_interpreted("-c", MIXED_GRAPH_CHECK, name).split()[-1]) < 1e-4
+    for the VL model, image rows (and M-RoPE positions) through the static image buffer. With
+    ``per`` = 16, the kernel's keys in ranges of 16: the key bucket's 512 keys make 32 ranges, most
+    past every sequence's keys, the long prompt's later chunk spans two."""
+    ranges, worst = run_interpreted("-c", MIXED_GRAPH_CHECK, name, str(per)).split()[-2:]
+    assert int(ranges) == (32 if per else 1) and float(worst) < 1e-4
 
 
 def test_program_rows_cover_every_query_row_once() -> None:
