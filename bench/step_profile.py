@@ -25,6 +25,7 @@ The plan is a fidelity report's pinned case (``--report`` JSON, ``--model``, ``-
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 import tempfile
@@ -58,7 +59,7 @@ def make_request(text_tokens: int, patches: list[int], a: Any, seed: int) -> Any
     return engine_requests([wr], a.vocab, a.image_token_id, v.patch_dim if v else 0, v.merge if v else 2, seed)[0]
 
 
-def gpu_gaps(events: list[Any], gap_us: float) -> dict[str, Any]:
+def gpu_gaps(events: list[Any], gap_us: float, max_gaps: int = 50) -> dict[str, Any]:
     """Busy time, span and idle gaps of the CUDA kernels among profiler ``events`` (microseconds),
     each gap with the outermost CPU ops overlapping it."""
     from torch.autograd import DeviceType
@@ -78,14 +79,22 @@ def gpu_gaps(events: list[Any], gap_us: float) -> dict[str, Any]:
         else:
             cur_e = max(cur_e, e)
     out = []
-    for a, b in gaps:
-        inside = [e for e in cpu if e.time_range.start < b and e.time_range.end > a]
-        outer = [e for e in inside if not any(o is not e and o.time_range.start <= e.time_range.start
-                                               and o.time_range.end >= e.time_range.end for o in inside)]
-        ops = sorted(outer, key=lambda e: -(min(e.time_range.end, b) - max(e.time_range.start, a)))[:6]
+    cpu.sort(key=lambda e: e.time_range.start)
+    starts = [e.time_range.start for e in cpu]
+    longest = max((e.time_range.end - e.time_range.start for e in cpu), default=0.0)
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:max_gaps]:
+        lo, hi = bisect.bisect_left(starts, a - longest), bisect.bisect_left(starts, b)
+        inside = [e for e in cpu[lo:hi] if e.time_range.end > a]
+        def within(e: Any, o: Any) -> bool:
+            return o is not e and o.time_range.start <= e.time_range.start and o.time_range.end >= e.time_range.end
+
+        def named(es: list[Any]) -> list[str]:
+            es = sorted(es, key=lambda e: -(min(e.time_range.end, b) - max(e.time_range.start, a)))[:6]
+            return [f"{e.name} ({(min(e.time_range.end, b) - max(e.time_range.start, a)) / 1e3:.2f} ms)" for e in es]
+
         out.append({"at_ms": round((a - kernels[0][0]) / 1e3, 3), "ms": round((b - a) / 1e3, 3),
-                    "host_ops": [f"{e.name} ({(min(e.time_range.end, b) - max(e.time_range.start, a)) / 1e3:.2f} ms)"
-                                 for e in ops]})
+                    "host_ops": named([e for e in inside if not any(within(e, o) for o in inside)]),
+                    "innermost": named([e for e in inside if not any(within(o, e) for o in inside)])})
     return {"busy_ms": round(busy / 1e3, 3), "span_ms": round((kernels[-1][1] - kernels[0][0]) / 1e3, 3),
             "gaps": out}
 
@@ -100,9 +109,11 @@ def prompt_step(trace: list[dict[str, Any]]) -> dict[str, Any]:
     return max(trace, key=lambda r: r["tokens"])
 
 
-def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, duration: float) -> dict[str, Any]:
+def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, duration: float, coster: Any,
+                encoder: Any, gap_us: float) -> dict[str, Any]:
     """Replay ``duration`` s of the report's workload at ``rate`` req/s on ``eng`` (the fidelity run's
-    requests, another seed): the engine's state after serving, before the shapes run."""
+    requests, another seed) under the profiler: the engine's state after serving, before the shapes
+    run; its prompt steps against their predictions, and the GPU's idle gaps by host op."""
     from bench.fidelity_2gpu import model_spec
     from planner.bench_workload import replay_requests, sample_requests
     from planner.inputs import cost_model_of, workload_of
@@ -111,9 +122,50 @@ def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, durat
     wl = workload_of(spec, cost_model_of(spec)[0].info)
     _wl, reqs = sample_requests(wl, rate=rate, duration=duration, seed=7)
     t = time.perf_counter()
-    replay_requests(eng, reqs, 7)
-    return {"rate_rps": rate, "requests": len(reqs), "wall_s": round(time.perf_counter() - t, 1),
-            "graphs": eng.graph_captures()}
+    eng.step_trace.clear()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        replay_requests(eng, reqs, 7)
+        torch.cuda.synchronize()
+    wall = round(time.perf_counter() - t, 1)
+    return {"rate_rps": rate, "requests": len(reqs), "wall_s": wall, "graphs": eng.graph_captures(),
+            "steps": slow_steps(eng.step_trace, coster, encoder), "gaps": gap_ops(list(prof.events()), gap_us)}
+
+
+def slow_steps(trace: list[dict[str, Any]], coster: Any, encoder: Any) -> list[dict[str, Any]]:
+    """The traced prompt (not all-decode) steps of a replay: forward GPU ms beside the prediction."""
+    from graph.opgraph import StepShape
+
+    rows = []
+    for r in trace:
+        if all(n == 1 for m in r["new"] for n in m):
+            continue
+        pred = 0.0
+        for new, ctx, mode in zip(r["new"], r["ctx"], r["mode"]):
+            shape, dec = StepShape.from_sequences(new, ctx)
+            pred += sum(coster.stage_ms(shape, mode, dec))
+        rk = r.get("rank") or {}
+        rows.append({"tokens": r["tokens"], "seqs": r["seqs"], "images": len(r.get("patches", [])),
+                     "forward_gpu_ms": rk.get("forward_gpu_ms"), "forward_predicted_ms": round(pred, 2),
+                     "forward_host_ms": rk.get("forward_host_ms"), "device_allocs": rk.get("device_allocs")})
+    return rows
+
+
+def gap_ops(events: list[Any], gap_us: float) -> dict[str, Any]:
+    """GPU idle gaps of ``gap_us`` or more over a whole replay, summed by the name of each host op
+    that overlapped them (a gap is counted once per op name: where serving waits for the host)."""
+    g = gpu_gaps(events, gap_us, max_gaps=400)
+    def by(key: str) -> list[dict[str, Any]]:
+        acc: dict[str, list[float]] = {}
+        for x in g["gaps"]:
+            for name in {h.rsplit(" (", 1)[0] for h in x[key]}:
+                acc.setdefault(name, []).append(x["ms"])
+        top = sorted(acc.items(), key=lambda kv: -sum(kv[1]))[:15]
+        return [{"op": k, "gaps": len(v), "ms": round(sum(v), 2)} for k, v in top]
+
+    return {"busy_ms": g["busy_ms"], "span_ms": g["span_ms"], "gaps": len(g["gaps"]),
+            "gap_ms": round(sum(x["ms"] for x in g["gaps"]), 2), "by_host_op": by("host_ops"),
+            "by_innermost_op": by("innermost")}
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -140,7 +192,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         with executors.load(pf, weights=ckpt, device="cuda", backend=a.backend, trace=True) as eng:
             out["load_s"] = round(time.perf_counter() - t, 1)
             if a.preamble:  # serving first: the report's workload replayed at a rate, as a fidelity rate runs
-                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s)
+                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s, coster, encoder,
+                                              a.gap_ms * 1e3)
             shapes = [parse_shape(s) for s in a.requests] + [(a.tokens, [])] * bool(a.tokens)
             for text, patches in shapes:
                 req = make_request(text, patches, eng.args, seed=len(out["shapes"]))
@@ -173,7 +226,19 @@ def markdown(r: dict[str, Any], command: str) -> str:
     lines = [f"# Step profile: {r['plan']}", "",
              f"{r['device']}, driver {r['driver']}, torch {r['torch']}. Command: `{command}`.", ""]
     if r.get("preamble"):
-        lines += [f"Before the shapes: the workload replayed ({r['preamble']}).", ""]
+        p = r["preamble"]
+        lines += [f"Before the shapes: the workload replayed at {p['rate_rps']} req/s ({p['requests']} requests, "
+                  f"{p['wall_s']} s) under the profiler; graphs {p['graphs']}.", "",
+                  "| tokens | seqs | images | forward GPU ms | forward predicted | forward host ms | cudaMalloc calls |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['tokens']} | {x['seqs']} | {x['images']} | {x['forward_gpu_ms']} | {x['forward_predicted_ms']} | "
+                  f"{x['forward_host_ms']} | {x['device_allocs']} |" for x in p["steps"]]
+        g = p["gaps"]
+        lines += ["", f"GPU busy {g['busy_ms']} ms of {g['span_ms']} ms; {g['gaps']} idle gaps, {g['gap_ms']} ms; "
+                  "by host op overlapping them:", "", "| host op | gaps | ms |", "|---|---|---|"]
+        lines += [f"| {x['op']} | {x['gaps']} | {x['ms']} |" for x in g["by_host_op"]]
+        lines += ["", "| innermost host op | gaps | ms |", "|---|---|---|"]
+        lines += [f"| {x['op']} | {x['gaps']} | {x['ms']} |" for x in g["by_innermost_op"]] + [""]
     for s in r["shapes"]:
         lines += [f"## {s['text_tokens']} text tokens, images of {s['patches'] or 'none'} patches", "",
                   "| rep | tokens | tower GPU ms | tower predicted | forward GPU ms | forward predicted | forward host ms | gc ms |",
@@ -183,7 +248,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
                          f"{x['forward_predicted_ms']} | {x['forward_host_ms']} | {x['gc_ms']} |")
         p = s["profiled"]
         lines += ["", f"Profiled rep: GPU busy {p['busy_ms']} ms of a {p['span_ms']} ms span; idle gaps:", ""]
-        lines += [f"- at {g['at_ms']} ms, {g['ms']} ms: {', '.join(g['host_ops'])}" for g in p["gaps"]] or ["- none"]
+        lines += [f"- at {g['at_ms']} ms, {g['ms']} ms: {', '.join(g['host_ops'])}; innermost: {', '.join(g['innermost'])}"
+                  for g in p["gaps"]] or ["- none"]
         for key, title in (("top_cuda", "CUDA kernels"), ("top_cpu", "CPU ops")):
             lines += ["", f"Top {title} by self time:", "", "| name | calls | self ms |", "|---|---|---|"]
             lines += [f"| {x['name']} | {x['calls']} | {x['self_ms']} |" for x in s[key]]

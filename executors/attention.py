@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from executors import paged_decode, paged_prefill
@@ -36,6 +37,21 @@ class LayerCache:
     def __init__(self, slots: int, kv_local: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.k = torch.zeros(slots + 1, kv_local, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+
+# SDPA over prefill chunks, whose lengths change from step to step, stays off cuDNN's backend, which
+# builds an execution plan for each new shape (flashinfer measured 55-70 ms a build): on an H200,
+# eager prefill steps of Qwen2-VL-7B (2,000-4,500 tokens) served at random lengths ran 30-70 ms
+# longer than predicted (the trace of bench/results/fidelity_2gpu.vl_single.md), the same shapes
+# repeated ran as predicted (bench/results/step_profile.md), and the GPU's idle gaps while serving
+# overlapped SDPA calls (bench/results/step_profile.serving.md). Flash, memory-efficient and math
+# kernels need no plan. (The vision tower keeps cuDNN: its shapes are captured once per image grid,
+# executors/tower_graphs.py.)
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_backends():
+    """A context in which SDPA picks among ``SDPA_BACKENDS`` only (``torch.nn.attention.sdpa_kernel``)."""
+    return sdpa_kernel(SDPA_BACKENDS)
 
 
 def packed_mask(mb: MicroBatch, t_pad: int, device: torch.device) -> torch.Tensor:
@@ -145,27 +161,35 @@ def _attend_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
     (causal), else the cached ones (causal aligned bottom-right; one query needs no mask)."""
     hq, D = q.shape[1], q.shape[2]
     out = torch.zeros(q.shape[0], hq * D, dtype=q.dtype, device=q.device)  # padding rows stay 0
-    for t0, n, k0, ctx in meta.seqs:
-        qs = q[t0:t0 + n].transpose(0, 1)[None]  # [1, hq, n, D]
-        if ctx == n and cache.k.dtype == q.dtype:  # a first chunk: its keys are the ones just computed
-            K, V = k[t0:t0 + n], v[t0:t0 + n]
-            if kv_of_q is not None:
-                K, V = K.index_select(1, kv_of_q), V.index_select(1, kv_of_q)
-        else:
-            rows = meta.key_slots[k0:k0 + ctx]
-            K = _gather(cache.k, rows, kv_of_q).to(q.dtype)
-            V = _gather(cache.v, rows, kv_of_q).to(q.dtype)
-        K, V = K.transpose(0, 1)[None], V.transpose(0, 1)[None]  # [1, hkv, ctx, D]
-        if n == ctx:
-            o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=K.shape[1] != hq)
-        elif n == 1:
-            o = F.scaled_dot_product_attention(qs, K, V, enable_gqa=K.shape[1] != hq)
-        else:
-            if K.shape[1] != hq:  # the bottom-right causal kernels take equal head counts
-                K, V = K.repeat_interleave(hq // K.shape[1], 1), V.repeat_interleave(hq // V.shape[1], 1)
-            o = F.scaled_dot_product_attention(qs, K, V, attn_mask=causal_lower_right(n, ctx))
-        out[t0:t0 + n] = o[0].transpose(0, 1).reshape(n, hq * D)
+    with sdpa_backends():
+        for t0, n, k0, ctx in meta.seqs:
+            _attend_one(q, k, v, cache, meta, kv_of_q, out, t0, n, k0, ctx)
     return out
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: "AttnMeta",
+                kv_of_q: torch.Tensor | None, out: torch.Tensor, t0: int, n: int, k0: int, ctx: int) -> None:
+    """Sequence ``(t0, n, k0, ctx)``'s rows of ``out`` (``_attend_per_sequence``)."""
+    hq, D = q.shape[1], q.shape[2]
+    qs = q[t0:t0 + n].transpose(0, 1)[None]  # [1, hq, n, D]
+    if ctx == n and cache.k.dtype == q.dtype:  # a first chunk: its keys are the ones just computed
+        K, V = k[t0:t0 + n], v[t0:t0 + n]
+        if kv_of_q is not None:
+            K, V = K.index_select(1, kv_of_q), V.index_select(1, kv_of_q)
+    else:
+        rows = meta.key_slots[k0:k0 + ctx]
+        K = _gather(cache.k, rows, kv_of_q).to(q.dtype)
+        V = _gather(cache.v, rows, kv_of_q).to(q.dtype)
+    K, V = K.transpose(0, 1)[None], V.transpose(0, 1)[None]  # [1, hkv, ctx, D]
+    if n == ctx:
+        o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=K.shape[1] != hq)
+    elif n == 1:
+        o = F.scaled_dot_product_attention(qs, K, V, enable_gqa=K.shape[1] != hq)
+    else:
+        if K.shape[1] != hq:  # the bottom-right causal kernels take equal head counts
+            K, V = K.repeat_interleave(hq // K.shape[1], 1), V.repeat_interleave(hq // V.shape[1], 1)
+        o = F.scaled_dot_product_attention(qs, K, V, attn_mask=causal_lower_right(n, ctx))
+    out[t0:t0 + n] = o[0].transpose(0, 1).reshape(n, hq * D)
 
 
 def split_decodes(mb: MicroBatch, spans: list[tuple[int, int, int, int]], block: int,

@@ -68,6 +68,26 @@ def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_per_sequence_attention_keeps_off_cudnn(monkeypatch) -> None:
+    """Every per-sequence SDPA call runs with cuDNN's backend off (``attention.SDPA_BACKENDS``: it
+    builds a plan per new shape), and the flags are as they were after the step."""
+    import executors.attention as attn
+
+    seen: list[bool] = []
+    sdpa = attn.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    # a first chunk and a decode (a chunk after cached keys takes a bias whose dispatch re-enters SDPA)
+    mb, q, k, v, kv_of_q, cache, _want = _packed_reference(0, [(12, 0, 12), (30, 29, 1)], None)
+    monkeypatch.setattr(attn.F, "scaled_dot_product_attention", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    attn._attend_per_sequence(q, k, v, cache, AttnMeta(mb.slots, mb.key_slots, None, seqs=sequence_spans(mb)), kv_of_q)
+    assert seen == [False] * 2 and torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 @pytest.mark.parametrize("kv_map", [None, "replicated"])
 def test_mixed_step_decodes_attend_together(kv_map: str | None) -> None:
     """A mixed micro-batch as CUDA runs it: prefill chunks one by one, its decodes in one batched
