@@ -39,8 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from executors.trace import ALLOCATOR  # noqa: E402
 from costmodels.steps import after_answers  # noqa: E402
+from executors.trace import ALLOCATOR  # noqa: E402
 from graph.opgraph import StepShape  # noqa: E402
 
 KINDS = ("decode", "mixed", "prefill", "image")

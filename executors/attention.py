@@ -38,6 +38,7 @@ class LayerCache:
         self.k = torch.zeros(slots + 1, kv_local, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
+
 # SDPA over prefill chunks, whose lengths change from step to step, stays off cuDNN's backend, which
 # builds an execution plan for each new shape (flashinfer measured 55-70 ms a build): on an H200,
 # eager prefill steps of Qwen2-VL-7B (2,000-4,500 tokens) served at random lengths ran 30-70 ms

@@ -11,7 +11,7 @@ adds (1 for a decode), and ``ctx[m][i]``, the keys it reads (cached + new), and 
 patch count of each image the step encodes, so a step can be costed again
 (``bench/step_fidelity.py``).
 
-Driver side (milliseconds since the ``stream`` call began): ``sent_ms`` when the step left,
+Driver side (milliseconds on the stream's clock, ``Engine.clock0``): ``sent_ms`` when the step left,
 ``send_ms`` what sending it cost (framing and the channel write, a side file for a step larger than a
 slot, or the queue put when not even that could be written, ``by_queue``; 0 for the in-process
 rank), ``bytes`` the framed step,
@@ -24,7 +24,7 @@ no extra synchronisation), and ``wait_ms``, the host's wait for the tokens. On a
 not all decodes also records what the CUDA caching allocator did during it (``alloc_retries``: a
 failed allocation that freed the cache and synchronised the device; ``device_allocs`` /
 ``device_frees``: cudaMalloc / cudaFree calls), the counters of ``torch.cuda.memory_stats`` (read
-twice a step, ~0.1 ms: left out of decode steps). ``gc_ms``: the garbage collector's pauses in the
+twice a step, a Python dict of ~100 entries each time: left out of decode steps). ``gc_ms``: the garbage collector's pauses in the
 rank's process from the step's launch to its tokens (``gc.callbacks``, installed by the first
 traced step). The events cost a few microseconds a step; with the trace off none are recorded.
 ``summary`` sums them by kind of step.
