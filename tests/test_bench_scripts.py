@@ -398,3 +398,33 @@ def test_fp8_gemm_speed_dry_run(tmp_path):
     assert SHAPES["70b/tp8/qkv"] == (1280, 8192) and SHAPES["70b/tp4/o"] == (8192, 2048)
     assert SHAPES["405b/tp8/qkv"] == (2304, 16384) and SHAPES["405b/tp8/down"] == (16384, 6656)
     assert SHAPES["70b/tp2/gate_up"] == (28672, 8192) and SHAPES["8b/down"] == (4096, 14336) and len(SHAPES) == 20
+
+
+def test_step_profile_finds_gpu_idle_gaps_and_the_host_ops_in_them():
+    """``bench/step_profile.py``'s analysis on hand-made profiler events: the GPU's busy time is the
+    union of its kernels, each idle gap of at least the threshold names the outermost host ops and
+    the innermost ones overlapping it, longest overlap first, and a replay's gaps sum by op."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bench import step_profile as sp
+
+    def ev(name, a, b, kind=DeviceType.CPU):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=a, end=b), device_type=kind)
+
+    gpu = DeviceType.CUDA
+    events = [ev("k1", 0, 100, gpu), ev("k2", 50, 300, gpu), ev("k3", 3300, 9000, gpu), ev("k4", 9100, 9200, gpu),
+              ev("k5", 12000, 12100, gpu), ev("aten::to", 100, 3200), ev("cudaMalloc", 200, 2900),
+              ev("aten::add", 3100, 3250), ev("aten::mm", 9300, 11900)]
+    g = sp.gpu_gaps(events, gap_us=500)
+    assert g["busy_ms"] == pytest.approx((300 + 5700 + 100 + 100) / 1e3) and g["span_ms"] == pytest.approx(12.1)
+    assert [(x["at_ms"], x["ms"]) for x in g["gaps"]] == [(0.3, 3.0), (9.2, 2.8)]  # 100 us between k3 and k4: no gap
+    first = g["gaps"][0]
+    assert first["host_ops"][0].startswith("aten::to (2.90") and first["innermost"][0].startswith("cudaMalloc (2.60")
+    assert any(h.startswith("aten::add") for h in first["host_ops"])
+    summed = sp.gap_ops(events, gap_us=500)
+    assert summed["gaps"] == 2 and summed["gap_ms"] == pytest.approx(5.8)
+    assert {x["op"]: x["ms"] for x in summed["by_innermost_op"]} == {"cudaMalloc": 3.0, "aten::add": 3.0, "aten::mm": 2.8}
+    assert sp.parse_shape("4033:4784,4784,4784,1024") == (4033 - 3 * 1196 - 256, [4784, 4784, 4784, 1024])
+    assert sp.parse_shape("4000") == (4000, [])
