@@ -15,11 +15,20 @@ then once more under ``torch.profiler`` (CPU ops and CUDA kernels). Reported per
   host, and its ops say on what;
 * the profiled rep's top CUDA kernels and CPU ops by self time.
 
+``--preamble RATE`` first replays ``--preamble-s`` seconds of the report's workload at RATE req/s
+under the profiler, as a fidelity rate runs it: each of its prompt steps beside its prediction, and
+the GPU's idle gaps of the whole replay summed by the host ops overlapping them (outermost, and
+innermost: the runtime calls). A shape fast alone but slow while serving points at what serving
+adds (on one H200: eager prefill steps of new lengths stalled on cuDNN's SDPA plans,
+``executors.attention.SDPA_BACKENDS``).
+
 The plan is a fidelity report's pinned case (``--report`` JSON, ``--model``, ``--case``: its
 ``plan_yaml``), loaded with seeded random weights written once as a checkpoint on the device.
 
-    python bench/step_profile.py --out DIR --report bench/results/fidelity_2gpu.vl_single.json \\
-        --requests 4033:4784,4784,4784,1024 --requests 2914:4784,4096,1024,1024 --tokens 4000
+    python bench/step_profile.py --out DIR --requests 4033:4784,4784,4784,1024 \\
+        --requests 2914:4784,4096,1024,1024 --requests 1531:4784 --tokens 4000       # step_profile.md
+    python bench/step_profile.py --out DIR --preamble 12.1 --preamble-s 5 --gap-ms 1 --reps 2 \\
+        --requests 2362:4096,4784                                                     # step_profile.serving.md
 """
 
 from __future__ import annotations
