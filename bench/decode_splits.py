@@ -8,6 +8,14 @@ variable context lengths, beside the floor (the batch's K and V bytes at 4.3 TB/
 With variable lengths a range of thousands of keys keeps one program busy long after the others
 (the batch's longest sequences set the tail); smaller ranges spread the work. Every cap must give
 the same output (checked). Writes DIR/decode_splits.{json,md}.
+
+Beside each case, the cost model's price of the same attention (``model_us``: one decoder layer's
+decode attention of the case's model preset, ``B`` sequences at the case's mean context, the h200
+profile, which prices decode attention from SDPA measured on Llama's head counts) and the engine's
+kernel at its cap against it (``model_over_kernel``). ``--price REPORT`` adds them to a report
+already measured, on any machine:
+
+    python bench/decode_splits.py --out DIR --price bench/results/decode_splits.json
 """
 
 from __future__ import annotations
@@ -34,19 +42,78 @@ CASES = (("qwen2-vl-7b b64 ctx 300-5000 (w 8192)", 64, 4, 7, 300, 5000, 8192),
          ("llama-3.1-8b b128 ctx 600 (w 1024)", 128, 8, 4, 600, 600, 1024))
 
 
+PRESETS = {"qwen2-vl-7b": "qwen2-vl-7b", "llama-3.1-8b": "llama-3.1-8b"}  # case name prefix -> model preset
+D, BYTES = 128, 2  # head dim, bf16
+
+
+def model_price_us(preset: str, seqs: int, mean_ctx: float) -> float:
+    """The cost model's time for one decoder layer's decode attention of ``preset`` on one H200:
+    ``seqs`` sequences of ``mean_ctx`` keys (the model reads a decode step's mean context)."""
+    from bench.common import spec_for
+    from costmodels.opcost import op_time
+    from graph.opgraph import StepShape
+    from planner.inputs import cost_model_of
+
+    cm, _ = cost_model_of(spec_for(f"{preset}-decode", None, preset, 1, "bf16"))
+    block = next(b for b in cm.graph.blocks if b.tower != "vision" and any(r.kind == "attention" for r in cm._recs[b.name]))
+    attn = next(r for r in cm._recs[block.name] if r.kind == "attention")
+    shape, _dec = StepShape.from_sequences([1] * seqs, [max(1, round(mean_ctx))] * seqs)
+    c, m, o = op_time(attn, shape, 1, 1, cm.rates, cm.profile)
+    return (max(c, m) + o) * 1e3
+
+
+def price(rows: list[dict], cap: int) -> None:
+    """``model_us`` and ``model_over_kernel`` (at ``cap``) on each row, from its case's shape and the
+    keys its floor stands for (``floor_us`` = K and V bytes at 4.3 TB/s)."""
+    by_name = {c[0]: c for c in CASES}
+    for r in rows:
+        name, S, hkv, _G, *_ = by_name[r["case"]]
+        keys = r["floor_us"] * 1e-6 * 4.3e12 / (2 * hkv * D * BYTES)
+        r["model_us"] = round(model_price_us(PRESETS[name.split()[0]], S, keys / S), 1)
+        r["model_over_kernel"] = round(r["model_us"] / r["us"][str(cap)], 2)
+
+
+def markdown(report: dict) -> str:
+    caps = [int(c) for c in report["rows"][0]["us"]]
+    priced = "model_us" in report["rows"][0]
+    md = ["# Paged decode: the cap on a range's keys", "",
+          f"{report['device']}, driver {report['driver']}, torch {report['torch']}, Triton {report['triton']}. "
+          f"Command: `{report['command']}`. One layer's decode attention, bf16, head dim {D}, block size 16; GPU "
+          f"microseconds in a CUDA graph; floor = the batch's K and V bytes at 4.3 TB/s. The engine's cap: "
+          f"{report['engine_cap']}." + (f" Model: the cost model's price of the same attention (`{report['priced']}`), "
+                                         f"and its ratio to the kernel at the engine's cap." if priced else ""), "",
+          "| case | floor us | " + " | ".join(f"cap {c or 'none'}" for c in caps) + (" | model us | model / kernel |" if priced else " |"),
+          "|---|---:|" + "---:|" * (len(caps) + 2 * priced)]
+    md += [f"| {r['case']} | {r['floor_us']} | " + " | ".join(str(r["us"][str(c)]) for c in caps)
+           + (f" | {r['model_us']} | {r['model_over_kernel']} |" if priced else " |") for r in report["rows"]]
+    return "\n".join(md) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--price", type=Path, default=None, metavar="REPORT",
+                    help="add the cost model's price to a measured report (no GPU)")
     a = ap.parse_args(argv)
+    from bench.common import command_line, write_report
+
+    if a.price is not None:
+        import json
+
+        report = json.loads(a.price.read_text())
+        price(report["rows"], report["engine_cap"])
+        report["priced"] = command_line("bench/decode_splits.py", argv)
+        write_report(a.out, "decode_splits", report, markdown(report), echo=True)
+        return 0
     import torch
 
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the kernel is Triton)")
-    from bench.common import command_line, driver_version, graphed_us, write_report
+    from bench.common import driver_version, graphed_us
     from executors import paged_decode as pd
 
     torch.manual_seed(0)
-    dev, bs, D = "cuda", 16, 128
+    dev, bs = "cuda", 16
     rows = []
     keep = pd.MAX_KEYS_PER_SPLIT
     for name, S, hkv, G, lo, hi, width in CASES:
@@ -56,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         q = torch.randn(S, hkv * G, D, device=dev, dtype=torch.bfloat16)
         table = torch.arange(S * nb, device=dev, dtype=torch.int32).reshape(S, nb)
         lens = torch.randint(lo, hi + 1, (S,), device=dev, dtype=torch.int32)
-        row = {"case": name, "floor_us": round(int(lens.sum()) * 2 * hkv * D * 2 / 4.3e12 * 1e6, 1), "us": {}}
+        row = {"case": name, "floor_us": round(int(lens.sum()) * 2 * hkv * D * BYTES / 4.3e12 * 1e6, 1), "us": {}}
         ref = None
         for cap in CAPS:
             pd.MAX_KEYS_PER_SPLIT = cap
@@ -70,17 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     pd.MAX_KEYS_PER_SPLIT = keep
     import triton
 
+    price(rows, keep)
     report = {"command": command_line("bench/decode_splits.py", argv), "device": torch.cuda.get_device_name(),
               "driver": driver_version(), "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "engine_cap": keep, "rows": rows}
-    md = ["# Paged decode: the cap on a range's keys", "",
-          f"{report['device']}, driver {report['driver']}, torch {report['torch']}, Triton {report['triton']}. "
-          f"Command: `{report['command']}`. One layer's decode attention, bf16, head dim 128, block size {bs}; GPU "
-          f"microseconds in a CUDA graph; floor = the batch's K and V bytes at 4.3 TB/s. The engine's cap: {keep}.", "",
-          "| case | floor us | " + " | ".join(f"cap {c or 'none'}" for c in CAPS) + " |",
-          "|---|---:|" + "---:|" * len(CAPS)]
-    md += [f"| {r['case']} | {r['floor_us']} | " + " | ".join(str(r["us"][str(c)]) for c in CAPS) + " |" for r in rows]
-    write_report(a.out, "decode_splits", report, "\n".join(md) + "\n", echo=True)
+              "python": platform.python_version(), "engine_cap": keep, "rows": rows,
+              "priced": command_line("bench/decode_splits.py", argv)}
+    write_report(a.out, "decode_splits", report, markdown(report), echo=True)
     return 0
 
 

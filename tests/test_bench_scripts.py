@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -428,3 +429,23 @@ def test_step_profile_finds_gpu_idle_gaps_and_the_host_ops_in_them():
     assert {x["op"]: x["ms"] for x in summed["by_innermost_op"]} == {"cudaMalloc": 3.0, "aten::add": 3.0, "aten::mm": 2.8}
     assert sp.parse_shape("4033:4784,4784,4784,1024") == (4033 - 3 * 1196 - 256, [4784, 4784, 4784, 1024])
     assert sp.parse_shape("4000") == (4000, [])
+
+
+def test_decode_splits_prices_a_measured_report_on_any_machine(tmp_path):
+    """``bench/decode_splits.py --price``: the committed GPU measurements, each case priced by the
+    cost model (one layer's decode attention of the case's preset at its mean context) beside the
+    engine's kernel at its cap; the measured figures are kept as they were."""
+    from bench import decode_splits as ds
+
+    src = Path(ds.__file__).resolve().parent / "results" / "decode_splits.json"
+    before = json.loads(src.read_text())
+    assert ds.main(["--out", str(tmp_path), "--price", str(src)]) == 0
+    got = json.loads((tmp_path / "decode_splits.json").read_text())
+    cap = str(got["engine_cap"])
+    assert [r["us"] for r in got["rows"]] == [r["us"] for r in before["rows"]]
+    for r in got["rows"]:
+        assert r["model_us"] > 0 and r["model_over_kernel"] == round(r["model_us"] / r["us"][cap], 2)
+    # more sequences of the same context: the model's price grows
+    qwen = {r["case"]: r["model_us"] for r in got["rows"] if r["case"].startswith("qwen2-vl-7b") and "ctx 1500" in r["case"]}
+    assert qwen["qwen2-vl-7b b64 ctx 1500 (w 2048)"] > qwen["qwen2-vl-7b b32 ctx 1500 (w 2048)"]
+    assert "model / kernel" in (tmp_path / "decode_splits.md").read_text()
