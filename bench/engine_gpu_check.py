@@ -5,7 +5,10 @@ drawn once into the HF model; the engine reads the very same tensors through a S
 
 * bf16: the engine's logits for 16 generated tokens of several requests (text; text+image for
   the VL model) vs HF's logits, teacher-forced on the engine's tokens, as
-  ``max |engine - hf| / max |hf|`` per request; pass when <= BF16_TOL.
+  ``max |engine - hf| / max |hf|`` per request; pass when <= BF16_TOL. One prompt of 1,500 tokens:
+  the first step (every prompt, under 2,048 tokens) replays a mixed CUDA graph whose key bucket is
+  2,048, so the paged prefill kernel's later query blocks read their keys in two ranges and combine
+  them (``executors.paged_prefill``, ranges of at most 1,024 keys).
 * fp32: the first 16 greedy tokens of every request are HF's greedy tokens.
 
     python bench/engine_gpu_check.py --out DIR            # on a CUDA machine
@@ -92,8 +95,8 @@ def requests_for(a: Any, seed: int) -> tuple[list[Any], list[Any]]:
     from executors.images import ImageInput
 
     g = torch.Generator().manual_seed(seed)
-    hi = min(a.vocab, 100_000)  # ordinary token ids (no special tokens)
-    lens = [23, 64, 150] if a.vocab > 1000 else [3, 9, 20]
+    hi = min(a.vocab, 100_000, (a.image_token_id - 8) if a.image_token_id else a.vocab)  # ordinary ids, no special tokens
+    lens = [23, 64, 150, 1500] if a.vocab > 1000 else [3, 9, 20, 40]
     reqs = [Request(tokens=torch.randint(10, hi, (n,), generator=g).tolist()) for n in lens]
     imgs: list[Any] = [None] * len(reqs)
     if a.is_vl:
