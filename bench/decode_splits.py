@@ -21,9 +21,11 @@ already measured, on any machine:
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -46,17 +48,23 @@ PRESETS = {"qwen2-vl-7b": "qwen2-vl-7b", "llama-3.1-8b": "llama-3.1-8b"}  # case
 D, BYTES = 128, 2  # head dim, bf16
 
 
-def model_price_us(preset: str, seqs: int, mean_ctx: float) -> float:
-    """The cost model's time for one decoder layer's decode attention of ``preset`` on one H200:
-    ``seqs`` sequences of ``mean_ctx`` keys (the model reads a decode step's mean context)."""
+@functools.cache
+def _attention(preset: str) -> tuple[Any, Any]:
+    """``(the decoder layer's attention op, its cost model)`` of ``preset`` on one H200 (bf16)."""
     from bench.common import spec_for
-    from costmodels.opcost import op_time
-    from graph.opgraph import StepShape
     from planner.inputs import cost_model_of
 
     cm, _ = cost_model_of(spec_for(f"{preset}-decode", None, preset, 1, "bf16"))
-    block = next(b for b in cm.graph.blocks if b.tower != "vision" and any(r.kind == "attention" for r in cm._recs[b.name]))
-    attn = next(r for r in cm._recs[block.name] if r.kind == "attention")
+    return next(r for r in cm._recs[cm.decoders[0].name] if r.kind == "attention"), cm
+
+
+def model_price_us(preset: str, seqs: int, mean_ctx: float) -> float:
+    """The cost model's time for one decoder layer's decode attention of ``preset`` on one H200:
+    ``seqs`` sequences of ``mean_ctx`` keys (the model reads a decode step's mean context)."""
+    from costmodels.opcost import op_time
+    from graph.opgraph import StepShape
+
+    attn, cm = _attention(preset)
     shape, _dec = StepShape.from_sequences([1] * seqs, [max(1, round(mean_ctx))] * seqs)
     c, m, o = op_time(attn, shape, 1, 1, cm.rates, cm.profile)
     return (max(c, m) + o) * 1e3
@@ -100,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.price is not None:
         import json
 
-        report = json.loads(a.price.read_text())
-        price(report["rows"], report["engine_cap"])
+        try:
+            report = json.loads(a.price.read_text())
+            price(report["rows"], report["engine_cap"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--price {a.price}: not a decode_splits report of this script's cases ({type(e).__name__}: {e})")
         report["priced"] = command_line("bench/decode_splits.py", argv)
         write_report(a.out, "decode_splits", report, markdown(report), echo=True)
         return 0

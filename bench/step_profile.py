@@ -47,14 +47,23 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+ACTIVITIES = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+
 
 def parse_shape(text: str) -> tuple[int, list[int]]:
     """``TOKENS:P1,P2,..`` (a request of TOKENS prompt tokens in all, images of P_i patches) or
     ``TOKENS`` (text only) -> ``(text tokens, patches)``; the image tokens (``P / 4`` each, Qwen2-VL's
     2x2 merge) are part of TOKENS."""
     tokens, _, imgs = text.partition(":")
-    patches = [int(p) for p in imgs.split(",") if p]
-    return int(tokens) - sum(p // 4 for p in patches), patches
+    try:
+        patches = [int(p) for p in imgs.split(",") if p]
+        text_tokens = int(tokens) - sum(p // 4 for p in patches)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give TOKENS or TOKENS:P1,P2,.. (integers)") from None
+    if text_tokens < 1 or any(p < 4 for p in patches):
+        raise argparse.ArgumentTypeError(f"{text!r}: the images' tokens (patches / 4 each) must leave at least one "
+                                         "text token, and an image has at least 4 patches")
+    return text_tokens, patches
 
 
 def make_request(text_tokens: int, patches: list[int], a: Any, seed: int) -> Any:
@@ -113,13 +122,22 @@ def top_ops(prof: Any, key: str, n: int = 15) -> list[dict[str, Any]]:
     return [{"name": r.key[:90], "calls": r.count, "self_ms": round(getattr(r, key) / 1e3, 3)} for r in rows]
 
 
+def predicted(record: dict[str, Any], coster: Any, encoder: Any) -> tuple[float, float]:
+    """``(tower, forward)`` ms the cost model predicts for a traced step, as ``bench/step_fidelity.py``
+    costs it (the tower where the plan encodes in the step and the record names patches)."""
+    from bench import step_fidelity as sf
+
+    forward = sf.cost_steps([record], coster)[0]["predicted_ms"]
+    return (sf.cost_steps([record], coster, encoder)[0]["predicted_ms"] - forward if encoder else 0.0), forward
+
+
 def prompt_step(trace: list[dict[str, Any]]) -> dict[str, Any]:
     """The step of a 2-token request that ran its prompt (the one with more tokens than sequences)."""
     return max(trace, key=lambda r: r["tokens"])
 
 
 def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, duration: float, coster: Any,
-                encoder: Any, gap_us: float) -> dict[str, Any]:
+                gap_us: float) -> dict[str, Any]:
     """Replay ``duration`` s of the report's workload at ``rate`` req/s on ``eng`` (the fidelity run's
     requests, another seed) under the profiler: the engine's state after serving, before the shapes
     run; its prompt steps against their predictions, and the GPU's idle gaps by host op."""
@@ -132,30 +150,24 @@ def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, durat
     _wl, reqs = sample_requests(wl, rate=rate, duration=duration, seed=7)
     t = time.perf_counter()
     eng.step_trace.clear()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=ACTIVITIES) as prof:
         replay_requests(eng, reqs, 7)
         torch.cuda.synchronize()
     wall = round(time.perf_counter() - t, 1)
     return {"rate_rps": rate, "requests": len(reqs), "wall_s": wall, "graphs": eng.graph_captures(),
-            "steps": slow_steps(eng.step_trace, coster, encoder), "gaps": gap_ops(list(prof.events()), gap_us)}
+            "steps": slow_steps(eng.step_trace, coster), "gaps": gap_ops(list(prof.events()), gap_us)}
 
 
-def slow_steps(trace: list[dict[str, Any]], coster: Any, encoder: Any) -> list[dict[str, Any]]:
+def slow_steps(trace: list[dict[str, Any]], coster: Any) -> list[dict[str, Any]]:
     """The traced prompt (not all-decode) steps of a replay: forward GPU ms beside the prediction."""
-    from graph.opgraph import StepShape
-
     rows = []
     for r in trace:
         if all(n == 1 for m in r["new"] for n in m):
             continue
-        pred = 0.0
-        for new, ctx, mode in zip(r["new"], r["ctx"], r["mode"]):
-            shape, dec = StepShape.from_sequences(new, ctx)
-            pred += sum(coster.stage_ms(shape, mode, dec))
         rk = r.get("rank") or {}
         rows.append({"tokens": r["tokens"], "seqs": r["seqs"], "images": len(r.get("patches", [])),
-                     "forward_gpu_ms": rk.get("forward_gpu_ms"), "forward_predicted_ms": round(pred, 2),
+                     "forward_gpu_ms": rk.get("forward_gpu_ms"),
+                     "forward_predicted_ms": round(predicted(r, coster, None)[1], 2),
                      "forward_host_ms": rk.get("forward_host_ms"), "device_allocs": rk.get("device_allocs")})
     return rows
 
@@ -164,6 +176,7 @@ def gap_ops(events: list[Any], gap_us: float) -> dict[str, Any]:
     """GPU idle gaps of ``gap_us`` or more over a whole replay, summed by the name of each host op
     that overlapped them (a gap is counted once per op name: where serving waits for the host)."""
     g = gpu_gaps(events, gap_us, max_gaps=400)
+
     def by(key: str) -> list[dict[str, Any]]:
         acc: dict[str, list[float]] = {}
         for x in g["gaps"]:
@@ -177,14 +190,12 @@ def gap_ops(events: list[Any], gap_us: float) -> dict[str, Any]:
             "by_innermost_op": by("innermost")}
 
 
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def run(a: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
+    import executors
     from bench import step_fidelity as sf
     from bench.common import driver_version, write_checkpoint
     from graph.hf_config import load_config
-    from graph.opgraph import StepShape
-    import executors
 
-    report = json.loads(Path(a.report).read_text())
     plan = sf.plan_of(report, a.model, a.case)
     coster, encoder = sf.coster_of(plan), sf.in_step_encoder(plan)
     dev = torch.device("cuda")
@@ -195,15 +206,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(preset=plan.model.preset)
         ckpt = Path(d) / "ckpt"
         write_checkpoint(cfg, ckpt, dev, torch.bfloat16, seed=0)
-        pf = Path(d) / "plan.yaml"
-        pf.write_text(report["models"][a.model]["cases"][a.case]["plan_yaml"])
         t = time.perf_counter()
-        with executors.load(pf, weights=ckpt, device="cuda", backend=a.backend, trace=True) as eng:
+        with executors.load(plan, weights=ckpt, device="cuda", backend=a.backend, trace=True) as eng:
             out["load_s"] = round(time.perf_counter() - t, 1)
             if a.preamble:  # serving first: the report's workload replayed at a rate, as a fidelity rate runs
-                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s, coster, encoder,
-                                              a.gap_ms * 1e3)
-            shapes = [parse_shape(s) for s in a.requests] + [(a.tokens, [])] * bool(a.tokens)
+                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s, coster, a.gap_ms * 1e3)
+            shapes = a.requests + [(a.tokens, [])] * bool(a.tokens)
             for text, patches in shapes:
                 req = make_request(text, patches, eng.args, seed=len(out["shapes"]))
                 reps = []
@@ -212,15 +220,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     eng.generate([req], max_new_tokens=2)
                     r = prompt_step(eng.step_trace)
                     rk = r["rank"]
-                    shape, dec = StepShape.from_sequences(r["new"][0], r["ctx"][0])
-                    pred = sum(coster.stage_ms(shape, r["mode"][0], dec))
-                    tower = coster.vision_ms(tuple(r["patches"]), tp=encoder.tp, dp=encoder.dp) if r["patches"] and encoder else 0.0
+                    tower, pred = predicted(r, coster, encoder)
                     reps.append({"tokens": r["tokens"], "tower_gpu_ms": rk.get("images_gpu_ms"), "tower_predicted_ms": round(tower, 2),
                                  "forward_gpu_ms": rk.get("forward_gpu_ms"), "forward_predicted_ms": round(pred, 2),
                                  "forward_host_ms": rk.get("forward_host_ms"), "gc_ms": rk.get("gc_ms")})
                 torch.cuda.synchronize()
-                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                with torch.profiler.profile(activities=acts) as prof:
+                with torch.profiler.profile(activities=ACTIVITIES) as prof:
                     eng.generate([req], max_new_tokens=1)
                     torch.cuda.synchronize()
                 out["shapes"].append({"text_tokens": text, "patches": patches, "reps": reps[1:], "first": reps[0],
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", default=str(ROOT / "bench/results/fidelity_2gpu.vl_single.json"))
     ap.add_argument("--model", default="qwen2-vl")
     ap.add_argument("--case", default="single")
-    ap.add_argument("--requests", action="append", default=[], help="TOKENS:P1,P2,.. (repeatable)")
+    ap.add_argument("--requests", action="append", type=parse_shape, default=[], help="TOKENS:P1,P2,.. (repeatable)")
     ap.add_argument("--tokens", type=int, default=0, help="also a text-only request of this many tokens")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--gap-ms", type=float, default=0.5)
@@ -283,7 +288,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="first replay the report's workload at RATE req/s (0: none)")
     ap.add_argument("--preamble-s", type=float, default=8.0, help="seconds of arrivals of that replay")
     a = ap.parse_args(argv)
-    r = run(a)
+    try:
+        report = json.loads(Path(a.report).read_text())
+        report["models"][a.model]["cases"][a.case]["plan_yaml"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ap.error(f"--report {a.report}: not a fidelity report with a plan for {a.model} {a.case} ({type(e).__name__}: {e})")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (it runs the engine there)")
+    r = run(a, report)
     write_report(a.out, "step_profile", r, markdown(r, command_line("bench/step_profile.py", argv)), echo=True)
 
 

@@ -56,13 +56,17 @@ def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None
             and cache.dtype == q.dtype and kv_of_q is None and q.shape[1] // cache.shape[1] <= BLOCK_G)
 
 
+def capped_ranges(keys: int) -> int:
+    """The fewest key ranges of at most ``MAX_KEYS_PER_SPLIT`` keys that ``keys`` keys fill (1 with
+    no cap, ``MAX_KEYS_PER_SPLIT = 0``); the paged prefill kernel's ranges follow the same cap."""
+    return -(-keys // MAX_KEYS_PER_SPLIT) if MAX_KEYS_PER_SPLIT else 1
+
+
 def splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
     """``(nsplit, keys_per_split)``: enough programs to fill the GPU, ranges of whole BLOCK_N and
     at most ``MAX_KEYS_PER_SPLIT`` keys (0: no cap)."""
     chunks = max(1, -(-max_keys // BLOCK_N))
-    want = -(-TARGET_PROGRAMS // (S * hkv))
-    if MAX_KEYS_PER_SPLIT:
-        want = max(want, -(-chunks * BLOCK_N // MAX_KEYS_PER_SPLIT))
+    want = max(-(-TARGET_PROGRAMS // (S * hkv)), capped_ranges(chunks * BLOCK_N))
     nsplit = max(1, min(chunks, want, MAX_SPLITS))
     return nsplit, -(-chunks // nsplit) * BLOCK_N
 

@@ -98,9 +98,7 @@ def splits(keys: int, range_bytes: int) -> tuple[int, int]:
     of at most ``paged_decode.MAX_KEYS_PER_SPLIT`` keys (0: no cap) while ``nsplit`` ranges fit
     ``SCRATCH_BYTES``. Shapes only: the same for every step of a captured graph (module doc)."""
     chunks = max(1, -(-keys // BLOCK_N))
-    cap = paged_decode.MAX_KEYS_PER_SPLIT
-    want = -(-chunks * BLOCK_N // cap) if cap else 1
-    nsplit = max(1, min(chunks, want, SCRATCH_BYTES // range_bytes))
+    nsplit = max(1, min(chunks, paged_decode.capped_ranges(chunks * BLOCK_N), SCRATCH_BYTES // range_bytes))
     return nsplit, -(-chunks // nsplit) * BLOCK_N
 
 

@@ -143,9 +143,9 @@ def settle_heap() -> None:
     (``gc.freeze``), so later collections never scan it. A loaded, warmed-up engine holds ~10^6
     container objects (modules, compiled graphs and their guards, captured graphs): on a CPU core
     a full collection of a tiny compiled model's heap took 250 ms, and one triggered inside a step
-    stalls the host that launches it. Settled, a traced serving run on one H200 paused at most 6 ms
-    a step for the collector (``gc_ms``, bench/results/fidelity_2gpu.vl_single.md's trace). Objects
-    made later are collected as usual."""
+    stalls the host that launches it. Settled, a traced serving run on one H200 paused at most 5.2 ms
+    a step for the collector (``gc_ms`` in bench/results/fidelity_2gpu.vl_single.steps.json.gz).
+    Objects made later are collected as usual."""
     gc.collect()
     gc.freeze()
 

@@ -429,6 +429,26 @@ def test_step_profile_finds_gpu_idle_gaps_and_the_host_ops_in_them():
     assert {x["op"]: x["ms"] for x in summed["by_innermost_op"]} == {"cudaMalloc": 3.0, "aten::add": 3.0, "aten::mm": 2.8}
     assert sp.parse_shape("4033:4784,4784,4784,1024") == (4033 - 3 * 1196 - 256, [4784, 4784, 4784, 1024])
     assert sp.parse_shape("4000") == (4000, [])
+    import argparse
+
+    for bad in ("12:x", "100:4096", "50:2"):  # not integers; images past the tokens; an image of 2 patches
+        with pytest.raises(argparse.ArgumentTypeError):
+            sp.parse_shape(bad)
+
+
+def test_bench_scripts_name_a_bad_input_file_and_exit_2(tmp_path, capsys):
+    """``step_profile --report`` and ``decode_splits --price`` given a file that is not their report:
+    one line naming it, exit 2, no traceback."""
+    from bench import decode_splits as ds
+    from bench import step_profile as sp
+
+    junk = tmp_path / "junk.json"
+    junk.write_text("{}")
+    for main, argv in ((sp.main, ["--out", str(tmp_path), "--report", str(junk)]),
+                       (ds.main, ["--out", str(tmp_path), "--price", str(junk)])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "junk.json" in capsys.readouterr().err
 
 
 def test_decode_splits_prices_a_measured_report_on_any_machine(tmp_path):
