@@ -137,8 +137,10 @@ class StageModel:
         if not jobs:
             return []
         m2 = self.a.vision.merge ** 2
-        dev = self.par.device  # each job's pixels to the device, joined there (not by one CPU thread)
-        out = self.tower(torch.cat([j.pixels.to(dev) for j in jobs]), [g for j in jobs for g in j.grid])
+        dev = self.par.device  # each job's pixels to the device, joined there (not by one CPU thread);
+        # page-locked pixels (``requests.join_pixels``) upload without blocking the host
+        out = self.tower(torch.cat([j.pixels.to(dev, non_blocking=j.pixels.is_pinned()) for j in jobs]),
+                         [g for j in jobs for g in j.grid])
         return list(out.split([j.patches // m2 for j in jobs]))
 
     def image_rows(self, mb: MicroBatch) -> torch.Tensor:
