@@ -16,6 +16,10 @@ kernel at its cap against it (``model_over_kernel``). ``--price REPORT`` adds th
 already measured, on any machine:
 
     python bench/decode_splits.py --out DIR --price bench/results/decode_splits.json
+
+``--sweep`` times the same cases over the range kernel's launch instead (keys per inner iteration
+``BLOCK_N``, warps, software-pipeline stages) at caps of 1,024 and 512 keys, and writes
+DIR/decode_splits.sweep.{json,md}: each variant's time per case against the engine's current one.
 """
 
 from __future__ import annotations
@@ -97,11 +101,83 @@ def markdown(report: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+SWEEP = [(n, w, st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)]  # BLOCK_N, warps, stages
+SWEEP_CAPS = (1024, 512)
+
+
+def case_tensors(case: tuple, bs: int) -> tuple:
+    """``(q, k, v, table, lens)`` of one case on the GPU: random bf16 caches, each sequence's blocks
+    contiguous, lengths uniform in the case's range (seeded by the caller)."""
+    import torch
+
+    name, S, hkv, G, lo, hi, width = case
+    nb = width // bs
+    k = torch.randn(S * nb * bs + 1, hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(S, hkv * G, D, device="cuda", dtype=torch.bfloat16)
+    table = torch.arange(S * nb, device="cuda", dtype=torch.int32).reshape(S, nb)
+    lens = torch.randint(lo, hi + 1, (S,), device="cuda", dtype=torch.int32)
+    return q, k, v, table, lens
+
+
+def sweep(pd: Any, graphed_us: Any) -> list[dict]:
+    """Every (BLOCK_N, warps, stages, cap) variant's GPU us on every case (outputs checked against the
+    engine's current launch); the module's settings are restored after."""
+    import torch
+
+    keep = (pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT)
+    rows = []
+    for case in CASES:
+        torch.manual_seed(0)
+        q, k, v, table, lens = case_tensors(case, 16)
+        ref = pd.paged_decode(q, k, v, table, lens, 16)
+        row = {"case": case[0], "engine_us": round(graphed_us(lambda: pd.paged_decode(q, k, v, table, lens, 16)), 1),
+               "us": {}}
+        for n, w, st in SWEEP:
+            for cap in SWEEP_CAPS:
+                pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT = n, w, st, cap
+                try:
+                    o = pd.paged_decode(q, k, v, table, lens, 16)
+                    if not torch.allclose(o.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                        raise SystemExit(f"{case[0]}: variant {(n, w, st, cap)} changed the output")
+                    us = round(graphed_us(lambda: pd.paged_decode(q, k, v, table, lens, 16)), 1)
+                except Exception as e:  # noqa: BLE001 - a variant that does not build (registers, shared memory)
+                    us = f"{type(e).__name__}"
+                row["us"][f"{n}/{w}/{st}/{cap}"] = us
+        pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT = keep
+        rows.append(row)
+        print(row["case"], row["engine_us"], min((u, key) for key, u in row["us"].items() if isinstance(u, float)),
+              flush=True)
+    return rows
+
+
+def sweep_markdown(report: dict) -> str:
+    """Per variant: its time on each case over the engine's current launch, and the geometric mean."""
+    import math
+
+    rows = report["rows"]
+    keys = list(rows[0]["us"])
+    ratio = {key: [r["us"][key] / r["engine_us"] if isinstance(r["us"][key], float) else math.inf for r in rows]
+             for key in keys}
+    gmean = {key: math.exp(sum(math.log(x) for x in v) / len(v)) for key, v in ratio.items()}
+    md = ["# Paged decode: the range kernel's launch, swept", "",
+          f"{report['device']}, driver {report['driver']}, torch {report['torch']}, Triton {report['triton']}. "
+          f"Command: `{report['command']}`. Cases of `decode_splits.md`; each variant (BLOCK_N / warps / stages / "
+          f"cap) as its time over the engine's current launch ({report['engine']}); best 12 by geometric mean.", "",
+          "| variant | gmean | " + " | ".join(r["case"] for r in rows) + " |",
+          "|---|---:|" + "---:|" * len(rows),
+          "| engine (us) | 1 | " + " | ".join(str(r["engine_us"]) for r in rows) + " |"]
+    for key in sorted(keys, key=gmean.get)[:12]:
+        md.append(f"| {key} | {gmean[key]:.3f} | " + " | ".join(f"{x:.2f}" for x in ratio[key]) + " |")
+    return "\n".join(md) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--price", type=Path, default=None, metavar="REPORT",
                     help="add the cost model's price to a measured report (no GPU)")
+    ap.add_argument("--sweep", action="store_true", help="time the range kernel's launch variants instead")
     a = ap.parse_args(argv)
     from bench.common import command_line, write_report
 
@@ -123,17 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import driver_version, graphed_us
     from executors import paged_decode as pd
 
+    import triton
+
+    meta = {"command": command_line("bench/decode_splits.py", argv), "device": torch.cuda.get_device_name(),
+            "driver": driver_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version()}
+    if a.sweep:
+        engine = f"{pd.BLOCK_N}/{pd.PARTIAL_WARPS}/{pd.PARTIAL_STAGES}/{pd.MAX_KEYS_PER_SPLIT}"
+        report = {**meta, "engine": engine, "rows": sweep(pd, graphed_us)}
+        write_report(a.out, "decode_splits.sweep", report, sweep_markdown(report), echo=True)
+        return 0
     torch.manual_seed(0)
-    dev, bs = "cuda", 16
+    bs = 16
     rows = []
     keep = pd.MAX_KEYS_PER_SPLIT
-    for name, S, hkv, G, lo, hi, width in CASES:
-        nb = width // bs
-        k = torch.randn(S * nb * bs + 1, hkv, D, device=dev, dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        q = torch.randn(S, hkv * G, D, device=dev, dtype=torch.bfloat16)
-        table = torch.arange(S * nb, device=dev, dtype=torch.int32).reshape(S, nb)
-        lens = torch.randint(lo, hi + 1, (S,), device=dev, dtype=torch.int32)
+    for case in CASES:
+        name, S, hkv = case[:3]
+        q, k, v, table, lens = case_tensors(case, bs)
         row = {"case": name, "floor_us": round(int(lens.sum()) * 2 * hkv * D * BYTES / 4.3e12 * 1e6, 1), "us": {}}
         ref = None
         for cap in CAPS:
@@ -146,13 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(row, flush=True)
     pd.MAX_KEYS_PER_SPLIT = keep
-    import triton
-
     price(rows, keep)
-    report = {"command": command_line("bench/decode_splits.py", argv), "device": torch.cuda.get_device_name(),
-              "driver": driver_version(), "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "engine_cap": keep, "rows": rows,
-              "priced": command_line("bench/decode_splits.py", argv)}
+    report = {**meta, "engine_cap": keep, "rows": rows, "priced": meta["command"]}
     write_report(a.out, "decode_splits", report, markdown(report), echo=True)
     return 0
 

@@ -46,6 +46,7 @@ MAX_SPLITS = 64  # the combine kernel holds every range of a head at once
 # uncapped (64: 116.0 against 146.3; equal lengths unchanged, Llama's 100-2,000 keys 97.3 against 94.1):
 # bench/results/decode_splits.md
 MAX_KEYS_PER_SPLIT = 1024
+PARTIAL_WARPS, PARTIAL_STAGES = 4, 3  # the range kernel's launch (Triton's defaults; bench/decode_splits.py --sweep)
 _failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
 
 
@@ -102,7 +103,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, k_cache, v_cache, table, lens, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct, USE_GDC=gdc,
-        launch_pdl=gdc,
+        launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
     )
     if not direct:
         _combine[(S, hq)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
