@@ -49,11 +49,67 @@ class LayerCache:
 # (41 and 46 traced steps), where steps of two or more prefills (the paged kernel) stayed at 0.90. (The vision tower keeps cuDNN: its shapes are captured once per image grid,
 # executors/tower_graphs.py.)
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A whole prompt of PROMPT_CUDNN_MIN tokens or more is the exception: on Hopper cuDNN's kernel runs
+# its causal attention at about twice the flash backend's rate (a 4,033-token Qwen2-VL-7B prompt:
+# 28 layers in 14.2 ms through flash against 7.1 through cuDNN, bench/results/step_profile.pinned_cudnn.md:
+# its forward 88-90 ms against 93-97 on flash and 87.3 predicted), so it
+# runs on cuDNN at a length padded up to ``prompt_bucket`` (eight buckets an octave, at most 1/8
+# more keys): the plans are few, built once each, at warm-up (``Engine.warm_up``).
+PROMPT_CUDNN_MIN = 512
 
 
 def sdpa_backends():
     """A context in which SDPA picks among ``SDPA_BACKENDS`` only (``torch.nn.attention.sdpa_kernel``)."""
     return sdpa_kernel(SDPA_BACKENDS)
+
+
+def prompt_bucket(n: int) -> int:
+    """The padded length of a whole prompt of ``n`` tokens run on cuDNN: ``n`` rounded up to a multiple
+    of ``2^(floor(log2 n) - 3)`` (eight buckets an octave: 4,033 -> 4,096, 4,097 -> 4,608); ``n`` itself
+    below ``PROMPT_CUDNN_MIN`` (no padding; the plan-free backends)."""
+    if n < PROMPT_CUDNN_MIN:
+        return n
+    g = 1 << (n.bit_length() - 4)
+    return -(-n // g) * g
+
+
+def prompt_buckets(max_tokens: int) -> list[int]:
+    """Every ``prompt_bucket`` from ``PROMPT_CUDNN_MIN`` up to the one holding ``max_tokens``."""
+    out, n = [], PROMPT_CUDNN_MIN
+    while n <= max_tokens:
+        out.append(prompt_bucket(n))
+        n = out[-1] + 1
+    return out
+
+
+def causal_prompt(qs: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a whole prompt: ``qs [1, hq, n, D]`` over its own keys ``K, V [1, hkv, n, D]``
+    -> ``[1, hq, n, D]``. On CUDA from ``PROMPT_CUDNN_MIN`` tokens, zero-padded at the end to
+    ``prompt_bucket(n)`` and run on cuDNN first (padded keys come after every real query, so the causal
+    mask keeps them out of its rows; the padded rows are dropped)."""
+    n = qs.shape[2]
+    if qs.is_cuda and n >= PROMPT_CUDNN_MIN and qs.dtype in (torch.bfloat16, torch.float16) and not _cudnn_failed:
+        try:
+            return padded_causal(qs, K, V, prompt_bucket(n), [SDPBackend.CUDNN_ATTENTION])
+        except RuntimeError as e:  # cuDNN does not take these inputs here: the plan-free kernels from now on
+            _cudnn_failed.append(f"{type(e).__name__}: {e}"[:300])
+    return padded_causal(qs, K, V, n, SDPA_BACKENDS)
+
+
+_cudnn_failed: list[str] = []  # why cuDNN's SDPA refused a prompt on this process (then it is not asked again)
+
+
+def padded_causal(qs: torch.Tensor, K: torch.Tensor, V: torch.Tensor, length: int, backends: list) -> torch.Tensor:
+    """``causal_prompt``'s SDPA: the prompt's queries, keys and values zero-padded at the end to
+    ``length``, SDPA's backends limited to ``backends`` (their priority order left as it is: the
+    tower's SDPA calls keep theirs), the first ``n`` rows kept."""
+    n = qs.shape[2]
+    pad = (0, 0, 0, length - n)
+    if length > n:
+        qs, K, V = F.pad(qs, pad), F.pad(K, pad), F.pad(V, pad)
+    with sdpa_kernel(backends):
+        o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=K.shape[1] != qs.shape[1])
+    return o[:, :, :n]
 
 
 def packed_mask(mb: MicroBatch, t_pad: int, device: torch.device) -> torch.Tensor:
@@ -184,7 +240,7 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerC
         V = _gather(cache.v, rows, kv_of_q).to(q.dtype)
     K, V = K.transpose(0, 1)[None], V.transpose(0, 1)[None]  # [1, hkv, ctx, D]
     if n == ctx:
-        o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, enable_gqa=K.shape[1] != hq)
+        o = causal_prompt(qs, K, V)
     elif n == 1:
         o = F.scaled_dot_product_attention(qs, K, V, enable_gqa=K.shape[1] != hq)
     else:

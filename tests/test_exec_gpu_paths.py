@@ -70,7 +70,8 @@ def test_per_sequence_attention_equals_packed(kv_map: str | None) -> None:
 
 def test_per_sequence_attention_keeps_off_cudnn(monkeypatch) -> None:
     """Every per-sequence SDPA call runs with cuDNN's backend off (``attention.SDPA_BACKENDS``: it
-    builds a plan per new shape), and the flags are as they were after the step."""
+    builds a plan per new shape; on CUDA a whole prompt of ``PROMPT_CUDNN_MIN`` tokens or more takes
+    cuDNN at a bucketed length, the next test), and the flags are as they were after the step."""
     import executors.attention as attn
 
     seen: list[bool] = []
@@ -86,6 +87,29 @@ def test_per_sequence_attention_keeps_off_cudnn(monkeypatch) -> None:
     before = torch.backends.cuda.cudnn_sdp_enabled()
     attn._attend_per_sequence(q, k, v, cache, AttnMeta(mb.slots, mb.key_slots, None, seqs=sequence_spans(mb)), kv_of_q)
     assert seen == [False] * 2 and torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_a_whole_prompt_padded_to_its_bucket_gives_its_own_rows() -> None:
+    """``attention.padded_causal`` at ``prompt_bucket(n)`` (the length cuDNN runs a whole prompt at):
+    the zero-padded keys come after every real query, so the rows kept are unpadded causal SDPA's, and
+    SDPA's backend priority order is as it was (a priority set inside the per-sequence path once left
+    the vision tower's attention on the flash kernel); buckets pad by at most an eighth and are their
+    own buckets."""
+    import executors.attention as attn
+
+    n = attn.PROMPT_CUDNN_MIN + 77
+    L = attn.prompt_bucket(n)
+    assert n < L <= n * 9 / 8 and attn.prompt_bucket(n - 100) == n - 100  # below the minimum: no padding
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h in (8, 2, 2))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    order = torch._C._get_sdp_priority_order()
+    with attn.sdpa_backends():  # nested as the per-sequence path nests it: SDPA's priority order stays
+        torch.testing.assert_close(attn.padded_causal(q, k, v, L, attn.SDPA_BACKENDS), want, rtol=1e-5, atol=1e-5)
+    assert torch._C._get_sdp_priority_order() == order
+    buckets = attn.prompt_buckets(8192)
+    assert buckets[0] == attn.PROMPT_CUDNN_MIN and buckets[-1] == 8192 and len(buckets) == 33
+    assert all(attn.prompt_bucket(b) == b for b in buckets)
 
 
 @pytest.mark.parametrize("kv_map", [None, "replicated"])
