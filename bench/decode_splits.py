@@ -11,8 +11,8 @@ the same output (checked). Writes DIR/decode_splits.{json,md}.
 
 Beside each case, the cost model's price of the same attention (``model_us``: one decoder layer's
 decode attention of the case's model preset, ``B`` sequences at the case's mean context, the h200
-profile, which prices decode attention from SDPA measured on Llama's head counts) and the engine's
-kernel at its cap against it (``model_over_kernel``). ``--price REPORT`` adds them to a report
+profile, which prices this engine's decode attention from its paged kernel measured at equal
+lengths, ``attn_decode_engine``) and the engine's kernel at its cap against it (``model_over_kernel``). ``--price REPORT`` adds them to a report
 already measured, on any machine:
 
     python bench/decode_splits.py --out DIR --price bench/results/decode_splits.json

@@ -11,7 +11,9 @@ What is timed (bf16, CUDA-graph replays, median of rounds; see ``gpu_bench.Timer
   (the Triton W8A16 kernel at decode sizes, ``torch._scaled_mm`` above), on FP8 GPUs (``_fp8_gemms``);
 * prefill attention over packed sequences (B sequences of L tokens, causal; and full
   attention for vision, at several head counts) through ``gpu_bench.PackedAttention``;
-* decode attention, B queries against caches of C tokens (``gpu_bench.decode_attention``);
+* decode attention, B queries against caches of C tokens (``gpu_bench.decode_attention``), and
+  the same through the engine's paged decode kernel at several KV head counts
+  (``run_decode_engine``: what its CUDA graphs replay);
 * memory-bound ops as HF implements them (RMSNorm, LayerNorm, SiLU*mul, QuickGELU, RoPE,
   vision RoPE, residual add, embedding lookup) over a range of sizes;
 * the launch gap (a tiny kernel replayed many times in a graph), a large device copy and a
@@ -52,6 +54,7 @@ class Grids:
     dec_B: list[int] = field(default_factory=list)
     dec_C: list[int] = field(default_factory=list)
     dec_max_tokens: int = 3_000_000
+    dec_kv_heads: list[int] = field(default_factory=lambda: [8])  # KV heads per GPU of the engine kernel's points
     mem_T: list[int] = field(default_factory=list)
     widths: dict[str, int] = field(default_factory=dict)
 
@@ -65,7 +68,7 @@ class Grids:
                      full_L=[64, 110, 192, 332, 576, 1000, 1728, 3000, 5184, 9000, 15552, 27000], full_B=[1, 2, 4, 8, 16],
                      full_more_heads=[6, 12],
                      dec_B=[1, 3, 6, 12, 24, 48, 96, 192, 384], dec_C=[96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
-                     mem_T=[2 ** i for i in range(17)], widths=_WIDTHS)
+                     dec_kv_heads=[8, 4, 2, 1], mem_T=[2 ** i for i in range(17)], widths=_WIDTHS)
 
     @staticmethod
     def quick() -> "Grids":
@@ -305,6 +308,9 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
             raw["attn_decode"].append({"B": B, "C": C, "heads": H, "kv_heads": G, "head_dim": D, "ms": ms})
             del kc, vc
     log(f"decode attention: {len(raw['attn_decode'])} points, {time.time() - t_start:.0f} s")
+    if dev.type == "cuda":
+        raw["attn_decode_engine"] = run_decode_engine(grids, timer, out_of_time)
+        log(f"engine decode attention: {len(raw['attn_decode_engine'])} points, {time.time() - t_start:.0f} s")
     if checkpoint:
         checkpoint(raw)
 
@@ -349,6 +355,59 @@ def run_collectives(world: int | None = None, sizes: list[int] | None = None, *,
     meta.update(backend=backend, world=world, sizes=sizes, seconds=round(time.time() - t0, 1),
                 group_sizes_tried=group_sizes(world))
     return {"collectives": pts, "collectives_errors": errors, "collectives_meta": meta}
+
+
+def run_decode_engine(grids: Grids, timer: Callable[[Callable[[], object]], float],
+                      out_of_time: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
+    """The engine's paged decode kernel (``executors.paged_decode.paged_decode``, block size 16) on
+    the decode grid: B sequences of C cached keys each (blocks in order), for each KV head count of
+    ``grids.dec_kv_heads`` with the grid's query heads per KV head; points {B, C, heads, kv_heads,
+    head_dim, ms, kernel}. None where the kernel does not serve this device (no Triton)."""
+    import torch
+
+    from executors import paged_decode
+
+    H, G, D = grids.attn_heads
+    per_kv, bs, dt = max(1, H // G), 16, torch.bfloat16
+    q0 = torch.zeros(1, per_kv, D, device="cuda", dtype=dt)
+    if not paged_decode.available(q0, torch.zeros(1, 1, D, device="cuda", dtype=dt), None):
+        return []
+    pts = []
+    for hkv in grids.dec_kv_heads:
+        for B in grids.dec_B:
+            for C in grids.dec_C:
+                if B * C * hkv > grids.dec_max_tokens * G or out_of_time():
+                    continue
+                nb = -(-C // bs)
+                k = torch.randn(B * nb * bs + 1, hkv, D, device="cuda", dtype=dt)
+                v = torch.randn_like(k)
+                q = torch.randn(B, hkv * per_kv, D, device="cuda", dtype=dt)
+                table = torch.arange(B * nb, device="cuda", dtype=torch.int32).reshape(B, nb)
+                lens = torch.full((B,), C, device="cuda", dtype=torch.int32)
+                ms = timer(lambda: paged_decode.paged_decode(q, k, v, table, lens, bs))
+                pts.append({"B": B, "C": C, "heads": hkv * per_kv, "kv_heads": hkv, "head_dim": D, "ms": ms,
+                            "kernel": "paged_decode"})
+                del k, v
+    return pts
+
+
+def run_decode_only(grids: Grids | None = None) -> dict[str, Any]:
+    """``run_decode_engine`` alone on this GPU (default ``Grids.full()``), as a file ``costmodels.merge``
+    takes: {meta, overhead_us, attn_decode_engine, skipped, seconds}."""
+    import torch
+
+    from costmodels.gpu_bench import Timer
+
+    t_start = time.time()
+    dev = _device()
+    if dev is None:
+        raise UserError("the engine's decode kernel needs a CUDA GPU and torch.cuda sees none")
+    timer = Timer(dev)
+    x1 = torch.zeros(1, device=dev)
+    pts = run_decode_engine(grids or Grids.full(), timer)
+    return {"meta": device_meta(), "overhead_us": timer(lambda: x1.add_(1.0)) * 1e3, "attn_decode_engine": pts,
+            "skipped": [] if pts else ["engine decode (the paged kernel does not serve this device)"],
+            "seconds": time.time() - t_start}
 
 
 def run_comm_fp8(budget_s: float = 170.0, grids: Grids | None = None, log: Callable[[str], None] = print,

@@ -8,6 +8,8 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
   e(L, B), or e(L, B, heads) where the points hold more than one head count (full attention)
 * ``attn_decode``: {B, C, heads, kv_heads, head_dim, ms}
   ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
+* ``attn_decode_engine``: the same of the engine's paged decode kernel at several KV head counts
+  -> e(B, C, kv_heads) (``fit_decode_engine``)
 * ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included;
   interpolated log-log, exact where time grows as a power of size)
 * ``collectives``: {op, bytes, n, mode, ms} (NCCL, several GPUs)  ->  measured tables per mode
@@ -48,6 +50,15 @@ def decode_attention_bytes(B: float, C: float, heads: float, kv_heads: float, d:
     kv = (2 * kv_heads * d * B * C + 2 * kv_heads * d * B) * kv_b
     act = ((heads + 2 * kv_heads) * d * B + heads * d * B) * a_b
     return kv + act
+
+
+def fit_decode_engine(points: list[dict], overhead_us: float, gpu: str) -> LogGrid:
+    """e(B, C, kv_heads) = ``decode_attention_bytes`` / ((ms - overhead) * bw) of the engine's paged
+    decode kernel's points (one kv-heads value: e(B, C, kv_heads) all the same along that axis)."""
+    bw = get_gpu(gpu).hbm_tbps * 1e12
+    return _grid(points, ("B", "C", "kv_heads"),
+                 lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
+                 / (_net_s(p["ms"], overhead_us) * bw), log_values=True)
 
 
 def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = False, *,
@@ -226,8 +237,9 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
               for name, pts in raw["memops"].items() if pts}
     bias = fit_gemm_bias(raw["gemm_bias"]) if raw.get("gemm_bias") else None
     fp8 = fit_gemm_fp8(raw.get("gemm_fp8") or [], gpu, ovh, gemm)
+    dec_engine = fit_decode_engine(raw["attn_decode_engine"], ovh, gpu) if raw.get("attn_decode_engine") else None
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
                    collectives=profile_collectives(raw["collectives"], raw.get("collectives_meta"))
                    if isinstance(raw.get("collectives"), list) else {},
-                   raw=raw, gemm_bias=bias, gemm_fp8=fp8)
+                   raw=raw, gemm_bias=bias, gemm_fp8=fp8, attn_decode_engine=dec_engine)

@@ -26,7 +26,9 @@ top of the all-to-alls (the engine's LL all-to-all in steps it graphs: ``all_to_
 ``step_wall_ms`` / ``stage_wall_ms`` price the host side of a step,
 ``max(layers x host time per layer, GPU time)`` for steps the engine launches eagerly, and
 ``step_wall_ms`` / ``hop_ms`` the engine's handoff at each PP stage boundary; the engine's decode
-GEMV prices products of a few rows (``opcost.Rates.gemv_bw``). Block,
+GEMV prices products of a few rows (``opcost.Rates.gemv_bw``), and its paged decode kernel decode
+attention (the profile's ``attn_decode_engine``, where measured; without ``launch``, another engine,
+the SDPA table, which stands for vLLM's, SGLang's or TensorRT-LLM's kernel). Block,
 layer and step times (``block_time`` .. ``step_time``) are GPU times. Decoder layers with
 the same op signature are timed once and multiplied; results are memoised per
 (block signature, StepShape, t, s) so the simulator's repeated calls are dictionary hits.
@@ -112,7 +114,7 @@ class CostModel:
                            bw=self.gpu.hbm_tbps * 1e12, w_bytes=dtype_bytes(weights_dtype),
                            a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype), fused=fused_elementwise,
                            fp8_gemm=weights_dtype == "fp8" and bool(self.gpu.fp8_tflops),
-                           fp8_tensor=fp8_kernels == "tensor",
+                           fp8_tensor=fp8_kernels == "tensor", engine_decode=launch is not None,
                            **_gemv_rates(launch, weights_dtype, act_dtype))
         # where FP8 GEMM efficiencies come from: a measured table, or the bf16 one at the FP8 peak
         tensor = self.rates.fp8_tensor and profile is not None and profile.gemm_fp8_tensor is not None

@@ -110,6 +110,7 @@ class Rates:
     gemv_bw: float = 0.0  # bytes/s of the engine's decode GEMV (0: none)
     gemv_call_s: float = 0.0  # and its fixed time a product
     gemv_max_rows: int = 0  # products of at most this many rows run it
+    engine_decode: bool = False  # this repo's engine: decode attention from the profile's attn_decode_engine
 
 
 def op_time(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> tuple[float, float, float]:
@@ -187,7 +188,10 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
         return c, mem, ovh_us * 1e-3
     if q_per_seq < 1.5:  # decode: bandwidth-bound read of each sequence's KV
         ctx = max(s.kv / seqs, 1.0)
-        eff_m = prof.attn_decode(seqs, ctx)
+        if rates.engine_decode and prof.attn_decode_engine is not None:  # at this GPU's KV heads
+            eff_m = prof.attn_decode_engine(seqs, ctx, r.kv_heads * kv_frac)
+        else:
+            eff_m = prof.attn_decode(seqs, ctx)
         mem = (kv_bytes + act_bytes) / (rates.bw * max(eff_m, 1e-3)) * 1e3
         return 0.0, mem, ovh_us * 1e-3
     table = prof.attn_causal if r.causal else prof.attn_full

@@ -11,6 +11,9 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
   where several head counts were measured (full attention in newer profiles).
 * ``attn_decode``: bandwidth efficiency of decode attention e(B, C) = bytes / (t * hbm_bw),
   bytes = KV read (2 * B * C * kv_heads * head_dim * 2 bytes).
+* ``attn_decode_engine`` (when measured): the same efficiency of the engine's own paged decode kernel
+  (``executors.paged_decode``, the one its CUDA graphs replay), e(B, C, kv heads per GPU): plans the
+  engine runs read it in place of ``attn_decode`` (SDPA's kernels, which stand for a vendor's).
 * ``memops[name]``: time in microseconds of a memory-bound op (HF implementation: RMSNorm,
   LayerNorm, SiLU*mul, QuickGELU, RoPE, add, copy) vs the elements it produces.
 * ``gemm_bias``: extra microseconds a bias adds to a linear, e(M, N) (averaged over K).
@@ -69,6 +72,7 @@ class Profile:
     gemm_bias: LogGrid | None = None  # extra us of a bias epilogue, e(M, N)
     gemm_fp8: LogGrid | None = None  # e(M, N, K) of FP8 GEMMs against the FP8 peak, when measured
     gemm_fp8_tensor: LogGrid | None = None  # the same for per-tensor-scaled FP8 GEMMs, when measured
+    attn_decode_engine: LogGrid | None = None  # e(B, C, kv heads) of the engine's paged decode kernel, when measured
     steps: dict[str, Any] = field(default_factory=dict)  # step-level terms of the engine (``costmodels.steps``)
 
     def memop_us(self, name: str, elements: float) -> float | None:
@@ -95,6 +99,7 @@ class Profile:
                 **({"gemm_bias": self.gemm_bias.to_json()} if self.gemm_bias else {}),
                 **({"gemm_fp8": self.gemm_fp8.to_json()} if self.gemm_fp8 else {}),
                 **({"gemm_fp8_tensor": self.gemm_fp8_tensor.to_json()} if self.gemm_fp8_tensor else {}),
+                **({"attn_decode_engine": self.attn_decode_engine.to_json()} if self.attn_decode_engine else {}),
             },
             "collectives": self.collectives,
             **({"steps": self.steps} if self.steps else {}),
@@ -113,6 +118,7 @@ class Profile:
                    gemm_bias=LogGrid.from_json(t["gemm_bias"]) if "gemm_bias" in t else None,
                    gemm_fp8=LogGrid.from_json(t["gemm_fp8"]) if "gemm_fp8" in t else None,
                    gemm_fp8_tensor=LogGrid.from_json(t["gemm_fp8_tensor"]) if "gemm_fp8_tensor" in t else None,
+                   attn_decode_engine=LogGrid.from_json(t["attn_decode_engine"]) if "attn_decode_engine" in t else None,
                    steps=d.get("steps", {}))
 
 

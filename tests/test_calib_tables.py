@@ -30,8 +30,8 @@ def g8():
 @pytest.fixture(scope="module")
 def h200():
     prof = load_profile("h200")  # datasheet links, bf16 table for fp8, no FP8 points
-    return replace(prof, collectives={}, gemm_fp8=None, gemm_fp8_tensor=None,
-                   raw={k: v for k, v in prof.raw.items() if k not in ("gemm_fp8", "gemm_fp8_tensor")})
+    return replace(prof, collectives={}, gemm_fp8=None, gemm_fp8_tensor=None, attn_decode_engine=None,
+                   raw={k: v for k, v in prof.raw.items() if k not in ("gemm_fp8", "gemm_fp8_tensor", "attn_decode_engine")})
 
 
 def _points(ms_of, ops=C.FORMULAS, n=2, modes=("eager",)) -> list[dict]:
@@ -379,3 +379,41 @@ def read_profile_json(p):
     from costmodels.profile import Profile
 
     return Profile.from_json(json.loads(json.dumps(p.to_json())))
+
+
+def test_engine_decode_points_make_a_table_read_by_engine_plans_at_their_kv_heads(g8, h200):
+    """``--decode-engine`` points (the engine's paged kernel, several KV head counts) become
+    ``attn_decode_engine``: plans this repo's engine runs (its measured step terms, ``launch``) price
+    decode attention from it at their GPU's KV heads; plans for another engine keep the SDPA table. Points at twice SDPA's time with 8 KV heads and
+    four times with 4: Llama-3.1-8B's decode attention (8 KV heads) costs twice SDPA's alone, under
+    TP2 (4 a GPU) four times."""
+    from costmodels.calibrate import Grids
+
+    from costmodels.opcost import op_time
+
+    ovh = h200.overhead_us * 1e-3
+    sdpa = {(p["B"], p["C"]): p["ms"] - ovh for p in h200.raw["attn_decode"]}  # 8 KV heads
+    pts = [{"B": b, "C": c, "heads": 5 * kv, "kv_heads": kv, "head_dim": 128, "kernel": "paged_decode",
+            "ms": ms * kv / 8 * (2 if kv == 8 else 4) + ovh} for (b, c), ms in sdpa.items() for kv in (8, 4)]
+    calib = {"meta": {"device_name": "NVIDIA H200", "date": "2026-12-03"}, "attn_decode_engine": pts}
+    out = merge(h200, calib)
+    assert out.id == f"{h200.id}+dec-2026-12-03" and out.meta["merged"]["attn_decode_engine_points"] == len(pts)
+    assert read_profile_json(out).attn_decode_engine.values == out.attn_decode_engine.values
+    assert out.attn_decode.values == h200.attn_decode.values
+    shape = StepShape.decode([1536] * 48)
+
+    def attn_ms(cm, tp=1):
+        attn = next(r for r in cm._recs[cm.decoders[0].name] if r.kind == "attention")
+        c, m, _ = op_time(attn, shape, tp, 1, cm.rates, cm.profile)
+        return max(c, m)
+
+    from costmodels.steps import launch_for
+
+    launch = launch_for(out, "shiftplan", "compile")
+    assert launch is not None and launch_for(out, "vllm", "compile") is None
+    eng, other = CostModel(g8, "h200", profile=out, launch=launch), CostModel(g8, "h200", profile=out)
+    trt = CostModel(g8, "h200", profile=out, fp8_kernels="tensor")
+    assert attn_ms(other) == attn_ms(trt)
+    assert attn_ms(eng) / attn_ms(trt) == pytest.approx(2, rel=0.1)
+    assert attn_ms(eng, tp=2) / attn_ms(trt, tp=2) == pytest.approx(4, rel=0.1)
+    assert 4 in Grids.full().dec_kv_heads and 1 in Grids.full().dec_kv_heads
