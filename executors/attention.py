@@ -54,7 +54,7 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 # 28 layers in 14.2 ms through flash against 7.1 through cuDNN, bench/results/step_profile.pinned_cudnn.md:
 # its forward 88-90 ms against 93-97 on flash and 87.3 predicted), so it
 # runs on cuDNN at a length padded up to ``prompt_bucket`` (eight buckets an octave, at most 1/8
-# more keys): the plans are few, built once each, at warm-up (``Engine.warm_up``).
+# more keys): the plans are few, built once each, at warm-up (``warm_prompt_plans``).
 PROMPT_CUDNN_MIN = 512
 
 
@@ -80,6 +80,23 @@ def prompt_buckets(max_tokens: int) -> list[int]:
         out.append(prompt_bucket(n))
         n = out[-1] + 1
     return out
+
+
+def warm_prompt_plans(shapes: set[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
+                      max_tokens: int) -> int:
+    """Have cuDNN build its plan for a whole prompt of each ``prompt_bucket`` length up to
+    ``max_tokens`` (a step's budget: no prompt chunk is longer), for each ``(query heads, key heads,
+    head dim)`` of ``shapes``, so no served step waits on one (``causal_prompt``). The number of
+    calls made; none off CUDA or in a dtype cuDNN does not serve."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    calls = 0
+    for hq, hkv, D in sorted(shapes):
+        for n in prompt_buckets(max_tokens):
+            k = torch.zeros(1, hkv, n, D, dtype=dtype, device=device)
+            causal_prompt(torch.zeros(1, hq, n, D, dtype=dtype, device=device), k, k)
+            calls += 1
+    return calls
 
 
 def causal_prompt(qs: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

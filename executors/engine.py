@@ -621,12 +621,10 @@ class Engine:
         bucket) and a decode graph is captured per batch bucket at the shortest key bucket, as is a
         prefill graph for each first step of ``b`` prompts (``b * prompt_tokens`` tokens, up to the
         largest token bucket); other prefill and mixed shapes and longer contexts capture theirs on
-        first use. On CUDA, then, one prompt of each ``attention.prompt_bucket`` length that fits a
-        step, the context and the KV cache (a whole prompt's attention runs on cuDNN at those lengths,
-        one plan built per length; prompts up to the largest token bucket capture their graphs). Last, the driver and every rank settle their heaps (``worker.settle_heap``: what
+        first use. Last, every rank builds cuDNN's plans for whole prompts and settles its heap
+        (``RankRunner.finish_warm_up``), and the driver settles its own (``worker.settle_heap``: what
         loading and warming up made is never scanned by the garbage collector again). The engine's
         counters are reset after; its KV cache is free again."""
-        from executors.attention import prompt_buckets
         from executors.graphs import BATCH_BUCKETS
         from executors.worker import settle_heap
 
@@ -636,15 +634,12 @@ class Engine:
             self.generate([Request(tokens=[min(1, self.args.vocab - 1)] * prompt_tokens) for _ in range(b * per)],
                           max_new_tokens=2,
                           sampling=Sampling(temperature=0.0, stop_on_eos=False))
-        if self.spec.device.startswith("cuda"):
-            top = min(self.plan.scheduler.max_batch_tokens, self.args.max_positions - 2, self.num_blocks * self.block - 2)
-            for n in [n for n in prompt_buckets(top) if n <= top]:
-                self.generate([Request(tokens=[min(1, self.args.vocab - 1)] * n) for _ in range(per)], max_new_tokens=1,
-                              sampling=Sampling(temperature=0.0, stop_on_eos=False))
-        if self.local is None:  # spawned ranks: an empty step that settles their heaps
+        if self.local is None:  # spawned ranks: an empty step on which they finish warming up
             self.step_id += 1
             self._dispatch({rep: Step(self.step_id, [], settle=True) for rep in range(self.plan.mesh.dp)})
-        settle_heap()  # the driver's, and the in-process rank's
+        else:
+            self.local.finish_warm_up()
+        settle_heap()  # the driver's
         self.mode_counts = dict.fromkeys(self.mode_counts, 0)
         self.lookahead_steps = self.peak_in_flight = 0
         if self.step_trace is not None:

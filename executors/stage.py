@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from executors import paged_prefill
-from executors.attention import LayerCache, decode_keys, packed_mask, prefill_inputs, sequence_spans, split_decodes
+from executors.attention import LayerCache, decode_keys, packed_mask, prefill_inputs, sequence_spans, split_decodes, warm_prompt_plans
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
@@ -142,6 +142,16 @@ class StageModel:
         out = self.tower(torch.cat([j.pixels.to(dev, non_blocking=j.pixels.is_pinned()) for j in jobs]),
                          [g for j in jobs for g in j.grid])
         return list(out.split([j.patches // m2 for j in jobs]))
+
+    def warm_attention(self) -> int:
+        """``attention.warm_prompt_plans`` at this stage's attention shapes, one per layout (shift's
+        two narrow the heads differently; with replicated KV heads a prompt's keys are gathered to
+        one per query head), up to the step budget. The number of SDPA calls made."""
+        if not self.layers:
+            return 0
+        shapes = {(w.attn.nq, w.attn.nq if w.attn.core.kv_of_q is not None else w.attn.nkv, w.attn.head_dim)
+                  for w in self.layers[0].layouts.values()}
+        return warm_prompt_plans(shapes, self.dtype, self.par.device, self.plan.scheduler.max_batch_tokens)
 
     def image_rows(self, mb: MicroBatch) -> torch.Tensor:
         """``[N, hidden]``: the embeddings of the micro-batch's image-token rows ``mb.img_tok``, in order."""

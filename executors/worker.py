@@ -196,6 +196,12 @@ class RankRunner:
         tokens. Under PP only the reporting rank samples (stage 0 takes no look-ahead steps)."""
         return self.reports or self.par.pp == 1
 
+    def finish_warm_up(self) -> None:
+        """The end of ``Engine.warm_up`` on this rank: cuDNN's plans for whole prompts at the stage's
+        attention shapes (``StageModel.warm_attention``), then the heap settled (``settle_heap``)."""
+        self.model.warm_attention()
+        settle_heap()
+
     def run(self, step: Step) -> StepOut | None:
         launched = self.launch(step)
         return launched.out() if launched is not None else None
@@ -207,7 +213,7 @@ class RankRunner:
         the end of each phase (``executors.trace.RankTimer``; ``unpickle_ms``: receiving it)."""
         par = self.par
         if step.settle:
-            settle_heap()
+            self.finish_warm_up()
         timer = RankTimer(par.device, unpickle_ms, allocator=not all(mb.decode for mb in step.micro)) if step.trace else None
         self.model.forget(step.free)
         self.model.receive_images(step.image_jobs)

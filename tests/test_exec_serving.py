@@ -15,7 +15,7 @@ import executors
 from executors import Request, Sampling
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.weights import SafetensorsSource, random_tensor
-from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, hf_model, make_plan, random_image, save_checkpoint
+from tests.tiny.helpers import IMAGE_TOKEN, check_against_oracle, config, hf_model, make_plan, random_image, save_checkpoint
 
 GREEDY = Sampling(stop_on_eos=False)
 
@@ -332,3 +332,27 @@ def test_a_settle_step_freezes_the_rank_heap() -> None:
             assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_warm_up_builds_the_prompt_plans_at_the_stage_attention_shapes(monkeypatch) -> None:
+    """``Engine.warm_up`` ends on every rank with ``StageModel.warm_attention``: cuDNN's plans for
+    whole prompts (``attention.warm_prompt_plans``) at the stage's (query heads, KV heads, head dim)
+    up to the step budget, then the heap settled. On a CPU the plans themselves are skipped."""
+    import gc
+
+    import executors.stage as stage_mod
+    from executors.attention import warm_prompt_plans
+    from executors.config import model_args
+
+    calls = []
+    monkeypatch.setattr(stage_mod, "warm_prompt_plans", lambda *a: calls.append(a) or warm_prompt_plans(*a))
+    plan = make_plan("llama", max_batch_tokens=48, max_seqs=4)
+    a = model_args(config("llama"))
+    gc.unfreeze()
+    try:
+        with executors.load(plan, kv_blocks=64, warm_up=True):
+            pass
+    finally:
+        gc.unfreeze()
+    assert [(c[0], c[3]) for c in calls] == [({(a.heads, a.kv_heads, a.head_dim)}, 48)]
+    assert warm_prompt_plans(*calls[0]) == 0  # no CUDA: no plan to build
