@@ -447,6 +447,13 @@ def trust_lines() -> list[str]:
     pre_out = [pre[i]["metrics"][m]["ratio"] for i, m, r in thr + lat
                if not lo <= r <= hi and m in pre.get(i, {}).get("metrics", {})]
     rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}x"  # noqa: E731
+    by_id = {c["id"]: c for c in d["cases"]}
+    cases = {i: c["metrics"]["output_tok_s"]["ratio"] for i, c in by_id.items() if "output_tok_s" in c["metrics"]}
+    sweep_h = by_id.get("mlperf5-llama2-70b-interactive", {}).get("host_time_sweep", [])
+    host = ", ".join(f"{h['host_ms_per_step']:g} ms a step brings it to {h['ratio']:.2f}x" for h in sweep_h) or "unswept"
+    srv = by_id.get("mlperf5-llama3.1-405b-server", {})
+    at_cap = (f"mean TTFT {srv['capacity']['ttft_mean_ms'] / srv['metrics']['ttft_mean_ms']['published']:.2f}x"
+              if "ttft_mean_ms" in srv.get("capacity", {}) else "not computed")
     sweep = [s["ratio"] / next(iter(c["metrics"].values()))["ratio"] - 1
              for c in d["cases"] for s in c.get("input_mean_sweep", [])]
     moves = f"by {min(sweep):+.0%} to {max(sweep):+.0%}" if sweep else "by an unmeasured amount"
@@ -461,14 +468,15 @@ def trust_lines() -> list[str]:
         "with this repository's engine's per-row-scaled kernels the decode-bound figures were up to 2.11x off, and "
         "with the bf16 table scaled to the FP8 peak, before any FP8 measurement, " + (rng(pre_out) if pre_out else
         "not computed") + "). So: at 8 GPUs, the figures within 20% (throughput " + (rng(in_band) if in_band else
-        "none") + ") are the Llama-2-70B Offline case and TensorRT-LLM's TP2 table; outside, the Llama-3.1-405B "
-        "TP8 cases, prefill-bound with an assumed input mean and TP8 all-reduces extrapolated from a 2-GPU "
-        "measurement (NVLink SHARP on the 8-GPU NVSwitch is not modelled), predict 0.7x of the published "
-        "throughput, and the Llama-2-70B Interactive case is optimistic (1.2x capacity) because the simulator "
-        "charges TensorRT-LLM no host time per step (2 ms a step brings it to 1.1x). This report's plans are "
-        "bf16 on 8 GPUs with TP and SP groups of up to 8: its absolute figures may err like the 405B cases "
-        "(collectives at 8 GPUs, the slowest part to extrapolate); the comparisons between its plans share "
-        "those errors. "
+        "none") + ") include the Llama-3.1-405B TP8 cases, prefill-bound, with an assumed input mean and their "
+        "TP8 all-reduces at the published bus bandwidth of an 8-GPU NVSwitch node (not measured here). Outside: "
+        "the Llama-2-70B Interactive case is optimistic (" + f"{cases['mlperf5-llama2-70b-interactive']:.2f}"
+        "x capacity) because the simulator charges TensorRT-LLM no host time per step (" + host + "), and the "
+        "405B Server's mean TTFT at the published rate, a rate past the model's own capacity (at its own "
+        "capacity " + at_cap + "). This report's plans are bf16 on 8 GPUs with TP and SP groups of up to 8: their "
+        "all-to-alls and all-gathers at 8 GPUs are still extrapolated from 2 (only the all-reduce has a published "
+        "8-GPU figure), so its absolute figures may err most where SP8 or TP8 exchanges dominate; the "
+        "comparisons between its plans share those errors. "
         "The input length means of the MLPerf datasets are assumed: halving or doubling them moves the Offline "
         f"figures {moves}; the TensorRT-LLM table, whose lengths are exact, sits at " +
         rng([r for i, _, r in thr if i.startswith("trtllm")]) + ".",

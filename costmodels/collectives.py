@@ -25,15 +25,19 @@ below the smallest size t(S) = t(S_min) (the latency floor), above the largest
 t(S) = t(S_max) * S / S_max (bandwidth-bound). ``graph=True`` (a decode step, which the engine
 replays as a CUDA graph with its collectives captured) reads the graph-timed table and falls
 back to the eager one (ops not captured, e.g. all-to-all); other steps read the eager table.
-Groups larger than measured, and groups across nodes, keep the alpha-beta formulas.
+Groups larger than measured, and groups across nodes, keep the alpha-beta formulas, with one
+exception: an all-reduce over every GPU of a node runs at the node's published NCCL bus bandwidth
+where the catalog has one (``hardware.NODE_ALL_REDUCE_GBPS``: on an NVSwitch node NCCL reduces in
+the switch, and 8 H100s reach 460-480 GB/s where a fit to 2 GPUs gives ~300).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from costmodels.gpu import GPU
+from costmodels.hardware import NODE_ALL_REDUCE_GBPS
 from costmodels.interp import LogGrid
 
 
@@ -75,6 +79,7 @@ class Links:
     inter: Link
     gpus_per_node: int
     measured: Measured | None = None  # tables of intra-node groups (a profile measured on several GPUs)
+    node_all_reduce: Link | None = None  # an all-reduce over a whole node, where its bandwidth is published
 
     def for_group(self, n: int, stride: int = 1) -> Link:
         """The link of a group of n ranks spaced ``stride`` apart (spans nodes when n*stride > node)."""
@@ -92,6 +97,8 @@ class Links:
             t = self.measured.ms(op, nbytes, n, graph)
             if t is not None:
                 return t
+        if link is self.intra and op == "all_reduce" and n == self.gpus_per_node and self.node_all_reduce:
+            link = self.node_all_reduce
         return p2p_ms(nbytes, link) if op == "p2p" else FORMULAS[op](nbytes, n, link)
 
 
@@ -102,8 +109,10 @@ def default_links(gpu: GPU, gpus_per_node: int, fit: dict | None = None) -> Link
     intra = Link(gbps=float(fit.get("bus_gbps", 0.8 * gpu.link_gbps)),
                  alpha_us=float(fit.get("alpha_us", 1.0)), alpha0_us=float(fit.get("alpha0_us", 8.0)))
     inter = Link(gbps=0.9 * gpu.inter_node_gbps, alpha_us=4.0, alpha0_us=12.0)
+    node = NODE_ALL_REDUCE_GBPS.get(gpu.name)
     return Links(intra=intra, inter=inter, gpus_per_node=gpus_per_node,
-                 measured=Measured(fit["tables"]) if fit.get("tables") else None)
+                 measured=Measured(fit["tables"]) if fit.get("tables") else None,
+                 node_all_reduce=replace(intra, gbps=node) if node and gpus_per_node >= 4 else None)
 
 
 def all_reduce_ms(nbytes: float, n: int, link: Link) -> float:

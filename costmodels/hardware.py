@@ -25,6 +25,12 @@ Sources (named per entry in ``GPU.source``):
 * ``cpu``: nominal figures for a 2-core x86 CPU rank (tiny models, gloo tests), not a datasheet.
 
 Inter-node default: one 400 Gb/s NIC per GPU = 50 GB/s per direction (L40S: 200 Gb/s, 25 GB/s).
+
+``NODE_ALL_REDUCE_GBPS``: the NCCL bus bandwidth of an all-reduce over all 8 GPUs of one NVSwitch
+node, where published: 460-480 GB/s at large sizes for 8 x H100 SXM5 (``nccl-tests``
+``all_reduce_perf -g 8``, the reference figures of Alaya NeW's "NCCL-tests in practice", 2026-05-06;
+NCCL reduces in the switch, NVLink SHARP, which a ring over 2 GPUs cannot show); the H200 has the
+H100's NVLink 4 and NVSwitch, so the same 470.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ _AMD_300 = "AMD Instinct MI300X accelerator datasheet"
 _AMD_325 = "AMD Instinct MI325X accelerator datasheet"
 _AMD_355 = "AMD Instinct MI355X accelerator datasheet (dense)"
 _NV_L40S = "NVIDIA L40S datasheet (dense = half the sparse figures)"
+
+NODE_ALL_REDUCE_GBPS: dict[str, float] = {"h100": 470.0, "h200": 470.0}
 
 CATALOG: dict[str, GPU] = {
     "h100": GPU(name="h100", bf16_tflops=989.4, fp16_tflops=989.4, fp8_tflops=1978.9, int8_tops=1978.9,

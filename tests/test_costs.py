@@ -78,6 +78,25 @@ def test_groups_spanning_nodes_use_inter_node_link():
     assert links.inter.gbps < links.intra.gbps
 
 
+def test_an_all_reduce_over_a_whole_node_reads_its_published_bus_bandwidth():
+    """On an NVSwitch node whose 8-GPU NCCL all-reduce bandwidth is published
+    (``hardware.NODE_ALL_REDUCE_GBPS``), an all-reduce over all its GPUs runs at it; smaller groups,
+    other collectives, groups across nodes and GPUs without the figure keep the fitted link."""
+    from costmodels.hardware import NODE_ALL_REDUCE_GBPS, get_gpu
+
+    fit = {"bus_gbps": 300.0, "alpha_us": 1.0, "alpha0_us": 11.0}
+    links = C.default_links(get_gpu("h200"), 8, fit)
+    big = 256 << 20
+    assert links.ms("all_reduce", big, 8) == pytest.approx(
+        C.all_reduce_ms(big, 8, C.Link(NODE_ALL_REDUCE_GBPS["h200"], 1.0, 11.0)))
+    assert links.ms("all_reduce", big, 8) < 0.7 * C.all_reduce_ms(big, 8, links.intra)
+    assert links.ms("all_reduce", big, 4) == C.all_reduce_ms(big, 4, links.intra)
+    assert links.ms("all_gather", big, 8) == C.all_gather_ms(big, 8, links.intra)
+    assert links.ms("all_reduce", big, 8, stride=2) == C.all_reduce_ms(big, 8, links.inter)  # spans two nodes
+    a100 = C.default_links(get_gpu("a100"), 8, fit)
+    assert "a100" not in NODE_ALL_REDUCE_GBPS and a100.ms("all_reduce", big, 8) == C.all_reduce_ms(big, 8, a100.intra)
+
+
 # ----------------------------------------------------------------------------- per-op costs
 
 RATES = Rates(peak_flops=1000e12, attn_flops=1000e12, bw=3e12, w_bytes=2, a_bytes=2, kv_bytes=2)

@@ -174,7 +174,9 @@ def test_fp8_weights_and_kv():
     s = _argv(export_plan(plan, "sglang"))[0]
     assert _flag(v, "--quantization") == "fp8" and _flag(v, "--kv-cache-dtype") == "fp8"
     assert _flag(s, "--quantization") == "fp8" and _flag(s, "--kv-cache-dtype") == "fp8_e4m3"
-    assert _flag(v, "--data-parallel-size") == str(plan.mesh.dp) and _flag(s, "--dp-size") == str(plan.mesh.dp)
+    dp = str(plan.mesh.dp) if plan.mesh.dp > 1 else None  # one replica: no flag
+    assert _flag(v, "--data-parallel-size") == dp and _flag(s, "--dp-size") == dp
+    assert _flag(v, "--tensor-parallel-size") == str(plan.mesh.tp) and _flag(s, "--tp-size") == str(plan.mesh.tp)
 
 
 def test_one_launch_per_node_for_a_replica_spanning_nodes():
