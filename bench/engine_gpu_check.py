@@ -137,9 +137,8 @@ def hf_logits(model: Any, tokens: list[int], image: Any, image_token: int | None
 def exact_errors(hf: Any, res: list[Any], imgs: list[Any], refs: list[torch.Tensor], rows: list[dict[str, Any]],
                  image_token: int | None, device: str) -> None:
     """Each row gains ``rel_err_vs_exact`` (the engine's bf16 logits) and ``hf_rel_err_vs_exact`` (HF's,
-    ``refs``),
-    each ``max |x - exact| / max |exact|`` against HF run in fp32 on the same bf16 weights (the bf16
-    model converted in place: no rounding but the weights')."""
+    ``refs``), each ``max |x - exact| / max |exact|`` against HF run in fp32 on the same bf16 weights
+    (the bf16 model converted in place: no rounding but the weights')."""
     hf.float()
     for r, im, row, h in zip(res, imgs, rows, refs):
         exact = hf_logits(hf, list(r.prompt_tokens) + r.tokens[:-1], im, image_token, device)[len(r.prompt_tokens) - 1:].cpu()

@@ -362,7 +362,7 @@ def run_decode_engine(grids: Grids, timer: Callable[[Callable[[], object]], floa
     """The engine's paged decode kernel (``executors.paged_decode.paged_decode``, block size 16) on
     the decode grid: B sequences of C cached keys each (blocks in order), for each KV head count of
     ``grids.dec_kv_heads`` with the grid's query heads per KV head; points {B, C, heads, kv_heads,
-    head_dim, ms, kernel}. None where the kernel does not serve this device (no Triton)."""
+    head_dim, ms, kernel}; none where the kernel does not serve this device (no Triton)."""
     import torch
 
     from executors import paged_decode

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from executors import paged_prefill
-from executors.attention import LayerCache, decode_keys, packed_mask, prefill_inputs, sequence_spans, split_decodes, warm_prompt_plans
+from executors.attention import (LayerCache, decode_keys, packed_mask, prefill_inputs, sequence_spans, split_decodes,
+                                  warm_prompt_plans)
 from executors.batch import ImageJob, MicroBatch
 from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
