@@ -103,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     from costmodels.calibrate import run_comm_fp8, run_decode_only
 
     a.out.mkdir(parents=True, exist_ok=True)
-    raw = run_decode_only() if a.decode_engine else run_comm_fp8(budget_s=a.budget_s, collectives_s=a.collectives_s, fp8_only=a.fp8_only, max_m=a.max_m, fp8_kernel=a.fp8_kernel,
-                       shard=a.shard)
+    from plans.errors import UserError
+
+    try:
+        raw = run_decode_only() if a.decode_engine else run_comm_fp8(
+            budget_s=a.budget_s, collectives_s=a.collectives_s, fp8_only=a.fp8_only, max_m=a.max_m,
+            fp8_kernel=a.fp8_kernel, shard=a.shard)
+    except UserError as e:
+        ap.exit(2, f"error: {e}\n")
     from bench.common import command_line
 
     raw["meta"]["command"] = command_line("bench/calibrate_comm_fp8.py", argv)  # the output folder written DIR

@@ -144,14 +144,9 @@ def markdown(table: list[tuple[str, str, dict[str, dict[str, float]]]]) -> list[
 
 def plan_of(report: dict[str, Any], model: str, case: str) -> Any:
     """The pinned plan a fidelity report's case ran (its ``plan_yaml``)."""
-    import tempfile
+    from plans.schema import parse_plan
 
-    from plans.schema import load_plan
-
-    with tempfile.TemporaryDirectory() as d:
-        pf = Path(d) / "plan.yaml"
-        pf.write_text(report["models"][model]["cases"][case]["plan_yaml"])
-        return load_plan(pf)
+    return parse_plan(report["models"][model]["cases"][case]["plan_yaml"], source=f"{model} {case} plan_yaml")
 
 
 def coster_of(plan: Any, mixed_extra: bool = True) -> Any:

@@ -9,7 +9,7 @@ Raw points (``raw``, as written by ``costmodels.calibrate``), times in ms:
 * ``attn_decode``: {B, C, heads, kv_heads, head_dim, ms}
   ->  bandwidth efficiency e = bytes / ((ms - overhead) * bw), bytes as ``decode_attention_bytes``
 * ``attn_decode_engine``: the same of the engine's paged decode kernel at several KV head counts
-  -> e(B, C, kv_heads) (``fit_decode_engine``)
+  -> e(B, C, kv_heads) (``fit_decode``)
 * ``memops[name]``: {elements, ms}  ->  us(elements) (kept as measured, launch included;
   interpolated log-log, exact where time grows as a power of size)
 * ``collectives``: {op, bytes, n, mode, ms} (NCCL, several GPUs)  ->  measured tables per mode
@@ -52,13 +52,20 @@ def decode_attention_bytes(B: float, C: float, heads: float, kv_heads: float, d:
     return kv + act
 
 
-def fit_decode_engine(points: list[dict], overhead_us: float, gpu: str) -> LogGrid:
-    """e(B, C, kv_heads) = ``decode_attention_bytes`` / ((ms - overhead) * bw) of the engine's paged
-    decode kernel's points (one kv-heads value: e(B, C, kv_heads) all the same along that axis)."""
+def fit_decode(points: list[dict], keys: tuple[str, ...], overhead_us: float, gpu: str) -> LogGrid:
+    """Decode attention's bandwidth efficiency over the axes ``keys``: e = ``decode_attention_bytes`` /
+    ((ms - overhead) * bw). ``("B", "C")`` for SDPA's table (``attn_decode``), ``("B", "C", "kv_heads")``
+    for the engine's paged kernel (``attn_decode_engine``; with one kv-heads value the same along that
+    axis)."""
     bw = get_gpu(gpu).hbm_tbps * 1e12
-    return _grid(points, ("B", "C", "kv_heads"),
+    return _grid(points, keys,
                  lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
                  / (_net_s(p["ms"], overhead_us) * bw), log_values=True)
+
+
+def fit_decode_engine(points: list[dict], overhead_us: float, gpu: str) -> LogGrid:
+    """The engine's paged decode kernel's e(B, C, kv_heads) (``fit_decode``)."""
+    return fit_decode(points, ("B", "C", "kv_heads"), overhead_us, gpu)
 
 
 def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = False, *,
@@ -210,7 +217,6 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     """A Profile for catalog GPU ``gpu`` from raw calibration points."""
     g = get_gpu(gpu)
     peak = g.bf16_tflops * 1e12
-    bw = g.hbm_tbps * 1e12
     ovh = float(raw.get("overhead_us", 2.0))
 
     def net_s(ms: float) -> float:
@@ -230,9 +236,7 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     # full attention measured at several head counts: a heads axis, e(L, B, heads)
     full_keys = ("L", "B", "heads") if len({p["heads"] for p in raw["attn_full"]}) > 1 else ("L", "B")
     full = _grid(raw["attn_full"], full_keys, attn_eff(False), log_values=True)
-    dec = _grid(raw["attn_decode"], ("B", "C"),
-                lambda p: decode_attention_bytes(p["B"], p["C"], p["heads"], p["kv_heads"], p["head_dim"])
-                / (net_s(p["ms"]) * bw), log_values=True)
+    dec = fit_decode(raw["attn_decode"], ("B", "C"), ovh, gpu)
     memops = {name: _grid(pts, ("elements",), lambda p: p["ms"] * 1e3, log_values=True)
               for name, pts in raw["memops"].items() if pts}
     bias = fit_gemm_bias(raw["gemm_bias"]) if raw.get("gemm_bias") else None

@@ -18,7 +18,8 @@ N and K, scaled as the nearest measured cells of the row). Every other table sta
 The raw points go into the profile's ``raw``; its id becomes the profile's id plus
 ``+<calibration date>`` (``+fp8-<date>`` for FP8 points alone, ``+fp8t-<date>`` for per-tensor FP8
 points alone, ``+comm-<date>`` for collectives
-alone; plans record the id, so recompiled plans say which tables they used) and ``meta.merged``
+alone; ``dec-`` before the date when the engine's decode-kernel points came in, ``--decode-engine``;
+plans record the id, so recompiled plans say which tables they used) and ``meta.merged``
 says what came in: the device, GPU count, driver, torch, CUDA and NCCL versions, the date and the
 calibration command (an earlier ``merged`` moves to the list ``meta.merge_history``).
 ``--max-m M`` merges the FP8 points of at most ``M`` rows only, for a run whose larger rows timed a
@@ -98,7 +99,7 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
               **({"attn_decode_engine_points": len(dec)} if dec else {}),
               "skipped": calib.get("skipped", []), "collective_errors": calib.get("collectives_errors", [])}
     tag = {(True, True): "", (False, True): "fp8t-" if fp8_tensor and not fp8 else "fp8-",
-           (True, False): "comm-", (False, False): "dec-"}[bool(coll), bool(fp8 or fp8_tensor)]
+           (True, False): "comm-", (False, False): ""}[bool(coll), bool(fp8 or fp8_tensor)] + ("dec-" if dec else "")
     pmeta = dict(profile.meta)
     if "merged" in pmeta:
         pmeta["merge_history"] = [*pmeta.get("merge_history", []), pmeta["merged"]]

@@ -46,8 +46,8 @@ class LayerCache:
 # repeated ran as predicted (bench/results/step_profile.md), and the GPU's idle gaps while serving
 # overlapped SDPA calls (bench/results/step_profile.serving.md). Flash, memory-efficient and math
 # kernels need no plan: off cuDNN, the model's share of such steps' GPU time went from 0.69 to 0.89
-# (41 and 46 traced steps), where steps of two or more prefills (the paged kernel) stayed at 0.90. (The vision tower keeps cuDNN: its shapes are captured once per image grid,
-# executors/tower_graphs.py.)
+# (41 and 46 traced steps), where steps of two or more prefills (the paged kernel) stayed at 0.90.
+# (The vision tower keeps cuDNN: its shapes are captured once per image grid, executors/tower_graphs.py.)
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # A whole prompt of PROMPT_CUDNN_MIN tokens or more is the exception: on Hopper cuDNN's kernel runs
 # its causal attention at about twice the flash backend's rate (a 4,033-token Qwen2-VL-7B prompt:
@@ -56,6 +56,7 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 # runs on cuDNN at a length padded up to ``prompt_bucket`` (eight buckets an octave, at most 1/8
 # more keys): the plans are few, built once each, at warm-up (``warm_prompt_plans``).
 PROMPT_CUDNN_MIN = 512
+CUDNN_DTYPES = (torch.bfloat16, torch.float16)  # what cuDNN's SDPA takes
 
 
 def sdpa_backends():
@@ -88,7 +89,7 @@ def warm_prompt_plans(shapes: set[tuple[int, int, int]], dtype: torch.dtype, dev
     ``max_tokens`` (a step's budget: no prompt chunk is longer), for each ``(query heads, key heads,
     head dim)`` of ``shapes``, so no served step waits on one (``causal_prompt``). The number of
     calls made; none off CUDA or in a dtype cuDNN does not serve."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+    if device.type != "cuda" or dtype not in CUDNN_DTYPES:
         return 0
     calls = 0
     for hq, hkv, D in sorted(shapes):
@@ -105,7 +106,7 @@ def causal_prompt(qs: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.T
     ``prompt_bucket(n)`` and run on cuDNN first (padded keys come after every real query, so the causal
     mask keeps them out of its rows; the padded rows are dropped)."""
     n = qs.shape[2]
-    if qs.is_cuda and n >= PROMPT_CUDNN_MIN and qs.dtype in (torch.bfloat16, torch.float16) and not _cudnn_failed:
+    if qs.is_cuda and n >= PROMPT_CUDNN_MIN and qs.dtype in CUDNN_DTYPES and not _cudnn_failed:
         try:
             return padded_causal(qs, K, V, prompt_bucket(n), [SDPBackend.CUDNN_ATTENTION])
         except RuntimeError as e:  # cuDNN does not take these inputs here: the plan-free kernels from now on

@@ -154,7 +154,7 @@ class Step:
     # row j's input token is row tokens_from[j] of the previous step's sampled tokens, taken on the device
     tokens_from: list[int] | None = None
     trace: bool = False  # the reporting rank times the step's phases (executors.trace)
-    settle: bool = False  # ranks settle their heap first (``worker.settle_heap``; Engine.warm_up's last step)
+    end_warm_up: bool = False  # ranks finish warming up first (``RankRunner.finish_warm_up``; Engine.warm_up's last step)
 
     @property
     def image_jobs(self) -> list[ImageJob]:

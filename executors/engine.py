@@ -636,7 +636,7 @@ class Engine:
                           sampling=Sampling(temperature=0.0, stop_on_eos=False))
         if self.local is None:  # spawned ranks: an empty step on which they finish warming up
             self.step_id += 1
-            self._dispatch({rep: Step(self.step_id, [], settle=True) for rep in range(self.plan.mesh.dp)})
+            self._dispatch({rep: Step(self.step_id, [], end_warm_up=True) for rep in range(self.plan.mesh.dp)})
         else:
             self.local.finish_warm_up()
         settle_heap()  # the driver's

@@ -212,7 +212,7 @@ class RankRunner:
         stay on the device until ``Launched.out()`` reads them. A traced step (``Step.trace``) marks
         the end of each phase (``executors.trace.RankTimer``; ``unpickle_ms``: receiving it)."""
         par = self.par
-        if step.settle:
+        if step.end_warm_up:
             self.finish_warm_up()
         timer = RankTimer(par.device, unpickle_ms, allocator=not all(mb.decode for mb in step.micro)) if step.trace else None
         self.model.forget(step.free)

@@ -305,8 +305,9 @@ def test_fp8_calibration_times_the_engine_call(monkeypatch):
     assert pairs[0] | pairs[1] == {(p["n"], p["k"]) for p in pts}
 
 
-def test_calibrate_comm_fp8_script_takes_fp8_only_and_max_m(tmp_path, monkeypatch):
-    """``bench/calibrate_comm_fp8.py --fp8-only --max-m 8`` passes both on and records its command."""
+def test_calibrate_comm_fp8_script_takes_fp8_only_and_max_m(tmp_path, monkeypatch, capsys):
+    """``bench/calibrate_comm_fp8.py --fp8-only --max-m 8`` passes both on and records its command; bad
+    options and ``--decode-engine`` without a GPU exit 2 with one line."""
     import sys
     from pathlib import Path
 
@@ -330,6 +331,10 @@ def test_calibrate_comm_fp8_script_takes_fp8_only_and_max_m(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:  # argparse: one line naming the option, exit code 2
         calibrate_comm_fp8.main(["--out", str(tmp_path), "--shard", "2/2"])
     assert e.value.code == 2
+    monkeypatch.setattr(calibrate, "_device", lambda: None)  # no GPU: --decode-engine names why, exit 2
+    with pytest.raises(SystemExit) as e:
+        calibrate_comm_fp8.main(["--out", str(tmp_path), "--decode-engine"])
+    assert e.value.code == 2 and "CUDA GPU" in capsys.readouterr().err
 
 
 def test_merge_with_a_row_limit_takes_only_the_rows_up_to_it(h200):

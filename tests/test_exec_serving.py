@@ -317,9 +317,9 @@ def test_warm_up_settles_the_heap_and_changes_no_token(mesh: dict, tmp_path: Pat
         gc.unfreeze()
 
 
-def test_a_settle_step_freezes_the_rank_heap() -> None:
-    """A step marked ``settle`` (what ``Engine.warm_up`` sends spawned ranks) collects and freezes the
-    rank's heap before it runs."""
+def test_an_end_of_warm_up_step_freezes_the_rank_heap() -> None:
+    """A step marked ``end_warm_up`` (what ``Engine.warm_up`` sends spawned ranks) finishes the rank's
+    warm-up, which collects and freezes its heap, before it runs."""
     import gc
 
     from executors.batch import Step
@@ -328,7 +328,7 @@ def test_a_settle_step_freezes_the_rank_heap() -> None:
     try:
         with executors.load(make_plan("llama"), kv_blocks=16) as eng:
             assert eng.local is not None and gc.get_freeze_count() == 0
-            eng.local.launch(Step(1, [], settle=True))
+            eng.local.launch(Step(1, [], end_warm_up=True))
             assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
