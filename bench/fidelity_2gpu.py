@@ -45,10 +45,11 @@ Each case runs in a fresh subprocess (its own session, killed with its worker ra
 ``--case-timeout`` s), so a hang or an out-of-memory records an error and the run goes on; the
 report is rewritten after each case (and the child writes after each rate, so a timed-out case keeps
 the rates it finished). Before the rates, the engine is warmed up with the workload's prompt lengths and with one replay
-of each rate's traffic (other requests, untimed): CUDA graphs are captured per step-shape
-bucket the first time serving meets it, and a capture inside a measured window costs that step
-tens of milliseconds that no steady-state server pays. Each rate records the graphs still captured
-during it (``graphs_captured``: the replicas' reporting ranks, ``Engine.graph_captures``).
+of each rate's traffic (other requests, untimed): the engine's load captures every decode and
+mixed step graph, but the vision tower's graphs are captured per image grid the first time one is
+met, and a capture inside a measured window costs that step tens of milliseconds that no
+steady-state server pays. Each rate records the graphs still captured during it
+(``graphs_captured``: the replicas' reporting ranks, ``Engine.graph_captures``).
 
 ``--trace`` records every step of each rate (``executors.trace``) in DIR/fidelity_2gpu.steps.json.gz
 and costs each again (``bench/step_fidelity.py``: a table by kind of step in the report).
@@ -259,7 +260,7 @@ def run_case(job: dict[str, Any]) -> None:
                     # graphs captured while this rate ran (their capture time is in the measured figures;
                     # the replicas' reporting ranks; None without graphs)
                     "graphs_captured": None if after is None else {
-                        "graphs": after["decode"] + after["mixed"] - before["decode"] - before["mixed"],
+                        "graphs": sum(after[k] - before[k] for k in ("decode", "mixed", "tower")),
                         "capture_s": round(after["capture_s"] - before["capture_s"], 3)}})
                 if eng.step_trace is not None:  # the replay's own steps (not its warm-up request's)
                     out["rates"][-1]["steps"] = step_fidelity.compact(step_fidelity.last_stream(eng.step_trace))

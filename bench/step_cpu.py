@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -68,13 +69,10 @@ def measure(B: int, reps: int) -> dict[str, float]:
     out["pickle_round_trip_us"] = _median_us(lambda: from_bytes(to_bytes(step)), reps)
     out["step_bytes"] = len(to_bytes(step))
 
-    class Stage:  # what DecodeGraphs reads of a stage to fill its inputs
-        block_size, scratch_slot, par = BLOCK, 0, None
-
-        class a:
-            mrope_section = None
-
-    graphs = DecodeGraphs(Stage, max(B, 1))
+    stage = SimpleNamespace(  # what DecodeGraphs reads of a stage to fill its inputs (tiny static outputs)
+        block_size=BLOCK, scratch_slot=0, par=SimpleNamespace(device=torch.device("cpu")), dtype=torch.float32,
+        a=SimpleNamespace(mrope_section=None, hidden=1, vocab=1), model=SimpleNamespace(embed=object(), lm_head=object()))
+    graphs = DecodeGraphs(stage, max(B, 1), CONTEXT + 1)
     b, keys = graphs.shape(mb)
     buf = torch.empty(graphs._size(b, keys), dtype=torch.long)
     out["graph_inputs_us"] = _median_us(lambda: graphs._pack(buf, mb, b, keys), reps)

@@ -620,9 +620,9 @@ class Engine:
         (dynamic shapes; the GEMV's tiles are tuned for its one row, the FP8 kernel's per row
         bucket) and a decode graph is captured per batch bucket at the shortest key bucket, as is a
         prefill graph for each first step of ``b`` prompts (``b * prompt_tokens`` tokens, up to the
-        largest token bucket); other prefill and mixed shapes and longer contexts capture theirs on
-        first use. Last, every rank builds cuDNN's plans for whole prompts and settles its heap
-        (``RankRunner.finish_warm_up``), and the driver settles its own (``worker.settle_heap``: what
+        largest token bucket). Last, every rank builds cuDNN's plans for whole prompts, captures
+        every other decode and mixed graph bucket up to the longest context it can hold, and settles
+        its heap (``RankRunner.finish_warm_up``), and the driver settles its own (``worker.settle_heap``: what
         loading and warming up made is never scanned by the garbage collector again). The engine's
         counters are reset after; its KV cache is free again."""
         from executors.graphs import BATCH_BUCKETS

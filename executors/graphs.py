@@ -27,17 +27,21 @@ each replay. ``StageModel.mixed_forward`` attends every sequence (prefill chunks
 with the paged prefill kernel (``executors.paged_prefill``) over a fixed grid of ``P = T / 16 + S``
 programs, each sequence's keys in ranges set by the key bucket ``L`` (``paged_prefill.splits``: a
 decode of 4,000 keys is four programs, not one); row ``S`` is an empty sequence that padding programs
-point at. SP x TP steps and steps past the largest bucket run eagerly.
+point at. Other SP x TP steps and steps past the largest bucket run eagerly.
 
-Graphs share one memory pool and are captured lazily, the first time a bucket is met (NCCL
-collectives are captured too; every rank of a stage meets the same buckets in the same order,
-since they run the same steps). CPU ranks never use this module.
+Graphs share one memory pool, one static input buffer per kind (with its pinned host twin) and one
+static output (``[rows, V]`` logits or ``[rows, hidden]``): graphs run one at a time, each step
+refills the prefix its bucket reads, and the replay's rows are copied out before the next. Every
+bucket up to the longest context the stage can hold (``max_keys``) is captured at warm-up
+(``capture_all``, ``RankRunner.finish_warm_up``): a bucket first met while serving would cost its
+step the capture, tens to hundreds of milliseconds. Every rank of a stage captures the same buckets
+in the same order (the NCCL and one-shot collectives inside pair up). CPU ranks never use this module.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -52,38 +56,104 @@ MIN_KEYS = 512
 
 def keys_bucket(n: int) -> int:
     """Key width for a longest context of ``n``: the next power of two, at least ``MIN_KEYS``. A
-    graph is captured per bucket the first time serving meets it (tens to ~100 ms a capture, paid
-    by the requests of that step), so buckets are few: the kernels read only each sequence's own
-    keys, the width sets the block table's size (and the decode kernel's key ranges)."""
+    graph is captured per bucket (tens of ms a capture, at warm-up), so buckets are few: the
+    kernels read only each sequence's own keys, the width sets the block table's size (and the
+    decode kernel's key ranges)."""
     return max(MIN_KEYS, 1 << (max(1, n) - 1).bit_length())
 
 
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    inp: torch.Tensor  # [B * (3 + R) + B * L / bs] int64, static
-    host: torch.Tensor  # the same, pinned host memory, refilled each step
-    copied: torch.cuda.Event  # the last copy out of ``host`` is done
-    h: torch.Tensor | None  # [B, hidden] static (later pipeline stages)
-    out: torch.Tensor  # [B, V] logits or [B, hidden]
+def key_sizes(max_keys: int, block: int) -> tuple[int, ...]:
+    """Every key bucket ``L`` up to ``max_keys`` keys, each a multiple of the block size."""
+    top = keys_bucket(max_keys)
+    return tuple(-(-b // block) * block for b in (MIN_KEYS << i for i in range(top.bit_length())) if b <= top)
 
 
-class DecodeGraphs:
-    """Captures and replays ``model.decode_forward`` per bucket (``model``: a ``StageModel``)."""
+class StaticInputs:
+    """One static int64 buffer on the device that every graph of a kind reads a prefix of, and its
+    pinned host twin: a step packs its bucket's prefix on the host and copies it up without
+    blocking; the next step waits for that copy (``copied``) before packing again."""
 
-    def __init__(self, model, max_batch: int):
+    def __init__(self, n: int, device: torch.device):
+        self.dev = torch.zeros(n, dtype=torch.long, device=device)
+        self.host = torch.zeros(n, dtype=torch.long).pin_memory()
+        self.copied = torch.cuda.Event()
+
+    def fill(self, n: int, pack) -> torch.Tensor:
+        """``pack(host[:n])``, then ``host[:n]`` copied to the device; returns ``dev[:n]``."""
+        self.copied.synchronize()  # the previous step's copy has left the host buffer
+        pack(self.host[:n])
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        self.copied.record()
+        return self.dev[:n]
+
+
+class _BucketGraphs:
+    """What decode and mixed graphs share: graphs by bucket key, captured into one memory pool
+    (``pools.pool``: the decode graphs' own, which the mixed graphs share: the two never run at
+    once); the static inputs (``inputs``, sized for the largest bucket, made at first use); received
+    hidden states ``h [max_rows, hidden]`` (later pipeline stages); one output every graph writes
+    its rows into, ``[out_rows, V]`` logits (last stage) or ``[max_rows, hidden]``."""
+
+    def __init__(self, model, max_rows: int, out_rows: int, max_keys: int, pools=None):
         self.model = model
-        self.sizes = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
+        self.pools, self.pool = (pools if pools is not None else self), None
         self.rows = 3 if model.a.mrope_section else 1
         self.block = model.block_size
-        self.graphs: dict[tuple[int, int, str], _Graph] = {}
-        self.pool = None  # one memory pool for every graph, made at the first capture
+        self.key_sizes = key_sizes(max_keys, self.block)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0  # wall time spent capturing (graphs: len(self.graphs))
+        a, dev, dtype = model.a, model.par.device, model.dtype
+        self.h = torch.zeros(max_rows, a.hidden, dtype=dtype, device=dev) if model.model.embed is None else None
+        self.out = (torch.zeros(out_rows, a.vocab, dtype=torch.float32, device=dev) if model.model.lm_head is not None
+                    else torch.zeros(max_rows, a.hidden, dtype=dtype, device=dev))
+
+    @functools.cached_property
+    def inputs(self) -> StaticInputs:
+        return StaticInputs(self._largest(), self.model.par.device)
+
+    def _largest(self) -> int:
+        raise NotImplementedError
+
+    def _capture(self, key: tuple, fn) -> torch.cuda.CUDAGraph:
+        """Capture ``fn`` (a forward over the static inputs whose result is copied into ``out``)."""
+        t = time.perf_counter()
+        graph, _, self.pools.pool = capture(fn, self.model.par.device, self.pools.pool)
+        self.graphs[key] = graph
+        self.capture_s += time.perf_counter() - t
+        return graph
+
+    def capture_all(self, modes: tuple[str, ...]) -> int:
+        """Capture every bucket of ``buckets(modes)`` not yet captured, on padding-only inputs
+        (``_pack`` of no micro-batch: every row writes the scratch slot and is dropped); the number
+        captured. Every rank of a stage calls it with the same modes, so their captures pair up."""
+        n = 0
+        for key in self.buckets(modes):
+            if key not in self.graphs:
+                shape = key[:-1]
+                inp = self.inputs.fill(self._size(*shape), lambda host: self._pack(host, None, *shape))
+                if self._capture_bucket(*key, inp) is None:
+                    break
+                n += 1
+        return n
+
+    def _into_out(self, y: torch.Tensor) -> torch.Tensor:
+        out = self.out[:y.shape[0]]
+        out.copy_(y)  # into the shared output: a graph keeps no output of its own alive
+        return out
+
+
+class DecodeGraphs(_BucketGraphs):
+    """Captures and replays ``model.decode_forward`` per bucket (``model``: a ``StageModel``), for
+    contexts up to ``max_keys``."""
+
+    def __init__(self, model, max_batch: int, max_keys: int = MIN_KEYS):
+        self.sizes = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
+        super().__init__(model, self.sizes[-1], self.sizes[-1], max_keys)
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
         """A decode micro-batch with no image rows that fits a bucket: in plain TP mode, or in SP x TP
         mode where the stage's Ulysses all-to-all is the LL kernel (``StageModel.sp_a2a``, capturable)."""
-        if not mb.decode or mb.img_tok.numel():
+        if not mb.decode or mb.img_tok.numel() or max(mb.ctx) > self.key_sizes[-1]:
             return False
         if mode == "sp_tp" and self.model.sp_a2a is None:
             return False
@@ -101,6 +171,9 @@ class DecodeGraphs:
     def _size(self, B: int, L: int) -> int:
         return B * (3 + self.rows) + B * (L // self.block)
 
+    def _largest(self) -> int:
+        return self._size(self.sizes[-1], self.key_sizes[-1])
+
     def padded(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph): ``[S, ...]``."""
         B, L = self.shape(mb, mode)
@@ -116,37 +189,40 @@ class DecodeGraphs:
         """``[S, V]`` logits (last stage) or ``[S, hidden]`` for the micro-batch."""
         S = mb.num_tokens
         B, L = self.shape(mb, mode)
-        g = self.graphs.get((B, L, mode))
-        if g is not None:
-            g.copied.synchronize()  # the previous step's copy has left the host buffer
-            host = g.host
-        else:
-            host = torch.empty(self._size(B, L), dtype=torch.long).pin_memory()
-        self._pack(host, mb, B, L)
-        if g is None:
-            g = self.graphs[(B, L, mode)] = self._capture(B, L, mode, host, h_in)
-        g.inp.copy_(host, non_blocking=True)
-        g.copied.record()
-        if mb.tokens.device != host.device:  # tokens sampled by the previous step: copied on the device
-            g.inp[:S].copy_(mb.tokens)
-        if g.h is not None:
-            g.h[:S].copy_(h_in)
-        g.graph.replay()
-        return g.out[:S].clone()  # the next replay overwrites the static output
+        inp = self.inputs.fill(self._size(B, L), lambda host: self._pack(host, mb, B, L))
+        if mb.tokens.is_cuda:  # tokens sampled by the previous step: copied on the device
+            inp[:S].copy_(mb.tokens)
+        if self.h is not None:
+            self.h[:S].copy_(h_in)
+        graph = self.graphs.get((B, L, mode)) or self._capture_bucket(B, L, mode, inp)
+        graph.replay()
+        return self.out[:S].clone()  # the next replay overwrites the static output
 
-    def _pack(self, buf: torch.Tensor, mb: MicroBatch, B: int, L: int) -> None:
-        S = mb.num_tokens
+    def buckets(self, modes: tuple[str, ...]) -> list[tuple[int, int, str]]:
+        """Every ``(B, L, mode)`` a micro-batch this stage accepts can meet, in capture order."""
+        return [(B, L, mode) for mode in modes if mode != "sp_tp" or self.model.sp_a2a is not None
+                for B in sorted({self._batch(b, mode) for b in self.sizes} - {None}) for L in self.key_sizes]
+
+    def _capture_bucket(self, B: int, L: int, mode: str, inp: torch.Tensor) -> torch.cuda.CUDAGraph:
+        h = None if self.h is None else self.h[:B]
+        return self._capture((B, L, mode), lambda: self._into_out(self._forward(inp, h, B, L, mode)))
+
+    def _pack(self, buf: torch.Tensor, mb: MicroBatch | None, B: int, L: int) -> None:
+        """Fill ``buf`` for ``mb`` (None: padding rows only)."""
+        S = mb.num_tokens if mb is not None else 0
         tok, pos, slots, lens, table = self._views(buf, B, L)
         tok.zero_()
+        pos.zero_()
+        slots.fill_(self.model.scratch_slot)
+        lens.fill_(1)  # a padding row reads one key (block 0's first slot) and is dropped
+        table.zero_()
+        if mb is None:
+            return
         if not mb.tokens.is_cuda:  # device tokens (look-ahead) are copied in after the buffer
             tok[:S] = mb.tokens
-        pos.zero_()
         pos[:, :S] = mb.pos.view(-1, S)
-        slots.fill_(self.model.scratch_slot)
         slots[:S] = mb.slots
-        lens.fill_(1)  # a padding row reads one key (block 0's first slot) and is dropped
         lens[:S] = torch.tensor(mb.ctx)
-        table.zero_()
         table[:S] = mb.block_table(table.shape[1])
 
     def _views(self, buf: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, ...]:
@@ -157,15 +233,6 @@ class DecodeGraphs:
     def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, B: int, L: int, mode: str) -> torch.Tensor:
         tok, pos, slots, lens, table = self._views(inp, B, L)
         return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, table, lens, mode)
-
-    def _capture(self, B: int, L: int, mode: str, host: torch.Tensor, h_in: torch.Tensor | None) -> _Graph:
-        t = time.perf_counter()
-        dev = self.model.par.device
-        inp = host.to(dev)
-        h = None if h_in is None else torch.zeros(B, h_in.shape[-1], dtype=h_in.dtype, device=dev)
-        graph, out, self.pool = capture(lambda: self._forward(inp, h, B, L, mode), dev, self.pool)
-        self.capture_s += time.perf_counter() - t
-        return _Graph(graph, inp, host, torch.cuda.Event(), h, out)
 
 
 def capture(fn, dev: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
@@ -185,47 +252,43 @@ def capture(fn, dev: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, torch.Te
     return graph, out, pool
 
 
-class MixedGraphs:
-    """Captures and replays ``model.mixed_forward`` per ``(T, S, L)`` bucket (module doc); shares
-    ``pool_of``'s memory pool (the stage's ``DecodeGraphs``: the two never run at once)."""
+class MixedGraphs(_BucketGraphs):
+    """Captures and replays ``model.mixed_forward`` per ``(T, S, L)`` bucket (module doc), for
+    contexts up to ``max_keys``; shares ``pool_of``'s memory pool (the stage's ``DecodeGraphs``)."""
 
-    def __init__(self, model, max_tokens: int, max_seqs: int, pool_of: DecodeGraphs):
-        self.model, self.pool_of = model, pool_of
+    def __init__(self, model, max_tokens: int, max_seqs: int, pool_of, max_keys: int = MIN_KEYS):
         top = min(max_tokens, TOKEN_BUCKETS[-1])
         self.sizes = tuple(b for b in TOKEN_BUCKETS if b < top) + (bucket(top, TOKEN_BUCKETS),)
         self.seq_sizes = tuple(b for b in BATCH_BUCKETS if b < max_seqs) + (bucket(max_seqs, BATCH_BUCKETS) or max_seqs,)
-        self.rows = 3 if model.a.mrope_section else 1
-        self.block = model.block_size
-        self.graphs: dict[tuple[int, int, int, str], _Graph] = {}
-        self.capture_s = 0.0  # wall time spent capturing (graphs: len(self.graphs))
-        # static buffers every graph shares (graphs run one at a time), made here, never inside a capture:
-        # the step's image rows (VL models), received hidden states (later stages), the output
-        a, dev, dtype = model.a, model.par.device, model.dtype
-        self.img = torch.zeros(self.sizes[-1], a.hidden, dtype=dtype, device=dev) if self.images else None
-        self.h = torch.zeros(self.sizes[-1], a.hidden, dtype=dtype, device=dev) if model.model.embed is None else None
-        self.out = (torch.zeros(min(self.seq_sizes[-1], self.sizes[-1]), a.vocab, dtype=torch.float32, device=dev)
-                    if model.model.lm_head is not None else torch.zeros(self.sizes[-1], a.hidden, dtype=dtype, device=dev))
+        super().__init__(model, self.sizes[-1], min(self.seq_sizes[-1], self.sizes[-1]), max_keys, pools=pool_of)
+        # the step's image rows (VL models), made here, never inside a capture
+        self.img = torch.zeros(self.sizes[-1], model.a.hidden, dtype=model.dtype, device=model.par.device) if self.images else None
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
         """A prefill or mixed micro-batch (image rows included), naming every sequence's blocks, that
         fits a bucket, on a stage the paged prefill kernel serves: in plain TP mode, or in SP x TP mode
         where the stage's Ulysses all-to-all is the LL kernel (``StageModel.sp_a2a``) and the token
         bucket is a multiple of sp."""
-        if mb.decode or not 0 < mb.num_tokens <= self.sizes[-1]:
+        if mb.decode or not 0 < mb.num_tokens <= self.sizes[-1] or max(mb.ctx, default=0) > self.key_sizes[-1]:
             return False
-        if mode == "sp_tp" and (self.model.sp_a2a is None or bucket(mb.num_tokens, self.sizes) % self.model.par.sp):
+        if mode == "sp_tp" and not self._mode_ok(bucket(mb.num_tokens, self.sizes), mode):
             return False
         return (self.model.paged_prefill_ok and not mb.tokens.is_cuda and len(mb.ctx) <= self.seq_sizes[-1]
                 and len(mb.blocks) == len(mb.ctx))
 
+    def _mode_ok(self, T: int, mode: str) -> bool:
+        return mode != "sp_tp" or (self.model.sp_a2a is not None and T % self.model.par.sp == 0)
+
     def shape(self, mb: MicroBatch) -> tuple[int, int, int]:
         """The bucket ``(T, S, L)``: ``S`` is the most sequences ``T`` tokens can hold (``max_seqs``'
         bucket, at most ``T``), not the step's own count, so steps of few and of many sequences share a
-        graph (light traffic would otherwise meet buckets heavy traffic has not captured: a capture
-        inside serving costs its step tens of milliseconds); the extra programs point at the empty
-        sequence and exit. ``L`` a multiple of the block size."""
+        graph; the extra programs point at the empty sequence and exit. ``L`` a multiple of the
+        block size."""
         T = bucket(mb.num_tokens, self.sizes)
-        return T, min(self.seq_sizes[-1], T), -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
+        return T, self._seqs(T), -(-keys_bucket(max(mb.ctx)) // self.block) * self.block
+
+    def _seqs(self, T: int) -> int:
+        return min(self.seq_sizes[-1], T)
 
     def _programs(self, T: int, S: int) -> int:
         return T // paged_prefill.BLOCK_M + S
@@ -233,42 +296,43 @@ class MixedGraphs:
     def _size(self, T: int, S: int, L: int) -> int:
         return T * (3 + self.rows) + S + 3 * (S + 1) + 2 * self._programs(T, S) + (S + 1) * (L // self.block)
 
+    def _largest(self) -> int:
+        T = self.sizes[-1]
+        return self._size(T, self._seqs(T), self.key_sizes[-1])
+
     def _views(self, buf: torch.Tensor, T: int, S: int, L: int) -> tuple[torch.Tensor, ...]:
         R, P, nb = self.rows, self._programs(T, S), L // self.block
         tok, pos, slots, flag, sample, seqs, progs, table = buf.split(
             [T, R * T, T, T, S, 3 * (S + 1), 2 * P, (S + 1) * nb])
         return tok, pos.view(R, T), slots, flag, sample, seqs.view(3, S + 1), progs.view(2, P), table.view(S + 1, nb)
 
-    def _pack(self, buf: torch.Tensor, mb: MicroBatch, T: int, S: int, L: int) -> None:
-        n, s, k = mb.num_tokens, len(mb.ctx), mb.sample_idx.numel()
+    def _pack(self, buf: torch.Tensor, mb: MicroBatch | None, T: int, S: int, L: int) -> None:
+        """Fill ``buf`` for ``mb`` (None: padding only, every program pointing at the empty sequence)."""
         tok, pos, slots, flag, sample, seqs, progs, table = self._views(buf, T, S, L)
-        tok.zero_()
-        tok[:n] = mb.tokens
-        flag.zero_()
-        flag[mb.img_tok] = 1
-        pos.zero_()
-        pos[:, :n] = mb.pos.view(-1, n)
+        for t in (tok, flag, pos, sample, seqs, table):
+            t.zero_()
         slots.fill_(self.model.scratch_slot)
+        if mb is None:
+            progs[0], progs[1] = S, 0
+            return
+        n, s, k = mb.num_tokens, len(mb.ctx), mb.sample_idx.numel()
+        tok[:n] = mb.tokens
+        flag[mb.img_tok] = 1
+        pos[:, :n] = mb.pos.view(-1, n)
         slots[:n] = mb.slots
-        sample.zero_()
         sample[:k] = mb.sample_idx
         nq = torch.bincount(mb.seq, minlength=s)
-        seqs.zero_()
         seqs[0, :s] = torch.cumsum(nq, 0) - nq  # t0: tokens are packed sequence by sequence
         seqs[1, :s] = nq
         seqs[2, :s] = torch.tensor(mb.ctx)
         progs[0], progs[1] = paged_prefill.program_rows(nq, seqs[0, :s], progs.shape[1], S)
-        table.zero_()
         table[:s] = mb.block_table(table.shape[1])
 
     def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, T: int, S: int, L: int, mode: str) -> torch.Tensor:
         tok, pos, slots, flag, sample, seqs, progs, table = self._views(inp, T, S, L)
         pre = paged_prefill.PrefillInputs(table, seqs[0], seqs[1], seqs[2], progs[0], progs[1], self.block)
         image = (flag, self.img[:T]) if self.images else None
-        y = self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image, mode)
-        out = self.out[:y.shape[0]]
-        out.copy_(y)  # into the shared output: a graph keeps no output of its own alive
-        return out
+        return self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image, mode)
 
     @property
     def images(self) -> bool:
@@ -294,34 +358,33 @@ class MixedGraphs:
     def run(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """``[S, V]`` logits of the sampled rows (last stage) or ``[T, hidden]`` for the micro-batch."""
         T, S, L = self.shape(mb)
-        g = self.graphs.get((T, S, L, mode))
-        if g is not None:
-            g.copied.synchronize()  # the previous step's copy has left the host buffer
-            host = g.host
-        else:
-            host = torch.empty(self._size(T, S, L), dtype=torch.long).pin_memory()
-        self._pack(host, mb, T, S, L)
+        inp = self.inputs.fill(self._size(T, S, L), lambda host: self._pack(host, mb, T, S, L))
         self._fill_images(mb)  # before a capture too: its warm-up runs read real rows
-        if g is None:
-            t = time.perf_counter()
-            dev = self.model.par.device
-            inp = host.to(dev)
-            h = None if self.h is None else self.h[:T]
-            try:
-                graph, out, self.pool_of.pool = capture(lambda: self._forward(inp, h, T, S, L, mode), dev,
-                                                        self.pool_of.pool)
-            except Exception:
-                if not paged_prefill._failed:
-                    raise
+        if self.h is not None:
+            self.h[:mb.num_tokens].copy_(h_in)
+        graph = self.graphs.get((T, S, L, mode))
+        if graph is None:
+            graph = self._capture_bucket(T, S, L, mode, inp)
+            if graph is None:
                 return self.model.forward(mb, h_in)  # the kernel failed in the warm-up: eager, and no more graphs
-            g = self.graphs[(T, S, L, mode)] = _Graph(graph, inp, host, torch.cuda.Event(), h, out)
-            self.capture_s += time.perf_counter() - t
-        g.inp.copy_(host, non_blocking=True)
-        g.copied.record()
-        if g.h is not None:
-            g.h[:mb.num_tokens].copy_(h_in)
-        g.graph.replay()
-        return self._out(mb, g.out).clone()  # the next replay overwrites the static output
+        graph.replay()
+        return self._out(mb, self.out).clone()  # the next replay overwrites the static output
+
+    def buckets(self, modes: tuple[str, ...]) -> list[tuple[int, int, int, str]]:
+        """Every ``(T, S, L, mode)`` a micro-batch this stage accepts can meet, in capture order."""
+        return [(T, self._seqs(T), L, mode) for mode in modes for T in self.sizes if self._mode_ok(T, mode)
+                for L in self.key_sizes]
+
+    def _capture_bucket(self, T: int, S: int, L: int, mode: str, inp: torch.Tensor) -> torch.cuda.CUDAGraph | None:
+        """The bucket's graph, or None where the paged prefill kernel failed in the capture's warm-up
+        (``paged_prefill._failed``: no more graphs; any other failure is raised)."""
+        h = None if self.h is None else self.h[:T]
+        try:
+            return self._capture((T, S, L, mode), lambda: self._into_out(self._forward(inp, h, T, S, L, mode)))
+        except Exception:
+            if not paged_prefill._failed:
+                raise
+            return None
 
 
 def profile(graphs: DecodeGraphs, reps: int = 100) -> dict:
@@ -332,7 +395,7 @@ def profile(graphs: DecodeGraphs, reps: int = 100) -> dict:
     if not graphs.graphs:
         return {}
     key = min(graphs.graphs)
-    g = graphs.graphs[key].graph
+    g = graphs.graphs[key]
     for _ in range(10):
         g.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

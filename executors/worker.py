@@ -175,8 +175,9 @@ class RankRunner:
             from executors.graphs import DecodeGraphs, MixedGraphs
 
             sch = plan.scheduler
-            self.graphs = DecodeGraphs(self.model, sch.max_seqs)
-            self.mixed_graphs = MixedGraphs(self.model, sch.max_batch_tokens, sch.max_seqs, self.graphs)
+            max_keys = min(args.max_positions, spec.num_blocks * sch.block_size)  # the longest context it can hold
+            self.graphs = DecodeGraphs(self.model, sch.max_seqs, max_keys)
+            self.mixed_graphs = MixedGraphs(self.model, sch.max_batch_tokens, sch.max_seqs, self.graphs, max_keys)
         # a whole tower on this GPU replays CUDA graphs; a TP-sharded one (its all-reduces in the
         # graph not yet run on two GPUs) stays launched
         if spec.cuda_graphs and par.device.type == "cuda" and self.model.vision is not None and self.model.vision_tp == 1:
@@ -198,8 +199,15 @@ class RankRunner:
 
     def finish_warm_up(self) -> None:
         """The end of ``Engine.warm_up`` on this rank: cuDNN's plans for whole prompts at the stage's
-        attention shapes (``StageModel.warm_attention``), then the heap settled (``settle_heap``)."""
+        attention shapes (``StageModel.warm_attention``), every decode and mixed graph bucket not yet
+        captured (``capture_all``, for each weight layout the stage holds), then the heap settled
+        (``settle_heap``)."""
         self.model.warm_attention()
+        if self.graphs is not None:
+            modes = tuple(self.model.layers[0].layouts) if self.model.layers else ("tp",)
+            with torch.inference_mode():
+                self.graphs.capture_all(modes)
+                self.mixed_graphs.capture_all(modes)
         settle_heap()
 
     def run(self, step: Step) -> StepOut | None:

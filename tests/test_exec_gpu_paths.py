@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from executors.attention import (LayerCache, _attend_decode_grouped, _attend_per_sequence, attend, decode_keys,
                                  packed_mask, sequence_spans, split_decodes)
@@ -487,6 +489,16 @@ def test_a_failing_prefill_kernel_leaves_the_step_to_per_sequence_sdpa(monkeypat
         attend(q, k, v, cache, AttnMeta(mb.slots, None, None, block_size=BLOCK, prefill=pre), None)
 
 
+def _graph_stage(sp: int = 2, a2a: bool = True):
+    """What the graph classes read of a stage: a tiny last stage, ``sp`` ranks, the LL all-to-all or not."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(a=SimpleNamespace(mrope_section=None, vision=None, hidden=8, vocab=16), block_size=BLOCK,
+                           par=SimpleNamespace(device=torch.device("cpu"), sp=sp), dtype=torch.float32, scratch_slot=3,
+                           model=SimpleNamespace(embed=object(), lm_head=object()), paged_prefill_ok=True,
+                           sp_a2a=object() if a2a else None)
+
+
 def test_mixed_graphs_take_only_prefill_steps_that_fit() -> None:
     """``MixedGraphs.accepts``: prefill and mixed micro-batches in plain TP mode up to the largest
     token bucket, on a stage the kernel serves; SP x TP steps only where the stage's all-to-all is
@@ -495,9 +507,7 @@ def test_mixed_graphs_take_only_prefill_steps_that_fit() -> None:
 
     from executors.graphs import TOKEN_BUCKETS, MixedGraphs, bucket
 
-    model = SimpleNamespace(a=SimpleNamespace(mrope_section=None, vision=None, hidden=8, vocab=16),
-                            block_size=BLOCK, par=SimpleNamespace(device=torch.device("cpu"), sp=2), dtype=torch.float32,
-                            model=SimpleNamespace(embed=object(), lm_head=object()), paged_prefill_ok=True, sp_a2a=None)
+    model = _graph_stage(a2a=False)
     g = MixedGraphs(model, max_tokens=100, max_seqs=8, pool_of=SimpleNamespace(pool=None))
     assert g.sizes[-1] == bucket(100, TOKEN_BUCKETS) and g.out.shape == (8, 16) and g.img is None
     mb = _microbatch([(12, 0, 12), (30, 29, 1), (20, 8, 5)])
@@ -514,6 +524,52 @@ def test_mixed_graphs_take_only_prefill_steps_that_fit() -> None:
     assert g.accepts(mb, "sp_tp") and not g.accepts(dec, "sp_tp")
     model.paged_prefill_ok = False
     assert not g.accepts(mb, "tp") and not g.accepts(mb, "sp_tp")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(1, 40)), min_size=1, max_size=6), st.booleans())
+def test_warm_up_captures_every_graph_bucket_a_step_can_meet(seqs, a2a) -> None:
+    """``capture_all`` captures ``buckets(modes)``: every micro-batch either graph class accepts, in
+    either mode, maps to one of them (so no capture is left for serving), for contexts up to
+    ``max_keys``; past it neither accepts the step (it runs eagerly)."""
+    from executors.graphs import DecodeGraphs, MixedGraphs
+
+    model, modes = _graph_stage(a2a=a2a), ("tp", "sp_tp")
+    dec = DecodeGraphs(model, 24, max_keys=3000)
+    mixed = MixedGraphs(model, 300, 24, dec, max_keys=3000)
+    mb = _microbatch([(total, total - min(n, total), min(n, total)) for total, n in seqs])
+    decode = _microbatch([(total, total - 1, 1) for total, _ in seqs])
+    for g, shape, kinds in ((dec, dec.shape, (decode,)), (mixed, lambda m, _mode: mixed.shape(m), (mb, decode))):
+        keys = set(g.buckets(modes))
+        assert len(keys) == len(g.buckets(modes))  # each once: the order is every rank's capture order
+        for m in kinds:
+            for mode in modes:
+                if g.accepts(m, mode):
+                    assert (*shape(m, mode), mode) in keys
+    assert dec.accepts(decode, "tp") and dec.accepts(decode, "sp_tp") == a2a
+    longest = _microbatch([(4097, 4096, 1)])  # past max_keys' bucket (4,096 keys)
+    assert not dec.accepts(longest, "tp") and not mixed.accepts(_microbatch([(4097, 4000, 97)]), "tp")
+
+
+def test_padding_only_inputs_name_no_sequence() -> None:
+    """The inputs a warm-up capture runs on (``_pack`` of no micro-batch): every token writes the
+    scratch slot; decode rows read one key; every prefill program points at the empty sequence ``S``."""
+    from executors.graphs import DecodeGraphs, MixedGraphs
+
+    model = _graph_stage()
+    dec = DecodeGraphs(model, 8, max_keys=600)
+    B, L = 8, dec.key_sizes[-1]
+    buf = torch.full((dec._size(B, L),), -7, dtype=torch.long)
+    dec._pack(buf, None, B, L)
+    tok, pos, slots, lens, table = dec._views(buf, B, L)
+    assert (slots == 3).all() and (lens == 1).all() and not tok.any() and not pos.any() and not table.any()
+    mixed = MixedGraphs(model, 64, 8, dec, max_keys=600)
+    T, S = 64, 8
+    buf = torch.full((mixed._size(T, S, L),), -7, dtype=torch.long)
+    mixed._pack(buf, None, T, S, L)
+    tok, pos, slots, flag, sample, seqs, progs, table = mixed._views(buf, T, S, L)
+    assert (slots == 3).all() and (progs[0] == S).all() and not progs[1].any() and not seqs.any()
+    assert not (tok.any() or flag.any() or sample.any() or table.any())
 
 
 def test_an_unknown_paged_prefill_setting_is_named_and_auto_is_used() -> None:
