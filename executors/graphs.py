@@ -102,6 +102,7 @@ class _BucketGraphs:
         self.key_sizes = key_sizes(max_keys, self.block)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0  # wall time spent capturing (graphs: len(self.graphs))
+        self.last: tuple | None = None  # the last replayed bucket: the only one the static inputs hold a step of
         a, dev, dtype = model.a, model.par.device, model.dtype
         self.h = torch.zeros(max_rows, a.hidden, dtype=dtype, device=dev) if model.model.embed is None else None
         self.out = (torch.zeros(out_rows, a.vocab, dtype=torch.float32, device=dev) if model.model.lm_head is not None
@@ -114,10 +115,10 @@ class _BucketGraphs:
     def _largest(self) -> int:
         raise NotImplementedError
 
-    def _capture(self, key: tuple, fn) -> torch.cuda.CUDAGraph:
+    def _capture(self, key: tuple, fn, warm_runs: int = 2) -> torch.cuda.CUDAGraph:
         """Capture ``fn`` (a forward over the static inputs whose result is copied into ``out``)."""
         t = time.perf_counter()
-        graph, _, self.pools.pool = capture(fn, self.model.par.device, self.pools.pool)
+        graph, _, self.pools.pool = capture(fn, self.model.par.device, self.pools.pool, warm_runs)
         self.graphs[key] = graph
         self.capture_s += time.perf_counter() - t
         return graph
@@ -125,15 +126,19 @@ class _BucketGraphs:
     def capture_all(self, modes: tuple[str, ...]) -> int:
         """Capture every bucket of ``buckets(modes)`` not yet captured, on padding-only inputs
         (``_pack`` of no micro-batch: every row writes the scratch slot and is dropped); the number
-        captured. Every rank of a stage calls it with the same modes, so their captures pair up."""
-        n = 0
+        captured. Every rank of a stage calls it with the same modes, so their captures pair up. A
+        bucket whose rows and mode an earlier capture ran (compiled shapes, tuned kernels) is warmed up
+        once before its capture, not twice."""
+        n, done = 0, {(key[0], key[-1]) for key in self.graphs}
         for key in self.buckets(modes):
             if key not in self.graphs:
                 shape = key[:-1]
                 inp = self.inputs.fill(self._size(*shape), lambda host: self._pack(host, None, *shape))
-                if self._capture_bucket(*key, inp) is None:
+                if self._capture_bucket(*key, inp, warm_runs=1 if (key[0], key[-1]) in done else 2) is None:
                     break
+                done.add((key[0], key[-1]))
                 n += 1
+        self.last = None  # the static inputs hold padding
         return n
 
     def _into_out(self, y: torch.Tensor) -> torch.Tensor:
@@ -196,6 +201,7 @@ class DecodeGraphs(_BucketGraphs):
             self.h[:S].copy_(h_in)
         graph = self.graphs.get((B, L, mode)) or self._capture_bucket(B, L, mode, inp)
         graph.replay()
+        self.last = (B, L, mode)
         return self.out[:S].clone()  # the next replay overwrites the static output
 
     def buckets(self, modes: tuple[str, ...]) -> list[tuple[int, int, str]]:
@@ -203,9 +209,9 @@ class DecodeGraphs(_BucketGraphs):
         return [(B, L, mode) for mode in modes if mode != "sp_tp" or self.model.sp_a2a is not None
                 for B in sorted({self._batch(b, mode) for b in self.sizes} - {None}) for L in self.key_sizes]
 
-    def _capture_bucket(self, B: int, L: int, mode: str, inp: torch.Tensor) -> torch.cuda.CUDAGraph:
+    def _capture_bucket(self, B: int, L: int, mode: str, inp: torch.Tensor, warm_runs: int = 2) -> torch.cuda.CUDAGraph:
         h = None if self.h is None else self.h[:B]
-        return self._capture((B, L, mode), lambda: self._into_out(self._forward(inp, h, B, L, mode)))
+        return self._capture((B, L, mode), lambda: self._into_out(self._forward(inp, h, B, L, mode)), warm_runs)
 
     def _pack(self, buf: torch.Tensor, mb: MicroBatch | None, B: int, L: int) -> None:
         """Fill ``buf`` for ``mb`` (None: padding rows only)."""
@@ -235,14 +241,14 @@ class DecodeGraphs(_BucketGraphs):
         return self.model.decode_forward(tok, h, pos if self.rows == 3 else pos[0], slots, table, lens, mode)
 
 
-def capture(fn, dev: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
-    """``fn()`` (device work on static tensors) warmed up twice on a side stream (lazy inits,
-    compiled kernels, autotuning) and captured in ``pool`` (made at the first capture); returns the
-    graph, its static output and the pool."""
+def capture(fn, dev: torch.device, pool, warm_runs: int = 2) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
+    """``fn()`` (device work on static tensors) warmed up ``warm_runs`` times on a side stream (lazy
+    inits, compiled kernels, autotuning) and captured in ``pool`` (made at the first capture);
+    returns the graph, its static output and the pool."""
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
-        for _ in range(2):
+        for _ in range(warm_runs):
             fn()
     torch.cuda.current_stream(dev).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -368,6 +374,7 @@ class MixedGraphs(_BucketGraphs):
             if graph is None:
                 return self.model.forward(mb, h_in)  # the kernel failed in the warm-up: eager, and no more graphs
         graph.replay()
+        self.last = (T, S, L, mode)
         return self._out(mb, self.out).clone()  # the next replay overwrites the static output
 
     def buckets(self, modes: tuple[str, ...]) -> list[tuple[int, int, int, str]]:
@@ -375,12 +382,13 @@ class MixedGraphs(_BucketGraphs):
         return [(T, self._seqs(T), L, mode) for mode in modes for T in self.sizes if self._mode_ok(T, mode)
                 for L in self.key_sizes]
 
-    def _capture_bucket(self, T: int, S: int, L: int, mode: str, inp: torch.Tensor) -> torch.cuda.CUDAGraph | None:
+    def _capture_bucket(self, T: int, S: int, L: int, mode: str, inp: torch.Tensor,
+                        warm_runs: int = 2) -> torch.cuda.CUDAGraph | None:
         """The bucket's graph, or None where the paged prefill kernel failed in the capture's warm-up
         (``paged_prefill._failed``: no more graphs; any other failure is raised)."""
         h = None if self.h is None else self.h[:T]
         try:
-            return self._capture((T, S, L, mode), lambda: self._into_out(self._forward(inp, h, T, S, L, mode)))
+            return self._capture((T, S, L, mode), lambda: self._into_out(self._forward(inp, h, T, S, L, mode)), warm_runs)
         except Exception:
             if not paged_prefill._failed:
                 raise
@@ -389,12 +397,12 @@ class MixedGraphs(_BucketGraphs):
 
 def profile(graphs: DecodeGraphs, reps: int = 100) -> dict:
     """Where a decode step's GPU time goes (``SHIFTPLAN_GRAPH_PROFILE``, ``worker.run_rank``): for the
-    smallest captured batch bucket (its shortest keys bucket), the replay time in ms (CUDA events
-    over ``reps`` replays) and its kernels (``kernel_table``). Every rank of a group replays the
-    same graph as often (their collectives pair up)."""
-    if not graphs.graphs:
+    last decode step's bucket (``last``: the static inputs hold that step's), the replay time in ms
+    (CUDA events over ``reps`` replays) and its kernels (``kernel_table``). Every rank of a group
+    replays the same graph as often (their collectives pair up)."""
+    if graphs.last is None:
         return {}
-    key = min(graphs.graphs)
+    key = graphs.last
     g = graphs.graphs[key]
     for _ in range(10):
         g.replay()
