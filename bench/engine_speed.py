@@ -198,7 +198,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     hf = hf_random(cfg, torch.bfloat16, device, args.seed)
     ctx = args.prompt + args.new / 2  # mean context over the decode
-    plan = plan_for(cfg, max(batches), max(args.prefill, 8192 if not args.tiny else 64))
+    # a step budget that holds every prompt of the largest batch: all B requests are prefilled in one
+    # step and decode together to the end, so the last step (whose inputs the graphs' static buffer
+    # holds: ``run_batch`` replays it) is a full batch-B step
+    plan = plan_for(cfg, max(batches), max(args.prefill, 8192 if not args.tiny else 64, max(batches) * args.prompt))
     blocks = -(-max(batches) * (args.prompt + args.new) // plan.scheduler.block_size) + 64
     blocks = max(blocks, -(-args.prefill // plan.scheduler.block_size) + 64)
 
