@@ -16,12 +16,14 @@ def bench(plan_path: str | Path, requests: int, input_tokens: int, output_tokens
     """All requests arrive at t=0. TTFT: time to a request's first token; TPOT: mean gap between
     its later tokens; throughput: generated tokens / wall time of the whole run. ``progress`` is
     called with the tokens generated so far. ``trace``: the run's step trace under ``step_trace``
-    (``executors.trace``)."""
+    (``executors.trace``). The engine serves contexts of ``input_tokens + output_tokens`` (its
+    warm-up captures no longer graphs)."""
     import executors
     from executors import Request, Sampling
 
     g = torch.Generator().manual_seed(seed)
-    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed, trace=trace) as eng:
+    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed, trace=trace,
+                        max_context=input_tokens + output_tokens) as eng:
         V = eng.args.vocab
         reqs = [Request(tokens=torch.randint(0, V, (input_tokens,), generator=g).tolist()) for _ in range(requests)]
         eng.generate(reqs[:1], max_new_tokens=2)  # warm-up

@@ -92,6 +92,22 @@ class ModelArgs:
         return self.vision is not None
 
 
+def limit_context(a: ModelArgs, max_context: int | None) -> ModelArgs:
+    """``a`` serving at most ``max_context`` tokens a sequence (prompt + output; None: the model's
+    own context, ``max_position_embeddings``): the engine rejects longer requests and captures its
+    step graphs only up to that many keys (``executors.graphs``), so a deployment of short contexts
+    warms up in a fraction of the time."""
+    if max_context is None:
+        return a
+    if max_context < 1:
+        from plans.errors import UserError
+
+        raise UserError(f"max_context {max_context}: give at least 1 token")
+    from dataclasses import replace
+
+    return replace(a, max_positions=min(a.max_positions, max_context))
+
+
 def hf_config_object(cfg: dict[str, Any]) -> Any:
     """The transformers config object of an HF config dict (no hub access)."""
     from transformers import AutoConfig

@@ -33,7 +33,7 @@ import torch
 
 from executors.batch import ImageJob, Step, StepOut, grid_patches
 from executors.channel import CHECK_S, DEFAULT_CAPACITY, Backoff, Channel, Polling
-from executors.config import ModelArgs, model_args, plan_config, run_dtypes
+from executors.config import ModelArgs, limit_context, model_args, plan_config, run_dtypes
 from executors.parallel import Par, reporting_rank
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
@@ -89,10 +89,11 @@ class Engine:
     def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
                  keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True,
-                 lookahead: bool = True, all_reduce: str = "auto", trace: bool = False):
+                 lookahead: bool = True, all_reduce: str = "auto", trace: bool = False,
+                 max_context: int | None = None):
         self.plan = plan.check()
         self.dims = plan.dims()
-        self.args = model_args(config)
+        self.args = limit_context(model_args(config), max_context)
         if self.args.layers != plan.model.num_layers:
             raise UserError(f"plan {plan.name} has {plan.model.num_layers} layers but the model config has {self.args.layers}")
         check_mesh(plan, self.args)
@@ -656,7 +657,8 @@ class Engine:
 def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = None, device: str = "cpu",
          backend: str | None = None, kv_blocks: int | None = None, keep_logits: bool = False, seed: int = 0,
          tokenizer: str | Path | Any = None, config: dict | None = None, cuda_graphs: bool = True,
-         lookahead: bool = True, warm_up: bool | None = None, all_reduce: str = "auto", trace: bool = False) -> Engine:
+         lookahead: bool = True, warm_up: bool | None = None, all_reduce: str = "auto", trace: bool = False,
+         max_context: int | None = None) -> Engine:
     """Materialise a plan: ``weights`` a local HF safetensors directory (each rank reads only its
     slices), an in-memory source (single rank), or None for seeded random weights. ``tokenizer``:
     a local tokenizer directory (defaults to ``weights`` when it holds one). ``cuda_graphs``:
@@ -668,7 +670,9 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     one-shot kernel where it works (``parallel.OneShotAllReduce``), ``nccl`` always with NCCL. ``warm_up`` (default: on CUDA devices): ``Engine.warm_up`` before returning,
     so compiling step shapes and capturing decode graphs happen at load, not inside serving. ``trace``:
     ``Engine.step_trace`` records where each step's time goes, on the driver and the reporting rank
-    (``executors.trace``; not under torchrun). A single-rank plan on a GPU runs in this process, which
+    (``executors.trace``; not under torchrun). ``max_context``: the most tokens a sequence may hold
+    (prompt + output; default the model's context): longer requests are refused, and warm-up
+    captures step graphs only up to it (``config.limit_context``). A single-rank plan on a GPU runs in this process, which
     then uses one CPU thread for torch's CPU ops (``torch.set_num_threads(1)``, ``RankRunner``), as
     spawned ranks do."""
     from plans.schema import load_plan
@@ -684,11 +688,11 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
     if torchrun.under_torchrun():
         if int(os.environ["RANK"]) == 0:
             return torchrun.TorchrunEngine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok,
-                                           cuda_graphs)
-        torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs))
+                                           cuda_graphs, max_context=max_context)
+        torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs, max_context))
         raise SystemExit(0)
     eng = Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead,
-                 all_reduce, trace)
+                 all_reduce, trace, max_context)
     if warm_up if warm_up is not None else device.startswith("cuda"):
         try:
             eng.warm_up()
@@ -699,9 +703,9 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
 
 
 def _spec_only(plan: Plan, cfg: dict, weights: Any, device: str, backend: str | None,
-               kv_blocks: int | None, seed: int, cuda_graphs: bool = True) -> WorkerSpec:
+               kv_blocks: int | None, seed: int, cuda_graphs: bool = True, max_context: int | None = None) -> WorkerSpec:
     """What a torchrun rank other than 0 needs (rank 0's Engine builds the same)."""
-    a = model_args(cfg)
+    a = limit_context(model_args(cfg), max_context)
     blocks = kv_blocks or default_blocks(plan, a)
     return WorkerSpec(plan.model_dump_json(), a.portable(), str(weights) if weights else None, seed, device, blocks,
                       backend or plan.backend, cuda_graphs)

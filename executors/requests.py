@@ -143,8 +143,8 @@ def make_seq(rid: int, req: Request, a: ModelArgs, max_new: int, tokenizer: Any,
             s.mrope, s.mrope_delta = torch.arange(len(toks))[None].repeat(3, 1), 0
     need = len(toks) + max_new
     if need > a.max_positions:
-        raise UserError(f"prompt of {len(toks)} tokens + {max_new} new tokens = {need} exceeds the model's "
-                        f"context of {a.max_positions} tokens")
+        raise UserError(f"prompt of {len(toks)} tokens + {max_new} new tokens = {need} exceeds the context "
+                        f"this engine serves ({a.max_positions} tokens: the model's, or load's max_context)")
     if need > total_slots:
         raise UserError(f"prompt of {len(toks)} tokens + {max_new} new tokens = {need} exceeds the KV cache "
                         f"of one replica ({total_slots} token slots)")

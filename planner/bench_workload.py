@@ -138,16 +138,18 @@ def predicted_result(plan: Any, cost: Any, reqs: list[WorkloadRequest], slo: Slo
 
 def bench_workload(plan_path: Any, workload: Any, *, rate: float | None, duration: float | None, seed: int,
                    slo: SloTargets | None, weights: Any, device: str, backend: str | None,
-                   compare_sim: bool, trace: bool = False) -> dict[str, Any]:
+                   compare_sim: bool, trace: bool = False, max_context: int | None = None) -> dict[str, Any]:
     """Replay the workload on the engine; return ``{"measured": SimResult, "predicted": SimResult | None,
-    "requests": n}`` (and ``step_trace``, the replay's steps, with ``trace``: ``executors.trace``)."""
+    "requests": n}`` (and ``step_trace``, the replay's steps, with ``trace``: ``executors.trace``).
+    ``max_context``: ``executors.load``'s (requests past it fail, as a server would refuse them)."""
     import executors
     from costmodels.simulator import cost_model_for_plan
     from plans.schema import load_plan
 
     plan = load_plan(plan_path)
     wl, reqs = sample_requests(workload, rate=rate, duration=duration, seed=seed)
-    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed, trace=trace) as eng:
+    with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed, trace=trace,
+                        max_context=max_context) as eng:
         measured = replay_requests(eng, reqs, seed)
         steps = eng.step_trace
     res = measured_result(plan, measured, reqs, slo)

@@ -57,6 +57,9 @@ def run_cmd(
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the random weights and of sampling"),
     device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL)"),
     backend: Optional[str] = typer.Option(None, "--backend", help="eager | compile | tensorrt (default: the plan's)"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", min=1, max=10_000_000,
+                                              help="most tokens a sequence may hold, prompt + output (default: the "
+                                                   "model's context); warm-up captures step graphs only up to it"),
 ) -> None:
     """Run one request through a plan on local workers and print the generated tokens (and text)."""
     if (prompt is None) == (tokens is None):
@@ -65,7 +68,8 @@ def run_cmd(
     from executors import Request, Sampling
 
     tok_dir = tokenizer or weights
-    with executors.load(plan, weights=weights, device=device, backend=backend, seed=seed, tokenizer=tok_dir) as eng:
+    with executors.load(plan, weights=weights, device=device, backend=backend, seed=seed, tokenizer=tok_dir,
+                        max_context=max_context) as eng:
         if prompt is not None and eng.tokenizer is None:
             where = f"{tok_dir} has no tokenizer.json" if tok_dir else "no --tokenizer or --weights directory given"
             raise UserError(f"--prompt needs a tokenizer ({where}); give --tokenizer DIR or use --tokens IDS")
@@ -103,6 +107,9 @@ def bench_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="also write the step trace here (JSON: where each "
                                                                "step's time went, driver and rank; executors/trace.py)"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", min=1, max=10_000_000,
+                                              help="with --workload: most tokens a sequence may hold (default: the "
+                                                   "model's context; without --workload, input + output tokens)"),
 ) -> None:
     """Measure TTFT, TPOT and token throughput of a plan on synthetic requests (all sent at once), or, with
     --workload, on a workload replayed in real time (the same figures and JSON keys as `plan simulate`)."""
@@ -120,13 +127,13 @@ def bench_cmd(
         writable(trace, "--trace")
     if workload is not None:
         out = _bench_workload(plan, workload, rate, duration, seed, compare_sim, weights, device, backend,
-                              trace is not None)
+                              trace is not None, max_context)
         _write_trace(trace, out.pop("step_trace", None))
         if json_out:
             write_text(json_out, json.dumps(out, indent=2) + "\n", "--json")
         return
-    if rate is not None or duration is not None or compare_sim:
-        raise UserError("--rate, --duration and --compare-sim replay a workload: give --workload SPEC|TRACE")
+    if rate is not None or duration is not None or compare_sim or max_context is not None:
+        raise UserError("--rate, --duration, --compare-sim and --max-context replay a workload: give --workload SPEC|TRACE")
     check_context(plan, input_tokens, output_tokens, "--input-tokens", "--output-tokens")
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
@@ -158,7 +165,7 @@ def _write_trace(path: Optional[Path], steps: Optional[list]) -> None:
 
 def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], duration: Optional[float], seed: int,
                     compare_sim: bool, weights: Optional[Path], device: str, backend: Optional[str],
-                    trace: bool = False) -> dict:
+                    trace: bool = False, max_context: Optional[int] = None) -> dict:
     """Replay, print (JSON keys of `plan simulate --json`; with --compare-sim a table of measured vs
     predicted and the error of each figure), and return what was printed (with ``trace``, and the
     step trace under ``step_trace``)."""
@@ -172,7 +179,7 @@ def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], durati
     p = load_plan(plan_path)
     wl, slo = load_workload(source, cost_model_for_plan(p, base_dir=plan_path.parent).info, seed, p)
     res = bench_workload(plan_path, wl, rate=rate, duration=duration, seed=seed, slo=slo, weights=weights,
-                         device=device, backend=backend, compare_sim=compare_sim, trace=trace)
+                         device=device, backend=backend, compare_sim=compare_sim, trace=trace, max_context=max_context)
     out = {"measured": _clean(_row(p.name, res["rate_rps"], res["measured"]))}
     if res["predicted"] is not None:
         out["predicted"] = _clean(_row(p.name, res["rate_rps"], res["predicted"]))

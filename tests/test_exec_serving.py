@@ -154,7 +154,7 @@ def test_bad_requests_and_kv_exhaustion_shift_sp2(tmp_path: Path) -> None:
         again = Request(tokens=[118, IMAGE_TOKEN, 119, 9], images=[other])
         second = eng.generate([again], max_new_tokens=8, sampling=GREEDY)[0]
     assert check_against_oracle(oracle, again.tokens, second, [other]) < 1e-4
-    assert "exceeds the model's context of 256" in results[1].error
+    assert "exceeds the context this engine serves (256 tokens" in results[1].error
     assert "empty request" in results[3].error
     assert "cannot read image" in results[5].error and "broken.png" in results[5].error
     assert preempted > 0
@@ -356,3 +356,24 @@ def test_warm_up_builds_the_prompt_plans_at_the_stage_attention_shapes(monkeypat
         gc.unfreeze()
     assert [(c[0], c[3]) for c in calls] == [({(a.heads, a.kv_heads, a.head_dim)}, 48)]
     assert warm_prompt_plans(*calls[0]) == 0  # no CUDA: no plan to build
+
+
+def test_max_context_refuses_longer_requests_and_bounds_the_graph_keys() -> None:
+    """``load(..., max_context=N)``: a request of more than N tokens (prompt + output) fails with one
+    message naming the limit while the others are served; the limit never raises the model's own
+    context, and below one token it is a user error."""
+    import executors
+    from executors.config import limit_context, model_args
+    from plans.errors import UserError
+
+    plan = make_plan("llama", max_batch_tokens=64, max_seqs=8)
+    with executors.load(plan, kv_blocks=64, max_context=40) as eng:
+        assert eng.args.max_positions == 40
+        ok, long = eng.generate([Request(tokens=list(range(3, 30))), Request(tokens=list(range(3, 34)))],
+                                max_new_tokens=10, sampling=GREEDY)
+    assert ok.error is None and len(ok.tokens) == 10
+    assert "31 tokens + 10 new tokens = 41 exceeds the context this engine serves (40 tokens" in long.error
+    a = model_args(config("llama"))
+    assert limit_context(a, None) is a and limit_context(a, 10 ** 9).max_positions == a.max_positions
+    with pytest.raises(UserError, match="max_context 0"):
+        limit_context(a, 0)

@@ -414,3 +414,10 @@ def test_a_plan_on_stdout_records_its_spec_relative_to_the_current_folder(tmp_pa
     assert code == 0 and "\n  spec: specs/s.yaml\n" in out
     (tmp_path / "p.plan.yaml").write_text(out)
     assert run(capsys, "simulate", "p.plan.yaml", "-n", "20")[0] == 0
+
+
+def test_max_context_without_a_workload_is_a_usage_error(capsys):
+    """`plan bench --max-context` sets the context of a workload replay; synthetic requests set their
+    own (input + output tokens), so giving it there is one clear error, exit 2."""
+    code, _, err = run(capsys, "bench", PLAN, "--max-context", "100")
+    assert code == 2 and "--max-context replay a workload" in " ".join(err.split())
