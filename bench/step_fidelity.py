@@ -22,6 +22,7 @@ the images' patches, as the simulator charges in-step encoding; older traces lac
 image steps' predictions are the LLM's part alone).
 
     python bench/step_fidelity.py DIR/fidelity_2gpu.json      # the steps file beside it, costed now
+    python bench/step_fidelity.py REPORT --steps STEPS --decode-detail   # + decode steps by batch and spread
 
 The steps of a ``fidelity_2gpu.py --trace`` run live beside its report in ``STEPS_FILE`` (gzipped JSON:
 model -> case -> rate fraction -> records).
@@ -99,7 +100,9 @@ def cost_steps(records: list[dict[str, Any]], coster: Any, encoder: Any = None) 
             pred += sum(coster.stage_ms(shape, mode, dec))
             pred += sum(coster.p2p_ms(shape.tokens, b) for b in range(coster.pp - 1))
         rank = r.get("rank") or {}
+        ctx = [c for new, cc in zip(r["new"], r["ctx"]) for n, c in zip(new, cc) if n == 1]  # the decodes' keys
         rows.append({"kind": kind_of(r), "tokens": r["tokens"], "seqs": r["seqs"], "predicted_ms": pred,
+                     "decode_ctx_mean": sum(ctx) / len(ctx) if ctx else 0.0, "decode_ctx_max": max(ctx, default=0),
                      "gpu_ms": sum(rank.get(k, 0.0) for k in ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms"))
                      if "forward_gpu_ms" in rank else None,
                      "period_ms": r["answered_ms"] - (r["sent_ms"] if last is None else max(last, r["sent_ms"])),
@@ -126,6 +129,38 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 s[f"predicted_over_{k}"] = round(s["predicted_sum_ms"] / s[f"{k}_sum_ms"], 3)
         out[kind] = s
     return out
+
+
+SPREAD = 1.5  # longest over mean decode context: at or above, a step's contexts are spread
+
+
+def decode_by_batch(rows: list[dict[str, Any]], bands: tuple[int, ...] = (1, 8, 16, 32)) -> list[dict[str, Any]]:
+    """Decode steps by batch band (``bands``: each band's smallest batch) and by the spread of their
+    contexts (longest over mean below or at least ``SPREAD``): steps, medians of the mean and the
+    longest context, and predicted / GPU of the sums. The cost model prices a decode batch at its
+    mean context; the paged kernel's time follows its longest sequences too."""
+    out = []
+    for lo, hi in zip(bands, bands[1:] + (None,)):
+        for spread in (False, True):
+            rs = [r for r in rows if r["kind"] == "decode" and r["gpu_ms"] and lo <= r["seqs"] and (hi is None or r["seqs"] < hi)
+                  and (r["decode_ctx_max"] >= SPREAD * r["decode_ctx_mean"]) == spread]
+            if rs:
+                out.append({"batch": f"{lo}-{hi - 1}" if hi else f"{lo}+", "spread": spread, "steps": len(rs),
+                            "ctx_mean_p50": round(statistics.median(r["decode_ctx_mean"] for r in rs)),
+                            "ctx_max_p50": round(statistics.median(r["decode_ctx_max"] for r in rs)),
+                            "gpu_p50_ms": round(statistics.median(r["gpu_ms"] for r in rs), 3),
+                            "predicted_over_gpu": round(sum(r["predicted_ms"] for r in rs) / sum(r["gpu_ms"] for r in rs), 3)})
+    return out
+
+
+def markdown_decode(table: list[tuple[str, str, list[dict[str, Any]]]]) -> list[str]:
+    """``decode_by_batch`` rows ``(case, rate, rows)`` as a table."""
+    lines = [f"| case | rate | batch | contexts (longest / mean >= {SPREAD}) | steps | mean context p50 | "
+             "longest context p50 | GPU p50 ms | predicted / GPU (sums) |", "|---|---|---|---|---|---|---|---|---|"]
+    for case, rate, rows in table:
+        lines += [f"| {case} | {rate} | {r['batch']} | {'spread' if r['spread'] else 'even'} | {r['steps']} | "
+                  f"{r['ctx_mean_p50']} | {r['ctx_max_p50']} | {r['gpu_p50_ms']} | {r['predicted_over_gpu']} |" for r in rows]
+    return lines
 
 
 def markdown(table: list[tuple[str, str, dict[str, dict[str, float]]]]) -> list[str]:
@@ -170,15 +205,16 @@ def in_step_encoder(plan: Any) -> Any:
     return dims.encoder() if dims.vision and dims.placement != "dedicated" else None
 
 
-def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str, str, dict[str, dict[str, float]]]]:
-    """Every traced (model, case, rate) of a fidelity report costed with the cost model as it is now."""
+def from_report(report: dict[str, Any], steps: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """Every traced (model, case, rate) of a fidelity report costed with the cost model as it is
+    now: ``(case, rate, cost_steps rows)``."""
     table = []
     for model, cases in steps.items():
         for case, rates in cases.items():
             plan = plan_of(report, model, case)
             coster, encoder = coster_of(plan), in_step_encoder(plan)
             for frac, records in rates.items():
-                table.append((f"{model} {case}", frac, summarize(cost_steps(records, coster, encoder))))
+                table.append((f"{model} {case}", frac, cost_steps(records, coster, encoder)))
     return table
 
 
@@ -187,8 +223,11 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path, help=f"a fidelity_2gpu.json run with --trace ({STEPS_FILE} beside it)")
+    ap.add_argument("--steps", type=Path, default=None, help=f"its steps file (default: {STEPS_FILE} beside it)")
+    ap.add_argument("--decode-detail", action="store_true",
+                    help="also the decode steps by batch and by the spread of their contexts (decode_by_batch)")
     a = ap.parse_args(argv)
-    steps_path = a.report.with_name(STEPS_FILE)
+    steps_path = a.steps or a.report.with_name(STEPS_FILE)
     try:
         report, steps = json.loads(a.report.read_text()), read_steps(steps_path)
     except (OSError, ValueError, EOFError) as e:
@@ -198,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyError, TypeError) as e:
         ap.error(f"{steps_path.name} names a model or case {a.report.name} does not have, or the report "
                  f"lacks its plan ({type(e).__name__}: {e})")
-    print("\n".join(markdown(table)))
+    print("\n".join(markdown([(case, rate, summarize(rows)) for case, rate, rows in table])))
+    if a.decode_detail:
+        print("\n" + "\n".join(markdown_decode([(case, rate, decode_by_batch(rows)) for case, rate, rows in table])))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,23 @@ def test_periods_gaps_and_kinds():
     assert sf.compact(recs)[0]["rank"] == {"forward_gpu_ms": 1.0, "sample_gpu_ms": 0.5, "images_gpu_ms": 0.0}
 
 
+def test_decode_steps_by_batch_and_spread_of_contexts():
+    """``decode_by_batch``: decode steps grouped by batch band and by longest / mean context (the
+    decodes' own keys, not a mixed step's prefill chunk), each group's medians and predicted / GPU."""
+    recs = [rec(1, 0.0, 1.0, [1, 1], [100, 110]),  # batch 2, even
+            rec(2, 1.0, 2.0, [1, 1], [100, 400]),  # batch 2, spread (400 >= 1.5 x 250)
+            rec(3, 2.0, 3.0, [1] * 9, [50] * 8 + [500]),  # batch 9, spread
+            rec(4, 3.0, 4.0, [7, 1], [7, 30])]  # mixed: not a decode step
+    rows = sf.cost_steps(recs, SyntheticCoster())
+    assert (rows[1]["decode_ctx_mean"], rows[1]["decode_ctx_max"]) == (250.0, 400)
+    assert (rows[3]["decode_ctx_mean"], rows[3]["decode_ctx_max"]) == (30.0, 30)
+    groups = sf.decode_by_batch(rows)
+    assert [(g["batch"], g["spread"], g["steps"]) for g in groups] == [("1-7", False, 1), ("1-7", True, 1), ("8-15", True, 1)]
+    assert groups[2]["ctx_max_p50"] == 500 and groups[2]["ctx_mean_p50"] == 100
+    assert groups[0]["predicted_over_gpu"] == pytest.approx(rows[0]["predicted_ms"] / 1.5, abs=1e-3)
+    assert len(sf.markdown_decode([("m c", "0.9", groups)])) == 2 + 3
+
+
 def test_last_stream_keeps_the_records_after_the_clock_restarted():
     recs = [rec(1, 0.0, 2.0, [1], [1]), rec(2, 3.0, 4.0, [1], [2]), rec(3, 0.5, 1.0, [2], [2]), rec(4, 1.5, 3.0, [1], [3])]
     assert [r["step"] for r in sf.last_stream(recs)] == [3, 4]
