@@ -10,9 +10,10 @@ With variable lengths a range of thousands of keys keeps one program busy long a
 the same output (checked). Writes DIR/decode_splits.{json,md}.
 
 Beside each case, the cost model's price of the same attention (``model_us``: one decoder layer's
-decode attention of the case's model preset, ``B`` sequences at the case's mean context, the h200
-profile, which prices this engine's decode attention from its paged kernel measured at equal
-lengths, ``attn_decode_engine``) and the engine's kernel at its cap against it (``model_over_kernel``). ``--price REPORT`` adds them to a report
+decode attention of the case's model preset, ``B`` sequences at the case's mean context, the longest
+at the top of its range, the h200 profile, which prices this engine's decode attention from its
+paged kernel measured at equal lengths, ``attn_decode_engine``, plus the longest range's tail,
+``opcost.longest_range_tail_ms``) and the engine's kernel at its cap against it (``model_over_kernel``). ``--price REPORT`` adds them to a report
 already measured, on any machine:
 
     python bench/decode_splits.py --out DIR --price bench/results/decode_splits.json
@@ -62,14 +63,17 @@ def _attention(preset: str) -> tuple[Any, Any]:
     return next(r for r in cm._recs[cm.decoders[0].name] if r.kind == "attention"), cm
 
 
-def model_price_us(preset: str, seqs: int, mean_ctx: float) -> float:
+def model_price_us(preset: str, seqs: int, mean_ctx: float, longest: float = 0.0) -> float:
     """The cost model's time for one decoder layer's decode attention of ``preset`` on one H200:
-    ``seqs`` sequences of ``mean_ctx`` keys (the model reads a decode step's mean context)."""
+    ``seqs`` sequences of ``mean_ctx`` keys on average, the longest of ``longest`` (0: all equal)."""
+    import dataclasses
+
     from costmodels.opcost import op_time
     from graph.opgraph import StepShape
 
     attn, cm = _attention(preset)
-    shape, _dec = StepShape.from_sequences([1] * seqs, [max(1, round(mean_ctx))] * seqs)
+    shape = StepShape.decode([max(1, round(mean_ctx))] * seqs)
+    shape = dataclasses.replace(shape, decode_max_kv=max(longest, shape.decode_max_kv))
     c, m, o = op_time(attn, shape, 1, 1, cm.rates, cm.profile)
     return (max(c, m) + o) * 1e3
 
@@ -79,9 +83,10 @@ def price(rows: list[dict], cap: int) -> None:
     keys its floor stands for (``floor_us`` = K and V bytes at 4.3 TB/s)."""
     by_name = {c[0]: c for c in CASES}
     for r in rows:
-        name, S, hkv, _G, *_ = by_name[r["case"]]
+        name, S, hkv, _G, _lo, hi, _w = by_name[r["case"]]
         keys = r["floor_us"] * 1e-6 * 4.3e12 / (2 * hkv * D * BYTES)
-        r["model_us"] = round(model_price_us(PRESETS[name.split()[0]], S, keys / S), 1)
+        # the longest: the range's top (the kernel's ranges follow the table's width, which the top fills)
+        r["model_us"] = round(model_price_us(PRESETS[name.split()[0]], S, keys / S, hi), 1)
         r["model_over_kernel"] = round(r["model_us"] / r["us"][str(cap)], 2)
 
 

@@ -115,6 +115,7 @@ class CostModel:
                            a_bytes=dtype_bytes(act_dtype), kv_bytes=dtype_bytes(kv_dtype), fused=fused_elementwise,
                            fp8_gemm=weights_dtype == "fp8" and bool(self.gpu.fp8_tflops),
                            fp8_tensor=fp8_kernels == "tensor", engine_decode=launch is not None,
+                           decode_us_per_key=launch.decode_us_per_key if launch is not None else 0.0,
                            **_gemv_rates(launch, weights_dtype, act_dtype))
         # where FP8 GEMM efficiencies come from: a measured table, or the bf16 one at the FP8 peak
         tensor = self.rates.fp8_tensor and profile is not None and profile.gemm_fp8_tensor is not None

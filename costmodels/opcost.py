@@ -27,6 +27,8 @@ memory = gemv_call_s + bytes / gemv_bw, in place of the GEMM table (``costmodels
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 
 from costmodels.profile import Profile
@@ -111,6 +113,7 @@ class Rates:
     gemv_call_s: float = 0.0  # and its fixed time a product
     gemv_max_rows: int = 0  # products of at most this many rows run it
     engine_decode: bool = False  # this repo's engine: decode attention from the profile's attn_decode_engine
+    decode_us_per_key: float = 0.0  # ... and its range program's time a key (the longest range's tail; 0: none)
 
 
 def op_time(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> tuple[float, float, float]:
@@ -188,18 +191,47 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
         return c, mem, ovh_us * 1e-3
     if q_per_seq < 1.5:  # decode: bandwidth-bound read of each sequence's KV
         ctx = max(s.kv / seqs, 1.0)
+        tail = 0.0
         if rates.engine_decode and prof.attn_decode_engine is not None:  # at this GPU's KV heads
             eff_m = prof.attn_decode_engine(seqs, ctx, r.kv_heads * kv_frac)
+            tail = longest_range_tail_ms(seqs, r.kv_heads * kv_frac, ctx, s.decode_max_kv, rates.decode_us_per_key)
         else:
             eff_m = prof.attn_decode(seqs, ctx)
         mem = (kv_bytes + act_bytes) / (rates.bw * max(eff_m, 1e-3)) * 1e3
-        return 0.0, mem, ovh_us * 1e-3
+        return 0.0, mem + tail, ovh_us * 1e-3
     table = prof.attn_causal if r.causal else prof.attn_full
     # a table with a heads axis is read at this GPU's share of the query heads
     eff = table(q_per_seq, seqs, r.heads * frac) if len(table.axes) == 3 else table(q_per_seq, seqs)
     c = flops / (rates.attn_flops * max(eff, 1e-4)) * 1e3
     mem = (kv_bytes + act_bytes) / (rates.bw * 0.9) * 1e3
     return c, mem, ovh_us * 1e-3
+
+
+def longest_range(seqs: float, kv_heads: float, keys: float) -> float:
+    """Keys of the longest range the engine's paged decode kernel gives one program for ``seqs``
+    sequences whose longest holds ``keys`` keys, ``kv_heads`` a GPU: its split of the key bucket
+    (``executors.paged_decode.splits`` over ``executors.graphs.keys_bucket``), at most ``keys``."""
+    from executors.graphs import keys_bucket
+    from executors.paged_decode import splits
+
+    k = max(1, int(math.ceil(keys)))
+    return float(min(splits(max(1, round(seqs)), max(1, round(kv_heads)), keys_bucket(k))[1], k))
+
+
+def longest_range_tail_ms(seqs: float, kv_heads: float, mean: float, longest: float, us_per_key: float) -> float:
+    """The paged decode kernel's extra time on a batch of unequal contexts: the efficiency table
+    (``attn_decode_engine``) was measured with every sequence at the mean, whose longest range is
+    ``longest_range(mean)``; here the longest sequence's range holds ``longest_range(longest)``
+    keys and the step waits for it:
+
+        tail = us_per_key * max(0, longest_range(longest) - longest_range(mean))
+
+    ``us_per_key``: a range program's time a key (``costmodels.steps.fit_decode_us_per_key``, from
+    the same calibration's one-wave points). 0 when the longest is unknown or no longer than the mean."""
+    if us_per_key <= 0 or longest <= mean:
+        return 0.0
+    extra = longest_range(seqs, kv_heads, longest) - longest_range(seqs, kv_heads, mean)
+    return max(0.0, extra) * us_per_key * 1e-3
 
 
 def _memop(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,

@@ -186,6 +186,8 @@ class Launch:
     ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send;
     ``form_ms``, ``form_prefill_ms``, ``form_ms_per_seq``: the driver's host time before a step it did
     not form ahead; ``mixed_us_per_layer``: a graphed mixed step's GPU time beyond the model a layer;
+    ``decode_us_per_key``: the paged decode kernel's range program's time a key (the tail a batch of
+    unequal contexts waits for, ``opcost.longest_range_tail_ms``);
     ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables);
     ``all_to_all``: the LL all-to-all of graphed SP x TP steps (None: SP x TP steps run eagerly)."""
 
@@ -199,6 +201,7 @@ class Launch:
     form_prefill_ms: float = 0.0
     form_ms_per_seq: float = 0.0
     mixed_us_per_layer: float = 0.0
+    decode_us_per_key: float = 0.0
     all_reduce: SymmAllReduce | None = None
     all_to_all: SymmAllToAll | None = None
 
@@ -237,6 +240,7 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
                   gemv_GBps=value("gemv_GBps"), gemv_call_us=value("gemv_call_us"), pp_handoff_ms=value("pp_handoff_ms"),
                   form_ms=float(form.get("base", 0.0)), form_prefill_ms=float(form.get("prefill", 0.0)),
                   form_ms_per_seq=float(form.get("per_seq", 0.0)), mixed_us_per_layer=value("mixed_us_per_layer"),
+                  decode_us_per_key=value("decode_us_per_key"),
                   all_reduce=SymmAllReduce.of(symm["value"]) if symm else None,
                   all_to_all=SymmAllToAll.of(a2a["value"]) if a2a else None)
 
@@ -436,3 +440,27 @@ def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layer
     if not extra:
         raise ValueError("no graphed mixed step with GPU times in the trace")
     return statistics.median(extra), len(extra)
+
+
+def fit_decode_us_per_key(points: list[dict[str, Any]]) -> tuple[float, int]:
+    """``(us, points)``: a range program's time a key in the engine's paged decode kernel (module
+    doc), the slope of least squares ``time = a + us * range`` over the calibration's
+    ``attn_decode_engine`` points whose grid fits in one wave (sequences x KV heads x ranges at most
+    ``paged_decode.TARGET_PROGRAMS``: every program runs at once and the step lasts as long as its
+    longest range) and whose ranges hold at least 128 keys (below, the fixed time dominates)."""
+    import numpy as np
+
+    from executors.graphs import keys_bucket
+    from executors.paged_decode import TARGET_PROGRAMS, splits
+
+    rows, us = [], []
+    for p in points:
+        nsplit, per = splits(p["B"], p["kv_heads"], keys_bucket(p["C"]))
+        per = min(per, p["C"])
+        if p["B"] * p["kv_heads"] * nsplit <= TARGET_PROGRAMS and per >= 128:
+            rows.append([1.0, float(per)])
+            us.append(p["ms"] * 1e3)
+    if len(rows) < 3:
+        raise ValueError("too few one-wave decode points with ranges of 128+ keys to fit the time a key")
+    (_a, slope), *_ = np.linalg.lstsq(np.array(rows), np.array(us), rcond=None)
+    return float(slope), len(rows)

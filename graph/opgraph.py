@@ -43,7 +43,9 @@ class StepShape:
     """The work of one step. ``decode_seqs`` / ``decode_kv`` say how much of ``seqs`` / ``kv`` (and
     of ``tokens`` / ``pairs``: one token and ``kv`` pairs per decode) are single-token decodes, so a
     mixed step (prefill chunks + decodes, as continuous batching makes them) can be costed as its two
-    attention regimes instead of one averaged one."""
+    attention regimes instead of one averaged one. ``decode_max_kv``: the longest decoding
+    sequence's keys (0: not known; a batch is then priced as if every sequence held the mean), which
+    sets the engine's paged decode kernel's longest key range (``costmodels.opcost``)."""
 
     tokens: float
     pairs: float = 0.0
@@ -51,6 +53,7 @@ class StepShape:
     seqs: float = 1.0
     decode_seqs: float = 0.0
     decode_kv: float = 0.0
+    decode_max_kv: float = 0.0
 
     @staticmethod
     def prefill(lengths: list[int], cached: list[int] | None = None) -> "StepShape":
@@ -63,7 +66,7 @@ class StepShape:
     def decode(contexts: list[int]) -> "StepShape":
         """One new token for each sequence; ``contexts[i]`` includes the new token."""
         n, c = len(contexts), sum(contexts)
-        return StepShape(tokens=n, pairs=c, kv=c, seqs=n, decode_seqs=n, decode_kv=c)
+        return StepShape(tokens=n, pairs=c, kv=c, seqs=n, decode_seqs=n, decode_kv=c, decode_max_kv=max(contexts))
 
     @staticmethod
     def from_sequences(new: list[int], ctx: list[int]) -> tuple["StepShape", "StepShape | None"]:
@@ -78,7 +81,7 @@ class StepShape:
         if p is None or d is None:
             return (p or d), None
         return StepShape(p.tokens + d.tokens, p.pairs + d.pairs, p.kv + d.kv, p.seqs + d.seqs,
-                         d.decode_seqs, d.decode_kv), d
+                         d.decode_seqs, d.decode_kv, d.decode_max_kv), d
 
     @staticmethod
     def vision(patches_per_image: list[int]) -> "StepShape":
@@ -89,7 +92,7 @@ class StepShape:
     def __add__(self, other: "StepShape") -> "StepShape":
         return StepShape(self.tokens + other.tokens, self.pairs + other.pairs, self.kv + other.kv,
                          self.seqs + other.seqs, self.decode_seqs + other.decode_seqs,
-                         self.decode_kv + other.decode_kv)
+                         self.decode_kv + other.decode_kv, max(self.decode_max_kv, other.decode_max_kv))
 
     @property
     def mixed(self) -> bool:
@@ -99,7 +102,7 @@ class StepShape:
     def split(self) -> tuple["StepShape", "StepShape"]:
         """(prefill part, decode part) of a mixed step."""
         d = StepShape(tokens=self.decode_seqs, pairs=self.decode_kv, kv=self.decode_kv, seqs=self.decode_seqs,
-                      decode_seqs=self.decode_seqs, decode_kv=self.decode_kv)
+                      decode_seqs=self.decode_seqs, decode_kv=self.decode_kv, decode_max_kv=self.decode_max_kv)
         p = StepShape(tokens=self.tokens - d.tokens, pairs=self.pairs - d.pairs, kv=self.kv - d.kv,
                       seqs=self.seqs - d.seqs)
         return p, d

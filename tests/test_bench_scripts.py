@@ -469,3 +469,8 @@ def test_decode_splits_prices_a_measured_report_on_any_machine(tmp_path):
     qwen = {r["case"]: r["model_us"] for r in got["rows"] if r["case"].startswith("qwen2-vl-7b") and "ctx 1500" in r["case"]}
     assert qwen["qwen2-vl-7b b64 ctx 1500 (w 2048)"] > qwen["qwen2-vl-7b b32 ctx 1500 (w 2048)"]
     assert "model / kernel" in (tmp_path / "decode_splits.md").read_text()
+    # the engine's kernel is the oracle: every case, equal lengths or 300-5,000 keys, within 20%
+    # (eight sequences of 300-5,000 keys were priced at 0.56 of it at their mean context alone)
+    assert all(0.8 <= r["model_over_kernel"] <= 1.2 for r in got["rows"]), [(r["case"], r["model_over_kernel"]) for r in got["rows"]]
+    b8 = next(r for r in got["rows"] if r["case"] == "qwen2-vl-7b b8 ctx 300-5000 (w 8192)")
+    assert b8["model_us"] > ds.model_price_us("qwen2-vl-7b", 8, 2650) * 1.3  # the longest range's tail

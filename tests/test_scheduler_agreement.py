@@ -108,7 +108,8 @@ def test_same_admissions_chunks_and_finishes_step_by_step(name, budget, max_seqs
 def test_simulator_kv_blocks_add_up_under_pressure(block):
     """With a KV cache too small for the stream, the simulator preempts; at every step the blocks
     it counts are the blocks its running requests hold (ceil(tokens / block)), never above the
-    cache, and none are left when the stream is done."""
+    cache, and none are left when the stream is done; each step's longest decode is the longest
+    decoding request's context, through preemptions and finishes."""
     stream = [(0, p, o) for p, o in ((300, 40), (200, 60), (250, 30), (90, 80), (400, 20), (35, 50))]
     cfg = SimConfig(max_batch_tokens=256, max_seqs=8, kv_tokens=800, block_size=block)
     rep = Replica(0, -(-cfg.kv_tokens // block), 1, block)
@@ -125,6 +126,9 @@ def test_simulator_kv_blocks_add_up_under_pressure(block):
         batch, pre = form_batch(lane, cfg)
         preemptions += pre
         assert rep.kv_used <= rep.kv_cap
+        if batch.n_dec:  # the longest decode (``Lane.longest``, lazily pruned) against every decoding request
+            dec = batch.decode or batch.shape
+            assert dec.decode_max_kv == max(r.kv(lane.steps) + 1 for r in lane.decoding.values())
         finished += len(complete_batch(lane, batch, 0.0))
         held = [*lane.decoding.values(), *lane.prefilling]
         assert rep.kv_used == sum(rep.blocks(r.kv(lane.steps)) for r in held)

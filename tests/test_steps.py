@@ -438,3 +438,29 @@ def test_serving_terms_are_fitted_from_the_committed_trace():
         assert full.stage_ms(sh, "tp", d) == bare.stage_ms(sh, "tp", d)
     lu = full.cost.launch
     assert lu.driver_ms(64, True) > lu.driver_ms(64, False) > lu.driver_ms(1, False) > 0
+
+
+def test_the_decode_tail_is_fitted_from_the_calibration_and_charged_to_unequal_batches():
+    """``decode_us_per_key`` is ``fit_decode_us_per_key`` over the profile's own raw engine decode
+    points; a batch whose longest sequence reaches a longer key range than its mean pays that range's
+    extra keys at that rate (``opcost.longest_range_tail_ms``), a batch of equal contexts nothing."""
+    from costmodels.opcost import longest_range, longest_range_tail_ms
+    from costmodels.steps import fit_decode_us_per_key
+
+    prof = load_profile("h200")
+    us, n = fit_decode_us_per_key(prof.raw["attn_decode_engine"])
+    assert n >= 20 and prof.steps["decode_us_per_key"]["value"] == pytest.approx(us, abs=1e-5) and 0.01 < us < 0.1
+    # 8 sequences, 4 KV heads: ranges over 8,192 keys are longer than over 4,096
+    assert longest_range(8, 4, 5000) > longest_range(8, 4, 2650) > 0
+    tail = longest_range_tail_ms(8, 4, 2650, 5000, us)
+    assert tail == pytest.approx(us * 1e-3 * (longest_range(8, 4, 5000) - longest_range(8, 4, 2650)))
+    assert longest_range_tail_ms(8, 4, 2650, 2650, us) == 0 == longest_range_tail_ms(8, 4, 2650, 5000, 0.0)
+    assert longest_range(1, 4, 40) == 40  # a short sequence's range is the sequence
+    cost = model(load_config(preset="qwen2-vl-7b"))
+    even, spread = StepShape.decode([2650] * 8), StepShape.decode([300] * 4 + [5000] * 4)
+    assert spread.kv == even.kv and spread.decode_max_kv == 5000
+    layers = len(cost.decoders)
+    t_even, t_spread = (sum(b.total_ms for b in cost.step_time(s, pp=1, tp=1, sp=1).stages) for s in (even, spread))
+    charged = prof.steps["decode_us_per_key"]["value"]
+    assert t_spread - t_even == pytest.approx(layers * longest_range_tail_ms(8, 4, 2650, 5000, charged), rel=1e-6)
+    assert t_spread > t_even

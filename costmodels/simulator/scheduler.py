@@ -86,7 +86,7 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         if rep.kv_used > rep.kv_peak:
             rep.kv_peak = rep.kv_used
         c = float(lane.ctx + n_dec)
-        return Batch(n_dec, [], StepShape(n_dec, c, c, n_dec), (), 0, n_dec), 0
+        return Batch(n_dec, [], StepShape(n_dec, c, c, n_dec, decode_max_kv=longest_decode(lane)), (), 0, n_dec), 0
     preempted = 0
     while lane.decoding and rep.kv_used + lane.edges.get(edge, 0) > cap:
         victim = lane.prefilling[-1] if lane.prefilling else next(reversed(lane.decoding.values()))
@@ -141,8 +141,23 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         pairs += n * c + n * (n + 1) / 2
         kv += n + c
         seqs += 1
-    dec = StepShape(n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec) if n_dec and chunks else None
-    return Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs), tuple(patches), img_tokens, tokens, dec), preempted
+    longest = longest_decode(lane) if n_dec else 0.0
+    dec = (StepShape(n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec, decode_max_kv=longest)
+           if n_dec and chunks else None)
+    return (Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs, decode_max_kv=longest), tuple(patches), img_tokens,
+                  tokens, dec), preempted)
+
+
+def longest_decode(lane: Lane) -> float:
+    """Keys the lane's longest decoding sequence reads in its next step (its KV plus the new token;
+    ``Lane.longest``), 0 with none decoding."""
+    h = lane.longest
+    while h:
+        _, _, d0, r = h[0]
+        if r.state == DECODE and r.lane is lane and r.d0 == d0:
+            return float(r.prompt + lane.steps - d0 + 1)
+        heapq.heappop(h)  # finished or preempted since it was pushed
+    return 0.0
 
 
 def _promised(rep: Replica) -> int:
@@ -192,6 +207,7 @@ def complete_batch(lane: Lane, batch: Batch, t: float) -> list[Req]:
         lane.edges[k] = lane.edges.get(k, 0) + 1
         lane.ctx += r.prompt
         heapq.heappush(heap, (lane.steps + r.out - r.produced, r.id, r.d0, r))
+        heapq.heappush(lane.longest, (r.d0 - r.prompt, r.id, r.d0, r))
     rep.outstanding -= len(done)
     rep.running -= len(done)
     lane.outstanding -= len(done)

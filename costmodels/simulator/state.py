@@ -51,8 +51,10 @@ class Lane:
 
     Decoding requests join at lane step ``d0`` and take part in every later step of the lane, so
     one that needs r more tokens finishes at step d0 + r: ``heap`` holds (d0 + r, id, req), and the
-    per-step work is independent of the batch size. ``ctx`` is the sum of their KV tokens.
-    ``edges[k]``: how many of them open a new KV block at lane steps ``s = k (mod block)``
+    per-step work is independent of the batch size. ``ctx`` is the sum of their KV tokens;
+    ``longest`` a heap of (d0 - prompt, id, d0, req), whose valid top is the request holding the
+    most (``prompt + steps - d0``: the difference is fixed while it decodes; entries of requests
+    that left are dropped when they surface). ``edges[k]``: how many of them open a new KV block at lane steps ``s = k (mod block)``
     (``Req.edge``), so a step's new blocks are counted without visiting every request.
     """
 
@@ -62,6 +64,7 @@ class Lane:
     outstanding: int = 0  # requests routed here and not finished (the router's load)
     decoding: dict[int, Req] = field(default_factory=dict)  # admission order (newest last)
     heap: list = field(default_factory=list)
+    longest: list = field(default_factory=list)
     edges: dict[int, int] = field(default_factory=dict)
     prefilling: list[Req] = field(default_factory=list)
     steps: int = 0
