@@ -210,7 +210,7 @@ def run_case(job: dict[str, Any]) -> None:
     import executors
     from costmodels.simulator import cost_model_for_plan
     from planner.bench_workload import compare, measured_result, predicted_result, replay_requests, sample_requests
-    from planner.bench_workload import engine_requests
+    from planner.bench_workload import engine_requests, replay_context
     from plans.schema import load_plan
 
     out: dict[str, Any] = {"rates": []}
@@ -219,16 +219,24 @@ def run_case(job: dict[str, Any]) -> None:
         plan_path = Path(job["plan"])
         plan = load_plan(plan_path)
         cost = cost_model_for_plan(plan, base_dir=plan_path.parent)
+        # the engine serves the longest request the case sends (warm-up, rates, capacity check): its
+        # load captures step graphs up to that context only
+        sent = [r for rate in job["rates"] for seed in (job["seed"], job["seed"] + 1000)
+                for r in sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=seed)[1]]
+        if job["capacity_requests"]:
+            sent += sample_requests(job["workload"].with_requests(job["capacity_requests"]), rate=1e6, duration=None,
+                                    seed=job["seed"])[1]
+        warm_reqs = sample_requests(job["workload"].with_requests(job["warmup"]), rate=1e6, duration=None,
+                                    seed=job["seed"] + 1000)[1]
+        out["max_context"] = max(replay_context(plan, plan_path.parent, sent), replay_context(plan, plan_path.parent, warm_reqs, 4))
         t = time.perf_counter()
         with executors.load(plan, weights=job["weights"], device=job["device"], backend=job["backend"],
-                            seed=job["seed"], trace=job.get("trace", False)) as eng:
+                            seed=job["seed"], trace=job.get("trace", False), max_context=out["max_context"]) as eng:
             out["load_s"] = round(time.perf_counter() - t, 2)
             # warm-up beyond replay's own: prompts of the workload's lengths (compiled shapes, graphs)
             t = time.perf_counter()
-            _wl, warm = sample_requests(job["workload"].with_requests(job["warmup"]), rate=1e6, duration=None,
-                                        seed=job["seed"] + 1000)
             a, v = eng.args, eng.args.vision
-            eng.generate(engine_requests(warm, a.vocab, a.image_token_id, v.patch_dim if v else 0,
+            eng.generate(engine_requests(warm_reqs, a.vocab, a.image_token_id, v.patch_dim if v else 0,
                                          v.merge if v else 2, job["seed"] + 1000), max_new_tokens=4)
             # and every rate's traffic (other requests), untimed: the step shapes serving meets get
             # their graphs here, as on a server that has been up a while (light traffic forms steps

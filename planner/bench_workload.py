@@ -92,6 +92,24 @@ def compare(measured: SimResult, predicted: SimResult) -> list[dict[str, Any]]:
     return rows
 
 
+def replay_context(plan: Any, base: Any, reqs: list[WorkloadRequest], new_tokens: int = 2) -> int:
+    """Tokens the longest of ``reqs`` holds in the engine: its text (at least one token), its images'
+    tokens as the engine expands them (``engine_requests``' patch grids, ``merge**2`` patches a
+    token) and its output, at least ``new_tokens`` (``replay_requests`` warms up on two tokens of the
+    first): the ``max_context`` a replay of them needs, so the engine's warm-up captures no step graph
+    for contexts they never reach. ``base``: the plan file's folder (its model config)."""
+    from executors.config import model_args, plan_config
+
+    a = model_args(plan_config(plan, base))
+    merge = a.vision.merge if a.vision else 2
+
+    def prompt(r: WorkloadRequest) -> int:
+        images = r.image_patches if a.image_token_id is not None else ()
+        return max(1, r.text_tokens) + sum(math.prod(patch_grid(p, merge)) // merge**2 for p in images)
+
+    return max(prompt(r) + max(r.output_tokens, new_tokens) for r in reqs)
+
+
 def sample_requests(workload: Any, *, rate: float | None, duration: float | None,
                     seed: int) -> tuple[Any, list[WorkloadRequest]]:
     """The workload at ``rate`` (default its own) and the requests it sends in the first ``duration``
@@ -141,13 +159,16 @@ def bench_workload(plan_path: Any, workload: Any, *, rate: float | None, duratio
                    compare_sim: bool, trace: bool = False, max_context: int | None = None) -> dict[str, Any]:
     """Replay the workload on the engine; return ``{"measured": SimResult, "predicted": SimResult | None,
     "requests": n}`` (and ``step_trace``, the replay's steps, with ``trace``: ``executors.trace``).
-    ``max_context``: ``executors.load``'s (requests past it fail, as a server would refuse them)."""
+    ``max_context``: ``executors.load``'s (requests past it fail, as a server would refuse them;
+    default: the longest of the replay's requests, ``replay_context``)."""
     import executors
     from costmodels.simulator import cost_model_for_plan
     from plans.schema import load_plan
 
     plan = load_plan(plan_path)
     wl, reqs = sample_requests(workload, rate=rate, duration=duration, seed=seed)
+    if max_context is None:
+        max_context = replay_context(plan, plan_path.parent, reqs)
     with executors.load(plan_path, weights=weights, device=device, backend=backend, seed=seed, trace=trace,
                         max_context=max_context) as eng:
         measured = replay_requests(eng, reqs, seed)

@@ -78,3 +78,26 @@ def test_workload_replay_reports_like_simulate(tmp_path: Path) -> None:
     assert [r["figure"] for r in rows][:2] == ["ttft_ms p50", "ttft_ms p90"] and len(rows) == 10
     assert all(r["error"] != r["error"] or abs(r["predicted"] / r["measured"] - 1 - r["error"]) < 1e-9
                for r in rows if r["measured"])
+
+
+def test_a_replay_serves_exactly_the_context_its_longest_request_needs(tmp_path: Path) -> None:
+    """``replay_context``: the default ``max_context`` of a replay (so the engine's warm-up captures
+    no graphs past it) is the longest request as the engine holds it: with it every request of the
+    image-text replay completes; one token less and the longest one is refused."""
+    from costmodels.simulator import cost_model_for_plan
+    from planner.bench_workload import replay_context, sample_requests
+    from planner.inputs import workload_of
+    from planner.spec import load_spec
+    from plans.schema import load_plan
+
+    path = _tiny_plan(tmp_path)
+    plan = load_plan(path)
+    wl = workload_of(load_spec(tmp_path / "tiny.yaml"), cost_model_for_plan(plan, tmp_path).info)
+    _wl, reqs = sample_requests(wl, rate=6.0, duration=0.8, seed=3)
+    assert any(r.image_patches for r in reqs)
+    ctx = replay_context(plan, tmp_path, reqs)
+    full = bench_workload(path, wl, rate=6.0, duration=0.8, seed=3, slo=None, weights=None, device="cpu",
+                          backend=None, compare_sim=False, max_context=ctx)["measured"]
+    short = bench_workload(path, wl, rate=6.0, duration=0.8, seed=3, slo=None, weights=None, device="cpu",
+                           backend=None, compare_sim=False, max_context=ctx - 1)["measured"]
+    assert full.completed == full.requests == len(reqs) and short.completed < len(reqs)
