@@ -502,7 +502,7 @@ def repredict(report: dict[str, Any], src: Path, out: Path, command: str,
     from planner.inputs import cost_model_of, workload_of
 
     report["repredicted"] = {"command": command, "from": src.name}
-    steps_path = src.with_name(step_fidelity.STEPS_FILE)
+    steps_path = step_fidelity.steps_beside(src)
     traced = traced or {}
     for model, m in report["models"].items():
         spec, _cfg = model_spec(model, report["device"].startswith("2 x cpu"), report["backend"])
@@ -534,8 +534,8 @@ def repredict(report: dict[str, Any], src: Path, out: Path, command: str,
             report["repredicted"]["profile"] = pcost.profile_id
     summarize_report(report)
     write_report(out, "fidelity_2gpu", clean(report), markdown(clean(report)))
-    if traced and steps_path.resolve() != (out / steps_path.name).resolve():
-        shutil.copyfile(steps_path, out / steps_path.name)
+    if traced and steps_path.resolve() != (out / step_fidelity.STEPS_FILE).resolve():
+        shutil.copyfile(steps_path, out / step_fidelity.STEPS_FILE)
     print((out / "fidelity_2gpu.md").read_text())
     return report
 
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["models"], report["duration_s"], report["seed"]  # noqa: B018 -- a fidelity report's keys
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--repredict: {a.repredict} is not a readable fidelity_2gpu report ({type(e).__name__}: {e})")
-        steps_path = a.repredict.with_name(step_fidelity.STEPS_FILE)
+        steps_path = step_fidelity.steps_beside(a.repredict)
         try:
             traced = step_fidelity.read_steps(steps_path) if steps_path.is_file() else {}
         except (OSError, ValueError, EOFError) as e:

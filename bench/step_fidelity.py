@@ -22,7 +22,7 @@ the images' patches, as the simulator charges in-step encoding; older traces lac
 image steps' predictions are the LLM's part alone).
 
     python bench/step_fidelity.py DIR/fidelity_2gpu.json      # the steps file beside it, costed now
-    python bench/step_fidelity.py REPORT --steps STEPS --decode-detail   # + decode steps by batch and spread
+    python bench/step_fidelity.py REPORT --decode-detail     # + decode steps by batch and spread
 
 The steps of a ``fidelity_2gpu.py --trace`` run live beside its report in ``STEPS_FILE`` (gzipped JSON:
 model -> case -> rate fraction -> records).
@@ -46,6 +46,13 @@ from graph.opgraph import StepShape  # noqa: E402
 
 KINDS = ("decode", "mixed", "prefill", "image")
 STEPS_FILE = "fidelity_2gpu.steps.json.gz"
+
+
+def steps_beside(report: Path) -> Path:
+    """A fidelity report's steps file: ``NAME.steps.json.gz`` beside ``NAME.json`` (``STEPS_FILE``
+    beside ``fidelity_2gpu.json``; a committed variant such as ``fidelity_2gpu.vl_single.json`` keeps
+    its own)."""
+    return report.with_name(report.name.removesuffix(".json") + ".steps.json.gz")
 
 
 def write_steps(path: Path, steps: dict[str, Any]) -> None:
@@ -223,11 +230,11 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path, help=f"a fidelity_2gpu.json run with --trace ({STEPS_FILE} beside it)")
-    ap.add_argument("--steps", type=Path, default=None, help=f"its steps file (default: {STEPS_FILE} beside it)")
+    ap.add_argument("--steps", type=Path, default=None, help="its steps file (default: NAME.steps.json.gz beside NAME.json)")
     ap.add_argument("--decode-detail", action="store_true",
                     help="also the decode steps by batch and by the spread of their contexts (decode_by_batch)")
     a = ap.parse_args(argv)
-    steps_path = a.steps or a.report.with_name(STEPS_FILE)
+    steps_path = a.steps or steps_beside(a.report)
     try:
         report, steps = json.loads(a.report.read_text()), read_steps(steps_path)
     except (OSError, ValueError, EOFError) as e:

@@ -125,3 +125,11 @@ def test_resume_with_other_settings_or_an_unreadable_report_is_a_usage_error_tha
     with pytest.raises(SystemExit) as bad:
         fid.main(["--out", str(tmp_path), "--tiny", "--resume", "--models", "llama"])
     assert bad.value.code == 2 and report.read_text() == "{not json"
+
+
+def test_a_reports_steps_file_is_named_after_it():
+    """``steps_beside``: ``fidelity_2gpu.json``'s steps are ``STEPS_FILE``; a committed variant's its own."""
+    from pathlib import Path
+
+    assert sf.steps_beside(Path("d/fidelity_2gpu.json")) == Path("d") / sf.STEPS_FILE
+    assert sf.steps_beside(Path("d/fidelity_2gpu.vl_single.json")) == Path("d/fidelity_2gpu.vl_single.steps.json.gz")
