@@ -28,7 +28,6 @@ memory = gemv_call_s + bytes / gemv_bw, in place of the GEMM table (``costmodels
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, replace
 
 from costmodels.profile import Profile
