@@ -36,6 +36,7 @@ the same op signature are timed once and multiplied; results are memoised per
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,7 +44,7 @@ from costmodels import collectives as C
 from costmodels.gpu import GPU
 from costmodels.hardware import dtype_bytes, get_gpu, matmul_tflops
 from costmodels.memory import MemoryBreakdown, memory_per_gpu
-from costmodels.opcost import OpRec, Rates, op_rec, op_time, split_gating
+from costmodels.opcost import OpRec, Rates, decode_tail_ms, op_rec, op_time, split_gating
 from costmodels.profile import Profile
 from costmodels.steps import FUSED_MAX_ROWS, GEMV_MAX_ROWS, Launch, fused_add_norm_ops
 from graph.opgraph import Block, OpGraph, StepShape
@@ -302,6 +303,20 @@ class CostModel:
         return [b for b in self.graph.blocks if b.kind == kind and b.tower == "text"]
 
     # ------------------------------------------------------------------ steps
+
+    def decode_tail_ms(self, shape: StepShape, *, tp: int = 1, sp: int = 1, mode: str = "sp_tp") -> float:
+        """One decoder layer's share of ``step_time`` that the step's longest decode adds
+        (``opcost.decode_tail_ms``; the layers are alike). The simulator's coster memoises step times
+        on a grid without the longest decode and adds this exactly: it jumps where the longest
+        crosses a key bucket, which a grid would blur."""
+        if shape.decode_max_kv <= 0:
+            return 0.0
+        t, s = self._check(tp, sp, mode)
+        return decode_tail_ms(self._decode_attention, shape, t, s, self.rates, self.profile)
+
+    @functools.cached_property
+    def _decode_attention(self) -> OpRec:
+        return next(r for r in self._recs[self.decoders[0].name] if r.kind == "attention")
 
     def step_time(self, shape: StepShape, *, pp: int = 1, tp: int = 1, sp: int = 1, mode: str = "sp_tp",
                   stages: list[tuple[int, int]] | None = None) -> StepCost:

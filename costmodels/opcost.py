@@ -27,6 +27,7 @@ memory = gemv_call_s + bytes / gemv_bw, in place of the GEMM table (``costmodels
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -190,14 +191,12 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
         return c, mem, ovh_us * 1e-3
     if q_per_seq < 1.5:  # decode: bandwidth-bound read of each sequence's KV
         ctx = max(s.kv / seqs, 1.0)
-        tail = 0.0
         if rates.engine_decode and prof.attn_decode_engine is not None:  # at this GPU's KV heads
             eff_m = prof.attn_decode_engine(seqs, ctx, r.kv_heads * kv_frac)
-            tail = longest_range_tail_ms(seqs, r.kv_heads * kv_frac, ctx, s.decode_max_kv, rates.decode_us_per_key)
         else:
             eff_m = prof.attn_decode(seqs, ctx)
         mem = (kv_bytes + act_bytes) / (rates.bw * max(eff_m, 1e-3)) * 1e3
-        return 0.0, mem + tail, ovh_us * 1e-3
+        return 0.0, mem + decode_tail_ms(r, s, t, sp, rates, prof), ovh_us * 1e-3
     table = prof.attn_causal if r.causal else prof.attn_full
     # a table with a heads axis is read at this GPU's share of the query heads
     eff = table(q_per_seq, seqs, r.heads * frac) if len(table.axes) == 3 else table(q_per_seq, seqs)
@@ -206,15 +205,32 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
     return c, mem, ovh_us * 1e-3
 
 
+def decode_tail_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> float:
+    """Decode attention op ``r``'s longest-range tail on step ``s`` (``longest_range_tail_ms`` at this
+    GPU's KV heads, the batch's mean and longest context); 0 off the engine's paged kernel or with
+    the longest decode unknown (``StepShape.decode_max_kv`` 0)."""
+    if not rates.engine_decode or prof is None or prof.attn_decode_engine is None or s.decode_max_kv <= 0:
+        return 0.0
+    seqs = max(s.seqs, 1.0)
+    kv_local = max(1.0, r.kv_heads / (t * sp))
+    return longest_range_tail_ms(seqs, kv_local, max(s.kv / seqs, 1.0), s.decode_max_kv, rates.decode_us_per_key)
+
+
 def longest_range(seqs: float, kv_heads: float, keys: float) -> float:
     """Keys of the longest range the engine's paged decode kernel gives one program for ``seqs``
     sequences whose longest holds ``keys`` keys, ``kv_heads`` a GPU: its split of the key bucket
     (``executors.paged_decode.splits`` over ``executors.graphs.keys_bucket``), at most ``keys``."""
+    k = max(1, int(math.ceil(keys)))
+    return float(min(_bucket_range(max(1, round(seqs)), max(1, round(kv_heads)), (k - 1).bit_length()), k))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _bucket_range(seqs: int, kv_heads: int, bits: int) -> int:
+    """The kernel's range for contexts ``n`` with ``(n - 1).bit_length() == bits`` (one key bucket)."""
     from executors.graphs import keys_bucket
     from executors.paged_decode import splits
 
-    k = max(1, int(math.ceil(keys)))
-    return float(min(splits(max(1, round(seqs)), max(1, round(kv_heads)), keys_bucket(k))[1], k))
+    return splits(seqs, kv_heads, keys_bucket(1 << bits))[1]
 
 
 def longest_range_tail_ms(seqs: float, kv_heads: float, mean: float, longest: float, us_per_key: float) -> float:

@@ -456,6 +456,11 @@ def test_the_decode_tail_is_fitted_from_the_calibration_and_charged_to_unequal_b
     assert tail == pytest.approx(us * 1e-3 * (longest_range(8, 4, 5000) - longest_range(8, 4, 2650)))
     assert longest_range_tail_ms(8, 4, 2650, 2650, us) == 0 == longest_range_tail_ms(8, 4, 2650, 5000, 0.0)
     assert longest_range(1, 4, 40) == 40  # a short sequence's range is the sequence
+    from executors.graphs import keys_bucket
+    from executors.paged_decode import splits
+
+    for seqs, heads, keys in ((1, 1, 1), (3, 8, 511), (3, 8, 512), (3, 8, 513), (64, 4, 4096), (64, 4, 4097), (200, 2, 131072)):
+        assert longest_range(seqs, heads, keys) == min(splits(seqs, heads, keys_bucket(keys))[1], keys)  # the engine's rule
     cost = model(load_config(preset="qwen2-vl-7b"))
     even, spread = StepShape.decode([2650] * 8), StepShape.decode([300] * 4 + [5000] * 4)
     assert spread.kv == even.kv and spread.decode_max_kv == 5000

@@ -106,36 +106,37 @@ class ModelCoster:
         return -int(x + 0.5) - 1 if x < eb else int(math.log2(x) * po + 0.5)
 
     def _at(self, key: tuple, mode: str) -> tuple[float, ...]:
-        """Cost-model time of the grid shape ``key`` = (kT, kS, kK, kB, kM), cached (``kM``: the
-        longest decode's keys, None when not known or not a decode)."""
+        """Cost-model time of the grid shape ``key`` = (kT, kS, kK, kB), cached (no longest decode:
+        ``_tail`` adds its share exactly)."""
         full = key + (mode,)
         hit = self._steps.get(full)
         if hit is None:
             self.misses += 1
             v = self.grid.value
             shape = StepShape(v(key[0]), v(key[1]) if key[1] is not None else 0.0,
-                              v(key[2]) if key[2] is not None else 0.0, v(key[3]),
-                              decode_max_kv=v(key[4]) if key[4] is not None else 0.0)
+                              v(key[2]) if key[2] is not None else 0.0, v(key[3]))
             hit = self._steps[full] = self.exact_stage_ms(shape, mode)
         return hit
 
-    def _longest(self, m: float) -> int | None:
-        return self._q(m) if m > 0 else None
+    def _tail(self, decode: StepShape, mode: str) -> tuple[float, ...]:
+        """Each stage's share of the decodes' longest-range tail (``CostModel.decode_tail_ms`` a layer)."""
+        per_layer = self.cost.decode_tail_ms(decode, tp=self.tp, sp=self.sp, mode=mode) if decode.decode_max_kv > 0 else 0.0
+        return tuple(per_layer * (hi - lo + 1) for lo, hi in self.stages)
 
-    def _one(self, t: float, p: float, k: float, b: float, m: float, mode: str) -> tuple[float, ...]:
+    def _one(self, t: float, p: float, k: float, b: float, mode: str) -> tuple[float, ...]:
         q = self._q
         kt = q(t)
         kp = q(p)
-        return self._at((kt, kp, kp if k == p else q(k), kt if b == t else q(b), self._longest(m)), mode)
+        return self._at((kt, kp, kp if k == p else q(k), kt if b == t else q(b)), mode)
 
-    def _attention(self, t: float, p: float, k: float, b: float, m: float, mode: str) -> tuple[float, ...]:
+    def _attention(self, t: float, p: float, k: float, b: float, mode: str) -> tuple[float, ...]:
         """Attention share of a (pure prefill or pure decode) part: its time less the same tokens'
         time with no attention pairs and no KV."""
         q = self._q
         kt, kb = q(t), q(b)
         kp = q(p)
-        with_attn = self._at((kt, kp, kp if k == p else q(k), kb, self._longest(m)), mode)
-        without = self._at((kt, None, None, kb, None), mode)
+        with_attn = self._at((kt, kp, kp if k == p else q(k), kb), mode)
+        without = self._at((kt, None, None, kb), mode)
         return tuple(a - w for a, w in zip(with_attn, without))
 
     def stage_ms(self, shape: StepShape, mode: str, decode: StepShape | None = None) -> tuple[float, ...]:
@@ -160,11 +161,11 @@ class ModelCoster:
         """GPU time per stage from the grid (``stage_ms`` adds the host side of eager steps)."""
         t, p, k, b = shape.tokens, shape.pairs, shape.kv, shape.seqs
         if decode is None or decode.tokens == t or decode.tokens == 0:
-            return self._one(t, p, k, b, shape.decode_max_kv, mode)
-        dense = self._at((self._q(t), None, None, self._q(b), None), mode)
-        pre = self._attention(t - decode.tokens, p - decode.pairs, k - decode.kv, b - decode.seqs, 0.0, mode)
-        dec = self._attention(decode.tokens, decode.pairs, decode.kv, decode.seqs, decode.decode_max_kv, mode)
-        return tuple(x + y + z for x, y, z in zip(dense, pre, dec))
+            return tuple(x + y for x, y in zip(self._one(t, p, k, b, mode), self._tail(shape, mode)))
+        dense = self._at((self._q(t), None, None, self._q(b)), mode)
+        pre = self._attention(t - decode.tokens, p - decode.pairs, k - decode.kv, b - decode.seqs, mode)
+        dec = self._attention(decode.tokens, decode.pairs, decode.kv, decode.seqs, mode)
+        return tuple(x + y + z + w for x, y, z, w in zip(dense, pre, dec, self._tail(decode, mode)))
 
     def _exact(self, shape: StepShape, mode: str, decode: StepShape | None) -> tuple[float, ...]:
         """``stage_ms`` with no grid (the reference the grid's error is measured against)."""
