@@ -14,7 +14,9 @@ degree s (shifted TP mode is t' = t*s, s' = 1):
 compute = F_gpu / (peak * e_compute), memory = bytes / (bw * e_mem); e from the profile:
 GEMM e(M, N, K); prefill attention e(L, B) with L = T/B new tokens per sequence, or e(L, B, H)
 with H this GPU's query heads where the profile measured several head counts; decode
-attention (T = B) bandwidth efficiency e(B, C) with C = K/B context; memory-bound ops measured
+attention (T = B) bandwidth efficiency e(B, C) with C = K/B context (for this repo's engine, its
+paged kernel's e(B, C, KV heads), plus the tail of a batch whose longest context reaches a longer
+key range than its mean, ``longest_range_tail_ms``); memory-bound ops measured
 time vs elements. Without a profile: e_compute = 0.7, e_mem = 0.8, 4 us per launch.
 Memory-bound ops are timed as HF runs them (eager: RMSNorm alone is ~7 kernels) unless
 ``Rates.fused``: an engine that fuses elementwise work (torch.compile, TensorRT) moves each op's
