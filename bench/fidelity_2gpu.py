@@ -219,16 +219,18 @@ def run_case(job: dict[str, Any]) -> None:
         plan_path = Path(job["plan"])
         plan = load_plan(plan_path)
         cost = cost_model_for_plan(plan, base_dir=plan_path.parent)
-        # the engine serves the longest request the case sends (warm-up, rates, capacity check): its
-        # load captures step graphs up to that context only
-        sent = [r for rate in job["rates"] for seed in (job["seed"], job["seed"] + 1000)
-                for r in sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=seed)[1]]
-        if job["capacity_requests"]:
-            sent += sample_requests(job["workload"].with_requests(job["capacity_requests"]), rate=1e6, duration=None,
-                                    seed=job["seed"])[1]
+        # every request the case sends, sampled once: the warm-up's, each rate's untimed and timed
+        # replays, the capacity check's; the engine serves the longest of them, so its load captures
+        # step graphs up to that context only
+        wl_of = lambda rate, seed: sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=seed)  # noqa: E731
         warm_reqs = sample_requests(job["workload"].with_requests(job["warmup"]), rate=1e6, duration=None,
                                     seed=job["seed"] + 1000)[1]
-        out["max_context"] = max(replay_context(plan, plan_path.parent, sent), replay_context(plan, plan_path.parent, warm_reqs, 4))
+        untimed = [wl_of(rate, job["seed"] + 1000)[1] for rate in job["rates"]]
+        timed = [wl_of(rate, job["seed"]) for rate in job["rates"]]
+        capacity = (sample_requests(job["workload"].with_requests(job["capacity_requests"]), rate=1e6, duration=None,
+                                    seed=job["seed"])[1] if job["capacity_requests"] else [])
+        sent = warm_reqs + [r for reqs in untimed for r in reqs] + [r for _wl, reqs in timed for r in reqs] + capacity
+        out["max_context"] = replay_context(plan, plan_path.parent, sent, new_tokens=4)  # the warm-up asks 4 tokens
         t = time.perf_counter()
         with executors.load(plan, weights=job["weights"], device=job["device"], backend=job["backend"],
                             seed=job["seed"], trace=job.get("trace", False), max_context=out["max_context"]) as eng:
@@ -241,16 +243,14 @@ def run_case(job: dict[str, Any]) -> None:
             # and every rate's traffic (other requests), untimed: the step shapes serving meets get
             # their graphs here, as on a server that has been up a while (light traffic forms steps
             # of few sequences that heavy traffic does not)
-            for rate in job["rates"]:
-                _wl, warm = sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=job["seed"] + 1000)
+            for warm in untimed:
                 replay_requests(eng, warm, job["seed"] + 1000)
             out["warmup_s"] = round(time.perf_counter() - t, 2)
             out["graphs_after_warmup"] = eng.graph_captures()
             save()
-            for frac, rate in zip(job["fractions"], job["rates"]):
+            for frac, (wl, reqs) in zip(job["fractions"], timed):
                 t = time.perf_counter()
                 before = eng.graph_captures()
-                wl, reqs = sample_requests(job["workload"], rate=rate, duration=job["duration"], seed=job["seed"])
                 if eng.step_trace is not None:
                     eng.step_trace.clear()
                 measured = replay_requests(eng, reqs, job["seed"])
@@ -276,8 +276,8 @@ def run_case(job: dict[str, Any]) -> None:
                       + ", ".join(f"{f} {r['predicted']:.4g}/{r['measured']:.4g}" for f, r in rows.items()
                                   if f in FIGURES), flush=True)
                 save()
-            if job["capacity_requests"]:
-                out["capacity_check"] = capacity_check(eng, plan, cost, job)
+            if capacity:
+                out["capacity_check"] = capacity_check(eng, plan, cost, capacity, job["seed"])
                 save()
             out["modes"] = dict(eng.mode_counts)
     except Exception as e:  # the parent records it beside the rates that ran
@@ -285,15 +285,13 @@ def run_case(job: dict[str, Any]) -> None:
     save()
 
 
-def capacity_check(eng: Any, plan: Any, cost: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """The capacity itself, measured: the requests of ``predicted_capacity`` (all at once) replayed
-    on the engine and run in the simulator; completed requests/s of each and the error."""
-    from planner.bench_workload import measured_result, predicted_result, replay_requests, sample_requests
+def capacity_check(eng: Any, plan: Any, cost: Any, reqs: list[Any], seed: int) -> dict[str, Any]:
+    """The capacity itself, measured: ``reqs`` (the requests of ``predicted_capacity``, all at once)
+    replayed on the engine and run in the simulator; completed requests/s of each and the error."""
+    from planner.bench_workload import measured_result, predicted_result, replay_requests
 
     t = time.perf_counter()
-    _wl, reqs = sample_requests(job["workload"].with_requests(job["capacity_requests"]), rate=1e6, duration=None,
-                                seed=job["seed"])
-    m = measured_result(plan, replay_requests(eng, reqs, job["seed"]), reqs, None)
+    m = measured_result(plan, replay_requests(eng, reqs, seed), reqs, None)
     p = predicted_result(plan, cost, reqs, None)
     err = p.throughput_rps / m.throughput_rps - 1 if m.throughput_rps else math.nan
     print(f"  capacity: predicted {p.throughput_rps:.4g} req/s, measured {m.throughput_rps:.4g} req/s", flush=True)

@@ -203,8 +203,8 @@ class RankRunner:
         captured (``capture_all``, for each weight layout the stage holds), then the heap settled
         (``settle_heap``)."""
         self.model.warm_attention()
-        if self.graphs is not None:
-            modes = tuple(self.model.layers[0].layouts) if self.model.layers else ("tp",)
+        if self.graphs is not None:  # a stage with layers (it holds KV caches)
+            modes = tuple(self.model.layers[0].layouts)
             with torch.inference_mode():
                 self.graphs.capture_all(modes)
                 self.mixed_graphs.capture_all(modes)
