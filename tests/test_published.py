@@ -59,6 +59,29 @@ def test_published_specs_load_and_cite_their_source():
         assert s.runtime.backend != "eager", p.name  # the engines published fuse elementwise work
 
 
+def test_each_published_spec_pins_the_engine_configuration_it_was_published_with():
+    """The bench simulates the mesh a spec pins (every combination of its search lists), not one it
+    picks; a spec that leaves its mesh open is refused. MLPerf's engine configs give the step budget
+    (max_num_tokens) and the sequences a replica runs; the spec carries both."""
+    bench = _bench()
+    for p in SPECS:
+        s = load_spec(p)
+        meshes = bench.spec_meshes(s)
+        assert len(meshes) == 1, p.name
+        size = 1
+        for v in meshes[0].values():
+            size *= v
+        assert size == s.hardware.world_size, p.name
+        if p.name.startswith("mlperf"):
+            assert "max_num_tokens" in p.read_text() and s.search.max_batch_tokens < 8192, p.name
+    spec = load_spec(SPECS[0])
+    def searching(**kw):
+        return spec.model_copy(update={"search": spec.search.model_copy(update=kw)})
+    with pytest.raises(bench.UserError, match="pins its mesh"):
+        bench.spec_meshes(searching(tp=None))
+    assert bench.spec_meshes(searching(dp=[1, 2], tp=[4], pp=[1], sp=[1])) == [{"tp": 4}, {"dp": 2, "tp": 4}]
+
+
 def test_committed_table_ratios_are_in_the_band_or_explained():
     d = json.loads((RESULTS / "published.json").read_text())
     lo, hi = d["meta"]["band"]
