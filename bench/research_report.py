@@ -453,8 +453,8 @@ def trust_lines() -> list[str]:
     thr_out = [f"{i} {r:.2f}x" for i, _, r in thr if not lo <= r <= hi]
     at_cap = (f"mean TTFT {srv['capacity']['ttft_mean_ms'] / srv['metrics']['ttft_mean_ms']['published']:.2f}x"
               if "ttft_mean_ms" in srv.get("capacity", {}) else "not computed")
-    sweep = [s["ratio"] / next(iter(c["metrics"].values()))["ratio"] - 1
-             for c in d["cases"] for s in c.get("input_mean_sweep", [])]
+    sweep = [s["ratios"][m] / v["ratio"] - 1 for c in d["cases"] if c["kind"] == "offline"
+             for m, v in c["metrics"].items() for s in c.get("input_mean_sweep", [])]
     moves = f"by {min(sweep):+.0%} to {max(sweep):+.0%}" if sweep else "by an unmeasured amount"
     return [
         "- **Checked against published results** (`bench/results/published.md`: MLPerf Inference v5.0 on 8x H200 "

@@ -117,6 +117,9 @@ def test_server_latencies_at_the_models_own_capacity_back_the_405b_gap():
     assert case["capacity"]["output_tok_s"] < case["metrics"]["output_tok_s"]["published"]  # the published rate is past it
     for k in ("ttft_mean_ms", "tpot_mean_ms"):
         assert lo <= case["capacity"][k] / case["metrics"][k]["published"] <= hi, k
+    # the assumed input mean brackets the published TTFT: half of it gives less, twice more
+    ttft = sorted(x["ratios"]["ttft_mean_ms"] for x in case["input_mean_sweep"])
+    assert ttft[0] < 1 < ttft[-1]
 
 
 def test_fixes_moved_the_offline_figures_towards_the_published_ones():
