@@ -1,11 +1,15 @@
 """Helpers shared by the GPU benchmarks: random weights made on the device, the measured matmul
-rate, a timer (CUDA events on a GPU, the host clock on a CPU), medians and specs built in code."""
+rate, a timer (CUDA events on a GPU, the host clock on a CPU), the GPU's clock and power over time,
+medians and specs built in code."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import shlex
 import statistics
+import subprocess
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -110,6 +114,64 @@ def matmul_rate(device: torch.device | str, dtype: torch.dtype) -> dict[str, flo
     ms = median(timed_ms(lambda: a @ b, dev, reps=20 if dev.type == "cuda" else 5, warmup=5 if dev.type == "cuda" else 1))
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": round(ms, 4),
             "TFLOPs": round(2 * n**3 / (ms / 1e3) / 1e12, 6)}
+
+
+def heat(seconds: float, device: torch.device | str = "cuda", n: int = 8192) -> None:
+    """Keep the GPU at its full matmul load for ``seconds`` (back-to-back bf16 ``n x n x n`` products):
+    its power, and with it the SM clock the power limit allows, reach what serving at load sees."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(8):
+            a @ b
+        sync(device)
+
+
+class ClockLog:
+    """The GPU's SM clock (MHz) and power draw (W), sampled by ``nvidia-smi`` every ``period_ms`` while
+    the context is open (``gpu``: an index or ``GPU-<uuid>``). ``window(t0, t1)`` summarises the samples
+    between two ``time.time()`` instants: nvidia-smi stamps each with the local wall clock to the ms.
+    Without nvidia-smi the log stays empty and every window says so."""
+
+    def __init__(self, gpu: str = "0", period_ms: int = 50):
+        self.gpu, self.period_ms = gpu, period_ms
+        self.proc: subprocess.Popen | None = None
+        self.path = Path(tempfile.mkstemp(suffix=".csv")[1])
+
+    def __enter__(self) -> "ClockLog":
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "-i", self.gpu, "--query-gpu=timestamp,clocks.sm,power.draw",
+                                          "--format=csv,noheader,nounits", "-lms", str(self.period_ms),
+                                          "-f", str(self.path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def samples(self) -> list[tuple[float, float, float]]:
+        """``(epoch s, SM MHz, W)`` of every sample written so far."""
+        out = []
+        for line in self.path.read_text().splitlines() if self.path.is_file() else []:
+            try:
+                ts, mhz, watts = (x.strip() for x in line.split(","))
+                t = datetime.datetime.strptime(ts, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                out.append((t, float(mhz), float(watts)))
+            except ValueError:
+                continue
+        return out
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        """Samples in ``[t0, t1]``: their count, the median and lowest SM clock and the mean power."""
+        xs = [(mhz, w) for t, mhz, w in self.samples() if t0 <= t <= t1]
+        if not xs:
+            return {"samples": 0}
+        return {"samples": len(xs), "sm_mhz_median": median([m for m, _ in xs]), "sm_mhz_min": min(m for m, _ in xs),
+                "power_w_mean": round(sum(w for _, w in xs) / len(xs), 1)}
 
 
 def random_like(name: str, shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,12 @@ then once more under ``torch.profiler`` (CPU ops and CUDA kernels). Reported per
   step's span, and its idle gaps of ``--gap-ms`` or more, each with the host ops that ran during
   it (the outermost CPU ops overlapping the gap, longest first): a gap is the GPU waiting for the
   host, and its ops say on what;
-* the profiled rep's top CUDA kernels and CPU ops by self time.
+* the profiled rep's top CUDA kernels and CPU ops by self time;
+* the GPU's SM clock and power while each rep (and the preamble) ran (``bench.common.ClockLog``).
+  With ``--heat-s S`` the reps alternate: ``cold`` after ``--rest-s`` idle seconds, ``hot`` after S
+  seconds of back-to-back matmuls (``bench.common.heat``), which bring the GPU to the power, and the
+  SM clock the power limit allows, of serving at load; the calibration's tables were timed in short
+  bursts.
 
 ``--preamble RATE`` first replays ``--preamble-s`` seconds of the report's workload at RATE req/s
 under the profiler, as a fidelity rate runs it: each of its prompt steps beside its prediction, and
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
 import sys
 import tempfile
 import time
@@ -137,7 +143,7 @@ def prompt_step(trace: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, duration: float, coster: Any,
-                gap_us: float) -> dict[str, Any]:
+                gap_us: float, clocks: Any) -> dict[str, Any]:
     """Replay ``duration`` s of the report's workload at ``rate`` req/s on ``eng`` (the fidelity run's
     requests, another seed) under the profiler: the engine's state after serving, before the shapes
     run; its prompt steps against their predictions, and the GPU's idle gaps by host op."""
@@ -148,13 +154,14 @@ def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, durat
     spec, _cfg = model_spec(model, False, report["backend"])
     wl = workload_of(spec, cost_model_of(spec)[0].info)
     _wl, reqs = sample_requests(wl, rate=rate, duration=duration, seed=7)
-    t = time.perf_counter()
+    t, t0 = time.perf_counter(), time.time()
     eng.step_trace.clear()
     with torch.profiler.profile(activities=ACTIVITIES) as prof:
         replay_requests(eng, reqs, 7)
         torch.cuda.synchronize()
     wall = round(time.perf_counter() - t, 1)
     return {"rate_rps": rate, "requests": len(reqs), "wall_s": wall, "graphs": eng.graph_captures(),
+            "clock": (t0, time.time()),
             "steps": slow_steps(eng.step_trace, coster), "gaps": gap_ops(list(prof.events()), gap_us)}
 
 
@@ -193,7 +200,7 @@ def gap_ops(events: list[Any], gap_us: float) -> dict[str, Any]:
 def run(a: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
     import executors
     from bench import step_fidelity as sf
-    from bench.common import driver_version, write_checkpoint
+    from bench.common import ClockLog, driver_version, heat, write_checkpoint
     from graph.hf_config import load_config
 
     plan = sf.plan_of(report, a.model, a.case)
@@ -202,7 +209,7 @@ def run(a: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "driver": driver_version(),
                            "torch": torch.__version__, "plan": f"{a.model} {a.case} (from {Path(a.report).name})",
                            "shapes": []}
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, ClockLog(nvidia_smi_id(0)) as clocks:
         cfg = load_config(preset=plan.model.preset)
         ckpt = Path(d) / "ckpt"
         write_checkpoint(cfg, ckpt, dev, torch.bfloat16, seed=0)
@@ -210,20 +217,30 @@ def run(a: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
         with executors.load(plan, weights=ckpt, device="cuda", backend=a.backend, trace=True) as eng:
             out["load_s"] = round(time.perf_counter() - t, 1)
             if a.preamble:  # serving first: the report's workload replayed at a rate, as a fidelity rate runs
-                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s, coster, a.gap_ms * 1e3)
+                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s, coster, a.gap_ms * 1e3,
+                                              clocks)
             shapes = a.requests + [(a.tokens, [])] * bool(a.tokens)
             for text, patches in shapes:
                 req = make_request(text, patches, eng.args, seed=len(out["shapes"]))
                 reps = []
-                for _ in range(a.reps + 1):  # the first: new shapes compile and capture
+                for i in range(a.reps + 1):  # the first: new shapes compile and capture
+                    state = ("hot" if i % 2 == 0 else "cold") if a.heat_s and i else "-"
+                    if state == "hot":
+                        heat(a.heat_s, dev)
+                    elif state == "cold":
+                        time.sleep(a.rest_s)
                     eng.step_trace.clear()
+                    t0 = time.time()
                     eng.generate([req], max_new_tokens=2)
+                    torch.cuda.synchronize()
+                    clock = (t0, time.time())
                     r = prompt_step(eng.step_trace)
                     rk = r["rank"]
                     tower, pred = predicted(r, coster, encoder)
                     reps.append({"tokens": r["tokens"], "tower_gpu_ms": rk.get("images_gpu_ms"), "tower_predicted_ms": round(tower, 2),
                                  "forward_gpu_ms": rk.get("forward_gpu_ms"), "forward_predicted_ms": round(pred, 2),
-                                 "forward_host_ms": rk.get("forward_host_ms"), "gc_ms": rk.get("gc_ms")})
+                                 "forward_host_ms": rk.get("forward_host_ms"), "gc_ms": rk.get("gc_ms"),
+                                 "state": state, "clock": clock})
                 torch.cuda.synchronize()
                 with torch.profiler.profile(activities=ACTIVITIES) as prof:
                     eng.generate([req], max_new_tokens=1)
@@ -233,7 +250,25 @@ def run(a: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
                                       "top_cuda": top_ops(prof, "self_device_time_total"),
                                       "top_cpu": top_ops(prof, "self_cpu_time_total")})
                 print(json.dumps(out["shapes"][-1]["reps"]), flush=True)
+    # nvidia-smi's log is read once it has stopped (and flushed): each (t0, t1) becomes its window
+    for x in [out.get("preamble") or {}] + [r for sh in out["shapes"] for r in sh["reps"] + [sh["first"]]]:
+        if "clock" in x:
+            x["clock"] = clocks.window(*x["clock"])
     return out
+
+
+def nvidia_smi_id(index: int) -> str:
+    """nvidia-smi's name for CUDA device ``index``: its entry in ``CUDA_VISIBLE_DEVICES`` (an index or
+    a UUID) where that is set, else the index."""
+    vis = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return vis[index] if index < len(vis) else str(index)
+
+
+def clock_text(c: dict[str, float] | None) -> str:
+    """A ``ClockLog.window`` as text: median (lowest) SM MHz and mean power."""
+    if not c or not c.get("samples"):
+        return "not sampled"
+    return f"SM {c['sm_mhz_median']:.0f} MHz (lowest {c['sm_mhz_min']:.0f}), {c['power_w_mean']:.0f} W"
 
 
 def markdown(r: dict[str, Any], command: str) -> str:
@@ -242,7 +277,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
     if r.get("preamble"):
         p = r["preamble"]
         lines += [f"Before the shapes: the workload replayed at {p['rate_rps']} req/s ({p['requests']} requests, "
-                  f"{p['wall_s']} s) under the profiler; graphs {p['graphs']}.", "",
+                  f"{p['wall_s']} s) under the profiler; graphs {p['graphs']}; GPU clock {clock_text(p.get('clock'))}.", "",
                   "| tokens | seqs | images | forward GPU ms | forward predicted | forward host ms | cudaMalloc calls |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {x['tokens']} | {x['seqs']} | {x['images']} | {x['forward_gpu_ms']} | {x['forward_predicted_ms']} | "
@@ -255,11 +290,12 @@ def markdown(r: dict[str, Any], command: str) -> str:
         lines += [f"| {x['op']} | {x['gaps']} | {x['ms']} |" for x in g["by_innermost_op"]] + [""]
     for s in r["shapes"]:
         lines += [f"## {s['text_tokens']} text tokens, images of {s['patches'] or 'none'} patches", "",
-                  "| rep | tokens | tower GPU ms | tower predicted | forward GPU ms | forward predicted | forward host ms | gc ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| rep | state | tokens | tower GPU ms | tower predicted | forward GPU ms | forward predicted | "
+                  "forward host ms | gc ms | GPU clock |", "|---|---|---|---|---|---|---|---|---|---|"]
         for i, x in enumerate(s["reps"]):
-            lines.append(f"| {i + 1} | {x['tokens']} | {x['tower_gpu_ms']} | {x['tower_predicted_ms']} | {x['forward_gpu_ms']} | "
-                         f"{x['forward_predicted_ms']} | {x['forward_host_ms']} | {x['gc_ms']} |")
+            lines.append(f"| {i + 1} | {x.get('state', '-')} | {x['tokens']} | {x['tower_gpu_ms']} | {x['tower_predicted_ms']} | "
+                         f"{x['forward_gpu_ms']} | {x['forward_predicted_ms']} | {x['forward_host_ms']} | {x['gc_ms']} | "
+                         f"{clock_text(x.get('clock'))} |")
         p = s["profiled"]
         lines += ["", f"Profiled rep: GPU busy {p['busy_ms']} ms of a {p['span_ms']} ms span; idle gaps:", ""]
         lines += [f"- at {g['at_ms']} ms, {g['ms']} ms: {', '.join(g['host_ops'])}; innermost: {', '.join(g['innermost'])}"
@@ -287,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preamble", type=float, default=0.0, metavar="RATE",
                     help="first replay the report's workload at RATE req/s (0: none)")
     ap.add_argument("--preamble-s", type=float, default=8.0, help="seconds of arrivals of that replay")
+    ap.add_argument("--heat-s", type=float, default=0.0,
+                    help="alternate cold reps and hot ones, each after this many seconds of full matmul load (0: off)")
+    ap.add_argument("--rest-s", type=float, default=2.0, help="idle seconds before a cold rep")
     a = ap.parse_args(argv)
     try:
         report = json.loads(Path(a.report).read_text())

@@ -436,6 +436,28 @@ def test_step_profile_finds_gpu_idle_gaps_and_the_host_ops_in_them():
             sp.parse_shape(bad)
 
 
+def test_clock_log_windows_nvidia_smi_samples_by_wall_time(monkeypatch):
+    """``bench.common.ClockLog``: nvidia-smi's CSV lines (local wall-clock stamps) are read back by time
+    window; a window with no sample says so, and a machine without nvidia-smi logs nothing."""
+    import datetime
+
+    from bench import step_profile as sp
+    from bench.common import ClockLog
+
+    log = ClockLog()
+    t0 = datetime.datetime(2026, 12, 1, 11, 0, 0)
+    rows = [(0.00, 1980, 120.5), (0.05, 1830, 650.0), (0.10, 1650, 690.0), (0.15, 1980, 130.0), (9.0, 345, 80.0)]
+    log.path.write_text("".join(f"{(t0 + datetime.timedelta(seconds=dt)).strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]}, "
+                                f"{mhz}, {w}\n" for dt, mhz, w in rows) + "garbage line\n")
+    w = log.window(t0.timestamp() + 0.04, t0.timestamp() + 0.12)
+    assert w == {"samples": 2, "sm_mhz_median": 1740.0, "sm_mhz_min": 1650.0, "power_w_mean": 670.0}
+    assert log.window(t0.timestamp() + 1, t0.timestamp() + 2) == {"samples": 0}
+    assert sp.clock_text(w) == "SM 1740 MHz (lowest 1650), 670 W" and sp.clock_text({"samples": 0}) == "not sampled"
+    monkeypatch.setenv("PATH", "")
+    with ClockLog() as none:
+        assert none.proc is None and none.samples() == []
+
+
 def test_bench_scripts_name_a_bad_input_file_and_exit_2(tmp_path, capsys):
     """``step_profile --report`` and ``decode_splits --price`` given a file that is not their report:
     one line naming it, exit 2, no traceback."""
