@@ -137,6 +137,7 @@ class ClockLog:
     def __init__(self, gpu: str = "0", period_ms: int = 50):
         self.gpu, self.period_ms = gpu, period_ms
         self.proc: subprocess.Popen | None = None
+        self.kept: list[tuple[float, float, float]] | None = None
         self.path = Path(tempfile.mkstemp(suffix=".csv")[1])
 
     def __enter__(self) -> "ClockLog":
@@ -152,9 +153,13 @@ class ClockLog:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+        self.kept = self.samples()  # nvidia-smi has stopped and flushed: read once, drop its file
+        self.path.unlink(missing_ok=True)
 
     def samples(self) -> list[tuple[float, float, float]]:
-        """``(epoch s, SM MHz, W)`` of every sample written so far."""
+        """``(epoch s, SM MHz, W)`` of every sample written so far (all of them once the log is closed)."""
+        if self.kept is not None:
+            return self.kept
         out = []
         for line in self.path.read_text().splitlines() if self.path.is_file() else []:
             try:

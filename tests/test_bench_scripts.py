@@ -453,7 +453,10 @@ def test_clock_log_windows_nvidia_smi_samples_by_wall_time(monkeypatch):
     assert w == {"samples": 2, "sm_mhz_median": 1740.0, "sm_mhz_min": 1650.0, "power_w_mean": 670.0}
     assert log.window(t0.timestamp() + 1, t0.timestamp() + 2) == {"samples": 0}
     assert sp.clock_text(w) == "SM 1740 MHz (lowest 1650), 670 W" and sp.clock_text({"samples": 0}) == "not sampled"
-    monkeypatch.setenv("PATH", "")
+    monkeypatch.setenv("PATH", "")  # no nvidia-smi: nothing overwrites the hand-written samples
+    with log:  # closing keeps the samples and drops the file
+        pass
+    assert not log.path.exists() and log.window(t0.timestamp() + 0.04, t0.timestamp() + 0.12) == w
     with ClockLog() as none:
         assert none.proc is None and none.samples() == []
 
