@@ -63,8 +63,8 @@ NODE_AR_JSON = ROOT / "bench" / "results" / "published.before_node_all_reduce.js
 # replica runs, a step's token budget): the mesh was the best the bench found, the budgets 8,192 tokens
 CONFIG_JSON = ROOT / "bench" / "results" / "published.before_engine_config.json"
 # earlier results shown beside the current ratios, newest first: (column title, file)
-HISTORY = [("ratio before the published engine configs", CONFIG_JSON), ("ratio before the node all-reduce", NODE_AR_JSON), ("ratio with the engine's FP8 kernels", ENGINE_FP8_JSON),
-           ("ratio before the H200 calibration merge", PRECALIB_JSON)]
+HISTORY = [("ratio before the published engine configs", CONFIG_JSON), ("ratio before the node all-reduce", NODE_AR_JSON),
+           ("ratio with the engine's FP8 kernels", ENGINE_FP8_JSON), ("ratio before the H200 calibration merge", PRECALIB_JSON)]
 RATIO_BAND = (0.8, 1.2)
 OFFLINE_RATE = 1e6  # requests/s: every request arrives within a few ms of t = 0
 
@@ -76,7 +76,6 @@ TRTLLM = ("TensorRT-LLM performance overview, LLaMA v3.3 70B table (NVIDIA/Tenso
           "docs/source/developer-guide/perf-overview.md; "
           "https://nvidia.github.io/TensorRT-LLM/developer-guide/perf-overview.html; figures, PyTorch backend, "
           "fixed lengths and request counts read there)")
-
 
 
 @dataclass

@@ -143,10 +143,11 @@ def prompt_step(trace: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def serve_first(eng: Any, report: dict[str, Any], model: str, rate: float, duration: float, coster: Any,
-                gap_us: float, clocks: Any) -> dict[str, Any]:
+                gap_us: float) -> dict[str, Any]:
     """Replay ``duration`` s of the report's workload at ``rate`` req/s on ``eng`` (the fidelity run's
     requests, another seed) under the profiler: the engine's state after serving, before the shapes
-    run; its prompt steps against their predictions, and the GPU's idle gaps by host op."""
+    run; its prompt steps against their predictions, the GPU's idle gaps by host op, and the replay's
+    wall-clock span (``clock``, turned into the GPU clock's window by ``run``)."""
     from bench.fidelity_2gpu import model_spec
     from planner.bench_workload import replay_requests, sample_requests
     from planner.inputs import cost_model_of, workload_of
@@ -217,8 +218,7 @@ def run(a: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
         with executors.load(plan, weights=ckpt, device="cuda", backend=a.backend, trace=True) as eng:
             out["load_s"] = round(time.perf_counter() - t, 1)
             if a.preamble:  # serving first: the report's workload replayed at a rate, as a fidelity rate runs
-                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s, coster, a.gap_ms * 1e3,
-                                              clocks)
+                out["preamble"] = serve_first(eng, report, a.model, a.preamble, a.preamble_s, coster, a.gap_ms * 1e3)
             shapes = a.requests + [(a.tokens, [])] * bool(a.tokens)
             for text, patches in shapes:
                 req = make_request(text, patches, eng.args, seed=len(out["shapes"]))
