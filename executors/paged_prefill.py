@@ -228,7 +228,11 @@ if triton is not None:
         tl.store(O + tok[:, None].to(tl.int64) * stride_ot + (h * G + g)[:, None] * D + d[None, :],
                  x.to(O.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # Integers that change from step to step (the step's tokens, its table's width and range length) are
+    # not specialised on: Triton compiles a kernel again for each new value's divisibility by 16 (and
+    # for 1), which an eager step of a new size met mid-serving (a 3,072-token step of Llama-3.1-8B
+    # took 1.35 s, bench/results/fidelity_2gpu.single_recompile.md); captured steps cannot compile at all.
+    @triton.jit(do_not_specialize=["stride_ts", "keys_per_split", "T"])
     def _prefill(Q, K, V, O, OUT, LSE, TABLE, SEQ_OF, ROW0, T0, NQ, CTX, stride_qt, stride_qh, stride_kslot,
                  stride_kh, stride_ts, stride_ot, keys_per_split, T, scale, G: tl.constexpr, G_P: tl.constexpr,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -263,7 +267,7 @@ if triton is not None:
             tl.store(OUT + at[:, None] * D + d[None, :], out, mask=mask)
             tl.store(LSE + at, lse, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["keys_per_split", "T"])
     def _combine(OUT, LSE, O, SEQ_OF, ROW0, T0, NQ, CTX, stride_ot, keys_per_split, T, G: tl.constexpr,
                  G_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
         h = tl.program_id(1)

@@ -335,6 +335,20 @@ def test_prefill_key_ranges_follow_the_table_width(monkeypatch) -> None:
     assert splits(4 * cap, 1) == (1, 4 * cap)
 
 
+def test_paged_prefill_kernels_do_not_compile_again_for_a_new_step_size() -> None:
+    """The integers that change from one eager step to the next (its tokens ``T``, its table's width
+    ``stride_ts``, the range length ``keys_per_split``) are not specialised on: Triton would compile the
+    kernels again for each new value's divisibility by 16 (on an H200: 5 variants for 9 step shapes,
+    0.8-2.2 s each, against 2, one for each ``SPLIT``; bench/results/prefill_variants.txt). The ones
+    fixed for a stage (strides of q, KV and output) stay specialised."""
+    from executors import paged_prefill
+
+    for fn, varying in ((paged_prefill._prefill, {"T", "keys_per_split", "stride_ts"}),
+                        (paged_prefill._combine, {"T", "keys_per_split"})):
+        loose = {p.name for p in fn.params if p.do_not_specialize}
+        assert loose == varying, (fn.__name__, loose)
+
+
 def test_paged_prefill_kernels_compile_for_hopper() -> None:
     """The paged prefill kernels as the H200 would run them, compiled for sm_90 here (Qwen2-VL-7B's
     heads: 7 query heads a KV head, head dim 128, bf16; int64 inputs, as a graph's static buffer
