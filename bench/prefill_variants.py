@@ -3,7 +3,9 @@ specialises them by default (every integer argument on its divisibility by 16 an
 engine's (``executors.paged_prefill``: the step's token count, its table's width and range length not
 specialised on). Each case is one prefill of T tokens over a table of W blocks; printed: the compiled
 variants of ``_prefill`` and ``_combine`` after all cases, and each case's first-call time (ms), a
-compile where it is near a second. One H200.
+compile where it is near a second. Then what not specialising costs a call, both variants warm, on
+mixed steps' shapes with Qwen2-VL-7B's heads (chunks after cached keys): the fastest of three rounds
+of 30 calls each. One H200.
 
     python bench/prefill_variants.py        # bench/results/prefill_variants.txt
 """
@@ -40,6 +42,31 @@ def first_call_ms(T: int, width: int) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def call_ms(variants_: dict[str, tuple], T: int, width: int, seqs: int, hq: int = 28, hkv: int = 4) -> dict[str, float]:
+    """Per call and kernel pair of ``variants_``: ``T`` query tokens in ``seqs`` equal chunks, each after
+    ``width`` blocks of cached keys less 7 (its table ``width`` blocks wide); the fastest of 3 rounds of
+    30 calls, the pairs alternating round by round."""
+    q = torch.randn(T, hq, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(width * BS * seqs + 1, hkv, D, device=DEV, dtype=torch.bfloat16)
+    n = T // seqs
+    x = pp.PrefillInputs.build([(i * n, n, 0, width * BS - 7) for i in range(seqs)],
+                               [list(range(i * width, (i + 1) * width)) for i in range(seqs)], BS, torch.device(DEV))
+    best = {label: float("inf") for label in variants_}
+    for _ in range(3):
+        for label, fns in variants_.items():
+            pp._prefill, pp._combine = fns
+            pp.attend(q, k, k, x)
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(30):
+                pp.attend(q, k, k, x)
+            b.record()
+            torch.cuda.synchronize()
+            best[label] = min(best[label], a.elapsed_time(b) / 30)
+    return {label: round(v, 4) for label, v in best.items()}
+
+
 def main() -> None:
     engine = pp._prefill, pp._combine
     default = triton.jit(engine[0].fn), triton.jit(engine[1].fn)
@@ -47,6 +74,8 @@ def main() -> None:
         pp._prefill, pp._combine = fns
         ms = [round(first_call_ms(T, w), 1) for T, w in CASES]
         print(label, "variants", variants(fns[0]), variants(fns[1]), "first-call ms", ms)
+    for T, width, seqs in [(256, 64, 2), (512, 128, 4), (1024, 256, 2), (2048, 320, 4), (3072, 256, 4), (1792, 128, 1)]:
+        print(T, width, seqs, call_ms({"default": default, "dns": engine}, T, width, seqs))
     pp._prefill, pp._combine = engine
 
 
