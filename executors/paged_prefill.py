@@ -232,8 +232,9 @@ if triton is not None:
     # not specialised on: Triton compiles a kernel again for each new value's divisibility by 16 (and
     # for 1), which an eager step of a new size met mid-serving (a 3,072-token step of Llama-3.1-8B
     # took 1.35 s, bench/results/fidelity_2gpu.single_recompile.md); captured steps cannot compile at all.
-    # So the variants the warm-up's captures compile (one per SPLIT) serve every eager step too. It costs
-    # 0.5-2.8% of a call (bench/results/prefill_variants.txt).
+    # An eager step now compiles at most twice in a process (once per SPLIT, on first use: its int32
+    # inputs are other variants than the captures' int64 ones). It costs 0.5-2.8% of a call
+    # (bench/results/prefill_variants.txt).
     @triton.jit(do_not_specialize=["stride_ts", "keys_per_split", "T"])
     def _prefill(Q, K, V, O, OUT, LSE, TABLE, SEQ_OF, ROW0, T0, NQ, CTX, stride_qt, stride_qh, stride_kslot,
                  stride_kh, stride_ts, stride_ot, keys_per_split, T, scale, G: tl.constexpr, G_P: tl.constexpr,
