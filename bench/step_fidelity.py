@@ -23,6 +23,7 @@ image steps' predictions are the LLM's part alone).
 
     python bench/step_fidelity.py DIR/fidelity_2gpu.json      # the steps file beside it, costed now
     python bench/step_fidelity.py REPORT --decode-detail     # + decode steps by batch and spread
+    python bench/step_fidelity.py REPORT --image-detail      # + image steps: the tower and the LLM's part
 
 The steps of a ``fidelity_2gpu.py --trace`` run live beside its report in ``STEPS_FILE`` (gzipped JSON:
 model -> case -> rate fraction -> records).
@@ -98,9 +99,9 @@ def cost_steps(records: list[dict[str, Any]], coster: Any, encoder: Any = None) 
     (``coster.vision_ms`` over the encoder's TP x replicas)."""
     rows = []
     for r, last in after_answers(records):
-        pred = 0.0
+        pred = tower = 0.0
         if encoder is not None and r.get("patches"):
-            pred += coster.vision_ms(tuple(r["patches"]), tp=encoder.tp, dp=encoder.dp)
+            pred += (tower := coster.vision_ms(tuple(r["patches"]), tp=encoder.tp, dp=encoder.dp))
         for m, (new, ctx) in enumerate(zip(r["new"], r["ctx"])):
             shape, dec = StepShape.from_sequences(new, ctx)
             mode = r["mode"][m] if m < len(r["mode"]) else r["mode"][-1]
@@ -109,6 +110,7 @@ def cost_steps(records: list[dict[str, Any]], coster: Any, encoder: Any = None) 
         rank = r.get("rank") or {}
         ctx = [c for new, cc in zip(r["new"], r["ctx"]) for n, c in zip(new, cc) if n == 1]  # the decodes' keys
         rows.append({"kind": kind_of(r), "tokens": r["tokens"], "seqs": r["seqs"], "predicted_ms": pred,
+                     "tower_predicted_ms": tower, "tower_gpu_ms": rank.get("images_gpu_ms"),
                      "decode_ctx_mean": sum(ctx) / len(ctx) if ctx else 0.0, "decode_ctx_max": max(ctx, default=0),
                      "gpu_ms": sum(rank.get(k, 0.0) for k in ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms"))
                      if "forward_gpu_ms" in rank else None,
@@ -158,6 +160,28 @@ def decode_by_batch(rows: list[dict[str, Any]], bands: tuple[int, ...] = (1, 8, 
                             "gpu_p50_ms": round(statistics.median(r["gpu_ms"] for r in rs), 3),
                             "predicted_over_gpu": round(sum(r["predicted_ms"] for r in rs) / sum(r["gpu_ms"] for r in rs), 3)})
     return out
+
+
+def image_split(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The image steps whose tower was predicted (their records name the patches), split in two: the
+    tower (predicted against the rank's ``images_gpu_ms``) and the rest, the LLM's forward and
+    sampling; ``predicted / GPU`` of each part's sums. None without such steps."""
+    rs = [r for r in rows if r["kind"] == "image" and r["tower_predicted_ms"] and r["gpu_ms"] and r["tower_gpu_ms"]]
+    if not rs:
+        return None
+    tower_p, tower_g = sum(r["tower_predicted_ms"] for r in rs), sum(r["tower_gpu_ms"] for r in rs)
+    llm_p = sum(r["predicted_ms"] - r["tower_predicted_ms"] for r in rs)
+    llm_g = sum(r["gpu_ms"] - r["tower_gpu_ms"] for r in rs)
+    return {"steps": len(rs), "tower_predicted_over_gpu": round(tower_p / tower_g, 3), "tower_gpu_sum_ms": round(tower_g, 1),
+            "llm_predicted_over_gpu": round(llm_p / llm_g, 3), "llm_gpu_sum_ms": round(llm_g, 1)}
+
+
+def markdown_images(table: list[tuple[str, str, dict[str, Any] | None]]) -> list[str]:
+    """``image_split`` rows ``(case, rate, split)`` as a table (rates without image steps left out)."""
+    lines = ["| case | rate | image steps | tower GPU ms (sum) | tower predicted / GPU | LLM GPU ms (sum) | "
+             "LLM predicted / GPU |", "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {case} | {rate} | {x['steps']} | {x['tower_gpu_sum_ms']} | {x['tower_predicted_over_gpu']} | "
+                    f"{x['llm_gpu_sum_ms']} | {x['llm_predicted_over_gpu']} |" for case, rate, x in table if x]
 
 
 def markdown_decode(table: list[tuple[str, str, list[dict[str, Any]]]]) -> list[str]:
@@ -233,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=Path, default=None, help="its steps file (default: NAME.steps.json.gz beside NAME.json)")
     ap.add_argument("--decode-detail", action="store_true",
                     help="also the decode steps by batch and by the spread of their contexts (decode_by_batch)")
+    ap.add_argument("--image-detail", action="store_true",
+                    help="also the image steps split into the tower and the LLM's part (image_split)")
     a = ap.parse_args(argv)
     steps_path = a.steps or steps_beside(a.report)
     try:
@@ -247,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(markdown([(case, rate, summarize(rows)) for case, rate, rows in table])))
     if a.decode_detail:
         print("\n" + "\n".join(markdown_decode([(case, rate, decode_by_batch(rows)) for case, rate, rows in table])))
+    if a.image_detail:
+        print("\n" + "\n".join(markdown_images([(case, rate, image_split(rows)) for case, rate, rows in table])))
 
 
 if __name__ == "__main__":

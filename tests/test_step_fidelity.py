@@ -105,6 +105,29 @@ def test_an_image_step_is_predicted_with_its_tower_time_where_the_record_names_p
     assert sf.compact([new])[0]["patches"] == [1024, 4096]
 
 
+def test_image_steps_split_into_the_tower_and_the_llms_part():
+    """``image_split``: the image steps whose tower was predicted, each part's predicted / GPU sums (the
+    tower against ``images_gpu_ms``, the rest against forward + sampling); steps without patches, and
+    other kinds, are left out; no such step: None."""
+    from types import SimpleNamespace
+
+    coster, enc = SyntheticCoster(), SimpleNamespace(tp=1, dp=1)
+    a = dict(rec(1, 0.0, 10.0, [6], [6], images=1), patches=[1024])
+    b = dict(rec(2, 10.0, 30.0, [8, 1], [8, 40], images=1), patches=[4096, 1024])
+    a["rank"] = dict(a["rank"], images_gpu_ms=2.0)
+    b["rank"] = dict(b["rank"], images_gpu_ms=6.0)
+    old = rec(3, 30.0, 40.0, [5], [5], images=1)  # no patches: its tower unpriced
+    rows = sf.cost_steps([a, b, old, rec(4, 40.0, 41.0, [1], [9])], coster, enc)
+    tower = coster.vision_ms((1024,), tp=1, dp=1) + coster.vision_ms((4096, 1024), tp=1, dp=1)
+    llm = sum(r["predicted_ms"] - r["tower_predicted_ms"] for r in rows[:2])
+    x = sf.image_split(rows)
+    assert x["steps"] == 2 and x["tower_gpu_sum_ms"] == 8.0 and x["llm_gpu_sum_ms"] == 3.0  # 2 x (1.0 + 0.5)
+    assert x["tower_predicted_over_gpu"] == pytest.approx(tower / 8.0, abs=1e-3)
+    assert x["llm_predicted_over_gpu"] == pytest.approx(llm / 3.0, abs=1e-3)
+    assert sf.image_split(rows[2:]) is None
+    assert len(sf.markdown_images([("m c", "0.9", x), ("m c", "0.2", None)])) == 3
+
+
 def test_resume_with_other_settings_or_an_unreadable_report_is_a_usage_error_that_keeps_the_report(tmp_path, capsys):
     """``fidelity_2gpu.py --resume`` against a report run with another duration (or unreadable):
     exit 2 naming what differs, and the report is left as it was (it used to start afresh,
