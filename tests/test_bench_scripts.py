@@ -499,3 +499,25 @@ def test_decode_splits_prices_a_measured_report_on_any_machine(tmp_path):
     assert all(0.8 <= r["model_over_kernel"] <= 1.2 for r in got["rows"]), [(r["case"], r["model_over_kernel"]) for r in got["rows"]]
     b8 = next(r for r in got["rows"] if r["case"] == "qwen2-vl-7b b8 ctx 300-5000 (w 8192)")
     assert b8["model_us"] > ds.model_price_us("qwen2-vl-7b", 8, 2650) * 1.3  # the longest range's tail
+
+
+def test_serving_heat_proxy_follows_heavy_time_and_the_fit_recovers_a_line():
+    """``bench/serving_heat.py``: the power proxy rises with time spent in heavy steps, decays over
+    light steps and idle gaps, and is read at each step's start; the least-squares fit recovers a
+    planted line exactly (no spread left)."""
+    import math
+
+    from bench import serving_heat as sh
+
+    tau = 1.0
+    series = [{"heavy": True, "end": 500.0, "period": 500.0, "pred": 10.0, "gpu": 11.0},
+              {"heavy": False, "end": 1000.0, "period": 500.0, "pred": 10.0, "gpu": 10.0},
+              {"heavy": True, "end": 3000.0, "period": 500.0, "pred": 10.0, "gpu": 12.0}]  # after 1.5 s idle
+    p = sh.proxy(series, tau)
+    d = math.exp(-0.5)
+    assert p[0] == 0.0 and p[1] == pytest.approx(1 - d) and p[2] == pytest.approx((1 - d) * d * math.exp(-1.5))
+    kept = sh.kept(series, tau)
+    assert [round(math.exp(y), 6) for _, y in kept] == [1.1, 1.2]  # the light step is left out
+    f = sh.fit([(x, 0.02 + 0.1 * x) for x in (0.0, 0.2, 0.5, 0.9)])
+    assert f["a"] == pytest.approx(0.02) and f["b"] == pytest.approx(0.1) and f["corr"] == pytest.approx(1.0)
+    assert f["resid_sd"] == pytest.approx(0.0, abs=1e-12)
