@@ -118,7 +118,7 @@ def matmul_rate(device: torch.device | str, dtype: torch.dtype) -> dict[str, flo
 
 def heat(seconds: float, device: torch.device | str = "cuda", n: int = 8192) -> None:
     """Keep the GPU at its full matmul load for ``seconds`` (back-to-back bf16 ``n x n x n`` products):
-    its power, and with it the SM clock the power limit allows, reach what serving at load sees."""
+    its power rises to the limit, and the SM clock falls to what the limit allows."""
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     end = time.perf_counter() + seconds

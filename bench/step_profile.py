@@ -16,9 +16,8 @@ then once more under ``torch.profiler`` (CPU ops and CUDA kernels). Reported per
 * the profiled rep's top CUDA kernels and CPU ops by self time;
 * the GPU's SM clock and power while each rep (and the preamble) ran (``bench.common.ClockLog``).
   With ``--heat-s S`` the reps alternate: ``cold`` after ``--rest-s`` idle seconds, ``hot`` after S
-  seconds of back-to-back matmuls (``bench.common.heat``), which bring the GPU to the power, and the
-  SM clock the power limit allows, of serving at load; the calibration's tables were timed in short
-  bursts.
+  seconds of back-to-back matmuls (``bench.common.heat``), which bring the GPU to its power limit and
+  the SM clock that limit allows; the calibration's tables were timed in short bursts.
 
 ``--preamble RATE`` first replays ``--preamble-s`` seconds of the report's workload at RATE req/s
 under the profiler, as a fidelity rate runs it: each of its prompt steps beside its prediction, and
