@@ -57,7 +57,8 @@ and costs each again (``bench/step_fidelity.py``: a table by kind of step in the
 ``--resume`` keeps the cases of an existing DIR/fidelity_2gpu.json that
 have no error (and its other models), so the run can be split across several shorter calls; it
 must be given the report's rates, duration, backend, rate cap and seed (else a usage error, exit 2,
-and the report stays as it was);
+and the report stays as it was); ``--rerun CASES`` measures those of the run's cases again all the same
+(after an engine change, say);
 ``--weights-dir`` keeps the random checkpoints for those calls.
 
 ``--tiny``: the tiny test configs (fp32, 2 gloo ranks), costed on the catalog's nominal ``cpu``
@@ -136,6 +137,13 @@ def pick_cases(model: str, wanted: str | None) -> list[str]:
         return cases
     names = [w for w in wanted.split(",") if w]
     return [c for c in cases if c in names or c.split("/")[0] in names]
+
+
+def kept_cases(old: dict[str, Any] | None, model: str, cases: list[str], rerun: set[str]) -> dict[str, Any]:
+    """The cases of ``model`` a resumed run keeps from the ``old`` report: those it runs (``cases``),
+    finished without an error, and not named to be measured again (``rerun``)."""
+    done = ((old or {}).get("models", {}).get(model, {}).get("cases", {}))
+    return {c: x for c, x in done.items() if c in cases and "error" not in x and c not in rerun}
 
 
 def model_spec(model: str, tiny: bool, backend: str) -> tuple[Any, dict]:
@@ -568,6 +576,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="keep each model's random checkpoint here and reuse it in later calls "
                          "(default: a temporary folder)")
     ap.add_argument("--resume", action="store_true", help="keep the cases of DIR/fidelity_2gpu.json without errors")
+    ap.add_argument("--rerun", default="", help="with --resume: these cases (names or meshes) are measured again")
     ap.add_argument("--repredict", type=Path, default=None, metavar="JSON",
                     help="no engine: the predictions of a finished run's cases again, with the cost model as it is "
                          "now, beside that run's measurements (writes DIR/fidelity_2gpu.{json,md})")
@@ -615,6 +624,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--models: unknown {bad}; known: {', '.join(MODELS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "fidelity_2gpu.json"
+    if a.rerun and not a.resume:
+        ap.error("--rerun measures cases of a resumed report again: give --resume too")
     try:
         old = json.loads(path.read_text()) if a.resume and path.is_file() else None
     except (OSError, ValueError) as e:
@@ -659,8 +670,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cost, _ = cost_model_of(spec)
             wl = workload_of(spec, cost.info)
             cases = pick_cases(model, a.cases)
-            kept = {c: x for c, x in ((old or {}).get("models", {}).get(model, {}).get("cases", {})).items()
-                    if c in cases and "error" not in x}
+            kept = kept_cases(old, model, cases, set(pick_cases(model, a.rerun)) if a.rerun else set())
             mr = report["models"][model] = {
                 "model": ("tiny " + MODELS[model]["tiny"] + " config" if a.tiny
                           else MODELS[model]["preset"] + " shapes") + f", {str(dtype)[6:]}, random weights",

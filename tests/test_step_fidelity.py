@@ -150,6 +150,20 @@ def test_resume_with_other_settings_or_an_unreadable_report_is_a_usage_error_tha
     assert bad.value.code == 2 and report.read_text() == "{not json"
 
 
+def test_a_resumed_run_keeps_finished_cases_but_those_named_to_rerun(tmp_path, capsys):
+    """``fidelity_2gpu.kept_cases``: a resumed run keeps the old report's cases it runs that finished
+    without an error, less those ``--rerun`` names; ``--rerun`` without ``--resume`` is a usage error."""
+    from bench import fidelity_2gpu as fid
+
+    old = {"models": {"llama": {"cases": {"single": {"rates": []}, "tp2": {"error": "timeout"}, "dp2": {"rates": []}}}}}
+    assert list(fid.kept_cases(old, "llama", ["single", "tp2", "dp2"], set())) == ["single", "dp2"]
+    assert list(fid.kept_cases(old, "llama", ["single", "tp2"], {"single"})) == []
+    assert fid.kept_cases(None, "llama", ["single"], set()) == {} and fid.kept_cases(old, "qwen2-vl", ["single"], set()) == {}
+    with pytest.raises(SystemExit) as bad:
+        fid.main(["--out", str(tmp_path), "--tiny", "--rerun", "single"])
+    assert bad.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
 def test_a_reports_steps_file_is_named_after_it():
     """``steps_beside``: ``fidelity_2gpu.json``'s steps are ``STEPS_FILE``; a committed variant's its own."""
     from pathlib import Path
