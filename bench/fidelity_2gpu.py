@@ -626,6 +626,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = a.out / "fidelity_2gpu.json"
     if a.rerun and not a.resume:
         ap.error("--rerun measures cases of a resumed report again: give --resume too")
+    unknown = [n for n in a.rerun.split(",") if n and not any(pick_cases(m, n) for m in models)]
+    if unknown:
+        ap.error(f"--rerun: {', '.join(unknown)} names no case of {', '.join(models)}")
     try:
         old = json.loads(path.read_text()) if a.resume and path.is_file() else None
     except (OSError, ValueError) as e:
@@ -688,6 +691,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for case in todo:
                 t = time.perf_counter()
                 c: dict[str, Any] = {}
+                steps.get(model, {}).pop(case, None)  # a case measured again keeps none of its old steps
                 try:
                     plan = case_plan(model, spec, cost, case, max_seqs, max_tokens)
                     plan = cap_kv(plan, max_seqs * longest_request(wl)).check()

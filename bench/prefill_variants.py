@@ -42,8 +42,8 @@ def first_call_ms(T: int, width: int) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def call_ms(variants_: dict[str, tuple], T: int, width: int, seqs: int, hq: int = 28, hkv: int = 4) -> dict[str, float]:
-    """Per call and kernel pair of ``variants_``: ``T`` query tokens in ``seqs`` equal chunks, each after
+def call_ms(kernels: dict[str, tuple], T: int, width: int, seqs: int, hq: int = 28, hkv: int = 4) -> dict[str, float]:
+    """Per call and kernel pair of ``kernels``: ``T`` query tokens in ``seqs`` equal chunks, each after
     ``width`` blocks of cached keys less 7 (its table ``width`` blocks wide); the fastest of 3 rounds of
     30 calls, the pairs alternating round by round."""
     q = torch.randn(T, hq, D, device=DEV, dtype=torch.bfloat16)
@@ -51,9 +51,9 @@ def call_ms(variants_: dict[str, tuple], T: int, width: int, seqs: int, hq: int 
     n = T // seqs
     x = pp.PrefillInputs.build([(i * n, n, 0, width * BS - 7) for i in range(seqs)],
                                [list(range(i * width, (i + 1) * width)) for i in range(seqs)], BS, torch.device(DEV))
-    best = {label: float("inf") for label in variants_}
+    best = {label: float("inf") for label in kernels}
     for _ in range(3):
-        for label, fns in variants_.items():
+        for label, fns in kernels.items():
             pp._prefill, pp._combine = fns
             pp.attend(q, k, k, x)
             torch.cuda.synchronize()

@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="alternate cold reps and hot ones, each after this many seconds of full matmul load (0: off)")
     ap.add_argument("--rest-s", type=float, default=2.0, help="idle seconds before a cold rep")
     a = ap.parse_args(argv)
+    if a.heat_s < 0 or a.rest_s < 0 or a.reps < 1:
+        ap.error(f"--heat-s {a.heat_s} and --rest-s {a.rest_s} are seconds (0 or more), --reps {a.reps} at least 1")
     try:
         report = json.loads(Path(a.report).read_text())
         report["models"][a.model]["cases"][a.case]["plan_yaml"]

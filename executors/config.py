@@ -6,7 +6,7 @@ transformers config class so rope parameters are normalised the same way the HF 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,6 @@ class ModelArgs:
 
     def portable(self) -> "ModelArgs":
         """A copy without the transformers config object (what workers receive)."""
-        from dataclasses import replace
 
         return replace(self, hf_text_config=None)
 
@@ -100,11 +99,7 @@ def limit_context(a: ModelArgs, max_context: int | None) -> ModelArgs:
     if max_context is None:
         return a
     if max_context < 1:
-        from plans.errors import UserError
-
         raise UserError(f"max_context {max_context}: give at least 1 token")
-    from dataclasses import replace
-
     return replace(a, max_positions=min(a.max_positions, max_context))
 
 
@@ -174,7 +169,6 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
     from executors.rope import rope_frequencies
 
     freq, scale = rope_frequencies(tc, head_dim)
-    from dataclasses import replace
 
     return replace(args, rope_inv_freq=tuple(freq.tolist()), rope_scale=scale)
 

@@ -109,7 +109,8 @@ def bench_cmd(
                                                                "step's time went, driver and rank; executors/trace.py)"),
     max_context: Optional[int] = typer.Option(None, "--max-context", min=1, max=10_000_000,
                                               help="with --workload: most tokens a sequence may hold (default: the "
-                                                   "model's context; without --workload, input + output tokens)"),
+                                                   "replay's longest request; without --workload, input + output "
+                                                   "tokens)"),
 ) -> None:
     """Measure TTFT, TPOT and token throughput of a plan on synthetic requests (all sent at once), or, with
     --workload, on a workload replayed in real time (the same figures and JSON keys as `plan simulate`)."""

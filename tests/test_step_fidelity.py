@@ -162,6 +162,9 @@ def test_a_resumed_run_keeps_finished_cases_but_those_named_to_rerun(tmp_path, c
     with pytest.raises(SystemExit) as bad:
         fid.main(["--out", str(tmp_path), "--tiny", "--rerun", "single"])
     assert bad.value.code == 2 and "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:  # a name that matches no case: said, nothing run
+        fid.main(["--out", str(tmp_path), "--tiny", "--resume", "--models", "llama", "--rerun", "singel"])
+    assert bad.value.code == 2 and "singel names no case" in capsys.readouterr().err
 
 
 def test_a_reports_steps_file_is_named_after_it():

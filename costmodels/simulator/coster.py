@@ -120,7 +120,7 @@ class ModelCoster:
 
     def _tail(self, decode: StepShape, mode: str) -> tuple[float, ...]:
         """Each stage's share of the decodes' longest-range tail (``CostModel.decode_tail_ms`` a layer)."""
-        per_layer = self.cost.decode_tail_ms(decode, tp=self.tp, sp=self.sp, mode=mode) if decode.decode_max_kv > 0 else 0.0
+        per_layer = self.cost.decode_tail_ms(decode, tp=self.tp, sp=self.sp, mode=mode)
         return tuple(per_layer * (hi - lo + 1) for lo, hi in self.stages)
 
     def _one(self, t: float, p: float, k: float, b: float, mode: str) -> tuple[float, ...]:
