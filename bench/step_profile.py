@@ -13,7 +13,7 @@ then once more under ``torch.profiler`` (CPU ops and CUDA kernels). Reported per
   step's span, and its idle gaps of ``--gap-ms`` or more, each with the host ops that ran during
   it (the outermost CPU ops overlapping the gap, longest first): a gap is the GPU waiting for the
   host, and its ops say on what;
-* the profiled rep's top CUDA kernels and CPU ops by self time;
+* the profiled rep's top ``--top`` CUDA kernels and CPU ops by self time;
 * the GPU's SM clock and power while each rep (and the preamble) ran (``bench.common.ClockLog``).
   With ``--heat-s S`` the reps alternate: ``cold`` after ``--rest-s`` idle seconds, ``hot`` after S
   seconds of back-to-back matmuls (``bench.common.heat``), which bring the GPU to its power limit and
@@ -246,8 +246,8 @@ def run(a: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
                     torch.cuda.synchronize()
                 out["shapes"].append({"text_tokens": text, "patches": patches, "reps": reps[1:], "first": reps[0],
                                       "profiled": gpu_gaps(list(prof.events()), a.gap_ms * 1e3),
-                                      "top_cuda": top_ops(prof, "self_device_time_total"),
-                                      "top_cpu": top_ops(prof, "self_cpu_time_total")})
+                                      "top_cuda": top_ops(prof, "self_device_time_total", a.top),
+                                      "top_cpu": top_ops(prof, "self_cpu_time_total", a.top)})
                 print(json.dumps(out["shapes"][-1]["reps"]), flush=True)
     # nvidia-smi's log is read once it has stopped (and flushed): each (t0, t1) becomes its window
     for x in [out.get("preamble") or {}] + [r for sh in out["shapes"] for r in sh["reps"] + [sh["first"]]]:
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=0, help="also a text-only request of this many tokens")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--gap-ms", type=float, default=0.5)
+    ap.add_argument("--top", type=int, default=15, help="CUDA kernels and CPU ops listed per shape")
     ap.add_argument("--backend", default="compile")
     ap.add_argument("--preamble", type=float, default=0.0, metavar="RATE",
                     help="first replay the report's workload at RATE req/s (0: none)")
@@ -326,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="alternate cold reps and hot ones, each after this many seconds of full matmul load (0: off)")
     ap.add_argument("--rest-s", type=float, default=2.0, help="idle seconds before a cold rep")
     a = ap.parse_args(argv)
-    if a.heat_s < 0 or a.rest_s < 0 or a.reps < 1:
-        ap.error(f"--heat-s {a.heat_s} and --rest-s {a.rest_s} are seconds (0 or more), --reps {a.reps} at least 1")
+    if a.heat_s < 0 or a.rest_s < 0 or a.reps < 1 or a.top < 1:
+        ap.error(f"--heat-s {a.heat_s} and --rest-s {a.rest_s} are seconds (0 or more), --reps {a.reps} and "
+                 f"--top {a.top} at least 1")
     try:
         report = json.loads(Path(a.report).read_text())
         report["models"][a.model]["cases"][a.case]["plan_yaml"]

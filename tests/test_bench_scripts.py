@@ -477,6 +477,9 @@ def test_bench_scripts_name_a_bad_input_file_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a negative rest: said before anything loads
         sp.main(["--out", str(tmp_path), "--rest-s", "-1"])
     assert e.value.code == 2 and "--rest-s -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sp.main(["--out", str(tmp_path), "--top", "0"])
+    assert e.value.code == 2 and "--top 0" in capsys.readouterr().err
 
 
 def test_decode_splits_prices_a_measured_report_on_any_machine(tmp_path):
