@@ -3,7 +3,7 @@
     python bench/calibrate_comm_fp8.py --out DIR [--budget-s 170]
     python bench/calibrate_comm_fp8.py --out DIR --fp8-only --max-m 256 --budget-s 540   # one GPU
     python bench/calibrate_comm_fp8.py --out DIR --fp8-only --fp8-kernel tensor --budget-s 300   # per-tensor FP8
-    python bench/calibrate_comm_fp8.py --out DIR --decode-engine     # the engine's paged decode kernel only
+    python bench/calibrate_comm_fp8.py --out DIR --engine-attention  # the engine's paged attention kernels only
     CUDA_VISIBLE_DEVICES=1 python bench/calibrate_comm_fp8.py --out DIR1 --fp8-only --shard 1/2   # half the grid
 
 On a machine with N >= 2 GPUs: all-reduce, all-gather, reduce-scatter, all-to-all and a
@@ -16,8 +16,10 @@ each the call ``executors.quant.linear`` makes (the Triton W8A16 kernel up to
 decode sizes, where the engine's kernel changed); ``--shard I/N`` times the grid's ``(N, K)`` pairs
 ``I, I + N, ...`` only, so N processes, one GPU each, share the grid (merge each shard's file in turn). An op that fails is recorded with its error
 and the rest go on; without FP8 tensor cores the GEMMs are skipped with the reason.
-``--decode-engine`` times the engine's paged decode kernel on the decode grid at 8, 4, 2 and 1 KV
-heads instead (``costmodels.calibrate.run_decode_engine``; the profile's ``attn_decode_engine``).
+``--engine-attention`` (``--decode-engine``, its name before it timed the prefill kernel too) times
+the engine's paged decode kernel on the decode grid at 8, 4, 2 and 1 KV heads and its paged prefill
+kernel on prefill chunks and decode rows instead (``costmodels.calibrate.run_engine_kernels``; the
+profile's ``attn_decode_engine`` and ``attn_prefill_engine``).
 
 Writes DIR/comm_fp8.json. Merge it into a profile on any machine (no GPU, no torch; FP8 points
 replace the profile's points of the same (m, n, k), the profile's other points stay):
@@ -97,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp8-kernel", choices=FP8_KERNELS, default="engine",
                     help="engine: the calls executors.quant.linear makes; tensor: per-tensor torch._scaled_mm "
                          "(TensorRT-LLM's FP8 recipe), written as gemm_fp8_tensor")
-    ap.add_argument("--decode-engine", action="store_true",
-                    help="time the engine's paged decode kernel on the decode grid (nothing else)")
+    ap.add_argument("--engine-attention", "--decode-engine", dest="engine_attention", action="store_true",
+                    help="time the engine's paged decode and prefill kernels (nothing else)")
     a = ap.parse_args(argv)
-    from costmodels.calibrate import run_comm_fp8, run_decode_only
+    from costmodels.calibrate import run_comm_fp8, run_engine_kernels
 
     a.out.mkdir(parents=True, exist_ok=True)
     from plans.errors import UserError
 
     try:
-        raw = run_decode_only() if a.decode_engine else run_comm_fp8(
+        raw = run_engine_kernels() if a.engine_attention else run_comm_fp8(
             budget_s=a.budget_s, collectives_s=a.collectives_s, fp8_only=a.fp8_only, max_m=a.max_m,
             fp8_kernel=a.fp8_kernel, shard=a.shard)
     except UserError as e:
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     path = a.out / "comm_fp8.json"
     path.write_text(json.dumps(raw, indent=1) + "\n")
     print(f"wrote {path}: {len(raw.get('attn_decode_engine', []))} engine decode points, "
+          f"{len(raw.get('attn_prefill_engine', []))} engine prefill points, "
           f"{len(raw.get('collectives', []))} collective points, {len(raw.get('gemm_fp8', raw.get('gemm_fp8_tensor', [])))} FP8 GEMM "
           f"points in {raw['seconds']:.0f} s; skipped: {raw['skipped'][:3]}; errors: {raw.get('collectives_errors', [])[:3]}")
     return 0

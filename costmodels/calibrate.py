@@ -55,6 +55,16 @@ class Grids:
     dec_C: list[int] = field(default_factory=list)
     dec_max_tokens: int = 3_000_000
     dec_kv_heads: list[int] = field(default_factory=lambda: [8])  # KV heads per GPU of the engine kernel's points
+    # the engine's paged prefill kernel (``run_prefill_engine``): B sequences of L new tokens each, at most
+    # pre_max_tokens in all; B decode rows of C keys each (as graphed mixed steps run their decodes); at
+    # each KV head count of dec_kv_heads and each query-head group of pre_groups (powers of two: the
+    # kernel pads a group to one)
+    pre_L: list[int] = field(default_factory=list)
+    pre_B: list[int] = field(default_factory=list)
+    pre_max_tokens: int = 4096
+    pre_dec_B: list[int] = field(default_factory=list)
+    pre_dec_C: list[int] = field(default_factory=list)
+    pre_groups: list[int] = field(default_factory=lambda: [8])
     mem_T: list[int] = field(default_factory=list)
     widths: dict[str, int] = field(default_factory=dict)
 
@@ -68,7 +78,9 @@ class Grids:
                      full_L=[64, 110, 192, 332, 576, 1000, 1728, 3000, 5184, 9000, 15552, 27000], full_B=[1, 2, 4, 8, 16],
                      full_more_heads=[6, 12],
                      dec_B=[1, 3, 6, 12, 24, 48, 96, 192, 384], dec_C=[96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
-                     dec_kv_heads=[8, 4, 2, 1], mem_T=[2 ** i for i in range(17)], widths=_WIDTHS)
+                     dec_kv_heads=[8, 4, 2, 1], mem_T=[2 ** i for i in range(17)], widths=_WIDTHS,
+                     pre_L=[16, 32, 64, 128, 256, 512, 1024, 2048], pre_B=[1, 2, 4, 8, 16, 32],
+                     pre_dec_B=[1, 4, 16, 64, 256], pre_dec_C=[128, 512, 2048, 8192], pre_groups=[1, 4, 8])
 
     @staticmethod
     def quick() -> "Grids":
@@ -83,6 +95,7 @@ class Grids:
         """Tiny shapes so the whole path runs on a CPU in seconds (the numbers mean nothing)."""
         return Grids(gemm_m=[1, 8, 64], gemm_nk=[64, 256], bias_nk=[64, 256], attn_heads=(4, 2, 16), attn_L=[16, 64], attn_B=[1, 2],
                      full_heads=(4, 16), full_more_heads=[2], full_L=[16, 64], full_B=[1, 2], dec_B=[1, 4], dec_C=[32, 128],
+                     pre_L=[16, 64], pre_B=[1, 2], pre_dec_B=[1, 4], pre_dec_C=[32, 128], pre_groups=[1, 2],
                      mem_T=[1, 32, 256], widths={k: max(32, v // 64) for k, v in _WIDTHS.items()})
 
 
@@ -311,6 +324,8 @@ def run_calibration(grids: Grids, *, cpu_dry_run: bool = False, budget_s: float 
     if dev.type == "cuda":
         raw["attn_decode_engine"] = run_decode_engine(grids, timer, out_of_time)
         log(f"engine decode attention: {len(raw['attn_decode_engine'])} points, {time.time() - t_start:.0f} s")
+        raw["attn_prefill_engine"] = run_prefill_engine(grids, timer, out_of_time)
+        log(f"engine prefill attention: {len(raw['attn_prefill_engine'])} points, {time.time() - t_start:.0f} s")
     if checkpoint:
         checkpoint(raw)
 
@@ -391,9 +406,56 @@ def run_decode_engine(grids: Grids, timer: Callable[[Callable[[], object]], floa
     return pts
 
 
-def run_decode_only(grids: Grids | None = None) -> dict[str, Any]:
-    """``run_decode_engine`` alone on this GPU (default ``Grids.full()``), as a file ``costmodels.merge``
-    takes: {meta, overhead_us, attn_decode_engine, skipped, seconds}."""
+def run_prefill_engine(grids: Grids, timer: Callable[[Callable[[], object]], float],
+                       out_of_time: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
+    """The engine's paged prefill kernel (``executors.paged_prefill.paged_prefill``, block size 16),
+    the kernel every prefill and mixed step the engine replays as a CUDA graph runs, for each KV head
+    count of ``grids.dec_kv_heads`` and query-head group of ``grids.pre_groups``:
+
+    * ``kind: prefill``: B sequences of L new tokens each (no cached keys), ``L x B <= pre_max_tokens``;
+    * ``kind: decode``: B sequences of one new token after C - 1 cached keys (a graphed mixed step's
+      decodes, which this kernel runs, not the decode kernel).
+
+    Each sequence's block table is as wide as a step graph's (``executors.graphs.keys_bucket`` of its
+    keys), so the kernel splits its keys into the ranges it does in a graph. Points {kind, L, B, C,
+    heads, kv_heads, head_dim, ms, kernel}; none where the kernel does not serve this device."""
+    import torch
+
+    from executors import paged_prefill
+    from executors.graphs import keys_bucket
+
+    D, bs, dt = grids.attn_heads[2], 16, torch.bfloat16
+    if not paged_prefill.supported(dt, dt, torch.device("cuda"), False):
+        return []
+    cases = [("prefill", L, B, L) for L in grids.pre_L for B in grids.pre_B if L * B <= grids.pre_max_tokens]
+    cases += [("decode", 1, B, C) for B in grids.pre_dec_B for C in grids.pre_dec_C]
+    pts = []
+    for hkv in grids.dec_kv_heads:
+        for group in grids.pre_groups:
+            for kind, n, B, C in cases:
+                if out_of_time():
+                    return pts
+                used, width = -(-C // bs), keys_bucket(C) // bs
+                k = torch.randn(B * used * bs + 1, hkv, D, device="cuda", dtype=dt)
+                v = torch.randn_like(k)
+                q = torch.randn(B * n, hkv * group, D, device="cuda", dtype=dt)
+                table = torch.zeros(B, width, device="cuda", dtype=torch.int32)
+                table[:, :used] = torch.arange(B * used, device="cuda", dtype=torch.int32).reshape(B, used)
+                spans = [(i * n, n, C - n, C) for i in range(B)]
+                seq_of, row0 = paged_prefill.programs(spans)
+                i32 = lambda xs: torch.tensor(xs, device="cuda", dtype=torch.int32)  # noqa: E731
+                rows = (i32([s[0] for s in spans]), i32([n] * B), i32([C] * B), i32(seq_of), i32(row0))
+                ms = timer(lambda: paged_prefill.paged_prefill(q, k, v, table, *rows, bs))
+                pts.append({"kind": kind, "L": n, "B": B, "C": C, "heads": hkv * group, "kv_heads": hkv,
+                            "head_dim": D, "ms": ms, "kernel": "paged_prefill"})
+                del k, v
+    return pts
+
+
+def run_engine_kernels(grids: Grids | None = None) -> dict[str, Any]:
+    """``run_decode_engine`` and ``run_prefill_engine`` alone on this GPU (default ``Grids.full()``),
+    as a file ``costmodels.merge`` takes: {meta, overhead_us, attn_decode_engine, attn_prefill_engine,
+    skipped, seconds}."""
     import torch
 
     from costmodels.gpu_bench import Timer
@@ -401,12 +463,14 @@ def run_decode_only(grids: Grids | None = None) -> dict[str, Any]:
     t_start = time.time()
     dev = _device()
     if dev is None:
-        raise UserError("the engine's decode kernel needs a CUDA GPU and torch.cuda sees none")
+        raise UserError("the engine's attention kernels need a CUDA GPU and torch.cuda sees none")
+    grids = grids or Grids.full()
     timer = Timer(dev)
     x1 = torch.zeros(1, device=dev)
-    pts = run_decode_engine(grids or Grids.full(), timer)
-    return {"meta": device_meta(), "overhead_us": timer(lambda: x1.add_(1.0)) * 1e3, "attn_decode_engine": pts,
-            "skipped": [] if pts else ["engine decode (the paged kernel does not serve this device)"],
+    dec, pre = run_decode_engine(grids, timer), run_prefill_engine(grids, timer)
+    return {"meta": device_meta(), "overhead_us": timer(lambda: x1.add_(1.0)) * 1e3, "attn_decode_engine": dec,
+            "attn_prefill_engine": pre,
+            "skipped": [] if dec and pre else ["engine attention (the paged kernels do not serve this device)"],
             "seconds": time.time() - t_start}
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from costmodels.calibrate import find_gpu_name  # no torch at import
-from costmodels.fit import fit_decode_engine, fit_gemm_fp8, profile_collectives
+from costmodels.fit import fit_decode_engine, fit_gemm_fp8, fit_prefill_engine, profile_collectives
 from costmodels.profile import Profile, read_profile, write_profile
 from plans.errors import UserError
 
@@ -47,8 +47,8 @@ META_KEYS = ("device_name", "gpus", "driver", "torch", "cuda", "nccl", "date", "
 
 def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
           extra_meta: dict[str, str] | None = None, max_m: int | None = None) -> Profile:
-    """``profile`` with the collective tables, the ``gemm_fp8`` table and the engine's decode table
-    (``attn_decode_engine``, replaced by the new points) of ``calib``; with ``max_m``
+    """``profile`` with the collective tables, the ``gemm_fp8`` table and the engine's attention tables
+    (``attn_decode_engine``, ``attn_prefill_engine``: each replaced by the new points) of ``calib``; with ``max_m``
     only its FP8 points of at most that many rows (the engine's route changed above: the profile's
     points there stay).
 
@@ -65,12 +65,13 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
     coll, fp8 = calib.get("collectives") or [], calib.get("gemm_fp8") or []
     fp8_tensor = calib.get("gemm_fp8_tensor") or []
     dec = calib.get("attn_decode_engine") or []
+    pre = calib.get("attn_prefill_engine") or []
     run_max_m = calib.get("gemm_fp8_max_m")
     if max_m is not None:
         fp8 = [p for p in fp8 if int(p["m"]) <= max_m]
         run_max_m = max_m if run_max_m is None else min(int(run_max_m), max_m)
-    if not coll and not fp8 and not fp8_tensor and not dec:
-        raise UserError(f"nothing to merge: no collective, FP8 GEMM or engine decode points (skipped: {calib.get('skipped')}; "
+    if not coll and not fp8 and not fp8_tensor and not dec and not pre:
+        raise UserError(f"nothing to merge: no collective, FP8 GEMM or engine attention points (skipped: {calib.get('skipped')}; "
                         f"errors: {calib.get('collectives_errors')})")
     raw = dict(profile.raw)
     out = profile
@@ -92,14 +93,20 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
     if dec:  # the engine's decode kernel, measured anew: its table is these points alone
         raw["attn_decode_engine"] = dec
         out = replace(out, attn_decode_engine=fit_decode_engine(dec, profile.overhead_us, profile.gpu))
+    if pre:  # the engine's prefill kernel, likewise
+        raw["attn_prefill_engine"] = pre
+        tables = fit_prefill_engine(pre, profile.overhead_us, profile.gpu)
+        out = replace(out, attn_prefill_engine=tables[0], attn_prefill_engine_decode=tables[1])
     merged = {**{k: meta.get(k) for k in META_KEYS}, "device_name": dev,
               "collective_points": len(coll), "gemm_fp8_points": len(fp8), "gemm_fp8_points_kept": kept,
               "gemm_fp8_points_dropped": dropped, **({"gemm_fp8_max_m": max_m} if max_m is not None else {}),
               **({"gemm_fp8_tensor_points": len(fp8_tensor)} if fp8_tensor else {}),
               **({"attn_decode_engine_points": len(dec)} if dec else {}),
+              **({"attn_prefill_engine_points": len(pre)} if pre else {}),
               "skipped": calib.get("skipped", []), "collective_errors": calib.get("collectives_errors", [])}
     tag = {(True, True): "", (False, True): "fp8t-" if fp8_tensor and not fp8 else "fp8-",
-           (True, False): "comm-", (False, False): ""}[bool(coll), bool(fp8 or fp8_tensor)] + ("dec-" if dec else "")
+           (True, False): "comm-", (False, False): ""}[bool(coll), bool(fp8 or fp8_tensor)] + ("dec-" if dec else "") \
+        + ("pre-" if pre else "")
     pmeta = dict(profile.meta)
     if "merged" in pmeta:
         pmeta["merge_history"] = [*pmeta.get("merge_history", []), pmeta["merged"]]
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['gemm_fp8_points_dropped']} of another kernel dropped), "
           f"{m.get('gemm_fp8_tensor_points', 0)} per-tensor FP8 GEMM points, "
           f"{m.get('attn_decode_engine_points', 0)} engine decode points, "
+          f"{m.get('attn_prefill_engine_points', 0)} engine prefill points, "
           f"{len(m['collective_errors'])} collective errors")
     return 0
 

@@ -422,3 +422,83 @@ def test_engine_decode_points_make_a_table_read_by_engine_plans_at_their_kv_head
     assert attn_ms(eng) / attn_ms(trt) == pytest.approx(2, rel=0.1)
     assert attn_ms(eng, tp=2) / attn_ms(trt, tp=2) == pytest.approx(4, rel=0.1)
     assert 4 in Grids.full().dec_kv_heads and 1 in Grids.full().dec_kv_heads
+
+
+def _prefill_engine_points(eff: dict[int, float], dec_eff: dict[int, float], ovh_ms: float) -> list[dict]:
+    """Synthetic ``--engine-attention`` prefill-kernel points at a constant efficiency per group:
+    ``eff[group]`` of the bf16 peak on prefill chunks, ``dec_eff[group]`` of HBM bandwidth on 16 decode
+    rows and a tenth of it on one."""
+    from costmodels.fit import decode_attention_bytes
+
+    gpu, D = get_gpu("h200"), 128
+    pts = []
+    for kv in (8, 4, 2, 1):
+        for g in eff:
+            h = kv * g
+            pts += [{"kind": "prefill", "L": L, "B": B, "C": L, "heads": h, "kv_heads": kv, "head_dim": D,
+                     "kernel": "paged_prefill",
+                     "ms": 4 * h * D * B * L * (L + 1) / 2 / (eff[g] * gpu.bf16_tflops * 1e12) * 1e3 + ovh_ms}
+                    for L in (16, 256, 2048) for B in (1, 4)]
+            pts += [{"kind": "decode", "L": 1, "B": B, "C": C, "heads": h, "kv_heads": kv, "head_dim": D,
+                     "kernel": "paged_prefill",
+                     "ms": decode_attention_bytes(B, C, h, kv, D) / (dec_eff[g] * (1 if B == 16 else 0.1)
+                                                                   * gpu.hbm_tbps * 1e12) * 1e3 + ovh_ms}
+                    for B in (1, 16) for C in (128, 2048)]
+    return pts
+
+
+def test_engine_prefill_points_price_the_steps_that_run_the_paged_prefill_kernel(g8, h200):
+    """``--engine-attention``'s paged prefill kernel points become ``attn_prefill_engine`` (prefill
+    chunks, compute) and ``attn_prefill_engine_decode`` (decode rows, bandwidth), read at the model's
+    query heads per KV head padded to a power of two. This engine's steps that run the kernel read
+    them: a graphed prefill (up to the largest token bucket) and an eager one of two or more chunks;
+    an eager single prompt keeps cuDNN's table, and so do other engines. A graphed mixed step's
+    decodes are rows of this kernel and wait for their longest one alone; an eager mixed step's
+    run the decode kernel."""
+    from costmodels.opcost import op_time
+    from costmodels.steps import launch_for
+    from costmodels.synthetic import build_graph as build
+
+    ovh = h200.overhead_us * 1e-3
+    eff, dec_eff = {4: 0.2, 8: 0.1}, {4: 0.25, 8: 0.125}
+    calib = {"meta": {"device_name": "NVIDIA H200", "date": "2026-12-04"},
+             "attn_prefill_engine": _prefill_engine_points(eff, dec_eff, ovh)}
+    out = merge(h200, calib)
+    assert out.id == f"{h200.id}+pre-2026-12-04" and out.meta["merged"]["attn_prefill_engine_points"] == len(calib["attn_prefill_engine"])
+    back = read_profile_json(out)
+    assert back.attn_prefill_engine.values == out.attn_prefill_engine.values
+    assert back.attn_prefill_engine_decode.values == out.attn_prefill_engine_decode.values
+    assert out.attn_causal.values == h200.attn_causal.values
+    launch = launch_for(out, "shiftplan", "compile")
+    qwen = build(load_config("qwen2-vl-7b"))  # 28 query heads over 4 KV heads: a group of 7, run as 8
+    for graph, group in ((g8, 4), (qwen, 8)):
+        eng, other = CostModel(graph, "h200", profile=out, launch=launch), CostModel(graph, "h200", profile=out)
+        attn = next(r for r in eng._recs[eng.decoders[0].name] if r.kind == "attention")
+        real = attn.heads / attn.kv_heads
+        for shape in (StepShape.prefill([512]), StepShape.prefill([1600, 1600])):  # graphed; eager, two chunks
+            c, _, _ = op_time(attn, shape, 1, 1, eng.rates, eng.profile, paged=True)
+            assert c == pytest.approx(attn.flops(shape) * group / real / (eng.rates.attn_flops * eff[group]) * 1e3, rel=1e-6)
+            assert c != op_time(attn, shape, 1, 1, eng.rates, eng.profile)[0]  # not cuDNN's table
+        layer = eng.decoders[0]
+
+        def attn_part(cm, shape):
+            return cm.block_time(layer, shape).total_ms - cm.block_time(layer, replace(shape, pairs=0.0, kv=0.0)).total_ms
+
+        for shape in (StepShape.prefill([512]), StepShape.prefill([1600, 1600]), StepShape.prefill([3000])):
+            paged = shape.seqs >= 2 or shape.tokens <= 2048
+            priced = op_time(attn, shape, 1, 1, eng.rates, eng.profile, paged=paged)
+            want = max(priced[0], priced[1]) - max(op_time(attn, replace(shape, pairs=0.0, kv=0.0), 1, 1, eng.rates,
+                                                            eng.profile)[:2])
+            assert attn_part(eng, shape) == pytest.approx(want, rel=1e-6)
+            assert attn_part(other, shape) == pytest.approx(attn_part(CostModel(graph, "h200", profile=h200), shape))
+        # a graphed mixed step's decodes: rows of this kernel, at least as long as the longest decode alone
+        mixed, dec = StepShape.from_sequences([300] + [1] * 16, [300] + [128] * 15 + [2048])
+        part = eng.decode_part(mixed, dec, 1)
+        assert part.graphed_mixed and not eng.decode_part(*StepShape.from_sequences([3000, 1], [3000, 700]), 1).graphed_mixed
+        assert not other.decode_part(mixed, dec, 1).graphed_mixed
+        c, m, _ = op_time(attn, replace(part, decode_max_kv=0.0), 1, 1, eng.rates, eng.profile)
+        rows = lambda s: (attn.kv_read(s) + attn.kv_written(s)) * 2 + (attn.act_read(s) + attn.act_written(s)) * 2  # noqa: E731
+        assert c == 0 and m == pytest.approx(rows(part) / (eng.rates.bw * dec_eff[group]) * 1e3, rel=0.02)
+        alone = rows(StepShape.decode([2048])) / (eng.rates.bw * dec_eff[group] * 0.1) * 1e3
+        assert eng.decode_tail_ms(part) == pytest.approx(max(0.0, alone - m), rel=0.02) and eng.decode_tail_ms(part) > 0
+        assert op_time(attn, dec, 1, 1, eng.rates, eng.profile)[1] != pytest.approx(m, rel=0.02)  # the decode kernel's

@@ -401,7 +401,7 @@ def test_graphed_steps_pay_their_token_bucket(cfg):
     real = StepShape.prefill([1153])
     padded = cm.graph_rows(real)
     assert padded == replace(real, tokens=float(bucket(1153))) and padded.tokens == 1280
-    parts = [op_time(r, real if r.kind == "attention" else shape, 1, 1, cm.rates, cm.profile)
+    parts = [op_time(r, real if r.kind == "attention" else shape, 1, 1, cm.rates, cm.profile, paged=True)
              for shape in (padded, real) for r in cm._recs[layer.name]]
     half = len(parts) // 2
     want, unpadded = (sum(max(c, m) + o for c, m, o in p) for p in (parts[:half], parts[half:]))
@@ -413,7 +413,8 @@ def test_graphed_steps_pay_their_token_bucket(cfg):
 
 def test_serving_terms_are_fitted_from_the_committed_trace():
     """The profile's driver time and mixed-step extra are what ``fit_form_ms`` and
-    ``fit_mixed_us_per_layer`` give on the committed step trace (``bench/results/fidelity_2gpu.*``);
+    ``fit_mixed_us_per_layer`` give on the committed step traces (``bench/results/fidelity_2gpu.*``; the
+    mixed extra from the current engine's, ``fidelity_2gpu.single.*``);
     the cost model charges the extra to graphed mixed steps only, and the driver time grows with the
     step's sequences and its prefill chunks."""
     from bench import step_fidelity as sf
@@ -424,9 +425,12 @@ def test_serving_terms_are_fitted_from_the_committed_trace():
     steps = load_profile("h200").steps
     form = fit_form_ms(rates)
     assert steps["form_ms"]["value"] == pytest.approx({k: form[k] for k in ("base", "prefill", "per_seq")}, abs=1e-4)
-    plan = sf.plan_of(report, "llama", "single")
+    # the mixed extra from the current engine's trace (fidelity_2gpu.single.*), priced with its paged prefill kernel
+    current = json.loads((ROOT / "bench/results/fidelity_2gpu.single.json").read_text())
+    plan = sf.plan_of(current, "llama", "single")
     bare = sf.coster_of(plan, mixed_extra=False)
-    us, n = fit_mixed_us_per_layer(rates, bare, len(bare.cost.decoders))
+    traced = list(sf.read_steps(ROOT / "bench/results/fidelity_2gpu.single.steps.json.gz")["llama"]["single"].values())
+    us, n = fit_mixed_us_per_layer(traced, bare, len(bare.cost.decoders))
     assert n > 100 and steps["mixed_us_per_layer"]["value"] == pytest.approx(us, abs=0.01)
     full = sf.coster_of(plan)
     layers = len(full.cost.decoders)
