@@ -8,8 +8,8 @@ table as wide as a step graph's (``executors.graphs.keys_bucket``):
 * prefill chunks: B sequences of L new tokens, no cached keys;
 * decode rows: B sequences of one new token after C - 1 cached keys (a graphed mixed step's decodes).
 
-Each configuration's output is checked against the engine's default configuration's (largest
-absolute difference) and timed as ``costmodels.gpu_bench.Timer`` times the calibration (CUDA-graph
+Each configuration's output is checked against the default launch's (``BLOCK_N``, ``WARPS``,
+``STAGES`` of ``executors.paged_prefill``; largest absolute difference) and timed as ``costmodels.gpu_bench.Timer`` times the calibration (CUDA-graph
 replays, median). Prints a table per case and writes DIR/prefill_kernel_sweep.{json,md}.
 
     python bench/prefill_kernel_sweep.py --out DIR      # one GPU; bench/results/prefill_kernel_sweep.md
@@ -62,7 +62,8 @@ def run() -> dict[str, Any]:
 
     timer = Timer(torch.device("cuda"))
     configs = [paged_prefill.KernelConfig(*c) for c in itertools.product(BLOCK_M, BLOCK_N, WARPS, STAGES)]
-    default = paged_prefill.KernelConfig()
+    default = paged_prefill.KernelConfig(paged_prefill.BLOCK_M, paged_prefill.BLOCK_N, paged_prefill.WARPS,
+                                         paged_prefill.STAGES)
     cases = [("prefill", L, B, L) for L, B in PREFILL] + [("decode", 1, B, C) for B, C in DECODE]
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "driver": driver_version(),
                            "torch": torch.__version__, "default": default.__dict__, "cases": []}

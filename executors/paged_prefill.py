@@ -75,9 +75,35 @@ if POLICY not in ("auto", "0", "1"):
 _failed: list[str] = []  # the kernel's first failure on this process (then per-sequence SDPA serves)
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per inner iteration
+WARPS, STAGES = 4, 3  # the launch's warps and pipeline stages (Triton's defaults)
+WIDE_ROWS, WIDE = 128, (128, 8, 3)  # programs of this many rows or more: (BLOCK_N, warps, stages) of their launch
 # the key ranges' fp32 scratch stays within this: a 2,048-token step of 28 heads of 128 (Qwen2-VL-7B on one
 # GPU) holds 9 ranges, so key buckets up to 8,192 keep ranges of 1,024; past that the ranges grow
 SCRATCH_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How ``_prefill`` launches: query tokens a program (``block_m``; the programs' list must be cut
+    the same way, ``programs``), keys an inner step (``block_n``), warps and software-pipeline stages
+    (``bench/prefill_kernel_sweep.py`` measures them)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+def launch_config(group_p: int) -> KernelConfig:
+    """The engine's launch for query-head groups padded to ``group_p``: programs of ``BLOCK_M x
+    group_p`` rows of at least ``WIDE_ROWS`` take ``WIDE`` (more keys a step, more warps), others the
+    module's ``BLOCK_N``, ``WARPS``, ``STAGES`` (read at the call). Measured on an H200
+    (``bench/results/prefill_kernel_sweep.md``): with 28 query heads over 4 KV heads (rows of 128) the
+    wide launch took 0.60-0.80 of the default's time on prefill chunks of 256-2,048 tokens and on
+    decode rows; with 32 over 8 (rows of 64) the default was the best of 24 launches overall."""
+    if BLOCK_M * group_p >= WIDE_ROWS:
+        return KernelConfig(BLOCK_M, *WIDE)
+    return KernelConfig(BLOCK_M, BLOCK_N, WARPS, STAGES)
 
 
 def supported(dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device, replicated_kv: bool) -> bool:
@@ -169,13 +195,15 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, x: Pre
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                   t0: torch.Tensor, nq: torch.Tensor, ctx: torch.Tensor, seq_of: torch.Tensor, row0: torch.Tensor,
-                  block_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                  block_size: int, out: torch.Tensor | None = None, config: KernelConfig | None = None) -> torch.Tensor:
     """``[T, hq * D]`` causal attention of the prefill sequences' query rows (module doc); rows of
     no sequence are left as in ``out`` (zeros when it is None). ``t0, nq, ctx [S]``, ``seq_of,
-    row0 [P]`` int32/int64 on ``q``'s device. Key ranges from ``splits`` of the table's width; with
-    more than one, fp32 scratch per call and a second launch combine them."""
+    row0 [P]`` int32/int64 on ``q``'s device (``programs`` cut at ``config.block_m`` tokens). Key
+    ranges from ``splits`` of the table's width; with more than one, fp32 scratch per call and a
+    second launch combine them. ``config``: the launch (default ``launch_config``)."""
     T, hq, D = q.shape
     hkv = k_cache.shape[1]
+    cfg = config or launch_config(triton.next_power_of_2(hq // hkv))
     o = out if out is not None else torch.zeros(T, hq * D, dtype=q.dtype, device=q.device)
     P = seq_of.shape[0]
     if P == 0:
@@ -186,10 +214,11 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lse = o if direct else torch.empty(nsplit, T, hq, dtype=torch.float32, device=q.device)
     G = hq // hkv
     rows = (seq_of, row0, t0, nq, ctx)
-    shape = dict(G=G, G_P=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M)
+    shape = dict(G=G, G_P=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=cfg.block_m)
     _prefill[(P, hkv, nsplit)](q, k_cache, v_cache, o, part, lse, table, *rows, q.stride(0), q.stride(1),
                                k_cache.stride(0), k_cache.stride(1), table.stride(0), o.stride(0), per, T,
-                               D ** -0.5, BS=block_size, BLOCK_N=BLOCK_N, SPLIT=not direct, **shape)
+                               D ** -0.5, BS=block_size, BLOCK_N=cfg.block_n, SPLIT=not direct, **shape,
+                               num_warps=cfg.warps, num_stages=cfg.stages)
     if not direct:
         _combine[(P, hkv)](part, lse, o, *rows, o.stride(0), per, T, **shape)
     return o

@@ -283,6 +283,7 @@ from tests.test_exec_gpu_paths import BLOCK, _packed_reference
 per = int(sys.argv[1])  # keys per range; 0: the defaults (one range at these contexts)
 if per:  # the interpreter's scale: ranges of 16 keys, read 16 at a time
     paged_prefill.BLOCK_N = paged_decode.MAX_KEYS_PER_SPLIT = per
+other = paged_prefill.KernelConfig(32, 32, 8, 2)  # another launch: 32 tokens a program, 32 keys a step
 worst, ranges = 0.0, 1
 for seed, chunks in [(1, [(12, 0, 12), (30, 29, 1), (20, 8, 5), (17, 16, 1), (6, 5, 1)]),
                      (2, [(40, 0, 40), (23, 3, 20)]), (3, [(45, 30, 10), (36, 35, 1), (8, 0, 8)])]:
@@ -293,11 +294,14 @@ for seed, chunks in [(1, [(12, 0, 12), (30, 29, 1), (20, 8, 5), (17, 16, 1), (6,
     for part in (spans, seqs):  # every sequence in the kernel, or what the decodes left
         pre = prefill_inputs(mb, spans, part, BLOCK, q.device)
         ranges = max(ranges, paged_prefill.splits(pre.table.shape[1] * BLOCK, 1)[0])
-        got = paged_prefill.attend(q, cache.k, cache.v, pre)
-        rows = [t for t0, n, _k0, _ctx in part for t in range(t0, t0 + n)]
-        worst = max(worst, float((got[rows] - want[rows]).abs().max()))
-        others = [t for t in range(mb.num_tokens) if t not in set(rows)]
-        assert not got[others].abs().sum(), "rows of no listed sequence were written"
+        seq_of, row0 = (torch.tensor(x) for x in paged_prefill.programs(part, other.block_m))
+        for got in (paged_prefill.attend(q, cache.k, cache.v, pre),
+                    paged_prefill.paged_prefill(q, cache.k, cache.v, pre.table, pre.t0, pre.nq, pre.ctx, seq_of, row0,
+                                                BLOCK, config=other)):
+            rows = [t for t0, n, _k0, _ctx in part for t in range(t0, t0 + n)]
+            worst = max(worst, float((got[rows] - want[rows]).abs().max()))
+            others = [t for t in range(mb.num_tokens) if t not in set(rows)]
+            assert not got[others].abs().sum(), "rows of no listed sequence were written"
 print(ranges, worst)
 """
 
@@ -310,7 +314,8 @@ def test_paged_prefill_kernel_matches_packed_attention(per: int) -> None:
     in the kernel, and with only what ``split_decodes`` leaves (the decodes' rows untouched). With
     ``per`` = 16, keys in ranges of 16 (up to 3 a table): decodes of 17-36 keys, chunks after cached
     keys crossing range boundaries, a first chunk whose first tokens' keys fit one range (written
-    directly, the ranges past them empty) and whose later tokens' span two and three, combined."""
+    directly, the ranges past them empty) and whose later tokens' span two and three, combined. Each
+    case also through another launch (``KernelConfig``: 32 tokens a program, 32 keys a step)."""
     ranges, worst = run_interpreted("-c", PREFILL_CHECK, str(per)).split()[-2:]
     assert int(ranges) == (3 if per else 1) and float(worst) < 1e-4
 
