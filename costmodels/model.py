@@ -243,10 +243,10 @@ class CostModel:
             return 0.0
         return self.launch.mixed_us_per_layer * layers * 1e-3 if self.graphed(shape, sp if mode == "sp_tp" else 1) else 0.0
 
-    def driver_ms(self, seqs: float, prefill: bool) -> float:
-        """The engine driver's host time before a step it could not form ahead (``Launch.driver_ms``);
-        0 without the engine's terms."""
-        return self.launch.driver_ms(seqs, prefill) if self.launch is not None else 0.0
+    def driver_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
+        """The engine driver's host time before a step it could not form ahead, encoding images of
+        ``patches`` patches (``Launch.driver_ms``); 0 without the engine's terms."""
+        return self.launch.driver_ms(seqs, prefill, patches) if self.launch is not None else 0.0
 
     def all_to_all_ms(self, nbytes: float, n: int, shape: StepShape, *, graph: bool = False) -> float:
         """A Ulysses all-to-all of ``nbytes`` a GPU over the ``n`` GPUs of an sp group (adjacent

@@ -91,7 +91,9 @@ traced on the engine). Two terms the op-level model does not see:
 
       form = form_ms + form_prefill_ms x [the step holds prefill chunks] + form_ms_per_seq x sequences
 
-  (least squares over the traced steps sent after their predecessor's answer); the simulator
+  (least squares over the traced steps sent after their predecessor's answer), plus
+  ``form_ms_per_kpatch`` per 1,000 patches of the images the step encodes (the median over the traced
+  image steps, ``fit_form_ms_per_kpatch``); the simulator
   starts such a step that much after the last one ends (single-stage replicas: under PP the
   handoff term above holds the driver's side);
 * a graphed mixed step (prefill chunks and decodes, at most ``graph_max_tokens`` tokens) takes
@@ -184,8 +186,8 @@ class Launch:
     ``gemv_GBps``, ``gemv_call_us``: the decode GEMV's streaming rate and fixed time a product (0:
     products priced by the GEMM table);
     ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send;
-    ``form_ms``, ``form_prefill_ms``, ``form_ms_per_seq``: the driver's host time before a step it did
-    not form ahead; ``mixed_us_per_layer``: a graphed mixed step's GPU time beyond the model a layer;
+    ``form_ms``, ``form_prefill_ms``, ``form_ms_per_seq``, ``form_ms_per_kpatch``: the driver's host time
+    before a step it did not form ahead (the last per 1,000 image patches the step encodes); ``mixed_us_per_layer``: a graphed mixed step's GPU time beyond the model a layer;
     ``decode_us_per_key``: the paged decode kernel's range program's time a key (the tail a batch of
     unequal contexts waits for, ``opcost.longest_range_tail_ms``);
     ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables);
@@ -200,6 +202,7 @@ class Launch:
     form_ms: float = 0.0
     form_prefill_ms: float = 0.0
     form_ms_per_seq: float = 0.0
+    form_ms_per_kpatch: float = 0.0
     mixed_us_per_layer: float = 0.0
     decode_us_per_key: float = 0.0
     all_reduce: SymmAllReduce | None = None
@@ -218,9 +221,11 @@ class Launch:
             return gpu_ms
         return max(gpu_ms, layers * self.host_ms_per_layer)
 
-    def driver_ms(self, seqs: float, prefill: bool) -> float:
-        """The driver's host time before a step of ``seqs`` sequences it could not form ahead."""
-        return self.form_ms + (self.form_prefill_ms if prefill else 0.0) + self.form_ms_per_seq * seqs
+    def driver_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
+        """The driver's host time before a step of ``seqs`` sequences, encoding images of ``patches``
+        patches in all, that it could not form ahead."""
+        return (self.form_ms + (self.form_prefill_ms if prefill else 0.0) + self.form_ms_per_seq * seqs
+                + self.form_ms_per_kpatch * patches / 1000.0)
 
 
 def launch_for(profile: Profile | None, engine: str | None, backend: str | None) -> Launch | None:
@@ -239,7 +244,8 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
     return Launch(float(host["value"]), ulysses_ns_per_byte=value("ulysses_ns_per_byte"),
                   gemv_GBps=value("gemv_GBps"), gemv_call_us=value("gemv_call_us"), pp_handoff_ms=value("pp_handoff_ms"),
                   form_ms=float(form.get("base", 0.0)), form_prefill_ms=float(form.get("prefill", 0.0)),
-                  form_ms_per_seq=float(form.get("per_seq", 0.0)), mixed_us_per_layer=value("mixed_us_per_layer"),
+                  form_ms_per_seq=float(form.get("per_seq", 0.0)), form_ms_per_kpatch=value("form_ms_per_kpatch"),
+                  mixed_us_per_layer=value("mixed_us_per_layer"),
                   decode_us_per_key=value("decode_us_per_key"),
                   all_reduce=SymmAllReduce.of(symm["value"]) if symm else None,
                   all_to_all=SymmAllToAll.of(a2a["value"]) if a2a else None)
@@ -417,6 +423,24 @@ def fit_form_ms(rates: list[list[dict[str, Any]]]) -> dict[str, float]:
         raise ValueError("too few steps sent after their predecessor's answer to fit the driver's time")
     (base, prefill, per_seq), *_ = np.linalg.lstsq(np.array(rows), np.array(gaps), rcond=None)
     return {"base": float(base), "prefill": float(prefill), "per_seq": float(per_seq), "steps": len(rows)}
+
+
+def fit_form_ms_per_kpatch(rates: list[list[dict[str, Any]]], launch: "Launch") -> tuple[float, int]:
+    """``(ms, steps)``: the driver's host time per 1,000 image patches of a step (module doc): the
+    median over the steps of ``rates`` that encode images and were sent after their predecessor's
+    answer of (that gap - ``launch.driver_ms`` without images) / thousands of patches. The median, not
+    least squares: a few gaps hold the replay's idle time before a request arrived."""
+    per = []
+    for records in rates:
+        for r, last in after_answers(records):
+            patches = sum(r.get("patches") or [])
+            if last is None or r["sent_ms"] < last or not patches:
+                continue
+            prefill = any(n > 1 for nn in r["new"] for n in nn)
+            per.append((r["sent_ms"] - last - launch.driver_ms(r["seqs"], prefill)) / (patches / 1000.0))
+    if not per:
+        raise ValueError("no step with images sent after its predecessor's answer in the trace")
+    return statistics.median(per), len(per)
 
 
 def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layers: int) -> tuple[float, int]:

@@ -102,7 +102,7 @@ def test_steps_not_formed_ahead_wait_for_the_driver():
     saturated replica, requests waiting for a seat), nor does any step without look-ahead."""
 
     class Driven(SyntheticCoster):
-        def form_ms(self, seqs: float, prefill: bool) -> float:
+        def form_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
             return 0.5 + (1.0 if prefill else 0.0) + 0.01 * seqs
 
     reqs = spaced([100], out=6)

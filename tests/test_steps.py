@@ -444,6 +444,28 @@ def test_serving_terms_are_fitted_from_the_committed_trace():
     assert lu.driver_ms(64, True) > lu.driver_ms(64, False) > lu.driver_ms(1, False) > 0
 
 
+def test_the_drivers_time_for_images_is_fitted_from_the_committed_trace_and_delays_image_steps():
+    """``form_ms_per_kpatch`` is what ``fit_form_ms_per_kpatch`` gives on the current engine's traced
+    image-text replay (``fidelity_2gpu.single.*``, Qwen2-VL-7B), positive; the driver's time grows
+    with a step's patches, and the simulator's coster (the form time of a step it could not form
+    ahead) charges it."""
+    from bench import step_fidelity as sf
+    from costmodels.simulator.coster import ModelCoster
+    from costmodels.steps import fit_form_ms_per_kpatch, launch_for
+
+    prof = load_profile("h200")
+    launch = launch_for(prof, "shiftplan", "compile")
+    traced = sf.read_steps(ROOT / "bench/results/fidelity_2gpu.single.steps.json.gz")["qwen2-vl"]["single"]
+    ms, n = fit_form_ms_per_kpatch(list(traced.values()), launch)
+    assert n > 50 and ms > 0 and prof.steps["form_ms_per_kpatch"]["value"] == pytest.approx(ms, abs=1e-4)
+    assert launch.form_ms_per_kpatch == pytest.approx(ms, abs=1e-4)
+    assert launch.driver_ms(4, True, 5000) - launch.driver_ms(4, True) == pytest.approx(5 * ms, abs=5e-4)
+    report = json.loads((ROOT / "bench/results/fidelity_2gpu.single.json").read_text())
+    coster = sf.coster_of(sf.plan_of(report, "qwen2-vl", "single"))
+    assert isinstance(coster, ModelCoster)
+    assert coster.form_ms(4, True, 5000) - coster.form_ms(4, True) == pytest.approx(5 * ms, abs=5e-4)
+
+
 def test_the_decode_tail_is_fitted_from_the_calibration_and_charged_to_unequal_batches():
     """``decode_us_per_key`` is ``fit_decode_us_per_key`` over the profile's own raw engine decode
     points; a batch whose longest sequence reaches a longer key range than its mean pays that range's

@@ -43,9 +43,9 @@ class Coster(Protocol):
     def embed_ms(self, image_tokens: int) -> float:
         """Sending ``image_tokens`` image embeddings from dedicated encoder GPUs to the LLM."""
 
-    def form_ms(self, seqs: float, prefill: bool) -> float:
+    def form_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
         """The driver's host time before a step of ``seqs`` sequences formed once the last step's
-        tokens were back (``prefill``: it holds prefill chunks)."""
+        tokens were back (``prefill``: it holds prefill chunks; ``patches``: of the images it encodes)."""
 
 
 # ------------------------------------------------------------------ log-grid quantisation
@@ -203,8 +203,8 @@ class ModelCoster:
             hit = self._vision[key] = float(self.cost.vision_time(list(key[0]), tp=tp, dp=dp).total_ms)
         return hit
 
-    def form_ms(self, seqs: float, prefill: bool) -> float:
-        return self.cost.driver_ms(seqs, prefill)
+    def form_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
+        return self.cost.driver_ms(seqs, prefill, patches)
 
     def embed_ms(self, image_tokens: int) -> float:
         key = (self.grid.index(image_tokens), "embed")
@@ -248,5 +248,5 @@ class SyntheticCoster:
     def embed_ms(self, image_tokens: int) -> float:
         return self.embed_ms_per_ktok * image_tokens / 1000.0
 
-    def form_ms(self, seqs: float, prefill: bool) -> float:
+    def form_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
         return 0.0

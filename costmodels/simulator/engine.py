@@ -200,7 +200,7 @@ class Simulation:
         rep = lane.replica
         ready = t
         if cfg.lookahead and not ahead:  # formed once the last tokens were back: the driver's host time first
-            ready += coster.form_ms(batch.shape.seqs, bool(batch.chunks)) / 1e3
+            ready += coster.form_ms(batch.shape.seqs, bool(batch.chunks), sum(batch.patches)) / 1e3
         for s in range(cfg.pp):  # stage s is a FIFO server; the batch hops on after its p2p send
             dt = ms[s] / 1e3
             start = ready if ready > rep.stage_free[s] else rep.stage_free[s]
