@@ -262,7 +262,8 @@ if triton is not None:
     # for 1), which an eager step of a new size met mid-serving (a 3,072-token step of Llama-3.1-8B
     # took 1.35 s, bench/results/fidelity_2gpu.single_recompile.md); captured steps cannot compile at all.
     # An eager step now compiles at most twice in a process (once per SPLIT, on first use: its int32
-    # inputs are other variants than the captures' int64 ones). It costs 0.5-2.8% of a call
+    # inputs are other variants than the captures' int64 ones). It cost 0.5-2.8% of a call with Triton's default
+    # launch, and 0-0.1% on five of six cases with the wide one, the smallest (0.06-0.08 ms) 31%
     # (bench/results/prefill_variants.txt).
     @triton.jit(do_not_specialize=["stride_ts", "keys_per_split", "T"])
     def _prefill(Q, K, V, O, OUT, LSE, TABLE, SEQ_OF, ROW0, T0, NQ, CTX, stride_qt, stride_qh, stride_kslot,
