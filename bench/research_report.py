@@ -160,6 +160,11 @@ def run_scenario(sc: Scenario) -> dict[str, Any]:
         rows = [row(simulate(plan, ideal, at(wl, r), slo=spec.slo.targets(), coster=coster_for(plan, ideal)), r)
                 for r in sc.rates]
         out["shift_every_step_graphed"] = {"shift_threshold": plan.shift.threshold_tokens, "rows": rows, **summary(rows)}
+        # and its rivals on that engine: the PP plans, the same model without the step terms
+        out["pp_every_step_graphed"] = {
+            label: summary([row(simulate(plans[label], ideal, at(wl, r), slo=spec.slo.targets(),
+                                         coster=coster_for(plans[label], ideal)), r) for r in sc.rates])
+            for label in PP_LABELS if label in plans}
     out["seeds"] = seed_spread(sc, spec, cost, wl, plans)
     if not sc.text_only:
         out["perturbed"] = perturbed(sc, spec, cost, wl, plans)
@@ -335,7 +340,11 @@ def verdict(results: dict[str, Any]) -> list[str]:
     tp_frac = [r["shift_tp_fraction"] for r in s_mm["rows"]]
     keeps = cap_ratio_mm >= 0.9
     ideal_mm, ideal_tx = mm.get("shift_every_step_graphed"), txt.get("shift_every_step_graphed")
-    ideal_keeps = ideal_mm is not None and ideal_mm["capacity_tok_s"] / p_mm["capacity_tok_s"] >= 0.9
+
+    def ideal_pp(sc):  # the best PP plan's capacity on an engine that graphs every step
+        return max(p["capacity_tok_s"] for p in sc.get("pp_every_step_graphed", {}).values())
+
+    ideal_keeps = ideal_mm is not None and ideal_mm["capacity_tok_s"] / ideal_pp(mm) >= 0.9
     headline = f"**{'Yes' if keeps else 'No'}, by this simulation.**"
     if ideal_mm is not None and ideal_keeps != keeps:
         headline = (f"**{'Yes' if keeps else 'No'} on this repository's engine as it runs today, "
@@ -366,12 +375,14 @@ def verdict(results: dict[str, Any]) -> list[str]:
                        "ones over its LL all-to-all, on one host) but launches larger steps from Python: a measured "
                        "host time per layer (`costmodels/steps.py`, from `bench/results/shift_crossover.json`) that an "
                        "80-layer step hides only when its GPU time is longer, and a Ulysses exchange measured on "
-                       "eager steps. On an engine that graphs every step (the same model without those terms, "
+                       "eager steps, and its steps' attention runs its own paged kernels, priced from their measured "
+                       "tables. On an engine that graphs every step (the same model without those terms, its prefill "
+                       "attention at cuDNN's flash-attention rate, "
                        f"and the shift threshold it gives: {ideal_mm['shift_threshold']} tokens on image-text, "
                        f"{ideal_tx['shift_threshold']} on text), shift reaches {ideal_mm['capacity_tok_s']:,.0f} tokens/s on image-text "
-                       f"({ideal_mm['capacity_tok_s'] / p_mm['capacity_tok_s']:.2f}x the best PP plan) and "
-                       f"{ideal_mm['slo_tok_s']:,.0f} within the SLO, and {ideal_tx['capacity_tok_s'] / p_tx['capacity_tok_s']:.2f}x "
-                       "the best PP plan on text.")]
+                       f"({ideal_mm['capacity_tok_s'] / ideal_pp(mm):.2f}x the best PP plan on that engine, "
+                       f"{ideal_pp(mm):,.0f} tokens/s) and {ideal_mm['slo_tok_s']:,.0f} within the SLO, and "
+                       f"{ideal_tx['capacity_tok_s'] / ideal_pp(txt):.2f}x the best PP plan on text.")]
     if pp2 and pp2_txt:
         u_mm, u_tx = pp2["rows"][-1]["stage_util"], pp2_txt["rows"][-1]["stage_util"]
         lines += ["", (f"Images hurt PP where they land: with the encoder on stage 0, PP2xTP4's stages are busy "

@@ -29,9 +29,11 @@ def g8():
 
 @pytest.fixture(scope="module")
 def h200():
-    prof = load_profile("h200")  # datasheet links, bf16 table for fp8, no FP8 points
+    prof = load_profile("h200")  # datasheet links, bf16 table for fp8, no FP8 points, no engine attention tables
     return replace(prof, collectives={}, gemm_fp8=None, gemm_fp8_tensor=None, attn_decode_engine=None,
-                   raw={k: v for k, v in prof.raw.items() if k not in ("gemm_fp8", "gemm_fp8_tensor", "attn_decode_engine")})
+                   attn_prefill_engine=None, attn_prefill_engine_decode=None,
+                   raw={k: v for k, v in prof.raw.items()
+                        if k not in ("gemm_fp8", "gemm_fp8_tensor", "attn_decode_engine", "attn_prefill_engine")})
 
 
 def _points(ms_of, ops=C.FORMULAS, n=2, modes=("eager",)) -> list[dict]:
