@@ -33,31 +33,11 @@ BLOCK_M, BLOCK_N, WARPS, STAGES = (16, 32), (32, 64, 128), (4, 8), (2, 3)
 D, BS = 128, 16
 
 
-def case_inputs(kind: str, n: int, B: int, C: int, hq: int, hkv: int, block_m: int) -> tuple:
-    """``(q, k, v, table, t0, nq, ctx, seq_of, row0)`` for B sequences of ``n`` new tokens of ``C`` keys each."""
-    import torch
-
-    from executors import paged_prefill
-    from executors.graphs import keys_bucket
-
-    used, width = -(-C // BS), keys_bucket(C) // BS
-    g = torch.Generator(device="cuda").manual_seed(0)
-    k = torch.randn(B * used * BS + 1, hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B * used * BS + 1, hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    q = torch.randn(B * n, hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    table = torch.zeros(B, width, device="cuda", dtype=torch.int32)
-    table[:, :used] = torch.arange(B * used, device="cuda", dtype=torch.int32).reshape(B, used)
-    spans = [(i * n, n, C - n, C) for i in range(B)]
-    seq_of, row0 = paged_prefill.programs(spans, block_m)
-    i32 = lambda xs: torch.tensor(xs, device="cuda", dtype=torch.int32)  # noqa: E731
-    return (q, k, v, table, i32([s[0] for s in spans]), i32([n] * B), i32([C] * B), i32(seq_of), i32(row0))
-
-
 def run() -> dict[str, Any]:
     import torch
 
     from bench.common import driver_version
-    from costmodels.gpu_bench import Timer
+    from costmodels.gpu_bench import Timer, paged_prefill_case
     from executors import paged_prefill
 
     timer = Timer(torch.device("cuda"))
@@ -73,7 +53,8 @@ def run() -> dict[str, Any]:
             ref = None
             rows = []
             for cfg in [default] + [c for c in configs if c != default]:
-                x = case_inputs(kind, n, B, C, hq, hkv, cfg.block_m)
+                x = paged_prefill_case(B, n, C, hq, hkv, D, cfg.block_m, BS,
+                                       torch.Generator(device="cuda").manual_seed(0))
                 y = paged_prefill.paged_prefill(*x, BS, config=cfg)
                 ref = y if ref is None else ref
                 err = float((y.float() - ref.float()).abs().max())
@@ -88,7 +69,7 @@ def run() -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any], command: str) -> str:
-    lines = [f"# Paged prefill kernel: launch shapes swept", "",
+    lines = ["# Paged prefill kernel: launch shapes swept", "",
              f"{r['device']}, driver {r['driver']}, torch {r['torch']}. Command: `{command}`. Default: {r['default']}.", "",
              "| heads of | kind | L or 1 | B | keys | default us | best us | best block_m / block_n / warps / stages | "
              "best's max abs diff |", "|---|---|---|---|---|---|---|---|---|"]

@@ -421,8 +421,8 @@ def run_prefill_engine(grids: Grids, timer: Callable[[Callable[[], object]], flo
     heads, kv_heads, head_dim, ms, kernel}; none where the kernel does not serve this device."""
     import torch
 
+    from costmodels.gpu_bench import paged_prefill_case
     from executors import paged_prefill
-    from executors.graphs import keys_bucket
 
     D, bs, dt = grids.attn_heads[2], 16, torch.bfloat16
     if not paged_prefill.supported(dt, dt, torch.device("cuda"), False):
@@ -435,20 +435,11 @@ def run_prefill_engine(grids: Grids, timer: Callable[[Callable[[], object]], flo
             for kind, n, B, C in cases:
                 if out_of_time():
                     return pts
-                used, width = -(-C // bs), keys_bucket(C) // bs
-                k = torch.randn(B * used * bs + 1, hkv, D, device="cuda", dtype=dt)
-                v = torch.randn_like(k)
-                q = torch.randn(B * n, hkv * group, D, device="cuda", dtype=dt)
-                table = torch.zeros(B, width, device="cuda", dtype=torch.int32)
-                table[:, :used] = torch.arange(B * used, device="cuda", dtype=torch.int32).reshape(B, used)
-                spans = [(i * n, n, C - n, C) for i in range(B)]
-                seq_of, row0 = paged_prefill.programs(spans)
-                i32 = lambda xs: torch.tensor(xs, device="cuda", dtype=torch.int32)  # noqa: E731
-                rows = (i32([s[0] for s in spans]), i32([n] * B), i32([C] * B), i32(seq_of), i32(row0))
-                ms = timer(lambda: paged_prefill.paged_prefill(q, k, v, table, *rows, bs))
+                x = paged_prefill_case(B, n, C, hkv * group, hkv, D, paged_prefill.BLOCK_M, bs)
+                ms = timer(lambda: paged_prefill.paged_prefill(*x, bs))
                 pts.append({"kind": kind, "L": n, "B": B, "C": C, "heads": hkv * group, "kv_heads": hkv,
                             "head_dim": D, "ms": ms, "kernel": "paged_prefill"})
-                del k, v
+                del x
     return pts
 
 

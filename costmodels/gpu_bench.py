@@ -122,6 +122,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           enable_gqa=k_cache.shape[1] != q.shape[1])
 
 
+def paged_prefill_case(B: int, n: int, C: int, hq: int, hkv: int, D: int, block_m: int, block_size: int = 16,
+                       generator: torch.Generator | None = None, device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """Inputs of ``executors.paged_prefill.paged_prefill`` on ``device`` for B sequences of ``n`` new tokens
+    each after ``C - n`` cached keys (random bf16 ``q [B n, hq, D]``, cache ``k, v``; each sequence's
+    blocks in order, its table row as wide as a step graph's, ``executors.graphs.keys_bucket(C)``):
+    ``(q, k, v, table, t0, nq, ctx, seq_of, row0)``, the programs cut at ``block_m`` tokens."""
+    from executors import paged_prefill
+    from executors.graphs import keys_bucket
+
+    used, width = -(-C // block_size), keys_bucket(C) // block_size
+    rnd = dict(device=device, dtype=torch.bfloat16, generator=generator)
+    k = torch.randn(B * used * block_size + 1, hkv, D, **rnd)
+    v = torch.randn(B * used * block_size + 1, hkv, D, **rnd)
+    q = torch.randn(B * n, hq, D, **rnd)
+    table = torch.zeros(B, width, device=device, dtype=torch.int32)
+    table[:, :used] = torch.arange(B * used, device=device, dtype=torch.int32).reshape(B, used)
+    spans = [(i * n, n, C - n, C) for i in range(B)]
+    seq_of, row0 = paged_prefill.programs(spans, block_m)
+    i32 = lambda xs: torch.tensor(xs, device=device, dtype=torch.int32)  # noqa: E731
+    return q, k, v, table, i32([s[0] for s in spans]), i32([n] * B), i32([C] * B), i32(seq_of), i32(row0)
+
+
 class Timer:
     """Median time per call of ``fn`` in ms.
 

@@ -504,3 +504,19 @@ def test_engine_prefill_points_price_the_steps_that_run_the_paged_prefill_kernel
         alone = rows(StepShape.decode([2048])) / (eng.rates.bw * dec_eff[group] * 0.1) * 1e3
         assert eng.decode_tail_ms(part) == pytest.approx(max(0.0, alone - m), rel=0.02) and eng.decode_tail_ms(part) > 0
         assert op_time(attn, dec, 1, 1, eng.rates, eng.profile)[1] != pytest.approx(m, rel=0.02)  # the decode kernel's
+
+
+def test_paged_prefill_calibration_cases_are_what_a_step_graph_hands_the_kernel():
+    """``gpu_bench.paged_prefill_case`` (the calibration's and the launch sweep's inputs): B sequences of
+    n new tokens after C - n cached keys, each one's blocks in order in a table row as wide as a step
+    graph's key bucket, its programs cut at ``block_m`` tokens; a decode row is one token of C keys."""
+    from costmodels.gpu_bench import paged_prefill_case
+    from executors.graphs import keys_bucket
+
+    q, k, v, table, t0, nq, ctx, seq_of, row0 = paged_prefill_case(3, 40, 100, 8, 2, 16, 16, device="cpu")
+    assert q.shape == (120, 8, 16) and k.shape == v.shape == (3 * 7 * 16 + 1, 2, 16)
+    assert table.shape == (3, keys_bucket(100) // 16) and table[1, :7].tolist() == list(range(7, 14))
+    assert not table[:, 7:].any() and t0.tolist() == [0, 40, 80] and nq.tolist() == [40] * 3 and ctx.tolist() == [100] * 3
+    assert seq_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and row0.tolist() == [0, 16, 32, 40, 56, 72, 80, 96, 112]
+    *_, dseq, drow = paged_prefill_case(4, 1, 2048, 8, 2, 16, 16, device="cpu")
+    assert dseq.tolist() == [0, 1, 2, 3] and drow.tolist() == [0, 1, 2, 3]
