@@ -45,6 +45,7 @@ from graph.opgraph import Affine, OpNode, StepShape
 ROOFLINE_COMPUTE_EFF = 0.7
 ROOFLINE_MEM_EFF = 0.8
 ROOFLINE_OVERHEAD_US = 4.0
+PREFILL_ATTN_MEM_EFF = 0.9  # bandwidth efficiency of a prefill attention kernel's own bytes (q, k, v, out, KV)
 MATMUL_KINDS = frozenset({"matmul", "lm_head", "patch_embed", "merger"})
 
 
@@ -248,13 +249,13 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
         g = padded_group(r)
         eff = prof.attn_prefill_engine(q_per_seq, seqs, max(1.0, r.kv_heads / ts), g)
         c = flops * g * r.kv_heads / r.heads / (rates.attn_flops * max(eff, 1e-5)) * 1e3
-        mem = (kv_bytes + act_bytes) / (rates.bw * 0.9) * 1e3
+        mem = (kv_bytes + act_bytes) / (rates.bw * PREFILL_ATTN_MEM_EFF) * 1e3
         return c, mem, ovh_us * 1e-3
     table = prof.attn_causal if r.causal else prof.attn_full
     # a table with a heads axis is read at this GPU's share of the query heads
     eff = table(q_per_seq, seqs, r.heads * frac) if len(table.axes) == 3 else table(q_per_seq, seqs)
     c = flops / (rates.attn_flops * max(eff, 1e-4)) * 1e3
-    mem = (kv_bytes + act_bytes) / (rates.bw * 0.9) * 1e3
+    mem = (kv_bytes + act_bytes) / (rates.bw * PREFILL_ATTN_MEM_EFF) * 1e3
     return c, mem, ovh_us * 1e-3
 
 
