@@ -79,15 +79,13 @@ def kept(series: list[dict], tau_s: float) -> list[tuple[float, float]]:
 
 
 def fit(points: list[tuple[float, float]]) -> dict[str, float]:
-    """Least squares ``y = a + b x``: a, b, the correlation, the spread of y and of its residual."""
+    """Least squares ``y = a + b x``: a, b, the correlation, the spread of y and of its residual (a flat
+    line through the mean where x or y does not vary)."""
     xs, ys = [x for x, _ in points], [y for _, y in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    sxy = sum((x - mx) * (y - my) for x, y in points)
-    b = sxy / sxx if sxx else 0.0
-    a = my - b * mx
+    varies = statistics.pstdev(xs) > 0 and statistics.pstdev(ys) > 0
+    b, a = statistics.linear_regression(xs, ys) if varies else (0.0, statistics.fmean(ys))
     resid = [y - a - b * x for x, y in points]
-    corr = statistics.correlation(xs, ys) if sxx and statistics.pstdev(ys) else 0.0
+    corr = statistics.correlation(xs, ys) if varies else 0.0
     return {"a": a, "b": b, "corr": corr, "sd": statistics.pstdev(ys), "resid_sd": statistics.pstdev(resid)}
 
 

@@ -83,7 +83,6 @@ class ModelArgs:
 
     def portable(self) -> "ModelArgs":
         """A copy without the transformers config object (what workers receive)."""
-
         return replace(self, hf_text_config=None)
 
     @property
@@ -169,7 +168,6 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
     from executors.rope import rope_frequencies
 
     freq, scale = rope_frequencies(tc, head_dim)
-
     return replace(args, rope_inv_freq=tuple(freq.tolist()), rope_scale=scale)
 
 
