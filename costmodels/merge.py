@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: {a.calibration}: {e}", file=sys.stderr)
         return 2
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # points without the fields a table needs
+        print(f"error: {a.calibration}: not a calibration this merge can read ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

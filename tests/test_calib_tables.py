@@ -3,6 +3,7 @@ in place of the alpha-beta / bf16 figures, the merge of a multi-GPU calibration 
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -179,6 +180,18 @@ def test_merge_command_rejects_an_unknown_meta_key(tmp_path, h200, capsys):
     src.write_text(json.dumps(_calib(h200)))
     assert merge_main([str(src), str(tmp_path / "x.json"), "--meta", "colour=blue"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_merge_command_names_a_calibration_whose_points_lack_their_fields(tmp_path, capsys):
+    """Engine prefill points without their head counts: one line naming the file and the missing
+    field, exit 2, the profile left as it was."""
+    src, base = tmp_path / "comm_fp8.json", tmp_path / "h200.json"
+    src.write_text(json.dumps({"meta": {"device_name": "NVIDIA H200"}, "attn_prefill_engine": [{"kind": "prefill", "L": 16}]}))
+    base.write_text((Path(__file__).parents[1] / "costmodels/profiles/h200.json").read_text())
+    before = base.read_text()
+    assert merge_main([str(src), str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "comm_fp8.json" in err and "'heads'" in err and "Traceback" not in err and base.read_text() == before
 
 
 def test_collective_fit_reads_the_graph_timed_all_reduce():
