@@ -185,7 +185,13 @@ def padded_group(r: OpRec) -> int:
 
 
 def _paged_prefill(rates: Rates, prof: Profile | None) -> bool:
+    """This repo's engine, and a profile that measured its paged prefill kernel on prefill chunks."""
     return rates.engine_decode and prof is not None and prof.attn_prefill_engine is not None
+
+
+def _paged_rows(s: StepShape, rates: Rates, prof: Profile | None) -> bool:
+    """``s`` is a graphed mixed step's decode part and the profile measured the kernel on decode rows."""
+    return s.graphed_mixed and rates.engine_decode and prof is not None and prof.attn_prefill_engine_decode is not None
 
 
 def _paged_decode_rows_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile) -> float:
@@ -232,7 +238,7 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
         c = flops / (rates.attn_flops * ROOFLINE_COMPUTE_EFF) * 1e3
         mem = (kv_bytes + act_bytes) / (rates.bw * ROOFLINE_MEM_EFF) * 1e3
         return c, mem, ovh_us * 1e-3
-    if q_per_seq < 1.5 and s.graphed_mixed and prof.attn_prefill_engine_decode is not None and rates.engine_decode:
+    if q_per_seq < 1.5 and _paged_rows(s, rates, prof):
         # a graphed mixed step's decodes: rows of the paged prefill kernel
         mem = _paged_decode_rows_ms(r, s, t, sp, rates, prof)
         return 0.0, mem + paged_decode_rows_tail_ms(r, s, t, sp, rates, prof), ovh_us * 1e-3
@@ -263,7 +269,7 @@ def decode_tail_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: 
     """Decode attention op ``r``'s longest-range tail on step ``s`` (``longest_range_tail_ms`` at this
     GPU's KV heads, the batch's mean and longest context); 0 off the engine's paged kernel or with
     the longest decode unknown (``StepShape.decode_max_kv`` 0)."""
-    if s.graphed_mixed and rates.engine_decode and prof is not None and prof.attn_prefill_engine_decode is not None:
+    if _paged_rows(s, rates, prof):
         return paged_decode_rows_tail_ms(r, s, t, sp, rates, prof)
     if not rates.engine_decode or prof is None or prof.attn_decode_engine is None or s.decode_max_kv <= 0:
         return 0.0
