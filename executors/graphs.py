@@ -45,13 +45,18 @@ import time
 
 import torch
 
-from executors import paged_prefill
+from executors import paged_decode, paged_prefill
 from executors.batch import MicroBatch
+from executors.switches import switch
 from plans.mesh import GRAPH_TOKEN_BUCKETS as TOKEN_BUCKETS
 from plans.mesh import bucket
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 MIN_KEYS = 512
+# a captured step's decodes through the paged decode kernel (0: through the paged prefill kernel with the
+# chunks, where a program of 16 query rows holds one decode: 2-4x the decode kernel's time on an H200,
+# bench/results/prefill_engine_calibration.json)
+GRAPH_DECODES = switch("SHIFTPLAN_GRAPH_DECODES")
 
 
 def keys_bucket(n: int) -> int:
@@ -269,6 +274,8 @@ class MixedGraphs(_BucketGraphs):
         super().__init__(model, self.sizes[-1], min(self.seq_sizes[-1], self.sizes[-1]), max_keys, pools=pool_of)
         # the step's image rows (VL models), made here, never inside a capture
         self.img = torch.zeros(self.sizes[-1], model.a.hidden, dtype=model.dtype, device=model.par.device) if self.images else None
+        # decodes through the paged decode kernel (``GRAPH_DECODES``) where it takes the model's head groups
+        self.decode_kernel = GRAPH_DECODES and model.a.heads // model.a.kv_heads <= paged_decode.BLOCK_G
 
     def accepts(self, mb: MicroBatch, mode: str) -> bool:
         """A prefill or mixed micro-batch (image rows included), naming every sequence's blocks, that
@@ -331,12 +338,15 @@ class MixedGraphs(_BucketGraphs):
         seqs[0, :s] = torch.cumsum(nq, 0) - nq  # t0: tokens are packed sequence by sequence
         seqs[1, :s] = nq
         seqs[2, :s] = torch.tensor(mb.ctx)
-        progs[0], progs[1] = paged_prefill.program_rows(nq, seqs[0, :s], progs.shape[1], S)
+        progs[0], progs[1] = paged_prefill.program_rows(nq, seqs[0, :s], progs.shape[1], S,
+                                                        decodes=not self.decode_kernel)
         table[:s] = mb.block_table(table.shape[1])
 
     def _forward(self, inp: torch.Tensor, h: torch.Tensor | None, T: int, S: int, L: int, mode: str) -> torch.Tensor:
         tok, pos, slots, flag, sample, seqs, progs, table = self._views(inp, T, S, L)
         pre = paged_prefill.PrefillInputs(table, seqs[0], seqs[1], seqs[2], progs[0], progs[1], self.block)
+        if self.decode_kernel:
+            pre = pre.decode_inputs(T)
         image = (flag, self.img[:T]) if self.images else None
         return self.model.mixed_forward(tok, h, pos if self.rows == 3 else pos[0], slots, sample, pre, image, mode)
 

@@ -87,27 +87,35 @@ def paged_decode_or_none(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                 lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys."""
-    S, hq, D = q.shape
+                 lens: torch.Tensor, block_size: int, rows: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys.
+
+    With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
+    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned; every row of ``rows`` below ``R``). A
+    sequence with no keys (``lens 0``) writes zeros there (a captured mixed step's decodes, the other
+    slots pointing at a scratch row: ``paged_prefill.attend``)."""
+    S = table.shape[0] if rows is not None else q.shape[0]
+    hq, D = q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     G = hq // hkv
     nsplit, per = splits(S, hkv, table.shape[1] * block_size)
     BLOCK_D = triton.next_power_of_2(D)
-    o = torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
+    o = out if rows is not None else torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
+    at = dict(ROWS=rows if rows is not None else lens, HAS_ROWS=rows is not None)
     direct = nsplit == 1  # one range per head: the partial result is the answer, no combine
     out = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, BLOCK_D, dtype=torch.float32, device=q.device)
     lse = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, dtype=torch.float32, device=q.device)
     gdc = gemv.pdl(q)
     _partial[(S, hkv, nsplit)](
-        q, k_cache, v_cache, table, lens, out, lse,
+        q, k_cache, v_cache, table, lens, out, lse, at["ROWS"],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct, USE_GDC=gdc,
-        launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct,
+        HAS_ROWS=at["HAS_ROWS"], USE_GDC=gdc, launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
     )
     if not direct:
-        _combine[(S, hq)](out, lse, o, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
-                          BLOCK_R=triton.next_power_of_2(nsplit), USE_GDC=gdc, launch_pdl=gdc)
+        _combine[(S, hq)](out, lse, o, at["ROWS"], nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
+                          BLOCK_R=triton.next_power_of_2(nsplit), HAS_ROWS=at["HAS_ROWS"], USE_GDC=gdc, launch_pdl=gdc)
     return o
 
 
@@ -191,20 +199,28 @@ if triton is not None:
         return tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
 
     @triton.jit
-    def _partial(Q, K, V, TABLE, LENS, OUT, LSE, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
+    def row_of(ROWS, s, HAS_ROWS: tl.constexpr):
+        """Sequence ``s``'s row of the queries and of the result: ``ROWS[s]``, or ``s`` itself."""
+        if HAS_ROWS:
+            return tl.load(ROWS + s).to(tl.int64)
+        return s.to(tl.int64)
+
+    @triton.jit
+    def _partial(Q, K, V, TABLE, LENS, OUT, LSE, ROWS, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
                  keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                  BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-                 USE_GDC: tl.constexpr = False):
+                 HAS_ROWS: tl.constexpr = False, USE_GDC: tl.constexpr = False):
         depend(USE_GDC)
         s = tl.program_id(0)
         h = tl.program_id(1)
         r = tl.program_id(2)
         H = tl.num_programs(1)
         R = tl.num_programs(2)
+        row = row_of(ROWS, s, HAS_ROWS)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        q = tl.load(Q + s * stride_qs + (h * G + g)[:, None] * stride_qh + d[None, :],
+        q = tl.load(Q + row * stride_qs + (h * G + g)[:, None] * stride_qh + d[None, :],
                     mask=(g < G)[:, None] & dmask[None, :], other=0.0)
         n_keys = tl.load(LENS + s)
         lo = r * keys_per_split
@@ -218,8 +234,8 @@ if triton is not None:
             m, l, acc = key_block(q, K, V, TABLE + s * stride_ts, n, valid, valid[None, :], d, dmask,
                                   h * stride_kh, stride_kslot, scale, m, l, acc, BS)
         out, lse = range_result(m, l, acc)
-        if DIRECT:  # OUT is the [S, hq * D] result: query head h * G + g of sequence s
-            tl.store(OUT + (s * H * G + h * G + g)[:, None] * D + d[None, :],
+        if DIRECT:  # OUT is the [S, hq * D] result: query head h * G + g of sequence s (at its row)
+            tl.store(OUT + (row * H * G + h * G + g)[:, None] * D + d[None, :],
                      out.to(OUT.dtype.element_ty), mask=(g < G)[:, None] & dmask[None, :])
             return
         base = (s * H + h) * R + r
@@ -228,8 +244,9 @@ if triton is not None:
         tl.store(LSE + base * BLOCK_G + g, lse)
 
     @triton.jit
-    def _combine(OUT, LSE, O, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr = False):
+    def _combine(OUT, LSE, O, ROWS, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROWS: tl.constexpr = False,
+                 USE_GDC: tl.constexpr = False):
         depend(USE_GDC)
         s = tl.program_id(0)
         qh = tl.program_id(1)  # query head: KV head qh // G, row qh % G of its group
@@ -242,7 +259,7 @@ if triton is not None:
         w = range_weights(lse, tl.max(lse, 0))
         x = tl.load(OUT + rows[:, None] * BLOCK_D + d[None, :], mask=(r < R)[:, None], other=0.0)
         o = tl.sum(w[:, None] * x, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-        tl.store(O + (s * hq + qh) * D + d, o.to(O.dtype.element_ty), mask=d < D)
+        tl.store(O + (row_of(ROWS, s, HAS_ROWS) * hq + qh) * D + d, o.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _store(KC, VC, SLOTS, K, V, stride_kt, stride_kh, stride_vt, stride_vh, scratch, D: tl.constexpr,

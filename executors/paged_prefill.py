@@ -52,7 +52,7 @@ static inputs. Correctness is checked through Triton's interpreter (``tests/test
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -129,15 +129,17 @@ def splits(keys: int, range_bytes: int) -> tuple[int, int]:
 
 
 def program_rows(nq: torch.Tensor, t0: torch.Tensor, programs_max: int, pad_seq: int,
-                 block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_m: int = BLOCK_M, decodes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``programs`` padded to a fixed grid (CUDA graphs): ``seq_of, row0 [programs_max]`` for
-    sequences with ``nq [S]`` query rows from ``t0 [S]``; unused programs point at sequence
+    sequences with ``nq [S]`` query rows from ``t0 [S]`` (with ``decodes`` False, none for a
+    sequence of one row: the decode kernel attends those); unused programs point at sequence
     ``pad_seq`` (no query rows, no keys: they exit at once). ``programs_max`` must be at least
     ``sum(ceil(nq / block_m))``. Plain Python over the step's few hundred programs: torch's CPU
     ``repeat_interleave`` spreads over its repeats with a grain of one, and on a 32-core GPU host a
     step of 33 sequences (a prefill chunk and 32 decodes) spent 12-21 ms of host time in it
     (``bench/results/shift_crossover.profile_mixed.md``)."""
-    seq_of, row0 = programs([(a, n, 0, 0) for a, n in zip(t0.tolist(), nq.tolist())], block_m)
+    seq_of, row0 = programs([(a, n if decodes or n != 1 else 0, 0, 0) for a, n in zip(t0.tolist(), nq.tolist())],
+                            block_m)
     pad = programs_max - len(seq_of)
     return torch.tensor(seq_of + [pad_seq] * pad), torch.tensor(row0 + [0] * pad)
 
@@ -156,7 +158,10 @@ def programs(spans: list[tuple[int, int, int, int]], block_m: int = BLOCK_M) -> 
 @dataclass
 class PrefillInputs:
     """The kernel's inputs for one micro-batch (device tensors): ``table [S, nb]``, ``t0, nq, ctx [S]``
-    per sequence, ``seq_of, row0 [P]`` per program."""
+    per sequence, ``seq_of, row0 [P]`` per program. A captured step whose decodes the paged decode
+    kernel attends (``decode_inputs``) also has ``dec_lens [S]`` (a sequence's keys if it has one
+    query row, else 0) and ``dec_rows [S]`` (its query row, else the scratch row ``T``); its programs
+    then skip those sequences (``program_rows(decodes=False)``)."""
 
     table: torch.Tensor
     t0: torch.Tensor
@@ -165,6 +170,14 @@ class PrefillInputs:
     seq_of: torch.Tensor
     row0: torch.Tensor
     block_size: int
+    dec_lens: torch.Tensor | None = None
+    dec_rows: torch.Tensor | None = None
+
+    def decode_inputs(self, T: int) -> "PrefillInputs":
+        """These inputs with ``dec_lens`` and ``dec_rows`` for a step of ``T`` query rows (device ops
+        on the static inputs: inside a graph they run once a replay, not once a layer)."""
+        one = self.nq == 1
+        return replace(self, dec_lens=torch.where(one, self.ctx, 0), dec_rows=torch.where(one, self.t0, T))
 
     @staticmethod
     def build(spans: list[tuple[int, int, int, int]], blocks: list[list[int]], block_size: int,
@@ -179,11 +192,19 @@ class PrefillInputs:
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, x: PrefillInputs) -> torch.Tensor:
-    """``paged_prefill`` on a micro-batch's ``PrefillInputs``. A first failure to build or launch
+    """``paged_prefill`` on a micro-batch's ``PrefillInputs``; where ``x.dec_rows`` is set, its decodes
+    through the paged decode kernel into the same ``[T + 1, hq * D]`` output (row ``T`` takes the
+    other sequences' zeros and is dropped). A first failure to build or launch
     (a Triton too old or too new for this GPU) is recorded with one warning and raised: ``supported``
     then says no, so later steps take per-sequence SDPA and no prefill graph is captured."""
     try:
-        return paged_prefill(q, k_cache, v_cache, x.table, x.t0, x.nq, x.ctx, x.seq_of, x.row0, x.block_size)
+        if x.dec_rows is None:
+            return paged_prefill(q, k_cache, v_cache, x.table, x.t0, x.nq, x.ctx, x.seq_of, x.row0, x.block_size)
+        T = q.shape[0]
+        o = torch.zeros(T + 1, q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        paged_prefill(q, k_cache, v_cache, x.table, x.t0, x.nq, x.ctx, x.seq_of, x.row0, x.block_size, out=o)
+        paged_decode.paged_decode(q, k_cache, v_cache, x.table, x.dec_lens, x.block_size, rows=x.dec_rows, out=o)
+        return o[:T]
     except Exception as e:  # compile or launch errors surface at the first (eager) call, before any capture
         if not _failed:
             import warnings

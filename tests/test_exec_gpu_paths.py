@@ -395,7 +395,7 @@ from executors.requests import make_seq
 from executors.scheduler import Scheduler, Seq, build_microbatch
 from tests.tiny.helpers import make_plan
 
-name, per = sys.argv[1], int(sys.argv[2])
+name, per, decodes = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if per:  # key ranges of ``per`` keys (the kernel's default cap leaves these contexts in one)
     paged_prefill.BLOCK_N = paged_decode.MAX_KEYS_PER_SPLIT = per
 plan = make_plan(name, max_batch_tokens=64, max_seqs=8)
@@ -414,6 +414,8 @@ with executors.load(plan, kv_blocks=64) as eng:
             req = Request(tokens=toks)
         sched.add(make_seq(i, req, a, 4, None, 64 * bs))
     graphs = MixedGraphs(model, 64, 8, DecodeGraphs(model, 8))
+    assert graphs.decode_kernel  # the default; "prefill": every sequence in the paged prefill kernel
+    graphs.decode_kernel = decodes == "kernel"
     worst, kinds, image_steps = 0.0, set(), 0
     with torch.inference_mode():
         for _ in range(5):  # first chunks; then chunks after cached keys beside decodes
@@ -440,16 +442,18 @@ print(paged_prefill.splits(L, 1)[0], worst)
 """
 
 
-@pytest.mark.parametrize("name, per", [("llama", 0), ("qwen2_vl", 0), ("llama", 16)])
-def test_mixed_graph_inputs_give_the_eager_logits(name: str, per: int) -> None:
+@pytest.mark.parametrize("name, per, decodes", [("llama", 0, "kernel"), ("qwen2_vl", 0, "kernel"),
+                                                ("llama", 16, "kernel"), ("llama", 16, "prefill")])
+def test_mixed_graph_inputs_give_the_eager_logits(name: str, per: int, decodes: str) -> None:
     """Prefill and mixed steps through ``MixedGraphs``' padded static inputs (token, sequence and
-    key buckets; padding tokens at the scratch slot; padding programs on an empty sequence; every
-    sequence, decodes too, in the paged prefill kernel run by Triton's interpreter) give the eager
-    step's logits: first chunks, a long prompt's later chunks after its cached keys, and decodes;
-    for the VL model, image rows (and M-RoPE positions) through the static image buffer. With
-    ``per`` = 16, the kernel's keys in ranges of 16: the key bucket's 512 keys make 32 ranges, most
+    key buckets; padding tokens at the scratch slot; padding programs on an empty sequence; the
+    chunks in the paged prefill kernel, the decodes in the paged decode kernel at their rows, both run
+    by Triton's interpreter; with ``decodes`` "prefill", the decodes in the prefill kernel too) give
+    the eager step's logits: first chunks, a long prompt's later chunks after its cached keys, and
+    decodes; for the VL model, image rows (and M-RoPE positions) through the static image buffer. With
+    ``per`` = 16, the kernels' keys in ranges of 16: the key bucket's 512 keys make 32 ranges, most
     past every sequence's keys, the long prompt's later chunk spans two."""
-    ranges, worst = run_interpreted("-c", MIXED_GRAPH_CHECK, name, str(per)).split()[-2:]
+    ranges, worst = run_interpreted("-c", MIXED_GRAPH_CHECK, name, str(per), decodes).split()[-2:]
     assert int(ranges) == (32 if per else 1) and float(worst) < 1e-4
 
 
@@ -466,6 +470,10 @@ def test_program_rows_cover_every_query_row_once() -> None:
     want_seq, want_row = programs(spans)
     assert seq_of[:len(want_seq)].tolist() == want_seq and row0[:len(want_row)].tolist() == want_row
     assert seq_of[len(want_seq):].eq(5).all() and len(seq_of) == P
+    seq_of, row0 = program_rows(nq, t0, P, pad_seq=5, decodes=False)  # the decode kernel takes sequence 0
+    want_seq, want_row = programs([(a, n, k0, ctx) for a, n, k0, ctx in spans if n != 1])
+    assert seq_of[:len(want_seq)].tolist() == [s + 1 for s in want_seq] and row0[:len(want_row)].tolist() == want_row
+    assert 0 not in seq_of.tolist() and seq_of[len(want_seq):].eq(5).all()
 
 
 def test_program_rows_stay_off_torchs_cpu_repeat_interleave(monkeypatch) -> None:
@@ -512,7 +520,8 @@ def _graph_stage(sp: int = 2, a2a: bool = True):
     """What the graph classes read of a stage: a tiny last stage, ``sp`` ranks, the LL all-to-all or not."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(a=SimpleNamespace(mrope_section=None, vision=None, hidden=8, vocab=16), block_size=BLOCK,
+    return SimpleNamespace(a=SimpleNamespace(mrope_section=None, vision=None, hidden=8, vocab=16, heads=4, kv_heads=2),
+                           block_size=BLOCK,
                            par=SimpleNamespace(device=torch.device("cpu"), sp=sp), dtype=torch.float32, scratch_slot=3,
                            model=SimpleNamespace(embed=object(), lm_head=object()), paged_prefill_ok=True,
                            sp_a2a=object() if a2a else None)
