@@ -92,9 +92,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys.
 
     With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
-    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned; every row of ``rows`` below ``R``). A
-    sequence with no keys (``lens 0``) writes zeros there (a captured mixed step's decodes, the other
-    slots pointing at a scratch row: ``paged_prefill.attend``)."""
+    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned). A sequence with no keys (``lens 0``)
+    reads and writes nothing, its programs exiting at once, so its row may lie past ``q`` (a captured
+    mixed step's decodes among its ``S + 1`` slots, the others pointing at a scratch row:
+    ``paged_prefill.attend``)."""
     S = table.shape[0] if rows is not None else q.shape[0]
     hq, D = q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
@@ -114,7 +115,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         HAS_ROWS=at["HAS_ROWS"], USE_GDC=gdc, launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
     )
     if not direct:
-        _combine[(S, hq)](out, lse, o, at["ROWS"], nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
+        _combine[(S, hq)](out, lse, o, at["ROWS"], lens, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
                           BLOCK_R=triton.next_power_of_2(nsplit), HAS_ROWS=at["HAS_ROWS"], USE_GDC=gdc, launch_pdl=gdc)
     return o
 
@@ -220,9 +221,12 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
+        n_keys = tl.load(LENS + s)
+        if HAS_ROWS:
+            if n_keys == 0:  # a slot that is no decode: nothing to read or write (its row may lie past q)
+                return
         q = tl.load(Q + row * stride_qs + (h * G + g)[:, None] * stride_qh + d[None, :],
                     mask=(g < G)[:, None] & dmask[None, :], other=0.0)
-        n_keys = tl.load(LENS + s)
         lo = r * keys_per_split
         hi = tl.minimum(lo + keys_per_split, n_keys)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -244,12 +248,15 @@ if triton is not None:
         tl.store(LSE + base * BLOCK_G + g, lse)
 
     @triton.jit
-    def _combine(OUT, LSE, O, ROWS, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    def _combine(OUT, LSE, O, ROWS, LENS, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROWS: tl.constexpr = False,
                  USE_GDC: tl.constexpr = False):
         depend(USE_GDC)
         s = tl.program_id(0)
         qh = tl.program_id(1)  # query head: KV head qh // G, row qh % G of its group
+        if HAS_ROWS:
+            if tl.load(LENS + s) == 0:  # no decode (``_partial`` wrote no range)
+                return
         hq = tl.num_programs(1)
         H = hq // G
         r = tl.arange(0, BLOCK_R)
