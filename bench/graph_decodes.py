@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HEADS = {"llama-3.1-8b": (32, 8, 128), "qwen2-vl-7b": (28, 4, 128)}
-DECODES = ((0, 0), (8, 1500), (32, 500), (32, 1500), (32, 4000), (128, 500), (128, 1500), (128, 4000))
+DECODES = ((0, 0), (2, 1500), (8, 1500), (8, 4000), (32, 500), (32, 1500), (32, 4000), (128, 500), (128, 1500), (128, 4000))
 PATHS = ("prefill_kernel", "decode_kernel")
 
 
@@ -44,7 +44,7 @@ def step_inputs(chunk: int, decodes: int, ctx: int, slots: int, block: int, deco
     """``(PrefillInputs, T, cache slots)`` of a captured step (int64, as ``MixedGraphs._pack`` lays them
     out): sequence 0 a first chunk of ``chunk`` tokens, then ``decodes`` sequences of one query after
     ``ctx - 1`` cached keys; ``slots`` sequence slots plus the empty one; each sequence's blocks in turn."""
-    from executors import paged_prefill
+    from executors import paged_decode, paged_prefill
     from executors.graphs import TOKEN_BUCKETS, bucket, keys_bucket
 
     nq = [chunk] + [1] * decodes
@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tiny", action="store_true", help="CPU dry run, small shapes (with TRITON_INTERPRET=1)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--slots", type=int, default=256)
+    ap.add_argument("--fill", default="", help="comma-separated paged_decode.GRAPH_FILL_SEQS values to time the "
+                    "decode kernel at too (the decodes its key ranges fill the GPU for)")
     a = ap.parse_args(argv)
     from bench.common import command_line, graphed_us, write_report
-    from executors import paged_prefill
+    from executors import paged_decode, paged_prefill
 
     dev = torch.device("cpu" if a.tiny else "cuda")
     heads = {"tiny": (8, 2, 16)} if a.tiny else HEADS
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command_line("bench/graph_decodes.py", argv),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype).split(".")[-1],
-        "chunk": chunk, "slots": slots, "block": block, "rows": []}
+        "chunk": chunk, "slots": slots, "block": block, "fill": paged_decode.GRAPH_FILL_SEQS, "rows": []}
     g = torch.Generator(device=dev).manual_seed(0)
     for model, (hq, hkv, D) in heads.items():
         for decodes, ctx in cases:
@@ -99,6 +101,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fn = lambda: paged_prefill.attend(q, k, v, pre)  # noqa: E731
                 outs.append(fn().float())
                 row[path + "_us"] = round(graphed_us(fn), 2) if dev.type == "cuda" else None
+            fill = paged_decode.GRAPH_FILL_SEQS
+            for n in [int(x) for x in a.fill.split(",") if x]:  # the decode kernel's ranges cut for n decodes
+                paged_decode.GRAPH_FILL_SEQS = n
+                row[f"decode_kernel_fill{n}_us"] = round(graphed_us(fn), 2) if dev.type == "cuda" else None
+            paged_decode.GRAPH_FILL_SEQS = fill
             row["tokens"] = T
             row["max_abs_diff"] = float(f"{float((outs[0] - outs[1]).abs().max()):.3g}")
             if row["prefill_kernel_us"]:
@@ -113,14 +120,17 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# A captured mixed step's decodes: paged prefill kernel vs paged decode kernel ({r['device']})", "",
              f"torch {r['torch']}, {r['dtype']}, one layer's attention: a first chunk of {r['chunk']} tokens beside "
              f"D decodes of C keys, {r['slots']} sequence slots, blocks of {r['block']} keys; GPU us of one call, "
-             f"cold L2. Command: `{r['command']}`.", "",
-             "| model (heads / KV heads) | D decodes | C keys | step tokens (bucket) | decodes in the prefill kernel, us "
-             "| in the decode kernel, us | ratio | max abs diff |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"cold L2; the decode kernel's key ranges cut for {r['fill']} decodes (``GRAPH_FILL_SEQS``). "
+             f"Command: `{r['command']}`.", ""]
+    sweep = [k for k in r["rows"][0] if k.startswith("decode_kernel_fill")] if r["rows"] else []
+    lines += ["| model (heads / KV heads) | D decodes | C keys | step tokens (bucket) | decodes in the prefill kernel, us "
+              "| in the decode kernel, us | ratio | max abs diff |"
+              + "".join(f" ranges for {k[18:-3]} decodes, us |" for k in sweep),
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(sweep)]
     for x in r["rows"]:
         lines.append(f"| {x['model']} ({x['heads'][0]} / {x['heads'][1]}) | {x['decodes']} | {x['context']} | "
                      f"{x['tokens']} | {x['prefill_kernel_us']} | {x['decode_kernel_us']} | {x.get('ratio', '-')} | "
-                     f"{x['max_abs_diff']} |")
+                     f"{x['max_abs_diff']} |" + "".join(f" {x[k]} |" for k in sweep))
     return "\n".join(lines) + "\n"
 
 

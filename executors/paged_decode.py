@@ -46,6 +46,9 @@ MAX_SPLITS = 64  # the combine kernel holds every range of a head at once
 # uncapped (64: 116.0 against 146.3; equal lengths unchanged, Llama's 100-2,000 keys 97.3 against 94.1):
 # bench/results/decode_splits.md
 MAX_KEYS_PER_SPLIT = 1024
+# with ``rows`` (a captured mixed step's decodes among its sequence slots, how many unknown until replay) the
+# ranges fill the GPU as for this many decodes: bench/results/graph_decodes.md
+GRAPH_FILL_SEQS = 16
 PARTIAL_WARPS, PARTIAL_STAGES = 4, 3  # the range kernel's launch (Triton's defaults; bench/decode_splits.py --sweep)
 _failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
 
@@ -92,7 +95,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys.
 
     With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
-    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned). A sequence with no keys (``lens 0``)
+    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), and the key ranges are cut for
+    ``GRAPH_FILL_SEQS`` sequences, not ``S``. A sequence with no keys (``lens 0``)
     reads and writes nothing, its programs exiting at once, so its row may lie past ``q`` (a captured
     mixed step's decodes among its ``S + 1`` slots, the others pointing at a scratch row:
     ``paged_prefill.attend``)."""
@@ -100,7 +104,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     hq, D = q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     G = hq // hkv
-    nsplit, per = splits(S, hkv, table.shape[1] * block_size)
+    nsplit, per = splits(min(S, GRAPH_FILL_SEQS) if rows is not None else S, hkv, table.shape[1] * block_size)
     BLOCK_D = triton.next_power_of_2(D)
     o = out if rows is not None else torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
     at = dict(ROWS=rows if rows is not None else lens, HAS_ROWS=rows is not None)
