@@ -47,7 +47,9 @@ MAX_SPLITS = 64  # the combine kernel holds every range of a head at once
 # bench/results/decode_splits.md
 MAX_KEYS_PER_SPLIT = 1024
 # with ``rows`` (a captured mixed step's decodes among its sequence slots, how many unknown until replay) the
-# ranges fill the GPU as for this many decodes: bench/results/graph_decodes.md
+# ranges fill the GPU as for this many decodes where a table holds more than one range's keys; where it holds
+# one (key buckets up to 1,024), one range, so no combine launches over every slot (graph_splits; measured on
+# an H200 for 257 slots: bench/results/graph_decodes.sweep.md)
 GRAPH_FILL_SEQS = 16
 PARTIAL_WARPS, PARTIAL_STAGES = 4, 3  # the range kernel's launch (Triton's defaults; bench/decode_splits.py --sweep)
 _failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
@@ -75,6 +77,15 @@ def splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
     return nsplit, -(-chunks // nsplit) * BLOCK_N
 
 
+def graph_splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
+    """``splits`` of a captured mixed step's decodes over its ``S`` sequence slots (``paged_decode``
+    with ``rows``): one range where ``max_keys`` fit one (``capped_ranges``): ranges over every slot
+    would launch a combine of ``S x hq`` programs, most of them on slots with no decode; else cut to
+    fill the GPU for ``GRAPH_FILL_SEQS`` decodes (few decodes of long contexts in as many programs as a
+    decode step of them would have)."""
+    return splits(S if capped_ranges(max_keys) <= 1 else min(S, GRAPH_FILL_SEQS), hkv, max_keys)
+
+
 def paged_decode_or_none(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                          lens: torch.Tensor, block_size: int) -> torch.Tensor | None:
     """``paged_decode``, or None (with one warning) if the kernel fails to build or launch here: a
@@ -95,8 +106,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys.
 
     With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
-    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), and the key ranges are cut for
-    ``GRAPH_FILL_SEQS`` sequences, not ``S``. A sequence with no keys (``lens 0``)
+    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), key ranges from ``graph_splits``. A
+    sequence with no keys (``lens 0``)
     reads and writes nothing, its programs exiting at once, so its row may lie past ``q`` (a captured
     mixed step's decodes among its ``S + 1`` slots, the others pointing at a scratch row:
     ``paged_prefill.attend``)."""
@@ -104,7 +115,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     hq, D = q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     G = hq // hkv
-    nsplit, per = splits(min(S, GRAPH_FILL_SEQS) if rows is not None else S, hkv, table.shape[1] * block_size)
+    nsplit, per = (graph_splits if rows is not None else splits)(S, hkv, table.shape[1] * block_size)
     BLOCK_D = triton.next_power_of_2(D)
     o = out if rows is not None else torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
     at = dict(ROWS=rows if rows is not None else lens, HAS_ROWS=rows is not None)
