@@ -160,9 +160,9 @@ class CostModel:
         comp = mem = ovh = comm = 0.0
         links, ab = self.links, self.rates.a_bytes
         graph = self.graphed(shape, s)  # collectives captured in a CUDA graph
-        # attention reads the step as it is; a graphed mixed step's decodes run in the paged prefill kernel,
-        # which serves prefill chunks of graphed steps and of eager ones with two or more (executors.paged_prefill)
-        attn = replace(shape, graphed_mixed=True) if graph and shape.mixed and self.launch is not None else shape
+        # attention reads the step as it is: the paged prefill kernel serves prefill chunks of graphed steps and of
+        # eager ones with two or more (executors.paged_prefill); decodes run the decode kernel either way
+        attn = shape
         paged = self.launch is not None and (graph or shape.seqs - shape.decode_seqs >= 2)
         shape = self.graph_rows(shape) if graph else shape  # every other op: the step graph's rows, padding included
         sums, absorbed = self._fusion(block, shape, t, s, graph)
@@ -232,9 +232,7 @@ class CostModel:
         """``decode``, the decode part of mixed step ``shape``, marked ``graphed_mixed`` where this
         engine replays ``shape`` as a CUDA graph on an sp group of ``sp`` (its decodes then run in the
         paged prefill kernel), for costing the part on its own (``costmodels.simulator.ModelCoster``)."""
-        if self.launch is None or not self.graphed(shape, sp):
-            return decode
-        return replace(decode, graphed_mixed=True)
+        return decode
 
     def mixed_extra_ms(self, shape: StepShape, layers: int, *, sp: int, mode: str) -> float:
         """A graphed mixed step's GPU time beyond the op model on a stage of ``layers`` decoder layers
