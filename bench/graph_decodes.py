@@ -120,7 +120,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# A captured mixed step's decodes: paged prefill kernel vs paged decode kernel ({r['device']})", "",
              f"torch {r['torch']}, {r['dtype']}, one layer's attention: a first chunk of {r['chunk']} tokens beside "
              f"D decodes of C keys, {r['slots']} sequence slots, blocks of {r['block']} keys; GPU us of one call, "
-             f"cold L2; the decode kernel's key ranges cut for {r['fill']} decodes (``GRAPH_FILL_SEQS``). "
+             f"cold L2; the decode kernel's key ranges as a graph cuts them (``paged_decode.graph_splits``: one where "
+             f"the key bucket fits one, else as for {r['fill']} decodes). "
              f"Command: `{r['command']}`.", ""]
     sweep = [k for k in r["rows"][0] if k.startswith("decode_kernel_fill")] if r["rows"] else []
     lines += ["| model (heads / KV heads) | D decodes | C keys | step tokens (bucket) | decodes in the prefill kernel, us "
