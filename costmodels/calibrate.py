@@ -56,14 +56,11 @@ class Grids:
     dec_max_tokens: int = 3_000_000
     dec_kv_heads: list[int] = field(default_factory=lambda: [8])  # KV heads per GPU of the engine kernel's points
     # the engine's paged prefill kernel (``run_prefill_engine``): B sequences of L new tokens each, at most
-    # pre_max_tokens in all; B decode rows of C keys each (as graphed mixed steps run their decodes); at
-    # each KV head count of dec_kv_heads and each query-head group of pre_groups (powers of two: the
-    # kernel pads a group to one)
+    # pre_max_tokens in all; at each KV head count of dec_kv_heads and each query-head group of pre_groups
+    # (powers of two: the kernel pads a group to one)
     pre_L: list[int] = field(default_factory=list)
     pre_B: list[int] = field(default_factory=list)
     pre_max_tokens: int = 4096
-    pre_dec_B: list[int] = field(default_factory=list)
-    pre_dec_C: list[int] = field(default_factory=list)
     pre_groups: list[int] = field(default_factory=lambda: [8])
     mem_T: list[int] = field(default_factory=list)
     widths: dict[str, int] = field(default_factory=dict)
@@ -80,7 +77,7 @@ class Grids:
                      dec_B=[1, 3, 6, 12, 24, 48, 96, 192, 384], dec_C=[96, 192, 384, 768, 1536, 3072, 6144, 12288, 24576],
                      dec_kv_heads=[8, 4, 2, 1], mem_T=[2 ** i for i in range(17)], widths=_WIDTHS,
                      pre_L=[16, 32, 64, 128, 256, 512, 1024, 2048], pre_B=[1, 2, 4, 8, 16, 32],
-                     pre_dec_B=[1, 4, 16, 64, 256], pre_dec_C=[128, 512, 2048, 8192], pre_groups=[1, 4, 8])
+                     pre_groups=[1, 4, 8])
 
     @staticmethod
     def quick() -> "Grids":
@@ -95,7 +92,7 @@ class Grids:
         """Tiny shapes so the whole path runs on a CPU in seconds (the numbers mean nothing)."""
         return Grids(gemm_m=[1, 8, 64], gemm_nk=[64, 256], bias_nk=[64, 256], attn_heads=(4, 2, 16), attn_L=[16, 64], attn_B=[1, 2],
                      full_heads=(4, 16), full_more_heads=[2], full_L=[16, 64], full_B=[1, 2], dec_B=[1, 4], dec_C=[32, 128],
-                     pre_L=[16, 64], pre_B=[1, 2], pre_dec_B=[1, 4], pre_dec_C=[32, 128], pre_groups=[1, 2],
+                     pre_L=[16, 64], pre_B=[1, 2], pre_groups=[1, 2],
                      mem_T=[1, 32, 256], widths={k: max(32, v // 64) for k, v in _WIDTHS.items()})
 
 
@@ -410,13 +407,10 @@ def run_prefill_engine(grids: Grids, timer: Callable[[Callable[[], object]], flo
                        out_of_time: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
     """The engine's paged prefill kernel (``executors.paged_prefill.paged_prefill``, block size 16),
     the kernel every prefill and mixed step the engine replays as a CUDA graph runs, for each KV head
-    count of ``grids.dec_kv_heads`` and query-head group of ``grids.pre_groups``:
-
-    * ``kind: prefill``: B sequences of L new tokens each (no cached keys), ``L x B <= pre_max_tokens``;
-    * ``kind: decode``: B sequences of one new token after C - 1 cached keys (a graphed mixed step's
-      decodes, which this kernel runs, not the decode kernel).
-
-    Each sequence's block table is as wide as a step graph's (``executors.graphs.keys_bucket`` of its
+    count of ``grids.dec_kv_heads`` and query-head group of ``grids.pre_groups``: B sequences of L new
+    tokens each (no cached keys), ``L x B <= pre_max_tokens`` (``kind: prefill``; a graphed mixed step's
+    decodes run the decode kernel, ``run_decode_engine``). Each sequence's block table is as wide as a
+    step graph's (``executors.graphs.keys_bucket`` of its
     keys), so the kernel splits its keys into the ranges it does in a graph. Points {kind, L, B, C,
     heads, kv_heads, head_dim, ms, kernel}; none where the kernel does not serve this device."""
     import torch
@@ -428,7 +422,6 @@ def run_prefill_engine(grids: Grids, timer: Callable[[Callable[[], object]], flo
     if not paged_prefill.supported(dt, dt, torch.device("cuda"), False):
         return []
     cases = [("prefill", L, B, L) for L in grids.pre_L for B in grids.pre_B if L * B <= grids.pre_max_tokens]
-    cases += [("decode", 1, B, C) for B in grids.pre_dec_B for C in grids.pre_dec_C]
     pts = []
     for hkv in grids.dec_kv_heads:
         for group in grids.pre_groups:

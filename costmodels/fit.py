@@ -68,26 +68,19 @@ def fit_decode_engine(points: list[dict], overhead_us: float, gpu: str) -> LogGr
     return fit_decode(points, ("B", "C", "kv_heads"), overhead_us, gpu)
 
 
-def fit_prefill_engine(points: list[dict], overhead_us: float, gpu: str) -> tuple[LogGrid | None, LogGrid | None]:
-    """The engine's paged prefill kernel (``calibrate.run_prefill_engine``) as two tables over its query
-    heads per KV head (``group``, a power of two: the kernel pads a group to one, so a model's group
-    reads the table at its padded size):
-
-    * on prefill chunks, compute efficiency e(L, B, kv_heads, group) = 4 heads D pairs / (t x bf16
-      peak), pairs = B L (L + 1) / 2;
-    * on decode rows (a graphed mixed step's decodes), bandwidth efficiency e(B, C, kv_heads, group)
-      of ``decode_attention_bytes``.
-
-    ``(None, None)`` for a kind with no points."""
+def fit_prefill_engine(points: list[dict], overhead_us: float, gpu: str) -> LogGrid | None:
+    """The engine's paged prefill kernel on prefill chunks (``calibrate.run_prefill_engine``'s points of
+    ``kind: prefill``) as compute efficiency e(L, B, kv_heads, group) = 4 heads D pairs / (t x bf16
+    peak), pairs = B L (L + 1) / 2, over its query heads per KV head (``group``, a power of two: the
+    kernel pads a group to one, so a model's group reads the table at its padded size); None with no
+    such points. (Points of ``kind: decode``, decode rows through this kernel, which graphed mixed
+    steps ran before their decodes moved to the decode kernel, are kept in the raw file and not read:
+    ``bench/results/graph_decodes.md``.)"""
     peak = get_gpu(gpu).bf16_tflops * 1e12
-    pts = [{**p, "group": p["heads"] // p["kv_heads"]} for p in points]
-    pre = [p for p in pts if p["kind"] == "prefill"]
-    dec = [p for p in pts if p["kind"] == "decode"]
-    prefill = _grid(pre, ("L", "B", "kv_heads", "group"),
-                    lambda p: 4 * p["heads"] * p["head_dim"] * p["B"] * p["L"] * (p["L"] + 1) / 2
-                    / (_net_s(p["ms"], overhead_us) * peak), log_values=True) if pre else None
-    decode = fit_decode(dec, ("B", "C", "kv_heads", "group"), overhead_us, gpu) if dec else None
-    return prefill, decode
+    pre = [{**p, "group": p["heads"] // p["kv_heads"]} for p in points if p["kind"] == "prefill"]
+    return _grid(pre, ("L", "B", "kv_heads", "group"),
+                 lambda p: 4 * p["heads"] * p["head_dim"] * p["B"] * p["L"] * (p["L"] + 1) / 2
+                 / (_net_s(p["ms"], overhead_us) * peak), log_values=True) if pre else None
 
 
 def _grid(points: list[dict], keys: tuple[str, ...], value, log_values: bool = False, *,
@@ -264,10 +257,10 @@ def fit_profile(raw: dict[str, Any], *, gpu: str, profile_id: str, device_name: 
     bias = fit_gemm_bias(raw["gemm_bias"]) if raw.get("gemm_bias") else None
     fp8 = fit_gemm_fp8(raw.get("gemm_fp8") or [], gpu, ovh, gemm)
     dec_engine = fit_decode_engine(raw["attn_decode_engine"], ovh, gpu) if raw.get("attn_decode_engine") else None
-    pre_engine, pre_engine_dec = fit_prefill_engine(raw.get("attn_prefill_engine") or [], ovh, gpu)
+    pre_engine = fit_prefill_engine(raw.get("attn_prefill_engine") or [], ovh, gpu)
     return Profile(gpu=g.name, id=profile_id, device_name=device_name, meta=meta, overhead_us=ovh, gemm=gemm,
                    attn_causal=causal, attn_full=full, attn_decode=dec, memops=memops,
                    collectives=profile_collectives(raw["collectives"], raw.get("collectives_meta"))
                    if isinstance(raw.get("collectives"), list) else {},
                    raw=raw, gemm_bias=bias, gemm_fp8=fp8, attn_decode_engine=dec_engine,
-                   attn_prefill_engine=pre_engine, attn_prefill_engine_decode=pre_engine_dec)
+                   attn_prefill_engine=pre_engine)

@@ -95,8 +95,7 @@ def merge(profile: Profile, calib: dict[str, Any], *, force: bool = False,
         out = replace(out, attn_decode_engine=fit_decode_engine(dec, profile.overhead_us, profile.gpu))
     if pre:  # the engine's prefill kernel, likewise
         raw["attn_prefill_engine"] = pre
-        tables = fit_prefill_engine(pre, profile.overhead_us, profile.gpu)
-        out = replace(out, attn_prefill_engine=tables[0], attn_prefill_engine_decode=tables[1])
+        out = replace(out, attn_prefill_engine=fit_prefill_engine(pre, profile.overhead_us, profile.gpu))
     merged = {**{k: meta.get(k) for k in META_KEYS}, "device_name": dev,
               "collective_points": len(coll), "gemm_fp8_points": len(fp8), "gemm_fp8_points_kept": kept,
               "gemm_fp8_points_dropped": dropped, **({"gemm_fp8_max_m": max_m} if max_m is not None else {}),

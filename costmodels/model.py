@@ -228,12 +228,6 @@ class CostModel:
         rows = bucket(shape.tokens)
         return shape if rows is None else replace(shape, tokens=float(rows))
 
-    def decode_part(self, shape: StepShape, decode: StepShape, sp: int) -> StepShape:
-        """``decode``, the decode part of mixed step ``shape``, marked ``graphed_mixed`` where this
-        engine replays ``shape`` as a CUDA graph on an sp group of ``sp`` (its decodes then run in the
-        paged prefill kernel), for costing the part on its own (``costmodels.simulator.ModelCoster``)."""
-        return decode
-
     def mixed_extra_ms(self, shape: StepShape, layers: int, *, sp: int, mode: str) -> float:
         """A graphed mixed step's GPU time beyond the op model on a stage of ``layers`` decoder layers
         (``costmodels.steps``, ``Launch.mixed_us_per_layer``); 0 for other steps and engines."""

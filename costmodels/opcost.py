@@ -17,12 +17,10 @@ with H this GPU's query heads where the profile measured several head counts; de
 attention (T = B) bandwidth efficiency e(B, C) with C = K/B context (for this repo's engine, its
 paged kernel's e(B, C, KV heads), plus the tail of a batch whose longest context reaches a longer
 key range than its mean, ``longest_range_tail_ms``); where this repo's engine runs its paged prefill
-kernel (``paged``: a step it replays as a CUDA graph, or an eager one with two or more prefill chunks;
-and the decodes of a graphed mixed step, ``StepShape.graphed_mixed``) that kernel's own tables, at
-the query heads per KV head padded to a power of two as the kernel pads them (``padded_group``):
-compute e(L, B, KV heads, group) on the F x padded / real FLOPs it does, and bandwidth e(B, C, KV
-heads, group) on decode rows, whose step also waits for its longest decode alone
-(``paged_decode_rows_tail_ms``); memory-bound ops measured
+kernel (``paged``: a step it replays as a CUDA graph, or an eager one with two or more prefill chunks)
+that kernel's own table, at the query heads per KV head padded to a power of two as the kernel pads
+them (``padded_group``): compute e(L, B, KV heads, group) on the F x padded / real FLOPs it does (a
+mixed step's decodes run the decode kernel, graphed or not); memory-bound ops measured
 time vs elements. Without a profile: e_compute = 0.7, e_mem = 0.8, 4 us per launch.
 Memory-bound ops are timed as HF runs them (eager: RMSNorm alone is ~7 kernels) unless
 ``Rates.fused``: an engine that fuses elementwise work (torch.compile, TensorRT) moves each op's
@@ -189,40 +187,12 @@ def _paged_prefill(rates: Rates, prof: Profile | None) -> bool:
     return rates.engine_decode and prof is not None and prof.attn_prefill_engine is not None
 
 
-def _paged_rows(s: StepShape, rates: Rates, prof: Profile | None) -> bool:
-    """``s`` is a graphed mixed step's decode part and the profile measured the kernel on decode rows."""
-    return s.graphed_mixed and rates.engine_decode and prof is not None and prof.attn_prefill_engine_decode is not None
-
-
-def _paged_decode_rows_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile) -> float:
-    """Decode rows ``s`` (one query each) through the paged prefill kernel, from its measured
-    bandwidth efficiency at the batch's mean context (no longest-decode tail)."""
-    ts = t * sp
-    kv_local = max(1.0, r.kv_heads / ts)
-    nbytes = (r.kv_read(s) + r.kv_written(s)) * kv_local / r.kv_heads * rates.kv_bytes \
-        + (r.act_read(s) + r.act_written(s)) / ts * rates.a_bytes
-    seqs = max(s.seqs, 1.0)
-    eff = prof.attn_prefill_engine_decode(seqs, max(s.kv / seqs, 1.0), kv_local, padded_group(r))
-    return nbytes / (rates.bw * max(eff, 1e-4)) * 1e3
-
-
-def paged_decode_rows_tail_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile) -> float:
-    """What a graphed mixed step's longest decode adds to its decode rows: the kernel's programs run
-    at once, so the rows take at least as long as that decode alone at its context,
-
-        tail = max(0, rows(1 sequence, longest context) - rows(the batch at its mean context))."""
-    if s.decode_max_kv <= 0:
-        return 0.0
-    alone = StepShape.decode([int(math.ceil(s.decode_max_kv))])
-    return max(0.0, _paged_decode_rows_ms(r, alone, t, sp, rates, prof) - _paged_decode_rows_ms(r, s, t, sp, rates, prof))
-
-
 def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,
                ovh_us: float, paged: bool = False) -> tuple[float, float, float]:
     if s.mixed:  # prefill chunks + decodes: one varlen kernel, each part at its own efficiency
         p, d = s.split()
         cp, mp, op = _attention(r, p, t, sp, rates, prof, ovh_us, paged)
-        cd, md, _ = _attention(r, replace(d, graphed_mixed=s.graphed_mixed), t, sp, rates, prof, ovh_us)
+        cd, md, _ = _attention(r, d, t, sp, rates, prof, ovh_us)
         return cp + cd, mp + md, op
     ts = t * sp
     frac = 1.0 / ts
@@ -238,10 +208,6 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
         c = flops / (rates.attn_flops * ROOFLINE_COMPUTE_EFF) * 1e3
         mem = (kv_bytes + act_bytes) / (rates.bw * ROOFLINE_MEM_EFF) * 1e3
         return c, mem, ovh_us * 1e-3
-    if q_per_seq < 1.5 and _paged_rows(s, rates, prof):
-        # a graphed mixed step's decodes: rows of the paged prefill kernel
-        mem = _paged_decode_rows_ms(r, s, t, sp, rates, prof)
-        return 0.0, mem + paged_decode_rows_tail_ms(r, s, t, sp, rates, prof), ovh_us * 1e-3
     if q_per_seq < 1.5:  # decode: bandwidth-bound read of each sequence's KV
         ctx = max(s.kv / seqs, 1.0)
         if rates.engine_decode and prof.attn_decode_engine is not None:  # at this GPU's KV heads
@@ -269,8 +235,6 @@ def decode_tail_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: 
     """Decode attention op ``r``'s longest-range tail on step ``s`` (``longest_range_tail_ms`` at this
     GPU's KV heads, the batch's mean and longest context); 0 off the engine's paged kernel or with
     the longest decode unknown (``StepShape.decode_max_kv`` 0)."""
-    if _paged_rows(s, rates, prof):
-        return paged_decode_rows_tail_ms(r, s, t, sp, rates, prof)
     if not rates.engine_decode or prof is None or prof.attn_decode_engine is None or s.decode_max_kv <= 0:
         return 0.0
     seqs = max(s.seqs, 1.0)

@@ -14,12 +14,11 @@ fitted from (so a fit can be redone without the GPU). Tables, all in log2-space 
 * ``attn_decode_engine`` (when measured): the same efficiency of the engine's own paged decode kernel
   (``executors.paged_decode``, the one its CUDA graphs replay), e(B, C, kv heads per GPU): plans the
   engine runs read it in place of ``attn_decode`` (SDPA's kernels, which stand for a vendor's).
-* ``attn_prefill_engine`` / ``attn_prefill_engine_decode`` (when measured): the engine's paged prefill
-  kernel (``executors.paged_prefill``, which every prefill and mixed step it replays as a CUDA graph
-  runs), e(L, B, kv heads, group) on prefill chunks against the bf16 peak and e(B, C, kv heads, group)
-  on decode rows against HBM bandwidth; group = query heads per KV head, padded to a power of two as
-  the kernel pads it. Plans the engine runs read them in place of ``attn_causal`` (cuDNN's flash
-  attention) and ``attn_decode_engine`` for the steps that run this kernel.
+* ``attn_prefill_engine`` (when measured): the engine's paged prefill kernel
+  (``executors.paged_prefill``, which the prefill chunks of every step it replays as a CUDA graph
+  run), e(L, B, kv heads, group) on prefill chunks against the bf16 peak; group = query heads per KV
+  head, padded to a power of two as the kernel pads it. Plans the engine runs read it in place of
+  ``attn_causal`` (cuDNN's flash attention) for the steps that run this kernel.
 * ``memops[name]``: time in microseconds of a memory-bound op (HF implementation: RMSNorm,
   LayerNorm, SiLU*mul, QuickGELU, RoPE, add, copy) vs the elements it produces.
 * ``gemm_bias``: extra microseconds a bias adds to a linear, e(M, N) (averaged over K).
@@ -79,10 +78,9 @@ class Profile:
     gemm_fp8: LogGrid | None = None  # e(M, N, K) of FP8 GEMMs against the FP8 peak, when measured
     gemm_fp8_tensor: LogGrid | None = None  # the same for per-tensor-scaled FP8 GEMMs, when measured
     attn_decode_engine: LogGrid | None = None  # e(B, C, kv heads) of the engine's paged decode kernel, when measured
-    # the engine's paged prefill kernel, when measured: compute e(L, B, kv heads, group) on prefill chunks and
-    # bandwidth e(B, C, kv heads, group) on decode rows (group: query heads per KV head, padded to a power of two)
+    # the engine's paged prefill kernel, when measured: compute e(L, B, kv heads, group) on prefill chunks
+    # (group: query heads per KV head, padded to a power of two)
     attn_prefill_engine: LogGrid | None = None
-    attn_prefill_engine_decode: LogGrid | None = None
     steps: dict[str, Any] = field(default_factory=dict)  # step-level terms of the engine (``costmodels.steps``)
 
     def memop_us(self, name: str, elements: float) -> float | None:
@@ -111,8 +109,6 @@ class Profile:
                 **({"gemm_fp8_tensor": self.gemm_fp8_tensor.to_json()} if self.gemm_fp8_tensor else {}),
                 **({"attn_decode_engine": self.attn_decode_engine.to_json()} if self.attn_decode_engine else {}),
                 **({"attn_prefill_engine": self.attn_prefill_engine.to_json()} if self.attn_prefill_engine else {}),
-                **({"attn_prefill_engine_decode": self.attn_prefill_engine_decode.to_json()}
-                   if self.attn_prefill_engine_decode else {}),
             },
             "collectives": self.collectives,
             **({"steps": self.steps} if self.steps else {}),
@@ -133,8 +129,6 @@ class Profile:
                    gemm_fp8_tensor=LogGrid.from_json(t["gemm_fp8_tensor"]) if "gemm_fp8_tensor" in t else None,
                    attn_decode_engine=LogGrid.from_json(t["attn_decode_engine"]) if "attn_decode_engine" in t else None,
                    attn_prefill_engine=LogGrid.from_json(t["attn_prefill_engine"]) if "attn_prefill_engine" in t else None,
-                   attn_prefill_engine_decode=(LogGrid.from_json(t["attn_prefill_engine_decode"])
-                                               if "attn_prefill_engine_decode" in t else None),
                    steps=d.get("steps", {}))
 
 

@@ -45,10 +45,7 @@ class StepShape:
     mixed step (prefill chunks + decodes, as continuous batching makes them) can be costed as its two
     attention regimes instead of one averaged one. ``decode_max_kv``: the longest decoding
     sequence's keys (0: not known; a batch is then priced as if every sequence held the mean), which
-    sets the engine's paged decode kernel's longest key range (``costmodels.opcost``).
-    ``graphed_mixed``: a mixed step, or the decode part of one, that this repo's engine replays as a
-    CUDA graph, where the decodes run in the paged prefill kernel, not the decode kernel
-    (``costmodels.model.CostModel.decode_part``)."""
+    sets the engine's paged decode kernel's longest key range (``costmodels.opcost``)."""
 
     tokens: float
     pairs: float = 0.0
@@ -57,7 +54,6 @@ class StepShape:
     decode_seqs: float = 0.0
     decode_kv: float = 0.0
     decode_max_kv: float = 0.0
-    graphed_mixed: bool = False
 
     @staticmethod
     def prefill(lengths: list[int], cached: list[int] | None = None) -> "StepShape":

@@ -32,7 +32,7 @@ def g8():
 def h200():
     prof = load_profile("h200")  # datasheet links, bf16 table for fp8, no FP8 points, no engine attention tables
     return replace(prof, collectives={}, gemm_fp8=None, gemm_fp8_tensor=None, attn_decode_engine=None,
-                   attn_prefill_engine=None, attn_prefill_engine_decode=None,
+                   attn_prefill_engine=None,
                    raw={k: v for k, v in prof.raw.items()
                         if k not in ("gemm_fp8", "gemm_fp8_tensor", "attn_decode_engine", "attn_prefill_engine")})
 
@@ -463,13 +463,12 @@ def _prefill_engine_points(eff: dict[int, float], dec_eff: dict[int, float], ovh
 
 
 def test_engine_prefill_points_price_the_steps_that_run_the_paged_prefill_kernel(g8, h200):
-    """``--engine-attention``'s paged prefill kernel points become ``attn_prefill_engine`` (prefill
-    chunks, compute) and ``attn_prefill_engine_decode`` (decode rows, bandwidth), read at the model's
-    query heads per KV head padded to a power of two. This engine's steps that run the kernel read
-    them: a graphed prefill (up to the largest token bucket) and an eager one of two or more chunks;
-    an eager single prompt keeps cuDNN's table, and so do other engines. A graphed mixed step's
-    decodes are rows of this kernel and wait for their longest one alone; an eager mixed step's
-    run the decode kernel."""
+    """``--engine-attention``'s paged prefill kernel points on prefill chunks become
+    ``attn_prefill_engine`` (compute), read at the model's query heads per KV head padded to a power of
+    two; its points on decode rows (an earlier engine's graphed mixed steps) change nothing. This
+    engine's steps that run the kernel read it: a graphed prefill (up to the largest token bucket) and
+    an eager one of two or more chunks; an eager single prompt keeps cuDNN's table, and so do other
+    engines. A mixed step's decodes, graphed or not, are priced as the decode kernel's."""
     from costmodels.opcost import op_time
     from costmodels.steps import launch_for
     from costmodels.synthetic import build_graph as build
@@ -482,7 +481,9 @@ def test_engine_prefill_points_price_the_steps_that_run_the_paged_prefill_kernel
     assert out.id == f"{h200.id}+pre-2026-12-04" and out.meta["merged"]["attn_prefill_engine_points"] == len(calib["attn_prefill_engine"])
     back = read_profile_json(out)
     assert back.attn_prefill_engine.values == out.attn_prefill_engine.values
-    assert back.attn_prefill_engine_decode.values == out.attn_prefill_engine_decode.values
+    chunks_only = merge(h200, {**calib, "attn_prefill_engine": [p for p in calib["attn_prefill_engine"]
+                                                                if p["kind"] == "prefill"]})
+    assert chunks_only.attn_prefill_engine.values == out.attn_prefill_engine.values
     assert out.attn_causal.values == h200.attn_causal.values
     launch = launch_for(out, "shiftplan", "compile")
     qwen = build(load_config("qwen2-vl-7b"))  # 28 query heads over 4 KV heads: a group of 7, run as 8
@@ -506,17 +507,13 @@ def test_engine_prefill_points_price_the_steps_that_run_the_paged_prefill_kernel
                                                             eng.profile)[:2])
             assert attn_part(eng, shape) == pytest.approx(want, rel=1e-6)
             assert attn_part(other, shape) == pytest.approx(attn_part(CostModel(graph, "h200", profile=h200), shape))
-        # a graphed mixed step's decodes: rows of this kernel, at least as long as the longest decode alone
+        # a graphed mixed step: its chunks in this kernel, its decodes priced as a decode step's (the decode kernel)
         mixed, dec = StepShape.from_sequences([300] + [1] * 16, [300] + [128] * 15 + [2048])
-        part = eng.decode_part(mixed, dec, 1)
-        assert part.graphed_mixed and not eng.decode_part(*StepShape.from_sequences([3000, 1], [3000, 700]), 1).graphed_mixed
-        assert not other.decode_part(mixed, dec, 1).graphed_mixed
-        c, m, _ = op_time(attn, replace(part, decode_max_kv=0.0), 1, 1, eng.rates, eng.profile)
-        rows = lambda s: (attn.kv_read(s) + attn.kv_written(s)) * 2 + (attn.act_read(s) + attn.act_written(s)) * 2  # noqa: E731
-        assert c == 0 and m == pytest.approx(rows(part) / (eng.rates.bw * dec_eff[group]) * 1e3, rel=0.02)
-        alone = rows(StepShape.decode([2048])) / (eng.rates.bw * dec_eff[group] * 0.1) * 1e3
-        assert eng.decode_tail_ms(part) == pytest.approx(max(0.0, alone - m), rel=0.02) and eng.decode_tail_ms(part) > 0
-        assert op_time(attn, dec, 1, 1, eng.rates, eng.profile)[1] != pytest.approx(m, rel=0.02)  # the decode kernel's
+        pre = StepShape.prefill([300])
+        both, chunk, decodes = (op_time(attn, s, 1, 1, eng.rates, eng.profile, paged=p)
+                                for s, p in ((mixed, True), (pre, True), (dec, False)))
+        assert both[:2] == pytest.approx((chunk[0] + decodes[0], chunk[1] + decodes[1]), rel=1e-9)
+        assert chunk[0] != op_time(attn, pre, 1, 1, eng.rates, eng.profile)[0]  # the chunk: this kernel's table
 
 
 def test_paged_prefill_calibration_cases_are_what_a_step_graph_hands_the_kernel():

@@ -105,17 +105,16 @@ class ModelCoster:
         eb, po = self._eb, self._po  # LogGrid.index, inlined (the simulator's hot path)
         return -int(x + 0.5) - 1 if x < eb else int(math.log2(x) * po + 0.5)
 
-    def _at(self, key: tuple, mode: str, graphed_mixed: bool = False) -> tuple[float, ...]:
+    def _at(self, key: tuple, mode: str) -> tuple[float, ...]:
         """Cost-model time of the grid shape ``key`` = (kT, kS, kK, kB), cached (no longest decode:
-        ``_tail`` adds its share exactly); ``graphed_mixed``: a graphed mixed step's decode part
-        (``CostModel.decode_part``)."""
-        full = key + (mode, graphed_mixed)
+        ``_tail`` adds its share exactly)."""
+        full = key + (mode,)
         hit = self._steps.get(full)
         if hit is None:
             self.misses += 1
             v = self.grid.value
             shape = StepShape(v(key[0]), v(key[1]) if key[1] is not None else 0.0,
-                              v(key[2]) if key[2] is not None else 0.0, v(key[3]), graphed_mixed=graphed_mixed)
+                              v(key[2]) if key[2] is not None else 0.0, v(key[3]))
             hit = self._steps[full] = self.exact_stage_ms(shape, mode)
         return hit
 
@@ -130,14 +129,13 @@ class ModelCoster:
         kp = q(p)
         return self._at((kt, kp, kp if k == p else q(k), kt if b == t else q(b)), mode)
 
-    def _attention(self, t: float, p: float, k: float, b: float, mode: str,
-                   graphed_mixed: bool = False) -> tuple[float, ...]:
+    def _attention(self, t: float, p: float, k: float, b: float, mode: str) -> tuple[float, ...]:
         """Attention share of a (pure prefill or pure decode) part: its time less the same tokens'
         time with no attention pairs and no KV."""
         q = self._q
         kt, kb = q(t), q(b)
         kp = q(p)
-        with_attn = self._at((kt, kp, kp if k == p else q(k), kb), mode, graphed_mixed)
+        with_attn = self._at((kt, kp, kp if k == p else q(k), kb), mode)
         without = self._at((kt, None, None, kb), mode)
         return tuple(a - w for a, w in zip(with_attn, without))
 
@@ -150,8 +148,6 @@ class ModelCoster:
         step (``CostModel.mixed_extra_ms``); then each stage's host side when the engine
         launches the step eagerly (``CostModel.stage_wall_ms``: max(layers x host time, GPU time))."""
         self.calls += 1
-        if decode is not None and 0 < decode.tokens < shape.tokens:  # where its decodes run (their kernel)
-            decode = self.cost.decode_part(shape, decode, self.sp if mode == "sp_tp" else 1)
         gpu = self._exact(shape, mode, decode) if self.exact else self._gpu(shape, mode, decode)
         if decode is not None and 0 < decode.tokens < shape.tokens:  # a mixed step: its measured extra
             gpu = tuple(g + self.cost.mixed_extra_ms(shape, hi - lo + 1, sp=self.sp, mode=mode)
@@ -168,7 +164,7 @@ class ModelCoster:
             return tuple(x + y for x, y in zip(self._one(t, p, k, b, mode), self._tail(shape, mode)))
         dense = self._at((self._q(t), None, None, self._q(b)), mode)
         pre = self._attention(t - decode.tokens, p - decode.pairs, k - decode.kv, b - decode.seqs, mode)
-        dec = self._attention(decode.tokens, decode.pairs, decode.kv, decode.seqs, mode, decode.graphed_mixed)
+        dec = self._attention(decode.tokens, decode.pairs, decode.kv, decode.seqs, mode)
         return tuple(x + y + z + w for x, y, z, w in zip(dense, pre, dec, self._tail(decode, mode)))
 
     def _exact(self, shape: StepShape, mode: str, decode: StepShape | None) -> tuple[float, ...]:
