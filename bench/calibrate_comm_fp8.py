@@ -18,7 +18,7 @@ decode sizes, where the engine's kernel changed); ``--shard I/N`` times the grid
 and the rest go on; without FP8 tensor cores the GEMMs are skipped with the reason.
 ``--engine-attention`` (``--decode-engine``, its name before it timed the prefill kernel too) times
 the engine's paged decode kernel on the decode grid at 8, 4, 2 and 1 KV heads and its paged prefill
-kernel on prefill chunks and decode rows instead (``costmodels.calibrate.run_engine_kernels``; the
+kernel on prefill chunks instead (``costmodels.calibrate.run_engine_kernels``; the
 profile's ``attn_decode_engine`` and ``attn_prefill_engine``).
 
 Writes DIR/comm_fp8.json. Merge it into a profile on any machine (no GPU, no torch; FP8 points

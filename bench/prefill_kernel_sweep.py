@@ -6,7 +6,8 @@ Qwen2-VL-7B's (28 over 4, a group of 7 run as 8), head dim 128, bf16, block size
 table as wide as a step graph's (``executors.graphs.keys_bucket``):
 
 * prefill chunks: B sequences of L new tokens, no cached keys;
-* decode rows: B sequences of one new token after C - 1 cached keys (a graphed mixed step's decodes).
+* decode rows: B sequences of one new token after C - 1 cached keys (a graphed mixed step's decodes
+  when this sweep ran; they now run the paged decode kernel, ``bench/graph_decodes.py``).
 
 Each configuration's output is checked against the default launch's (``BLOCK_N``, ``WARPS``,
 ``STAGES`` of ``executors.paged_prefill``; largest absolute difference) and timed as ``costmodels.gpu_bench.Timer`` times the calibration (CUDA-graph

@@ -23,11 +23,12 @@ Prefill and mixed steps (``MixedGraphs``; plain TP, or SP x TP as above) are cap
 (``max_seqs``' bucket, at most ``T``) whatever the step holds: the static
 buffer is ``[tokens T | pos R*T | slots T | image flag T | sample S | t0, nq, ctx S+1 | seq_of, row0 P
 | table (S+1)*L/bs]``; a VL model's image rows are copied into one static ``[T, hidden]`` buffer before
-each replay. ``StageModel.mixed_forward`` attends every sequence (prefill chunks and decodes alike)
-with the paged prefill kernel (``executors.paged_prefill``) over a fixed grid of ``P = T / 16 + S``
-programs, each sequence's keys in ranges set by the key bucket ``L`` (``paged_prefill.splits``: a
-decode of 4,000 keys is four programs, not one); row ``S`` is an empty sequence that padding programs
-point at. Other SP x TP steps and steps past the largest bucket run eagerly.
+each replay. ``StageModel.mixed_forward`` attends the prefill chunks with the paged prefill kernel
+(``executors.paged_prefill``) over a fixed grid of ``P = T / 16 + S`` programs, each sequence's keys
+in ranges set by the key bucket ``L`` (``paged_prefill.splits``), and the decodes (sequences of one
+query row) with the paged decode kernel over the ``S + 1`` sequence slots, key count 0 on the others
+(``GRAPH_DECODES``; ``paged_prefill.PrefillInputs.decode_inputs``); row ``S`` is an empty sequence that
+padding programs point at. Other SP x TP steps and steps past the largest bucket run eagerly.
 
 Graphs share one memory pool, one static input buffer per kind (with its pinned host twin) and one
 static output (``[rows, V]`` logits or ``[rows, hidden]``): graphs run one at a time, each step
@@ -54,8 +55,8 @@ from plans.mesh import bucket
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 MIN_KEYS = 512
 # a captured step's decodes through the paged decode kernel (0: through the paged prefill kernel with the
-# chunks, where a program of 16 query rows holds one decode: 2-4x the decode kernel's time on an H200,
-# bench/results/prefill_engine_calibration.json)
+# chunks, where a program of 16 query rows holds one decode: one layer of 8-128 decodes took 1.1-2.3x the
+# decode kernel's time on an H200, bench/results/graph_decodes.md)
 GRAPH_DECODES = switch("SHIFTPLAN_GRAPH_DECODES")
 
 

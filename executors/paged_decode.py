@@ -107,31 +107,30 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
     With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
     goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), key ranges from ``graph_splits``. A
-    sequence with no keys (``lens 0``)
-    reads and writes nothing, its programs exiting at once, so its row may lie past ``q`` (a captured
-    mixed step's decodes among its ``S + 1`` slots, the others pointing at a scratch row:
-    ``paged_prefill.attend``)."""
-    S = table.shape[0] if rows is not None else q.shape[0]
-    hq, D = q.shape[1], q.shape[2]
+    sequence with no keys (``lens 0``) reads and writes nothing, its programs exiting at once, so its
+    row may lie past ``q`` (a captured mixed step's decodes among its ``S + 1`` slots, the others
+    pointing at a scratch row: ``paged_prefill.attend``)."""
+    S, hq, D = lens.shape[0], q.shape[1], q.shape[2]
+    has_rows = rows is not None
+    row_map = rows if has_rows else lens  # a pointer the kernels ignore without rows
     hkv = k_cache.shape[1]
     G = hq // hkv
-    nsplit, per = (graph_splits if rows is not None else splits)(S, hkv, table.shape[1] * block_size)
+    nsplit, per = (graph_splits if has_rows else splits)(S, hkv, table.shape[1] * block_size)
     BLOCK_D = triton.next_power_of_2(D)
-    o = out if rows is not None else torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
-    at = dict(ROWS=rows if rows is not None else lens, HAS_ROWS=rows is not None)
+    o = out if has_rows else torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
     direct = nsplit == 1  # one range per head: the partial result is the answer, no combine
     out = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, BLOCK_D, dtype=torch.float32, device=q.device)
     lse = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, dtype=torch.float32, device=q.device)
     gdc = gemv.pdl(q)
     _partial[(S, hkv, nsplit)](
-        q, k_cache, v_cache, table, lens, out, lse, at["ROWS"],
+        q, k_cache, v_cache, table, lens, out, lse, row_map,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct,
-        HAS_ROWS=at["HAS_ROWS"], USE_GDC=gdc, launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
+        HAS_ROWS=has_rows, USE_GDC=gdc, launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
     )
     if not direct:
-        _combine[(S, hq)](out, lse, o, at["ROWS"], lens, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
-                          BLOCK_R=triton.next_power_of_2(nsplit), HAS_ROWS=at["HAS_ROWS"], USE_GDC=gdc, launch_pdl=gdc)
+        _combine[(S, hq)](out, lse, o, row_map, lens, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
+                          BLOCK_R=triton.next_power_of_2(nsplit), HAS_ROWS=has_rows, USE_GDC=gdc, launch_pdl=gdc)
     return o
 
 

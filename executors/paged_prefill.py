@@ -24,11 +24,17 @@ where a row reads no key weighing 0 (``lse_r = -inf``). Ranges past ``hi`` exit 
 ``programs`` lists the (sequence, first row) of each program on the host.
 
 Why ranges: a program streams its keys one block after another, and a step waits on its longest
-programs. Mixed steps replayed as CUDA graphs put every sequence, decodes too, through this
-kernel, and a decode with 4,000 cached keys was one program of 63 blocks: on an H200, Qwen2-VL-7B's
-mixed steps (28 layers, 28 query heads over 4 KV heads) ran ~8 ms (~285 us a layer) longer than
-the cost model predicts when their decodes held ~4,000 keys, ~4.5 ms with ~2,400. The decode
-kernel's cap holds here too: ranges of at most ``paged_decode.MAX_KEYS_PER_SPLIT`` keys.
+programs. A prefill chunk after many cached keys (and, before captured steps sent their decodes to
+the decode kernel, each decode) reads them all: a decode with 4,000 cached keys was one program of
+63 blocks, and on an H200 Qwen2-VL-7B's mixed steps (28 layers, 28 query heads over 4 KV heads) ran
+~8 ms (~285 us a layer) longer than the cost model predicts when their decodes held ~4,000 keys. The
+decode kernel's cap holds here too: ranges of at most ``paged_decode.MAX_KEYS_PER_SPLIT`` keys.
+
+A captured step's decodes (``PrefillInputs.dec_rows``, ``executors.graphs.GRAPH_DECODES``) have no
+programs here: ``attend`` runs the paged decode kernel over the step's sequence slots beside this
+kernel, each decode's result written at its row of the same output (``paged_decode.paged_decode``
+with ``rows``). A decode in a program of this kernel filled one of its ``BLOCK_M`` query rows: one
+layer of 8-128 decodes took 1.1-2.3x the decode kernel's time (``bench/results/graph_decodes.md``).
 
 The split is a function of shapes only (``splits``), never of the step's values, since CUDA graphs
 capture the launches and their scratch with static buffers: from the block table's width ``L = nb x

@@ -255,8 +255,8 @@ class StageModel:
         """A prefill or mixed micro-batch in ``mode`` (``run_layers``) from device tensors alone (what a
         ``graphs.MixedGraphs`` graph captures): ``tokens [T]`` (or ``h_in [T, hidden]`` on later
         stages), ``pos [T]`` or ``[3, T]``, ``slots [T]``, ``sample [S]`` the rows whose logits are
-        wanted, ``pre`` every sequence's rows, key count and blocks (the paged prefill kernel
-        attends them all, decodes included); ``image = (flag [T], rows [T, hidden])``: rows with a
+        wanted, ``pre`` every sequence's rows, key count and blocks (the paged prefill kernel attends
+        the prefill chunks, the paged decode kernel the decodes: ``paged_prefill.attend``); ``image = (flag [T], rows [T, hidden])``: rows with a
         nonzero flag take their embedding from ``rows`` (image tokens). Returns ``[S, V]`` logits
         (last stage) or ``[T, hidden]``."""
         m = self.model
