@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fill", default="", help="comma-separated paged_decode.GRAPH_FILL_SEQS values to time the "
                     "decode kernel at too (the decodes its key ranges fill the GPU for)")
     a = ap.parse_args(argv)
-    from bench.common import command_line, graphed_us, write_report
+    from bench.common import command_line, driver_version, graphed_us, write_report
     from executors import paged_decode, paged_prefill
 
     dev = torch.device("cpu" if a.tiny else "cuda")
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": command_line("bench/graph_decodes.py", argv),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or "cpu"),
-        "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype).split(".")[-1],
+        "driver": driver_version(), "torch": torch.__version__, "python": platform.python_version(),
+        "dtype": str(dtype).split(".")[-1],
         "chunk": chunk, "slots": slots, "block": block, "fill": paged_decode.GRAPH_FILL_SEQS, "rows": []}
     g = torch.Generator(device=dev).manual_seed(0)
     for model, (hq, hkv, D) in heads.items():
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"# A captured mixed step's decodes: paged prefill kernel vs paged decode kernel ({r['device']})", "",
-             f"torch {r['torch']}, {r['dtype']}, one layer's attention: a first chunk of {r['chunk']} tokens beside "
+             f"driver {r.get('driver', '-')}, torch {r['torch']}, {r['dtype']}, one layer's attention: a first chunk of {r['chunk']} tokens beside "
              f"D decodes of C keys, {r['slots']} sequence slots, blocks of {r['block']} keys; GPU us of one call, "
              f"cold L2; the decode kernel's key ranges as a graph cuts them (``paged_decode.graph_splits``: one where "
              f"the key bucket fits one, else as for {r['fill']} decodes). "

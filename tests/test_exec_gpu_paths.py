@@ -8,6 +8,8 @@ the same cache and micro-batch; the GPU itself is covered by bench/engine_gpu_ch
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -1048,3 +1050,12 @@ def test_decode_ranges_cover_every_key_in_capped_whole_blocks() -> None:
                 if n < pd.MAX_SPLITS:
                     assert per <= max(pd.MAX_KEYS_PER_SPLIT, pd.BLOCK_N)
                 assert n * S * hkv >= min(pd.TARGET_PROGRAMS, S * hkv * min(-(-width // pd.BLOCK_N), pd.MAX_SPLITS))
+
+
+def test_graph_decodes_bench_compares_both_paths_of_a_captured_step(tmp_path) -> None:
+    """``bench/graph_decodes.py --tiny`` (Triton's interpreter): a captured step's attention with its
+    decodes in the paged prefill kernel and in the paged decode kernel at their rows gives the same
+    output, with and without decodes in the step."""
+    run_interpreted("bench/graph_decodes.py", "--out", str(tmp_path), "--tiny")
+    rows = json.loads((tmp_path / "graph_decodes.json").read_text())["rows"]
+    assert {r["decodes"] for r in rows} == {0, 3} and all(r["max_abs_diff"] < 1e-5 for r in rows)
