@@ -322,6 +322,21 @@ def test_paged_prefill_kernel_matches_packed_attention(per: int) -> None:
     assert int(ranges) == (3 if per else 1) and float(worst) < 1e-4
 
 
+def test_a_captured_steps_decode_ranges_are_cut_for_a_few_decodes_not_its_slots() -> None:
+    """``paged_decode.graph_splits`` (a captured mixed step's decodes over its ``S`` sequence slots): one
+    range where the key bucket fits one (no combine over every slot), else the ranges a decode step of
+    ``GRAPH_FILL_SEQS`` sequences would take, more than the slots' count would give."""
+    from executors.paged_decode import GRAPH_FILL_SEQS, MAX_KEYS_PER_SPLIT, graph_splits, splits
+
+    for hkv in (8, 4):
+        for keys in (512, MAX_KEYS_PER_SPLIT):
+            assert graph_splits(257, hkv, keys) == (1, keys)
+        for keys in (2048, 4096, 8192):
+            assert graph_splits(257, hkv, keys) == splits(GRAPH_FILL_SEQS, hkv, keys)
+        assert graph_splits(257, hkv, 2048)[0] > splits(257, hkv, 2048)[0]
+    assert graph_splits(4, 8, 2048) == splits(4, 8, 2048)  # fewer slots than that: their own count
+
+
 def test_prefill_key_ranges_follow_the_table_width(monkeypatch) -> None:
     """``paged_prefill.splits``: ranges of at most the decode kernel's cap (read from
     ``paged_decode``), in whole BLOCK_N, counted from the table's width alone; one range up to the
