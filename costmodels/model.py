@@ -46,7 +46,7 @@ from costmodels.hardware import dtype_bytes, get_gpu, matmul_tflops
 from costmodels.memory import MemoryBreakdown, memory_per_gpu
 from costmodels.opcost import OpRec, Rates, decode_tail_ms, op_rec, op_time, split_gating
 from costmodels.profile import Profile
-from costmodels.steps import FUSED_MAX_ROWS, GEMV_MAX_ROWS, Launch, fused_add_norm_ops
+from costmodels.steps import FUSED_MAX_ROWS, GEMV_MAX_ROWS, Launch, fused_add_norm_ops, graph_decode_programs
 from graph.opgraph import Block, OpGraph, StepShape
 from plans.errors import UserError
 from plans.mesh import ParallelDims, bucket, even_layers
@@ -234,6 +234,30 @@ class CostModel:
         if self.launch is None or not self.launch.mixed_us_per_layer:
             return 0.0
         return self.launch.mixed_us_per_layer * layers * 1e-3 if self.graphed(shape, sp if mode == "sp_tp" else 1) else 0.0
+
+    def graph_slots_ms(self, shape: StepShape, decode: StepShape | None, layers: int, *, tp: int, sp: int,
+                       mode: str, max_seqs: int) -> float:
+        """A captured prefill or mixed step ``shape`` (``decode``: its decode part, or None) runs the paged
+        decode kernel on every sequence slot of its step graph: the programs on the slots that hold no
+        decode, ``steps.graph_decode_programs`` over ``S + 1 - decodes`` slots, each
+        ``Launch.graph_slot_ns``, on a stage of ``layers`` decoder layers (``S``: ``max_seqs``' batch
+        bucket, at most the step's token bucket, as ``executors.graphs.MixedGraphs`` sizes it; the key
+        bucket of its longest context, its prefill chunks' taken at their mean). 0 for decode steps,
+        eager steps and other engines; the decodes' own programs are priced with their attention."""
+        from executors.graphs import BATCH_BUCKETS, keys_bucket
+
+        launch = self.launch
+        t, s = self._check(tp, sp, mode)
+        if launch is None or not launch.graph_slot_ns or shape.tokens <= shape.seqs or not self.graphed(shape, s):
+            return 0.0
+        dec = decode if decode is not None and 0 < decode.tokens < shape.tokens else StepShape(0.0, seqs=0.0)
+        seqs = min(bucket(max_seqs, BATCH_BUCKETS) or max_seqs, bucket(shape.tokens) or shape.tokens)
+        chunks = shape.seqs - dec.seqs
+        longest = max(shape.decode_max_kv, dec.decode_max_kv, (shape.kv - dec.kv) / chunks if chunks > 0 else 0.0)
+        attn = next(r for r in self._recs[self.decoders[0].name] if r.kind == "attention")
+        kv, heads = (max(1, round(h / (t * s))) for h in (attn.kv_heads, attn.heads))
+        programs = graph_decode_programs(int(seqs + 1 - dec.seqs), kv, heads, keys_bucket(int(longest + 0.5)))
+        return programs * launch.graph_slot_ns * 1e-6 * layers
 
     def driver_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
         """The engine driver's host time before a step it could not form ahead, encoding images of

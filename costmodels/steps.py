@@ -189,7 +189,8 @@ class Launch:
     ``form_ms``, ``form_prefill_ms``, ``form_ms_per_seq``, ``form_ms_per_kpatch``: the driver's host time
     before a step it did not form ahead (the last per 1,000 image patches the step encodes); ``mixed_us_per_layer``: a graphed mixed step's GPU time beyond the model a layer;
     ``decode_us_per_key``: the paged decode kernel's range program's time a key (the tail a batch of
-    unequal contexts waits for, ``opcost.longest_range_tail_ms``);
+    unequal contexts waits for, ``opcost.longest_range_tail_ms``); ``graph_slot_ns``: the launch of one
+    of that kernel's programs on a slot of a step graph that holds no decode (``graph_decode_programs``);
     ``all_reduce``: the symmetric-memory all-reduce of decode steps (None: NCCL's tables);
     ``all_to_all``: the LL all-to-all of graphed SP x TP steps (None: SP x TP steps run eagerly)."""
 
@@ -205,6 +206,7 @@ class Launch:
     form_ms_per_kpatch: float = 0.0
     mixed_us_per_layer: float = 0.0
     decode_us_per_key: float = 0.0
+    graph_slot_ns: float = 0.0
     all_reduce: SymmAllReduce | None = None
     all_to_all: SymmAllToAll | None = None
 
@@ -246,7 +248,7 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
                   form_ms=float(form.get("base", 0.0)), form_prefill_ms=float(form.get("prefill", 0.0)),
                   form_ms_per_seq=float(form.get("per_seq", 0.0)), form_ms_per_kpatch=value("form_ms_per_kpatch"),
                   mixed_us_per_layer=value("mixed_us_per_layer"),
-                  decode_us_per_key=value("decode_us_per_key"),
+                  decode_us_per_key=value("decode_us_per_key"), graph_slot_ns=value("graph_slot_ns"),
                   all_reduce=SymmAllReduce.of(symm["value"]) if symm else None,
                   all_to_all=SymmAllToAll.of(a2a["value"]) if a2a else None)
 
@@ -464,6 +466,46 @@ def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layer
     if not extra:
         raise ValueError("no graphed mixed step with GPU times in the trace")
     return statistics.median(extra), len(extra)
+
+
+def graph_decode_programs(slots: int, kv_heads: int, heads: int, keys: int) -> int:
+    """Programs of the paged decode kernel in a captured prefill or mixed step (``executors.graphs.
+    MixedGraphs``: the kernel runs over the graph's ``slots = S + 1`` sequence slots, decodes or not):
+    ``slots x kv_heads x nsplit`` range programs and, with ``nsplit > 1``, ``slots x heads`` combine
+    programs, ``nsplit`` from ``executors.paged_decode.graph_splits`` at the key bucket ``keys`` (this
+    GPU's KV and query heads). Those on slots with no decode exit at once; each still costs its launch."""
+    from executors.paged_decode import graph_splits
+
+    nsplit = graph_splits(slots, kv_heads, keys)[0]
+    return slots * kv_heads * nsplit + (slots * heads if nsplit > 1 else 0)
+
+
+def fit_graph_slot_ns(report: dict[str, Any]) -> tuple[float, int]:
+    """``(ns, points)``: the GPU time of one paged decode kernel program on a slot with no decode,
+    the least-squares slope through 0 of (a step's attention with the decode kernel - without it)
+    against the programs the kernel launched, over the steps with no decodes of a ``bench/graph_decodes.py
+    --fill`` report (one point per ranges' cut: the run's own, as for ``report["fill"]`` decodes at every
+    key bucket, and each ``--fill`` column's), the programs counted with ``executors.paged_decode.splits``
+    as that run cut them (its key bucket holds the first chunk's keys)."""
+    from executors.graphs import keys_bucket
+    from executors.paged_decode import splits
+
+    slots, keys = report["slots"] + 1, keys_bucket(report["chunk"])
+    xs, ys = [], []
+    for r in report["rows"]:
+        if r["decodes"]:
+            continue
+        heads, kv_heads, _ = r["heads"]
+        for col, us in r.items():
+            if not (col.startswith("decode_kernel") and col.endswith("_us")) or us is None:
+                continue
+            fill = report["fill"] if col == "decode_kernel_us" else int(col[len("decode_kernel_fill"):-3])
+            nsplit = splits(min(slots, fill), kv_heads, keys)[0]
+            xs.append(slots * kv_heads * nsplit + (slots * heads if nsplit > 1 else 0))
+            ys.append((us - r["prefill_kernel_us"]) * 1e3)
+    if not xs:
+        raise ValueError("no step without decodes in the report")
+    return sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), len(xs)
 
 
 def fit_decode_us_per_key(points: list[dict[str, Any]]) -> tuple[float, int]:

@@ -495,3 +495,42 @@ def test_the_decode_tail_is_fitted_from_the_calibration_and_charged_to_unequal_b
     charged = prof.steps["decode_us_per_key"]["value"]
     assert t_spread - t_even == pytest.approx(layers * longest_range_tail_ms(8, 4, 2650, 5000, charged), rel=1e-6)
     assert t_spread > t_even
+
+
+def test_the_decode_kernels_empty_graph_slots_are_fitted_from_the_sweep_and_charged_to_graphed_steps():
+    """``graph_slot_ns`` is what ``fit_graph_slot_ns`` gives on the committed ``graph_decodes`` sweep,
+    whose steps without decodes lie on its line (the decode kernel's cost there is its programs'
+    launches alone). The coster charges a graphed prefill or mixed step ``graph_decode_programs`` over
+    the slots of its step graph that hold no decode, times that, a layer: more with more slots (the
+    plan's ``max_seqs``), none for decode steps, eager steps or a coster that does not know the slots."""
+    from bench import step_fidelity as sf
+    from costmodels.steps import fit_graph_slot_ns, graph_decode_programs
+    from executors.graphs import keys_bucket
+    from executors.paged_decode import splits
+
+    sweep = json.loads((ROOT / "bench/results/graph_decodes.sweep.json").read_text())
+    ns, n = fit_graph_slot_ns(sweep)
+    prof = load_profile("h200")
+    assert n == 12 and prof.steps["graph_slot_ns"]["value"] == pytest.approx(ns, abs=1e-4)
+    slots, keys = sweep["slots"] + 1, keys_bucket(sweep["chunk"])
+    for r in (r for r in sweep["rows"] if r["decodes"] == 0):
+        nsplit = splits(min(slots, sweep["fill"]), r["heads"][1], keys)[0]
+        programs = slots * r["heads"][1] * nsplit + (slots * r["heads"][0] if nsplit > 1 else 0)
+        assert (r["decode_kernel_us"] - r["prefill_kernel_us"]) == pytest.approx(programs * ns * 1e-3, abs=0.6)
+    report = json.loads((ROOT / "bench/results/fidelity_2gpu.single.json").read_text())
+    plan = sf.plan_of(report, "llama", "single")
+    coster = sf.coster_of(plan)
+    cost, layers = coster.cost, len(coster.cost.decoders)
+    mixed, dec = StepShape.from_sequences([300] + [1] * 8, [300] + [1500] * 8)
+    prompt = StepShape.prefill([300])
+    per = prof.steps["graph_slot_ns"]["value"]
+    want = graph_decode_programs(64 + 1 - 8, 8, 32, 2048) * per * 1e-6 * layers  # max_seqs 64, Llama's heads
+    assert plan.scheduler.max_seqs == 64 and cost.graph_slots_ms(mixed, dec, layers, tp=1, sp=1, mode="tp",
+                                                                   max_seqs=64) == pytest.approx(want)
+    assert cost.graph_slots_ms(prompt, None, layers, tp=1, sp=1, mode="tp", max_seqs=256) > \
+        cost.graph_slots_ms(prompt, None, layers, tp=1, sp=1, mode="tp", max_seqs=64) > 0
+    for sh in (StepShape.decode([700] * 8), StepShape.prefill([3000])):  # a decode step; an eager step
+        assert cost.graph_slots_ms(sh, None, layers, tp=1, sp=1, mode="tp", max_seqs=64) == 0
+    blind = type(coster)(cost, stages=coster.stages, tp=1, sp=1, hidden=coster.hidden)  # no max_seqs
+    got = sum(coster.stage_ms(mixed, "tp", dec)) - sum(blind.stage_ms(mixed, "tp", dec))
+    assert got == pytest.approx(cost.graph_slots_ms(mixed, dec, layers, tp=1, sp=1, mode="tp", max_seqs=64))

@@ -23,7 +23,8 @@ def coster_for(plan: Plan, cost: CostModel, *, grid: LogGrid | None = None, exac
     cfg = SimConfig.from_plan(plan)
     return ModelCoster(cost, stages=[(s.first_layer, s.last_layer) for s in plan.stages], tp=cfg.tp, sp=cfg.sp,
                        hidden=int(cost.info.hidden), act_bytes=float(cost.rates.a_bytes),
-                       inter_node=[cfg.inter_node(b) for b in range(cfg.pp - 1)], grid=grid, exact=exact)
+                       inter_node=[cfg.inter_node(b) for b in range(cfg.pp - 1)], grid=grid, exact=exact,
+                       max_seqs=cfg.max_seqs)
 
 
 def cost_model_for_plan(plan: Plan, base_dir: str | Path = ".") -> CostModel:

@@ -80,8 +80,9 @@ class ModelCoster:
 
     def __init__(self, cost: CostModel, *, stages: list[tuple[int, int]], tp: int, sp: int, hidden: int,
                  act_bytes: float = 2.0, inter_node: list[bool] | None = None, grid: LogGrid | None = None,
-                 exact: bool = False):
+                 exact: bool = False, max_seqs: int | None = None):
         self.cost = cost
+        self.max_seqs = max_seqs  # the scheduler's: the sequence slots of the engine's step graphs
         self.stages = list(stages)
         self.pp = len(self.stages)
         self.tp, self.sp = tp, sp
@@ -152,6 +153,9 @@ class ModelCoster:
         if decode is not None and 0 < decode.tokens < shape.tokens:  # a mixed step: its measured extra
             gpu = tuple(g + self.cost.mixed_extra_ms(shape, hi - lo + 1, sp=self.sp, mode=mode)
                         for g, (lo, hi) in zip(gpu, self.stages))
+        if self.max_seqs:  # a captured prefill or mixed step: the decode kernel on its graph's empty slots
+            gpu = tuple(g + self.cost.graph_slots_ms(shape, decode, hi - lo + 1, tp=self.tp, sp=self.sp, mode=mode,
+                                                     max_seqs=self.max_seqs) for g, (lo, hi) in zip(gpu, self.stages))
         if self.cost.launch is None:
             return gpu
         return tuple(self.cost.stage_wall_ms(g, hi - lo + 1, shape.tokens, sp=self.sp, mode=mode)
