@@ -244,17 +244,16 @@ class CostModel:
         bucket, at most the step's token bucket, as ``executors.graphs.MixedGraphs`` sizes it; the key
         bucket of its longest context, its prefill chunks' taken at their mean). 0 for decode steps,
         eager steps and other engines; the decodes' own programs are priced with their attention."""
-        from executors.graphs import BATCH_BUCKETS, keys_bucket
-
         launch = self.launch
         t, s = self._check(tp, sp, mode)
         if launch is None or not launch.graph_slot_ns or shape.tokens <= shape.seqs or not self.graphed(shape, s):
             return 0.0
+        from executors.graphs import BATCH_BUCKETS, keys_bucket  # the engine's (torch), only where it runs
         dec = decode if decode is not None and 0 < decode.tokens < shape.tokens else StepShape(0.0, seqs=0.0)
         seqs = min(bucket(max_seqs, BATCH_BUCKETS) or max_seqs, bucket(shape.tokens) or shape.tokens)
         chunks = shape.seqs - dec.seqs
         longest = max(shape.decode_max_kv, dec.decode_max_kv, (shape.kv - dec.kv) / chunks if chunks > 0 else 0.0)
-        attn = next(r for r in self._recs[self.decoders[0].name] if r.kind == "attention")
+        attn = self._decode_attention
         kv, heads = (max(1, round(h / (t * s))) for h in (attn.kv_heads, attn.heads))
         programs = graph_decode_programs(int(seqs + 1 - dec.seqs), kv, heads, keys_bucket(int(longest + 0.5)))
         return programs * launch.graph_slot_ns * 1e-6 * layers

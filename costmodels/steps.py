@@ -111,6 +111,7 @@ specs) captures every step, and vLLM / Arctic / SGLang were not measured here: n
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -468,6 +469,7 @@ def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layer
     return statistics.median(extra), len(extra)
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def graph_decode_programs(slots: int, kv_heads: int, heads: int, keys: int) -> int:
     """Programs of the paged decode kernel in a captured prefill or mixed step (``executors.graphs.
     MixedGraphs``: the kernel runs over the graph's ``slots = S + 1`` sequence slots, decodes or not):
