@@ -75,6 +75,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fill", default="", help="comma-separated paged_decode.GRAPH_FILL_SEQS values to time the "
                     "decode kernel at too (the decodes its key ranges fill the GPU for)")
     a = ap.parse_args(argv)
+    try:
+        fills = [int(x) for x in a.fill.split(",") if x]
+    except ValueError:
+        fills = [0]
+    bad = ([f"--chunk {a.chunk}: at least 2 tokens"] if a.chunk < 2 else []) \
+        + ([f"--slots {a.slots}: at least 1"] if a.slots < 1 else []) \
+        + ([f"--fill {a.fill!r}: whole numbers of at least 1, comma-separated"] if min(fills, default=1) < 1 else [])
+    if bad:
+        ap.error("; ".join(bad))
     from bench.common import command_line, driver_version, graphed_us, write_report
     from executors import paged_decode, paged_prefill
 
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 outs.append(fn().float())
                 row[path + "_us"] = round(graphed_us(fn), 2) if dev.type == "cuda" else None
             fill = paged_decode.GRAPH_FILL_SEQS
-            for n in [int(x) for x in a.fill.split(",") if x]:  # the decode kernel's ranges cut for n decodes
+            for n in fills:  # the decode kernel's ranges cut for n decodes
                 paged_decode.GRAPH_FILL_SEQS = n
                 row[f"decode_kernel_fill{n}_us"] = round(graphed_us(fn), 2) if dev.type == "cuda" else None
             paged_decode.GRAPH_FILL_SEQS = fill

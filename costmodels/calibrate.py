@@ -421,16 +421,16 @@ def run_prefill_engine(grids: Grids, timer: Callable[[Callable[[], object]], flo
     D, bs, dt = grids.attn_heads[2], 16, torch.bfloat16
     if not paged_prefill.supported(dt, dt, torch.device("cuda"), False):
         return []
-    cases = [("prefill", L, B, L) for L in grids.pre_L for B in grids.pre_B if L * B <= grids.pre_max_tokens]
+    cases = [(L, B) for L in grids.pre_L for B in grids.pre_B if L * B <= grids.pre_max_tokens]
     pts = []
     for hkv in grids.dec_kv_heads:
         for group in grids.pre_groups:
-            for kind, n, B, C in cases:
+            for L, B in cases:
                 if out_of_time():
                     return pts
-                x = paged_prefill_case(B, n, C, hkv * group, hkv, D, paged_prefill.BLOCK_M, bs)
+                x = paged_prefill_case(B, L, L, hkv * group, hkv, D, paged_prefill.BLOCK_M, bs)
                 ms = timer(lambda: paged_prefill.paged_prefill(*x, bs))
-                pts.append({"kind": kind, "L": n, "B": B, "C": C, "heads": hkv * group, "kv_heads": hkv,
+                pts.append({"kind": "prefill", "L": L, "B": B, "C": L, "heads": hkv * group, "kv_heads": hkv,
                             "head_dim": D, "ms": ms, "kernel": "paged_prefill"})
                 del x
     return pts

@@ -178,7 +178,7 @@ def gemv(r: OpRec, m: float, rates: Rates) -> bool:
 
 
 def padded_group(r: OpRec) -> int:
-    """Query heads per KV head as the engine's paged kernels run them: the next power of two."""
+    """Query heads per KV head as the engine's paged prefill kernel runs them: the next power of two."""
     return 1 << (max(1, round(r.heads / max(r.kv_heads, 1.0))) - 1).bit_length()
 
 

@@ -469,17 +469,22 @@ def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layer
     return statistics.median(extra), len(extra)
 
 
+def decode_kernel_programs(slots: int, kv_heads: int, heads: int, nsplit: int) -> int:
+    """Programs the paged decode kernel launches over ``slots`` sequences in ``nsplit`` key ranges:
+    ``slots x kv_heads x nsplit`` range programs and, with ``nsplit > 1``, ``slots x heads`` combine
+    programs (``executors.paged_decode.paged_decode``'s two grids)."""
+    return slots * kv_heads * nsplit + (slots * heads if nsplit > 1 else 0)
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def graph_decode_programs(slots: int, kv_heads: int, heads: int, keys: int) -> int:
-    """Programs of the paged decode kernel in a captured prefill or mixed step (``executors.graphs.
-    MixedGraphs``: the kernel runs over the graph's ``slots = S + 1`` sequence slots, decodes or not):
-    ``slots x kv_heads x nsplit`` range programs and, with ``nsplit > 1``, ``slots x heads`` combine
-    programs, ``nsplit`` from ``executors.paged_decode.graph_splits`` at the key bucket ``keys`` (this
-    GPU's KV and query heads). Those on slots with no decode exit at once; each still costs its launch."""
+    """``decode_kernel_programs`` in a captured prefill or mixed step (``executors.graphs.MixedGraphs``:
+    the kernel runs over the graph's ``slots = S + 1`` sequence slots, decodes or not), its ranges from
+    ``executors.paged_decode.graph_splits`` at the key bucket ``keys`` (this GPU's KV and query heads).
+    Those on slots with no decode exit at once; each still costs its launch."""
     from executors.paged_decode import graph_splits
 
-    nsplit = graph_splits(slots, kv_heads, keys)[0]
-    return slots * kv_heads * nsplit + (slots * heads if nsplit > 1 else 0)
+    return decode_kernel_programs(slots, kv_heads, heads, graph_splits(slots, kv_heads, keys)[0])
 
 
 def fit_graph_slot_ns(report: dict[str, Any]) -> tuple[float, int]:
@@ -502,8 +507,7 @@ def fit_graph_slot_ns(report: dict[str, Any]) -> tuple[float, int]:
             if not (col.startswith("decode_kernel") and col.endswith("_us")) or us is None:
                 continue
             fill = report["fill"] if col == "decode_kernel_us" else int(col[len("decode_kernel_fill"):-3])
-            nsplit = splits(min(slots, fill), kv_heads, keys)[0]
-            xs.append(slots * kv_heads * nsplit + (slots * heads if nsplit > 1 else 0))
+            xs.append(decode_kernel_programs(slots, kv_heads, heads, splits(min(slots, fill), kv_heads, keys)[0]))
             ys.append((us - r["prefill_kernel_us"]) * 1e3)
     if not xs:
         raise ValueError("no step without decodes in the report")

@@ -480,6 +480,11 @@ def test_bench_scripts_name_a_bad_input_file_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sp.main(["--out", str(tmp_path), "--top", "0"])
     assert e.value.code == 2 and "--top 0" in capsys.readouterr().err
+    from bench import graph_decodes as gd
+
+    with pytest.raises(SystemExit) as e:  # graph_decodes' sweep values: named, nothing run
+        gd.main(["--out", str(tmp_path), "--tiny", "--fill", "8,x"])
+    assert e.value.code == 2 and "--fill '8,x'" in capsys.readouterr().err
 
 
 def test_decode_splits_prices_a_measured_report_on_any_machine(tmp_path):

@@ -504,7 +504,7 @@ def test_the_decode_kernels_empty_graph_slots_are_fitted_from_the_sweep_and_char
     the slots of its step graph that hold no decode, times that, a layer: more with more slots (the
     plan's ``max_seqs``), none for decode steps, eager steps or a coster that does not know the slots."""
     from bench import step_fidelity as sf
-    from costmodels.steps import fit_graph_slot_ns, graph_decode_programs
+    from costmodels.steps import decode_kernel_programs, fit_graph_slot_ns, graph_decode_programs
     from executors.graphs import keys_bucket
     from executors.paged_decode import splits
 
@@ -515,7 +515,7 @@ def test_the_decode_kernels_empty_graph_slots_are_fitted_from_the_sweep_and_char
     slots, keys = sweep["slots"] + 1, keys_bucket(sweep["chunk"])
     for r in (r for r in sweep["rows"] if r["decodes"] == 0):
         nsplit = splits(min(slots, sweep["fill"]), r["heads"][1], keys)[0]
-        programs = slots * r["heads"][1] * nsplit + (slots * r["heads"][0] if nsplit > 1 else 0)
+        programs = decode_kernel_programs(slots, r["heads"][1], r["heads"][0], nsplit)
         assert (r["decode_kernel_us"] - r["prefill_kernel_us"]) == pytest.approx(programs * ns * 1e-3, abs=0.6)
     report = json.loads((ROOT / "bench/results/fidelity_2gpu.single.json").read_text())
     plan = sf.plan_of(report, "llama", "single")
