@@ -18,10 +18,6 @@ already measured, on any machine:
 
     python bench/decode_splits.py --out DIR --price bench/results/decode_splits.json
 
-``--combine`` times the cases (and Llama's decode graphs of ``bench/engine_speed.py``) over
-``TARGET_PROGRAMS`` and where the ranges are combined (a second kernel, or each head's last range
-program: ``FUSED_COMBINE``), into DIR/decode_splits.combine.{json,md}.
-
 ``--sweep`` times the same cases over the range kernel's launch instead (keys per inner iteration
 ``BLOCK_N``, warps, software-pipeline stages) at caps of 1,024 and 512 keys, and writes
 DIR/decode_splits.sweep.{json,md}: each variant's time per case against the engine's current one.
@@ -110,13 +106,8 @@ def markdown(report: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-SWEEP = {f"{n}/{w}/{st}/{cap}": {"BLOCK_N": n, "PARTIAL_WARPS": w, "PARTIAL_STAGES": st, "MAX_KEYS_PER_SPLIT": cap}
-         for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4) for cap in (1024, 512)}
-# --combine: programs aimed at per launch x ranges combined by a second kernel or in the range kernel
-COMBINE = {f"{t}/{'fused' if f else 'kernel'}": {"TARGET_PROGRAMS": t, "FUSED_COMBINE": f}
-           for t in (132, 264, 528) for f in (False, True)}
-# --combine's extra cases: the decode graphs of bench/engine_speed.py (Llama, 512-token prompts + 128 new)
-SMALL_CASES = tuple((f"llama-3.1-8b b{b} ctx 576 (w 1024)", b, 8, 4, 576, 576, 1024) for b in (1, 8, 16, 32, 64))
+SWEEP = [(n, w, st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)]  # BLOCK_N, warps, stages
+SWEEP_CAPS = (1024, 512)
 
 
 def case_tensors(case: tuple, bs: int) -> tuple:
@@ -134,32 +125,31 @@ def case_tensors(case: tuple, bs: int) -> tuple:
     return q, k, v, table, lens
 
 
-def sweep(pd: Any, graphed_us: Any, variants: dict[str, dict[str, Any]], cases: tuple) -> list[dict]:
-    """Every variant's (module settings of ``executors.paged_decode``) GPU us on every case, outputs
-    checked against the engine's current settings; the module's settings are restored after."""
+def sweep(pd: Any, graphed_us: Any) -> list[dict]:
+    """Every (BLOCK_N, warps, stages, cap) variant's GPU us on every case (outputs checked against the
+    engine's current launch); the module's settings are restored after."""
     import torch
 
-    keep = {name: getattr(pd, name) for v in variants.values() for name in v}
+    keep = (pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT)
     rows = []
-    for case in cases:
+    for case in CASES:
         torch.manual_seed(0)
         q, k, v, table, lens = case_tensors(case, 16)
         ref = pd.paged_decode(q, k, v, table, lens, 16)
         row = {"case": case[0], "engine_us": round(graphed_us(lambda: pd.paged_decode(q, k, v, table, lens, 16)), 1),
                "us": {}}
-        for key, settings in variants.items():
-            for name, value in settings.items():
-                setattr(pd, name, value)
-            try:
-                o = pd.paged_decode(q, k, v, table, lens, 16)
-                if not torch.allclose(o.float(), ref.float(), atol=2e-2, rtol=2e-2):
-                    raise SystemExit(f"{case[0]}: variant {key} changed the output")
-                us = round(graphed_us(lambda: pd.paged_decode(q, k, v, table, lens, 16)), 1)
-            except Exception as e:  # noqa: BLE001 - a variant that does not build (registers, shared memory)
-                us = f"{type(e).__name__}"
-            row["us"][key] = us
-            for name, value in keep.items():
-                setattr(pd, name, value)
+        for n, w, st in SWEEP:
+            for cap in SWEEP_CAPS:
+                pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT = n, w, st, cap
+                try:
+                    o = pd.paged_decode(q, k, v, table, lens, 16)
+                    if not torch.allclose(o.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                        raise SystemExit(f"{case[0]}: variant {(n, w, st, cap)} changed the output")
+                    us = round(graphed_us(lambda: pd.paged_decode(q, k, v, table, lens, 16)), 1)
+                except Exception as e:  # noqa: BLE001 - a variant that does not build (registers, shared memory)
+                    us = f"{type(e).__name__}"
+                row["us"][f"{n}/{w}/{st}/{cap}"] = us
+        pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT = keep
         rows.append(row)
         print(row["case"], row["engine_us"], min((u, key) for key, u in row["us"].items() if isinstance(u, float)),
               flush=True)
@@ -175,11 +165,10 @@ def sweep_markdown(report: dict) -> str:
     ratio = {key: [r["us"][key] / r["engine_us"] if isinstance(r["us"][key], float) else math.inf for r in rows]
              for key in keys}
     gmean = {key: math.exp(sum(math.log(x) for x in v) / len(v)) for key, v in ratio.items()}
-    md = [f"# Paged decode: {report['title']}, swept", "",
+    md = ["# Paged decode: the range kernel's launch, swept", "",
           f"{report['device']}, driver {report['driver']}, torch {report['torch']}, Triton {report['triton']}. "
-          f"Command: `{report['command']}`. Cases of `decode_splits.md`{report.get('extra', '')}; each variant "
-          f"({report['legend']}) as its time over the engine's current launch ({report['engine']}); best 12 by "
-          f"geometric mean.", "",
+          f"Command: `{report['command']}`. Cases of `decode_splits.md`; each variant (BLOCK_N / warps / stages / "
+          f"cap) as its time over the engine's current launch ({report['engine']}); best 12 by geometric mean.", "",
           "| variant | gmean | " + " | ".join(r["case"] for r in rows) + " |",
           "|---|---:|" + "---:|" * len(rows),
           "| engine (us) | 1 | " + " | ".join(str(r["engine_us"]) for r in rows) + " |"]
@@ -194,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--price", type=Path, default=None, metavar="REPORT",
                     help="add the cost model's price to a measured report (no GPU)")
     ap.add_argument("--sweep", action="store_true", help="time the range kernel's launch variants instead")
-    ap.add_argument("--combine", action="store_true",
-                    help="time the programs aimed at and where the ranges are combined instead")
     a = ap.parse_args(argv)
     from bench.common import command_line, write_report
 
@@ -224,17 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version()}
     if a.sweep:
         engine = f"{pd.BLOCK_N}/{pd.PARTIAL_WARPS}/{pd.PARTIAL_STAGES}/{pd.MAX_KEYS_PER_SPLIT}"
-        report = {**meta, "title": "the range kernel's launch", "legend": "BLOCK_N / warps / stages / cap",
-                  "engine": engine, "rows": sweep(pd, graphed_us, SWEEP, CASES)}
+        report = {**meta, "engine": engine, "rows": sweep(pd, graphed_us)}
         write_report(a.out, "decode_splits.sweep", report, sweep_markdown(report), echo=True)
-        return 0
-    if a.combine:
-        engine = f"{pd.TARGET_PROGRAMS}/{'fused' if pd.FUSED_COMBINE else 'kernel'}"
-        report = {**meta, "title": "the combine of key ranges", "engine": engine,
-                  "legend": "programs aimed at / ranges combined by a second kernel or the range kernel's last program",
-                  "extra": " and Llama's decode graphs of `engine_speed.md` (b1-b64, 576 keys)",
-                  "rows": sweep(pd, graphed_us, COMBINE, CASES + SMALL_CASES)}
-        write_report(a.out, "decode_splits.combine", report, sweep_markdown(report), echo=True)
         return 0
     torch.manual_seed(0)
     bs = 16

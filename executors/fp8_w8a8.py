@@ -43,7 +43,9 @@ Split-K (narrow ``N``: a TP8 shard's ``qkv`` has 1280 columns, 20 tiles of 64, o
 to a workspace ``[SPLIT_K, M_BLOCK, N]`` and increments the tile's counter (an atomic, after a CTA
 barrier: release); the one that finds ``SPLIT_K - 1`` sums the partials in split order (the result
 does not depend on which program finished last), stores ``y`` and resets the
-counter. One launch, no reduce kernel; the counters (``gemv.counters``) stay zero between launches.
+counter. One launch, no reduce kernel; the counters (``COUNTERS`` int32 a device, zeroed once) stay
+zero between launches. Launches sharing a device's counters must not overlap (one stream, the
+engine's case).
 
 Tiles (``CONFIGS``: BLOCK_M/N/K, warps, stages, SPLIT_K) are chosen by Triton's autotuner per
 ``(N, K, M bucket, x quantized in the GEMM or before)`` (``M_BLOCK`` = next power of two of M) the first
@@ -72,6 +74,7 @@ MAX_M = 1024  # rows served by the W8A8 kernel; larger products go to torch._sca
 FUSE_MAX_M = 128  # up to this many rows x is quantized in the product's loads; above, by _row_scale first
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+COUNTERS = 1 << 16  # split-K tile counters a device (int32, 256 KiB)
 WORKSPACE_BYTES = 8 << 20  # the split-K partials [SPLIT_K, M_BLOCK, N] fp32 (allocated a call) stay within this
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -87,6 +90,9 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
     (128, 128, 256, 8, 3, 1), (64, 256, 128, 8, 3, 1), (64, 256, 64, 8, 4, 1), (128, 128, 128, 8, 3, 4),
 ]
 ROW_BLOCK_K = 1024  # _row_scale's step along K
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
 
 def split_max(N: int, m_block: int) -> int:
     """The largest SPLIT_K the workspace admits at ``N`` columns and ``m_block`` rows (1: no split):
@@ -131,7 +137,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: tuple[
     MB = triton.next_power_of_2(M)
     splits = split_max(N, MB) if config is None else config[5]
     ws = torch.empty(splits * MB * N if splits > 1 else 1, dtype=torch.float32, device=x.device)
-    cnt = gemv.counters(x.device)
+    cnt = _counter(x.device)
     args = (xa, xs, q, scale, y, ws, cnt, M, N, K, sxm, y.stride(0), MB, splits, not fused, INTERPRET)
     gdc = gemv.pdl(x)  # programmatic dependent launch, as executors.gemv
     if config is None:
@@ -139,11 +145,20 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: tuple[
             *args, USE_GDC=gdc, launch_pdl=gdc)
     else:
         bm, bn, bk, warps, stages, sk = config
-        assert sk == 1 or triton.cdiv(M, bm) * triton.cdiv(N, bn) <= gemv.COUNTERS
+        assert sk == 1 or triton.cdiv(M, bm) * triton.cdiv(N, bn) <= COUNTERS
         _w8a8[(triton.cdiv(M, bm), triton.cdiv(N, bn), sk)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
                                                             USE_GDC=gdc, num_warps=warps, num_stages=stages,
                                                             launch_pdl=gdc)
     return y
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    """The device's split-K tile counters (zeroed at the first launch there; each split tile's last
+    program sets its counter back to zero)."""
+    c = _counters.get(device)
+    if c is None:
+        c = _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return c
 
 
 if triton is not None:
@@ -237,7 +252,7 @@ if triton is not None:
         mb, n = nargs["M_BLOCK"], nargs["N"]
         top, smax = max(16, mb), min(split_max(n, mb), nargs["WS_SPLITS"])
         ok = [c for c in configs if mb // 16 <= c.kwargs["BLOCK_M"] <= top and c.kwargs["SPLIT_K"] <= smax
-              and (c.kwargs["SPLIT_K"] == 1 or triton.cdiv(mb, 16) * triton.cdiv(n, 16) <= gemv.COUNTERS)]
+              and (c.kwargs["SPLIT_K"] == 1 or triton.cdiv(mb, 16) * triton.cdiv(n, 16) <= COUNTERS)]
         return ok or [c for c in configs if c.kwargs["SPLIT_K"] == 1][:1]
 
     def _tune_bench(fn, quantiles=None):

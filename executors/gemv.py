@@ -57,22 +57,6 @@ def wanted(x: torch.Tensor, w: torch.Tensor, gated: bool = False, b: torch.Tenso
             and (b is None or (b.dtype == w.dtype and b.shape == (w.shape[0],) and b.is_contiguous())))
 
 
-COUNTERS = 1 << 16  # last-arriver counters a device (int32, 256 KiB): ``counters``
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def counters(device: torch.device) -> torch.Tensor:
-    """The device's ``COUNTERS`` int32 counters for kernels whose programs share a result and whose
-    last program to arrive finishes it (``fp8_w8a8``'s split-K tiles, ``paged_decode``'s key ranges):
-    zeroed at the first launch there, and zero between launches (each last program resets its
-    counter). Kernels sharing them must not overlap (one stream; a programmatic dependent launch
-    waits for the kernel before it before touching them)."""
-    c = _counters.get(device)
-    if c is None:
-        c = _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return c
-
-
 def pdl(x: torch.Tensor) -> bool:
     """Launch kernels on ``x``'s device with programmatic dependent launch (``PDL``, compute capability 9+)."""
     return PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9

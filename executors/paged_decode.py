@@ -11,16 +11,13 @@ one program per ``(sequence, kv head, range)``, so a small batch still fills the
 hold at most ``MAX_KEYS_PER_SPLIT`` keys, so a batch of mixed lengths is not left waiting on the
 programs of its longest sequences. A program
 keeps the running max ``m``, sum ``l`` and accumulator of the online softmax over its range and
-writes ``out_r = acc / l`` and ``lse_r = m + log l``; the ranges are combined, ``out = sum_r exp(lse_r - M)
-out_r / sum_r exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and weight 0;
-``range_result`` and ``range_weights``, which the paged prefill kernel's key ranges share), into the
-``[S, hq * D]`` result in the query's dtype. The combine runs in the same launch: each range program
-counts itself done on its (sequence, KV head)'s counter (``gemv.counters``, an atomic after a CTA
-barrier: release), and the one that finds the others done (acquire) loads every range of its G query
-heads and writes the result, then zeroes the counter. ``SHIFTPLAN_DECODE_FUSED_COMBINE=0`` runs it as a
-second kernel instead (one program per ``(sequence, query head)``). When one range covers every
-sequence (``nsplit == 1``: batches of ``TARGET_PROGRAMS / hkv`` sequences or more) the range program
-writes the result itself.
+writes ``out_r = acc / l`` and ``lse_r = m + log l``; a second kernel (one program per
+``(sequence, query head)``, all ranges loaded at once) combines them, ``out = sum_r exp(lse_r - M) out_r / sum_r
+exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and weight 0; ``range_result``
+and ``range_weights``, which the paged prefill kernel's key ranges share), and writes the ``[S, hq * D]``
+result in the query's dtype: two launches per layer. When one range
+covers every sequence (``nsplit == 1``: batches of ``TARGET_PROGRAMS / hkv`` sequences or more) the
+partial kernel writes the result itself and the combine is skipped.
 
 Bytes read per step: each sequence's K and V once, ``2 x ctx x hkv x D x 2`` bytes, plus ``q``.
 
@@ -34,7 +31,6 @@ from __future__ import annotations
 import torch
 
 from executors import gemv
-from executors.switches import switch
 
 try:
     import triton
@@ -55,9 +51,6 @@ MAX_KEYS_PER_SPLIT = 1024
 # one (key buckets up to 1,024), one range, so no combine launches over every slot (graph_splits; measured on
 # an H200 for 257 slots: bench/results/graph_decodes.sweep.md)
 GRAPH_FILL_SEQS = 16
-# the last range program of a (sequence, KV head) to finish combines the ranges, in place of a second
-# kernel over (sequence, query head) (``gemv.counters``); 0: the second kernel (A/B)
-FUSED_COMBINE = switch("SHIFTPLAN_DECODE_FUSED_COMBINE")
 PARTIAL_WARPS, PARTIAL_STAGES = 4, 3  # the range kernel's launch (Triton's defaults; bench/decode_splits.py --sweep)
 _failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
 
@@ -128,20 +121,16 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     direct = nsplit == 1  # one range per head: the partial result is the answer, no combine
     out = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, BLOCK_D, dtype=torch.float32, device=q.device)
     lse = o if direct else torch.empty(S, hkv, nsplit, BLOCK_G, dtype=torch.float32, device=q.device)
-    fused = FUSED_COMBINE and not direct and S * hkv <= gemv.COUNTERS
-    cnt = gemv.counters(q.device) if fused else lens  # a pointer the kernel ignores unless fused
     gdc = gemv.pdl(q)
-    BLOCK_R = triton.next_power_of_2(nsplit)
     _partial[(S, hkv, nsplit)](
-        q, k_cache, v_cache, table, lens, out, lse, row_map, o, cnt,
+        q, k_cache, v_cache, table, lens, out, lse, row_map,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct, FUSED=fused,
-        BLOCK_R=BLOCK_R, HAS_ROWS=has_rows, USE_GDC=gdc, launch_pdl=gdc, num_warps=PARTIAL_WARPS,
-        num_stages=PARTIAL_STAGES,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct,
+        HAS_ROWS=has_rows, USE_GDC=gdc, launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
     )
-    if not direct and not fused:
+    if not direct:
         _combine[(S, hq)](out, lse, o, row_map, lens, nsplit, G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D,
-                          BLOCK_R=BLOCK_R, HAS_ROWS=has_rows, USE_GDC=gdc, launch_pdl=gdc)
+                          BLOCK_R=triton.next_power_of_2(nsplit), HAS_ROWS=has_rows, USE_GDC=gdc, launch_pdl=gdc)
     return o
 
 
@@ -232,11 +221,10 @@ if triton is not None:
         return s.to(tl.int64)
 
     @triton.jit
-    def _partial(Q, K, V, TABLE, LENS, OUT, LSE, ROWS, O, CNT, stride_qs, stride_qh, stride_kslot, stride_kh,
-                 stride_ts, keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    def _partial(Q, K, V, TABLE, LENS, OUT, LSE, ROWS, stride_qs, stride_qh, stride_kslot, stride_kh, stride_ts,
+                 keys_per_split, scale, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                  BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-                 FUSED: tl.constexpr = False, BLOCK_R: tl.constexpr = 1, HAS_ROWS: tl.constexpr = False,
-                 USE_GDC: tl.constexpr = False):
+                 HAS_ROWS: tl.constexpr = False, USE_GDC: tl.constexpr = False):
         depend(USE_GDC)
         s = tl.program_id(0)
         h = tl.program_id(1)
@@ -270,29 +258,8 @@ if triton is not None:
             return
         base = (s * H + h) * R + r
         tl.store(OUT + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], out,
-                 mask=dmask[None, :] & (g < G)[:, None])
-        tl.store(LSE + base * BLOCK_G + g, lse, mask=g < G)
-        if FUSED:  # the last of the head's R programs to finish combines their ranges (no second launch)
-            tl.debug_barrier()  # every thread's range stored before the counter moves
-            if tl.atomic_add(CNT + s * H + h, 1) == R - 1:  # acq_rel, GPU scope: the others' ranges visible
-                for gi in tl.static_range(G):
-                    o = combine_head(OUT, LSE, (s * H + h) * R, R, gi, BLOCK_G, BLOCK_D, BLOCK_R)
-                    tl.store(O + (row * H * G + h * G + gi) * D + d, o.to(O.dtype.element_ty), mask=dmask)
-                tl.atomic_xchg(CNT + s * H + h, 0)
-
-    @triton.jit
-    def combine_head(OUT, LSE, first, R, gi, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Query row ``gi`` of a KV head's group, combined over its ``R`` ranges (stored at range rows
-        ``first .. first + R - 1`` of ``OUT [.., BLOCK_G, BLOCK_D]`` and ``LSE [.., BLOCK_G]``):
-        ``sum_r w_r out_r / sum_r w_r`` (``range_weights``), ``[BLOCK_D]`` fp32. Loads bypass L1 (``.cg``):
-        another program wrote them during this launch."""
-        r = tl.arange(0, BLOCK_R)
-        d = tl.arange(0, BLOCK_D)
-        rows = (first + r) * BLOCK_G + gi
-        lse = tl.load(LSE + rows, mask=r < R, other=float("-inf"), cache_modifier=".cg")
-        w = range_weights(lse, tl.max(lse, 0))
-        x = tl.load(OUT + rows[:, None] * BLOCK_D + d[None, :], mask=(r < R)[:, None], other=0.0, cache_modifier=".cg")
-        return tl.sum(w[:, None] * x, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+                 mask=dmask[None, :] & (g < BLOCK_G)[:, None])
+        tl.store(LSE + base * BLOCK_G + g, lse)
 
     @triton.jit
     def _combine(OUT, LSE, O, ROWS, LENS, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
@@ -306,8 +273,13 @@ if triton is not None:
                 return
         hq = tl.num_programs(1)
         H = hq // G
+        r = tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
-        o = combine_head(OUT, LSE, (s * H + qh // G) * R, R, qh % G, BLOCK_G, BLOCK_D, BLOCK_R)
+        rows = ((s * H + qh // G) * R + r) * BLOCK_G + qh % G  # [BLOCK_R] rows of this head, one per range
+        lse = tl.load(LSE + rows, mask=r < R, other=float("-inf"))
+        w = range_weights(lse, tl.max(lse, 0))
+        x = tl.load(OUT + rows[:, None] * BLOCK_D + d[None, :], mask=(r < R)[:, None], other=0.0)
+        o = tl.sum(w[:, None] * x, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
         tl.store(O + (row_of(ROWS, s, HAS_ROWS) * hq + qh) * D + d, o.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit

@@ -12,7 +12,6 @@ warns and keeps the default.
 | ``SHIFTPLAN_FUSED_ADD_NORM`` | on | all-reduce + residual add + RMSNorm in one kernel (off: three) |
 | ``SHIFTPLAN_REDUCE_LL`` | on | that kernel's LL protocol for bf16 (off: the flag protocol) |
 | ``SHIFTPLAN_GRAPH_DECODES`` | on | a captured prefill or mixed step's decodes through the paged decode kernel (off: the paged prefill kernel, with its chunks) |
-| ``SHIFTPLAN_DECODE_FUSED_COMBINE`` | on | the paged decode kernel's key ranges combined by the last range program of each head (off: a second kernel) |
 | ``SHIFTPLAN_A2A_LL`` | on | Ulysses' all-to-all through the LL kernel on GPUs of one host, so SP x TP steps are captured in CUDA graphs (off: NCCL's all-to-all, SP x TP steps eager) |
 
 ``SHIFTPLAN_PAGED_PREFILL`` (``auto`` / ``0`` / ``1``) is read by ``executors.paged_prefill``.
@@ -32,7 +31,6 @@ DEFAULTS = {
     "SHIFTPLAN_REDUCE_LL": True,
     "SHIFTPLAN_A2A_LL": True,
     "SHIFTPLAN_GRAPH_DECODES": True,
-    "SHIFTPLAN_DECODE_FUSED_COMBINE": True,
 }
 
 
