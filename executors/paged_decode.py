@@ -17,7 +17,9 @@ exp(lse_r - M)`` with ``M = max_r lse_r`` (an empty range has ``lse = -inf`` and
 and ``range_weights``, which the paged prefill kernel's key ranges share), and writes the ``[S, hq * D]``
 result in the query's dtype: two launches per layer. When one range
 covers every sequence (``nsplit == 1``: batches of ``TARGET_PROGRAMS / hkv`` sequences or more) the
-partial kernel writes the result itself and the combine is skipped.
+partial kernel writes the result itself and the combine is skipped. (Combining in the partial kernel,
+by each head's last range program, was slower: its combine path sets every range program's register
+budget; ``bench/results/decode_splits.fused_combine.md``.)
 
 Bytes read per step: each sequence's K and V once, ``2 x ctx x hkv x D x 2`` bytes, plus ``q``.
 
@@ -258,8 +260,8 @@ if triton is not None:
             return
         base = (s * H + h) * R + r
         tl.store(OUT + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], out,
-                 mask=dmask[None, :] & (g < BLOCK_G)[:, None])
-        tl.store(LSE + base * BLOCK_G + g, lse)
+                 mask=dmask[None, :] & (g < G)[:, None])  # the group's rows only: the combine reads no others
+        tl.store(LSE + base * BLOCK_G + g, lse, mask=g < G)
 
     @triton.jit
     def _combine(OUT, LSE, O, ROWS, LENS, R, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
