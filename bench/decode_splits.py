@@ -125,12 +125,13 @@ def case_tensors(case: tuple, bs: int) -> tuple:
     return q, k, v, table, lens
 
 
-def sweep(pd: Any, graphed_us: Any) -> list[dict]:
+def sweep(pd: Any, sh: Any, graphed_us: Any) -> list[dict]:
     """Every (BLOCK_N, warps, stages, cap) variant's GPU us on every case (outputs checked against the
-    engine's current launch); the module's settings are restored after."""
+    engine's current launch); the settings of ``pd`` (``executors.paged_decode``) and ``sh``
+    (``plans.engine_shapes``) are restored after."""
     import torch
 
-    keep = (pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT)
+    keep = (sh.DECODE_BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, sh.MAX_KEYS_PER_SPLIT)
     rows = []
     for case in CASES:
         torch.manual_seed(0)
@@ -140,7 +141,7 @@ def sweep(pd: Any, graphed_us: Any) -> list[dict]:
                "us": {}}
         for n, w, st in SWEEP:
             for cap in SWEEP_CAPS:
-                pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT = n, w, st, cap
+                sh.DECODE_BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, sh.MAX_KEYS_PER_SPLIT = n, w, st, cap
                 try:
                     o = pd.paged_decode(q, k, v, table, lens, 16)
                     if not torch.allclose(o.float(), ref.float(), atol=2e-2, rtol=2e-2):
@@ -149,7 +150,7 @@ def sweep(pd: Any, graphed_us: Any) -> list[dict]:
                 except Exception as e:  # noqa: BLE001 - a variant that does not build (registers, shared memory)
                     us = f"{type(e).__name__}"
                 row["us"][f"{n}/{w}/{st}/{cap}"] = us
-        pd.BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, pd.MAX_KEYS_PER_SPLIT = keep
+        sh.DECODE_BLOCK_N, pd.PARTIAL_WARPS, pd.PARTIAL_STAGES, sh.MAX_KEYS_PER_SPLIT = keep
         rows.append(row)
         print(row["case"], row["engine_us"], min((u, key) for key, u in row["us"].items() if isinstance(u, float)),
               flush=True)
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("needs a CUDA GPU (the kernel is Triton)")
     from bench.common import driver_version, graphed_us
     from executors import paged_decode as pd
+    from plans import engine_shapes as sh
 
     import triton
 
@@ -210,21 +212,21 @@ def main(argv: list[str] | None = None) -> int:
             "driver": driver_version(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version()}
     if a.sweep:
-        engine = f"{pd.BLOCK_N}/{pd.PARTIAL_WARPS}/{pd.PARTIAL_STAGES}/{pd.MAX_KEYS_PER_SPLIT}"
-        report = {**meta, "engine": engine, "rows": sweep(pd, graphed_us)}
+        engine = f"{sh.DECODE_BLOCK_N}/{pd.PARTIAL_WARPS}/{pd.PARTIAL_STAGES}/{sh.MAX_KEYS_PER_SPLIT}"
+        report = {**meta, "engine": engine, "rows": sweep(pd, sh, graphed_us)}
         write_report(a.out, "decode_splits.sweep", report, sweep_markdown(report), echo=True)
         return 0
     torch.manual_seed(0)
     bs = 16
     rows = []
-    keep = pd.MAX_KEYS_PER_SPLIT
+    keep = sh.MAX_KEYS_PER_SPLIT
     for case in CASES:
         name, S, hkv = case[:3]
         q, k, v, table, lens = case_tensors(case, bs)
         row = {"case": name, "floor_us": round(int(lens.sum()) * 2 * hkv * D * BYTES / 4.3e12 * 1e6, 1), "us": {}}
         ref = None
         for cap in CAPS:
-            pd.MAX_KEYS_PER_SPLIT = cap
+            sh.MAX_KEYS_PER_SPLIT = cap
             o = pd.paged_decode(q, k, v, table, lens, bs)
             ref = o if ref is None else ref
             if not torch.allclose(o.float(), ref.float(), atol=2e-2, rtol=2e-2):
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             row["us"][str(cap)] = round(graphed_us(lambda: pd.paged_decode(q, k, v, table, lens, bs)), 1)
         rows.append(row)
         print(row, flush=True)
-    pd.MAX_KEYS_PER_SPLIT = keep
+    sh.MAX_KEYS_PER_SPLIT = keep
     price(rows, keep)
     report = {**meta, "engine_cap": keep, "rows": rows, "priced": meta["command"]}
     write_report(a.out, "decode_splits", report, markdown(report), echo=True)

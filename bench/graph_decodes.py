@@ -44,8 +44,9 @@ def step_inputs(chunk: int, decodes: int, ctx: int, slots: int, block: int, deco
     """``(PrefillInputs, T, cache slots)`` of a captured step (int64, as ``MixedGraphs._pack`` lays them
     out): sequence 0 a first chunk of ``chunk`` tokens, then ``decodes`` sequences of one query after
     ``ctx - 1`` cached keys; ``slots`` sequence slots plus the empty one; each sequence's blocks in turn."""
-    from executors import paged_decode, paged_prefill
-    from executors.graphs import TOKEN_BUCKETS, bucket, keys_bucket
+    from executors import paged_prefill
+    from executors.graphs import TOKEN_BUCKETS, bucket
+    from plans.engine_shapes import keys_bucket
 
     nq = [chunk] + [1] * decodes
     ctx_of = [chunk] + [ctx] * decodes
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tiny", action="store_true", help="CPU dry run, small shapes (with TRITON_INTERPRET=1)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--slots", type=int, default=256)
-    ap.add_argument("--fill", default="", help="comma-separated paged_decode.GRAPH_FILL_SEQS values to time the "
+    ap.add_argument("--fill", default="", help="comma-separated engine_shapes.GRAPH_FILL_SEQS values to time the "
                     "decode kernel at too (the decodes its key ranges fill the GPU for)")
     a = ap.parse_args(argv)
     try:
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bad:
         ap.error("; ".join(bad))
     from bench.common import command_line, driver_version, graphed_us, write_report
-    from executors import paged_decode, paged_prefill
+    from executors import paged_prefill
+    from plans import engine_shapes
 
     dev = torch.device("cpu" if a.tiny else "cuda")
     heads = {"tiny": (8, 2, 16)} if a.tiny else HEADS
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or "cpu"),
         "driver": driver_version(), "torch": torch.__version__, "python": platform.python_version(),
         "dtype": str(dtype).split(".")[-1],
-        "chunk": chunk, "slots": slots, "block": block, "fill": paged_decode.GRAPH_FILL_SEQS, "rows": []}
+        "chunk": chunk, "slots": slots, "block": block, "fill": engine_shapes.GRAPH_FILL_SEQS, "rows": []}
     g = torch.Generator(device=dev).manual_seed(0)
     for model, (hq, hkv, D) in heads.items():
         for decodes, ctx in cases:
@@ -111,11 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fn = lambda: paged_prefill.attend(q, k, v, pre)  # noqa: E731
                 outs.append(fn().float())
                 row[path + "_us"] = round(graphed_us(fn), 2) if dev.type == "cuda" else None
-            fill = paged_decode.GRAPH_FILL_SEQS
+            fill = engine_shapes.GRAPH_FILL_SEQS
             for n in fills:  # the decode kernel's ranges cut for n decodes
-                paged_decode.GRAPH_FILL_SEQS = n
+                engine_shapes.GRAPH_FILL_SEQS = n
                 row[f"decode_kernel_fill{n}_us"] = round(graphed_us(fn), 2) if dev.type == "cuda" else None
-            paged_decode.GRAPH_FILL_SEQS = fill
+            engine_shapes.GRAPH_FILL_SEQS = fill
             row["tokens"] = T
             row["max_abs_diff"] = float(f"{float((outs[0] - outs[1]).abs().max()):.3g}")
             if row["prefill_kernel_us"]:
@@ -130,7 +132,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# A captured mixed step's decodes: paged prefill kernel vs paged decode kernel ({r['device']})", "",
              f"driver {r.get('driver', '-')}, torch {r['torch']}, {r['dtype']}, one layer's attention: a first chunk of {r['chunk']} tokens beside "
              f"D decodes of C keys, {r['slots']} sequence slots, blocks of {r['block']} keys; GPU us of one call, "
-             f"cold L2; the decode kernel's key ranges as a graph cuts them (``paged_decode.graph_splits``: one where "
+             f"cold L2; the decode kernel's key ranges as a graph cuts them (``engine_shapes.graph_splits``: one where "
              f"the key bucket fits one, else as for {r['fill']} decodes). "
              f"Command: `{r['command']}`.", ""]
     sweep = [k for k in r["rows"][0] if k.startswith("decode_kernel_fill")] if r["rows"] else []

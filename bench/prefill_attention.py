@@ -6,7 +6,7 @@ Llama-3.1-8B's attention shapes on one GPU (32 query heads, 8 KV heads, head dim
 tokens; four chunks of 256 tokens after 1,024 cached keys each; sixteen chunks of 32 tokens after
 512; a mixed step as its CUDA graph attends it (every sequence in the kernel), 64 decodes of 4,000
 keys beside a first chunk of 1,600 tokens. Paths: one SDPA per sequence, the kernel, and the kernel
-with every program's keys in one range (no split-K: ``paged_decode.MAX_KEYS_PER_SPLIT = 0``; it
+with every program's keys in one range (no split-K: ``engine_shapes.MAX_KEYS_PER_SPLIT = 0``; it
 differs from the kernel only where a table holds more than 1,024 keys). For each path: the wall
 time of one call from the host (launches included, synchronised: what a step outside CUDA graphs
 pays per layer) and its GPU time (CUDA events), medians of ``--reps``; FLOPs over GPU time beside
@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     from bench.common import command_line, median, timed_ms, write_report
     from bench.engine_speed import ceilings
-    from executors import paged_decode, paged_prefill
+    from executors import paged_prefill
     from executors.attention import LayerCache, _attend_per_sequence, prefill_inputs, sequence_spans
     from executors.model import AttnMeta
+    from plans import engine_shapes
 
     dev = torch.device("cpu" if a.tiny else "cuda")
     dtype = torch.float32 if a.tiny else torch.bfloat16
@@ -97,11 +98,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return paged_prefill.attend(q, cache.k, cache.v, prefill_inputs(mb, spans, spans, block, dev))
 
         def unsplit() -> torch.Tensor:  # the kernel with no key ranges
-            cap, paged_decode.MAX_KEYS_PER_SPLIT = paged_decode.MAX_KEYS_PER_SPLIT, 0
+            cap, engine_shapes.MAX_KEYS_PER_SPLIT = engine_shapes.MAX_KEYS_PER_SPLIT, 0
             try:
                 return kernel()
             finally:
-                paged_decode.MAX_KEYS_PER_SPLIT = cap
+                engine_shapes.MAX_KEYS_PER_SPLIT = cap
 
         want = sdpa().float()
         diff = max(float((want - fn().float()).abs().max()) for fn in (kernel, unsplit))

@@ -3,7 +3,7 @@ step (``BLOCK_N``), warps and pipeline stages, on the steps the engine's graphs 
 
 Cases, each with Llama-3.1-8B's heads (32 query over 8 KV heads a GPU, a group of 4) and
 Qwen2-VL-7B's (28 over 4, a group of 7 run as 8), head dim 128, bf16, block size 16, the block
-table as wide as a step graph's (``executors.graphs.keys_bucket``):
+table as wide as a step graph's (``plans.engine_shapes.keys_bucket``):
 
 * prefill chunks: B sequences of L new tokens, no cached keys;
 * decode rows: B sequences of one new token after C - 1 cached keys (a graphed mixed step's decodes

@@ -410,7 +410,7 @@ def run_prefill_engine(grids: Grids, timer: Callable[[Callable[[], object]], flo
     count of ``grids.dec_kv_heads`` and query-head group of ``grids.pre_groups``: B sequences of L new
     tokens each (no cached keys), ``L x B <= pre_max_tokens`` (``kind: prefill``; a graphed mixed step's
     decodes run the decode kernel, ``run_decode_engine``). Each sequence's block table is as wide as a
-    step graph's (``executors.graphs.keys_bucket`` of its
+    step graph's (``plans.engine_shapes.keys_bucket`` of its
     keys), so the kernel splits its keys into the ranges it does in a graph. Points {kind, L, B, C,
     heads, kv_heads, head_dim, ms, kernel}; none where the kernel does not serve this device."""
     import torch

@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from plans.engine_shapes import keys_bucket
+
 
 def _varlen_fn() -> tuple[Callable | None, dict]:
     try:
@@ -126,10 +128,9 @@ def paged_prefill_case(B: int, n: int, C: int, hq: int, hkv: int, D: int, block_
                        generator: torch.Generator | None = None, device: str = "cuda") -> tuple[torch.Tensor, ...]:
     """Inputs of ``executors.paged_prefill.paged_prefill`` on ``device`` for B sequences of ``n`` new tokens
     each after ``C - n`` cached keys (random bf16 ``q [B n, hq, D]``, cache ``k, v``; each sequence's
-    blocks in order, its table row as wide as a step graph's, ``executors.graphs.keys_bucket(C)``):
+    blocks in order, its table row as wide as a step graph's, ``plans.engine_shapes.keys_bucket(C)``):
     ``(q, k, v, table, t0, nq, ctx, seq_of, row0)``, the programs cut at ``block_m`` tokens."""
     from executors import paged_prefill
-    from executors.graphs import keys_bucket
 
     used, width = -(-C // block_size), keys_bucket(C) // block_size
     rnd = dict(device=device, dtype=torch.bfloat16, generator=generator)

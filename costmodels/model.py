@@ -48,6 +48,7 @@ from costmodels.opcost import OpRec, Rates, decode_tail_ms, op_rec, op_time, spl
 from costmodels.profile import Profile
 from costmodels.steps import FUSED_MAX_ROWS, GEMV_MAX_ROWS, Launch, fused_add_norm_ops, graph_decode_programs
 from graph.opgraph import Block, OpGraph, StepShape
+from plans.engine_shapes import BATCH_BUCKETS, keys_bucket
 from plans.errors import UserError
 from plans.mesh import ParallelDims, bucket, even_layers
 
@@ -248,7 +249,6 @@ class CostModel:
         t, s = self._check(tp, sp, mode)
         if launch is None or not launch.graph_slot_ns or shape.tokens <= shape.seqs or not self.graphed(shape, s):
             return 0.0
-        from executors.graphs import BATCH_BUCKETS, keys_bucket  # the engine's (torch), only where it runs
         dec = decode if decode is not None and 0 < decode.tokens < shape.tokens else StepShape(0.0, seqs=0.0)
         seqs = min(bucket(max_seqs, BATCH_BUCKETS) or max_seqs, bucket(shape.tokens) or shape.tokens)
         chunks = shape.seqs - dec.seqs

@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 from costmodels.profile import Profile
 from graph.opgraph import Affine, OpNode, StepShape
+from plans.engine_shapes import keys_bucket, splits
 
 ROOFLINE_COMPUTE_EFF = 0.7
 ROOFLINE_MEM_EFF = 0.8
@@ -245,7 +246,7 @@ def decode_tail_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: 
 def longest_range(seqs: float, kv_heads: float, keys: float) -> float:
     """Keys of the longest range the engine's paged decode kernel gives one program for ``seqs``
     sequences whose longest holds ``keys`` keys, ``kv_heads`` a GPU: its split of the key bucket
-    (``executors.paged_decode.splits`` over ``executors.graphs.keys_bucket``), at most ``keys``."""
+    (``plans.engine_shapes.splits`` over its ``keys_bucket``), at most ``keys``."""
     k = max(1, int(math.ceil(keys)))
     return float(min(_bucket_range(max(1, round(seqs)), max(1, round(kv_heads)), (k - 1).bit_length()), k))
 
@@ -253,9 +254,6 @@ def longest_range(seqs: float, kv_heads: float, keys: float) -> float:
 @functools.lru_cache(maxsize=1 << 16)
 def _bucket_range(seqs: int, kv_heads: int, bits: int) -> int:
     """The kernel's range for contexts ``n`` with ``(n - 1).bit_length() == bits`` (one key bucket)."""
-    from executors.graphs import keys_bucket
-    from executors.paged_decode import splits
-
     return splits(seqs, kv_heads, keys_bucket(1 << bits))[1]
 
 

@@ -118,6 +118,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from costmodels.interp import LogGrid
+from plans.engine_shapes import TARGET_PROGRAMS, graph_splits, keys_bucket, splits
 from plans.mesh import GRAPH_TOKEN_BUCKETS
 
 if TYPE_CHECKING:
@@ -480,10 +481,8 @@ def decode_kernel_programs(slots: int, kv_heads: int, heads: int, nsplit: int) -
 def graph_decode_programs(slots: int, kv_heads: int, heads: int, keys: int) -> int:
     """``decode_kernel_programs`` in a captured prefill or mixed step (``executors.graphs.MixedGraphs``:
     the kernel runs over the graph's ``slots = S + 1`` sequence slots, decodes or not), its ranges from
-    ``executors.paged_decode.graph_splits`` at the key bucket ``keys`` (this GPU's KV and query heads).
+    ``plans.engine_shapes.graph_splits`` at the key bucket ``keys`` (this GPU's KV and query heads).
     Those on slots with no decode exit at once; each still costs its launch."""
-    from executors.paged_decode import graph_splits
-
     return decode_kernel_programs(slots, kv_heads, heads, graph_splits(slots, kv_heads, keys)[0])
 
 
@@ -492,11 +491,8 @@ def fit_graph_slot_ns(report: dict[str, Any]) -> tuple[float, int]:
     the least-squares slope through 0 of (a step's attention with the decode kernel - without it)
     against the programs the kernel launched, over the steps with no decodes of a ``bench/graph_decodes.py
     --fill`` report (one point per ranges' cut: the run's own, as for ``report["fill"]`` decodes at every
-    key bucket, and each ``--fill`` column's), the programs counted with ``executors.paged_decode.splits``
+    key bucket, and each ``--fill`` column's), the programs counted with ``plans.engine_shapes.splits``
     as that run cut them (its key bucket holds the first chunk's keys)."""
-    from executors.graphs import keys_bucket
-    from executors.paged_decode import splits
-
     slots, keys = report["slots"] + 1, keys_bucket(report["chunk"])
     xs, ys = [], []
     for r in report["rows"]:
@@ -518,12 +514,9 @@ def fit_decode_us_per_key(points: list[dict[str, Any]]) -> tuple[float, int]:
     """``(us, points)``: a range program's time a key in the engine's paged decode kernel (module
     doc), the slope of least squares ``time = a + us * range`` over the calibration's
     ``attn_decode_engine`` points whose grid fits in one wave (sequences x KV heads x ranges at most
-    ``paged_decode.TARGET_PROGRAMS``: every program runs at once and the step lasts as long as its
+    ``engine_shapes.TARGET_PROGRAMS``: every program runs at once and the step lasts as long as its
     longest range) and whose ranges hold at least 128 keys (below, the fixed time dominates)."""
     import numpy as np
-
-    from executors.graphs import keys_bucket
-    from executors.paged_decode import TARGET_PROGRAMS, splits
 
     rows, us = [], []
     for p in points:

@@ -616,7 +616,7 @@ class Engine:
 
     def warm_up(self, prompt_tokens: int = 8) -> None:
         """Run every step shape serving will meet first before any request does: for each decode
-        batch bucket up to ``max_seqs`` (``graphs.BATCH_BUCKETS``), that many prompts of
+        batch bucket up to ``max_seqs`` (``engine_shapes.BATCH_BUCKETS``), that many prompts of
         ``prompt_tokens`` tokens per replica and lane, two new tokens each. The layers compile
         (dynamic shapes; the GEMV's tiles are tuned for its one row, the FP8 kernel's per row
         bucket) and a decode graph is captured per batch bucket at the shortest key bucket, as is a
@@ -626,7 +626,7 @@ class Engine:
         its heap (``RankRunner.finish_warm_up``), and the driver settles its own (``worker.settle_heap``: what
         loading and warming up made is never scanned by the garbage collector again). The engine's
         counters are reset after; its KV cache is free again."""
-        from executors.graphs import BATCH_BUCKETS
+        from plans.engine_shapes import BATCH_BUCKETS
         from executors.worker import settle_heap
 
         top = self.plan.scheduler.max_seqs

@@ -7,7 +7,7 @@ Python and the step is bound by the launches, not by HBM. Here the whole stage f
 collectives, the lm_head) is captured once per bucket and replayed:
 
 * batch bucket ``B >= S`` from ``BATCH_BUCKETS``; key bucket ``L >=`` the longest context
-  (``keys_bucket``);
+  (``keys_bucket``; both from ``plans.engine_shapes``, which the cost model reads too);
 * the graph reads one static int64 buffer ``[tokens B | pos R*B | slots B | lens B | table B*L/bs]``
   (``R`` = 1, or 3 rows for M-RoPE; ``table``: each sequence's KV blocks, the block table), filled by
   one host-to-device copy per step; attention reads whole blocks through the table. Padding rows
@@ -49,29 +49,14 @@ import torch
 from executors import paged_decode, paged_prefill
 from executors.batch import MicroBatch
 from executors.switches import switch
+from plans.engine_shapes import BATCH_BUCKETS, MIN_KEYS, key_sizes, keys_bucket
 from plans.mesh import GRAPH_TOKEN_BUCKETS as TOKEN_BUCKETS
 from plans.mesh import bucket
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
-MIN_KEYS = 512
 # a captured step's decodes through the paged decode kernel (0: through the paged prefill kernel with the
 # chunks, where a program of 16 query rows holds one decode: one layer of 8-128 decodes took 1.1-2.3x the
 # decode kernel's time on an H200, bench/results/graph_decodes.md)
 GRAPH_DECODES = switch("SHIFTPLAN_GRAPH_DECODES")
-
-
-def keys_bucket(n: int) -> int:
-    """Key width for a longest context of ``n``: the next power of two, at least ``MIN_KEYS``. A
-    graph is captured per bucket (tens of ms a capture, at warm-up), so buckets are few: the
-    kernels read only each sequence's own keys, the width sets the block table's size (and the
-    decode kernel's key ranges)."""
-    return max(MIN_KEYS, 1 << (max(1, n) - 1).bit_length())
-
-
-def key_sizes(max_keys: int, block: int) -> tuple[int, ...]:
-    """Every key bucket ``L`` up to ``max_keys`` keys, each a multiple of the block size."""
-    top = keys_bucket(max_keys)
-    return tuple(-(-b // block) * block for b in (MIN_KEYS << i for i in range(top.bit_length())) if b <= top)
 
 
 class StaticInputs:

@@ -9,7 +9,8 @@ query heads.
 Flash decoding: the keys of a sequence are cut into ``nsplit`` ranges of ``keys_per_split`` keys,
 one program per ``(sequence, kv head, range)``, so a small batch still fills the GPU, and ranges
 hold at most ``MAX_KEYS_PER_SPLIT`` keys, so a batch of mixed lengths is not left waiting on the
-programs of its longest sequences. A program
+programs of its longest sequences (the cut: ``plans.engine_shapes.splits``, which the cost model
+reads too). A program
 keeps the running max ``m``, sum ``l`` and accumulator of the online softmax over its range and
 writes ``out_r = acc / l`` and ``lse_r = m + log l``; a second kernel (one program per
 ``(sequence, query head)``, all ranges loaded at once) combines them, ``out = sum_r exp(lse_r - M) out_r / sum_r
@@ -33,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from executors import gemv
+from plans import engine_shapes as shapes
 
 try:
     import triton
@@ -40,19 +42,7 @@ try:
 except ImportError:  # CPU-only installs: attention.py falls back to the torch path
     triton = None
 
-BLOCK_N = 64  # keys per inner iteration
 BLOCK_G = 16  # query heads per program, padded (tl.dot needs 16 rows)
-TARGET_PROGRAMS = 264  # about two per SM on an H100/H200 (132 SMs)
-MAX_SPLITS = 64  # the combine kernel holds every range of a head at once
-# cap on a range's keys: with contexts of 300-5,000 keys, 32 sequences take 63.6 us a layer against 98.0
-# uncapped (64: 116.0 against 146.3; equal lengths unchanged, Llama's 100-2,000 keys 97.3 against 94.1):
-# bench/results/decode_splits.md
-MAX_KEYS_PER_SPLIT = 1024
-# with ``rows`` (a captured mixed step's decodes among its sequence slots, how many unknown until replay) the
-# ranges fill the GPU as for this many decodes where a table holds more than one range's keys; where it holds
-# one (key buckets up to 1,024), one range, so no combine launches over every slot (graph_splits; measured on
-# an H200 for 257 slots: bench/results/graph_decodes.sweep.md)
-GRAPH_FILL_SEQS = 16
 PARTIAL_WARPS, PARTIAL_STAGES = 4, 3  # the range kernel's launch (Triton's defaults; bench/decode_splits.py --sweep)
 _failed: list[str] = []  # the kernel's first failure on this process (then the torch path serves)
 
@@ -62,30 +52,6 @@ def available(q: torch.Tensor, cache: torch.Tensor, kv_of_q: torch.Tensor | None
     KV head) and a cache of the same dtype; anything else takes the torch path."""
     return (triton is not None and not _failed and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and cache.dtype == q.dtype and kv_of_q is None and q.shape[1] // cache.shape[1] <= BLOCK_G)
-
-
-def capped_ranges(keys: int) -> int:
-    """The fewest key ranges of at most ``MAX_KEYS_PER_SPLIT`` keys that ``keys`` keys fill (1 with
-    no cap, ``MAX_KEYS_PER_SPLIT = 0``); the paged prefill kernel's ranges follow the same cap."""
-    return -(-keys // MAX_KEYS_PER_SPLIT) if MAX_KEYS_PER_SPLIT else 1
-
-
-def splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
-    """``(nsplit, keys_per_split)``: enough programs to fill the GPU, ranges of whole BLOCK_N and
-    at most ``MAX_KEYS_PER_SPLIT`` keys (0: no cap)."""
-    chunks = max(1, -(-max_keys // BLOCK_N))
-    want = max(-(-TARGET_PROGRAMS // (S * hkv)), capped_ranges(chunks * BLOCK_N))
-    nsplit = max(1, min(chunks, want, MAX_SPLITS))
-    return nsplit, -(-chunks // nsplit) * BLOCK_N
-
-
-def graph_splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
-    """``splits`` of a captured mixed step's decodes over its ``S`` sequence slots (``paged_decode``
-    with ``rows``): one range where ``max_keys`` fit one (``capped_ranges``): ranges over every slot
-    would launch a combine of ``S x hq`` programs, most of them on slots with no decode; else cut to
-    fill the GPU for ``GRAPH_FILL_SEQS`` decodes (few decodes of long contexts in as many programs as a
-    decode step of them would have)."""
-    return splits(S if capped_ranges(max_keys) <= 1 else min(S, GRAPH_FILL_SEQS), hkv, max_keys)
 
 
 def paged_decode_or_none(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
@@ -108,7 +74,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys.
 
     With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
-    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), key ranges from ``graph_splits``. A
+    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), key ranges from ``engine_shapes.graph_splits``. A
     sequence with no keys (``lens 0``) reads and writes nothing, its programs exiting at once, so its
     row may lie past ``q`` (a captured mixed step's decodes among its ``S + 1`` slots, the others
     pointing at a scratch row: ``paged_prefill.attend``)."""
@@ -117,7 +83,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     row_map = rows if has_rows else lens  # a pointer the kernels ignore without rows
     hkv = k_cache.shape[1]
     G = hq // hkv
-    nsplit, per = (graph_splits if has_rows else splits)(S, hkv, table.shape[1] * block_size)
+    nsplit, per = (shapes.graph_splits if has_rows else shapes.splits)(S, hkv, table.shape[1] * block_size)
     BLOCK_D = triton.next_power_of_2(D)
     o = out if has_rows else torch.empty(S, hq * D, dtype=q.dtype, device=q.device)
     direct = nsplit == 1  # one range per head: the partial result is the answer, no combine
@@ -127,7 +93,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _partial[(S, hkv, nsplit)](
         q, k_cache, v_cache, table, lens, out, lse, row_map,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), per, D ** -0.5,
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=BLOCK_N, DIRECT=direct,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BS=block_size, BLOCK_N=shapes.DECODE_BLOCK_N, DIRECT=direct,
         HAS_ROWS=has_rows, USE_GDC=gdc, launch_pdl=gdc, num_warps=PARTIAL_WARPS, num_stages=PARTIAL_STAGES,
     )
     if not direct:

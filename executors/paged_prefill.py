@@ -28,7 +28,7 @@ programs. A prefill chunk after many cached keys (and, before captured steps sen
 the decode kernel, each decode) reads them all: a decode with 4,000 cached keys was one program of
 63 blocks, and on an H200 Qwen2-VL-7B's mixed steps (28 layers, 28 query heads over 4 KV heads) ran
 ~8 ms (~285 us a layer) longer than the cost model predicts when their decodes held ~4,000 keys. The
-decode kernel's cap holds here too: ranges of at most ``paged_decode.MAX_KEYS_PER_SPLIT`` keys.
+decode kernel's cap holds here too: ranges of at most ``engine_shapes.MAX_KEYS_PER_SPLIT`` keys.
 
 A captured step's decodes (``PrefillInputs.dec_rows``, ``executors.graphs.GRAPH_DECODES``) have no
 programs here: ``attend`` runs the paged decode kernel over the step's sequence slots beside this
@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from executors import paged_decode
+from plans import engine_shapes as shapes
 
 try:
     import triton
@@ -127,10 +128,10 @@ def wanted(prefill_sequences: int) -> bool:
 def splits(keys: int, range_bytes: int) -> tuple[int, int]:
     """``(nsplit, keys_per_split)`` for a block table of ``keys`` keys (its width times the block size)
     and ``range_bytes`` of scratch a range (``T x hq x (D + 1) x 4``): ranges of whole ``BLOCK_N``,
-    of at most ``paged_decode.MAX_KEYS_PER_SPLIT`` keys (0: no cap) while ``nsplit`` ranges fit
+    of at most ``engine_shapes.MAX_KEYS_PER_SPLIT`` keys (0: no cap) while ``nsplit`` ranges fit
     ``SCRATCH_BYTES``. Shapes only: the same for every step of a captured graph (module doc)."""
     chunks = max(1, -(-keys // BLOCK_N))
-    nsplit = max(1, min(chunks, paged_decode.capped_ranges(chunks * BLOCK_N), SCRATCH_BYTES // range_bytes))
+    nsplit = max(1, min(chunks, shapes.capped_ranges(chunks * BLOCK_N), SCRATCH_BYTES // range_bytes))
     return nsplit, -(-chunks // nsplit) * BLOCK_N
 
 

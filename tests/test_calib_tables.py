@@ -521,7 +521,7 @@ def test_paged_prefill_calibration_cases_are_what_a_step_graph_hands_the_kernel(
     n new tokens after C - n cached keys, each one's blocks in order in a table row as wide as a step
     graph's key bucket, its programs cut at ``block_m`` tokens; a decode row is one token of C keys."""
     from costmodels.gpu_bench import paged_prefill_case
-    from executors.graphs import keys_bucket
+    from plans.engine_shapes import keys_bucket
 
     q, k, v, table, t0, nq, ctx, seq_of, row0 = paged_prefill_case(3, 40, 100, 8, 2, 16, 16, device="cpu")
     assert q.shape == (120, 8, 16) and k.shape == v.shape == (3 * 7 * 16 + 1, 2, 16)

@@ -153,7 +153,8 @@ def test_decode_graph_inputs_give_the_eager_logits(tmp_path) -> None:
     """A decode step through the graph's padded static inputs (batch and key buckets, scratch-slot
     padding) gives the eager step's logits; prefill first so the cache holds real keys."""
     import executors
-    from executors.graphs import DecodeGraphs, bucket, keys_bucket
+    from executors.graphs import DecodeGraphs, bucket
+    from plans.engine_shapes import keys_bucket
     from executors.scheduler import Scheduler
     from tests.tiny.helpers import make_plan
 
@@ -185,7 +186,8 @@ def test_decode_graph_inputs_give_the_eager_logits(tmp_path) -> None:
 
 PAGED_CHECK = """
 import torch
-from executors.paged_decode import paged_decode, splits, store_kv
+from executors.paged_decode import paged_decode, store_kv
+from plans.engine_shapes import splits
 torch.manual_seed(0)
 kc, vc = torch.zeros(9, 2, 6), torch.zeros(9, 2, 6)
 qkv = torch.randn(3, 2 + 2 + 2, 6)  # k and v as strided views of one projection, as in a layer
@@ -279,12 +281,13 @@ def test_gemv_is_routed_only_for_few_cuda_rows() -> None:
 PREFILL_CHECK = """
 import sys
 import torch
-from executors import paged_decode, paged_prefill
+from executors import paged_prefill
 from executors.attention import prefill_inputs, sequence_spans, split_decodes
+from plans import engine_shapes
 from tests.test_exec_gpu_paths import BLOCK, _packed_reference
 per = int(sys.argv[1])  # keys per range; 0: the defaults (one range at these contexts)
 if per:  # the interpreter's scale: ranges of 16 keys, read 16 at a time
-    paged_prefill.BLOCK_N = paged_decode.MAX_KEYS_PER_SPLIT = per
+    paged_prefill.BLOCK_N = engine_shapes.MAX_KEYS_PER_SPLIT = per
 other = paged_prefill.KernelConfig(32, 32, 8, 2)  # another launch: 32 tokens a program, 32 keys a step
 worst, ranges = 0.0, 1
 for seed, chunks in [(1, [(12, 0, 12), (30, 29, 1), (20, 8, 5), (17, 16, 1), (6, 5, 1)]),
@@ -323,10 +326,10 @@ def test_paged_prefill_kernel_matches_packed_attention(per: int) -> None:
 
 
 def test_a_captured_steps_decode_ranges_are_cut_for_a_few_decodes_not_its_slots() -> None:
-    """``paged_decode.graph_splits`` (a captured mixed step's decodes over its ``S`` sequence slots): one
+    """``engine_shapes.graph_splits`` (a captured mixed step's decodes over its ``S`` sequence slots): one
     range where the key bucket fits one (no combine over every slot), else the ranges a decode step of
     ``GRAPH_FILL_SEQS`` sequences would take, more than the slots' count would give."""
-    from executors.paged_decode import GRAPH_FILL_SEQS, MAX_KEYS_PER_SPLIT, graph_splits, splits
+    from plans.engine_shapes import GRAPH_FILL_SEQS, MAX_KEYS_PER_SPLIT, graph_splits, splits
 
     for hkv in (8, 4):
         for keys in (512, MAX_KEYS_PER_SPLIT):
@@ -339,21 +342,21 @@ def test_a_captured_steps_decode_ranges_are_cut_for_a_few_decodes_not_its_slots(
 
 def test_prefill_key_ranges_follow_the_table_width(monkeypatch) -> None:
     """``paged_prefill.splits``: ranges of at most the decode kernel's cap (read from
-    ``paged_decode``), in whole BLOCK_N, counted from the table's width alone; one range up to the
+    ``plans.engine_shapes``), in whole BLOCK_N, counted from the table's width alone; one range up to the
     cap; fewer, longer ranges where their scratch would pass SCRATCH_BYTES."""
-    from executors import paged_decode
     from executors.paged_prefill import BLOCK_N, SCRATCH_BYTES, splits
+    from plans import engine_shapes
 
-    cap = paged_decode.MAX_KEYS_PER_SPLIT
+    cap = engine_shapes.MAX_KEYS_PER_SPLIT
     assert splits(512, 1) == (1, 512) and splits(cap, 1) == (1, cap) and splits(40, 1) == (1, BLOCK_N)
     assert splits(4 * cap, 1) == (4, cap) and splits(4 * cap - 16, 1) == (4, cap)
     n, per = splits(cap + 100, 1)  # a table not in whole ranges: two of whole BLOCK_N, covering it
     assert n == 2 and per % BLOCK_N == 0 and per <= cap and n * per >= cap + 100
     assert splits(16 * cap, SCRATCH_BYTES // 4) == (4, 4 * cap)  # the scratch holds 4 ranges
     assert splits(16 * cap, SCRATCH_BYTES + 1) == (1, 16 * cap)
-    monkeypatch.setattr(paged_decode, "MAX_KEYS_PER_SPLIT", 2 * cap)
+    monkeypatch.setattr(engine_shapes, "MAX_KEYS_PER_SPLIT", 2 * cap)
     assert splits(4 * cap, 1) == (2, 2 * cap)
-    monkeypatch.setattr(paged_decode, "MAX_KEYS_PER_SPLIT", 0)  # no cap: one range
+    monkeypatch.setattr(engine_shapes, "MAX_KEYS_PER_SPLIT", 0)  # no cap: one range
     assert splits(4 * cap, 1) == (1, 4 * cap)
 
 
@@ -405,16 +408,17 @@ import sys
 import torch
 import executors
 from executors import Request
-from executors import paged_decode, paged_prefill
+from executors import paged_prefill
 from executors.graphs import DecodeGraphs, MixedGraphs
 from executors.images import ImageInput
 from executors.requests import make_seq
 from executors.scheduler import Scheduler, Seq, build_microbatch
+from plans import engine_shapes
 from tests.tiny.helpers import make_plan
 
 name, per, decodes = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if per:  # key ranges of ``per`` keys (the kernel's default cap leaves these contexts in one)
-    paged_prefill.BLOCK_N = paged_decode.MAX_KEYS_PER_SPLIT = per
+    paged_prefill.BLOCK_N = engine_shapes.MAX_KEYS_PER_SPLIT = per
 plan = make_plan(name, max_batch_tokens=64, max_seqs=8)
 bs = plan.scheduler.block_size
 with executors.load(plan, kv_blocks=64) as eng:
@@ -1052,19 +1056,19 @@ def test_tower_graph_chunks_give_the_eager_embeddings(name: str, monkeypatch) ->
 
 
 def test_decode_ranges_cover_every_key_in_capped_whole_blocks() -> None:
-    """``paged_decode.splits``: ranges of whole BLOCK_N keys that together cover the table's width,
-    at most ``MAX_KEYS_PER_SPLIT`` keys each where ``MAX_SPLITS`` allows, and enough programs to
+    """``engine_shapes.splits``: ranges of whole DECODE_BLOCK_N keys that together cover the table's
+    width, at most ``MAX_KEYS_PER_SPLIT`` keys each where ``MAX_SPLITS`` allows, and enough programs to
     fill the GPU for small batches."""
-    from executors import paged_decode as pd
+    from plans import engine_shapes as pd
 
     for S in (1, 8, 32, 64, 128, 512):
         for hkv in (1, 4, 8):
             for width in (16, 512, 1000, 2048, 8192, 65536, 200_000):
                 n, per = pd.splits(S, hkv, width)
-                assert per % pd.BLOCK_N == 0 and n * per >= width and 1 <= n <= pd.MAX_SPLITS
+                assert per % pd.DECODE_BLOCK_N == 0 and n * per >= width and 1 <= n <= pd.MAX_SPLITS
                 if n < pd.MAX_SPLITS:
-                    assert per <= max(pd.MAX_KEYS_PER_SPLIT, pd.BLOCK_N)
-                assert n * S * hkv >= min(pd.TARGET_PROGRAMS, S * hkv * min(-(-width // pd.BLOCK_N), pd.MAX_SPLITS))
+                    assert per <= max(pd.MAX_KEYS_PER_SPLIT, pd.DECODE_BLOCK_N)
+                assert n * S * hkv >= min(pd.TARGET_PROGRAMS, S * hkv * min(-(-width // pd.DECODE_BLOCK_N), pd.MAX_SPLITS))
 
 
 def test_graph_decodes_bench_compares_both_paths_of_a_captured_step(tmp_path) -> None:

@@ -482,8 +482,7 @@ def test_the_decode_tail_is_fitted_from_the_calibration_and_charged_to_unequal_b
     assert tail == pytest.approx(us * 1e-3 * (longest_range(8, 4, 5000) - longest_range(8, 4, 2650)))
     assert longest_range_tail_ms(8, 4, 2650, 2650, us) == 0 == longest_range_tail_ms(8, 4, 2650, 5000, 0.0)
     assert longest_range(1, 4, 40) == 40  # a short sequence's range is the sequence
-    from executors.graphs import keys_bucket
-    from executors.paged_decode import splits
+    from plans.engine_shapes import keys_bucket, splits
 
     for seqs, heads, keys in ((1, 1, 1), (3, 8, 511), (3, 8, 512), (3, 8, 513), (64, 4, 4096), (64, 4, 4097), (200, 2, 131072)):
         assert longest_range(seqs, heads, keys) == min(splits(seqs, heads, keys_bucket(keys))[1], keys)  # the engine's rule
@@ -505,8 +504,7 @@ def test_the_decode_kernels_empty_graph_slots_are_fitted_from_the_sweep_and_char
     plan's ``max_seqs``), none for decode steps, eager steps or a coster that does not know the slots."""
     from bench import step_fidelity as sf
     from costmodels.steps import decode_kernel_programs, fit_graph_slot_ns, graph_decode_programs
-    from executors.graphs import keys_bucket
-    from executors.paged_decode import splits
+    from plans.engine_shapes import keys_bucket, splits
 
     sweep = json.loads((ROOT / "bench/results/graph_decodes.sweep.json").read_text())
     ns, n = fit_graph_slot_ns(sweep)
