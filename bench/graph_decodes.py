@@ -18,6 +18,16 @@ Head shapes: Llama-3.1-8B's (32 query heads over 8 KV heads) and Qwen2-VL-7B's (
     TRITON_INTERPRET=1 python bench/graph_decodes.py --out DIR --tiny   # CPU dry run (small shapes)
 
 Writes DIR/graph_decodes.json and DIR/graph_decodes.md.
+
+``--price REPORT`` adds the cost model's price of each measured case to a report (any machine): one
+decoder layer's attention of the model preset on one H200 (the h200 profile), the prefill chunk from
+the paged prefill kernel's table, the decodes from the decode kernel's (``attn_decode_engine``) plus
+their longest range's tail, and the decode kernel's programs on the graph's empty slots
+(``CostModel.graph_slots_ms``). The tail is priced twice: with the keys cut as the step graph cuts
+them (``CostModel.step_graph``, ``plans.engine_shapes.graph_splits``: the model's) and as a decode step
+of the same decodes would (``splits``); each beside the decode kernel's measured time:
+
+    python bench/graph_decodes.py --out DIR --price bench/results/graph_decodes.json
 """
 
 from __future__ import annotations
@@ -67,6 +77,52 @@ def step_inputs(chunk: int, decodes: int, ctx: int, slots: int, block: int, deco
     return (pre.decode_inputs(T) if decode_kernel else pre), T, nxt * block
 
 
+def price_row(row: dict[str, Any], chunk: int, slots: int) -> dict[str, float]:
+    """The cost model's us for one row's layer of attention (module doc): ``model_us`` with the decodes'
+    keys cut as the step graph cuts them, ``decode_cut_us`` as a decode step would."""
+    import dataclasses
+
+    from costmodels.opcost import op_time
+    from graph.opgraph import StepShape
+
+    cm = _cost_model(row["model"])
+    attn = cm._decode_attention
+    D, C = row["decodes"], row["context"]
+    mixed, dec = StepShape.from_sequences([chunk] + [1] * D, [chunk] + [C] * D) if D else (StepShape.prefill([chunk]), None)
+    pre = mixed if dec is None else StepShape(mixed.tokens - dec.tokens, mixed.pairs - dec.pairs, mixed.kv - dec.kv,
+                                             mixed.seqs - dec.seqs)
+
+    def ms(shape: StepShape) -> float:
+        c, m, o = op_time(attn, shape, 1, 1, cm.rates, cm.profile, True)
+        return max(c, m) + o
+
+    base = ms(pre) + cm.graph_slots_ms(mixed, dec, 1, tp=1, sp=1, mode="tp", max_seqs=slots)
+    if dec is None:
+        return {"model_us": round(base * 1e3, 2), "decode_cut_us": round(base * 1e3, 2)}
+    base += ms(dataclasses.replace(dec, decode_max_kv=0.0))
+    graph = cm.step_graph(mixed, dec, sp=1, mode="tp", max_seqs=slots)
+    assert graph is not None, "a step of these tokens is captured on this profile"
+    return {"model_us": round((base + cm.decode_tail_ms(dec, graph=graph, mode="tp")) * 1e3, 2),
+            "decode_cut_us": round((base + cm.decode_tail_ms(dec, mode="tp")) * 1e3, 2)}
+
+
+def _cost_model(preset: str) -> Any:
+    """The cost model of ``preset`` on one H200 (bf16, compiled layers, this engine)."""
+    from bench.common import spec_for
+    from planner.inputs import cost_model_of
+
+    return cost_model_of(spec_for(f"{preset}-graph-decodes", None, preset, 1, "bf16"))[0]
+
+
+def price(report: dict[str, Any]) -> None:
+    """``model_us`` and ``decode_cut_us`` (``price_row``) and their ratios to the measured decode
+    kernel's time on every row of ``report``."""
+    for row in report["rows"]:
+        row.update(price_row(row, report["chunk"], report["slots"]))
+        for k in ("model_us", "decode_cut_us"):
+            row[k.replace("_us", "_over_kernel")] = round(row[k] / row["decode_kernel_us"], 3)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -75,7 +131,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--slots", type=int, default=256)
     ap.add_argument("--fill", default="", help="comma-separated engine_shapes.GRAPH_FILL_SEQS values to time the "
                     "decode kernel at too (the decodes its key ranges fill the GPU for)")
+    ap.add_argument("--price", type=Path, default=None, metavar="REPORT",
+                    help="add the cost model's price to a measured report (no GPU)")
     a = ap.parse_args(argv)
+    if a.price is not None:
+        from bench.common import command_line, write_report
+
+        try:
+            report = json.loads(a.price.read_text())
+            price(report)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--price {a.price}: not a graph_decodes report ({type(e).__name__}: {e})")
+        report["priced"] = command_line("bench/graph_decodes.py", argv)
+        write_report(a.out, "graph_decodes", report, markdown(report), echo=True)
+        return report
     try:
         fills = [int(x) for x in a.fill.split(",") if x]
     except ValueError:
@@ -136,14 +205,22 @@ def markdown(r: dict[str, Any]) -> str:
              f"the key bucket fits one, else as for {r['fill']} decodes). "
              f"Command: `{r['command']}`.", ""]
     sweep = [k for k in r["rows"][0] if k.startswith("decode_kernel_fill")] if r["rows"] else []
+    priced = bool(r["rows"]) and "model_us" in r["rows"][0]
+    if priced:
+        lines += [f"Model: the cost model's price of the same layer (`{r['priced']}`), the decodes' longest range cut "
+                  "as the step graph cuts the keys (the model's) and as a decode step of them would; each over the "
+                  "decode kernel's time.", ""]
+    cols = ["model us / over kernel", "decode-step cut us / over kernel"] if priced else []
     lines += ["| model (heads / KV heads) | D decodes | C keys | step tokens (bucket) | decodes in the prefill kernel, us "
               "| in the decode kernel, us | ratio | max abs diff |"
-              + "".join(f" ranges for {k[18:-3]} decodes, us |" for k in sweep),
-              "|---|---|---|---|---|---|---|---|" + "---|" * len(sweep)]
+              + "".join(f" ranges for {k[18:-3]} decodes, us |" for k in sweep) + "".join(f" {c} |" for c in cols),
+              "|---|---|---|---|---|---|---|---|" + "---|" * (len(sweep) + len(cols))]
     for x in r["rows"]:
         lines.append(f"| {x['model']} ({x['heads'][0]} / {x['heads'][1]}) | {x['decodes']} | {x['context']} | "
                      f"{x['tokens']} | {x['prefill_kernel_us']} | {x['decode_kernel_us']} | {x.get('ratio', '-')} | "
-                     f"{x['max_abs_diff']} |" + "".join(f" {x[k]} |" for k in sweep))
+                     f"{x['max_abs_diff']} |" + "".join(f" {x[k]} |" for k in sweep)
+                     + (f" {x['model_us']} / {x['model_over_kernel']} | {x['decode_cut_us']} / {x['decode_cut_over_kernel']} |"
+                        if priced else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -236,27 +236,38 @@ class CostModel:
             return 0.0
         return self.launch.mixed_us_per_layer * layers * 1e-3 if self.graphed(shape, sp if mode == "sp_tp" else 1) else 0.0
 
-    def graph_slots_ms(self, shape: StepShape, decode: StepShape | None, layers: int, *, tp: int, sp: int,
-                       mode: str, max_seqs: int) -> float:
-        """A captured prefill or mixed step ``shape`` (``decode``: its decode part, or None) runs the paged
-        decode kernel on every sequence slot of its step graph: the programs on the slots that hold no
-        decode, ``steps.graph_decode_programs`` over ``S + 1 - decodes`` slots, each
-        ``Launch.graph_slot_ns``, on a stage of ``layers`` decoder layers (``S``: ``max_seqs``' batch
-        bucket, at most the step's token bucket, as ``executors.graphs.MixedGraphs`` sizes it; the key
-        bucket of its longest context, its prefill chunks' taken at their mean). 0 for decode steps,
-        eager steps and other engines; the decodes' own programs are priced with their attention."""
-        launch = self.launch
-        t, s = self._check(tp, sp, mode)
-        if launch is None or not launch.graph_slot_ns or shape.tokens <= shape.seqs or not self.graphed(shape, s):
-            return 0.0
+    def step_graph(self, shape: StepShape, decode: StepShape | None, *, sp: int, mode: str,
+                   max_seqs: int) -> tuple[int, int] | None:
+        """``(slots, keys)`` of the step graph a prefill or mixed step ``shape`` (``decode``: its decode
+        part, or None) replays in: ``S + 1`` sequence slots (``S``: ``max_seqs``' batch bucket, at most
+        the step's token bucket, as ``executors.graphs.MixedGraphs`` sizes it) and the key bucket of its
+        longest context (its prefill chunks' taken at their mean); None for decode steps, eager steps
+        and engines without ``launch``."""
+        _, s = self._check(1, sp, mode)
+        if self.launch is None or shape.tokens <= shape.seqs or not self.graphed(shape, s):
+            return None
         dec = decode if decode is not None and 0 < decode.tokens < shape.tokens else StepShape(0.0, seqs=0.0)
         seqs = min(bucket(max_seqs, BATCH_BUCKETS) or max_seqs, bucket(shape.tokens) or shape.tokens)
         chunks = shape.seqs - dec.seqs
         longest = max(shape.decode_max_kv, dec.decode_max_kv, (shape.kv - dec.kv) / chunks if chunks > 0 else 0.0)
+        return int(seqs) + 1, keys_bucket(int(longest + 0.5))
+
+    def graph_slots_ms(self, shape: StepShape, decode: StepShape | None, layers: int, *, tp: int, sp: int,
+                       mode: str, max_seqs: int) -> float:
+        """A captured prefill or mixed step ``shape`` (``decode``: its decode part, or None) runs the paged
+        decode kernel on every sequence slot of its step graph (``step_graph``): the programs on the
+        slots that hold no decode, ``steps.graph_decode_programs`` over ``S + 1 - decodes`` slots, each
+        ``Launch.graph_slot_ns``, on a stage of ``layers`` decoder layers. 0 for decode steps, eager
+        steps and other engines; the decodes' own programs are priced with their attention."""
+        t, s = self._check(tp, sp, mode)
+        graph = self.step_graph(shape, decode, sp=sp, mode=mode, max_seqs=max_seqs)
+        if graph is None or not self.launch.graph_slot_ns:
+            return 0.0
+        decodes = decode.seqs if decode is not None and 0 < decode.tokens < shape.tokens else 0.0
         attn = self._decode_attention
         kv, heads = (max(1, round(h / (t * s))) for h in (attn.kv_heads, attn.heads))
-        programs = graph_decode_programs(int(seqs + 1 - dec.seqs), kv, heads, keys_bucket(int(longest + 0.5)))
-        return programs * launch.graph_slot_ns * 1e-6 * layers
+        programs = graph_decode_programs(int(graph[0] - decodes), kv, heads, graph[1])
+        return programs * self.launch.graph_slot_ns * 1e-6 * layers
 
     def driver_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
         """The engine driver's host time before a step it could not form ahead, encoding images of
@@ -330,15 +341,17 @@ class CostModel:
 
     # ------------------------------------------------------------------ steps
 
-    def decode_tail_ms(self, shape: StepShape, *, tp: int = 1, sp: int = 1, mode: str = "sp_tp") -> float:
+    def decode_tail_ms(self, shape: StepShape, *, tp: int = 1, sp: int = 1, mode: str = "sp_tp",
+                       graph: tuple[int, int] | None = None) -> float:
         """One decoder layer's share of ``step_time`` that the step's longest decode adds
-        (``opcost.decode_tail_ms``; the layers are alike). The simulator's coster memoises step times
-        on a grid without the longest decode and adds this exactly: it jumps where the longest
-        crosses a key bucket, which a grid would blur."""
-        if shape.decode_max_kv <= 0:
+        (``opcost.decode_tail_ms``; the layers are alike; ``graph``: the decodes of a captured mixed
+        step, ``step_graph``). The simulator's coster memoises step times on a grid without the
+        longest decode and adds this exactly: it jumps where the longest crosses a key bucket, which
+        a grid would blur."""
+        if shape.decode_max_kv <= 0 and graph is None:
             return 0.0
         t, s = self._check(tp, sp, mode)
-        return decode_tail_ms(self._decode_attention, shape, t, s, self.rates, self.profile)
+        return decode_tail_ms(self._decode_attention, shape, t, s, self.rates, self.profile, graph)
 
     @functools.cached_property
     def _decode_attention(self) -> OpRec:

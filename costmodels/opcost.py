@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 from costmodels.profile import Profile
 from graph.opgraph import Affine, OpNode, StepShape
-from plans.engine_shapes import keys_bucket, splits
+from plans.engine_shapes import graph_splits, keys_bucket, splits
 
 ROOFLINE_COMPUTE_EFF = 0.7
 ROOFLINE_MEM_EFF = 0.8
@@ -232,15 +232,20 @@ def _attention(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Prof
     return c, mem, ovh_us * 1e-3
 
 
-def decode_tail_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None) -> float:
+def decode_tail_ms(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,
+                   graph: tuple[int, int] | None = None) -> float:
     """Decode attention op ``r``'s longest-range tail on step ``s`` (``longest_range_tail_ms`` at this
-    GPU's KV heads, the batch's mean and longest context); 0 off the engine's paged kernel or with
-    the longest decode unknown (``StepShape.decode_max_kv`` 0)."""
-    if not rates.engine_decode or prof is None or prof.attn_decode_engine is None or s.decode_max_kv <= 0:
+    GPU's KV heads, the batch's mean and longest context; ``graph``: the decodes of a captured mixed
+    step, ``(sequence slots, key width)`` of its graph); 0 off the engine's paged kernel, or with the
+    longest decode unknown (``StepShape.decode_max_kv`` 0) outside a graph."""
+    if not rates.engine_decode or prof is None or prof.attn_decode_engine is None:
+        return 0.0
+    if s.decode_max_kv <= 0 and graph is None:
         return 0.0
     seqs = max(s.seqs, 1.0)
     kv_local = max(1.0, r.kv_heads / (t * sp))
-    return longest_range_tail_ms(seqs, kv_local, max(s.kv / seqs, 1.0), s.decode_max_kv, rates.decode_us_per_key)
+    mean = max(s.kv / seqs, 1.0)
+    return longest_range_tail_ms(seqs, kv_local, mean, max(s.decode_max_kv, mean), rates.decode_us_per_key, graph)
 
 
 def longest_range(seqs: float, kv_heads: float, keys: float) -> float:
@@ -257,20 +262,31 @@ def _bucket_range(seqs: int, kv_heads: int, bits: int) -> int:
     return splits(seqs, kv_heads, keys_bucket(1 << bits))[1]
 
 
-def longest_range_tail_ms(seqs: float, kv_heads: float, mean: float, longest: float, us_per_key: float) -> float:
+def longest_range_tail_ms(seqs: float, kv_heads: float, mean: float, longest: float, us_per_key: float,
+                          graph: tuple[int, int] | None = None) -> float:
     """The paged decode kernel's extra time on a batch of unequal contexts: the efficiency table
-    (``attn_decode_engine``) was measured with every sequence at the mean, whose longest range is
-    ``longest_range(mean)``; here the longest sequence's range holds ``longest_range(longest)``
-    keys and the step waits for it:
+    (``attn_decode_engine``) was measured on decode steps with every sequence at the mean, whose
+    longest range is ``longest_range(mean)``; here the longest sequence's range holds
+    ``longest_range(longest)`` keys and the step waits for it:
 
         tail = us_per_key * max(0, longest_range(longest) - longest_range(mean))
 
+    With ``graph = (slots, keys)`` the decodes are those of a captured mixed step, whose kernel cuts
+    every table of ``keys`` keys (the graph's key bucket) over its ``slots`` sequence slots
+    (``plans.engine_shapes.graph_splits``: one range up to 1,024 keys), so the longest range is
+    ``min(graph_splits(slots, kv_heads, keys) range, longest)``, even at equal contexts.
+
     ``us_per_key``: a range program's time a key (``costmodels.steps.fit_decode_us_per_key``, from
-    the same calibration's one-wave points). 0 when the longest is unknown or no longer than the mean."""
-    if us_per_key <= 0 or longest <= mean:
+    the same calibration's one-wave points). 0 when the longest is unknown or no longer than the mean
+    (outside a graph)."""
+    if us_per_key <= 0 or (graph is None and longest <= mean):
         return 0.0
-    extra = longest_range(seqs, kv_heads, longest) - longest_range(seqs, kv_heads, mean)
-    return max(0.0, extra) * us_per_key * 1e-3
+    if graph is None:
+        top = longest_range(seqs, kv_heads, longest)
+    else:
+        slots, keys = graph
+        top = min(float(graph_splits(slots, max(1, round(kv_heads)), keys)[1]), max(1.0, math.ceil(longest)))
+    return max(0.0, top - longest_range(seqs, kv_heads, mean)) * us_per_key * 1e-3
 
 
 def _memop(r: OpRec, s: StepShape, t: int, sp: int, rates: Rates, prof: Profile | None,

@@ -482,7 +482,15 @@ def test_the_decode_tail_is_fitted_from_the_calibration_and_charged_to_unequal_b
     assert tail == pytest.approx(us * 1e-3 * (longest_range(8, 4, 5000) - longest_range(8, 4, 2650)))
     assert longest_range_tail_ms(8, 4, 2650, 2650, us) == 0 == longest_range_tail_ms(8, 4, 2650, 5000, 0.0)
     assert longest_range(1, 4, 40) == 40  # a short sequence's range is the sequence
-    from plans.engine_shapes import keys_bucket, splits
+    from plans.engine_shapes import graph_splits, keys_bucket, splits
+
+    # a captured mixed step's decodes: the graph cuts its 2,048-key tables over its 65 slots (as for 16
+    # decodes: 3 ranges of 704 keys), longer than a decode step of 8 cuts them (5 of 448): a tail even at
+    # equal contexts; none where the graph's one range is no longer (64 decodes of 700 keys, 1,024-key tables)
+    assert graph_splits(65, 8, 2048) == (3, 704) and splits(8, 8, 2048) == (5, 448)
+    assert longest_range_tail_ms(8, 8, 1500, 1500, us, (65, 2048)) == pytest.approx(us * 1e-3 * (704 - 448))
+    assert longest_range_tail_ms(8, 8, 1500, 1500, us) == 0
+    assert longest_range_tail_ms(64, 8, 700, 700, us, (65, 1024)) == 0 == longest_range_tail_ms(8, 8, 1500, 1500, 0.0, (65, 2048))
 
     for seqs, heads, keys in ((1, 1, 1), (3, 8, 511), (3, 8, 512), (3, 8, 513), (64, 4, 4096), (64, 4, 4097), (200, 2, 131072)):
         assert longest_range(seqs, heads, keys) == min(splits(seqs, heads, keys_bucket(keys))[1], keys)  # the engine's rule
@@ -531,4 +539,26 @@ def test_the_decode_kernels_empty_graph_slots_are_fitted_from_the_sweep_and_char
         assert cost.graph_slots_ms(sh, None, layers, tp=1, sp=1, mode="tp", max_seqs=64) == 0
     blind = type(coster)(cost, stages=coster.stages, tp=1, sp=1, hidden=coster.hidden)  # no max_seqs
     got = sum(coster.stage_ms(mixed, "tp", dec)) - sum(blind.stage_ms(mixed, "tp", dec))
-    assert got == pytest.approx(cost.graph_slots_ms(mixed, dec, layers, tp=1, sp=1, mode="tp", max_seqs=64))
+    graph = cost.step_graph(mixed, dec, sp=1, mode="tp", max_seqs=64)  # its decodes' keys cut as the graph cuts them
+    tail = cost.decode_tail_ms(dec, tp=1, sp=1, mode="tp", graph=graph) - cost.decode_tail_ms(dec, tp=1, sp=1, mode="tp")
+    assert graph == (65, 2048) and got == pytest.approx(
+        cost.graph_slots_ms(mixed, dec, layers, tp=1, sp=1, mode="tp", max_seqs=64) + tail * layers)
+
+
+def test_a_graphed_steps_decodes_are_priced_with_the_graphs_cut_of_their_keys():
+    """The decode kernel's measured time in a captured mixed step (``bench/results/graph_decodes.json``,
+    one H200) against the cost model's price of the same layer (``bench/graph_decodes.py --price``):
+    with the decodes' longest range cut as the step graph cuts the keys (``CostModel.step_graph``), every
+    case with decodes within 15%, and nearer than the cut a decode step of them would have wherever the
+    two differ (few decodes of long contexts: one range, or ranges for 16 decodes, not for 2-8)."""
+    from bench import graph_decodes as gd
+
+    report = json.loads((ROOT / "bench/results/graph_decodes.json").read_text())
+    gd.price(report)
+    rows = [r for r in report["rows"] if r["decodes"]]
+    differ = [r for r in rows if r["model_us"] != r["decode_cut_us"]]
+    assert len(rows) == 18 and len(differ) == 8
+    for r in rows:
+        assert abs(1 - r["model_over_kernel"]) <= 0.15, r
+    for r in differ:
+        assert r["model_us"] > r["decode_cut_us"] and abs(1 - r["model_over_kernel"]) < abs(1 - r["decode_cut_over_kernel"]), r

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from graph.opgraph import StepShape
@@ -119,9 +119,14 @@ class ModelCoster:
             hit = self._steps[full] = self.exact_stage_ms(shape, mode)
         return hit
 
-    def _tail(self, decode: StepShape, mode: str) -> tuple[float, ...]:
-        """Each stage's share of the decodes' longest-range tail (``CostModel.decode_tail_ms`` a layer)."""
-        per_layer = self.cost.decode_tail_ms(decode, tp=self.tp, sp=self.sp, mode=mode)
+    def _tail(self, decode: StepShape, mode: str, shape: StepShape | None = None) -> tuple[float, ...]:
+        """Each stage's share of the decodes' longest-range tail (``CostModel.decode_tail_ms`` a layer);
+        ``shape``: the mixed step ``decode`` is part of, whose step graph (if it is captured) cuts the
+        decodes' keys (``CostModel.step_graph``)."""
+        graph = None
+        if shape is not None and self.max_seqs:
+            graph = self.cost.step_graph(shape, decode, sp=self.sp, mode=mode, max_seqs=self.max_seqs)
+        per_layer = self.cost.decode_tail_ms(decode, tp=self.tp, sp=self.sp, mode=mode, graph=graph)
         return tuple(per_layer * (hi - lo + 1) for lo, hi in self.stages)
 
     def _one(self, t: float, p: float, k: float, b: float, mode: str) -> tuple[float, ...]:
@@ -169,7 +174,7 @@ class ModelCoster:
         dense = self._at((self._q(t), None, None, self._q(b)), mode)
         pre = self._attention(t - decode.tokens, p - decode.pairs, k - decode.kv, b - decode.seqs, mode)
         dec = self._attention(decode.tokens, decode.pairs, decode.kv, decode.seqs, mode)
-        return tuple(x + y + z + w for x, y, z, w in zip(dense, pre, dec, self._tail(decode, mode)))
+        return tuple(x + y + z + w for x, y, z, w in zip(dense, pre, dec, self._tail(decode, mode, shape)))
 
     def _exact(self, shape: StepShape, mode: str, decode: StepShape | None) -> tuple[float, ...]:
         """``stage_ms`` with no grid (the reference the grid's error is measured against)."""
@@ -183,7 +188,8 @@ class ModelCoster:
             return tuple(a - w for a, w in zip(f(x, mode), f(StepShape(x.tokens, 0.0, 0.0, x.seqs), mode)))
 
         dense = f(StepShape(shape.tokens, 0.0, 0.0, shape.seqs), mode)
-        return tuple(x + y + z for x, y, z in zip(dense, attn(pre), attn(decode)))
+        dec = attn(replace(decode, decode_max_kv=0.0))  # its tail as the grid path adds it: cut as the step runs it
+        return tuple(x + y + z + w for x, y, z, w in zip(dense, attn(pre), dec, self._tail(decode, mode, shape)))
 
     def p2p_ms(self, tokens: float, boundary: int) -> float:
         """A step's hop from stage ``boundary`` to the next: the send of its T x hidden activations
