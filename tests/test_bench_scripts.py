@@ -532,3 +532,26 @@ def test_serving_heat_proxy_follows_heavy_time_and_the_fit_recovers_a_line():
     f = sh.fit([(x, 0.02 + 0.1 * x) for x in (0.0, 0.2, 0.5, 0.9)])
     assert f["a"] == pytest.approx(0.02) and f["b"] == pytest.approx(0.1) and f["corr"] == pytest.approx(1.0)
     assert f["resid_sd"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mixed_step_profile_prices_each_class_as_the_coster_composes_the_step(tmp_path, capsys):
+    """``bench/mixed_step_profile.py --tiny`` (no GPU): each case's price by op class, on the plan the
+    mixed extra was fitted on, sums to the simulator's coster's price of the same step without that
+    extra (the composition the GPU run compares kernels against); a mixed step carries the extra, a
+    prompt alone does not; cases the plan's steps cannot hold exit 2, naming them."""
+    from bench import mixed_step_profile as msp
+
+    assert msp.main(["--out", str(tmp_path), "--tiny", "--cases", "256,0,0;128,32,800;1024,24,1000"]) == 0
+    rows = json.loads((tmp_path / "mixed_step_profile.json").read_text())["rows"]
+    for r in rows:
+        m = r["model"]
+        assert sum(m["classes_ms"].values()) == pytest.approx(m["coster_without_extra_ms"], abs=2e-4)
+        assert (m["mixed_extra_ms"] > 0) == (r["decodes"] > 0) and m["classes_ms"]["matmul"] > m["classes_ms"]["attention"]
+    assert rows[1]["model"]["classes_ms"]["attention"] > rows[0]["model"]["classes_ms"]["attention"]
+    for bad in ("3,70,5", "256,0", "x"):
+        with pytest.raises(SystemExit) as e:
+            msp.main(["--out", str(tmp_path), "--tiny", "--cases", bad])
+        assert e.value.code == 2 and f"--cases '{bad}'" in capsys.readouterr().err
+    assert msp.kernel_class("nvjet_sm90_tst_128x32_64x10_2x1_v_bz_TNT") == "matmul"
+    assert msp.kernel_class("_store") == msp.kernel_class("_prefill_attn") == "attention"
+    assert msp.kernel_class("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "norm + elementwise"
