@@ -555,3 +555,23 @@ def test_mixed_step_profile_prices_each_class_as_the_coster_composes_the_step(tm
     assert msp.kernel_class("nvjet_sm90_tst_128x32_64x10_2x1_v_bz_TNT") == "matmul"
     assert msp.kernel_class("_store") == msp.kernel_class("_prefill_attn") == "attention"
     assert msp.kernel_class("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "norm + elementwise"
+
+
+def test_bucket_matmuls_names_each_layers_products_and_the_buckets_it_flags(tmp_path, capsys):
+    """``bench/bucket_matmuls.py``: a layer's four dense products per GPU of a TP group (Llama-3.1-8B's
+    QKV is 6,144 x 4,096, Llama-3.1-70B's gate+up at TP4 14,336 x 8,192), a
+    report's table bolds exactly the buckets it lists as dominated, and bad --models exit 2."""
+    from bench import bucket_matmuls as bm
+
+    assert bm.projections("llama-3.1-8b", 1) == {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+                                                 "down": (4096, 14336)}
+    assert bm.projections("llama-3.1-70b", 4) == {"qkv": (2560, 8192), "o": (8192, 2048), "gate_up": (14336, 8192),
+                                                  "down": (8192, 7168)}
+    us = {str(M): {"qkv": 1.0 * M, "o": 1.0} for M in (16, 32, 48)}
+    us["32"]["qkv"] = 60.0  # slower than at 48 rows
+    md = bm.markdown({"device": "GPU", "driver": "-", "torch": "-", "cuda": "-", "command": "c", "buckets": [16, 32, 48],
+                      "rows": [{"model": "m", "tp": 1, "us": us, "dominated": [32]}]})
+    assert "| m (tp1) | 17.0 | **61.0** | 49.0 |" in md and "m tp1 at 32 rows: qkv 60.0 (at 48: 48.0)" in md
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--out", str(tmp_path), "--models", "llama-3.1-8b"])
+    assert e.value.code == 2 and "--models 'llama-3.1-8b'" in capsys.readouterr().err
