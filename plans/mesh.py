@@ -43,9 +43,13 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from plans.errors import UserError
 
-GRAPH_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
+GRAPH_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
                        2048)  # the engine's step graphs' token buckets: 1.5x steps up to 256, then four an octave
-# (padding at most 25%; with 1.5x steps a 1,153-token prefill ran as 1,536 and cost a third more)
+# (with 1.5x steps a 1,153-token prefill ran as 1,536 and cost a third more), but no 448: cuBLAS runs a layer's
+# dense products slower at 448 rows than at 512 on an H200 for Llama-3.1-8B (409.8 against 303.6 us: gate+up
+# 272 against 162), Llama-3.1-70B at TP2 and TP4 and Qwen2.5-32B at TP4 (bench/results/bucket_matmuls.md;
+# Llama-3.1-8B's 448-token mixed steps ran 149 us a layer over the cost model while serving), so steps of
+# 385-512 tokens run as 512 (padding at most a third; Qwen2-VL-7B's products take 6% longer at 512 than at 448)
 
 
 def bucket(n: float, sizes: tuple[int, ...] = GRAPH_TOKEN_BUCKETS) -> int | None:
