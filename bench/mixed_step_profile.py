@@ -2,8 +2,8 @@
 the same step, op class by op class.
 
 The cost model prices a graphed mixed step (prefill chunks beside decodes, replayed as a CUDA graph:
-``executors.graphs.MixedGraphs``) from its op tables and adds ``mixed_us_per_layer`` (the step
-trace's median residual, ``costmodels.steps.fit_mixed_us_per_layer``), which is not itemised. Here
+``executors.graphs.MixedGraphs``) from its op tables and adds ``mixed_step_ms`` (the step
+trace's median residual, ``costmodels.steps.fit_mixed_step_ms``), which is not itemised. Here
 one step of each ``--cases`` shape (a first chunk of C tokens beside D decodes of K keys) is formed by
 the engine's scheduler, replayed through the engine's captured graph, and profiled, on the plan the
 mixed extra was fitted on (a fidelity report's pinned case, ``--report``, ``--model``, ``--case``: its
@@ -12,7 +12,7 @@ summed by class (matmuls, attention, norms, elementwise, KV store, other), besid
 price of each class for the same shape (``CostModel`` op by op, as ``ModelCoster`` composes a mixed
 step: dense ops at the graph's padded rows, the chunk's and the decodes' attention apart, the decodes'
 tail as the graph cuts their keys, the decode kernel's programs on empty slots), and the replay's GPU
-time beside the coster's step price with and without ``mixed_us_per_layer``.
+time beside the coster's step price with and without ``mixed_step_ms``.
 
 Run with ``SHIFTPLAN_PDL=0`` the kernels' times add up (with programmatic dependent launch a kernel's
 time includes its wait for the one before).
@@ -100,7 +100,7 @@ def model_price(cost: Any, coster: Any, C: int, D: int, K: int) -> dict[str, Any
             for r in cost._recs[b.name]:
                 out[op_class(r.kind)] += ms(r, rows)
     bare = sum(coster.stage_ms(shape, "tp", dec))
-    extra = cost.mixed_extra_ms(shape, layers, sp=1, mode="tp") if dec is not None else 0.0
+    extra = cost.mixed_extra_ms(shape, sp=1, mode="tp") if dec is not None else 0.0
     return {"classes_ms": {k: round(v, 4) for k, v in out.items()}, "coster_ms": round(bare, 4),
             "coster_without_extra_ms": round(bare - extra, 4), "mixed_extra_ms": round(extra, 4),
             "tokens": shape.tokens, "graph_rows": rows.tokens}
@@ -231,7 +231,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"Command: `{r['command']}`.", "",
              "Per case: measured (kernels of the graph's replay by class, summed per step; the replay's GPU time) / "
              "the cost model's price (op by op, as the simulator's coster composes the step; its step price with "
-             "and without `mixed_us_per_layer`), ms.", "",
+             "and without the mixed-step extra), ms.", "",
              "| chunk C | decodes D x keys K | graph bucket | replay ms | coster ms (without extra) | "
              + " | ".join(CLASSES) + " |", "|---|---|---|---|---|" + "---|" * len(CLASSES)]
     for x in r["rows"]:

@@ -218,14 +218,14 @@ def plan_of(report: dict[str, Any], model: str, case: str) -> Any:
 def coster_of(plan: Any, mixed_extra: bool = True) -> Any:
     """The simulator's coster of ``plan`` on the cost model as it is now; ``mixed_extra=False``:
     without the measured extra of mixed steps (what that term is fitted against,
-    ``costmodels.steps.fit_mixed_us_per_layer``)."""
+    ``costmodels.steps.fit_mixed_step_ms``)."""
     import dataclasses
 
     from costmodels.simulator import coster_for, cost_model_for_plan
 
     cost = cost_model_for_plan(plan)
     if not mixed_extra and cost.launch is not None:
-        cost.launch = dataclasses.replace(cost.launch, mixed_us_per_layer=0.0)
+        cost.launch = dataclasses.replace(cost.launch, mixed_step_ms=0.0)
     return coster_for(plan, cost)
 
 

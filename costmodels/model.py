@@ -229,12 +229,13 @@ class CostModel:
         rows = bucket(shape.tokens)
         return shape if rows is None else replace(shape, tokens=float(rows))
 
-    def mixed_extra_ms(self, shape: StepShape, layers: int, *, sp: int, mode: str) -> float:
-        """A graphed mixed step's GPU time beyond the op model on a stage of ``layers`` decoder layers
-        (``costmodels.steps``, ``Launch.mixed_us_per_layer``); 0 for other steps and engines."""
-        if self.launch is None or not self.launch.mixed_us_per_layer:
+    def mixed_extra_ms(self, shape: StepShape, *, sp: int, mode: str) -> float:
+        """A graphed mixed step's time beyond the op model on each stage (``costmodels.steps``,
+        ``Launch.mixed_step_ms``: the rank packing the graph's inputs while the GPU waits); 0 for other
+        steps and engines."""
+        if self.launch is None or not self.launch.mixed_step_ms:
             return 0.0
-        return self.launch.mixed_us_per_layer * layers * 1e-3 if self.graphed(shape, sp if mode == "sp_tp" else 1) else 0.0
+        return self.launch.mixed_step_ms if self.graphed(shape, sp if mode == "sp_tp" else 1) else 0.0
 
     def step_graph(self, shape: StepShape, decode: StepShape | None, *, sp: int, mode: str,
                    max_seqs: int) -> tuple[int, int] | None:

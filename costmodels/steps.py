@@ -97,12 +97,13 @@ traced on the engine). Two terms the op-level model does not see:
   starts such a step that much after the last one ends (single-stage replicas: under PP the
   handoff term above holds the driver's side);
 * a graphed mixed step (prefill chunks and decodes, at most ``graph_max_tokens`` tokens) takes
-  ``mixed_us_per_layer`` per decoder layer of GPU time more than the model prices it, padding rows
-  included (``CostModel.graph_rows``): the median of (measured - modelled) / layers over the traced
-  mixed steps, 1-2.4 ms a step on Llama-3.1-8B at every token bucket where pure prefill steps of
-  the same buckets are within 2-4%. Not itemised (the decodes run in the paged prefill kernel, and
-  the step graph holds room for ``max_seqs`` sequences); measured on one GPU, applied per layer of
-  any stage and mesh as an assumption.
+  ``mixed_step_ms`` more than the model prices it, on each stage: the median of (measured -
+  modelled) over the traced mixed steps (``fit_mixed_step_ms``). Not a layer's work: one such step
+  replayed alone runs at 0.91-1.01 of the model without it (``bench/results/mixed_step_profile.md``).
+  No traced mixed step was formed ahead (each was sent after its predecessor's answer), so its GPU
+  waits while the rank packs the graph's static inputs on the host (about 0.8 ms of host time a step
+  on Llama-3.1-8B), and the residual grows with that host time (0.30 ms at 0.5-0.8 ms of it, 0.76 ms
+  at 0.8-2 ms). Measured on one GPU, applied per step to each stage of any mesh as an assumption.
 
 Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
 backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results
@@ -189,7 +190,7 @@ class Launch:
     products priced by the GEMM table);
     ``pp_handoff_ms``: a PP step's dispatch latency per stage boundary beyond the send;
     ``form_ms``, ``form_prefill_ms``, ``form_ms_per_seq``, ``form_ms_per_kpatch``: the driver's host time
-    before a step it did not form ahead (the last per 1,000 image patches the step encodes); ``mixed_us_per_layer``: a graphed mixed step's GPU time beyond the model a layer;
+    before a step it did not form ahead (the last per 1,000 image patches the step encodes); ``mixed_step_ms``: a graphed mixed step's time beyond the model on each stage;
     ``decode_us_per_key``: the paged decode kernel's range program's time a key (the tail a batch of
     unequal contexts waits for, ``opcost.longest_range_tail_ms``); ``graph_slot_ns``: the launch of one
     of that kernel's programs on a slot of a step graph that holds no decode (``graph_decode_programs``);
@@ -206,7 +207,7 @@ class Launch:
     form_prefill_ms: float = 0.0
     form_ms_per_seq: float = 0.0
     form_ms_per_kpatch: float = 0.0
-    mixed_us_per_layer: float = 0.0
+    mixed_step_ms: float = 0.0
     decode_us_per_key: float = 0.0
     graph_slot_ns: float = 0.0
     all_reduce: SymmAllReduce | None = None
@@ -249,7 +250,7 @@ def launch_for(profile: Profile | None, engine: str | None, backend: str | None)
                   gemv_GBps=value("gemv_GBps"), gemv_call_us=value("gemv_call_us"), pp_handoff_ms=value("pp_handoff_ms"),
                   form_ms=float(form.get("base", 0.0)), form_prefill_ms=float(form.get("prefill", 0.0)),
                   form_ms_per_seq=float(form.get("per_seq", 0.0)), form_ms_per_kpatch=value("form_ms_per_kpatch"),
-                  mixed_us_per_layer=value("mixed_us_per_layer"),
+                  mixed_step_ms=value("mixed_step_ms"),
                   decode_us_per_key=value("decode_us_per_key"), graph_slot_ns=value("graph_slot_ns"),
                   all_reduce=SymmAllReduce.of(symm["value"]) if symm else None,
                   all_to_all=SymmAllToAll.of(a2a["value"]) if a2a else None)
@@ -447,11 +448,11 @@ def fit_form_ms_per_kpatch(rates: list[list[dict[str, Any]]], launch: "Launch") 
     return statistics.median(per), len(per)
 
 
-def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layers: int) -> tuple[float, int]:
-    """``(us, steps)``: the median over the graphed mixed steps of ``rates`` (step-trace records with
-    the rank's GPU times) of (measured GPU time - ``coster``'s stage time) / ``layers``; ``coster``:
-    the simulator's coster (``costmodels.simulator.coster_for``) of the traced plan on the model
-    without this term."""
+def fit_mixed_step_ms(rates: list[list[dict[str, Any]]], coster: Any) -> tuple[float, int]:
+    """``(ms, steps)``: the median over the graphed mixed steps of ``rates`` (step-trace records with
+    the rank's GPU times, of a one-stage plan) of measured GPU time - ``coster``'s stage time;
+    ``coster``: the simulator's coster (``costmodels.simulator.coster_for``) of the traced plan on the
+    model without this term."""
     from graph.opgraph import StepShape
 
     extra = []
@@ -464,7 +465,7 @@ def fit_mixed_us_per_layer(rates: list[list[dict[str, Any]]], coster: Any, layer
             if dec is None:
                 continue
             gpu = rank["forward_gpu_ms"] + rank.get("sample_gpu_ms", 0.0)
-            extra.append((gpu - sum(coster.stage_ms(shape, r["mode"][0], dec))) / layers * 1e3)
+            extra.append(gpu - sum(coster.stage_ms(shape, r["mode"][0], dec)))
     if not extra:
         raise ValueError("no graphed mixed step with GPU times in the trace")
     return statistics.median(extra), len(extra)

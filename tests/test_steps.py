@@ -413,12 +413,12 @@ def test_graphed_steps_pay_their_token_bucket(cfg):
 
 def test_serving_terms_are_fitted_from_the_committed_trace():
     """The profile's driver time and mixed-step extra are what ``fit_form_ms`` and
-    ``fit_mixed_us_per_layer`` give on the committed step traces (``bench/results/fidelity_2gpu.*``; the
+    ``fit_mixed_step_ms`` give on the committed step traces (``bench/results/fidelity_2gpu.*``; the
     mixed extra from the current engine's, ``fidelity_2gpu.single.*``);
     the cost model charges the extra to graphed mixed steps only, and the driver time grows with the
     step's sequences and its prefill chunks."""
     from bench import step_fidelity as sf
-    from costmodels.steps import fit_form_ms, fit_mixed_us_per_layer
+    from costmodels.steps import fit_form_ms, fit_mixed_step_ms
 
     report = json.loads((ROOT / "bench/results/fidelity_2gpu.json").read_text())
     rates = list(sf.read_steps(ROOT / "bench/results" / sf.STEPS_FILE)["llama"]["single"].values())
@@ -430,13 +430,16 @@ def test_serving_terms_are_fitted_from_the_committed_trace():
     plan = sf.plan_of(current, "llama", "single")
     bare = sf.coster_of(plan, mixed_extra=False)
     traced = list(sf.read_steps(ROOT / "bench/results/fidelity_2gpu.single.steps.json.gz")["llama"]["single"].values())
-    us, n = fit_mixed_us_per_layer(traced, bare, len(bare.cost.decoders))
-    assert n > 100 and steps["mixed_us_per_layer"]["value"] == pytest.approx(us, abs=0.01)
+    ms, n = fit_mixed_step_ms(traced, bare)
+    assert n > 100 and steps["mixed_step_ms"]["value"] == pytest.approx(ms, abs=1e-4)
     full = sf.coster_of(plan)
-    layers = len(full.cost.decoders)
     mixed, dec = StepShape.from_sequences([300] + [1] * 8, [300] + [700] * 8)
-    extra = steps["mixed_us_per_layer"]["value"] * layers * 1e-3
+    extra = steps["mixed_step_ms"]["value"]  # a step's, whatever its layers
     assert sum(full.stage_ms(mixed, "tp", dec)) - sum(bare.stage_ms(mixed, "tp", dec)) == pytest.approx(extra)
+    halves = [(0, 3), (4, 31)]  # two stages of unequal layers: each packs its own inputs, the same extra
+    two, two_bare = (type(c)(c.cost, stages=halves, tp=1, sp=1, hidden=c.hidden) for c in (full, bare))
+    diff = [a - b for a, b in zip(two.stage_ms(mixed, "tp", dec), two_bare.stage_ms(mixed, "tp", dec))]
+    assert diff == pytest.approx([extra, extra])
     for sh, d in ((StepShape.prefill([300]), None), (StepShape.decode([700] * 8), None),
                   StepShape.from_sequences([3000, 1], [3000, 700])):  # past the largest bucket: eager
         assert full.stage_ms(sh, "tp", d) == bare.stage_ms(sh, "tp", d)

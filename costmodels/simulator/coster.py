@@ -156,8 +156,8 @@ class ModelCoster:
         self.calls += 1
         gpu = self._exact(shape, mode, decode) if self.exact else self._gpu(shape, mode, decode)
         if decode is not None and 0 < decode.tokens < shape.tokens:  # a mixed step: its measured extra
-            gpu = tuple(g + self.cost.mixed_extra_ms(shape, hi - lo + 1, sp=self.sp, mode=mode)
-                        for g, (lo, hi) in zip(gpu, self.stages))
+            extra = self.cost.mixed_extra_ms(shape, sp=self.sp, mode=mode)
+            gpu = tuple(g + extra for g in gpu)
         if self.max_seqs:  # a captured prefill or mixed step: the decode kernel on its graph's empty slots
             gpu = tuple(g + self.cost.graph_slots_ms(shape, decode, hi - lo + 1, tp=self.tp, sp=self.sp, mode=mode,
                                                      max_seqs=self.max_seqs) for g, (lo, hi) in zip(gpu, self.stages))
