@@ -231,7 +231,7 @@ class CostModel:
 
     def mixed_extra_ms(self, shape: StepShape, *, sp: int, mode: str) -> float:
         """A graphed mixed step's time beyond the op model on each stage (``costmodels.steps``,
-        ``Launch.mixed_step_ms``: the rank packing the graph's inputs while the GPU waits); 0 for other
+        ``Launch.mixed_step_ms``: the rank's host work before the replay, while the GPU waits); 0 for other
         steps and engines."""
         if self.launch is None or not self.launch.mixed_step_ms:
             return 0.0

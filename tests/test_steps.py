@@ -436,7 +436,7 @@ def test_serving_terms_are_fitted_from_the_committed_trace():
     mixed, dec = StepShape.from_sequences([300] + [1] * 8, [300] + [700] * 8)
     extra = steps["mixed_step_ms"]["value"]  # a step's, whatever its layers
     assert sum(full.stage_ms(mixed, "tp", dec)) - sum(bare.stage_ms(mixed, "tp", dec)) == pytest.approx(extra)
-    halves = [(0, 3), (4, 31)]  # two stages of unequal layers: each packs its own inputs, the same extra
+    halves = [(0, 3), (4, 31)]  # two stages of unequal layers: each rank's own host work, the same extra
     two, two_bare = (type(c)(c.cost, stages=halves, tp=1, sp=1, hidden=c.hidden) for c in (full, bare))
     diff = [a - b for a, b in zip(two.stage_ms(mixed, "tp", dec), two_bare.stage_ms(mixed, "tp", dec))]
     assert diff == pytest.approx([extra, extra])
