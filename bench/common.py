@@ -307,3 +307,18 @@ def write_report(out: Path, name: str, report: dict[str, Any], md: str, echo: bo
     (out / f"{name}.md").write_text(md)
     if echo:
         print(md)
+
+
+def price_report(ap: Any, path: Path, name: str, price: Callable[[dict[str, Any]], None],
+                 markdown: Callable[[dict[str, Any]], str], out: Path, argv: list[str] | None) -> dict[str, Any]:
+    """A measured report ``path`` of ``bench/NAME.py`` priced again on any machine (``price`` adds
+    the cost model's figures to it in place), stamped with the command and written to ``out``
+    (``write_report``); a file that is not such a report ends the script with ``ap.error`` (exit 2)."""
+    try:
+        report = json.loads(path.read_text())
+        price(report)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ap.error(f"--price {path}: not a {name} report of this script's cases ({type(e).__name__}: {e})")
+    report["priced"] = command_line(f"bench/{name}.py", argv)
+    write_report(out, name, report, markdown(report), echo=True)
+    return report

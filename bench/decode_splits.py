@@ -188,15 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import command_line, write_report
 
     if a.price is not None:
-        import json
+        from bench.common import price_report
 
-        try:
-            report = json.loads(a.price.read_text())
-            price(report["rows"], report["engine_cap"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            ap.error(f"--price {a.price}: not a decode_splits report of this script's cases ({type(e).__name__}: {e})")
-        report["priced"] = command_line("bench/decode_splits.py", argv)
-        write_report(a.out, "decode_splits", report, markdown(report), echo=True)
+        price_report(ap, a.price, "decode_splits", lambda r: price(r["rows"], r["engine_cap"]), markdown, a.out, argv)
         return 0
     import torch
 

@@ -96,12 +96,12 @@ def price_row(row: dict[str, Any], chunk: int, slots: int) -> dict[str, float]:
         c, m, o = op_time(attn, shape, 1, 1, cm.rates, cm.profile, True)
         return max(c, m) + o
 
-    base = ms(pre) + cm.graph_slots_ms(mixed, dec, 1, tp=1, sp=1, mode="tp", max_seqs=slots)
+    graph = cm.step_graph(mixed, dec, sp=1, mode="tp", max_seqs=slots)
+    assert graph is not None, "a step of these tokens is captured on this profile"
+    base = ms(pre) + cm.graph_slots_ms(graph, dec, 1, tp=1, sp=1, mode="tp")
     if dec is None:
         return {"model_us": round(base * 1e3, 2), "decode_cut_us": round(base * 1e3, 2)}
     base += ms(dataclasses.replace(dec, decode_max_kv=0.0))
-    graph = cm.step_graph(mixed, dec, sp=1, mode="tp", max_seqs=slots)
-    assert graph is not None, "a step of these tokens is captured on this profile"
     return {"model_us": round((base + cm.decode_tail_ms(dec, graph=graph, mode="tp")) * 1e3, 2),
             "decode_cut_us": round((base + cm.decode_tail_ms(dec, mode="tp")) * 1e3, 2)}
 
@@ -135,16 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="add the cost model's price to a measured report (no GPU)")
     a = ap.parse_args(argv)
     if a.price is not None:
-        from bench.common import command_line, write_report
+        from bench.common import price_report
 
-        try:
-            report = json.loads(a.price.read_text())
-            price(report)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            ap.error(f"--price {a.price}: not a graph_decodes report ({type(e).__name__}: {e})")
-        report["priced"] = command_line("bench/graph_decodes.py", argv)
-        write_report(a.out, "graph_decodes", report, markdown(report), echo=True)
-        return report
+        return price_report(ap, a.price, "graph_decodes", price, markdown, a.out, argv)
     try:
         fills = [int(x) for x in a.fill.split(",") if x]
     except ValueError:

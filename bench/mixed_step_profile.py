@@ -82,19 +82,19 @@ def model_price(cost: Any, coster: Any, C: int, D: int, K: int) -> dict[str, Any
         c, m, o = op_time(r, s, 1, 1, cost.rates, cost.profile, True)
         return max(c, m) + o
 
+    graph = cost.step_graph(shape, dec, sp=1, mode="tp", max_seqs=coster.max_seqs)
     for r in cost._recs[cost.decoders[0].name]:
         if r.kind == "attention":  # each part's pairs and keys priced apart, as the coster does: the part
             # less the same tokens without them, beside the whole step's attention without them
             t = ms(r, pre)
             if dec is not None:
-                graph = cost.step_graph(shape, dec, sp=1, mode="tp", max_seqs=coster.max_seqs)
                 d = dataclasses.replace(dec, decode_max_kv=0.0)
                 t = (ms(r, StepShape(shape.tokens, 0.0, 0.0, shape.seqs)) + t - ms(r, StepShape(pre.tokens, 0.0, 0.0, pre.seqs))
                      + ms(r, d) - ms(r, StepShape(d.tokens, 0.0, 0.0, d.seqs)) + cost.decode_tail_ms(dec, mode="tp", graph=graph))
             out["attention"] += t * layers
         else:
             out[op_class(r.kind)] += ms(r, rows) * layers
-    out["attention"] += cost.graph_slots_ms(shape, dec, layers, tp=1, sp=1, mode="tp", max_seqs=coster.max_seqs)
+    out["attention"] += cost.graph_slots_ms(graph, dec, layers, tp=1, sp=1, mode="tp")
     for b in cost.graph.blocks:
         if b.tower == "text" and b.kind != "decoder":
             for r in cost._recs[b.name]:
@@ -208,7 +208,9 @@ def measure(eng: Any, C: int, D: int, K: int) -> dict[str, Any]:
     sched.add(make_seq(D, Request(tokens=[9] * C), a, 8, None, 1 << 30))
     chunks, _ = sched.schedule()
     mb = build_microbatch(chunks, "tp", sch.block_size, a.image_token_id)
-    assert sorted(c.n for c in chunks) == sorted([C] + [1] * D), [c.n for c in chunks]
+    if sorted(c.n for c in chunks) != sorted([C] + [1] * D):
+        raise SystemExit(f"case {C},{D},{K}: the scheduler formed chunks {sorted(c.n for c in chunks)}, not a chunk of "
+                         f"{C} beside {D} decodes (too few KV blocks?)")
     with torch.inference_mode():
         graphs.run(mb, None)
         gr = graphs.graphs[graphs.last]

@@ -253,18 +253,17 @@ class CostModel:
         longest = max(shape.decode_max_kv, dec.decode_max_kv, (shape.kv - dec.kv) / chunks if chunks > 0 else 0.0)
         return int(seqs) + 1, keys_bucket(int(longest + 0.5))
 
-    def graph_slots_ms(self, shape: StepShape, decode: StepShape | None, layers: int, *, tp: int, sp: int,
-                       mode: str, max_seqs: int) -> float:
-        """A captured prefill or mixed step ``shape`` (``decode``: its decode part, or None) runs the paged
-        decode kernel on every sequence slot of its step graph (``step_graph``): the programs on the
-        slots that hold no decode, ``steps.graph_decode_programs`` over ``S + 1 - decodes`` slots, each
-        ``Launch.graph_slot_ns``, on a stage of ``layers`` decoder layers. 0 for decode steps, eager
-        steps and other engines; the decodes' own programs are priced with their attention."""
-        t, s = self._check(tp, sp, mode)
-        graph = self.step_graph(shape, decode, sp=sp, mode=mode, max_seqs=max_seqs)
+    def graph_slots_ms(self, graph: tuple[int, int] | None, decode: StepShape | None, layers: int, *, tp: int,
+                       sp: int, mode: str) -> float:
+        """A captured prefill or mixed step runs the paged decode kernel on every sequence slot of its
+        step graph ``graph`` (``step_graph``'s ``(slots, keys)``; None: no graph, 0): the programs on the
+        slots that hold no decode (``decode``: the step's decode part, or None), ``steps.graph_decode_programs``
+        over ``slots - decodes`` slots, each ``Launch.graph_slot_ns``, on a stage of ``layers`` decoder
+        layers. The decodes' own programs are priced with their attention."""
         if graph is None or not self.launch.graph_slot_ns:
             return 0.0
-        decodes = decode.seqs if decode is not None and 0 < decode.tokens < shape.tokens else 0.0
+        t, s = self._check(tp, sp, mode)
+        decodes = decode.seqs if decode is not None else 0.0
         attn = self._decode_attention
         kv, heads = (max(1, round(h / (t * s))) for h in (attn.kv_heads, attn.heads))
         programs = graph_decode_programs(int(graph[0] - decodes), kv, heads, graph[1])

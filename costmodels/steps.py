@@ -102,8 +102,9 @@ traced on the engine). Two terms the op-level model does not see:
   replayed alone runs at 0.91-1.01 of the model without it (``bench/results/mixed_step_profile.md``).
   No traced mixed step was formed ahead (each was sent after its predecessor's answer), so its GPU
   waits through the rank's host work before the replay (packing the graph's static inputs, launching
-  the graph: about 0.8 ms a step on Llama-3.1-8B), and the residual grows with that host time (0.30 ms at 0.5-0.8 ms of it, 0.76 ms
-  at 0.8-2 ms). Measured on one GPU, applied per step to each stage of any mesh as an assumption.
+  the graph: about 0.8 ms a step on Llama-3.1-8B), and the residual grows with that host time (0.30
+  ms at 0.5-0.8 ms of it, 0.76 ms at 0.8-2 ms). Measured on one GPU, applied per step to each stage of
+  any mesh as an assumption.
 
 Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
 backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results

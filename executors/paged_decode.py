@@ -74,8 +74,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """``[S, hq * D]`` attention of each sequence's one query over its ``lens`` cached keys.
 
     With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
-    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), key ranges from ``engine_shapes.graph_splits``. A
-    sequence with no keys (``lens 0``) reads and writes nothing, its programs exiting at once, so its
+    goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), key ranges from
+    ``engine_shapes.graph_splits``. A sequence with no keys (``lens 0``) reads and writes nothing, its programs exiting at once, so its
     row may lie past ``q`` (a captured mixed step's decodes among its ``S + 1`` slots, the others
     pointing at a scratch row: ``paged_prefill.attend``)."""
     S, hq, D = lens.shape[0], q.shape[1], q.shape[2]

@@ -462,15 +462,19 @@ def test_clock_log_windows_nvidia_smi_samples_by_wall_time(monkeypatch):
 
 
 def test_bench_scripts_name_a_bad_input_file_and_exit_2(tmp_path, capsys):
-    """``step_profile --report`` and ``decode_splits --price`` given a file that is not their report:
-    one line naming it, exit 2, no traceback."""
+    """``step_profile --report``, ``mixed_step_profile --report`` and ``decode_splits`` / ``graph_decodes
+    --price`` given a file that is not their report: one line naming it, exit 2, no traceback."""
     from bench import decode_splits as ds
+    from bench import graph_decodes as gd
+    from bench import mixed_step_profile as msp
     from bench import step_profile as sp
 
     junk = tmp_path / "junk.json"
     junk.write_text("{}")
     for main, argv in ((sp.main, ["--out", str(tmp_path), "--report", str(junk)]),
-                       (ds.main, ["--out", str(tmp_path), "--price", str(junk)])):
+                       (msp.main, ["--out", str(tmp_path), "--tiny", "--report", str(junk)]),
+                       (ds.main, ["--out", str(tmp_path), "--price", str(junk)]),
+                       (gd.main, ["--out", str(tmp_path), "--price", str(junk)])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "junk.json" in capsys.readouterr().err

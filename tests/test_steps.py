@@ -420,7 +420,6 @@ def test_serving_terms_are_fitted_from_the_committed_trace():
     from bench import step_fidelity as sf
     from costmodels.steps import fit_form_ms, fit_mixed_step_ms
 
-    report = json.loads((ROOT / "bench/results/fidelity_2gpu.json").read_text())
     rates = list(sf.read_steps(ROOT / "bench/results" / sf.STEPS_FILE)["llama"]["single"].values())
     steps = load_profile("h200").steps
     form = fit_form_ms(rates)
@@ -534,18 +533,20 @@ def test_the_decode_kernels_empty_graph_slots_are_fitted_from_the_sweep_and_char
     prompt = StepShape.prefill([300])
     per = prof.steps["graph_slot_ns"]["value"]
     want = graph_decode_programs(64 + 1 - 8, 8, 32, 2048) * per * 1e-6 * layers  # max_seqs 64, Llama's heads
-    assert plan.scheduler.max_seqs == 64 and cost.graph_slots_ms(mixed, dec, layers, tp=1, sp=1, mode="tp",
-                                                                   max_seqs=64) == pytest.approx(want)
-    assert cost.graph_slots_ms(prompt, None, layers, tp=1, sp=1, mode="tp", max_seqs=256) > \
-        cost.graph_slots_ms(prompt, None, layers, tp=1, sp=1, mode="tp", max_seqs=64) > 0
-    for sh in (StepShape.decode([700] * 8), StepShape.prefill([3000])):  # a decode step; an eager step
-        assert cost.graph_slots_ms(sh, None, layers, tp=1, sp=1, mode="tp", max_seqs=64) == 0
+
+    def slots_ms(sh: StepShape, d: StepShape | None, max_seqs: int) -> float:
+        graph = cost.step_graph(sh, d, sp=1, mode="tp", max_seqs=max_seqs)
+        return cost.graph_slots_ms(graph, d, layers, tp=1, sp=1, mode="tp")
+
+    assert plan.scheduler.max_seqs == 64 and slots_ms(mixed, dec, 64) == pytest.approx(want)
+    assert slots_ms(prompt, None, 256) > slots_ms(prompt, None, 64) > 0
+    for sh in (StepShape.decode([700] * 8), StepShape.prefill([3000])):  # a decode step; an eager step: no graph
+        assert cost.step_graph(sh, None, sp=1, mode="tp", max_seqs=64) is None and slots_ms(sh, None, 64) == 0
     blind = type(coster)(cost, stages=coster.stages, tp=1, sp=1, hidden=coster.hidden)  # no max_seqs
     got = sum(coster.stage_ms(mixed, "tp", dec)) - sum(blind.stage_ms(mixed, "tp", dec))
     graph = cost.step_graph(mixed, dec, sp=1, mode="tp", max_seqs=64)  # its decodes' keys cut as the graph cuts them
     tail = cost.decode_tail_ms(dec, tp=1, sp=1, mode="tp", graph=graph) - cost.decode_tail_ms(dec, tp=1, sp=1, mode="tp")
-    assert graph == (65, 2048) and got == pytest.approx(
-        cost.graph_slots_ms(mixed, dec, layers, tp=1, sp=1, mode="tp", max_seqs=64) + tail * layers)
+    assert graph == (65, 2048) and got == pytest.approx(slots_ms(mixed, dec, 64) + tail * layers)
 
 
 def test_a_graphed_steps_decodes_are_priced_with_the_graphs_cut_of_their_keys():

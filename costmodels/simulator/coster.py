@@ -119,13 +119,10 @@ class ModelCoster:
             hit = self._steps[full] = self.exact_stage_ms(shape, mode)
         return hit
 
-    def _tail(self, decode: StepShape, mode: str, shape: StepShape | None = None) -> tuple[float, ...]:
+    def _tail(self, decode: StepShape, mode: str, graph: tuple[int, int] | None = None) -> tuple[float, ...]:
         """Each stage's share of the decodes' longest-range tail (``CostModel.decode_tail_ms`` a layer);
-        ``shape``: the mixed step ``decode`` is part of, whose step graph (if it is captured) cuts the
-        decodes' keys (``CostModel.step_graph``)."""
-        graph = None
-        if shape is not None and self.max_seqs:
-            graph = self.cost.step_graph(shape, decode, sp=self.sp, mode=mode, max_seqs=self.max_seqs)
+        ``graph``: the step graph of the mixed step ``decode`` is part of, which cuts the decodes' keys
+        (``CostModel.step_graph``; None: not captured, or the slots unknown)."""
         per_layer = self.cost.decode_tail_ms(decode, tp=self.tp, sp=self.sp, mode=mode, graph=graph)
         return tuple(per_layer * (hi - lo + 1) for lo, hi in self.stages)
 
@@ -154,29 +151,34 @@ class ModelCoster:
         step (``CostModel.mixed_extra_ms``); then each stage's host side when the engine
         launches the step eagerly (``CostModel.stage_wall_ms``: max(layers x host time, GPU time))."""
         self.calls += 1
-        gpu = self._exact(shape, mode, decode) if self.exact else self._gpu(shape, mode, decode)
+        graph = self.cost.step_graph(shape, decode, sp=self.sp, mode=mode, max_seqs=self.max_seqs) if self.max_seqs else None
+        gpu = self._exact(shape, mode, decode, graph) if self.exact else self._gpu(shape, mode, decode, graph)
         if decode is not None and 0 < decode.tokens < shape.tokens:  # a mixed step: its measured extra
             extra = self.cost.mixed_extra_ms(shape, sp=self.sp, mode=mode)
             gpu = tuple(g + extra for g in gpu)
-        if self.max_seqs:  # a captured prefill or mixed step: the decode kernel on its graph's empty slots
-            gpu = tuple(g + self.cost.graph_slots_ms(shape, decode, hi - lo + 1, tp=self.tp, sp=self.sp, mode=mode,
-                                                     max_seqs=self.max_seqs) for g, (lo, hi) in zip(gpu, self.stages))
+        if graph is not None:  # a captured prefill or mixed step: the decode kernel on its graph's empty slots
+            part = decode if decode is not None and 0 < decode.tokens < shape.tokens else None
+            gpu = tuple(g + self.cost.graph_slots_ms(graph, part, hi - lo + 1, tp=self.tp, sp=self.sp, mode=mode)
+                        for g, (lo, hi) in zip(gpu, self.stages))
         if self.cost.launch is None:
             return gpu
         return tuple(self.cost.stage_wall_ms(g, hi - lo + 1, shape.tokens, sp=self.sp, mode=mode)
                      for g, (lo, hi) in zip(gpu, self.stages))
 
-    def _gpu(self, shape: StepShape, mode: str, decode: StepShape | None) -> tuple[float, ...]:
-        """GPU time per stage from the grid (``stage_ms`` adds the host side of eager steps)."""
+    def _gpu(self, shape: StepShape, mode: str, decode: StepShape | None,
+             graph: tuple[int, int] | None = None) -> tuple[float, ...]:
+        """GPU time per stage from the grid (``stage_ms`` adds the host side of eager steps; ``graph``:
+        the step graph it replays in, ``CostModel.step_graph``)."""
         t, p, k, b = shape.tokens, shape.pairs, shape.kv, shape.seqs
         if decode is None or decode.tokens == t or decode.tokens == 0:
             return tuple(x + y for x, y in zip(self._one(t, p, k, b, mode), self._tail(shape, mode)))
         dense = self._at((self._q(t), None, None, self._q(b)), mode)
         pre = self._attention(t - decode.tokens, p - decode.pairs, k - decode.kv, b - decode.seqs, mode)
         dec = self._attention(decode.tokens, decode.pairs, decode.kv, decode.seqs, mode)
-        return tuple(x + y + z + w for x, y, z, w in zip(dense, pre, dec, self._tail(decode, mode, shape)))
+        return tuple(x + y + z + w for x, y, z, w in zip(dense, pre, dec, self._tail(decode, mode, graph)))
 
-    def _exact(self, shape: StepShape, mode: str, decode: StepShape | None) -> tuple[float, ...]:
+    def _exact(self, shape: StepShape, mode: str, decode: StepShape | None,
+               graph: tuple[int, int] | None = None) -> tuple[float, ...]:
         """``stage_ms`` with no grid (the reference the grid's error is measured against)."""
         f = self.exact_stage_ms
         if decode is None or decode.tokens == shape.tokens or decode.tokens == 0:
@@ -189,7 +191,7 @@ class ModelCoster:
 
         dense = f(StepShape(shape.tokens, 0.0, 0.0, shape.seqs), mode)
         dec = attn(replace(decode, decode_max_kv=0.0))  # its tail as the grid path adds it: cut as the step runs it
-        return tuple(x + y + z + w for x, y, z, w in zip(dense, attn(pre), dec, self._tail(decode, mode, shape)))
+        return tuple(x + y + z + w for x, y, z, w in zip(dense, attn(pre), dec, self._tail(decode, mode, graph)))
 
     def p2p_ms(self, tokens: float, boundary: int) -> float:
         """A step's hop from stage ``boundary`` to the next: the send of its T x hidden activations
