@@ -150,8 +150,9 @@ class Step:
     top_k: int = 0
     seed: int = 0
     req_base: int = 0  # request ids of this generate call start here (sampling keys use id - base)
-    # a decode step sent before the previous step's tokens were read (the engine's look-ahead, pp = 1):
+    # a step sent before the previous step's tokens were read (the engine's look-ahead, pp = 1): sampled
     # row j's input token is row tokens_from[j] of the previous step's sampled tokens, taken on the device
+    # (-1: the host's token, a prompt's last chunk)
     tokens_from: list[int] | None = None
     trace: bool = False  # the reporting rank times the step's phases (executors.trace)
     end_warm_up: bool = False  # ranks finish warming up first (``RankRunner.finish_warm_up``; Engine.warm_up's last step)

@@ -6,8 +6,9 @@ into micro-batches, picks the mode of each (shift: ``tp`` when its tokens <= the
 ``sp_tp``), sends the step to the replica's ranks and waits for the sampled tokens (both through
 shared-memory channels, ``executors.channel``; errors and deaths are watched while waiting). A
 single-rank plan runs in this process. With ``lookahead`` on and single-stage replicas (pp = 1; any
-tp, sp, shift, dp), while a replica's decode step computes its next one is already scheduled, packed
-and sent, its input tokens taken on the device from the last step's samples (``Engine._look_ahead``;
+tp, sp, shift, dp), while a replica's step computes its next one (decodes, prompt chunks, or both) is
+already scheduled, packed and sent, its pending input tokens taken on the device from the last step's
+samples (``Engine._look_ahead``;
 every rank of the replica samples, and a spawned rank launches a step already sent before it reads
 the last one's tokens: ``worker.serve_steps``). A worker that fails or dies stops the whole engine:
 every rank is terminated and ``WorkerError`` names the rank and its error.
@@ -417,33 +418,41 @@ class Engine:
 
     def _look_ahead(self, sid: int, in_flight: dict, scheds: list[Scheduler], free: list[list[int]], ahead: set[int],
                     sampling: Sampling, base: int) -> tuple[int, list[Chunk], Step] | None:
-        """A replica's next decode step, queued before its step ``sid`` (its only one in flight) has
-        given its tokens: when that step decodes every running sequence and nothing waits that
-        could be admitted (every seat taken: a saturated replica looks ahead too; a seat freed by
-        a sequence ending on the pending token is filled a step later), each
-        sequence is advanced by a placeholder token and the next step takes its input tokens from
-        the device (``Step.tokens_from``: every rank of a single-stage replica keeps its samples).
-        A sequence that ends on the pending token wastes one decode; its output is dropped.
-        Returns the new in-flight entry, or None when the step does not qualify."""
+        """A replica's next step, queued before its step ``sid`` (its only one in flight) has given
+        its tokens, so the ranks never wait for the driver between steps. Every chunk of step ``sid``
+        is taken as computed; a sequence that samples there (a decode, or a prompt's last chunk) is
+        advanced by a placeholder token, which the next step takes on the device from the samples of
+        step ``sid`` (``Step.tokens_from``: every rank of a single-stage replica keeps its samples).
+        The scheduler then forms the step as it would once the tokens were back: decodes, the next
+        chunks of prompts, and requests admitted from the queue (those that arrived by now; a later
+        one joins the step after). A sequence that the pending token ends by length is left out
+        (``Scheduler.schedule``'s ``skip``); one that ends on it by an end-of-sequence token wastes
+        one decode, whose output is dropped. Returns the new in-flight entry, or None when the step
+        does not qualify or nothing is left to schedule."""
         lane, chunks, step = in_flight[sid]
-        sc, rep = scheds[lane], lane // self.lanes
-        seats = sum(len(p.running) for p in sc.peers) < sc.max_seqs
-        if (sid in ahead or (sc.waiting and seats) or len(step.micro) != 1 or not step.micro[0].decode
-                or len(chunks) != len(sc.running)):
+        if sid in ahead or len(step.micro) != 1:
             return None
-        rows = {r: j for j, r in enumerate(step.micro[0].sample_req)}  # each sequence's row of the pending tokens
+        sc, rep = scheds[lane], lane // self.lanes
+        rows = {r: j for j, r in enumerate(step.micro[0].sample_req)}  # each sampling sequence's row of the pending tokens
+        ending = set()
         for c in chunks:
             c.seq.computed += c.n
-            c.seq.tokens.append(-1)  # the pending token
+            if c.seq.req in rows:
+                c.seq.tokens.append(-1)  # the pending token
+                if c.seq.generated >= c.seq.max_new:
+                    ending.add(c.seq.req)
         ahead.add(sid)
-        nxt, _preempted = sc.schedule()
+        nxt, _preempted = sc.schedule(skip=frozenset(ending))
         if not nxt:
             return None
         self.step_id += 1
         micro = self._micro(nxt)
+        tokens_from = [rows.get(r, -1) for r in micro[0].sample_req]  # None: no input token is pending
+        tokens_from = tokens_from if max(tokens_from, default=-1) >= 0 else None
+        if int((micro[0].tokens < 0).sum()) != len(rows.keys() & set(micro[0].sample_req)):
+            raise RuntimeError(f"look-ahead step {self.step_id}: a pending token is not a sampled row of the next step")
         new = Step(self.step_id, micro, free=free[rep], want_logits=self.keep_logits, temperature=sampling.temperature,
-                   top_k=sampling.top_k, seed=sampling.seed, req_base=base,
-                   tokens_from=[rows[r] for r in micro[0].sample_req])
+                   top_k=sampling.top_k, seed=sampling.seed, req_base=base, tokens_from=tokens_from)
         free[rep] = []
         self._send({rep: new})
         self.lookahead_steps += 1
@@ -547,7 +556,8 @@ class Engine:
                 busy = {lane for lane, *_ in in_flight.values()}
                 if steps and L > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
                     continue  # another lane can start before an answer comes
-                if look and not (pending and pending[-1][0] <= time.perf_counter() - t0):
+                if look:
+                    admit()  # what arrived while this step was formed joins the next one
                     reps = Counter(lane // L for lane, *_ in in_flight.values())
                     for sid, (lane, *_) in list(in_flight.items()):
                         if reps[lane // L] > 1:  # the replica's next step is in flight already

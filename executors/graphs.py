@@ -272,8 +272,7 @@ class MixedGraphs(_BucketGraphs):
             return False
         if mode == "sp_tp" and not self._mode_ok(bucket(mb.num_tokens, self.sizes), mode):
             return False
-        return (self.model.paged_prefill_ok and not mb.tokens.is_cuda and len(mb.ctx) <= self.seq_sizes[-1]
-                and len(mb.blocks) == len(mb.ctx))
+        return self.model.paged_prefill_ok and len(mb.ctx) <= self.seq_sizes[-1] and len(mb.blocks) == len(mb.ctx)
 
     def _mode_ok(self, T: int, mode: str) -> bool:
         return mode != "sp_tp" or (self.model.sp_a2a is not None and T % self.model.par.sp == 0)
@@ -315,7 +314,8 @@ class MixedGraphs(_BucketGraphs):
             progs[0], progs[1] = S, 0
             return
         n, s, k = mb.num_tokens, len(mb.ctx), mb.sample_idx.numel()
-        tok[:n] = mb.tokens
+        if not mb.tokens.is_cuda:  # device tokens (look-ahead) are copied in after the buffer
+            tok[:n] = mb.tokens
         flag[mb.img_tok] = 1
         pos[:, :n] = mb.pos.view(-1, n)
         slots[:n] = mb.slots
@@ -350,9 +350,12 @@ class MixedGraphs(_BucketGraphs):
         T, S, L = self.shape(mb)
         buf = torch.empty(self._size(T, S, L), dtype=torch.long)
         self._pack(buf, mb, T, S, L)
+        buf = buf.to(self.model.par.device)
+        if mb.tokens.is_cuda:
+            buf[:mb.num_tokens].copy_(mb.tokens)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(T - h_in.shape[0], h_in.shape[1])])
         self._fill_images(mb)
-        return self._out(mb, self._forward(buf.to(self.model.par.device), h, T, S, L, mode))
+        return self._out(mb, self._forward(buf, h, T, S, L, mode))
 
     def _out(self, mb: MicroBatch, y: torch.Tensor) -> torch.Tensor:
         return y[:mb.sample_idx.numel()] if self.model.model.lm_head is not None else y[:mb.num_tokens]
@@ -361,6 +364,8 @@ class MixedGraphs(_BucketGraphs):
         """``[S, V]`` logits of the sampled rows (last stage) or ``[T, hidden]`` for the micro-batch."""
         T, S, L = self.shape(mb)
         inp = self.inputs.fill(self._size(T, S, L), lambda host: self._pack(host, mb, T, S, L))
+        if mb.tokens.is_cuda:  # a look-ahead step's tokens, some sampled by the previous step
+            inp[:mb.num_tokens].copy_(mb.tokens)
         self._fill_images(mb)  # before a capture too: its warm-up runs read real rows
         if self.h is not None:
             self.h[:mb.num_tokens].copy_(h_in)

@@ -111,19 +111,21 @@ class Scheduler:
         self.preemptions += 1
         return victim
 
-    def schedule(self) -> tuple[list[Chunk], list[int]]:
+    def schedule(self, skip: frozenset[int] = frozenset()) -> tuple[list[Chunk], list[int]]:
         """Chunks of this step and the requests preempted now (their KV blocks are freed).
 
         Running sequences are served oldest first; one that cannot grow preempts the newest
         running sequence, itself if it is the newest, so the oldest always progresses (each
-        accepted request fits the cache alone) and no two sequences preempt each other forever."""
+        accepted request fits the cache alone) and no two sequences preempt each other forever.
+        ``skip``: running requests left out of this step (they end on a token still computing:
+        ``Engine._look_ahead``); they keep their seats and blocks."""
         chunks: list[Chunk] = []
         dropped: list[int] = []
         budget = self.budget
         for s in list(self.running):
             if budget == 0:
                 break
-            if dropped and s.req in dropped:  # preempted earlier in this loop
+            if (dropped and s.req in dropped) or s.req in skip:  # preempted earlier in this loop, or ending
                 continue
             n = min(len(s.tokens) - s.computed, budget)
             while not self.pool.grow(s, s.computed + n, self.block):

@@ -227,10 +227,8 @@ class RankRunner:
         self.model.receive_images(step.image_jobs)
         if timer:
             timer.mark()
-        if step.tokens_from is not None:  # input tokens: the previous step's samples, never on the host
-            rows, prev = step.tokens_from, self.last_sampled
-            same = rows == list(range(len(rows)))
-            step.micro[0].tokens = prev[:len(rows)] if same else prev[to_device(rows, prev.device)]
+        if step.tokens_from is not None:  # pending input tokens: the previous step's samples, never on the host
+            step.micro[0].tokens = self._input_tokens(step.micro[0], step.tokens_from)
         outs, pending = [], []
         for mb in step.micro:
             h_in = None
@@ -261,6 +259,24 @@ class RankRunner:
         return Launched.start(StepOut(step.step_id, par.dp_i, reqs, [], logits.cpu() if step.want_logits else None,
                                       [m for mb in step.micro for m in (mb.modes or [mb.mode])], self.captures()),
                               self.last_sampled, timer)
+
+    def _input_tokens(self, mb: MicroBatch, rows: list[int]) -> torch.Tensor:
+        """``[T]`` the look-ahead micro-batch's input tokens on the device, queued behind the last
+        step: sampled row ``j``'s token (at ``mb.sample_idx[j]``) is ``last_sampled[rows[j]]`` where
+        ``rows[j] >= 0`` (a token pending when the step was sent), else the host's (a prompt's last
+        chunk). A decode step whose every row is pending is a gather of the samples."""
+        prev = self.last_sampled
+        if mb.decode and min(rows, default=0) >= 0:
+            same = rows == list(range(len(rows)))
+            return prev[:len(rows)] if same else prev[to_device(rows, prev.device)]
+        at = [i for i, r in zip(mb.sample_idx.tolist(), rows) if r >= 0]
+        src = [r for r in rows if r >= 0]
+        T, k = mb.num_tokens, len(at)
+        packed = torch.cat([mb.tokens, torch.tensor(at + src, dtype=torch.long)])
+        dev = packed.pin_memory().to(prev.device, non_blocking=True) if prev.is_cuda else packed
+        tokens = dev[:T]
+        tokens[dev[T:T + k]] = prev[dev[T + k:]].to(tokens.dtype)
+        return tokens
 
     def captures(self) -> dict[str, float] | None:
         """CUDA graphs captured so far on this rank and the wall time their captures took (None

@@ -1,9 +1,11 @@
-"""The engine's look-ahead (the next decode step queued before the last one's tokens are read, its
+"""The engine's look-ahead (the next step queued before the last one's tokens are read, its pending
 input tokens taken on the device) gives the tokens of the plain engine, on one rank and on spawned
 ranks of single-stage replicas (tp2, shift over sp2 with decodes in both modes, dp2): with requests
 ending at different lengths and on an end-of-sequence token, with sampling, with staggered
-arrivals, and under KV pressure that preempts. A spawned rank launches a step already sent before
-it reports the last one. A saturated replica (every seat taken, requests waiting) looks ahead too."""
+arrivals, under KV pressure that preempts, and with prompts chunked over steps that also decode
+(mixed steps sent ahead, some rows' tokens pending, others the prompt's). A spawned rank launches a
+step already sent before it reports the last one. A saturated replica (every seat taken, requests
+waiting) looks ahead too."""
 
 from __future__ import annotations
 
@@ -26,22 +28,29 @@ MESHES = {"single": {}, "tp2": {"tp": 2}, "shift": {"sp": 2, "shift": True, "thr
 
 
 def _run(lookahead: bool, sampling: Sampling, kv_blocks: int = 64, eos: tuple[int, ...] = (),
-         arrivals: list[float] | None = None, mesh: str = "single", max_seqs: int = 8) -> tuple[list[list[int]], int]:
-    plan = make_plan("llama", max_batch_tokens=64, max_seqs=max_seqs, **MESHES[mesh])
+         arrivals: list[float] | None = None, mesh: str = "single", max_seqs: int = 8,
+         max_batch_tokens: int = 64) -> tuple[list[list[int]], int, int]:
+    """Each request's tokens, the steps sent ahead, and how many of those were not pure decodes
+    and took a pending token."""
+    plan = make_plan("llama", max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, **MESHES[mesh])
     with executors.load(plan, kv_blocks=kv_blocks, lookahead=lookahead) as eng:
         if eos:
             eng.args = dataclasses.replace(eng.args, eos_token_ids=eos)
+        mixed = []
+        send = eng._send
+        eng._send = lambda steps: (mixed.extend(s for s in steps.values() if s.tokens_from is not None
+                                                and not s.micro[0].decode and max(s.tokens_from, default=-1) >= 0), send(steps))
         out = {i: r for i, _tok, r in eng.stream(REQS, max_new_tokens=8, sampling=sampling, arrivals=arrivals)}
-        return [out[i].tokens for i in range(len(REQS))], eng.lookahead_steps
+        return [out[i].tokens for i in range(len(REQS))], eng.lookahead_steps, len(mixed)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
-@pytest.mark.parametrize("case", ["lengths", "eos", "sampled", "arrivals", "kv_pressure", "seats_full"])
+@pytest.mark.parametrize("case", ["lengths", "eos", "sampled", "arrivals", "kv_pressure", "seats_full", "chunked"])
 def test_lookahead_gives_the_plain_engines_tokens(case: str, mesh: str) -> None:
     greedy = Sampling(temperature=0.0, stop_on_eos=False)
     kw: dict = {"sampling": greedy, "mesh": mesh}
     if case == "eos":  # a token the greedy run produces mid-way ends requests early
-        plain, _ = _run(False, greedy, mesh=mesh)
+        plain, *_ = _run(False, greedy, mesh=mesh)
         kw |= {"sampling": Sampling(temperature=0.0, stop_on_eos=True), "eos": (plain[4][2],)}
     elif case == "sampled":
         kw["sampling"] = Sampling(temperature=0.8, top_k=20, seed=3, stop_on_eos=False)
@@ -51,10 +60,14 @@ def test_lookahead_gives_the_plain_engines_tokens(case: str, mesh: str) -> None:
         kw["kv_blocks"] = 12  # 48 slots for five sequences of up to 27 tokens: preemption
     elif case == "seats_full":  # two seats, five requests: the replica looks ahead while three wait
         kw["max_seqs"] = 2
-    want, none = _run(False, **kw)
-    got, ahead = _run(True, **kw)
+    elif case == "chunked":  # 5-token steps: prompts of 6-18 tokens run in chunks beside decodes
+        kw |= {"max_batch_tokens": 5, "arrivals": [0.0, 0.0, 0.01, 0.03, 0.03]}
+    want, none, _ = _run(False, **kw)
+    got, ahead, mixed = _run(True, **kw)
     assert got == want
     assert none == 0 and ahead > 0  # the look-ahead ran
+    if case == "chunked":
+        assert mixed > 0  # steps with prompt chunks and pending tokens were sent ahead
     if case == "eos":
         assert any(len(t) < r.max_new_tokens for t, r in zip(got, REQS))
 
