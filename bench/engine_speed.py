@@ -7,7 +7,7 @@ engine reads the very same tensors. First the two ceilings of this GPU are measu
 * matmul rate ``R``: an 8192 x 8192 x 8192 bf16 product on random data.
 
 Then, for each engine variant (eager; + CUDA graphs for decode; + torch.compile of the layers; + the
-single-rank look-ahead, which queues each decode step before reading the last one's tokens):
+single-rank look-ahead, which queues each step before reading the last one's tokens):
 
 * decode at batch B (1, 32, 128; 512-token prompts, 128 new tokens): TPOT p50 and decode
   throughput ``B / TPOT``, beside the floor ``(weight bytes read per step + KV bytes read per step)
@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> (backend, CUDA graphs, look-ahead: the next decode step queued before the last one's tokens are read)
+# name -> (backend, CUDA graphs, look-ahead: the next step queued before the last one's tokens are read)
 VARIANTS = {"eager": ("eager", False, False), "graphs": ("eager", True, False),
             "graphs+compile": ("compile", True, False), "graphs+compile+lookahead": ("compile", True, True)}
 

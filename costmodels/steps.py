@@ -85,8 +85,8 @@ profile without this table describes an engine that ran SP x TP steps eagerly.
 Serving steps (``bench/results/fidelity_2gpu.steps.json.gz``: every step of a replayed workload,
 traced on the engine). Two terms the op-level model does not see:
 
-* the driver's host time before a step it could not form ahead (a step with prefill chunks, or the
-  first decode after one: the engine's look-ahead sends only pure decode steps early), from the
+* the driver's host time before a step it could not form ahead (the first after an idle replica,
+  or one whose requests arrived during a step that ended every running one), from the
   answer of the last step to the send of this one (scheduling, building the micro-batch):
 
       form = form_ms + form_prefill_ms x [the step holds prefill chunks] + form_ms_per_seq x sequences

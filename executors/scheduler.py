@@ -118,7 +118,8 @@ class Scheduler:
         running sequence, itself if it is the newest, so the oldest always progresses (each
         accepted request fits the cache alone) and no two sequences preempt each other forever.
         ``skip``: running requests left out of this step (they end on a token still computing:
-        ``Engine._look_ahead``); they keep their seats and blocks."""
+        ``Engine._look_ahead``); they keep their blocks until they finish, and their seats go to
+        requests admitted now."""
         chunks: list[Chunk] = []
         dropped: list[int] = []
         budget = self.budget
@@ -141,7 +142,7 @@ class Scheduler:
                 budget -= n
         if dropped:  # blocks are short: admit nothing new this step
             return chunks, dropped
-        while self.waiting and budget > 0 and sum(len(p.running) for p in self.peers) < self.max_seqs:
+        while self.waiting and budget > 0 and sum(len(p.running) for p in self.peers) < self.max_seqs + len(skip):
             s = self.waiting[0]
             n = min(len(s.tokens) - s.computed, budget)
             if not self.pool.grow(s, s.computed + n, self.block):

@@ -97,9 +97,11 @@ def test_look_ahead_holds_an_arrival_for_one_decode_step():
 
 
 def test_steps_not_formed_ahead_wait_for_the_driver():
-    """With look-ahead, a step formed once the last tokens were back (the prefill, and the first
-    decode after it) starts the coster's driver time later; decodes formed ahead do not (also on a
-    saturated replica, requests waiting for a seat), nor does any step without look-ahead."""
+    """With look-ahead only a step formed once the last tokens were back starts the coster's driver
+    time later: the first after an idle lane (a lone request's prefill), or one whose requests
+    arrived during a step that ended every running request. Every step formed ahead does not: the
+    decodes after a prefill, the next prompt when a seat frees on a saturated replica; nor does any
+    step without look-ahead."""
 
     class Driven(SyntheticCoster):
         def form_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
@@ -110,13 +112,20 @@ def test_steps_not_formed_ahead_wait_for_the_driver():
     base, look, off = run(cfg(lookahead=True), bare, reqs), run(cfg(lookahead=True), driven, reqs), run(cfg(), driven, reqs)
     r0, r1 = base.reqs[0], look.reqs[0]
     assert (r1.first - r0.first) * 1e3 == pytest.approx(1.51)
-    assert (r1.finish - r0.finish) * 1e3 == pytest.approx(1.51 + 0.51)
+    assert (r1.finish - r0.finish) * 1e3 == pytest.approx(1.51)
     assert off.reqs[0].finish == run(cfg(), bare, reqs).reqs[0].finish
-    # one seat, two more requests waiting from the start: the running one's decodes are still formed ahead
+    # one seat, two more requests waiting from the start: each next prompt is formed ahead too
     crowd = reqs + [Request(i, 0.0, 100, 6, (), ()) for i in (1, 2)]
     one = cfg(lookahead=True, max_seqs=1)
-    r0, r1 = run(one, bare, crowd).reqs[0], run(one, driven, crowd).reqs[0]
-    assert (r1.finish - r0.finish) * 1e3 == pytest.approx(1.51 + 0.51)
+    plain, timed = run(one, bare, crowd).reqs, run(one, driven, crowd).reqs
+    for a, b in zip(plain, timed):
+        assert (b.finish - a.finish) * 1e3 == pytest.approx(1.51)
+    # a request arriving during the last step of a lone one: nothing was left to form ahead
+    dec = bare.stage_ms(StepShape.decode([105]), "tp")[0] / 1e3
+    late = reqs + [Request(1, r0.finish - 0.1 * dec, 100, 3, (), ())]
+    plain, timed = run(cfg(lookahead=True), bare, late).reqs, run(cfg(lookahead=True), driven, late).reqs
+    assert plain[1].arrival > plain[0].finish - dec and timed[1].arrival > timed[0].finish - dec
+    assert ((timed[1].first - timed[0].finish) - (plain[1].first - plain[0].finish)) * 1e3 == pytest.approx(1.51)
 
 
 def test_low_load_ttft_with_chunked_prefill():

@@ -21,10 +21,10 @@ class SimConfig:
     degree P), a larger one in "sp_tp"; ``stage_thresholds`` are the stages' own. ``dims`` (the
     plan's ``ParallelDims``) owns these rules, the placement checks and the node crossings.
     ``lookahead``: the engine's look-ahead (single-stage replicas, one micro-batch a step): while a
-    decode step of every running request computes with nothing waiting that a free seat could
-    admit, the next decode step is
-    already formed, so a request arriving during it joins a step only after that next one (plans
-    for this project's engine; exported plans keep the plain loop).
+    step computes, the next one is already formed (decodes, prompt chunks, requests that arrived
+    by then), so a request arriving during it joins a step only after that next one, and the
+    driver's time to form a step is hidden (plans for this project's engine; exported plans keep
+    the plain loop).
     """
 
     dp: int = 1

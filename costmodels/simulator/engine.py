@@ -179,8 +179,7 @@ class Simulation:
         """Form a micro-batch on ``lane``, cost it per stage in its mode(s), walk it down the pipeline."""
         cfg, coster, log = self.cfg, self.coster, self.log
         lane.replica.kv_clock(t)
-        ahead = lane.ahead  # this step was formed while the last one ran (the engine's look-ahead)
-        batch, pre = self.form(lane)
+        batch, pre, ahead = self.form(lane, t)  # ahead: formed while the last step ran (the engine's look-ahead)
         log.preemptions += pre
         if batch is None:
             return
@@ -212,21 +211,25 @@ class Simulation:
         lane.busy = True
         self.push(ready, STEP_DONE, (lane, batch))
 
-    def form(self, lane: Lane) -> tuple:
-        """``form_batch`` as the engine's look-ahead sees it: a step formed while the last one ran
-        (``lane.ahead``) decodes the running requests only, and what waits joins the step after
-        (unless no request runs: then it joins this one). ``lane.ahead`` is then set for the next
-        step when this one decodes every running request and nothing waits that a free seat could
-        admit (a saturated replica, every seat taken, looks ahead too)."""
-        hidden = None
-        if lane.ahead and lane.decoding and not lane.prefilling:
-            hidden, lane.waiting = lane.waiting, deque()
+    def form(self, lane: Lane, t: float) -> tuple:
+        """``form_batch`` as the engine's look-ahead sees it: ``(batch, preemptions, ahead)``. A step
+        formed ahead (``lane.ahead``: the lane's last step, sent at ``lane.sent``, left work behind)
+        was formed when that step was sent, so requests that arrived since join the step after;
+        if without them there is nothing to run (every running request ended in the last step) the
+        step is formed now, once the tokens are back (``ahead`` False: it pays the driver's time)."""
+        hidden: deque = deque()
+        ahead = lane.ahead
+        if ahead:
+            while lane.waiting and lane.waiting[-1].arrival > lane.sent:  # arrivals join at the back
+                hidden.appendleft(lane.waiting.pop())
         batch, pre = form_batch(lane, self.cfg)
-        if hidden is not None:
-            lane.waiting.extend(hidden)  # after any preempted request (they go first)
-        lane.ahead = (self.cfg.lookahead and batch is not None and not batch.chunks and not lane.prefilling
-                      and (not lane.waiting or lane.replica.running >= self.cfg.max_seqs))
-        return batch, pre
+        lane.waiting.extend(hidden)
+        if batch is None and hidden:
+            ahead = False
+            batch, more = form_batch(lane, self.cfg)
+            pre += more
+        lane.ahead, lane.sent = self.cfg.lookahead and batch is not None, t
+        return batch, pre, ahead
 
     def finish(self) -> RunLog:
         cfg, log, reps = self.cfg, self.log, self.reps

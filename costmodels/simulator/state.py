@@ -71,7 +71,8 @@ class Lane:
     ctx: int = 0
     busy: bool = False
     kicked: bool = False  # a SCHEDULE event is pending
-    ahead: bool = False  # the next step was formed when the last one started (look-ahead, ``SimConfig.lookahead``)
+    ahead: bool = False  # the next step is formed when the last one is sent (look-ahead, ``SimConfig.lookahead``)
+    sent: float = 0.0  # when the lane's last step was sent (s)
 
 
 @dataclass
