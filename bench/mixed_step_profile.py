@@ -100,9 +100,9 @@ def model_price(cost: Any, coster: Any, C: int, D: int, K: int) -> dict[str, Any
             for r in cost._recs[b.name]:
                 out[op_class(r.kind)] += ms(r, rows)
     bare = sum(coster.stage_ms(shape, "tp", dec))
-    extra = cost.mixed_extra_ms(shape, sp=1, mode="tp") if dec is not None else 0.0
-    return {"classes_ms": {k: round(v, 4) for k, v in out.items()}, "coster_ms": round(bare, 4),
-            "coster_without_extra_ms": round(bare - extra, 4), "mixed_extra_ms": round(extra, 4),
+    extra = coster.wait_ms(shape, "tp", dec)  # what a step not sent ahead adds
+    return {"classes_ms": {k: round(v, 4) for k, v in out.items()}, "coster_ms": round(bare + extra, 4),
+            "coster_without_extra_ms": round(bare, 4), "mixed_extra_ms": round(extra, 4),
             "tokens": shape.tokens, "graph_rows": rows.tokens}
 
 

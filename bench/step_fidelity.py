@@ -100,12 +100,13 @@ def cost_steps(records: list[dict[str, Any]], coster: Any, encoder: Any = None) 
     rows = []
     for r, last in after_answers(records):
         pred = tower = 0.0
+        waited = last is None or r["sent_ms"] >= last  # not sent ahead: the ranks' GPUs wait for them (Coster.wait_ms)
         if encoder is not None and r.get("patches"):
             pred += (tower := coster.vision_ms(tuple(r["patches"]), tp=encoder.tp, dp=encoder.dp))
         for m, (new, ctx) in enumerate(zip(r["new"], r["ctx"])):
             shape, dec = StepShape.from_sequences(new, ctx)
             mode = r["mode"][m] if m < len(r["mode"]) else r["mode"][-1]
-            pred += sum(coster.stage_ms(shape, mode, dec))
+            pred += sum(coster.stage_ms(shape, mode, dec)) + (coster.pp * coster.wait_ms(shape, mode, dec) if waited else 0.0)
             pred += sum(coster.p2p_ms(shape.tokens, b) for b in range(coster.pp - 1))
         rank = r.get("rank") or {}
         ctx = [c for new, cc in zip(r["new"], r["ctx"]) for n, c in zip(new, cc) if n == 1]  # the decodes' keys
@@ -215,18 +216,11 @@ def plan_of(report: dict[str, Any], model: str, case: str) -> Any:
     return parse_plan(report["models"][model]["cases"][case]["plan_yaml"], source=f"{model} {case} plan_yaml")
 
 
-def coster_of(plan: Any, mixed_extra: bool = True) -> Any:
-    """The simulator's coster of ``plan`` on the cost model as it is now; ``mixed_extra=False``:
-    without the measured extra of mixed steps (what that term is fitted against,
-    ``costmodels.steps.fit_mixed_step_ms``)."""
-    import dataclasses
-
+def coster_of(plan: Any) -> Any:
+    """The simulator's coster of ``plan`` on the cost model as it is now."""
     from costmodels.simulator import coster_for, cost_model_for_plan
 
-    cost = cost_model_for_plan(plan)
-    if not mixed_extra and cost.launch is not None:
-        cost.launch = dataclasses.replace(cost.launch, mixed_step_ms=0.0)
-    return coster_for(plan, cost)
+    return coster_for(plan, cost_model_for_plan(plan))
 
 
 def in_step_encoder(plan: Any) -> Any:

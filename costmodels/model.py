@@ -230,9 +230,9 @@ class CostModel:
         return shape if rows is None else replace(shape, tokens=float(rows))
 
     def mixed_extra_ms(self, shape: StepShape, *, sp: int, mode: str) -> float:
-        """A graphed mixed step's time beyond the op model on each stage (``costmodels.steps``,
-        ``Launch.mixed_step_ms``: the rank's host work before the replay, while the GPU waits); 0 for other
-        steps and engines."""
+        """A graphed mixed step's time beyond the op model on each stage when it was not sent ahead
+        (``costmodels.steps``, ``Launch.mixed_step_ms``: the rank's host work before the replay, while
+        the GPU waits; the simulator charges it, ``Coster.wait_ms``); 0 for other steps and engines."""
         if self.launch is None or not self.launch.mixed_step_ms:
             return 0.0
         return self.launch.mixed_step_ms if self.graphed(shape, sp if mode == "sp_tp" else 1) else 0.0

@@ -449,18 +449,21 @@ def fit_form_ms_per_kpatch(rates: list[list[dict[str, Any]]], launch: "Launch") 
     return statistics.median(per), len(per)
 
 
-def fit_mixed_step_ms(rates: list[list[dict[str, Any]]], coster: Any) -> tuple[float, int]:
+def fit_mixed_step_ms(rates: list[list[dict[str, Any]]], coster: Any, ahead: bool = False) -> tuple[float, int]:
     """``(ms, steps)``: the median over the graphed mixed steps of ``rates`` (step-trace records with
-    the rank's GPU times, of a one-stage plan) of measured GPU time - ``coster``'s stage time;
-    ``coster``: the simulator's coster (``costmodels.simulator.coster_for``) of the traced plan on the
-    model without this term."""
+    the rank's GPU times, of a one-stage plan) sent after their predecessor's answer (``ahead``: those
+    sent before it instead) of measured GPU time - ``coster``'s stage time; ``coster``: the
+    simulator's coster (``costmodels.simulator.coster_for``) of the traced plan (its ``stage_ms``
+    holds no such term: ``Coster.wait_ms`` does)."""
     from graph.opgraph import StepShape
 
     extra = []
     for records in rates:
-        for r in records:
+        for r, last in after_answers(records):
             rank = r.get("rank") or {}
             if len(r["new"]) != 1 or "forward_gpu_ms" not in rank or r.get("images") or r["tokens"] > GRAPH_TOKEN_BUCKETS[-1]:
+                continue
+            if ahead == (last is None or r["sent_ms"] >= last):
                 continue
             shape, dec = StepShape.from_sequences(r["new"][0], r["ctx"][0])
             if dec is None:
@@ -468,7 +471,7 @@ def fit_mixed_step_ms(rates: list[list[dict[str, Any]]], coster: Any) -> tuple[f
             gpu = rank["forward_gpu_ms"] + rank.get("sample_gpu_ms", 0.0)
             extra.append(gpu - sum(coster.stage_ms(shape, r["mode"][0], dec)))
     if not extra:
-        raise ValueError("no graphed mixed step with GPU times in the trace")
+        raise ValueError(f"no graphed mixed step with GPU times sent {'ahead' if ahead else 'after an answer'} in the trace")
     return statistics.median(extra), len(extra)
 
 

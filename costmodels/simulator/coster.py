@@ -47,6 +47,10 @@ class Coster(Protocol):
         """The driver's host time before a step of ``seqs`` sequences formed once the last step's
         tokens were back (``prefill``: it holds prefill chunks; ``patches``: of the images it encodes)."""
 
+    def wait_ms(self, shape: StepShape, mode: str, decode: StepShape | None = None) -> float:
+        """What each stage's GPU waits, on top of ``stage_ms``, before a step not sent ahead of its
+        GPU work (the engine's look-ahead sends steps while the last one computes)."""
+
 
 # ------------------------------------------------------------------ log-grid quantisation
 
@@ -147,15 +151,12 @@ class ModelCoster:
         chunks (a mixed step); such a step costs its dense work on all tokens plus the attention of
         each part on its own (prefill and decode attention are separate kernels):
         t(mixed) = t(T, B; no attention) + attn(prefill part) + attn(decode part),
-        attn(x) = t(x) - t(x without pairs and KV), plus the engine's measured extra of a graphed mixed
-        step (``CostModel.mixed_extra_ms``); then each stage's host side when the engine
-        launches the step eagerly (``CostModel.stage_wall_ms``: max(layers x host time, GPU time))."""
+        attn(x) = t(x) - t(x without pairs and KV); then each stage's host side when the engine
+        launches the step eagerly (``CostModel.stage_wall_ms``: max(layers x host time, GPU time)).
+        A step not sent ahead adds ``wait_ms``."""
         self.calls += 1
         graph = self.cost.step_graph(shape, decode, sp=self.sp, mode=mode, max_seqs=self.max_seqs) if self.max_seqs else None
         gpu = self._exact(shape, mode, decode, graph) if self.exact else self._gpu(shape, mode, decode, graph)
-        if decode is not None and 0 < decode.tokens < shape.tokens:  # a mixed step: its measured extra
-            extra = self.cost.mixed_extra_ms(shape, sp=self.sp, mode=mode)
-            gpu = tuple(g + extra for g in gpu)
         if graph is not None:  # a captured prefill or mixed step: the decode kernel on its graph's empty slots
             part = decode if decode is not None and 0 < decode.tokens < shape.tokens else None
             gpu = tuple(g + self.cost.graph_slots_ms(graph, part, hi - lo + 1, tp=self.tp, sp=self.sp, mode=mode)
@@ -214,6 +215,12 @@ class ModelCoster:
     def form_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
         return self.cost.driver_ms(seqs, prefill, patches)
 
+    def wait_ms(self, shape: StepShape, mode: str, decode: StepShape | None = None) -> float:
+        """A graphed mixed step's rank host work before its replay (``CostModel.mixed_extra_ms``)."""
+        if decode is None or not 0 < decode.tokens < shape.tokens:
+            return 0.0
+        return self.cost.mixed_extra_ms(shape, sp=self.sp, mode=mode)
+
     def embed_ms(self, image_tokens: int) -> float:
         key = (self.grid.index(image_tokens), "embed")
         hit = self._p2p.get(key)
@@ -257,4 +264,7 @@ class SyntheticCoster:
         return self.embed_ms_per_ktok * image_tokens / 1000.0
 
     def form_ms(self, seqs: float, prefill: bool, patches: float = 0.0) -> float:
+        return 0.0
+
+    def wait_ms(self, shape: StepShape, mode: str, decode: StepShape | None = None) -> float:
         return 0.0

@@ -198,6 +198,9 @@ class Simulation:
             ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, batch.patches))]
         rep = lane.replica
         ready = t
+        if not (cfg.lookahead and ahead):  # not sent while the last step ran: each stage's GPU waits for its rank
+            wait = {m: coster.wait_ms(batch.shape, m, batch.decode) for m in set(modes or [mode])}
+            ms = [x + wait[modes[s] if modes else mode] for s, x in enumerate(ms)]
         if cfg.lookahead and not ahead:  # formed once the last tokens were back: the driver's host time first
             ready += coster.form_ms(batch.shape.seqs, bool(batch.chunks), sum(batch.patches)) / 1e3
         for s in range(cfg.pp):  # stage s is a FIFO server; the batch hops on after its p2p send
