@@ -41,6 +41,7 @@ from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
 from executors.trace import step_record
 from executors.weights import WeightSource
 from executors.worker import Launched, RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes, to_frame
+from plans.engine_shapes import LOOKAHEAD_MAX_TOKENS
 from plans.errors import UserError
 from plans.schema import Plan
 
@@ -428,9 +429,11 @@ class Engine:
         one joins the step after). A sequence that the pending token ends by length is left out
         (``Scheduler.schedule``'s ``skip``); one that ends on it by an end-of-sequence token wastes
         one decode, whose output is dropped. Returns the new in-flight entry, or None when the step
-        does not qualify or nothing is left to schedule."""
+        does not qualify (more than ``engine_shapes.LOOKAHEAD_MAX_TOKENS`` tokens: a long step, beside
+        which the host time is small and a request arriving during it would wait a step more) or
+        nothing is left to schedule."""
         lane, chunks, step = in_flight[sid]
-        if sid in ahead or len(step.micro) != 1:
+        if sid in ahead or len(step.micro) != 1 or step.micro[0].num_tokens > LOOKAHEAD_MAX_TOKENS:
             return None
         sc, rep = scheds[lane], lane // self.lanes
         rows = {r: j for j, r in enumerate(step.micro[0].sample_req)}  # each sampling sequence's row of the pending tokens

@@ -5,7 +5,7 @@ The executors launch by them (``executors.graphs``, ``executors.paged_decode``,
 ``executors.paged_prefill``); the cost model prices by them (``costmodels.opcost``,
 ``costmodels.steps``, ``costmodels.model``) without importing torch, so planning for a GPU whose
 profile prices this engine stays torch-free. Standard library only (``plans.mesh`` holds the token
-buckets of the step graphs, ``GRAPH_TOKEN_BUCKETS``).
+buckets of the step graphs, ``GRAPH_TOKEN_BUCKETS``), and when the engine forms a step ahead.
 
 Step graphs (``executors.graphs``): a decode step of ``S`` sequences runs the graph of batch bucket
 ``B >= S`` (``BATCH_BUCKETS``); a prefill or mixed step's graph holds room for ``max_seqs``' bucket of
@@ -21,6 +21,8 @@ decodes over its sequence slots.
 """
 
 from __future__ import annotations
+
+from plans.mesh import GRAPH_TOKEN_BUCKETS
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 MIN_KEYS = 512
@@ -76,3 +78,12 @@ def graph_splits(S: int, hkv: int, max_keys: int) -> tuple[int, int]:
     them on slots with no decode; else cut to fill the GPU for ``GRAPH_FILL_SEQS`` decodes (few decodes
     of long contexts in as many programs as a decode step of them would have)."""
     return splits(S if capped_ranges(max_keys) <= 1 else min(S, GRAPH_FILL_SEQS), hkv, max_keys)
+
+
+# The engine forms a single-stage replica's next step while its last one computes (``Engine._look_ahead``),
+# hiding the driver's and the rank's host work before a step (about 1 ms on an H200 serving Llama-3.1-8B:
+# bench/results/fidelity_2gpu.single.md against fidelity_2gpu.single_mixed_sync.md), but only after a step of
+# at most this many tokens (a step graph's). A longer step runs eagerly for tens to hundreds of milliseconds,
+# beside which that time is small, while a request arriving during it would wait a whole step more: the step
+# formed ahead could not take it. The simulator forms steps ahead by the same rule.
+LOOKAHEAD_MAX_TOKENS = GRAPH_TOKEN_BUCKETS[-1]

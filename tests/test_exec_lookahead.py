@@ -111,3 +111,29 @@ def test_warm_up_leaves_the_engine_as_loaded() -> None:
         assert eng.step_id > 0 and eng.mode_counts == {"tp": 0, "sp_tp": 0} and eng.lookahead_steps == 0
         got = [r.tokens for r in eng.generate(REQS, max_new_tokens=8, sampling=greedy)]
     assert got == want
+
+
+def test_no_step_is_formed_ahead_after_a_long_one(monkeypatch) -> None:
+    """A step of more than ``engine_shapes.LOOKAHEAD_MAX_TOKENS`` tokens (here 4, with 5-token steps)
+    gets no successor formed while it computes; shorter ones do, and the tokens are the plain engine's."""
+    import executors.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LOOKAHEAD_MAX_TOKENS", 4)
+    greedy = Sampling(temperature=0.0, stop_on_eos=False)
+    want, *_ = _run(False, greedy, max_batch_tokens=5)
+    plan = make_plan("llama", max_batch_tokens=5, max_seqs=8)
+    with executors.load(plan, kv_blocks=64) as eng:
+        after: list[int] = []  # the tokens of each step a successor was formed ahead of
+        look = eng._look_ahead
+
+        def spy(sid: int, in_flight: dict, *rest):
+            tokens = in_flight[sid][2].micro[0].num_tokens
+            out = look(sid, in_flight, *rest)
+            if out is not None:
+                after.append(tokens)
+            return out
+
+        eng._look_ahead = spy
+        got = [r.tokens for r in eng.generate(REQS, max_new_tokens=8, sampling=greedy)]
+    assert got == want
+    assert after and max(after) <= 4

@@ -96,6 +96,20 @@ def test_look_ahead_holds_an_arrival_for_one_decode_step():
         assert math.isclose((r.first - r.arrival) * 1e3, coster.stage_ms(StepShape.prefill([p]), "tp")[0], rel_tol=1e-9)
 
 
+def test_no_step_is_formed_ahead_after_a_long_one():
+    """A step of more than ``engine_shapes.LOOKAHEAD_MAX_TOKENS`` tokens is not followed by one formed
+    ahead (the engine's rule): a request arriving during a long prefill joins the very next step, as
+    without look-ahead, where during a short one it waits one step more."""
+    from plans.engine_shapes import LOOKAHEAD_MAX_TOKENS
+
+    coster = SyntheticCoster()
+    for prompt, held in ((LOOKAHEAD_MAX_TOKENS + 1000, False), (LOOKAHEAD_MAX_TOKENS // 2, True)):
+        pre = coster.stage_ms(StepShape.prefill([prompt]), "tp")[0] / 1e3
+        reqs = [Request(0, 0.0, prompt, 20, (), ()), Request(1, 0.5 * pre, 50, 3, (), ())]
+        plain, look = run(cfg(), coster, reqs), run(cfg(lookahead=True), coster, reqs)
+        assert (look.reqs[1].first > plain.reqs[1].first) == held, prompt
+
+
 def test_steps_not_formed_ahead_wait_for_the_driver():
     """With look-ahead only a step formed once the last tokens were back starts the coster's driver
     time later: the first after an idle lane (a lone request's prefill), or one whose requests

@@ -36,6 +36,7 @@ from costmodels.simulator.scheduler import complete_batch, form_batch
 from costmodels.simulator.state import REJECTED, Lane, Replica, Req
 from costmodels.simulator.vision import DedicatedEncoder, in_step_ms
 from costmodels.workload import Request
+from plans.engine_shapes import LOOKAHEAD_MAX_TOKENS
 
 ARRIVAL, ENC_DONE, READY, SCHEDULE, STEP_DONE = range(5)
 
@@ -216,10 +217,11 @@ class Simulation:
 
     def form(self, lane: Lane, t: float) -> tuple:
         """``form_batch`` as the engine's look-ahead sees it: ``(batch, preemptions, ahead)``. A step
-        formed ahead (``lane.ahead``: the lane's last step, sent at ``lane.sent``, left work behind)
-        was formed when that step was sent, so requests that arrived since join the step after;
-        if without them there is nothing to run (every running request ended in the last step) the
-        step is formed now, once the tokens are back (``ahead`` False: it pays the driver's time)."""
+        formed ahead (``lane.ahead``: the lane's last step, sent at ``lane.sent``, held at most
+        ``engine_shapes.LOOKAHEAD_MAX_TOKENS`` tokens) was formed when that step was sent, so requests
+        that arrived since join the step after; if without them there is nothing to run (every running
+        request ended in the last step) the step is formed now, once the tokens are back (``ahead``
+        False: it pays the driver's time)."""
         hidden: deque = deque()
         ahead = lane.ahead
         if ahead:
@@ -231,7 +233,8 @@ class Simulation:
             ahead = False
             batch, more = form_batch(lane, self.cfg)
             pre += more
-        lane.ahead, lane.sent = self.cfg.lookahead and batch is not None, t
+        lane.ahead = self.cfg.lookahead and batch is not None and batch.tokens <= LOOKAHEAD_MAX_TOKENS
+        lane.sent = t
         return batch, pre, ahead
 
     def finish(self) -> RunLog:
