@@ -137,3 +137,31 @@ def test_no_step_is_formed_ahead_after_a_long_one(monkeypatch) -> None:
         got = [r.tokens for r in eng.generate(REQS, max_new_tokens=8, sampling=greedy)]
     assert got == want
     assert after and max(after) <= 4
+
+
+@pytest.mark.parametrize("placement", ["stage0_dp", "dedicated"])
+def test_lookahead_with_image_prompts_in_chunks(placement: str) -> None:
+    """A vision-language model's image prompts in 6-token steps beside other requests' decodes, the
+    tower in the step or on a dedicated encoder rank: steps with image chunks and pending tokens
+    are sent ahead, and every request's tokens are the plain engine's."""
+    from tests.tiny.helpers import IMAGE_TOKEN, random_image
+
+    imgs = [random_image((4, 4), 1), random_image((4, 6), 2), random_image((4, 4), 3)]
+    reqs = [Request(tokens=[7, 118, IMAGE_TOKEN, 119, 8, 9], images=[imgs[0]], max_new_tokens=5),
+            Request(tokens=list(range(20, 31)), max_new_tokens=7),
+            Request(tokens=[118, IMAGE_TOKEN, 119, 60, 61], images=[imgs[1]], max_new_tokens=6),
+            Request(tokens=[5, 118, IMAGE_TOKEN, 119], images=[imgs[2]], max_new_tokens=4)]
+    plan = make_plan("qwen2_vl", max_batch_tokens=6, placement=placement, dedicated=1 if placement == "dedicated" else 0)
+    greedy = Sampling(temperature=0.0, stop_on_eos=False)
+    out = {}
+    for lookahead in (False, True):
+        with executors.load(plan, kv_blocks=64, lookahead=lookahead) as eng:
+            sent = []
+            send = eng._send
+            eng._send = lambda steps: (sent.extend(s for s in steps.values() if s.tokens_from is not None
+                                                   and not s.micro[0].decode and max(s.tokens_from, default=-1) >= 0),
+                                       send(steps))
+            res = eng.generate(reqs, sampling=greedy)
+            out[lookahead] = ([r.tokens for r in res], len(sent), eng.lookahead_steps)
+    assert [len(t) for t in out[True][0]] == [r.max_new_tokens for r in reqs] and out[True][0] == out[False][0]
+    assert out[False][2] == 0 and out[True][1] > 0
