@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from costmodels.steps import after_answers  # noqa: E402
+from costmodels.steps import after_answers, sent_ahead  # noqa: E402
 from executors.trace import ALLOCATOR  # noqa: E402
 from graph.opgraph import StepShape  # noqa: E402
 
@@ -100,7 +100,7 @@ def cost_steps(records: list[dict[str, Any]], coster: Any, encoder: Any = None) 
     rows = []
     for r, last in after_answers(records):
         pred = tower = 0.0
-        waited = last is None or r["sent_ms"] >= last  # not sent ahead: the ranks' GPUs wait for them (Coster.wait_ms)
+        waited = not sent_ahead(r, last)  # the ranks' GPUs wait for their host work (Coster.wait_ms)
         if encoder is not None and r.get("patches"):
             pred += (tower := coster.vision_ms(tuple(r["patches"]), tp=encoder.tp, dp=encoder.dp))
         for m, (new, ctx) in enumerate(zip(r["new"], r["ctx"])):

@@ -413,6 +413,12 @@ def after_answers(records: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any
         prev[r["replica"]] = r["answered_ms"]
 
 
+def sent_ahead(record: dict[str, Any], last: float | None) -> bool:
+    """A traced step sent before its replica's previous answer (``last``, ms, from ``after_answers``;
+    None for the first step): the engine's look-ahead formed it while the last step computed."""
+    return last is not None and record["sent_ms"] < last
+
+
 def fit_form_ms(rates: list[list[dict[str, Any]]]) -> dict[str, float]:
     """``{"base", "prefill", "per_seq"}`` (module doc): least squares of the gap between a step's
     send and its predecessor's answer (same replica) over the steps of ``rates`` (step-trace records
@@ -463,7 +469,7 @@ def fit_mixed_step_ms(rates: list[list[dict[str, Any]]], coster: Any, ahead: boo
             rank = r.get("rank") or {}
             if len(r["new"]) != 1 or "forward_gpu_ms" not in rank or r.get("images") or r["tokens"] > GRAPH_TOKEN_BUCKETS[-1]:
                 continue
-            if ahead == (last is None or r["sent_ms"] >= last):
+            if sent_ahead(r, last) != ahead:
                 continue
             shape, dec = StepShape.from_sequences(r["new"][0], r["ctx"][0])
             if dec is None:
