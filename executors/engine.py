@@ -509,7 +509,10 @@ class Engine:
         pending.reverse()  # the next arrival last: pop() takes it
         t0 = self.clock0 = time.perf_counter()
 
-        def admit() -> None:
+        def admit(wait: bool = False) -> None:
+            """Requests that have arrived by now join their lane's queue (image requests, with
+            dedicated encoders: go to one first), and those whose images are encoded join theirs, in
+            the order they finished (``wait``: block for at least one)."""
             now = time.perf_counter() - t0
             while pending and pending[-1][0] <= now:
                 _t, lane, s = pending.pop()
@@ -518,6 +521,11 @@ class Engine:
                     held[s.req] = (lane, s)
                 else:
                     scheds[lane].add(s)
+            if held:
+                for rid in self._take_encoded(wait=wait):
+                    if rid in held:
+                        lane, s = held.pop(rid)
+                        scheds[lane].add(s)
 
         logits: dict[int, list[torch.Tensor]] = {rid: [] for rid in seqs}
         idle = False  # the last round scheduled nothing: wait for an encoder
@@ -527,12 +535,8 @@ class Engine:
                 if pending and not held and not in_flight and not any(sc.has_work() for sc in scheds):
                     time.sleep(max(0.0, pending[-1][0] - (time.perf_counter() - t0)))  # idle until the next arrival
                     continue
-                if held:  # admit requests whose images are encoded, in the order they finished
-                    wait = not in_flight and (idle or not any(sc.has_work() for sc in scheds))
-                    for rid in self._take_encoded(wait=wait):
-                        if rid in held:
-                            lane, s = held.pop(rid)
-                            scheds[lane].add(s)
+                if held:  # with nothing to run, wait for an encoder
+                    admit(wait=not in_flight and (idle or not any(sc.has_work() for sc in scheds)))
                 busy = {lane for lane, *_ in in_flight.values()}
                 steps: dict[int, Step] = {}
                 for lane, sc in enumerate(scheds):
@@ -560,7 +564,7 @@ class Engine:
                 if steps and L > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
                     continue  # another lane can start before an answer comes
                 if look:
-                    admit()  # what arrived while this step was formed joins the next one
+                    admit()  # what arrived (or was encoded) while this step was formed joins the next one
                     reps = Counter(lane // L for lane, *_ in in_flight.values())
                     for sid, (lane, *_) in list(in_flight.items()):
                         if reps[lane // L] > 1:  # the replica's next step is in flight already

@@ -96,6 +96,23 @@ def test_look_ahead_holds_an_arrival_for_one_decode_step():
         assert math.isclose((r.first - r.arrival) * 1e3, coster.stage_ms(StepShape.prefill([p]), "tp")[0], rel_tol=1e-9)
 
 
+def test_look_ahead_holds_a_request_encoded_during_a_decode_step():
+    """With a dedicated encoder, a request whose image embeddings arrive during a decode step of a
+    lone running request joins the step after the next one, as an arrival does: the engine formed
+    that next step when the current one was sent (``Req.queued``, the time it joined its lane)."""
+    coster = SyntheticCoster()
+    c = dict(placement="dedicated", dedicated_gpus=1)
+    dec = coster.stage_ms(StepShape.decode([120]), "tp")[0] / 1e3
+    pre = coster.stage_ms(StepShape.prefill([100]), "tp")[0] / 1e3
+    img, patches = (64,), (256,)
+    ready = coster.vision_ms(patches, tp=1, dp=1) / 1e3 + coster.embed_ms(64) / 1e3  # encoded and sent
+    reqs = [Request(0, 0.0, 100, 40, (), ()), Request(1, pre + 10.4 * dec - ready, 50, 3, img, patches)]
+    plain, look = run(cfg(**c), coster, reqs), run(cfg(lookahead=True, **c), coster, reqs)
+    wait = (look.reqs[1].first - plain.reqs[1].first) / dec
+    assert 0.95 < wait < 1.05, wait
+    assert look.reqs[0].first == plain.reqs[0].first
+
+
 def test_no_step_is_formed_ahead_after_a_long_one():
     """A step of more than ``engine_shapes.LOOKAHEAD_MAX_TOKENS`` tokens is not followed by one formed
     ahead (the engine's rule): a request arriving during a long prefill joins the very next step, as

@@ -125,6 +125,7 @@ class Simulation:
             if not self.encoder.busy:
                 self.start_encoder(t)
         else:
+            r.queued = t
             lane.waiting.append(r)
             self.kick(rep, t, first=lane)
 
@@ -136,6 +137,7 @@ class Simulation:
         self.start_encoder(t)
 
     def on_ready(self, t: float, r: Req) -> None:
+        r.queued = t
         r.lane.waiting.append(r)
         self.kick(self.reps[r.replica], t, first=r.lane)
 
@@ -219,13 +221,14 @@ class Simulation:
         """``form_batch`` as the engine's look-ahead sees it: ``(batch, preemptions, ahead)``. A step
         formed ahead (``lane.ahead``: the lane's last step, sent at ``lane.sent``, held at most
         ``engine_shapes.LOOKAHEAD_MAX_TOKENS`` tokens) was formed when that step was sent, so requests
-        that arrived since join the step after; if without them there is nothing to run (every running
-        request ended in the last step) the step is formed now, once the tokens are back (``ahead``
-        False: it pays the driver's time)."""
+        that joined the queue since (arrived, or their images came from a dedicated encoder) join the
+        step after; if without them there is nothing to run (every running request ended in the last
+        step) the step is formed now, once the tokens are back (``ahead`` False: it pays the driver's
+        time)."""
         hidden: deque = deque()
         ahead = lane.ahead
         if ahead:
-            while lane.waiting and lane.waiting[-1].arrival > lane.sent:  # arrivals join at the back
+            while lane.waiting and lane.waiting[-1].queued > lane.sent:  # newcomers join at the back
                 hidden.appendleft(lane.waiting.pop())
         batch, pre = form_batch(lane, self.cfg)
         lane.waiting.extend(hidden)

@@ -18,7 +18,7 @@ class Req:
     """
 
     __slots__ = ("id", "arrival", "prompt0", "prompt", "out", "done", "produced", "state", "lane",
-                 "d0", "first", "finish", "patches", "img_tokens", "encoded", "preempts", "replica")
+                 "d0", "first", "finish", "patches", "img_tokens", "encoded", "preempts", "replica", "queued")
 
     def __init__(self, id: int, arrival: float, prompt: int, out: int, patches: tuple[int, ...],
                  img_tokens: int):
@@ -31,6 +31,7 @@ class Req:
         self.patches, self.img_tokens = patches, img_tokens
         self.encoded = not patches
         self.replica = -1
+        self.queued = arrival  # when it joined its lane's waiting queue (its images' arrival, with a dedicated encoder)
 
     def kv(self, lane_steps: int) -> int:
         """Tokens this request holds in the KV cache."""
