@@ -111,6 +111,12 @@ CASES = [
 # Where a ratio falls outside RATIO_BAND, the stated difference in setup that explains it (filled in
 # from the results; an unexplained gap is a failure of the check, see tests/test_published.py).
 GAPS: dict[str, str] = {
+    "mlperf5-llama2-70b-interactive": (
+        "the simulated scheduler is this repository's engine's, which forms each step while the last one computes "
+        "(its look-ahead, for every step of up to 2,048 tokens): a request arriving during a step waits for one "
+        "more, and mean TTFT rises from 116.5 ms (0.98x published) without it to 143.4 ms (1.21x). Whether the "
+        "submission's TensorRT-LLM executor overlaps its scheduling with the GPU this way is not stated in what "
+        "was read; throughput and TPOT are within the band either way (0.99-1.04x and 0.83x)."),
     "mlperf5-llama3.1-405b-server": (
         "queueing past the predicted capacity, which is below the published one: the published rate is above the "
         "model's own capacity, so the simulated queue grows and mean TTFT at that rate is high. At its own capacity "
