@@ -97,14 +97,16 @@ traced on the engine). Two terms the op-level model does not see:
   starts such a step that much after the last one ends (single-stage replicas: under PP the
   handoff term above holds the driver's side);
 * a graphed mixed step (prefill chunks and decodes, at most ``graph_max_tokens`` tokens) takes
-  ``mixed_step_ms`` more than the model prices it, on each stage: the median of (measured -
-  modelled) over the traced mixed steps (``fit_mixed_step_ms``). Not a layer's work: one such step
-  replayed alone runs at 0.91-1.01 of the model without it (``bench/results/mixed_step_profile.md``).
-  No traced mixed step was formed ahead (each was sent after its predecessor's answer), so its GPU
-  waits through the rank's host work before the replay (packing the graph's static inputs, launching
-  the graph: about 0.8 ms a step on Llama-3.1-8B), and the residual grows with that host time (0.30
-  ms at 0.5-0.8 ms of it, 0.76 ms at 0.8-2 ms). Measured on one GPU, applied per step to each stage of
-  any mesh as an assumption.
+  ``mixed_step_ms`` more than the model prices it, on each stage, when it was not sent while the
+  last step ran: the median of (measured - modelled) over the traced mixed steps sent after their
+  predecessor's answer (``fit_mixed_step_ms``, on the trace of the engine before it formed mixed
+  steps ahead). Not a layer's work: one such step replayed alone runs at 0.91-1.01 of the model
+  without it (``bench/results/mixed_step_profile.md``); its GPU waits through the rank's host work
+  before the replay (packing the graph's static inputs, launching the graph: about 0.8 ms a step on
+  Llama-3.1-8B), and the residual grows with that host time (0.30 ms at 0.5-0.8 ms of it, 0.76 ms
+  at 0.8-2 ms). Mixed steps the engine sends ahead show none of it (median -0.18 ms over 471), so
+  the simulator charges it only to steps not sent ahead (``Coster.wait_ms``). Measured on one GPU,
+  applied to each stage of any mesh as an assumption.
 
 Engines: only ``shiftplan`` (this repo's executors) with ``eager`` or ``compile`` layers, the
 backends the profile measured. ``tensorrt`` (TensorRT-LLM-style engines, the published-results

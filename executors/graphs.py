@@ -106,6 +106,21 @@ class _BucketGraphs:
     def _largest(self) -> int:
         raise NotImplementedError
 
+    def _filled(self, mb: MicroBatch, shape: tuple, static: bool = True) -> torch.Tensor:
+        """``mb``'s inputs for bucket ``shape`` on the device: packed on the host (``_pack``) and copied
+        up, into the static buffer (``static``) or a new one; a look-ahead step's tokens, already on
+        the device (some sampled by the previous step), are copied over the buffer's first rows,
+        where every kind holds its tokens."""
+        if static:
+            buf = self.inputs.fill(self._size(*shape), lambda host: self._pack(host, mb, *shape))
+        else:
+            buf = torch.empty(self._size(*shape), dtype=torch.long)
+            self._pack(buf, mb, *shape)
+            buf = buf.to(self.model.par.device)
+        if mb.tokens.is_cuda:
+            buf[:mb.num_tokens].copy_(mb.tokens)
+        return buf
+
     def _capture(self, key: tuple, fn, warm_runs: int = 2) -> torch.cuda.CUDAGraph:
         """Capture ``fn`` (a forward over the static inputs whose result is copied into ``out``)."""
         t = time.perf_counter()
@@ -173,11 +188,7 @@ class DecodeGraphs(_BucketGraphs):
     def padded(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph): ``[S, ...]``."""
         B, L = self.shape(mb, mode)
-        buf = torch.empty(self._size(B, L), dtype=torch.long)
-        self._pack(buf, mb, B, L)
-        buf = buf.to(self.model.par.device)
-        if mb.tokens.is_cuda:
-            buf[:mb.num_tokens].copy_(mb.tokens)
+        buf = self._filled(mb, (B, L), static=False)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(B - h_in.shape[0], h_in.shape[1])])
         return self._forward(buf, h, B, L, mode)[:mb.num_tokens]
 
@@ -185,9 +196,7 @@ class DecodeGraphs(_BucketGraphs):
         """``[S, V]`` logits (last stage) or ``[S, hidden]`` for the micro-batch."""
         S = mb.num_tokens
         B, L = self.shape(mb, mode)
-        inp = self.inputs.fill(self._size(B, L), lambda host: self._pack(host, mb, B, L))
-        if mb.tokens.is_cuda:  # tokens sampled by the previous step: copied on the device
-            inp[:S].copy_(mb.tokens)
+        inp = self._filled(mb, (B, L))
         if self.h is not None:
             self.h[:S].copy_(h_in)
         graph = self.graphs.get((B, L, mode)) or self._capture_bucket(B, L, mode, inp)
@@ -215,7 +224,7 @@ class DecodeGraphs(_BucketGraphs):
         table.zero_()
         if mb is None:
             return
-        if not mb.tokens.is_cuda:  # device tokens (look-ahead) are copied in after the buffer
+        if not mb.tokens.is_cuda:  # device tokens (look-ahead): ``_filled`` copies them in
             tok[:S] = mb.tokens
         pos[:, :S] = mb.pos.view(-1, S)
         slots[:S] = mb.slots
@@ -314,7 +323,7 @@ class MixedGraphs(_BucketGraphs):
             progs[0], progs[1] = S, 0
             return
         n, s, k = mb.num_tokens, len(mb.ctx), mb.sample_idx.numel()
-        if not mb.tokens.is_cuda:  # device tokens (look-ahead) are copied in after the buffer
+        if not mb.tokens.is_cuda:  # device tokens (look-ahead): ``_filled`` copies them in
             tok[:n] = mb.tokens
         flag[mb.img_tok] = 1
         pos[:, :n] = mb.pos.view(-1, n)
@@ -348,11 +357,7 @@ class MixedGraphs(_BucketGraphs):
     def padded(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph)."""
         T, S, L = self.shape(mb)
-        buf = torch.empty(self._size(T, S, L), dtype=torch.long)
-        self._pack(buf, mb, T, S, L)
-        buf = buf.to(self.model.par.device)
-        if mb.tokens.is_cuda:
-            buf[:mb.num_tokens].copy_(mb.tokens)
+        buf = self._filled(mb, (T, S, L), static=False)
         h = None if h_in is None else torch.cat([h_in, h_in.new_zeros(T - h_in.shape[0], h_in.shape[1])])
         self._fill_images(mb)
         return self._out(mb, self._forward(buf, h, T, S, L, mode))
@@ -363,9 +368,7 @@ class MixedGraphs(_BucketGraphs):
     def run(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """``[S, V]`` logits of the sampled rows (last stage) or ``[T, hidden]`` for the micro-batch."""
         T, S, L = self.shape(mb)
-        inp = self.inputs.fill(self._size(T, S, L), lambda host: self._pack(host, mb, T, S, L))
-        if mb.tokens.is_cuda:  # a look-ahead step's tokens, some sampled by the previous step
-            inp[:mb.num_tokens].copy_(mb.tokens)
+        inp = self._filled(mb, (T, S, L))
         self._fill_images(mb)  # before a capture too: its warm-up runs read real rows
         if self.h is not None:
             self.h[:mb.num_tokens].copy_(h_in)

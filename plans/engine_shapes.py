@@ -4,8 +4,9 @@ how its paged decode kernel cuts each sequence's keys into ranges.
 The executors launch by them (``executors.graphs``, ``executors.paged_decode``,
 ``executors.paged_prefill``); the cost model prices by them (``costmodels.opcost``,
 ``costmodels.steps``, ``costmodels.model``) without importing torch, so planning for a GPU whose
-profile prices this engine stays torch-free. Standard library only (``plans.mesh`` holds the token
-buckets of the step graphs, ``GRAPH_TOKEN_BUCKETS``), and when the engine forms a step ahead.
+profile prices this engine stays torch-free: no import but ``plans.mesh``, which holds the token
+buckets of the step graphs (``GRAPH_TOKEN_BUCKETS``). Last, after which steps the engine forms the
+next one ahead (``LOOKAHEAD_MAX_TOKENS``).
 
 Step graphs (``executors.graphs``): a decode step of ``S`` sequences runs the graph of batch bucket
 ``B >= S`` (``BATCH_BUCKETS``); a prefill or mixed step's graph holds room for ``max_seqs``' bucket of
