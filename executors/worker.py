@@ -288,14 +288,28 @@ class RankRunner:
                 "tower": len(tower.graphs) if tower else 0,
                 "capture_s": round(self.graphs.capture_s + self.mixed_graphs.capture_s + (tower.capture_s if tower else 0), 3)}
 
-    def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
-        """A decode micro-batch, or a small prefill or mixed one, replays its CUDA graph (plain TP, or
-        SP x TP over the LL all-to-all); any other runs eagerly."""
+    def waits_for_device(self, step: Step) -> bool:
+        """Whether launching ``step`` holds this rank's host until the device has run much of it: a
+        step with images, or one with a micro-batch that runs eagerly. Their launch reads results
+        back and copies from pageable memory, so it returns about when their GPU work ends (traced
+        on one H200, ``bench/results/fidelity_2gpu.single.steps.json.gz``: an eager text step's
+        launch took 1.09x its GPU time, an image step's at least its tower's GPU time).
+        ``serve_steps`` reports the last step before launching such a step, not after it."""
+        return bool(step.image_jobs) or any(self._graphs_of(mb)[0] is None for mb in step.micro)
+
+    def _graphs_of(self, mb: MicroBatch) -> tuple[Any, str]:
+        """The step graphs that replay ``mb`` (None: it runs eagerly) and its mode on this stage."""
         mode = mb.mode_of(self.model.stage.index) if self.par.sp > 1 else "tp"
         for graphs in (self.graphs, self.mixed_graphs):
             if graphs is not None and graphs.accepts(mb, mode):
-                return graphs.run(mb, h_in, mode)
-        return self.model.forward(mb, h_in)
+                return graphs, mode
+        return None, mode
+
+    def _forward(self, mb: MicroBatch, h_in: torch.Tensor | None) -> torch.Tensor:
+        """A decode micro-batch, or a small prefill or mixed one, replays its CUDA graph (plain TP, or
+        SP x TP over the LL all-to-all); any other runs eagerly."""
+        graphs, mode = self._graphs_of(mb)
+        return graphs.run(mb, h_in, mode) if graphs is not None else self.model.forward(mb, h_in)
 
 
 @dataclass
@@ -360,7 +374,11 @@ def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched],
     one only as a look-ahead step, whose input tokens come from this step's samples on the device,
     so the device queues it behind this one. The next step is waited for until this step's tokens
     have reached the host (``Launched.done``; on CPU: one look, they are there at launch); then
-    this step is reported and the next one read as usual. Reports leave in step order; a step
+    this step is reported and the next one read as usual. A next step whose launch holds the host
+    until the device has run it (``RankRunner.waits_for_device``: images, or eager) is launched
+    after this step is reported instead: else this step's tokens, ready on the device, would reach
+    the driver only when that launch returns (tens to hundreds of ms for an image prompt), and the
+    driver could not form the step after it meanwhile. Reports leave in step order; a step
     still held at the end marker is dropped (the driver is shutting down)."""
     held: Launched | None = None  # launched, tokens not reported yet
     while True:
@@ -376,7 +394,11 @@ def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched],
             return
         t = time.perf_counter()
         step = from_bytes(msg)
-        launched = runner.launch(step, unpickle_ms=(time.perf_counter() - t) * 1e3)
+        unpickle_ms = (time.perf_counter() - t) * 1e3
+        if held is not None and runner.waits_for_device(step):
+            report(held)
+            held = None
+        launched = runner.launch(step, unpickle_ms=unpickle_ms)
         if held is not None:
             report(held)
         held = launched
