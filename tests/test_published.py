@@ -149,6 +149,20 @@ def test_cheap_cases_still_give_the_committed_figures():
                 "re-run `python bench/published.py`")
 
 
+def test_only_executors_that_overlap_their_scheduling_are_simulated_with_the_look_ahead():
+    """MLPerf's TensorRT-LLM C++ executor forms a step after the last one's results; the TensorRT-LLM
+    table's PyTorch backend overlaps the two, as this repository's engine does."""
+    bench = _bench()
+    for case in bench.CASES:
+        spec = load_spec(bench.SPECS / case.spec)
+        cost, _ = bench.cost_model_of(spec)
+        mesh = bench.spec_meshes(spec)[0]
+        plan = bench.pinned_plan(spec, cost, max_seqs=spec.search.max_seqs, **mesh)
+        cfg = bench.sim_config(case, plan)
+        assert cfg.reserve_output
+        assert cfg.lookahead == (case.id.startswith("trtllm") and plan.mesh.pp == 1), case.id
+
+
 # ------------------------------------------------------------------ no-evict admission
 
 
