@@ -13,6 +13,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import executors
 from executors import Request, Sampling
@@ -179,3 +181,28 @@ def test_lookahead_with_image_prompts_in_chunks(placement: str) -> None:
             out[lookahead] = ([r.tokens for r in res], len(sent), eng.lookahead_steps)
     assert [len(t) for t in out[True][0]] == [r.max_new_tokens for r in reqs] and out[True][0] == out[False][0]
     assert out[False][2] == 0 and out[True][1] > 0
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(prompts=st.lists(st.integers(1, 20), min_size=2, max_size=6),
+       outputs=st.lists(st.integers(1, 10), min_size=6, max_size=6),
+       arrivals=st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.03]), min_size=6, max_size=6),
+       budget=st.sampled_from([5, 8, 64]), seats=st.sampled_from([2, 8]), blocks=st.sampled_from([12, 64]))
+def test_lookahead_gives_the_plain_engines_tokens_on_any_traffic(prompts, outputs, arrivals, budget, seats,
+                                                                   blocks) -> None:
+    """Random traffic on one rank: prompt lengths, output lengths, staggered arrivals, a step's token
+    budget (5: prompts chunked beside decodes), seats and KV blocks (12: preemption) drawn together;
+    the look-ahead engine's tokens are the plain engine's, every request runs to its length."""
+    reqs = [Request(tokens=[(7 * i + j) % 97 + 3 for j in range(n)], max_new_tokens=outputs[i])
+            for i, n in enumerate(prompts)]
+    plan = make_plan("llama", max_batch_tokens=budget, max_seqs=seats)
+    greedy = Sampling(temperature=0.0, stop_on_eos=False)
+    got = {}
+    for lookahead in (False, True):
+        with executors.load(plan, kv_blocks=blocks, lookahead=lookahead) as eng:
+            out = {i: r for i, _tok, r in eng.stream(reqs, sampling=greedy, arrivals=arrivals[:len(reqs)])}
+            got[lookahead] = [out[i].tokens for i in range(len(reqs))]
+            ahead = eng.lookahead_steps
+    assert ahead > 0 or max(r.max_new_tokens for r in reqs) == 1  # steps were sent ahead (not after one-token requests)
+    assert got[True] == got[False]
+    assert [len(t) for t in got[True]] == [r.max_new_tokens for r in reqs]
