@@ -474,7 +474,8 @@ def trust_lines() -> list[str]:
         "- **Checked against published results** (`bench/results/published.md`: MLPerf Inference v5.0 on 8x H200 "
         "with TensorRT-LLM, Llama-2-70B and Llama-3.1-405B in FP8, and TensorRT-LLM's own Llama-3.3-70B TP2 table "
         "on H200 and H100). With the published engine's behaviour modelled (fused elementwise kernels, admission "
-        "that never preempts) and its configuration as published (MLPerf: " + meshes + ", with each submission's "
+        "that never preempts, and for the MLPerf cases' C++ executor no step formed while the last one computes) "
+        "and its configuration as published (MLPerf: " + meshes + ", with each submission's "
         "sequences a replica and tokens a step), predicted / published throughput is " + rng([r for _, _, r in thr]) +
         f" over {len(thr)} figures, and mean TTFT / TPOT at the published load " + rng([r for _, _, r in lat]) +
         ". Outside the +-20% band: " + ("; ".join(out_of_band) if out_of_band else "none") + ". The published "
