@@ -292,9 +292,10 @@ class RankRunner:
         """Whether launching ``step`` holds this rank's host until the device has run much of it: a
         step with images, or one with a micro-batch that runs eagerly. Their launch reads results
         back and copies from pageable memory, so it returns about when their GPU work ends (traced
-        on one H200, ``bench/results/fidelity_2gpu.single.steps.json.gz``: an eager text step's
-        launch took 1.09x its GPU time, an image step's at least its tower's GPU time).
-        ``serve_steps`` reports the last step before launching such a step, not after it."""
+        on one H200 by the single-rank engine, which launches in the driver's process,
+        ``bench/results/fidelity_2gpu.single.steps.json.gz``: an eager text step's launch took 1.09x
+        its GPU time, an image step's at least its tower's GPU time). ``serve_steps`` reports the
+        last step before launching such a step, not after it."""
         return bool(step.image_jobs) or any(self._graphs_of(mb)[0] is None for mb in step.micro)
 
     def _graphs_of(self, mb: MicroBatch) -> tuple[Any, str]:
@@ -378,7 +379,8 @@ def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched],
     until the device has run it (``RankRunner.waits_for_device``: images, or eager) is launched
     after this step is reported instead: else this step's tokens, ready on the device, would reach
     the driver only when that launch returns (tens to hundreds of ms for an image prompt), and the
-    driver could not form the step after it meanwhile. Reports leave in step order; a step
+    driver could not form the step after it meanwhile. (The single-rank engine launches in the
+    driver's own process, so its driver waits for such a launch either way.) Reports leave in step order; a step
     still held at the end marker is dropped (the driver is shutting down)."""
     held: Launched | None = None  # launched, tokens not reported yet
     while True:
