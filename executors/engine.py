@@ -27,6 +27,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,24 @@ def default_blocks(plan: Plan, a: ModelArgs) -> int:
     cap = -(-sch.max_seqs * a.max_positions // sch.block_size)
     want = -(-plan.memory_gb.kv_tokens // sch.block_size) if plan.memory_gb.kv_tokens > 0 else cap
     return max(1, min(want, cap, 1 << 16))
+
+
+@dataclass
+class StreamRun:
+    """One ``Engine.stream`` call's bookkeeping, read and written by the engine's round handlers."""
+
+    scheds: list[Scheduler]  # lane l of replica r is scheds[r * lanes + l]
+    results: list[Result]  # by request index
+    base: int  # engine-wide id of request 0 (worker state never mixes calls)
+    sampling: Sampling
+    seqs: dict[int, Seq] = field(default_factory=dict)  # by engine-wide request id
+    logits: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # kept per request (keep_logits)
+    pending: list[tuple[float, int, Seq]] = field(default_factory=list)  # (arrival, lane, sequence), the next arrival last
+    t0: float = 0.0  # the arrivals' clock
+    held: dict[int, tuple[int, Seq]] = field(default_factory=dict)  # dedicated encoding under way: request -> (lane, seq)
+    in_flight: dict[int, tuple[int, list[Chunk], Step]] = field(default_factory=dict)  # step id -> (lane, its chunks, the step)
+    ahead: set[int] = field(default_factory=set)  # steps in flight whose successor is queued: their tokens are placeholders
+    ended: set[int] = field(default_factory=set)  # requests finished while a look-ahead step still computes them
 
 
 class Engine:
@@ -417,8 +436,7 @@ class Engine:
             jobs = [ImageJob(s.req, None, s.image_grid, s.encoder) for s in seqs]
             self._dispatch({replica: Step(self.step_id, [], free=[s.req for s in seqs], images=jobs)})
 
-    def _look_ahead(self, sid: int, in_flight: dict, scheds: list[Scheduler], free: list[list[int]], ahead: set[int],
-                    sampling: Sampling, base: int) -> tuple[int, list[Chunk], Step] | None:
+    def _look_ahead(self, run: "StreamRun", sid: int) -> tuple[int, list[Chunk], Step] | None:
         """A replica's next step, queued before its step ``sid`` (its only one in flight) has given
         its tokens, so the ranks never wait for the driver between steps. Every chunk of step ``sid``
         is taken as computed; a sequence that samples there (a decode, or a prompt's last chunk) is
@@ -432,10 +450,9 @@ class Engine:
         does not qualify (more than ``engine_shapes.LOOKAHEAD_MAX_TOKENS`` tokens: a long step, beside
         which the host time is small and a request arriving during it would wait a step more) or
         nothing is left to schedule."""
-        lane, chunks, step = in_flight[sid]
-        if sid in ahead or len(step.micro) != 1 or step.micro[0].num_tokens > LOOKAHEAD_MAX_TOKENS:
+        lane, chunks, step = run.in_flight[sid]
+        if sid in run.ahead or len(step.micro) != 1 or step.micro[0].num_tokens > LOOKAHEAD_MAX_TOKENS:
             return None
-        sc, rep = scheds[lane], lane // self.lanes
         rows = {r: j for j, r in enumerate(step.micro[0].sample_req)}  # each sampling sequence's row of the pending tokens
         ending = set()
         for c in chunks:
@@ -444,22 +461,121 @@ class Engine:
                 c.seq.tokens.append(-1)  # the pending token
                 if c.seq.generated >= c.seq.max_new:
                     ending.add(c.seq.req)
-        ahead.add(sid)
-        nxt, _preempted = sc.schedule(skip=frozenset(ending))
+        run.ahead.add(sid)
+        nxt, _preempted = run.scheds[lane].schedule(skip=frozenset(ending))
         if not nxt:
             return None
-        self.step_id += 1
-        micro = self._micro(nxt)
-        tokens_from = [rows.get(r, -1) for r in micro[0].sample_req]  # None: no input token is pending
-        tokens_from = tokens_from if max(tokens_from, default=-1) >= 0 else None
-        if int((micro[0].tokens < 0).sum()) != len(rows.keys() & set(micro[0].sample_req)):
+        new = self._new_step(run, lane, nxt)
+        tokens_from = [rows.get(r, -1) for r in new.micro[0].sample_req]
+        new.tokens_from = tokens_from if max(tokens_from, default=-1) >= 0 else None  # None: no input token is pending
+        if int((new.micro[0].tokens < 0).sum()) != len(rows.keys() & set(new.micro[0].sample_req)):
             raise RuntimeError(f"look-ahead step {self.step_id}: a pending token is not a sampled row of the next step")
-        new = Step(self.step_id, micro, free=free[rep], want_logits=self.keep_logits, temperature=sampling.temperature,
-                   top_k=sampling.top_k, seed=sampling.seed, req_base=base, tokens_from=tokens_from)
-        free[rep] = []
-        self._send({rep: new})
+        self._send({lane // self.lanes: new})
         self.lookahead_steps += 1
         return lane, nxt, new
+
+    def _new_step(self, run: "StreamRun", lane: int, chunks: list[Chunk]) -> Step:
+        """The step of ``chunks`` for the lane's replica, carrying the requests it finished since its last step."""
+        self.step_id += 1
+        rep = lane // self.lanes
+        s = run.sampling
+        step = Step(self.step_id, self._micro(chunks), free=self.pending_free[rep], want_logits=self.keep_logits,
+                    temperature=s.temperature, top_k=s.top_k, seed=s.seed, req_base=run.base)
+        self.pending_free[rep] = []
+        return step
+
+    def _admit(self, run: "StreamRun", wait: bool = False) -> None:
+        """Requests that have arrived by now join their lane's queue (image requests, with
+        dedicated encoders: go to one first), and those whose images are encoded join theirs, in
+        the order they finished (``wait``: block for at least one)."""
+        now = time.perf_counter() - run.t0
+        while run.pending and run.pending[-1][0] <= now:
+            _t, lane, s = run.pending.pop()
+            if self.encoders and s.image_grid:
+                self._submit_encode(lane // self.lanes, s)
+                run.held[s.req] = (lane, s)
+            else:
+                run.scheds[lane].add(s)
+        if run.held:
+            for rid in self._take_encoded(wait=wait):
+                if rid in run.held:
+                    lane, s = run.held.pop(rid)
+                    run.scheds[lane].add(s)
+
+    def _form_steps(self, run: "StreamRun") -> dict[int, Step]:
+        """A step for each replica with a free lane that has work (one step per replica per send;
+        under ``lock_step`` none while any step is in flight), entered in flight."""
+        busy = {lane for lane, *_ in run.in_flight.values()}
+        steps: dict[int, Step] = {}
+        for lane, sc in enumerate(run.scheds):
+            if lane in busy or lane // self.lanes in steps or (self.lock_step and run.in_flight):
+                continue
+            chunks, _preempted = sc.schedule()  # their KV is freed; embeddings stay on stage 0
+            if chunks:
+                step = steps[lane // self.lanes] = self._new_step(run, lane, chunks)
+                run.in_flight[step.step_id] = (lane, chunks, step)
+        return steps
+
+    def _look_ahead_all(self, run: "StreamRun") -> None:
+        """What arrived (or was encoded) while the last steps were formed is admitted, then each
+        replica with one step in flight gets its next one (``_look_ahead``)."""
+        self._admit(run)
+        reps = Counter(lane // self.lanes for lane, *_ in run.in_flight.values())
+        for sid, (lane, *_) in list(run.in_flight.items()):
+            if reps[lane // self.lanes] > 1:  # the replica's next step is in flight already
+                continue
+            nxt = self._look_ahead(run, sid)
+            if nxt is not None:
+                run.in_flight[nxt[2].step_id] = nxt
+
+    def _take_answer(self, run: "StreamRun", o: StepOut) -> Iterator[tuple[int, int, Result]]:
+        """A step's sampled tokens into its sequences and results (a look-ahead step's predecessor
+        fills its placeholders); finished requests leave their scheduler. Yields ``stream``'s tuples."""
+        self._traced_answer(o)
+        lane, chunks, _step = run.in_flight.pop(o.step_id)
+        early = o.step_id in run.ahead  # its sequences already advanced, their tokens placeholders
+        run.ahead.discard(o.step_id)
+        for md in o.mode:
+            self.mode_counts[md] += 1
+        self.rank_graphs[o.replica] = o.graphs
+        if not early:
+            for c in chunks:
+                c.seq.computed += c.n
+        for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
+            if rid in run.ended:  # finished by the step before this look-ahead one
+                continue
+            s, res = run.seqs[rid], run.results[rid - run.base]
+            if early:
+                s.tokens[-1] = tok
+            else:
+                s.tokens.append(tok)
+            res.tokens.append(tok)
+            if o.logits is not None:
+                run.logits[rid].append(o.logits[j])
+            if s.generated >= s.max_new or (run.sampling.stop_on_eos and tok in self.args.eos_token_ids):
+                run.scheds[lane].finish(s)
+                self.pending_free[lane // self.lanes].append(rid)
+                if run.in_flight:
+                    run.ended.add(rid)
+                if self.keep_logits:
+                    res.logits = torch.stack(run.logits[rid])
+                if self.tokenizer is not None:
+                    res.text = self.tokenizer.decode(res.tokens)
+            yield rid - run.base, tok, res
+
+    def _end_stream(self, run: "StreamRun") -> None:
+        """After the loop, or when the caller left early: the answers of steps still running taken,
+        embeddings sent for requests that will not run drained, finished requests forgotten locally."""
+        if not self.closed:
+            for _ in run.in_flight:
+                self._traced_answer(self._receive())
+        if self.encoders:
+            L = self.lanes
+            for rep in range(self.plan.mesh.dp):
+                lanes = run.scheds[rep * L:(rep + 1) * L]
+                self._drain(rep, [s for lane, s in run.held.values() if lane // L == rep] +
+                            [s for sc in lanes for s in list(sc.waiting) + sc.running
+                             if s.encoder is not None and not s.encoded])
 
     def stream(self, requests: list[Request], max_new_tokens: int = 16, sampling: Sampling | None = None,
                arrivals: list[float] | None = None) -> Iterator[tuple[int, int | None, Result]]:
@@ -470,153 +586,67 @@ class Engine:
         count from ``clock0``, set once every request is validated and built (its images' pixels
         joined, its M-RoPE positions made), as a server's front end prepares each request before
         its scheduler sees it; counted from the call, a replay of 101 image requests at 12 req/s
-        admitted the arrivals of its first 1.5 s at once (``bench/results/fidelity_2gpu.vl_single``)."""
+        admitted the arrivals of its first 1.5 s at once (``bench/results/fidelity_2gpu.vl_single``).
+
+        Each round: admit what has arrived; form a step for every replica with a free lane and
+        send them; with the look-ahead, form and send each replica's next step too; then take one
+        answer (``_take_answer``)."""
         if self.closed:
             raise UserError("engine is shut down")
         if arrivals is not None and len(arrivals) != len(requests):
             raise UserError(f"{len(arrivals)} arrival times for {len(requests)} requests")
-        sampling = sampling or Sampling()
-        a = self.args
-        results = [Result() for _ in requests]
-        dp, L = self.plan.mesh.dp, self.lanes
         sch = self.plan.scheduler
-        scheds = [sc for _ in range(dp)  # lane l of replica r is scheds[r * L + l]
-                  for sc in Scheduler.lanes(L, self.num_blocks, self.block, sch.max_batch_tokens, sch.max_seqs)]
+        scheds = [sc for _ in range(self.plan.mesh.dp)  # lane l of replica r is scheds[r * L + l]
+                  for sc in Scheduler.lanes(self.lanes, self.num_blocks, self.block, sch.max_batch_tokens, sch.max_seqs)]
         self.schedulers = scheds
-        seqs: dict[int, Seq] = {}  # by engine-wide request id (base + index): worker state never mixes calls
-        base = self.next_req
+        run = StreamRun(scheds, [Result() for _ in requests], self.next_req, sampling or Sampling())
         self.next_req += len(requests)
-        free = self.pending_free  # per replica: finished ids not yet told to the workers (sent with a step)
-        held: dict[int, tuple[int, Seq]] = {}  # dedicated encoding under way: request -> (lane, seq)
-        pending: list[tuple[float, int, Seq]] = []  # (arrival, lane, sequence), by arrival
-        in_flight: dict[int, tuple[int, list[Chunk], Step]] = {}  # step id -> (lane, its chunks, the step)
-        ahead: set[int] = set()  # steps in flight whose successor is queued: their tokens are placeholders
-        ended: set[int] = set()  # requests finished while a look-ahead step still computes them
-        # look-ahead: single-stage replicas (every rank samples), one micro-batch per step, not torchrun
-        look = self.lookahead and self.plan.mesh.pp == 1 and self.plan.scheduler.microbatches <= 1 and not self.lock_step
         for i, req in enumerate(requests):
             try:
-                s = make_seq(base + i, req, a, req.max_new_tokens or max_new_tokens, self.tokenizer, self.num_blocks * self.block,
-                             self.pixel_dtype)
+                s = make_seq(run.base + i, req, self.args, req.max_new_tokens or max_new_tokens, self.tokenizer,
+                             self.num_blocks * self.block, self.pixel_dtype)
             except UserError as e:
-                results[i].error = str(e)
-                yield i, None, results[i]
+                run.results[i].error = str(e)
+                yield i, None, run.results[i]
                 continue
-            results[i].prompt_tokens = list(s.tokens)
-            seqs[base + i] = s
-            pending.append((arrivals[i] if arrivals else 0.0, len(pending) % len(scheds), s))
-        pending.sort(key=lambda x: x[0])
-        pending.reverse()  # the next arrival last: pop() takes it
-        t0 = self.clock0 = time.perf_counter()
-
-        def admit(wait: bool = False) -> None:
-            """Requests that have arrived by now join their lane's queue (image requests, with
-            dedicated encoders: go to one first), and those whose images are encoded join theirs, in
-            the order they finished (``wait``: block for at least one)."""
-            now = time.perf_counter() - t0
-            while pending and pending[-1][0] <= now:
-                _t, lane, s = pending.pop()
-                if self.encoders and s.image_grid:
-                    self._submit_encode(lane // L, s)
-                    held[s.req] = (lane, s)
-                else:
-                    scheds[lane].add(s)
-            if held:
-                for rid in self._take_encoded(wait=wait):
-                    if rid in held:
-                        lane, s = held.pop(rid)
-                        scheds[lane].add(s)
-
-        logits: dict[int, list[torch.Tensor]] = {rid: [] for rid in seqs}
+            run.results[i].prompt_tokens = list(s.tokens)
+            run.seqs[s.req] = s
+            run.logits[s.req] = []
+            run.pending.append((arrivals[i] if arrivals else 0.0, len(run.pending) % len(scheds), s))
+        run.pending.sort(key=lambda x: x[0])
+        run.pending.reverse()  # the next arrival last: pop() takes it
+        run.t0 = self.clock0 = time.perf_counter()
+        # look-ahead: single-stage replicas (every rank samples), one micro-batch per step, not torchrun
+        look = self.lookahead and self.plan.mesh.pp == 1 and sch.microbatches <= 1 and not self.lock_step
+        queued = lambda: any(sc.has_work() for sc in scheds)  # noqa: E731
         idle = False  # the last round scheduled nothing: wait for an encoder
         try:
-            while pending or held or in_flight or any(sc.has_work() for sc in scheds):
-                admit()
-                if pending and not held and not in_flight and not any(sc.has_work() for sc in scheds):
-                    time.sleep(max(0.0, pending[-1][0] - (time.perf_counter() - t0)))  # idle until the next arrival
+            while run.pending or run.held or run.in_flight or queued():
+                self._admit(run)
+                if run.pending and not run.held and not run.in_flight and not queued():
+                    time.sleep(max(0.0, run.pending[-1][0] - (time.perf_counter() - run.t0)))  # idle until the next arrival
                     continue
-                if held:  # with nothing to run, wait for an encoder
-                    admit(wait=not in_flight and (idle or not any(sc.has_work() for sc in scheds)))
-                busy = {lane for lane, *_ in in_flight.values()}
-                steps: dict[int, Step] = {}
-                for lane, sc in enumerate(scheds):
-                    if lane in busy or lane // L in steps or (self.lock_step and in_flight):  # one step per replica per send
-                        continue
-                    chunks, _preempted = sc.schedule()  # their KV is freed; embeddings stay on stage 0
-                    if not chunks:
-                        continue
-                    self.step_id += 1
-                    rep = lane // L
-                    steps[rep] = Step(self.step_id, self._micro(chunks), free=free[rep],
-                                      want_logits=self.keep_logits, temperature=sampling.temperature,
-                                      top_k=sampling.top_k, seed=sampling.seed, req_base=base)
-                    free[rep] = []
-                    in_flight[self.step_id] = (lane, chunks, steps[rep])
+                if run.held:  # with nothing to run, wait for an encoder
+                    self._admit(run, wait=not run.in_flight and (idle or not queued()))
+                steps = self._form_steps(run)
                 idle = not steps
-                if not in_flight:
-                    if held:
+                if not run.in_flight:
+                    if run.held:
                         continue
                     raise UserError("scheduler stalled: no request fits the KV cache")
                 if steps:
                     self._send(steps)
-                    self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
-                busy = {lane for lane, *_ in in_flight.values()}
-                if steps and L > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
-                    continue  # another lane can start before an answer comes
+                    self.peak_in_flight = max(self.peak_in_flight, len(run.in_flight))
+                    busy = {lane for lane, *_ in run.in_flight.values()}
+                    if self.lanes > 1 and any(sc.has_work() for lane, sc in enumerate(scheds) if lane not in busy):
+                        continue  # another lane can start before an answer comes
                 if look:
-                    admit()  # what arrived (or was encoded) while this step was formed joins the next one
-                    reps = Counter(lane // L for lane, *_ in in_flight.values())
-                    for sid, (lane, *_) in list(in_flight.items()):
-                        if reps[lane // L] > 1:  # the replica's next step is in flight already
-                            continue
-                        nxt = self._look_ahead(sid, in_flight, scheds, free, ahead, sampling, base)
-                        if nxt is not None:
-                            in_flight[nxt[2].step_id] = nxt
-                o = self._receive()
-                self._traced_answer(o)
-                lane, chunks, _step = in_flight.pop(o.step_id)
-                early = o.step_id in ahead  # its sequences already advanced, their tokens placeholders
-                ahead.discard(o.step_id)
-                for md in o.mode:
-                    self.mode_counts[md] += 1
-                self.rank_graphs[o.replica] = o.graphs
-                if not early:
-                    for c in chunks:
-                        c.seq.computed += c.n
-                for j, (rid, tok) in enumerate(zip(o.req, o.tokens)):
-                    if rid in ended:  # finished by the step before this look-ahead one
-                        continue
-                    s, res = seqs[rid], results[rid - base]
-                    if early:
-                        s.tokens[-1] = tok
-                    else:
-                        s.tokens.append(tok)
-                    res.tokens.append(tok)
-                    if o.logits is not None:
-                        logits[rid].append(o.logits[j])
-                    done = s.generated >= s.max_new or (sampling.stop_on_eos and tok in a.eos_token_ids)
-                    if done:
-                        scheds[lane].finish(s)
-                        free[lane // L].append(rid)
-                        if in_flight:
-                            ended.add(rid)
-                        if self.keep_logits:
-                            res.logits = torch.stack(logits[rid])
-                        if self.tokenizer is not None:
-                            res.text = self.tokenizer.decode(res.tokens)
-                    yield rid - base, tok, res
+                    self._look_ahead_all(run)
+                yield from self._take_answer(run, self._receive())
         finally:
-            if not self.closed:
-                for _ in in_flight:  # a stream left early: take the answers of steps still running
-                    self._traced_answer(self._receive())
-            if self.encoders:
-                for rep in range(dp):
-                    lanes = scheds[rep * L:(rep + 1) * L]
-                    self._drain(rep, [s for lane, s in held.values() if lane // L == rep] +
-                                [s for sc in lanes for s in list(sc.waiting) + sc.running
-                                 if s.encoder is not None and not s.encoded])
+            self._end_stream(run)
         if self.local is not None:
-            for f in free:
+            for f in self.pending_free:
                 self.local.model.forget(f)
                 f.clear()
 

@@ -142,9 +142,9 @@ def test_no_step_is_formed_ahead_after_a_long_one(monkeypatch) -> None:
         after: list[int] = []  # the tokens of each step a successor was formed ahead of
         look = eng._look_ahead
 
-        def spy(sid: int, in_flight: dict, *rest):
-            tokens = in_flight[sid][2].micro[0].num_tokens
-            out = look(sid, in_flight, *rest)
+        def spy(run, sid: int):
+            tokens = run.in_flight[sid][2].micro[0].num_tokens
+            out = look(run, sid)
             if out is not None:
                 after.append(tokens)
             return out
