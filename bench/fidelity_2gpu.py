@@ -278,8 +278,8 @@ def run_case(job: dict[str, Any]) -> None:
                     "graphs_captured": None if after is None else {
                         "graphs": sum(after[k] - before[k] for k in ("decode", "mixed", "tower")),
                         "capture_s": round(after["capture_s"] - before["capture_s"], 3)}})
-                if eng.step_trace is not None:  # the replay's own steps (not its warm-up request's)
-                    out["rates"][-1]["steps"] = step_fidelity.compact(step_fidelity.last_stream(eng.step_trace))
+                if eng.step_trace is not None:  # the replay's own steps (``replay_requests`` leaves its warm-up out)
+                    out["rates"][-1]["steps"] = step_fidelity.compact(eng.step_trace)
                 print(f"  rate {wl.rate:.4g} req/s ({frac} of capacity): {len(reqs)} requests, "
                       + ", ".join(f"{f} {r['predicted']:.4g}/{r['measured']:.4g}" for f, r in rows.items()
                                   if f in FIGURES), flush=True)

@@ -68,16 +68,6 @@ KEEP_RANK = ("images_gpu_ms", "forward_gpu_ms", "sample_gpu_ms", "images_host_ms
              "unpickle_ms", "gc_ms", *ALLOCATOR)
 
 
-def last_stream(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of the last ``stream`` call: the trace's clock restarts with each call, so they
-    follow the last record whose ``sent_ms`` is below its predecessor's."""
-    start = 0
-    for i in range(1, len(records)):
-        if records[i]["sent_ms"] < records[i - 1]["sent_ms"] - 1e-6 and records[i]["replica"] == records[i - 1]["replica"]:
-            start = i
-    return records[start:]
-
-
 def compact(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What this analysis reads of each record (the rank's phase times it uses, nothing else)."""
     keys = ("step", "replica", "tokens", "seqs", "new", "ctx", "images", "patches", "mode", "sent_ms", "answered_ms")

@@ -124,14 +124,16 @@ def sample_requests(workload: Any, *, rate: float | None, duration: float | None
 
 
 def replay_requests(eng: Any, reqs: list[WorkloadRequest], seed: int) -> dict[str, Any]:
-    """Replay ``reqs`` at their arrival times on a loaded engine (after a two-token warm-up request):
-    ``executors.bench.replay``'s record."""
+    """Replay ``reqs`` at their arrival times on a loaded engine (after a two-token warm-up request,
+    which a step trace leaves out): ``executors.bench.replay``'s record."""
     from executors.bench import replay
 
     a = eng.args
     v = a.vision
     ereqs = engine_requests(reqs, a.vocab, a.image_token_id, v.patch_dim if v else 0, v.merge if v else 2, seed)
     eng.generate(ereqs[:1], max_new_tokens=2)  # warm-up: lazy inits, first graphs
+    if eng.step_trace is not None:
+        eng.step_trace.clear()  # a traced engine's steps: the replay's alone
     return replay(eng, ereqs, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs])
 
 

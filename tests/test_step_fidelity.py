@@ -62,12 +62,6 @@ def test_decode_steps_by_batch_and_spread_of_contexts():
     assert len(sf.markdown_decode([("m c", "0.9", groups)])) == 2 + 3
 
 
-def test_last_stream_keeps_the_records_after_the_clock_restarted():
-    recs = [rec(1, 0.0, 2.0, [1], [1]), rec(2, 3.0, 4.0, [1], [2]), rec(3, 0.5, 1.0, [2], [2]), rec(4, 1.5, 3.0, [1], [3])]
-    assert [r["step"] for r in sf.last_stream(recs)] == [3, 4]
-    assert sf.last_stream(recs[:2]) == recs[:2]
-
-
 def test_unreadable_or_mismatched_steps_files_are_usage_errors(tmp_path):
     """A steps file that is not gzipped JSON, or names a case its report lacks: one message, exit 2
     (``bench/step_fidelity.py`` and ``fidelity_2gpu.py --repredict``)."""
