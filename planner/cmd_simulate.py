@@ -35,18 +35,20 @@ def _rates(rate: Optional[float], rates: Optional[str]) -> list[float | None]:
         raise UserError("give --rate or --rates, not both")
     if rates is not None:
         try:
-            out = [float(x) for x in rates.split(",") if x.strip()]
+            items = [x.strip() for x in rates.split(",")]
+            if not any(items):
+                raise UserError("--rates is empty")
+            out = [float(x) for x in items]  # an empty item ('1,,2') is a ValueError
         except ValueError:
             raise UserError(f"--rates must be comma-separated numbers, got '{rates}'") from None
-        if not out:
-            raise UserError("--rates is empty")
     else:
         out = [rate] if rate is not None else [None]
-    from planner.spec import MAX_RATE
+    from planner.spec import MAX_RATE, MIN_RATE
 
-    bad = [r for r in out if r is not None and not (0 < r <= MAX_RATE)]  # NaN fails both
+    bad = [r for r in out if r is not None and not (MIN_RATE <= r <= MAX_RATE)]  # NaN fails both
     if bad:
-        raise UserError(f"arrival rates must be > 0 and at most {MAX_RATE:g} requests/s, got {bad[0]}")
+        raise UserError(f"arrival rates must be > 0 (at least {MIN_RATE:g}) and at most {MAX_RATE:g} requests/s, "
+                        f"got {bad[0]}")
     return out
 
 
@@ -223,6 +225,7 @@ def _simulate_all(plans: list[Path], workload: Optional[Path], rate_list: list[f
     for path in plans:
         plan = load_plan(path)
         cost = cost_model_for_plan(plan, base_dir=path.parent)
+        _located(path, lambda: plan.check_model(cost.info))
         source = workload or default_workload(path, plan.name, plan)
         wl, slo = load_workload(source, cost.info, seed or 0, plan)
         if workload is None and source.suffix.lower() in (".yaml", ".yml"):
@@ -243,6 +246,14 @@ def _simulate_all(plans: list[Path], workload: Optional[Path], rate_list: list[f
             res = simulate(plan, cost, w, slo=slo, seed=run_seed, coster=coster)
             rows.append(_row(plan.name, w.rate, res))
             results.append((plan.name, w.rate, res))
+
+
+def _located(path: Path, check: Any) -> None:
+    """Run ``check``; its UserError is prefixed with the plan file, as ``load_plan``'s are."""
+    try:
+        check()
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def _merge_slo(slo: Any, ttft: Optional[float], tpot: Optional[float]) -> Any:

@@ -9,6 +9,7 @@ Field names are the public contract of DESIGN.md section 4.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -42,6 +43,7 @@ class SpecError(UserError):
 MAX_TOKENS = 10_000_000  # a request's tokens: above any model's context
 MAX_REQUESTS = 200_000  # requests one simulation draws (about 6 s of simulator time for a small model)
 MAX_RATE = 1e6  # requests/s
+MIN_RATE = 1e-6  # requests/s (one in 11 days); slower, arrival times lose the milliseconds of a step
 
 
 class _Strict(BaseModel):
@@ -122,7 +124,7 @@ class ImagesSection(_Strict):
 
 
 class WorkloadSection(_Strict):
-    arrival_rate: Num | None = Field(None, gt=0, le=MAX_RATE)  # requests/s, Poisson
+    arrival_rate: Num | None = Field(None, ge=MIN_RATE, le=MAX_RATE)  # requests/s, Poisson
     burstiness: Num = Field(1.0, ge=0.01, le=100)  # gamma inter-arrival CV; 1.0 = Poisson
     trace: str | None = None  # CSV path, relative to the spec's folder
     input_tokens: LengthDist = LengthDist(mean=1024)
@@ -237,6 +239,9 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):  # `? [a, b]`: a list or a mapping as a key
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a name, got a {type(key).__name__}", key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark)
