@@ -16,22 +16,28 @@ from plans.numbers import Float
 
 # a rate or a size: a finite number above zero (not a boolean, not NaN or infinity)
 Positive = Annotated[Float, Field(gt=0)]
+# Figures of an inline GPU, bounded to what a device (a CPU rank at the low end) can have: a figure
+# of 1e-300 or 1e300 is a typo, and would cost steps of no or endless time (NaN memory, a hung simulation).
+Rate = Annotated[Float, Field(ge=1e-3, le=1e6)]  # TFLOP/s or TOP/s
+MemoryGB = Annotated[Float, Field(ge=1e-3, le=1e5)]
+MemoryTBps = Annotated[Float, Field(ge=1e-3, le=1e3)]
+LinkGBps = Annotated[Float, Field(ge=1e-3, le=1e6)]
 
 
 class GPU(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
-    bf16_tflops: Positive
-    fp16_tflops: Positive | None = None  # defaults to bf16
-    fp8_tflops: Positive | None = None  # None: the part has no fp8 tensor cores
-    int8_tops: Positive | None = None
-    int4_tops: Positive | None = None
-    fp32_tflops: Positive | None = None  # non-tensor-core fp32 (CPU ranks, fp32 tests)
-    hbm_gb: Positive  # device memory, GB (1e9 bytes)
-    hbm_tbps: Positive  # device memory bandwidth, TB/s
-    link_gbps: Positive  # intra-node (NVLink / Infinity Fabric) bandwidth per GPU per direction, GB/s
-    inter_node_gbps: Positive = 50.0  # per GPU per direction, GB/s (400 Gb/s NIC per GPU)
+    bf16_tflops: Rate
+    fp16_tflops: Rate | None = None  # defaults to bf16
+    fp8_tflops: Rate | None = None  # None: the part has no fp8 tensor cores
+    int8_tops: Rate | None = None
+    int4_tops: Rate | None = None
+    fp32_tflops: Rate | None = None  # non-tensor-core fp32 (CPU ranks, fp32 tests)
+    hbm_gb: MemoryGB  # device memory, GB (1e9 bytes)
+    hbm_tbps: MemoryTBps  # device memory bandwidth, TB/s
+    link_gbps: LinkGBps  # intra-node (NVLink / Infinity Fabric) bandwidth per GPU per direction, GB/s
+    inter_node_gbps: LinkGBps = 50.0  # per GPU per direction, GB/s (400 Gb/s NIC per GPU)
     source: str = "inline spec"  # datasheet the figures come from
 
 
