@@ -1,6 +1,7 @@
 """Check an HF config dict before tracing, so a bad config gets a named error, not a traceback.
 
-Pure Python (no torch). Checks what the tracer relies on: positive integer sizes, heads that
+Pure Python (no torch). Checks what the tracer relies on: positive integer sizes (layers and
+vision blocks at most ``MAX_LAYERS``; a positive context when one is given), heads that
 divide the hidden size, KV heads that divide the query heads, a model_type that matches the
 architecture, and for the VL models a vision_config whose sizes fit together.
 """
@@ -22,7 +23,10 @@ MODEL_TYPES = {
 TEXT_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
 
 
-def _pos_int(d: dict[str, Any], key: str, where: str, required: bool = True) -> int | None:
+MAX_LAYERS = 4096  # decoder layers or vision blocks: 30x the deepest model shipped; tracing is linear in them
+
+
+def _pos_int(d: dict[str, Any], key: str, where: str, required: bool = True, most: int | None = None) -> int | None:
     if key not in d or d[key] is None:
         if required:
             raise UserError(f"model config: {where}'{key}' is missing")
@@ -30,6 +34,8 @@ def _pos_int(d: dict[str, Any], key: str, where: str, required: bool = True) -> 
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise UserError(f"model config: {where}'{key}' must be a positive integer, got {v!r}")
+    if most is not None and v > most:
+        raise UserError(f"model config: {where}'{key}' is {v:,}; at most {most:,} are supported")
     return v
 
 
@@ -41,8 +47,10 @@ def check_config(cfg: dict[str, Any], architecture: str) -> None:
         raise UserError(f"model config: architecture {architecture} needs model_type '{want}', "
                         f"the config says {got!r}")
     tc = text_config(cfg)
-    h, heads, _, _, _ = (_pos_int(tc, k, "") for k in TEXT_REQUIRED)
+    h, heads, _, _, _ = (_pos_int(tc, k, "", most=MAX_LAYERS if k == "num_hidden_layers" else None)
+                         for k in TEXT_REQUIRED)
     assert h is not None and heads is not None
+    _pos_int(tc, "max_position_embeddings", "", required=False)  # the context: 0 or -5 is no context
     kv = _pos_int(tc, "num_key_value_heads", "", required=False) or heads
     hd = _pos_int(tc, "head_dim", "", required=False)
     if hd is None and h % heads:
@@ -63,7 +71,7 @@ def _check_vision(cfg: dict[str, Any], model_type: str, text_hidden: int) -> Non
     dim_key = "embed_dim" if model_type == "qwen2_vl" else "hidden_size"
     dim = _pos_int(vc, dim_key, w, required=False) or 1280
     heads = _pos_int(vc, "num_heads", w, required=False) or 16
-    depth = _pos_int(vc, "depth", w, required=False) or 32
+    depth = _pos_int(vc, "depth", w, required=False, most=MAX_LAYERS) or 32
     patch = _pos_int(vc, "patch_size", w, required=False) or 14
     merge = _pos_int(vc, "spatial_merge_size", w, required=False) or 2
     _pos_int(vc, "temporal_patch_size", w, required=False)
