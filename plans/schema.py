@@ -70,8 +70,8 @@ class ModelRef(_Model):
 
 class Hardware(_Model):
     gpu: str  # catalog name, or the name of the inline GPU in ``gpu_spec``
-    gpus_per_node: Count
-    nodes: Count
+    gpus_per_node: Annotated[Int, Field(ge=1, le=64)]  # the spec's bounds (planner.spec.HardwareSection)
+    nodes: Annotated[Int, Field(ge=1, le=1024)]
     gpu_spec: GPU | None = None  # the figures of an inline GPU (a spec's hardware.gpu mapping)
 
     @property
@@ -162,9 +162,10 @@ class MemoryPerGPU(_Model):
 
 
 class Scheduler(_Model):
-    max_batch_tokens: Count = 8192  # token budget of one step (prefill chunks + decodes)
-    max_seqs: Count = 256
-    block_size: Count = 16  # paged KV cache block, tokens
+    # upper bounds: the spec's (planner.spec.SearchSection), a KV block of at most 1024 tokens
+    max_batch_tokens: Annotated[Int, Field(ge=1, le=10_000_000)] = 8192  # token budget of one step (prefill + decodes)
+    max_seqs: Annotated[Int, Field(ge=1, le=100_000)] = 256
+    block_size: Annotated[Int, Field(ge=1, le=1024)] = 16  # paged KV cache block, tokens
     microbatches: Count = 1  # pipeline micro-batches in flight
 
 
@@ -234,6 +235,11 @@ class Plan(_Model):
                     f"stages must be contiguous from layer {expect}"
                 )
             expect = st.last_layer + 1
+            for flag, holder in (("embedding", 0), ("lm_head", m.pp - 1)):
+                if getattr(st, flag) != (i == holder):
+                    raise UserError(f"plan {name}: stages[{i}].{flag} is {str(getattr(st, flag)).lower()}; the "
+                                    f"{flag} is on stage {holder} alone (the {'first' if holder == 0 else 'last'} of "
+                                    f"mesh.pp = {m.pp})")
         if expect != self.model.num_layers:
             raise UserError(f"plan {name}: stages cover {expect} layers, the model has {self.model.num_layers}")
         dims = self.dims()  # degrees, axis order, mesh vs hardware, placement, shift (plans.mesh)
@@ -255,6 +261,21 @@ class Plan(_Model):
         if g.total > g.capacity * 1.001:  # files round to 4 significant digits
             raise UserError(f"plan {name}: memory_gb.total {g.total:g} GB exceeds the GPU's capacity {g.capacity:g} GB")
         self._check_gpu()
+        return self
+
+    def check_model(self, info: Any) -> "Plan":
+        """The plan against the model its ``model`` section resolves to (``info``: the config's
+        ``graph.opgraph.ModelInfo``); UserError when the plan was made for another model (a hand edit of
+        ``model.preset``, a config file that changed), which would otherwise run or simulate the wrong layers."""
+        m = self.model
+        depth = int((info.vision or {}).get("depth", 0)) if info.vision else 0
+        which = m.preset or m.config or m.name
+        for field, ours, theirs in (("architecture", m.architecture, info.architecture),
+                                    ("num_layers", m.num_layers, info.layers),
+                                    ("vision_blocks", m.vision_blocks, depth)):
+            if ours != theirs:
+                raise UserError(f"plan {self.name}: model.{field} is {ours} but the model config of {which} has "
+                                f"{theirs}; the plan was compiled for another model: recompile it")
         return self
 
     def dims(self) -> ParallelDims:
