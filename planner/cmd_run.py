@@ -15,7 +15,10 @@ from plans.errors import UserError
 
 
 def parse_tokens(text: str) -> list[int]:
-    """``"1,2, 3"`` or ``"1 2 3"`` -> ``[1, 2, 3]``; UserError naming the bad item."""
+    """``"1,2, 3"`` or ``"1 2 3"`` -> ``[1, 2, 3]``; UserError naming the bad item (an empty one
+    between commas too: ``"1,,2"`` is a typo, not ``[1, 2]``)."""
+    if "," in text and any(not part.strip() for part in text.split(",")):
+        raise UserError(f"--tokens: '{text}' has an empty item between commas")
     out = []
     for item in text.replace(",", " ").split():
         try:
@@ -41,6 +44,51 @@ def check_context(plan_path: Path, n_in: int, n_out: int, in_opt: str, out_opt: 
                         f"({plan.model.name})")
 
 
+def check_names(backend: Optional[str], device: str) -> None:
+    """--backend and --device, checked before a model is built (the workers would refuse them only then)."""
+    from executors.backends import BACKENDS
+
+    if backend is not None and backend not in BACKENDS:
+        raise UserError(f"--backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device '{device}': use cpu or cuda")
+
+
+def check_run(plan_path: Path, ids: list[int] | None, n_new: int, images: list[Path], tokenizer: Optional[Path],
+              backend: Optional[str], device: str, max_context: Optional[int]) -> None:
+    """What `plan run` can tell is wrong before it starts workers and builds the model (minutes for a
+    large plan on CPU): the backend and device names, the image and tokenizer paths, images for a model
+    without a vision tower, token ids outside the vocabulary, a request beyond the context."""
+    from executors.config import limit_context, model_args, plan_config
+    from plans.schema import load_plan
+
+    check_names(backend, device)
+    for im in images:
+        if not im.is_file():
+            raise UserError(f"--image {im}: " + ("is a folder; give an image file" if im.is_dir() else "not found"))
+    if tokenizer is not None:
+        if not tokenizer.is_dir():
+            raise UserError(f"--tokenizer {tokenizer}: " + ("not a folder; give the directory that holds "
+                                                            "tokenizer.json" if tokenizer.exists() else "not found"))
+        if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "tokenizer_config.json").is_file():
+            raise UserError(f"--tokenizer {tokenizer}: no tokenizer.json or tokenizer_config.json in it")
+    plan = load_plan(plan_path)
+    if images and not plan.model.vision_blocks:
+        raise UserError(f"--image: {plan.model.name} ({plan.model.architecture}) has no vision tower")
+    full = model_args(plan_config(plan, plan_path.parent))
+    a = limit_context(full, max_context)
+    if ids is not None:
+        bad = [t for t in ids if not 0 <= t < a.vocab]
+        if bad:
+            raise UserError(f"--tokens: token id {bad[0]} is outside the vocabulary of {plan.model.name} "
+                            f"(0..{a.vocab - 1})")
+        # with images the prompt grows by their tokens: the engine checks that request once it has them
+        if not images and a.max_positions and len(ids) + n_new > a.max_positions:
+            whose = "--max-context" if a.max_positions < full.max_positions else f"{plan.model.name}'s context"
+            raise UserError(f"--tokens: a prompt of {len(ids)} tokens + --max-new-tokens {n_new} = {len(ids) + n_new} "
+                            f"tokens is beyond {whose} of {a.max_positions} tokens")
+
+
 def run_cmd(
     plan: Path = typer.Argument(..., help="compiled plan file"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer)"),
@@ -64,6 +112,11 @@ def run_cmd(
     """Run one request through a plan on local workers and print the generated tokens (and text)."""
     if (prompt is None) == (tokens is None):
         raise UserError("give exactly one of --prompt TEXT or --tokens IDS")
+    if prompt is not None and tokenizer is None and weights is None:
+        raise UserError("--prompt needs a tokenizer (no --tokenizer or --weights directory given); give "
+                        "--tokenizer DIR or use --tokens IDS")
+    ids = parse_tokens(tokens) if tokens is not None else None
+    check_run(plan, ids, max_new_tokens, list(image), tokenizer, backend, device, max_context)
     import executors
     from executors import Request, Sampling
 
@@ -73,7 +126,6 @@ def run_cmd(
         if prompt is not None and eng.tokenizer is None:
             where = f"{tok_dir} has no tokenizer.json" if tok_dir else "no --tokenizer or --weights directory given"
             raise UserError(f"--prompt needs a tokenizer ({where}); give --tokenizer DIR or use --tokens IDS")
-        ids = parse_tokens(tokens) if tokens is not None else None
         if image and ids is not None and eng.args.image_token_id is not None and eng.args.image_token_id not in ids:
             ids = [eng.args.image_token_id] * len(image) + ids
         req = Request(tokens=ids, prompt=prompt, images=list(image))
@@ -122,6 +174,7 @@ def bench_cmd(
     from executors.bench import bench
     from planner.paths import writable, write_text
 
+    check_names(backend, device)
     if json_out is not None:
         writable(json_out, "--json")
     if trace is not None:
@@ -178,7 +231,12 @@ def _bench_workload(plan_path: Path, source: Path, rate: Optional[float], durati
     from plans.schema import load_plan
 
     p = load_plan(plan_path)
-    wl, slo = load_workload(source, cost_model_for_plan(p, base_dir=plan_path.parent).info, seed, p)
+    info = cost_model_for_plan(p, base_dir=plan_path.parent).info
+    try:
+        p.check_model(info)
+    except UserError as e:
+        raise UserError(f"{plan_path}: {e}") from None
+    wl, slo = load_workload(source, info, seed, p)
     res = bench_workload(plan_path, wl, rate=rate, duration=duration, seed=seed, slo=slo, weights=weights,
                          device=device, backend=backend, compare_sim=compare_sim, trace=trace, max_context=max_context)
     out = {"measured": _clean(_row(p.name, res["rate_rps"], res["measured"]))}
