@@ -35,6 +35,9 @@ def export_cmd(
         raise UserError(f"--format must be cmd, yaml or json, got '{fmt}'")
     if engine is not None and engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}'; plan export knows: {', '.join(ENGINES)}")
+    if model is not None and not model.strip():
+        raise UserError("--model is empty; give the checkpoint the engine loads, or leave --model out for the "
+                        "preset's Hugging Face id")
     if output is not None:
         writable(output, "-o")
     p = load_plan(plan)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -137,7 +137,8 @@ def _print_ops(block: str, rows: list[dict[str, Any]]) -> None:
 def graph_cmd(
     spec: str = typer.Argument(..., help="model.yaml, preset name, or HF config.json / checkpoint directory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
-    block: str = typer.Option("", "--block", help="list the ops of one block (e.g. layers.0, visual.blocks.7)"),
+    block: Optional[str] = typer.Option(None, "--block",
+                                        help="list the ops of one block (e.g. layers.0, visual.blocks.7)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="trace again even if the graph is cached"),
 ) -> None:
     """Trace the model into its op graph and print its blocks (params, FLOPs/token)."""
@@ -146,12 +147,12 @@ def graph_cmd(
     name, cfg = _resolve_config(spec)
     r = load_or_trace(cfg, use_cache=not no_cache)
     s = _summary(name, r.graph, r.cached, r.seconds)
-    if block:
+    if block is not None:  # `--block ''` names no block: an error, not the whole table
         s["block"] = block
         s["block_ops"] = _block_ops(r.graph, block)
     if as_json:
         typer.echo(json.dumps(s))
-    elif block:
+    elif block is not None:
         _print_ops(block, s["block_ops"])
     else:
         _print_table(s)
