@@ -134,6 +134,54 @@ def test_every_emitted_flag_is_in_the_pinned_table():
         assert len(seen[engine]) >= len(FLAGS[engine]) - 4, (engine, set(FLAGS[engine]) - seen[engine])
 
 
+PARSED = ROOT / "bench" / "results" / "export_flags.json"
+REPARSE = ("re-run `python bench/export_flags.py --out bench/results` with vLLM 0.18.0, arctic-inference 0.2.0 and "
+           "SGLang installed (README: Deploy on vLLM, Arctic Inference or SGLang)")
+
+
+def test_every_committed_export_flag_was_parsed_by_its_engine():
+    """bench/results/export_flags.json holds the engines' own parsers' verdict on every flag of every committed
+    plans/exports script (read by the same function), so an export that gains a flag fails here until the check
+    is re-run; and on every flag and choice of the pinned table."""
+    from bench.export_flags import flags_of, launch_commands, value_of
+
+    r = json.loads(PARSED.read_text())
+    assert r["versions"]["vllm"] == "0.18.0" and r["versions"]["arctic-inference"] == "0.2.0", REPARSE
+    assert r["versions"]["sglang"] and not r["failed"], (r["failed"], REPARSE)
+    scripts = sorted(EXPORTS.glob("*.sh"))
+    assert set(r["scripts"]) == {p.name for p in scripts}, REPARSE
+    for p in scripts:
+        checked, engine = r["scripts"][p.name]["commands"], p.name.split(".")[-2]
+        cmds = launch_commands(p.read_text())
+        assert len(cmds) == len(checked) >= 1, (p.name, REPARSE)
+        for cmd, done in zip(cmds, checked):
+            assert (cmd["program"], cmd["env"]) == (done["program"], done["env"]), (p.name, REPARSE)
+            assert done["parse"]["ok"], (p.name, done["parse"]["error"])
+            if engine != "sglang":  # Arctic's flags parsed by the plugin, vLLM's without it
+                assert done["arctic_plugin_loaded"] == (engine == "arctic") and done["engine_args"]["ok"], p.name
+            parsed = {f for f, d in done["flags"].items() if d["ok"]}
+            assert set(flags_of(cmd["args"])) <= parsed, (p.name, set(flags_of(cmd["args"])) - parsed, REPARSE)
+    for engine in ENGINES:
+        table = r["table"][engine]
+        assert set(FLAGS[engine]) <= {f for f, d in table[0]["flags"].items() if d["ok"]}, (engine, REPARSE)
+        pairs = {(f, value_of(c["args"], f)) for c in table for f, d in c["flags"].items() if d["ok"]}
+        assert {(f, v) for f, vs in CHOICES[engine].items() for v in vs} <= pairs, (engine, REPARSE)
+
+
+def test_launch_commands_reads_env_program_and_continuations():
+    from bench.export_flags import launch_commands
+
+    text = ("#!/usr/bin/env bash\n# node 0: --not-a-flag\nA=1 B='x y' vllm serve M \\\n    --tp 2 \\\n"
+            "    --addr ${HEAD_ADDR}\n\npython -m sglang.launch_server --model-path M --encoder-urls u1 u2\n")
+    assert launch_commands(text) == [
+        {"env": {"A": "1", "B": "x y"}, "program": ["vllm", "serve"],
+         "args": ["M", "--tp", "2", "--addr", "${HEAD_ADDR}"]},
+        {"env": {}, "program": ["python", "-m", "sglang.launch_server"],
+         "args": ["--model-path", "M", "--encoder-urls", "u1", "u2"]}]
+    with pytest.raises(ValueError, match="not a launch command"):
+        launch_commands("echo hi\n")
+
+
 def test_export_prints_the_version_it_targets():
     plan = _plan("qwen2.5-32b-8xh200")
     for engine in ENGINES:
