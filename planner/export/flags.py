@@ -2,7 +2,10 @@
 defined in that engine's source at the pinned version (``planner.export.engines.INFO``).
 
 ``tests/test_export.py`` checks that every flag of every exported launch is in this table, so a
-new flag cannot be emitted without being looked up first.
+new flag cannot be emitted without being looked up first, and that every flag and choice here and every
+flag of the committed exports was parsed by the engine's own parser (``bench/export_flags.py``, with
+vLLM 0.18.0, Arctic Inference 0.2.0 and SGLang 0.5.10 installed; results in
+``bench/results/export_flags.json``).
 
 How the names were checked:
 
