@@ -21,8 +21,11 @@ entry point builds it. Nothing is started and no model is loaded:
   ``ServerArgs.from_cli_args`` is tried and its error kept (its ``__post_init__`` looks for an
   accelerator).
 
-Each command is parsed in a child process of its own (a plugin patches vLLM for the whole process).
-Run from the repository root with the python of the environment where the engines are installed:
+Then every flag of the table for each engine in one made-up command, and each further value the
+table allows a flag of fixed choices in a command of its own (``table_commands``). Each script's
+command is parsed in a child process of its own, the table's commands in one per engine (a plugin
+patches vLLM for the whole process). Run from the repository root with the python of an environment
+where the engines are installed (README, "Deploy on vLLM, Arctic Inference or SGLang", says how):
 
     python bench/export_flags.py --out bench/results
 
