@@ -9,6 +9,14 @@ from plans.errors import UserError
 BACKENDS = ("eager", "compile", "tensorrt")
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` when it is one of ``BACKENDS``, else UserError naming them (checked before any
+    worker builds a model)."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def apply_backend(model: Any, backend: str) -> None:
     """Swap the decoder layers' forward (and the vision tower's block halves) for the backend's
     version, in place.
@@ -29,8 +37,8 @@ def apply_backend(model: Any, backend: str) -> None:
 
 def compile_kw(backend: str) -> dict[str, Any]:
     """``torch.compile``'s arguments for a non-eager backend (UserError for an unknown one)."""
-    if backend not in BACKENDS or backend == "eager":
-        raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if check_backend(backend) == "eager":
+        raise ValueError("the eager backend compiles nothing")
     if backend == "tensorrt":
         require_tensorrt()
         return {"backend": "tensorrt", "dynamic": True}

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from executors.backends import check_backend
 from executors.batch import ImageJob, Step, StepOut, grid_patches
 from executors.channel import CHECK_S, DEFAULT_CAPACITY, Backoff, Channel, Polling
 from executors.config import ModelArgs, limit_context, model_args, plan_config, run_dtypes
@@ -122,7 +123,7 @@ class Engine:
         self.keep_logits, self.tokenizer = keep_logits, tokenizer
         self.num_blocks = kv_blocks or default_blocks(plan, self.args)
         self.block = plan.scheduler.block_size
-        self.backend = backend or plan.backend
+        self.backend = check_backend(backend or plan.backend)
         self.encoders = dedicated_encoders(plan, self.args)
         self.world = plan.mesh.size + self.encoders  # encoder ranks come after the LLM mesh
         if device.startswith("cuda"):

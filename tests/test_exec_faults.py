@@ -106,3 +106,16 @@ def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
     assert "worker rank 1 failed" in msg and "model.layers.3.mlp.down_proj.weight" in msg
     assert "Traceback" not in msg and "Traceback" in err.value.details  # clean message, details kept
     assert time.monotonic() - t0 < 30.0
+
+
+def test_an_unknown_backend_is_refused_before_any_worker_starts(monkeypatch) -> None:
+    """``load(..., backend=...)`` names a backend it does not know before it spawns a rank (a rank would
+    refuse it only after building its stage)."""
+    from executors.engine import Engine
+
+    def spawned(self) -> None:
+        raise AssertionError("workers were spawned")
+
+    monkeypatch.setattr(Engine, "_spawn", spawned)
+    with pytest.raises(UserError, match="unknown backend 'jax'; choose one of eager, compile, tensorrt"):
+        executors.load(make_plan("llama", tp=2), backend="jax")
