@@ -51,8 +51,9 @@ met, and a capture inside a measured window costs that step tens of milliseconds
 steady-state server pays. Each rate records the graphs still captured during it
 (``graphs_captured``: the replicas' reporting ranks, ``Engine.graph_captures``).
 
-``--trace`` records every step of each rate (``executors.trace``) in DIR/fidelity_2gpu.steps.json.gz
-and costs each again (``bench/step_fidelity.py``: a table by kind of step in the report).
+``--trace`` records every step of each rate, and of the capacity check (under ``capacity``), in
+DIR/fidelity_2gpu.steps.json.gz (``executors.trace``) and costs each again (``bench/step_fidelity.py``:
+a table by kind of step in the report).
 
 ``--resume`` keeps the cases of an existing DIR/fidelity_2gpu.json that
 have no error (and its other models), so the run can be split across several shorter calls; it
@@ -96,6 +97,7 @@ from bench import step_fidelity  # noqa: E402
 
 # the figures the acceptance names, as ``planner.bench_workload.compare`` names its rows
 FIGURES = ("ttft_ms p50", "ttft_ms p90", "tpot_ms p50", "tpot_ms p90", "output_tok_s")
+CAPACITY = "capacity"  # the steps file's key of a traced capacity check (beside the rates' fractions)
 MEDIAN_MAX, P90_MAX = 0.10, 0.20
 LLAMA_CASES = ("single", "tp2", "sp2", "shift-sp2", "pp2", "dp2")  # bench/mesh_speed.py's meshes
 
@@ -303,8 +305,11 @@ def capacity_check(eng: Any, plan: Any, cost: Any, reqs: list[Any], seed: int) -
     p = predicted_result(plan, cost, reqs, None)
     err = p.throughput_rps / m.throughput_rps - 1 if m.throughput_rps else math.nan
     print(f"  capacity: predicted {p.throughput_rps:.4g} req/s, measured {m.throughput_rps:.4g} req/s", flush=True)
-    return {"requests": len(reqs), "completed": m.completed, "predicted_rps": p.throughput_rps,
-            "measured_rps": m.throughput_rps, "error": err, "wall_s": round(time.perf_counter() - t, 2)}
+    out = {"requests": len(reqs), "completed": m.completed, "predicted_rps": p.throughput_rps,
+           "measured_rps": m.throughput_rps, "error": err, "wall_s": round(time.perf_counter() - t, 2)}
+    if eng.step_trace is not None:  # its own steps (``replay_requests`` leaves its warm-up out)
+        out["steps"] = step_fidelity.compact(eng.step_trace)
+    return out
 
 
 def spawn_case(job: dict[str, Any], timeout: float, work: Path,
@@ -462,8 +467,9 @@ def markdown(r: dict[str, Any]) -> str:
             lines += [f"| {case} | {x['requests']} | {x['predicted_rps']:.4g} | "
                       + ("-" if x["measured_rps"] is None else f"{x['measured_rps']:.4g}") + " | "
                       + ("-" if x["error"] is None else f"{100 * x['error']:+.1f}%") + " |" for case, x in checks]
-        costed = [(case, str(x["fraction"]), x["step_costs"]) for case, c in m["cases"].items()
-                  for x in c.get("rates", []) if x.get("step_costs")]
+        costed = [(case, key, x["step_costs"]) for case, c in m["cases"].items()
+                  for key, x in [(str(r["fraction"]), r) for r in c.get("rates", [])]
+                  + [(CAPACITY, c.get("capacity_check") or {})] if x.get("step_costs")]
         if costed:
             lines += ["", "Steps (`--trace`; `bench/step_fidelity.py`): each step the engine ran, costed again by the "
                       "simulator's coster, against its share of the engine's wall time (period) and its GPU time; "
@@ -474,11 +480,13 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def cost_steps_of(c: dict[str, Any], traced: dict[str, list[dict[str, Any]]], plan: Any) -> None:
-    """Each traced rate of case ``c`` gets ``step_costs``: its steps costed again (``bench/step_fidelity.py``)."""
+    """Each traced rate of case ``c``, and its traced capacity check, gets ``step_costs``: its steps
+    costed again (``bench/step_fidelity.py``)."""
     coster, encoder = step_fidelity.coster_of(plan), step_fidelity.in_step_encoder(plan)
-    for x in c["rates"]:
-        if str(x["fraction"]) in traced:
-            x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[str(x["fraction"])], coster, encoder))
+    runs = [(str(x["fraction"]), x) for x in c["rates"]] + [(CAPACITY, c.get("capacity_check") or {})]
+    for key, x in runs:
+        if key in traced:
+            x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[key], coster, encoder))
 
 
 def summary_lines(s: dict[str, Any]) -> str:
@@ -714,6 +722,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     # CPU ranks: one thread each (a single-rank engine's threads spin against the replay loop)
                     c.update(spawn_case(job, timeout, work, {"OMP_NUM_THREADS": "1"} if a.tiny else None))
                     traced = {str(r["fraction"]): r.pop("steps") for r in c.get("rates", []) if "steps" in r}
+                    if "steps" in c.get("capacity_check", {}):
+                        traced[CAPACITY] = c["capacity_check"].pop("steps")
                     if traced:
                         steps.setdefault(model, {})[case] = traced
                         cost_steps_of(c, traced, plan)

@@ -298,6 +298,11 @@ def test_fidelity_tiny_run(tmp_path):
         assert k["requests"] == k["completed"] == c["capacity"]["requests"] and k["measured_rps"] > 0
         assert k["predicted_rps"] == pytest.approx(c["capacity"]["rps"], rel=1e-9)  # the same simulator run
         assert k["error"] == pytest.approx(k["predicted_rps"] / k["measured_rps"] - 1, rel=1e-9, abs=1e-12)
+        recs = traced[fid.CAPACITY]  # the capacity check's own steps, costed again: its requests all start
+        starts = sum(n == c for r in recs for nn, cc in zip(r["new"], r["ctx"]) for n, c in zip(nn, cc) if n > 1)
+        assert k["requests"] <= starts + sum(n == c == 1 for r in recs for nn, cc in zip(r["new"], r["ctx"])
+                                             for n, c in zip(nn, cc))
+        assert k["step_costs"]["all"]["steps"] == len(recs) and "steps" not in k
         rows += c["rates"]
     errs = [abs(x["figures"][f]["error"]) for x in rows for f in fid.FIGURES]
     for s in (m["summary"], r["summary"]):
