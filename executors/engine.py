@@ -437,7 +437,7 @@ class Engine:
             jobs = [ImageJob(s.req, None, s.image_grid, s.encoder) for s in seqs]
             self._dispatch({replica: Step(self.step_id, [], free=[s.req for s in seqs], images=jobs)})
 
-    def _look_ahead(self, run: "StreamRun", sid: int) -> tuple[int, list[Chunk], Step] | None:
+    def _look_ahead(self, run: StreamRun, sid: int) -> tuple[int, list[Chunk], Step] | None:
         """A replica's next step, queued before its step ``sid`` (its only one in flight) has given
         its tokens, so the ranks never wait for the driver between steps. Every chunk of step ``sid``
         is taken as computed; a sequence that samples there (a decode, or a prompt's last chunk) is
@@ -475,7 +475,7 @@ class Engine:
         self.lookahead_steps += 1
         return lane, nxt, new
 
-    def _new_step(self, run: "StreamRun", lane: int, chunks: list[Chunk]) -> Step:
+    def _new_step(self, run: StreamRun, lane: int, chunks: list[Chunk]) -> Step:
         """The step of ``chunks`` for the lane's replica, carrying the requests it finished since its last step."""
         self.step_id += 1
         rep = lane // self.lanes
@@ -485,7 +485,7 @@ class Engine:
         self.pending_free[rep] = []
         return step
 
-    def _admit(self, run: "StreamRun", wait: bool = False) -> None:
+    def _admit(self, run: StreamRun, wait: bool = False) -> None:
         """Requests that have arrived by now join their lane's queue (image requests, with
         dedicated encoders: go to one first), and those whose images are encoded join theirs, in
         the order they finished (``wait``: block for at least one)."""
@@ -503,7 +503,7 @@ class Engine:
                     lane, s = run.held.pop(rid)
                     run.scheds[lane].add(s)
 
-    def _form_steps(self, run: "StreamRun") -> dict[int, Step]:
+    def _form_steps(self, run: StreamRun) -> dict[int, Step]:
         """A step for each replica with a free lane that has work (one step per replica per send;
         under ``lock_step`` none while any step is in flight), entered in flight."""
         busy = {lane for lane, *_ in run.in_flight.values()}
@@ -517,7 +517,7 @@ class Engine:
                 run.in_flight[step.step_id] = (lane, chunks, step)
         return steps
 
-    def _look_ahead_all(self, run: "StreamRun") -> None:
+    def _look_ahead_all(self, run: StreamRun) -> None:
         """What arrived (or was encoded) while the last steps were formed is admitted, then each
         replica with one step in flight gets its next one (``_look_ahead``)."""
         self._admit(run)
@@ -529,7 +529,7 @@ class Engine:
             if nxt is not None:
                 run.in_flight[nxt[2].step_id] = nxt
 
-    def _take_answer(self, run: "StreamRun", o: StepOut) -> Iterator[tuple[int, int, Result]]:
+    def _take_answer(self, run: StreamRun, o: StepOut) -> Iterator[tuple[int, int, Result]]:
         """A step's sampled tokens into its sequences and results (a look-ahead step's predecessor
         fills its placeholders); finished requests leave their scheduler. Yields ``stream``'s tuples."""
         self._traced_answer(o)
@@ -564,7 +564,7 @@ class Engine:
                     res.text = self.tokenizer.decode(res.tokens)
             yield rid - run.base, tok, res
 
-    def _end_stream(self, run: "StreamRun") -> None:
+    def _end_stream(self, run: StreamRun) -> None:
         """After the loop, or when the caller left early: the answers of steps still running taken,
         embeddings sent for requests that will not run drained, finished requests forgotten locally."""
         if not self.closed:
