@@ -468,8 +468,7 @@ def markdown(r: dict[str, Any]) -> str:
                       + ("-" if x["measured_rps"] is None else f"{x['measured_rps']:.4g}") + " | "
                       + ("-" if x["error"] is None else f"{100 * x['error']:+.1f}%") + " |" for case, x in checks]
         costed = [(case, key, x["step_costs"]) for case, c in m["cases"].items()
-                  for key, x in [(str(r["fraction"]), r) for r in c.get("rates", [])]
-                  + [(CAPACITY, c.get("capacity_check") or {})] if x.get("step_costs")]
+                  for key, x in traceable_runs(c) if x.get("step_costs")]
         if costed:
             lines += ["", "Steps (`--trace`; `bench/step_fidelity.py`): each step the engine ran, costed again by the "
                       "simulator's coster, against its share of the engine's wall time (period) and its GPU time; "
@@ -479,12 +478,16 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def traceable_runs(c: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Case ``c``'s replays by their key in the steps file: each rate (its fraction) and the capacity check."""
+    return [(str(x["fraction"]), x) for x in c.get("rates", [])] + [(CAPACITY, c.get("capacity_check") or {})]
+
+
 def cost_steps_of(c: dict[str, Any], traced: dict[str, list[dict[str, Any]]], plan: Any) -> None:
     """Each traced rate of case ``c``, and its traced capacity check, gets ``step_costs``: its steps
     costed again (``bench/step_fidelity.py``)."""
     coster, encoder = step_fidelity.coster_of(plan), step_fidelity.in_step_encoder(plan)
-    runs = [(str(x["fraction"]), x) for x in c["rates"]] + [(CAPACITY, c.get("capacity_check") or {})]
-    for key, x in runs:
+    for key, x in traceable_runs(c):
         if key in traced:
             x["step_costs"] = step_fidelity.summarize(step_fidelity.cost_steps(traced[key], coster, encoder))
 

@@ -124,10 +124,10 @@ class MicroBatch:
         return self
 
 
-def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 tensor of ``values`` on ``device`` without waiting for the device's queued work (a
+def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` (a list: as int64) on ``device`` without waiting for the device's queued work (a
     plain host-to-GPU copy synchronises the stream; a pinned one is queued behind it)."""
-    t = torch.tensor(values, dtype=torch.long)
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 

@@ -10,7 +10,7 @@ tp, sp, shift, dp), while a replica's step computes its next one (decodes, promp
 already scheduled, packed and sent, its pending input tokens taken on the device from the last step's
 samples (``Engine._look_ahead``;
 every rank of the replica samples, and a spawned rank launches a step already sent before it reads
-the last one's tokens: ``worker.serve_steps``). A worker that fails or dies stops the whole engine:
+the last one's tokens, unless that launch waits for the device: ``worker.serve_steps``). A worker that fails or dies stops the whole engine:
 every rank is terminated and ``WorkerError`` names the rank and its error.
 
 With ``vision.placement: dedicated`` the world has ``dedicated_gpus`` encoder ranks after the
@@ -100,7 +100,6 @@ class StreamRun:
     seqs: dict[int, Seq] = field(default_factory=dict)  # by engine-wide request id
     logits: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # kept per request (keep_logits)
     pending: list[tuple[float, int, Seq]] = field(default_factory=list)  # (arrival, lane, sequence), the next arrival last
-    t0: float = 0.0  # the arrivals' clock
     held: dict[int, tuple[int, Seq]] = field(default_factory=dict)  # dedicated encoding under way: request -> (lane, seq)
     in_flight: dict[int, tuple[int, list[Chunk], Step]] = field(default_factory=dict)  # step id -> (lane, its chunks, the step)
     ahead: set[int] = field(default_factory=set)  # steps in flight whose successor is queued: their tokens are placeholders
@@ -489,7 +488,7 @@ class Engine:
         """Requests that have arrived by now join their lane's queue (image requests, with
         dedicated encoders: go to one first), and those whose images are encoded join theirs, in
         the order they finished (``wait``: block for at least one)."""
-        now = time.perf_counter() - run.t0
+        now = time.perf_counter() - self.clock0
         while run.pending and run.pending[-1][0] <= now:
             _t, lane, s = run.pending.pop()
             if self.encoders and s.image_grid:
@@ -616,7 +615,7 @@ class Engine:
             run.pending.append((arrivals[i] if arrivals else 0.0, len(run.pending) % len(scheds), s))
         run.pending.sort(key=lambda x: x[0])
         run.pending.reverse()  # the next arrival last: pop() takes it
-        run.t0 = self.clock0 = time.perf_counter()
+        self.clock0 = time.perf_counter()  # the arrivals' clock
         # look-ahead: single-stage replicas (every rank samples), one micro-batch per step, not torchrun
         look = self.lookahead and self.plan.mesh.pp == 1 and sch.microbatches <= 1 and not self.lock_step
         queued = lambda: any(sc.has_work() for sc in scheds)  # noqa: E731
@@ -625,7 +624,7 @@ class Engine:
             while run.pending or run.held or run.in_flight or queued():
                 self._admit(run)
                 if run.pending and not run.held and not run.in_flight and not queued():
-                    time.sleep(max(0.0, run.pending[-1][0] - (time.perf_counter() - run.t0)))  # idle until the next arrival
+                    time.sleep(max(0.0, run.pending[-1][0] - (time.perf_counter() - self.clock0)))  # idle until the next arrival
                     continue
                 if run.held:  # with nothing to run, wait for an encoder
                     self._admit(run, wait=not run.in_flight and (idle or not queued()))

@@ -75,8 +75,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
     With ``rows [S]``: sequence ``s``'s query is row ``rows[s]`` of ``q [T, hq, D]`` and its result
     goes to row ``rows[s]`` of ``out [R, hq * D]`` (returned), key ranges from
-    ``engine_shapes.graph_splits``. A sequence with no keys (``lens 0``) reads and writes nothing, its programs exiting at once, so its
-    row may lie past ``q`` (a captured mixed step's decodes among its ``S + 1`` slots, the others
+    ``engine_shapes.graph_splits``. A sequence with no keys (``lens 0``) reads and writes nothing,
+    its programs exiting at once, so its row may lie past ``q`` (a captured mixed step's decodes among its ``S + 1`` slots, the others
     pointing at a scratch row: ``paged_prefill.attend``)."""
     S, hq, D = lens.shape[0], q.shape[1], q.shape[2]
     has_rows = rows is not None

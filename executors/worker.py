@@ -272,8 +272,7 @@ class RankRunner:
         at = [i for i, r in zip(mb.sample_idx.tolist(), rows) if r >= 0]
         src = [r for r in rows if r >= 0]
         T, k = mb.num_tokens, len(at)
-        packed = torch.cat([mb.tokens, torch.tensor(at + src, dtype=torch.long)])
-        dev = packed.pin_memory().to(prev.device, non_blocking=True) if prev.is_cuda else packed
+        dev = to_device(torch.cat([mb.tokens, torch.tensor(at + src, dtype=torch.long)]), prev.device)
         tokens = dev[:T]
         tokens[dev[T:T + k]] = prev[dev[T + k:]].to(tokens.dtype)
         return tokens

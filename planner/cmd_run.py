@@ -46,10 +46,13 @@ def check_context(plan_path: Path, n_in: int, n_out: int, in_opt: str, out_opt: 
 
 def check_names(backend: Optional[str], device: str) -> None:
     """--backend and --device, checked before a model is built (the workers would refuse them only then)."""
-    from executors.backends import BACKENDS
+    from executors.backends import check_backend
 
-    if backend is not None and backend not in BACKENDS:
-        raise UserError(f"--backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend is not None:
+        try:
+            check_backend(backend)
+        except UserError as e:
+            raise UserError(f"--backend: {e}") from None
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"--device '{device}': use cpu or cuda")
 

@@ -171,7 +171,7 @@ def no_load(monkeypatch):
     (["--tokens", "-1"], "--tokens: token id -1 is outside the vocabulary"),
     (["--tokens", "1,2,3", "--max-context", "8"],
      "a prompt of 3 tokens + --max-new-tokens 32 = 35 tokens is beyond --max-context of 8 tokens"),
-    (["--tokens", "1", "--backend", "jax"], "--backend 'jax': choose one of eager, compile, tensorrt"),
+    (["--tokens", "1", "--backend", "jax"], "--backend: unknown backend 'jax'; choose one of eager, compile, tensorrt"),
     (["--tokens", "1", "--device", "tpu"], "--device 'tpu': use cpu or cuda"),
     (["--tokens", "1", "--image", "/nonexistent/a.png"], "--image /nonexistent/a.png: not found"),
     (["--tokens", "1", "--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: not found"),
@@ -198,7 +198,7 @@ def test_run_paths_of_the_wrong_kind(tmp_path, capsys, no_load):
 
 def test_bench_backend_is_checked_before_the_model_is_built(capsys, no_load):
     code, err = run(capsys, "bench", PLAN, "--backend", "jax", "--requests", "1")
-    assert code == 2 and "--backend 'jax'" in err
+    assert code == 2 and "--backend: unknown backend 'jax'" in err
 
 
 # ------------------------------------------------------------------ other commands' options
