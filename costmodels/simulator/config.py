@@ -13,8 +13,14 @@ class SimConfig:
     """One serving deployment: ``dp`` replicas, each a ``pp``-stage pipeline of P = tp*sp GPUs.
 
     ``lanes``: micro-batches in flight per replica (each lane is a scheduler with its own running
-    set, the "virtual engine" of a PP server); ``max(pp, plan.scheduler.microbatches)`` by default,
-    so a pipeline can keep every stage busy.
+    set, the "virtual engine" of a PP server). ``microbatches``: forward passes each step of a lane
+    is split into, run one after another (``scheduler.micro_batches``); more than one only on a
+    single-stage replica. ``from_plan`` reads ``plan.scheduler.microbatches`` as the engine runs it
+    (``executors.engine``: ``Engine.lanes``, ``Engine._micro``): under PP (pp > 1) it is
+    ``lanes = max(pp, microbatches)``, one step per lane in flight, so a pipeline can keep every
+    stage busy; at pp = 1 there is one lane (one scheduler, one ``max_batch_tokens`` budget a step)
+    and each step's chunks are dealt into ``min(microbatches, chunks)`` micro-batches that run in
+    turn on the one stage, its tokens coming when the last one ends.
     ``kv_tokens``: KV-cache capacity of one replica, tokens (``plan.memory_gb.kv_tokens``), held as
     ``ceil(kv_tokens / block_size)`` blocks of ``block_size`` tokens (as the executor sizes its cache).
     ``threshold``: with ``shift``, a step of at most this many tokens runs in mode "tp" (plain TP of
@@ -32,6 +38,7 @@ class SimConfig:
     tp: int = 1
     sp: int = 1
     lanes: int = 1
+    microbatches: int = 1
     max_batch_tokens: int = 8192
     max_seqs: int = 256
     block_size: int = 16
@@ -49,9 +56,13 @@ class SimConfig:
     dims: ParallelDims = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("dp", "pp", "tp", "sp", "lanes", "max_batch_tokens", "max_seqs", "block_size", "kv_tokens"):
+        for name in ("dp", "pp", "tp", "sp", "lanes", "microbatches", "max_batch_tokens", "max_seqs", "block_size",
+                     "kv_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"simulator: {name} must be >= 1, got {getattr(self, name)}")
+        if self.microbatches > 1 and self.pp > 1:
+            raise UserError(f"simulator: a step split into {self.microbatches} micro-batches is simulated on "
+                            f"single-stage replicas only (pp = {self.pp}: lanes instead)")
         object.__setattr__(self, "dims", ParallelDims(
             dp=self.dp, pp=self.pp, tp=self.tp, sp=self.sp, gpus_per_node=self.gpus_per_node,
             placement=self.placement, dedicated_gpus=self.dedicated_gpus, vision=True, shift=self.shift,
@@ -79,7 +90,7 @@ class SimConfig:
 
     @staticmethod
     def from_plan(plan) -> "SimConfig":
-        """Read a ``plans.schema.Plan``."""
+        """Read a ``plans.schema.Plan`` (its ``scheduler.microbatches`` as the class doc says)."""
         m, s = plan.mesh, plan.scheduler
         seqs = min(s.max_seqs, s.max_batch_tokens)
         notes = []
@@ -88,7 +99,8 @@ class SimConfig:
         dims = plan.dims()  # validates; owns the threshold fallback
         threshold = dims.threshold_of()
         return SimConfig(
-            dp=m.dp, pp=m.pp, tp=m.tp, sp=m.sp, lanes=max(m.pp, s.microbatches),
+            dp=m.dp, pp=m.pp, tp=m.tp, sp=m.sp, lanes=max(m.pp, s.microbatches) if m.pp > 1 else 1,
+            microbatches=s.microbatches if m.pp == 1 else 1,
             max_batch_tokens=s.max_batch_tokens, max_seqs=seqs, block_size=s.block_size,
             kv_tokens=max(1, int(plan.memory_gb.kv_tokens)), shift=bool(plan.shift.enabled),
             threshold=int(threshold or 0),

@@ -13,7 +13,9 @@ its own handler ``Simulation.on_<kind>``; ``Simulation.run`` only pops the next 
 * SCHEDULE  a scheduling step on an idle lane: form a micro-batch (``scheduler.form_batch``, as
             the engine's look-ahead lets it: ``Simulation.form``),
             pick the mode (shift: step tokens <= threshold -> "tp"; per stage when the plan gives
-            stages their own thresholds), cost it per stage, and send it down the pipeline.
+            stages their own thresholds), cost it per stage, and send it down the pipeline. A
+            single-stage step split into micro-batches (``SimConfig.microbatches``) costs the
+            sum of its micro-batches, each in its own mode (``scheduler.micro_batches``).
 * STEP_DONE the micro-batch left the last stage: tokens are emitted, finished requests leave
             (``scheduler.complete_batch``) and the replica's idle lanes are kicked.
 
@@ -32,10 +34,11 @@ from dataclasses import dataclass, field
 
 from costmodels.simulator.coster import Coster
 from costmodels.simulator.config import SimConfig
-from costmodels.simulator.scheduler import complete_batch, form_batch
+from costmodels.simulator.scheduler import complete_batch, form_batch, micro_batches
 from costmodels.simulator.state import REJECTED, Lane, Replica, Req
 from costmodels.simulator.vision import DedicatedEncoder, in_step_ms
 from costmodels.workload import Request
+from graph.opgraph import StepShape
 from plans.engine_shapes import LOOKAHEAD_MAX_TOKENS
 
 ARRIVAL, ENC_DONE, READY, SCHEDULE, STEP_DONE = range(5)
@@ -188,22 +191,21 @@ class Simulation:
             return
         log.steps += 1
         log.step_tokens += batch.tokens
-        modes = cfg.stage_modes(batch.tokens) if self.per_stage else None
-        if modes is None:
-            mode = cfg.mode(batch.tokens)
-            log.steps_tp += cfg.shift and mode == "tp"  # sp = 1 runs "tp" too, unshifted
-            ms = coster.stage_ms(batch.shape, mode, batch.decode)
-        else:  # stages with their own thresholds disagree: each stage runs its own mode
-            both = {m: coster.stage_ms(batch.shape, m, batch.decode) for m in set(modes)}
-            ms = [both[m][s] for s, m in enumerate(modes)]
-            log.steps_tp += modes.count("tp") / cfg.pp
-        if batch.patches:
-            ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, batch.patches))]
+        # the step's forward passes: itself, or the micro-batches a single-stage step is split into, in turn;
+        # its images are encoded before the first (``in_step_ms``)
+        wait = not (cfg.lookahead and ahead)
+        if cfg.microbatches == 1:
+            ms, tp = self.forward_ms(batch.shape, batch.decode, batch.patches, wait)
+            log.steps_tp += tp
+        else:
+            parts = micro_batches(lane, batch, cfg.microbatches)
+            ms = [0.0] * cfg.pp
+            for k, (shape, decode) in enumerate(parts):
+                part, tp = self.forward_ms(shape, decode, batch.patches if k == 0 else (), wait)
+                ms = [a + b for a, b in zip(ms, part)]
+                log.steps_tp += tp / len(parts)
         rep = lane.replica
         ready = t
-        if not (cfg.lookahead and ahead):  # not sent while the last step ran: each stage's GPU waits for its rank
-            wait = {m: coster.wait_ms(batch.shape, m, batch.decode) for m in set(modes or [mode])}
-            ms = [x + wait[modes[s] if modes else mode] for s, x in enumerate(ms)]
         if cfg.lookahead and not ahead:  # formed once the last tokens were back: the driver's host time first
             ready += coster.form_ms(batch.shape.seqs, bool(batch.chunks), sum(batch.patches)) / 1e3
         for s in range(cfg.pp):  # stage s is a FIFO server; the batch hops on after its p2p send
@@ -216,6 +218,29 @@ class Simulation:
                 ready += coster.p2p_ms(batch.tokens, s) / 1e3
         lane.busy = True
         self.push(ready, STEP_DONE, (lane, batch))
+
+    def forward_ms(self, shape: StepShape, decode: StepShape | None, patches: tuple[int, ...],
+                   wait: bool) -> tuple[list[float] | tuple[float, ...], float]:
+        """Per-stage ms of one forward pass (a step, or one micro-batch of it) in its mode(s), and its
+        share of stages in shifted (TP) mode: each stage's time, plus the in-step encoding of
+        ``patches``, plus (``wait``: not sent while the last step ran) what each stage's GPU waits
+        for its rank."""
+        cfg, coster = self.cfg, self.coster
+        modes = cfg.stage_modes(shape.tokens) if self.per_stage else None
+        if modes is None:
+            mode = cfg.mode(shape.tokens)
+            tp = cfg.shift and mode == "tp"  # sp = 1 runs "tp" too, unshifted
+            ms = coster.stage_ms(shape, mode, decode)
+        else:  # stages with their own thresholds disagree: each stage runs its own mode
+            both = {m: coster.stage_ms(shape, m, decode) for m in set(modes)}
+            ms = [both[m][s] for s, m in enumerate(modes)]
+            tp = modes.count("tp") / cfg.pp
+        if patches:
+            ms = [a + b for a, b in zip(ms, in_step_ms(cfg, coster, patches))]
+        if wait:
+            w = {m: coster.wait_ms(shape, m, decode) for m in set(modes or [mode])}
+            ms = [x + w[modes[s] if modes else mode] for s, x in enumerate(ms)]
+        return ms, tp
 
     def form(self, lane: Lane, t: float) -> tuple:
         """``form_batch`` as the engine's look-ahead sees it: ``(batch, preemptions, ahead)``. A step

@@ -32,7 +32,8 @@ blocks of the whole prompt at admission and keeps ``watermark`` free (vLLM's adm
 to simulate). Both run ``max(pp, microbatches)`` lanes per replica under PP (one scheduler per
 pipeline micro-batch in flight, sharing the replica's KV pool and ``max_seqs``), except the
 executor under torchrun or with dedicated encoders, where one scheduler splits each step into
-micro-batches.
+micro-batches. At pp = 1 both run one scheduler per replica and split each of its steps into
+``min(microbatches, chunks)`` micro-batches run one after another (``micro_batches``).
 """
 
 from __future__ import annotations
@@ -146,6 +147,39 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
            if n_dec and chunks else None)
     return (Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs, decode_max_kv=longest), tuple(patches), img_tokens,
                   tokens, dec), preempted)
+
+
+def micro_batches(lane: Lane, batch: Batch, m: int) -> list[tuple[StepShape, StepShape | None]]:
+    """The forward passes the engine runs one after another for ``batch`` when it splits each step
+    of a single-stage replica into ``m`` micro-batches (``executors.engine.Engine._micro``): the
+    step's chunks -- its decodes (the lane's decoding requests, oldest first), then its prefill
+    chunks in order -- dealt round-robin into ``min(m, chunks)`` micro-batches (chunk ``i`` to
+    micro-batch ``i mod m``). Each is ``(shape, decode part of a mixed one or None)``, built as
+    ``form_batch`` builds a whole step's; call it before ``complete_batch`` applies the step."""
+    decs = list(lane.decoding.values())
+    g = min(m, len(decs) + len(batch.chunks))
+    if g <= 1:
+        return [(batch.shape, batch.decode)]
+    assert len(decs) == batch.n_dec, (len(decs), batch.n_dec)
+    dec = [[0, 0, 0] for _ in range(g)]  # decodes, their keys (KV + the new token), the longest
+    pre = [[0, 0.0, 0, 0] for _ in range(g)]  # prefill tokens, pairs, keys, chunks
+    for i, r in enumerate(decs):
+        d, keys = dec[i % g], r.kv(lane.steps) + 1
+        d[0] += 1
+        d[1] += keys
+        d[2] = max(d[2], keys)
+    for j, (r, n) in enumerate(batch.chunks):
+        p, c = pre[(len(decs) + j) % g], r.done
+        p[0] += n
+        p[1] += n * c + n * (n + 1) / 2
+        p[2] += n + c
+        p[3] += 1
+    out = []
+    for (nd, keys, longest), (tok, pairs, kv, seqs) in zip(dec, pre):
+        shape = StepShape(nd + tok, float(keys) + pairs, float(keys + kv), nd + seqs, decode_max_kv=float(longest))
+        part = StepShape(nd, float(keys), float(keys), nd, decode_max_kv=float(longest)) if nd and seqs else None
+        out.append((shape, part))
+    return out
 
 
 def longest_decode(lane: Lane) -> float:
