@@ -166,7 +166,9 @@ class Scheduler(_Model):
     max_batch_tokens: Annotated[Int, Field(ge=1, le=10_000_000)] = 8192  # token budget of one step (prefill + decodes)
     max_seqs: Annotated[Int, Field(ge=1, le=100_000)] = 256
     block_size: Annotated[Int, Field(ge=1, le=1024)] = 16  # paged KV cache block, tokens
-    microbatches: Count = 1  # pipeline micro-batches in flight
+    # under PP: pipeline micro-batches in flight (max(pp, microbatches) lanes); at pp = 1: forward passes
+    # each step is split into, run one after another
+    microbatches: Count = 1
 
 
 class Percentiles(_Model):

@@ -12,8 +12,10 @@ both modules):
   memory, so a request can be preempted mid-prefill); the simulator reserves the blocks of a
   request's whole prompt at admission and keeps a 1% watermark free (vLLM's admission rule), so
   preemptions differ when KV is short.
-* Lanes: the simulator models PP "virtual engines" (one scheduler per micro-batch in flight); the
-  executor runs one scheduler per replica and splits its step into micro-batches.
+* Lanes: under PP both run one scheduler per micro-batch in flight (PP "virtual engines"), except
+  the executor under torchrun or with dedicated encoders, which runs one scheduler per replica and
+  splits its step into micro-batches; at pp = 1 both split a step into micro-batches
+  (``tests/test_simulator_microbatches.py``).
 """
 
 from __future__ import annotations
