@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from executors import paged_decode, paged_prefill
-from executors.batch import MicroBatch
+from executors.batch import MicroBatch, to_device
 
 if TYPE_CHECKING:
     from executors.model import AttnMeta
@@ -285,8 +285,8 @@ def split_decodes(mb: MicroBatch, spans: list[tuple[int, int, int, int]], block:
     mask = torch.arange(nb * block)[None, :] < lens[:, None]
     gone = set(dec)
     keep = [sp for j, sp in enumerate(spans) if j not in gone]
-    return keep, {"dec_rows": torch.tensor([spans[j][0] for j in dec], device=device), "table": table.to(device),
-                  "seq_lens": lens.to(device), "seq_mask": mask.to(device), "block_size": block}
+    return keep, {"dec_rows": to_device([spans[j][0] for j in dec], device), "table": to_device(table, device),
+                  "seq_lens": to_device(lens, device), "seq_mask": to_device(mask, device), "block_size": block}
 
 
 def prefill_inputs(mb: MicroBatch, spans: list[tuple[int, int, int, int]], seqs: list[tuple[int, int, int, int]],

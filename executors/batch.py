@@ -125,10 +125,17 @@ class MicroBatch:
 
 
 def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``values`` (a list: as int64) on ``device`` without waiting for the device's queued work (a
-    plain host-to-GPU copy synchronises the stream; a pinned one is queued behind it)."""
+    """``values`` (a list: as int64) on ``device`` without waiting for the device's queued work.
+
+    A plain host-to-GPU copy from pageable memory returns only when the stream has run everything
+    queued before it (``torch.cuda.set_sync_debug_mode`` names it a synchronising call): inside a
+    step's launch that is the previous step, and the launch's own kernels so far. A copy from
+    page-locked memory is queued behind them instead, and the host goes on. Every host tensor a
+    step's launch sends to the GPU goes through here."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _microbatch_from(state: dict) -> MicroBatch:

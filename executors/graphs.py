@@ -47,7 +47,7 @@ import time
 import torch
 
 from executors import paged_decode, paged_prefill
-from executors.batch import MicroBatch
+from executors.batch import MicroBatch, to_device
 from executors.switches import switch
 from plans.engine_shapes import BATCH_BUCKETS, MIN_KEYS, key_sizes, keys_bucket
 from plans.mesh import GRAPH_TOKEN_BUCKETS as TOKEN_BUCKETS
@@ -352,7 +352,7 @@ class MixedGraphs(_BucketGraphs):
 
     def _fill_images(self, mb: MicroBatch) -> None:
         if self.images and mb.img_tok.numel():
-            self.img.index_copy_(0, mb.img_tok.to(self.img.device), self.model.image_rows(mb).to(self.img.dtype))
+            self.img.index_copy_(0, to_device(mb.img_tok, self.img.device), self.model.image_rows(mb).to(self.img.dtype))
 
     def padded(self, mb: MicroBatch, h_in: torch.Tensor | None, mode: str = "tp") -> torch.Tensor:
         """What a replay computes, run eagerly on padded inputs (no graph)."""

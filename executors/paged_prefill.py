@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from executors import paged_decode
+from executors.batch import to_device
 from plans import engine_shapes as shapes
 
 try:
@@ -194,7 +195,7 @@ class PrefillInputs:
         table = torch.tensor([b + [0] * (nb - len(b)) for b in blocks] or [[0]], dtype=torch.int32)
         seq_of, row0 = programs(spans)
         col = [torch.tensor([sp[i] for sp in spans], dtype=torch.int32) for i in (0, 1, 3)]
-        return PrefillInputs(*(x.to(device) for x in [table, *col, torch.tensor(seq_of, dtype=torch.int32),
+        return PrefillInputs(*(to_device(x, device) for x in [table, *col, torch.tensor(seq_of, dtype=torch.int32),
                                                      torch.tensor(row0, dtype=torch.int32)]), block_size)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from executors import paged_prefill
 from executors.attention import (LayerCache, decode_keys, packed_mask, prefill_inputs, sequence_spans, split_decodes,
                                   warm_prompt_plans)
-from executors.batch import ImageJob, MicroBatch
+from executors.batch import ImageJob, MicroBatch, to_device
 from executors.config import ModelArgs
 from executors.encoders import exchange, load_tower
 from executors.layers import Linear, load
@@ -169,9 +169,9 @@ class StageModel:
         par, dev = self.par, self.par.device
         T = mb.num_tokens
         if self.model.embed is not None:
-            x = self.model.embed(mb.tokens.to(dev))
+            x = self.model.embed(to_device(mb.tokens, dev))
             if mb.img_tok.numel():
-                x[mb.img_tok.to(dev)] = self.image_rows(mb).to(x.dtype)
+                x[to_device(mb.img_tok, dev)] = self.image_rows(mb).to(x.dtype)
         else:
             x = h_in
         mode = mb.mode_of(self.stage.index)
@@ -181,7 +181,7 @@ class StageModel:
         slots[:T] = mb.slots
         dec = decode_keys(mb, self.scratch_slot, self.block_size) if (t_pad == T and self.caches and dev.type != "cuda") else None
         if mb.decode and (dev.type == "cuda" or t_pad > T):  # decodes read their KV blocks through the table
-            meta = self.table_meta(slots.to(dev), *self.padded_table(mb, t_pad, dev))
+            meta = self.table_meta(to_device(slots, dev), *self.padded_table(mb, t_pad, dev))
         elif dec is not None:  # one query per sequence: attend over each sequence's own keys
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, dec[0].to(dev), dec[1].to(dev))
         elif dev.type == "cuda":  # fused kernels per sequence; no [T, K] mask
@@ -190,19 +190,19 @@ class StageModel:
             seqs, decodes = split_decodes(mb, spans, self.block_size, dev)
             kernel = self.paged_prefill_ok and paged_prefill.wanted(len(seqs))
             pre = prefill_inputs(mb, spans, seqs, self.block_size, dev) if kernel else None
-            meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), None, seqs=seqs, **decodes, prefill=pre)
+            meta = AttnMeta(to_device(slots, dev), to_device(mb.key_slots, dev), None, seqs=seqs, **decodes, prefill=pre)
         else:
             mb = mb.with_keys(self.block_size)
             meta = AttnMeta(slots.to(dev), mb.key_slots.to(dev), packed_mask(mb, t_pad, dev))
         pos = mb.pos
         if sp > 1:
             x, pos = split_tokens(x, pos, par)
-        x = self.model.layers_forward(x, pos.to(dev), self.caches, meta, mode if par.sp > 1 else "tp")
+        x = self.model.layers_forward(x, to_device(pos, dev), self.caches, meta, mode if par.sp > 1 else "tp")
         if sp > 1:
             x = gather_tokens(x, T, par)
         if self.model.lm_head is None:
             return x
-        return self.model.logits(x[mb.sample_idx.to(dev)])
+        return self.model.logits(x[to_device(mb.sample_idx, dev)])
 
     @property
     def paged_prefill_ok(self) -> bool:
@@ -277,7 +277,7 @@ class StageModel:
         if extra:
             table = F.pad(table, (0, 0, 0, extra))
             lens = F.pad(lens, (0, extra), value=1)
-        return table.to(dev), lens.to(dev)
+        return to_device(table, dev), to_device(lens, dev)
 
     def table_meta(self, slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> AttnMeta:
         """Decode attention inputs from a block table ``[S, nb]`` and key counts ``lens [S]`` (device

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from executors.batch import to_device
 from executors.config import VisionArgs
 from executors.layers import Checkpointed, LayerNorm, Linear, RMSNorm, param
 from executors.rope import rotate_half
@@ -186,14 +187,14 @@ class VisionTower(nn.Module):
         tower's device from the grid alone, so a CUDA graph of ``encode`` can hold them fixed)."""
         v = self.v
         dev = self.inv_freq.device
-        pos = vision_pos(grid, v.merge).float().to(dev)
+        pos = to_device(vision_pos(grid, v.merge).float(), dev)
         ang = torch.cat([pos[:, :1] * self.inv_freq, pos[:, 1:] * self.inv_freq], dim=-1)
         ang = torch.cat([ang, ang], dim=-1)
         frames = [h * w for t, h, w in grid for _ in range(t)]
         windows, order = frames, None
         if v.qwen25:
             order, windows = window_order(grid, v.merge, v.window_size // v.merge // v.patch_size)
-            order = order.to(dev)
+            order = to_device(order, dev)
             unit = v.merge**2
             ang = ang.reshape(-1, unit, ang.shape[-1])[order].reshape(-1, ang.shape[-1])
         return TowerInputs(ang.cos()[:, None], ang.sin()[:, None], frames, windows, order)

@@ -584,3 +584,36 @@ def test_bucket_matmuls_names_each_layers_products_and_the_buckets_it_flags(tmp_
     with pytest.raises(SystemExit) as e:
         bm.main(["--out", str(tmp_path), "--models", "llama-3.1-8b"])
     assert e.value.code == 2 and "--models 'llama-3.1-8b'" in capsys.readouterr().err
+
+
+def test_host_waits_charges_each_blocking_call_to_its_project_frames():
+    """bench/host_waits.py: a runtime call is charged to the innermost project frames above it (the
+    profiler's parent events), with the Python call that made it; short calls and calls that
+    cannot block are left out."""
+    from types import SimpleNamespace
+
+    from bench import host_waits as hw
+
+    def ev(name, us=0.0, parent=None, t0=0.0):
+        return SimpleNamespace(name=name, cpu_parent=parent, stack=None,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us, start=t0, end=t0 + us))
+
+    launch = ev("executors/worker.py(218): launch")
+    fwd = ev("executors/stage.py(167): forward", parent=launch)
+    to = ev("<built-in method to of Tensor object at 0x7f>", parent=ev("torch/x.py(1): f", parent=fwd))
+    copy = ev("aten::copy_", parent=to)
+    events = [ev("cudaStreamSynchronize", 900.0, copy), ev("cudaStreamSynchronize", 300.0, copy),
+              ev("cudaStreamSynchronize", 50.0, copy), ev("cudaLaunchKernel", 5000.0, copy),
+              ev("cudaEventSynchronize", 700.0, None, t0=100.0), ev("cudaMemcpyAsync", 400.0, None, t0=5000.0)]
+    # an unlinked call (no parents) is placed by the Python calls whose time spans hold it
+    events += [ev("executors/worker.py(343): out", 2000.0, t0=50.0), ev("<built-in method synchronize>", 900.0, t0=90.0)]
+    got = hw.runtime_waits(events, min_us=200.0, frames=2)
+    key = "cudaStreamSynchronize in to @ executors/stage.py(167): forward < executors/worker.py(218): launch"
+    assert got[key] == {"count": 2, "total_us": 1200.0, "max_us": 900.0}
+    assert got["cudaEventSynchronize in synchronize @ executors/worker.py(343): out"]["count"] == 1
+    assert got["cudaMemcpyAsync in ? @ (no project frame)"]["count"] == 1  # held by no Python call
+    assert len(got) == 3  # the 50 us call is under the threshold; a kernel launch is no wait
+    assert "cudaStreamSynchronize" in hw.markdown({
+        "model": "m", "device": "d", "torch": "t", "python": "p", "command": "c", "requests": 1, "duration_s": 1,
+        "rate_rps": 1.0, "fraction": 0.5, "profiled_wall_s": 1, "replay_wall_s": 1, "min_us": 200.0,
+        "runtime_waits": got, "sync_warnings": {"w @ s": 3}})
