@@ -10,7 +10,7 @@ tp, sp, shift, dp), while a replica's step computes its next one (decodes, promp
 already scheduled, packed and sent, its pending input tokens taken on the device from the last step's
 samples (``Engine._look_ahead``;
 every rank of the replica samples, and a spawned rank launches a step already sent before it reads
-the last one's tokens, unless that launch waits for the device: ``worker.serve_steps``). A worker that fails or dies stops the whole engine:
+the last one's tokens: ``worker.serve_steps``). A worker that fails or dies stops the whole engine:
 every rank is terminated and ``WorkerError`` names the rank and its error.
 
 With ``vision.placement: dedicated`` the world has ``dedicated_gpus`` encoder ranks after the

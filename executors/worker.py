@@ -287,16 +287,6 @@ class RankRunner:
                 "tower": len(tower.graphs) if tower else 0,
                 "capture_s": round(self.graphs.capture_s + self.mixed_graphs.capture_s + (tower.capture_s if tower else 0), 3)}
 
-    def waits_for_device(self, step: Step) -> bool:
-        """Whether launching ``step`` holds this rank's host until the device has run much of it: a
-        step with images, or one with a micro-batch that runs eagerly. Their launch reads results
-        back and copies from pageable memory, so it returns about when their GPU work ends (traced
-        on one H200 by the single-rank engine, which launches in the driver's process,
-        ``bench/results/fidelity_2gpu.single.steps.json.gz``: an eager text step's launch took 1.09x
-        its GPU time, an image step's at least its tower's GPU time). ``serve_steps`` reports the
-        last step before launching such a step, not after it."""
-        return bool(step.image_jobs) or any(self._graphs_of(mb)[0] is None for mb in step.micro)
-
     def _graphs_of(self, mb: MicroBatch) -> tuple[Any, str]:
         """The step graphs that replay ``mb`` (None: it runs eagerly) and its mode on this stage."""
         mode = mb.mode_of(self.model.stage.index) if self.par.sp > 1 else "tp"
@@ -374,13 +364,11 @@ def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched],
     one only as a look-ahead step, whose input tokens come from this step's samples on the device,
     so the device queues it behind this one. The next step is waited for until this step's tokens
     have reached the host (``Launched.done``; on CPU: one look, they are there at launch); then
-    this step is reported and the next one read as usual. A next step whose launch holds the host
-    until the device has run it (``RankRunner.waits_for_device``: images, or eager) is launched
-    after this step is reported instead: else this step's tokens, ready on the device, would reach
-    the driver only when that launch returns (tens to hundreds of ms for an image prompt), and the
-    driver could not form the step after it meanwhile. (The single-rank engine launches in the
-    driver's own process, so its driver waits for such a launch either way.) Reports leave in step order; a step
-    still held at the end marker is dropped (the driver is shutting down)."""
+    this step is reported and the next one read as usual. A launch does not wait for the device (its
+    host tensors go up page-locked, ``batch.to_device``; ``bench/host_waits.py`` finds no such wait
+    on one GPU), so launching first leaves the GPU no gap
+    between the two steps, and delays this step's report by the launch's host time at most. Reports
+    leave in step order; a step still held at the end marker is dropped (the driver is shutting down)."""
     held: Launched | None = None  # launched, tokens not reported yet
     while True:
         if held is None:
@@ -396,9 +384,6 @@ def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched],
         t = time.perf_counter()
         step = from_bytes(msg)
         unpickle_ms = (time.perf_counter() - t) * 1e3
-        if held is not None and runner.waits_for_device(step):
-            report(held)
-            held = None
         launched = runner.launch(step, unpickle_ms=unpickle_ms)
         if held is not None:
             report(held)

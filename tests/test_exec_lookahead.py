@@ -74,9 +74,9 @@ def test_lookahead_gives_the_plain_engines_tokens(case: str, mesh: str) -> None:
         assert any(len(t) < r.max_new_tokens for t, r in zip(got, REQS))
 
 
-def _served(waiting: set[int]) -> list[str]:
+def _served() -> list[str]:
     """The launches and reports of a rank served steps 1 and 2 at once (2 sent ahead), then 3 once
-    2 is reported; steps in ``waiting`` are ones whose launch holds the host until the device ran them."""
+    2 is reported."""
     spec = Channel.create(readers=1, slots=4)
     try:
         driver, rank = Channel(spec), Channel(spec, reader=0)
@@ -86,9 +86,6 @@ def _served(waiting: set[int]) -> list[str]:
             def launch(self, step: int, unpickle_ms: float = 0.0) -> Launched:
                 events.append(f"launch {step}")
                 return Launched(StepOut(step, 0, [step], []), torch.tensor([step]))
-
-            def waits_for_device(self, step: int) -> bool:
-                return step in waiting
 
         def report(launched: Launched) -> None:
             o = launched.out()
@@ -108,12 +105,7 @@ def _served(waiting: set[int]) -> list[str]:
 
 
 def test_a_rank_launches_a_sent_step_before_reporting_the_last() -> None:
-    assert _served(set()) == ["launch 1", "launch 2", "report 1", "report 2", "launch 3", "report 3"]
-
-
-def test_a_step_whose_launch_waits_for_the_device_is_launched_after_the_last_is_reported() -> None:
-    """An image or eager step sent ahead: the last step's tokens leave first, not when its launch returns."""
-    assert _served({2}) == ["launch 1", "report 1", "launch 2", "report 2", "launch 3", "report 3"]
+    assert _served() == ["launch 1", "launch 2", "report 1", "report 2", "launch 3", "report 3"]
 
 
 def test_warm_up_leaves_the_engine_as_loaded() -> None:
