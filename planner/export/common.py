@@ -225,7 +225,8 @@ def header(x: Export, explain: bool) -> list[str]:
     lines = [f"{info.title} {info.version} launch for plan {x.plan_name}: {x.target.label}"
              + (f", shift threshold {x.target.shift_threshold} tokens" if x.target.shift_threshold else "")
              + (f", vision {x.target.placement}" if x.target.placement != "none" else ""),
-             f"flags checked against {info.source}"]
+             f"flags checked against {info.source}; every flag and choice an export can emit was parsed by "
+             f"{info.title}'s own argument parser (bench/results/export_flags.md names the release)"]
     if x.planned_for_engine:
         lines.append(f"the plan was searched for {info.title} (engine: {x.engine}): only meshes and encoder placements "
                      "it runs were considered")
