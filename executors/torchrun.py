@@ -10,6 +10,10 @@ the sampled tokens back to rank 0 point-to-point. Dedicated encoder ranks (after
 their encode jobs with the same broadcast; rank 0 admits those requests at once (stage 0's
 receive waits for the encoder, and each encoder serves its jobs in order). Ranks other than 0 never return from ``load``:
 they serve steps until rank 0 shuts down, then exit.
+
+A rank that dies or stops answering is found by every other rank's heartbeat watch
+(``executors.liveness``): each exits with code 2, one ``error:`` line a node naming the rank, instead
+of waiting in a collective for the process group's timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.distributed as dist
 from executors.batch import Step, StepOut
 from executors.engine import Engine
 from executors.encoders import EncoderServer
+from executors.liveness import Liveness
 from executors.parallel import build_par, reporting_rank
 from executors.worker import RankRunner, WorkerSpec, encoder_server, from_bytes, rank_device, to_bytes
 from plans.schema import Plan
@@ -31,8 +36,9 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def join(spec: WorkerSpec) -> RankRunner | EncoderServer:
-    """Join torchrun's process group and build this rank's stage (or its encoder)."""
+def join(spec: WorkerSpec) -> tuple[RankRunner | EncoderServer, Liveness]:
+    """Join torchrun's process group, start this rank's heartbeat and watch, and build this rank's
+    stage (or its encoder)."""
     rank = int(os.environ["RANK"])
     dev = rank_device(spec, rank)
     if dev.type == "cuda":
@@ -42,8 +48,9 @@ def join(spec: WorkerSpec) -> RankRunner | EncoderServer:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     plan = Plan.model_validate_json(spec.plan_json)
+    live = Liveness(plan.mesh.size)
     par = build_par(plan.mesh, rank, dev)
-    return RankRunner(spec, par) if par is not None else encoder_server(spec, dev)
+    return (RankRunner(spec, par) if par is not None else encoder_server(spec, dev)), live
 
 
 class TorchrunEngine(Engine):
@@ -55,7 +62,7 @@ class TorchrunEngine(Engine):
             from plans.errors import UserError
 
             raise UserError(f"plan {self.plan.name} needs {self.world} ranks; torchrun started {world}")
-        self.runner = join(self.spec)
+        self.runner, self.live = join(self.spec)
         self.to_encode: list[tuple[int, tuple]] = []
         self.lock_step, self.lanes = True, 1
         self.done: list[StepOut] = []  # this rank's own replica's answers
@@ -67,21 +74,23 @@ class TorchrunEngine(Engine):
     def _send(self, steps: dict[int, Step]) -> None:
         """One broadcast carries the round's steps and encode jobs; then this rank runs its own."""
         jobs, self.to_encode = self.to_encode, []
-        dist.broadcast_object_list([to_bytes((steps, jobs))], src=0)
-        self.waiting = list(steps)
-        mine = steps.get(self.runner.par.dp_i)
-        if mine is not None:
-            o = self.runner.run(mine)
-            if o is not None:
-                self.done.append(o)
-                self.waiting.remove(o.replica)
+        with self.live.collectives():
+            dist.broadcast_object_list([to_bytes((steps, jobs))], src=0)
+            self.waiting = list(steps)
+            mine = steps.get(self.runner.par.dp_i)
+            if mine is not None:
+                o = self.runner.run(mine)
+                if o is not None:
+                    self.done.append(o)
+                    self.waiting.remove(o.replica)
 
     def _receive(self) -> StepOut:
         """This rank's own answer first, then each other replica's from its reporting rank."""
         if self.done:
             return self.done.pop(0)
         box: list[Any] = [None]
-        dist.recv_object_list(box, src=reporting_rank(self.plan.mesh, self.waiting.pop(0)))
+        with self.live.collectives():
+            dist.recv_object_list(box, src=reporting_rank(self.plan.mesh, self.waiting.pop(0)))
         return from_bytes(box[0])
 
     def shutdown(self, force: bool = False) -> None:
@@ -89,30 +98,34 @@ class TorchrunEngine(Engine):
             return
         self.closed = True
         try:
-            dist.broadcast_object_list([None], src=0)
+            with self.live.collectives():  # a rank found dead here still ends the run with its name
+                dist.broadcast_object_list([None], src=0)
+            self.live.stop()
             dist.destroy_process_group()
-        except Exception:
+        except Exception:  # refused before joining, or the group is already gone
             pass
 
 
 def follow(spec: WorkerSpec) -> None:
     """Ranks other than 0: serve steps until rank 0 broadcasts None."""
-    runner = join(spec)
-    while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is None:
-            break
-        steps, jobs = from_bytes(box[0])
-        if isinstance(runner, EncoderServer):
-            for rank, job in jobs:
-                if rank == dist.get_rank():
-                    runner.serve(*job)
-            continue
-        mine = steps.get(runner.par.dp_i)
-        if mine is None:
-            continue
-        out = runner.run(mine)
-        if out is not None:
-            dist.send_object_list([to_bytes(out)], dst=0)
+    runner, live = join(spec)
+    with live.collectives():
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                break
+            steps, jobs = from_bytes(box[0])
+            if isinstance(runner, EncoderServer):
+                for rank, job in jobs:
+                    if rank == dist.get_rank():
+                        runner.serve(*job)
+                continue
+            mine = steps.get(runner.par.dp_i)
+            if mine is None:
+                continue
+            out = runner.run(mine)
+            if out is not None:
+                dist.send_object_list([to_bytes(out)], dst=0)
+    live.stop()
     dist.destroy_process_group()

@@ -1,0 +1,129 @@
+"""Under torchrun: a heartbeat per rank in torchrun's store, so that a rank that dies or stops answering
+ends the run on every rank with one message and exit code 2 instead of a hang.
+
+A collective cannot tell a dead peer from a slow one. Gloo fails at once only when the peer's
+socket closes (a killed process, not a stopped one or a lost node); NCCL waits for the process
+group's timeout (10 minutes); and a rank may legitimately wait in the step broadcast for as long as
+rank 0 has no work, so a short timeout on collectives is no answer. Instead every rank runs a
+thread that adds 1 to its counter ``beat/<rank>`` in the store (torchrun's, at ``MASTER_ADDR:
+MASTER_PORT``) every ``BEAT_S`` and reads every rank's counter. The rule:
+
+- a rank whose counter has not moved for ``silent_s`` (``SHIFTPLAN_SILENT_S``, default 30 s) died
+  or stopped answering; once a collective has failed in this process (``collectives``: gloo's
+  closed socket) the window is ``FAILED_BEATS`` beats, so a killed rank is named within seconds;
+- the first rank to find one writes the verdict under ``down``; every rank reads that key each
+  beat, so all of them name the same culprit;
+- a store that stops answering is a verdict too (it lives in torchrun's launcher on node 0);
+- each rank then exits with code 2 from the watch thread (``os._exit``: a process blocked in a
+  collective with a dead peer cannot unwind, nor can its process group be torn down); the lowest
+  live rank of each node first prints the verdict as one ``error:`` line.
+
+On an orderly shutdown ``stop`` ends the watch first. The process group keeps torch's timeout (gloo
+30 min, NCCL 10 min), which still ends a rank that idles in a collective for longer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch.distributed as dist
+
+BEAT_S = 1.0
+SILENT_S = 30.0
+FAILED_BEATS = 3
+
+
+class Liveness:
+    """This rank's heartbeat and its watch on every other rank's, from construction (once the process
+    group is up: every rank builds one at the same point). ``mesh_size``: ranks from it on are
+    dedicated encoder ranks (named so)."""
+
+    def __init__(self, mesh_size: int, silent_s: float | None = None):
+        self.rank, self.world, self.mesh_size = dist.get_rank(), dist.get_world_size(), mesh_size
+        self.silent_s = silent_s if silent_s is not None else float(os.environ.get("SHIFTPLAN_SILENT_S", SILENT_S))
+        self.address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        self.where = f"{self.address[0]}:{self.address[1]}"
+        store = dist.TCPStore(*self.address, is_master=False, timeout=timedelta(seconds=max(self.silent_s, 10.0)),
+                              wait_for_workers=False)
+        self.store = dist.PrefixStore("shiftplan/liveness", store)
+        self.keys = [f"beat/{r}" for r in range(self.world)]
+        self.store.add(self.keys[self.rank], 1)
+        node = f"node {os.environ.get('GROUP_RANK', '?')} ({socket.gethostname()})"
+        self.nodes: list[str] = [""] * self.world
+        dist.all_gather_object(self.nodes, node)  # also: every rank's counter exists from here on
+        self.failed, self.stopped = threading.Event(), threading.Event()
+        threading.Thread(target=self._watch, name="shiftplan-liveness", daemon=True).start()
+
+    def stop(self) -> None:
+        """An orderly shutdown: end the watch (peers that exit now are not reported)."""
+        self.stopped.set()
+
+    @contextlib.contextmanager
+    def collectives(self) -> Iterator[None]:
+        """Around collectives: one that raises (gloo: a peer's socket closed) shortens the watch's
+        window to ``FAILED_BEATS`` beats, and this thread waits while the watch names the silent rank
+        and ends the process; if every rank still beats, the error was this process's own and is
+        raised."""
+        try:
+            yield
+        except RuntimeError:
+            self.failed.set()
+            time.sleep((FAILED_BEATS + 3) * BEAT_S)
+            raise
+
+    def _watch(self) -> None:
+        last: list[bytes] = [b""] * self.world
+        moved = [time.monotonic()] * self.world
+        while not self.stopped.is_set():
+            try:
+                if self.failed.is_set():  # a peer's socket closed: is the store's launcher gone too?
+                    socket.create_connection(self.address, timeout=BEAT_S).close()
+                self.store.add(self.keys[self.rank], 1)
+                counts = self.store.multi_get(self.keys)
+                down = self.store.get("down") if self.store.check(["down"]) else None
+                now = time.monotonic()
+                for r, c in enumerate(counts):
+                    if c != last[r]:
+                        last[r], moved[r] = c, now
+                window = FAILED_BEATS * BEAT_S if self.failed.is_set() else self.silent_s
+                silent = [r for r in range(self.world) if r != self.rank and now - moved[r] > window]
+                if down is None and silent:  # the first verdict written stands
+                    down = self.store.compare_set("down", "", json.dumps([silent, self._verdict(silent, window)]))
+            except Exception as e:  # the store is gone or does not answer
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                down = json.dumps([[], f"lost torchrun's store at {self.where}, kept by the launcher of "
+                                       f"{self.nodes[0]}: that node's ranks died or its launcher stopped ({first})"])
+            if down is not None:
+                self._end(*json.loads(down))
+            self.stopped.wait(BEAT_S)
+
+    def _verdict(self, silent: list[int], window: float) -> str:
+        by_node: dict[str, list[int]] = {}
+        for r in silent:
+            by_node.setdefault(self.nodes[r], []).append(r)
+        who = "; ".join(f"{self._ranks(rs)} on {node}" for node, rs in by_node.items())
+        return f"{who} died or stopped answering (no heartbeat for {window:g} s); every rank stops"
+
+    def _ranks(self, ranks: list[int]) -> str:
+        roles = {"encoder" if r >= self.mesh_size else "worker" for r in ranks}
+        role = roles.pop() + " " if len(roles) == 1 else ""
+        return f"{role}rank {ranks[0]}" if len(ranks) == 1 else f"{role}ranks {', '.join(map(str, ranks))}"
+
+    def _end(self, silent: list[int], message: str) -> None:
+        """Exit with code 2; the lowest live rank of this node prints the verdict first."""
+        if self.stopped.is_set():
+            return
+        node = [r for r in range(self.world) if self.nodes[r] == self.nodes[self.rank]]
+        if self.rank == min([r for r in node if r not in silent] or node):
+            sys.stdout.flush()
+            sys.stderr.write(f"error: {message}\n")
+            sys.stderr.flush()
+        os._exit(2)
