@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 import executors
 from executors import Request, Sampling
 from executors.engine import free_port
 from plans.schema import Plan, save_plan
-from tests.tiny.helpers import IMAGE_TOKEN, make_plan
+from tests.tiny.helpers import CONFIGS, IMAGE_TOKEN, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +39,12 @@ def _torchrun_plan_run(plan: Plan, tmp_path: Path, ranks: int, *args: str) -> li
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("tokens:")]
     assert len(lines) == 1  # only rank 0 prints
     return [int(t) for t in lines[0].split()[1:]]
+
+
+def _node(k: int, port: int, *command: str) -> list[str]:
+    """The launch line of torchrun node ``k`` of two, one process each, rendezvous on the loopback address."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(k),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), *command]
 
 
 def test_plan_run_under_torchrun_matches_single_rank(tmp_path: Path) -> None:
@@ -75,11 +87,9 @@ def test_two_torchrun_nodes_match_one_rank(tmp_path: Path) -> None:
     assert plan_exe, "the `plan` console script is not installed"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
-         str(k), "--master-addr", "127.0.0.1", "--master-port", str(port), plan_exe, "run", str(path), "--tokens",
-         "5,6,7,8", "-n", "8", "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        cwd=tmp_path) for k in (0, 1)]
+    run = (plan_exe, "run", str(path), "--tokens", "5,6,7,8", "-n", "8", "--seed", "3")
+    procs = [subprocess.Popen(_node(k, port, *run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=tmp_path) for k in (0, 1)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     lines = [ln for out, _err in outs for ln in out.splitlines() if ln.startswith("tokens:")]
@@ -87,3 +97,83 @@ def test_two_torchrun_nodes_match_one_rank(tmp_path: Path) -> None:
     with executors.load(make_plan("qwen2"), seed=3) as eng:
         want = eng.generate([Request(tokens=[5, 6, 7, 8])], max_new_tokens=8, sampling=Sampling())[0].tokens
     assert [int(t) for t in lines[0].split()[1:]] == want
+
+
+def _child(pid: int, within: float = 60.0) -> int:
+    """The process torchrun's launcher ``pid`` started (its worker), once there is one."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                return int(stat.parent.name)
+        time.sleep(0.1)
+    raise AssertionError(f"torchrun {pid} started no worker within {within} s")
+
+
+def _joined(pid: int, within: float = 60.0) -> None:
+    """Wait until process ``pid`` has joined its gloo process group (gloo's threads run in it)."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        names = set()
+        for comm in Path(f"/proc/{pid}/task").glob("*/comm"):
+            with contextlib.suppress(OSError):
+                names.add(comm.read_text().strip())
+        if any(n.startswith(("gloo", "pt_gloo")) for n in names):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} joined no gloo process group within {within} s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker process through /proc")
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_lost_node_ends_the_run_with_one_message(tmp_path: Path, how: str) -> None:
+    """Two torchrun nodes (pp2 across them) on a long run; mid-run node 1's rank is killed (SIGKILL) or
+    stopped (SIGSTOP, a rank that stops answering: its sockets stay open). Node 0's rank prints one
+    ``error:`` line naming rank 1 and exits with code 2, which torchrun's report on node 0 shows; no
+    traceback of its own. A hang fails the test by the subprocess timeout. ``executors.liveness``:
+    a killed rank is named a few beats after gloo's collective fails, a stopped one after
+    ``SHIFTPLAN_SILENT_S`` (4 s here) without a heartbeat."""
+    from plans.schema import Hardware
+
+    cfg = json.loads(CONFIGS["qwen2"].read_text())
+    cfg["max_position_embeddings"] = 4096  # room for a run of minutes
+    (tmp_path / "long.json").write_text(json.dumps(cfg))
+    base = make_plan("qwen2", pp=2)
+    model = base.model.model_copy(update={"config": str(tmp_path / "long.json")})
+    plan = base.model_copy(update={"hardware": Hardware(gpu="cpu", gpus_per_node=1, nodes=2), "model": model}).check()
+    path = tmp_path / "p.plan.yaml"
+    save_plan(plan, path)
+    beside = Path(sys.executable).parent / "plan"
+    plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
+    assert plan_exe, "the `plan` console script is not installed"
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SHIFTPLAN_SILENT_S": "4"}
+    procs = [subprocess.Popen(_node(k, port, plan_exe, "run", str(path), "--tokens", "5,6,7,8", "-n", "4000"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for k in (0, 1)]
+    workers: list[int] = []
+    try:
+        workers = [_child(p.pid) for p in procs]
+        _joined(workers[1])
+        time.sleep(2.0)  # mid-run: the tiny stage is built well within this
+        os.kill(workers[1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        _out, err = procs[0].communicate(timeout=60)  # node 0: a hang raises TimeoutExpired
+    finally:
+        for pid in workers:  # a stopped rank, or one left hanging; its launcher then ends
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.communicate(timeout=30)
+            p.kill()
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert errors[0].startswith("error: worker rank 1 on node 1 ") and "died or stopped answering" in errors[0]
+    assert "(exitcode: 2)" in err, err[-3000:]  # torchrun's report of rank 0's exit
+    rank_part = err[:err.index("(exitcode: 2)")]  # what the rank wrote (torchrun's report, its own traceback, follows)
+    assert "Traceback" not in rank_part and "[rank0]" not in err, err[-3000:]
+    assert procs[0].returncode != 0
