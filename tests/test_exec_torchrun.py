@@ -23,14 +23,28 @@ from tests.tiny.helpers import CONFIGS, IMAGE_TOKEN, make_plan
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _plan_exe() -> str:
+    """The ``plan`` console script beside this interpreter (the venv need not be on PATH), else PATH's."""
+    beside = Path(sys.executable).parent / "plan"
+    plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
+    assert plan_exe, "the `plan` console script is not installed"
+    return plan_exe
+
+
+def _two_node_plan(base: Plan, tmp_path: Path) -> Path:
+    """``base`` for 2 nodes x 1 CPU, saved as ``tmp_path/p.plan.yaml``."""
+    from plans.schema import Hardware
+
+    path = tmp_path / "p.plan.yaml"
+    save_plan(base.model_copy(update={"hardware": Hardware(gpu="cpu", gpus_per_node=1, nodes=2)}).check(), path)
+    return path
+
+
 def _torchrun_plan_run(plan: Plan, tmp_path: Path, ranks: int, *args: str) -> list[int]:
     """``torchrun --nproc-per-node RANKS plan run PLAN ARGS``: the tokens rank 0 prints."""
     path = tmp_path / "p.plan.yaml"
     save_plan(plan, path)
-    # the console script beside this interpreter (the venv need not be on PATH), else PATH's
-    beside = Path(sys.executable).parent / "plan"
-    plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
-    assert plan_exe, "the `plan` console script is not installed"
+    plan_exe = _plan_exe()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), plan_exe,
@@ -76,15 +90,8 @@ def test_two_torchrun_nodes_match_one_rank(tmp_path: Path) -> None:
         torchrun --nnodes 2 --nproc-per-node 1 --node-rank 1 --master-addr 127.0.0.1 --master-port P plan run PLAN ...
     """
 
-    from plans.schema import Hardware
-
-    base = make_plan("qwen2", pp=2)
-    plan = base.model_copy(update={"hardware": Hardware(gpu="cpu", gpus_per_node=1, nodes=2)}).check()
-    path = tmp_path / "p.plan.yaml"
-    save_plan(plan, path)
-    beside = Path(sys.executable).parent / "plan"
-    plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
-    assert plan_exe, "the `plan` console script is not installed"
+    path = _two_node_plan(make_plan("qwen2", pp=2), tmp_path)
+    plan_exe = _plan_exe()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = (plan_exe, "run", str(path), "--tokens", "5,6,7,8", "-n", "8", "--seed", "3")
@@ -137,19 +144,13 @@ def test_a_lost_node_ends_the_run_with_one_message(tmp_path: Path, how: str) -> 
     traceback of its own. A hang fails the test by the subprocess timeout. ``executors.liveness``:
     a killed rank is named a few beats after gloo's collective fails, a stopped one after
     ``SHIFTPLAN_SILENT_S`` (4 s here) without a heartbeat."""
-    from plans.schema import Hardware
-
     cfg = json.loads(CONFIGS["qwen2"].read_text())
     cfg["max_position_embeddings"] = 4096  # room for a run of minutes
     (tmp_path / "long.json").write_text(json.dumps(cfg))
     base = make_plan("qwen2", pp=2)
     model = base.model.model_copy(update={"config": str(tmp_path / "long.json")})
-    plan = base.model_copy(update={"hardware": Hardware(gpu="cpu", gpus_per_node=1, nodes=2), "model": model}).check()
-    path = tmp_path / "p.plan.yaml"
-    save_plan(plan, path)
-    beside = Path(sys.executable).parent / "plan"
-    plan_exe = str(beside) if beside.is_file() else shutil.which("plan")
-    assert plan_exe, "the `plan` console script is not installed"
+    path = _two_node_plan(base.model_copy(update={"model": model}), tmp_path)
+    plan_exe = _plan_exe()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SHIFTPLAN_SILENT_S": "4"}
     procs = [subprocess.Popen(_node(k, port, plan_exe, "run", str(path), "--tokens", "5,6,7,8", "-n", "4000"),
