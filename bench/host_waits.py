@@ -140,7 +140,7 @@ def sync_warnings(run: Any, frames: int) -> dict[str, int]:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Host waits of the single-rank engine: {r['model']}", "",
-             f"Device {r['device']}, torch {r['torch']}, Python {r['python']}. Command: `{r['command']}`.", "",
+             f"Device {r['device']}, driver {r.get('driver', '-')}, torch {r['torch']}, Python {r['python']}. Command: `{r['command']}`.", "",
              f"Traffic: {r['requests']} requests over {r['duration_s']} s at {r['rate_rps']:.4g} req/s "
              f"({r['fraction']} of the predicted capacity); profiled replay {r['profiled_wall_s']} s "
              f"(unprofiled {r['replay_wall_s']} s).", "",
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     import executors
-    from bench.common import command_line, write_report
+    from bench.common import command_line, driver_version, write_report
     from bench.fidelity_2gpu import MODELS, cap_kv, case_plan, longest_request, model_spec, predicted_capacity
     from costmodels.simulator import cost_model_for_plan
     from planner.bench_workload import engine_requests, replay_context, replay_requests, sample_requests
@@ -189,9 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cap = predicted_capacity(plan, cost_model_for_plan(plan), wl, a.seed)
     rwl, reqs = sample_requests(wl, rate=a.fraction * cap["rps"], duration=duration, seed=a.seed)
     _, warm = sample_requests(wl, rate=a.fraction * cap["rps"], duration=duration, seed=a.seed + 1000)
+    model = f"tiny {MODELS[a.model]['tiny']} config" if a.tiny else MODELS[a.model]["preset"] + " shapes"
     report: dict[str, Any] = {
-        "command": command_line("bench/host_waits.py", argv), "model": f"tiny {MODELS[a.model]['tiny']} config" if a.tiny else MODELS[a.model]["preset"] + " shapes",
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        "command": command_line("bench/host_waits.py", argv), "model": model,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "driver": driver_version(),
+        "torch": torch.__version__,
         "python": platform.python_version(), "mesh": plan.mesh.label(), "fraction": a.fraction,
         "rate_rps": rwl.rate, "requests": len(reqs), "duration_s": duration, "min_us": a.min_us}
     ctx = replay_context(plan, None, warm + reqs, new_tokens=4)
