@@ -189,6 +189,11 @@ import torch
 from executors.paged_decode import paged_decode, store_kv
 from plans.engine_shapes import splits
 torch.manual_seed(0)
+_empty = torch.empty
+def _nan_empty(*a, **kw):  # the kernels' scratch starts as NaN: a range the combine reads must be one written
+    t = _empty(*a, **kw)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+torch.empty = _nan_empty
 kc, vc = torch.zeros(9, 2, 6), torch.zeros(9, 2, 6)
 qkv = torch.randn(3, 2 + 2 + 2, 6)  # k and v as strided views of one projection, as in a layer
 k, v = qkv[:, 2:4], qkv[:, 4:]
@@ -206,6 +211,7 @@ for S, hq, hkv, D, bs, dt in [(3, 8, 2, 16, 4, torch.float32), (5, 32, 8, 128, 1
     table = torch.randperm(1024)[:S * nb].view(S, nb)
     q = torch.randn(S, hq, D).to(dt)
     got = paged_decode(q, k, v, table, lens, bs).float()
+    assert torch.isfinite(got).all(), "a result read scratch no range wrote"
     ref = []
     for i in range(S):
         slots = (table[i][:, None] * bs + torch.arange(bs)).flatten()[:int(lens[i])]
@@ -225,7 +231,8 @@ def test_paged_decode_kernel_matches_reference() -> None:
     """The Triton paged-decode kernel (run by Triton's interpreter on CPU) against a per-sequence
     softmax over the keys its block table names: random tables, contexts, split counts, head
     groups and a head size that is not a power of two (the ranges combined by the second kernel, or
-    one range written directly);
+    one range written directly; ranges past a shorter sequence's keys are neither written nor read:
+    the scratch starts as NaN);
     and the KV store kernel writing strided views at their slots, padding at the scratch slot."""
     assert float(run_interpreted("-c", PAGED_CHECK).split()[-1]) < 2e-3
 
