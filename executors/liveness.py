@@ -14,6 +14,8 @@ MASTER_PORT``) every ``BEAT_S`` and reads every rank's counter. The rule:
 - the first rank to find one writes the verdict under ``down``; every rank reads that key each
   beat, so all of them name the same culprit;
 - a store that stops answering is a verdict too (it lives in torchrun's launcher on node 0);
+- a rank whose own work raises (building its stage, running a step: ``collectives``) writes the
+  verdict itself, naming its error's first line, so no rank waits for its heartbeat to stop;
 - each rank then exits with code 2 from the watch thread (``os._exit``: a process blocked in a
   collective with a dead peer cannot unwind, nor can its process group be torn down); the lowest
   live rank of each node first prints the verdict as one ``error:`` line.
@@ -33,8 +35,11 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import NoReturn
 
 import torch.distributed as dist
+
+from plans.errors import UserError
 
 BEAT_S = 1.0
 SILENT_S = 30.0
@@ -68,16 +73,32 @@ class Liveness:
 
     @contextlib.contextmanager
     def collectives(self) -> Iterator[None]:
-        """Around collectives: one that raises (gloo: a peer's socket closed) shortens the watch's
-        window to ``FAILED_BEATS`` beats, and this thread waits while the watch names the silent rank
-        and ends the process; if every rank still beats, the error was this process's own and is
-        raised."""
+        """Around a rank's work (building its stage, serving steps, their collectives): a collective
+        that raises (gloo: a peer's socket closed) shortens the watch's window to ``FAILED_BEATS``
+        beats, and this thread waits while the watch names the silent rank and ends the process; if
+        every rank still beats, or the error was no collective's, it is this rank's own: ``fail``."""
         try:
             yield
-        except RuntimeError:
-            self.failed.set()
-            time.sleep((FAILED_BEATS + 3) * BEAT_S)
-            raise
+        except Exception as e:
+            if isinstance(e, RuntimeError):
+                self.failed.set()
+                time.sleep((FAILED_BEATS + 3) * BEAT_S)
+            self.fail(e)
+
+    def fail(self, e: Exception) -> NoReturn:
+        """This rank's own error (a checkpoint without a tensor, a GPU out of memory): the verdict names
+        this rank and the error's first line, and every rank exits with code 2 (this one now, the
+        others at their next beat) instead of waiting for this one's heartbeat to stop."""
+        text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        first = (text.strip().splitlines() or [type(e).__name__])[0]
+        verdict = json.dumps([[], f"{self._ranks([self.rank])} on {self.nodes[self.rank]} failed: {first}; "
+                                  "every rank stops"])
+        try:
+            down = self.store.compare_set("down", "", verdict)  # a verdict written first stands
+        except Exception:  # the store is gone: this node still says why this rank stops
+            down = verdict
+        self._end(*json.loads(down))
+        raise e  # after an orderly ``stop``: no verdict, the error goes up as it is
 
     def _watch(self) -> None:
         last: list[bytes] = [b""] * self.world

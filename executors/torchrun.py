@@ -11,9 +11,10 @@ their encode jobs with the same broadcast; rank 0 admits those requests at once 
 receive waits for the encoder, and each encoder serves its jobs in order). Ranks other than 0 never return from ``load``:
 they serve steps until rank 0 shuts down, then exit.
 
-A rank that dies or stops answering is found by every other rank's heartbeat watch
-(``executors.liveness``): each exits with code 2, one ``error:`` line a node naming the rank, instead
-of waiting in a collective for the process group's timeout.
+A rank that dies, stops answering or fails (its error raised while it builds its stage or serves a
+step) is found by every other rank's heartbeat watch (``executors.liveness``): each exits with code
+2, one ``error:`` line a node naming the rank (and the error), instead of waiting in a collective for
+the process group's timeout.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def join(spec: WorkerSpec) -> tuple[RankRunner | EncoderServer, Liveness]:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     plan = Plan.model_validate_json(spec.plan_json)
     live = Liveness(plan.mesh.size)
-    par = build_par(plan.mesh, rank, dev)
-    return (RankRunner(spec, par) if par is not None else encoder_server(spec, dev)), live
+    with live.collectives():  # a stage that cannot be built ends every rank, naming this one
+        par = build_par(plan.mesh, rank, dev)
+        return (RankRunner(spec, par) if par is not None else encoder_server(spec, dev)), live
 
 
 class TorchrunEngine(Engine):

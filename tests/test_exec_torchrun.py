@@ -178,3 +178,44 @@ def test_a_lost_node_ends_the_run_with_one_message(tmp_path: Path, how: str) -> 
     rank_part = err[:err.index("(exitcode: 2)")]  # what the rank wrote (torchrun's report, its own traceback, follows)
     assert "Traceback" not in rank_part and "[rank0]" not in err, err[-3000:]
     assert procs[0].returncode != 0
+
+
+def test_a_rank_that_fails_ends_the_run_naming_its_error(tmp_path: Path) -> None:
+    """Two torchrun nodes (pp2 across them); node 1's copy of the checkpoint lacks the final norm, which
+    its stage (the last) loads. Its rank fails building the stage; both nodes print the same one
+    ``error:`` line, naming rank 1, its node and the missing tensor, and exit with code 2; neither
+    prints a traceback of its own, and node 0 names the cause rather than a rank that stopped
+    beating. The heartbeat window is set past the subprocess timeout: a run that waited for it, or hung,
+    fails by that timeout."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny.helpers import save_checkpoint
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    save_checkpoint("qwen2", good)
+    shutil.copytree(good, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    path = _two_node_plan(make_plan("qwen2", pp=2), tmp_path)
+    plan_exe = _plan_exe()
+    port = free_port()
+    # a heartbeat window past the subprocess timeout: only the failed rank's own verdict ends the run in time
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SHIFTPLAN_SILENT_S": "600"}
+    procs = [subprocess.Popen(_node(k, port, plan_exe, "run", str(path), "--tokens", "5,6,7,8", "-n", "4",
+                                    "--weights", str(good if k == 0 else bad)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for k in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for err in errs:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, err[-3000:]
+        assert errors[0].startswith("error: worker rank 1 on node 1 "), errors[0]
+        assert "failed: weights in " in errors[0] and "'model.norm.weight' not found" in errors[0], errors[0]
+        assert "(exitcode: 2)" in err, err[-3000:]  # torchrun's report of its rank's exit
+        assert "Traceback" not in err[:err.index("(exitcode: 2)")], err[-3000:]
+    assert all(p.returncode != 0 for p in procs)
