@@ -37,6 +37,7 @@ from executors.backends import check_backend
 from executors.batch import ImageJob, Step, StepOut, grid_patches
 from executors.channel import CHECK_S, DEFAULT_CAPACITY, Backoff, Channel, Polling
 from executors.config import ModelArgs, limit_context, model_args, plan_config, run_dtypes
+from executors.fits import check_fits
 from executors.parallel import Par, reporting_rank
 from executors.requests import Request, Result, Sampling, make_seq
 from executors.scheduler import Chunk, Scheduler, Seq, build_microbatch
@@ -107,6 +108,8 @@ class StreamRun:
 
 
 class Engine:
+    local_ranks = True  # every rank runs on this machine (torchrun's engine: False)
+
     def __init__(self, plan: Plan, config: dict, weights: str | Path | WeightSource | None = None,
                  device: str = "cpu", backend: str | None = None, kv_blocks: int | None = None,
                  keep_logits: bool = False, seed: int = 0, tokenizer: Any = None, cuda_graphs: bool = True,
@@ -133,6 +136,7 @@ class Engine:
                                 "(use --device cpu for a CPU run)")
         elif device != "cpu":
             raise UserError(f"device '{device}': use cpu or cuda")
+        check_fits(plan, self.args, self.num_blocks, device, local_ranks=self.local_ranks)
         src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
         self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
                                seed, device, self.num_blocks, self.backend, cuda_graphs, all_reduce)

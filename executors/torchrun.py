@@ -58,6 +58,8 @@ def join(spec: WorkerSpec) -> tuple[RankRunner | EncoderServer, Liveness]:
 class TorchrunEngine(Engine):
     """Rank 0's engine: same scheduler, steps go out by broadcast instead of queues."""
 
+    local_ranks = False  # the ranks are spread over torchrun's nodes
+
     def _spawn(self) -> None:
         world = int(os.environ["WORLD_SIZE"])
         if world != self.world:
