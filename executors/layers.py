@@ -45,6 +45,7 @@ class Checkpointed(nn.Module):
         self.take: tuple[Runs | None, ...] = (None,) * len(parts)
         self.dim = 0  # 0: rows (column-parallel, vocab-parallel); 1: columns (row-parallel)
         self.tied: str | None = None  # read this part instead when the checkpoint lacks parts[0] (tied lm_head)
+        self.whole: tuple[int, ...] | None = None  # the unsharded weight's shape, once a style has narrowed it
 
 
 class Linear(Checkpointed):
@@ -112,6 +113,18 @@ def _read(src: WeightSource, names: list[str], takes: tuple[Runs | None, ...], d
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def check_whole(src: WeightSource, names: list[str], whole: tuple[int, ...], where: str) -> None:
+    """UserError unless the checkpoint tensors ``names``, concatenated along dim 0, have the shape
+    ``whole`` the model config gives: a rank reads only its runs, which a larger tensor (a checkpoint
+    of another size of the model) would also hold."""
+    shapes = [tuple(src.shape(n)) for n in names]
+    same_rest = all(len(s) == len(whole) and s[1:] == whole[1:] for s in shapes)
+    if not same_rest or sum(s[0] for s in shapes) != whole[0]:
+        got = " + ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        raise UserError(f"weights: {got} where the model config gives {whole} for {where or 'the model'} "
+                        "(a checkpoint of another model or size?)")
+
+
 def load(model: nn.Module, src: WeightSource, device: torch.device, dtype: torch.dtype,
          fp8: bool = False) -> nn.Module:
     """Replace every meta parameter of ``model`` by the rows ``parallelize`` assigned to this rank,
@@ -119,7 +132,7 @@ def load(model: nn.Module, src: WeightSource, device: torch.device, dtype: torch
     shares storage with it), on ``device`` in ``dtype``. Decoder ``Linear`` weights become FP8 when
     ``fp8`` (checkpoint scales, else quantized now); an FP8 checkpoint is dequantized otherwise.
     Buffers move to ``device``. UserError when a checkpoint tensor has another shape than the
-    model's config gives."""
+    model's config gives (``check_whole``: the whole tensor, not only this rank's runs)."""
     for name, m in model.named_modules():
         if not isinstance(m, Checkpointed):
             continue
@@ -127,6 +140,7 @@ def load(model: nn.Module, src: WeightSource, device: torch.device, dtype: torch
         if m.tied is not None and not src.has(weights[0]):
             weights = [m.tied + ".weight"]
         want = tuple(m.weight.shape)
+        check_whole(src, weights, m.whole or want, name)
         if isinstance(m, Linear):
             w = cat([read_linear(src, n, t, m.dim, fp8, dtype, device) for n, t in zip(weights, m.take)])
             if isinstance(w, Fp8Weight):

@@ -39,7 +39,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from plans.errors import UserError
+from plans.errors import describe
 
 BEAT_S = 1.0
 SILENT_S = 30.0
@@ -89,8 +89,7 @@ class Liveness:
         """This rank's own error (a checkpoint without a tensor, a GPU out of memory): the verdict names
         this rank and the error's first line, and every rank exits with code 2 (this one now, the
         others at their next beat) instead of waiting for this one's heartbeat to stop."""
-        text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        first = (text.strip().splitlines() or [type(e).__name__])[0]
+        first = (describe(e).strip().splitlines() or [type(e).__name__])[0]
         verdict = json.dumps([[], f"{self._ranks([self.rank])} on {self.nodes[self.rank]} failed: {first}; "
                                   "every rank stops"])
         try:

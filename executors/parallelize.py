@@ -89,6 +89,7 @@ def _narrow(m: Checkpointed, take: tuple[list[tuple[int, int]], ...], dim: int) 
     """``m`` reads runs ``take[i]`` of part i along ``dim``: its weight becomes ``[sum of runs, in]``
     (dim 0) or ``[out, sum of runs]`` (dim 1); a bias follows the rows."""
     n = sum(e - s for runs in take for s, e in runs)
+    m.whole = m.whole or tuple(m.weight.shape)
     shape = list(m.weight.shape)
     shape[dim] = n
     m.weight = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)

@@ -39,7 +39,7 @@ from executors.stage import StageModel
 from executors.tower_graphs import TowerGraphs
 from executors.trace import RankTimer
 from executors.weights import RandomSource, WeightSource, open_weights
-from plans.errors import UserError
+from plans.errors import UserError, describe
 from plans.schema import Plan
 
 
@@ -442,8 +442,7 @@ def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: A
                 Path(where).mkdir(parents=True, exist_ok=True)
                 (Path(where) / f"rank{rank}.json").write_text(json.dumps(profile(runner.graphs), indent=1) + "\n")
     except BaseException as e:  # report, then exit non-zero: the driver stops every rank
-        name = type(e).__name__
-        res_q.put(("error", rank, f"{name}: {e}\n{traceback.format_exc()}"))
+        res_q.put(("error", rank, f"{describe(e)}\n{traceback.format_exc()}"))
         res_q.close()
         res_q.join_thread()
         os._exit(1)

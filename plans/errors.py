@@ -17,6 +17,11 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def describe(e: BaseException) -> str:
+    """An error as a message: a UserError's own text (it names what is wrong), else ``Type: text``."""
+    return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+
+
 def read_user_text(path, what: str, *, encoding: str = "utf-8") -> str:
     """The text of a file the user named (a spec, a plan, a trace, a model config).
 

@@ -108,6 +108,25 @@ def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 30.0
 
 
+@pytest.mark.parametrize("mesh", [{}, {"tp": 2}, {"pp": 2}], ids=["single", "tp2", "pp2"])
+def test_a_checkpoint_of_another_size_is_refused(tmp_path: Path, mesh: dict) -> None:
+    """The same architecture with an MLP twice as wide: each rank's runs lie inside the larger tensors,
+    so only the whole tensors' shapes tell; the load names the tensors and both shapes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.tiny.helpers import config
+
+    cfg = {k: v for k, v in config("qwen2").items() if k not in ("architectures", "model_type")}
+    cfg["intermediate_size"] *= 2
+    Qwen2ForCausalLM(Qwen2Config(**cfg)).save_pretrained(str(tmp_path))
+    with pytest.raises(UserError) as err:
+        executors.load(make_plan("qwen2", **mesh), weights=tmp_path)
+    msg = str(err.value)
+    gate = 2 * config("qwen2")["intermediate_size"]
+    assert "mlp.gate_proj.weight" in msg and f"where the model config gives ({gate}, " in msg, msg
+    assert "another model or size" in msg
+
+
 def test_an_unknown_backend_is_refused_before_any_worker_starts(monkeypatch) -> None:
     """``load(..., backend=...)`` names a backend it does not know before it spawns a rank (a rank would
     refuse it only after building its stage)."""
