@@ -183,3 +183,43 @@ def plan_config(plan: Plan, base_dir: str | Path | None = None) -> dict[str, Any
             p = Path(base_dir) / p  # relative to the plan file, else to the working directory
         return load_config(config=p)
     raise UserError(f"plan {plan.name}: model has neither preset nor config")
+
+
+# ModelArgs fields that change what the model computes (not ``max_positions``, a serving limit, nor
+# the stop tokens), named as a user would know them
+SAME_MODEL_FIELDS = {"arch": "architecture", "hidden": "hidden_size", "heads": "num_attention_heads",
+                     "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate": "intermediate_size",
+                     "layers": "num_hidden_layers", "vocab": "vocab_size", "rms_eps": "rms_norm_eps",
+                     "qkv_bias": "QKV bias", "tie_embeddings": "tie_word_embeddings", "mrope_section": "mrope_section",
+                     "vision": "vision_config", "image_token_id": "image_token_id",
+                     "rope_inv_freq": "rope frequencies (rope_theta, rope scaling)", "rope_scale": "rope attention scale"}
+
+
+def check_checkpoint_config(a: ModelArgs, weights: str | Path, plan: Plan) -> None:
+    """UserError when a checkpoint's own ``config.json`` describes another model than the plan's:
+    same tensor shapes can hide another rope base or scaling, norm epsilon or tied head (Llama 3 and
+    3.1 differ only in rope scaling), which would run without an error and give other tokens. A
+    checkpoint without a config, or with one this transformers cannot read, is not checked."""
+    import math
+
+    from graph.hf_config import read_config
+
+    path = Path(weights) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        theirs = model_args(read_config(path))
+    except UserError:
+        return
+    diff = []
+    for f, label in SAME_MODEL_FIELDS.items():
+        x, y = getattr(theirs, f), getattr(a, f)
+        same = (len(x) == len(y) and all(math.isclose(u, v, rel_tol=1e-6) for u, v in zip(x, y))) \
+            if f == "rope_inv_freq" else x == y
+        if not same:
+            diff.append(f"{label}: " + ("other values" if f in ("rope_inv_freq", "vision") else f"{x} here, {y} in the plan"))
+    if diff:
+        source = f"preset {plan.model.preset}" if plan.model.preset else f"config {plan.model.config}"
+        raise UserError(f"weights {Path(weights)}: its config.json describes another model than plan {plan.name} "
+                        f"({source}): {'; '.join(diff)}. Compile the plan from this checkpoint's config "
+                        f"(model: config: {path})")

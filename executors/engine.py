@@ -36,7 +36,8 @@ import torch
 from executors.backends import check_backend
 from executors.batch import ImageJob, Step, StepOut, grid_patches
 from executors.channel import CHECK_S, DEFAULT_CAPACITY, Backoff, Channel, Polling
-from executors.config import ModelArgs, limit_context, model_args, plan_config, run_dtypes
+from executors.config import (ModelArgs, check_checkpoint_config, limit_context, model_args, plan_config,
+                              run_dtypes)
 from executors.fits import check_fits
 from executors.parallel import Par, reporting_rank
 from executors.requests import Request, Result, Sampling, make_seq
@@ -137,6 +138,8 @@ class Engine:
         elif device != "cpu":
             raise UserError(f"device '{device}': use cpu or cuda")
         check_fits(plan, self.args, self.num_blocks, device, local_ranks=self.local_ranks)
+        if isinstance(weights, (str, Path)):
+            check_checkpoint_config(self.args, weights, plan)
         src = weights if (weights is not None and not isinstance(weights, (str, Path))) else None
         self.spec = WorkerSpec(plan.model_dump_json(), self.args.portable(), str(weights) if isinstance(weights, (str, Path)) else None,
                                seed, device, self.num_blocks, self.backend, cuda_graphs, all_reduce)

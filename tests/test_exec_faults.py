@@ -127,6 +127,31 @@ def test_a_checkpoint_of_another_size_is_refused(tmp_path: Path, mesh: dict) -> 
     assert "another model or size" in msg
 
 
+@pytest.mark.parametrize("edit", ["rope", "eps"])
+def test_a_checkpoint_whose_config_is_another_models_is_refused(tmp_path: Path, edit: str) -> None:
+    """Same tensor shapes, another model: the checkpoint's config.json has Llama 3's rope (no llama3
+    scaling, as in Llama 3 against 3.1) or another norm epsilon. The load would run and give other
+    tokens; it is refused before any rank starts, naming what differs. The unedited checkpoint runs."""
+    import json
+
+    save_checkpoint("llama", tmp_path)
+    plan = make_plan("llama", tp=2)
+    with executors.load(plan, weights=tmp_path) as eng:
+        eng.generate([Request(tokens=[1, 2, 3])], max_new_tokens=1, sampling=Sampling())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if edit == "rope":
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    else:
+        cfg["rms_norm_eps"] = 1e-6
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as err:
+        executors.load(plan, weights=tmp_path)
+    msg = str(err.value)
+    assert "its config.json describes another model than plan" in msg, msg
+    assert ("rope frequencies" in msg) == (edit == "rope") and ("rms_norm_eps: 1e-06 here" in msg) == (edit == "eps")
+    assert not isinstance(err.value, WorkerError)  # found before any rank started
+
+
 def test_an_unknown_backend_is_refused_before_any_worker_starts(monkeypatch) -> None:
     """``load(..., backend=...)`` names a backend it does not know before it spawns a rank (a rank would
     refuse it only after building its stage)."""
