@@ -90,14 +90,18 @@ class Liveness:
         this rank and the error's first line, and every rank exits with code 2 (this one now, the
         others at their next beat) instead of waiting for this one's heartbeat to stop."""
         first = (describe(e).strip().splitlines() or [type(e).__name__])[0]
-        verdict = json.dumps([[], f"{self._ranks([self.rank])} on {self.nodes[self.rank]} failed: {first}; "
-                                  "every rank stops"])
+        self.stop_all(f"{self._ranks([self.rank])} on {self.nodes[self.rank]} failed: {first}; every rank stops")
+        raise e  # after an orderly ``stop``: no verdict, the error goes up as it is
+
+    def stop_all(self, message: str) -> None:
+        """Write ``message`` as the verdict (unless one was written first, which stands) and exit with
+        code 2; every other rank reads it at its next beat and exits too."""
+        verdict = json.dumps([[], message])
         try:
-            down = self.store.compare_set("down", "", verdict)  # a verdict written first stands
+            down = self.store.compare_set("down", "", verdict)
         except Exception:  # the store is gone: this node still says why this rank stops
             down = verdict
         self._end(*json.loads(down))
-        raise e  # after an orderly ``stop``: no verdict, the error goes up as it is
 
     def _watch(self) -> None:
         last: list[bytes] = [b""] * self.world

@@ -11,7 +11,8 @@ their encode jobs with the same broadcast; rank 0 admits those requests at once 
 receive waits for the encoder, and each encoder serves its jobs in order). Ranks other than 0 never return from ``load``:
 they serve steps until rank 0 shuts down, then exit.
 
-A rank that dies, stops answering or fails (its error raised while it builds its stage or serves a
+At the join, every rank checks that all nodes were launched alike (``check_same_launch``: the same plan,
+model config and options). A rank that dies, stops answering or fails (its error raised while it builds its stage or serves a
 step) is found by every other rank's heartbeat watch (``executors.liveness``): each exits with code
 2, one ``error:`` line a node naming the rank (and the error), instead of waiting in a collective for
 the process group's timeout.
@@ -19,7 +20,9 @@ the process group's timeout.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict
 from typing import Any
 
 import torch.distributed as dist
@@ -50,9 +53,50 @@ def join(spec: WorkerSpec) -> tuple[RankRunner | EncoderServer, Liveness]:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     plan = Plan.model_validate_json(spec.plan_json)
     live = Liveness(plan.mesh.size)
+    check_same_launch(spec, live)
     with live.collectives():  # a stage that cannot be built ends every rank, naming this one
         par = build_par(plan.mesh, rank, dev)
         return (RankRunner(spec, par) if par is not None else encoder_server(spec, dev)), live
+
+
+def launch_facts(spec: WorkerSpec) -> dict[str, Any]:
+    """What every rank must agree on, flattened to dotted names: the plan, the model config it
+    resolved, and the options that shape the ranks' state (not the weights' path, which is each
+    node's own)."""
+    facts = {"plan": json.loads(spec.plan_json), "model": asdict(spec.args), "--seed": spec.seed,
+             "KV blocks": spec.num_blocks, "backend": spec.backend, "device": spec.device.split(":")[0],
+             "CUDA graphs": spec.cuda_graphs, "all-reduce": spec.all_reduce}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, x: Any) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = x
+
+    walk("", facts)
+    return flat
+
+
+def _short(x: Any, most: int = 48) -> str:
+    r = repr(x)
+    return r if len(r) <= most else r[:most - 3] + "..."
+
+
+def check_same_launch(spec: WorkerSpec, live: Liveness) -> None:
+    """Every node was launched with the same plan, model config and options (a node with another
+    revision of the plan file, another ``--seed`` or ``--max-context`` would build other stages and
+    hang or give other tokens): else every rank stops with one message naming what differs from rank 0."""
+    every: list[dict[str, Any]] = [{}] * dist.get_world_size()
+    dist.all_gather_object(every, launch_facts(spec))
+    for r, theirs in enumerate(every):
+        diff = [k for k in sorted(set(theirs) | set(every[0])) if theirs.get(k) != every[0].get(k)]
+        if diff:
+            shown = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short(every[0].get(k))} on rank 0" for k in diff[:4])
+            more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+            live.stop_all(f"rank {r} on {live.nodes[r]} was launched with another plan or options than rank 0 on "
+                          f"{live.nodes[0]}: {shown}{more}; launch every node with the same plan file and options")
 
 
 class TorchrunEngine(Engine):

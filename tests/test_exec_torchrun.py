@@ -180,13 +180,40 @@ def test_a_lost_node_ends_the_run_with_one_message(tmp_path: Path, how: str) -> 
     assert procs[0].returncode != 0
 
 
+def _two_nodes_stopped(tmp_path: Path, plans: Path | tuple[Path, Path], node_args: tuple[list[str], list[str]]) -> list[str]:
+    """Run ``plan run PLAN --tokens 5,6,7,8 -n 4 ARGS`` as two torchrun nodes (each its own PLAN and ARGS), which
+    must end with code 2: each node's one ``error:`` line, after checking that neither rank printed a
+    traceback of its own (torchrun's report of the exit follows them). The heartbeat window is set
+    past the subprocess timeout: a run that waited for it, or hung, fails by that timeout."""
+    plan_exe = _plan_exe()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SHIFTPLAN_SILENT_S": "600"}
+    plans = plans if isinstance(plans, tuple) else (plans, plans)
+    procs = [subprocess.Popen(_node(k, port, plan_exe, "run", str(plans[k]), "--tokens", "5,6,7,8", "-n", "4",
+                                    *node_args[k]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for k in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    lines = []
+    for err in errs:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, err[-3000:]
+        assert "(exitcode: 2)" in err, err[-3000:]  # torchrun's report of its rank's exit
+        assert "Traceback" not in err[:err.index("(exitcode: 2)")], err[-3000:]
+        lines.append(errors[0])
+    assert all(p.returncode != 0 for p in procs)
+    return lines
+
+
 def test_a_rank_that_fails_ends_the_run_naming_its_error(tmp_path: Path) -> None:
     """Two torchrun nodes (pp2 across them); node 1's copy of the checkpoint lacks the final norm, which
     its stage (the last) loads. Its rank fails building the stage; both nodes print the same one
-    ``error:`` line, naming rank 1, its node and the missing tensor, and exit with code 2; neither
-    prints a traceback of its own, and node 0 names the cause rather than a rank that stopped
-    beating. The heartbeat window is set past the subprocess timeout: a run that waited for it, or hung,
-    fails by that timeout."""
+    ``error:`` line, naming rank 1, its node and the missing tensor, and exit with code 2, rather
+    than naming a rank that stopped beating."""
     from safetensors.torch import load_file, save_file
 
     from tests.tiny.helpers import save_checkpoint
@@ -198,24 +225,26 @@ def test_a_rank_that_fails_ends_the_run_naming_its_error(tmp_path: Path) -> None
     del tensors["model.norm.weight"]
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     path = _two_node_plan(make_plan("qwen2", pp=2), tmp_path)
-    plan_exe = _plan_exe()
-    port = free_port()
-    # a heartbeat window past the subprocess timeout: only the failed rank's own verdict ends the run in time
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SHIFTPLAN_SILENT_S": "600"}
-    procs = [subprocess.Popen(_node(k, port, plan_exe, "run", str(path), "--tokens", "5,6,7,8", "-n", "4",
-                                    "--weights", str(good if k == 0 else bad)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-             for k in (0, 1)]
-    try:
-        errs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for err in errs:
-        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1, err[-3000:]
-        assert errors[0].startswith("error: worker rank 1 on node 1 "), errors[0]
-        assert "failed: weights in " in errors[0] and "'model.norm.weight' not found" in errors[0], errors[0]
-        assert "(exitcode: 2)" in err, err[-3000:]  # torchrun's report of its rank's exit
-        assert "Traceback" not in err[:err.index("(exitcode: 2)")], err[-3000:]
-    assert all(p.returncode != 0 for p in procs)
+    for line in _two_nodes_stopped(tmp_path, path, (["--weights", str(good)], ["--weights", str(bad)])):
+        assert line.startswith("error: worker rank 1 on node 1 "), line
+        assert "failed: weights in " in line and "'model.norm.weight' not found" in line, line
+
+
+@pytest.mark.parametrize("differs", ["seed", "plan"])
+def test_nodes_launched_differently_are_stopped_naming_the_difference(tmp_path: Path, differs: str) -> None:
+    """Node 1 launched with another ``--seed`` (its random weights, and so the tokens, would differ)
+    or another revision of the plan file (more sequences a step): both nodes stop with one line naming
+    rank 1, its node and the difference from rank 0, before any stage is built."""
+    plan = make_plan("qwen2", pp=2)
+    path = _two_node_plan(plan, tmp_path)
+    if differs == "seed":
+        plans, args, want = (path, path), ([], ["--seed", "3"]), "--seed: 3 there, 0 on rank 0"
+    else:
+        (tmp_path / "other").mkdir()
+        sched = plan.scheduler.model_copy(update={"max_seqs": plan.scheduler.max_seqs + 1})
+        other = _two_node_plan(plan.model_copy(update={"scheduler": sched}), tmp_path / "other")
+        plans, args = (path, other), ([], [])
+        want = f"plan.scheduler.max_seqs: {plan.scheduler.max_seqs + 1} there, {plan.scheduler.max_seqs} on rank 0"
+    for line in _two_nodes_stopped(tmp_path, plans, args):
+        assert line.startswith("error: rank 1 on node 1 ") and "launched with another plan or options" in line, line
+        assert want in line, line
