@@ -743,6 +743,8 @@ def load(plan: Plan | str | Path, weights: str | Path | WeightSource | None = No
         if int(os.environ["RANK"]) == 0:
             return torchrun.TorchrunEngine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok,
                                            cuda_graphs, max_context=max_context)
+        if isinstance(weights, (str, Path)):  # rank 0's engine checks its own node's checkpoint
+            check_checkpoint_config(model_args(cfg), weights, plan)
         torchrun.follow(_spec_only(plan, cfg, weights, device, backend, kv_blocks, seed, cuda_graphs, max_context))
         raise SystemExit(0)
     eng = Engine(plan, cfg, weights, device, backend, kv_blocks, keep_logits, seed, tok, cuda_graphs, lookahead,

@@ -20,6 +20,11 @@ MASTER_PORT``) every ``BEAT_S`` and reads every rank's counter. The rule:
   collective with a dead peer cannot unwind, nor can its process group be torn down); the lowest
   live rank of each node first prints the verdict as one ``error:`` line.
 
+Before any of that, while the ranks join: a rank that stops on an error before joining (``plan run``'s
+checks on its node) writes the verdict itself (``announce_failure``), and ranks wait for each other
+in the store (``wait_for_peers``), so they read it, rather than in the process group's rendezvous,
+which waits for its timeout.
+
 On an orderly shutdown ``stop`` ends the watch first. The process group keeps torch's timeout (gloo
 30 min, NCCL 10 min), which still ends a rank that idles in a collective for longer.
 """
@@ -46,6 +51,57 @@ SILENT_S = 30.0
 FAILED_BEATS = 3
 
 
+PREFIX = "shiftplan/liveness"
+
+
+def _store(timeout_s: float) -> dist.PrefixStore:
+    """A client of torchrun's store (``MASTER_ADDR:MASTER_PORT``, kept by node 0's launcher)."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return dist.PrefixStore(PREFIX, store)
+
+
+def _this_rank() -> str:
+    return f"rank {os.environ.get('RANK', '?')} on node {os.environ.get('GROUP_RANK', '?')} ({socket.gethostname()})"
+
+
+def announce_failure(message: str) -> None:
+    """Under torchrun, a rank that stops on an error before it joined the process group (``plan run``'s
+    checks found a file only its node lacks, say) writes the verdict, so the ranks waiting for it in
+    ``wait_for_peers`` stop at once instead of at torchrun's rendezvous timeout. Best effort: a store
+    that does not answer within a few seconds is left alone."""
+    try:
+        first = (message.strip().splitlines() or ["an error"])[0]
+        _store(5.0).compare_set("down", "", json.dumps([[], f"{_this_rank()} failed: {first}; every rank stops"]))
+    except Exception:
+        pass
+
+
+def wait_for_peers(world: int) -> None:
+    """Before the process group is set up: count this rank in and wait until all ``world`` ranks
+    have, or end with code 2 and one line a node (from its local rank 0) when one of them wrote a
+    verdict (``announce_failure``) or torchrun's store went away (node 0's launcher ended)."""
+    try:
+        store = _store(SILENT_S)
+        store.add("joined", 1)
+        while True:
+            if store.check(["down"]):
+                message = json.loads(store.get("down"))[1]
+                break
+            if store.add("joined", 0) >= world:
+                return
+            time.sleep(0.1)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        message = (f"lost torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} while the "
+                   f"ranks joined: node 0's launcher ended, see its output ({first})")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+    os._exit(2)
+
+
 class Liveness:
     """This rank's heartbeat and its watch on every other rank's, from construction (once the process
     group is up: every rank builds one at the same point). ``mesh_size``: ranks from it on are
@@ -56,9 +112,7 @@ class Liveness:
         self.silent_s = silent_s if silent_s is not None else float(os.environ.get("SHIFTPLAN_SILENT_S", SILENT_S))
         self.address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         self.where = f"{self.address[0]}:{self.address[1]}"
-        store = dist.TCPStore(*self.address, is_master=False, timeout=timedelta(seconds=max(self.silent_s, 10.0)),
-                              wait_for_workers=False)
-        self.store = dist.PrefixStore("shiftplan/liveness", store)
+        self.store = _store(max(self.silent_s, 10.0))
         self.keys = [f"beat/{r}" for r in range(self.world)]
         self.store.add(self.keys[self.rank], 1)
         node = f"node {os.environ.get('GROUP_RANK', '?')} ({socket.gethostname()})"

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from executors.batch import Step, StepOut
 from executors.engine import Engine
 from executors.encoders import EncoderServer
-from executors.liveness import Liveness
+from executors.liveness import Liveness, wait_for_peers
 from executors.parallel import build_par, reporting_rank
 from executors.worker import RankRunner, WorkerSpec, encoder_server, from_bytes, rank_device, to_bytes
 from plans.schema import Plan
@@ -50,6 +50,7 @@ def join(spec: WorkerSpec) -> tuple[RankRunner | EncoderServer, Liveness]:
 
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        wait_for_peers(int(os.environ["WORLD_SIZE"]))  # a rank that failed before joining is named, not waited for
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     plan = Plan.model_validate_json(spec.plan_json)
     live = Liveness(plan.mesh.size)

@@ -74,6 +74,19 @@ def error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def _tell_torchrun_ranks(message: str) -> None:
+    """Under torchrun (``plan run`` on several nodes), the other ranks may be waiting for this one to
+    join: they stop with this error too (``executors.liveness.announce_failure``)."""
+    import os
+
+    if "MASTER_ADDR" in os.environ:  # only then import torch to ask
+        from executors.liveness import announce_failure
+        from executors.torchrun import under_torchrun
+
+        if under_torchrun():
+            announce_failure(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `plan` console script; with ``argv`` given, returns the exit code.
 
@@ -87,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         error(str(e))
         code = e.exit_code
+        _tell_torchrun_ranks(str(e))
     except OSError as e:  # a file the checks could not foresee (permissions, a full disk, a vanished folder)
         where = f"{e.filename}: " if e.filename else ""
         error(f"{where}{e.strerror or e}")

@@ -248,3 +248,18 @@ def test_nodes_launched_differently_are_stopped_naming_the_difference(tmp_path: 
     for line in _two_nodes_stopped(tmp_path, plans, args):
         assert line.startswith("error: rank 1 on node 1 ") and "launched with another plan or options" in line, line
         assert want in line, line
+
+
+def test_a_node_that_fails_before_joining_is_named_not_waited_for(tmp_path: Path) -> None:
+    """Node 1 is launched with an image for this text-only plan: `plan run`'s checks refuse it before
+    its rank joins the process group. Node 1 prints that error; node 0's rank, waiting for it to join,
+    prints one line naming rank 1 and the same error, and both exit with code 2, rather than node 0
+    waiting out the rendezvous (30 minutes for gloo)."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = _two_node_plan(make_plan("qwen2", pp=2), tmp_path)
+    lines = _two_nodes_stopped(tmp_path, path, ([], ["--image", str(tmp_path / "a.png")]))
+    assert "has no vision tower" in lines[1] and not lines[1].startswith("error: rank"), lines[1]
+    assert lines[0].startswith("error: rank 1 on node 1 ") and "failed: --image: " in lines[0], lines[0]
+    assert "has no vision tower; every rank stops" in lines[0], lines[0]
