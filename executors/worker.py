@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import pickle
+import queue
 import struct
 import time
 import traceback
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from executors.batch import MicroBatch, Step, StepOut, to_device
-from executors.channel import Backoff, Channel, ChannelSpec, Polling
+from executors.channel import CHECK_S, Backoff, Channel, ChannelSpec, Polling
 from executors.config import ModelArgs, run_dtypes
 from executors.encoders import EncoderServer, load_tower
 from executors.parallel import Par, build_par
@@ -44,6 +46,7 @@ from plans.schema import Plan
 
 
 ALL_REDUCE = ("auto", "nccl")
+DRIVER_GONE_EXIT = 3  # a spawned rank whose driver ended without stopping it
 
 
 @dataclass
@@ -357,7 +360,7 @@ def encoder_server(spec: WorkerSpec, device: torch.device) -> EncoderServer:
 
 
 def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched], None],
-                overflow: Callable[[], bytes]) -> None:
+                overflow: Callable[[], bytes], check: Callable[[], None] | None = None) -> None:
     """Run steps from ``steps`` in order until the end marker, reporting each launched step's
     tokens (the reporting rank; other ranks' launches return None). Before reading a step's
     tokens (a wait for the device), a next step already sent is launched first: the driver sends
@@ -368,11 +371,12 @@ def serve_steps(runner: RankRunner, steps: Channel, report: Callable[[Launched],
     host tensors go up page-locked, ``batch.to_device``; ``bench/host_waits.py`` finds no such wait
     on one GPU), so launching first leaves the GPU no gap
     between the two steps, and delays this step's report by the launch's host time at most. Reports
-    leave in step order; a step still held at the end marker is dropped (the driver is shutting down)."""
+    leave in step order; a step still held at the end marker is dropped (the driver is shutting down).
+    ``check`` is called every ``channel.CHECK_S`` while a step is waited for (``exit_if_driver_gone``)."""
     held: Launched | None = None  # launched, tokens not reported yet
     while True:
         if held is None:
-            msg = steps.recv(overflow=overflow)
+            msg = steps.recv(check=check, overflow=overflow)
         else:
             got, msg = _next_while_busy(steps, held, overflow)
             if not got:
@@ -401,6 +405,25 @@ def _next_while_busy(steps: Channel, held: Launched, overflow: Callable[[], byte
         backoff.pause()
 
 
+def _get(q: Any) -> Any:
+    """The next message of queue ``q``, checking on the driver while none comes."""
+    while True:
+        try:
+            return q.get(timeout=CHECK_S)
+        except queue.Empty:
+            exit_if_driver_gone()
+
+
+def exit_if_driver_gone() -> None:
+    """A spawned rank whose driver has ended without stopping it (killed by a signal, the OOM killer)
+    exits, rather than idling on as an orphan that holds its GPU's memory. The driver's end shows on
+    ``multiprocessing.parent_process()``'s sentinel: a pipe whose write end only the process that
+    started this one holds (forkserver and spawn children alike)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        os._exit(DRIVER_GONE_EXIT)
+
+
 def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: Any, res_q: Any,
              link: RankLink | None = None) -> None:
     """Process entry point of a spawned rank. Steps arrive on ``link.steps`` (one too large for
@@ -418,7 +441,7 @@ def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: A
         if par is None:  # a dedicated encoder rank
             server = encoder_server(spec, dev)
             res_q.put(("ready", rank, None))
-            while (msg := cmd_q.get()) is not None:
+            while (msg := _get(cmd_q)) is not None:
                 req, pixels, grid, dst = from_bytes(msg)
                 server.serve(req, pixels, grid, dst)
                 res_q.put(("encoded", rank, req))
@@ -434,7 +457,7 @@ def run_rank(rank: int, world: int, init_method: str, spec: WorkerSpec, cmd_q: A
                 if outs is None or not outs.send(blob):
                     res_q.put(("out", rank, blob))
 
-            serve_steps(runner, steps, report, cmd_q.get)
+            serve_steps(runner, steps, report, cmd_q.get, check=exit_if_driver_gone)
             where = os.environ.get("SHIFTPLAN_GRAPH_PROFILE")  # a diagnosis: DIR gets rank<r>.json at shutdown
             if where and runner.graphs is not None:
                 from executors.graphs import profile

@@ -10,6 +10,7 @@ printed as text, never as rich markup.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import typer
@@ -87,11 +88,22 @@ def _tell_torchrun_ranks(message: str) -> None:
             announce_failure(message)
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler cancelling the run), raised where the main thread is, so that the
+    engine's ``with`` block stops its ranks as on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `plan` console script; with ``argv`` given, returns the exit code.
 
     Exit codes: 0 success, 1 a change found by `diff` / `compile --check`, 2 a user error (usage
-    errors from the option parser included), 130 interrupted."""
+    errors from the option parser included), 130 interrupted, 143 terminated (SIGTERM)."""
+    if argv is None:  # the console script: its own process, the signal is ours to take
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=argv, prog_name="plan")  # standalone mode: usage errors print and raise SystemExit
         code = 0
@@ -108,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         code = 130
+    except Terminated:
+        err_console.print("terminated")
+        code = 143
     if argv is None:
         sys.exit(code)
     return code

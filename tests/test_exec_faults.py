@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -119,6 +120,7 @@ def test_a_checkpoint_of_another_size_is_refused(tmp_path: Path, mesh: dict) -> 
     cfg = {k: v for k, v in config("qwen2").items() if k not in ("architectures", "model_type")}
     cfg["intermediate_size"] *= 2
     Qwen2ForCausalLM(Qwen2Config(**cfg)).save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").unlink()  # its config would tell first (the next test): the tensors alone
     with pytest.raises(UserError) as err:
         executors.load(make_plan("qwen2", **mesh), weights=tmp_path)
     msg = str(err.value)
@@ -163,3 +165,63 @@ def test_an_unknown_backend_is_refused_before_any_worker_starts(monkeypatch) -> 
     monkeypatch.setattr(Engine, "_spawn", spawned)
     with pytest.raises(UserError, match="unknown backend 'jax'; choose one of eager, compile, tensorrt"):
         executors.load(make_plan("llama", tp=2), backend="jax")
+
+
+def _group(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` (the driver, its ranks, multiprocessing's helpers)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc")
+@pytest.mark.parametrize("sig", ["KILL", "TERM"])
+def test_a_driver_that_ends_takes_its_ranks_with_it(tmp_path: Path, sig: str) -> None:
+    """`plan bench` on a pp2 plan, its driver killed (SIGKILL: no cleanup runs) or terminated (SIGTERM,
+    as a job scheduler cancels a run) mid-run: no rank, nor multiprocessing's helpers, outlives it (each
+    rank checks on its driver while it waits for a step: ``worker.exit_if_driver_gone``), and SIGTERM
+    exits with code 143 after stopping the ranks. An orphan fails the test after 30 s."""
+    import json
+    import subprocess
+    import sys
+
+    from plans.schema import save_plan
+    from tests.tiny.helpers import CONFIGS
+
+    cfg = json.loads(CONFIGS["qwen2"].read_text())
+    cfg["max_position_embeddings"] = 8192
+    (tmp_path / "long.json").write_text(json.dumps(cfg))
+    base = make_plan("qwen2", pp=2)
+    save_plan(base.model_copy(update={"model": base.model.model_copy(update={"config": str(tmp_path / "long.json")})}),
+              tmp_path / "p.plan.yaml")
+    plan_exe = Path(sys.executable).parent / "plan"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([str(plan_exe), "bench", str(tmp_path / "p.plan.yaml"), "--requests", "8", "--input-tokens",
+                             "16", "--output-tokens", "4000"], stdout=subprocess.DEVNULL, stderr=(tmp_path / "err").open("w"),
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    try:
+        end = time.monotonic() + 120
+        while len(_group(proc.pid)) < 5 and time.monotonic() < end:  # driver, tracker, forkserver, 2 ranks
+            time.sleep(0.2)
+        assert len(_group(proc.pid)) >= 5, "the ranks did not start"
+        time.sleep(3.0)  # serving
+        os.kill(proc.pid, getattr(signal, f"SIG{sig}"))
+        proc.wait(timeout=60)  # (a file, not a pipe, takes stderr: an orphan would hold a pipe open)
+        end = time.monotonic() + 30
+        while _group(proc.pid) and time.monotonic() < end:
+            time.sleep(0.2)
+        left = _group(proc.pid)
+    finally:
+        for pid in _group(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes outlived the driver: {left}"
+    if sig == "TERM":
+        err = (tmp_path / "err").read_text()
+        assert proc.returncode == 143 and err.strip().endswith("terminated"), err[-2000:]
