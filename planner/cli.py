@@ -32,7 +32,7 @@ app = typer.Typer(
     name="plan",
     help="Plan and run parallel LLM inference: compile a model.yaml into a reviewable parallel plan.\n\n"
          "Exit codes: 0 success; 1 only when `plan diff` or `plan compile --check` finds a change; 2 for every user "
-         "error (a bad spec, plan, trace, option or path).",
+         "error (a bad spec, plan, trace, option or path); 130 interrupted, 143 terminated (SIGTERM).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
