@@ -55,10 +55,11 @@ PREFIX = "shiftplan/liveness"
 
 
 def _store(timeout_s: float) -> dist.PrefixStore:
-    """A client of torchrun's store (``MASTER_ADDR:MASTER_PORT``, kept by node 0's launcher)."""
+    """A client of torchrun's store (``MASTER_ADDR:MASTER_PORT``, kept by node 0's launcher), its keys
+    under ``PREFIX`` and the launch's restart count (a restarted group starts with no verdict)."""
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-    return dist.PrefixStore(PREFIX, store)
+    return dist.PrefixStore(f"{PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _this_rank() -> str:
