@@ -50,6 +50,7 @@ from plans.errors import UserError
 from plans.schema import Plan
 
 DEAD_RANK_GRACE_S = 2.0
+STEP_TIMEOUT_S = 600.0  # spawned ranks that answer no step for this long are stuck (SHIFTPLAN_STEP_TIMEOUT_S)
 
 
 class WorkerError(UserError):
@@ -65,6 +66,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _process_state(pid: int | None) -> str:
+    """A process's state letter from ``/proc`` (``T``: stopped), or "" where it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def check_mesh(plan: Plan, a: ModelArgs) -> None:
@@ -152,6 +161,11 @@ class Engine:
         self.lock_step = False  # send a round only once every step in flight has answered
         self.peak_in_flight = 0  # most steps in flight at once (lanes and replicas overlapping)
         self.unanswered = [0] * plan.mesh.dp  # steps sent to each spawned replica, not yet answered
+        # the last answer, or the send that found none in flight: ``_receive`` stops every rank when no
+        # step has been answered for ``step_timeout_s`` (a rank alive but stuck: a kernel spinning on a
+        # peer's flag, a stopped process), which no check on the processes' exits would see
+        self.progress_t = time.perf_counter()
+        self.step_timeout_s = float(os.environ.get("SHIFTPLAN_STEP_TIMEOUT_S", STEP_TIMEOUT_S))
         self.launched: list[Launched] = []  # steps the single-rank engine has queued, tokens not read yet
         # single-stage replicas: queue the next decode step before reading this one's tokens (its input
         # tokens are taken from the device), so the host's work for a step overlaps the GPU's for the last
@@ -278,6 +292,19 @@ class Engine:
         raise WorkerError(f"{self._role(r)} rank {r} failed: {text.strip().splitlines()[0]}; all {self.world} ranks were "
                           "stopped", details=text)
 
+    def _stuck(self, silent_s: float) -> None:
+        """No step answered for ``silent_s``, every rank alive: stop them all, raise naming the replicas
+        waited for and any rank the kernel reports stopped."""
+        waiting = [rep for rep, n in enumerate(self.unanswered) if n]
+        ranks = [r for rep in waiting for r in self.dims.replica_ranks(rep)]
+        stopped = [r for r in ranks if _process_state(self.procs[r].pid) in ("T", "t")]
+        who = f"{self._role(stopped[0])} rank {stopped[0]} is stopped" if stopped else \
+            "a rank is stuck (a kernel or collective waiting on a peer?)"
+        self.shutdown(force=True)
+        raise WorkerError(f"no step answered for {silent_s:.0f} s by replica {', '.join(map(str, waiting))} "
+                          f"(ranks {', '.join(map(str, ranks))}), though every rank is alive: {who}; all {self.world} "
+                          f"ranks were stopped (SHIFTPLAN_STEP_TIMEOUT_S sets the limit, now {self.step_timeout_s:g} s)")
+
     def _role(self, rank: int) -> str:
         return "encoder" if rank >= self.plan.mesh.size else "worker"
 
@@ -366,6 +393,8 @@ class Engine:
                     blob = b"".join(frame)
                     for r in self.dims.replica_ranks(rep):
                         self.cmd_q[r].put(blob)
+                if not any(self.unanswered):
+                    self.progress_t = time.perf_counter()
                 self.unanswered[rep] += 1
                 nbytes, sent = sum(memoryview(p).nbytes for p in frame), time.perf_counter()
             if tracing:
@@ -390,6 +419,7 @@ class Engine:
                 if kind == "out":
                     o = from_bytes(payload)
                     self.unanswered[o.replica] -= 1
+                    self.progress_t = time.perf_counter()
                     return o
                 if kind == "encoded":
                     self._encoded(payload)
@@ -398,11 +428,14 @@ class Engine:
                     ok, blob = self.out_ch[rep].poll(overflow=lambda: None)  # too large: comes by res_q
                     if ok and blob is not None:
                         self.unanswered[rep] -= 1
+                        self.progress_t = time.perf_counter()
                         return from_bytes(blob)
             backoff.pause()
             if time.perf_counter() - last > min(CHECK_S, 1e-3 + backoff.sleep):
                 self._check()
                 last = time.perf_counter()
+                if last - self.progress_t > self.step_timeout_s:
+                    self._stuck(last - self.progress_t)
 
     # ------------------------------------------------------------------ dedicated encoders
     def _submit_encode(self, replica: int, s: Seq) -> None:
@@ -685,6 +718,7 @@ class Engine:
 
         top = self.plan.scheduler.max_seqs
         per = self.plan.mesh.dp * self.lanes  # requests are dealt round-robin over every replica's lanes
+        limit, self.step_timeout_s = self.step_timeout_s, float("inf")  # compiling and capturing: minutes a step
         for b in [b for b in BATCH_BUCKETS if b < top] + [top]:
             self.generate([Request(tokens=[min(1, self.args.vocab - 1)] * prompt_tokens) for _ in range(b * per)],
                           max_new_tokens=2,
@@ -694,6 +728,7 @@ class Engine:
             self._dispatch({rep: Step(self.step_id, [], end_warm_up=True) for rep in range(self.plan.mesh.dp)})
         else:
             self.local.finish_warm_up()
+        self.step_timeout_s = limit
         settle_heap()  # the driver's
         self.mode_counts = dict.fromkeys(self.mode_counts, 0)
         self.lookahead_steps = self.peak_in_flight = 0

@@ -225,3 +225,35 @@ def test_a_driver_that_ends_takes_its_ranks_with_it(tmp_path: Path, sig: str) ->
     if sig == "TERM":
         err = (tmp_path / "err").read_text()
         assert proc.returncode == 143 and err.strip().endswith("terminated"), err[-2000:]
+
+
+def test_a_stuck_rank_is_named_and_every_rank_stopped(monkeypatch, tmp_path: Path) -> None:
+    """A rank that stays alive but answers nothing (stopped by SIGSTOP here; on GPUs, a kernel spinning
+    on a peer's flag) mid-run: after ``SHIFTPLAN_STEP_TIMEOUT_S`` (2 s here) without an answer the
+    driver stops every rank and raises, naming the stopped rank. A watchdog kills the rank after 60 s,
+    so an engine that waited for ever fails this test rather than hanging it."""
+    import json
+
+    from tests.tiny.helpers import CONFIGS
+
+    monkeypatch.setenv("SHIFTPLAN_STEP_TIMEOUT_S", "2")
+    cfg = json.loads(CONFIGS["llama"].read_text())
+    cfg["max_position_embeddings"] = 4096  # a run of many seconds: the rank is stopped mid-run
+    (tmp_path / "long.json").write_text(json.dumps(cfg))
+    base = make_plan("llama", tp=2)
+    eng = executors.load(base.model_copy(update={"model": base.model.model_copy(update={"config": str(tmp_path / "long.json")})}))
+    pid = eng.procs[1].pid
+    watchdog = threading.Timer(60.0, lambda: os.kill(pid, signal.SIGKILL))
+    threading.Timer(1.0, lambda: os.kill(pid, signal.SIGSTOP)).start()
+    watchdog.start()
+    try:
+        with pytest.raises(WorkerError) as err:
+            eng.generate([Request(tokens=[1, 2, 3])], max_new_tokens=3000, sampling=Sampling())
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        eng.shutdown(force=True)
+    msg = str(err.value)
+    assert "no step answered for" in msg and "worker rank 1 is stopped" in msg, msg
+    assert _gone([p.pid for p in eng.procs])
