@@ -13,9 +13,11 @@ The check uses lower bounds only, so it never refuses a run that would fit:
 - KV cache: each replica allocates ``blocks x block`` token slots of ``2 x layers x hkv x d`` values
   (every layer, every KV head at least once).
 
-CPU ranks all live in this machine's memory: ``dp x (weights + KV) <= available``. GPU ranks: the
-most loaded GPU of a replica holds at least the replica's bytes over its ranks, which must not
-exceed the largest visible GPU's memory.
+Ulysses SP splits the sequence, not the weights: each of a replica's ``sp`` ranks holds its stage's
+whole TP shard, so a replica holds its weights ``sp`` times (shift's second layout adds more). CPU ranks
+all live in this machine's memory: ``dp (sp W + KV) <= available``. GPU ranks: the most loaded GPU of
+a replica holds at least the average, ``W / (pp tp) + KV / (pp tp sp)``, which must not exceed the
+largest visible GPU's memory.
 """
 
 from __future__ import annotations
@@ -88,24 +90,25 @@ def check_fits(plan: Plan, a: ModelArgs, kv_blocks: int, device: str, local_rank
     """UserError when the plan cannot fit where it is about to run (figures in the message).
     ``local_ranks``: every rank runs on this machine (not torchrun, whose nodes share the ranks)."""
     r = replica_bytes(plan, a, kv_blocks)
-    what = (f"{_gb(r.weights)} of weights ({r.params / 1e9:,.2f} B parameters in {plan.model.weights_dtype}) and "
-            f"{_gb(r.kv)} of KV cache ({r.kv_tokens:,} token slots)")
+    m = plan.mesh
+    copies = m.sp  # Ulysses SP splits the sequence, not the weights: each SP rank holds its stage's whole TP shard
+    held = f", held {copies} times a replica (each sequence-parallel rank holds them)" if copies > 1 else ""
+    what = (f"{_gb(r.weights)} of weights ({r.params / 1e9:,.2f} B parameters in {plan.model.weights_dtype}{held}) "
+            f"and {_gb(r.kv)} of KV cache ({r.kv_tokens:,} token slots)")
+    shorter = ", or serve shorter sequences (--max-context N) for a smaller KV cache"
     if device == "cpu" and local_ranks:
         have = available_host_bytes()
-        need = plan.mesh.dp * r.total
+        weights = m.dp * copies * r.weights
+        need = weights + m.dp * r.kv
         if need > have:
-            each = "each of its replicas holds" if plan.mesh.dp > 1 else "it holds"
-            shorter = ", or serve shorter sequences (--max-context N) for a smaller KV cache" \
-                if plan.mesh.dp * r.weights <= have else ""
+            each = "each of its replicas holds" if m.dp > 1 else "it holds"
             raise UserError(f"plan {plan.name} does not fit in this machine's memory on CPU ranks: {each} at least "
                             f"{what}, {_gb(need)} in all, and {_gb(have)} is available. Run it on its GPUs "
-                            f"(--device cuda){shorter}")
+                            f"(--device cuda){shorter if weights <= have else ''}")
     elif device.startswith("cuda"):
-        ranks = plan.mesh.size // plan.mesh.dp
-        need, have = r.total / ranks, gpu_bytes()
+        weights = r.weights / (m.pp * m.tp)  # a replica's pp x tp shards, the average one at least
+        need, have = weights + r.kv / (m.size // m.dp), gpu_bytes()
         if need > have:
-            shorter = ", or serve shorter sequences (--max-context N) for a smaller KV cache" \
-                if r.weights / ranks <= have else ""
             raise UserError(f"plan {plan.name} does not fit on this machine's GPUs: a replica holds at least {what}, "
-                            f"{_gb(need)} a GPU over its {ranks} rank(s), and the largest GPU here has {_gb(have)}. "
-                            f"Compile the plan for these GPUs{shorter}")
+                            f"{_gb(need)} a GPU over its {m.size // m.dp} rank(s), and the largest GPU here has "
+                            f"{_gb(have)}. Compile the plan for these GPUs{shorter if weights <= have else ''}")

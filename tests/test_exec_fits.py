@@ -56,14 +56,14 @@ def test_kv_bound_is_what_the_engine_allocates() -> None:
 
 
 def test_a_plan_too_large_for_this_machine_is_refused_before_any_rank_starts(monkeypatch, capsys) -> None:
-    """The shipped Qwen2.5-32B plan on CPU ranks of a 24 GB machine: exit code 2, one message with
-    the figures (65.5 GB of weights a replica, two replicas), no rank spawned."""
+    """The shipped Qwen2.5-32B plan (dp2 x sp4) on CPU ranks of a 24 GB machine: exit code 2, one message
+    with the figures (65.5 GB of weights, held by each of a replica's four SP ranks), no rank spawned."""
     monkeypatch.setattr(fits, "available_host_bytes", lambda: 24 * 10**9)
     monkeypatch.setattr(Engine, "_spawn", lambda self: pytest.fail("ranks were started"))
     assert main(["run", str(BIG), "--tokens", "1,2"]) == 2
     err = capsys.readouterr().err
     assert "does not fit in this machine's memory on CPU ranks" in err
-    assert "65.5 GB of weights (32.76 B parameters in bf16)" in err and "24.0 GB is available" in err
+    assert "65.5 GB of weights (32.76 B parameters in bf16, held 4 times a replica" in err and "24.0 GB is available" in err
     assert "--max-context" not in err  # the weights alone do not fit: a shorter context would not help
     assert "Traceback" not in err
 
@@ -72,21 +72,24 @@ def test_shorter_sequences_are_suggested_when_the_cache_is_what_does_not_fit(mon
     plan = load_plan(BIG)
     a = model_args(load_config(preset=plan.model.preset))
     r = fits.replica_bytes(plan, a, default_blocks(plan, a))
-    monkeypatch.setattr(fits, "available_host_bytes", lambda: plan.mesh.dp * r.weights + 1)
+    monkeypatch.setattr(fits, "available_host_bytes", lambda: plan.mesh.dp * plan.mesh.sp * r.weights + 1)
     with pytest.raises(UserError, match=r"--max-context N"):
         fits.check_fits(plan, a, default_blocks(plan, a), "cpu")
     fits.check_fits(plan, a, default_blocks(plan, a), "cpu", local_ranks=False)  # torchrun: nodes share the ranks
 
 
 def test_gpu_bound_is_per_rank(monkeypatch) -> None:
-    """On GPUs a replica's bytes spread over its ranks (sp4 here): refused below that, run at it."""
+    """On GPUs a replica's KV cache spreads over its ranks (sp4 here) and its weights over its pp x tp
+    shards (each SP rank holds the whole shard): refused below that, run at it; and the bound is below
+    what the plan's own memory model gives a GPU."""
     plan = load_plan(BIG)
     a = model_args(load_config(preset=plan.model.preset))
     blocks = default_blocks(plan, a)
-    per_gpu = fits.replica_bytes(plan, a, blocks).total / 4
+    r = fits.replica_bytes(plan, a, blocks)
+    per_gpu = r.weights + r.kv / 4
     monkeypatch.setattr(fits, "gpu_bytes", lambda: int(per_gpu) - 1)
     with pytest.raises(UserError, match=r"a GPU over its 4 rank\(s\), and the largest GPU here has"):
         fits.check_fits(plan, a, blocks, "cuda")
     monkeypatch.setattr(fits, "gpu_bytes", lambda: int(per_gpu) + 1)
     fits.check_fits(plan, a, blocks, "cuda")
-    assert per_gpu < plan.memory_gb.capacity * 1e9  # the plan's own GPU holds it
+    assert per_gpu <= (plan.memory_gb.weights + plan.memory_gb.kv) * 1e9 * 1.001  # the plan's per-GPU figures
