@@ -92,7 +92,7 @@ def check_fits(plan: Plan, a: ModelArgs, kv_blocks: int, device: str, local_rank
     r = replica_bytes(plan, a, kv_blocks)
     m = plan.mesh
     copies = m.sp  # Ulysses SP splits the sequence, not the weights: each SP rank holds its stage's whole TP shard
-    held = f", held {copies} times a replica (each sequence-parallel rank holds them)" if copies > 1 else ""
+    held = f"; each of its {copies} sequence-parallel ranks holds them all" if copies > 1 else ""
     what = (f"{_gb(r.weights)} of weights ({r.params / 1e9:,.2f} B parameters in {plan.model.weights_dtype}{held}) "
             f"and {_gb(r.kv)} of KV cache ({r.kv_tokens:,} token slots)")
     shorter = ", or serve shorter sequences (--max-context N) for a smaller KV cache"

@@ -63,7 +63,7 @@ def test_a_plan_too_large_for_this_machine_is_refused_before_any_rank_starts(mon
     assert main(["run", str(BIG), "--tokens", "1,2"]) == 2
     err = capsys.readouterr().err
     assert "does not fit in this machine's memory on CPU ranks" in err
-    assert "65.5 GB of weights (32.76 B parameters in bf16, held 4 times a replica" in err and "24.0 GB is available" in err
+    assert "65.5 GB of weights (32.76 B parameters in bf16; each of its 4 sequence-parallel ranks" in err and "24.0 GB is available" in err
     assert "--max-context" not in err  # the weights alone do not fit: a shorter context would not help
     assert "Traceback" not in err
 
