@@ -73,6 +73,8 @@ class ModelArgs:
     max_positions: int
     qkv_bias: bool
     tie_embeddings: bool
+    o_bias: bool = False  # Llama's attention_bias: o_proj has one too (Qwen2's QKV bias does not)
+    mlp_bias: bool = False  # Llama's mlp_bias: gate_proj, up_proj and down_proj
     hf_text_config: Any = field(repr=False, compare=False, default=None)  # transformers config (rope)
     mrope_section: tuple[int, ...] | None = None
     vision: VisionArgs | None = None
@@ -161,8 +163,11 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
         arch=arch, hidden=tc.hidden_size, heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
         head_dim=head_dim, intermediate=tc.intermediate_size, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
         rms_eps=tc.rms_norm_eps, max_positions=tc.max_position_embeddings,
-        qkv_bias=arch in ("Qwen2ForCausalLM",) + VL_ARCHS or bool(getattr(tc, "attention_bias", False)),
-        tie_embeddings=tie, hf_text_config=tc, mrope_section=tuple(mrope) if mrope else None, vision=vision,
+        qkv_bias=arch in ("Qwen2ForCausalLM",) + VL_ARCHS or (arch == "LlamaForCausalLM" and
+                                                             bool(getattr(tc, "attention_bias", False))),
+        tie_embeddings=tie, o_bias=arch == "LlamaForCausalLM" and bool(getattr(tc, "attention_bias", False)),
+        mlp_bias=arch == "LlamaForCausalLM" and bool(getattr(tc, "mlp_bias", False)),
+        hf_text_config=tc, mrope_section=tuple(mrope) if mrope else None, vision=vision,
         image_token_id=getattr(full, "image_token_id", None), eos_token_ids=_eos(tc) or _eos(full),
     )
     from executors.rope import rope_frequencies
@@ -190,7 +195,8 @@ def plan_config(plan: Plan, base_dir: str | Path | None = None) -> dict[str, Any
 SAME_MODEL_FIELDS = {"arch": "architecture", "hidden": "hidden_size", "heads": "num_attention_heads",
                      "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate": "intermediate_size",
                      "layers": "num_hidden_layers", "vocab": "vocab_size", "rms_eps": "rms_norm_eps",
-                     "qkv_bias": "QKV bias", "tie_embeddings": "tie_word_embeddings", "mrope_section": "mrope_section",
+                     "qkv_bias": "QKV bias", "o_bias": "attention_bias", "mlp_bias": "mlp_bias",
+                     "tie_embeddings": "tie_word_embeddings", "mrope_section": "mrope_section",
                      "vision": "vision_config", "image_token_id": "image_token_id",
                      "rope_inv_freq": "rope frequencies (rope_theta, rope scaling)", "rope_scale": "rope attention scale"}
 

@@ -37,7 +37,7 @@ def parameters(a: ModelArgs) -> int:
     """Parameters of the model the engine builds (vision tower: its blocks' products only)."""
     h, d, i, V = a.hidden, a.head_dim, a.intermediate, a.vocab
     qkv = h * (a.heads + 2 * a.kv_heads) * d + ((a.heads + 2 * a.kv_heads) * d if a.qkv_bias else 0)
-    layer = qkv + a.heads * d * h + 3 * h * i + 2 * h
+    layer = qkv + a.heads * d * h + 3 * h * i + 2 * h + (h if a.o_bias else 0) + (2 * i + h if a.mlp_bias else 0)
     n = a.layers * layer + V * h + h + (0 if a.tie_embeddings else V * h)
     if a.vision is not None:
         e, m = a.vision.embed_dim, a.vision.mlp_dim

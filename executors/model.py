@@ -17,9 +17,12 @@ The tree, with the HF checkpoint tensors each module reads (fused ones as row-co
       layouts[mode]          Layout, one per weight layout a rank holds ("tp", "sp_tp")
         attn.qkv             Linear [(Hq + 2 Hkv) D, H] (+ bias)   self_attn.{q,k,v}_proj
         attn.core            AttentionCore: paged KV cache + attention (executors.attention.attend)
-        attn.o               Linear [H, Hq D]                   self_attn.o_proj
-        mlp.gate_up          Linear [2 I, H]                    mlp.{gate,up}_proj
-        mlp.down             Linear [H, I]                      mlp.down_proj
+        attn.o               Linear [H, Hq D] (+ bias)          self_attn.o_proj
+        mlp.gate_up          Linear [2 I, H] (+ bias)           mlp.{gate,up}_proj
+        mlp.down             Linear [H, I] (+ bias)             mlp.down_proj
+
+(Biases as the config has them: Qwen2's QKV; Llama's ``attention_bias`` on QKV and o, ``mlp_bias``
+on the MLP's three products. A row-parallel product's bias is added once, after its all-reduce.)
     norm                     RMSNorm [H]                        model.norm
     lm_head                  LMHead [V, H]                      lm_head (the embedding when tied)
 
@@ -141,7 +144,7 @@ class Attention(nn.Module):
         self.qkv = Linear(a.hidden, (a.heads + 2 * a.kv_heads) * D, (p + "q_proj", p + "k_proj", p + "v_proj"),
                           bias=a.qkv_bias)
         self.core: nn.Module = AttentionCore()
-        self.o = Linear(a.heads * D, a.hidden, (p + "o_proj",))
+        self.o = Linear(a.heads * D, a.hidden, (p + "o_proj",), bias=a.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
                 meta: AttnMeta) -> torch.Tensor:
@@ -156,8 +159,8 @@ class FeedForward(nn.Module):
     def __init__(self, a: ModelArgs, prefix: str):
         super().__init__()
         p = prefix + "mlp."
-        self.gate_up = Linear(a.hidden, 2 * a.intermediate, (p + "gate_proj", p + "up_proj"))
-        self.down = Linear(a.intermediate, a.hidden, (p + "down_proj",))
+        self.gate_up = Linear(a.hidden, 2 * a.intermediate, (p + "gate_proj", p + "up_proj"), bias=a.mlp_bias)
+        self.down = Linear(a.intermediate, a.hidden, (p + "down_proj",), bias=a.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``down(silu(gate) * up)``, this rank's term of the row-parallel ``down`` (``down.finish`` sums
@@ -183,17 +186,19 @@ class DecoderLayer(nn.Module):
         self.layouts = nn.ModuleDict({"tp": Layout(a, p)})
 
     def forward(self, x: torch.Tensor, mode: str, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
-                meta: AttnMeta, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                meta: AttnMeta, residual: torch.Tensor | None = None,
+                prev: Linear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer on the residual stream, through the weights of layout ``mode``. ``x [n, H]``:
         the stream itself (``residual`` None), or the previous layer's MLP output as this rank's
-        term of its row-parallel sum, ``residual`` the stream before it (the sum is completed here,
-        with the add and the input norm: ``RMSNorm.add``). Returns ``(m, h)``: this layer's MLP term
-        and the stream before it; the layer's output is ``h + mlp.down.finish(m)``."""
+        term of its row-parallel sum, ``residual`` the stream before it and ``prev`` that layer's
+        ``mlp.down`` (the sum, with its bias, is completed here, with the add and the input norm:
+        ``RMSNorm.add``). Returns ``(m, h)``: this layer's MLP term and the stream before it; the
+        layer's output is ``h + mlp.down.finish(m)``."""
         w = self.layouts[mode]
         if residual is None:
             h, y = x, self.input_layernorm(x)
         else:
-            h, y = self.input_layernorm.add(x, residual, w.mlp.down)
+            h, y = self.input_layernorm.add(x, residual, prev)
         h, y = self.post_attention_layernorm.add(w.attn(y, cos, sin, cache, meta), h, w.attn.o)
         return w.mlp(y), h
 
@@ -231,10 +236,11 @@ class Transformer(nn.Module):
         """The layers on ``x [n, H]``, all on the device: no host synchronisation (CUDA graphs)."""
         cos, sin = cos_sin(pos, self.freq, self.rope_scale, self.a.mrope_section)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        h = None  # the residual stream before the last layer's MLP term x (DecoderLayer.forward)
+        h = down = None  # the residual stream before the last layer's MLP term x, and that layer's down product
         for layer, cache in zip(self.layers.values(), caches):
-            x, h = layer(x, mode, cos, sin, cache, meta, h)
-        return x if h is None else layer.layouts[mode].mlp.down.finish(x, h)
+            x, h = layer(x, mode, cos, sin, cache, meta, h, down)
+            down = layer.layouts[mode].mlp.down
+        return x if down is None else down.finish(x, h)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head: ``x [S, H]`` -> ``[S, V]`` fp32."""
@@ -256,6 +262,10 @@ def checkpoint_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
         if a.qkv_bias:
             s.update({p + "self_attn.q_proj.bias": (a.heads * D,), p + "self_attn.k_proj.bias": (a.kv_heads * D,),
                       p + "self_attn.v_proj.bias": (a.kv_heads * D,)})
+        if a.o_bias:
+            s[p + "self_attn.o_proj.bias"] = (H,)
+        if a.mlp_bias:
+            s.update({p + "mlp.gate_proj.bias": (I,), p + "mlp.up_proj.bias": (I,), p + "mlp.down_proj.bias": (H,)})
     if a.vision is not None:
         s.update(vision_shapes(a.vision))
     return s

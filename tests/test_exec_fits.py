@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import executors
 from executors import Request, Sampling, fits
@@ -26,6 +28,29 @@ def test_parameters_equal_hf_for_text_models(name: str) -> None:
     """The oracle: HF's own parameter count of the same config."""
     want = sum(p.numel() for p in hf_model(name).parameters())
     assert fits.parameters(model_args(config(name))) == want
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(arch=st.sampled_from(["llama", "qwen2", "mistral"]), heads=st.sampled_from([2, 4, 8]), group=st.sampled_from([1, 2]),
+       head_dim=st.sampled_from([8, 16, 24]), width=st.integers(1, 24), inter=st.integers(8, 256),
+       layers=st.integers(1, 5), vocab=st.integers(16, 300), tie=st.booleans(), bias=st.booleans())
+def test_parameters_equal_hf_on_any_text_config(arch: str, heads: int, group: int, head_dim: int, width: int,
+                                               inter: int, layers: int, vocab: int, tie: bool, bias: bool) -> None:
+    """The oracle on drawn configs: HF's own model built on the meta device (GQA groups, a head size
+    other than hidden / heads, tied heads, Llama's optional attention bias; transformers asks for a
+    hidden size that is a multiple of the head count)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                              "mistral": "MistralForCausalLM"}[arch]], "model_type": arch, "hidden_size": heads * width,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": heads // group, "head_dim": head_dim, "vocab_size": vocab,
+           "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": tie}
+    cfg["attention_bias"] = cfg["mlp_bias"] = bias  # Llama's; Mistral's and Qwen2's models ignore them
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    assert fits.parameters(model_args(cfg)) == sum(p.numel() for p in hf.parameters())
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])

@@ -71,6 +71,23 @@ def test_mesh_matches_hf(name: str, mesh: str, checkpoints: dict) -> None:
         assert modes["tp"] == 0 and modes["sp_tp"] > 0, modes
 
 
+@pytest.mark.parametrize("mesh", ["single", "tp2", "shift-sp2xtp2", "pp2xtp2"])
+def test_llama_biases_match_hf(mesh: str, tmp_path: Path) -> None:
+    """Llama's ``attention_bias`` (QKV and o) and ``mlp_bias`` (gate, up, down), random nonzero biases:
+    the row-parallel products' biases are added once, after their all-reduce. (The engine had read QKV's
+    bias only, and ran such a checkpoint without the others, silently.)"""
+    oracle = save_checkpoint("llama_bias", tmp_path, seed=7)
+    assert any(n.endswith("o_proj.bias") for n, _ in oracle.named_parameters())
+    plan = make_plan("llama_bias", max_batch_tokens=16, **MESHES.get(mesh, {}))
+    reqs, _ = batch("llama_bias")
+    with executors.load(plan, weights=tmp_path, keep_logits=True, kv_blocks=64) as eng:
+        results = eng.generate(reqs, max_new_tokens=8, sampling=Sampling(stop_on_eos=False))
+    for req, res in zip(reqs, results):
+        assert res.error is None, res.error
+        rel = check_against_oracle(oracle, req.tokens, res)
+        assert rel < TOL, f"llama_bias {mesh}: relative logit error {rel:.2e}"
+
+
 PLACEMENTS = {  # the vision encoder beyond stage 0's GPUs
     "pp2-all_dp": dict(pp=2, placement="all_dp"),
     "pp2xtp2-all_dp": dict(pp=2, tp=2, placement="all_dp"),

@@ -238,6 +238,7 @@ def _eager_model(cfg: dict, cls_name: str):
 
 @pytest.mark.parametrize("arch,model_type,extra", [
     ("LlamaForCausalLM", "llama", {}),
+    ("LlamaForCausalLM", "llama", {"attention_bias": True, "mlp_bias": True}),
     ("Qwen2ForCausalLM", "qwen2", {"tie_word_embeddings": True}),
     ("MistralForCausalLM", "mistral", {"sliding_window": 16}),
 ])

@@ -15,7 +15,7 @@ from plans.schema import Hardware, MemoryPerGPU, ModelRef, Plan, Provenance, Sch
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
-CONFIGS = {n: HERE / f"{n}.json" for n in ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl", "mistral")}
+CONFIGS = {n: HERE / f"{n}.json" for n in ("llama", "llama_bias", "qwen2", "qwen2_vl", "qwen2_5_vl", "mistral")}
 IMAGE_TOKEN = 120
 
 
