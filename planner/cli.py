@@ -10,8 +10,10 @@ printed as text, never as rich markup.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -78,8 +80,6 @@ def error(message: str) -> None:
 def _tell_torchrun_ranks(message: str) -> None:
     """Under torchrun (``plan run`` on several nodes), the other ranks may be waiting for this one to
     join: they stop with this error too (``executors.liveness.announce_failure``)."""
-    import os
-
     if "MASTER_ADDR" in os.environ:  # only then import torch to ask
         from executors.liveness import announce_failure
         from executors.torchrun import under_torchrun
@@ -88,12 +88,26 @@ def _tell_torchrun_ranks(message: str) -> None:
             announce_failure(message)
 
 
+TERM_GRACE_S = 10.0
+
+
 class Terminated(BaseException):
     """SIGTERM (a job scheduler cancelling the run), raised where the main thread is, so that the
     engine's ``with`` block stops its ranks as on Ctrl-C."""
 
 
 def _terminate(signum: int, frame: object) -> None:
+    """Unwind (the ranks are stopped politely), but exit with 143 after ``TERM_GRACE_S`` whatever
+    still waits; spawned ranks see their driver gone and exit by themselves
+    (``executors.worker.exit_if_driver_gone``)."""
+    def _now() -> None:
+        sys.stderr.write(f"terminated (the run did not end within {TERM_GRACE_S:g} s of SIGTERM)\n")
+        sys.stderr.flush()
+        os._exit(143)
+
+    timer = threading.Timer(TERM_GRACE_S, _now)
+    timer.daemon = True
+    timer.start()
     raise Terminated()
 
 

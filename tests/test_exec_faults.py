@@ -257,3 +257,25 @@ def test_a_stuck_rank_is_named_and_every_rank_stopped(monkeypatch, tmp_path: Pat
     msg = str(err.value)
     assert "no step answered for" in msg and "worker rank 1 is stopped" in msg, msg
     assert _gone([p.pid for p in eng.procs])
+
+
+def test_sigterm_ends_the_run_even_when_unwinding_waits() -> None:
+    """SIGTERM unwinds (the ranks are stopped politely); if that waits (here: for ever), the CLI's
+    handler still exits with 143 after ``cli.TERM_GRACE_S`` (1 s here), saying so."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from planner import cli\n"
+            "cli.TERM_GRACE_S = 1.0\n"
+            "signal.signal(signal.SIGTERM, cli._terminate)\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n"
+            "except cli.Terminated:\n"
+            "    time.sleep(60)  # a shutdown that never ends\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "terminated (the run did not end within 1 s of SIGTERM)" in proc.stderr
