@@ -74,6 +74,7 @@ class ModelArgs:
     qkv_bias: bool
     tie_embeddings: bool
     o_bias: bool = False  # Llama's attention_bias: o_proj has one too (Qwen2's QKV bias does not)
+    sliding_window: int | None = None  # keys a query attends to in the layers that use a window (None: no layer does)
     mlp_bias: bool = False  # Llama's mlp_bias: gate_proj, up_proj and down_proj
     hf_text_config: Any = field(repr=False, compare=False, default=None)  # transformers config (rope)
     mrope_section: tuple[int, ...] | None = None
@@ -96,12 +97,18 @@ def limit_context(a: ModelArgs, max_context: int | None) -> ModelArgs:
     """``a`` serving at most ``max_context`` tokens a sequence (prompt + output; None: the model's
     own context, ``max_position_embeddings``): the engine rejects longer requests and captures its
     step graphs only up to that many keys (``executors.graphs``), so a deployment of short contexts
-    warms up in a fraction of the time."""
-    if max_context is None:
-        return a
-    if max_context < 1:
-        raise UserError(f"max_context {max_context}: give at least 1 token")
-    return replace(a, max_positions=min(a.max_positions, max_context))
+    warms up in a fraction of the time. UserError when the model attends within a sliding window
+    shorter than the context served (the executor's attention has no window)."""
+    if max_context is not None:
+        if max_context < 1:
+            raise UserError(f"max_context {max_context}: give at least 1 token")
+        a = replace(a, max_positions=min(a.max_positions, max_context))
+    w = a.sliding_window
+    if w is not None and a.max_positions > w:  # within the window, full attention is the same
+        raise UserError(f"the model's config attends within a sliding window of {w:,} tokens, and the executor "
+                        f"attends over the whole context: past {w:,} tokens its outputs would differ. Serve at most "
+                        f"{w:,} tokens a sequence (--max-context {w}; load(max_context={w}))")
+    return a
 
 
 def hf_config_object(cfg: dict[str, Any]) -> Any:
@@ -159,6 +166,8 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
             vision = VisionArgs(embed_dim=vc.embed_dim, mlp_dim=int(vc.embed_dim * vc.mlp_ratio),
                                 out_dim=vc.hidden_size, **common)
     tie = bool(getattr(full, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+    window, types = getattr(tc, "sliding_window", None), getattr(tc, "layer_types", None)
+    window = window if window and (types is None or "sliding_attention" in types) else None  # Mistral: every layer
     args = ModelArgs(
         arch=arch, hidden=tc.hidden_size, heads=heads, kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
         head_dim=head_dim, intermediate=tc.intermediate_size, layers=tc.num_hidden_layers, vocab=tc.vocab_size,
@@ -166,7 +175,7 @@ def model_args(cfg: dict[str, Any]) -> ModelArgs:
         qkv_bias=arch in ("Qwen2ForCausalLM",) + VL_ARCHS or (arch == "LlamaForCausalLM" and
                                                              bool(getattr(tc, "attention_bias", False))),
         tie_embeddings=tie, o_bias=arch == "LlamaForCausalLM" and bool(getattr(tc, "attention_bias", False)),
-        mlp_bias=arch == "LlamaForCausalLM" and bool(getattr(tc, "mlp_bias", False)),
+        mlp_bias=arch == "LlamaForCausalLM" and bool(getattr(tc, "mlp_bias", False)), sliding_window=window,
         hf_text_config=tc, mrope_section=tuple(mrope) if mrope else None, vision=vision,
         image_token_id=getattr(full, "image_token_id", None), eos_token_ids=_eos(tc) or _eos(full),
     )
@@ -198,7 +207,8 @@ SAME_MODEL_FIELDS = {"arch": "architecture", "hidden": "hidden_size", "heads": "
                      "qkv_bias": "QKV bias", "o_bias": "attention_bias", "mlp_bias": "mlp_bias",
                      "tie_embeddings": "tie_word_embeddings", "mrope_section": "mrope_section",
                      "vision": "vision_config", "image_token_id": "image_token_id",
-                     "rope_inv_freq": "rope frequencies (rope_theta, rope scaling)", "rope_scale": "rope attention scale"}
+                     "rope_inv_freq": "rope frequencies (rope_theta, rope scaling)", "rope_scale": "rope attention scale",
+                     "sliding_window": "sliding_window"}
 
 
 def check_checkpoint_config(a: ModelArgs, weights: str | Path, plan: Plan) -> None:

@@ -16,7 +16,7 @@ import executors
 from executors import Request, Sampling
 from executors.engine import WorkerError
 from plans.errors import UserError
-from tests.tiny.helpers import make_plan, save_checkpoint
+from tests.tiny.helpers import CONFIGS, make_plan, save_checkpoint
 
 
 def _gone(pids: list[int], within: float = 10.0) -> bool:
@@ -279,3 +279,27 @@ def test_sigterm_ends_the_run_even_when_unwinding_waits() -> None:
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "terminated (the run did not end within 1 s of SIGTERM)" in proc.stderr
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused(tmp_path: Path) -> None:
+    """A Mistral config with a 16-token sliding window: the executor attends over the whole context,
+    which agrees with the window only up to 16 tokens. Serving more is refused before any rank starts,
+    naming the window and the --max-context that serves it; at that context the engine matches HF."""
+    import json
+
+    from tests.tiny.helpers import check_against_oracle, hf_model
+
+    cfg = json.loads(CONFIGS["mistral"].read_text())
+    cfg["sliding_window"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    base = make_plan("mistral")
+    plan = base.model_copy(update={"model": base.model.model_copy(update={"config": str(tmp_path / "config.json")})})
+    with pytest.raises(UserError, match=r"sliding window of 16 tokens.*--max-context 16"):
+        executors.load(plan)
+    oracle = hf_model("mistral", seed=3)  # the same weights under the windowed config
+    oracle.config.sliding_window = 16
+    oracle.save_pretrained(str(tmp_path))
+    with executors.load(plan, weights=tmp_path, keep_logits=True, max_context=16) as eng:
+        res = eng.generate([Request(tokens=[5, 9, 17, 30])], max_new_tokens=12, sampling=Sampling(stop_on_eos=False))[0]
+    assert res.error is None, res.error
+    assert check_against_oracle(oracle, [5, 9, 17, 30], res) < 1e-4
