@@ -78,19 +78,30 @@ def announce_failure(message: str) -> None:
         pass
 
 
+JOIN_S = 600.0  # NCCL's own timeout: the longest ranks wait for each other to join (SHIFTPLAN_JOIN_S)
+
+
 def wait_for_peers(world: int) -> None:
     """Before the process group is set up: count this rank in and wait until all ``world`` ranks
     have, or end with code 2 and one line a node (from its local rank 0) when one of them wrote a
-    verdict (``announce_failure``) or torchrun's store went away (node 0's launcher ended)."""
+    verdict (``announce_failure``), torchrun's store went away (node 0's launcher ended) or
+    ``SHIFTPLAN_JOIN_S`` passed (a rank that died before joining says nothing)."""
+    limit = float(os.environ.get("SHIFTPLAN_JOIN_S", JOIN_S))
     try:
         store = _store(SILENT_S)
         store.add("joined", 1)
+        end = time.monotonic() + limit
         while True:
             if store.check(["down"]):
                 message = json.loads(store.get("down"))[1]
                 break
-            if store.add("joined", 0) >= world:
+            joined = store.add("joined", 0)
+            if joined >= world:
                 return
+            if time.monotonic() > end:
+                message = (f"{joined} of {world} ranks joined within {limit:g} s (SHIFTPLAN_JOIN_S): a rank died "
+                           "before joining, see its node's output; every rank stops")
+                break
             time.sleep(0.1)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

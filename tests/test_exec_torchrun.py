@@ -263,3 +263,21 @@ def test_a_node_that_fails_before_joining_is_named_not_waited_for(tmp_path: Path
     assert "has no vision tower" in lines[1] and not lines[1].startswith("error: rank"), lines[1]
     assert lines[0].startswith("error: rank 1 on node 1 ") and "failed: --image: " in lines[0], lines[0]
     assert "has no vision tower; every rank stops" in lines[0], lines[0]
+
+
+def test_ranks_that_do_not_all_join_stop_after_the_join_window(tmp_path: Path) -> None:
+    """One rank of two counts itself in (``liveness.wait_for_peers``) and the other never comes (it died
+    before joining, saying nothing): after ``SHIFTPLAN_JOIN_S`` (1 s here) the rank exits with code 2
+    and one line saying how many joined, rather than waiting for ever."""
+    import torch.distributed as dist
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # torchrun's, in its launcher
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "SHIFTPLAN_JOIN_S": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from executors.liveness import wait_for_peers; wait_for_peers(2)"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    del store
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("error: 1 of 2 ranks joined within 1 s (SHIFTPLAN_JOIN_S): a rank died before "
+                                   "joining, see its node's output; every rank stops"), proc.stderr[-2000:]
