@@ -14,6 +14,8 @@ MASTER_PORT``) every ``BEAT_S`` and reads every rank's counter. The rule:
 - the first rank to find one writes the verdict under ``down``; every rank reads that key each
   beat, so all of them name the same culprit;
 - a store that stops answering is a verdict too (it lives in torchrun's launcher on node 0);
+- rank 0 waiting for a step for ``SHIFTPLAN_STEP_TIMEOUT_S`` (``awaiting``) though every rank beats is
+  a verdict: a rank stuck in a kernel or a collective keeps its heartbeat thread beating;
 - a rank whose own work raises (building its stage, running a step: ``collectives``) writes the
   verdict itself, naming its error's first line, so no rank waits for its heartbeat to stop;
 - each rank then exits with code 2 from the watch thread (``os._exit``: a process blocked in a
@@ -131,6 +133,11 @@ class Liveness:
         self.nodes: list[str] = [""] * self.world
         dist.all_gather_object(self.nodes, node)  # also: every rank's counter exists from here on
         self.failed, self.stopped = threading.Event(), threading.Event()
+        self.ending = threading.Lock()  # held by the thread that ends this process (``_end``)
+        from executors.engine import STEP_TIMEOUT_S
+
+        self.step_timeout_s = float(os.environ.get("SHIFTPLAN_STEP_TIMEOUT_S", STEP_TIMEOUT_S))
+        self.awaited: tuple[float, str] | None = None  # (since, what) while rank 0 waits for a step: ``awaiting``
         threading.Thread(target=self._watch, name="shiftplan-liveness", daemon=True).start()
 
     def stop(self) -> None:
@@ -150,6 +157,17 @@ class Liveness:
                 self.failed.set()
                 time.sleep((FAILED_BEATS + 3) * BEAT_S)
             self.fail(e)
+
+    @contextlib.contextmanager
+    def awaiting(self, what: str) -> Iterator[None]:
+        """Around rank 0's wait for a step (its own run, a replica's answer): the watch stops every
+        rank when the wait lasts ``SHIFTPLAN_STEP_TIMEOUT_S`` though every rank beats (a rank stuck in
+        a kernel spinning on a peer's flag, or in a collective, keeps its heartbeat thread beating)."""
+        self.awaited = (time.monotonic(), what)
+        try:
+            yield
+        finally:
+            self.awaited = None
 
     def fail(self, e: Exception) -> NoReturn:
         """This rank's own error (a checkpoint without a tensor, a GPU out of memory): the verdict names
@@ -187,6 +205,12 @@ class Liveness:
                 silent = [r for r in range(self.world) if r != self.rank and now - moved[r] > window]
                 if down is None and silent:  # the first verdict written stands
                     down = self.store.compare_set("down", "", json.dumps([silent, self._verdict(silent, window)]))
+                awaited = self.awaited
+                if down is None and awaited is not None and now - awaited[0] > self.step_timeout_s:
+                    down = self.store.compare_set("down", "", json.dumps([[], (
+                        f"rank {self.rank} waited {now - awaited[0]:.0f} s for {awaited[1]} though every rank "
+                        "beats: a rank is stuck (a kernel or collective waiting on a peer?); every rank stops "
+                        f"(SHIFTPLAN_STEP_TIMEOUT_S sets the limit, now {self.step_timeout_s:g} s)")]))
             except Exception as e:  # the store is gone or does not answer
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 down = json.dumps([[], f"lost torchrun's store at {self.where}, kept by the launcher of "
@@ -208,12 +232,25 @@ class Liveness:
         return f"{role}rank {ranks[0]}" if len(ranks) == 1 else f"{role}ranks {', '.join(map(str, ranks))}"
 
     def _end(self, silent: list[int], message: str) -> None:
-        """Exit with code 2; the lowest live rank of this node prints the verdict first."""
+        """Exit with code 2; the lowest live rank of this node prints the verdict first. Each rank
+        counts itself under ``seen`` and waits (a few beats at most) for every live rank to have read
+        the verdict: node 0's ranks exiting at once would end its launcher, and the store with it,
+        before the other nodes read why."""
         if self.stopped.is_set():
             return
+        if not self.ending.acquire(blocking=False):  # the other thread is ending this process already
+            while True:
+                time.sleep(1.0)
         node = [r for r in range(self.world) if self.nodes[r] == self.nodes[self.rank]]
         if self.rank == min([r for r in node if r not in silent] or node):
             sys.stdout.flush()
             sys.stderr.write(f"error: {message}\n")
             sys.stderr.flush()
+        try:
+            self.store.add("seen", 1)
+            end = time.monotonic() + 3 * BEAT_S
+            while self.store.add("seen", 0) < self.world - len(silent) and time.monotonic() < end:
+                time.sleep(0.05)
+        except Exception:  # the store is gone: nothing to wait for
+            pass
         os._exit(2)

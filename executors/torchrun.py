@@ -128,7 +128,8 @@ class TorchrunEngine(Engine):
             self.waiting = list(steps)
             mine = steps.get(self.runner.par.dp_i)
             if mine is not None:
-                o = self.runner.run(mine)
+                with self.live.awaiting(f"its own step {mine.step_id}"):
+                    o = self.runner.run(mine)
                 if o is not None:
                     self.done.append(o)
                     self.waiting.remove(o.replica)
@@ -138,8 +139,10 @@ class TorchrunEngine(Engine):
         if self.done:
             return self.done.pop(0)
         box: list[Any] = [None]
-        with self.live.collectives():
-            dist.recv_object_list(box, src=reporting_rank(self.plan.mesh, self.waiting.pop(0)))
+        rep = self.waiting.pop(0)
+        src = reporting_rank(self.plan.mesh, rep)
+        with self.live.collectives(), self.live.awaiting(f"replica {rep}'s answer from rank {src}"):
+            dist.recv_object_list(box, src=src)
         return from_bytes(box[0])
 
     def shutdown(self, force: bool = False) -> None:

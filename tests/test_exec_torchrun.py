@@ -180,7 +180,8 @@ def test_a_lost_node_ends_the_run_with_one_message(tmp_path: Path, how: str) -> 
     assert procs[0].returncode != 0
 
 
-def _two_nodes_stopped(tmp_path: Path, plans: Path | tuple[Path, Path], node_args: tuple[list[str], list[str]]) -> list[str]:
+def _two_nodes_stopped(tmp_path: Path, plans: Path | tuple[Path, Path], node_args: tuple[list[str], list[str]],
+                       node_env: tuple[dict, dict] = ({}, {})) -> list[str]:
     """Run ``plan run PLAN --tokens 5,6,7,8 -n 4 ARGS`` as two torchrun nodes (each its own PLAN and ARGS), which
     must end with code 2: each node's one ``error:`` line, after checking that neither rank printed a
     traceback of its own (torchrun's report of the exit follows them). The heartbeat window is set
@@ -191,7 +192,8 @@ def _two_nodes_stopped(tmp_path: Path, plans: Path | tuple[Path, Path], node_arg
     plans = plans if isinstance(plans, tuple) else (plans, plans)
     procs = [subprocess.Popen(_node(k, port, plan_exe, "run", str(plans[k]), "--tokens", "5,6,7,8", "-n", "4",
                                     *node_args[k]),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, **node_env[k]},
+                              cwd=tmp_path)
              for k in (0, 1)]
     try:
         errs = [p.communicate(timeout=120)[1] for p in procs]
@@ -281,3 +283,26 @@ def test_ranks_that_do_not_all_join_stop_after_the_join_window(tmp_path: Path) -
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == ("error: 1 of 2 ranks joined within 1 s (SHIFTPLAN_JOIN_S): a rank died before "
                                    "joining, see its node's output; every rank stops"), proc.stderr[-2000:]
+
+
+def test_a_rank_stuck_while_beating_is_found_by_rank_0s_wait(tmp_path: Path) -> None:
+    """Node 1's rank (pp2's last stage) never finishes a step but its heartbeat goes on, as a rank stuck
+    in a kernel spinning on a peer's flag would (here a ``sitecustomize`` on node 1 only makes its
+    ``RankRunner.run`` sleep for ever). After ``SHIFTPLAN_STEP_TIMEOUT_S`` (3 s here) of rank 0 waiting,
+    both nodes print one line saying so and exit with code 2."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import time\n"
+        "    import executors.worker\n"
+        "    def _stuck(self, step):\n"
+        "        while True:\n"
+        "            time.sleep(1)\n"
+        "    executors.worker.RankRunner.run = _stuck\n")
+    path = _two_node_plan(make_plan("qwen2", pp=2), tmp_path)
+    lines = _two_nodes_stopped(tmp_path, path, ([], []), ({"SHIFTPLAN_STEP_TIMEOUT_S": "3"},
+                               {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}))
+    for line in lines:
+        assert line.startswith("error: rank 0 waited ") and "though every rank beats: a rank is stuck" in line, line
