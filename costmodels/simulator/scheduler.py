@@ -96,7 +96,6 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
     n_dec = len(lane.decoding)
     rep.kv_used += lane.edges.get(edge, 0)
     budget = cfg.max_batch_tokens - n_dec
-    tokens, pairs, kv, seqs = n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec
     chunks: list[tuple[Req, int]] = []
     for r in lane.prefilling:
         if budget <= 0:
@@ -136,17 +135,24 @@ def form_batch(lane: Lane, cfg: SimConfig) -> tuple[Batch | None, int]:
         rep.kv_peak = rep.kv_used
     if not chunks and not n_dec:
         return None, preempted
+    shape, dec = step_shapes(n_dec, lane.ctx + n_dec, longest_decode(lane) if n_dec else 0.0, chunks)
+    return Batch(n_dec, chunks, shape, tuple(patches), img_tokens, shape.tokens, dec), preempted
+
+
+def step_shapes(n_dec: int, dec_keys: float, longest: float,
+                chunks: list[tuple[Req, int]]) -> tuple[StepShape, StepShape | None]:
+    """One forward pass of ``n_dec`` decodes reading ``dec_keys`` keys in all (the longest
+    ``longest``) and prefill ``chunks`` (``(request, tokens)``, each after the request's ``done``
+    tokens: ``n c + n (n + 1) / 2`` attention pairs): its shape, and its decode part when it has both."""
+    tokens, pairs, kv, seqs = n_dec, float(dec_keys), float(dec_keys), n_dec
     for r, n in chunks:
         c = r.done
         tokens += n
         pairs += n * c + n * (n + 1) / 2
         kv += n + c
         seqs += 1
-    longest = longest_decode(lane) if n_dec else 0.0
-    dec = (StepShape(n_dec, float(lane.ctx + n_dec), float(lane.ctx + n_dec), n_dec, decode_max_kv=longest)
-           if n_dec and chunks else None)
-    return (Batch(n_dec, chunks, StepShape(tokens, pairs, kv, seqs, decode_max_kv=longest), tuple(patches), img_tokens,
-                  tokens, dec), preempted)
+    dec = StepShape(n_dec, float(dec_keys), float(dec_keys), n_dec, decode_max_kv=longest) if n_dec and chunks else None
+    return StepShape(tokens, pairs, kv, seqs, decode_max_kv=longest), dec
 
 
 def micro_batches(lane: Lane, batch: Batch, m: int) -> list[tuple[StepShape, StepShape | None]]:
@@ -154,32 +160,16 @@ def micro_batches(lane: Lane, batch: Batch, m: int) -> list[tuple[StepShape, Ste
     of a single-stage replica into ``m`` micro-batches (``executors.engine.Engine._micro``): the
     step's chunks -- its decodes (the lane's decoding requests, oldest first), then its prefill
     chunks in order -- dealt round-robin into ``min(m, chunks)`` micro-batches (chunk ``i`` to
-    micro-batch ``i mod m``). Each is ``(shape, decode part of a mixed one or None)``, built as
-    ``form_batch`` builds a whole step's; call it before ``complete_batch`` applies the step."""
+    micro-batch ``i mod m``). Each is ``(shape, decode part of a mixed one or None)``, as
+    ``step_shapes`` builds a whole step's; call it before ``complete_batch`` applies the step."""
     decs = list(lane.decoding.values())
     g = min(m, len(decs) + len(batch.chunks))
     if g <= 1:
         return [(batch.shape, batch.decode)]
     assert len(decs) == batch.n_dec, (len(decs), batch.n_dec)
-    dec = [[0, 0, 0] for _ in range(g)]  # decodes, their keys (KV + the new token), the longest
-    pre = [[0, 0.0, 0, 0] for _ in range(g)]  # prefill tokens, pairs, keys, chunks
-    for i, r in enumerate(decs):
-        d, keys = dec[i % g], r.kv(lane.steps) + 1
-        d[0] += 1
-        d[1] += keys
-        d[2] = max(d[2], keys)
-    for j, (r, n) in enumerate(batch.chunks):
-        p, c = pre[(len(decs) + j) % g], r.done
-        p[0] += n
-        p[1] += n * c + n * (n + 1) / 2
-        p[2] += n + c
-        p[3] += 1
-    out = []
-    for (nd, keys, longest), (tok, pairs, kv, seqs) in zip(dec, pre):
-        shape = StepShape(nd + tok, float(keys) + pairs, float(keys + kv), nd + seqs, decode_max_kv=float(longest))
-        part = StepShape(nd, float(keys), float(keys), nd, decode_max_kv=float(longest)) if nd and seqs else None
-        out.append((shape, part))
-    return out
+    keys = [[r.kv(lane.steps) + 1 for r in decs[k::g]] for k in range(g)]  # each decode's keys: KV + the new token
+    chunks = [[c for j, c in enumerate(batch.chunks) if (len(decs) + j) % g == k] for k in range(g)]
+    return [step_shapes(len(ks), sum(ks), max(ks, default=0), cs) for ks, cs in zip(keys, chunks)]
 
 
 def longest_decode(lane: Lane) -> float:
