@@ -50,7 +50,13 @@ from plans.errors import UserError
 from plans.schema import Plan
 
 DEAD_RANK_GRACE_S = 2.0
-STEP_TIMEOUT_S = 600.0  # spawned ranks that answer no step for this long are stuck (SHIFTPLAN_STEP_TIMEOUT_S)
+STEP_TIMEOUT_S = 600.0  # ranks that answer no step for this long are stuck (SHIFTPLAN_STEP_TIMEOUT_S)
+
+
+def step_timeout_s() -> float:
+    """How long a step may go unanswered before the ranks count as stuck: ``SHIFTPLAN_STEP_TIMEOUT_S``,
+    else ``STEP_TIMEOUT_S`` (spawned ranks: ``Engine._receive``; torchrun: ``Liveness.awaiting``)."""
+    return float(os.environ.get("SHIFTPLAN_STEP_TIMEOUT_S", STEP_TIMEOUT_S))
 
 
 class WorkerError(UserError):
@@ -165,7 +171,7 @@ class Engine:
         # step has been answered for ``step_timeout_s`` (a rank alive but stuck: a kernel spinning on a
         # peer's flag, a stopped process), which no check on the processes' exits would see
         self.progress_t = time.perf_counter()
-        self.step_timeout_s = float(os.environ.get("SHIFTPLAN_STEP_TIMEOUT_S", STEP_TIMEOUT_S))
+        self.step_timeout_s = step_timeout_s()
         self.launched: list[Launched] = []  # steps the single-rank engine has queued, tokens not read yet
         # single-stage replicas: queue the next decode step before reading this one's tokens (its input
         # tokens are taken from the device), so the host's work for a step overlaps the GPU's for the last
@@ -719,16 +725,18 @@ class Engine:
         top = self.plan.scheduler.max_seqs
         per = self.plan.mesh.dp * self.lanes  # requests are dealt round-robin over every replica's lanes
         limit, self.step_timeout_s = self.step_timeout_s, float("inf")  # compiling and capturing: minutes a step
-        for b in [b for b in BATCH_BUCKETS if b < top] + [top]:
-            self.generate([Request(tokens=[min(1, self.args.vocab - 1)] * prompt_tokens) for _ in range(b * per)],
-                          max_new_tokens=2,
-                          sampling=Sampling(temperature=0.0, stop_on_eos=False))
-        if self.local is None:  # spawned ranks: an empty step on which they finish warming up
-            self.step_id += 1
-            self._dispatch({rep: Step(self.step_id, [], end_warm_up=True) for rep in range(self.plan.mesh.dp)})
-        else:
-            self.local.finish_warm_up()
-        self.step_timeout_s = limit
+        try:
+            for b in [b for b in BATCH_BUCKETS if b < top] + [top]:
+                self.generate([Request(tokens=[min(1, self.args.vocab - 1)] * prompt_tokens) for _ in range(b * per)],
+                              max_new_tokens=2,
+                              sampling=Sampling(temperature=0.0, stop_on_eos=False))
+            if self.local is None:  # spawned ranks: an empty step on which they finish warming up
+                self.step_id += 1
+                self._dispatch({rep: Step(self.step_id, [], end_warm_up=True) for rep in range(self.plan.mesh.dp)})
+            else:
+                self.local.finish_warm_up()
+        finally:
+            self.step_timeout_s = limit
         settle_heap()  # the driver's
         self.mode_counts = dict.fromkeys(self.mode_counts, 0)
         self.lookahead_steps = self.peak_in_flight = 0

@@ -134,9 +134,9 @@ class Liveness:
         dist.all_gather_object(self.nodes, node)  # also: every rank's counter exists from here on
         self.failed, self.stopped = threading.Event(), threading.Event()
         self.ending = threading.Lock()  # held by the thread that ends this process (``_end``)
-        from executors.engine import STEP_TIMEOUT_S
+        from executors.engine import step_timeout_s
 
-        self.step_timeout_s = float(os.environ.get("SHIFTPLAN_STEP_TIMEOUT_S", STEP_TIMEOUT_S))
+        self.step_timeout_s = step_timeout_s()
         self.awaited: tuple[float, str] | None = None  # (since, what) while rank 0 waits for a step: ``awaiting``
         threading.Thread(target=self._watch, name="shiftplan-liveness", daemon=True).start()
 
