@@ -46,7 +46,7 @@ from executors.trace import step_record
 from executors.weights import WeightSource
 from executors.worker import Launched, RankLink, RankRunner, WorkerSpec, from_bytes, run_rank, to_bytes, to_frame
 from plans.engine_shapes import LOOKAHEAD_MAX_TOKENS
-from plans.errors import UserError
+from plans.errors import UserError, first_line
 from plans.schema import Plan
 
 DEAD_RANK_GRACE_S = 2.0
@@ -295,7 +295,7 @@ class Engine:
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             raise WorkerError(f"{self._role(r)} rank {r} died ({how}); all {self.world} ranks were stopped")
         r, text = errors[0][1], errors[0][2]
-        raise WorkerError(f"{self._role(r)} rank {r} failed: {text.strip().splitlines()[0]}; all {self.world} ranks were "
+        raise WorkerError(f"{self._role(r)} rank {r} failed: {first_line(text, 'an error')}; all {self.world} ranks were "
                           "stopped", details=text)
 
     def _stuck(self, silent_s: float) -> None:

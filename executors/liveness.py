@@ -46,7 +46,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from plans.errors import describe
+from plans.errors import describe, first_line
 
 BEAT_S = 1.0
 SILENT_S = 30.0
@@ -74,7 +74,7 @@ def announce_failure(message: str) -> None:
     ``wait_for_peers`` stop at once instead of at torchrun's rendezvous timeout. Best effort: a store
     that does not answer within a few seconds is left alone."""
     try:
-        first = (message.strip().splitlines() or ["an error"])[0]
+        first = first_line(message, "an error")
         _store(5.0).compare_set("down", "", json.dumps([[], f"{_this_rank()} failed: {first}; every rank stops"]))
     except Exception:
         pass
@@ -106,7 +106,7 @@ def wait_for_peers(world: int) -> None:
                 break
             time.sleep(0.1)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(str(e), type(e).__name__)
         message = (f"lost torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} while the "
                    f"ranks joined: node 0's launcher ended, see its output ({first})")
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -173,7 +173,7 @@ class Liveness:
         """This rank's own error (a checkpoint without a tensor, a GPU out of memory): the verdict names
         this rank and the error's first line, and every rank exits with code 2 (this one now, the
         others at their next beat) instead of waiting for this one's heartbeat to stop."""
-        first = (describe(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(describe(e), type(e).__name__)
         self.stop_all(f"{self._ranks([self.rank])} on {self.nodes[self.rank]} failed: {first}; every rank stops")
         raise e  # after an orderly ``stop``: no verdict, the error goes up as it is
 
@@ -212,7 +212,7 @@ class Liveness:
                         "beats: a rank is stuck (a kernel or collective waiting on a peer?); every rank stops "
                         f"(SHIFTPLAN_STEP_TIMEOUT_S sets the limit, now {self.step_timeout_s:g} s)")]))
             except Exception as e:  # the store is gone or does not answer
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first_line(str(e), type(e).__name__)
                 down = json.dumps([[], f"lost torchrun's store at {self.where}, kept by the launcher of "
                                        f"{self.nodes[0]}: that node's ranks died or its launcher stopped ({first})"])
             if down is not None:

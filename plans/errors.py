@@ -22,6 +22,11 @@ def describe(e: BaseException) -> str:
     return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
 
 
+def first_line(text: str, default: str) -> str:
+    """The first line of a message (a one-line report of a longer error), ``default`` when it is empty."""
+    return (text.strip().splitlines() or [default])[0]
+
+
 def read_user_text(path, what: str, *, encoding: str = "utf-8") -> str:
     """The text of a file the user named (a spec, a plan, a trace, a model config).
 
