@@ -88,7 +88,7 @@ def _tell_torchrun_ranks(message: str) -> None:
             announce_failure(message)
 
 
-TERM_GRACE_S = 10.0
+TERM_GRACE_S = 25.0  # the polite shutdown takes up to ~1 + 5 + 3 s a rank; job schedulers wait 30 s (Kubernetes)
 
 
 class Terminated(BaseException):
